@@ -1,0 +1,118 @@
+//! A tensor-liveness simulator: tensors are created with a byte size and a category,
+//! held by any number of owners (a loop variable, an autograd node that saved it), and
+//! freed when the last owner lets go, exactly as reference counting frees them in
+//! libtorch. The simulator records the peak, the phase it happened in and what was
+//! live at that moment.
+
+use super::{Breakdown, Category, Phase};
+use crate::units::Bytes;
+
+/// A handle to a simulated tensor.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Tensor(usize);
+
+#[derive(Debug)]
+struct Slot {
+    bytes: Bytes,
+    category: Category,
+    owners: u32,
+}
+
+#[derive(Debug, Default)]
+pub struct Sim {
+    slots: Vec<Slot>,
+    live: Breakdown,
+    phase: Option<Phase>,
+    pub peak: Bytes,
+    pub peak_phase: Option<Phase>,
+    pub peak_breakdown: Breakdown,
+    /// Highest live total seen in each phase, in `Phase::ALL` order.
+    pub phase_peaks: [Bytes; Phase::ALL.len()],
+}
+
+impl Sim {
+    pub fn new() -> Sim {
+        Sim::default()
+    }
+
+    pub fn set_phase(&mut self, phase: Phase) {
+        self.phase = Some(phase);
+        self.observe();
+    }
+
+    pub fn live(&self) -> &Breakdown {
+        &self.live
+    }
+
+    /// Allocates a tensor with one owner (its creator).
+    pub fn alloc(&mut self, bytes: u64, category: Category) -> Tensor {
+        self.slots.push(Slot { bytes: Bytes(bytes), category, owners: 1 });
+        *self.live.get_mut(category) += Bytes(bytes);
+        self.observe();
+        Tensor(self.slots.len() - 1)
+    }
+
+    /// Allocates a tensor and frees it at once: a temporary inside one kernel call.
+    pub fn transient(&mut self, bytes: u64, category: Category) {
+        let t = self.alloc(bytes, category);
+        self.release(t);
+    }
+
+    /// Another owner keeps the tensor alive (an autograd node saving it, say).
+    pub fn retain(&mut self, t: Tensor) -> Tensor {
+        if let Some(slot) = self.slots.get_mut(t.0) {
+            slot.owners += 1;
+        }
+        t
+    }
+
+    /// One owner lets go; the last one frees the memory.
+    pub fn release(&mut self, t: Tensor) {
+        let Some(slot) = self.slots.get_mut(t.0) else { return };
+        if slot.owners == 0 {
+            return;
+        }
+        slot.owners -= 1;
+        if slot.owners == 0 {
+            let (bytes, category) = (slot.bytes, slot.category);
+            let live = self.live.get_mut(category);
+            *live = live.saturating_sub(bytes);
+        }
+    }
+
+    fn observe(&mut self) {
+        let total = self.live.total();
+        if let Some(phase) = self.phase {
+            let i = phase.index();
+            self.phase_peaks[i] = self.phase_peaks[i].max(total);
+        }
+        if total > self.peak {
+            self.peak = total;
+            self.peak_phase = self.phase;
+            self.peak_breakdown = self.live.clone();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn frees_on_last_release_and_keeps_the_peak() {
+        let mut sim = Sim::new();
+        sim.set_phase(Phase::Forward);
+        let a = sim.alloc(100, Category::Activations);
+        sim.retain(a);
+        sim.release(a);
+        assert_eq!(sim.live().total(), Bytes(100), "one owner left");
+        sim.set_phase(Phase::Backward);
+        sim.transient(50, Category::Temporaries);
+        sim.release(a);
+        assert_eq!(sim.live().total(), Bytes(0));
+        assert_eq!(sim.peak, Bytes(150));
+        assert_eq!(sim.peak_phase, Some(Phase::Backward));
+        assert_eq!(sim.peak_breakdown.activations, Bytes(100));
+        assert_eq!(sim.phase_peaks[Phase::Forward.index()], Bytes(100));
+    }
+}

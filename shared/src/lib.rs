@@ -1,0 +1,17 @@
+//! Pure Rust shared by the agent (native) and the planner (wasm32): the model
+//! description, the memory estimator, the plan and the wire protocol.
+//!
+//! Architecture invariant: this crate does no I/O and knows nothing of tokio, tch or
+//! web-sys, so that the planner computes exactly what the agent computes.
+
+pub mod codec;
+pub mod estimate;
+pub mod graph;
+pub mod plan;
+pub mod protocol;
+pub mod units;
+
+pub use estimate::{Breakdown, Estimate, Phase, estimate};
+pub use graph::{Graph, Layer};
+pub use plan::{Plan, PlanError};
+pub use units::Bytes;

@@ -1,0 +1,444 @@
+//! A training plan: everything needed to estimate a job's memory and to run it.
+//!
+//! A plan crosses the wire inside `protocol::Message::Submit`, so its types avoid serde
+//! features that bincode cannot decode (internally tagged or untagged enums, flatten).
+//! In JSON and YAML, enums are externally tagged: `"optimizer": {"adamw": {...}}`.
+
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+
+use crate::graph::{Graph, Layer, Shape, numel};
+
+/// Limits a plan must respect. Each one is named in the error that enforces it.
+pub mod limits {
+    pub const MAX_MICRO_BATCH: u64 = 65_536;
+    pub const MAX_ACCUMULATION: u64 = 4_096;
+    pub const MAX_STEPS: u64 = 10_000_000;
+    pub const MAX_EPOCHS: u64 = 100_000;
+    pub const MAX_SAMPLES_PER_EPOCH: u64 = 1_000_000_000;
+    pub const MAX_INPUT_DIMS: usize = 3;
+    pub const MAX_INPUT_DIM: u64 = 16_384;
+    pub const MAX_CLASSES: u64 = 1_000_000;
+    pub const MAX_LAYERS: usize = 64;
+    pub const MAX_WIDTH: u64 = 1 << 20;
+    /// Parameters above this are refused: 2^34 fp32 weights alone would be 64 GiB.
+    pub const MAX_PARAMS: u64 = 1 << 34;
+    pub const MAX_LEARNING_RATE: f64 = 100.0;
+    pub const MAX_NAME_LEN: usize = 128;
+}
+
+/// The architecture, by family, with its parameters.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ModelSpec {
+    /// Flatten, then `Linear -> ReLU` per hidden width, then a linear classifier.
+    Mlp { hidden: Vec<u64> },
+    /// Per entry of `channels`: `Conv3x3 -> ReLU -> MaxPool2x2`; then flatten and a
+    /// linear classifier. The input shape must be `[C, H, W]`.
+    SmallCnn { channels: Vec<u64> },
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Optimizer {
+    /// SGD; `momentum: 0` keeps no state.
+    Sgd { momentum: f64, weight_decay: f64 },
+    AdamW { beta1: f64, beta2: f64, eps: f64, weight_decay: f64 },
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Precision {
+    Fp32,
+}
+
+/// Where the job runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DeviceChoice {
+    /// The first CUDA device if there is one, else the CPU.
+    Auto,
+    Cpu,
+    Cuda(u32),
+}
+
+/// How long the job runs, in optimizer steps.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Schedule {
+    Steps(u64),
+    /// Epochs over a synthetic data set of `samples_per_epoch` samples; an epoch is
+    /// `ceil(samples_per_epoch / (micro_batch * accumulation))` optimizer steps.
+    Epochs { epochs: u64, samples_per_epoch: u64 },
+}
+
+/// A complete, self-describing training job.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Plan {
+    #[serde(default = "default_name")]
+    pub name: String,
+    pub model: ModelSpec,
+    /// Per-sample input shape, e.g. `[784]` or `[3, 32, 32]`.
+    pub input_shape: Shape,
+    pub classes: u64,
+    /// Seeds the weights and the synthetic data, so a run can be repeated exactly.
+    #[serde(default)]
+    pub seed: u64,
+    pub micro_batch: u64,
+    /// Micro-batches per optimizer step; the loss is divided by this.
+    #[serde(default = "one")]
+    pub accumulation: u64,
+    pub schedule: Schedule,
+    pub optimizer: Optimizer,
+    pub learning_rate: f64,
+    #[serde(default = "fp32")]
+    pub precision: Precision,
+    #[serde(default = "auto")]
+    pub device: DeviceChoice,
+    /// Sets `PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True` for the job's process.
+    #[serde(default)]
+    pub expandable_segments: bool,
+    /// Caps the job's tensor memory: allocations past it fail as out-of-memory. On CUDA
+    /// it becomes the allocator's memory fraction; on the CPU the counting allocator
+    /// enforces it. `None` means the device's whole memory.
+    #[serde(default)]
+    pub memory_limit_bytes: Option<u64>,
+}
+
+fn default_name() -> String {
+    "untitled".to_owned()
+}
+fn one() -> u64 {
+    1
+}
+fn fp32() -> Precision {
+    Precision::Fp32
+}
+fn auto() -> DeviceChoice {
+    DeviceChoice::Auto
+}
+
+/// Why a plan was refused. Every variant names the field at fault.
+#[derive(Debug, Error, Clone, PartialEq)]
+pub enum PlanError {
+    #[error("{field}: {reason}")]
+    Invalid { field: &'static str, reason: String },
+    #[error("could not parse the plan: {0}")]
+    Parse(String),
+}
+
+fn invalid(field: &'static str, reason: impl Into<String>) -> PlanError {
+    PlanError::Invalid { field, reason: reason.into() }
+}
+
+fn check_range(field: &'static str, value: u64, min: u64, max: u64) -> Result<(), PlanError> {
+    if value < min || value > max {
+        return Err(invalid(field, format!("must be between {min} and {max}, got {value}")));
+    }
+    Ok(())
+}
+
+fn check_unit_interval(field: &'static str, value: f64, include_zero: bool) -> Result<(), PlanError> {
+    let ok = value.is_finite() && value < 1.0 && (value > 0.0 || include_zero && value == 0.0);
+    if !ok {
+        let low = if include_zero { "[0" } else { "(0" };
+        return Err(invalid(field, format!("must be in {low}, 1), got {value}")));
+    }
+    Ok(())
+}
+
+impl Plan {
+    /// Reads a plan from JSON or YAML text (YAML is a superset of JSON, but JSON errors
+    /// read better, so JSON is tried first when the text looks like it).
+    pub fn from_text(text: &str) -> Result<Plan, PlanError> {
+        let plan: Plan = if text.trim_start().starts_with('{') {
+            serde_json::from_str(text).map_err(|e| PlanError::Parse(e.to_string()))?
+        } else {
+            // Enums as single-key maps (`optimizer: {sgd: {...}}`), the same shape as JSON,
+            // rather than YAML tags.
+            serde_yaml_ng::with::singleton_map_recursive::deserialize(serde_yaml_ng::Deserializer::from_str(text))
+                .map_err(|e| PlanError::Parse(e.to_string()))?
+        };
+        plan.validate()?;
+        Ok(plan)
+    }
+
+    pub fn to_json(&self) -> String {
+        serde_json::to_string_pretty(self).unwrap_or_default()
+    }
+
+    /// Checks every field against its limit and builds the graph, so that a plan that
+    /// validates can always be estimated and run.
+    pub fn validate(&self) -> Result<Graph, PlanError> {
+        use limits::*;
+        if self.name.is_empty() || self.name.len() > MAX_NAME_LEN {
+            return Err(invalid("name", format!("must be 1 to {MAX_NAME_LEN} bytes long")));
+        }
+        check_range("micro_batch", self.micro_batch, 1, MAX_MICRO_BATCH)?;
+        check_range("accumulation", self.accumulation, 1, MAX_ACCUMULATION)?;
+        check_range("classes", self.classes, 2, MAX_CLASSES)?;
+        match self.schedule {
+            Schedule::Steps(steps) => check_range("schedule.steps", steps, 1, MAX_STEPS)?,
+            Schedule::Epochs { epochs, samples_per_epoch } => {
+                check_range("schedule.epochs", epochs, 1, MAX_EPOCHS)?;
+                check_range("schedule.samples_per_epoch", samples_per_epoch, 1, MAX_SAMPLES_PER_EPOCH)?;
+                check_range("schedule", self.total_steps(), 1, MAX_STEPS)?;
+            }
+        }
+        if self.input_shape.is_empty() || self.input_shape.len() > MAX_INPUT_DIMS {
+            return Err(invalid("input_shape", format!("must have 1 to {MAX_INPUT_DIMS} dimensions")));
+        }
+        if let Some(d) = self.input_shape.iter().find(|&&d| d == 0 || d > MAX_INPUT_DIM) {
+            return Err(invalid("input_shape", format!("each dimension must be 1 to {MAX_INPUT_DIM}, got {d}")));
+        }
+        if !(self.learning_rate.is_finite() && self.learning_rate > 0.0 && self.learning_rate <= MAX_LEARNING_RATE) {
+            return Err(invalid(
+                "learning_rate",
+                format!("must be in (0, {MAX_LEARNING_RATE}], got {}", self.learning_rate),
+            ));
+        }
+        match self.optimizer {
+            Optimizer::Sgd { momentum, weight_decay } => {
+                check_unit_interval("optimizer.sgd.momentum", momentum, true)?;
+                check_unit_interval("optimizer.sgd.weight_decay", weight_decay, true)?;
+            }
+            Optimizer::AdamW { beta1, beta2, eps, weight_decay } => {
+                check_unit_interval("optimizer.adam_w.beta1", beta1, true)?;
+                check_unit_interval("optimizer.adam_w.beta2", beta2, true)?;
+                if !(eps.is_finite() && eps > 0.0 && eps < 1.0) {
+                    return Err(invalid("optimizer.adam_w.eps", format!("must be in (0, 1), got {eps}")));
+                }
+                check_unit_interval("optimizer.adam_w.weight_decay", weight_decay, true)?;
+            }
+        }
+        if let DeviceChoice::Cuda(i) = self.device
+            && i > 63
+        {
+            return Err(invalid("device", format!("cuda index must be 0 to 63, got {i}")));
+        }
+        if let Some(limit) = self.memory_limit_bytes
+            && limit == 0
+        {
+            return Err(invalid("memory_limit_bytes", "must be positive when set"));
+        }
+        let graph = self.graph()?;
+        if graph.n_params() > MAX_PARAMS {
+            return Err(invalid("model", format!("{} parameters exceed the limit of {MAX_PARAMS}", graph.n_params())));
+        }
+        Ok(graph)
+    }
+
+    /// The layer graph this plan describes; shape errors name the model field.
+    pub fn graph(&self) -> Result<Graph, PlanError> {
+        use limits::*;
+        let widths = match &self.model {
+            ModelSpec::Mlp { hidden } => ("model.mlp.hidden", hidden),
+            ModelSpec::SmallCnn { channels } => ("model.small_cnn.channels", channels),
+        };
+        if widths.1.len() > MAX_LAYERS {
+            return Err(invalid(widths.0, format!("at most {MAX_LAYERS} entries, got {}", widths.1.len())));
+        }
+        if let Some(w) = widths.1.iter().find(|&&w| w == 0 || w > MAX_WIDTH) {
+            return Err(invalid(widths.0, format!("each width must be 1 to {MAX_WIDTH}, got {w}")));
+        }
+        let mut layers = Vec::new();
+        match &self.model {
+            ModelSpec::Mlp { hidden } => {
+                let mut features = numel(&self.input_shape);
+                if self.input_shape.len() > 1 {
+                    layers.push(Layer::Flatten);
+                }
+                for &h in hidden {
+                    layers.push(Layer::Linear { in_features: features, out_features: h });
+                    layers.push(Layer::Relu);
+                    features = h;
+                }
+                layers.push(Layer::Linear { in_features: features, out_features: self.classes });
+            }
+            ModelSpec::SmallCnn { channels } => {
+                let [c, h, w] = self.input_shape[..] else {
+                    return Err(invalid(
+                        "input_shape",
+                        format!("small_cnn needs [channels, height, width], got {:?}", self.input_shape),
+                    ));
+                };
+                let mut in_channels = c;
+                let (mut height, mut width) = (h, w);
+                for &out_channels in channels {
+                    if height < 2 || width < 2 {
+                        return Err(invalid(
+                            "model.small_cnn.channels",
+                            format!(
+                                "{} pooling stages shrink a {h}x{w} input below 1x1; use fewer or a larger input",
+                                channels.len()
+                            ),
+                        ));
+                    }
+                    layers.push(Layer::Conv2d { in_channels, out_channels, kernel: 3, stride: 1, padding: 1 });
+                    layers.push(Layer::Relu);
+                    layers.push(Layer::MaxPool2d { kernel: 2, stride: 2 });
+                    in_channels = out_channels;
+                    height /= 2;
+                    width /= 2;
+                }
+                layers.push(Layer::Flatten);
+                layers.push(Layer::Linear { in_features: in_channels * height * width, out_features: self.classes });
+            }
+        }
+        Graph::new(self.input_shape.clone(), layers).map_err(|e| invalid("model", e.to_string()))
+    }
+
+    /// Optimizer steps per epoch (the whole run when the schedule is in steps).
+    pub fn steps_per_epoch(&self) -> u64 {
+        match self.schedule {
+            Schedule::Steps(steps) => steps,
+            Schedule::Epochs { samples_per_epoch, .. } => {
+                samples_per_epoch.div_ceil(self.micro_batch.max(1) * self.accumulation.max(1))
+            }
+        }
+    }
+
+    pub fn total_steps(&self) -> u64 {
+        match self.schedule {
+            Schedule::Steps(steps) => steps,
+            Schedule::Epochs { epochs, .. } => epochs.saturating_mul(self.steps_per_epoch()),
+        }
+    }
+
+    /// A small, learnable job: the planner's default and the tests' workhorse.
+    pub fn example_mlp() -> Plan {
+        Plan {
+            name: "mlp-example".to_owned(),
+            model: ModelSpec::Mlp { hidden: vec![256, 256] },
+            input_shape: vec![64],
+            classes: 10,
+            seed: 7,
+            micro_batch: 32,
+            accumulation: 1,
+            schedule: Schedule::Steps(60),
+            optimizer: Optimizer::AdamW { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.01 },
+            learning_rate: 1e-3,
+            precision: Precision::Fp32,
+            device: DeviceChoice::Auto,
+            expandable_segments: false,
+            memory_limit_bytes: None,
+        }
+    }
+
+    pub fn example_cnn() -> Plan {
+        Plan {
+            name: "cnn-example".to_owned(),
+            model: ModelSpec::SmallCnn { channels: vec![16, 32] },
+            input_shape: vec![3, 32, 32],
+            classes: 10,
+            seed: 7,
+            micro_batch: 16,
+            accumulation: 2,
+            schedule: Schedule::Steps(30),
+            optimizer: Optimizer::Sgd { momentum: 0.9, weight_decay: 0.0 },
+            learning_rate: 0.02,
+            precision: Precision::Fp32,
+            device: DeviceChoice::Auto,
+            expandable_segments: false,
+            memory_limit_bytes: None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn field_of(err: PlanError) -> &'static str {
+        match err {
+            PlanError::Invalid { field, .. } => field,
+            PlanError::Parse(msg) => panic!("expected a field error, got a parse error: {msg}"),
+        }
+    }
+
+    #[test]
+    fn examples_validate() {
+        assert_eq!(Plan::example_mlp().validate().expect("mlp").n_params(), 64 * 256 + 256 + 256 * 256 + 256 + 2570);
+        Plan::example_cnn().validate().expect("cnn");
+    }
+
+    #[test]
+    fn each_limit_names_its_field() {
+        let cases: Vec<(&str, Box<dyn Fn(&mut Plan)>)> = vec![
+            ("micro_batch", Box::new(|p| p.micro_batch = 0)),
+            ("micro_batch", Box::new(|p| p.micro_batch = limits::MAX_MICRO_BATCH + 1)),
+            ("accumulation", Box::new(|p| p.accumulation = 0)),
+            ("accumulation", Box::new(|p| p.accumulation = limits::MAX_ACCUMULATION + 1)),
+            ("classes", Box::new(|p| p.classes = 1)),
+            ("schedule.steps", Box::new(|p| p.schedule = Schedule::Steps(0))),
+            ("schedule.steps", Box::new(|p| p.schedule = Schedule::Steps(limits::MAX_STEPS + 1))),
+            ("schedule.epochs", Box::new(|p| p.schedule = Schedule::Epochs { epochs: 0, samples_per_epoch: 10 })),
+            ("input_shape", Box::new(|p| p.input_shape = vec![])),
+            ("input_shape", Box::new(|p| p.input_shape = vec![1, 2, 3, 4])),
+            ("input_shape", Box::new(|p| p.input_shape = vec![limits::MAX_INPUT_DIM + 1])),
+            ("learning_rate", Box::new(|p| p.learning_rate = f64::NAN)),
+            ("learning_rate", Box::new(|p| p.learning_rate = -1.0)),
+            ("optimizer.adam_w.beta2", Box::new(|p| {
+                p.optimizer = Optimizer::AdamW { beta1: 0.9, beta2: 1.0, eps: 1e-8, weight_decay: 0.0 }
+            })),
+            ("optimizer.sgd.momentum", Box::new(|p| p.optimizer = Optimizer::Sgd { momentum: -0.1, weight_decay: 0.0 })),
+            ("model.mlp.hidden", Box::new(|p| p.model = ModelSpec::Mlp { hidden: vec![0] })),
+            ("model.mlp.hidden", Box::new(|p| p.model = ModelSpec::Mlp { hidden: vec![8; limits::MAX_LAYERS + 1] })),
+            ("model", Box::new(|p| {
+                p.input_shape = vec![1 << 14];
+                p.model = ModelSpec::Mlp { hidden: vec![1 << 20, 1 << 20] };
+            })),
+            ("device", Box::new(|p| p.device = DeviceChoice::Cuda(64))),
+            ("memory_limit_bytes", Box::new(|p| p.memory_limit_bytes = Some(0))),
+            ("name", Box::new(|p| p.name = String::new())),
+        ];
+        for (field, mutate) in cases {
+            let mut plan = Plan::example_mlp();
+            mutate(&mut plan);
+            assert_eq!(field_of(plan.validate().expect_err(field)), field);
+        }
+    }
+
+    #[test]
+    fn cnn_needs_an_image_and_enough_pixels() {
+        let mut plan = Plan::example_cnn();
+        plan.input_shape = vec![64];
+        let err = plan.validate().expect_err("flat input");
+        assert_eq!(field_of(err.clone()), "input_shape");
+        assert!(err.to_string().contains("[channels, height, width]"), "{err}");
+        plan.input_shape = vec![3, 4, 4];
+        plan.model = ModelSpec::SmallCnn { channels: vec![8, 8, 8] };
+        assert_eq!(field_of(plan.validate().expect_err("too small")), "model.small_cnn.channels");
+    }
+
+    #[test]
+    fn reads_json_and_yaml_with_defaults() {
+        let json = r#"{"model": {"mlp": {"hidden": [32]}}, "input_shape": [8], "classes": 4,
+            "micro_batch": 16, "schedule": {"steps": 5},
+            "optimizer": {"sgd": {"momentum": 0.9, "weight_decay": 0.0}}, "learning_rate": 0.1}"#;
+        let plan = Plan::from_text(json).expect("json plan");
+        assert_eq!(plan.accumulation, 1);
+        assert_eq!(plan.device, DeviceChoice::Auto);
+        let yaml = "model: {small_cnn: {channels: [4]}}\ninput_shape: [1, 8, 8]\nclasses: 3\nmicro_batch: 2\n\
+                    schedule: {epochs: {epochs: 2, samples_per_epoch: 10}}\n\
+                    optimizer: {adam_w: {beta1: 0.9, beta2: 0.999, eps: 1.0e-8, weight_decay: 0.0}}\n\
+                    learning_rate: 0.001\ndevice: cpu\n";
+        let plan = Plan::from_text(yaml).expect("yaml plan");
+        assert_eq!(plan.total_steps(), 2 * 5);
+        assert_eq!(Plan::from_text(&plan.to_json()).expect("round trip"), plan);
+    }
+
+    #[test]
+    fn parse_errors_are_reported_not_panicked() {
+        let err = Plan::from_text("{\"model\": 3}").expect_err("bad json");
+        assert!(matches!(err, PlanError::Parse(_)), "{err}");
+        let err = Plan::from_text("{\"unknown_knob\": 1}").expect_err("unknown field");
+        assert!(err.to_string().contains("unknown_knob"), "{err}");
+        // A valid document whose values break a limit names the field.
+        let mut plan = Plan::example_mlp();
+        plan.micro_batch = 0;
+        let err = Plan::from_text(&serde_json::to_string(&plan).expect("json")).expect_err("limit");
+        assert_eq!(err.to_string(), "micro_batch: must be between 1 and 65536, got 0");
+    }
+}

@@ -1,0 +1,127 @@
+//! The wire protocol: the only types that cross between planner, agent and worker.
+//!
+//! Changing any type here changes the bytes on the wire: bump `PROTOCOL_VERSION` and
+//! update the fixed byte vectors in the codec tests.
+
+use serde::{Deserialize, Serialize};
+
+use crate::estimate::{Estimate, Phase};
+use crate::plan::Plan;
+
+pub const PROTOCOL_VERSION: u16 = 1;
+
+pub type JobId = u64;
+
+/// Every message, in either direction. Agents send `Hello`, `Accepted`, `Batch`,
+/// `Finished`, `Failed` and `Error`; clients send `Submit` and `Cancel`. The worker
+/// process speaks the same messages to its agent over a pipe.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum Message {
+    Hello(Hello),
+    Submit { plan: Plan },
+    Accepted { job: JobId, estimate: Estimate, device: String },
+    Batch(BatchRecord),
+    Finished { job: JobId, summary: Summary },
+    Failed { job: JobId, error: JobError },
+    Cancel { job: JobId },
+    /// A protocol-level problem with the last message the peer sent.
+    Error { code: ErrorCode, message: String },
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Hello {
+    pub protocol_version: u16,
+    pub agent_version: String,
+    pub devices: Vec<DeviceInfo>,
+    pub capabilities: Capabilities,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct DeviceInfo {
+    /// `cpu` or `cuda:N`.
+    pub id: String,
+    pub name: String,
+    pub total_memory_bytes: u64,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Capabilities {
+    pub cuda: bool,
+    pub nvml: bool,
+    /// Jobs this agent runs at once; more are refused with `ErrorCode::Busy`.
+    pub max_concurrent_jobs: u32,
+}
+
+/// One micro-batch of a running job, as measured.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct BatchRecord {
+    pub job: JobId,
+    /// Optimizer step, from 1.
+    pub step: u64,
+    /// Epoch, from 1.
+    pub epoch: u64,
+    /// Micro-batch within the step, from 1 to `accumulation`.
+    pub micro_batch: u64,
+    /// The micro-batch's loss, before division by the accumulation steps.
+    pub loss: f64,
+    /// Tensor memory live at the end of the micro-batch.
+    pub allocated_bytes: u64,
+    /// Highest tensor memory during this micro-batch (the optimizer step included on the
+    /// last micro-batch of a step).
+    pub peak_bytes: u64,
+    /// Memory the caching allocator holds from the driver; `None` on the CPU.
+    pub reserved_bytes: Option<u64>,
+    /// Device memory in use as NVML reports it (all processes); `None` without NVML.
+    pub device_used_bytes: Option<u64>,
+    /// Resident set size of the worker process.
+    pub host_rss_bytes: u64,
+    pub step_time_ms: f64,
+    pub samples_per_sec: f64,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Summary {
+    pub steps: u64,
+    pub micro_batches: u64,
+    pub first_loss: f64,
+    pub final_loss: f64,
+    /// Highest tensor memory over the whole run.
+    pub peak_bytes: u64,
+    pub estimated_peak_bytes: u64,
+    pub peak_reserved_bytes: Option<u64>,
+    pub peak_host_rss_bytes: u64,
+    pub wall_time_ms: f64,
+    /// Batch records not sent to a client that could not keep up; training never waits.
+    pub dropped_records: u64,
+    /// Highest tensor memory per phase of the last full step, measured.
+    pub phase_peaks: Vec<(Phase, u64)>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct JobError {
+    pub code: ErrorCode,
+    pub message: String,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ErrorCode {
+    /// The peer speaks another protocol version.
+    UnsupportedVersion,
+    /// Bytes that do not decode as a message.
+    Malformed,
+    /// A message larger than the codec's limit.
+    TooLarge,
+    /// A message that is valid but not expected here (a `Batch` sent to an agent, say).
+    Unexpected,
+    InvalidPlan,
+    /// The agent already runs as many jobs as it allows.
+    Busy,
+    UnknownJob,
+    OutOfMemory,
+    Cancelled,
+    /// libtorch raised an error other than out-of-memory.
+    Torch,
+    /// The worker process died without reporting (a crash inside libtorch, a kill).
+    WorkerCrashed,
+    Internal,
+}

@@ -1,0 +1,92 @@
+//! Units in types: a byte count is a `Bytes`, never a bare integer whose unit lives in a comment.
+
+use std::fmt;
+use std::iter::Sum;
+use std::ops::{Add, AddAssign, Sub};
+
+use serde::{Deserialize, Serialize};
+
+/// A number of bytes of memory.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct Bytes(pub u64);
+
+impl Bytes {
+    pub const ZERO: Bytes = Bytes(0);
+    pub const KIB: u64 = 1 << 10;
+    pub const MIB: u64 = 1 << 20;
+    pub const GIB: u64 = 1 << 30;
+
+    pub fn get(self) -> u64 {
+        self.0
+    }
+
+    pub fn mib(self) -> f64 {
+        self.0 as f64 / Self::MIB as f64
+    }
+
+    pub fn saturating_sub(self, other: Bytes) -> Bytes {
+        Bytes(self.0.saturating_sub(other.0))
+    }
+}
+
+impl Add for Bytes {
+    type Output = Bytes;
+    fn add(self, rhs: Bytes) -> Bytes {
+        Bytes(self.0.saturating_add(rhs.0))
+    }
+}
+
+impl AddAssign for Bytes {
+    fn add_assign(&mut self, rhs: Bytes) {
+        self.0 = self.0.saturating_add(rhs.0);
+    }
+}
+
+impl Sub for Bytes {
+    type Output = Bytes;
+    fn sub(self, rhs: Bytes) -> Bytes {
+        Bytes(self.0.saturating_sub(rhs.0))
+    }
+}
+
+impl Sum for Bytes {
+    fn sum<I: Iterator<Item = Bytes>>(iter: I) -> Bytes {
+        iter.fold(Bytes::ZERO, Add::add)
+    }
+}
+
+/// Binary units (KiB, MiB, GiB) with two decimals, as memory tools print them.
+impl fmt::Display for Bytes {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let b = self.0 as f64;
+        if self.0 >= Self::GIB {
+            write!(f, "{:.2} GiB", b / Self::GIB as f64)
+        } else if self.0 >= Self::MIB {
+            write!(f, "{:.2} MiB", b / Self::MIB as f64)
+        } else if self.0 >= Self::KIB {
+            write!(f, "{:.2} KiB", b / Self::KIB as f64)
+        } else {
+            write!(f, "{} B", self.0)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn display_picks_binary_unit() {
+        assert_eq!(Bytes(512).to_string(), "512 B");
+        assert_eq!(Bytes(1536).to_string(), "1.50 KiB");
+        assert_eq!(Bytes(321 * Bytes::MIB + 3 * Bytes::MIB / 4).to_string(), "321.75 MiB");
+        assert_eq!(Bytes(16 * Bytes::GIB).to_string(), "16.00 GiB");
+    }
+
+    #[test]
+    fn arithmetic_saturates_instead_of_wrapping() {
+        assert_eq!(Bytes(3) - Bytes(5), Bytes(0));
+        assert_eq!(Bytes(u64::MAX) + Bytes(1), Bytes(u64::MAX));
+        assert_eq!([Bytes(1), Bytes(2), Bytes(3)].into_iter().sum::<Bytes>(), Bytes(6));
+    }
+}
