@@ -1,1 +1,16 @@
+//! The Headroom agent: a WebSocket server that runs training jobs in worker processes
+//! and streams their per-batch loss and memory, plus the CLI built on the same parts.
+//!
+//! Architecture invariant: only `train` names tch; every byte that crosses a socket or
+//! a pipe goes through `shared::codec`.
 
+pub mod auth;
+pub mod cli;
+pub mod connection;
+pub mod http;
+pub mod jobs;
+pub mod pipe;
+pub mod server;
+pub mod session;
+pub mod train;
+pub mod worker;

@@ -1,0 +1,102 @@
+//! Who may open the WebSocket: a secret token (browsers cannot set headers on a
+//! WebSocket, so it travels as the `token` query parameter) compared in constant time,
+//! and an `Origin` allowlist matched exactly on scheme, host and port.
+
+use subtle::ConstantTimeEq;
+
+/// Generates a fresh 128-bit token as 32 hex characters.
+pub fn new_token() -> String {
+    let bytes: [u8; 16] = rand::random();
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+pub fn token_matches(given: &str, expected: &str) -> bool {
+    given.as_bytes().ct_eq(expected.as_bytes()).into()
+}
+
+/// The `token` parameter of a query string, percent-decoding not needed: tokens are hex.
+pub fn token_from_query(query: Option<&str>) -> Option<&str> {
+    query?.split('&').find_map(|pair| pair.strip_prefix("token="))
+}
+
+/// An origin normalised to `scheme://host:port`, with the scheme's default port filled in.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Origin(String);
+
+impl Origin {
+    pub fn parse(text: &str) -> Option<Origin> {
+        let text = text.trim().to_ascii_lowercase();
+        let (scheme, rest) = text.split_once("://")?;
+        let default_port = match scheme {
+            "http" => 80,
+            "https" => 443,
+            _ => return None,
+        };
+        if rest.is_empty() || rest.contains(['/', '?', '#', '@']) {
+            return None;
+        }
+        // IPv6 hosts come in brackets: [::1]:8080.
+        let (host, port) = if let Some(end) = rest.find(']') {
+            let host = &rest[..=end];
+            match &rest[end + 1..] {
+                "" => (host, default_port),
+                p => (host, p.strip_prefix(':')?.parse().ok()?),
+            }
+        } else {
+            match rest.rsplit_once(':') {
+                Some((h, p)) => (h, p.parse::<u16>().ok()?),
+                None => (rest, default_port),
+            }
+        };
+        if host.is_empty() {
+            return None;
+        }
+        Some(Origin(format!("{scheme}://{host}:{port}")))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+/// The origins a loopback agent serves its own pages from.
+pub fn own_origins(port: u16, bind_host: &str) -> Vec<Origin> {
+    let mut hosts = vec!["127.0.0.1".to_owned(), "localhost".to_owned(), "[::1]".to_owned()];
+    let bracketed = if bind_host.contains(':') { format!("[{bind_host}]") } else { bind_host.to_owned() };
+    if !hosts.contains(&bracketed) && bracketed != "0.0.0.0" && bracketed != "[::]" {
+        hosts.push(bracketed);
+    }
+    hosts.iter().filter_map(|h| Origin::parse(&format!("http://{h}:{port}"))).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn origins_match_exactly_on_scheme_host_and_port() {
+        let allowed = own_origins(8787, "127.0.0.1");
+        let ok = |o: &str| Origin::parse(o).is_some_and(|o| allowed.contains(&o));
+        assert!(ok("http://127.0.0.1:8787"));
+        assert!(ok("http://LOCALHOST:8787"));
+        assert!(ok("http://[::1]:8787"));
+        assert!(!ok("http://127.0.0.1:8788"), "other port");
+        assert!(!ok("https://127.0.0.1:8787"), "other scheme");
+        assert!(!ok("http://127.0.0.1.evil.example:8787"), "suffix trick");
+        assert!(!ok("http://evil.example"), "foreign host");
+        assert!(!ok("null"), "opaque origin");
+        assert_eq!(Origin::parse("https://example.com").map(|o| o.0), Some("https://example.com:443".into()));
+    }
+
+    #[test]
+    fn tokens_compare_and_parse() {
+        let t = new_token();
+        assert_eq!(t.len(), 32);
+        assert_ne!(t, new_token());
+        assert!(token_matches(&t, &t));
+        assert!(!token_matches("abc", &t));
+        assert_eq!(token_from_query(Some("a=1&token=xyz")), Some("xyz"));
+        assert_eq!(token_from_query(Some("tokenx=1")), None);
+        assert_eq!(token_from_query(None), None);
+    }
+}

@@ -1,0 +1,257 @@
+//! Command-line interface: `serve`, `run`, `estimate`, and the hidden `worker`.
+
+use std::io::IsTerminal;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use shared::plan::{DeviceChoice, Plan};
+use shared::protocol::Message;
+
+use crate::jobs::JobRunner;
+use crate::server::{Config, Server};
+
+#[derive(Parser, Debug)]
+#[command(name = "headroom", version, about = "Will this training job fit in GPU memory? Estimate it, then run it and watch.")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Serve the planner and the WebSocket on loopback, and run submitted jobs.
+    Serve {
+        /// Address to listen on; port 0 picks a free one.
+        #[arg(long, default_value = "127.0.0.1:8787")]
+        bind: SocketAddr,
+        /// The built planner (Trunk's output folder).
+        #[arg(long)]
+        web_dir: Option<PathBuf>,
+        /// Access token; a fresh random one by default. Also read from HEADROOM_TOKEN.
+        #[arg(long, env = "HEADROOM_TOKEN", hide_env_values = true)]
+        token: Option<String>,
+        /// Another origin allowed to open the WebSocket (scheme://host[:port]); repeatable.
+        #[arg(long = "allow-origin")]
+        allow_origins: Vec<String>,
+        /// Connections open at once.
+        #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..=4096))]
+        max_connections: u32,
+        /// Jobs running at once (one per GPU keeps measurements clean).
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=64))]
+        max_jobs: u32,
+    },
+    /// Run a plan here: one JSON line per micro-batch on stdout, then a summary line.
+    Run {
+        #[arg(long)]
+        plan: PathBuf,
+        /// Override the plan's device: auto, cpu or cuda:N.
+        #[arg(long)]
+        device: Option<String>,
+    },
+    /// Estimate a plan's peak memory without running it.
+    Estimate {
+        #[arg(long)]
+        plan: PathBuf,
+        /// Print one JSON object instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Internal: run one job, speaking the protocol over stdin/stdout.
+    #[command(hide = true)]
+    Worker {
+        #[arg(long)]
+        job: u64,
+    },
+}
+
+/// An error whose exit code is 2: the user's input was wrong.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+struct BadInput(String);
+
+pub fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            let _ = e.print();
+            return if e.use_stderr() { ExitCode::from(2) } else { ExitCode::SUCCESS };
+        }
+    };
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("HEADROOM_LOG").unwrap_or_else(|_| "info".into()))
+        .with_writer(std::io::stderr)
+        .init();
+    let result = match cli.command {
+        Command::Worker { job } => crate::worker::run(job),
+        Command::Estimate { plan, json } => estimate(&plan, json),
+        command => tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()
+            .context("starting the async runtime")
+            .and_then(|rt| rt.block_on(async_main(command))),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("headroom: {e:#}");
+            if e.downcast_ref::<BadInput>().is_some() { ExitCode::from(2) } else { ExitCode::FAILURE }
+        }
+    }
+}
+
+fn read_plan(path: &PathBuf) -> anyhow::Result<Plan> {
+    let text = std::fs::read_to_string(path).map_err(|e| BadInput(format!("reading {}: {e}", path.display())))?;
+    Plan::from_text(&text).map_err(|e| BadInput(format!("{}: {e}", path.display())).into())
+}
+
+fn parse_device(text: &str) -> anyhow::Result<DeviceChoice> {
+    match text {
+        "auto" => Ok(DeviceChoice::Auto),
+        "cpu" => Ok(DeviceChoice::Cpu),
+        _ => text
+            .strip_prefix("cuda:")
+            .and_then(|i| i.parse().ok())
+            .map(DeviceChoice::Cuda)
+            .ok_or_else(|| BadInput(format!("--device: expected auto, cpu or cuda:N, got {text:?}")).into()),
+    }
+}
+
+fn estimate(path: &PathBuf, json: bool) -> anyhow::Result<()> {
+    let plan = read_plan(path)?;
+    let e = shared::estimate(&plan).map_err(|e| BadInput(e.to_string()))?;
+    if json {
+        let breakdown: serde_json::Map<String, serde_json::Value> =
+            e.breakdown.entries().iter().map(|(k, v)| ((*k).to_owned(), v.get().into())).collect();
+        let phases: serde_json::Map<String, serde_json::Value> =
+            e.phase_peaks.iter().map(|(p, v)| (p.label().replace(' ', "_"), v.get().into())).collect();
+        let out = serde_json::json!({
+            "params": e.params,
+            "peak_bytes": e.peak_bytes.get(),
+            "peak_phase": e.peak_phase.label().replace(' ', "_"),
+            "breakdown": breakdown,
+            "steady_bytes": e.steady_bytes.get(),
+            "phase_peaks": phases,
+        });
+        println!("{out}");
+    } else {
+        println!("{}: {} parameters", plan.name, e.params);
+        println!("peak {} during the {}", e.peak_bytes, e.peak_phase.label());
+        for (name, bytes) in e.breakdown.entries() {
+            println!("  {name:<16} {bytes}");
+        }
+        println!("between steps {}", e.steady_bytes);
+    }
+    Ok(())
+}
+
+async fn async_main(command: Command) -> anyhow::Result<()> {
+    let exe = std::env::current_exe().context("locating this executable for worker processes")?;
+    match command {
+        Command::Serve { bind, web_dir, token, allow_origins, max_connections, max_jobs } => {
+            let token = token.unwrap_or_else(crate::auth::new_token);
+            if token.len() < 16 || !token.bytes().all(|b| b.is_ascii_alphanumeric()) {
+                return Err(BadInput("--token: use at least 16 letters or digits".into()).into());
+            }
+            if let Some(dir) = &web_dir
+                && !dir.join("index.html").is_file()
+            {
+                return Err(BadInput(format!("--web-dir {}: no index.html there", dir.display())).into());
+            }
+            let server = Server::bind(Config {
+                bind,
+                web_dir,
+                token: token.clone(),
+                extra_origins: allow_origins,
+                max_connections: max_connections as usize,
+                max_jobs: max_jobs as usize,
+                worker_exe: exe,
+            })
+            .await?;
+            let addr = server.local_addr()?;
+            let host = if addr.ip().is_unspecified() { "127.0.0.1".to_owned() } else { addr.ip().to_string() };
+            let host = if host.contains(':') { format!("[{host}]") } else { host };
+            // The one line on stdout: scripts and tests read the URL from it.
+            println!("Headroom planner: http://{host}:{}/?token={token}", addr.port());
+            tracing::info!(%addr, "serving");
+            server
+                .run(async {
+                    let _ = tokio::signal::ctrl_c().await;
+                })
+                .await;
+            Ok(())
+        }
+        Command::Run { plan, device } => {
+            let mut plan = read_plan(&plan)?;
+            if let Some(d) = device {
+                plan.device = parse_device(&d)?;
+            }
+            run(plan, exe).await
+        }
+        Command::Estimate { .. } | Command::Worker { .. } => unreachable!("handled without a runtime"),
+    }
+}
+
+async fn run(plan: Plan, exe: PathBuf) -> anyhow::Result<()> {
+    let estimate = shared::estimate(&plan).map_err(|e| BadInput(e.to_string()))?;
+    let total = plan.total_steps() * plan.accumulation;
+    let bar = if std::io::stderr().is_terminal() {
+        let bar = indicatif::ProgressBar::new(total);
+        bar.set_style(
+            indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} micro-batches  {msg}")
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        );
+        Some(bar)
+    } else {
+        None
+    };
+    let runner = JobRunner::new(exe, 1);
+    let mut job = runner.start(plan)?;
+    let mut stdout = std::io::stdout().lock();
+    use std::io::Write;
+    while let Some(event) = job.events.recv().await {
+        match event {
+            Message::Batch(r) => {
+                writeln!(stdout, "{}", serde_json::json!({
+                    "step": r.step, "epoch": r.epoch, "micro_batch": r.micro_batch, "loss": r.loss,
+                    "allocated_bytes": r.allocated_bytes, "peak_bytes": r.peak_bytes,
+                    "reserved_bytes": r.reserved_bytes, "device_used_bytes": r.device_used_bytes,
+                    "host_rss_bytes": r.host_rss_bytes, "step_time_ms": r.step_time_ms,
+                    "samples_per_sec": r.samples_per_sec,
+                }))?;
+                if let Some(bar) = &bar {
+                    bar.inc(1);
+                    bar.set_message(format!("loss {:.4}  peak {}", r.loss, shared::Bytes(r.peak_bytes)));
+                }
+            }
+            Message::Finished { summary, .. } => {
+                if let Some(bar) = &bar {
+                    bar.finish_and_clear();
+                }
+                let error_pct = 100.0 * (estimate.peak_bytes.get() as f64 - summary.peak_bytes as f64) / summary.peak_bytes.max(1) as f64;
+                writeln!(stdout, "{}", serde_json::json!({
+                    "summary": {
+                        "steps": summary.steps, "micro_batches": summary.micro_batches,
+                        "first_loss": summary.first_loss, "final_loss": summary.final_loss,
+                        "peak_bytes": summary.peak_bytes, "estimated_peak_bytes": summary.estimated_peak_bytes,
+                        "estimate_error_pct": error_pct,
+                        "peak_reserved_bytes": summary.peak_reserved_bytes,
+                        "peak_host_rss_bytes": summary.peak_host_rss_bytes, "wall_time_ms": summary.wall_time_ms,
+                        "phase_peaks": summary.phase_peaks.iter().map(|(p, b)| (p.label().replace(' ', "_"), *b)).collect::<std::collections::BTreeMap<_, _>>(),
+                    }
+                }))?;
+                return Ok(());
+            }
+            Message::Failed { error, .. } => {
+                if let Some(bar) = &bar {
+                    bar.abandon();
+                }
+                anyhow::bail!("job failed ({:?}): {}", error.code, error.message);
+            }
+            _ => {}
+        }
+    }
+    anyhow::bail!("the worker ended without a result")
+}

@@ -1,0 +1,77 @@
+//! A WebSocket carrying protocol messages: callers see typed messages, never frames.
+
+use futures_util::stream::{SplitSink, SplitStream};
+use futures_util::{SinkExt, StreamExt};
+use shared::codec::{self, CodecError};
+use shared::protocol::Message;
+use tokio::net::TcpStream;
+use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::{self, protocol::CloseFrame, protocol::frame::coding::CloseCode};
+
+type Ws = WebSocketStream<TcpStream>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ReadError {
+    #[error(transparent)]
+    Codec(#[from] CodecError),
+    #[error("text frames are not part of the protocol; send binary frames")]
+    Text,
+    #[error("websocket: {0}")]
+    Transport(#[from] tungstenite::Error),
+}
+
+impl ReadError {
+    /// The close code that best tells the peer why the connection ends.
+    pub fn close_code(&self) -> CloseCode {
+        match self {
+            ReadError::Codec(CodecError::TooLarge { .. }) => CloseCode::Size,
+            ReadError::Codec(CodecError::UnsupportedVersion { .. }) => CloseCode::Protocol,
+            ReadError::Codec(CodecError::Malformed { .. }) => CloseCode::Invalid,
+            ReadError::Text => CloseCode::Unsupported,
+            ReadError::Transport(tungstenite::Error::Capacity(_)) => CloseCode::Size,
+            ReadError::Transport(_) => CloseCode::Protocol,
+        }
+    }
+}
+
+pub struct Connection {
+    sink: SplitSink<Ws, tungstenite::Message>,
+    stream: SplitStream<Ws>,
+}
+
+impl Connection {
+    pub fn new(ws: Ws) -> Connection {
+        let (sink, stream) = ws.split();
+        Connection { sink, stream }
+    }
+
+    /// The next message; `Ok(None)` when the peer closed cleanly. Cancel-safe.
+    pub async fn read(&mut self) -> Result<Option<Message>, ReadError> {
+        loop {
+            let Some(frame) = self.stream.next().await else { return Ok(None) };
+            match frame? {
+                tungstenite::Message::Binary(bytes) => return Ok(Some(codec::decode(&bytes)?)),
+                tungstenite::Message::Text(_) => return Err(ReadError::Text),
+                tungstenite::Message::Close(_) => return Ok(None),
+                // Pings are answered by tungstenite; pongs and raw frames carry nothing.
+                _ => continue,
+            }
+        }
+    }
+
+    pub async fn write(&mut self, message: &Message) -> Result<(), tungstenite::Error> {
+        let bytes = codec::encode(message).map_err(|e| tungstenite::Error::Io(std::io::Error::other(e)))?;
+        self.sink.send(tungstenite::Message::Binary(bytes.into())).await
+    }
+
+    pub async fn close(&mut self, code: CloseCode, reason: &str) {
+        // A close reason must fit a control frame (123 bytes); cut at a char boundary.
+        let mut end = reason.len().min(120);
+        while !reason.is_char_boundary(end) {
+            end -= 1;
+        }
+        let frame = CloseFrame { code, reason: reason[..end].to_owned().into() };
+        let _ = self.sink.send(tungstenite::Message::Close(Some(frame))).await;
+        let _ = self.sink.close().await;
+    }
+}

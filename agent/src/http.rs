@@ -1,0 +1,82 @@
+//! Serves the built planner (Trunk's `dist` folder) over plain HTTP/1.1.
+
+use std::convert::Infallible;
+use std::path::{Path, PathBuf};
+
+use http_body_util::Full;
+use hyper::body::Bytes;
+use hyper::{Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpStream;
+
+/// Files larger than this are not served; the wasm bundle is well under it.
+const MAX_FILE_BYTES: u64 = 64 << 20;
+
+const NOT_BUILT: &str = "<!doctype html><title>Headroom</title><h1>The planner is not built</h1>\
+<p>Run <code>scripts/run.sh</code>, which builds it with Trunk, or pass <code>--web-dir</code>.</p>";
+
+pub async fn serve(stream: TcpStream, web_dir: Option<PathBuf>) -> anyhow::Result<()> {
+    let service = hyper::service::service_fn(move |req| {
+        let dir = web_dir.clone();
+        async move { Ok::<_, Infallible>(respond(dir.as_deref(), &req).await) }
+    });
+    hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), service).await?;
+    Ok(())
+}
+
+fn content_type(path: &Path) -> &'static str {
+    match path.extension().and_then(|e| e.to_str()) {
+        Some("html") => "text/html; charset=utf-8",
+        Some("js") => "text/javascript; charset=utf-8",
+        Some("wasm") => "application/wasm",
+        Some("css") => "text/css; charset=utf-8",
+        Some("svg") => "image/svg+xml",
+        Some("png") => "image/png",
+        Some("ico") => "image/x-icon",
+        Some("json") => "application/json",
+        _ => "application/octet-stream",
+    }
+}
+
+fn text(status: StatusCode, body: &'static str, kind: &'static str) -> Response<Full<Bytes>> {
+    let mut resp = Response::new(Full::new(Bytes::from_static(body.as_bytes())));
+    *resp.status_mut() = status;
+    resp.headers_mut().insert("content-type", hyper::header::HeaderValue::from_static(kind));
+    resp
+}
+
+async fn respond<B>(dir: Option<&Path>, req: &Request<B>) -> Response<Full<Bytes>> {
+    if req.method() != hyper::Method::GET && req.method() != hyper::Method::HEAD {
+        return text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n", "text/plain");
+    }
+    let Some(dir) = dir else {
+        return text(StatusCode::OK, NOT_BUILT, "text/html; charset=utf-8");
+    };
+    let rel = req.uri().path().trim_start_matches('/');
+    let rel = if rel.is_empty() { "index.html" } else { rel };
+    // Only plain names below the folder: no dot-dot, no hidden files, no odd bytes.
+    let safe = rel.split('/').all(|part| {
+        !part.is_empty() && !part.starts_with('.') && part.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
+    });
+    if !safe {
+        return text(StatusCode::NOT_FOUND, "not found\n", "text/plain");
+    }
+    let path = dir.join(rel);
+    let meta = match tokio::fs::metadata(&path).await {
+        Ok(m) if m.is_file() && m.len() <= MAX_FILE_BYTES => m,
+        _ if rel == "index.html" => return text(StatusCode::OK, NOT_BUILT, "text/html; charset=utf-8"),
+        _ => return text(StatusCode::NOT_FOUND, "not found\n", "text/plain"),
+    };
+    match tokio::fs::read(&path).await {
+        Ok(bytes) => {
+            debug_assert_eq!(bytes.len() as u64, meta.len());
+            let mut resp = Response::new(Full::new(Bytes::from(bytes)));
+            let headers = resp.headers_mut();
+            headers.insert("content-type", hyper::header::HeaderValue::from_static(content_type(&path)));
+            headers.insert("cache-control", hyper::header::HeaderValue::from_static("no-cache"));
+            headers.insert("x-content-type-options", hyper::header::HeaderValue::from_static("nosniff"));
+            resp
+        }
+        Err(_) => text(StatusCode::NOT_FOUND, "not found\n", "text/plain"),
+    }
+}

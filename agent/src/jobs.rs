@@ -1,0 +1,180 @@
+//! Starts jobs in worker processes and turns their pipes into a stream of messages.
+//!
+//! Training never waits for a client: batch records go into a bounded channel with
+//! `try_send`, and a record that does not fit is dropped and counted (the count travels
+//! in the summary). The final `Finished` or `Failed` always arrives.
+
+use std::collections::VecDeque;
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use shared::plan::Plan;
+use shared::protocol::{JobId, Message};
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::Command;
+use tokio::sync::{Semaphore, mpsc};
+
+use crate::{pipe, worker};
+
+/// Batch records buffered per job before new ones are dropped for a slow client.
+pub const EVENT_BUFFER: usize = 4096;
+/// How long a worker may take to stop after its client went away before it is killed.
+pub const ABANDON_GRACE: Duration = Duration::from_secs(10);
+/// Lines of a worker's stderr kept to explain a crash.
+const STDERR_TAIL_LINES: usize = 12;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("the agent already runs {limit} job(s) at once; wait for one to finish or cancel it")]
+    Busy { limit: usize },
+    #[error("could not start the worker process: {0}")]
+    Spawn(std::io::Error),
+}
+
+/// Starts workers; shared by every connection.
+#[derive(Debug)]
+pub struct JobRunner {
+    exe: PathBuf,
+    limit: usize,
+    slots: Arc<Semaphore>,
+    next_id: AtomicU64,
+}
+
+/// A job in flight, as its owner sees it.
+#[derive(Debug)]
+pub struct RunningJob {
+    pub id: JobId,
+    /// `Batch` records, then exactly one `Finished` or `Failed`.
+    pub events: mpsc::Receiver<Message>,
+    control: mpsc::Sender<Message>,
+}
+
+impl RunningJob {
+    /// Asks the worker to stop at its next micro-batch; it answers with `Failed{Cancelled}`.
+    pub async fn cancel(&self) {
+        let _ = self.control.send(Message::Cancel { job: self.id }).await;
+    }
+}
+
+impl JobRunner {
+    pub fn new(exe: PathBuf, limit: usize) -> JobRunner {
+        JobRunner { exe, limit, slots: Arc::new(Semaphore::new(limit)), next_id: AtomicU64::new(1) }
+    }
+
+    pub fn limit(&self) -> usize {
+        self.limit
+    }
+
+    /// Starts `plan` (already validated) in a new worker, or refuses when all slots are taken.
+    pub fn start(&self, plan: Plan) -> Result<RunningJob, StartError> {
+        let permit = Arc::clone(&self.slots).try_acquire_owned().map_err(|_| StartError::Busy { limit: self.limit })?;
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let mut cmd = Command::new(&self.exe);
+        cmd.arg("worker")
+            .arg("--job")
+            .arg(id.to_string())
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true);
+        // Allocator settings must be in the environment before CUDA initialises.
+        if plan.expandable_segments {
+            cmd.env("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True");
+        }
+        let mut child = cmd.spawn().map_err(StartError::Spawn)?;
+        let (Some(mut stdin), Some(mut stdout), Some(stderr)) = (child.stdin.take(), child.stdout.take(), child.stderr.take())
+        else {
+            return Err(StartError::Spawn(std::io::Error::other("worker pipes missing")));
+        };
+
+        let (control_tx, mut control_rx) = mpsc::channel::<Message>(8);
+        let (events_tx, events_rx) = mpsc::channel::<Message>(EVENT_BUFFER);
+
+        // stdin: the plan, then control messages; closing it tells the worker to stop.
+        tokio::spawn(async move {
+            if pipe::write(&mut stdin, &Message::Submit { plan }).await.is_err() {
+                return;
+            }
+            while let Some(message) = control_rx.recv().await {
+                if pipe::write(&mut stdin, &message).await.is_err() {
+                    break;
+                }
+            }
+        });
+
+        let stderr_task = tokio::spawn(async move {
+            let mut tail = VecDeque::with_capacity(STDERR_TAIL_LINES);
+            let mut lines = BufReader::new(stderr).lines();
+            while let Ok(Some(line)) = lines.next_line().await {
+                tracing::debug!(job = id, "worker: {line}");
+                if tail.len() == STDERR_TAIL_LINES {
+                    tail.pop_front();
+                }
+                tail.push_back(line);
+            }
+            tail.into_iter().collect::<Vec<_>>().join("\n")
+        });
+
+        tokio::spawn(async move {
+            let _permit = permit;
+            let mut dropped = 0u64;
+            let mut finished = false;
+            loop {
+                let read = if events_tx.is_closed() {
+                    // Nobody listens any more: give the worker a grace period to notice.
+                    match tokio::time::timeout(ABANDON_GRACE, pipe::read(&mut stdout)).await {
+                        Ok(r) => r,
+                        Err(_) => {
+                            tracing::warn!(job = id, "worker ignored its closed pipe; killing it");
+                            let _ = child.start_kill();
+                            break;
+                        }
+                    }
+                } else {
+                    pipe::read(&mut stdout).await
+                };
+                match read {
+                    Ok(Some(Message::Batch(record))) => {
+                        if let Err(mpsc::error::TrySendError::Full(_)) = events_tx.try_send(Message::Batch(record)) {
+                            dropped += 1;
+                        }
+                    }
+                    Ok(Some(Message::Finished { job, mut summary })) => {
+                        summary.dropped_records = dropped;
+                        finished = true;
+                        let _ = events_tx.send(Message::Finished { job, summary }).await;
+                    }
+                    Ok(Some(failed @ Message::Failed { .. })) => {
+                        finished = true;
+                        let _ = events_tx.send(failed).await;
+                    }
+                    Ok(Some(other)) => tracing::warn!(job = id, "unexpected message from worker: {other:?}"),
+                    Ok(None) => break,
+                    Err(e) => {
+                        tracing::warn!(job = id, "worker pipe: {e}");
+                        let _ = child.start_kill();
+                        break;
+                    }
+                }
+            }
+            let status = match tokio::time::timeout(ABANDON_GRACE, child.wait()).await {
+                Ok(Ok(status)) => status.to_string(),
+                Ok(Err(e)) => format!("could not be waited for ({e})"),
+                Err(_) => {
+                    let _ = child.start_kill();
+                    "did not exit and was killed".to_owned()
+                }
+            };
+            let tail = stderr_task.await.unwrap_or_default();
+            tracing::info!(job = id, %status, "worker ended");
+            if !finished {
+                let _ = events_tx.send(worker::crashed(id, &status, &tail)).await;
+            }
+        });
+
+        Ok(RunningJob { id, events: events_rx, control: control_tx })
+    }
+}

@@ -1,0 +1,222 @@
+//! The listener: one loopback port serves the planner's files at `/` and the WebSocket
+//! at `/ws`, with a connection limit and graceful shutdown.
+//!
+//! Each accepted stream is routed by peeking at its request line: `/ws` goes to
+//! tungstenite, whose handshake callback checks the token and the `Origin` before the
+//! upgrade; everything else goes to the static file service.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use shared::codec::MAX_FRAME_BYTES;
+use shared::protocol::{Capabilities, DeviceInfo, Hello, PROTOCOL_VERSION};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{Semaphore, watch};
+use tokio::task::JoinSet;
+use tokio_tungstenite::tungstenite::handshake::server::{ErrorResponse, Request, Response};
+use tokio_tungstenite::tungstenite::http::StatusCode;
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+
+use crate::auth::{self, Origin};
+use crate::connection::Connection;
+use crate::jobs::JobRunner;
+use crate::{http, session};
+
+/// Bytes of a request line we wait for before routing; longer lines are refused.
+const MAX_REQUEST_LINE: usize = 8192;
+/// A client that sends no request line within this is dropped.
+const REQUEST_LINE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Frames up to twice the codec's limit are read, so that the codec can answer a
+/// too-large message with a clear error; larger ones fail inside tungstenite.
+const WS_READ_LIMIT: usize = 2 * MAX_FRAME_BYTES;
+
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub bind: SocketAddr,
+    /// The built planner (Trunk's `dist`); `None` serves a page that says how to build it.
+    pub web_dir: Option<PathBuf>,
+    pub token: String,
+    /// Origins allowed besides the agent's own.
+    pub extra_origins: Vec<String>,
+    /// Open connections at once; more wait in the kernel's accept queue.
+    pub max_connections: usize,
+    pub max_jobs: usize,
+    /// This executable, started in worker mode for each job.
+    pub worker_exe: PathBuf,
+}
+
+/// What every connection shares.
+#[derive(Debug)]
+pub struct State {
+    pub token: String,
+    pub origins: Vec<Origin>,
+    pub hello: Hello,
+    pub runner: JobRunner,
+    pub web_dir: Option<PathBuf>,
+}
+
+pub struct Server {
+    listener: TcpListener,
+    state: Arc<State>,
+    max_connections: usize,
+}
+
+fn cpu_device() -> DeviceInfo {
+    let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+    let total_kib: u64 = meminfo
+        .lines()
+        .find_map(|l| l.strip_prefix("MemTotal:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0);
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let name = cpuinfo
+        .lines()
+        .find_map(|l| l.strip_prefix("model name").and_then(|v| v.split_once(':')).map(|(_, n)| n.trim().to_owned()))
+        .unwrap_or_else(|| std::env::consts::ARCH.to_owned());
+    DeviceInfo { id: "cpu".into(), name, total_memory_bytes: total_kib * 1024 }
+}
+
+impl Server {
+    pub async fn bind(config: Config) -> anyhow::Result<Server> {
+        let listener = TcpListener::bind(config.bind).await.with_context(|| format!("binding {}", config.bind))?;
+        let addr = listener.local_addr()?;
+        let mut origins = auth::own_origins(addr.port(), &addr.ip().to_string());
+        for o in &config.extra_origins {
+            origins.push(Origin::parse(o).with_context(|| format!("--allow-origin {o:?} is not scheme://host[:port]"))?);
+        }
+        let gpus = crate::train::memory::nvml_devices();
+        let mut devices: Vec<DeviceInfo> = gpus
+            .iter()
+            .enumerate()
+            .map(|(i, (name, total))| DeviceInfo { id: format!("cuda:{i}"), name: name.clone(), total_memory_bytes: *total })
+            .collect();
+        devices.push(cpu_device());
+        let hello = Hello {
+            protocol_version: PROTOCOL_VERSION,
+            agent_version: env!("CARGO_PKG_VERSION").to_owned(),
+            devices,
+            capabilities: Capabilities {
+                cuda: !gpus.is_empty(),
+                nvml: crate::train::memory::nvml_available(),
+                max_concurrent_jobs: u32::try_from(config.max_jobs).unwrap_or(u32::MAX),
+            },
+        };
+        let state = State {
+            token: config.token,
+            origins,
+            hello,
+            runner: JobRunner::new(config.worker_exe, config.max_jobs),
+            web_dir: config.web_dir,
+        };
+        Ok(Server { listener, state: Arc::new(state), max_connections: config.max_connections })
+    }
+
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.listener.local_addr()
+    }
+
+    /// Serves until `shutdown` completes, then closes every connection and waits up to
+    /// five seconds for them.
+    pub async fn run(self, shutdown: impl std::future::Future<Output = ()>) {
+        let limit = Arc::new(Semaphore::new(self.max_connections));
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let mut tasks = JoinSet::new();
+        tokio::pin!(shutdown);
+        loop {
+            let permit = tokio::select! {
+                p = Arc::clone(&limit).acquire_owned() => match p { Ok(p) => p, Err(_) => break },
+                _ = &mut shutdown => break,
+            };
+            let (stream, peer) = tokio::select! {
+                accepted = self.listener.accept() => match accepted {
+                    Ok(a) => a,
+                    Err(e) => {
+                        tracing::warn!("accept failed: {e}");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                },
+                _ = &mut shutdown => break,
+            };
+            let state = Arc::clone(&self.state);
+            let stop = stop_rx.clone();
+            tasks.spawn(async move {
+                let _permit = permit;
+                if let Err(e) = handle(stream, state, stop).await {
+                    tracing::debug!(%peer, "connection: {e:#}");
+                }
+            });
+            while tasks.try_join_next().is_some() {}
+        }
+        tracing::info!("shutting down");
+        let _ = stop_tx.send(true);
+        let _ = tokio::time::timeout(Duration::from_secs(5), async { while tasks.join_next().await.is_some() {} }).await;
+    }
+}
+
+/// Peeks until the request line is complete and says whether it asks for `/ws`.
+async fn is_websocket_request(stream: &TcpStream) -> anyhow::Result<bool> {
+    let mut buf = vec![0u8; MAX_REQUEST_LINE];
+    let line = tokio::time::timeout(REQUEST_LINE_TIMEOUT, async {
+        loop {
+            let n = stream.peek(&mut buf).await?;
+            if n == 0 {
+                anyhow::bail!("closed before a request line");
+            }
+            if let Some(end) = buf[..n].windows(2).position(|w| w == b"\r\n") {
+                return Ok(String::from_utf8_lossy(&buf[..end]).into_owned());
+            }
+            if n == buf.len() {
+                anyhow::bail!("request line longer than {MAX_REQUEST_LINE} bytes");
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await
+    .context("no request line in time")??;
+    let target = line.split(' ').nth(1).unwrap_or("");
+    Ok(target == "/ws" || target.starts_with("/ws?"))
+}
+
+async fn handle(stream: TcpStream, state: Arc<State>, stop: watch::Receiver<bool>) -> anyhow::Result<()> {
+    if !is_websocket_request(&stream).await? {
+        return http::serve(stream, state.web_dir.clone()).await;
+    }
+    let check_state = Arc::clone(&state);
+    let callback = move |req: &Request, resp: Response| -> Result<Response, ErrorResponse> { authorize(&check_state, req).map(|()| resp) };
+    let mut config = WebSocketConfig::default();
+    config.max_message_size = Some(WS_READ_LIMIT);
+    config.max_frame_size = Some(WS_READ_LIMIT);
+    let ws = tokio_tungstenite::accept_hdr_async_with_config(stream, callback, Some(config)).await?;
+    session::run(Connection::new(ws), state, stop).await;
+    Ok(())
+}
+
+fn reject(status: StatusCode, reason: &str) -> ErrorResponse {
+    let mut resp = ErrorResponse::new(Some(reason.to_owned()));
+    *resp.status_mut() = status;
+    resp
+}
+
+/// Runs inside the handshake, before the upgrade: nothing reaches a session unchecked.
+fn authorize(state: &State, req: &Request) -> Result<(), ErrorResponse> {
+    match auth::token_from_query(req.uri().query()) {
+        None => return Err(reject(StatusCode::UNAUTHORIZED, "missing token: connect to /ws?token=<the token the agent printed>")),
+        Some(t) if !auth::token_matches(t, &state.token) => return Err(reject(StatusCode::FORBIDDEN, "wrong token")),
+        Some(_) => {}
+    }
+    // Browsers always send Origin on a WebSocket; programs (the CLI, tests) may not, and
+    // the token already authenticates them.
+    if let Some(origin) = req.headers().get("origin") {
+        let text = origin.to_str().unwrap_or("");
+        let allowed = Origin::parse(text).is_some_and(|o| state.origins.contains(&o));
+        if !allowed {
+            tracing::warn!(origin = text, "refused a WebSocket from a foreign origin");
+            return Err(reject(StatusCode::FORBIDDEN, &format!("origin {text:?} is not allowed")));
+        }
+    }
+    Ok(())
+}

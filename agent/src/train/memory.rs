@@ -1,0 +1,119 @@
+//! Memory readings from real sources: the counting CPU allocator and the CUDA caching
+//! allocator (through the shim in `csrc/memory.cpp`), NVML, and /proc for host RSS.
+
+use std::sync::OnceLock;
+
+unsafe extern "C" {
+    fn hr_cpu_counter_install();
+    fn hr_cpu_counter_set_budget(bytes: u64);
+    fn hr_cpu_counter_read(out: *mut u64);
+    fn hr_cpu_counter_reset_peak();
+    fn hr_cuda_stats(device: i32, out: *mut i64) -> i32;
+    fn hr_cuda_reset_peak(device: i32) -> i32;
+    fn hr_cuda_set_memory_fraction(device: i32, fraction: f64) -> i32;
+}
+
+/// Registers the counting allocator. Call before creating any tensor that should count.
+pub fn install_cpu_counter(budget_bytes: Option<u64>) {
+    // SAFETY: plain C calls into the shim; it keeps its own static allocator.
+    unsafe {
+        hr_cpu_counter_install();
+        hr_cpu_counter_set_budget(budget_bytes.unwrap_or(0));
+    }
+}
+
+/// Tensor memory as one allocator sees it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct AllocatorReading {
+    pub allocated: u64,
+    pub peak: u64,
+    pub reserved: Option<u64>,
+}
+
+/// Where the tensors of a job live, and how to read their memory.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Meter {
+    Cpu,
+    Cuda(i32),
+}
+
+impl Meter {
+    pub fn read(self) -> AllocatorReading {
+        match self {
+            Meter::Cpu => {
+                let mut out = [0u64; 3];
+                // SAFETY: the shim writes exactly three values.
+                unsafe { hr_cpu_counter_read(out.as_mut_ptr()) };
+                AllocatorReading { allocated: out[0], peak: out[1], reserved: None }
+            }
+            Meter::Cuda(device) => {
+                let mut out = [0i64; 6];
+                // SAFETY: the shim writes exactly six values, or none and returns -1.
+                let rc = unsafe { hr_cuda_stats(device, out.as_mut_ptr()) };
+                if rc != 0 {
+                    return AllocatorReading::default();
+                }
+                let u = |v: i64| u64::try_from(v).unwrap_or(0);
+                AllocatorReading { allocated: u(out[0]), peak: u(out[1]), reserved: Some(u(out[2])) }
+            }
+        }
+    }
+
+    /// Starts a new peak window at the current allocation.
+    pub fn reset_peak(self) {
+        // SAFETY: plain C calls; failures leave the old window, which only widens it.
+        unsafe {
+            match self {
+                Meter::Cpu => hr_cpu_counter_reset_peak(),
+                Meter::Cuda(device) => {
+                    hr_cuda_reset_peak(device);
+                }
+            }
+        }
+    }
+
+    /// Caps the caching allocator at `fraction` of the device (CUDA only).
+    pub fn set_memory_fraction(self, fraction: f64) -> bool {
+        match self {
+            Meter::Cpu => false,
+            // SAFETY: plain C call.
+            Meter::Cuda(device) => unsafe { hr_cuda_set_memory_fraction(device, fraction) == 0 },
+        }
+    }
+}
+
+/// Resident set size of this process, from /proc/self/statm.
+pub fn host_rss_bytes() -> u64 {
+    let Ok(statm) = std::fs::read_to_string("/proc/self/statm") else { return 0 };
+    let pages: u64 = statm.split_whitespace().nth(1).and_then(|p| p.parse().ok()).unwrap_or(0);
+    // SAFETY: sysconf has no preconditions.
+    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    pages * u64::try_from(page).unwrap_or(4096)
+}
+
+fn nvml() -> Option<&'static nvml_wrapper::Nvml> {
+    static NVML: OnceLock<Option<nvml_wrapper::Nvml>> = OnceLock::new();
+    NVML.get_or_init(|| nvml_wrapper::Nvml::init().ok()).as_ref()
+}
+
+/// Device memory in use on GPU `index` as NVML sees it (every process), if NVML loads.
+pub fn nvml_used_bytes(index: u32) -> Option<u64> {
+    let device = nvml()?.device_by_index(index).ok()?;
+    device.memory_info().ok().map(|m| m.used)
+}
+
+/// GPUs NVML can see: (name, total bytes). Empty where there is no driver.
+pub fn nvml_devices() -> Vec<(String, u64)> {
+    let Some(nvml) = nvml() else { return Vec::new() };
+    let count = nvml.device_count().unwrap_or(0);
+    (0..count)
+        .filter_map(|i| {
+            let d = nvml.device_by_index(i).ok()?;
+            Some((d.name().ok()?, d.memory_info().ok()?.total))
+        })
+        .collect()
+}
+
+pub fn nvml_available() -> bool {
+    nvml().is_some()
+}
