@@ -132,10 +132,11 @@ pub fn train(
         opt.add_parameters(&var, 0)?;
     }
 
-    // The synthetic data: a fixed random linear teacher labels standard-normal inputs.
+    // The synthetic data: one random prototype per class; a sample is its class's
+    // prototype plus standard-normal noise, so every architecture can learn it.
     let in_features = i64::try_from(shared::graph::numel(&graph.input)).unwrap_or(i64::MAX);
     let classes = i64::try_from(plan.classes).unwrap_or(i64::MAX);
-    let teacher = Tensor::f_randn([in_features, classes], (Kind::Float, device))?;
+    let prototypes = Tensor::f_randn([classes, in_features], (Kind::Float, device))?;
     let micro = i64::try_from(plan.micro_batch).unwrap_or(i64::MAX);
     let mut input_dims = vec![micro];
     input_dims.extend(graph.input.iter().map(|&d| i64::try_from(d).unwrap_or(i64::MAX)));
@@ -158,8 +159,9 @@ pub fn train(
             let t0 = Instant::now();
             phases.begin(Phase::Forward);
             let (x, y) = tch::no_grad(|| -> Result<(Tensor, Tensor), tch::TchError> {
+                let y = Tensor::f_randint(classes, [micro], (Kind::Int64, device))?;
                 let x = Tensor::f_randn(&input_dims, (Kind::Float, device))?;
-                let y = x.f_view([micro, in_features])?.f_mm(&teacher)?.f_argmax(-1, false)?;
+                let _ = x.f_view([micro, in_features])?.f_add_(&prototypes.f_index_select(0, &y)?)?;
                 Ok((x, y))
             })?;
             let logits = net.forward(&x)?;

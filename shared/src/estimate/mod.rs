@@ -141,7 +141,7 @@ pub fn estimate(plan: &Plan) -> Result<Estimate, PlanError> {
     let micro_batches_to_walk = plan.accumulation.min(2);
     for micro in 0..micro_batches_to_walk {
         sim.set_phase(Phase::Forward);
-        let (x, y) = batch::make_batch(&mut sim, &graph, plan.micro_batch, plan.classes);
+        let (x, y) = batch::make_batch(&mut sim, &graph, plan.micro_batch);
         let fwd = activations::forward(&mut sim, &graph, plan.micro_batch, x);
         sim.set_phase(Phase::Loss);
         let loss = activations::loss(&mut sim, fwd.logits, plan.micro_batch, plan.classes, plan.accumulation > 1);

@@ -3,7 +3,7 @@
 use super::*;
 use crate::plan::{ModelSpec, Optimizer, Plan, Schedule};
 
-/// An MLP 8 -> 16 -> 4 at micro-batch 2: 212 parameters (848 bytes), a 128-byte teacher.
+/// An MLP 8 -> 16 -> 4 at micro-batch 2: 212 parameters (848 bytes), 128 bytes of class prototypes.
 fn tiny(optimizer: Optimizer) -> Plan {
     Plan {
         model: ModelSpec::Mlp { hidden: vec![16] },
@@ -30,13 +30,13 @@ const ADAMW: Optimizer = Optimizer::AdamW { beta1: 0.9, beta2: 0.999, eps: 1e-8,
 #[test]
 fn plain_sgd_peaks_in_backward_when_the_first_layer_gradient_appears() {
     // Worked by hand: at the first layer's backward, weights 848 + gradients 848 + batch
-    // (teacher 128, x 64, y 16) + the flowing gradient 128 and the loss scalar 4.
+    // (prototypes 128, x 64, y 16) + the flowing gradient 128 and the loss scalar 4.
     check(&tiny(SGD), 2036, Phase::Backward, [848, 848, 0, 0, 208, 132]);
 }
 
 #[test]
 fn adamw_peaks_in_its_step_with_two_copies_of_the_largest_parameter() {
-    // After backward: weights, grads, exp_avg and exp_avg_sq (4 x 848) and the teacher;
+    // After backward: weights, grads, exp_avg and exp_avg_sq (4 x 848) and the prototypes;
     // then sqrt and quotient of the 512-byte first weight are alive together.
     check(&tiny(ADAMW), 4 * 848 + 128 + 1024, Phase::OptimizerStep, [848, 848, 1696, 0, 128, 1024]);
 }
@@ -48,7 +48,7 @@ fn sgd_momentum_keeps_one_buffer_and_weight_decay_one_temporary() {
     assert_eq!(e.peak_bytes.get(), 2036 + 848);
     let e = estimate(&tiny(Optimizer::Sgd { momentum: 0.9, weight_decay: 1e-4 })).expect("plan");
     let step = e.phase_peaks[Phase::OptimizerStep.index()].1.get();
-    assert_eq!(step, 3 * 848 + 128 + 512, "weights, grads, momentum, teacher, one temporary");
+    assert_eq!(step, 3 * 848 + 128 + 512, "weights, grads, momentum, prototypes, one temporary");
 }
 
 #[test]
@@ -87,11 +87,11 @@ fn cnn_pooling_keeps_int64_indices() {
     };
     let e = estimate(&plan).expect("plan");
     let fwd = e.phase_peaks[Phase::Forward.index()].1.get();
-    // weights (2*9+2 + 8*2+2 = 38 floats), teacher 16x2, batch 2x16 + labels, then
+    // weights (2*9+2 + 8*2+2 = 38 floats), prototypes 16x2, batch 2x16 + labels, then
     // conv out 2x2x4x4, relu out, pool out 2x2x2x2 + indices.
     let weights = 38 * 4;
-    let teacher = 16 * 2 * 4;
+    let prototypes = 16 * 2 * 4;
     let batch = 2 * 16 * 4 + 2 * 8;
-    assert!(fwd >= weights + teacher + batch + 2 * 128 + 32 + 64, "forward peak {fwd}");
+    assert!(fwd >= weights + prototypes + batch + 2 * 128 + 32 + 64, "forward peak {fwd}");
     assert_eq!(e.params, 38);
 }
