@@ -1,0 +1,92 @@
+//! A line chart drawn as SVG: one or more series over the micro-batch index, and an
+//! optional dashed reference line (the estimate).
+
+use leptos::prelude::*;
+
+/// Points drawn per series; longer series are thinned evenly (the data stays whole).
+pub const MAX_CHART_POINTS: usize = 1_000;
+
+const WIDTH: f64 = 640.0;
+const HEIGHT: f64 = 220.0;
+const LEFT: f64 = 84.0;
+const RIGHT: f64 = 12.0;
+const TOP: f64 = 12.0;
+const BOTTOM: f64 = 24.0;
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Series {
+    pub name: &'static str,
+    /// CSS class giving the stroke colour.
+    pub class: &'static str,
+    pub values: Vec<f64>,
+}
+
+/// Indices of at most `max` points spread evenly over `n`, always keeping the last.
+pub fn thin(n: usize, max: usize) -> Vec<usize> {
+    if n <= max {
+        return (0..n).collect();
+    }
+    if max < 2 {
+        return vec![n - 1];
+    }
+    (0..max).map(|k| k * (n - 1) / (max - 1)).collect()
+}
+
+fn polyline(values: &[f64], y_max: f64) -> String {
+    let n = values.len();
+    let plot_w = WIDTH - LEFT - RIGHT;
+    let plot_h = HEIGHT - TOP - BOTTOM;
+    thin(n, MAX_CHART_POINTS)
+        .into_iter()
+        .map(|i| {
+            let x = LEFT + if n > 1 { plot_w * i as f64 / (n - 1) as f64 } else { 0.0 };
+            let y = TOP + plot_h * (1.0 - (values[i] / y_max).clamp(0.0, 1.0));
+            format!("{x:.1},{y:.1}")
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+#[component]
+pub fn LineChart(
+    title: &'static str,
+    testid: &'static str,
+    #[prop(into)] series: Signal<Vec<Series>>,
+    #[prop(into)] reference: Signal<Option<f64>>,
+    format: fn(f64) -> String,
+) -> impl IntoView {
+    let y_max = move || {
+        let data_max = series.with(|s| s.iter().flat_map(|s| s.values.iter().copied()).fold(0.0f64, f64::max));
+        let m = data_max.max(reference.get().unwrap_or(0.0)) * 1.1;
+        if m > 0.0 && m.is_finite() { m } else { 1.0 }
+    };
+    let count = move || series.with(|s| s.first().map_or(0, |s| s.values.len()));
+    let ref_y = move || reference.get().map(|r| TOP + (HEIGHT - TOP - BOTTOM) * (1.0 - r / y_max()));
+    view! {
+        <figure class="chart" data-testid=testid data-points=move || count().to_string()>
+            <figcaption>{title}</figcaption>
+            <svg viewBox=format!("0 0 {WIDTH} {HEIGHT}") role="img" aria-label=title>
+                <line class="axis" x1=LEFT y1=TOP x2=LEFT y2=HEIGHT - BOTTOM />
+                <line class="axis" x1=LEFT y1=HEIGHT - BOTTOM x2=WIDTH - RIGHT y2=HEIGHT - BOTTOM />
+                <text class="tick" x=LEFT - 6.0 y=TOP + 10.0 text-anchor="end">{move || format(y_max())}</text>
+                <text class="tick" x=LEFT - 6.0 y=HEIGHT - BOTTOM text-anchor="end">"0"</text>
+                <text class="tick" x=WIDTH - RIGHT y=HEIGHT - 6.0 text-anchor="end">
+                    {move || format!("{} micro-batches", count())}
+                </text>
+                {move || ref_y().map(|y| view! {
+                    <line class="reference" data-testid=format!("{testid}-reference") x1=LEFT y1=y x2=WIDTH - RIGHT y2=y />
+                    <text class="tick reference-label" x=WIDTH - RIGHT y=y - 4.0 text-anchor="end">
+                        {format!("estimate {}", format(reference.get().unwrap_or(0.0)))}
+                    </text>
+                })}
+                {move || series.get().into_iter().map(|s| {
+                    let points = polyline(&s.values, y_max());
+                    view! { <polyline class=format!("series {}", s.class) points=points><title>{s.name}</title></polyline> }
+                }).collect_view()}
+            </svg>
+            <div class="legend">
+                {move || series.get().into_iter().map(|s| view! { <span class=format!("key {}", s.class)>{s.name}</span> }).collect_view()}
+            </div>
+        </figure>
+    }
+}

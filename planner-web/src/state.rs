@@ -1,0 +1,162 @@
+//! The planner's state: the plan being edited (as the text the user typed) and what the
+//! agent has told us.
+
+use leptos::prelude::*;
+use shared::plan::{DeviceChoice, ModelSpec, Optimizer, Plan, Precision, Schedule};
+use shared::protocol::{BatchRecord, Hello, JobError, JobId, Summary};
+
+/// Batch records kept for the charts; later ones still update the status line. At one
+/// record per micro-batch this is hours of a fast job, and about 10 MB of memory.
+pub const MAX_RECORDS: usize = 100_000;
+
+/// The form as typed: strings, so that half-typed input is kept and explained, not lost.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PlanForm {
+    pub model: String,
+    pub widths: String,
+    pub input_shape: String,
+    pub classes: String,
+    pub micro_batch: String,
+    pub accumulation: String,
+    pub steps: String,
+    pub optimizer: String,
+    pub learning_rate: String,
+    pub device: String,
+}
+
+impl Default for PlanForm {
+    fn default() -> Self {
+        PlanForm::from_plan(&Plan::example_mlp())
+    }
+}
+
+fn join(v: &[u64]) -> String {
+    v.iter().map(u64::to_string).collect::<Vec<_>>().join(",")
+}
+
+fn parse_u64(field: &str, text: &str) -> Result<u64, String> {
+    text.trim().parse::<u64>().map_err(|_| format!("{field}: expected a whole number, got {text:?}"))
+}
+
+fn parse_list(field: &str, text: &str) -> Result<Vec<u64>, String> {
+    text.split(',').filter(|s| !s.trim().is_empty()).map(|s| parse_u64(field, s)).collect()
+}
+
+impl PlanForm {
+    pub fn from_plan(plan: &Plan) -> PlanForm {
+        let (model, widths) = match &plan.model {
+            ModelSpec::Mlp { hidden } => ("mlp", join(hidden)),
+            ModelSpec::SmallCnn { channels } => ("small_cnn", join(channels)),
+        };
+        let optimizer = match plan.optimizer {
+            Optimizer::AdamW { .. } => "adamw",
+            Optimizer::Sgd { momentum, .. } if momentum > 0.0 => "momentum",
+            Optimizer::Sgd { .. } => "sgd",
+        };
+        PlanForm {
+            model: model.into(),
+            widths,
+            input_shape: join(&plan.input_shape),
+            classes: plan.classes.to_string(),
+            micro_batch: plan.micro_batch.to_string(),
+            accumulation: plan.accumulation.to_string(),
+            steps: plan.total_steps().to_string(),
+            optimizer: optimizer.into(),
+            learning_rate: plan.learning_rate.to_string(),
+            device: "auto".into(),
+        }
+    }
+
+    /// The plan this form describes, or the first problem, naming the field.
+    pub fn to_plan(&self) -> Result<Plan, String> {
+        let widths = parse_list("widths", &self.widths)?;
+        let model = match self.model.as_str() {
+            "mlp" => ModelSpec::Mlp { hidden: widths },
+            "small_cnn" => ModelSpec::SmallCnn { channels: widths },
+            other => return Err(format!("model: unknown model {other:?}")),
+        };
+        let optimizer = match self.optimizer.as_str() {
+            "adamw" => Optimizer::AdamW { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.01 },
+            "momentum" => Optimizer::Sgd { momentum: 0.9, weight_decay: 0.0 },
+            "sgd" => Optimizer::Sgd { momentum: 0.0, weight_decay: 0.0 },
+            other => return Err(format!("optimizer: unknown optimizer {other:?}")),
+        };
+        let learning_rate = self
+            .learning_rate
+            .trim()
+            .parse::<f64>()
+            .map_err(|_| format!("learning_rate: expected a number, got {:?}", self.learning_rate))?;
+        let device = match self.device.as_str() {
+            "auto" => DeviceChoice::Auto,
+            "cpu" => DeviceChoice::Cpu,
+            d => d
+                .strip_prefix("cuda:")
+                .and_then(|i| i.parse().ok())
+                .map(DeviceChoice::Cuda)
+                .ok_or_else(|| format!("device: expected auto, cpu or cuda:N, got {d:?}"))?,
+        };
+        let plan = Plan {
+            name: format!("{}-planner", self.model),
+            model,
+            input_shape: parse_list("input_shape", &self.input_shape)?,
+            classes: parse_u64("classes", &self.classes)?,
+            seed: 7,
+            micro_batch: parse_u64("micro_batch", &self.micro_batch)?,
+            accumulation: parse_u64("accumulation", &self.accumulation)?,
+            schedule: Schedule::Steps(parse_u64("steps", &self.steps)?),
+            optimizer,
+            learning_rate,
+            precision: Precision::Fp32,
+            device,
+            expandable_segments: false,
+            memory_limit_bytes: None,
+        };
+        plan.validate().map_err(|e| e.to_string())?;
+        Ok(plan)
+    }
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub enum Connection {
+    Connecting,
+    Open,
+    Closed(String),
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub enum JobState {
+    Idle,
+    Submitted,
+    Running { job: JobId, device: String, estimated_peak_bytes: u64 },
+    Finished { job: JobId, summary: Summary },
+    Failed { job: Option<JobId>, error: JobError },
+}
+
+/// Everything the agent socket updates; provided as context.
+#[derive(Clone, Copy)]
+pub struct AgentState {
+    pub connection: RwSignal<Connection>,
+    pub hello: RwSignal<Option<Hello>>,
+    pub job: RwSignal<JobState>,
+    pub records: RwSignal<Vec<BatchRecord>>,
+    /// The estimate sent with the running job (a reference line on the memory chart).
+    pub estimated_peak_bytes: RwSignal<Option<u64>>,
+}
+
+impl AgentState {
+    pub fn new() -> AgentState {
+        AgentState {
+            connection: RwSignal::new(Connection::Connecting),
+            hello: RwSignal::new(None),
+            job: RwSignal::new(JobState::Idle),
+            records: RwSignal::new(Vec::new()),
+            estimated_peak_bytes: RwSignal::new(None),
+        }
+    }
+}
+
+impl Default for AgentState {
+    fn default() -> Self {
+        AgentState::new()
+    }
+}
