@@ -119,9 +119,10 @@ impl JobRunner {
         });
 
         tokio::spawn(async move {
-            let _permit = permit;
             let mut dropped = 0u64;
-            let mut finished = false;
+            // Held back until the worker has exited and its slot is free, so that a
+            // client may submit again as soon as it sees the end of its job.
+            let mut terminal: Option<Message> = None;
             loop {
                 let read = if events_tx.is_closed() {
                     // Nobody listens any more: give the worker a grace period to notice.
@@ -144,13 +145,9 @@ impl JobRunner {
                     }
                     Ok(Some(Message::Finished { job, mut summary })) => {
                         summary.dropped_records = dropped;
-                        finished = true;
-                        let _ = events_tx.send(Message::Finished { job, summary }).await;
+                        terminal = Some(Message::Finished { job, summary });
                     }
-                    Ok(Some(failed @ Message::Failed { .. })) => {
-                        finished = true;
-                        let _ = events_tx.send(failed).await;
-                    }
+                    Ok(Some(failed @ Message::Failed { .. })) => terminal = Some(failed),
                     Ok(Some(other)) => tracing::warn!(job = id, "unexpected message from worker: {other:?}"),
                     Ok(None) => break,
                     Err(e) => {
@@ -165,14 +162,15 @@ impl JobRunner {
                 Ok(Err(e)) => format!("could not be waited for ({e})"),
                 Err(_) => {
                     let _ = child.start_kill();
+                    let _ = child.wait().await;
                     "did not exit and was killed".to_owned()
                 }
             };
+            drop(permit);
             let tail = stderr_task.await.unwrap_or_default();
             tracing::info!(job = id, %status, "worker ended");
-            if !finished {
-                let _ = events_tx.send(worker::crashed(id, &status, &tail)).await;
-            }
+            let last = terminal.unwrap_or_else(|| worker::crashed(id, &status, &tail));
+            let _ = events_tx.send(last).await;
         });
 
         Ok(RunningJob { id, events: events_rx, control: control_tx })

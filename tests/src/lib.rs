@@ -1,1 +1,177 @@
+//! Support for the end-to-end tests: start a real agent on a free loopback port, talk
+//! to it over a real WebSocket, and stop it when the handle drops.
 
+use std::io::{BufRead, BufReader};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use futures_util::{SinkExt, StreamExt};
+use shared::codec;
+use shared::protocol::Message;
+use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::{self, http};
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+
+pub type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
+
+/// How long any single expected message may take; jobs in tests finish in seconds.
+pub const MESSAGE_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// The repository root.
+pub fn repo_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+/// The `headroom` binary built next to this test binary (`target/<profile>/headroom`),
+/// or `HEADROOM_BIN`.
+pub fn agent_binary() -> anyhow::Result<PathBuf> {
+    if let Ok(bin) = std::env::var("HEADROOM_BIN") {
+        return Ok(PathBuf::from(bin));
+    }
+    let exe = std::env::current_exe()?;
+    // target/<profile>/deps/e2e-<hash> -> target/<profile>/headroom
+    let bin = exe.parent().and_then(|d| d.parent()).map(|d| d.join("headroom")).context("no target dir")?;
+    if !bin.is_file() {
+        bail!("{} is missing: build it first with `cargo build -p headroom-agent` (scripts/test.sh does)", bin.display());
+    }
+    Ok(bin)
+}
+
+/// The built planner, or `HEADROOM_WEB_DIR`.
+pub fn web_dir() -> anyhow::Result<PathBuf> {
+    let dir = std::env::var("HEADROOM_WEB_DIR").map(PathBuf::from).unwrap_or_else(|_| repo_root().join("planner-web/dist"));
+    if !dir.join("index.html").is_file() {
+        bail!("{} has no built planner: run `trunk build --release` first (scripts/test.sh does)", dir.display());
+    }
+    Ok(dir)
+}
+
+/// A running agent; killed when dropped.
+pub struct AgentHandle {
+    child: Child,
+    pub port: u16,
+    pub token: String,
+}
+
+impl AgentHandle {
+    pub fn start(web_dir: Option<PathBuf>) -> anyhow::Result<AgentHandle> {
+        let token = format!("{:032x}", rand_u128());
+        let mut cmd = Command::new(agent_binary()?);
+        cmd.args(["serve", "--bind", "127.0.0.1:0", "--token", &token])
+            .env("HEADROOM_LOG", "warn")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit());
+        if let Some(dir) = web_dir {
+            cmd.arg("--web-dir").arg(dir);
+        }
+        let mut child = cmd.spawn().context("starting the agent")?;
+        let stdout = child.stdout.take().context("agent stdout")?;
+        let mut line = String::new();
+        BufReader::new(stdout).read_line(&mut line)?;
+        // "Headroom planner: http://127.0.0.1:PORT/?token=..."
+        let port = line
+            .split("127.0.0.1:")
+            .nth(1)
+            .and_then(|rest| rest.split('/').next())
+            .and_then(|p| p.parse().ok())
+            .with_context(|| format!("no port in the agent's first line {line:?}"))?;
+        Ok(AgentHandle { child, port, token })
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}/?token={}", self.port, self.token)
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Opens `/ws` with the given token and Origin; the error is the HTTP refusal.
+    pub async fn connect_with(&self, token: Option<&str>, origin: Option<&str>) -> Result<Ws, tungstenite::Error> {
+        let url = match token {
+            Some(t) => format!("ws://127.0.0.1:{}/ws?token={t}", self.port),
+            None => format!("ws://127.0.0.1:{}/ws", self.port),
+        };
+        let mut req = url.into_client_request()?;
+        if let Some(o) = origin {
+            req.headers_mut().insert("origin", http::HeaderValue::from_str(o).map_err(|e| tungstenite::Error::HttpFormat(e.into()))?);
+        }
+        Ok(tokio_tungstenite::connect_async(req).await?.0)
+    }
+
+    /// A valid client that has read the agent's Hello.
+    pub async fn connect(&self) -> anyhow::Result<Ws> {
+        let mut ws = self.connect_with(Some(&self.token), None).await?;
+        match recv(&mut ws).await? {
+            Message::Hello(h) => anyhow::ensure!(h.protocol_version == shared::protocol::PROTOCOL_VERSION),
+            other => bail!("expected Hello first, got {other:?}"),
+        }
+        Ok(ws)
+    }
+}
+
+impl Drop for AgentHandle {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn rand_u128() -> u128 {
+    let mut bytes = [0u8; 16];
+    if let Ok(mut f) = std::fs::File::open("/dev/urandom") {
+        let _ = std::io::Read::read_exact(&mut f, &mut bytes);
+    }
+    u128::from_le_bytes(bytes) ^ u128::from(std::process::id())
+}
+
+pub async fn send(ws: &mut Ws, message: &Message) -> anyhow::Result<()> {
+    ws.send(tungstenite::Message::Binary(codec::encode(message)?.into())).await?;
+    Ok(())
+}
+
+/// What arrived next: a decoded message, or how the agent closed.
+#[derive(Debug)]
+pub enum Inbound {
+    Message(Message),
+    Closed(Option<tungstenite::protocol::CloseFrame>),
+}
+
+pub async fn next(ws: &mut Ws) -> anyhow::Result<Inbound> {
+    loop {
+        let frame = tokio::time::timeout(MESSAGE_TIMEOUT, ws.next()).await.context("timed out waiting for the agent")?;
+        match frame {
+            None => return Ok(Inbound::Closed(None)),
+            Some(Err(tungstenite::Error::ConnectionClosed | tungstenite::Error::AlreadyClosed)) => return Ok(Inbound::Closed(None)),
+            Some(Err(e)) => bail!("websocket: {e}"),
+            Some(Ok(tungstenite::Message::Binary(b))) => return Ok(Inbound::Message(codec::decode(&b)?)),
+            Some(Ok(tungstenite::Message::Close(frame))) => return Ok(Inbound::Closed(frame)),
+            Some(Ok(_)) => continue,
+        }
+    }
+}
+
+pub async fn recv(ws: &mut Ws) -> anyhow::Result<Message> {
+    match next(ws).await? {
+        Inbound::Message(m) => Ok(m),
+        Inbound::Closed(frame) => bail!("the agent closed the connection: {frame:?}"),
+    }
+}
+
+/// Runs the `headroom` CLI and returns (exit code, stdout, stderr).
+pub fn cli(args: &[&str]) -> anyhow::Result<(i32, String, String)> {
+    let out = Command::new(agent_binary()?).args(args).env("HEADROOM_LOG", "warn").current_dir(repo_root()).output()?;
+    Ok((
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    ))
+}
+
+/// A free loopback port (for chromedriver).
+pub fn free_port() -> anyhow::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}

@@ -1,0 +1,5 @@
+//! End-to-end tests: a real agent, real libtorch, a real WebSocket, a real browser.
+
+mod agent_ws;
+mod browser;
+mod cli;
