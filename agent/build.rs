@@ -32,7 +32,8 @@ fn main() {
     let site = torch.parent().map(PathBuf::from).unwrap_or_default();
     let cuda_include = site.join("nvidia/cu13/include");
     let crt_include = site.join("triton/backends/nvidia/include");
-    let has_cuda = lib.join("libc10_cuda.so").exists() && cuda_include.join("cuda_runtime_api.h").exists();
+    let has_cuda =
+        lib.join("libc10_cuda.so").exists() && cuda_include.join("cuda_runtime_api.h").exists();
 
     let mut build = cc::Build::new();
     build
@@ -45,7 +46,10 @@ fn main() {
         .flag_if_supported("-Wno-unused-parameter")
         .warnings(false);
     if has_cuda {
-        build.define("HEADROOM_CUDA", None).include(&cuda_include).include(&crt_include);
+        build
+            .define("HEADROOM_CUDA", None)
+            .include(&cuda_include)
+            .include(&crt_include);
     }
     build.compile("headroom_memory");
 

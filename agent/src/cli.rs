@@ -14,7 +14,11 @@ use crate::jobs::JobRunner;
 use crate::server::{Config, Server};
 
 #[derive(Parser, Debug)]
-#[command(name = "headroom", version, about = "Will this training job fit in GPU memory? Estimate it, then run it and watch.")]
+#[command(
+    name = "headroom",
+    version,
+    about = "Will this training job fit in GPU memory? Estimate it, then run it and watch."
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -77,11 +81,18 @@ pub fn main() -> ExitCode {
         Ok(cli) => cli,
         Err(e) => {
             let _ = e.print();
-            return if e.use_stderr() { ExitCode::from(2) } else { ExitCode::SUCCESS };
+            return if e.use_stderr() {
+                ExitCode::from(2)
+            } else {
+                ExitCode::SUCCESS
+            };
         }
     };
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("HEADROOM_LOG").unwrap_or_else(|_| "info".into()))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("HEADROOM_LOG")
+                .unwrap_or_else(|_| "info".into()),
+        )
         .with_writer(std::io::stderr)
         .init();
     let result = match cli.command {
@@ -97,13 +108,18 @@ pub fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("headroom: {e:#}");
-            if e.downcast_ref::<BadInput>().is_some() { ExitCode::from(2) } else { ExitCode::FAILURE }
+            if e.downcast_ref::<BadInput>().is_some() {
+                ExitCode::from(2)
+            } else {
+                ExitCode::FAILURE
+            }
         }
     }
 }
 
 fn read_plan(path: &PathBuf) -> anyhow::Result<Plan> {
-    let text = std::fs::read_to_string(path).map_err(|e| BadInput(format!("reading {}: {e}", path.display())))?;
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| BadInput(format!("reading {}: {e}", path.display())))?;
     Plan::from_text(&text).map_err(|e| BadInput(format!("{}: {e}", path.display())).into())
 }
 
@@ -115,7 +131,12 @@ fn parse_device(text: &str) -> anyhow::Result<DeviceChoice> {
             .strip_prefix("cuda:")
             .and_then(|i| i.parse().ok())
             .map(DeviceChoice::Cuda)
-            .ok_or_else(|| BadInput(format!("--device: expected auto, cpu or cuda:N, got {text:?}")).into()),
+            .ok_or_else(|| {
+                BadInput(format!(
+                    "--device: expected auto, cpu or cuda:N, got {text:?}"
+                ))
+                .into()
+            }),
     }
 }
 
@@ -123,10 +144,17 @@ fn estimate(path: &PathBuf, json: bool) -> anyhow::Result<()> {
     let plan = read_plan(path)?;
     let e = shared::estimate(&plan).map_err(|e| BadInput(e.to_string()))?;
     if json {
-        let breakdown: serde_json::Map<String, serde_json::Value> =
-            e.breakdown.entries().iter().map(|(k, v)| ((*k).to_owned(), v.get().into())).collect();
-        let phases: serde_json::Map<String, serde_json::Value> =
-            e.phase_peaks.iter().map(|(p, v)| (p.label().replace(' ', "_"), v.get().into())).collect();
+        let breakdown: serde_json::Map<String, serde_json::Value> = e
+            .breakdown
+            .entries()
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), v.get().into()))
+            .collect();
+        let phases: serde_json::Map<String, serde_json::Value> = e
+            .phase_peaks
+            .iter()
+            .map(|(p, v)| (p.label().replace(' ', "_"), v.get().into()))
+            .collect();
         let out = serde_json::json!({
             "params": e.params,
             "peak_bytes": e.peak_bytes.get(),
@@ -150,7 +178,14 @@ fn estimate(path: &PathBuf, json: bool) -> anyhow::Result<()> {
 async fn async_main(command: Command) -> anyhow::Result<()> {
     let exe = std::env::current_exe().context("locating this executable for worker processes")?;
     match command {
-        Command::Serve { bind, web_dir, token, allow_origins, max_connections, max_jobs } => {
+        Command::Serve {
+            bind,
+            web_dir,
+            token,
+            allow_origins,
+            max_connections,
+            max_jobs,
+        } => {
             let token = token.unwrap_or_else(crate::auth::new_token);
             if token.len() < 16 || !token.bytes().all(|b| b.is_ascii_alphanumeric()) {
                 return Err(BadInput("--token: use at least 16 letters or digits".into()).into());
@@ -158,7 +193,9 @@ async fn async_main(command: Command) -> anyhow::Result<()> {
             if let Some(dir) = &web_dir
                 && !dir.join("index.html").is_file()
             {
-                return Err(BadInput(format!("--web-dir {}: no index.html there", dir.display())).into());
+                return Err(
+                    BadInput(format!("--web-dir {}: no index.html there", dir.display())).into(),
+                );
             }
             let server = Server::bind(Config {
                 bind,
@@ -171,10 +208,21 @@ async fn async_main(command: Command) -> anyhow::Result<()> {
             })
             .await?;
             let addr = server.local_addr()?;
-            let host = if addr.ip().is_unspecified() { "127.0.0.1".to_owned() } else { addr.ip().to_string() };
-            let host = if host.contains(':') { format!("[{host}]") } else { host };
+            let host = if addr.ip().is_unspecified() {
+                "127.0.0.1".to_owned()
+            } else {
+                addr.ip().to_string()
+            };
+            let host = if host.contains(':') {
+                format!("[{host}]")
+            } else {
+                host
+            };
             // The one line on stdout: scripts and tests read the URL from it.
-            println!("Headroom planner: http://{host}:{}/?token={token}", addr.port());
+            println!(
+                "Headroom planner: http://{host}:{}/?token={token}",
+                addr.port()
+            );
             tracing::info!(%addr, "serving");
             server
                 .run(async {
@@ -190,7 +238,9 @@ async fn async_main(command: Command) -> anyhow::Result<()> {
             }
             run(plan, exe).await
         }
-        Command::Estimate { .. } | Command::Worker { .. } => unreachable!("handled without a runtime"),
+        Command::Estimate { .. } | Command::Worker { .. } => {
+            unreachable!("handled without a runtime")
+        }
     }
 }
 
@@ -214,34 +264,48 @@ async fn run(plan: Plan, exe: PathBuf) -> anyhow::Result<()> {
     while let Some(event) = job.events.recv().await {
         match event {
             Message::Batch(r) => {
-                writeln!(stdout, "{}", serde_json::json!({
-                    "step": r.step, "epoch": r.epoch, "micro_batch": r.micro_batch, "loss": r.loss,
-                    "allocated_bytes": r.allocated_bytes, "peak_bytes": r.peak_bytes,
-                    "reserved_bytes": r.reserved_bytes, "device_used_bytes": r.device_used_bytes,
-                    "host_rss_bytes": r.host_rss_bytes, "step_time_ms": r.step_time_ms,
-                    "samples_per_sec": r.samples_per_sec,
-                }))?;
+                writeln!(
+                    stdout,
+                    "{}",
+                    serde_json::json!({
+                        "step": r.step, "epoch": r.epoch, "micro_batch": r.micro_batch, "loss": r.loss,
+                        "allocated_bytes": r.allocated_bytes, "peak_bytes": r.peak_bytes,
+                        "reserved_bytes": r.reserved_bytes, "device_used_bytes": r.device_used_bytes,
+                        "host_rss_bytes": r.host_rss_bytes, "step_time_ms": r.step_time_ms,
+                        "samples_per_sec": r.samples_per_sec,
+                    })
+                )?;
                 if let Some(bar) = &bar {
                     bar.inc(1);
-                    bar.set_message(format!("loss {:.4}  peak {}", r.loss, shared::Bytes(r.peak_bytes)));
+                    bar.set_message(format!(
+                        "loss {:.4}  peak {}",
+                        r.loss,
+                        shared::Bytes(r.peak_bytes)
+                    ));
                 }
             }
             Message::Finished { summary, .. } => {
                 if let Some(bar) = &bar {
                     bar.finish_and_clear();
                 }
-                let error_pct = 100.0 * (estimate.peak_bytes.get() as f64 - summary.peak_bytes as f64) / summary.peak_bytes.max(1) as f64;
-                writeln!(stdout, "{}", serde_json::json!({
-                    "summary": {
-                        "steps": summary.steps, "micro_batches": summary.micro_batches,
-                        "first_loss": summary.first_loss, "final_loss": summary.final_loss,
-                        "peak_bytes": summary.peak_bytes, "estimated_peak_bytes": summary.estimated_peak_bytes,
-                        "estimate_error_pct": error_pct,
-                        "peak_reserved_bytes": summary.peak_reserved_bytes,
-                        "peak_host_rss_bytes": summary.peak_host_rss_bytes, "wall_time_ms": summary.wall_time_ms,
-                        "phase_peaks": summary.phase_peaks.iter().map(|(p, b)| (p.label().replace(' ', "_"), *b)).collect::<std::collections::BTreeMap<_, _>>(),
-                    }
-                }))?;
+                let error_pct = 100.0
+                    * (estimate.peak_bytes.get() as f64 - summary.peak_bytes as f64)
+                    / summary.peak_bytes.max(1) as f64;
+                writeln!(
+                    stdout,
+                    "{}",
+                    serde_json::json!({
+                        "summary": {
+                            "steps": summary.steps, "micro_batches": summary.micro_batches,
+                            "first_loss": summary.first_loss, "final_loss": summary.final_loss,
+                            "peak_bytes": summary.peak_bytes, "estimated_peak_bytes": summary.estimated_peak_bytes,
+                            "estimate_error_pct": error_pct,
+                            "peak_reserved_bytes": summary.peak_reserved_bytes,
+                            "peak_host_rss_bytes": summary.peak_host_rss_bytes, "wall_time_ms": summary.wall_time_ms,
+                            "phase_peaks": summary.phase_peaks.iter().map(|(p, b)| (p.label().replace(' ', "_"), *b)).collect::<std::collections::BTreeMap<_, _>>(),
+                        }
+                    })
+                )?;
                 return Ok(());
             }
             Message::Failed { error, .. } => {

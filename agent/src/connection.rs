@@ -6,7 +6,9 @@ use shared::codec::{self, CodecError};
 use shared::protocol::Message;
 use tokio::net::TcpStream;
 use tokio_tungstenite::WebSocketStream;
-use tokio_tungstenite::tungstenite::{self, protocol::CloseFrame, protocol::frame::coding::CloseCode};
+use tokio_tungstenite::tungstenite::{
+    self, protocol::CloseFrame, protocol::frame::coding::CloseCode,
+};
 
 type Ws = WebSocketStream<TcpStream>;
 
@@ -48,7 +50,9 @@ impl Connection {
     /// The next message; `Ok(None)` when the peer closed cleanly. Cancel-safe.
     pub async fn read(&mut self) -> Result<Option<Message>, ReadError> {
         loop {
-            let Some(frame) = self.stream.next().await else { return Ok(None) };
+            let Some(frame) = self.stream.next().await else {
+                return Ok(None);
+            };
             match frame? {
                 tungstenite::Message::Binary(bytes) => return Ok(Some(codec::decode(&bytes)?)),
                 tungstenite::Message::Text(_) => return Err(ReadError::Text),
@@ -60,8 +64,11 @@ impl Connection {
     }
 
     pub async fn write(&mut self, message: &Message) -> Result<(), tungstenite::Error> {
-        let bytes = codec::encode(message).map_err(|e| tungstenite::Error::Io(std::io::Error::other(e)))?;
-        self.sink.send(tungstenite::Message::Binary(bytes.into())).await
+        let bytes =
+            codec::encode(message).map_err(|e| tungstenite::Error::Io(std::io::Error::other(e)))?;
+        self.sink
+            .send(tungstenite::Message::Binary(bytes.into()))
+            .await
     }
 
     pub async fn close(&mut self, code: CloseCode, reason: &str) {
@@ -70,8 +77,14 @@ impl Connection {
         while !reason.is_char_boundary(end) {
             end -= 1;
         }
-        let frame = CloseFrame { code, reason: reason[..end].to_owned().into() };
-        let _ = self.sink.send(tungstenite::Message::Close(Some(frame))).await;
+        let frame = CloseFrame {
+            code,
+            reason: reason[..end].to_owned().into(),
+        };
+        let _ = self
+            .sink
+            .send(tungstenite::Message::Close(Some(frame)))
+            .await;
         let _ = self.sink.close().await;
     }
 }

@@ -20,7 +20,9 @@ pub async fn serve(stream: TcpStream, web_dir: Option<PathBuf>) -> anyhow::Resul
         let dir = web_dir.clone();
         async move { Ok::<_, Infallible>(respond(dir.as_deref(), &req).await) }
     });
-    hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), service).await?;
+    hyper::server::conn::http1::Builder::new()
+        .serve_connection(TokioIo::new(stream), service)
+        .await?;
     Ok(())
 }
 
@@ -41,13 +43,20 @@ fn content_type(path: &Path) -> &'static str {
 fn text(status: StatusCode, body: &'static str, kind: &'static str) -> Response<Full<Bytes>> {
     let mut resp = Response::new(Full::new(Bytes::from_static(body.as_bytes())));
     *resp.status_mut() = status;
-    resp.headers_mut().insert("content-type", hyper::header::HeaderValue::from_static(kind));
+    resp.headers_mut().insert(
+        "content-type",
+        hyper::header::HeaderValue::from_static(kind),
+    );
     resp
 }
 
 async fn respond<B>(dir: Option<&Path>, req: &Request<B>) -> Response<Full<Bytes>> {
     if req.method() != hyper::Method::GET && req.method() != hyper::Method::HEAD {
-        return text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n", "text/plain");
+        return text(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "method not allowed\n",
+            "text/plain",
+        );
     }
     let Some(dir) = dir else {
         return text(StatusCode::OK, NOT_BUILT, "text/html; charset=utf-8");
@@ -56,7 +65,11 @@ async fn respond<B>(dir: Option<&Path>, req: &Request<B>) -> Response<Full<Bytes
     let rel = if rel.is_empty() { "index.html" } else { rel };
     // Only plain names below the folder: no dot-dot, no hidden files, no odd bytes.
     let safe = rel.split('/').all(|part| {
-        !part.is_empty() && !part.starts_with('.') && part.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
+        !part.is_empty()
+            && !part.starts_with('.')
+            && part
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
     });
     if !safe {
         return text(StatusCode::NOT_FOUND, "not found\n", "text/plain");
@@ -64,7 +77,9 @@ async fn respond<B>(dir: Option<&Path>, req: &Request<B>) -> Response<Full<Bytes
     let path = dir.join(rel);
     let meta = match tokio::fs::metadata(&path).await {
         Ok(m) if m.is_file() && m.len() <= MAX_FILE_BYTES => m,
-        _ if rel == "index.html" => return text(StatusCode::OK, NOT_BUILT, "text/html; charset=utf-8"),
+        _ if rel == "index.html" => {
+            return text(StatusCode::OK, NOT_BUILT, "text/html; charset=utf-8");
+        }
         _ => return text(StatusCode::NOT_FOUND, "not found\n", "text/plain"),
     };
     match tokio::fs::read(&path).await {
@@ -72,9 +87,18 @@ async fn respond<B>(dir: Option<&Path>, req: &Request<B>) -> Response<Full<Bytes
             debug_assert_eq!(bytes.len() as u64, meta.len());
             let mut resp = Response::new(Full::new(Bytes::from(bytes)));
             let headers = resp.headers_mut();
-            headers.insert("content-type", hyper::header::HeaderValue::from_static(content_type(&path)));
-            headers.insert("cache-control", hyper::header::HeaderValue::from_static("no-cache"));
-            headers.insert("x-content-type-options", hyper::header::HeaderValue::from_static("nosniff"));
+            headers.insert(
+                "content-type",
+                hyper::header::HeaderValue::from_static(content_type(&path)),
+            );
+            headers.insert(
+                "cache-control",
+                hyper::header::HeaderValue::from_static("no-cache"),
+            );
+            headers.insert(
+                "x-content-type-options",
+                hyper::header::HeaderValue::from_static("nosniff"),
+            );
             resp
         }
         Err(_) => text(StatusCode::NOT_FOUND, "not found\n", "text/plain"),

@@ -61,7 +61,12 @@ impl RunningJob {
 
 impl JobRunner {
     pub fn new(exe: PathBuf, limit: usize) -> JobRunner {
-        JobRunner { exe, limit, slots: Arc::new(Semaphore::new(limit)), next_id: AtomicU64::new(1) }
+        JobRunner {
+            exe,
+            limit,
+            slots: Arc::new(Semaphore::new(limit)),
+            next_id: AtomicU64::new(1),
+        }
     }
 
     pub fn limit(&self) -> usize {
@@ -70,7 +75,9 @@ impl JobRunner {
 
     /// Starts `plan` (already validated) in a new worker, or refuses when all slots are taken.
     pub fn start(&self, plan: Plan) -> Result<RunningJob, StartError> {
-        let permit = Arc::clone(&self.slots).try_acquire_owned().map_err(|_| StartError::Busy { limit: self.limit })?;
+        let permit = Arc::clone(&self.slots)
+            .try_acquire_owned()
+            .map_err(|_| StartError::Busy { limit: self.limit })?;
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let mut cmd = Command::new(&self.exe);
         cmd.arg("worker")
@@ -85,9 +92,12 @@ impl JobRunner {
             cmd.env("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True");
         }
         let mut child = cmd.spawn().map_err(StartError::Spawn)?;
-        let (Some(mut stdin), Some(mut stdout), Some(stderr)) = (child.stdin.take(), child.stdout.take(), child.stderr.take())
+        let (Some(mut stdin), Some(mut stdout), Some(stderr)) =
+            (child.stdin.take(), child.stdout.take(), child.stderr.take())
         else {
-            return Err(StartError::Spawn(std::io::Error::other("worker pipes missing")));
+            return Err(StartError::Spawn(std::io::Error::other(
+                "worker pipes missing",
+            )));
         };
 
         let (control_tx, mut control_rx) = mpsc::channel::<Message>(8);
@@ -95,7 +105,10 @@ impl JobRunner {
 
         // stdin: the plan, then control messages; closing it tells the worker to stop.
         tokio::spawn(async move {
-            if pipe::write(&mut stdin, &Message::Submit { plan }).await.is_err() {
+            if pipe::write(&mut stdin, &Message::Submit { plan })
+                .await
+                .is_err()
+            {
                 return;
             }
             while let Some(message) = control_rx.recv().await {
@@ -139,7 +152,9 @@ impl JobRunner {
                 };
                 match read {
                     Ok(Some(Message::Batch(record))) => {
-                        if let Err(mpsc::error::TrySendError::Full(_)) = events_tx.try_send(Message::Batch(record)) {
+                        if let Err(mpsc::error::TrySendError::Full(_)) =
+                            events_tx.try_send(Message::Batch(record))
+                        {
                             dropped += 1;
                         }
                     }
@@ -148,7 +163,9 @@ impl JobRunner {
                         terminal = Some(Message::Finished { job, summary });
                     }
                     Ok(Some(failed @ Message::Failed { .. })) => terminal = Some(failed),
-                    Ok(Some(other)) => tracing::warn!(job = id, "unexpected message from worker: {other:?}"),
+                    Ok(Some(other)) => {
+                        tracing::warn!(job = id, "unexpected message from worker: {other:?}")
+                    }
                     Ok(None) => break,
                     Err(e) => {
                         tracing::warn!(job = id, "worker pipe: {e}");
@@ -173,6 +190,10 @@ impl JobRunner {
             let _ = events_tx.send(last).await;
         });
 
-        Ok(RunningJob { id, events: events_rx, control: control_tx })
+        Ok(RunningJob {
+            id,
+            events: events_rx,
+            control: control_tx,
+        })
     }
 }

@@ -16,7 +16,10 @@ pub enum PipeError {
 /// Blocking write, for the worker's training thread.
 pub fn write_blocking(out: &mut impl std::io::Write, message: &Message) -> Result<(), PipeError> {
     let frame = codec::encode(message)?;
-    let len = u32::try_from(frame.len()).map_err(|_| CodecError::TooLarge { len: frame.len(), limit: MAX_FRAME_BYTES })?;
+    let len = u32::try_from(frame.len()).map_err(|_| CodecError::TooLarge {
+        len: frame.len(),
+        limit: MAX_FRAME_BYTES,
+    })?;
     out.write_all(&len.to_le_bytes())?;
     out.write_all(&frame)?;
     out.flush()?;
@@ -33,16 +36,26 @@ pub fn read_blocking(input: &mut impl std::io::Read) -> Result<Option<Message>, 
     }
     let len = u32::from_le_bytes(len) as usize;
     if len > MAX_FRAME_BYTES {
-        return Err(CodecError::TooLarge { len, limit: MAX_FRAME_BYTES }.into());
+        return Err(CodecError::TooLarge {
+            len,
+            limit: MAX_FRAME_BYTES,
+        }
+        .into());
     }
     let mut frame = vec![0u8; len];
     input.read_exact(&mut frame)?;
     Ok(Some(codec::decode(&frame)?))
 }
 
-pub async fn write(out: &mut (impl AsyncWrite + Unpin), message: &Message) -> Result<(), PipeError> {
+pub async fn write(
+    out: &mut (impl AsyncWrite + Unpin),
+    message: &Message,
+) -> Result<(), PipeError> {
     let frame = codec::encode(message)?;
-    let len = u32::try_from(frame.len()).map_err(|_| CodecError::TooLarge { len: frame.len(), limit: MAX_FRAME_BYTES })?;
+    let len = u32::try_from(frame.len()).map_err(|_| CodecError::TooLarge {
+        len: frame.len(),
+        limit: MAX_FRAME_BYTES,
+    })?;
     out.write_all(&len.to_le_bytes()).await?;
     out.write_all(&frame).await?;
     out.flush().await?;
@@ -58,7 +71,11 @@ pub async fn read(input: &mut (impl AsyncRead + Unpin)) -> Result<Option<Message
     }
     let len = u32::from_le_bytes(len) as usize;
     if len > MAX_FRAME_BYTES {
-        return Err(CodecError::TooLarge { len, limit: MAX_FRAME_BYTES }.into());
+        return Err(CodecError::TooLarge {
+            len,
+            limit: MAX_FRAME_BYTES,
+        }
+        .into());
     }
     let mut frame = vec![0u8; len];
     input.read_exact(&mut frame).await?;

@@ -74,24 +74,41 @@ fn cpu_device() -> DeviceInfo {
     let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
     let name = cpuinfo
         .lines()
-        .find_map(|l| l.strip_prefix("model name").and_then(|v| v.split_once(':')).map(|(_, n)| n.trim().to_owned()))
+        .find_map(|l| {
+            l.strip_prefix("model name")
+                .and_then(|v| v.split_once(':'))
+                .map(|(_, n)| n.trim().to_owned())
+        })
         .unwrap_or_else(|| std::env::consts::ARCH.to_owned());
-    DeviceInfo { id: "cpu".into(), name, total_memory_bytes: total_kib * 1024 }
+    DeviceInfo {
+        id: "cpu".into(),
+        name,
+        total_memory_bytes: total_kib * 1024,
+    }
 }
 
 impl Server {
     pub async fn bind(config: Config) -> anyhow::Result<Server> {
-        let listener = TcpListener::bind(config.bind).await.with_context(|| format!("binding {}", config.bind))?;
+        let listener = TcpListener::bind(config.bind)
+            .await
+            .with_context(|| format!("binding {}", config.bind))?;
         let addr = listener.local_addr()?;
         let mut origins = auth::own_origins(addr.port(), &addr.ip().to_string());
         for o in &config.extra_origins {
-            origins.push(Origin::parse(o).with_context(|| format!("--allow-origin {o:?} is not scheme://host[:port]"))?);
+            origins
+                .push(Origin::parse(o).with_context(|| {
+                    format!("--allow-origin {o:?} is not scheme://host[:port]")
+                })?);
         }
         let gpus = crate::train::memory::nvml_devices();
         let mut devices: Vec<DeviceInfo> = gpus
             .iter()
             .enumerate()
-            .map(|(i, (name, total))| DeviceInfo { id: format!("cuda:{i}"), name: name.clone(), total_memory_bytes: *total })
+            .map(|(i, (name, total))| DeviceInfo {
+                id: format!("cuda:{i}"),
+                name: name.clone(),
+                total_memory_bytes: *total,
+            })
             .collect();
         devices.push(cpu_device());
         let hello = Hello {
@@ -111,7 +128,11 @@ impl Server {
             runner: JobRunner::new(config.worker_exe, config.max_jobs),
             web_dir: config.web_dir,
         };
-        Ok(Server { listener, state: Arc::new(state), max_connections: config.max_connections })
+        Ok(Server {
+            listener,
+            state: Arc::new(state),
+            max_connections: config.max_connections,
+        })
     }
 
     pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
@@ -153,7 +174,10 @@ impl Server {
         }
         tracing::info!("shutting down");
         let _ = stop_tx.send(true);
-        let _ = tokio::time::timeout(Duration::from_secs(5), async { while tasks.join_next().await.is_some() {} }).await;
+        let _ = tokio::time::timeout(Duration::from_secs(5), async {
+            while tasks.join_next().await.is_some() {}
+        })
+        .await;
     }
 }
 
@@ -181,16 +205,23 @@ async fn is_websocket_request(stream: &TcpStream) -> anyhow::Result<bool> {
     Ok(target == "/ws" || target.starts_with("/ws?"))
 }
 
-async fn handle(stream: TcpStream, state: Arc<State>, stop: watch::Receiver<bool>) -> anyhow::Result<()> {
+async fn handle(
+    stream: TcpStream,
+    state: Arc<State>,
+    stop: watch::Receiver<bool>,
+) -> anyhow::Result<()> {
     if !is_websocket_request(&stream).await? {
         return http::serve(stream, state.web_dir.clone()).await;
     }
     let check_state = Arc::clone(&state);
-    let callback = move |req: &Request, resp: Response| -> Result<Response, ErrorResponse> { authorize(&check_state, req).map(|()| resp) };
+    let callback = move |req: &Request, resp: Response| -> Result<Response, ErrorResponse> {
+        authorize(&check_state, req).map(|()| resp)
+    };
     let mut config = WebSocketConfig::default();
     config.max_message_size = Some(WS_READ_LIMIT);
     config.max_frame_size = Some(WS_READ_LIMIT);
-    let ws = tokio_tungstenite::accept_hdr_async_with_config(stream, callback, Some(config)).await?;
+    let ws =
+        tokio_tungstenite::accept_hdr_async_with_config(stream, callback, Some(config)).await?;
     session::run(Connection::new(ws), state, stop).await;
     Ok(())
 }
@@ -204,8 +235,15 @@ fn reject(status: StatusCode, reason: &str) -> ErrorResponse {
 /// Runs inside the handshake, before the upgrade: nothing reaches a session unchecked.
 fn authorize(state: &State, req: &Request) -> Result<(), ErrorResponse> {
     match auth::token_from_query(req.uri().query()) {
-        None => return Err(reject(StatusCode::UNAUTHORIZED, "missing token: connect to /ws?token=<the token the agent printed>")),
-        Some(t) if !auth::token_matches(t, &state.token) => return Err(reject(StatusCode::FORBIDDEN, "wrong token")),
+        None => {
+            return Err(reject(
+                StatusCode::UNAUTHORIZED,
+                "missing token: connect to /ws?token=<the token the agent printed>",
+            ));
+        }
+        Some(t) if !auth::token_matches(t, &state.token) => {
+            return Err(reject(StatusCode::FORBIDDEN, "wrong token"));
+        }
         Some(_) => {}
     }
     // Browsers always send Origin on a WebSocket; programs (the CLI, tests) may not, and
@@ -215,7 +253,10 @@ fn authorize(state: &State, req: &Request) -> Result<(), ErrorResponse> {
         let allowed = Origin::parse(text).is_some_and(|o| state.origins.contains(&o));
         if !allowed {
             tracing::warn!(origin = text, "refused a WebSocket from a foreign origin");
-            return Err(reject(StatusCode::FORBIDDEN, &format!("origin {text:?} is not allowed")));
+            return Err(reject(
+                StatusCode::FORBIDDEN,
+                &format!("origin {text:?} is not allowed"),
+            ));
         }
     }
     Ok(())

@@ -58,7 +58,9 @@ pub fn run(job: JobId) -> anyhow::Result<()> {
         watcher_stop.store(true, Ordering::Relaxed);
     });
 
-    let estimated = shared::estimate(&plan).map(|e| e.peak_bytes.get()).unwrap_or(0);
+    let estimated = shared::estimate(&plan)
+        .map(|e| e.peak_bytes.get())
+        .unwrap_or(0);
     let mut write_failed = false;
     let result = train::train(&plan, job, estimated, &stop, |record| {
         if !write_failed && pipe::write_blocking(&mut out, &Message::Batch(record)).is_err() {
@@ -69,7 +71,10 @@ pub fn run(job: JobId) -> anyhow::Result<()> {
     });
     let last = match result {
         Ok(summary) => Message::Finished { job, summary },
-        Err(e) => Message::Failed { job, error: e.to_wire() },
+        Err(e) => Message::Failed {
+            job,
+            error: e.to_wire(),
+        },
     };
     pipe::write_blocking(&mut out, &last)?;
     out.flush()?;
@@ -78,10 +83,16 @@ pub fn run(job: JobId) -> anyhow::Result<()> {
 
 /// A failure the agent reports when the worker died without saying why.
 pub fn crashed(job: JobId, status: &str, stderr_tail: &str) -> Message {
-    let detail = if stderr_tail.trim().is_empty() { String::new() } else { format!(": {}", stderr_tail.trim()) };
+    let detail = if stderr_tail.trim().is_empty() {
+        String::new()
+    } else {
+        format!(": {}", stderr_tail.trim())
+    };
     Message::Failed {
         job,
-        error: JobError { code: ErrorCode::WorkerCrashed, message: format!("worker process {status}{detail}") },
+        error: JobError {
+            code: ErrorCode::WorkerCrashed,
+            message: format!("worker process {status}{detail}"),
+        },
     }
 }
-

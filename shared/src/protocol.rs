@@ -18,14 +18,31 @@ pub type JobId = u64;
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub enum Message {
     Hello(Hello),
-    Submit { plan: Plan },
-    Accepted { job: JobId, estimate: Estimate, device: String },
+    Submit {
+        plan: Plan,
+    },
+    Accepted {
+        job: JobId,
+        estimate: Estimate,
+        device: String,
+    },
     Batch(BatchRecord),
-    Finished { job: JobId, summary: Summary },
-    Failed { job: JobId, error: JobError },
-    Cancel { job: JobId },
+    Finished {
+        job: JobId,
+        summary: Summary,
+    },
+    Failed {
+        job: JobId,
+        error: JobError,
+    },
+    Cancel {
+        job: JobId,
+    },
     /// A protocol-level problem with the last message the peer sent.
-    Error { code: ErrorCode, message: String },
+    Error {
+        code: ErrorCode,
+        message: String,
+    },
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

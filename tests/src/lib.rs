@@ -33,18 +33,30 @@ pub fn agent_binary() -> anyhow::Result<PathBuf> {
     }
     let exe = std::env::current_exe()?;
     // target/<profile>/deps/e2e-<hash> -> target/<profile>/headroom
-    let bin = exe.parent().and_then(|d| d.parent()).map(|d| d.join("headroom")).context("no target dir")?;
+    let bin = exe
+        .parent()
+        .and_then(|d| d.parent())
+        .map(|d| d.join("headroom"))
+        .context("no target dir")?;
     if !bin.is_file() {
-        bail!("{} is missing: build it first with `cargo build -p headroom-agent` (scripts/test.sh does)", bin.display());
+        bail!(
+            "{} is missing: build it first with `cargo build -p headroom-agent` (scripts/test.sh does)",
+            bin.display()
+        );
     }
     Ok(bin)
 }
 
 /// The built planner, or `HEADROOM_WEB_DIR`.
 pub fn web_dir() -> anyhow::Result<PathBuf> {
-    let dir = std::env::var("HEADROOM_WEB_DIR").map(PathBuf::from).unwrap_or_else(|_| repo_root().join("planner-web/dist"));
+    let dir = std::env::var("HEADROOM_WEB_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| repo_root().join("planner-web/dist"));
     if !dir.join("index.html").is_file() {
-        bail!("{} has no built planner: run `trunk build --release` first (scripts/test.sh does)", dir.display());
+        bail!(
+            "{} has no built planner: run `trunk build --release` first (scripts/test.sh does)",
+            dir.display()
+        );
     }
     Ok(dir)
 }
@@ -90,14 +102,22 @@ impl AgentHandle {
     }
 
     /// Opens `/ws` with the given token and Origin; the error is the HTTP refusal.
-    pub async fn connect_with(&self, token: Option<&str>, origin: Option<&str>) -> Result<Ws, tungstenite::Error> {
+    pub async fn connect_with(
+        &self,
+        token: Option<&str>,
+        origin: Option<&str>,
+    ) -> Result<Ws, tungstenite::Error> {
         let url = match token {
             Some(t) => format!("ws://127.0.0.1:{}/ws?token={t}", self.port),
             None => format!("ws://127.0.0.1:{}/ws", self.port),
         };
         let mut req = url.into_client_request()?;
         if let Some(o) = origin {
-            req.headers_mut().insert("origin", http::HeaderValue::from_str(o).map_err(|e| tungstenite::Error::HttpFormat(e.into()))?);
+            req.headers_mut().insert(
+                "origin",
+                http::HeaderValue::from_str(o)
+                    .map_err(|e| tungstenite::Error::HttpFormat(e.into()))?,
+            );
         }
         Ok(tokio_tungstenite::connect_async(req).await?.0)
     }
@@ -106,7 +126,9 @@ impl AgentHandle {
     pub async fn connect(&self) -> anyhow::Result<Ws> {
         let mut ws = self.connect_with(Some(&self.token), None).await?;
         match recv(&mut ws).await? {
-            Message::Hello(h) => anyhow::ensure!(h.protocol_version == shared::protocol::PROTOCOL_VERSION),
+            Message::Hello(h) => {
+                anyhow::ensure!(h.protocol_version == shared::protocol::PROTOCOL_VERSION)
+            }
             other => bail!("expected Hello first, got {other:?}"),
         }
         Ok(ws)
@@ -129,7 +151,8 @@ fn rand_u128() -> u128 {
 }
 
 pub async fn send(ws: &mut Ws, message: &Message) -> anyhow::Result<()> {
-    ws.send(tungstenite::Message::Binary(codec::encode(message)?.into())).await?;
+    ws.send(tungstenite::Message::Binary(codec::encode(message)?.into()))
+        .await?;
     Ok(())
 }
 
@@ -142,12 +165,18 @@ pub enum Inbound {
 
 pub async fn next(ws: &mut Ws) -> anyhow::Result<Inbound> {
     loop {
-        let frame = tokio::time::timeout(MESSAGE_TIMEOUT, ws.next()).await.context("timed out waiting for the agent")?;
+        let frame = tokio::time::timeout(MESSAGE_TIMEOUT, ws.next())
+            .await
+            .context("timed out waiting for the agent")?;
         match frame {
             None => return Ok(Inbound::Closed(None)),
-            Some(Err(tungstenite::Error::ConnectionClosed | tungstenite::Error::AlreadyClosed)) => return Ok(Inbound::Closed(None)),
+            Some(Err(tungstenite::Error::ConnectionClosed | tungstenite::Error::AlreadyClosed)) => {
+                return Ok(Inbound::Closed(None));
+            }
             Some(Err(e)) => bail!("websocket: {e}"),
-            Some(Ok(tungstenite::Message::Binary(b))) => return Ok(Inbound::Message(codec::decode(&b)?)),
+            Some(Ok(tungstenite::Message::Binary(b))) => {
+                return Ok(Inbound::Message(codec::decode(&b)?));
+            }
             Some(Ok(tungstenite::Message::Close(frame))) => return Ok(Inbound::Closed(frame)),
             Some(Ok(_)) => continue,
         }
@@ -163,7 +192,11 @@ pub async fn recv(ws: &mut Ws) -> anyhow::Result<Message> {
 
 /// Runs the `headroom` CLI and returns (exit code, stdout, stderr).
 pub fn cli(args: &[&str]) -> anyhow::Result<(i32, String, String)> {
-    let out = Command::new(agent_binary()?).args(args).env("HEADROOM_LOG", "warn").current_dir(repo_root()).output()?;
+    let out = Command::new(agent_binary()?)
+        .args(args)
+        .env("HEADROOM_LOG", "warn")
+        .current_dir(repo_root())
+        .output()?;
     Ok((
         out.status.code().unwrap_or(-1),
         String::from_utf8_lossy(&out.stdout).into_owned(),
@@ -173,5 +206,7 @@ pub fn cli(args: &[&str]) -> anyhow::Result<(i32, String, String)> {
 
 /// A free loopback port (for chromedriver).
 pub fn free_port() -> anyhow::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
 }

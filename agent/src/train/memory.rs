@@ -44,7 +44,11 @@ impl Meter {
                 let mut out = [0u64; 3];
                 // SAFETY: the shim writes exactly three values.
                 unsafe { hr_cpu_counter_read(out.as_mut_ptr()) };
-                AllocatorReading { allocated: out[0], peak: out[1], reserved: None }
+                AllocatorReading {
+                    allocated: out[0],
+                    peak: out[1],
+                    reserved: None,
+                }
             }
             Meter::Cuda(device) => {
                 let mut out = [0i64; 6];
@@ -54,7 +58,11 @@ impl Meter {
                     return AllocatorReading::default();
                 }
                 let u = |v: i64| u64::try_from(v).unwrap_or(0);
-                AllocatorReading { allocated: u(out[0]), peak: u(out[1]), reserved: Some(u(out[2])) }
+                AllocatorReading {
+                    allocated: u(out[0]),
+                    peak: u(out[1]),
+                    reserved: Some(u(out[2])),
+                }
             }
         }
     }
@@ -84,8 +92,14 @@ impl Meter {
 
 /// Resident set size of this process, from /proc/self/statm.
 pub fn host_rss_bytes() -> u64 {
-    let Ok(statm) = std::fs::read_to_string("/proc/self/statm") else { return 0 };
-    let pages: u64 = statm.split_whitespace().nth(1).and_then(|p| p.parse().ok()).unwrap_or(0);
+    let Ok(statm) = std::fs::read_to_string("/proc/self/statm") else {
+        return 0;
+    };
+    let pages: u64 = statm
+        .split_whitespace()
+        .nth(1)
+        .and_then(|p| p.parse().ok())
+        .unwrap_or(0);
     // SAFETY: sysconf has no preconditions.
     let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
     pages * u64::try_from(page).unwrap_or(4096)
@@ -93,7 +107,8 @@ pub fn host_rss_bytes() -> u64 {
 
 fn nvml() -> Option<&'static nvml_wrapper::Nvml> {
     static NVML: OnceLock<Option<nvml_wrapper::Nvml>> = OnceLock::new();
-    NVML.get_or_init(|| nvml_wrapper::Nvml::init().ok()).as_ref()
+    NVML.get_or_init(|| nvml_wrapper::Nvml::init().ok())
+        .as_ref()
 }
 
 /// Device memory in use on GPU `index` as NVML sees it (every process), if NVML loads.
@@ -104,7 +119,9 @@ pub fn nvml_used_bytes(index: u32) -> Option<u64> {
 
 /// GPUs NVML can see: (name, total bytes). Empty where there is no driver.
 pub fn nvml_devices() -> Vec<(String, u64)> {
-    let Some(nvml) = nvml() else { return Vec::new() };
+    let Some(nvml) = nvml() else {
+        return Vec::new();
+    };
     let count = nvml.device_count().unwrap_or(0);
     (0..count)
         .filter_map(|i| {

@@ -40,7 +40,10 @@ impl TrainError {
             TrainError::Torch(_) | TrainError::Device(_) => ErrorCode::Torch,
             TrainError::InvalidPlan(_) => ErrorCode::InvalidPlan,
         };
-        JobError { code, message: self.to_string() }
+        JobError {
+            code,
+            message: self.to_string(),
+        }
     }
 }
 
@@ -48,7 +51,12 @@ impl From<tch::TchError> for TrainError {
     fn from(e: tch::TchError) -> TrainError {
         let text = e.to_string();
         // libtorch's own first line is the useful part; the rest is a C++ backtrace.
-        let first = text.lines().find(|l| !l.trim().is_empty()).unwrap_or(&text).trim().to_owned();
+        let first = text
+            .lines()
+            .find(|l| !l.trim().is_empty())
+            .unwrap_or(&text)
+            .trim()
+            .to_owned();
         if text.contains("out of memory") || text.contains("OutOfMemoryError") {
             TrainError::OutOfMemory(first)
         } else {
@@ -67,7 +75,9 @@ pub fn resolve_device(choice: DeviceChoice) -> Result<(Device, Meter), TrainErro
             let count = tch::Cuda::device_count();
             let index = usize::try_from(i).unwrap_or(usize::MAX);
             if i64::from(i) >= count {
-                return Err(TrainError::Device(format!("cuda:{i} requested but {count} CUDA devices are visible")));
+                return Err(TrainError::Device(format!(
+                    "cuda:{i} requested but {count} CUDA devices are visible"
+                )));
             }
             Ok((Device::Cuda(index), Meter::Cuda(i as i32)))
         }
@@ -103,7 +113,9 @@ pub fn train(
     stop: &AtomicBool,
     mut on_record: impl FnMut(BatchRecord),
 ) -> Result<Summary, TrainError> {
-    let graph = plan.validate().map_err(|e| TrainError::InvalidPlan(e.to_string()))?;
+    let graph = plan
+        .validate()
+        .map_err(|e| TrainError::InvalidPlan(e.to_string()))?;
     let (device, meter) = resolve_device(plan.device)?;
     if let (Meter::Cuda(index), Some(limit)) = (meter, plan.memory_limit_bytes) {
         let total = memory::nvml_devices().get(index as usize).map(|d| d.1);
@@ -121,12 +133,16 @@ pub fn train(
     let vs = nn::VarStore::new(device);
     let net = model::Net::new(&vs.root(), &graph);
     let mut opt = match plan.optimizer {
-        Optimizer::Sgd { momentum, weight_decay } => {
-            COptimizer::sgd(plan.learning_rate, momentum, 0.0, weight_decay, false)?
-        }
-        Optimizer::AdamW { beta1, beta2, eps, weight_decay } => {
-            COptimizer::adamw(plan.learning_rate, beta1, beta2, weight_decay, eps, false)?
-        }
+        Optimizer::Sgd {
+            momentum,
+            weight_decay,
+        } => COptimizer::sgd(plan.learning_rate, momentum, 0.0, weight_decay, false)?,
+        Optimizer::AdamW {
+            beta1,
+            beta2,
+            eps,
+            weight_decay,
+        } => COptimizer::adamw(plan.learning_rate, beta1, beta2, weight_decay, eps, false)?,
     };
     for var in vs.trainable_variables() {
         opt.add_parameters(&var, 0)?;
@@ -139,10 +155,18 @@ pub fn train(
     let prototypes = Tensor::f_randn([classes, in_features], (Kind::Float, device))?;
     let micro = i64::try_from(plan.micro_batch).unwrap_or(i64::MAX);
     let mut input_dims = vec![micro];
-    input_dims.extend(graph.input.iter().map(|&d| i64::try_from(d).unwrap_or(i64::MAX)));
+    input_dims.extend(
+        graph
+            .input
+            .iter()
+            .map(|&d| i64::try_from(d).unwrap_or(i64::MAX)),
+    );
 
     let steps_per_epoch = plan.steps_per_epoch().max(1);
-    let mut phases = PhaseMeter { meter, peaks: [0; Phase::ALL.len()] };
+    let mut phases = PhaseMeter {
+        meter,
+        peaks: [0; Phase::ALL.len()],
+    };
     let mut first_loss = None;
     let mut final_loss = f64::NAN;
     let mut run_peak = 0u64;
@@ -161,7 +185,9 @@ pub fn train(
             let (x, y) = tch::no_grad(|| -> Result<(Tensor, Tensor), tch::TchError> {
                 let y = Tensor::f_randint(classes, [micro], (Kind::Int64, device))?;
                 let x = Tensor::f_randn(&input_dims, (Kind::Float, device))?;
-                let _ = x.f_view([micro, in_features])?.f_add_(&prototypes.f_index_select(0, &y)?)?;
+                let _ = x
+                    .f_view([micro, in_features])?
+                    .f_add_(&prototypes.f_index_select(0, &y)?)?;
                 Ok((x, y))
             })?;
             let logits = net.forward(&x)?;
@@ -169,7 +195,11 @@ pub fn train(
             phases.begin(Phase::Loss);
             let loss = model::cross_entropy(&logits, &y)?;
             drop(logits);
-            let scaled = if plan.accumulation > 1 { loss.f_div_scalar(plan.accumulation as f64)? } else { loss.shallow_clone() };
+            let scaled = if plan.accumulation > 1 {
+                loss.f_div_scalar(plan.accumulation as f64)?
+            } else {
+                loss.shallow_clone()
+            };
             batch_peak = batch_peak.max(phases.end(Phase::Loss));
             phases.begin(Phase::Backward);
             scaled.f_backward()?;
@@ -223,6 +253,9 @@ pub fn train(
         peak_host_rss_bytes: peak_rss,
         wall_time_ms: started.elapsed().as_secs_f64() * 1e3,
         dropped_records: 0,
-        phase_peaks: Phase::ALL.iter().map(|&p| (p, phases.peaks[p.index()])).collect(),
+        phase_peaks: Phase::ALL
+            .iter()
+            .map(|&p| (p, phases.peaks[p.index()]))
+            .collect(),
     })
 }

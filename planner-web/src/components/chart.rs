@@ -39,7 +39,12 @@ fn polyline(values: &[f64], y_max: f64) -> String {
     thin(n, MAX_CHART_POINTS)
         .into_iter()
         .map(|i| {
-            let x = LEFT + if n > 1 { plot_w * i as f64 / (n - 1) as f64 } else { 0.0 };
+            let x = LEFT
+                + if n > 1 {
+                    plot_w * i as f64 / (n - 1) as f64
+                } else {
+                    0.0
+                };
             let y = TOP + plot_h * (1.0 - (values[i] / y_max).clamp(0.0, 1.0));
             format!("{x:.1},{y:.1}")
         })
@@ -56,12 +61,20 @@ pub fn LineChart(
     format: fn(f64) -> String,
 ) -> impl IntoView {
     let y_max = move || {
-        let data_max = series.with(|s| s.iter().flat_map(|s| s.values.iter().copied()).fold(0.0f64, f64::max));
+        let data_max = series.with(|s| {
+            s.iter()
+                .flat_map(|s| s.values.iter().copied())
+                .fold(0.0f64, f64::max)
+        });
         let m = data_max.max(reference.get().unwrap_or(0.0)) * 1.1;
         if m > 0.0 && m.is_finite() { m } else { 1.0 }
     };
     let count = move || series.with(|s| s.first().map_or(0, |s| s.values.len()));
-    let ref_y = move || reference.get().map(|r| TOP + (HEIGHT - TOP - BOTTOM) * (1.0 - r / y_max()));
+    let ref_y = move || {
+        reference
+            .get()
+            .map(|r| TOP + (HEIGHT - TOP - BOTTOM) * (1.0 - r / y_max()))
+    };
     view! {
         <figure class="chart" data-testid=testid data-points=move || count().to_string()>
             <figcaption>{title}</figcaption>

@@ -18,14 +18,26 @@ fn fmt_loss(v: f64) -> String {
 }
 
 #[component]
-pub fn RunPanel(#[prop(into)] plan: Signal<Result<Plan, String>>, socket: AgentSocket) -> impl IntoView {
+pub fn RunPanel(
+    #[prop(into)] plan: Signal<Result<Plan, String>>,
+    socket: AgentSocket,
+) -> impl IntoView {
     let agent = expect_context::<AgentState>();
     let send_error = RwSignal::new(None::<String>);
-    let running = move || matches!(agent.job.get(), JobState::Submitted | JobState::Running { .. });
-    let can_run = move || plan.with(|p| p.is_ok()) && agent.connection.get() == Connection::Open && !running();
+    let running = move || {
+        matches!(
+            agent.job.get(),
+            JobState::Submitted | JobState::Running { .. }
+        )
+    };
+    let can_run = move || {
+        plan.with(|p| p.is_ok()) && agent.connection.get() == Connection::Open && !running()
+    };
 
     let run = move |_| {
-        let Ok(plan) = plan.get_untracked() else { return };
+        let Ok(plan) = plan.get_untracked() else {
+            return;
+        };
         match socket.send(&Message::Submit { plan }) {
             Ok(()) => {
                 send_error.set(None);
@@ -43,19 +55,34 @@ pub fn RunPanel(#[prop(into)] plan: Signal<Result<Plan, String>>, socket: AgentS
     };
 
     let loss = Signal::derive(move || {
-        vec![Series { name: "loss", class: "s-loss", values: agent.records.with(|r| r.iter().map(|b| b.loss).collect()) }]
+        vec![Series {
+            name: "loss",
+            class: "s-loss",
+            values: agent.records.with(|r| r.iter().map(|b| b.loss).collect()),
+        }]
     });
     let memory = Signal::derive(move || {
         agent.records.with(|r| {
             let mut series = vec![
-                Series { name: "peak (allocator)", class: "s-peak", values: r.iter().map(|b| b.peak_bytes as f64).collect() },
-                Series { name: "allocated", class: "s-allocated", values: r.iter().map(|b| b.allocated_bytes as f64).collect() },
+                Series {
+                    name: "peak (allocator)",
+                    class: "s-peak",
+                    values: r.iter().map(|b| b.peak_bytes as f64).collect(),
+                },
+                Series {
+                    name: "allocated",
+                    class: "s-allocated",
+                    values: r.iter().map(|b| b.allocated_bytes as f64).collect(),
+                },
             ];
             if r.iter().any(|b| b.reserved_bytes.is_some()) {
                 series.push(Series {
                     name: "reserved",
                     class: "s-reserved",
-                    values: r.iter().map(|b| b.reserved_bytes.unwrap_or(0) as f64).collect(),
+                    values: r
+                        .iter()
+                        .map(|b| b.reserved_bytes.unwrap_or(0) as f64)
+                        .collect(),
                 });
             }
             series
@@ -70,12 +97,15 @@ pub fn RunPanel(#[prop(into)] plan: Signal<Result<Plan, String>>, socket: AgentS
             let n = agent.records.with(Vec::len);
             let last = agent.records.with(|r| r.last().map(|b| (b.step, b.loss)));
             match last {
-                Some((step, loss)) => format!("Job {job} running on {device}: step {step}, loss {loss:.4} ({n} micro-batches)"),
+                Some((step, loss)) => format!(
+                    "Job {job} running on {device}: step {step}, loss {loss:.4} ({n} micro-batches)"
+                ),
                 None => format!("Job {job} starting on {device}…"),
             }
         }
         JobState::Finished { job, summary } => {
-            let err = 100.0 * (summary.estimated_peak_bytes as f64 - summary.peak_bytes as f64) / summary.peak_bytes.max(1) as f64;
+            let err = 100.0 * (summary.estimated_peak_bytes as f64 - summary.peak_bytes as f64)
+                / summary.peak_bytes.max(1) as f64;
             format!(
                 "Job {job} finished: {} steps in {:.1} s, loss {:.4} → {:.4}; measured peak {} vs estimate {} ({err:+.2} %)",
                 summary.steps,

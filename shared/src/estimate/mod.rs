@@ -36,7 +36,12 @@ pub enum Phase {
 }
 
 impl Phase {
-    pub const ALL: [Phase; 4] = [Phase::Forward, Phase::Loss, Phase::Backward, Phase::OptimizerStep];
+    pub const ALL: [Phase; 4] = [
+        Phase::Forward,
+        Phase::Loss,
+        Phase::Backward,
+        Phase::OptimizerStep,
+    ];
 
     pub fn index(self) -> usize {
         self as usize
@@ -79,7 +84,12 @@ pub struct Breakdown {
 
 impl Breakdown {
     pub fn total(&self) -> Bytes {
-        self.weights + self.gradients + self.optimizer_state + self.activations + self.batch + self.temporaries
+        self.weights
+            + self.gradients
+            + self.optimizer_state
+            + self.activations
+            + self.batch
+            + self.temporaries
     }
 
     pub fn get_mut(&mut self, category: Category) -> &mut Bytes {
@@ -127,7 +137,11 @@ pub fn estimate(plan: &Plan) -> Result<Estimate, PlanError> {
     let mut sim = Sim::new();
 
     // Between steps: weights, the optimizer's persistent state, the data generator.
-    let weights: Vec<u64> = graph.param_shapes().iter().map(|s| crate::graph::numel(s) * F32).collect();
+    let weights: Vec<u64> = graph
+        .param_shapes()
+        .iter()
+        .map(|s| crate::graph::numel(s) * F32)
+        .collect();
     for &bytes in &weights {
         sim.alloc(bytes, Category::Weights);
     }
@@ -144,9 +158,23 @@ pub fn estimate(plan: &Plan) -> Result<Estimate, PlanError> {
         let (x, y) = batch::make_batch(&mut sim, &graph, plan.micro_batch);
         let fwd = activations::forward(&mut sim, &graph, plan.micro_batch, x);
         sim.set_phase(Phase::Loss);
-        let loss = activations::loss(&mut sim, fwd.logits, plan.micro_batch, plan.classes, plan.accumulation > 1);
+        let loss = activations::loss(
+            &mut sim,
+            fwd.logits,
+            plan.micro_batch,
+            plan.classes,
+            plan.accumulation > 1,
+        );
         sim.set_phase(Phase::Backward);
-        activations::backward(&mut sim, &graph, plan.micro_batch, fwd, loss, &mut grads, micro == 0);
+        activations::backward(
+            &mut sim,
+            &graph,
+            plan.micro_batch,
+            fwd,
+            loss,
+            &mut grads,
+            micro == 0,
+        );
         sim.release(x);
         sim.release(y);
     }
@@ -163,7 +191,10 @@ pub fn estimate(plan: &Plan) -> Result<Estimate, PlanError> {
         peak_phase: sim.peak_phase.unwrap_or(Phase::Forward),
         breakdown: sim.peak_breakdown.clone(),
         steady_bytes,
-        phase_peaks: Phase::ALL.iter().map(|&p| (p, sim.phase_peaks[p.index()])).collect(),
+        phase_peaks: Phase::ALL
+            .iter()
+            .map(|&p| (p, sim.phase_peaks[p.index()]))
+            .collect(),
     })
 }
 

@@ -46,7 +46,11 @@ impl Sim {
 
     /// Allocates a tensor with one owner (its creator).
     pub fn alloc(&mut self, bytes: u64, category: Category) -> Tensor {
-        self.slots.push(Slot { bytes: Bytes(bytes), category, owners: 1 });
+        self.slots.push(Slot {
+            bytes: Bytes(bytes),
+            category,
+            owners: 1,
+        });
         *self.live.get_mut(category) += Bytes(bytes);
         self.observe();
         Tensor(self.slots.len() - 1)
@@ -68,7 +72,9 @@ impl Sim {
 
     /// One owner lets go; the last one frees the memory.
     pub fn release(&mut self, t: Tensor) {
-        let Some(slot) = self.slots.get_mut(t.0) else { return };
+        let Some(slot) = self.slots.get_mut(t.0) else {
+            return;
+        };
         if slot.owners == 0 {
             return;
         }
