@@ -13,7 +13,9 @@ fn torch_dir() -> PathBuf {
     let out = Command::new(&python)
         .args(["-c", "import os, torch; print(os.path.dirname(torch.__file__))"])
         .output()
-        .unwrap_or_else(|e| panic!("running {python} to find torch failed: {e}; run scripts/setup.sh and source scripts/env.sh"));
+        .unwrap_or_else(|e| {
+            panic!("running {python} to find torch failed: {e}; run scripts/setup.sh and source scripts/env.sh")
+        });
     assert!(
         out.status.success(),
         "{python} cannot import torch: run scripts/setup.sh and source scripts/env.sh\n{}",
@@ -32,8 +34,7 @@ fn main() {
     let site = torch.parent().map(PathBuf::from).unwrap_or_default();
     let cuda_include = site.join("nvidia/cu13/include");
     let crt_include = site.join("triton/backends/nvidia/include");
-    let has_cuda =
-        lib.join("libc10_cuda.so").exists() && cuda_include.join("cuda_runtime_api.h").exists();
+    let has_cuda = lib.join("libc10_cuda.so").exists() && cuda_include.join("cuda_runtime_api.h").exists();
 
     let mut build = cc::Build::new();
     build
@@ -46,10 +47,7 @@ fn main() {
         .flag_if_supported("-Wno-unused-parameter")
         .warnings(false);
     if has_cuda {
-        build
-            .define("HEADROOM_CUDA", None)
-            .include(&cuda_include)
-            .include(&crt_include);
+        build.define("HEADROOM_CUDA", None).include(&cuda_include).include(&crt_include);
     }
     build.compile("headroom_memory");
 

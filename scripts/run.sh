@@ -11,5 +11,5 @@ scripts/setup.sh --no-browser
 source scripts/env.sh
 echo "building the planner (trunk) and the agent (cargo)…" >&2
 trunk build --release >/dev/null
-cargo build -p headroom-agent
+cargo build
 exec "$CARGO_TARGET_DIR/debug/headroom" serve --web-dir "$root/planner-web/dist" "$@"

@@ -33,6 +33,28 @@ BINARYEN_VERSION=132
 log() { printf '\033[1;34msetup:\033[0m %s\n' "$*" >&2; }
 mkdir -p "$HEADROOM_CACHE" "$HEADROOM_TOOLS/bin"
 
+# --- system packages the steps below rely on ------------------------------------------
+apt_packages=()
+python3 -c 'import venv, ensurepip' 2>/dev/null || apt_packages+=(python3-venv)
+command -v g++ >/dev/null || apt_packages+=(g++)
+command -v npm >/dev/null || apt_packages+=(nodejs npm)
+command -v curl >/dev/null || apt_packages+=(curl)
+if [ "$want_browser" = 1 ]; then
+  command -v chromium >/dev/null || apt_packages+=(chromium)
+  command -v chromedriver >/dev/null || apt_packages+=(chromium-driver)
+fi
+if [ ${#apt_packages[@]} -gt 0 ]; then
+  log "installing ${apt_packages[*]} from apt"
+  sudo_cmd=""
+  [ "$(id -u)" = 0 ] || sudo_cmd="sudo"
+  $sudo_cmd apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo_cmd apt-get install -y -qq "${apt_packages[@]}" >/dev/null
+fi
+if ! cargo fmt --version >/dev/null 2>&1; then
+  log "adding rustfmt"
+  rustup component add rustfmt
+fi
+
 # --- libtorch, through PyPI's torch wheel, in a venv of its own -------------------------
 if [ ! -f "$HEADROOM_TORCH_VENV/.complete-$TORCH_VERSION" ]; then
   log "installing torch==$TORCH_VERSION into $HEADROOM_TORCH_VENV (about 5 GB, a minute or two)"
@@ -63,14 +85,19 @@ if [ "$want_web" = 1 ]; then
     # Its lockfile pins a webpki-roots release the registry no longer serves, so build
     # from the unpacked crate after moving that one dependency back a patch release.
     src="$HEADROOM_CACHE/src/wasm-bindgen-cli-$wb_version"
-    if [ ! -d "$src" ]; then
+    if [ ! -f "$src/Cargo.toml" ]; then
       mkdir -p "$HEADROOM_CACHE/src"
       tmp=$(mktemp -d)
+      # A throwaway crate that depends on the CLI makes cargo download its .crate.
       (cd "$tmp" && cargo new --quiet fetcher && cd fetcher \
-        && cargo add --quiet "wasm-bindgen-cli@=$wb_version" >/dev/null 2>&1 \
+        && cargo add --quiet "wasm-bindgen-cli@=$wb_version" \
         && cargo fetch --quiet)
       crate=$(find "${CARGO_HOME:-$HOME/.cargo}/registry/cache" -name "wasm-bindgen-cli-$wb_version.crate" | head -n 1)
-      tar -xzf "$crate" -C "$HEADROOM_CACHE/src"
+      [ -n "$crate" ] || { echo "setup: cargo did not download wasm-bindgen-cli $wb_version" >&2; exit 1; }
+      # Unpack beside, then move into place, so an interrupted run leaves nothing half-done.
+      tar -xzf "$crate" -C "$tmp"
+      rm -rf "$src"
+      mv "$tmp/wasm-bindgen-cli-$wb_version" "$src"
       rm -rf "$tmp"
     fi
     if grep -q 'name = "webpki-roots"' "$src/Cargo.lock" && grep -A1 'name = "webpki-roots"' "$src/Cargo.lock" | grep -q '"1.0.11"'; then
@@ -84,17 +111,6 @@ if [ "$want_web" = 1 ]; then
     log "installing binaryen@$BINARYEN_VERSION from npm"
     mkdir -p "$HEADROOM_CACHE/npm"
     (cd "$HEADROOM_CACHE/npm" && npm install --silent --no-audit --no-fund "binaryen@$BINARYEN_VERSION" >/dev/null)
-  fi
-fi
-
-# --- Chromium and ChromeDriver for the browser tests ---------------------------------------
-if [ "$want_browser" = 1 ]; then
-  if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then
-    log "installing chromium and chromium-driver from apt"
-    sudo_cmd=""
-    [ "$(id -u)" = 0 ] || sudo_cmd="sudo"
-    $sudo_cmd apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive $sudo_cmd apt-get install -y -qq chromium chromium-driver >/dev/null
   fi
 fi
 

@@ -13,6 +13,8 @@ cargo fmt --all --check
 step "planner bundle (trunk)"
 trunk build --release
 step "agent binary (the end-to-end tests start it)"
-cargo build -p headroom-agent
+# The default members (shared, agent, tests), as `cargo test` builds them, so that
+# dependencies are compiled once with one set of features.
+cargo build
 step "tests"
-cargo test --workspace
+cargo test

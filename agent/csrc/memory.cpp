@@ -94,16 +94,7 @@ void hr_cpu_counter_read(uint64_t* out) {
 
 void hr_cpu_counter_reset_peak() { g_peak.store(g_current.load()); }
 
-// 1 when this build can read CUDA allocator statistics.
-int hr_cuda_stats_supported() {
-#ifdef HEADROOM_CUDA
-  return 1;
-#else
-  return 0;
-#endif
-}
-
-// out: allocated, allocated peak, reserved, reserved peak, alloc retries, OOMs.
+// out: allocated, allocated peak, reserved, reserved peak.
 // Returns 0 on success, -1 if unsupported or libtorch raised.
 int hr_cuda_stats(int device, int64_t* out) {
 #ifdef HEADROOM_CUDA
@@ -114,8 +105,6 @@ int hr_cuda_stats(int device, int64_t* out) {
     out[1] = stats.allocated_bytes[agg].peak;
     out[2] = stats.reserved_bytes[agg].current;
     out[3] = stats.reserved_bytes[agg].peak;
-    out[4] = stats.num_alloc_retries;
-    out[5] = stats.num_ooms;
     return 0;
   } catch (...) {
     return -1;

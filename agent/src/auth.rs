@@ -16,9 +16,7 @@ pub fn token_matches(given: &str, expected: &str) -> bool {
 
 /// The `token` parameter of a query string, percent-decoding not needed: tokens are hex.
 pub fn token_from_query(query: Option<&str>) -> Option<&str> {
-    query?
-        .split('&')
-        .find_map(|pair| pair.strip_prefix("token="))
+    query?.split('&').find_map(|pair| pair.strip_prefix("token="))
 }
 
 /// An origin normalised to `scheme://host:port`, with the scheme's default port filled in.
@@ -55,31 +53,16 @@ impl Origin {
         }
         Some(Origin(format!("{scheme}://{host}:{port}")))
     }
-
-    pub fn as_str(&self) -> &str {
-        &self.0
-    }
 }
 
 /// The origins a loopback agent serves its own pages from.
 pub fn own_origins(port: u16, bind_host: &str) -> Vec<Origin> {
-    let mut hosts = vec![
-        "127.0.0.1".to_owned(),
-        "localhost".to_owned(),
-        "[::1]".to_owned(),
-    ];
-    let bracketed = if bind_host.contains(':') {
-        format!("[{bind_host}]")
-    } else {
-        bind_host.to_owned()
-    };
+    let mut hosts = vec!["127.0.0.1".to_owned(), "localhost".to_owned(), "[::1]".to_owned()];
+    let bracketed = if bind_host.contains(':') { format!("[{bind_host}]") } else { bind_host.to_owned() };
     if !hosts.contains(&bracketed) && bracketed != "0.0.0.0" && bracketed != "[::]" {
         hosts.push(bracketed);
     }
-    hosts
-        .iter()
-        .filter_map(|h| Origin::parse(&format!("http://{h}:{port}")))
-        .collect()
+    hosts.iter().filter_map(|h| Origin::parse(&format!("http://{h}:{port}"))).collect()
 }
 
 #[cfg(test)]
@@ -98,10 +81,7 @@ mod tests {
         assert!(!ok("http://127.0.0.1.evil.example:8787"), "suffix trick");
         assert!(!ok("http://evil.example"), "foreign host");
         assert!(!ok("null"), "opaque origin");
-        assert_eq!(
-            Origin::parse("https://example.com").map(|o| o.0),
-            Some("https://example.com:443".into())
-        );
+        assert_eq!(Origin::parse("https://example.com").map(|o| o.0), Some("https://example.com:443".into()));
     }
 
     #[test]

@@ -66,8 +66,11 @@ enum Command {
     /// Internal: run one job, speaking the protocol over stdin/stdout.
     #[command(hide = true)]
     Worker {
+        #[arg(long, required_unless_present = "probe")]
+        job: Option<u64>,
+        /// Print the number of CUDA devices libtorch can use, and exit.
         #[arg(long)]
-        job: u64,
+        probe: bool,
     },
 }
 
@@ -81,22 +84,16 @@ pub fn main() -> ExitCode {
         Ok(cli) => cli,
         Err(e) => {
             let _ = e.print();
-            return if e.use_stderr() {
-                ExitCode::from(2)
-            } else {
-                ExitCode::SUCCESS
-            };
+            return if e.use_stderr() { ExitCode::from(2) } else { ExitCode::SUCCESS };
         }
     };
     tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("HEADROOM_LOG")
-                .unwrap_or_else(|_| "info".into()),
-        )
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("HEADROOM_LOG").unwrap_or_else(|_| "info".into()))
         .with_writer(std::io::stderr)
         .init();
     let result = match cli.command {
-        Command::Worker { job } => crate::worker::run(job),
+        Command::Worker { probe: true, .. } => crate::worker::probe(),
+        Command::Worker { job, .. } => crate::worker::run(job.unwrap_or(0)),
         Command::Estimate { plan, json } => estimate(&plan, json),
         command => tokio::runtime::Builder::new_multi_thread()
             .enable_all()
@@ -108,18 +105,13 @@ pub fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("headroom: {e:#}");
-            if e.downcast_ref::<BadInput>().is_some() {
-                ExitCode::from(2)
-            } else {
-                ExitCode::FAILURE
-            }
+            if e.downcast_ref::<BadInput>().is_some() { ExitCode::from(2) } else { ExitCode::FAILURE }
         }
     }
 }
 
 fn read_plan(path: &PathBuf) -> anyhow::Result<Plan> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| BadInput(format!("reading {}: {e}", path.display())))?;
+    let text = std::fs::read_to_string(path).map_err(|e| BadInput(format!("reading {}: {e}", path.display())))?;
     Plan::from_text(&text).map_err(|e| BadInput(format!("{}: {e}", path.display())).into())
 }
 
@@ -131,12 +123,7 @@ fn parse_device(text: &str) -> anyhow::Result<DeviceChoice> {
             .strip_prefix("cuda:")
             .and_then(|i| i.parse().ok())
             .map(DeviceChoice::Cuda)
-            .ok_or_else(|| {
-                BadInput(format!(
-                    "--device: expected auto, cpu or cuda:N, got {text:?}"
-                ))
-                .into()
-            }),
+            .ok_or_else(|| BadInput(format!("--device: expected auto, cpu or cuda:N, got {text:?}")).into()),
     }
 }
 
@@ -144,17 +131,10 @@ fn estimate(path: &PathBuf, json: bool) -> anyhow::Result<()> {
     let plan = read_plan(path)?;
     let e = shared::estimate(&plan).map_err(|e| BadInput(e.to_string()))?;
     if json {
-        let breakdown: serde_json::Map<String, serde_json::Value> = e
-            .breakdown
-            .entries()
-            .iter()
-            .map(|(k, v)| ((*k).to_owned(), v.get().into()))
-            .collect();
-        let phases: serde_json::Map<String, serde_json::Value> = e
-            .phase_peaks
-            .iter()
-            .map(|(p, v)| (p.label().replace(' ', "_"), v.get().into()))
-            .collect();
+        let breakdown: serde_json::Map<String, serde_json::Value> =
+            e.breakdown.entries().iter().map(|(k, v)| ((*k).to_owned(), v.get().into())).collect();
+        let phases: serde_json::Map<String, serde_json::Value> =
+            e.phase_peaks.iter().map(|(p, v)| (p.label().replace(' ', "_"), v.get().into())).collect();
         let out = serde_json::json!({
             "params": e.params,
             "peak_bytes": e.peak_bytes.get(),
@@ -178,14 +158,7 @@ fn estimate(path: &PathBuf, json: bool) -> anyhow::Result<()> {
 async fn async_main(command: Command) -> anyhow::Result<()> {
     let exe = std::env::current_exe().context("locating this executable for worker processes")?;
     match command {
-        Command::Serve {
-            bind,
-            web_dir,
-            token,
-            allow_origins,
-            max_connections,
-            max_jobs,
-        } => {
+        Command::Serve { bind, web_dir, token, allow_origins, max_connections, max_jobs } => {
             let token = token.unwrap_or_else(crate::auth::new_token);
             if token.len() < 16 || !token.bytes().all(|b| b.is_ascii_alphanumeric()) {
                 return Err(BadInput("--token: use at least 16 letters or digits".into()).into());
@@ -193,9 +166,7 @@ async fn async_main(command: Command) -> anyhow::Result<()> {
             if let Some(dir) = &web_dir
                 && !dir.join("index.html").is_file()
             {
-                return Err(
-                    BadInput(format!("--web-dir {}: no index.html there", dir.display())).into(),
-                );
+                return Err(BadInput(format!("--web-dir {}: no index.html there", dir.display())).into());
             }
             let server = Server::bind(Config {
                 bind,
@@ -208,21 +179,10 @@ async fn async_main(command: Command) -> anyhow::Result<()> {
             })
             .await?;
             let addr = server.local_addr()?;
-            let host = if addr.ip().is_unspecified() {
-                "127.0.0.1".to_owned()
-            } else {
-                addr.ip().to_string()
-            };
-            let host = if host.contains(':') {
-                format!("[{host}]")
-            } else {
-                host
-            };
+            let host = if addr.ip().is_unspecified() { "127.0.0.1".to_owned() } else { addr.ip().to_string() };
+            let host = if host.contains(':') { format!("[{host}]") } else { host };
             // The one line on stdout: scripts and tests read the URL from it.
-            println!(
-                "Headroom planner: http://{host}:{}/?token={token}",
-                addr.port()
-            );
+            println!("Headroom planner: http://{host}:{}/?token={token}", addr.port());
             tracing::info!(%addr, "serving");
             server
                 .run(async {
@@ -277,19 +237,14 @@ async fn run(plan: Plan, exe: PathBuf) -> anyhow::Result<()> {
                 )?;
                 if let Some(bar) = &bar {
                     bar.inc(1);
-                    bar.set_message(format!(
-                        "loss {:.4}  peak {}",
-                        r.loss,
-                        shared::Bytes(r.peak_bytes)
-                    ));
+                    bar.set_message(format!("loss {:.4}  peak {}", r.loss, shared::Bytes(r.peak_bytes)));
                 }
             }
             Message::Finished { summary, .. } => {
                 if let Some(bar) = &bar {
                     bar.finish_and_clear();
                 }
-                let error_pct = 100.0
-                    * (estimate.peak_bytes.get() as f64 - summary.peak_bytes as f64)
+                let error_pct = 100.0 * (estimate.peak_bytes.get() as f64 - summary.peak_bytes as f64)
                     / summary.peak_bytes.max(1) as f64;
                 writeln!(
                     stdout,

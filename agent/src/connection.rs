@@ -6,9 +6,7 @@ use shared::codec::{self, CodecError};
 use shared::protocol::Message;
 use tokio::net::TcpStream;
 use tokio_tungstenite::WebSocketStream;
-use tokio_tungstenite::tungstenite::{
-    self, protocol::CloseFrame, protocol::frame::coding::CloseCode,
-};
+use tokio_tungstenite::tungstenite::{self, protocol::CloseFrame, protocol::frame::coding::CloseCode};
 
 type Ws = WebSocketStream<TcpStream>;
 
@@ -64,11 +62,8 @@ impl Connection {
     }
 
     pub async fn write(&mut self, message: &Message) -> Result<(), tungstenite::Error> {
-        let bytes =
-            codec::encode(message).map_err(|e| tungstenite::Error::Io(std::io::Error::other(e)))?;
-        self.sink
-            .send(tungstenite::Message::Binary(bytes.into()))
-            .await
+        let bytes = codec::encode(message).map_err(|e| tungstenite::Error::Io(std::io::Error::other(e)))?;
+        self.sink.send(tungstenite::Message::Binary(bytes.into())).await
     }
 
     pub async fn close(&mut self, code: CloseCode, reason: &str) {
@@ -77,14 +72,8 @@ impl Connection {
         while !reason.is_char_boundary(end) {
             end -= 1;
         }
-        let frame = CloseFrame {
-            code,
-            reason: reason[..end].to_owned().into(),
-        };
-        let _ = self
-            .sink
-            .send(tungstenite::Message::Close(Some(frame)))
-            .await;
+        let frame = CloseFrame { code, reason: reason[..end].to_owned().into() };
+        let _ = self.sink.send(tungstenite::Message::Close(Some(frame))).await;
         let _ = self.sink.close().await;
     }
 }

@@ -9,6 +9,8 @@ use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 
+const HEADER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// Files larger than this are not served; the wasm bundle is well under it.
 const MAX_FILE_BYTES: u64 = 64 << 20;
 
@@ -20,7 +22,11 @@ pub async fn serve(stream: TcpStream, web_dir: Option<PathBuf>) -> anyhow::Resul
         let dir = web_dir.clone();
         async move { Ok::<_, Infallible>(respond(dir.as_deref(), &req).await) }
     });
+    // Idle keep-alive connections and slow headers are closed after this, so they cannot
+    // hold connection slots.
     hyper::server::conn::http1::Builder::new()
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(HEADER_TIMEOUT)
         .serve_connection(TokioIo::new(stream), service)
         .await?;
     Ok(())
@@ -43,20 +49,13 @@ fn content_type(path: &Path) -> &'static str {
 fn text(status: StatusCode, body: &'static str, kind: &'static str) -> Response<Full<Bytes>> {
     let mut resp = Response::new(Full::new(Bytes::from_static(body.as_bytes())));
     *resp.status_mut() = status;
-    resp.headers_mut().insert(
-        "content-type",
-        hyper::header::HeaderValue::from_static(kind),
-    );
+    resp.headers_mut().insert("content-type", hyper::header::HeaderValue::from_static(kind));
     resp
 }
 
 async fn respond<B>(dir: Option<&Path>, req: &Request<B>) -> Response<Full<Bytes>> {
     if req.method() != hyper::Method::GET && req.method() != hyper::Method::HEAD {
-        return text(
-            StatusCode::METHOD_NOT_ALLOWED,
-            "method not allowed\n",
-            "text/plain",
-        );
+        return text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n", "text/plain");
     }
     let Some(dir) = dir else {
         return text(StatusCode::OK, NOT_BUILT, "text/html; charset=utf-8");
@@ -67,16 +66,14 @@ async fn respond<B>(dir: Option<&Path>, req: &Request<B>) -> Response<Full<Bytes
     let safe = rel.split('/').all(|part| {
         !part.is_empty()
             && !part.starts_with('.')
-            && part
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
+            && part.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
     });
     if !safe {
         return text(StatusCode::NOT_FOUND, "not found\n", "text/plain");
     }
     let path = dir.join(rel);
-    let meta = match tokio::fs::metadata(&path).await {
-        Ok(m) if m.is_file() && m.len() <= MAX_FILE_BYTES => m,
+    match tokio::fs::metadata(&path).await {
+        Ok(m) if m.is_file() && m.len() <= MAX_FILE_BYTES => {}
         _ if rel == "index.html" => {
             return text(StatusCode::OK, NOT_BUILT, "text/html; charset=utf-8");
         }
@@ -84,21 +81,11 @@ async fn respond<B>(dir: Option<&Path>, req: &Request<B>) -> Response<Full<Bytes
     };
     match tokio::fs::read(&path).await {
         Ok(bytes) => {
-            debug_assert_eq!(bytes.len() as u64, meta.len());
             let mut resp = Response::new(Full::new(Bytes::from(bytes)));
             let headers = resp.headers_mut();
-            headers.insert(
-                "content-type",
-                hyper::header::HeaderValue::from_static(content_type(&path)),
-            );
-            headers.insert(
-                "cache-control",
-                hyper::header::HeaderValue::from_static("no-cache"),
-            );
-            headers.insert(
-                "x-content-type-options",
-                hyper::header::HeaderValue::from_static("nosniff"),
-            );
+            headers.insert("content-type", hyper::header::HeaderValue::from_static(content_type(&path)));
+            headers.insert("cache-control", hyper::header::HeaderValue::from_static("no-cache"));
+            headers.insert("x-content-type-options", hyper::header::HeaderValue::from_static("nosniff"));
             resp
         }
         Err(_) => text(StatusCode::NOT_FOUND, "not found\n", "text/plain"),

@@ -54,30 +54,20 @@ pub struct RunningJob {
 
 impl RunningJob {
     /// Asks the worker to stop at its next micro-batch; it answers with `Failed{Cancelled}`.
-    pub async fn cancel(&self) {
-        let _ = self.control.send(Message::Cancel { job: self.id }).await;
+    /// Never waits: repeated requests beyond the pipe's small buffer are redundant.
+    pub fn cancel(&self) {
+        let _ = self.control.try_send(Message::Cancel { job: self.id });
     }
 }
 
 impl JobRunner {
     pub fn new(exe: PathBuf, limit: usize) -> JobRunner {
-        JobRunner {
-            exe,
-            limit,
-            slots: Arc::new(Semaphore::new(limit)),
-            next_id: AtomicU64::new(1),
-        }
-    }
-
-    pub fn limit(&self) -> usize {
-        self.limit
+        JobRunner { exe, limit, slots: Arc::new(Semaphore::new(limit)), next_id: AtomicU64::new(1) }
     }
 
     /// Starts `plan` (already validated) in a new worker, or refuses when all slots are taken.
     pub fn start(&self, plan: Plan) -> Result<RunningJob, StartError> {
-        let permit = Arc::clone(&self.slots)
-            .try_acquire_owned()
-            .map_err(|_| StartError::Busy { limit: self.limit })?;
+        let permit = Arc::clone(&self.slots).try_acquire_owned().map_err(|_| StartError::Busy { limit: self.limit })?;
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let mut cmd = Command::new(&self.exe);
         cmd.arg("worker")
@@ -95,9 +85,7 @@ impl JobRunner {
         let (Some(mut stdin), Some(mut stdout), Some(stderr)) =
             (child.stdin.take(), child.stdout.take(), child.stderr.take())
         else {
-            return Err(StartError::Spawn(std::io::Error::other(
-                "worker pipes missing",
-            )));
+            return Err(StartError::Spawn(std::io::Error::other("worker pipes missing")));
         };
 
         let (control_tx, mut control_rx) = mpsc::channel::<Message>(8);
@@ -105,10 +93,7 @@ impl JobRunner {
 
         // stdin: the plan, then control messages; closing it tells the worker to stop.
         tokio::spawn(async move {
-            if pipe::write(&mut stdin, &Message::Submit { plan })
-                .await
-                .is_err()
-            {
+            if pipe::write(&mut stdin, &Message::Submit { plan }).await.is_err() {
                 return;
             }
             while let Some(message) = control_rx.recv().await {
@@ -137,12 +122,13 @@ impl JobRunner {
             // client may submit again as soon as it sees the end of its job.
             let mut terminal: Option<Message> = None;
             loop {
-                let read = if events_tx.is_closed() {
-                    // Nobody listens any more: give the worker a grace period to notice.
+                let read = if events_tx.is_closed() || terminal.is_some() {
+                    // Nobody listens any more, or the worker has said its last word: give
+                    // it a grace period to stop or exit.
                     match tokio::time::timeout(ABANDON_GRACE, pipe::read(&mut stdout)).await {
                         Ok(r) => r,
                         Err(_) => {
-                            tracing::warn!(job = id, "worker ignored its closed pipe; killing it");
+                            tracing::warn!(job = id, "worker did not stop or exit in time; killing it");
                             let _ = child.start_kill();
                             break;
                         }
@@ -152,9 +138,7 @@ impl JobRunner {
                 };
                 match read {
                     Ok(Some(Message::Batch(record))) => {
-                        if let Err(mpsc::error::TrySendError::Full(_)) =
-                            events_tx.try_send(Message::Batch(record))
-                        {
+                        if let Err(mpsc::error::TrySendError::Full(_)) = events_tx.try_send(Message::Batch(record)) {
                             dropped += 1;
                         }
                     }
@@ -190,10 +174,6 @@ impl JobRunner {
             let _ = events_tx.send(last).await;
         });
 
-        Ok(RunningJob {
-            id,
-            events: events_rx,
-            control: control_tx,
-        })
+        Ok(RunningJob { id, events: events_rx, control: control_tx })
     }
 }

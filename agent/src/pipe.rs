@@ -13,71 +13,80 @@ pub enum PipeError {
     Codec(#[from] CodecError),
 }
 
+/// The length prefix and the frame, ready to write.
+fn framed(message: &Message) -> Result<Vec<u8>, PipeError> {
+    let frame = codec::encode(message)?;
+    // encode() never returns more than MAX_FRAME_BYTES, which fits a u32.
+    let len =
+        u32::try_from(frame.len()).map_err(|_| CodecError::TooLarge { len: frame.len(), limit: MAX_FRAME_BYTES })?;
+    let mut bytes = Vec::with_capacity(4 + frame.len());
+    bytes.extend_from_slice(&len.to_le_bytes());
+    bytes.extend_from_slice(&frame);
+    Ok(bytes)
+}
+
+/// Checks a length prefix before anything is allocated for it.
+fn frame_len(prefix: [u8; 4]) -> Result<usize, PipeError> {
+    let len = u32::from_le_bytes(prefix) as usize;
+    if len > MAX_FRAME_BYTES {
+        return Err(CodecError::TooLarge { len, limit: MAX_FRAME_BYTES }.into());
+    }
+    Ok(len)
+}
+
+fn end_of_stream<T>(e: std::io::Error) -> Result<Option<T>, PipeError> {
+    if e.kind() == std::io::ErrorKind::UnexpectedEof { Ok(None) } else { Err(e.into()) }
+}
+
 /// Blocking write, for the worker's training thread.
 pub fn write_blocking(out: &mut impl std::io::Write, message: &Message) -> Result<(), PipeError> {
-    let frame = codec::encode(message)?;
-    let len = u32::try_from(frame.len()).map_err(|_| CodecError::TooLarge {
-        len: frame.len(),
-        limit: MAX_FRAME_BYTES,
-    })?;
-    out.write_all(&len.to_le_bytes())?;
-    out.write_all(&frame)?;
+    out.write_all(&framed(message)?)?;
     out.flush()?;
     Ok(())
 }
 
 /// Blocking read; `Ok(None)` at a clean end of stream.
 pub fn read_blocking(input: &mut impl std::io::Read) -> Result<Option<Message>, PipeError> {
-    let mut len = [0u8; 4];
-    match input.read_exact(&mut len) {
-        Ok(()) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(None),
-        Err(e) => return Err(e.into()),
+    let mut prefix = [0u8; 4];
+    if let Err(e) = input.read_exact(&mut prefix) {
+        return end_of_stream(e);
     }
-    let len = u32::from_le_bytes(len) as usize;
-    if len > MAX_FRAME_BYTES {
-        return Err(CodecError::TooLarge {
-            len,
-            limit: MAX_FRAME_BYTES,
-        }
-        .into());
-    }
-    let mut frame = vec![0u8; len];
+    let mut frame = vec![0u8; frame_len(prefix)?];
     input.read_exact(&mut frame)?;
     Ok(Some(codec::decode(&frame)?))
 }
 
-pub async fn write(
-    out: &mut (impl AsyncWrite + Unpin),
-    message: &Message,
-) -> Result<(), PipeError> {
-    let frame = codec::encode(message)?;
-    let len = u32::try_from(frame.len()).map_err(|_| CodecError::TooLarge {
-        len: frame.len(),
-        limit: MAX_FRAME_BYTES,
-    })?;
-    out.write_all(&len.to_le_bytes()).await?;
-    out.write_all(&frame).await?;
+pub async fn write(out: &mut (impl AsyncWrite + Unpin), message: &Message) -> Result<(), PipeError> {
+    out.write_all(&framed(message)?).await?;
     out.flush().await?;
     Ok(())
 }
 
+/// `Ok(None)` at a clean end of stream.
 pub async fn read(input: &mut (impl AsyncRead + Unpin)) -> Result<Option<Message>, PipeError> {
-    let mut len = [0u8; 4];
-    match input.read_exact(&mut len).await {
-        Ok(_) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(None),
-        Err(e) => return Err(e.into()),
+    let mut prefix = [0u8; 4];
+    if let Err(e) = input.read_exact(&mut prefix).await {
+        return end_of_stream(e);
     }
-    let len = u32::from_le_bytes(len) as usize;
-    if len > MAX_FRAME_BYTES {
-        return Err(CodecError::TooLarge {
-            len,
-            limit: MAX_FRAME_BYTES,
-        }
-        .into());
-    }
-    let mut frame = vec![0u8; len];
+    let mut frame = vec![0u8; frame_len(prefix)?];
     input.read_exact(&mut frame).await?;
     Ok(Some(codec::decode(&frame)?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn frames_round_trip_and_oversized_prefixes_are_refused() {
+        let mut buf = Vec::new();
+        write_blocking(&mut buf, &Message::Cancel { job: 3 }).expect("write");
+        write_blocking(&mut buf, &Message::Cancel { job: 4 }).expect("write");
+        let mut input = &buf[..];
+        assert_eq!(read_blocking(&mut input).expect("read"), Some(Message::Cancel { job: 3 }));
+        assert_eq!(read_blocking(&mut input).expect("read"), Some(Message::Cancel { job: 4 }));
+        assert_eq!(read_blocking(&mut input).expect("end"), None);
+        let huge = u32::try_from(MAX_FRAME_BYTES + 1).expect("fits").to_le_bytes();
+        assert!(matches!(read_blocking(&mut &huge[..]), Err(PipeError::Codec(CodecError::TooLarge { .. }))));
+    }
 }

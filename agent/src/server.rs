@@ -27,8 +27,13 @@ use crate::{http, session};
 
 /// Bytes of a request line we wait for before routing; longer lines are refused.
 const MAX_REQUEST_LINE: usize = 8192;
-/// A client that sends no request line within this is dropped.
+/// A client that sends no request line, or does not finish its handshake, within this
+/// is dropped, so stalled sockets cannot hold connection slots.
 const REQUEST_LINE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Kernel send buffer per connection. Without a cap, autotuning lets a client that stops
+/// reading pin megabytes in the kernel; with it, backlog beyond this and the job's event
+/// buffer is dropped (and counted) instead.
+const SEND_BUFFER_BYTES: usize = 256 * 1024;
 /// Frames up to twice the codec's limit are read, so that the codec can answer a
 /// too-large message with a clear error; larger ones fail inside tungstenite.
 const WS_READ_LIMIT: usize = 2 * MAX_FRAME_BYTES;
@@ -74,32 +79,21 @@ fn cpu_device() -> DeviceInfo {
     let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
     let name = cpuinfo
         .lines()
-        .find_map(|l| {
-            l.strip_prefix("model name")
-                .and_then(|v| v.split_once(':'))
-                .map(|(_, n)| n.trim().to_owned())
-        })
+        .find_map(|l| l.strip_prefix("model name").and_then(|v| v.split_once(':')).map(|(_, n)| n.trim().to_owned()))
         .unwrap_or_else(|| std::env::consts::ARCH.to_owned());
-    DeviceInfo {
-        id: "cpu".into(),
-        name,
-        total_memory_bytes: total_kib * 1024,
-    }
+    DeviceInfo { id: "cpu".into(), name, total_memory_bytes: total_kib * 1024 }
 }
 
 impl Server {
     pub async fn bind(config: Config) -> anyhow::Result<Server> {
-        let listener = TcpListener::bind(config.bind)
-            .await
-            .with_context(|| format!("binding {}", config.bind))?;
+        let listener = TcpListener::bind(config.bind).await.with_context(|| format!("binding {}", config.bind))?;
         let addr = listener.local_addr()?;
         let mut origins = auth::own_origins(addr.port(), &addr.ip().to_string());
         for o in &config.extra_origins {
             origins
-                .push(Origin::parse(o).with_context(|| {
-                    format!("--allow-origin {o:?} is not scheme://host[:port]")
-                })?);
+                .push(Origin::parse(o).with_context(|| format!("--allow-origin {o:?} is not scheme://host[:port]"))?);
         }
+        let cuda_devices = probe_cuda(&config.worker_exe).await;
         let gpus = crate::train::memory::nvml_devices();
         let mut devices: Vec<DeviceInfo> = gpus
             .iter()
@@ -116,7 +110,9 @@ impl Server {
             agent_version: env!("CARGO_PKG_VERSION").to_owned(),
             devices,
             capabilities: Capabilities {
-                cuda: !gpus.is_empty(),
+                // What libtorch can use, not what NVML sees: a driver too old for this
+                // libtorch shows GPUs in NVML that jobs cannot run on.
+                cuda: cuda_devices > 0,
                 nvml: crate::train::memory::nvml_available(),
                 max_concurrent_jobs: u32::try_from(config.max_jobs).unwrap_or(u32::MAX),
             },
@@ -128,11 +124,7 @@ impl Server {
             runner: JobRunner::new(config.worker_exe, config.max_jobs),
             web_dir: config.web_dir,
         };
-        Ok(Server {
-            listener,
-            state: Arc::new(state),
-            max_connections: config.max_connections,
-        })
+        Ok(Server { listener, state: Arc::new(state), max_connections: config.max_connections })
     }
 
     pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
@@ -174,10 +166,21 @@ impl Server {
         }
         tracing::info!("shutting down");
         let _ = stop_tx.send(true);
-        let _ = tokio::time::timeout(Duration::from_secs(5), async {
-            while tasks.join_next().await.is_some() {}
-        })
-        .await;
+        let _ =
+            tokio::time::timeout(Duration::from_secs(5), async { while tasks.join_next().await.is_some() {} }).await;
+    }
+}
+
+/// Asks a worker process how many CUDA devices libtorch can use; the agent itself never
+/// initialises CUDA, so it holds no GPU memory of its own.
+async fn probe_cuda(exe: &std::path::Path) -> i64 {
+    let probe = tokio::process::Command::new(exe).args(["worker", "--probe"]).kill_on_drop(true).output();
+    match tokio::time::timeout(Duration::from_secs(120), probe).await {
+        Ok(Ok(out)) if out.status.success() => String::from_utf8_lossy(&out.stdout).trim().parse().unwrap_or(0),
+        other => {
+            tracing::warn!("could not probe CUDA devices ({other:?}); jobs will run on the CPU");
+            0
+        }
     }
 }
 
@@ -205,11 +208,8 @@ async fn is_websocket_request(stream: &TcpStream) -> anyhow::Result<bool> {
     Ok(target == "/ws" || target.starts_with("/ws?"))
 }
 
-async fn handle(
-    stream: TcpStream,
-    state: Arc<State>,
-    stop: watch::Receiver<bool>,
-) -> anyhow::Result<()> {
+async fn handle(stream: TcpStream, state: Arc<State>, stop: watch::Receiver<bool>) -> anyhow::Result<()> {
+    socket2::SockRef::from(&stream).set_send_buffer_size(SEND_BUFFER_BYTES)?;
     if !is_websocket_request(&stream).await? {
         return http::serve(stream, state.web_dir.clone()).await;
     }
@@ -220,8 +220,8 @@ async fn handle(
     let mut config = WebSocketConfig::default();
     config.max_message_size = Some(WS_READ_LIMIT);
     config.max_frame_size = Some(WS_READ_LIMIT);
-    let ws =
-        tokio_tungstenite::accept_hdr_async_with_config(stream, callback, Some(config)).await?;
+    let handshake = tokio_tungstenite::accept_hdr_async_with_config(stream, callback, Some(config));
+    let ws = tokio::time::timeout(REQUEST_LINE_TIMEOUT, handshake).await.context("websocket handshake timed out")??;
     session::run(Connection::new(ws), state, stop).await;
     Ok(())
 }
@@ -253,10 +253,7 @@ fn authorize(state: &State, req: &Request) -> Result<(), ErrorResponse> {
         let allowed = Origin::parse(text).is_some_and(|o| state.origins.contains(&o));
         if !allowed {
             tracing::warn!(origin = text, "refused a WebSocket from a foreign origin");
-            return Err(reject(
-                StatusCode::FORBIDDEN,
-                &format!("origin {text:?} is not allowed"),
-            ));
+            return Err(reject(StatusCode::FORBIDDEN, &format!("origin {text:?} is not allowed")));
         }
     }
     Ok(())

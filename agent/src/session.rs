@@ -18,18 +18,11 @@ async fn next_event(job: &mut Option<RunningJob>) -> Option<Message> {
 }
 
 fn error(code: ErrorCode, message: impl Into<String>) -> Message {
-    Message::Error {
-        code,
-        message: message.into(),
-    }
+    Message::Error { code, message: message.into() }
 }
 
 pub async fn run(mut conn: Connection, state: Arc<State>, mut shutdown: watch::Receiver<bool>) {
-    if conn
-        .write(&Message::Hello(state.hello.clone()))
-        .await
-        .is_err()
-    {
+    if conn.write(&Message::Hello(state.hello.clone())).await.is_err() {
         return;
     }
     // Dropping the job (client gone) closes the worker's stdin, which stops it.
@@ -44,7 +37,7 @@ pub async fn run(mut conn: Connection, state: Arc<State>, mut shutdown: watch::R
                     }
                 }
                 Ok(Some(Message::Cancel { job: id })) => match &job {
-                    Some(running) if running.id == id => running.cancel().await,
+                    Some(running) if running.id == id => running.cancel(),
                     _ => {
                         if conn.write(&error(ErrorCode::UnknownJob, format!("no running job {id} on this connection"))).await.is_err() {
                             break;
@@ -94,10 +87,7 @@ pub async fn run(mut conn: Connection, state: Arc<State>, mut shutdown: watch::R
 
 fn submit(state: &State, job: &mut Option<RunningJob>, plan: shared::Plan) -> Message {
     if job.is_some() {
-        return error(
-            ErrorCode::Busy,
-            "this connection already runs a job; cancel it or wait for it to finish",
-        );
+        return error(ErrorCode::Busy, "this connection already runs a job; cancel it or wait for it to finish");
     }
     let estimate = match shared::estimate(&plan) {
         Ok(e) => e,
@@ -121,11 +111,7 @@ fn submit(state: &State, job: &mut Option<RunningJob>, plan: shared::Plan) -> Me
             let id = running.id;
             tracing::info!(job = id, %device, "job accepted");
             *job = Some(running);
-            Message::Accepted {
-                job: id,
-                estimate,
-                device,
-            }
+            Message::Accepted { job: id, estimate, device }
         }
         Err(e @ StartError::Busy { .. }) => error(ErrorCode::Busy, e.to_string()),
         Err(e) => error(ErrorCode::Internal, e.to_string()),

@@ -38,10 +38,7 @@ pub fn run(job: JobId) -> anyhow::Result<()> {
     };
     drop(stdin);
     // Count every CPU tensor from here on, and enforce the plan's limit on the CPU.
-    let cpu_budget = match train::resolve_device(plan.device) {
-        Ok((tch::Device::Cpu, _)) => plan.memory_limit_bytes,
-        _ => None,
-    };
+    let cpu_budget = if train::runs_on_cpu(plan.device) { plan.memory_limit_bytes } else { None };
     memory::install_cpu_counter(cpu_budget);
 
     let stop = Arc::new(AtomicBool::new(false));
@@ -58,9 +55,7 @@ pub fn run(job: JobId) -> anyhow::Result<()> {
         watcher_stop.store(true, Ordering::Relaxed);
     });
 
-    let estimated = shared::estimate(&plan)
-        .map(|e| e.peak_bytes.get())
-        .unwrap_or(0);
+    let estimated = shared::estimate(&plan).map(|e| e.peak_bytes.get()).unwrap_or(0);
     let mut write_failed = false;
     let result = train::train(&plan, job, estimated, &stop, |record| {
         if !write_failed && pipe::write_blocking(&mut out, &Message::Batch(record)).is_err() {
@@ -71,28 +66,27 @@ pub fn run(job: JobId) -> anyhow::Result<()> {
     });
     let last = match result {
         Ok(summary) => Message::Finished { job, summary },
-        Err(e) => Message::Failed {
-            job,
-            error: e.to_wire(),
-        },
+        Err(e) => Message::Failed { job, error: e.to_wire() },
     };
     pipe::write_blocking(&mut out, &last)?;
     out.flush()?;
+    // Everything is said: leave without running libtorch's teardown, which has nothing
+    // left to do for us and must not be able to hold the job's slot.
+    std::process::exit(0);
+}
+
+/// `headroom worker --probe`: prints how many CUDA devices libtorch can use, so the
+/// agent learns it without initialising CUDA in its own process.
+pub fn probe() -> anyhow::Result<()> {
+    println!("{}", train::cuda_device_count());
     Ok(())
 }
 
 /// A failure the agent reports when the worker died without saying why.
 pub fn crashed(job: JobId, status: &str, stderr_tail: &str) -> Message {
-    let detail = if stderr_tail.trim().is_empty() {
-        String::new()
-    } else {
-        format!(": {}", stderr_tail.trim())
-    };
+    let detail = if stderr_tail.trim().is_empty() { String::new() } else { format!(": {}", stderr_tail.trim()) };
     Message::Failed {
         job,
-        error: JobError {
-            code: ErrorCode::WorkerCrashed,
-            message: format!("worker process {status}{detail}"),
-        },
+        error: JobError { code: ErrorCode::WorkerCrashed, message: format!("worker process {status}{detail}") },
     }
 }

@@ -19,10 +19,7 @@ pub fn App() -> impl IntoView {
     let socket = socket::use_agent_socket(agent);
     let form = RwSignal::new(PlanForm::default());
     let plan = Memo::new(move |_| form.with(PlanForm::to_plan));
-    let estimate = Signal::derive(move || {
-        plan.get()
-            .and_then(|p| shared::estimate(&p).map_err(|e| e.to_string()))
-    });
+    let estimate = Signal::derive(move || plan.get().and_then(|p| shared::estimate(&p).map_err(|e| e.to_string())));
 
     let connection = move || match agent.connection.get() {
         Connection::Connecting => "connecting to the agent…".to_owned(),
@@ -30,11 +27,7 @@ pub fn App() -> impl IntoView {
             Some(h) => format!(
                 "connected to agent {} · {}",
                 h.agent_version,
-                h.devices
-                    .iter()
-                    .map(|d| format!("{} {}", d.id, d.name))
-                    .collect::<Vec<_>>()
-                    .join(", ")
+                h.devices.iter().map(|d| format!("{} {}", d.id, d.name)).collect::<Vec<_>>().join(", ")
             ),
             None => "connected".to_owned(),
         },

@@ -20,9 +20,9 @@ impl AgentSocket {
     pub fn send(&self, message: &Message) -> Result<(), String> {
         let bytes = codec::encode(message).map_err(|e| e.to_string())?;
         self.socket.with_value(|ws| match ws {
-            Some(ws) if ws.ready_state() == WebSocket::OPEN => ws
-                .send_with_u8_array(&bytes)
-                .map_err(|_| "the agent connection refused the message".to_owned()),
+            Some(ws) if ws.ready_state() == WebSocket::OPEN => {
+                ws.send_with_u8_array(&bytes).map_err(|_| "the agent connection refused the message".to_owned())
+            }
             _ => Err("not connected to an agent".to_owned()),
         })
     }
@@ -31,43 +31,23 @@ impl AgentSocket {
 /// The token the agent printed in the page's URL (`?token=...`).
 fn token_from_location() -> Option<String> {
     let search = web_sys::window()?.location().search().ok()?;
-    search
-        .trim_start_matches('?')
-        .split('&')
-        .find_map(|kv| kv.strip_prefix("token="))
-        .map(str::to_owned)
+    search.trim_start_matches('?').split('&').find_map(|kv| kv.strip_prefix("token=")).map(str::to_owned)
 }
 
 fn socket_url(token: &str) -> Option<String> {
     let location = web_sys::window()?.location();
-    let scheme = if location.protocol().ok()? == "https:" {
-        "wss"
-    } else {
-        "ws"
-    };
-    Some(format!(
-        "{scheme}://{}/ws?token={token}",
-        location.host().ok()?
-    ))
+    let scheme = if location.protocol().ok()? == "https:" { "wss" } else { "ws" };
+    Some(format!("{scheme}://{}/ws?token={token}", location.host().ok()?))
 }
 
 fn apply(state: AgentState, message: Message) {
     match message {
         Message::Hello(hello) => state.hello.set(Some(hello)),
-        Message::Accepted {
-            job,
-            estimate,
-            device,
-        } => {
+        Message::Accepted { job, estimate, device } => {
             state.records.set(Vec::new());
-            state
-                .estimated_peak_bytes
-                .set(Some(estimate.peak_bytes.get()));
-            state.job.set(JobState::Running {
-                job,
-                device,
-                estimated_peak_bytes: estimate.peak_bytes.get(),
-            });
+            state.notice.set(None);
+            state.estimated_peak_bytes.set(Some(estimate.peak_bytes.get()));
+            state.job.set(JobState::Running { job, device, estimated_peak_bytes: estimate.peak_bytes.get() });
         }
         Message::Batch(record) => state.records.update(|r| {
             if r.len() < MAX_RECORDS {
@@ -75,15 +55,15 @@ fn apply(state: AgentState, message: Message) {
             }
         }),
         Message::Finished { job, summary } => state.job.set(JobState::Finished { job, summary }),
-        Message::Failed { job, error } => state.job.set(JobState::Failed {
-            job: Some(job),
-            error,
-        }),
+        Message::Failed { job, error } => state.job.set(JobState::Failed { job: Some(job), error }),
         Message::Error { code, message } => {
-            state.job.set(JobState::Failed {
-                job: None,
-                error: JobError { code, message },
-            });
+            // A refused submission ends the "submitted" state; anything else is a notice
+            // beside the running job, which goes on.
+            if matches!(state.job.get_untracked(), JobState::Running { .. }) {
+                state.notice.set(Some(format!("the agent said ({code:?}): {message}")));
+            } else {
+                state.job.set(JobState::Failed { job: None, error: JobError { code, message } });
+            }
         }
         Message::Submit { .. } | Message::Cancel { .. } => {}
     }
@@ -93,23 +73,17 @@ fn apply(state: AgentState, message: Message) {
 pub fn use_agent_socket(state: AgentState) -> AgentSocket {
     let socket = StoredValue::new_local(None::<WebSocket>);
     let Some(token) = token_from_location() else {
-        state.connection.set(Connection::Closed(
-            "no token in the page address: open the URL the agent printed".into(),
-        ));
+        state.connection.set(Connection::Closed("no token in the page address: open the URL the agent printed".into()));
         return AgentSocket { socket };
     };
     let Some(url) = socket_url(&token) else {
-        state.connection.set(Connection::Closed(
-            "cannot tell the agent's address from this page".into(),
-        ));
+        state.connection.set(Connection::Closed("cannot tell the agent's address from this page".into()));
         return AgentSocket { socket };
     };
     let ws = match WebSocket::new(&url) {
         Ok(ws) => ws,
         Err(_) => {
-            state
-                .connection
-                .set(Connection::Closed(format!("cannot open {url}")));
+            state.connection.set(Connection::Closed(format!("cannot open {url}")));
             return AgentSocket { socket };
         }
     };
@@ -126,13 +100,9 @@ pub fn use_agent_socket(state: AgentState) -> AgentSocket {
         let bytes = js_sys::Uint8Array::new(&buffer).to_vec();
         match codec::decode(&bytes) {
             Ok(message) => apply(state, message),
-            Err(e) => apply(
-                state,
-                Message::Error {
-                    code: ErrorCode::Malformed,
-                    message: format!("from the agent: {e}"),
-                },
-            ),
+            Err(e) => {
+                apply(state, Message::Error { code: ErrorCode::Malformed, message: format!("from the agent: {e}") })
+            }
         }
     });
     ws.set_onmessage(Some(on_message.as_ref().unchecked_ref()));
@@ -144,6 +114,19 @@ pub fn use_agent_socket(state: AgentState) -> AgentSocket {
         } else {
             format!("connection closed: {}", event.reason())
         };
+        // A job cannot report its end over a closed socket: say so instead of
+        // showing it as running forever.
+        if let JobState::Running { job, .. } = state.job.get_untracked() {
+            state.job.set(JobState::Failed {
+                job: Some(job),
+                error: JobError { code: ErrorCode::Internal, message: format!("lost the agent: {reason}") },
+            });
+        } else if state.job.get_untracked() == JobState::Submitted {
+            state.job.set(JobState::Failed {
+                job: None,
+                error: JobError { code: ErrorCode::Internal, message: format!("lost the agent: {reason}") },
+            });
+        }
         state.connection.set(Connection::Closed(reason));
     });
     ws.set_onclose(Some(on_close.as_ref().unchecked_ref()));

@@ -35,16 +35,11 @@ fn join(v: &[u64]) -> String {
 }
 
 fn parse_u64(field: &str, text: &str) -> Result<u64, String> {
-    text.trim()
-        .parse::<u64>()
-        .map_err(|_| format!("{field}: expected a whole number, got {text:?}"))
+    text.trim().parse::<u64>().map_err(|_| format!("{field}: expected a whole number, got {text:?}"))
 }
 
 fn parse_list(field: &str, text: &str) -> Result<Vec<u64>, String> {
-    text.split(',')
-        .filter(|s| !s.trim().is_empty())
-        .map(|s| parse_u64(field, s))
-        .collect()
+    text.split(',').filter(|s| !s.trim().is_empty()).map(|s| parse_u64(field, s)).collect()
 }
 
 impl PlanForm {
@@ -81,28 +76,16 @@ impl PlanForm {
             other => return Err(format!("model: unknown model {other:?}")),
         };
         let optimizer = match self.optimizer.as_str() {
-            "adamw" => Optimizer::AdamW {
-                beta1: 0.9,
-                beta2: 0.999,
-                eps: 1e-8,
-                weight_decay: 0.01,
-            },
-            "momentum" => Optimizer::Sgd {
-                momentum: 0.9,
-                weight_decay: 0.0,
-            },
-            "sgd" => Optimizer::Sgd {
-                momentum: 0.0,
-                weight_decay: 0.0,
-            },
+            "adamw" => Optimizer::AdamW { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.01 },
+            "momentum" => Optimizer::Sgd { momentum: 0.9, weight_decay: 0.0 },
+            "sgd" => Optimizer::Sgd { momentum: 0.0, weight_decay: 0.0 },
             other => return Err(format!("optimizer: unknown optimizer {other:?}")),
         };
-        let learning_rate = self.learning_rate.trim().parse::<f64>().map_err(|_| {
-            format!(
-                "learning_rate: expected a number, got {:?}",
-                self.learning_rate
-            )
-        })?;
+        let learning_rate = self
+            .learning_rate
+            .trim()
+            .parse::<f64>()
+            .map_err(|_| format!("learning_rate: expected a number, got {:?}", self.learning_rate))?;
         let device = match self.device.as_str() {
             "auto" => DeviceChoice::Auto,
             "cpu" => DeviceChoice::Cpu,
@@ -144,19 +127,9 @@ pub enum Connection {
 pub enum JobState {
     Idle,
     Submitted,
-    Running {
-        job: JobId,
-        device: String,
-        estimated_peak_bytes: u64,
-    },
-    Finished {
-        job: JobId,
-        summary: Summary,
-    },
-    Failed {
-        job: Option<JobId>,
-        error: JobError,
-    },
+    Running { job: JobId, device: String, estimated_peak_bytes: u64 },
+    Finished { job: JobId, summary: Summary },
+    Failed { job: Option<JobId>, error: JobError },
 }
 
 /// Everything the agent socket updates; provided as context.
@@ -168,6 +141,8 @@ pub struct AgentState {
     pub records: RwSignal<Vec<BatchRecord>>,
     /// The estimate sent with the running job (a reference line on the memory chart).
     pub estimated_peak_bytes: RwSignal<Option<u64>>,
+    /// An error from the agent that does not end the running job (an unknown job id).
+    pub notice: RwSignal<Option<String>>,
 }
 
 impl AgentState {
@@ -178,6 +153,7 @@ impl AgentState {
             job: RwSignal::new(JobState::Idle),
             records: RwSignal::new(Vec::new()),
             estimated_peak_bytes: RwSignal::new(None),
+            notice: RwSignal::new(None),
         }
     }
 }

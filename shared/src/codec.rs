@@ -43,47 +43,30 @@ impl CodecError {
 pub fn encode(message: &Message) -> Result<Vec<u8>, CodecError> {
     let mut frame = PROTOCOL_VERSION.to_le_bytes().to_vec();
     // Encoding has no limit of its own in bincode: the size is checked below.
-    let payload =
-        bincode::serde::encode_to_vec(message, config()).map_err(|e| CodecError::Malformed {
-            reason: e.to_string(),
-        })?;
+    let payload = bincode::serde::encode_to_vec(message, config())
+        .map_err(|e| CodecError::Malformed { reason: e.to_string() })?;
     frame.extend_from_slice(&payload);
     if frame.len() > MAX_FRAME_BYTES {
-        return Err(CodecError::TooLarge {
-            len: frame.len(),
-            limit: MAX_FRAME_BYTES,
-        });
+        return Err(CodecError::TooLarge { len: frame.len(), limit: MAX_FRAME_BYTES });
     }
     Ok(frame)
 }
 
 pub fn decode(frame: &[u8]) -> Result<Message, CodecError> {
     if frame.len() > MAX_FRAME_BYTES {
-        return Err(CodecError::TooLarge {
-            len: frame.len(),
-            limit: MAX_FRAME_BYTES,
-        });
+        return Err(CodecError::TooLarge { len: frame.len(), limit: MAX_FRAME_BYTES });
     }
     let Some((version, payload)) = frame.split_first_chunk::<VERSION_BYTES>() else {
-        return Err(CodecError::Malformed {
-            reason: format!("{} bytes is shorter than a header", frame.len()),
-        });
+        return Err(CodecError::Malformed { reason: format!("{} bytes is shorter than a header", frame.len()) });
     };
     let got = u16::from_le_bytes(*version);
     if got != PROTOCOL_VERSION {
-        return Err(CodecError::UnsupportedVersion {
-            got,
-            want: PROTOCOL_VERSION,
-        });
+        return Err(CodecError::UnsupportedVersion { got, want: PROTOCOL_VERSION });
     }
     let (message, read) = bincode::serde::decode_from_slice::<Message, _>(payload, config())
-        .map_err(|e| CodecError::Malformed {
-            reason: e.to_string(),
-        })?;
+        .map_err(|e| CodecError::Malformed { reason: e.to_string() })?;
     if read != payload.len() {
-        return Err(CodecError::Malformed {
-            reason: format!("{} trailing bytes", payload.len() - read),
-        });
+        return Err(CodecError::Malformed { reason: format!("{} trailing bytes", payload.len() - read) });
     }
     Ok(message)
 }
@@ -119,11 +102,7 @@ mod tests {
         // If this fails, the wire format changed: bump PROTOCOL_VERSION and update it.
         let bytes = encode(&Message::Cancel { job: 5 }).expect("encode");
         assert_eq!(bytes, vec![1, 0, 6, 5]);
-        let bytes = encode(&Message::Error {
-            code: ErrorCode::Busy,
-            message: "busy".into(),
-        })
-        .expect("encode");
+        let bytes = encode(&Message::Error { code: ErrorCode::Busy, message: "busy".into() }).expect("encode");
         assert_eq!(bytes, vec![1, 0, 7, 5, 4, b'b', b'u', b's', b'y']);
     }
 
@@ -135,23 +114,11 @@ mod tests {
             Message::Hello(Hello {
                 protocol_version: PROTOCOL_VERSION,
                 agent_version: "0.1.0".into(),
-                devices: vec![DeviceInfo {
-                    id: "cpu".into(),
-                    name: "x86_64".into(),
-                    total_memory_bytes: 1 << 34,
-                }],
-                capabilities: Capabilities {
-                    cuda: false,
-                    nvml: false,
-                    max_concurrent_jobs: 1,
-                },
+                devices: vec![DeviceInfo { id: "cpu".into(), name: "x86_64".into(), total_memory_bytes: 1 << 34 }],
+                capabilities: Capabilities { cuda: false, nvml: false, max_concurrent_jobs: 1 },
             }),
             Message::Submit { plan },
-            Message::Accepted {
-                job: 1,
-                estimate,
-                device: "cpu".into(),
-            },
+            Message::Accepted { job: 1, estimate, device: "cpu".into() },
             record(1, 3, 2.25, Some(5)),
             Message::Finished {
                 job: 1,
@@ -169,13 +136,7 @@ mod tests {
                     phase_peaks: vec![(Phase::Backward, 9)],
                 },
             },
-            Message::Failed {
-                job: 1,
-                error: JobError {
-                    code: ErrorCode::OutOfMemory,
-                    message: "oom".into(),
-                },
-            },
+            Message::Failed { job: 1, error: JobError { code: ErrorCode::OutOfMemory, message: "oom".into() } },
         ];
         for m in messages {
             assert_eq!(decode(&encode(&m).expect("encode")).expect("decode"), m);
@@ -186,37 +147,19 @@ mod tests {
     fn rejects_other_versions_garbage_and_oversized_frames() {
         let mut frame = encode(&Message::Cancel { job: 1 }).expect("encode");
         frame[0] = 9;
-        assert_eq!(
-            decode(&frame),
-            Err(CodecError::UnsupportedVersion { got: 9, want: 1 })
-        );
+        assert_eq!(decode(&frame), Err(CodecError::UnsupportedVersion { got: 9, want: 1 }));
         assert!(matches!(decode(&[1]), Err(CodecError::Malformed { .. })));
-        assert!(matches!(
-            decode(&[1, 0, 200, 200, 200]),
-            Err(CodecError::Malformed { .. })
-        ));
+        assert!(matches!(decode(&[1, 0, 200, 200, 200]), Err(CodecError::Malformed { .. })));
         let mut trailing = encode(&Message::Cancel { job: 1 }).expect("encode");
         trailing.push(0);
-        assert!(matches!(
-            decode(&trailing),
-            Err(CodecError::Malformed { .. })
-        ));
+        assert!(matches!(decode(&trailing), Err(CodecError::Malformed { .. })));
         let big = vec![0u8; MAX_FRAME_BYTES + 1];
-        assert_eq!(
-            decode(&big),
-            Err(CodecError::TooLarge {
-                len: MAX_FRAME_BYTES + 1,
-                limit: MAX_FRAME_BYTES
-            })
-        );
+        assert_eq!(decode(&big), Err(CodecError::TooLarge { len: MAX_FRAME_BYTES + 1, limit: MAX_FRAME_BYTES }));
         // A length prefix that claims more than the limit is refused before allocating.
         let mut lying = vec![1, 0, 7, 0];
         lying.extend_from_slice(&[253, 255, 255, 255, 255, 255, 255, 255, 127]);
         assert!(matches!(decode(&lying), Err(CodecError::Malformed { .. })));
-        let huge = Message::Error {
-            code: ErrorCode::Internal,
-            message: "x".repeat(MAX_FRAME_BYTES),
-        };
+        let huge = Message::Error { code: ErrorCode::Internal, message: "x".repeat(MAX_FRAME_BYTES) };
         assert!(matches!(encode(&huge), Err(CodecError::TooLarge { .. })));
     }
 

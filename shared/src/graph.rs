@@ -18,13 +18,7 @@ pub enum Layer {
     /// `y = x W^T + b` with `W: [out_features, in_features]`.
     Linear { in_features: u64, out_features: u64 },
     /// 2-D convolution with a square kernel and a bias; input `[C, H, W]`.
-    Conv2d {
-        in_channels: u64,
-        out_channels: u64,
-        kernel: u64,
-        stride: u64,
-        padding: u64,
-    },
+    Conv2d { in_channels: u64, out_channels: u64, kernel: u64, stride: u64, padding: u64 },
     /// Rectified linear unit, not in place.
     Relu,
     /// 2-D max pooling with a square window.
@@ -50,11 +44,7 @@ pub struct Graph {
 #[derive(Debug, Error, Clone, PartialEq, Eq)]
 pub enum GraphError {
     #[error("layer {index} ({layer}): {reason}")]
-    Shape {
-        index: usize,
-        layer: &'static str,
-        reason: String,
-    },
+    Shape { index: usize, layer: &'static str, reason: String },
 }
 
 impl Layer {
@@ -71,29 +61,18 @@ impl Layer {
     /// Shapes of the trainable tensors, in the order the trainer creates them.
     pub fn param_shapes(&self) -> Vec<Shape> {
         match *self {
-            Layer::Linear {
-                in_features,
-                out_features,
-            } => {
+            Layer::Linear { in_features, out_features } => {
                 vec![vec![out_features, in_features], vec![out_features]]
             }
-            Layer::Conv2d {
-                in_channels,
-                out_channels,
-                kernel,
-                ..
-            } => {
-                vec![
-                    vec![out_channels, in_channels, kernel, kernel],
-                    vec![out_channels],
-                ]
+            Layer::Conv2d { in_channels, out_channels, kernel, .. } => {
+                vec![vec![out_channels, in_channels, kernel, kernel], vec![out_channels]]
             }
             Layer::Flatten | Layer::Relu | Layer::MaxPool2d { .. } => Vec::new(),
         }
     }
 
     pub fn n_params(&self) -> u64 {
-        self.param_shapes().iter().map(|s| numel(s)).sum()
+        self.param_shapes().iter().fold(0u64, |acc, s| acc.saturating_add(numel(s)))
     }
 
     /// The per-sample output shape for a per-sample input shape.
@@ -101,23 +80,14 @@ impl Layer {
         match *self {
             Layer::Flatten => Ok(vec![numel(input)]),
             Layer::Relu => Ok(input.to_vec()),
-            Layer::Linear {
-                in_features,
-                out_features,
-            } => match input {
+            Layer::Linear { in_features, out_features } => match input {
                 [n] if *n == in_features => Ok(vec![out_features]),
                 _ => Err(format!("expects [{in_features}] features, got {input:?}")),
             },
-            Layer::Conv2d {
-                in_channels,
-                out_channels,
-                kernel,
-                stride,
-                padding,
-            } => match input {
+            Layer::Conv2d { in_channels, out_channels, kernel, stride, padding } => match input {
                 [c, h, w] if *c == in_channels => {
                     let out = |size: u64| -> Result<u64, String> {
-                        let padded = size + 2 * padding;
+                        let padded = size.saturating_add(padding.saturating_mul(2));
                         if stride == 0 || padded < kernel {
                             return Err(format!(
                                 "kernel {kernel} does not fit an input of {size} with padding {padding}"
@@ -130,11 +100,9 @@ impl Layer {
                 _ => Err(format!("expects [{in_channels}, H, W], got {input:?}")),
             },
             Layer::MaxPool2d { kernel, stride } => match input {
-                [c, h, w] if *h >= kernel && *w >= kernel && stride > 0 => Ok(vec![
-                    *c,
-                    (h - kernel) / stride + 1,
-                    (w - kernel) / stride + 1,
-                ]),
+                [c, h, w] if *h >= kernel && *w >= kernel && stride > 0 => {
+                    Ok(vec![*c, (h - kernel) / stride + 1, (w - kernel) / stride + 1])
+                }
                 _ => Err(format!("a {kernel}x{kernel} window does not fit {input:?}")),
             },
         }
@@ -147,18 +115,12 @@ impl Graph {
         let mut nodes = Vec::with_capacity(layers.len());
         let mut shape = input.clone();
         for (index, layer) in layers.into_iter().enumerate() {
-            let output = layer
-                .output_shape(&shape)
-                .map_err(|reason| GraphError::Shape {
-                    index,
-                    layer: layer.name(),
-                    reason,
-                })?;
-            nodes.push(Node {
-                layer,
-                input: shape,
-                output: output.clone(),
-            });
+            let output = layer.output_shape(&shape).map_err(|reason| GraphError::Shape {
+                index,
+                layer: layer.name(),
+                reason,
+            })?;
+            nodes.push(Node { layer, input: shape, output: output.clone() });
             shape = output;
         }
         Ok(Graph { input, nodes })
@@ -169,21 +131,19 @@ impl Graph {
     }
 
     pub fn n_params(&self) -> u64 {
-        self.nodes.iter().map(|n| n.layer.n_params()).sum()
+        self.nodes.iter().fold(0u64, |acc, n| acc.saturating_add(n.layer.n_params()))
     }
 
     /// Every parameter tensor's shape, in creation order.
     pub fn param_shapes(&self) -> Vec<Shape> {
-        self.nodes
-            .iter()
-            .flat_map(|n| n.layer.param_shapes())
-            .collect()
+        self.nodes.iter().flat_map(|n| n.layer.param_shapes()).collect()
     }
 }
 
-/// Number of elements of a shape (1 for a scalar).
+/// Number of elements of a shape (1 for a scalar). Saturates at `u64::MAX` instead of
+/// wrapping, so that limits catch absurd shapes.
 pub fn numel(shape: &[u64]) -> u64 {
-    shape.iter().product()
+    shape.iter().fold(1u64, |acc, &d| acc.saturating_mul(d))
 }
 
 #[cfg(test)]
@@ -196,27 +156,15 @@ mod tests {
         let g = Graph::new(
             vec![1024],
             vec![
-                Layer::Linear {
-                    in_features: 1024,
-                    out_features: 4096,
-                },
+                Layer::Linear { in_features: 1024, out_features: 4096 },
                 Layer::Relu,
-                Layer::Linear {
-                    in_features: 4096,
-                    out_features: 4096,
-                },
+                Layer::Linear { in_features: 4096, out_features: 4096 },
                 Layer::Relu,
-                Layer::Linear {
-                    in_features: 4096,
-                    out_features: 10,
-                },
+                Layer::Linear { in_features: 4096, out_features: 10 },
             ],
         )
         .expect("valid mlp");
-        assert_eq!(
-            g.n_params(),
-            1024 * 4096 + 4096 + 4096 * 4096 + 4096 + 4096 * 10 + 10
-        );
+        assert_eq!(g.n_params(), 1024 * 4096 + 4096 + 4096 * 4096 + 4096 + 4096 * 10 + 10);
         assert_eq!(g.output(), &[10]);
     }
 
@@ -225,23 +173,11 @@ mod tests {
         let g = Graph::new(
             vec![3, 32, 32],
             vec![
-                Layer::Conv2d {
-                    in_channels: 3,
-                    out_channels: 16,
-                    kernel: 3,
-                    stride: 1,
-                    padding: 1,
-                },
+                Layer::Conv2d { in_channels: 3, out_channels: 16, kernel: 3, stride: 1, padding: 1 },
                 Layer::Relu,
-                Layer::MaxPool2d {
-                    kernel: 2,
-                    stride: 2,
-                },
+                Layer::MaxPool2d { kernel: 2, stride: 2 },
                 Layer::Flatten,
-                Layer::Linear {
-                    in_features: 16 * 16 * 16,
-                    out_features: 10,
-                },
+                Layer::Linear { in_features: 16 * 16 * 16, out_features: 10 },
             ],
         )
         .expect("valid cnn");
@@ -251,26 +187,11 @@ mod tests {
 
     #[test]
     fn mismatched_shapes_name_the_layer() {
-        let err = Graph::new(
-            vec![3, 8, 8],
-            vec![Layer::Linear {
-                in_features: 10,
-                out_features: 2,
-            }],
-        )
-        .expect_err("linear cannot take an image");
-        assert_eq!(
-            err.to_string(),
-            "layer 0 (linear): expects [10] features, got [3, 8, 8]"
-        );
-        let err = Graph::new(
-            vec![1, 1, 1],
-            vec![Layer::MaxPool2d {
-                kernel: 2,
-                stride: 2,
-            }],
-        )
-        .expect_err("window larger than input");
+        let err = Graph::new(vec![3, 8, 8], vec![Layer::Linear { in_features: 10, out_features: 2 }])
+            .expect_err("linear cannot take an image");
+        assert_eq!(err.to_string(), "layer 0 (linear): expects [10] features, got [3, 8, 8]");
+        let err = Graph::new(vec![1, 1, 1], vec![Layer::MaxPool2d { kernel: 2, stride: 2 }])
+            .expect_err("window larger than input");
         assert!(err.to_string().contains("layer 0 (maxpool2d)"), "{err}");
     }
 }

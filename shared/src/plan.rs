@@ -25,6 +25,9 @@ pub mod limits {
     pub const MAX_PARAMS: u64 = 1 << 34;
     pub const MAX_LEARNING_RATE: f64 = 100.0;
     pub const MAX_NAME_LEN: usize = 128;
+    /// The largest single activation (micro-batch included) a plan may ask for: 1 TiB,
+    /// beyond any device, and far from where byte counts could overflow.
+    pub const MAX_TENSOR_BYTES: u64 = 1 << 40;
 }
 
 /// The architecture, by family, with its parameters.
@@ -42,7 +45,10 @@ pub enum ModelSpec {
 #[serde(rename_all = "snake_case")]
 pub enum Optimizer {
     /// SGD; `momentum: 0` keeps no state.
-    Sgd { momentum: f64, weight_decay: f64 },
+    Sgd {
+        momentum: f64,
+        weight_decay: f64,
+    },
     AdamW {
         beta1: f64,
         beta2: f64,
@@ -137,27 +143,17 @@ pub enum PlanError {
 }
 
 fn invalid(field: &'static str, reason: impl Into<String>) -> PlanError {
-    PlanError::Invalid {
-        field,
-        reason: reason.into(),
-    }
+    PlanError::Invalid { field, reason: reason.into() }
 }
 
 fn check_range(field: &'static str, value: u64, min: u64, max: u64) -> Result<(), PlanError> {
     if value < min || value > max {
-        return Err(invalid(
-            field,
-            format!("must be between {min} and {max}, got {value}"),
-        ));
+        return Err(invalid(field, format!("must be between {min} and {max}, got {value}")));
     }
     Ok(())
 }
 
-fn check_unit_interval(
-    field: &'static str,
-    value: f64,
-    include_zero: bool,
-) -> Result<(), PlanError> {
+fn check_unit_interval(field: &'static str, value: f64, include_zero: bool) -> Result<(), PlanError> {
     let ok = value.is_finite() && value < 1.0 && (value > 0.0 || include_zero && value == 0.0);
     if !ok {
         let low = if include_zero { "[0" } else { "(0" };
@@ -175,10 +171,8 @@ impl Plan {
         } else {
             // Enums as single-key maps (`optimizer: {sgd: {...}}`), the same shape as JSON,
             // rather than YAML tags.
-            serde_yaml_ng::with::singleton_map_recursive::deserialize(
-                serde_yaml_ng::Deserializer::from_str(text),
-            )
-            .map_err(|e| PlanError::Parse(e.to_string()))?
+            serde_yaml_ng::with::singleton_map_recursive::deserialize(serde_yaml_ng::Deserializer::from_str(text))
+                .map_err(|e| PlanError::Parse(e.to_string()))?
         };
         plan.validate()?;
         Ok(plan)
@@ -193,79 +187,41 @@ impl Plan {
     pub fn validate(&self) -> Result<Graph, PlanError> {
         use limits::*;
         if self.name.is_empty() || self.name.len() > MAX_NAME_LEN {
-            return Err(invalid(
-                "name",
-                format!("must be 1 to {MAX_NAME_LEN} bytes long"),
-            ));
+            return Err(invalid("name", format!("must be 1 to {MAX_NAME_LEN} bytes long")));
         }
         check_range("micro_batch", self.micro_batch, 1, MAX_MICRO_BATCH)?;
         check_range("accumulation", self.accumulation, 1, MAX_ACCUMULATION)?;
         check_range("classes", self.classes, 2, MAX_CLASSES)?;
         match self.schedule {
             Schedule::Steps(steps) => check_range("schedule.steps", steps, 1, MAX_STEPS)?,
-            Schedule::Epochs {
-                epochs,
-                samples_per_epoch,
-            } => {
+            Schedule::Epochs { epochs, samples_per_epoch } => {
                 check_range("schedule.epochs", epochs, 1, MAX_EPOCHS)?;
-                check_range(
-                    "schedule.samples_per_epoch",
-                    samples_per_epoch,
-                    1,
-                    MAX_SAMPLES_PER_EPOCH,
-                )?;
+                check_range("schedule.samples_per_epoch", samples_per_epoch, 1, MAX_SAMPLES_PER_EPOCH)?;
                 check_range("schedule", self.total_steps(), 1, MAX_STEPS)?;
             }
         }
         if self.input_shape.is_empty() || self.input_shape.len() > MAX_INPUT_DIMS {
-            return Err(invalid(
-                "input_shape",
-                format!("must have 1 to {MAX_INPUT_DIMS} dimensions"),
-            ));
+            return Err(invalid("input_shape", format!("must have 1 to {MAX_INPUT_DIMS} dimensions")));
         }
-        if let Some(d) = self
-            .input_shape
-            .iter()
-            .find(|&&d| d == 0 || d > MAX_INPUT_DIM)
-        {
-            return Err(invalid(
-                "input_shape",
-                format!("each dimension must be 1 to {MAX_INPUT_DIM}, got {d}"),
-            ));
+        if let Some(d) = self.input_shape.iter().find(|&&d| d == 0 || d > MAX_INPUT_DIM) {
+            return Err(invalid("input_shape", format!("each dimension must be 1 to {MAX_INPUT_DIM}, got {d}")));
         }
-        if !(self.learning_rate.is_finite()
-            && self.learning_rate > 0.0
-            && self.learning_rate <= MAX_LEARNING_RATE)
-        {
+        if !(self.learning_rate.is_finite() && self.learning_rate > 0.0 && self.learning_rate <= MAX_LEARNING_RATE) {
             return Err(invalid(
                 "learning_rate",
-                format!(
-                    "must be in (0, {MAX_LEARNING_RATE}], got {}",
-                    self.learning_rate
-                ),
+                format!("must be in (0, {MAX_LEARNING_RATE}], got {}", self.learning_rate),
             ));
         }
         match self.optimizer {
-            Optimizer::Sgd {
-                momentum,
-                weight_decay,
-            } => {
+            Optimizer::Sgd { momentum, weight_decay } => {
                 check_unit_interval("optimizer.sgd.momentum", momentum, true)?;
                 check_unit_interval("optimizer.sgd.weight_decay", weight_decay, true)?;
             }
-            Optimizer::AdamW {
-                beta1,
-                beta2,
-                eps,
-                weight_decay,
-            } => {
+            Optimizer::AdamW { beta1, beta2, eps, weight_decay } => {
                 check_unit_interval("optimizer.adam_w.beta1", beta1, true)?;
                 check_unit_interval("optimizer.adam_w.beta2", beta2, true)?;
                 if !(eps.is_finite() && eps > 0.0 && eps < 1.0) {
-                    return Err(invalid(
-                        "optimizer.adam_w.eps",
-                        format!("must be in (0, 1), got {eps}"),
-                    ));
+                    return Err(invalid("optimizer.adam_w.eps", format!("must be in (0, 1), got {eps}")));
                 }
                 check_unit_interval("optimizer.adam_w.weight_decay", weight_decay, true)?;
             }
@@ -273,10 +229,7 @@ impl Plan {
         if let DeviceChoice::Cuda(i) = self.device
             && i > 63
         {
-            return Err(invalid(
-                "device",
-                format!("cuda index must be 0 to 63, got {i}"),
-            ));
+            return Err(invalid("device", format!("cuda index must be 0 to 63, got {i}")));
         }
         if let Some(limit) = self.memory_limit_bytes
             && limit == 0
@@ -285,11 +238,24 @@ impl Plan {
         }
         let graph = self.graph()?;
         if graph.n_params() > MAX_PARAMS {
+            return Err(invalid("model", format!("{} parameters exceed the limit of {MAX_PARAMS}", graph.n_params())));
+        }
+        // int64 pooling indices are the widest per-element tensors a step makes; the
+        // class prototypes of the synthetic data are one more large tensor.
+        let widest = graph.nodes.iter().map(|n| numel(&n.output)).chain([numel(&graph.input)]).max().unwrap_or(0);
+        let bytes = widest.saturating_mul(self.micro_batch).saturating_mul(8);
+        if bytes > MAX_TENSOR_BYTES {
             return Err(invalid(
-                "model",
+                "micro_batch",
+                format!("the largest activation would take {bytes} bytes, over the limit of {MAX_TENSOR_BYTES}"),
+            ));
+        }
+        let prototypes = numel(&graph.input).saturating_mul(self.classes).saturating_mul(4);
+        if prototypes > MAX_TENSOR_BYTES {
+            return Err(invalid(
+                "classes",
                 format!(
-                    "{} parameters exceed the limit of {MAX_PARAMS}",
-                    graph.n_params()
+                    "the synthetic data's class prototypes would take {prototypes} bytes, over the limit of {MAX_TENSOR_BYTES}"
                 ),
             ));
         }
@@ -304,16 +270,10 @@ impl Plan {
             ModelSpec::SmallCnn { channels } => ("model.small_cnn.channels", channels),
         };
         if widths.1.len() > MAX_LAYERS {
-            return Err(invalid(
-                widths.0,
-                format!("at most {MAX_LAYERS} entries, got {}", widths.1.len()),
-            ));
+            return Err(invalid(widths.0, format!("at most {MAX_LAYERS} entries, got {}", widths.1.len())));
         }
         if let Some(w) = widths.1.iter().find(|&&w| w == 0 || w > MAX_WIDTH) {
-            return Err(invalid(
-                widths.0,
-                format!("each width must be 1 to {MAX_WIDTH}, got {w}"),
-            ));
+            return Err(invalid(widths.0, format!("each width must be 1 to {MAX_WIDTH}, got {w}")));
         }
         let mut layers = Vec::new();
         match &self.model {
@@ -323,26 +283,17 @@ impl Plan {
                     layers.push(Layer::Flatten);
                 }
                 for &h in hidden {
-                    layers.push(Layer::Linear {
-                        in_features: features,
-                        out_features: h,
-                    });
+                    layers.push(Layer::Linear { in_features: features, out_features: h });
                     layers.push(Layer::Relu);
                     features = h;
                 }
-                layers.push(Layer::Linear {
-                    in_features: features,
-                    out_features: self.classes,
-                });
+                layers.push(Layer::Linear { in_features: features, out_features: self.classes });
             }
             ModelSpec::SmallCnn { channels } => {
                 let [c, h, w] = self.input_shape[..] else {
                     return Err(invalid(
                         "input_shape",
-                        format!(
-                            "small_cnn needs [channels, height, width], got {:?}",
-                            self.input_shape
-                        ),
+                        format!("small_cnn needs [channels, height, width], got {:?}", self.input_shape),
                     ));
                 };
                 let mut in_channels = c;
@@ -357,27 +308,15 @@ impl Plan {
                             ),
                         ));
                     }
-                    layers.push(Layer::Conv2d {
-                        in_channels,
-                        out_channels,
-                        kernel: 3,
-                        stride: 1,
-                        padding: 1,
-                    });
+                    layers.push(Layer::Conv2d { in_channels, out_channels, kernel: 3, stride: 1, padding: 1 });
                     layers.push(Layer::Relu);
-                    layers.push(Layer::MaxPool2d {
-                        kernel: 2,
-                        stride: 2,
-                    });
+                    layers.push(Layer::MaxPool2d { kernel: 2, stride: 2 });
                     in_channels = out_channels;
                     height /= 2;
                     width /= 2;
                 }
                 layers.push(Layer::Flatten);
-                layers.push(Layer::Linear {
-                    in_features: in_channels * height * width,
-                    out_features: self.classes,
-                });
+                layers.push(Layer::Linear { in_features: in_channels * height * width, out_features: self.classes });
             }
         }
         Graph::new(self.input_shape.clone(), layers).map_err(|e| invalid("model", e.to_string()))
@@ -387,9 +326,9 @@ impl Plan {
     pub fn steps_per_epoch(&self) -> u64 {
         match self.schedule {
             Schedule::Steps(steps) => steps,
-            Schedule::Epochs {
-                samples_per_epoch, ..
-            } => samples_per_epoch.div_ceil(self.micro_batch.max(1) * self.accumulation.max(1)),
+            Schedule::Epochs { samples_per_epoch, .. } => {
+                samples_per_epoch.div_ceil(self.micro_batch.max(1) * self.accumulation.max(1))
+            }
         }
     }
 
@@ -404,21 +343,14 @@ impl Plan {
     pub fn example_mlp() -> Plan {
         Plan {
             name: "mlp-example".to_owned(),
-            model: ModelSpec::Mlp {
-                hidden: vec![256, 256],
-            },
+            model: ModelSpec::Mlp { hidden: vec![256, 256] },
             input_shape: vec![64],
             classes: 10,
             seed: 7,
             micro_batch: 32,
             accumulation: 1,
             schedule: Schedule::Steps(60),
-            optimizer: Optimizer::AdamW {
-                beta1: 0.9,
-                beta2: 0.999,
-                eps: 1e-8,
-                weight_decay: 0.01,
-            },
+            optimizer: Optimizer::AdamW { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.01 },
             learning_rate: 1e-3,
             precision: Precision::Fp32,
             device: DeviceChoice::Auto,
@@ -430,19 +362,14 @@ impl Plan {
     pub fn example_cnn() -> Plan {
         Plan {
             name: "cnn-example".to_owned(),
-            model: ModelSpec::SmallCnn {
-                channels: vec![16, 32],
-            },
+            model: ModelSpec::SmallCnn { channels: vec![16, 32] },
             input_shape: vec![3, 32, 32],
             classes: 10,
             seed: 7,
             micro_batch: 16,
             accumulation: 2,
             schedule: Schedule::Steps(30),
-            optimizer: Optimizer::Sgd {
-                momentum: 0.9,
-                weight_decay: 0.0,
-            },
+            optimizer: Optimizer::Sgd { momentum: 0.9, weight_decay: 0.0 },
             learning_rate: 0.02,
             precision: Precision::Fp32,
             device: DeviceChoice::Auto,
@@ -465,10 +392,7 @@ mod tests {
 
     #[test]
     fn examples_validate() {
-        assert_eq!(
-            Plan::example_mlp().validate().expect("mlp").n_params(),
-            64 * 256 + 256 + 256 * 256 + 256 + 2570
-        );
+        assert_eq!(Plan::example_mlp().validate().expect("mlp").n_params(), 64 * 256 + 256 + 256 * 256 + 256 + 2570);
         Plan::example_cnn().validate().expect("cnn");
     }
 
@@ -476,91 +400,65 @@ mod tests {
     fn each_limit_names_its_field() {
         let cases: Vec<(&str, Box<dyn Fn(&mut Plan)>)> = vec![
             ("micro_batch", Box::new(|p| p.micro_batch = 0)),
-            (
-                "micro_batch",
-                Box::new(|p| p.micro_batch = limits::MAX_MICRO_BATCH + 1),
-            ),
+            ("micro_batch", Box::new(|p| p.micro_batch = limits::MAX_MICRO_BATCH + 1)),
             ("accumulation", Box::new(|p| p.accumulation = 0)),
-            (
-                "accumulation",
-                Box::new(|p| p.accumulation = limits::MAX_ACCUMULATION + 1),
-            ),
+            ("accumulation", Box::new(|p| p.accumulation = limits::MAX_ACCUMULATION + 1)),
             ("classes", Box::new(|p| p.classes = 1)),
-            (
-                "schedule.steps",
-                Box::new(|p| p.schedule = Schedule::Steps(0)),
-            ),
-            (
-                "schedule.steps",
-                Box::new(|p| p.schedule = Schedule::Steps(limits::MAX_STEPS + 1)),
-            ),
-            (
-                "schedule.epochs",
-                Box::new(|p| {
-                    p.schedule = Schedule::Epochs {
-                        epochs: 0,
-                        samples_per_epoch: 10,
-                    }
-                }),
-            ),
+            ("schedule.steps", Box::new(|p| p.schedule = Schedule::Steps(0))),
+            ("schedule.steps", Box::new(|p| p.schedule = Schedule::Steps(limits::MAX_STEPS + 1))),
+            ("schedule.epochs", Box::new(|p| p.schedule = Schedule::Epochs { epochs: 0, samples_per_epoch: 10 })),
             ("input_shape", Box::new(|p| p.input_shape = vec![])),
-            (
-                "input_shape",
-                Box::new(|p| p.input_shape = vec![1, 2, 3, 4]),
-            ),
-            (
-                "input_shape",
-                Box::new(|p| p.input_shape = vec![limits::MAX_INPUT_DIM + 1]),
-            ),
+            ("input_shape", Box::new(|p| p.input_shape = vec![1, 2, 3, 4])),
+            ("input_shape", Box::new(|p| p.input_shape = vec![limits::MAX_INPUT_DIM + 1])),
             ("learning_rate", Box::new(|p| p.learning_rate = f64::NAN)),
             ("learning_rate", Box::new(|p| p.learning_rate = -1.0)),
             (
                 "optimizer.adam_w.beta2",
-                Box::new(|p| {
-                    p.optimizer = Optimizer::AdamW {
-                        beta1: 0.9,
-                        beta2: 1.0,
-                        eps: 1e-8,
-                        weight_decay: 0.0,
-                    }
-                }),
+                Box::new(|p| p.optimizer = Optimizer::AdamW { beta1: 0.9, beta2: 1.0, eps: 1e-8, weight_decay: 0.0 }),
             ),
             (
                 "optimizer.sgd.momentum",
+                Box::new(|p| p.optimizer = Optimizer::Sgd { momentum: -0.1, weight_decay: 0.0 }),
+            ),
+            ("model.mlp.hidden", Box::new(|p| p.model = ModelSpec::Mlp { hidden: vec![0] })),
+            ("model.mlp.hidden", Box::new(|p| p.model = ModelSpec::Mlp { hidden: vec![8; limits::MAX_LAYERS + 1] })),
+            (
+                "model",
                 Box::new(|p| {
-                    p.optimizer = Optimizer::Sgd {
-                        momentum: -0.1,
-                        weight_decay: 0.0,
-                    }
+                    p.input_shape = vec![1 << 14];
+                    p.model = ModelSpec::Mlp { hidden: vec![1 << 20, 1 << 20] };
                 }),
             ),
+            ("device", Box::new(|p| p.device = DeviceChoice::Cuda(64))),
+            ("memory_limit_bytes", Box::new(|p| p.memory_limit_bytes = Some(0))),
+            ("name", Box::new(|p| p.name = String::new())),
+            // Shapes whose byte counts would overflow 64 bits are refused, not wrapped.
             (
-                "model.mlp.hidden",
-                Box::new(|p| p.model = ModelSpec::Mlp { hidden: vec![0] }),
-            ),
-            (
-                "model.mlp.hidden",
+                "micro_batch",
                 Box::new(|p| {
-                    p.model = ModelSpec::Mlp {
-                        hidden: vec![8; limits::MAX_LAYERS + 1],
-                    }
+                    p.model = ModelSpec::SmallCnn { channels: vec![1 << 20, 1] };
+                    p.input_shape = vec![1, 1 << 14, 1 << 14];
+                    p.classes = 2;
+                    p.micro_batch = 1 << 14;
                 }),
             ),
             (
                 "model",
                 Box::new(|p| {
-                    p.input_shape = vec![1 << 14];
-                    p.model = ModelSpec::Mlp {
-                        hidden: vec![1 << 20, 1 << 20],
-                    };
+                    p.input_shape = vec![1 << 14, 1 << 14, 1 << 14];
+                    p.model = ModelSpec::Mlp { hidden: vec![1 << 18] };
                 }),
             ),
-            ("device", Box::new(|p| p.device = DeviceChoice::Cuda(64))),
             (
-                "memory_limit_bytes",
-                Box::new(|p| p.memory_limit_bytes = Some(0)),
+                "classes",
+                Box::new(|p| {
+                    // 2^33 input features x 2^10 classes of fp32 prototypes is 32 TiB.
+                    p.input_shape = vec![1 << 11, 1 << 11, 1 << 11];
+                    p.model = ModelSpec::Mlp { hidden: vec![1] };
+                    p.micro_batch = 1;
+                    p.classes = 1 << 10;
+                }),
             ),
-            ("name", Box::new(|p| p.name = String::new())),
         ];
         for (field, mutate) in cases {
             let mut plan = Plan::example_mlp();
@@ -575,18 +473,10 @@ mod tests {
         plan.input_shape = vec![64];
         let err = plan.validate().expect_err("flat input");
         assert_eq!(field_of(err.clone()), "input_shape");
-        assert!(
-            err.to_string().contains("[channels, height, width]"),
-            "{err}"
-        );
+        assert!(err.to_string().contains("[channels, height, width]"), "{err}");
         plan.input_shape = vec![3, 4, 4];
-        plan.model = ModelSpec::SmallCnn {
-            channels: vec![8, 8, 8],
-        };
-        assert_eq!(
-            field_of(plan.validate().expect_err("too small")),
-            "model.small_cnn.channels"
-        );
+        plan.model = ModelSpec::SmallCnn { channels: vec![8, 8, 8] };
+        assert_eq!(field_of(plan.validate().expect_err("too small")), "model.small_cnn.channels");
     }
 
     #[test]
@@ -616,9 +506,6 @@ mod tests {
         let mut plan = Plan::example_mlp();
         plan.micro_batch = 0;
         let err = Plan::from_text(&serde_json::to_string(&plan).expect("json")).expect_err("limit");
-        assert_eq!(
-            err.to_string(),
-            "micro_batch: must be between 1 and 65536, got 0"
-        );
+        assert_eq!(err.to_string(), "micro_batch: must be between 1 and 65536, got 0");
     }
 }

@@ -7,9 +7,7 @@ use std::ops::{Add, AddAssign, Sub};
 use serde::{Deserialize, Serialize};
 
 /// A number of bytes of memory.
-#[derive(
-    Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
-)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct Bytes(pub u64);
 
 impl Bytes {
@@ -20,10 +18,6 @@ impl Bytes {
 
     pub fn get(self) -> u64 {
         self.0
-    }
-
-    pub fn mib(self) -> f64 {
-        self.0 as f64 / Self::MIB as f64
     }
 
     pub fn saturating_sub(self, other: Bytes) -> Bytes {
@@ -81,10 +75,7 @@ mod tests {
     fn display_picks_binary_unit() {
         assert_eq!(Bytes(512).to_string(), "512 B");
         assert_eq!(Bytes(1536).to_string(), "1.50 KiB");
-        assert_eq!(
-            Bytes(321 * Bytes::MIB + 3 * Bytes::MIB / 4).to_string(),
-            "321.75 MiB"
-        );
+        assert_eq!(Bytes(321 * Bytes::MIB + 3 * Bytes::MIB / 4).to_string(), "321.75 MiB");
         assert_eq!(Bytes(16 * Bytes::GIB).to_string(), "16.00 GiB");
     }
 
@@ -92,9 +83,6 @@ mod tests {
     fn arithmetic_saturates_instead_of_wrapping() {
         assert_eq!(Bytes(3) - Bytes(5), Bytes(0));
         assert_eq!(Bytes(u64::MAX) + Bytes(1), Bytes(u64::MAX));
-        assert_eq!(
-            [Bytes(1), Bytes(2), Bytes(3)].into_iter().sum::<Bytes>(),
-            Bytes(6)
-        );
+        assert_eq!([Bytes(1), Bytes(2), Bytes(3)].into_iter().sum::<Bytes>(), Bytes(6));
     }
 }

@@ -33,11 +33,7 @@ pub fn agent_binary() -> anyhow::Result<PathBuf> {
     }
     let exe = std::env::current_exe()?;
     // target/<profile>/deps/e2e-<hash> -> target/<profile>/headroom
-    let bin = exe
-        .parent()
-        .and_then(|d| d.parent())
-        .map(|d| d.join("headroom"))
-        .context("no target dir")?;
+    let bin = exe.parent().and_then(|d| d.parent()).map(|d| d.join("headroom")).context("no target dir")?;
     if !bin.is_file() {
         bail!(
             "{} is missing: build it first with `cargo build -p headroom-agent` (scripts/test.sh does)",
@@ -49,14 +45,10 @@ pub fn agent_binary() -> anyhow::Result<PathBuf> {
 
 /// The built planner, or `HEADROOM_WEB_DIR`.
 pub fn web_dir() -> anyhow::Result<PathBuf> {
-    let dir = std::env::var("HEADROOM_WEB_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|_| repo_root().join("planner-web/dist"));
+    let dir =
+        std::env::var("HEADROOM_WEB_DIR").map(PathBuf::from).unwrap_or_else(|_| repo_root().join("planner-web/dist"));
     if !dir.join("index.html").is_file() {
-        bail!(
-            "{} has no built planner: run `trunk build --release` first (scripts/test.sh does)",
-            dir.display()
-        );
+        bail!("{} has no built planner: run `trunk build --release` first (scripts/test.sh does)", dir.display());
     }
     Ok(dir)
 }
@@ -102,11 +94,7 @@ impl AgentHandle {
     }
 
     /// Opens `/ws` with the given token and Origin; the error is the HTTP refusal.
-    pub async fn connect_with(
-        &self,
-        token: Option<&str>,
-        origin: Option<&str>,
-    ) -> Result<Ws, tungstenite::Error> {
+    pub async fn connect_with(&self, token: Option<&str>, origin: Option<&str>) -> Result<Ws, tungstenite::Error> {
         let url = match token {
             Some(t) => format!("ws://127.0.0.1:{}/ws?token={t}", self.port),
             None => format!("ws://127.0.0.1:{}/ws", self.port),
@@ -115,8 +103,7 @@ impl AgentHandle {
         if let Some(o) = origin {
             req.headers_mut().insert(
                 "origin",
-                http::HeaderValue::from_str(o)
-                    .map_err(|e| tungstenite::Error::HttpFormat(e.into()))?,
+                http::HeaderValue::from_str(o).map_err(|e| tungstenite::Error::HttpFormat(e.into()))?,
             );
         }
         Ok(tokio_tungstenite::connect_async(req).await?.0)
@@ -124,15 +111,43 @@ impl AgentHandle {
 
     /// A valid client that has read the agent's Hello.
     pub async fn connect(&self) -> anyhow::Result<Ws> {
-        let mut ws = self.connect_with(Some(&self.token), None).await?;
+        let ws = self.connect_with(Some(&self.token), None).await?;
+        expect_hello(ws).await
+    }
+
+    /// A valid client whose socket receive buffer is only `bytes` long, so that the
+    /// agent's writes back up as soon as the client stops reading.
+    pub async fn connect_slow(&self, bytes: u32) -> anyhow::Result<Ws> {
+        let socket = tokio::net::TcpSocket::new_v4()?;
+        socket.set_recv_buffer_size(bytes)?;
+        let stream = socket.connect(([127, 0, 0, 1], self.port).into()).await?;
+        let req = format!("ws://127.0.0.1:{}/ws?token={}", self.port, self.token).into_client_request()?;
+        let (ws, _) = tokio_tungstenite::client_async(req, MaybeTlsStream::Plain(stream)).await?;
+        expect_hello(ws).await
+    }
+}
+
+async fn expect_hello(mut ws: Ws) -> anyhow::Result<Ws> {
+    {
         match recv(&mut ws).await? {
             Message::Hello(h) => {
                 anyhow::ensure!(h.protocol_version == shared::protocol::PROTOCOL_VERSION)
             }
             other => bail!("expected Hello first, got {other:?}"),
         }
-        Ok(ws)
     }
+    Ok(ws)
+}
+
+/// The pid of a child of `parent` whose command line contains `needle`.
+pub fn find_child(parent: u32, needle: &str) -> Option<i32> {
+    std::fs::read_dir("/proc").ok()?.flatten().find_map(|entry| {
+        let pid: i32 = entry.file_name().to_str()?.parse().ok()?;
+        let stat = std::fs::read_to_string(entry.path().join("stat")).ok()?;
+        let ppid: u32 = stat.rsplit_once(')')?.1.split_whitespace().nth(1)?.parse().ok()?;
+        let cmdline = std::fs::read_to_string(entry.path().join("cmdline")).ok()?;
+        (ppid == parent && cmdline.contains(needle)).then_some(pid)
+    })
 }
 
 impl Drop for AgentHandle {
@@ -151,8 +166,7 @@ fn rand_u128() -> u128 {
 }
 
 pub async fn send(ws: &mut Ws, message: &Message) -> anyhow::Result<()> {
-    ws.send(tungstenite::Message::Binary(codec::encode(message)?.into()))
-        .await?;
+    ws.send(tungstenite::Message::Binary(codec::encode(message)?.into())).await?;
     Ok(())
 }
 
@@ -165,9 +179,8 @@ pub enum Inbound {
 
 pub async fn next(ws: &mut Ws) -> anyhow::Result<Inbound> {
     loop {
-        let frame = tokio::time::timeout(MESSAGE_TIMEOUT, ws.next())
-            .await
-            .context("timed out waiting for the agent")?;
+        let frame =
+            tokio::time::timeout(MESSAGE_TIMEOUT, ws.next()).await.context("timed out waiting for the agent")?;
         match frame {
             None => return Ok(Inbound::Closed(None)),
             Some(Err(tungstenite::Error::ConnectionClosed | tungstenite::Error::AlreadyClosed)) => {
@@ -192,11 +205,7 @@ pub async fn recv(ws: &mut Ws) -> anyhow::Result<Message> {
 
 /// Runs the `headroom` CLI and returns (exit code, stdout, stderr).
 pub fn cli(args: &[&str]) -> anyhow::Result<(i32, String, String)> {
-    let out = Command::new(agent_binary()?)
-        .args(args)
-        .env("HEADROOM_LOG", "warn")
-        .current_dir(repo_root())
-        .output()?;
+    let out = Command::new(agent_binary()?).args(args).env("HEADROOM_LOG", "warn").current_dir(repo_root()).output()?;
     Ok((
         out.status.code().unwrap_or(-1),
         String::from_utf8_lossy(&out.stdout).into_owned(),
@@ -206,7 +215,5 @@ pub fn cli(args: &[&str]) -> anyhow::Result<(i32, String, String)> {
 
 /// A free loopback port (for chromedriver).
 pub fn free_port() -> anyhow::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }

@@ -28,6 +28,8 @@ pub struct AllocatorReading {
     pub allocated: u64,
     pub peak: u64,
     pub reserved: Option<u64>,
+    /// Highest reserved since the last reset; `None` on the CPU.
+    pub reserved_peak: Option<u64>,
 }
 
 /// Where the tensors of a job live, and how to read their memory.
@@ -44,15 +46,11 @@ impl Meter {
                 let mut out = [0u64; 3];
                 // SAFETY: the shim writes exactly three values.
                 unsafe { hr_cpu_counter_read(out.as_mut_ptr()) };
-                AllocatorReading {
-                    allocated: out[0],
-                    peak: out[1],
-                    reserved: None,
-                }
+                AllocatorReading { allocated: out[0], peak: out[1], reserved: None, reserved_peak: None }
             }
             Meter::Cuda(device) => {
-                let mut out = [0i64; 6];
-                // SAFETY: the shim writes exactly six values, or none and returns -1.
+                let mut out = [0i64; 4];
+                // SAFETY: the shim writes exactly four values, or none and returns -1.
                 let rc = unsafe { hr_cuda_stats(device, out.as_mut_ptr()) };
                 if rc != 0 {
                     return AllocatorReading::default();
@@ -62,6 +60,7 @@ impl Meter {
                     allocated: u(out[0]),
                     peak: u(out[1]),
                     reserved: Some(u(out[2])),
+                    reserved_peak: Some(u(out[3])),
                 }
             }
         }
@@ -95,11 +94,7 @@ pub fn host_rss_bytes() -> u64 {
     let Ok(statm) = std::fs::read_to_string("/proc/self/statm") else {
         return 0;
     };
-    let pages: u64 = statm
-        .split_whitespace()
-        .nth(1)
-        .and_then(|p| p.parse().ok())
-        .unwrap_or(0);
+    let pages: u64 = statm.split_whitespace().nth(1).and_then(|p| p.parse().ok()).unwrap_or(0);
     // SAFETY: sysconf has no preconditions.
     let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
     pages * u64::try_from(page).unwrap_or(4096)
@@ -107,8 +102,7 @@ pub fn host_rss_bytes() -> u64 {
 
 fn nvml() -> Option<&'static nvml_wrapper::Nvml> {
     static NVML: OnceLock<Option<nvml_wrapper::Nvml>> = OnceLock::new();
-    NVML.get_or_init(|| nvml_wrapper::Nvml::init().ok())
-        .as_ref()
+    NVML.get_or_init(|| nvml_wrapper::Nvml::init().ok()).as_ref()
 }
 
 /// Device memory in use on GPU `index` as NVML sees it (every process), if NVML loads.

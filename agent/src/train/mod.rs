@@ -40,10 +40,7 @@ impl TrainError {
             TrainError::Torch(_) | TrainError::Device(_) => ErrorCode::Torch,
             TrainError::InvalidPlan(_) => ErrorCode::InvalidPlan,
         };
-        JobError {
-            code,
-            message: self.to_string(),
-        }
+        JobError { code, message: self.to_string() }
     }
 }
 
@@ -51,12 +48,7 @@ impl From<tch::TchError> for TrainError {
     fn from(e: tch::TchError) -> TrainError {
         let text = e.to_string();
         // libtorch's own first line is the useful part; the rest is a C++ backtrace.
-        let first = text
-            .lines()
-            .find(|l| !l.trim().is_empty())
-            .unwrap_or(&text)
-            .trim()
-            .to_owned();
+        let first = text.lines().find(|l| !l.trim().is_empty()).unwrap_or(&text).trim().to_owned();
         if text.contains("out of memory") || text.contains("OutOfMemoryError") {
             TrainError::OutOfMemory(first)
         } else {
@@ -75,13 +67,21 @@ pub fn resolve_device(choice: DeviceChoice) -> Result<(Device, Meter), TrainErro
             let count = tch::Cuda::device_count();
             let index = usize::try_from(i).unwrap_or(usize::MAX);
             if i64::from(i) >= count {
-                return Err(TrainError::Device(format!(
-                    "cuda:{i} requested but {count} CUDA devices are visible"
-                )));
+                return Err(TrainError::Device(format!("cuda:{i} requested but {count} CUDA devices are visible")));
             }
             Ok((Device::Cuda(index), Meter::Cuda(i as i32)))
         }
     }
+}
+
+/// Whether a plan with this device choice runs on the CPU in this process.
+pub fn runs_on_cpu(choice: DeviceChoice) -> bool {
+    matches!(resolve_device(choice), Ok((Device::Cpu, _)))
+}
+
+/// CUDA devices libtorch can use from this process (0 without a driver or a GPU).
+pub fn cuda_device_count() -> i64 {
+    if tch::Cuda::is_available() { tch::Cuda::device_count() } else { 0 }
 }
 
 /// Tracks the highest tensor memory per phase of the current step.
@@ -113,14 +113,16 @@ pub fn train(
     stop: &AtomicBool,
     mut on_record: impl FnMut(BatchRecord),
 ) -> Result<Summary, TrainError> {
-    let graph = plan
-        .validate()
-        .map_err(|e| TrainError::InvalidPlan(e.to_string()))?;
+    let graph = plan.validate().map_err(|e| TrainError::InvalidPlan(e.to_string()))?;
     let (device, meter) = resolve_device(plan.device)?;
     if let (Meter::Cuda(index), Some(limit)) = (meter, plan.memory_limit_bytes) {
-        let total = memory::nvml_devices().get(index as usize).map(|d| d.1);
-        if let Some(total) = total {
-            meter.set_memory_fraction((limit as f64 / total as f64).min(1.0));
+        // The caching allocator exists only once CUDA is initialised: make one tensor.
+        let _ = Tensor::f_zeros([1], (Kind::Float, device))?;
+        let total = memory::nvml_devices().get(index as usize).map(|d| d.1).ok_or_else(|| {
+            TrainError::Device(format!("memory_limit_bytes needs the size of cuda:{index}, and NVML cannot tell it"))
+        })?;
+        if !meter.set_memory_fraction((limit as f64 / total as f64).min(1.0)) {
+            return Err(TrainError::Device(format!("could not cap cuda:{index} at {limit} bytes")));
         }
     }
     let nvml_index = match meter {
@@ -131,18 +133,14 @@ pub fn train(
     let started = Instant::now();
 
     let vs = nn::VarStore::new(device);
-    let net = model::Net::new(&vs.root(), &graph);
+    let net = model::Net::new(&vs.root(), &graph)?;
     let mut opt = match plan.optimizer {
-        Optimizer::Sgd {
-            momentum,
-            weight_decay,
-        } => COptimizer::sgd(plan.learning_rate, momentum, 0.0, weight_decay, false)?,
-        Optimizer::AdamW {
-            beta1,
-            beta2,
-            eps,
-            weight_decay,
-        } => COptimizer::adamw(plan.learning_rate, beta1, beta2, weight_decay, eps, false)?,
+        Optimizer::Sgd { momentum, weight_decay } => {
+            COptimizer::sgd(plan.learning_rate, momentum, 0.0, weight_decay, false)?
+        }
+        Optimizer::AdamW { beta1, beta2, eps, weight_decay } => {
+            COptimizer::adamw(plan.learning_rate, beta1, beta2, weight_decay, eps, false)?
+        }
     };
     for var in vs.trainable_variables() {
         opt.add_parameters(&var, 0)?;
@@ -155,18 +153,10 @@ pub fn train(
     let prototypes = Tensor::f_randn([classes, in_features], (Kind::Float, device))?;
     let micro = i64::try_from(plan.micro_batch).unwrap_or(i64::MAX);
     let mut input_dims = vec![micro];
-    input_dims.extend(
-        graph
-            .input
-            .iter()
-            .map(|&d| i64::try_from(d).unwrap_or(i64::MAX)),
-    );
+    input_dims.extend(graph.input.iter().map(|&d| i64::try_from(d).unwrap_or(i64::MAX)));
 
     let steps_per_epoch = plan.steps_per_epoch().max(1);
-    let mut phases = PhaseMeter {
-        meter,
-        peaks: [0; Phase::ALL.len()],
-    };
+    let mut phases = PhaseMeter { meter, peaks: [0; Phase::ALL.len()] };
     let mut first_loss = None;
     let mut final_loss = f64::NAN;
     let mut run_peak = 0u64;
@@ -185,9 +175,7 @@ pub fn train(
             let (x, y) = tch::no_grad(|| -> Result<(Tensor, Tensor), tch::TchError> {
                 let y = Tensor::f_randint(classes, [micro], (Kind::Int64, device))?;
                 let x = Tensor::f_randn(&input_dims, (Kind::Float, device))?;
-                let _ = x
-                    .f_view([micro, in_features])?
-                    .f_add_(&prototypes.f_index_select(0, &y)?)?;
+                let _ = x.f_view([micro, in_features])?.f_add_(&prototypes.f_index_select(0, &y)?)?;
                 Ok((x, y))
             })?;
             let logits = net.forward(&x)?;
@@ -195,11 +183,8 @@ pub fn train(
             phases.begin(Phase::Loss);
             let loss = model::cross_entropy(&logits, &y)?;
             drop(logits);
-            let scaled = if plan.accumulation > 1 {
-                loss.f_div_scalar(plan.accumulation as f64)?
-            } else {
-                loss.shallow_clone()
-            };
+            let scaled =
+                if plan.accumulation > 1 { loss.f_div_scalar(plan.accumulation as f64)? } else { loss.shallow_clone() };
             batch_peak = batch_peak.max(phases.end(Phase::Loss));
             phases.begin(Phase::Backward);
             scaled.f_backward()?;
@@ -219,7 +204,7 @@ pub fn train(
             let reading = meter.read();
             let rss = memory::host_rss_bytes();
             run_peak = run_peak.max(batch_peak);
-            if let Some(r) = reading.reserved {
+            if let Some(r) = reading.reserved_peak {
                 run_peak_reserved = Some(run_peak_reserved.unwrap_or(0).max(r));
             }
             peak_rss = peak_rss.max(rss);
@@ -253,9 +238,6 @@ pub fn train(
         peak_host_rss_bytes: peak_rss,
         wall_time_ms: started.elapsed().as_secs_f64() * 1e3,
         dropped_records: 0,
-        phase_peaks: Phase::ALL
-            .iter()
-            .map(|&p| (p, phases.peaks[p.index()]))
-            .collect(),
+        phase_peaks: Phase::ALL.iter().map(|&p| (p, phases.peaks[p.index()])).collect(),
     })
 }

@@ -18,7 +18,14 @@ pub struct Series {
     pub name: &'static str,
     /// CSS class giving the stroke colour.
     pub class: &'static str,
-    pub values: Vec<f64>,
+    /// (micro-batch index, value), already thinned with [`thin`].
+    pub points: Vec<(usize, f64)>,
+}
+
+/// Builds a series from `n` records, reading only the ones that will be drawn, so an
+/// update costs O(MAX_CHART_POINTS) however long the run.
+pub fn series(name: &'static str, class: &'static str, n: usize, value: impl Fn(usize) -> f64) -> Series {
+    Series { name, class, points: thin(n, MAX_CHART_POINTS).into_iter().map(|i| (i, value(i))).collect() }
 }
 
 /// Indices of at most `max` points spread evenly over `n`, always keeping the last.
@@ -32,20 +39,14 @@ pub fn thin(n: usize, max: usize) -> Vec<usize> {
     (0..max).map(|k| k * (n - 1) / (max - 1)).collect()
 }
 
-fn polyline(values: &[f64], y_max: f64) -> String {
-    let n = values.len();
+fn polyline(points: &[(usize, f64)], n: usize, y_max: f64) -> String {
     let plot_w = WIDTH - LEFT - RIGHT;
     let plot_h = HEIGHT - TOP - BOTTOM;
-    thin(n, MAX_CHART_POINTS)
-        .into_iter()
-        .map(|i| {
-            let x = LEFT
-                + if n > 1 {
-                    plot_w * i as f64 / (n - 1) as f64
-                } else {
-                    0.0
-                };
-            let y = TOP + plot_h * (1.0 - (values[i] / y_max).clamp(0.0, 1.0));
+    points
+        .iter()
+        .map(|&(i, v)| {
+            let x = LEFT + if n > 1 { plot_w * i as f64 / (n - 1) as f64 } else { 0.0 };
+            let y = TOP + plot_h * (1.0 - (v / y_max).clamp(0.0, 1.0));
             format!("{x:.1},{y:.1}")
         })
         .collect::<Vec<_>>()
@@ -57,24 +58,19 @@ pub fn LineChart(
     title: &'static str,
     testid: &'static str,
     #[prop(into)] series: Signal<Vec<Series>>,
+    /// Records behind the series (the x axis), before thinning.
+    #[prop(into)]
+    count: Signal<usize>,
     #[prop(into)] reference: Signal<Option<f64>>,
     format: fn(f64) -> String,
 ) -> impl IntoView {
     let y_max = move || {
-        let data_max = series.with(|s| {
-            s.iter()
-                .flat_map(|s| s.values.iter().copied())
-                .fold(0.0f64, f64::max)
-        });
+        let data_max = series.with(|s| s.iter().flat_map(|s| s.points.iter().map(|p| p.1)).fold(0.0f64, f64::max));
         let m = data_max.max(reference.get().unwrap_or(0.0)) * 1.1;
         if m > 0.0 && m.is_finite() { m } else { 1.0 }
     };
-    let count = move || series.with(|s| s.first().map_or(0, |s| s.values.len()));
-    let ref_y = move || {
-        reference
-            .get()
-            .map(|r| TOP + (HEIGHT - TOP - BOTTOM) * (1.0 - r / y_max()))
-    };
+    let count = move || count.get();
+    let ref_y = move || reference.get().map(|r| TOP + (HEIGHT - TOP - BOTTOM) * (1.0 - r / y_max()));
     view! {
         <figure class="chart" data-testid=testid data-points=move || count().to_string()>
             <figcaption>{title}</figcaption>
@@ -93,7 +89,7 @@ pub fn LineChart(
                     </text>
                 })}
                 {move || series.get().into_iter().map(|s| {
-                    let points = polyline(&s.values, y_max());
+                    let points = polyline(&s.points, count(), y_max());
                     view! { <polyline class=format!("series {}", s.class) points=points><title>{s.name}</title></polyline> }
                 }).collect_view()}
             </svg>
@@ -101,5 +97,20 @@ pub fn LineChart(
                 {move || series.get().into_iter().map(|s| view! { <span class=format!("key {}", s.class)>{s.name}</span> }).collect_view()}
             </div>
         </figure>
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn thinning_keeps_the_ends_and_the_limit() {
+        assert_eq!(thin(3, 10), vec![0, 1, 2]);
+        let t = thin(100_000, MAX_CHART_POINTS);
+        assert_eq!(t.len(), MAX_CHART_POINTS);
+        assert_eq!((t[0], t[t.len() - 1]), (0, 99_999));
+        assert!(t.windows(2).all(|w| w[0] < w[1]));
+        assert_eq!(thin(5, 1), vec![4]);
     }
 }

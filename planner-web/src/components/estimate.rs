@@ -16,13 +16,15 @@ pub fn EstimatePanel(#[prop(into)] estimate: Signal<Result<Estimate, String>>) -
                 Err(e) => view! { <p class="error" data-testid="plan-error">{e}</p> }.into_any(),
                 Ok(e) => {
                     let peak = e.peak_bytes.get().max(1) as f64;
-                    let rows = e.breakdown.entries().into_iter().map(|(name, bytes)| {
+                    let maxima = e.category_peaks.entries();
+                    let rows = e.breakdown.entries().into_iter().zip(maxima).map(|((name, bytes), (_, max))| {
                         let pct = 100.0 * bytes.get() as f64 / peak;
                         view! {
                             <tr data-testid=format!("breakdown-{name}")>
                                 <td>{name.replace('_', " ")}</td>
                                 <td class="num">{bytes.to_string()}</td>
                                 <td class="bar"><div style=format!("width:{pct:.1}%")></div></td>
+                                <td class="num max" data-testid=format!("max-{name}")>{max.to_string()}</td>
                             </tr>
                         }
                     }).collect_view();
@@ -43,7 +45,10 @@ pub fn EstimatePanel(#[prop(into)] estimate: Signal<Result<Estimate, String>>) -
                             " during the " <span data-testid="estimate-phase">{e.peak_phase.label()}</span>
                         </p>
                         <p class="params">{format!("{} parameters · {} between steps", e.params, e.steady_bytes)}</p>
-                        <table class="breakdown"><tbody>{rows}</tbody></table>
+                        <table class="breakdown">
+                            <thead><tr><th>"live at the peak"</th><th></th><th></th><th class="num">"own maximum in the step"</th></tr></thead>
+                            <tbody>{rows}</tbody>
+                        </table>
                         <ul class="devices">{devices}</ul>
                     }.into_any()
                 }

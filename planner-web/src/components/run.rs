@@ -5,7 +5,7 @@ use shared::Bytes;
 use shared::plan::Plan;
 use shared::protocol::Message;
 
-use super::chart::{LineChart, Series};
+use super::chart::{LineChart, series};
 use crate::socket::AgentSocket;
 use crate::state::{AgentState, Connection, JobState};
 
@@ -18,21 +18,11 @@ fn fmt_loss(v: f64) -> String {
 }
 
 #[component]
-pub fn RunPanel(
-    #[prop(into)] plan: Signal<Result<Plan, String>>,
-    socket: AgentSocket,
-) -> impl IntoView {
+pub fn RunPanel(#[prop(into)] plan: Signal<Result<Plan, String>>, socket: AgentSocket) -> impl IntoView {
     let agent = expect_context::<AgentState>();
     let send_error = RwSignal::new(None::<String>);
-    let running = move || {
-        matches!(
-            agent.job.get(),
-            JobState::Submitted | JobState::Running { .. }
-        )
-    };
-    let can_run = move || {
-        plan.with(|p| p.is_ok()) && agent.connection.get() == Connection::Open && !running()
-    };
+    let running = move || matches!(agent.job.get(), JobState::Submitted | JobState::Running { .. });
+    let can_run = move || plan.with(|p| p.is_ok()) && agent.connection.get() == Connection::Open && !running();
 
     let run = move |_| {
         let Ok(plan) = plan.get_untracked() else {
@@ -54,38 +44,18 @@ pub fn RunPanel(
         }
     };
 
-    let loss = Signal::derive(move || {
-        vec![Series {
-            name: "loss",
-            class: "s-loss",
-            values: agent.records.with(|r| r.iter().map(|b| b.loss).collect()),
-        }]
-    });
+    let count = Signal::derive(move || agent.records.with(Vec::len));
+    let loss = Signal::derive(move || agent.records.with(|r| vec![series("loss", "s-loss", r.len(), |i| r[i].loss)]));
     let memory = Signal::derive(move || {
         agent.records.with(|r| {
-            let mut series = vec![
-                Series {
-                    name: "peak (allocator)",
-                    class: "s-peak",
-                    values: r.iter().map(|b| b.peak_bytes as f64).collect(),
-                },
-                Series {
-                    name: "allocated",
-                    class: "s-allocated",
-                    values: r.iter().map(|b| b.allocated_bytes as f64).collect(),
-                },
+            let mut out = vec![
+                series("peak (allocator)", "s-peak", r.len(), |i| r[i].peak_bytes as f64),
+                series("allocated", "s-allocated", r.len(), |i| r[i].allocated_bytes as f64),
             ];
-            if r.iter().any(|b| b.reserved_bytes.is_some()) {
-                series.push(Series {
-                    name: "reserved",
-                    class: "s-reserved",
-                    values: r
-                        .iter()
-                        .map(|b| b.reserved_bytes.unwrap_or(0) as f64)
-                        .collect(),
-                });
+            if r.last().is_some_and(|b| b.reserved_bytes.is_some()) {
+                out.push(series("reserved", "s-reserved", r.len(), |i| r[i].reserved_bytes.unwrap_or(0) as f64));
             }
-            series
+            out
         })
     });
     let reference = Signal::derive(move || agent.estimated_peak_bytes.get().map(|b| b as f64));
@@ -97,9 +67,9 @@ pub fn RunPanel(
             let n = agent.records.with(Vec::len);
             let last = agent.records.with(|r| r.last().map(|b| (b.step, b.loss)));
             match last {
-                Some((step, loss)) => format!(
-                    "Job {job} running on {device}: step {step}, loss {loss:.4} ({n} micro-batches)"
-                ),
+                Some((step, loss)) => {
+                    format!("Job {job} running on {device}: step {step}, loss {loss:.4} ({n} micro-batches)")
+                }
                 None => format!("Job {job} starting on {device}…"),
             }
         }
@@ -136,8 +106,9 @@ pub fn RunPanel(
             </div>
             <p class=status_class data-testid="job-status">{status}</p>
             {move || send_error.get().map(|e| view! { <p class="error">{e}</p> })}
-            <LineChart title="Loss per micro-batch" testid="loss-chart" series=loss reference=Signal::derive(|| None) format=fmt_loss />
-            <LineChart title="Tensor memory per micro-batch" testid="memory-chart" series=memory reference=reference format=fmt_bytes />
+            {move || agent.notice.get().map(|n| view! { <p class="error" data-testid="notice">{n}</p> })}
+            <LineChart title="Loss per micro-batch" testid="loss-chart" series=loss count=count reference=Signal::derive(|| None) format=fmt_loss />
+            <LineChart title="Tensor memory per micro-batch" testid="memory-chart" series=memory count=count reference=reference format=fmt_bytes />
         </section>
     }
 }

@@ -20,7 +20,7 @@ pub struct Loss {
 }
 
 fn act(micro_batch: u64, shape: &[u64]) -> u64 {
-    micro_batch * numel(shape) * F32
+    micro_batch.saturating_mul(numel(shape)).saturating_mul(F32)
 }
 
 /// Runs the layers; `input` is the batch, held by its creator throughout.
@@ -45,10 +45,7 @@ pub fn forward(sim: &mut Sim, graph: &Graph, micro_batch: u64, input: Tensor) ->
             // max_pool2d_with_indices saves its input and the int64 indices.
             Layer::MaxPool2d { .. } => {
                 let out = sim.alloc(out_bytes, Category::Activations);
-                let indices = sim.alloc(
-                    micro_batch * numel(&node.output) * I64,
-                    Category::Activations,
-                );
+                let indices = sim.alloc(micro_batch * numel(&node.output) * I64, Category::Activations);
                 (out, vec![sim.retain(h), indices])
             }
         };
@@ -71,11 +68,7 @@ pub fn loss(sim: &mut Sim, logits: Tensor, micro_batch: u64, classes: u64, divid
         sim.release(output);
         output = scaled;
     }
-    Loss {
-        log_probs,
-        total_weight,
-        output,
-    }
+    Loss { log_probs, total_weight, output }
 }
 
 /// Walks the graph backwards. On the first micro-batch the weight gradients become the
@@ -91,16 +84,10 @@ pub fn backward(
     first_micro_batch: bool,
 ) {
     let mut g = sim.alloc(F32, Category::Temporaries); // the seed: ones_like(loss)
-    let nll_grad = sim.alloc(
-        micro_batch * numel(graph.output()) * F32,
-        Category::Temporaries,
-    );
+    let nll_grad = sim.alloc(micro_batch * numel(graph.output()) * F32, Category::Temporaries);
     sim.release(g);
     sim.release(loss.total_weight);
-    g = sim.alloc(
-        micro_batch * numel(graph.output()) * F32,
-        Category::Temporaries,
-    );
+    g = sim.alloc(micro_batch * numel(graph.output()) * F32, Category::Temporaries);
     sim.release(nll_grad);
     sim.release(loss.log_probs);
 
@@ -113,28 +100,16 @@ pub fn backward(
     }
 
     // On the first micro-batch the kernel's output is stolen as `.grad`.
-    let param_grad_category = if first_micro_batch {
-        Category::Gradients
-    } else {
-        Category::Temporaries
-    };
-    for ((node, saved), needs_grad) in graph
-        .nodes
-        .iter()
-        .zip(fwd.saved)
-        .zip(input_needs_grad)
-        .rev()
-    {
+    let param_grad_category = if first_micro_batch { Category::Gradients } else { Category::Temporaries };
+    for ((node, saved), needs_grad) in graph.nodes.iter().zip(fwd.saved).zip(input_needs_grad).rev() {
         let in_bytes = act(micro_batch, &node.input);
         let next = match node.layer {
             Layer::Flatten => sim.retain(g),
             Layer::Linear { .. } | Layer::Conv2d { .. } => {
                 let grad_input = needs_grad.then(|| sim.alloc(in_bytes, Category::Temporaries));
                 let shapes = node.layer.param_shapes();
-                let param_grads: Vec<Tensor> = shapes
-                    .iter()
-                    .map(|s| sim.alloc(numel(s) * F32, param_grad_category))
-                    .collect();
+                let param_grads: Vec<Tensor> =
+                    shapes.iter().map(|s| sim.alloc(numel(s) * F32, param_grad_category)).collect();
                 for t in param_grads {
                     if first_micro_batch {
                         grads.push(t);

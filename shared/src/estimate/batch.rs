@@ -17,9 +17,6 @@ pub fn generator_state(sim: &mut Sim, graph: &Graph, classes: u64) {
 pub fn make_batch(sim: &mut Sim, graph: &Graph, micro_batch: u64) -> (Tensor, Tensor) {
     let y = sim.alloc(micro_batch * I64, Category::Batch);
     let x = sim.alloc(micro_batch * numel(&graph.input) * F32, Category::Batch);
-    sim.transient(
-        micro_batch * numel(&graph.input) * F32,
-        Category::Temporaries,
-    );
+    sim.transient(micro_batch * numel(&graph.input) * F32, Category::Temporaries);
     (x, y)
 }

@@ -36,12 +36,7 @@ pub enum Phase {
 }
 
 impl Phase {
-    pub const ALL: [Phase; 4] = [
-        Phase::Forward,
-        Phase::Loss,
-        Phase::Backward,
-        Phase::OptimizerStep,
-    ];
+    pub const ALL: [Phase; 4] = [Phase::Forward, Phase::Loss, Phase::Backward, Phase::OptimizerStep];
 
     pub fn index(self) -> usize {
         self as usize
@@ -84,12 +79,7 @@ pub struct Breakdown {
 
 impl Breakdown {
     pub fn total(&self) -> Bytes {
-        self.weights
-            + self.gradients
-            + self.optimizer_state
-            + self.activations
-            + self.batch
-            + self.temporaries
+        self.weights + self.gradients + self.optimizer_state + self.activations + self.batch + self.temporaries
     }
 
     pub fn get_mut(&mut self, category: Category) -> &mut Bytes {
@@ -101,6 +91,16 @@ impl Breakdown {
             Category::Batch => &mut self.batch,
             Category::Temporaries => &mut self.temporaries,
         }
+    }
+
+    /// Raises each category to at least `other`'s.
+    pub fn max_assign(&mut self, other: &Breakdown) {
+        self.weights = self.weights.max(other.weights);
+        self.gradients = self.gradients.max(other.gradients);
+        self.optimizer_state = self.optimizer_state.max(other.optimizer_state);
+        self.activations = self.activations.max(other.activations);
+        self.batch = self.batch.max(other.batch);
+        self.temporaries = self.temporaries.max(other.temporaries);
     }
 
     /// Named entries in display order, for tables and JSON.
@@ -125,6 +125,9 @@ pub struct Estimate {
     pub peak_phase: Phase,
     /// What is live at the peak.
     pub breakdown: Breakdown,
+    /// Each category's own maximum during the step (not at one moment): the activation
+    /// figure here is meaningful even when the peak falls in the optimizer step.
+    pub category_peaks: Breakdown,
     /// Live between steps: weights, optimizer state and the data generator.
     pub steady_bytes: Bytes,
     /// Highest live total within each phase, in `Phase::ALL` order.
@@ -137,11 +140,7 @@ pub fn estimate(plan: &Plan) -> Result<Estimate, PlanError> {
     let mut sim = Sim::new();
 
     // Between steps: weights, the optimizer's persistent state, the data generator.
-    let weights: Vec<u64> = graph
-        .param_shapes()
-        .iter()
-        .map(|s| crate::graph::numel(s) * F32)
-        .collect();
+    let weights: Vec<u64> = graph.param_shapes().iter().map(|s| crate::graph::numel(s) * F32).collect();
     for &bytes in &weights {
         sim.alloc(bytes, Category::Weights);
     }
@@ -158,23 +157,9 @@ pub fn estimate(plan: &Plan) -> Result<Estimate, PlanError> {
         let (x, y) = batch::make_batch(&mut sim, &graph, plan.micro_batch);
         let fwd = activations::forward(&mut sim, &graph, plan.micro_batch, x);
         sim.set_phase(Phase::Loss);
-        let loss = activations::loss(
-            &mut sim,
-            fwd.logits,
-            plan.micro_batch,
-            plan.classes,
-            plan.accumulation > 1,
-        );
+        let loss = activations::loss(&mut sim, fwd.logits, plan.micro_batch, plan.classes, plan.accumulation > 1);
         sim.set_phase(Phase::Backward);
-        activations::backward(
-            &mut sim,
-            &graph,
-            plan.micro_batch,
-            fwd,
-            loss,
-            &mut grads,
-            micro == 0,
-        );
+        activations::backward(&mut sim, &graph, plan.micro_batch, fwd, loss, &mut grads, micro == 0);
         sim.release(x);
         sim.release(y);
     }
@@ -190,11 +175,9 @@ pub fn estimate(plan: &Plan) -> Result<Estimate, PlanError> {
         peak_bytes: sim.peak,
         peak_phase: sim.peak_phase.unwrap_or(Phase::Forward),
         breakdown: sim.peak_breakdown.clone(),
+        category_peaks: sim.category_peaks.clone(),
         steady_bytes,
-        phase_peaks: Phase::ALL
-            .iter()
-            .map(|&p| (p, sim.phase_peaks[p.index()]))
-            .collect(),
+        phase_peaks: Phase::ALL.iter().map(|&p| (p, sim.phase_peaks[p.index()])).collect(),
     })
 }
 

@@ -26,6 +26,8 @@ pub struct Sim {
     pub peak: Bytes,
     pub peak_phase: Option<Phase>,
     pub peak_breakdown: Breakdown,
+    /// Each category's highest live bytes.
+    pub category_peaks: Breakdown,
     /// Highest live total seen in each phase, in `Phase::ALL` order.
     pub phase_peaks: [Bytes; Phase::ALL.len()],
 }
@@ -46,11 +48,7 @@ impl Sim {
 
     /// Allocates a tensor with one owner (its creator).
     pub fn alloc(&mut self, bytes: u64, category: Category) -> Tensor {
-        self.slots.push(Slot {
-            bytes: Bytes(bytes),
-            category,
-            owners: 1,
-        });
+        self.slots.push(Slot { bytes: Bytes(bytes), category, owners: 1 });
         *self.live.get_mut(category) += Bytes(bytes);
         self.observe();
         Tensor(self.slots.len() - 1)
@@ -87,6 +85,7 @@ impl Sim {
     }
 
     fn observe(&mut self) {
+        self.category_peaks.max_assign(&self.live);
         let total = self.live.total();
         if let Some(phase) = self.phase {
             let i = phase.index();

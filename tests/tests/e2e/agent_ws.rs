@@ -2,9 +2,9 @@
 //! disturbing good ones.
 
 use futures_util::SinkExt;
-use headroom_tests::{AgentHandle, Inbound, Ws, next, recv, send};
+use headroom_tests::{AgentHandle, Inbound, Ws, find_child, next, recv, send};
 use shared::codec::MAX_FRAME_BYTES;
-use shared::plan::{DeviceChoice, Plan, Schedule};
+use shared::plan::{DeviceChoice, ModelSpec, Optimizer, Plan, Schedule};
 use shared::protocol::{BatchRecord, ErrorCode, Message, Summary};
 use tokio_tungstenite::tungstenite;
 
@@ -15,15 +15,10 @@ fn cpu_plan(mut plan: Plan, steps: u64) -> Plan {
 }
 
 /// Submits `plan` and collects its records until it ends.
-async fn run_job(
-    ws: &mut Ws,
-    plan: Plan,
-) -> anyhow::Result<(u64, Vec<BatchRecord>, Result<Summary, Message>)> {
+async fn run_job(ws: &mut Ws, plan: Plan) -> anyhow::Result<(u64, Vec<BatchRecord>, Result<Summary, Message>)> {
     send(ws, &Message::Submit { plan }).await?;
     let estimate = match recv(ws).await? {
-        Message::Accepted {
-            estimate, device, ..
-        } => {
+        Message::Accepted { estimate, device, .. } => {
             assert_eq!(device, "cpu");
             estimate.peak_bytes.get()
         }
@@ -57,29 +52,18 @@ async fn a_job_streams_every_micro_batch_learns_and_matches_its_estimate() -> an
         assert_eq!(r.step, i as u64 / 2 + 1);
         assert_eq!(r.micro_batch, i as u64 % 2 + 1);
         assert!(r.allocated_bytes > 0 && r.host_rss_bytes > 0, "{r:?}");
-        assert!(
-            r.peak_bytes >= r.allocated_bytes,
-            "peak below allocated: {r:?}"
-        );
+        assert!(r.peak_bytes >= r.allocated_bytes, "peak below allocated: {r:?}");
         assert!(r.loss.is_finite() && r.step_time_ms > 0.0);
         assert_eq!(r.reserved_bytes, None, "no caching allocator on the CPU");
     }
     let losses: Vec<f64> = records.iter().map(|r| r.loss).collect();
     let (first, last) = (mean(&losses[..10]), mean(&losses[70..]));
-    assert!(
-        last < 0.5 * first,
-        "loss should fall: first ten {first:.3}, last ten {last:.3}"
-    );
+    assert!(last < 0.5 * first, "loss should fall: first ten {first:.3}, last ten {last:.3}");
     assert_eq!(summary.micro_batches, 80);
     assert_eq!(summary.estimated_peak_bytes, estimate);
     // The counting allocator is exact and the MLP's timeline is fully modelled.
     let err = (estimate as f64 - summary.peak_bytes as f64).abs() / summary.peak_bytes as f64;
-    assert!(
-        err < 0.005,
-        "estimate {estimate} vs measured {} ({:.3} %)",
-        summary.peak_bytes,
-        err * 100.0
-    );
+    assert!(err < 0.005, "estimate {estimate} vs measured {} ({:.3} %)", summary.peak_bytes, err * 100.0);
     Ok(())
 }
 
@@ -91,12 +75,7 @@ async fn a_cnn_job_matches_its_estimate_within_two_percent() -> anyhow::Result<(
     let summary = summary.map_err(|m| anyhow::anyhow!("job did not finish: {m:?}"))?;
     assert_eq!(records.len(), 12);
     let err = (estimate as f64 - summary.peak_bytes as f64).abs() / summary.peak_bytes as f64;
-    assert!(
-        err < 0.02,
-        "estimate {estimate} vs measured {} ({:.3} %)",
-        summary.peak_bytes,
-        err * 100.0
-    );
+    assert!(err < 0.02, "estimate {estimate} vs measured {} ({:.3} %)", summary.peak_bytes, err * 100.0);
     Ok(())
 }
 
@@ -112,11 +91,7 @@ async fn still_serves(agent: &AgentHandle) -> anyhow::Result<()> {
 fn http_refusal(result: Result<Ws, tungstenite::Error>) -> (u16, String) {
     match result {
         Err(tungstenite::Error::Http(resp)) => {
-            let body = resp
-                .body()
-                .as_ref()
-                .map(|b| String::from_utf8_lossy(b).into_owned())
-                .unwrap_or_default();
+            let body = resp.body().as_ref().map(|b| String::from_utf8_lossy(b).into_owned()).unwrap_or_default();
             (resp.status().as_u16(), body)
         }
         Err(e) => panic!("expected an HTTP refusal, got {e}"),
@@ -128,27 +103,12 @@ fn http_refusal(result: Result<Ws, tungstenite::Error>) -> (u16, String) {
 async fn handshakes_without_the_right_token_or_origin_are_refused() -> anyhow::Result<()> {
     let agent = AgentHandle::start(None)?;
     let (status, body) = http_refusal(agent.connect_with(None, None).await);
-    assert_eq!(
-        (status, body.contains("missing token")),
-        (401, true),
-        "{body}"
-    );
-    let (status, body) = http_refusal(
-        agent
-            .connect_with(Some("0123456789abcdef0123456789abcdef"), None)
-            .await,
-    );
+    assert_eq!((status, body.contains("missing token")), (401, true), "{body}");
+    let (status, body) = http_refusal(agent.connect_with(Some("0123456789abcdef0123456789abcdef"), None).await);
     assert_eq!((status, body.as_str()), (403, "wrong token"));
-    let (status, body) = http_refusal(
-        agent
-            .connect_with(Some(&agent.token), Some("http://evil.example"))
-            .await,
-    );
+    let (status, body) = http_refusal(agent.connect_with(Some(&agent.token), Some("http://evil.example")).await);
     assert_eq!(status, 403);
-    assert!(
-        body.contains("origin \"http://evil.example\" is not allowed"),
-        "{body}"
-    );
+    assert!(body.contains("origin \"http://evil.example\" is not allowed"), "{body}");
     // The agent's own origin is fine.
     let own = format!("http://localhost:{}", agent.port);
     let mut ws = agent.connect_with(Some(&agent.token), Some(&own)).await?;
@@ -187,13 +147,8 @@ async fn bad_frames_get_an_error_and_a_close_and_others_keep_working() -> anyhow
 
     let mut other_version = shared::codec::encode(&Message::Cancel { job: 1 })?;
     other_version[..2].copy_from_slice(&7u16.to_le_bytes());
-    expect_rejected(
-        &agent,
-        tungstenite::Message::Binary(other_version.into()),
-        ErrorCode::UnsupportedVersion,
-        1002,
-    )
-    .await?;
+    expect_rejected(&agent, tungstenite::Message::Binary(other_version.into()), ErrorCode::UnsupportedVersion, 1002)
+        .await?;
     expect_rejected(
         &agent,
         tungstenite::Message::Binary(vec![1, 0, 0xff, 0xfe, 0xfd].into()),
@@ -202,35 +157,15 @@ async fn bad_frames_get_an_error_and_a_close_and_others_keep_working() -> anyhow
     )
     .await?;
     let oversized = vec![0u8; MAX_FRAME_BYTES + 512 * 1024];
-    expect_rejected(
-        &agent,
-        tungstenite::Message::Binary(oversized.into()),
-        ErrorCode::TooLarge,
-        1009,
-    )
-    .await?;
-    expect_rejected(
-        &agent,
-        tungstenite::Message::Text("{\"submit\": {}}".into()),
-        ErrorCode::Unexpected,
-        1003,
-    )
-    .await?;
+    expect_rejected(&agent, tungstenite::Message::Binary(oversized.into()), ErrorCode::TooLarge, 1009).await?;
+    expect_rejected(&agent, tungstenite::Message::Text("{\"submit\": {}}".into()), ErrorCode::Unexpected, 1003).await?;
 
     // Far past the limit, tungstenite itself refuses to buffer the frame.
     let mut ws = agent.connect().await?;
-    let _ = ws
-        .send(tungstenite::Message::Binary(
-            vec![0u8; 3 * MAX_FRAME_BYTES].into(),
-        ))
-        .await;
+    let _ = ws.send(tungstenite::Message::Binary(vec![0u8; 3 * MAX_FRAME_BYTES].into())).await;
     let closed = matches!(
         next(&mut ws).await,
-        Ok(Inbound::Message(Message::Error {
-            code: ErrorCode::TooLarge,
-            ..
-        })) | Ok(Inbound::Closed(_))
-            | Err(_)
+        Ok(Inbound::Message(Message::Error { code: ErrorCode::TooLarge, .. })) | Ok(Inbound::Closed(_)) | Err(_)
     );
     assert!(closed, "a huge frame must end the connection");
 
@@ -247,46 +182,24 @@ async fn invalid_plans_busy_agents_and_unknown_jobs_get_clear_errors() -> anyhow
     bad.micro_batch = 0;
     send(&mut ws, &Message::Submit { plan: bad }).await?;
     match recv(&mut ws).await? {
-        Message::Error {
-            code: ErrorCode::InvalidPlan,
-            message,
-        } => assert!(message.starts_with("micro_batch:"), "{message}"),
+        Message::Error { code: ErrorCode::InvalidPlan, message } => {
+            assert!(message.starts_with("micro_batch:"), "{message}")
+        }
         other => panic!("expected InvalidPlan, got {other:?}"),
     }
     send(&mut ws, &Message::Cancel { job: 99 }).await?;
-    assert!(matches!(
-        recv(&mut ws).await?,
-        Message::Error {
-            code: ErrorCode::UnknownJob,
-            ..
-        }
-    ));
+    assert!(matches!(recv(&mut ws).await?, Message::Error { code: ErrorCode::UnknownJob, .. }));
 
     // One job at a time: a second client is told the agent is busy.
-    send(
-        &mut ws,
-        &Message::Submit {
-            plan: cpu_plan(Plan::example_mlp(), 100_000),
-        },
-    )
-    .await?;
+    send(&mut ws, &Message::Submit { plan: cpu_plan(Plan::example_mlp(), 100_000) }).await?;
     let job = match recv(&mut ws).await? {
         Message::Accepted { job, .. } => job,
         other => panic!("expected Accepted, got {other:?}"),
     };
     let mut second = agent.connect().await?;
-    send(
-        &mut second,
-        &Message::Submit {
-            plan: cpu_plan(Plan::example_mlp(), 2),
-        },
-    )
-    .await?;
+    send(&mut second, &Message::Submit { plan: cpu_plan(Plan::example_mlp(), 2) }).await?;
     match recv(&mut second).await? {
-        Message::Error {
-            code: ErrorCode::Busy,
-            message,
-        } => assert!(message.contains("1 job(s) at once"), "{message}"),
+        Message::Error { code: ErrorCode::Busy, message } => assert!(message.contains("1 job(s) at once"), "{message}"),
         other => panic!("expected Busy, got {other:?}"),
     }
 
@@ -304,19 +217,12 @@ async fn invalid_plans_busy_agents_and_unknown_jobs_get_clear_errors() -> anyhow
     }
     // The slot is free again once the worker has exited.
     for attempt in 0.. {
-        send(
-            &mut second,
-            &Message::Submit {
-                plan: cpu_plan(Plan::example_mlp(), 2),
-            },
-        )
-        .await?;
+        send(&mut second, &Message::Submit { plan: cpu_plan(Plan::example_mlp(), 2) }).await?;
         match recv(&mut second).await? {
             Message::Accepted { .. } => break,
-            Message::Error {
-                code: ErrorCode::Busy,
-                ..
-            } if attempt < 50 => tokio::time::sleep(std::time::Duration::from_millis(100)).await,
+            Message::Error { code: ErrorCode::Busy, .. } if attempt < 50 => {
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await
+            }
             other => panic!("expected Accepted after the cancel, got {other:?}"),
         }
     }
@@ -334,11 +240,7 @@ async fn running_out_of_memory_fails_the_job_not_the_agent() -> anyhow::Result<(
     match result {
         Err(Message::Failed { error, .. }) => {
             assert_eq!(error.code, ErrorCode::OutOfMemory, "{}", error.message);
-            assert!(
-                error.message.contains("limit of 1572864 bytes"),
-                "{}",
-                error.message
-            );
+            assert!(error.message.contains("limit of 1572864 bytes"), "{}", error.message);
         }
         other => panic!("expected an out-of-memory failure, got {other:?}"),
     }
@@ -349,13 +251,7 @@ async fn running_out_of_memory_fails_the_job_not_the_agent() -> anyhow::Result<(
 async fn a_crashed_worker_is_reported_and_the_agent_lives_on() -> anyhow::Result<()> {
     let agent = AgentHandle::start(None)?;
     let mut ws = agent.connect().await?;
-    send(
-        &mut ws,
-        &Message::Submit {
-            plan: cpu_plan(Plan::example_mlp(), 100_000),
-        },
-    )
-    .await?;
+    send(&mut ws, &Message::Submit { plan: cpu_plan(Plan::example_mlp(), 100_000) }).await?;
     assert!(matches!(recv(&mut ws).await?, Message::Accepted { .. }));
     assert!(matches!(recv(&mut ws).await?, Message::Batch(_)));
     // Kill the worker as a segfault inside libtorch would.
@@ -376,22 +272,48 @@ async fn a_crashed_worker_is_reported_and_the_agent_lives_on() -> anyhow::Result
     still_serves(&agent).await
 }
 
-/// The pid of a child of `parent` whose command line contains `needle`.
-fn find_child(parent: u32, needle: &str) -> Option<i32> {
-    std::fs::read_dir("/proc")
-        .ok()?
-        .flatten()
-        .find_map(|entry| {
-            let pid: i32 = entry.file_name().to_str()?.parse().ok()?;
-            let stat = std::fs::read_to_string(entry.path().join("stat")).ok()?;
-            let ppid: u32 = stat
-                .rsplit_once(')')?
-                .1
-                .split_whitespace()
-                .nth(1)?
-                .parse()
-                .ok()?;
-            let cmdline = std::fs::read_to_string(entry.path().join("cmdline")).ok()?;
-            (ppid == parent && cmdline.contains(needle)).then_some(pid)
-        })
+#[tokio::test]
+async fn a_client_that_stops_reading_never_holds_training_back() -> anyhow::Result<()> {
+    // Many tiny micro-batches: far more records than the job's event buffer (4096) and the
+    // connection's 256 KiB send buffer hold (about 12,500 here), produced in seconds.
+    const STEPS: u64 = 20_000;
+    let agent = AgentHandle::start(None)?;
+    let mut ws = agent.connect_slow(4096).await?;
+    let plan = Plan {
+        model: ModelSpec::Mlp { hidden: vec![4] },
+        input_shape: vec![4],
+        classes: 2,
+        micro_batch: 1,
+        optimizer: Optimizer::Sgd { momentum: 0.0, weight_decay: 0.0 },
+        learning_rate: 0.01,
+        ..cpu_plan(Plan::example_mlp(), STEPS)
+    };
+    send(&mut ws, &Message::Submit { plan }).await?;
+    assert!(matches!(recv(&mut ws).await?, Message::Accepted { .. }));
+    // Read nothing until training is over: if a full socket held the worker back, the
+    // worker would never finish and this would time out.
+    let started = std::time::Instant::now();
+    let deadline = started + std::time::Duration::from_secs(240);
+    anyhow::ensure!(find_child(agent.pid(), "worker").is_some(), "no worker process after Accepted");
+    while find_child(agent.pid(), "worker").is_some() {
+        anyhow::ensure!(std::time::Instant::now() < deadline, "training stalled while the client was not reading");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let mut received = 0u64;
+    let summary = loop {
+        match recv(&mut ws).await? {
+            Message::Batch(_) => received += 1,
+            Message::Finished { summary, .. } => break summary,
+            other => panic!("expected records then Finished, got {other:?}"),
+        }
+    };
+    eprintln!(
+        "slow client: worker ran {:.1} s unread; {received} records delivered, {} dropped",
+        started.elapsed().as_secs_f64(),
+        summary.dropped_records
+    );
+    assert_eq!(summary.micro_batches, STEPS);
+    assert!(summary.dropped_records > 0, "the buffers were never full: raise STEPS");
+    assert_eq!(received + summary.dropped_records, STEPS, "every record is either delivered or counted as dropped");
+    Ok(())
 }

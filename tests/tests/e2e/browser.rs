@@ -23,19 +23,11 @@ async fn start_chromedriver() -> anyhow::Result<(ChromeDriver, u16)> {
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
-        .map_err(|e| {
-            anyhow::anyhow!("starting chromedriver (scripts/setup.sh installs it): {e}")
-        })?;
+        .map_err(|e| anyhow::anyhow!("starting chromedriver (scripts/setup.sh installs it): {e}"))?;
     let driver = ChromeDriver(child);
     let deadline = Instant::now() + Duration::from_secs(20);
-    while tokio::net::TcpStream::connect(("127.0.0.1", port))
-        .await
-        .is_err()
-    {
-        anyhow::ensure!(
-            Instant::now() < deadline,
-            "chromedriver did not listen on {port}"
-        );
+    while tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_err() {
+        anyhow::ensure!(Instant::now() < deadline, "chromedriver did not listen on {port}");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     Ok((driver, port))
@@ -61,8 +53,7 @@ where
 async fn the_planner_runs_a_job_and_charts_the_stream() -> anyhow::Result<()> {
     let agent = AgentHandle::start(Some(web_dir()?))?;
     let (_driver, port) = start_chromedriver().await?;
-    let profile =
-        std::env::temp_dir().join(format!("headroom-chromium-{}-{port}", std::process::id()));
+    let profile = std::env::temp_dir().join(format!("headroom-chromium-{}-{port}", std::process::id()));
     let mut caps = serde_json::Map::new();
     caps.insert(
         "goog:chromeOptions".into(),
@@ -91,20 +82,13 @@ async fn the_planner_runs_a_job_and_charts_the_stream() -> anyhow::Result<()> {
 }
 
 async fn text(client: &fantoccini::Client, testid: &str) -> anyhow::Result<String> {
-    Ok(client
-        .find(Locator::Css(&format!("[data-testid={testid}]")))
-        .await?
-        .text()
-        .await?)
+    Ok(client.find(Locator::Css(&format!("[data-testid={testid}]"))).await?.text().await?)
 }
 
 async fn drive(client: &fantoccini::Client, agent: &AgentHandle) -> anyhow::Result<()> {
     client.goto(&agent.url()).await?;
     eventually("the agent's hello", Duration::from_secs(30), || async {
-        Ok(text(client, "connection")
-            .await
-            .ok()
-            .filter(|t| t.contains("connected to agent")))
+        Ok(text(client, "connection").await.ok().filter(|t| t.contains("connected to agent")))
     })
     .await?;
 
@@ -116,34 +100,20 @@ async fn drive(client: &fantoccini::Client, agent: &AgentHandle) -> anyhow::Resu
     assert!(error.contains("steps"), "{error}");
     steps.clear().await?;
     steps.send_keys("25").await?;
-    let micro = client
-        .find(Locator::Css("[data-testid=micro-batch]"))
-        .await?;
+    let micro = client.find(Locator::Css("[data-testid=micro-batch]")).await?;
     micro.clear().await?;
     micro.send_keys("16").await?;
-    let accumulation = client
-        .find(Locator::Css("[data-testid=accumulation]"))
-        .await?;
+    let accumulation = client.find(Locator::Css("[data-testid=accumulation]")).await?;
     accumulation.clear().await?;
     accumulation.send_keys("2").await?;
-    assert_eq!(
-        text(client, "effective-batch").await?,
-        "effective batch 32 = 16 × 2"
-    );
+    assert_eq!(text(client, "effective-batch").await?, "effective batch 32 = 16 × 2");
     let peak = text(client, "estimate-peak").await?;
     assert!(peak.ends_with("MiB") || peak.ends_with("KiB"), "{peak}");
 
-    client
-        .find(Locator::Css("[data-testid=run]"))
-        .await?
-        .click()
-        .await?;
+    client.find(Locator::Css("[data-testid=run]")).await?.click().await?;
     let status = eventually("the job to finish", Duration::from_secs(60), || async {
         let t = text(client, "job-status").await?;
-        anyhow::ensure!(
-            !t.contains("failed") && !t.contains("refused"),
-            "job failed in the page: {t}"
-        );
+        anyhow::ensure!(!t.contains("failed") && !t.contains("refused"), "job failed in the page: {t}");
         Ok(t.contains("finished").then_some(t))
     })
     .await?;
@@ -151,19 +121,11 @@ async fn drive(client: &fantoccini::Client, agent: &AgentHandle) -> anyhow::Resu
 
     // Every streamed micro-batch reached both charts, and the estimate is drawn.
     for chart in ["loss-chart", "memory-chart"] {
-        let points = client
-            .find(Locator::Css(&format!("[data-testid={chart}]")))
-            .await?
-            .attr("data-points")
-            .await?;
+        let points = client.find(Locator::Css(&format!("[data-testid={chart}]"))).await?.attr("data-points").await?;
         assert_eq!(points.as_deref(), Some("50"), "{chart}");
     }
-    client
-        .find(Locator::Css("[data-testid=memory-chart-reference]"))
-        .await?;
-    let polylines = client
-        .find_all(Locator::Css("[data-testid=memory-chart] polyline"))
-        .await?;
+    client.find(Locator::Css("[data-testid=memory-chart-reference]")).await?;
+    let polylines = client.find_all(Locator::Css("[data-testid=memory-chart] polyline")).await?;
     assert!(polylines.len() >= 2, "peak and allocated series");
     Ok(())
 }
