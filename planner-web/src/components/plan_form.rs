@@ -26,6 +26,31 @@ fn text_field(
     }
 }
 
+const OPTIMIZERS: &[(&str, &str)] = &[("adamw", "AdamW"), ("momentum", "SGD + momentum 0.9"), ("sgd", "SGD")];
+const DEVICES: &[(&str, &str)] = &[("auto", "auto (GPU if present)"), ("cpu", "CPU"), ("cuda:0", "cuda:0")];
+
+fn select_field(
+    form: RwSignal<PlanForm>,
+    label: &'static str,
+    testid: &'static str,
+    options: &'static [(&'static str, &'static str)],
+    get: fn(&PlanForm) -> String,
+    set: fn(&mut PlanForm, String),
+) -> impl IntoView {
+    let options = options
+        .iter()
+        .map(|&(value, text)| view! { <option value=value selected=move || form.with(get) == value>{text}</option> })
+        .collect_view();
+    view! {
+        <label>
+            <span>{label}</span>
+            <select data-testid=testid on:change=move |ev| form.update(|f| set(f, event_target_value(&ev)))>
+                {options}
+            </select>
+        </label>
+    }
+}
+
 #[component]
 pub fn PlanEditor(form: RwSignal<PlanForm>) -> impl IntoView {
     view! {
@@ -62,23 +87,9 @@ pub fn PlanEditor(form: RwSignal<PlanForm>) -> impl IntoView {
             {text_field(form, "Micro-batch", "micro-batch", "samples per forward/backward", |f| f.micro_batch.clone(), |f, v| f.micro_batch = v)}
             {text_field(form, "Accumulation", "accumulation", "micro-batches per optimizer step", |f| f.accumulation.clone(), |f, v| f.accumulation = v)}
             {text_field(form, "Steps", "steps", "optimizer steps", |f| f.steps.clone(), |f, v| f.steps = v)}
-            <label>
-                <span>"Optimizer"</span>
-                <select data-testid="optimizer" on:change=move |ev| form.update(|f| f.optimizer = event_target_value(&ev))>
-                    <option value="adamw" selected=move || form.with(|f| f.optimizer == "adamw")>"AdamW"</option>
-                    <option value="momentum" selected=move || form.with(|f| f.optimizer == "momentum")>"SGD + momentum 0.9"</option>
-                    <option value="sgd" selected=move || form.with(|f| f.optimizer == "sgd")>"SGD"</option>
-                </select>
-            </label>
+            {select_field(form, "Optimizer", "optimizer", OPTIMIZERS, |f| f.optimizer.clone(), |f, v| f.optimizer = v)}
             {text_field(form, "Learning rate", "learning-rate", "learning rate", |f| f.learning_rate.clone(), |f, v| f.learning_rate = v)}
-            <label>
-                <span>"Device"</span>
-                <select data-testid="device" on:change=move |ev| form.update(|f| f.device = event_target_value(&ev))>
-                    <option value="auto" selected=move || form.with(|f| f.device == "auto")>"auto (GPU if present)"</option>
-                    <option value="cpu" selected=move || form.with(|f| f.device == "cpu")>"CPU"</option>
-                    <option value="cuda:0" selected=move || form.with(|f| f.device == "cuda:0")>"cuda:0"</option>
-                </select>
-            </label>
+            {select_field(form, "Device", "device", DEVICES, |f| f.device.clone(), |f, v| f.device = v)}
             <p class="effective" data-testid="effective-batch">
                 {move || form.with(|f| match (f.micro_batch.trim().parse::<u64>(), f.accumulation.trim().parse::<u64>()) {
                     (Ok(m), Ok(a)) => format!("effective batch {} = {m} × {a}", m.saturating_mul(a)),
