@@ -18,3 +18,5 @@ step "agent binary (the end-to-end tests start it)"
 cargo build
 step "tests"
 cargo test
+step "planner unit tests (native)"
+cargo test -p headroom-planner-web --lib

@@ -30,9 +30,10 @@ const MAX_REQUEST_LINE: usize = 8192;
 /// A client that sends no request line, or does not finish its handshake, within this
 /// is dropped, so stalled sockets cannot hold connection slots.
 const REQUEST_LINE_TIMEOUT: Duration = Duration::from_secs(10);
-/// Kernel send buffer per connection. Without a cap, autotuning lets a client that stops
-/// reading pin megabytes in the kernel; with it, backlog beyond this and the job's event
-/// buffer is dropped (and counted) instead.
+/// Kernel send buffer asked for per connection (Linux doubles it for bookkeeping, so
+/// about 512 KiB in practice). Without a cap, autotuning lets a client that stops reading
+/// pin megabytes in the kernel; with it, backlog beyond this and the job's event buffer
+/// is dropped (and counted) instead.
 const SEND_BUFFER_BYTES: usize = 256 * 1024;
 /// Frames up to twice the codec's limit are read, so that the codec can answer a
 /// too-large message with a clear error; larger ones fail inside tungstenite.

@@ -70,9 +70,10 @@ pub fn run(job: JobId) -> anyhow::Result<()> {
     };
     pipe::write_blocking(&mut out, &last)?;
     out.flush()?;
-    // Everything is said: leave without running libtorch's teardown, which has nothing
-    // left to do for us and must not be able to hold the job's slot.
-    std::process::exit(0);
+    // Everything is said: leave with _exit, which skips atexit handlers and C++ static
+    // destructors, so libtorch's teardown cannot hang while holding the job's slot.
+    // SAFETY: the frames are flushed and nothing else in this process needs cleanup.
+    unsafe { libc::_exit(0) }
 }
 
 /// `headroom worker --probe`: prints how many CUDA devices libtorch can use, so the

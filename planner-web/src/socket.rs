@@ -57,12 +57,12 @@ fn apply(state: AgentState, message: Message) {
         Message::Finished { job, summary } => state.job.set(JobState::Finished { job, summary }),
         Message::Failed { job, error } => state.job.set(JobState::Failed { job: Some(job), error }),
         Message::Error { code, message } => {
-            // A refused submission ends the "submitted" state; anything else is a notice
-            // beside the running job, which goes on.
-            if matches!(state.job.get_untracked(), JobState::Running { .. }) {
-                state.notice.set(Some(format!("the agent said ({code:?}): {message}")));
-            } else {
+            // A refused submission ends the "submitted" state; anything else (an unknown
+            // job, a cancel that raced the end) is a notice beside the job's own state.
+            if state.job.get_untracked() == JobState::Submitted {
                 state.job.set(JobState::Failed { job: None, error: JobError { code, message } });
+            } else {
+                state.notice.set(Some(format!("the agent said ({code:?}): {message}")));
             }
         }
         Message::Submit { .. } | Message::Cancel { .. } => {}

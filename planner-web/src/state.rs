@@ -163,3 +163,30 @@ impl Default for AgentState {
         AgentState::new()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_default_form_is_the_example_plan() {
+        let plan = PlanForm::default().to_plan().expect("valid");
+        assert_eq!(plan.model, Plan::example_mlp().model);
+        assert_eq!(plan.micro_batch, 32);
+        let cnn = PlanForm::from_plan(&Plan::example_cnn()).to_plan().expect("valid cnn");
+        assert_eq!(cnn.input_shape, vec![3, 32, 32]);
+    }
+
+    #[test]
+    fn half_typed_input_names_the_field() {
+        let mut form = PlanForm::default();
+        form.steps = "zero".into();
+        assert_eq!(form.to_plan().expect_err("steps"), "steps: expected a whole number, got \"zero\"");
+        let mut form = PlanForm::default();
+        form.micro_batch = "0".into();
+        assert!(form.to_plan().expect_err("limit").starts_with("micro_batch:"));
+        let mut form = PlanForm::default();
+        form.device = "tpu".into();
+        assert!(form.to_plan().expect_err("device").starts_with("device:"));
+    }
+}

@@ -97,6 +97,8 @@ mod tests {
         })
     }
 
+    const ACCEPTED_LEN: usize = 107;
+
     #[test]
     fn fixed_bytes_notice_format_changes() {
         // If this fails, the wire format changed: bump PROTOCOL_VERSION and update it.
@@ -104,6 +106,11 @@ mod tests {
         assert_eq!(bytes, vec![1, 0, 6, 5]);
         let bytes = encode(&Message::Error { code: ErrorCode::Busy, message: "busy".into() }).expect("encode");
         assert_eq!(bytes, vec![1, 0, 7, 5, 4, b'b', b'u', b's', b'y']);
+        // Accepted carries the whole Estimate: a field added to it or to Plan changes this
+        // length. The value is this encoding's own; change it together with the version.
+        let estimate = crate::estimate(&Plan::example_cnn()).expect("estimate");
+        let accepted = encode(&Message::Accepted { job: 1, estimate, device: "cpu".into() }).expect("encode");
+        assert_eq!(accepted.len(), ACCEPTED_LEN);
     }
 
     #[test]

@@ -243,7 +243,16 @@ impl Plan {
         // int64 pooling indices are the widest per-element tensors a step makes; the
         // class prototypes of the synthetic data are one more large tensor.
         let widest = graph.nodes.iter().map(|n| numel(&n.output)).chain([numel(&graph.input)]).max().unwrap_or(0);
-        let bytes = widest.saturating_mul(self.micro_batch).saturating_mul(8);
+        let per_sample = widest.saturating_mul(8);
+        if per_sample > MAX_TENSOR_BYTES {
+            return Err(invalid(
+                "model",
+                format!(
+                    "one sample's largest activation would take {per_sample} bytes, over the limit of {MAX_TENSOR_BYTES}"
+                ),
+            ));
+        }
+        let bytes = per_sample.saturating_mul(self.micro_batch);
         if bytes > MAX_TENSOR_BYTES {
             return Err(invalid(
                 "micro_batch",
@@ -434,10 +443,21 @@ mod tests {
             ("name", Box::new(|p| p.name = String::new())),
             // Shapes whose byte counts would overflow 64 bits are refused, not wrapped.
             (
-                "micro_batch",
+                "model",
                 Box::new(|p| {
+                    // One sample's first conv output alone: 2^20 x 2^28 values.
                     p.model = ModelSpec::SmallCnn { channels: vec![1 << 20, 1] };
                     p.input_shape = vec![1, 1 << 14, 1 << 14];
+                    p.classes = 2;
+                    p.micro_batch = 1;
+                }),
+            ),
+            (
+                "micro_batch",
+                Box::new(|p| {
+                    // 2^34 values a sample are allowed; 2^14 samples of them are not.
+                    p.model = ModelSpec::SmallCnn { channels: vec![1 << 10] };
+                    p.input_shape = vec![1, 1 << 12, 1 << 12];
                     p.classes = 2;
                     p.micro_batch = 1 << 14;
                 }),
