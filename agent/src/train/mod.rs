@@ -88,6 +88,9 @@ pub fn cuda_device_count() -> i64 {
 struct PhaseMeter {
     meter: Meter,
     peaks: [u64; Phase::ALL.len()],
+    /// Highest reserved bytes over the whole run (CUDA): read at the end of every phase,
+    /// because each phase starts a new peak window.
+    reserved_peak: Option<u64>,
 }
 
 impl PhaseMeter {
@@ -95,7 +98,11 @@ impl PhaseMeter {
         self.meter.reset_peak();
     }
     fn end(&mut self, phase: Phase) -> u64 {
-        let peak = self.meter.read().peak;
+        let reading = self.meter.read();
+        if let Some(r) = reading.reserved_peak {
+            self.reserved_peak = Some(self.reserved_peak.unwrap_or(0).max(r));
+        }
+        let peak = reading.peak;
         let slot = &mut self.peaks[phase.index()];
         *slot = (*slot).max(peak);
         peak
@@ -156,11 +163,10 @@ pub fn train(
     input_dims.extend(graph.input.iter().map(|&d| i64::try_from(d).unwrap_or(i64::MAX)));
 
     let steps_per_epoch = plan.steps_per_epoch().max(1);
-    let mut phases = PhaseMeter { meter, peaks: [0; Phase::ALL.len()] };
+    let mut phases = PhaseMeter { meter, peaks: [0; Phase::ALL.len()], reserved_peak: None };
     let mut first_loss = None;
     let mut final_loss = f64::NAN;
     let mut run_peak = 0u64;
-    let mut run_peak_reserved: Option<u64> = None;
     let mut peak_rss = 0u64;
     let mut micro_batches = 0u64;
 
@@ -204,9 +210,6 @@ pub fn train(
             let reading = meter.read();
             let rss = memory::host_rss_bytes();
             run_peak = run_peak.max(batch_peak);
-            if let Some(r) = reading.reserved_peak {
-                run_peak_reserved = Some(run_peak_reserved.unwrap_or(0).max(r));
-            }
             peak_rss = peak_rss.max(rss);
             micro_batches += 1;
             first_loss.get_or_insert(loss_value);
@@ -234,7 +237,7 @@ pub fn train(
         final_loss,
         peak_bytes: run_peak,
         estimated_peak_bytes,
-        peak_reserved_bytes: run_peak_reserved,
+        peak_reserved_bytes: phases.reserved_peak,
         peak_host_rss_bytes: peak_rss,
         wall_time_ms: started.elapsed().as_secs_f64() * 1e3,
         dropped_records: 0,
