@@ -139,11 +139,11 @@ fn estimate(path: &PathBuf, json: bool) -> anyhow::Result<()> {
         let breakdown: serde_json::Map<String, serde_json::Value> =
             e.breakdown.entries().iter().map(|(k, v)| ((*k).to_owned(), v.get().into())).collect();
         let phases: serde_json::Map<String, serde_json::Value> =
-            e.phase_peaks.iter().map(|(p, v)| (p.label().replace(' ', "_"), v.get().into())).collect();
+            e.phase_peaks.iter().map(|(p, v)| (p.key().to_owned(), v.get().into())).collect();
         let out = serde_json::json!({
             "params": e.params,
             "peak_bytes": e.peak_bytes.get(),
-            "peak_phase": e.peak_phase.label().replace(' ', "_"),
+            "peak_phase": e.peak_phase.key(),
             "breakdown": breakdown,
             "steady_bytes": e.steady_bytes.get(),
             "phase_peaks": phases,
@@ -223,7 +223,7 @@ async fn run(plan: Plan, exe: PathBuf) -> anyhow::Result<()> {
         None
     };
     let runner = JobRunner::new(exe, 1);
-    let mut job = runner.start(plan)?;
+    let mut job = runner.start(plan, estimate.peak_bytes.get())?;
     let mut stdout = std::io::stdout().lock();
     use std::io::Write;
     while let Some(event) = job.events.recv().await {
@@ -249,8 +249,6 @@ async fn run(plan: Plan, exe: PathBuf) -> anyhow::Result<()> {
                 if let Some(bar) = &bar {
                     bar.finish_and_clear();
                 }
-                let error_pct = 100.0 * (estimate.peak_bytes.get() as f64 - summary.peak_bytes as f64)
-                    / summary.peak_bytes.max(1) as f64;
                 writeln!(
                     stdout,
                     "{}",
@@ -259,10 +257,10 @@ async fn run(plan: Plan, exe: PathBuf) -> anyhow::Result<()> {
                             "steps": summary.steps, "micro_batches": summary.micro_batches,
                             "first_loss": summary.first_loss, "final_loss": summary.final_loss,
                             "peak_bytes": summary.peak_bytes, "estimated_peak_bytes": summary.estimated_peak_bytes,
-                            "estimate_error_pct": error_pct,
+                            "estimate_error_pct": summary.estimate_error_pct(),
                             "peak_reserved_bytes": summary.peak_reserved_bytes,
                             "peak_host_rss_bytes": summary.peak_host_rss_bytes, "wall_time_ms": summary.wall_time_ms,
-                            "phase_peaks": summary.phase_peaks.iter().map(|(p, b)| (p.label().replace(' ', "_"), *b)).collect::<std::collections::BTreeMap<_, _>>(),
+                            "phase_peaks": summary.phase_peaks.iter().map(|(p, b)| (p.key(), *b)).collect::<std::collections::BTreeMap<_, _>>(),
                         }
                     })
                 )?;

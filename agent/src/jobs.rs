@@ -65,8 +65,9 @@ impl JobRunner {
         JobRunner { exe, limit, slots: Arc::new(Semaphore::new(limit)), next_id: AtomicU64::new(1) }
     }
 
-    /// Starts `plan` (already validated) in a new worker, or refuses when all slots are taken.
-    pub fn start(&self, plan: Plan) -> Result<RunningJob, StartError> {
+    /// Starts `plan` (already validated) in a new worker, or refuses when all slots are
+    /// taken. The caller's estimate is attached to the summary, next to the measurement.
+    pub fn start(&self, plan: Plan, estimated_peak_bytes: u64) -> Result<RunningJob, StartError> {
         let permit = Arc::clone(&self.slots).try_acquire_owned().map_err(|_| StartError::Busy { limit: self.limit })?;
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let mut cmd = Command::new(&self.exe);
@@ -144,6 +145,7 @@ impl JobRunner {
                     }
                     Ok(Some(Message::Finished { job, mut summary })) => {
                         summary.dropped_records = dropped;
+                        summary.estimated_peak_bytes = estimated_peak_bytes;
                         terminal = Some(Message::Finished { job, summary });
                     }
                     Ok(Some(failed @ Message::Failed { .. })) => terminal = Some(failed),

@@ -106,7 +106,7 @@ fn submit(state: &State, job: &mut Option<RunningJob>, plan: shared::Plan) -> Me
         shared::plan::DeviceChoice::Cuda(i) => format!("cuda:{i}"),
         _ => "cpu".to_owned(),
     };
-    match state.runner.start(plan) {
+    match state.runner.start(plan, estimate.peak_bytes.get()) {
         Ok(running) => {
             let id = running.id;
             tracing::info!(job = id, %device, "job accepted");

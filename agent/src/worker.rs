@@ -55,9 +55,8 @@ pub fn run(job: JobId) -> anyhow::Result<()> {
         watcher_stop.store(true, Ordering::Relaxed);
     });
 
-    let estimated = shared::estimate(&plan).map(|e| e.peak_bytes.get()).unwrap_or(0);
     let mut write_failed = false;
-    let result = train::train(&plan, job, estimated, &stop, |record| {
+    let result = train::train(&plan, job, &stop, |record| {
         if !write_failed && pipe::write_blocking(&mut out, &Message::Batch(record)).is_err() {
             // The agent is gone: stop training at the next micro-batch.
             write_failed = true;

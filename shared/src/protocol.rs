@@ -114,6 +114,14 @@ pub struct Summary {
     pub phase_peaks: Vec<(Phase, u64)>,
 }
 
+impl Summary {
+    /// How far the estimate was from the measured peak, in percent of the measured peak
+    /// (negative: the estimate was low).
+    pub fn estimate_error_pct(&self) -> f64 {
+        100.0 * (self.estimated_peak_bytes as f64 - self.peak_bytes as f64) / self.peak_bytes.max(1) as f64
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct JobError {
     pub code: ErrorCode,

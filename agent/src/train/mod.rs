@@ -116,7 +116,6 @@ impl PhaseMeter {
 pub fn train(
     plan: &Plan,
     job: JobId,
-    estimated_peak_bytes: u64,
     stop: &AtomicBool,
     mut on_record: impl FnMut(BatchRecord),
 ) -> Result<Summary, TrainError> {
@@ -236,7 +235,8 @@ pub fn train(
         first_loss: first_loss.unwrap_or(f64::NAN),
         final_loss,
         peak_bytes: run_peak,
-        estimated_peak_bytes,
+        // Filled in by the agent's job runner, which holds the estimate.
+        estimated_peak_bytes: 0,
         peak_reserved_bytes: phases.reserved_peak,
         peak_host_rss_bytes: peak_rss,
         wall_time_ms: started.elapsed().as_secs_f64() * 1e3,

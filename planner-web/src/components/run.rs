@@ -74,8 +74,7 @@ pub fn RunPanel(#[prop(into)] plan: Signal<Result<Plan, String>>, socket: AgentS
             }
         }
         JobState::Finished { job, summary } => {
-            let err = 100.0 * (summary.estimated_peak_bytes as f64 - summary.peak_bytes as f64)
-                / summary.peak_bytes.max(1) as f64;
+            let err = summary.estimate_error_pct();
             format!(
                 "Job {job} finished: {} steps in {:.1} s, loss {:.4} → {:.4}; measured peak {} vs estimate {} ({err:+.2} %)",
                 summary.steps,

@@ -19,7 +19,8 @@ pub struct Loss {
     output: Tensor,
 }
 
-fn act(micro_batch: u64, shape: &[u64]) -> u64 {
+/// Bytes of one fp32 tensor of `shape` per sample, for the whole micro-batch.
+pub(super) fn act(micro_batch: u64, shape: &[u64]) -> u64 {
     micro_batch.saturating_mul(numel(shape)).saturating_mul(F32)
 }
 

@@ -42,6 +42,16 @@ impl Phase {
         self as usize
     }
 
+    /// The phase as a JSON key: `forward`, `loss`, `backward`, `optimizer_step`.
+    pub fn key(self) -> &'static str {
+        match self {
+            Phase::Forward => "forward",
+            Phase::Loss => "loss",
+            Phase::Backward => "backward",
+            Phase::OptimizerStep => "optimizer_step",
+        }
+    }
+
     pub fn label(self) -> &'static str {
         match self {
             Phase::Forward => "forward",
