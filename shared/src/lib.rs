@@ -6,12 +6,14 @@
 
 pub mod codec;
 pub mod estimate;
+pub mod gpus;
 pub mod graph;
 pub mod plan;
 pub mod protocol;
 pub mod units;
+pub mod zoo;
 
 pub use estimate::{Breakdown, Estimate, Phase, estimate};
-pub use graph::{Graph, Layer};
+pub use graph::Graph;
 pub use plan::{Plan, PlanError};
 pub use units::Bytes;

@@ -4,10 +4,13 @@
 //! features that bincode cannot decode (internally tagged or untagged enums, flatten).
 //! In JSON and YAML, enums are externally tagged: `"optimizer": {"adamw": {...}}`.
 
+use std::collections::BTreeMap;
+
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
-use crate::graph::{Graph, Layer, Shape, numel};
+use crate::graph::{Graph, Shape, numel};
+use crate::zoo;
 
 /// Limits a plan must respect. Each one is named in the error that enforces it.
 pub mod limits {
@@ -28,6 +31,9 @@ pub mod limits {
     /// The largest single activation (micro-batch included) a plan may ask for: 1 TiB,
     /// beyond any device, and far from where byte counts could overflow.
     pub const MAX_TENSOR_BYTES: u64 = 1 << 40;
+    pub const MAX_CHECKPOINT_SEGMENTS: u64 = 1_024;
+    pub const MAX_LOADER_WORKERS: u64 = 256;
+    pub const MAX_PREFETCH: u64 = 64;
 }
 
 /// The architecture, by family, with its parameters.
@@ -39,6 +45,9 @@ pub enum ModelSpec {
     /// Per entry of `channels`: `Conv3x3 -> ReLU -> MaxPool2x2`; then flatten and a
     /// linear classifier. The input shape must be `[C, H, W]`.
     SmallCnn { channels: Vec<u64> },
+    /// A zoo model (`crate::zoo::MODELS`) with its `key=value` settings; its input shape
+    /// and outputs come from the settings, not from `input_shape` and `classes`.
+    Zoo { name: String, settings: BTreeMap<String, String> },
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -55,12 +64,93 @@ pub enum Optimizer {
         eps: f64,
         weight_decay: f64,
     },
+    /// Adam with L2 weight decay added to the gradient (a temporary per parameter).
+    Adam {
+        beta1: f64,
+        beta2: f64,
+        eps: f64,
+        weight_decay: f64,
+    },
 }
 
+impl Optimizer {
+    /// The optimizer a CLI word names: `sgd`, `momentum`, `adam`, `adamw`.
+    pub fn from_word(word: &str) -> Option<Optimizer> {
+        Some(match word {
+            "sgd" => Optimizer::Sgd { momentum: 0.0, weight_decay: 0.0 },
+            "momentum" => Optimizer::Sgd { momentum: 0.9, weight_decay: 0.0 },
+            "adam" => Optimizer::Adam { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.0 },
+            "adamw" => Optimizer::AdamW { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.01 },
+            _ => return None,
+        })
+    }
+
+    pub fn word(&self) -> &'static str {
+        match *self {
+            Optimizer::Sgd { momentum, .. } if momentum > 0.0 => "momentum",
+            Optimizer::Sgd { .. } => "sgd",
+            Optimizer::Adam { .. } => "adam",
+            Optimizer::AdamW { .. } => "adamw",
+        }
+    }
+}
+
+/// Training precision. `Fp16` and `Bf16` are automatic mixed precision: fp32 master
+/// weights, matrix products and convolutions in half precision (fp16 with a loss scaler).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Precision {
     Fp32,
+    Fp16,
+    Bf16,
+}
+
+impl Precision {
+    pub fn from_word(word: &str) -> Option<Precision> {
+        Some(match word {
+            "fp32" => Precision::Fp32,
+            "fp16" => Precision::Fp16,
+            "bf16" => Precision::Bf16,
+            _ => return None,
+        })
+    }
+
+    pub fn word(self) -> &'static str {
+        match self {
+            Precision::Fp32 => "fp32",
+            Precision::Fp16 => "fp16",
+            Precision::Bf16 => "bf16",
+        }
+    }
+}
+
+/// The host side of a job: data loading and CPU-side work.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HostSpec {
+    /// DataLoader worker processes (0: batches are made in the training process).
+    #[serde(default)]
+    pub workers: u64,
+    /// Batches each worker keeps ready.
+    #[serde(default = "two")]
+    pub prefetch_factor: u64,
+    /// Batches are copied into page-locked host buffers before the transfer.
+    #[serde(default)]
+    pub pin_memory: bool,
+    /// A Euclidean distance transform of each label volume on the CPU (a surface-distance
+    /// loss), computed every `distance_loss_every` steps (0: never).
+    #[serde(default)]
+    pub distance_loss_every: u64,
+}
+
+impl Default for HostSpec {
+    fn default() -> HostSpec {
+        HostSpec { workers: 0, prefetch_factor: 2, pin_memory: false, distance_loss_every: 0 }
+    }
+}
+
+fn two() -> u64 {
+    2
 }
 
 /// Where the job runs.
@@ -93,8 +183,11 @@ pub struct Plan {
     #[serde(default = "default_name")]
     pub name: String,
     pub model: ModelSpec,
-    /// Per-sample input shape, e.g. `[784]` or `[3, 32, 32]`.
+    /// Per-sample input shape of `mlp` and `small_cnn`, e.g. `[784]` or `[3, 32, 32]`.
+    #[serde(default)]
     pub input_shape: Shape,
+    /// Classes of `mlp` and `small_cnn`.
+    #[serde(default)]
     pub classes: u64,
     /// Seeds the weights and the synthetic data, so a run can be repeated exactly.
     #[serde(default)]
@@ -118,6 +211,12 @@ pub struct Plan {
     /// enforces it. `None` means the device's whole memory.
     #[serde(default)]
     pub memory_limit_bytes: Option<u64>,
+    /// Gradient checkpointing: the model's repeated blocks grouped into this many
+    /// recomputed segments (0: off).
+    #[serde(default)]
+    pub checkpoint_segments: u64,
+    #[serde(default)]
+    pub host: HostSpec,
 }
 
 fn default_name() -> String {
@@ -140,6 +239,9 @@ pub enum PlanError {
     Invalid { field: &'static str, reason: String },
     #[error("could not parse the plan: {0}")]
     Parse(String),
+    /// A zoo setting (`--set key=value`) is out of range or malformed.
+    #[error("{key}: {reason}")]
+    Setting { key: String, reason: String },
 }
 
 fn invalid(field: &'static str, reason: impl Into<String>) -> PlanError {
@@ -191,7 +293,10 @@ impl Plan {
         }
         check_range("micro_batch", self.micro_batch, 1, MAX_MICRO_BATCH)?;
         check_range("accumulation", self.accumulation, 1, MAX_ACCUMULATION)?;
-        check_range("classes", self.classes, 2, MAX_CLASSES)?;
+        let legacy = !matches!(self.model, ModelSpec::Zoo { .. });
+        if legacy {
+            check_range("classes", self.classes, 2, MAX_CLASSES)?;
+        }
         match self.schedule {
             Schedule::Steps(steps) => check_range("schedule.steps", steps, 1, MAX_STEPS)?,
             Schedule::Epochs { epochs, samples_per_epoch } => {
@@ -200,7 +305,7 @@ impl Plan {
                 check_range("schedule", self.total_steps(), 1, MAX_STEPS)?;
             }
         }
-        if self.input_shape.is_empty() || self.input_shape.len() > MAX_INPUT_DIMS {
+        if legacy && (self.input_shape.is_empty() || self.input_shape.len() > MAX_INPUT_DIMS) {
             return Err(invalid("input_shape", format!("must have 1 to {MAX_INPUT_DIMS} dimensions")));
         }
         if let Some(d) = self.input_shape.iter().find(|&&d| d == 0 || d > MAX_INPUT_DIM) {
@@ -217,15 +322,32 @@ impl Plan {
                 check_unit_interval("optimizer.sgd.momentum", momentum, true)?;
                 check_unit_interval("optimizer.sgd.weight_decay", weight_decay, true)?;
             }
-            Optimizer::AdamW { beta1, beta2, eps, weight_decay } => {
-                check_unit_interval("optimizer.adam_w.beta1", beta1, true)?;
-                check_unit_interval("optimizer.adam_w.beta2", beta2, true)?;
+            Optimizer::AdamW { beta1, beta2, eps, weight_decay } | Optimizer::Adam { beta1, beta2, eps, weight_decay } => {
+                let name = if matches!(self.optimizer, Optimizer::Adam { .. }) { "adam" } else { "adam_w" };
+                let field = |f: &str| -> &'static str {
+                    match (name, f) {
+                        ("adam", "beta1") => "optimizer.adam.beta1",
+                        ("adam", "beta2") => "optimizer.adam.beta2",
+                        ("adam", "eps") => "optimizer.adam.eps",
+                        ("adam", _) => "optimizer.adam.weight_decay",
+                        (_, "beta1") => "optimizer.adam_w.beta1",
+                        (_, "beta2") => "optimizer.adam_w.beta2",
+                        (_, "eps") => "optimizer.adam_w.eps",
+                        _ => "optimizer.adam_w.weight_decay",
+                    }
+                };
+                check_unit_interval(field("beta1"), beta1, true)?;
+                check_unit_interval(field("beta2"), beta2, true)?;
                 if !(eps.is_finite() && eps > 0.0 && eps < 1.0) {
-                    return Err(invalid("optimizer.adam_w.eps", format!("must be in (0, 1), got {eps}")));
+                    return Err(invalid(field("eps"), format!("must be in (0, 1), got {eps}")));
                 }
-                check_unit_interval("optimizer.adam_w.weight_decay", weight_decay, true)?;
+                check_unit_interval(field("weight_decay"), weight_decay, true)?;
             }
         }
+        check_range("checkpoint_segments", self.checkpoint_segments, 0, MAX_CHECKPOINT_SEGMENTS)?;
+        check_range("host.workers", self.host.workers, 0, MAX_LOADER_WORKERS)?;
+        check_range("host.prefetch_factor", self.host.prefetch_factor, 1, MAX_PREFETCH)?;
+        check_range("host.distance_loss_every", self.host.distance_loss_every, 0, MAX_STEPS)?;
         if let DeviceChoice::Cuda(i) = self.device
             && i > 63
         {
@@ -240,43 +362,23 @@ impl Plan {
         if graph.n_params() > MAX_PARAMS {
             return Err(invalid("model", format!("{} parameters exceed the limit of {MAX_PARAMS}", graph.n_params())));
         }
-        // int64 pooling indices are the widest per-element tensors a step makes; the
-        // class prototypes of the synthetic data are one more large tensor.
-        let widest = graph.nodes.iter().map(|n| numel(&n.output)).chain([numel(&graph.input)]).max().unwrap_or(0);
-        let per_sample = widest.saturating_mul(8);
-        if per_sample > MAX_TENSOR_BYTES {
-            return Err(invalid(
-                "model",
-                format!(
-                    "one sample's largest activation would take {per_sample} bytes, over the limit of {MAX_TENSOR_BYTES}"
-                ),
-            ));
-        }
-        let bytes = per_sample.saturating_mul(self.micro_batch);
-        if bytes > MAX_TENSOR_BYTES {
+        let widest = graph.largest_tensor_bytes();
+        if widest > MAX_TENSOR_BYTES {
             return Err(invalid(
                 "micro_batch",
-                format!("the largest activation would take {bytes} bytes, over the limit of {MAX_TENSOR_BYTES}"),
-            ));
-        }
-        let prototypes = numel(&graph.input).saturating_mul(self.classes).saturating_mul(4);
-        if prototypes > MAX_TENSOR_BYTES {
-            return Err(invalid(
-                "classes",
-                format!(
-                    "the synthetic data's class prototypes would take {prototypes} bytes, over the limit of {MAX_TENSOR_BYTES}"
-                ),
+                format!("the largest tensor would take {widest} bytes, over the limit of {MAX_TENSOR_BYTES}"),
             ));
         }
         Ok(graph)
     }
 
-    /// The layer graph this plan describes; shape errors name the model field.
+    /// The graph this plan describes, for one micro-batch; shape errors name the field.
     pub fn graph(&self) -> Result<Graph, PlanError> {
         use limits::*;
         let widths = match &self.model {
             ModelSpec::Mlp { hidden } => ("model.mlp.hidden", hidden),
             ModelSpec::SmallCnn { channels } => ("model.small_cnn.channels", channels),
+            ModelSpec::Zoo { name, settings } => return self.zoo_graph(name, settings),
         };
         if widths.1.len() > MAX_LAYERS {
             return Err(invalid(widths.0, format!("at most {MAX_LAYERS} entries, got {}", widths.1.len())));
@@ -284,51 +386,45 @@ impl Plan {
         if let Some(w) = widths.1.iter().find(|&&w| w == 0 || w > MAX_WIDTH) {
             return Err(invalid(widths.0, format!("each width must be 1 to {MAX_WIDTH}, got {w}")));
         }
-        let mut layers = Vec::new();
+        // Per-sample sizes are bounded before any graph is built, so products cannot overflow.
+        let per_sample = numel(&self.input_shape).saturating_mul(widths.1.iter().copied().max().unwrap_or(1)).saturating_mul(8);
+        if per_sample > MAX_TENSOR_BYTES {
+            return Err(invalid(
+                "model",
+                format!("one sample's largest activation would take {per_sample} bytes, over the limit of {MAX_TENSOR_BYTES}"),
+            ));
+        }
         match &self.model {
-            ModelSpec::Mlp { hidden } => {
-                let mut features = numel(&self.input_shape);
-                if self.input_shape.len() > 1 {
-                    layers.push(Layer::Flatten);
-                }
-                for &h in hidden {
-                    layers.push(Layer::Linear { in_features: features, out_features: h });
-                    layers.push(Layer::Relu);
-                    features = h;
-                }
-                layers.push(Layer::Linear { in_features: features, out_features: self.classes });
-            }
+            ModelSpec::Mlp { hidden } => zoo::mlp_graph(self.micro_batch, &self.input_shape, hidden, self.classes)
+                .map_err(|e| invalid("model", e.to_string())),
             ModelSpec::SmallCnn { channels } => {
-                let [c, h, w] = self.input_shape[..] else {
+                let [_, h, w] = self.input_shape[..] else {
                     return Err(invalid(
                         "input_shape",
                         format!("small_cnn needs [channels, height, width], got {:?}", self.input_shape),
                     ));
                 };
-                let mut in_channels = c;
-                let (mut height, mut width) = (h, w);
-                for &out_channels in channels {
-                    if height < 2 || width < 2 {
-                        return Err(invalid(
-                            "model.small_cnn.channels",
-                            format!(
-                                "{} pooling stages shrink a {h}x{w} input below 1x1; use fewer or a larger input",
-                                channels.len()
-                            ),
-                        ));
-                    }
-                    layers.push(Layer::Conv2d { in_channels, out_channels, kernel: 3, stride: 1, padding: 1 });
-                    layers.push(Layer::Relu);
-                    layers.push(Layer::MaxPool2d { kernel: 2, stride: 2 });
-                    in_channels = out_channels;
-                    height /= 2;
-                    width /= 2;
+                if channels.len() >= 64 || (h.min(w) >> channels.len()) == 0 {
+                    return Err(invalid(
+                        "model.small_cnn.channels",
+                        format!(
+                            "{} pooling stages shrink a {h}x{w} input below 1x1; use fewer or a larger input",
+                            channels.len()
+                        ),
+                    ));
                 }
-                layers.push(Layer::Flatten);
-                layers.push(Layer::Linear { in_features: in_channels * height * width, out_features: self.classes });
+                zoo::small_cnn_graph(self.micro_batch, &self.input_shape, channels, self.classes)
+                    .map_err(|e| invalid("model", e.to_string()))
             }
+            ModelSpec::Zoo { name, settings } => self.zoo_graph(name, settings),
         }
-        Graph::new(self.input_shape.clone(), layers).map_err(|e| invalid("model", e.to_string()))
+    }
+
+    fn zoo_graph(&self, name: &str, settings: &BTreeMap<String, String>) -> Result<Graph, PlanError> {
+        zoo::build(name, settings, self.micro_batch).map_err(|e| match e {
+            zoo::ZooError::Value { key, reason } => PlanError::Setting { key, reason },
+            other => invalid("model", other.to_string()),
+        })
     }
 
     /// Optimizer steps per epoch (the whole run when the schedule is in steps).
@@ -365,6 +461,8 @@ impl Plan {
             device: DeviceChoice::Auto,
             expandable_segments: false,
             memory_limit_bytes: None,
+            checkpoint_segments: 0,
+            host: HostSpec::default(),
         }
     }
 
@@ -384,6 +482,8 @@ impl Plan {
             device: DeviceChoice::Auto,
             expandable_segments: false,
             memory_limit_bytes: None,
+            checkpoint_segments: 0,
+            host: HostSpec::default(),
         }
     }
 }
@@ -396,6 +496,7 @@ mod tests {
         match err {
             PlanError::Invalid { field, .. } => field,
             PlanError::Parse(msg) => panic!("expected a field error, got a parse error: {msg}"),
+            PlanError::Setting { key, .. } => panic!("expected a field error, got a setting error for {key}"),
         }
     }
 
@@ -467,16 +568,6 @@ mod tests {
                 Box::new(|p| {
                     p.input_shape = vec![1 << 14, 1 << 14, 1 << 14];
                     p.model = ModelSpec::Mlp { hidden: vec![1 << 18] };
-                }),
-            ),
-            (
-                "classes",
-                Box::new(|p| {
-                    // 2^33 input features x 2^10 classes of fp32 prototypes is 32 TiB.
-                    p.input_shape = vec![1 << 11, 1 << 11, 1 << 11];
-                    p.model = ModelSpec::Mlp { hidden: vec![1] };
-                    p.micro_batch = 1;
-                    p.classes = 1 << 10;
                 }),
             ),
         ];

@@ -8,20 +8,26 @@
 //! saved tensors held by their graph nodes, gradients set to `None` by `zero_grad`), so
 //! that the exact counting allocator in the agent can validate it.
 
-mod activations;
 mod batch;
+pub mod cuda;
+pub mod host;
+mod loss;
 mod optimizer;
 pub mod sim;
+mod walk;
 
 use serde::{Deserialize, Serialize};
 
-use crate::plan::{Plan, PlanError};
+use crate::gpus::Gpu;
+use crate::graph::numel;
+use crate::plan::{Plan, PlanError, Precision};
 use crate::units::Bytes;
+pub use host::HostBreakdown;
 use sim::Sim;
 
-/// Bytes of one fp32 element; the only precision so far.
+/// Bytes of one fp32 element.
 pub(crate) const F32: u64 = 4;
-/// Bytes of one int64 element (class labels, pooling indices).
+/// Bytes of one int64 element (labels, token ids, pooling indices).
 pub(crate) const I64: u64 = 8;
 
 /// The moments of a training step.
@@ -126,6 +132,33 @@ impl Breakdown {
     }
 }
 
+/// Where the step runs, for the estimator.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Target {
+    /// The CPU: exact byte counts, no allocator rounding or context.
+    Cpu,
+    /// A CUDA GPU from the catalog: 512-byte rounding, the caching allocator's segments,
+    /// the context and cuBLAS workspace.
+    Cuda(&'static Gpu),
+}
+
+/// The CUDA-side answer: reserved next to allocated, the whole device's use, the fit.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct DeviceEstimate {
+    pub gpu: String,
+    /// The caching allocator's reserved peak (`max_memory_reserved()`).
+    pub reserved_peak_bytes: Bytes,
+    /// What NVML would show for the process: reserved plus the CUDA context.
+    pub device_peak_bytes: Bytes,
+    pub context_bytes: Bytes,
+    pub cublas_workspace_bytes: Bytes,
+    /// The GPU's memory, or the memory-fraction cap when the plan sets one.
+    pub capacity_bytes: Bytes,
+    pub fits: bool,
+    /// `capacity - device_peak` (negative: short by that much).
+    pub headroom_bytes: i64,
+}
+
 /// The estimator's answer for one plan.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Estimate {
@@ -142,52 +175,128 @@ pub struct Estimate {
     pub steady_bytes: Bytes,
     /// Highest live total within each phase, in `Phase::ALL` order.
     pub phase_peaks: Vec<(Phase, Bytes)>,
+    /// Host memory of the training process and its loader workers.
+    pub host: HostBreakdown,
+    pub host_peak_bytes: Bytes,
+    /// Present when estimating for a CUDA GPU.
+    pub device: Option<DeviceEstimate>,
 }
 
-/// Estimates the peak memory of one steady-state training step of `plan`.
+/// Estimates the peak memory of one steady-state training step of `plan` where it says
+/// it runs: the CPU for `cpu`, else (without a GPU named) the CPU rules as well, which are
+/// what every device shares.
 pub fn estimate(plan: &Plan) -> Result<Estimate, PlanError> {
-    let graph = plan.validate()?;
-    let mut sim = Sim::new();
+    estimate_for(plan, Target::Cpu)
+}
 
-    // Between steps: weights, the optimizer's persistent state, the data generator.
-    let weights: Vec<u64> = graph.param_shapes().iter().map(|s| crate::graph::numel(s) * F32).collect();
-    for &bytes in &weights {
-        sim.alloc(bytes, Category::Weights);
+/// Estimates for a given target.
+pub fn estimate_for(plan: &Plan, target: Target) -> Result<Estimate, PlanError> {
+    let graph = plan.validate()?;
+    let amp = plan.precision != Precision::Fp32;
+    if let (Target::Cuda(gpu), Precision::Bf16) = (target, plan.precision)
+        && !gpu.supports_bf16()
+    {
+        return Err(PlanError::Invalid {
+            field: "precision",
+            reason: format!("{} has no native bf16 (compute capability {}.{}); use fp16", gpu.name, gpu.compute_capability.0, gpu.compute_capability.1),
+        });
     }
-    optimizer::persistent_state(&mut sim, &plan.optimizer, &weights);
-    batch::generator_state(&mut sim, &graph, plan.classes);
+    let mut sim = match target {
+        Target::Cpu => Sim::new(),
+        Target::Cuda(_) => Sim::cuda(plan.expandable_segments),
+    };
+    let overheads = match target {
+        Target::Cuda(gpu) => Some(cuda::DeviceOverheads::for_compute_capability(gpu.compute_capability.0)),
+        Target::Cpu => None,
+    };
+
+    // Between steps: weights and buffers, the optimizer's state, the data generator and
+    // (CUDA) cuBLAS's workspace, created by the first step and kept.
+    let trainable: Vec<u64> =
+        graph.params.iter().filter(|p| p.trainable).map(|p| numel(&p.shape) * F32).collect();
+    for p in &graph.params {
+        sim.alloc(graph.param_bytes(p), Category::Weights);
+    }
+    optimizer::persistent_state(&mut sim, &plan.optimizer, &trainable);
+    batch::generator_state(&mut sim, &graph);
+    if let Some(o) = overheads {
+        sim.alloc(o.cublas_workspace_bytes, Category::Temporaries);
+    }
     let steady_bytes = sim.live().total();
 
     // Gradients are `None` at the start of a step (`zero_grad` sets them to None), are
     // created by the first micro-batch's backward and accumulated into by later ones.
-    let mut grads = Vec::new();
+    let regions = graph.regions(plan.checkpoint_segments);
+    let mut walk = walk::Walk::new(&graph, amp, plan.checkpoint_segments);
     let micro_batches_to_walk = plan.accumulation.min(2);
     for micro in 0..micro_batches_to_walk {
+        walk.start_micro_batch(micro == 0);
         sim.set_phase(Phase::Forward);
-        let (x, y) = batch::make_batch(&mut sim, &graph, plan.micro_batch);
-        let fwd = activations::forward(&mut sim, &graph, plan.micro_batch, x);
+        let batch = batch::make_batch(&mut sim, &graph);
+        for (&(v, _), &t) in graph.inputs.iter().zip(&batch.inputs) {
+            walk.set_input(&mut sim, v, t);
+        }
+        for (range, ckpt) in &regions {
+            walk.forward(&mut sim, range.clone(), !ckpt);
+        }
         sim.set_phase(Phase::Loss);
-        let loss = activations::loss(&mut sim, fwd.logits, plan.micro_batch, plan.classes, plan.accumulation > 1);
+        let l = loss::forward(&mut sim, &mut walk, &graph, plan.accumulation > 1);
         sim.set_phase(Phase::Backward);
-        activations::backward(&mut sim, &graph, plan.micro_batch, fwd, loss, &mut grads, micro == 0);
-        sim.release(x);
-        sim.release(y);
+        let loss_value = loss::backward(&mut sim, &mut walk, l);
+        for (range, ckpt) in regions.iter().rev() {
+            if *ckpt {
+                // Recompute with saving, then backward through it.
+                walk.forward(&mut sim, range.clone(), true);
+                walk.drop_region_inputs(&mut sim, range.clone());
+            }
+            walk.backward(&mut sim, range.clone());
+        }
+        walk.finish_backward(&mut sim);
+        sim.release(loss_value);
+        walk.drop_all(&mut sim);
+        batch.release(&mut sim);
     }
 
     sim.set_phase(Phase::OptimizerStep);
-    optimizer::step(&mut sim, &plan.optimizer, &weights);
-    for g in grads {
-        sim.release(g);
+    optimizer::step(&mut sim, &plan.optimizer, &trainable);
+    for g in walk.param_grads.iter_mut() {
+        if let Some(t) = g.take() {
+            sim.release(t);
+        }
     }
 
+    let peak_bytes = sim.peak;
+    let device = match (target, overheads) {
+        (Target::Cuda(gpu), Some(o)) => {
+            let reserved = Bytes(sim.pool.as_ref().map_or(peak_bytes.get(), |p| p.peak_reserved).max(peak_bytes.get()));
+            let device_peak = reserved + Bytes(o.context_bytes);
+            let capacity = Bytes(plan.memory_limit_bytes.map_or(gpu.memory_bytes, |l| l.min(gpu.memory_bytes)));
+            Some(DeviceEstimate {
+                gpu: gpu.name.to_owned(),
+                reserved_peak_bytes: reserved,
+                device_peak_bytes: device_peak,
+                context_bytes: Bytes(o.context_bytes),
+                cublas_workspace_bytes: Bytes(o.cublas_workspace_bytes),
+                capacity_bytes: capacity,
+                fits: device_peak <= capacity,
+                headroom_bytes: capacity.get() as i64 - device_peak.get() as i64,
+            })
+        }
+        _ => None,
+    };
+    let cpu_tensors = matches!(target, Target::Cpu).then_some(peak_bytes.get());
+    let host = host::estimate(&graph, &plan.host, cpu_tensors);
     Ok(Estimate {
         params: graph.n_params(),
-        peak_bytes: sim.peak,
+        peak_bytes,
         peak_phase: sim.peak_phase.unwrap_or(Phase::Forward),
         breakdown: sim.peak_breakdown.clone(),
         category_peaks: sim.category_peaks.clone(),
         steady_bytes,
         phase_peaks: Phase::ALL.iter().map(|&p| (p, sim.phase_peaks[p.index()])).collect(),
+        host_peak_bytes: host.total(),
+        host,
+        device,
     })
 }
 

@@ -11,6 +11,11 @@ use crate::units::Bytes;
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Tensor(usize);
 
+impl Tensor {
+    /// A handle to nothing: retaining or releasing it does nothing.
+    pub const NONE: Tensor = Tensor(usize::MAX);
+}
+
 #[derive(Debug)]
 struct Slot {
     bytes: Bytes,
@@ -21,6 +26,11 @@ struct Slot {
 #[derive(Debug, Default)]
 pub struct Sim {
     slots: Vec<Slot>,
+    /// Allocation granularity: 1 on the CPU (the counting allocator counts requested
+    /// bytes), 512 on CUDA (the caching allocator's rounding, which its stats count).
+    round: u64,
+    /// The caching allocator's reserved memory, modelled when set (CUDA).
+    pub pool: Option<super::cuda::Pool>,
     live: Breakdown,
     phase: Option<Phase>,
     pub peak: Bytes,
@@ -34,7 +44,18 @@ pub struct Sim {
 
 impl Sim {
     pub fn new() -> Sim {
-        Sim::default()
+        Sim { round: 1, ..Sim::default() }
+    }
+
+    /// A simulator for the CUDA caching allocator: sizes rounded to 512 bytes and
+    /// reserved segments modelled.
+    pub fn cuda(expandable_segments: bool) -> Sim {
+        Sim { round: 512, pool: Some(super::cuda::Pool::new(expandable_segments)), ..Sim::default() }
+    }
+
+    /// Owners of a tensor (0 once freed).
+    pub fn owners(&self, t: Tensor) -> u32 {
+        self.slots.get(t.0).map_or(0, |s| s.owners)
     }
 
     pub fn set_phase(&mut self, phase: Phase) {
@@ -48,6 +69,10 @@ impl Sim {
 
     /// Allocates a tensor with one owner (its creator).
     pub fn alloc(&mut self, bytes: u64, category: Category) -> Tensor {
+        let bytes = if self.round > 1 && bytes > 0 { bytes.div_ceil(self.round).saturating_mul(self.round) } else { bytes };
+        if let Some(pool) = self.pool.as_mut() {
+            pool.alloc(self.slots.len(), bytes);
+        }
         self.slots.push(Slot { bytes: Bytes(bytes), category, owners: 1 });
         *self.live.get_mut(category) += Bytes(bytes);
         self.observe();
@@ -79,6 +104,9 @@ impl Sim {
         slot.owners -= 1;
         if slot.owners == 0 {
             let (bytes, category) = (slot.bytes, slot.category);
+            if let Some(pool) = self.pool.as_mut() {
+                pool.free(t.0);
+            }
             let live = self.live.get_mut(category);
             *live = live.saturating_sub(bytes);
         }

@@ -1,0 +1,99 @@
+//! The losses: cross-entropy as `log_softmax` then `nll_loss` (classification, per-voxel
+//! segmentation, next-token prediction) and CLIP's symmetric contrastive loss; the loss is
+//! divided by the accumulation steps when there are several.
+
+use super::sim::{Sim, Tensor};
+use super::walk::Walk;
+use super::{Category, F32};
+use crate::graph::{Graph, Task, numel};
+
+pub struct Loss {
+    saved: Vec<Tensor>,
+    output: Tensor,
+    /// Bytes of the logits (fp32) the backward pass makes a gradient for, per output.
+    outputs: Vec<(usize, u64)>,
+    contrastive_batch: Option<u64>,
+}
+
+pub fn forward(sim: &mut Sim, walk: &mut Walk, graph: &Graph, divided: bool) -> Loss {
+    let mut saved = Vec::new();
+    let mut outputs = Vec::new();
+    let mut contrastive_batch = None;
+    match graph.task {
+        Task::Classify { .. } | Task::Segment { .. } | Task::LanguageModel { .. } => {
+            let logits = graph.outputs[0];
+            let n = numel(&graph.values[logits].shape);
+            // log_softmax runs in fp32; a half input is cast up first.
+            let cast = (walk.output_esize(logits) != F32).then(|| sim.alloc(n * F32, Category::Activations));
+            let log_probs = sim.alloc(n * F32, Category::Activations);
+            if let Some(c) = cast {
+                sim.release(c);
+            }
+            walk.drop_value(sim, logits);
+            saved.push(log_probs);
+            saved.push(sim.alloc(F32, Category::Activations)); // total_weight
+            outputs.push((logits, n * F32));
+        }
+        Task::Contrastive => {
+            let b = graph.micro_batch();
+            let square = b * b * F32;
+            // scale * I @ T^T, then log_softmax of it and of its transpose.
+            let mm = sim.alloc(square, Category::Activations);
+            let logits = sim.alloc(square, Category::Activations);
+            sim.release(mm);
+            saved.push(sim.alloc(square, Category::Activations));
+            saved.push(sim.alloc(square, Category::Activations));
+            saved.push(logits);
+            for &o in &graph.outputs {
+                outputs.push((o, numel(&graph.values[o].shape) * F32));
+            }
+            contrastive_batch = Some(b);
+        }
+    }
+    let mut output = sim.alloc(F32, Category::Temporaries);
+    if divided {
+        let scaled = sim.alloc(F32, Category::Temporaries);
+        sim.release(output);
+        output = scaled;
+    }
+    Loss { saved, output, outputs, contrastive_batch }
+}
+
+/// The loss's backward: gradients for the graph outputs, handed to the walk. Returns the
+/// loss value, which the training loop holds until the whole backward pass is done.
+pub fn backward(sim: &mut Sim, walk: &mut Walk, loss: Loss) -> Tensor {
+    let seed = sim.alloc(F32, Category::Temporaries);
+    match loss.contrastive_batch {
+        None => {
+            let (logits, bytes) = loss.outputs[0];
+            let nll_grad = sim.alloc(bytes, Category::Temporaries);
+            sim.release(seed);
+            let g = sim.alloc(bytes, Category::Temporaries);
+            sim.release(nll_grad);
+            let g = if walk.output_esize(logits) != F32 {
+                let h = sim.alloc(bytes / 2, Category::Temporaries);
+                sim.release(g);
+                h
+            } else {
+                g
+            };
+            walk.seed_grad(logits, g);
+        }
+        Some(b) => {
+            let square = b * b * F32;
+            let g1 = sim.alloc(square, Category::Temporaries);
+            let g2 = sim.alloc(square, Category::Temporaries);
+            sim.release(seed);
+            for &(o, bytes) in &loss.outputs {
+                let g = sim.alloc(bytes, Category::Temporaries);
+                walk.seed_grad(o, g);
+            }
+            sim.release(g1);
+            sim.release(g2);
+        }
+    }
+    for t in loss.saved {
+        sim.release(t);
+    }
+    loss.output
+}

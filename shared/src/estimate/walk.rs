@@ -1,0 +1,674 @@
+//! The forward and backward walk over a graph: what each primitive allocates, what its
+//! autograd node saves for backward, and what its backward allocates and frees, following
+//! libtorch's kernels and derivative formulas. One rule per primitive, so that the walk
+//! covers every zoo model.
+//!
+//! Regions (`Graph::regions`) implement gradient checkpointing: a checkpointed region
+//! runs its forward without saving anything (only its inputs are kept), and is run again
+//! with saving just before its backward.
+
+use super::Category;
+use super::sim::{Sim, Tensor};
+use crate::graph::{DType, Graph, Op, numel};
+
+/// Bytes per element of a half-precision value.
+const HALF: u64 = 2;
+const F32: u64 = 4;
+
+#[derive(Clone, Copy)]
+struct Grad {
+    t: Tensor,
+    contiguous: bool,
+}
+
+pub struct Walk<'g> {
+    g: &'g Graph,
+    /// Automatic mixed precision: matrix products and convolutions run in half precision.
+    amp: bool,
+    /// Bytes per element of each value as this step makes it (fp32, or half under AMP).
+    esize: Vec<u64>,
+    /// The storage each value's variable holds during the forward pass.
+    store: Vec<Option<Tensor>>,
+    saved: Vec<Vec<Tensor>>,
+    /// Under AMP: each weight's half-precision copy, cached for one forward pass.
+    casts: Vec<Option<Tensor>>,
+    grads: Vec<Option<Grad>>,
+    /// Gradients of parameters still waiting for their other uses (tied weights).
+    pending: Vec<Option<Tensor>>,
+    last_use: Vec<Option<usize>>,
+    /// The first node that uses each parameter: backward reaches it last.
+    first_param_use: Vec<usize>,
+    /// Values that checkpointed regions read from earlier regions: kept for the recompute.
+    region_inputs: Vec<bool>,
+    /// `.grad` of each trainable parameter once the first micro-batch made it.
+    pub param_grads: Vec<Option<Tensor>>,
+    first_micro_batch: bool,
+}
+
+impl<'g> Walk<'g> {
+    pub fn new(g: &'g Graph, amp: bool, segments: u64) -> Walk<'g> {
+        let mut first_param_use = vec![usize::MAX; g.params.len()];
+        for (i, n) in g.nodes.iter().enumerate() {
+            for &p in &n.params {
+                first_param_use[p] = first_param_use[p].min(i);
+            }
+        }
+        let mut region_inputs = vec![false; g.values.len()];
+        let producer = g.producer();
+        for (range, ckpt) in g.regions(segments) {
+            if !ckpt {
+                continue;
+            }
+            for n in &g.nodes[range.clone()] {
+                for &v in &n.inputs {
+                    if producer[v].is_none_or(|p| !range.contains(&p)) {
+                        region_inputs[v] = true;
+                    }
+                }
+            }
+        }
+        Walk {
+            g,
+            amp,
+            esize: vec![F32; g.values.len()],
+            store: vec![None; g.values.len()],
+            saved: vec![Vec::new(); g.nodes.len()],
+            casts: vec![None; g.params.len()],
+            grads: vec![None; g.values.len()],
+            pending: vec![None; g.params.len()],
+            last_use: g.last_use(),
+            first_param_use,
+            region_inputs,
+            param_grads: vec![None; g.params.len()],
+            first_micro_batch: true,
+        }
+    }
+
+    pub fn start_micro_batch(&mut self, first: bool) {
+        self.first_micro_batch = first;
+    }
+
+    fn bytes(&self, v: usize) -> u64 {
+        let val = &self.g.values[v];
+        let size = match val.dtype {
+            DType::F32 => self.esize[v],
+            other => other.size(),
+        };
+        numel(&val.shape).saturating_mul(size)
+    }
+
+    fn numel(&self, v: usize) -> u64 {
+        numel(&self.g.values[v].shape)
+    }
+
+    /// Hands the walk an input the data generator made (the walk takes a reference).
+    pub fn set_input(&mut self, sim: &mut Sim, v: usize, t: Tensor) {
+        self.store[v] = Some(sim.retain(t));
+    }
+
+    pub fn output_esize(&self, v: usize) -> u64 {
+        self.esize[v]
+    }
+
+    fn held(&self, v: usize) -> Tensor {
+        // Every value a node reads was made earlier in the walk; a missing one would be a
+        // graph bug, and a zero-byte stand-in keeps the estimate going.
+        self.store[v].unwrap_or(Tensor::NONE)
+    }
+
+    /// Under AMP, the half-precision copy a low-precision op reads instead of `v`.
+    fn cast_in(&mut self, sim: &mut Sim, v: usize) -> Tensor {
+        if self.amp && self.g.values[v].dtype == DType::F32 && self.esize[v] == F32 {
+            return sim.alloc(self.numel(v) * HALF, Category::Activations);
+        }
+        sim.retain(self.held(v))
+    }
+
+    fn cast_weight(&mut self, sim: &mut Sim, p: usize) {
+        if self.amp && self.casts[p].is_none() && self.g.params[p].trainable {
+            let bytes = numel(&self.g.params[p].shape) * HALF;
+            self.casts[p] = Some(sim.alloc(bytes, Category::Temporaries));
+        }
+    }
+
+    /// The forward pass of `range`, saving for backward when `grad` is on.
+    pub fn forward(&mut self, sim: &mut Sim, range: std::ops::Range<usize>, grad: bool) {
+        for i in range.clone() {
+            self.forward_node(sim, i, grad);
+            for &v in &self.g.nodes[i].inputs {
+                let keep = !grad && self.region_inputs[v];
+                if self.last_use[v] == Some(i) && !keep {
+                    self.drop_value(sim, v);
+                }
+            }
+        }
+        // The autocast cache ends with the forward pass; saved casts stay with their nodes.
+        for c in self.casts.iter_mut() {
+            if let Some(t) = c.take() {
+                sim.release(t);
+            }
+        }
+    }
+
+    /// Lets go of values a checkpointed region kept for its recompute.
+    pub fn drop_region_inputs(&mut self, sim: &mut Sim, range: std::ops::Range<usize>) {
+        let producer = self.g.producer();
+        for i in range.clone() {
+            for &v in &self.g.nodes[i].inputs {
+                if self.region_inputs[v] && producer[v].is_none_or(|p| !range.contains(&p)) {
+                    let later_use = self.last_use[v].is_some_and(|l| l >= range.end);
+                    if !later_use {
+                        self.drop_value(sim, v);
+                    }
+                }
+            }
+        }
+    }
+
+    pub fn drop_value(&mut self, sim: &mut Sim, v: usize) {
+        if let Some(t) = self.store[v].take() {
+            sim.release(t);
+        }
+    }
+
+    fn save(&mut self, sim: &mut Sim, i: usize, t: Tensor) {
+        let t = sim.retain(t);
+        self.saved[i].push(t);
+    }
+
+    fn forward_node(&mut self, sim: &mut Sim, i: usize, grad: bool) {
+        let g = self.g;
+        let node = &g.nodes[i];
+        let out = node.output;
+        let x = node.inputs.first().copied();
+        let in_esize = x.map_or(F32, |x| self.esize[x]);
+        let out_numel = numel(&g.values[out].shape);
+        let trainable = node.params.iter().any(|&p| g.params[p].trainable);
+        let needs = |v: usize| g.values[v].requires_grad;
+        // Saving only matters if this node will have a backward.
+        let grad = grad && self.g.values[out].requires_grad;
+
+        // Views and in-place ops share their input's storage.
+        if self.g.values[out].view_of.is_some() {
+            self.esize[out] = in_esize;
+            let t = sim.retain(self.held(node.inputs[0]));
+            self.store[out] = Some(t);
+            if grad {
+                match node.op {
+                    // The in-place activations save their result.
+                    Op::Relu { inplace: true } | Op::LeakyRelu { inplace: true, .. } => self.save(sim, i, t),
+                    _ => {}
+                }
+            }
+            return;
+        }
+
+        match &node.op {
+            Op::Linear { .. } | Op::Conv { .. } | Op::ConvTranspose { .. } => {
+                let xi = node.inputs[0];
+                for &p in &node.params {
+                    self.cast_weight(sim, p);
+                }
+                let input = self.cast_in(sim, xi);
+                self.esize[out] = if self.amp { HALF } else { F32 };
+                let o = sim.alloc(out_numel * self.esize[out], Category::Activations);
+                if grad && trainable {
+                    self.save(sim, i, input);
+                }
+                if grad && self.amp {
+                    for &p in &node.params {
+                        if let Some(c) = self.casts[p] {
+                            self.save(sim, i, c);
+                        }
+                    }
+                }
+                sim.release(input);
+                self.store[out] = Some(o);
+            }
+            Op::Bmm | Op::Attention { .. } => {
+                let inputs: Vec<Tensor> = node.inputs.iter().map(|&v| self.cast_in(sim, v)).collect();
+                self.esize[out] = if self.amp { HALF } else { in_esize };
+                let o = sim.alloc(out_numel * self.esize[out], Category::Activations);
+                if grad {
+                    for &t in &inputs {
+                        self.save(sim, i, t);
+                    }
+                }
+                if let Op::Attention { .. } = node.op {
+                    // The fused kernel keeps its output and the log-sum-exp per query row.
+                    let s = &self.g.values[out].shape;
+                    let lse = sim.alloc(s[0] * s[1] * s[2] * F32, Category::Activations);
+                    if grad {
+                        self.save(sim, i, o);
+                        self.save(sim, i, lse);
+                    }
+                    sim.release(lse);
+                }
+                for t in inputs {
+                    sim.release(t);
+                }
+                self.store[out] = Some(o);
+            }
+            Op::BatchNorm { .. } | Op::InstanceNorm { .. } => {
+                let xi = node.inputs[0];
+                self.esize[out] = in_esize;
+                let o = sim.alloc(out_numel * in_esize, Category::Activations);
+                // Per-channel (per sample-channel for instance norm) mean and inverse std.
+                let s = &self.g.values[xi].shape;
+                let stats = if matches!(node.op, Op::BatchNorm { .. }) { s[1] } else { s[0] * s[1] };
+                let mean = sim.alloc(stats * F32, Category::Activations);
+                let invstd = sim.alloc(stats * F32, Category::Activations);
+                if grad {
+                    let t = self.held(xi);
+                    self.save(sim, i, t);
+                    self.save(sim, i, mean);
+                    self.save(sim, i, invstd);
+                }
+                sim.release(mean);
+                sim.release(invstd);
+                self.store[out] = Some(o);
+            }
+            Op::LayerNorm { .. } | Op::Softmax { .. } | Op::Normalize => {
+                // fp32 ops under autocast: a half input is cast up first.
+                let xi = node.inputs[0];
+                let input = if self.amp && in_esize == HALF {
+                    sim.alloc(self.numel(xi) * F32, Category::Activations)
+                } else {
+                    sim.retain(self.held(xi))
+                };
+                self.esize[out] = F32;
+                let o = sim.alloc(out_numel * F32, Category::Activations);
+                if grad {
+                    match node.op {
+                        Op::Softmax { .. } => self.save(sim, i, o),
+                        Op::LayerNorm { .. } => {
+                            let d = self.g.values[xi].shape.last().copied().unwrap_or(1).max(1);
+                            let rows = self.numel(xi) / d;
+                            let mean = sim.alloc(rows * F32, Category::Activations);
+                            let rstd = sim.alloc(rows * F32, Category::Activations);
+                            self.save(sim, i, input);
+                            self.save(sim, i, mean);
+                            self.save(sim, i, rstd);
+                            sim.release(mean);
+                            sim.release(rstd);
+                        }
+                        _ => {
+                            // x / ||x||: the input, the norm and the output are saved.
+                            let rows = self.numel(xi) / self.g.values[xi].shape.last().copied().unwrap_or(1).max(1);
+                            let norm = sim.alloc(rows * F32, Category::Activations);
+                            self.save(sim, i, input);
+                            self.save(sim, i, norm);
+                            self.save(sim, i, o);
+                            sim.release(norm);
+                        }
+                    }
+                }
+                sim.release(input);
+                self.store[out] = Some(o);
+            }
+            Op::Relu { .. } | Op::Sigmoid | Op::LeakyRelu { .. } | Op::Gelu { .. } | Op::Prelu => {
+                let xi = node.inputs[0];
+                self.esize[out] = in_esize;
+                let o = sim.alloc(out_numel * in_esize, Category::Activations);
+                if grad {
+                    match node.op {
+                        Op::Relu { .. } | Op::Sigmoid => self.save(sim, i, o),
+                        _ => {
+                            let t = self.held(xi);
+                            self.save(sim, i, t);
+                        }
+                    }
+                }
+                self.store[out] = Some(o);
+            }
+            Op::Dropout { .. } => {
+                self.esize[out] = in_esize;
+                let mask = sim.alloc(out_numel, Category::Activations);
+                let o = sim.alloc(out_numel * in_esize, Category::Activations);
+                if grad {
+                    self.save(sim, i, mask);
+                }
+                sim.release(mask);
+                self.store[out] = Some(o);
+            }
+            Op::Mul => {
+                let (a, b) = (node.inputs[0], node.inputs[1]);
+                self.esize[out] = in_esize.max(self.esize[b]);
+                let o = sim.alloc(out_numel * self.esize[out], Category::Activations);
+                if grad {
+                    if needs(a) {
+                        let t = self.held(b);
+                        self.save(sim, i, t);
+                    }
+                    if needs(b) {
+                        let t = self.held(a);
+                        self.save(sim, i, t);
+                    }
+                }
+                self.store[out] = Some(o);
+            }
+            Op::MaxPool { .. } => {
+                self.esize[out] = in_esize;
+                let o = sim.alloc(out_numel * in_esize, Category::Activations);
+                let indices = sim.alloc(out_numel * DType::I64.size(), Category::Activations);
+                if grad {
+                    let t = self.held(node.inputs[0]);
+                    self.save(sim, i, t);
+                    self.save(sim, i, indices);
+                }
+                sim.release(indices);
+                self.store[out] = Some(o);
+            }
+            Op::Embedding | Op::Gather => {
+                self.esize[out] = F32;
+                let o = sim.alloc(out_numel * F32, Category::Activations);
+                self.store[out] = Some(o);
+            }
+            Op::Add | Op::AddParam | Op::PrependToken | Op::Cat { .. } => {
+                // Type promotion: a half value meeting an fp32 one gives fp32.
+                let mut e = node.inputs.iter().map(|&v| self.esize[v]).max().unwrap_or(F32);
+                if !node.params.is_empty() {
+                    e = F32;
+                }
+                self.esize[out] = e;
+                let o = sim.alloc(out_numel * e, Category::Activations);
+                self.store[out] = Some(o);
+            }
+            Op::Contiguous | Op::PadEnd { .. } | Op::Roll { .. } | Op::MulScalar { .. } | Op::Mean { .. } => {
+                self.esize[out] = in_esize;
+                let o = sim.alloc(out_numel * in_esize, Category::Activations);
+                self.store[out] = Some(o);
+            }
+            Op::AddInplace
+            | Op::View { .. }
+            | Op::Permute { .. }
+            | Op::Transpose { .. }
+            | Op::Select { .. }
+            | Op::Slice { .. } => {
+                // Handled above as views; a graph that says otherwise still gets a tensor.
+                let o = sim.alloc(out_numel * in_esize, Category::Activations);
+                self.store[out] = Some(o);
+            }
+        }
+    }
+
+    /// Seeds the backward pass with the loss's gradient for output `v`.
+    pub fn seed_grad(&mut self, v: usize, t: Tensor) {
+        self.grads[v] = Some(Grad { t, contiguous: true });
+    }
+
+    fn add_grad(&mut self, sim: &mut Sim, v: usize, t: Tensor, contiguous: bool) {
+        if !self.g.values[v].requires_grad {
+            sim.release(t);
+            return;
+        }
+        match self.grads[v].take() {
+            None => self.grads[v] = Some(Grad { t, contiguous }),
+            Some(old) => {
+                // Autograd sums in place into a buffer nobody else holds, else out of place.
+                if sim.owners(old.t) == 1 && old.contiguous {
+                    sim.release(t);
+                    self.grads[v] = Some(old);
+                } else {
+                    let sum = sim.alloc(self.bytes(v), Category::Temporaries);
+                    sim.release(t);
+                    sim.release(old.t);
+                    self.grads[v] = Some(Grad { t: sum, contiguous: true });
+                }
+            }
+        }
+    }
+
+    fn alloc_grad(&mut self, sim: &mut Sim, v: usize) -> Tensor {
+        sim.alloc(self.bytes(v), Category::Temporaries)
+    }
+
+    /// A kernel that needs a contiguous incoming gradient copies a strided one.
+    fn contiguous_grad(&mut self, sim: &mut Sim, g: Grad, out: usize) -> Tensor {
+        if g.contiguous {
+            sim.retain(g.t)
+        } else {
+            self.alloc_grad(sim, out)
+        }
+    }
+
+    /// A parameter's gradient from one use; the last use (in backward order) makes it
+    /// `.grad` on the first micro-batch, or adds it into `.grad` in place on later ones.
+    fn param_grad(&mut self, sim: &mut Sim, node: usize, p: usize, half: bool) {
+        if !self.g.params[p].trainable {
+            return;
+        }
+        let bytes = numel(&self.g.params[p].shape) * F32;
+        let category = if self.first_micro_batch { Category::Gradients } else { Category::Temporaries };
+        let t = if half {
+            // Computed in half precision, then cast to the fp32 master weight's type.
+            let h = sim.alloc(numel(&self.g.params[p].shape) * HALF, Category::Temporaries);
+            let t = sim.alloc(bytes, category);
+            sim.release(h);
+            t
+        } else {
+            sim.alloc(bytes, category)
+        };
+        let t = match self.pending[p].take() {
+            None => t,
+            Some(old) => {
+                sim.release(t);
+                old
+            }
+        };
+        if self.first_param_use[p] < node {
+            self.pending[p] = Some(t);
+            return;
+        }
+        if self.first_micro_batch && self.param_grads[p].is_none() {
+            self.param_grads[p] = Some(t);
+        } else {
+            sim.release(t);
+        }
+    }
+
+    /// The backward pass of `range`, in reverse node order.
+    pub fn backward(&mut self, sim: &mut Sim, range: std::ops::Range<usize>) {
+        for i in range.rev() {
+            let node = self.g.nodes[i].clone();
+            let out = node.output;
+            let gout = self.grads[out].take();
+            if let Some(g) = gout {
+                self.backward_node(sim, i, &node.op, &node.inputs, &node.params, out, g);
+                sim.release(g.t);
+            }
+            for t in std::mem::take(&mut self.saved[i]) {
+                sim.release(t);
+            }
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn backward_node(
+        &mut self,
+        sim: &mut Sim,
+        i: usize,
+        op: &Op,
+        inputs: &[usize],
+        params: &[usize],
+        out: usize,
+        g: Grad,
+    ) {
+        let needs = |w: &Walk, v: usize| w.g.values[v].requires_grad;
+        let half = self.amp;
+        match op {
+            Op::View { .. } => {
+                let x = inputs[0];
+                if g.contiguous {
+                    let t = sim.retain(g.t);
+                    self.add_grad(sim, x, t, true);
+                } else {
+                    let t = self.alloc_grad(sim, x);
+                    self.add_grad(sim, x, t, true);
+                }
+            }
+            Op::Permute { .. } | Op::Transpose { .. } | Op::PadEnd { .. } | Op::PrependToken | Op::Cat { .. } => {
+                let outer_cat = match op {
+                    Op::Cat { dim } => self.g.values[out].shape[..*dim].iter().all(|&d| d == 1),
+                    _ => false,
+                };
+                for &x in inputs {
+                    let t = sim.retain(g.t);
+                    self.add_grad(sim, x, t, outer_cat);
+                }
+                if let Op::PrependToken = op {
+                    self.param_grad(sim, i, params[0], false);
+                }
+            }
+            Op::Contiguous | Op::Add | Op::AddInplace | Op::AddParam => {
+                for &x in inputs {
+                    if self.numel(x) == self.numel(out) {
+                        let t = sim.retain(g.t);
+                        self.add_grad(sim, x, t, g.contiguous);
+                    } else if needs(self, x) {
+                        let t = self.alloc_grad(sim, x);
+                        self.add_grad(sim, x, t, true);
+                    }
+                }
+                if let Some(&p) = params.first() {
+                    self.param_grad(sim, i, p, false);
+                }
+            }
+            Op::Select { .. } | Op::Slice { .. } => {
+                // select/slice backward: zeros of the input's shape with the gradient copied in.
+                let x = inputs[0];
+                let t = self.alloc_grad(sim, x);
+                self.add_grad(sim, x, t, true);
+            }
+            Op::Linear { .. } | Op::Conv { .. } | Op::ConvTranspose { .. } => {
+                let gc = self.contiguous_grad(sim, g, out);
+                let x = inputs[0];
+                let gx = needs(self, x).then(|| {
+                    if half && self.g.values[x].dtype == DType::F32 && self.esize[x] == F32 {
+                        // Half gradient, then cast back for the fp32 input.
+                        let h = sim.alloc(self.numel(x) * HALF, Category::Temporaries);
+                        let t = self.alloc_grad(sim, x);
+                        sim.release(h);
+                        t
+                    } else {
+                        self.alloc_grad(sim, x)
+                    }
+                });
+                for &p in params {
+                    self.param_grad(sim, i, p, half);
+                }
+                sim.release(gc);
+                if let Some(t) = gx {
+                    self.add_grad(sim, x, t, true);
+                }
+            }
+            Op::Bmm | Op::Attention { .. } => {
+                let gc = self.contiguous_grad(sim, g, out);
+                let grads: Vec<(usize, Tensor)> = inputs
+                    .iter()
+                    .filter(|&&v| needs(self, v))
+                    .map(|&v| (v, sim.alloc(self.numel(v) * self.esize[v], Category::Temporaries)))
+                    .collect();
+                sim.release(gc);
+                for (v, t) in grads {
+                    self.add_grad(sim, v, t, true);
+                }
+            }
+            Op::BatchNorm { .. } | Op::InstanceNorm { .. } | Op::LayerNorm { .. } => {
+                let gc = self.contiguous_grad(sim, g, out);
+                let x = inputs[0];
+                let gx = needs(self, x).then(|| self.alloc_grad(sim, x));
+                for &p in params {
+                    self.param_grad(sim, i, p, false);
+                }
+                sim.release(gc);
+                if let Some(t) = gx {
+                    self.add_grad(sim, x, t, true);
+                }
+            }
+            Op::Prelu => {
+                let x = inputs[0];
+                // _prelu_kernel_backward makes the input's gradient and a full-size weight
+                // gradient that is then summed to the one slope.
+                let gx = self.alloc_grad(sim, x);
+                let full = sim.alloc(self.numel(x) * self.esize[x], Category::Temporaries);
+                self.param_grad(sim, i, params[0], false);
+                sim.release(full);
+                self.add_grad(sim, x, gx, true);
+            }
+            Op::Mul => {
+                let (a, b) = (inputs[0], inputs[1]);
+                if needs(self, a) {
+                    let t = self.alloc_grad(sim, a);
+                    self.add_grad(sim, a, t, true);
+                }
+                if needs(self, b) {
+                    // grad * a at full size, summed down to b's broadcast shape.
+                    let full = sim.alloc(self.numel(a) * self.esize[out], Category::Temporaries);
+                    if self.numel(b) == self.numel(a) {
+                        self.add_grad(sim, b, full, true);
+                    } else {
+                        let t = self.alloc_grad(sim, b);
+                        sim.release(full);
+                        self.add_grad(sim, b, t, true);
+                    }
+                }
+            }
+            Op::Embedding | Op::Gather => {
+                for &p in params {
+                    self.param_grad(sim, i, p, false);
+                }
+            }
+            Op::Softmax { .. } | Op::Normalize => {
+                let gc = self.contiguous_grad(sim, g, out);
+                let x = inputs[0];
+                let t = sim.alloc(self.numel(x) * F32, Category::Temporaries);
+                let t = if self.esize[x] == HALF {
+                    let h = sim.alloc(self.numel(x) * HALF, Category::Temporaries);
+                    sim.release(t);
+                    h
+                } else {
+                    t
+                };
+                sim.release(gc);
+                self.add_grad(sim, x, t, true);
+            }
+            Op::Relu { .. }
+            | Op::LeakyRelu { .. }
+            | Op::Gelu { .. }
+            | Op::Sigmoid
+            | Op::Dropout { .. }
+            | Op::MulScalar { .. }
+            | Op::Roll { .. }
+            | Op::Mean { .. }
+            | Op::MaxPool { .. } => {
+                let x = inputs[0];
+                if needs(self, x) {
+                    let t = self.alloc_grad(sim, x);
+                    self.add_grad(sim, x, t, true);
+                }
+            }
+        }
+    }
+
+    /// Gradients of values that no node consumed (inputs): released at the end.
+    pub fn finish_backward(&mut self, sim: &mut Sim) {
+        for g in self.grads.iter_mut() {
+            if let Some(g) = g.take() {
+                sim.release(g.t);
+            }
+        }
+        for p in self.pending.iter_mut() {
+            if let Some(t) = p.take() {
+                sim.release(t);
+            }
+        }
+    }
+
+    /// Releases every value the forward pass still holds.
+    pub fn drop_all(&mut self, sim: &mut Sim) {
+        for v in 0..self.store.len() {
+            self.drop_value(sim, v);
+        }
+    }
+}

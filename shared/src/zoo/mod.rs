@@ -1,0 +1,173 @@
+//! The model zoo: parameterised architectures in the style of their reference
+//! implementations (torchvision, timm, MONAI, open_clip, Hugging Face), built as
+//! [`crate::graph::Graph`]s. Parameter counts equal the references exactly; the fixture
+//! `shared/fixtures/reference_params.json` (from `scripts/reference_params.py`) checks it.
+//!
+//! Keys are named as in the reference constructors (`feature_size`, `num_res_units`,
+//! `n_layer`…); `image` (one size or H,W), `volume` (D,H,W) and `seq` set input sizes.
+
+mod cnn;
+mod transformer;
+mod unet;
+
+use std::cell::RefCell;
+use std::collections::{BTreeMap, BTreeSet};
+
+use thiserror::Error;
+
+use crate::graph::{Graph, GraphError};
+
+pub use cnn::{mlp_graph, small_cnn_graph};
+
+/// Every model the zoo can build.
+pub const MODELS: [&str; 12] = [
+    "mlp",
+    "small_cnn",
+    "resnet18",
+    "resnet34",
+    "resnet50",
+    "seresnext50_32x4d",
+    "vit",
+    "unet2d",
+    "unet3d",
+    "swin_unetr",
+    "clip",
+    "gpt2",
+];
+
+/// Limits on zoo settings, each named in the error that enforces it.
+pub mod limits {
+    /// Widths, channels, embedding sizes.
+    pub const MAX_WIDTH: u64 = 1 << 16;
+    /// Layers, blocks, residual units.
+    pub const MAX_DEPTH: u64 = 256;
+    pub const MAX_IMAGE: u64 = 16_384;
+    pub const MAX_VOLUME: u64 = 1_024;
+    pub const MAX_SEQ: u64 = 131_072;
+    pub const MAX_VOCAB: u64 = 1 << 22;
+    pub const MAX_CLASSES: u64 = 1_000_000;
+    /// Nodes in one graph: bounds the estimator's and the trainer's work.
+    pub const MAX_NODES: usize = 200_000;
+}
+
+#[derive(Debug, Error, Clone, PartialEq, Eq)]
+pub enum ZooError {
+    #[error("unknown model '{0}'; known models: {list}", list = MODELS.join(", "))]
+    UnknownModel(String),
+    #[error("{model}: unknown key '{key}'; known keys: {known}")]
+    UnknownKey { model: String, key: String, known: String },
+    #[error("{key}: {reason}")]
+    Value { key: String, reason: String },
+    #[error("model: {0}")]
+    Graph(#[from] GraphError),
+}
+
+/// `key=value` settings for one model, with a record of which keys the builder read so
+/// that an unknown key is an error rather than silently ignored.
+pub struct Settings<'a> {
+    map: &'a BTreeMap<String, String>,
+    read: RefCell<BTreeSet<String>>,
+}
+
+fn value_err(key: &str, reason: impl Into<String>) -> ZooError {
+    ZooError::Value { key: key.to_owned(), reason: reason.into() }
+}
+
+fn parse_u64(key: &str, text: &str) -> Result<u64, ZooError> {
+    text.trim().parse::<u64>().map_err(|_| value_err(key, format!("expected a whole number, got '{text}'")))
+}
+
+impl<'a> Settings<'a> {
+    pub fn new(map: &'a BTreeMap<String, String>) -> Settings<'a> {
+        Settings { map, read: RefCell::new(BTreeSet::new()) }
+    }
+
+    fn raw(&self, key: &str) -> Option<&'a str> {
+        self.read.borrow_mut().insert(key.to_owned());
+        self.map.get(key).map(String::as_str)
+    }
+
+    /// A whole number in `min..=max`.
+    pub fn u64(&self, key: &str, default: u64, min: u64, max: u64) -> Result<u64, ZooError> {
+        let v = match self.raw(key) {
+            Some(t) => parse_u64(key, t)?,
+            None => default,
+        };
+        if v < min || v > max {
+            return Err(value_err(key, format!("must be between {min} and {max}, got {v}")));
+        }
+        Ok(v)
+    }
+
+    pub fn f64(&self, key: &str, default: f64, min: f64, max: f64) -> Result<f64, ZooError> {
+        let v = match self.raw(key) {
+            Some(t) => t.trim().parse::<f64>().map_err(|_| value_err(key, format!("expected a number, got '{t}'")))?,
+            None => default,
+        };
+        if !(v.is_finite() && v >= min && v <= max) {
+            return Err(value_err(key, format!("must be between {min} and {max}, got {v}")));
+        }
+        Ok(v)
+    }
+
+    /// A comma-separated list of whole numbers, each in `min..=max`.
+    pub fn list(&self, key: &str, default: &[u64], min: u64, max: u64) -> Result<Vec<u64>, ZooError> {
+        let v = match self.raw(key) {
+            Some(t) => t.split(',').map(|p| parse_u64(key, p)).collect::<Result<Vec<_>, _>>()?,
+            None => default.to_vec(),
+        };
+        if let Some(bad) = v.iter().find(|&&x| x < min || x > max) {
+            return Err(value_err(key, format!("each entry must be between {min} and {max}, got {bad}")));
+        }
+        Ok(v)
+    }
+
+    /// A list of exactly `n` entries, or one entry repeated `n` times (`image=224`).
+    pub fn sizes(&self, key: &str, default: u64, n: usize, max: u64) -> Result<Vec<u64>, ZooError> {
+        let v = self.list(key, &[default], 1, max)?;
+        match v.len() {
+            1 => Ok(vec![v[0]; n]),
+            len if len == n => Ok(v),
+            len => Err(value_err(key, format!("expected 1 or {n} sizes, got {len}"))),
+        }
+    }
+
+    fn unknown(&self, model: &str) -> Option<ZooError> {
+        let read = self.read.borrow();
+        let key = self.map.keys().find(|k| !read.contains(*k))?;
+        let known: Vec<&str> = read.iter().map(String::as_str).collect();
+        Some(ZooError::UnknownKey { model: model.to_owned(), key: key.clone(), known: known.join(", ") })
+    }
+}
+
+/// Builds zoo model `name` for a micro-batch of `batch` samples.
+pub fn build(name: &str, settings: &BTreeMap<String, String>, batch: u64) -> Result<Graph, ZooError> {
+    let s = Settings::new(settings);
+    let graph = match name {
+        "mlp" => cnn::mlp(&s, batch)?,
+        "small_cnn" => cnn::small_cnn(&s, batch)?,
+        "resnet18" => cnn::resnet(&s, batch, cnn::ResNet::Basic([2, 2, 2, 2]))?,
+        "resnet34" => cnn::resnet(&s, batch, cnn::ResNet::Basic([3, 4, 6, 3]))?,
+        "resnet50" => cnn::resnet(&s, batch, cnn::ResNet::Bottleneck { layers: [3, 4, 6, 3], groups: 1, width: 64, se: false })?,
+        "seresnext50_32x4d" => {
+            cnn::resnet(&s, batch, cnn::ResNet::Bottleneck { layers: [3, 4, 6, 3], groups: 32, width: 4, se: true })?
+        }
+        "vit" => transformer::vit(&s, batch)?,
+        "clip" => transformer::clip(&s, batch)?,
+        "gpt2" => transformer::gpt2(&s, batch)?,
+        "unet2d" => unet::unet(&s, batch, 2)?,
+        "unet3d" => unet::unet(&s, batch, 3)?,
+        "swin_unetr" => unet::swin_unetr(&s, batch)?,
+        other => return Err(ZooError::UnknownModel(other.to_owned())),
+    };
+    if let Some(err) = s.unknown(name) {
+        return Err(err);
+    }
+    if graph.nodes.len() > limits::MAX_NODES {
+        return Err(value_err("model", format!("{} operations exceed the limit of {}", graph.nodes.len(), limits::MAX_NODES)));
+    }
+    Ok(graph)
+}
+
+#[cfg(test)]
+mod tests;
