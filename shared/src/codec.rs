@@ -156,14 +156,14 @@ mod tests {
         frame[0] = 9;
         assert_eq!(decode(&frame), Err(CodecError::UnsupportedVersion { got: 9, want: 2 }));
         assert!(matches!(decode(&[1]), Err(CodecError::Malformed { .. })));
-        assert!(matches!(decode(&[1, 0, 200, 200, 200]), Err(CodecError::Malformed { .. })));
+        assert!(matches!(decode(&[2, 0, 200, 200, 200]), Err(CodecError::Malformed { .. })));
         let mut trailing = encode(&Message::Cancel { job: 1 }).expect("encode");
         trailing.push(0);
         assert!(matches!(decode(&trailing), Err(CodecError::Malformed { .. })));
         let big = vec![0u8; MAX_FRAME_BYTES + 1];
         assert_eq!(decode(&big), Err(CodecError::TooLarge { len: MAX_FRAME_BYTES + 1, limit: MAX_FRAME_BYTES }));
         // A length prefix that claims more than the limit is refused before allocating.
-        let mut lying = vec![1, 0, 7, 0];
+        let mut lying = vec![2, 0, 7, 0];
         lying.extend_from_slice(&[253, 255, 255, 255, 255, 255, 255, 255, 127]);
         assert!(matches!(decode(&lying), Err(CodecError::Malformed { .. })));
         let huge = Message::Error { code: ErrorCode::Internal, message: "x".repeat(MAX_FRAME_BYTES) };
