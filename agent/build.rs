@@ -26,6 +26,7 @@ fn torch_dir() -> PathBuf {
 
 fn main() {
     println!("cargo:rerun-if-changed=csrc/memory.cpp");
+    println!("cargo:rerun-if-changed=csrc/autograd.cpp");
     println!("cargo:rerun-if-env-changed=LIBTORCH");
     println!("cargo:rerun-if-env-changed=PATH");
     let torch = torch_dir();
@@ -40,6 +41,7 @@ fn main() {
     build
         .cpp(true)
         .file("csrc/memory.cpp")
+        .file("csrc/autograd.cpp")
         .std("c++17")
         .include(&include)
         .include(include.join("torch/csrc/api/include"))

@@ -55,14 +55,34 @@ enum Command {
         #[arg(long)]
         device: Option<String>,
     },
-    /// Estimate a plan's peak memory without running it.
+    /// Estimate a plan's or a zoo model's peak memory without running it.
     Estimate {
+        #[command(flatten)]
+        source: PlanSource,
+        /// A GPU from the catalog (`headroom gpus`): adds reserved memory, the CUDA
+        /// context, the capacity and whether it fits.
         #[arg(long)]
-        plan: PathBuf,
+        gpu: Option<String>,
         /// Print one JSON object instead of a table.
         #[arg(long)]
         json: bool,
     },
+    /// Run a plan or zoo model for a few steps with the real trainer and compare the
+    /// measured peak with the estimate.
+    Probe {
+        #[command(flatten)]
+        source: PlanSource,
+        /// cpu or cuda[:N].
+        #[arg(long, default_value = "cpu")]
+        device: String,
+        /// Optimizer steps to run (the first creates the optimizer state).
+        #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u64).range(2..=1000))]
+        steps: u64,
+        #[arg(long)]
+        json: bool,
+    },
+    /// List the GPU catalog.
+    Gpus,
     /// Internal: run one job, speaking the protocol over stdin/stdout.
     #[command(hide = true)]
     Worker {
@@ -72,6 +92,23 @@ enum Command {
         #[arg(long)]
         probe: bool,
     },
+}
+
+/// Where a plan comes from: a file, or a zoo model with settings.
+#[derive(clap::Args, Debug)]
+struct PlanSource {
+    /// A plan file (JSON or YAML).
+    #[arg(long, conflicts_with = "model", required_unless_present = "model")]
+    plan: Option<PathBuf>,
+    /// A zoo model: mlp, small_cnn, resnet18, resnet34, resnet50, seresnext50_32x4d, vit,
+    /// unet2d, unet3d, swin_unetr, clip, gpt2.
+    #[arg(long)]
+    model: Option<String>,
+    /// KEY=VALUE: batch, accum, precision, optimizer, checkpoint_segments, lr, steps,
+    /// seed, expandable_segments, memory_fraction, workers, prefetch, pin_memory,
+    /// distance_loss_every, or a model key (feature_size, volume, n_layer, ...). Repeatable.
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    set: Vec<String>,
 }
 
 /// An error whose exit code is 2: the user's input was wrong.
@@ -99,7 +136,13 @@ pub fn main() -> ExitCode {
     let result = match cli.command {
         Command::Worker { probe: true, .. } => crate::worker::probe(),
         Command::Worker { job, .. } => crate::worker::run(job.unwrap_or(0)),
-        Command::Estimate { plan, json } => estimate(&plan, json),
+        Command::Estimate { source, gpu, json } => estimate(&source, gpu.as_deref(), json),
+        Command::Gpus => {
+            for g in &shared::gpus::CATALOG {
+                println!("{:<14} {:<34} {:>8.2} GiB  sm_{}{}", g.key, g.name, g.memory_bytes as f64 / (1u64 << 30) as f64, g.compute_capability.0, g.compute_capability.1);
+            }
+            Ok(())
+        }
         command => tokio::runtime::Builder::new_multi_thread()
             .enable_all()
             .build()
@@ -120,6 +163,21 @@ fn read_plan(path: &PathBuf) -> anyhow::Result<Plan> {
     Plan::from_text(&text).map_err(|e| BadInput(format!("{}: {e}", path.display())).into())
 }
 
+pub(crate) fn bad_input(text: String) -> anyhow::Error {
+    BadInput(text).into()
+}
+
+/// `cpu` or `cuda[:N]` for the probe.
+pub(crate) fn parse_device_arg(text: &str) -> anyhow::Result<DeviceChoice> {
+    if text == "cuda" {
+        return Ok(DeviceChoice::Cuda(0));
+    }
+    match parse_device(text)? {
+        DeviceChoice::Auto => Err(BadInput("--device: expected cpu or cuda[:N], got auto".into()).into()),
+        d => Ok(d),
+    }
+}
+
 fn parse_device(text: &str) -> anyhow::Result<DeviceChoice> {
     match text {
         "auto" => Ok(DeviceChoice::Auto),
@@ -132,23 +190,79 @@ fn parse_device(text: &str) -> anyhow::Result<DeviceChoice> {
     }
 }
 
-fn estimate(path: &PathBuf, json: bool) -> anyhow::Result<()> {
-    let plan = read_plan(path)?;
-    let e = shared::estimate(&plan).map_err(|e| BadInput(e.to_string()))?;
+/// The plan a source describes, with its `--set` overrides applied.
+fn build_plan(source: &PlanSource) -> anyhow::Result<Plan> {
+    let mut plan = match (&source.plan, &source.model) {
+        (Some(path), _) => read_plan(path)?,
+        (None, Some(model)) => {
+            if !shared::zoo::MODELS.contains(&model.as_str()) {
+                return Err(BadInput(format!("--model: unknown model '{model}'; known models: {}", shared::zoo::MODELS.join(", "))).into());
+            }
+            Plan::zoo(model)
+        }
+        (None, None) => return Err(BadInput("give --plan FILE or --model NAME".into()).into()),
+    };
+    let mut pairs = Vec::new();
+    for item in &source.set {
+        let (k, v) = item.split_once('=').ok_or_else(|| BadInput(format!("--set {item}: expected KEY=VALUE")))?;
+        pairs.push((k.trim().to_owned(), v.trim().to_owned()));
+    }
+    plan.apply_settings(&pairs).map_err(|e| BadInput(e.to_string()))?;
+    plan.validate().map_err(|e| BadInput(e.to_string()))?;
+    Ok(plan)
+}
+
+pub(crate) fn find_gpu(name: &str) -> anyhow::Result<&'static shared::gpus::Gpu> {
+    shared::gpus::find(name).ok_or_else(|| {
+        let keys: Vec<&str> = shared::gpus::CATALOG.iter().map(|g| g.key).collect();
+        BadInput(format!("--gpu: unknown GPU '{name}'; known: {}", keys.join(", "))).into()
+    })
+}
+
+/// The estimate as one JSON object; the keys are a contract for scripts.
+pub(crate) fn estimate_json(e: &shared::Estimate) -> serde_json::Value {
+    let bytes_map = |entries: &[(&'static str, shared::Bytes)]| -> serde_json::Map<String, serde_json::Value> {
+        entries.iter().map(|(k, v)| ((*k).to_owned(), v.get().into())).collect()
+    };
+    let phases: serde_json::Map<String, serde_json::Value> =
+        e.phase_peaks.iter().map(|(p, v)| (p.key().to_owned(), v.get().into())).collect();
+    let mut out = serde_json::json!({
+        "params": e.params,
+        "peak_bytes": e.peak_bytes.get(),
+        "peak_phase": e.peak_phase.key(),
+        "breakdown": bytes_map(&e.breakdown.entries()),
+        "category_peaks": bytes_map(&e.category_peaks.entries()),
+        "steady_bytes": e.steady_bytes.get(),
+        "phase_peaks": phases,
+        "host_peak_bytes": e.host_peak_bytes.get(),
+        "host_breakdown": bytes_map(&e.host.entries()),
+    });
+    if let (Some(d), Some(map)) = (&e.device, out.as_object_mut()) {
+        map.insert("gpu".into(), d.gpu.clone().into());
+        map.insert("reserved_peak_bytes".into(), d.reserved_peak_bytes.get().into());
+        map.insert("device_peak_bytes".into(), d.device_peak_bytes.get().into());
+        map.insert("context_bytes".into(), d.context_bytes.get().into());
+        map.insert("cublas_workspace_bytes".into(), d.cublas_workspace_bytes.get().into());
+        map.insert("capacity_bytes".into(), d.capacity_bytes.get().into());
+        map.insert("headroom_bytes".into(), d.headroom_bytes.into());
+        map.insert("fits".into(), d.fits.into());
+    }
+    out
+}
+
+fn estimate(source: &PlanSource, gpu: Option<&str>, json: bool) -> anyhow::Result<()> {
+    let mut plan = build_plan(source)?;
+    let target = match gpu {
+        Some(name) => {
+            let g = find_gpu(name)?;
+            plan.resolve_memory_fraction(g.memory_bytes);
+            shared::estimate::Target::Cuda(g)
+        }
+        None => shared::estimate::Target::Cpu,
+    };
+    let e = shared::estimate::estimate_for(&plan, target).map_err(|e| BadInput(e.to_string()))?;
     if json {
-        let breakdown: serde_json::Map<String, serde_json::Value> =
-            e.breakdown.entries().iter().map(|(k, v)| ((*k).to_owned(), v.get().into())).collect();
-        let phases: serde_json::Map<String, serde_json::Value> =
-            e.phase_peaks.iter().map(|(p, v)| (p.key().to_owned(), v.get().into())).collect();
-        let out = serde_json::json!({
-            "params": e.params,
-            "peak_bytes": e.peak_bytes.get(),
-            "peak_phase": e.peak_phase.key(),
-            "breakdown": breakdown,
-            "steady_bytes": e.steady_bytes.get(),
-            "phase_peaks": phases,
-        });
-        println!("{out}");
+        println!("{}", estimate_json(&e));
     } else {
         println!("{}: {} parameters", plan.name, e.params);
         println!("peak {} during the {}", e.peak_bytes, e.peak_phase.label());
@@ -156,6 +270,17 @@ fn estimate(path: &PathBuf, json: bool) -> anyhow::Result<()> {
             println!("  {name:<16} {bytes}");
         }
         println!("between steps {}", e.steady_bytes);
+        println!("host peak {}", e.host_peak_bytes);
+        if let Some(d) = &e.device {
+            println!(
+                "{}: reserved {}, with the CUDA context {} of {} -> {}",
+                d.gpu,
+                d.reserved_peak_bytes,
+                d.device_peak_bytes,
+                d.capacity_bytes,
+                if d.fits { "fits" } else { "does not fit" }
+            );
+        }
     }
     Ok(())
 }
@@ -203,7 +328,8 @@ async fn async_main(command: Command) -> anyhow::Result<()> {
             }
             run(plan, exe).await
         }
-        Command::Estimate { .. } | Command::Worker { .. } => {
+        Command::Probe { source, device, steps, json } => crate::probe::probe(build_plan(&source)?, &device, steps, json, exe).await,
+        Command::Estimate { .. } | Command::Worker { .. } | Command::Gpus => {
             unreachable!("handled without a runtime")
         }
     }

@@ -10,6 +10,7 @@ pub mod connection;
 pub mod http;
 pub mod jobs;
 pub mod pipe;
+pub mod probe;
 pub mod server;
 pub mod session;
 pub mod train;

@@ -295,19 +295,22 @@ impl Graph {
     /// `checkpoint_sequential` does. `(range, checkpointed)` pairs cover every node.
     pub fn regions(&self, segments: u64) -> Vec<(std::ops::Range<usize>, bool)> {
         let n = self.nodes.len();
-        let (Some(first), Some(last)) = (self.blocks.first(), self.blocks.last()) else {
+        // The loss needs the last region's outputs with autograd: a block that ends the
+        // graph is never checkpointed.
+        let blocks: Vec<std::ops::Range<usize>> = self.blocks.iter().filter(|b| b.end < n).cloned().collect();
+        let (Some(first), Some(last)) = (blocks.first(), blocks.last()) else {
             return vec![(0..n, false)];
         };
         if segments == 0 {
             return vec![(0..n, false)];
         }
-        let k = (segments as usize).min(self.blocks.len());
+        let k = (segments as usize).min(blocks.len());
         let mut regions = Vec::new();
         if first.start > 0 {
             regions.push((0..first.start, false));
         }
-        let per = self.blocks.len().div_ceil(k);
-        for chunk in self.blocks.chunks(per) {
+        let per = blocks.len().div_ceil(k);
+        for chunk in blocks.chunks(per) {
             let start = chunk[0].start;
             let end = chunk[chunk.len() - 1].end;
             regions.push((start..end, true));

@@ -215,6 +215,9 @@ pub struct Plan {
     /// recomputed segments (0: off).
     #[serde(default)]
     pub checkpoint_segments: u64,
+    /// Caps the job at this fraction of the GPU's memory (`torch.cuda.set_per_process_memory_fraction`).
+    #[serde(default)]
+    pub memory_fraction: Option<f64>,
     #[serde(default)]
     pub host: HostSpec,
 }
@@ -345,6 +348,11 @@ impl Plan {
             }
         }
         check_range("checkpoint_segments", self.checkpoint_segments, 0, MAX_CHECKPOINT_SEGMENTS)?;
+        if let Some(f) = self.memory_fraction
+            && !(f.is_finite() && f > 0.0 && f <= 1.0)
+        {
+            return Err(invalid("memory_fraction", format!("must be in (0, 1], got {f}")));
+        }
         check_range("host.workers", self.host.workers, 0, MAX_LOADER_WORKERS)?;
         check_range("host.prefetch_factor", self.host.prefetch_factor, 1, MAX_PREFETCH)?;
         check_range("host.distance_loss_every", self.host.distance_loss_every, 0, MAX_STEPS)?;
@@ -444,6 +452,84 @@ impl Plan {
         }
     }
 
+    /// A zoo model with its default settings: micro-batch 1, AdamW, fp32, 100 steps.
+    pub fn zoo(name: &str) -> Plan {
+        Plan {
+            name: name.to_owned(),
+            model: ModelSpec::Zoo { name: name.to_owned(), settings: BTreeMap::new() },
+            input_shape: Vec::new(),
+            classes: 0,
+            micro_batch: 1,
+            schedule: Schedule::Steps(100),
+            learning_rate: 1e-4,
+            ..Plan::example_mlp()
+        }
+    }
+
+    /// Applies `key=value` settings: the common keys set plan fields, any other key is a
+    /// model setting (zoo models only). Errors name the key.
+    pub fn apply_settings(&mut self, pairs: &[(String, String)]) -> Result<(), PlanError> {
+        fn num<T: std::str::FromStr>(key: &str, v: &str) -> Result<T, PlanError> {
+            v.parse().map_err(|_| PlanError::Setting { key: key.to_owned(), reason: format!("expected a number, got '{v}'") })
+        }
+        fn flag(key: &str, v: &str) -> Result<bool, PlanError> {
+            match v {
+                "true" | "1" | "yes" | "on" => Ok(true),
+                "false" | "0" | "no" | "off" => Ok(false),
+                _ => Err(PlanError::Setting { key: key.to_owned(), reason: format!("expected true or false, got '{v}'") }),
+            }
+        }
+        for (key, value) in pairs {
+            let v = value.as_str();
+            match key.as_str() {
+                "batch" => self.micro_batch = num(key, v)?,
+                "accum" => self.accumulation = num(key, v)?,
+                "checkpoint_segments" => self.checkpoint_segments = num(key, v)?,
+                "lr" => self.learning_rate = num(key, v)?,
+                "steps" => self.schedule = Schedule::Steps(num(key, v)?),
+                "seed" => self.seed = num(key, v)?,
+                "expandable_segments" => self.expandable_segments = flag(key, v)?,
+                "memory_fraction" => self.memory_fraction = Some(num(key, v)?),
+                "workers" => self.host.workers = num(key, v)?,
+                "prefetch" => self.host.prefetch_factor = num(key, v)?,
+                "pin_memory" => self.host.pin_memory = flag(key, v)?,
+                "distance_loss_every" => self.host.distance_loss_every = num(key, v)?,
+                "precision" => {
+                    self.precision = Precision::from_word(v).ok_or_else(|| PlanError::Setting {
+                        key: key.clone(),
+                        reason: format!("expected fp32, fp16 or bf16, got '{v}'"),
+                    })?
+                }
+                "optimizer" => {
+                    self.optimizer = Optimizer::from_word(v).ok_or_else(|| PlanError::Setting {
+                        key: key.clone(),
+                        reason: format!("expected sgd, momentum, adam or adamw, got '{v}'"),
+                    })?
+                }
+                _ => match &mut self.model {
+                    ModelSpec::Zoo { settings, .. } => {
+                        settings.insert(key.clone(), value.clone());
+                    }
+                    _ => {
+                        return Err(PlanError::Setting {
+                            key: key.clone(),
+                            reason: "not a plan key, and only zoo models take model keys".to_owned(),
+                        });
+                    }
+                },
+            }
+        }
+        Ok(())
+    }
+
+    /// Turns a memory fraction into a byte limit for a device of `total_bytes`.
+    pub fn resolve_memory_fraction(&mut self, total_bytes: u64) {
+        if let Some(f) = self.memory_fraction {
+            let cap = (total_bytes as f64 * f) as u64;
+            self.memory_limit_bytes = Some(self.memory_limit_bytes.map_or(cap, |l| l.min(cap)));
+        }
+    }
+
     /// A small, learnable job: the planner's default and the tests' workhorse.
     pub fn example_mlp() -> Plan {
         Plan {
@@ -462,6 +548,7 @@ impl Plan {
             expandable_segments: false,
             memory_limit_bytes: None,
             checkpoint_segments: 0,
+            memory_fraction: None,
             host: HostSpec::default(),
         }
     }
@@ -483,6 +570,7 @@ impl Plan {
             expandable_segments: false,
             memory_limit_bytes: None,
             checkpoint_segments: 0,
+            memory_fraction: None,
             host: HostSpec::default(),
         }
     }

@@ -11,9 +11,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 use shared::estimate::Phase;
-use shared::plan::{DeviceChoice, Optimizer, Plan};
+use shared::graph::{Graph, InputKind, Task};
+use shared::plan::{DeviceChoice, Optimizer, Plan, Precision};
 use shared::protocol::{BatchRecord, ErrorCode, JobError, JobId, Summary};
-use tch::{COptimizer, Device, Kind, Tensor, nn};
+use tch::{COptimizer, Device, Kind, Tensor};
 use thiserror::Error;
 
 use memory::Meter;
@@ -95,6 +96,7 @@ struct PhaseMeter {
 
 impl PhaseMeter {
     fn begin(&mut self, _phase: Phase) {
+        // Every phase starts a new peak window.
         self.meter.reset_peak();
     }
     fn end(&mut self, phase: Phase) -> u64 {
@@ -106,6 +108,87 @@ impl PhaseMeter {
         let slot = &mut self.peaks[phase.index()];
         *slot = (*slot).max(peak);
         peak
+    }
+}
+
+/// The synthetic data of a graph's task (see `shared::estimate::batch` for the memory).
+struct Data {
+    device: Device,
+    prototypes: Option<Tensor>,
+}
+
+/// One micro-batch: the graph's inputs and the labels its loss needs.
+struct Batch {
+    inputs: Vec<Tensor>,
+    labels: Option<Tensor>,
+}
+
+impl Data {
+    fn new(graph: &Graph, device: Device) -> Result<Data, tch::TchError> {
+        let prototypes = match graph.task {
+            Task::Classify { classes } => {
+                let p = i64::try_from(shared::estimate::batch_prototype_features(graph)).unwrap_or(1);
+                Some(Tensor::f_randn([i64::try_from(classes).unwrap_or(1), p], (Kind::Float, device))?)
+            }
+            _ => None,
+        };
+        Ok(Data { device, prototypes })
+    }
+
+    fn batch(&self, graph: &Graph) -> Result<Batch, tch::TchError> {
+        tch::no_grad(|| {
+            let b = i64::try_from(graph.micro_batch()).unwrap_or(1);
+            let mut labels = None;
+            if let Task::Classify { classes } = graph.task {
+                labels = Some(Tensor::f_randint(i64::try_from(classes).unwrap_or(2), [b], (Kind::Int64, self.device))?);
+            }
+            let mut inputs = Vec::new();
+            for &(v, kind) in &graph.inputs {
+                let shape: Vec<i64> = graph.values[v].shape.iter().map(|&d| i64::try_from(d).unwrap_or(1)).collect();
+                inputs.push(match kind {
+                    InputKind::Real => Tensor::f_randn(&shape, (Kind::Float, self.device))?,
+                    InputKind::Tokens { vocab } => {
+                        Tensor::f_randint(i64::try_from(vocab).unwrap_or(2), &shape, (Kind::Int64, self.device))?
+                    }
+                });
+            }
+            match graph.task {
+                Task::Classify { .. } => {
+                    if let (Some(p), Some(y)) = (&self.prototypes, &labels) {
+                        let width = p.size()[1];
+                        let _ = inputs[0].f_view([b, -1])?.f_narrow(1, 0, width)?.f_add_(&p.f_index_select(0, y)?)?;
+                    }
+                }
+                Task::Segment { .. } => {
+                    labels = Some(inputs[0].f_select(1, 0)?.f_gt(0.0)?.f_to_kind(Kind::Int64)?);
+                }
+                Task::LanguageModel { .. } => {}
+                Task::Contrastive => labels = Some(Tensor::f_arange(b, (Kind::Int64, self.device))?),
+            }
+            Ok(Batch { inputs, labels })
+        })
+    }
+}
+
+/// The task's loss on the graph's outputs.
+fn task_loss(graph: &Graph, net: &model::Net, batch_tokens: Option<&Tensor>, labels: Option<&Tensor>, outputs: &[Tensor]) -> Result<Tensor, tch::TchError> {
+    let missing = || tch::TchError::Shape("the loss is missing its labels".to_owned());
+    match graph.task {
+        Task::Classify { .. } => outputs[0].f_log_softmax(-1, None::<Kind>)?.f_nll_loss(labels.ok_or_else(missing)?, None::<Tensor>, tch::Reduction::Mean, -100),
+        Task::Segment { .. } => outputs[0].f_log_softmax(1, None::<Kind>)?.f_nll_loss_nd(labels.ok_or_else(missing)?, None::<Tensor>, tch::Reduction::Mean, -100),
+        Task::LanguageModel { vocab } => {
+            let tokens = batch_tokens.ok_or_else(missing)?;
+            let v = i64::try_from(vocab).unwrap_or(1);
+            outputs[0].f_view([-1, v])?.f_log_softmax(-1, None::<Kind>)?.f_nll_loss(&tokens.f_view([-1])?, None::<Tensor>, tch::Reduction::Mean, -100)
+        }
+        Task::Contrastive => {
+            let labels = labels.ok_or_else(missing)?;
+            let scale = net.params.last().ok_or_else(missing)?.f_exp()?;
+            let logits = outputs[0].f_mm(&outputs[1].f_tr()?)?.f_mul(&scale)?;
+            let a = logits.f_log_softmax(-1, None::<Kind>)?.f_nll_loss(labels, None::<Tensor>, tch::Reduction::Mean, -100)?;
+            let b = logits.f_tr()?.f_log_softmax(-1, None::<Kind>)?.f_nll_loss(labels, None::<Tensor>, tch::Reduction::Mean, -100)?;
+            a.f_add(&b)?.f_div_scalar(2.0)
+        }
     }
 }
 
@@ -121,6 +204,9 @@ pub fn train(
 ) -> Result<Summary, TrainError> {
     let graph = plan.validate().map_err(|e| TrainError::InvalidPlan(e.to_string()))?;
     let (device, meter) = resolve_device(plan.device)?;
+    if device == Device::Cpu {
+        model::use_native_cpu_convolutions();
+    }
     if let (Meter::Cuda(index), Some(limit)) = (meter, plan.memory_limit_bytes) {
         // The caching allocator exists only once CUDA is initialised: make one tensor.
         let _ = Tensor::f_zeros([1], (Kind::Float, device))?;
@@ -131,6 +217,12 @@ pub fn train(
             return Err(TrainError::Device(format!("could not cap cuda:{index} at {limit} bytes")));
         }
     }
+    if let (Meter::Cuda(index), Some(fraction)) = (meter, plan.memory_fraction) {
+        let _ = Tensor::f_zeros([1], (Kind::Float, device))?;
+        if !meter.set_memory_fraction(fraction) {
+            return Err(TrainError::Device(format!("could not cap cuda:{index} at a fraction of {fraction}")));
+        }
+    }
     let nvml_index = match meter {
         Meter::Cuda(i) => u32::try_from(i).ok(),
         Meter::Cpu => None,
@@ -138,8 +230,12 @@ pub fn train(
     tch::manual_seed(i64::try_from(plan.seed % (1 << 62)).unwrap_or(0));
     let started = Instant::now();
 
-    let vs = nn::VarStore::new(device);
-    let net = model::Net::new(&vs.root(), &graph)?;
+    let autocast = match plan.precision {
+        Precision::Fp32 => None,
+        Precision::Fp16 => Some(model::Autocast { cuda: device != Device::Cpu, bf16: false }),
+        Precision::Bf16 => Some(model::Autocast { cuda: device != Device::Cpu, bf16: true }),
+    };
+    let net = model::Net::new(graph.clone(), device, autocast, plan.checkpoint_segments)?;
     let mut opt = match plan.optimizer {
         Optimizer::Sgd { momentum, weight_decay } => {
             COptimizer::sgd(plan.learning_rate, momentum, 0.0, weight_decay, false)?
@@ -147,19 +243,14 @@ pub fn train(
         Optimizer::AdamW { beta1, beta2, eps, weight_decay } => {
             COptimizer::adamw(plan.learning_rate, beta1, beta2, weight_decay, eps, false)?
         }
+        Optimizer::Adam { beta1, beta2, eps, weight_decay } => {
+            COptimizer::adam(plan.learning_rate, beta1, beta2, weight_decay, eps, false)?
+        }
     };
-    for var in vs.trainable_variables() {
-        opt.add_parameters(&var, 0)?;
+    for var in net.trainable() {
+        opt.add_parameters(var, 0)?;
     }
-
-    // The synthetic data: one random prototype per class; a sample is its class's
-    // prototype plus standard-normal noise, so every architecture can learn it.
-    let in_features = i64::try_from(shared::graph::numel(&graph.input)).unwrap_or(i64::MAX);
-    let classes = i64::try_from(plan.classes).unwrap_or(i64::MAX);
-    let prototypes = Tensor::f_randn([classes, in_features], (Kind::Float, device))?;
-    let micro = i64::try_from(plan.micro_batch).unwrap_or(i64::MAX);
-    let mut input_dims = vec![micro];
-    input_dims.extend(graph.input.iter().map(|&d| i64::try_from(d).unwrap_or(i64::MAX)));
+    let data = Data::new(&graph, device)?;
 
     let steps_per_epoch = plan.steps_per_epoch().max(1);
     let mut phases = PhaseMeter { meter, peaks: [0; Phase::ALL.len()], reserved_peak: None };
@@ -177,25 +268,31 @@ pub fn train(
             }
             let t0 = Instant::now();
             phases.begin(Phase::Forward);
-            let (x, y) = tch::no_grad(|| -> Result<(Tensor, Tensor), tch::TchError> {
-                let y = Tensor::f_randint(classes, [micro], (Kind::Int64, device))?;
-                let x = Tensor::f_randn(&input_dims, (Kind::Float, device))?;
-                let _ = x.f_view([micro, in_features])?.f_add_(&prototypes.f_index_select(0, &y)?)?;
-                Ok((x, y))
-            })?;
-            let logits = net.forward(&x)?;
-            let mut batch_peak = phases.end(Phase::Forward);
-            phases.begin(Phase::Loss);
-            let loss = model::cross_entropy(&logits, &y)?;
-            drop(logits);
-            let scaled =
-                if plan.accumulation > 1 { loss.f_div_scalar(plan.accumulation as f64)? } else { loss.shallow_clone() };
-            batch_peak = batch_peak.max(phases.end(Phase::Loss));
-            phases.begin(Phase::Backward);
-            scaled.f_backward()?;
+            let batch = data.batch(&graph)?;
+            let tokens = match graph.task {
+                Task::LanguageModel { .. } => batch.inputs.first().map(Tensor::shallow_clone),
+                _ => None,
+            };
+            let labels = batch.labels;
+            // The meter's phase windows: the forward ends where the loss begins, the loss
+            // where backward begins.
+            let mut batch_peak = 0u64;
+            let mut mark = |next: Phase| {
+                let previous = match next {
+                    Phase::Loss => Phase::Forward,
+                    _ => Phase::Loss,
+                };
+                batch_peak = batch_peak.max(phases.end(previous));
+                phases.begin(next);
+            };
+            let loss_value = net.step(
+                batch.inputs,
+                &|outputs: &[Tensor]| task_loss(&graph, &net, tokens.as_ref(), labels.as_ref(), outputs),
+                plan.accumulation,
+                &mut mark,
+            )?;
             batch_peak = batch_peak.max(phases.end(Phase::Backward));
-            let loss_value = loss.f_double_value(&[])?;
-            drop((scaled, loss, x, y));
+            drop((tokens, labels));
             if micro_batch == plan.accumulation {
                 phases.begin(Phase::OptimizerStep);
                 opt.step()?;

@@ -43,10 +43,14 @@ pub struct Walk<'g> {
     /// `.grad` of each trainable parameter once the first micro-batch made it.
     pub param_grads: Vec<Option<Tensor>>,
     first_micro_batch: bool,
+    /// CPU convolutions (libtorch's native im2col kernels; the trainer turns oneDNN off on
+    /// the CPU because its scratch buffers depend on thread counts and shape heuristics)
+    /// unfold their input into a columns buffer in forward and again in backward.
+    conv_scratch: bool,
 }
 
 impl<'g> Walk<'g> {
-    pub fn new(g: &'g Graph, amp: bool, segments: u64) -> Walk<'g> {
+    pub fn new(g: &'g Graph, amp: bool, segments: u64, cpu: bool) -> Walk<'g> {
         let mut first_param_use = vec![usize::MAX; g.params.len()];
         for (i, n) in g.nodes.iter().enumerate() {
             for &p in &n.params {
@@ -81,6 +85,7 @@ impl<'g> Walk<'g> {
             region_inputs,
             param_grads: vec![None; g.params.len()],
             first_micro_batch: true,
+            conv_scratch: cpu,
         }
     }
 
@@ -212,6 +217,9 @@ impl<'g> Walk<'g> {
                 let input = self.cast_in(sim, xi);
                 self.esize[out] = if self.amp { HALF } else { F32 };
                 let o = sim.alloc(out_numel * self.esize[out], Category::Activations);
+                if self.conv_scratch {
+                    sim.transient(self.columns_bytes(i, true), Category::Temporaries);
+                }
                 if grad && trainable {
                     self.save(sim, i, input);
                 }
@@ -223,6 +231,43 @@ impl<'g> Walk<'g> {
                     }
                 }
                 sim.release(input);
+                self.store[out] = Some(o);
+            }
+            Op::Attention { causal, dropout } if self.conv_scratch && *dropout > 0.0 => {
+                // libtorch's math attention, which the CPU uses when dropout is on: scaled
+                // copies of q and k, the scores, a safe softmax, an fp32 dropout noise
+                // tensor and the dropped-out probabilities, then probabilities @ v.
+                let (q, v) = (node.inputs[0], node.inputs[2]);
+                let s = g.values[q].shape.clone();
+                let qk = numel(&s) * in_esize;
+                let scores = s[0] * s[1] * s[2] * s[2] * in_esize;
+                let q_s = sim.alloc(qk, Category::Activations);
+                let k_s = sim.alloc(qk, Category::Activations);
+                let mask = causal.then(|| sim.alloc(s[2] * s[2] * F32, Category::Temporaries));
+                let attn = sim.alloc(scores, Category::Activations);
+                if let Some(m) = mask {
+                    sim.release(m);
+                }
+                // _safe_softmax: the softmax, a bool mask of -inf entries, then `where`.
+                let soft = sim.alloc(scores, Category::Activations);
+                sim.transient(scores / in_esize, Category::Temporaries);
+                let probs = sim.alloc(scores, Category::Activations);
+                sim.release(soft);
+                sim.release(attn);
+                let noise = sim.alloc(scores, Category::Activations);
+                let dropped = sim.alloc(scores, Category::Activations);
+                self.esize[out] = in_esize;
+                let o = sim.alloc(out_numel * in_esize, Category::Activations);
+                if grad {
+                    for t in [q_s, k_s, probs, noise, dropped] {
+                        self.save(sim, i, t);
+                    }
+                    let vt = self.held(v);
+                    self.save(sim, i, vt);
+                }
+                for t in [q_s, k_s, probs, noise, dropped] {
+                    sim.release(t);
+                }
                 self.store[out] = Some(o);
             }
             Op::Bmm | Op::Attention { .. } => {
@@ -392,6 +437,30 @@ impl<'g> Walk<'g> {
         }
     }
 
+    /// The im2col buffer of CPU convolution node `i`: for a convolution the whole batch's
+    /// `[B, C_in k^d, out_spatial]`; a transposed convolution works one sample at a time
+    /// (`[C_out k^d, in_spatial]`), in 2-D its forward for the whole batch, in 3-D with a
+    /// row of ones over the output for the bias.
+    fn columns_bytes(&self, i: usize, forward: bool) -> u64 {
+        let node = &self.g.nodes[i];
+        let x = &self.g.values[node.inputs[0]].shape;
+        let y = &self.g.values[node.output].shape;
+        match node.op {
+            Op::Conv { nd, kernel, .. } => {
+                x[0] * x[1] * kernel.pow(nd as u32) * numel(&y[2..]) * F32
+            }
+            Op::ConvTranspose { nd, kernel, .. } => {
+                let per_sample = y[1] * kernel.pow(nd as u32) * numel(&x[2..]) * F32;
+                match (forward, nd) {
+                    (false, _) => per_sample,
+                    (true, 3) => per_sample + numel(&y[2..]) * F32,
+                    (true, _) => per_sample * x[0],
+                }
+            }
+            _ => 0,
+        }
+    }
+
     /// Seeds the backward pass with the loss's gradient for output `v`.
     pub fn seed_grad(&mut self, v: usize, t: Tensor) {
         self.grads[v] = Some(Grad { t, contiguous: true });
@@ -557,9 +626,38 @@ impl<'g> Walk<'g> {
                 for &p in params {
                     self.param_grad(sim, i, p, half);
                 }
+                if self.conv_scratch {
+                    sim.transient(self.columns_bytes(i, false), Category::Temporaries);
+                }
                 sim.release(gc);
                 if let Some(t) = gx {
                     self.add_grad(sim, x, t, true);
+                }
+            }
+            Op::Attention { dropout, .. } if self.conv_scratch && *dropout > 0.0 => {
+                let gc = self.contiguous_grad(sim, g, out);
+                let q = inputs[0];
+                let s = self.g.values[q].shape.clone();
+                let e = self.esize[q];
+                let qk = numel(&s) * e;
+                let scores = s[0] * s[1] * s[2] * s[2] * e;
+                // probs @ v: gradients of the dropped probabilities and of v.
+                let g_drop = sim.alloc(scores, Category::Temporaries);
+                let gv = sim.alloc(qk, Category::Temporaries);
+                sim.release(gc);
+                let g_probs = sim.alloc(scores, Category::Temporaries);
+                sim.release(g_drop);
+                let g_scores = sim.alloc(scores, Category::Temporaries);
+                sim.release(g_probs);
+                let g_qs = sim.alloc(qk, Category::Temporaries);
+                let g_ks = sim.alloc(qk, Category::Temporaries);
+                sim.release(g_scores);
+                let gq = sim.alloc(qk, Category::Temporaries);
+                sim.release(g_qs);
+                let gk = sim.alloc(qk, Category::Temporaries);
+                sim.release(g_ks);
+                for (v, t) in [(inputs[0], gq), (inputs[1], gk), (inputs[2], gv)] {
+                    self.add_grad(sim, v, t, true);
                 }
             }
             Op::Bmm | Op::Attention { .. } => {

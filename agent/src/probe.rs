@@ -1,0 +1,109 @@
+//! `headroom probe`: runs a plan for a few steps with the real trainer in a worker
+//! process and sets the measured peak next to the estimate. On the CPU the measurement
+//! is the exact counting allocator; on CUDA the caching allocator's peak allocated and
+//! reserved, and NVML's device usage.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use shared::estimate::{Target, estimate_for};
+use shared::gpus::{self, Gpu};
+use shared::plan::{Plan, Schedule};
+use shared::protocol::Message;
+
+use crate::jobs::JobRunner;
+
+/// The catalog entry for a GPU NVML names, or one made from what NVML says.
+fn gpu_for(name: &str, total: u64) -> &'static Gpu {
+    let lower = name.to_lowercase();
+    let close = |g: &&Gpu| {
+        let family = g.key.split('-').next().unwrap_or(g.key);
+        lower.contains(family) && (g.memory_bytes as f64 - total as f64).abs() < 0.1 * total as f64
+    };
+    if let Some(g) = gpus::CATALOG.iter().find(close) {
+        return g;
+    }
+    // An unknown board: its own entry, Hopper-class assumptions for the workspaces.
+    Box::leak(Box::new(Gpu {
+        key: "detected",
+        name: Box::leak(name.to_owned().into_boxed_str()),
+        memory_bytes: total,
+        compute_capability: (9, 0),
+    }))
+}
+
+pub async fn probe(mut plan: Plan, device: &str, steps: u64, json: bool, exe: PathBuf) -> anyhow::Result<()> {
+    plan.device = crate::cli::parse_device_arg(device)?;
+    plan.schedule = Schedule::Steps(steps);
+    let target = match plan.device {
+        shared::plan::DeviceChoice::Cuda(i) => {
+            let devices = crate::train::memory::nvml_devices();
+            let (name, total) = devices
+                .get(i as usize)
+                .cloned()
+                .with_context(|| format!("cuda:{i}: NVML does not list this device"))?;
+            let g = gpu_for(&name, total);
+            plan.resolve_memory_fraction(g.memory_bytes);
+            Target::Cuda(g)
+        }
+        _ => Target::Cpu,
+    };
+    let estimate = estimate_for(&plan, target).map_err(|e| crate::cli::bad_input(e.to_string()))?;
+    let runner = JobRunner::new(exe, 1);
+    let mut job = runner.start(plan.clone(), estimate.peak_bytes.get())?;
+    let mut device_used_peak: Option<u64> = None;
+    let mut rss_peak = 0u64;
+    let summary = loop {
+        match job.events.recv().await {
+            Some(Message::Batch(r)) => {
+                if let Some(u) = r.device_used_bytes {
+                    device_used_peak = Some(device_used_peak.unwrap_or(0).max(u));
+                }
+                rss_peak = rss_peak.max(r.host_rss_bytes);
+            }
+            Some(Message::Finished { summary, .. }) => break summary,
+            Some(Message::Failed { error, .. }) => anyhow::bail!("probe failed ({:?}): {}", error.code, error.message),
+            Some(_) => {}
+            None => anyhow::bail!("the worker ended without a result"),
+        }
+    };
+    let measured_phases: serde_json::Map<String, serde_json::Value> =
+        summary.phase_peaks.iter().map(|(p, b)| (p.key().to_owned(), (*b).into())).collect();
+    let mut est = crate::cli::estimate_json(&estimate);
+    let out = serde_json::json!({
+        "model": plan.name,
+        "device": device,
+        "steps": steps,
+        "params": estimate.params,
+        "estimated_peak_bytes": estimate.peak_bytes.get(),
+        "measured_peak_bytes": summary.peak_bytes,
+        "error_pct": summary.estimate_error_pct(),
+        "peak_phase": estimate.peak_phase.key(),
+        "breakdown": est.get_mut("breakdown").map(serde_json::Value::take),
+        "estimated_phase_peaks": est.get_mut("phase_peaks").map(serde_json::Value::take),
+        "measured_phase_peaks": measured_phases,
+        "estimated_reserved_peak_bytes": estimate.device.as_ref().map(|d| d.reserved_peak_bytes.get()),
+        "measured_reserved_peak_bytes": summary.peak_reserved_bytes,
+        "estimated_device_peak_bytes": estimate.device.as_ref().map(|d| d.device_peak_bytes.get()),
+        "measured_device_used_bytes": device_used_peak,
+        "estimated_host_peak_bytes": estimate.host_peak_bytes.get(),
+        "measured_host_rss_peak_bytes": rss_peak,
+        "first_loss": summary.first_loss,
+        "final_loss": summary.final_loss,
+        "wall_time_ms": summary.wall_time_ms,
+    });
+    if json {
+        println!("{out}");
+    } else {
+        println!(
+            "{}: estimated {} measured {} ({:+.2} %), loss {:.4} -> {:.4}",
+            plan.name,
+            shared::Bytes(estimate.peak_bytes.get()),
+            shared::Bytes(summary.peak_bytes),
+            summary.estimate_error_pct(),
+            summary.first_loss,
+            summary.final_loss
+        );
+    }
+    Ok(())
+}
