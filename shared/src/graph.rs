@@ -310,9 +310,11 @@ impl Graph {
             regions.push((0..first.start, false));
         }
         let per = blocks.len().div_ceil(k);
-        for chunk in blocks.chunks(per) {
-            let start = chunk[0].start;
-            let end = chunk[chunk.len() - 1].end;
+        // Each segment runs from its first block to the next segment's first block, so
+        // that nodes between blocks (a downsampling layer) belong to a segment too.
+        let starts: Vec<usize> = blocks.chunks(per).map(|c| c[0].start).collect();
+        for (j, &start) in starts.iter().enumerate() {
+            let end = starts.get(j + 1).copied().unwrap_or(last.end);
             regions.push((start..end, true));
         }
         if last.end < n {

@@ -389,7 +389,10 @@ impl Net {
                         attached.insert(v, t.shallow_clone());
                     }
                     let leaf = t.f_detach()?.set_requires_grad(g.values[v].requires_grad && !*ckpt);
-                    leaves[r].insert(v, leaf.shallow_clone());
+                    // Checkpointed regions make fresh leaves when they recompute.
+                    if !*ckpt {
+                        leaves[r].insert(v, leaf.shallow_clone());
+                    }
                     vals[v] = Some(leaf);
                 }
             }

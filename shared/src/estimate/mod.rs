@@ -237,20 +237,39 @@ pub fn estimate_for(plan: &Plan, target: Target) -> Result<Estimate, PlanError> 
         for (&(v, _), &t) in graph.inputs.iter().zip(&batch.inputs) {
             walk.set_input(&mut sim, v, t);
         }
-        for (range, ckpt) in &regions {
+        let mut held: Vec<Vec<sim::Tensor>> = vec![Vec::new(); regions.len()];
+        for (r, (range, ckpt)) in regions.iter().enumerate() {
+            if !ckpt && regions.len() > 1 {
+                held[r] = walk.hold_inputs(&mut sim, range.clone());
+            }
             walk.forward(&mut sim, range.clone(), !ckpt);
+            if !ckpt && r + 1 < regions.len() {
+                let outputs = walk.hold_outputs(&mut sim, range.clone());
+                held[r].extend(outputs);
+            }
         }
         sim.set_phase(Phase::Loss);
         let l = loss::forward(&mut sim, &mut walk, &graph, plan.accumulation > 1);
         sim.set_phase(Phase::Backward);
         let loss_value = loss::backward(&mut sim, &mut walk, l);
-        for (range, ckpt) in regions.iter().rev() {
+        for (r, (range, ckpt)) in regions.iter().enumerate().rev() {
             if *ckpt {
-                // Recompute with saving, then backward through it.
+                // Recompute with saving, then backward through it from the gradients
+                // its outputs received (held for the whole call).
+                let grads = walk.hold_output_grads(&mut sim, range.clone());
                 walk.forward(&mut sim, range.clone(), true);
                 walk.drop_region_inputs(&mut sim, range.clone());
+                walk.backward(&mut sim, range.clone());
+                walk.drop_produced(&mut sim, range.clone());
+                for t in grads {
+                    sim.release(t);
+                }
+            } else {
+                walk.backward(&mut sim, range.clone());
             }
-            walk.backward(&mut sim, range.clone());
+            for t in std::mem::take(&mut held[r]) {
+                sim.release(t);
+            }
         }
         walk.finish_backward(&mut sim);
         sim.release(loss_value);

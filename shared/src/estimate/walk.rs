@@ -155,6 +155,63 @@ impl<'g> Walk<'g> {
         }
     }
 
+    /// Holds the outputs of a region that ran with autograd and feeds later regions: the
+    /// trainer keeps them to start that region's backward from.
+    pub fn hold_outputs(&mut self, sim: &mut Sim, range: std::ops::Range<usize>) -> Vec<Tensor> {
+        let mut held = Vec::new();
+        for i in range.clone() {
+            let v = self.g.nodes[i].output;
+            let crosses = self.last_use[v].is_some_and(|l| l >= range.end);
+            if crosses && self.g.values[v].requires_grad
+                && let Some(t) = self.store[v]
+            {
+                held.push(sim.retain(t));
+            }
+        }
+        held
+    }
+
+    /// Holds the values a region that runs with autograd reads from earlier regions: the
+    /// trainer reads them through leaves whose gradients it collects after the region's
+    /// backward, which keeps them alive until then.
+    pub fn hold_inputs(&mut self, sim: &mut Sim, range: std::ops::Range<usize>) -> Vec<Tensor> {
+        let producer = self.g.producer();
+        let mut seen = std::collections::BTreeSet::new();
+        let mut held = Vec::new();
+        for i in range.clone() {
+            for &v in &self.g.nodes[i].inputs {
+                if producer[v].is_some_and(|p| !range.contains(&p)) && seen.insert(v)
+                    && let Some(t) = self.store[v]
+                {
+                    held.push(sim.retain(t));
+                }
+            }
+        }
+        held
+    }
+
+    /// Holds the incoming gradients of a recomputed region's outputs: the trainer passes
+    /// them to one backward call, which keeps them until the region is done.
+    pub fn hold_output_grads(&mut self, sim: &mut Sim, range: std::ops::Range<usize>) -> Vec<Tensor> {
+        let mut held = Vec::new();
+        for i in range {
+            let v = self.g.nodes[i].output;
+            if let Some(g) = self.grads[v] {
+                held.push(sim.retain(g.t));
+            }
+        }
+        held
+    }
+
+    /// Lets go of every value a region produced (its recomputed outputs, once its
+    /// backward is done).
+    pub fn drop_produced(&mut self, sim: &mut Sim, range: std::ops::Range<usize>) {
+        for i in range {
+            let v = self.g.nodes[i].output;
+            self.drop_value(sim, v);
+        }
+    }
+
     /// Lets go of values a checkpointed region kept for its recompute.
     pub fn drop_region_inputs(&mut self, sim: &mut Sim, range: std::ops::Range<usize>) {
         let producer = self.g.producer();
@@ -185,6 +242,8 @@ impl<'g> Walk<'g> {
         let g = self.g;
         let node = &g.nodes[i];
         let out = node.output;
+        // A recompute replaces the value the checkpointed forward made.
+        self.drop_value(sim, out);
         let x = node.inputs.first().copied();
         let in_esize = x.map_or(F32, |x| self.esize[x]);
         let out_numel = numel(&g.values[out].shape);
