@@ -206,24 +206,27 @@ impl Net {
                     }
                 }
             }
+            // The per-dimension ops (conv2d, conv_transpose3d...), not the generic
+            // `convolution`: autocast has rules for these, as for PyTorch's modules.
             Op::Conv { nd, stride, padding, groups, bias, .. } => {
-                let n = *nd as usize;
                 let b = if *bias { Some(p(1)) } else { None };
-                arg(0)?.f_convolution(p(0), b, vec![i(*stride); n], vec![i(*padding); n], vec![1; n], false, vec![0; n], i(*groups))?
+                let (s, pd, gr) = (i(*stride), i(*padding), i(*groups));
+                let x = arg(0)?;
+                match nd {
+                    1 => x.f_conv1d(p(0), b, [s], [pd], [1], gr)?,
+                    2 => x.f_conv2d(p(0), b, [s; 2], [pd; 2], [1; 2], gr)?,
+                    _ => x.f_conv3d(p(0), b, [s; 3], [pd; 3], [1; 3], gr)?,
+                }
             }
             Op::ConvTranspose { nd, stride, padding, output_padding, bias, .. } => {
-                let n = *nd as usize;
                 let b = if *bias { Some(p(1)) } else { None };
-                arg(0)?.f_convolution(
-                    p(0),
-                    b,
-                    vec![i(*stride); n],
-                    vec![i(*padding); n],
-                    vec![1; n],
-                    true,
-                    vec![i(*output_padding); n],
-                    1,
-                )?
+                let (s, pd, op) = (i(*stride), i(*padding), i(*output_padding));
+                let x = arg(0)?;
+                match nd {
+                    1 => x.f_conv_transpose1d(p(0), b, [s], [pd], [op], 1, [1])?,
+                    2 => x.f_conv_transpose2d(p(0), b, [s; 2], [pd; 2], [op; 2], 1, [1; 2])?,
+                    _ => x.f_conv_transpose3d(p(0), b, [s; 3], [pd; 3], [op; 3], 1, [1; 3])?,
+                }
             }
             Op::BatchNorm { eps } => {
                 Tensor::f_batch_norm(arg(0)?, Some(p(0)), Some(p(1)), Some(p(2)), Some(p(3)), true, 0.1, *eps, true)?

@@ -62,6 +62,16 @@ pub fn make_batch(sim: &mut Sim, graph: &Graph) -> Batch {
 }
 
 impl Batch {
+    /// Releases the batch's own reference to its inputs when the model owns them.
+    pub fn hand_over_inputs(mut self, sim: &mut Sim, hand_over: bool) -> Batch {
+        if hand_over {
+            for t in self.inputs.drain(..) {
+                sim.release(t);
+            }
+        }
+        self
+    }
+
     pub fn release(self, sim: &mut Sim) {
         for t in self.inputs {
             sim.release(t);

@@ -23,14 +23,25 @@ pub fn forward(sim: &mut Sim, walk: &mut Walk, graph: &Graph, divided: bool) -> 
         Task::Classify { .. } | Task::Segment { .. } | Task::LanguageModel { .. } => {
             let logits = graph.outputs[0];
             let n = numel(&graph.values[logits].shape);
-            // log_softmax runs in fp32; a half input is cast up first.
-            let cast = (walk.output_esize(logits) != F32).then(|| sim.alloc(n * F32, Category::Activations));
-            let log_probs = sim.alloc(n * F32, Category::Activations);
-            if let Some(c) = cast {
-                sim.release(c);
+            let e = walk.output_esize(logits);
+            if e != F32 && walk.is_cpu() {
+                // CPU autocast: log_softmax in the half type, then nll_loss (an fp32 op)
+                // on an fp32 copy, which it saves.
+                let log_probs = sim.alloc(n * e, Category::Activations);
+                walk.drop_value(sim, logits);
+                let cast = sim.alloc(n * F32, Category::Activations);
+                saved.push(log_probs);
+                saved.push(cast);
+            } else {
+                // log_softmax runs in fp32 (CUDA autocast casts a half input up first).
+                let cast = (e != F32).then(|| sim.alloc(n * F32, Category::Activations));
+                let log_probs = sim.alloc(n * F32, Category::Activations);
+                if let Some(c) = cast {
+                    sim.release(c);
+                }
+                walk.drop_value(sim, logits);
+                saved.push(log_probs);
             }
-            walk.drop_value(sim, logits);
-            saved.push(log_probs);
             saved.push(sim.alloc(F32, Category::Activations)); // total_weight
             outputs.push((logits, n * F32));
         }
@@ -66,16 +77,26 @@ pub fn backward(sim: &mut Sim, walk: &mut Walk, loss: Loss) -> Tensor {
     match loss.contrastive_batch {
         None => {
             let (logits, bytes) = loss.outputs[0];
+            let half = walk.output_esize(logits) != F32;
             let nll_grad = sim.alloc(bytes, Category::Temporaries);
             sim.release(seed);
-            let g = sim.alloc(bytes, Category::Temporaries);
-            sim.release(nll_grad);
-            let g = if walk.output_esize(logits) != F32 {
+            let g = if half && walk.is_cpu() {
+                // Cast down, then log_softmax's backward in the half type.
                 let h = sim.alloc(bytes / 2, Category::Temporaries);
-                sim.release(g);
-                h
-            } else {
+                sim.release(nll_grad);
+                let g = sim.alloc(bytes / 2, Category::Temporaries);
+                sim.release(h);
                 g
+            } else {
+                let g = sim.alloc(bytes, Category::Temporaries);
+                sim.release(nll_grad);
+                if half {
+                    let h = sim.alloc(bytes / 2, Category::Temporaries);
+                    sim.release(g);
+                    h
+                } else {
+                    g
+                }
             };
             walk.seed_grad(logits, g);
         }

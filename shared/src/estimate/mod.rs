@@ -237,6 +237,9 @@ pub fn estimate_for(plan: &Plan, target: Target) -> Result<Estimate, PlanError> 
         for (&(v, _), &t) in graph.inputs.iter().zip(&batch.inputs) {
             walk.set_input(&mut sim, v, t);
         }
+        // The trainer hands the inputs to the model, which lets go of each after its last
+        // use; token ids double as a language model's labels and stay.
+        let batch = batch.hand_over_inputs(&mut sim, !matches!(graph.task, crate::graph::Task::LanguageModel { .. }));
         let mut held: Vec<Vec<sim::Tensor>> = vec![Vec::new(); regions.len()];
         for (r, (range, ckpt)) in regions.iter().enumerate() {
             if !ckpt && regions.len() > 1 {

@@ -15,6 +15,13 @@ use crate::graph::{DType, Graph, Op, numel};
 const HALF: u64 = 2;
 const F32: u64 = 4;
 
+/// Work of an autocast cast's backward node, which runs right after the node that read
+/// the cast.
+enum Deferred {
+    Param { node: usize, p: usize, half: Tensor },
+    Input { v: usize, half: Tensor },
+}
+
 #[derive(Clone, Copy)]
 struct Grad {
     t: Tensor,
@@ -40,13 +47,16 @@ pub struct Walk<'g> {
     first_param_use: Vec<usize>,
     /// Values that checkpointed regions read from earlier regions: kept for the recompute.
     region_inputs: Vec<bool>,
+    deferred: Vec<Deferred>,
     /// `.grad` of each trainable parameter once the first micro-batch made it.
     pub param_grads: Vec<Option<Tensor>>,
     first_micro_batch: bool,
-    /// CPU convolutions (libtorch's native im2col kernels; the trainer turns oneDNN off on
-    /// the CPU because its scratch buffers depend on thread counts and shape heuristics)
-    /// unfold their input into a columns buffer in forward and again in backward.
-    conv_scratch: bool,
+    /// The CPU device model: convolutions (libtorch's native im2col kernels; the trainer
+    /// turns oneDNN off on the CPU because its scratch buffers depend on thread counts and
+    /// shape heuristics) unfold their input into a columns buffer in forward and again in
+    /// backward; attention with dropout takes the math path; CPU autocast keeps layer
+    /// norm and softmax in the half type, where CUDA autocast runs them in fp32.
+    cpu: bool,
 }
 
 impl<'g> Walk<'g> {
@@ -84,8 +94,9 @@ impl<'g> Walk<'g> {
             first_param_use,
             region_inputs,
             param_grads: vec![None; g.params.len()],
+            deferred: Vec::new(),
             first_micro_batch: true,
-            conv_scratch: cpu,
+            cpu,
         }
     }
 
@@ -113,6 +124,10 @@ impl<'g> Walk<'g> {
 
     pub fn output_esize(&self, v: usize) -> u64 {
         self.esize[v]
+    }
+
+    pub fn is_cpu(&self) -> bool {
+        self.cpu
     }
 
     fn held(&self, v: usize) -> Tensor {
@@ -276,7 +291,7 @@ impl<'g> Walk<'g> {
                 let input = self.cast_in(sim, xi);
                 self.esize[out] = if self.amp { HALF } else { F32 };
                 let o = sim.alloc(out_numel * self.esize[out], Category::Activations);
-                if self.conv_scratch {
+                if self.cpu {
                     sim.transient(self.columns_bytes(i, true), Category::Temporaries);
                 }
                 if grad && trainable {
@@ -292,7 +307,7 @@ impl<'g> Walk<'g> {
                 sim.release(input);
                 self.store[out] = Some(o);
             }
-            Op::Attention { causal, dropout } if self.conv_scratch && *dropout > 0.0 => {
+            Op::Attention { causal, dropout } if self.cpu && *dropout > 0.0 => {
                 // libtorch's math attention, which the CPU uses when dropout is on: scaled
                 // copies of q and k, the scores, a safe softmax, an fp32 dropout noise
                 // tensor and the dropped-out probabilities, then probabilities @ v.
@@ -375,13 +390,14 @@ impl<'g> Walk<'g> {
             Op::LayerNorm { .. } | Op::Softmax { .. } | Op::Normalize => {
                 // fp32 ops under autocast: a half input is cast up first.
                 let xi = node.inputs[0];
-                let input = if self.amp && in_esize == HALF {
+                let up = self.amp && in_esize == HALF && !self.cpu;
+                let input = if up {
                     sim.alloc(self.numel(xi) * F32, Category::Activations)
                 } else {
                     sim.retain(self.held(xi))
                 };
-                self.esize[out] = F32;
-                let o = sim.alloc(out_numel * F32, Category::Activations);
+                self.esize[out] = if self.cpu { in_esize } else { F32 };
+                let o = sim.alloc(out_numel * self.esize[out], Category::Activations);
                 if grad {
                     match node.op {
                         Op::Softmax { .. } => self.save(sim, i, o),
@@ -504,15 +520,15 @@ impl<'g> Walk<'g> {
         let node = &self.g.nodes[i];
         let x = &self.g.values[node.inputs[0]].shape;
         let y = &self.g.values[node.output].shape;
+        // The columns have the convolution's compute type (half under autocast).
+        let e = if self.amp { HALF } else { F32 };
         match node.op {
-            Op::Conv { nd, kernel, .. } => {
-                x[0] * x[1] * kernel.pow(nd as u32) * numel(&y[2..]) * F32
-            }
+            Op::Conv { nd, kernel, .. } => x[0] * x[1] * kernel.pow(nd as u32) * numel(&y[2..]) * e,
             Op::ConvTranspose { nd, kernel, .. } => {
-                let per_sample = y[1] * kernel.pow(nd as u32) * numel(&x[2..]) * F32;
+                let per_sample = y[1] * kernel.pow(nd as u32) * numel(&x[2..]) * e;
                 match (forward, nd) {
                     (false, _) => per_sample,
-                    (true, 3) => per_sample + numel(&y[2..]) * F32,
+                    (true, 3) => per_sample + numel(&y[2..]) * e,
                     (true, _) => per_sample * x[0],
                 }
             }
@@ -568,15 +584,18 @@ impl<'g> Walk<'g> {
         }
         let bytes = numel(&self.g.params[p].shape) * F32;
         let category = if self.first_micro_batch { Category::Gradients } else { Category::Temporaries };
-        let t = if half {
-            // Computed in half precision, then cast to the fp32 master weight's type.
+        if half {
+            // Computed in half precision; the cast node's backward turns it into the fp32
+            // master weight's type after this node has let go of what it saved.
             let h = sim.alloc(numel(&self.g.params[p].shape) * HALF, Category::Temporaries);
-            let t = sim.alloc(bytes, category);
-            sim.release(h);
-            t
-        } else {
-            sim.alloc(bytes, category)
-        };
+            self.deferred.push(Deferred::Param { node, p, half: h });
+            return;
+        }
+        let t = sim.alloc(bytes, category);
+        self.accumulate_param(sim, node, p, t);
+    }
+
+    fn accumulate_param(&mut self, sim: &mut Sim, node: usize, p: usize, t: Tensor) {
         let t = match self.pending[p].take() {
             None => t,
             Some(old) => {
@@ -607,6 +626,23 @@ impl<'g> Walk<'g> {
             }
             for t in std::mem::take(&mut self.saved[i]) {
                 sim.release(t);
+            }
+            // The autocast casts' own backward nodes run next: half gradients become fp32.
+            for d in std::mem::take(&mut self.deferred) {
+                match d {
+                    Deferred::Param { node, p, half } => {
+                        let category =
+                            if self.first_micro_batch { Category::Gradients } else { Category::Temporaries };
+                        let t = sim.alloc(numel(&self.g.params[p].shape) * F32, category);
+                        sim.release(half);
+                        self.accumulate_param(sim, node, p, t);
+                    }
+                    Deferred::Input { v, half } => {
+                        let t = self.alloc_grad(sim, v);
+                        sim.release(half);
+                        self.add_grad(sim, v, t, true);
+                    }
+                }
             }
         }
     }
@@ -671,29 +707,29 @@ impl<'g> Walk<'g> {
             Op::Linear { .. } | Op::Conv { .. } | Op::ConvTranspose { .. } => {
                 let gc = self.contiguous_grad(sim, g, out);
                 let x = inputs[0];
+                let cast_input = half && self.g.values[x].dtype == DType::F32 && self.esize[x] == F32;
                 let gx = needs(self, x).then(|| {
-                    if half && self.g.values[x].dtype == DType::F32 && self.esize[x] == F32 {
-                        // Half gradient, then cast back for the fp32 input.
+                    if cast_input {
+                        // A half gradient, cast back for the fp32 input after this node.
                         let h = sim.alloc(self.numel(x) * HALF, Category::Temporaries);
-                        let t = self.alloc_grad(sim, x);
-                        sim.release(h);
-                        t
+                        self.deferred.push(Deferred::Input { v: x, half: h });
+                        None
                     } else {
-                        self.alloc_grad(sim, x)
+                        Some(self.alloc_grad(sim, x))
                     }
                 });
                 for &p in params {
                     self.param_grad(sim, i, p, half);
                 }
-                if self.conv_scratch {
+                if self.cpu {
                     sim.transient(self.columns_bytes(i, false), Category::Temporaries);
                 }
                 sim.release(gc);
-                if let Some(t) = gx {
+                if let Some(Some(t)) = gx {
                     self.add_grad(sim, x, t, true);
                 }
             }
-            Op::Attention { dropout, .. } if self.conv_scratch && *dropout > 0.0 => {
+            Op::Attention { dropout, .. } if self.cpu && *dropout > 0.0 => {
                 let gc = self.contiguous_grad(sim, g, out);
                 let q = inputs[0];
                 let s = self.g.values[q].shape.clone();
@@ -779,8 +815,8 @@ impl<'g> Walk<'g> {
             Op::Softmax { .. } | Op::Normalize => {
                 let gc = self.contiguous_grad(sim, g, out);
                 let x = inputs[0];
-                let t = sim.alloc(self.numel(x) * F32, Category::Temporaries);
-                let t = if self.esize[x] == HALF {
+                let t = sim.alloc(self.numel(x) * self.esize[out], Category::Temporaries);
+                let t = if self.esize[x] != self.esize[out] {
                     let h = sim.alloc(self.numel(x) * HALF, Category::Temporaries);
                     sim.release(t);
                     h
