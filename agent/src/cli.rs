@@ -81,6 +81,17 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Measure the estimator's error over a fixed set of configurations and write the
+    /// table to a Markdown file.
+    Accuracy {
+        /// cpu (scaled zoo configurations) or cuda[:N] (the five workloads at real size).
+        #[arg(long, default_value = "cpu")]
+        device: String,
+        #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u64).range(2..=100))]
+        steps: u64,
+        #[arg(long, default_value = "docs/accuracy.md")]
+        out: PathBuf,
+    },
     /// List the GPU catalog.
     Gpus,
     /// Internal: run one job, speaking the protocol over stdin/stdout.
@@ -329,6 +340,7 @@ async fn async_main(command: Command) -> anyhow::Result<()> {
             run(plan, exe).await
         }
         Command::Probe { source, device, steps, json } => crate::probe::probe(build_plan(&source)?, &device, steps, json, exe).await,
+        Command::Accuracy { device, steps, out } => crate::accuracy::run(&device, steps, &out, exe).await,
         Command::Estimate { .. } | Command::Worker { .. } | Command::Gpus => {
             unreachable!("handled without a runtime")
         }

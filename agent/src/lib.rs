@@ -4,6 +4,7 @@
 //! Architecture invariant: only `train` names tch; every byte that crosses a socket or
 //! a pipe goes through `shared::codec`.
 
+pub mod accuracy;
 pub mod auth;
 pub mod cli;
 pub mod connection;

@@ -32,7 +32,17 @@ fn gpu_for(name: &str, total: u64) -> &'static Gpu {
     }))
 }
 
-pub async fn probe(mut plan: Plan, device: &str, steps: u64, json: bool, exe: PathBuf) -> anyhow::Result<()> {
+/// What one probe run measured, next to its estimate.
+pub struct Outcome {
+    pub plan: Plan,
+    pub estimate: shared::Estimate,
+    pub summary: shared::protocol::Summary,
+    pub device_used_peak: Option<u64>,
+    pub rss_peak: u64,
+}
+
+/// Runs `plan` for `steps` steps on `device` in a worker process and measures it.
+pub async fn measure(mut plan: Plan, device: &str, steps: u64, exe: PathBuf) -> anyhow::Result<Outcome> {
     plan.device = crate::cli::parse_device_arg(device)?;
     plan.schedule = Schedule::Steps(steps);
     let target = match plan.device {
@@ -67,6 +77,11 @@ pub async fn probe(mut plan: Plan, device: &str, steps: u64, json: bool, exe: Pa
             None => anyhow::bail!("the worker ended without a result"),
         }
     };
+    Ok(Outcome { plan, estimate, summary, device_used_peak, rss_peak })
+}
+
+pub async fn probe(plan: Plan, device: &str, steps: u64, json: bool, exe: PathBuf) -> anyhow::Result<()> {
+    let Outcome { plan, estimate, summary, device_used_peak, rss_peak } = measure(plan, device, steps, exe).await?;
     let measured_phases: serde_json::Map<String, serde_json::Value> =
         summary.phase_peaks.iter().map(|(p, b)| (p.key().to_owned(), (*b).into())).collect();
     let mut est = crate::cli::estimate_json(&estimate);

@@ -28,8 +28,8 @@ pub fn forward(sim: &mut Sim, walk: &mut Walk, graph: &Graph, divided: bool) -> 
                 // CPU autocast: log_softmax in the half type, then nll_loss (an fp32 op)
                 // on an fp32 copy, which it saves.
                 let log_probs = sim.alloc(n * e, Category::Activations);
-                walk.drop_value(sim, logits);
                 let cast = sim.alloc(n * F32, Category::Activations);
+                walk.drop_value(sim, logits);
                 saved.push(log_probs);
                 saved.push(cast);
             } else {

@@ -253,6 +253,7 @@ pub fn estimate_for(plan: &Plan, target: Target) -> Result<Estimate, PlanError> 
         }
         sim.set_phase(Phase::Loss);
         let l = loss::forward(&mut sim, &mut walk, &graph, plan.accumulation > 1);
+        walk.clear_cast_cache(&mut sim);
         sim.set_phase(Phase::Backward);
         let loss_value = loss::backward(&mut sim, &mut walk, l);
         for (r, (range, ckpt)) in regions.iter().enumerate().rev() {
@@ -261,6 +262,7 @@ pub fn estimate_for(plan: &Plan, target: Target) -> Result<Estimate, PlanError> 
                 // its outputs received (held for the whole call).
                 let grads = walk.hold_output_grads(&mut sim, range.clone());
                 walk.forward(&mut sim, range.clone(), true);
+                walk.clear_cast_cache(&mut sim);
                 walk.drop_region_inputs(&mut sim, range.clone());
                 walk.backward(&mut sim, range.clone());
                 walk.drop_produced(&mut sim, range.clone());

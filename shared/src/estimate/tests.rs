@@ -102,3 +102,111 @@ fn cnn_pooling_keeps_int64_indices() {
     assert!(fwd >= weights + prototypes + batch + 2 * 128 + 32 + 64, "forward peak {fwd}");
     assert_eq!(e.params, 38);
 }
+
+/// A zoo plan with `--set`-style pairs.
+fn zoo(model: &str, pairs: &[(&str, &str)]) -> Plan {
+    let mut plan = Plan::zoo(model);
+    let pairs: Vec<(String, String)> = pairs.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect();
+    plan.apply_settings(&pairs).expect("valid settings");
+    plan
+}
+
+/// Golden figures measured by `headroom probe --device cpu --steps 3` (the exact counting
+/// CPU allocator, libtorch 2.11.0) for the same plans.
+#[test]
+fn zoo_estimates_match_measured_cpu_peaks() {
+    let cases: [(&str, &[(&str, &str)], u64, f64); 5] = [
+        ("resnet18", &[("image", "64"), ("batch", "8"), ("optimizer", "sgd")], 109_696_296, 0.01),
+        ("swin_unetr", &[("volume", "32"), ("feature_size", "12"), ("batch", "1"), ("optimizer", "adamw")], 313_578_612, 0.01),
+        (
+            "gpt2",
+            &[("n_layer", "4"), ("n_embd", "128"), ("n_head", "4"), ("seq", "64"), ("vocab_size", "2000"), ("batch", "4"), ("optimizer", "adamw")],
+            33_469_960,
+            0.01,
+        ),
+        ("unet3d", &[("volume", "32"), ("batch", "1"), ("optimizer", "momentum"), ("precision", "bf16")], 62_394_546, 0.5),
+        (
+            "clip",
+            &[
+                ("embed_dim", "128"), ("vision_layers", "2"), ("vision_width", "128"), ("patch_size", "16"), ("image", "64"),
+                ("seq", "32"), ("vocab_size", "2000"), ("text_width", "128"), ("text_heads", "2"), ("text_layers", "2"),
+                ("batch", "8"), ("optimizer", "adamw"),
+            ],
+            22_620_248,
+            0.1,
+        ),
+    ];
+    for (model, pairs, measured, tolerance_pct) in cases {
+        let e = estimate(&zoo(model, pairs)).expect("estimate");
+        let err = 100.0 * (e.peak_bytes.get() as f64 - measured as f64) / measured as f64;
+        assert!(err.abs() <= tolerance_pct, "{model}: estimated {} vs measured {measured} ({err:+.3} %)", e.peak_bytes);
+    }
+}
+
+#[test]
+fn halving_the_micro_batch_moves_only_activations_and_batch() {
+    let big = estimate(&zoo("resnet50", &[("image", "128"), ("batch", "8"), ("optimizer", "sgd")])).expect("big");
+    let small = estimate(&zoo("resnet50", &[("image", "128"), ("batch", "4"), ("optimizer", "sgd")])).expect("small");
+    assert_eq!(big.category_peaks.weights, small.category_peaks.weights);
+    assert_eq!(big.category_peaks.gradients, small.category_peaks.gradients);
+    assert!(small.category_peaks.activations.get() * 2 <= big.category_peaks.activations.get() + (1 << 20));
+    assert!(small.peak_bytes < big.peak_bytes);
+}
+
+#[test]
+fn checkpointing_trades_activations_for_a_recompute() {
+    let base = [("volume", "64"), ("feature_size", "24"), ("batch", "1"), ("optimizer", "sgd")];
+    let plain = estimate(&zoo("swin_unetr", &base)).expect("plain");
+    let mut with = base.to_vec();
+    with.push(("checkpoint_segments", "4"));
+    let ckpt = estimate(&zoo("swin_unetr", &with)).expect("checkpointed");
+    assert!(ckpt.peak_bytes < plain.peak_bytes, "{} !< {}", ckpt.peak_bytes, plain.peak_bytes);
+    assert_eq!(ckpt.params, plain.params);
+}
+
+#[test]
+fn mixed_precision_shrinks_activations_but_keeps_fp32_state() {
+    let fp32 = estimate(&zoo("unet2d", &[("image", "256"), ("batch", "4"), ("optimizer", "adamw")])).expect("fp32");
+    let bf16 = estimate(&zoo("unet2d", &[("image", "256"), ("batch", "4"), ("optimizer", "adamw"), ("precision", "bf16")]))
+        .expect("bf16");
+    assert_eq!(fp32.category_peaks.optimizer_state, bf16.category_peaks.optimizer_state);
+    assert_eq!(fp32.category_peaks.weights, bf16.category_peaks.weights);
+    assert!(bf16.category_peaks.activations.get() * 10 < fp32.category_peaks.activations.get() * 7);
+}
+
+#[test]
+fn cuda_target_rounds_reserves_and_answers_the_fit() {
+    use crate::estimate::{Target, estimate_for};
+    let gpu = crate::gpus::find("v100-16gb").expect("catalog");
+    let plan = zoo("seresnext50_32x4d", &[("image", "224"), ("batch", "32"), ("optimizer", "momentum")]);
+    let e = estimate_for(&plan, Target::Cuda(gpu)).expect("cuda");
+    let d = e.device.as_ref().expect("device figures");
+    assert_eq!(e.peak_bytes.get() % 512, 0, "allocated sizes are 512-byte multiples");
+    assert!(e.steady_bytes.get() >= d.cublas_workspace_bytes.get(), "the cuBLAS workspace is allocated memory");
+    assert!(d.reserved_peak_bytes >= e.peak_bytes);
+    assert_eq!(d.device_peak_bytes, d.reserved_peak_bytes + d.context_bytes);
+    assert_eq!(d.fits, d.device_peak_bytes <= d.capacity_bytes);
+    // bf16 needs Ampere or newer.
+    let mut bf16 = plan.clone();
+    bf16.precision = crate::plan::Precision::Bf16;
+    let err = estimate_for(&bf16, Target::Cuda(gpu)).expect_err("V100 has no bf16");
+    assert!(err.to_string().starts_with("precision: "), "{err}");
+    // Expandable segments never reserve more than fixed segments for the same step.
+    let mut exp = plan.clone();
+    exp.expandable_segments = true;
+    let x = estimate_for(&exp, Target::Cuda(gpu)).expect("expandable");
+    assert!(x.device.expect("device").reserved_peak_bytes <= d.reserved_peak_bytes);
+}
+
+#[test]
+fn host_memory_counts_workers_prefetch_pinning_and_the_distance_loss() {
+    let mut plan = zoo("unet3d", &[("volume", "72,136,136"), ("channels", "16,32,64,128"), ("strides", "2,2,2"), ("batch", "2")]);
+    let base = estimate(&plan).expect("base").host;
+    plan.host = crate::plan::HostSpec { workers: 4, prefetch_factor: 2, pin_memory: true, distance_loss_every: 4 };
+    let h = estimate(&plan).expect("host").host;
+    // Inputs (fp32) and int64 labels of two 72x136x136 samples, 8 batches in flight.
+    let batch = 2 * 72 * 136 * 136 * (4 + 8);
+    assert_eq!(h.loader_workers.get() - base.loader_workers.get(), 4 * crate::estimate::host::WORKER_BASELINE_BYTES + 8 * batch);
+    assert_eq!(h.pinned.get(), 8 * batch);
+    assert_eq!(h.distance_loss.get(), 2 * 72 * 136 * 136 * crate::estimate::host::DISTANCE_LOSS_BYTES_PER_VOXEL);
+}

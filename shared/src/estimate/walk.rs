@@ -162,7 +162,11 @@ impl<'g> Walk<'g> {
                 }
             }
         }
-        // The autocast cache ends with the forward pass; saved casts stay with their nodes.
+    }
+
+    /// Leaving autocast clears its cache of weight casts (after the loss, and after a
+    /// checkpointed region's recompute); casts that nodes saved stay with them.
+    pub fn clear_cast_cache(&mut self, sim: &mut Sim) {
         for c in self.casts.iter_mut() {
             if let Some(t) = c.take() {
                 sim.release(t);

@@ -1,0 +1,301 @@
+//! `headroom accuracy`: the estimator's published error. Runs a fixed set of
+//! configurations spanning the zoo with the real trainer (each in its own worker
+//! process, a few steps each), and writes a Markdown table of estimate, measurement and
+//! error to `docs/accuracy.md`.
+//!
+//! The CPU set is scaled to finish on a 2-core machine with 24 GiB in minutes; the CUDA
+//! set runs the five workloads of WORKLOADS.md at their real sizes.
+
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+
+use shared::plan::Plan;
+
+use crate::probe::{Outcome, measure};
+
+/// `(model, settings)` pairs; settings are `--set` pairs.
+type Config = (&'static str, &'static [(&'static str, &'static str)]);
+
+const VIT_SMALL: [(&str, &str); 7] = [
+    ("image", "64"),
+    ("patch_size", "8"),
+    ("num_layers", "4"),
+    ("hidden_dim", "192"),
+    ("num_heads", "3"),
+    ("mlp_dim", "768"),
+    ("num_classes", "10"),
+];
+
+const GPT2_SMALL: [(&str, &str); 5] =
+    [("n_layer", "4"), ("n_embd", "128"), ("n_head", "4"), ("seq", "64"), ("vocab_size", "2000")];
+
+const CLIP_SMALL: [(&str, &str); 10] = [
+    ("embed_dim", "128"),
+    ("vision_layers", "2"),
+    ("vision_width", "128"),
+    ("patch_size", "16"),
+    ("image", "64"),
+    ("seq", "32"),
+    ("vocab_size", "2000"),
+    ("text_width", "128"),
+    ("text_heads", "2"),
+    ("text_layers", "2"),
+];
+
+/// Scaled configurations for the CPU: every zoo family, every optimizer, checkpointing on
+/// and off, fp32 and bf16 autocast.
+fn cpu_configs() -> Vec<(String, Vec<(String, String)>)> {
+    let mut out = Vec::new();
+    let mut add = |model: &str, base: &[(&str, &str)], extra: &[(&str, &str)]| {
+        let pairs = base.iter().chain(extra).map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect();
+        out.push((model.to_owned(), pairs));
+    };
+    add("mlp", &[("batch", "64")], &[("optimizer", "adamw")]);
+    add("mlp", &[("batch", "64")], &[("optimizer", "sgd"), ("precision", "bf16")]);
+    add("small_cnn", &[("batch", "32")], &[("optimizer", "momentum"), ("accum", "2")]);
+    add("resnet18", &[("image", "64"), ("batch", "8")], &[("optimizer", "sgd")]);
+    add("resnet18", &[("image", "64"), ("batch", "8")], &[("optimizer", "momentum"), ("precision", "bf16")]);
+    add("resnet34", &[("image", "64"), ("batch", "4")], &[("optimizer", "adamw"), ("checkpoint_segments", "2")]);
+    add("resnet50", &[("image", "64"), ("batch", "4")], &[("optimizer", "adam")]);
+    add("seresnext50_32x4d", &[("image", "64"), ("batch", "4")], &[("optimizer", "momentum")]);
+    add(
+        "seresnext50_32x4d",
+        &[("image", "64"), ("batch", "4")],
+        &[("optimizer", "momentum"), ("checkpoint_segments", "4")],
+    );
+    add("vit", &VIT_SMALL, &[("batch", "8"), ("optimizer", "adamw")]);
+    add("vit", &VIT_SMALL, &[("batch", "8"), ("optimizer", "sgd"), ("checkpoint_segments", "2"), ("precision", "bf16")]);
+    add("unet2d", &[("image", "128"), ("batch", "2")], &[("optimizer", "adam")]);
+    add("unet2d", &[("image", "128"), ("batch", "2")], &[("optimizer", "sgd"), ("checkpoint_segments", "3")]);
+    add("unet3d", &[("volume", "32"), ("batch", "1")], &[("optimizer", "adamw")]);
+    add("unet3d", &[("volume", "32"), ("batch", "1")], &[("optimizer", "momentum"), ("precision", "bf16")]);
+    add("swin_unetr", &[("volume", "32"), ("feature_size", "12"), ("batch", "1")], &[("optimizer", "adamw")]);
+    add(
+        "swin_unetr",
+        &[("volume", "32"), ("feature_size", "24"), ("batch", "1")],
+        &[("optimizer", "sgd"), ("checkpoint_segments", "4")],
+    );
+    add("clip", &CLIP_SMALL, &[("batch", "8"), ("optimizer", "adamw")]);
+    add("gpt2", &GPT2_SMALL, &[("batch", "4"), ("optimizer", "adamw")]);
+    add("gpt2", &GPT2_SMALL, &[("batch", "4"), ("optimizer", "momentum"), ("checkpoint_segments", "2"), ("accum", "2")]);
+    out
+}
+
+/// The five workloads of WORKLOADS.md at their real sizes, before and after the users'
+/// hand fixes, for a GPU machine.
+const CUDA_CONFIGS: [Config; 10] = [
+    ("swin_unetr", &[("feature_size", "48"), ("volume", "96"), ("batch", "2"), ("accum", "2"), ("optimizer", "adamw")]),
+    (
+        "swin_unetr",
+        &[
+            ("feature_size", "36"),
+            ("volume", "64"),
+            ("batch", "1"),
+            ("accum", "8"),
+            ("checkpoint_segments", "4"),
+            ("precision", "fp16"),
+            ("expandable_segments", "true"),
+            ("optimizer", "adamw"),
+        ],
+    ),
+    ("seresnext50_32x4d", &[("image", "224"), ("batch", "64"), ("optimizer", "momentum")]),
+    ("seresnext50_32x4d", &[("image", "224"), ("batch", "8"), ("accum", "8"), ("optimizer", "momentum")]),
+    ("unet2d", &[("image", "1024"), ("in_channels", "3"), ("batch", "4"), ("optimizer", "adam")]),
+    ("unet2d", &[("image", "1024"), ("in_channels", "3"), ("batch", "1"), ("accum", "4"), ("precision", "fp16"), ("optimizer", "adam")]),
+    (
+        "unet3d",
+        &[
+            ("volume", "72,136,136"),
+            ("channels", "16,32,64,128"),
+            ("strides", "2,2,2"),
+            ("batch", "2"),
+            ("workers", "4"),
+            ("prefetch", "2"),
+            ("distance_loss_every", "4"),
+            ("optimizer", "adamw"),
+        ],
+    ),
+    ("clip", &[("batch", "96"), ("precision", "fp16"), ("optimizer", "adamw")]),
+    ("clip", &[("batch", "16"), ("accum", "8"), ("precision", "fp16"), ("memory_fraction", "0.95"), ("optimizer", "adamw")]),
+    ("gpt2", &[("batch", "8"), ("optimizer", "adamw"), ("precision", "bf16")]),
+];
+
+fn plan_for(model: &str, pairs: &[(String, String)]) -> anyhow::Result<Plan> {
+    let mut plan = Plan::zoo(model);
+    plan.apply_settings(pairs).map_err(|e| crate::cli::bad_input(e.to_string()))?;
+    plan.validate().map_err(|e| crate::cli::bad_input(e.to_string()))?;
+    Ok(plan)
+}
+
+fn mib(b: u64) -> String {
+    format!("{:.2}", b as f64 / (1u64 << 20) as f64)
+}
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    match v.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => v[n / 2],
+        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
+    }
+}
+
+/// Days since 1970-01-01 to a civil date (Howard Hinnant's algorithm).
+fn civil_date(days: i64) -> (i64, u32, u32) {
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    (yoe + era * 400 + i64::from(m <= 2), m, d)
+}
+
+fn cpu_model() -> String {
+    std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|t| t.lines().find(|l| l.starts_with("model name")).map(|l| l.split(':').nth(1).unwrap_or("").trim().to_owned()))
+        .unwrap_or_else(|| "unknown CPU".to_owned())
+}
+
+pub async fn run(device: &str, steps: u64, out: &Path, exe: PathBuf) -> anyhow::Result<()> {
+    let cuda = device.starts_with("cuda");
+    let configs: Vec<(String, Vec<(String, String)>)> = if cuda {
+        CUDA_CONFIGS
+            .iter()
+            .map(|(m, s)| ((*m).to_owned(), s.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect()))
+            .collect()
+    } else {
+        cpu_configs()
+    };
+    let started = std::time::Instant::now();
+    let mut rows = String::new();
+    let mut errors = Vec::new();
+    let mut reserved_errors = Vec::new();
+    for (i, (model, pairs)) in configs.iter().enumerate() {
+        let settings: Vec<String> = pairs.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        let plan = plan_for(model, pairs)?;
+        eprintln!("[{}/{}] {model} {}", i + 1, configs.len(), settings.join(" "));
+        let t0 = std::time::Instant::now();
+        match measure(plan, device, steps, exe.clone()).await {
+            Ok(Outcome { estimate, summary, device_used_peak, .. }) => {
+                let err = summary.estimate_error_pct();
+                errors.push(err.abs());
+                let mut row = format!(
+                    "| {} | {model} | {} | {} | {} | {} | {} | {:+.2} % |",
+                    i + 1,
+                    settings.join(" "),
+                    estimate.params,
+                    estimate.peak_phase.label(),
+                    mib(estimate.peak_bytes.get()),
+                    mib(summary.peak_bytes),
+                    err
+                );
+                if cuda {
+                    let est_res = estimate.device.as_ref().map(|d| d.reserved_peak_bytes.get());
+                    let meas_res = summary.peak_reserved_bytes;
+                    if let (Some(e), Some(m)) = (est_res, meas_res) {
+                        reserved_errors.push((100.0 * (e as f64 - m as f64) / m.max(1) as f64).abs());
+                    }
+                    let _ = write!(
+                        row,
+                        " {} | {} | {} | {} |",
+                        est_res.map_or("-".into(), mib),
+                        meas_res.map_or("-".into(), mib),
+                        estimate.device.as_ref().map_or("-".into(), |d| mib(d.device_peak_bytes.get())),
+                        device_used_peak.map_or("-".into(), mib)
+                    );
+                }
+                let _ = write!(row, " {:.1} |", t0.elapsed().as_secs_f64());
+                rows.push_str(&row);
+                rows.push('\n');
+            }
+            Err(e) => {
+                let cols = if cuda { " - | - | - | - |" } else { "" };
+                let _ = writeln!(rows, "| {} | {model} | {} | - | - | - | - | failed: {e:#} |{cols} - |", i + 1, settings.join(" "));
+            }
+        }
+    }
+    let n = errors.len();
+    let mut sorted = errors.clone();
+    let med = median(&mut sorted);
+    let worst = errors.iter().copied().fold(0.0f64, f64::max);
+    let (med_target, worst_target) = if cuda { (3.0, 8.0) } else { (2.0, 5.0) };
+    let verdict = |ok: bool| if ok { "met" } else { "**missed**" };
+    let days = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs() / 86_400);
+    let (y, m, d) = civil_date(days as i64);
+
+    let mut doc = String::new();
+    let _ = writeln!(doc, "# Estimator accuracy ({})\n", if cuda { "CUDA" } else { "CPU" });
+    let _ = writeln!(
+        doc,
+        "Written by `headroom accuracy --device {device} --steps {steps}` (see the README) on {y}-{m:02}-{d:02}. \
+         Each configuration ran {steps} optimizer steps in its own worker process with libtorch from torch 2.11.0; \
+         \"measured\" is the highest {} over those steps, \"estimated\" is `headroom estimate` for the same plan{}. \
+         Error = (estimated - measured) / measured.\n",
+        if cuda { "`max_memory_allocated`" } else { "live tensor memory of the exact counting CPU allocator" },
+        if cuda { " and this GPU" } else { "" }
+    );
+    let _ = writeln!(
+        doc,
+        "Machine: {} ({} threads){}.\n",
+        cpu_model(),
+        std::thread::available_parallelism().map_or(1, |p| p.get()),
+        if cuda {
+            crate::train::memory::nvml_devices().first().map_or(String::new(), |(name, total)| format!(", {name} ({} MiB)", total >> 20))
+        } else {
+            String::new()
+        }
+    );
+    let _ = writeln!(
+        doc,
+        "Median |error| {med:.3} %, worst {worst:.3} % over {n} configurations (targets: median <= {med_target} %: {}, worst <= {worst_target} %: {}).",
+        verdict(med <= med_target),
+        verdict(worst <= worst_target)
+    );
+    if cuda && !reserved_errors.is_empty() {
+        let mut r = reserved_errors.clone();
+        let _ = writeln!(doc, "Reserved (caching allocator segments): median |error| {:.2} %.", median(&mut r));
+    }
+    let _ = writeln!(doc, "Total run time {:.0} s.\n", started.elapsed().as_secs_f64());
+    if cuda {
+        let _ = writeln!(
+            doc,
+            "| # | model | settings | params | peak phase | estimated MiB | measured MiB | error | est. reserved MiB | meas. reserved MiB | est. device MiB | NVML used MiB | seconds |"
+        );
+        let _ = writeln!(doc, "|---|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|");
+    } else {
+        let _ = writeln!(doc, "| # | model | settings | params | peak phase | estimated MiB | measured MiB | error | seconds |");
+        let _ = writeln!(doc, "|---|---|---|---:|---|---:|---:|---:|---:|");
+    }
+    doc.push_str(&rows);
+    std::fs::write(out, &doc).map_err(|e| anyhow::anyhow!("writing {}: {e}", out.display()))?;
+    print!("{doc}");
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_configuration_builds_a_valid_plan() {
+        let cpu = cpu_configs();
+        assert!(cpu.len() >= 15);
+        for (model, pairs) in &cpu {
+            plan_for(model, pairs).unwrap_or_else(|e| panic!("{model} {pairs:?}: {e}"));
+        }
+        for (model, pairs) in CUDA_CONFIGS {
+            let pairs: Vec<(String, String)> = pairs.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect();
+            plan_for(model, &pairs).unwrap_or_else(|e| panic!("{model} {pairs:?}: {e}"));
+        }
+    }
+
+    #[test]
+    fn civil_dates() {
+        assert_eq!(civil_date(0), (1970, 1, 1));
+        assert_eq!(civil_date(20_415), (2025, 11, 23));
+    }
+}
