@@ -47,12 +47,10 @@ impl PlanForm {
         let (model, widths) = match &plan.model {
             ModelSpec::Mlp { hidden } => ("mlp", join(hidden)),
             ModelSpec::SmallCnn { channels } => ("small_cnn", join(channels)),
+            // The form edits the two small models; a zoo plan shows its name only.
+            ModelSpec::Zoo { name, .. } => (name.as_str(), String::new()),
         };
-        let optimizer = match plan.optimizer {
-            Optimizer::AdamW { .. } => "adamw",
-            Optimizer::Sgd { momentum, .. } if momentum > 0.0 => "momentum",
-            Optimizer::Sgd { .. } => "sgd",
-        };
+        let optimizer = plan.optimizer.word();
         PlanForm {
             model: model.into(),
             widths,
@@ -75,12 +73,8 @@ impl PlanForm {
             "small_cnn" => ModelSpec::SmallCnn { channels: widths },
             other => return Err(format!("model: unknown model {other:?}")),
         };
-        let optimizer = match self.optimizer.as_str() {
-            "adamw" => Optimizer::AdamW { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.01 },
-            "momentum" => Optimizer::Sgd { momentum: 0.9, weight_decay: 0.0 },
-            "sgd" => Optimizer::Sgd { momentum: 0.0, weight_decay: 0.0 },
-            other => return Err(format!("optimizer: unknown optimizer {other:?}")),
-        };
+        let optimizer = Optimizer::from_word(&self.optimizer)
+            .ok_or_else(|| format!("optimizer: unknown optimizer {:?}", self.optimizer))?;
         let learning_rate = self
             .learning_rate
             .trim()
@@ -110,6 +104,9 @@ impl PlanForm {
             device,
             expandable_segments: false,
             memory_limit_bytes: None,
+            checkpoint_segments: 0,
+            memory_fraction: None,
+            host: Default::default(),
         };
         plan.validate().map_err(|e| e.to_string())?;
         Ok(plan)

@@ -26,7 +26,8 @@ fn text_field(
     }
 }
 
-const OPTIMIZERS: &[(&str, &str)] = &[("adamw", "AdamW"), ("momentum", "SGD + momentum 0.9"), ("sgd", "SGD")];
+const OPTIMIZERS: &[(&str, &str)] =
+    &[("adamw", "AdamW"), ("adam", "Adam"), ("momentum", "SGD + momentum 0.9"), ("sgd", "SGD")];
 const DEVICES: &[(&str, &str)] = &[("auto", "auto (GPU if present)"), ("cpu", "CPU"), ("cuda:0", "cuda:0")];
 
 fn select_field(

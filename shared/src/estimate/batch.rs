@@ -11,7 +11,7 @@ use super::{Category, F32, I64};
 use crate::graph::{Graph, InputKind, Task, numel};
 
 /// Features of a sample that carry its class prototype.
-pub const PROTOTYPE_FEATURES: u64 = 256;
+pub const PROTOTYPE_FEATURES: u64 = 4096;
 
 fn sample_features(graph: &Graph) -> u64 {
     graph.inputs.first().map_or(1, |&(v, _)| numel(&graph.values[v].shape[1..]))

@@ -53,3 +53,62 @@ fn run_prints_a_json_line_per_micro_batch_then_a_summary() -> anyhow::Result<()>
     assert!(summary["estimate_error_pct"].as_f64().is_some_and(|e| e.abs() < 2.0), "{summary}");
     Ok(())
 }
+
+#[test]
+fn estimate_a_zoo_model_for_a_gpu_with_stable_keys() -> anyhow::Result<()> {
+    let (code, out, err) = cli(&[
+        "estimate", "--model", "swin_unetr", "--set", "feature_size=36", "--set", "volume=64,64,64", "--set", "batch=1",
+        "--gpu", "v100-16gb", "--json",
+    ])?;
+    assert_eq!(code, 0, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&out)?;
+    for key in [
+        "params", "peak_bytes", "peak_phase", "breakdown", "host_peak_bytes", "reserved_peak_bytes",
+        "device_peak_bytes", "capacity_bytes", "fits",
+    ] {
+        assert!(v.get(key).is_some(), "missing {key} in {v}");
+    }
+    let settings = std::collections::BTreeMap::from([
+        ("feature_size".to_owned(), "36".to_owned()),
+        ("volume".to_owned(), "64,64,64".to_owned()),
+    ]);
+    let graph = shared::zoo::build("swin_unetr", &settings, 1)?;
+    assert_eq!(v["params"].as_u64(), Some(graph.n_params()), "{v}");
+    assert!(v["reserved_peak_bytes"].as_u64() >= v["peak_bytes"].as_u64());
+    assert!(v["device_peak_bytes"].as_u64() > v["reserved_peak_bytes"].as_u64());
+    Ok(())
+}
+
+#[test]
+fn zoo_input_errors_exit_with_code_2_and_say_why() -> anyhow::Result<()> {
+    let cases: [(&[&str], &str); 5] = [
+        (&["estimate", "--model", "swin_unetr", "--set", "feature_size=32"], "use 24 or 36"),
+        (&["estimate", "--model", "resnet101"], "unknown model 'resnet101'"),
+        (&["estimate", "--model", "gpt2", "--set", "depth=3"], "unknown key 'depth'"),
+        (&["estimate", "--model", "gpt2", "--set", "precision=fp8"], "precision: expected fp32, fp16 or bf16"),
+        (&["estimate", "--model", "vit", "--gpu", "tpu-v4"], "--gpu: unknown GPU 'tpu-v4'"),
+    ];
+    for (args, want) in cases {
+        let (code, _, err) = cli(args)?;
+        assert_eq!(code, 2, "{args:?}: {err}");
+        assert!(err.contains(want), "{args:?}: {err}");
+    }
+    Ok(())
+}
+
+#[test]
+fn probe_measures_the_real_trainer_next_to_the_estimate() -> anyhow::Result<()> {
+    let (code, out, err) = cli(&[
+        "probe", "--model", "resnet18", "--set", "image=32", "--set", "batch=2", "--set", "num_classes=10",
+        "--set", "optimizer=momentum", "--device", "cpu", "--steps", "2", "--json",
+    ])?;
+    assert_eq!(code, 0, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&out)?;
+    assert_eq!(v["params"], 11_181_642, "torchvision resnet18(num_classes=10)");
+    let error = v["error_pct"].as_f64().unwrap_or(f64::NAN);
+    assert!(error.abs() < 0.5, "the exact CPU counter and the estimate agree: {v}");
+    for phase in ["forward", "loss", "backward", "optimizer_step"] {
+        assert!(v["measured_phase_peaks"][phase].as_u64().is_some_and(|b| b > 0), "{phase}: {v}");
+    }
+    Ok(())
+}
