@@ -64,7 +64,11 @@ fn cpu_configs() -> Vec<(String, Vec<(String, String)>)> {
         &[("optimizer", "momentum"), ("checkpoint_segments", "4")],
     );
     add("vit", &VIT_SMALL, &[("batch", "8"), ("optimizer", "adamw")]);
-    add("vit", &VIT_SMALL, &[("batch", "8"), ("optimizer", "sgd"), ("checkpoint_segments", "2"), ("precision", "bf16")]);
+    add(
+        "vit",
+        &VIT_SMALL,
+        &[("batch", "8"), ("optimizer", "sgd"), ("checkpoint_segments", "2"), ("precision", "bf16")],
+    );
     add("unet2d", &[("image", "128"), ("batch", "2")], &[("optimizer", "adam")]);
     add("unet2d", &[("image", "128"), ("batch", "2")], &[("optimizer", "sgd"), ("checkpoint_segments", "3")]);
     add("unet3d", &[("volume", "32"), ("batch", "1")], &[("optimizer", "adamw")]);
@@ -77,7 +81,11 @@ fn cpu_configs() -> Vec<(String, Vec<(String, String)>)> {
     );
     add("clip", &CLIP_SMALL, &[("batch", "8"), ("optimizer", "adamw")]);
     add("gpt2", &GPT2_SMALL, &[("batch", "4"), ("optimizer", "adamw")]);
-    add("gpt2", &GPT2_SMALL, &[("batch", "4"), ("optimizer", "momentum"), ("checkpoint_segments", "2"), ("accum", "2")]);
+    add(
+        "gpt2",
+        &GPT2_SMALL,
+        &[("batch", "4"), ("optimizer", "momentum"), ("checkpoint_segments", "2"), ("accum", "2")],
+    );
     out
 }
 
@@ -101,7 +109,17 @@ const CUDA_CONFIGS: [Config; 10] = [
     ("seresnext50_32x4d", &[("image", "224"), ("batch", "64"), ("optimizer", "momentum")]),
     ("seresnext50_32x4d", &[("image", "224"), ("batch", "8"), ("accum", "8"), ("optimizer", "momentum")]),
     ("unet2d", &[("image", "1024"), ("in_channels", "3"), ("batch", "4"), ("optimizer", "adam")]),
-    ("unet2d", &[("image", "1024"), ("in_channels", "3"), ("batch", "1"), ("accum", "4"), ("precision", "fp16"), ("optimizer", "adam")]),
+    (
+        "unet2d",
+        &[
+            ("image", "1024"),
+            ("in_channels", "3"),
+            ("batch", "1"),
+            ("accum", "4"),
+            ("precision", "fp16"),
+            ("optimizer", "adam"),
+        ],
+    ),
     (
         "unet3d",
         &[
@@ -116,7 +134,10 @@ const CUDA_CONFIGS: [Config; 10] = [
         ],
     ),
     ("clip", &[("batch", "96"), ("precision", "fp16"), ("optimizer", "adamw")]),
-    ("clip", &[("batch", "16"), ("accum", "8"), ("precision", "fp16"), ("memory_fraction", "0.95"), ("optimizer", "adamw")]),
+    (
+        "clip",
+        &[("batch", "16"), ("accum", "8"), ("precision", "fp16"), ("memory_fraction", "0.95"), ("optimizer", "adamw")],
+    ),
     ("gpt2", &[("batch", "8"), ("optimizer", "adamw"), ("precision", "bf16")]),
 ];
 
@@ -156,7 +177,9 @@ fn civil_date(days: i64) -> (i64, u32, u32) {
 fn cpu_model() -> String {
     std::fs::read_to_string("/proc/cpuinfo")
         .ok()
-        .and_then(|t| t.lines().find(|l| l.starts_with("model name")).map(|l| l.split(':').nth(1).unwrap_or("").trim().to_owned()))
+        .and_then(|t| {
+            t.lines().find(|l| l.starts_with("model name")).map(|l| l.split(':').nth(1).unwrap_or("").trim().to_owned())
+        })
         .unwrap_or_else(|| "unknown CPU".to_owned())
 }
 
@@ -214,7 +237,12 @@ pub async fn run(device: &str, steps: u64, out: &Path, exe: PathBuf) -> anyhow::
             }
             Err(e) => {
                 let cols = if cuda { " - | - | - | - |" } else { "" };
-                let _ = writeln!(rows, "| {} | {model} | {} | - | - | - | - | failed: {e:#} |{cols} - |", i + 1, settings.join(" "));
+                let _ = writeln!(
+                    rows,
+                    "| {} | {model} | {} | - | - | - | - | failed: {e:#} |{cols} - |",
+                    i + 1,
+                    settings.join(" ")
+                );
             }
         }
     }
@@ -244,7 +272,9 @@ pub async fn run(device: &str, steps: u64, out: &Path, exe: PathBuf) -> anyhow::
         cpu_model(),
         std::thread::available_parallelism().map_or(1, |p| p.get()),
         if cuda {
-            crate::train::memory::nvml_devices().first().map_or(String::new(), |(name, total)| format!(", {name} ({} MiB)", total >> 20))
+            crate::train::memory::nvml_devices()
+                .first()
+                .map_or(String::new(), |(name, total)| format!(", {name} ({} MiB)", total >> 20))
         } else {
             String::new()
         }
@@ -267,7 +297,10 @@ pub async fn run(device: &str, steps: u64, out: &Path, exe: PathBuf) -> anyhow::
         );
         let _ = writeln!(doc, "|---|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|");
     } else {
-        let _ = writeln!(doc, "| # | model | settings | params | peak phase | estimated MiB | measured MiB | error | seconds |");
+        let _ = writeln!(
+            doc,
+            "| # | model | settings | params | peak phase | estimated MiB | measured MiB | error | seconds |"
+        );
         let _ = writeln!(doc, "|---|---|---|---:|---|---:|---:|---:|---:|");
     }
     doc.push_str(&rows);

@@ -150,7 +150,14 @@ pub fn main() -> ExitCode {
         Command::Estimate { source, gpu, json } => estimate(&source, gpu.as_deref(), json),
         Command::Gpus => {
             for g in &shared::gpus::CATALOG {
-                println!("{:<14} {:<34} {:>8.2} GiB  sm_{}{}", g.key, g.name, g.memory_bytes as f64 / (1u64 << 30) as f64, g.compute_capability.0, g.compute_capability.1);
+                println!(
+                    "{:<14} {:<34} {:>8.2} GiB  sm_{}{}",
+                    g.key,
+                    g.name,
+                    g.memory_bytes as f64 / (1u64 << 30) as f64,
+                    g.compute_capability.0,
+                    g.compute_capability.1
+                );
             }
             Ok(())
         }
@@ -207,7 +214,11 @@ fn build_plan(source: &PlanSource) -> anyhow::Result<Plan> {
         (Some(path), _) => read_plan(path)?,
         (None, Some(model)) => {
             if !shared::zoo::MODELS.contains(&model.as_str()) {
-                return Err(BadInput(format!("--model: unknown model '{model}'; known models: {}", shared::zoo::MODELS.join(", "))).into());
+                return Err(BadInput(format!(
+                    "--model: unknown model '{model}'; known models: {}",
+                    shared::zoo::MODELS.join(", ")
+                ))
+                .into());
             }
             Plan::zoo(model)
         }
@@ -339,7 +350,9 @@ async fn async_main(command: Command) -> anyhow::Result<()> {
             }
             run(plan, exe).await
         }
-        Command::Probe { source, device, steps, json } => crate::probe::probe(build_plan(&source)?, &device, steps, json, exe).await,
+        Command::Probe { source, device, steps, json } => {
+            crate::probe::probe(build_plan(&source)?, &device, steps, json, exe).await
+        }
         Command::Accuracy { device, steps, out } => crate::accuracy::run(&device, steps, &out, exe).await,
         Command::Estimate { .. } | Command::Worker { .. } | Command::Gpus => {
             unreachable!("handled without a runtime")

@@ -42,9 +42,16 @@ pub enum Init {
     /// 0, 1, …, n-1 (int64 position ids).
     Arange,
     /// Swin's relative position index for a window, sliced to its first `n` tokens.
-    RelativePositionIndex { window: [u64; 3], n: u64 },
+    RelativePositionIndex {
+        window: [u64; 3],
+        n: u64,
+    },
     /// Swin's shifted-window attention mask over a padded volume.
-    ShiftedWindowMask { padded: [u64; 3], window: [u64; 3], shift: [u64; 3] },
+    ShiftedWindowMask {
+        padded: [u64; 3],
+        window: [u64; 3],
+        shift: [u64; 3],
+    },
 }
 
 /// A trainable parameter or a buffer (`trainable: false`: running statistics, masks).
@@ -76,21 +83,52 @@ pub struct Value {
 pub enum Op {
     /// `x @ W^T + b` over the last dimension; `weight_in_out` stores `W` as `[in, out]`
     /// (Hugging Face's `Conv1D`, CLIP's projections).
-    Linear { bias: bool, weight_in_out: bool },
+    Linear {
+        bias: bool,
+        weight_in_out: bool,
+    },
     /// 1-, 2- or 3-D convolution with equal kernel, stride and padding in every dimension.
-    Conv { nd: u8, kernel: u64, stride: u64, padding: u64, groups: u64, bias: bool },
-    ConvTranspose { nd: u8, kernel: u64, stride: u64, padding: u64, output_padding: u64, bias: bool },
+    Conv {
+        nd: u8,
+        kernel: u64,
+        stride: u64,
+        padding: u64,
+        groups: u64,
+        bias: bool,
+    },
+    ConvTranspose {
+        nd: u8,
+        kernel: u64,
+        stride: u64,
+        padding: u64,
+        output_padding: u64,
+        bias: bool,
+    },
     /// Training-mode batch norm with affine parameters and running statistics.
-    BatchNorm { eps: f64 },
+    BatchNorm {
+        eps: f64,
+    },
     /// Instance norm without affine parameters or running statistics (MONAI's default).
-    InstanceNorm { eps: f64 },
+    InstanceNorm {
+        eps: f64,
+    },
     /// Layer norm over the last dimension.
-    LayerNorm { eps: f64, affine: bool },
-    Relu { inplace: bool },
-    LeakyRelu { slope: f64, inplace: bool },
+    LayerNorm {
+        eps: f64,
+        affine: bool,
+    },
+    Relu {
+        inplace: bool,
+    },
+    LeakyRelu {
+        slope: f64,
+        inplace: bool,
+    },
     /// PReLU with one shared slope.
     Prelu,
-    Gelu { tanh: bool },
+    Gelu {
+        tanh: bool,
+    },
     Sigmoid,
     /// Element-wise sum of two values (broadcasting the second).
     Add,
@@ -102,35 +140,75 @@ pub enum Op {
     AddParam,
     /// `cat([p.expand(B, 1, D), x], dim=1)`: a class token in front of a sequence.
     PrependToken,
-    Cat { dim: usize },
-    MaxPool { nd: u8, kernel: u64, stride: u64, padding: u64 },
-    Mean { dims: Vec<usize>, keepdim: bool },
+    Cat {
+        dim: usize,
+    },
+    MaxPool {
+        nd: u8,
+        kernel: u64,
+        stride: u64,
+        padding: u64,
+    },
+    Mean {
+        dims: Vec<usize>,
+        keepdim: bool,
+    },
     /// A reshape of a contiguous value: a view.
-    View { shape: Shape },
+    View {
+        shape: Shape,
+    },
     /// A view with permuted dimensions.
-    Permute { dims: Vec<usize> },
+    Permute {
+        dims: Vec<usize>,
+    },
     /// A view with two dimensions swapped.
-    Transpose { d0: usize, d1: usize },
+    Transpose {
+        d0: usize,
+        d1: usize,
+    },
     /// A copy when the input is not contiguous, else the input itself.
     Contiguous,
     /// `x.select(dim, index)`: a view.
-    Select { dim: usize, index: u64 },
+    Select {
+        dim: usize,
+        index: u64,
+    },
     /// `x.narrow(dim, start, len)` or a strided slice: a view.
-    Slice { dim: usize, start: u64, len: u64, step: u64 },
+    Slice {
+        dim: usize,
+        start: u64,
+        len: u64,
+        step: u64,
+    },
     /// Zero padding after the end of each of the given dimensions.
-    PadEnd { dims: Vec<usize>, amounts: Vec<u64> },
-    Roll { shifts: Vec<i64>, dims: Vec<usize> },
+    PadEnd {
+        dims: Vec<usize>,
+        amounts: Vec<u64>,
+    },
+    Roll {
+        shifts: Vec<i64>,
+        dims: Vec<usize>,
+    },
     /// Rows of a table parameter picked by int64 indices.
     Embedding,
     /// Rows of a table parameter picked by an index buffer: `table[index]`.
     Gather,
-    Dropout { p: f64 },
-    Softmax { dim: usize },
+    Dropout {
+        p: f64,
+    },
+    Softmax {
+        dim: usize,
+    },
     /// Batched matrix product of two 3-D values.
     Bmm,
-    MulScalar { s: f64 },
+    MulScalar {
+        s: f64,
+    },
     /// Fused scaled-dot-product attention over `[B, H, N, hd]` queries, keys and values.
-    Attention { causal: bool, dropout: f64 },
+    Attention {
+        causal: bool,
+        dropout: f64,
+    },
     /// `x / max(||x||, eps)` over the last dimension.
     Normalize,
 }
@@ -542,7 +620,8 @@ impl Builder {
         let cin = shape[1];
         let mut o = vec![shape[0], out];
         for &s in &shape[2..] {
-            let full = (s.saturating_sub(1)).saturating_mul(stride).saturating_add(kernel).saturating_add(output_padding);
+            let full =
+                (s.saturating_sub(1)).saturating_mul(stride).saturating_add(kernel).saturating_add(output_padding);
             if full < 2 * padding + 1 {
                 return Err(self.err("conv_transpose", format!("padding {padding} leaves nothing of size {s}")));
             }
@@ -592,8 +671,7 @@ impl Builder {
             return Err(self.err("layer_norm", "input must be contiguous"));
         }
         self.scope(name, |b| {
-            let params =
-                vec![b.param("weight", vec![d], Init::Const(1.0)), b.param("bias", vec![d], Init::Const(0.0))];
+            let params = vec![b.param("weight", vec![d], Init::Const(1.0)), b.param("bias", vec![d], Init::Const(0.0))];
             Ok(b.push(Op::LayerNorm { eps, affine: true }, vec![x], params, shape))
         })
     }
@@ -666,7 +744,8 @@ impl Builder {
         }
         for &x in &xs[1..] {
             let s = self.shape(x);
-            let same_rest = s.len() == shape.len() && s.iter().zip(&shape).enumerate().all(|(i, (a, b))| i == dim || a == b);
+            let same_rest =
+                s.len() == shape.len() && s.iter().zip(&shape).enumerate().all(|(i, (a, b))| i == dim || a == b);
             if !same_rest {
                 return Err(self.err("cat", format!("cannot concatenate {s:?} with {shape:?} along {dim}")));
             }

@@ -325,7 +325,8 @@ impl Plan {
                 check_unit_interval("optimizer.sgd.momentum", momentum, true)?;
                 check_unit_interval("optimizer.sgd.weight_decay", weight_decay, true)?;
             }
-            Optimizer::AdamW { beta1, beta2, eps, weight_decay } | Optimizer::Adam { beta1, beta2, eps, weight_decay } => {
+            Optimizer::AdamW { beta1, beta2, eps, weight_decay }
+            | Optimizer::Adam { beta1, beta2, eps, weight_decay } => {
                 let name = if matches!(self.optimizer, Optimizer::Adam { .. }) { "adam" } else { "adam_w" };
                 let field = |f: &str| -> &'static str {
                     match (name, f) {
@@ -395,11 +396,14 @@ impl Plan {
             return Err(invalid(widths.0, format!("each width must be 1 to {MAX_WIDTH}, got {w}")));
         }
         // Per-sample sizes are bounded before any graph is built, so products cannot overflow.
-        let per_sample = numel(&self.input_shape).saturating_mul(widths.1.iter().copied().max().unwrap_or(1)).saturating_mul(8);
+        let per_sample =
+            numel(&self.input_shape).saturating_mul(widths.1.iter().copied().max().unwrap_or(1)).saturating_mul(8);
         if per_sample > MAX_TENSOR_BYTES {
             return Err(invalid(
                 "model",
-                format!("one sample's largest activation would take {per_sample} bytes, over the limit of {MAX_TENSOR_BYTES}"),
+                format!(
+                    "one sample's largest activation would take {per_sample} bytes, over the limit of {MAX_TENSOR_BYTES}"
+                ),
             ));
         }
         match &self.model {
@@ -470,13 +474,19 @@ impl Plan {
     /// model setting (zoo models only). Errors name the key.
     pub fn apply_settings(&mut self, pairs: &[(String, String)]) -> Result<(), PlanError> {
         fn num<T: std::str::FromStr>(key: &str, v: &str) -> Result<T, PlanError> {
-            v.parse().map_err(|_| PlanError::Setting { key: key.to_owned(), reason: format!("expected a number, got '{v}'") })
+            v.parse().map_err(|_| PlanError::Setting {
+                key: key.to_owned(),
+                reason: format!("expected a number, got '{v}'"),
+            })
         }
         fn flag(key: &str, v: &str) -> Result<bool, PlanError> {
             match v {
                 "true" | "1" | "yes" | "on" => Ok(true),
                 "false" | "0" | "no" | "off" => Ok(false),
-                _ => Err(PlanError::Setting { key: key.to_owned(), reason: format!("expected true or false, got '{v}'") }),
+                _ => Err(PlanError::Setting {
+                    key: key.to_owned(),
+                    reason: format!("expected true or false, got '{v}'"),
+                }),
             }
         }
         for (key, value) in pairs {

@@ -171,22 +171,53 @@ impl Data {
 }
 
 /// The task's loss on the graph's outputs.
-fn task_loss(graph: &Graph, net: &model::Net, batch_tokens: Option<&Tensor>, labels: Option<&Tensor>, outputs: &[Tensor]) -> Result<Tensor, tch::TchError> {
+fn task_loss(
+    graph: &Graph,
+    net: &model::Net,
+    batch_tokens: Option<&Tensor>,
+    labels: Option<&Tensor>,
+    outputs: &[Tensor],
+) -> Result<Tensor, tch::TchError> {
     let missing = || tch::TchError::Shape("the loss is missing its labels".to_owned());
     match graph.task {
-        Task::Classify { .. } => outputs[0].f_log_softmax(-1, None::<Kind>)?.f_nll_loss(labels.ok_or_else(missing)?, None::<Tensor>, tch::Reduction::Mean, -100),
-        Task::Segment { .. } => outputs[0].f_log_softmax(1, None::<Kind>)?.f_nll_loss_nd(labels.ok_or_else(missing)?, None::<Tensor>, tch::Reduction::Mean, -100),
+        Task::Classify { .. } => outputs[0].f_log_softmax(-1, None::<Kind>)?.f_nll_loss(
+            labels.ok_or_else(missing)?,
+            None::<Tensor>,
+            tch::Reduction::Mean,
+            -100,
+        ),
+        Task::Segment { .. } => outputs[0].f_log_softmax(1, None::<Kind>)?.f_nll_loss_nd(
+            labels.ok_or_else(missing)?,
+            None::<Tensor>,
+            tch::Reduction::Mean,
+            -100,
+        ),
         Task::LanguageModel { vocab } => {
             let tokens = batch_tokens.ok_or_else(missing)?;
             let v = i64::try_from(vocab).unwrap_or(1);
-            outputs[0].f_view([-1, v])?.f_log_softmax(-1, None::<Kind>)?.f_nll_loss(&tokens.f_view([-1])?, None::<Tensor>, tch::Reduction::Mean, -100)
+            outputs[0].f_view([-1, v])?.f_log_softmax(-1, None::<Kind>)?.f_nll_loss(
+                &tokens.f_view([-1])?,
+                None::<Tensor>,
+                tch::Reduction::Mean,
+                -100,
+            )
         }
         Task::Contrastive => {
             let labels = labels.ok_or_else(missing)?;
             let scale = net.params.last().ok_or_else(missing)?.f_exp()?;
             let logits = outputs[0].f_mm(&outputs[1].f_tr()?)?.f_mul(&scale)?;
-            let a = logits.f_log_softmax(-1, None::<Kind>)?.f_nll_loss(labels, None::<Tensor>, tch::Reduction::Mean, -100)?;
-            let b = logits.f_tr()?.f_log_softmax(-1, None::<Kind>)?.f_nll_loss(labels, None::<Tensor>, tch::Reduction::Mean, -100)?;
+            let a = logits.f_log_softmax(-1, None::<Kind>)?.f_nll_loss(
+                labels,
+                None::<Tensor>,
+                tch::Reduction::Mean,
+                -100,
+            )?;
+            let b = logits.f_tr()?.f_log_softmax(-1, None::<Kind>)?.f_nll_loss(
+                labels,
+                None::<Tensor>,
+                tch::Reduction::Mean,
+                -100,
+            )?;
             a.f_add(&b)?.f_div_scalar(2.0)
         }
     }

@@ -14,7 +14,13 @@ use tch::{Device, Kind, Tensor};
 use super::TrainError;
 
 unsafe extern "C" {
-    fn hr_backward(outputs: *mut *mut std::ffi::c_void, grads: *mut *mut std::ffi::c_void, n: i32, err: *mut u8, err_len: usize) -> i32;
+    fn hr_backward(
+        outputs: *mut *mut std::ffi::c_void,
+        grads: *mut *mut std::ffi::c_void,
+        n: i32,
+        err: *mut u8,
+        err_len: usize,
+    ) -> i32;
     fn hr_autocast(cuda: i32, enabled: i32, dtype: i32);
     fn hr_set_mkldnn(enabled: i32);
 }
@@ -153,9 +159,11 @@ fn make_param(p: &Param, device: Device) -> Result<Tensor, TrainError> {
             Init::RelativePositionIndex { window, n } => {
                 Tensor::from_slice(&relative_position_index(*window, *n)).f_to_device(device)?
             }
-            Init::ShiftedWindowMask { padded, window, shift } => Tensor::from_slice(&shifted_window_mask(*padded, *window, *shift))
-                .f_view(shape.as_slice())?
-                .f_to_device(device)?,
+            Init::ShiftedWindowMask { padded, window, shift } => {
+                Tensor::from_slice(&shifted_window_mask(*padded, *window, *shift))
+                    .f_view(shape.as_slice())?
+                    .f_to_device(device)?
+            }
         })
     })?;
     Ok(if p.trainable { t.set_requires_grad(true) } else { t })
@@ -231,9 +239,17 @@ impl Net {
             Op::BatchNorm { eps } => {
                 Tensor::f_batch_norm(arg(0)?, Some(p(0)), Some(p(1)), Some(p(2)), Some(p(3)), true, 0.1, *eps, true)?
             }
-            Op::InstanceNorm { eps } => {
-                Tensor::f_instance_norm(arg(0)?, None::<&Tensor>, None::<&Tensor>, None::<&Tensor>, None::<&Tensor>, true, 0.1, *eps, true)?
-            }
+            Op::InstanceNorm { eps } => Tensor::f_instance_norm(
+                arg(0)?,
+                None::<&Tensor>,
+                None::<&Tensor>,
+                None::<&Tensor>,
+                None::<&Tensor>,
+                true,
+                0.1,
+                *eps,
+                true,
+            )?,
             Op::LayerNorm { eps, affine } => {
                 let x = arg(0)?;
                 let d = x.size().last().copied().unwrap_or(1);
@@ -299,16 +315,25 @@ impl Net {
                 }
                 arg(0)?.f_constant_pad_nd(pads)?
             }
-            Op::Roll { shifts, dims: d } => arg(0)?.f_roll(shifts.clone(), d.iter().map(|&v| v as i64).collect::<Vec<_>>())?,
+            Op::Roll { shifts, dims: d } => {
+                arg(0)?.f_roll(shifts.clone(), d.iter().map(|&v| v as i64).collect::<Vec<_>>())?
+            }
             Op::Embedding => Tensor::f_embedding(p(0), arg(0)?, -1, false, false)?,
             Op::Gather => p(0).f_index_select(0, p(1))?,
             Op::Dropout { p: prob } => arg(0)?.f_native_dropout(*prob, true)?.0,
             Op::Softmax { dim } => arg(0)?.f_softmax(*dim as i64, None::<Kind>)?,
             Op::Bmm => arg(0)?.f_bmm(arg(1)?)?,
             Op::MulScalar { s } => arg(0)?.f_mul_scalar(*s)?,
-            Op::Attention { causal, dropout } => {
-                Tensor::f_scaled_dot_product_attention(arg(0)?, arg(1)?, arg(2)?, None::<&Tensor>, *dropout, *causal, None, false)?
-            }
+            Op::Attention { causal, dropout } => Tensor::f_scaled_dot_product_attention(
+                arg(0)?,
+                arg(1)?,
+                arg(2)?,
+                None::<&Tensor>,
+                *dropout,
+                *causal,
+                None,
+                false,
+            )?,
             Op::Normalize => {
                 let x = arg(0)?;
                 let norm = x.f_norm_scalaropt_dim(2, [-1i64].as_slice(), true)?.f_clamp_min(1e-12)?;
@@ -368,7 +393,8 @@ impl Net {
                 }
             }
         }
-        let kept_for_recompute = |v: usize| regions.iter().zip(&live_in).any(|((_, ckpt), ins)| *ckpt && ins.contains(&v));
+        let kept_for_recompute =
+            |v: usize| regions.iter().zip(&live_in).any(|((_, ckpt), ins)| *ckpt && ins.contains(&v));
         let plain = regions.len() == 1;
 
         if let Some(a) = self.autocast {
@@ -399,7 +425,9 @@ impl Net {
                     vals[v] = Some(leaf);
                 }
             }
-            let keep = |v: usize| !plain && producer[v].is_some_and(|p| range.contains(&p)) && last_use[v].is_some_and(|l| l >= range.end);
+            let keep = |v: usize| {
+                !plain && producer[v].is_some_and(|p| range.contains(&p)) && last_use[v].is_some_and(|l| l >= range.end)
+            };
             if *ckpt {
                 tch::no_grad(|| self.forward_range(range.clone(), &mut vals, &last_use, &keep))?;
             } else {
@@ -422,7 +450,9 @@ impl Net {
         if !plain {
             // Gradients each value received from the regions that read it.
             let mut value_grads: BTreeMap<usize, Tensor> = BTreeMap::new();
-            let collect = |leaves: &BTreeMap<usize, Tensor>, value_grads: &mut BTreeMap<usize, Tensor>| -> Result<(), TrainError> {
+            let collect = |leaves: &BTreeMap<usize, Tensor>,
+                           value_grads: &mut BTreeMap<usize, Tensor>|
+             -> Result<(), TrainError> {
                 for (&v, leaf) in leaves {
                     let grad = leaf.grad();
                     if !grad.defined() {

@@ -199,7 +199,10 @@ pub fn estimate_for(plan: &Plan, target: Target) -> Result<Estimate, PlanError> 
     {
         return Err(PlanError::Invalid {
             field: "precision",
-            reason: format!("{} has no native bf16 (compute capability {}.{}); use fp16", gpu.name, gpu.compute_capability.0, gpu.compute_capability.1),
+            reason: format!(
+                "{} has no native bf16 (compute capability {}.{}); use fp16",
+                gpu.name, gpu.compute_capability.0, gpu.compute_capability.1
+            ),
         });
     }
     let mut sim = match target {
@@ -213,8 +216,7 @@ pub fn estimate_for(plan: &Plan, target: Target) -> Result<Estimate, PlanError> 
 
     // Between steps: weights and buffers, the optimizer's state, the data generator and
     // (CUDA) cuBLAS's workspace, created by the first step and kept.
-    let trainable: Vec<u64> =
-        graph.params.iter().filter(|p| p.trainable).map(|p| numel(&p.shape) * F32).collect();
+    let trainable: Vec<u64> = graph.params.iter().filter(|p| p.trainable).map(|p| numel(&p.shape) * F32).collect();
     for p in &graph.params {
         sim.alloc(graph.param_bytes(p), Category::Weights);
     }

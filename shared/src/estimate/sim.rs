@@ -69,7 +69,8 @@ impl Sim {
 
     /// Allocates a tensor with one owner (its creator).
     pub fn alloc(&mut self, bytes: u64, category: Category) -> Tensor {
-        let bytes = if self.round > 1 && bytes > 0 { bytes.div_ceil(self.round).saturating_mul(self.round) } else { bytes };
+        let bytes =
+            if self.round > 1 && bytes > 0 { bytes.div_ceil(self.round).saturating_mul(self.round) } else { bytes };
         if let Some(pool) = self.pool.as_mut() {
             pool.alloc(self.slots.len(), bytes);
         }

@@ -117,20 +117,47 @@ fn zoo(model: &str, pairs: &[(&str, &str)]) -> Plan {
 fn zoo_estimates_match_measured_cpu_peaks() {
     let cases: [(&str, &[(&str, &str)], u64, f64); 5] = [
         ("resnet18", &[("image", "64"), ("batch", "8"), ("optimizer", "sgd")], 125_056_296, 0.01),
-        ("swin_unetr", &[("volume", "32"), ("feature_size", "12"), ("batch", "1"), ("optimizer", "adamw")], 313_578_612, 0.01),
+        (
+            "swin_unetr",
+            &[("volume", "32"), ("feature_size", "12"), ("batch", "1"), ("optimizer", "adamw")],
+            313_578_612,
+            0.01,
+        ),
         (
             "gpt2",
-            &[("n_layer", "4"), ("n_embd", "128"), ("n_head", "4"), ("seq", "64"), ("vocab_size", "2000"), ("batch", "4"), ("optimizer", "adamw")],
+            &[
+                ("n_layer", "4"),
+                ("n_embd", "128"),
+                ("n_head", "4"),
+                ("seq", "64"),
+                ("vocab_size", "2000"),
+                ("batch", "4"),
+                ("optimizer", "adamw"),
+            ],
             33_469_960,
             0.01,
         ),
-        ("unet3d", &[("volume", "32"), ("batch", "1"), ("optimizer", "momentum"), ("precision", "bf16")], 62_394_546, 0.5),
+        (
+            "unet3d",
+            &[("volume", "32"), ("batch", "1"), ("optimizer", "momentum"), ("precision", "bf16")],
+            62_394_546,
+            0.5,
+        ),
         (
             "clip",
             &[
-                ("embed_dim", "128"), ("vision_layers", "2"), ("vision_width", "128"), ("patch_size", "16"), ("image", "64"),
-                ("seq", "32"), ("vocab_size", "2000"), ("text_width", "128"), ("text_heads", "2"), ("text_layers", "2"),
-                ("batch", "8"), ("optimizer", "adamw"),
+                ("embed_dim", "128"),
+                ("vision_layers", "2"),
+                ("vision_width", "128"),
+                ("patch_size", "16"),
+                ("image", "64"),
+                ("seq", "32"),
+                ("vocab_size", "2000"),
+                ("text_width", "128"),
+                ("text_heads", "2"),
+                ("text_layers", "2"),
+                ("batch", "8"),
+                ("optimizer", "adamw"),
             ],
             22_620_248,
             0.1,
@@ -167,8 +194,9 @@ fn checkpointing_trades_activations_for_a_recompute() {
 #[test]
 fn mixed_precision_shrinks_activations_but_keeps_fp32_state() {
     let fp32 = estimate(&zoo("unet2d", &[("image", "256"), ("batch", "4"), ("optimizer", "adamw")])).expect("fp32");
-    let bf16 = estimate(&zoo("unet2d", &[("image", "256"), ("batch", "4"), ("optimizer", "adamw"), ("precision", "bf16")]))
-        .expect("bf16");
+    let bf16 =
+        estimate(&zoo("unet2d", &[("image", "256"), ("batch", "4"), ("optimizer", "adamw"), ("precision", "bf16")]))
+            .expect("bf16");
     assert_eq!(fp32.category_peaks.optimizer_state, bf16.category_peaks.optimizer_state);
     assert_eq!(fp32.category_peaks.weights, bf16.category_peaks.weights);
     assert!(bf16.category_peaks.activations.get() * 10 < fp32.category_peaks.activations.get() * 7);
@@ -200,13 +228,17 @@ fn cuda_target_rounds_reserves_and_answers_the_fit() {
 
 #[test]
 fn host_memory_counts_workers_prefetch_pinning_and_the_distance_loss() {
-    let mut plan = zoo("unet3d", &[("volume", "72,136,136"), ("channels", "16,32,64,128"), ("strides", "2,2,2"), ("batch", "2")]);
+    let mut plan =
+        zoo("unet3d", &[("volume", "72,136,136"), ("channels", "16,32,64,128"), ("strides", "2,2,2"), ("batch", "2")]);
     let base = estimate(&plan).expect("base").host;
     plan.host = crate::plan::HostSpec { workers: 4, prefetch_factor: 2, pin_memory: true, distance_loss_every: 4 };
     let h = estimate(&plan).expect("host").host;
     // Inputs (fp32) and int64 labels of two 72x136x136 samples, 8 batches in flight.
     let batch = 2 * 72 * 136 * 136 * (4 + 8);
-    assert_eq!(h.loader_workers.get() - base.loader_workers.get(), 4 * crate::estimate::host::WORKER_BASELINE_BYTES + 8 * batch);
+    assert_eq!(
+        h.loader_workers.get() - base.loader_workers.get(),
+        4 * crate::estimate::host::WORKER_BASELINE_BYTES + 8 * batch
+    );
     assert_eq!(h.pinned.get(), 8 * batch);
     assert_eq!(h.distance_loss.get(), 2 * 72 * 136 * 136 * crate::estimate::host::DISTANCE_LOSS_BYTES_PER_VOXEL);
 }

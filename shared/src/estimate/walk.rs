@@ -181,7 +181,8 @@ impl<'g> Walk<'g> {
         for i in range.clone() {
             let v = self.g.nodes[i].output;
             let crosses = self.last_use[v].is_some_and(|l| l >= range.end);
-            if crosses && self.g.values[v].requires_grad
+            if crosses
+                && self.g.values[v].requires_grad
                 && let Some(t) = self.store[v]
             {
                 held.push(sim.retain(t));
@@ -199,7 +200,8 @@ impl<'g> Walk<'g> {
         let mut held = Vec::new();
         for i in range.clone() {
             for &v in &self.g.nodes[i].inputs {
-                if producer[v].is_some_and(|p| !range.contains(&p)) && seen.insert(v)
+                if producer[v].is_some_and(|p| !range.contains(&p))
+                    && seen.insert(v)
                     && let Some(t) = self.store[v]
                 {
                     held.push(sim.retain(t));
@@ -395,11 +397,8 @@ impl<'g> Walk<'g> {
                 // fp32 ops under autocast: a half input is cast up first.
                 let xi = node.inputs[0];
                 let up = self.amp && in_esize == HALF && !self.cpu;
-                let input = if up {
-                    sim.alloc(self.numel(xi) * F32, Category::Activations)
-                } else {
-                    sim.retain(self.held(xi))
-                };
+                let input =
+                    if up { sim.alloc(self.numel(xi) * F32, Category::Activations) } else { sim.retain(self.held(xi)) };
                 self.esize[out] = if self.cpu { in_esize } else { F32 };
                 let o = sim.alloc(out_numel * self.esize[out], Category::Activations);
                 if grad {
@@ -573,11 +572,7 @@ impl<'g> Walk<'g> {
 
     /// A kernel that needs a contiguous incoming gradient copies a strided one.
     fn contiguous_grad(&mut self, sim: &mut Sim, g: Grad, out: usize) -> Tensor {
-        if g.contiguous {
-            sim.retain(g.t)
-        } else {
-            self.alloc_grad(sim, out)
-        }
+        if g.contiguous { sim.retain(g.t) } else { self.alloc_grad(sim, out) }
     }
 
     /// A parameter's gradient from one use; the last use (in backward order) makes it
@@ -635,8 +630,7 @@ impl<'g> Walk<'g> {
             for d in std::mem::take(&mut self.deferred) {
                 match d {
                     Deferred::Param { node, p, half } => {
-                        let category =
-                            if self.first_micro_batch { Category::Gradients } else { Category::Temporaries };
+                        let category = if self.first_micro_batch { Category::Gradients } else { Category::Temporaries };
                         let t = sim.alloc(numel(&self.g.params[p].shape) * F32, category);
                         sim.release(half);
                         self.accumulate_param(sim, node, p, t);

@@ -148,7 +148,9 @@ pub fn build(name: &str, settings: &BTreeMap<String, String>, batch: u64) -> Res
         "small_cnn" => cnn::small_cnn(&s, batch)?,
         "resnet18" => cnn::resnet(&s, batch, cnn::ResNet::Basic([2, 2, 2, 2]))?,
         "resnet34" => cnn::resnet(&s, batch, cnn::ResNet::Basic([3, 4, 6, 3]))?,
-        "resnet50" => cnn::resnet(&s, batch, cnn::ResNet::Bottleneck { layers: [3, 4, 6, 3], groups: 1, width: 64, se: false })?,
+        "resnet50" => {
+            cnn::resnet(&s, batch, cnn::ResNet::Bottleneck { layers: [3, 4, 6, 3], groups: 1, width: 64, se: false })?
+        }
         "seresnext50_32x4d" => {
             cnn::resnet(&s, batch, cnn::ResNet::Bottleneck { layers: [3, 4, 6, 3], groups: 32, width: 4, se: true })?
         }
@@ -164,7 +166,10 @@ pub fn build(name: &str, settings: &BTreeMap<String, String>, batch: u64) -> Res
         return Err(err);
     }
     if graph.nodes.len() > limits::MAX_NODES {
-        return Err(value_err("model", format!("{} operations exceed the limit of {}", graph.nodes.len(), limits::MAX_NODES)));
+        return Err(value_err(
+            "model",
+            format!("{} operations exceed the limit of {}", graph.nodes.len(), limits::MAX_NODES),
+        ));
     }
     Ok(graph)
 }

@@ -49,10 +49,7 @@ fn feature_size_must_be_divisible_by_12_and_suggests_neighbours() {
     assert_eq!(fixture["swin_unetr_rejects_feature_size_32"], serde_json::Value::Bool(true));
     let map = BTreeMap::from([("feature_size".to_owned(), "32".to_owned())]);
     let err = build("swin_unetr", &map, 1).expect_err("32 is not a multiple of 12");
-    assert_eq!(
-        err.to_string(),
-        "feature_size: must be divisible by 12 (MONAI's SwinUNETR refuses 32); use 24 or 36"
-    );
+    assert_eq!(err.to_string(), "feature_size: must be divisible by 12 (MONAI's SwinUNETR refuses 32); use 24 or 36");
 }
 
 #[test]
@@ -63,7 +60,10 @@ fn unknown_models_keys_and_values_are_named() {
     let err = build("gpt2", &map, 1).expect_err("unknown key");
     assert!(err.to_string().starts_with("gpt2: unknown key 'depth'; known keys: "), "{err}");
     let map = BTreeMap::from([("n_layer".to_owned(), "two".to_owned())]);
-    assert_eq!(build("gpt2", &map, 1).expect_err("bad value").to_string(), "n_layer: expected a whole number, got 'two'");
+    assert_eq!(
+        build("gpt2", &map, 1).expect_err("bad value").to_string(),
+        "n_layer: expected a whole number, got 'two'"
+    );
     let map = BTreeMap::from([("volume".to_owned(), "64,64,60".to_owned())]);
     let err = build("swin_unetr", &map, 1).expect_err("not divisible by 32");
     assert!(err.to_string().starts_with("volume: each size must be divisible by 32"), "{err}");

@@ -2,8 +2,8 @@
 //! GPT-2. All share one pre-norm block with fused scaled-dot-product attention.
 
 use super::{Settings, ZooError, limits, value_err};
-use crate::graph::{Builder, DType, GraphError, Init, InputKind, Op, Task};
 use crate::graph::Graph;
+use crate::graph::{Builder, DType, GraphError, Init, InputKind, Op, Task};
 
 /// Module names of one reference's block, so that variable names read like its state dict.
 struct Names {
@@ -212,8 +212,15 @@ pub fn clip(s: &Settings, batch: u64) -> Result<Graph, ZooError> {
         let pos = b.param("positional_embedding", vec![n + 1, v_width], Init::Normal(0.02));
         h = b.add_param(h, pos)?;
         h = b.layer_norm("ln_pre", h, 1e-5)?;
-        let cfg =
-            BlockCfg { heads: v_width / 64, mlp: 4 * v_width, eps: 1e-5, causal: false, attn_dropout: 0.0, resid_dropout: 0.0, gelu_tanh: false };
+        let cfg = BlockCfg {
+            heads: v_width / 64,
+            mlp: 4 * v_width,
+            eps: 1e-5,
+            causal: false,
+            attn_dropout: 0.0,
+            resid_dropout: 0.0,
+            gelu_tanh: false,
+        };
         for i in 0..v_layers {
             h = b.block(|b| b.scope(format!("transformer.resblocks.{i}"), |b| block(b, h, &CLIP_NAMES, &cfg)))?;
         }
@@ -227,8 +234,15 @@ pub fn clip(s: &Settings, batch: u64) -> Result<Graph, ZooError> {
         let tok = b.embedding("token_embedding", text, vocab, t_width);
         let pos = b.param("positional_embedding", vec![seq, t_width], Init::Normal(0.01));
         let mut h = b.add_param(tok, pos)?;
-        let cfg =
-            BlockCfg { heads: t_heads, mlp: 4 * t_width, eps: 1e-5, causal: true, attn_dropout: 0.0, resid_dropout: 0.0, gelu_tanh: false };
+        let cfg = BlockCfg {
+            heads: t_heads,
+            mlp: 4 * t_width,
+            eps: 1e-5,
+            causal: true,
+            attn_dropout: 0.0,
+            resid_dropout: 0.0,
+            gelu_tanh: false,
+        };
         for i in 0..t_layers {
             h = b.block(|b| b.scope(format!("transformer.resblocks.{i}"), |b| block(b, h, &CLIP_NAMES, &cfg)))?;
         }

@@ -73,11 +73,7 @@ fn down(b: &mut Builder, x: usize, out: u64, stride: u64, cfg: &UNetCfg) -> Resu
 fn up(b: &mut Builder, x: usize, out: u64, stride: u64, top: bool, cfg: &UNetCfg) -> Result<usize, GraphError> {
     let conv_only = top && cfg.res_units == 0;
     let h = b.scope("0", |b| convolution(b, x, out, 3, stride, true, conv_only))?;
-    if cfg.res_units > 0 {
-        b.scope("1", |b| residual_unit(b, h, out, 1, 3, 1, top))
-    } else {
-        Ok(h)
-    }
+    if cfg.res_units > 0 { b.scope("1", |b| residual_unit(b, h, out, 1, 3, 1, top)) } else { Ok(h) }
 }
 
 /// `_create_block`: down, a skip connection around the deeper levels, up.
@@ -111,7 +107,8 @@ pub fn unet(s: &Settings, batch: u64, dims: usize) -> Result<Graph, ZooError> {
     let channels = s.list("channels", &[16, 32, 64, 128, 256], 1, limits::MAX_WIDTH)?;
     let strides = s.list("strides", &[2, 2, 2, 2], 1, 8)?;
     let res_units = s.u64("num_res_units", 2, 0, 16)?;
-    let (key, default, max) = if dims == 2 { ("image", 256, limits::MAX_IMAGE) } else { ("volume", 96, limits::MAX_VOLUME) };
+    let (key, default, max) =
+        if dims == 2 { ("image", 256, limits::MAX_IMAGE) } else { ("volume", 96, limits::MAX_VOLUME) };
     let size = s.sizes(key, default, dims, max)?;
     if channels.len() < 2 || channels.len() as u64 > limits::MAX_DEPTH {
         return Err(value_err("channels", format!("needs 2 to {} entries, got {}", limits::MAX_DEPTH, channels.len())));
@@ -124,7 +121,10 @@ pub fn unet(s: &Settings, batch: u64, dims: usize) -> Result<Graph, ZooError> {
     }
     let total: u64 = strides.iter().try_fold(1u64, |acc, &s| acc.checked_mul(s)).unwrap_or(u64::MAX);
     if size.iter().any(|&d| d % total != 0) {
-        return Err(value_err(key, format!("each size must be divisible by the product of strides {total}, got {size:?}")));
+        return Err(value_err(
+            key,
+            format!("each size must be divisible by the product of strides {total}, got {size:?}"),
+        ));
     }
     let mut b = Builder::new(Task::Segment { classes: out_ch });
     let mut shape = vec![batch, in_ch];
@@ -203,7 +203,16 @@ fn swin_block(
     // window_partition: [B, D/w, w, H/w, w, W/w, w, C] -> [B*nW, N, C].
     let v = b.view(
         h,
-        vec![batch, padded[0] / window[0], window[0], padded[1] / window[1], window[1], padded[2] / window[2], window[2], c],
+        vec![
+            batch,
+            padded[0] / window[0],
+            window[0],
+            padded[1] / window[1],
+            window[1],
+            padded[2] / window[2],
+            window[2],
+            c,
+        ],
     )?;
     let v = b.permute_copy(v, vec![0, 1, 3, 5, 2, 4, 6, 7])?;
     let bw = batch * windows;
@@ -250,7 +259,16 @@ fn swin_block(
     // window_reverse, then undo the shift and the padding.
     let r = b.view(
         a,
-        vec![batch, padded[0] / window[0], padded[1] / window[1], padded[2] / window[2], window[0], window[1], window[2], c],
+        vec![
+            batch,
+            padded[0] / window[0],
+            padded[1] / window[1],
+            padded[2] / window[2],
+            window[0],
+            window[1],
+            window[2],
+            c,
+        ],
     )?;
     let r = b.permute_copy(r, vec![0, 1, 4, 2, 5, 3, 6, 7])?;
     let mut r = b.view(r, vec![batch, padded[0], padded[1], padded[2], c])?;
@@ -294,8 +312,7 @@ pub fn swin_unetr(s: &Settings, batch: u64) -> Result<Graph, ZooError> {
     let volume = s.sizes("volume", 96, 3, limits::MAX_VOLUME)?;
     if fs % 12 != 0 {
         let lower = fs / 12 * 12;
-        let suggestion =
-            if lower >= 12 { format!("{lower} or {}", lower + 12) } else { (lower + 12).to_string() };
+        let suggestion = if lower >= 12 { format!("{lower} or {}", lower + 12) } else { (lower + 12).to_string() };
         return Err(value_err(
             "feature_size",
             format!("must be divisible by 12 (MONAI's SwinUNETR refuses {fs}); use {suggestion}"),
@@ -331,7 +348,12 @@ pub fn swin_unetr(s: &Settings, batch: u64) -> Result<Graph, ZooError> {
         let n = window.iter().product::<u64>();
         let mask = shift.iter().any(|&v| v > 0).then(|| {
             b.scope(format!("swinViT.layers{}.0", layer + 1), |b| {
-                b.buffer("attn_mask", vec![1, windows, 1, n, n], DType::F32, Init::ShiftedWindowMask { padded, window, shift })
+                b.buffer(
+                    "attn_mask",
+                    vec![1, windows, 1, n, n],
+                    DType::F32,
+                    Init::ShiftedWindowMask { padded, window, shift },
+                )
             })
         });
         h = b.scope(format!("swinViT.layers{}.0", layer + 1), |b| -> Result<usize, GraphError> {
@@ -339,7 +361,9 @@ pub fn swin_unetr(s: &Settings, batch: u64) -> Result<Graph, ZooError> {
             for j in 0..depth {
                 let block_shift = if j % 2 == 1 { shift } else { [0; 3] };
                 let block_mask = if j % 2 == 1 { mask } else { None };
-                h = b.block(|b| b.scope(format!("blocks.{j}"), |b| swin_block(b, h, nh, window, block_shift, block_mask)))?;
+                h = b.block(|b| {
+                    b.scope(format!("blocks.{j}"), |b| swin_block(b, h, nh, window, block_shift, block_mask))
+                })?;
             }
             b.scope("downsample", |b| patch_merging(b, h))
         })?;

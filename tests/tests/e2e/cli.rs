@@ -57,14 +57,31 @@ fn run_prints_a_json_line_per_micro_batch_then_a_summary() -> anyhow::Result<()>
 #[test]
 fn estimate_a_zoo_model_for_a_gpu_with_stable_keys() -> anyhow::Result<()> {
     let (code, out, err) = cli(&[
-        "estimate", "--model", "swin_unetr", "--set", "feature_size=36", "--set", "volume=64,64,64", "--set", "batch=1",
-        "--gpu", "v100-16gb", "--json",
+        "estimate",
+        "--model",
+        "swin_unetr",
+        "--set",
+        "feature_size=36",
+        "--set",
+        "volume=64,64,64",
+        "--set",
+        "batch=1",
+        "--gpu",
+        "v100-16gb",
+        "--json",
     ])?;
     assert_eq!(code, 0, "{err}");
     let v: serde_json::Value = serde_json::from_str(&out)?;
     for key in [
-        "params", "peak_bytes", "peak_phase", "breakdown", "host_peak_bytes", "reserved_peak_bytes",
-        "device_peak_bytes", "capacity_bytes", "fits",
+        "params",
+        "peak_bytes",
+        "peak_phase",
+        "breakdown",
+        "host_peak_bytes",
+        "reserved_peak_bytes",
+        "device_peak_bytes",
+        "capacity_bytes",
+        "fits",
     ] {
         assert!(v.get(key).is_some(), "missing {key} in {v}");
     }
@@ -99,8 +116,22 @@ fn zoo_input_errors_exit_with_code_2_and_say_why() -> anyhow::Result<()> {
 #[test]
 fn probe_measures_the_real_trainer_next_to_the_estimate() -> anyhow::Result<()> {
     let (code, out, err) = cli(&[
-        "probe", "--model", "resnet18", "--set", "image=32", "--set", "batch=2", "--set", "num_classes=10",
-        "--set", "optimizer=momentum", "--device", "cpu", "--steps", "2", "--json",
+        "probe",
+        "--model",
+        "resnet18",
+        "--set",
+        "image=32",
+        "--set",
+        "batch=2",
+        "--set",
+        "num_classes=10",
+        "--set",
+        "optimizer=momentum",
+        "--device",
+        "cpu",
+        "--steps",
+        "2",
+        "--json",
     ])?;
     assert_eq!(code, 0, "{err}");
     let v: serde_json::Value = serde_json::from_str(&out)?;
