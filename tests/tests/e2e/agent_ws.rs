@@ -151,7 +151,10 @@ async fn bad_frames_get_an_error_and_a_close_and_others_keep_working() -> anyhow
         .await?;
     expect_rejected(
         &agent,
-        tungstenite::Message::Binary(vec![1, 0, 0xff, 0xfe, 0xfd].into()),
+        // This version's header, then bytes that decode to nothing.
+        tungstenite::Message::Binary(
+            [shared::protocol::PROTOCOL_VERSION.to_le_bytes().as_slice(), &[0xff, 0xfe, 0xfd]].concat().into(),
+        ),
         ErrorCode::Malformed,
         1007,
     )
