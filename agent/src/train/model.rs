@@ -446,6 +446,10 @@ impl Net {
         scaled.f_backward()?;
         drop(scaled);
         drop(vals);
+        // The loss tensor keeps the last region's graph, and through it that region's
+        // leaves and their gradients: keep only its value.
+        let loss_value = loss.f_double_value(&[])?;
+        drop(loss);
 
         if !plain {
             // Gradients each value received from the regions that read it.
@@ -520,7 +524,7 @@ impl Net {
                 }
             }
         }
-        Ok(loss.f_double_value(&[])?)
+        Ok(loss_value)
     }
 }
 

@@ -259,20 +259,28 @@ pub fn estimate_for(plan: &Plan, target: Target) -> Result<Estimate, PlanError> 
         sim.set_phase(Phase::Backward);
         let loss_value = loss::backward(&mut sim, &mut walk, l);
         for (r, (range, ckpt)) in regions.iter().enumerate().rev() {
+            // A region's backward starts from the gradients its outputs received, which
+            // the trainer passes to one backward call that holds them until it returns
+            // (the last region starts from the loss instead).
+            let grads =
+                if r + 1 < regions.len() { walk.hold_output_grads(&mut sim, range.clone()) } else { Vec::new() };
             if *ckpt {
-                // Recompute with saving, then backward through it from the gradients
-                // its outputs received (held for the whole call).
-                let grads = walk.hold_output_grads(&mut sim, range.clone());
+                // Recompute with saving, then backward through it.
                 walk.forward(&mut sim, range.clone(), true);
                 walk.clear_cast_cache(&mut sim);
-                walk.drop_region_inputs(&mut sim, range.clone());
                 walk.backward(&mut sim, range.clone());
+                walk.leaf_gradients(&mut sim, range.clone());
+                // The trainer's fresh leaves hold the region's inputs until here.
+                walk.drop_region_inputs(&mut sim, range.clone());
                 walk.drop_produced(&mut sim, range.clone());
-                for t in grads {
-                    sim.release(t);
-                }
             } else {
                 walk.backward(&mut sim, range.clone());
+                if regions.len() > 1 {
+                    walk.leaf_gradients(&mut sim, range.clone());
+                }
+            }
+            for t in grads {
+                sim.release(t);
             }
             for t in std::mem::take(&mut held[r]) {
                 sim.release(t);

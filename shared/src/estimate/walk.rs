@@ -43,10 +43,14 @@ pub struct Walk<'g> {
     /// Gradients of parameters still waiting for their other uses (tied weights).
     pending: Vec<Option<Tensor>>,
     last_use: Vec<Option<usize>>,
-    /// The first node that uses each parameter: backward reaches it last.
-    first_param_use: Vec<usize>,
-    /// Values that checkpointed regions read from earlier regions: kept for the recompute.
-    region_inputs: Vec<bool>,
+    /// The nodes that use each parameter, in order.
+    param_uses: Vec<Vec<usize>>,
+    /// Per region, the values it reads from outside it (in the trainer, through leaves).
+    live_in: Vec<Vec<usize>>,
+    regions: Vec<(std::ops::Range<usize>, bool)>,
+    /// The trainer's extra reference to a checkpointed region's inputs, from its no-grad
+    /// forward until no earlier region reads them.
+    kept: Vec<Option<Tensor>>,
     deferred: Vec<Deferred>,
     /// `.grad` of each trainable parameter once the first micro-batch made it.
     pub param_grads: Vec<Option<Tensor>>,
@@ -61,26 +65,29 @@ pub struct Walk<'g> {
 
 impl<'g> Walk<'g> {
     pub fn new(g: &'g Graph, amp: bool, segments: u64, cpu: bool) -> Walk<'g> {
-        let mut first_param_use = vec![usize::MAX; g.params.len()];
+        let mut param_uses = vec![Vec::new(); g.params.len()];
         for (i, n) in g.nodes.iter().enumerate() {
             for &p in &n.params {
-                first_param_use[p] = first_param_use[p].min(i);
+                param_uses[p].push(i);
             }
         }
-        let mut region_inputs = vec![false; g.values.len()];
         let producer = g.producer();
-        for (range, ckpt) in g.regions(segments) {
-            if !ckpt {
-                continue;
-            }
-            for n in &g.nodes[range.clone()] {
-                for &v in &n.inputs {
-                    if producer[v].is_none_or(|p| !range.contains(&p)) {
-                        region_inputs[v] = true;
+        let regions = g.regions(segments);
+        let live_in: Vec<Vec<usize>> = regions
+            .iter()
+            .map(|(range, _)| {
+                let mut seen = std::collections::BTreeSet::new();
+                let mut ins = Vec::new();
+                for n in &g.nodes[range.clone()] {
+                    for &v in &n.inputs {
+                        if producer[v].is_none_or(|p| !range.contains(&p)) && seen.insert(v) {
+                            ins.push(v);
+                        }
                     }
                 }
-            }
-        }
+                ins
+            })
+            .collect();
         Walk {
             g,
             amp,
@@ -91,8 +98,10 @@ impl<'g> Walk<'g> {
             grads: vec![None; g.values.len()],
             pending: vec![None; g.params.len()],
             last_use: g.last_use(),
-            first_param_use,
-            region_inputs,
+            param_uses,
+            live_in,
+            regions,
+            kept: vec![None; g.values.len()],
             param_grads: vec![None; g.params.len()],
             deferred: Vec::new(),
             first_micro_batch: true,
@@ -131,9 +140,9 @@ impl<'g> Walk<'g> {
     }
 
     fn held(&self, v: usize) -> Tensor {
-        // Every value a node reads was made earlier in the walk; a missing one would be a
-        // graph bug, and a zero-byte stand-in keeps the estimate going.
-        self.store[v].unwrap_or(Tensor::NONE)
+        // Every value a node reads was made earlier in the walk (or kept for a recompute);
+        // a missing one would be a graph bug, and a zero-byte stand-in keeps it going.
+        self.store[v].or(self.kept[v]).unwrap_or(Tensor::NONE)
     }
 
     /// Under AMP, the half-precision copy a low-precision op reads instead of `v`.
@@ -153,11 +162,22 @@ impl<'g> Walk<'g> {
 
     /// The forward pass of `range`, saving for backward when `grad` is on.
     pub fn forward(&mut self, sim: &mut Sim, range: std::ops::Range<usize>, grad: bool) {
+        let region = self.regions.iter().position(|(r, _)| *r == range);
+        if let (Some(r), false) = (region, grad) {
+            // A checkpointed region's no-grad forward: its inputs are kept for the recompute.
+            for k in 0..self.live_in[r].len() {
+                let v = self.live_in[r][k];
+                if self.kept[v].is_none()
+                    && let Some(t) = self.store[v]
+                {
+                    self.kept[v] = Some(sim.retain(t));
+                }
+            }
+        }
         for i in range.clone() {
             self.forward_node(sim, i, grad);
             for &v in &self.g.nodes[i].inputs {
-                let keep = !grad && self.region_inputs[v];
-                if self.last_use[v] == Some(i) && !keep {
+                if self.last_use[v] == Some(i) {
                     self.drop_value(sim, v);
                 }
             }
@@ -224,6 +244,25 @@ impl<'g> Walk<'g> {
         held
     }
 
+    /// The trainer reads a region's inputs through leaves; a leaf's `AccumulateGrad` keeps
+    /// a contiguous gradient as it is and copies a strided one (a slice of a
+    /// concatenation's gradient), which lets the rest of that gradient go.
+    pub fn leaf_gradients(&mut self, sim: &mut Sim, range: std::ops::Range<usize>) {
+        let Some(r) = self.regions.iter().position(|(x, _)| *x == range) else {
+            return;
+        };
+        for k in 0..self.live_in[r].len() {
+            let v = self.live_in[r][k];
+            if let Some(g) = self.grads[v]
+                && !g.contiguous
+            {
+                let copy = self.alloc_grad(sim, v);
+                sim.release(g.t);
+                self.grads[v] = Some(Grad { t: copy, contiguous: true });
+            }
+        }
+    }
+
     /// Lets go of every value a region produced (its recomputed outputs, once its
     /// backward is done).
     pub fn drop_produced(&mut self, sim: &mut Sim, range: std::ops::Range<usize>) {
@@ -233,17 +272,18 @@ impl<'g> Walk<'g> {
         }
     }
 
-    /// Lets go of values a checkpointed region kept for its recompute.
+    /// Lets go of the values a checkpointed region kept for its recompute, unless an
+    /// earlier region reads them too (it is recomputed later).
     pub fn drop_region_inputs(&mut self, sim: &mut Sim, range: std::ops::Range<usize>) {
-        let producer = self.g.producer();
-        for i in range.clone() {
-            for &v in &self.g.nodes[i].inputs {
-                if self.region_inputs[v] && producer[v].is_none_or(|p| !range.contains(&p)) {
-                    let later_use = self.last_use[v].is_some_and(|l| l >= range.end);
-                    if !later_use {
-                        self.drop_value(sim, v);
-                    }
-                }
+        let Some(r) = self.regions.iter().position(|(x, _)| *x == range) else {
+            return;
+        };
+        for k in 0..self.live_in[r].len() {
+            let v = self.live_in[r][k];
+            if !self.live_in[..r].iter().any(|ins| ins.contains(&v))
+                && let Some(t) = self.kept[v].take()
+            {
+                sim.release(t);
             }
         }
     }
@@ -494,7 +534,21 @@ impl<'g> Walk<'g> {
                     e = F32;
                 }
                 self.esize[out] = e;
+                // Autocast's "promote" policy for cat: narrower inputs are first copied
+                // to the widest type; the copies die with the cat.
+                let casts: Vec<Tensor> = if matches!(node.op, Op::Cat { .. } | Op::PrependToken) {
+                    node.inputs
+                        .iter()
+                        .filter(|&&v| self.esize[v] < e && g.values[v].dtype == DType::F32)
+                        .map(|&v| sim.alloc(self.numel(v) * e, Category::Temporaries))
+                        .collect()
+                } else {
+                    Vec::new()
+                };
                 let o = sim.alloc(out_numel * e, Category::Activations);
+                for t in casts {
+                    sim.release(t);
+                }
                 self.store[out] = Some(o);
             }
             Op::Contiguous | Op::PadEnd { .. } | Op::Roll { .. } | Op::MulScalar { .. } | Op::Mean { .. } => {
@@ -602,7 +656,10 @@ impl<'g> Walk<'g> {
                 old
             }
         };
-        if self.first_param_use[p] < node {
+        // Another use earlier in the same backward call sends its gradient later; uses in
+        // other regions are separate backward calls, each accumulating on its own.
+        let region_start = self.regions.iter().find(|(r, _)| r.contains(&node)).map_or(0, |(r, _)| r.start);
+        if self.param_uses[p].iter().any(|&u| u >= region_start && u < node) {
             self.pending[p] = Some(t);
             return;
         }
@@ -860,6 +917,9 @@ impl<'g> Walk<'g> {
     pub fn drop_all(&mut self, sim: &mut Sim) {
         for v in 0..self.store.len() {
             self.drop_value(sim, v);
+            if let Some(t) = self.kept[v].take() {
+                sim.release(t);
+            }
         }
     }
 }
