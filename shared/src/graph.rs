@@ -46,12 +46,6 @@ pub enum Init {
         window: [u64; 3],
         n: u64,
     },
-    /// Swin's shifted-window attention mask over a padded volume.
-    ShiftedWindowMask {
-        padded: [u64; 3],
-        window: [u64; 3],
-        shift: [u64; 3],
-    },
 }
 
 /// A trainable parameter or a buffer (`trainable: false`: running statistics, masks).
@@ -211,6 +205,14 @@ pub enum Op {
     },
     /// `x / max(||x||, eps)` over the last dimension.
     Normalize,
+    /// Swin's shifted-window attention mask `[1, nW, 1, N, N]` over a padded volume:
+    /// -100 between tokens of different shifted regions. Made at every forward pass, as
+    /// MONAI's `compute_mask` does, and not trained.
+    ShiftedWindowMask {
+        padded: [u64; 3],
+        window: [u64; 3],
+        shift: [u64; 3],
+    },
 }
 
 impl Op {
@@ -251,6 +253,7 @@ impl Op {
             Op::MulScalar { .. } => "mul_scalar",
             Op::Attention { .. } => "attention",
             Op::Normalize => "normalize",
+            Op::ShiftedWindowMask { .. } => "shifted_window_mask",
         }
     }
 
@@ -914,6 +917,20 @@ impl Builder {
             return Err(self.err("attention", format!("q, k, v must all be [B, H, N, hd], got {s:?}")));
         }
         Ok(self.push(Op::Attention { causal, dropout }, vec![q, k, v], vec![], s))
+    }
+
+    /// Swin's attention mask for shifted windows, made by this forward pass.
+    pub fn shifted_window_mask(&mut self, padded: [u64; 3], window: [u64; 3], shift: [u64; 3]) -> usize {
+        let windows = (0..3).map(|i| padded[i] / window[i].max(1)).product::<u64>();
+        let n = window.iter().product::<u64>();
+        let v = self.value(vec![1, windows, 1, n, n], DType::F32, true, None, false);
+        self.g.nodes.push(Node {
+            op: Op::ShiftedWindowMask { padded, window, shift },
+            inputs: vec![],
+            params: vec![],
+            output: v,
+        });
+        v
     }
 
     pub fn normalize(&mut self, x: usize) -> usize {

@@ -159,11 +159,6 @@ fn make_param(p: &Param, device: Device) -> Result<Tensor, TrainError> {
             Init::RelativePositionIndex { window, n } => {
                 Tensor::from_slice(&relative_position_index(*window, *n)).f_to_device(device)?
             }
-            Init::ShiftedWindowMask { padded, window, shift } => {
-                Tensor::from_slice(&shifted_window_mask(*padded, *window, *shift))
-                    .f_view(shape.as_slice())?
-                    .f_to_device(device)?
-            }
         })
     })?;
     Ok(if p.trainable { t.set_requires_grad(true) } else { t })
@@ -171,6 +166,10 @@ fn make_param(p: &Param, device: Device) -> Result<Tensor, TrainError> {
 
 pub struct Net {
     pub graph: Graph,
+    /// Host copies of Swin's shifted-window masks, per node, made into tensors at every
+    /// forward pass (as MONAI computes them) so that they are not held between passes.
+    masks: BTreeMap<usize, Vec<f32>>,
+    device: Device,
     /// Parameters and buffers, in the graph's order.
     pub params: Vec<Tensor>,
     autocast: Option<Autocast>,
@@ -180,7 +179,18 @@ pub struct Net {
 impl Net {
     pub fn new(graph: Graph, device: Device, autocast: Option<Autocast>, segments: u64) -> Result<Net, TrainError> {
         let params = graph.params.iter().map(|p| make_param(p, device)).collect::<Result<Vec<_>, _>>()?;
-        Ok(Net { graph, params, autocast, segments })
+        let masks = graph
+            .nodes
+            .iter()
+            .enumerate()
+            .filter_map(|(i, n)| match n.op {
+                Op::ShiftedWindowMask { padded, window, shift } => {
+                    Some((i, shifted_window_mask(padded, window, shift)))
+                }
+                _ => None,
+            })
+            .collect();
+        Ok(Net { graph, masks, device, params, autocast, segments })
     }
 
     pub fn trainable(&self) -> impl Iterator<Item = &Tensor> {
@@ -334,6 +344,10 @@ impl Net {
                 None,
                 false,
             )?,
+            Op::ShiftedWindowMask { .. } => {
+                let data = self.masks.get(&index).map(Vec::as_slice).unwrap_or(&[]);
+                Tensor::from_slice(data).f_view(out_shape.as_slice())?.f_to_device(self.device)?
+            }
             Op::Normalize => {
                 let x = arg(0)?;
                 let norm = x.f_norm_scalaropt_dim(2, [-1i64].as_slice(), true)?.f_clamp_min(1e-12)?;

@@ -268,6 +268,7 @@ pub fn estimate_for(plan: &Plan, target: Target) -> Result<Estimate, PlanError> 
                 // Recompute with saving, then backward through it.
                 walk.forward(&mut sim, range.clone(), true);
                 walk.clear_cast_cache(&mut sim);
+                walk.drop_unwanted_outputs(&mut sim, range.clone());
                 walk.backward(&mut sim, range.clone());
                 walk.leaf_gradients(&mut sim, range.clone());
                 // The trainer's fresh leaves hold the region's inputs until here.

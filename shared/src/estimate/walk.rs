@@ -263,6 +263,16 @@ impl<'g> Walk<'g> {
         }
     }
 
+    /// After a recompute the trainer keeps only the outputs that received gradients.
+    pub fn drop_unwanted_outputs(&mut self, sim: &mut Sim, range: std::ops::Range<usize>) {
+        for i in range {
+            let v = self.g.nodes[i].output;
+            if self.grads[v].is_none() {
+                self.drop_value(sim, v);
+            }
+        }
+    }
+
     /// Lets go of every value a region produced (its recomputed outputs, once its
     /// backward is done).
     pub fn drop_produced(&mut self, sim: &mut Sim, range: std::ops::Range<usize>) {
@@ -356,13 +366,25 @@ impl<'g> Walk<'g> {
             Op::Attention { causal, dropout } if self.cpu && *dropout > 0.0 => {
                 // libtorch's math attention, which the CPU uses when dropout is on: scaled
                 // copies of q and k, the scores, a safe softmax, an fp32 dropout noise
-                // tensor and the dropped-out probabilities, then probabilities @ v.
+                // tensor and the dropped-out probabilities, then probabilities @ v. Half
+                // inputs are computed in fp32 (q, k, v cast up; the output cast back).
                 let (q, v) = (node.inputs[0], node.inputs[2]);
                 let s = g.values[q].shape.clone();
-                let qk = numel(&s) * in_esize;
-                let scores = s[0] * s[1] * s[2] * s[2] * in_esize;
+                let half = in_esize == HALF;
+                let e = F32.max(in_esize);
+                let qk = numel(&s) * e;
+                let scores = s[0] * s[1] * s[2] * s[2] * e;
+                let q_up = half.then(|| sim.alloc(qk, Category::Temporaries));
                 let q_s = sim.alloc(qk, Category::Activations);
+                if let Some(t) = q_up {
+                    sim.release(t);
+                }
+                let k_up = half.then(|| sim.alloc(qk, Category::Temporaries));
                 let k_s = sim.alloc(qk, Category::Activations);
+                if let Some(t) = k_up {
+                    sim.release(t);
+                }
+                let v_up = half.then(|| sim.alloc(qk, Category::Activations));
                 let mask = causal.then(|| sim.alloc(s[2] * s[2] * F32, Category::Temporaries));
                 let attn = sim.alloc(scores, Category::Activations);
                 if let Some(m) = mask {
@@ -370,22 +392,32 @@ impl<'g> Walk<'g> {
                 }
                 // _safe_softmax: the softmax, a bool mask of -inf entries, then `where`.
                 let soft = sim.alloc(scores, Category::Activations);
-                sim.transient(scores / in_esize, Category::Temporaries);
+                sim.transient(scores / e, Category::Temporaries);
                 let probs = sim.alloc(scores, Category::Activations);
                 sim.release(soft);
                 sim.release(attn);
                 let noise = sim.alloc(scores, Category::Activations);
                 let dropped = sim.alloc(scores, Category::Activations);
                 self.esize[out] = in_esize;
-                let o = sim.alloc(out_numel * in_esize, Category::Activations);
+                let o = if half {
+                    let wide = sim.alloc(out_numel * e, Category::Activations);
+                    let o = sim.alloc(out_numel * in_esize, Category::Activations);
+                    sim.release(wide);
+                    o
+                } else {
+                    sim.alloc(out_numel * in_esize, Category::Activations)
+                };
                 if grad {
                     for t in [q_s, k_s, probs, noise, dropped] {
                         self.save(sim, i, t);
                     }
-                    let vt = self.held(v);
+                    let vt = v_up.unwrap_or_else(|| self.held(v));
                     self.save(sim, i, vt);
                 }
                 for t in [q_s, k_s, probs, noise, dropped] {
+                    sim.release(t);
+                }
+                if let Some(t) = v_up {
                     sim.release(t);
                 }
                 self.store[out] = Some(o);
@@ -522,7 +554,7 @@ impl<'g> Walk<'g> {
                 sim.release(indices);
                 self.store[out] = Some(o);
             }
-            Op::Embedding | Op::Gather => {
+            Op::Embedding | Op::Gather | Op::ShiftedWindowMask { .. } => {
                 self.esize[out] = F32;
                 let o = sim.alloc(out_numel * F32, Category::Activations);
                 self.store[out] = Some(o);
@@ -788,13 +820,19 @@ impl<'g> Walk<'g> {
                 let gc = self.contiguous_grad(sim, g, out);
                 let q = inputs[0];
                 let s = self.g.values[q].shape.clone();
-                let e = self.esize[q];
+                let half = self.esize[q] == HALF;
+                let e = F32.max(self.esize[q]);
                 let qk = numel(&s) * e;
                 let scores = s[0] * s[1] * s[2] * s[2] * e;
+                // A half output's gradient is cast up first.
+                let gw = half.then(|| sim.alloc(qk, Category::Temporaries));
                 // probs @ v: gradients of the dropped probabilities and of v.
                 let g_drop = sim.alloc(scores, Category::Temporaries);
                 let gv = sim.alloc(qk, Category::Temporaries);
                 sim.release(gc);
+                if let Some(t) = gw {
+                    sim.release(t);
+                }
                 let g_probs = sim.alloc(scores, Category::Temporaries);
                 sim.release(g_drop);
                 let g_scores = sim.alloc(scores, Category::Temporaries);
@@ -807,6 +845,14 @@ impl<'g> Walk<'g> {
                 let gk = sim.alloc(qk, Category::Temporaries);
                 sim.release(g_ks);
                 for (v, t) in [(inputs[0], gq), (inputs[1], gk), (inputs[2], gv)] {
+                    // Half inputs: each fp32 gradient is cast back down.
+                    let t = if half {
+                        let h = sim.alloc(qk / 2, Category::Temporaries);
+                        sim.release(t);
+                        h
+                    } else {
+                        t
+                    };
                     self.add_grad(sim, v, t, true);
                 }
             }
@@ -862,6 +908,7 @@ impl<'g> Walk<'g> {
                     }
                 }
             }
+            Op::ShiftedWindowMask { .. } => {}
             Op::Embedding | Op::Gather => {
                 for &p in params {
                     self.param_grad(sim, i, p, false);

@@ -243,7 +243,7 @@ fn swin_block(
         let mut scores = b.add(scores, bias)?;
         if let Some(mask) = mask {
             let s5 = b.view(scores, vec![batch, windows, heads, n, n])?;
-            let s5 = b.add_param(s5, mask)?;
+            let s5 = b.add(s5, mask)?;
             scores = b.view(s5, vec![bw, heads, n, n])?;
         }
         let p = b.softmax(scores, 3);
@@ -344,18 +344,7 @@ pub fn swin_unetr(s: &Settings, batch: u64) -> Result<Graph, ZooError> {
         let window: [u64; 3] = std::array::from_fn(|i| if sizes[i] <= WINDOW { sizes[i] } else { WINDOW });
         let shift: [u64; 3] = std::array::from_fn(|i| if sizes[i] <= WINDOW { 0 } else { WINDOW / 2 });
         let padded: [u64; 3] = std::array::from_fn(|i| sizes[i].div_ceil(window[i]) * window[i]);
-        let windows = (0..3).map(|i| padded[i] / window[i]).product::<u64>();
-        let n = window.iter().product::<u64>();
-        let mask = shift.iter().any(|&v| v > 0).then(|| {
-            b.scope(format!("swinViT.layers{}.0", layer + 1), |b| {
-                b.buffer(
-                    "attn_mask",
-                    vec![1, windows, 1, n, n],
-                    DType::F32,
-                    Init::ShiftedWindowMask { padded, window, shift },
-                )
-            })
-        });
+        let mask = shift.iter().any(|&v| v > 0).then(|| b.shifted_window_mask(padded, window, shift));
         h = b.scope(format!("swinViT.layers{}.0", layer + 1), |b| -> Result<usize, GraphError> {
             let mut h = h;
             for j in 0..depth {
