@@ -81,12 +81,22 @@ pub fn backward(sim: &mut Sim, walk: &mut Walk, loss: Loss) -> Tensor {
             let nll_grad = sim.alloc(bytes, Category::Temporaries);
             sim.release(seed);
             let g = if half && walk.is_cpu() {
-                // Cast down, then log_softmax's backward in the half type.
+                // nll_loss's node frees its fp32 copy and total_weight once it has run;
+                // then the cast down and log_softmax's backward in the half type.
+                let mut saved = loss.saved.iter().copied();
+                let log_probs = saved.next();
+                for t in saved {
+                    sim.release(t);
+                }
                 let h = sim.alloc(bytes / 2, Category::Temporaries);
                 sim.release(nll_grad);
                 let g = sim.alloc(bytes / 2, Category::Temporaries);
                 sim.release(h);
-                g
+                if let Some(t) = log_probs {
+                    sim.release(t);
+                }
+                walk.seed_grad(logits, g);
+                return loss.output;
             } else {
                 let g = sim.alloc(bytes, Category::Temporaries);
                 sim.release(nll_grad);

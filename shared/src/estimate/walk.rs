@@ -824,6 +824,14 @@ impl<'g> Walk<'g> {
                 let e = F32.max(self.esize[q]);
                 let qk = numel(&s) * e;
                 let scores = s[0] * s[1] * s[2] * s[2] * e;
+                // The math path is several autograd nodes, each freeing what it saved as soon
+                // as it has run: [q_s, k_s, probs, noise, dropped, v].
+                let saved = std::mem::take(&mut self.saved[i]);
+                let free = |sim: &mut Sim, k: usize| {
+                    if let Some(&t) = saved.get(k) {
+                        sim.release(t);
+                    }
+                };
                 // A half output's gradient is cast up first.
                 let gw = half.then(|| sim.alloc(qk, Category::Temporaries));
                 // probs @ v: gradients of the dropped probabilities and of v.
@@ -833,13 +841,19 @@ impl<'g> Walk<'g> {
                 if let Some(t) = gw {
                     sim.release(t);
                 }
+                free(sim, 4);
+                free(sim, 5);
                 let g_probs = sim.alloc(scores, Category::Temporaries);
                 sim.release(g_drop);
+                free(sim, 3);
                 let g_scores = sim.alloc(scores, Category::Temporaries);
                 sim.release(g_probs);
+                free(sim, 2);
                 let g_qs = sim.alloc(qk, Category::Temporaries);
                 let g_ks = sim.alloc(qk, Category::Temporaries);
                 sim.release(g_scores);
+                free(sim, 0);
+                free(sim, 1);
                 let gq = sim.alloc(qk, Category::Temporaries);
                 sim.release(g_qs);
                 let gk = sim.alloc(qk, Category::Temporaries);
