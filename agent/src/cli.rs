@@ -354,8 +354,9 @@ async fn async_main(command: Command) -> anyhow::Result<()> {
             crate::probe::probe(build_plan(&source)?, &device, steps, json, exe).await
         }
         Command::Accuracy { device, steps, out } => crate::accuracy::run(&device, steps, &out, exe).await,
+        // These run without a runtime (see `main`); reaching here would be a wiring bug.
         Command::Estimate { .. } | Command::Worker { .. } | Command::Gpus => {
-            unreachable!("handled without a runtime")
+            Err(anyhow::anyhow!("internal: this command runs without the async runtime"))
         }
     }
 }

@@ -114,8 +114,8 @@ pub enum Op {
     Relu {
         inplace: bool,
     },
+    /// Leaky ReLU with slope 0.01 (libtorch's default, MONAI's choice).
     LeakyRelu {
-        slope: f64,
         inplace: bool,
     },
     /// PReLU with one shared slope.
@@ -256,14 +256,6 @@ impl Op {
             Op::ShiftedWindowMask { .. } => "shifted_window_mask",
         }
     }
-
-    /// Whether the output shares the first input's storage.
-    pub fn is_view(&self) -> bool {
-        matches!(
-            self,
-            Op::View { .. } | Op::Permute { .. } | Op::Transpose { .. } | Op::Select { .. } | Op::Slice { .. }
-        )
-    }
 }
 
 /// One operation with its operands.
@@ -350,6 +342,32 @@ impl Graph {
         values.chain(params).max().unwrap_or(0)
     }
 
+    /// The largest working buffer a kernel makes that is not a graph value: attention
+    /// scores `[B, H, N, N]` (materialised on the CPU's math path) and the CPU's im2col
+    /// columns of a convolution, fp32.
+    pub fn largest_working_bytes(&self) -> u64 {
+        self.nodes
+            .iter()
+            .map(|n| match n.op {
+                Op::Attention { .. } => {
+                    let s = &self.values[n.output].shape;
+                    s[0].saturating_mul(s[1]).saturating_mul(s[2]).saturating_mul(s[2]).saturating_mul(4)
+                }
+                Op::Conv { nd, kernel, .. } | Op::ConvTranspose { nd, kernel, .. } => {
+                    let x = &self.values[n.inputs[0]].shape;
+                    let y = &self.values[n.output].shape;
+                    let k = kernel.saturating_pow(u32::from(nd));
+                    x[0].saturating_mul(x[1].max(y[1]))
+                        .saturating_mul(k)
+                        .saturating_mul(numel(&y[2..]).max(numel(&x[2..])))
+                        .saturating_mul(4)
+                }
+                _ => 0,
+            })
+            .max()
+            .unwrap_or(0)
+    }
+
     /// For each value, the index of the last node that reads it (None if no node does).
     pub fn last_use(&self) -> Vec<Option<usize>> {
         let mut last = vec![None; self.values.len()];
@@ -371,9 +389,11 @@ impl Graph {
     }
 
     /// Splits the nodes into regions for `segments` checkpoint segments: the nodes before
-    /// the first block and after the last run normally; the blocks are grouped into
-    /// `segments` consecutive checkpointed regions of nearly equal length, as
-    /// `checkpoint_sequential` does. `(range, checkpointed)` pairs cover every node.
+    /// the first block and after the last run normally; the blocks (all but one that
+    /// ends the graph) are grouped into consecutive checkpointed regions of
+    /// `ceil(blocks / segments)` blocks each, so there are at most `segments` of them.
+    /// Unlike `checkpoint_sequential`, the last group is checkpointed too; the head after
+    /// it is not. `(range, checkpointed)` pairs cover every node.
     pub fn regions(&self, segments: u64) -> Vec<(std::ops::Range<usize>, bool)> {
         let n = self.nodes.len();
         // The loss needs the last region's outputs with autograd: a block that ends the
@@ -512,12 +532,29 @@ impl Builder {
                 let outer = self.g.values[first].shape[..*dim].iter().all(|&d| d == 1);
                 (self.g.values[first].dtype, self.g.values[first].contiguous && outer, Some(first))
             }
-            Op::Permute { .. } | Op::Transpose { .. } | Op::Slice { .. } => {
-                (self.g.values[first].dtype, false, Some(first))
+            // libtorch ignores the strides of size-1 dimensions: a permute that keeps the
+            // other dimensions in order, or a slice below only size-1 dimensions, is still
+            // contiguous (and a later `.contiguous()` copies nothing).
+            Op::Permute { dims } => {
+                let input = &self.g.values[first];
+                let order: Vec<usize> = dims.iter().copied().filter(|&d| input.shape[d] != 1).collect();
+                let kept = order.windows(2).all(|w| w[0] < w[1]);
+                (input.dtype, input.contiguous && kept, Some(first))
+            }
+            Op::Transpose { d0, d1 } => {
+                let input = &self.g.values[first];
+                let (lo, hi) = ((*d0).min(*d1), (*d0).max(*d1));
+                let kept = lo == hi || input.shape[lo..=hi].iter().filter(|&&d| d != 1).count() <= 1;
+                (input.dtype, input.contiguous && kept, Some(first))
+            }
+            Op::Slice { dim, len, step, .. } => {
+                let input = &self.g.values[first];
+                let outer = input.shape[..*dim].iter().all(|&d| d == 1);
+                (input.dtype, input.contiguous && outer && (*step == 1 || *len <= 1), Some(first))
             }
             Op::Contiguous if self.g.values[first].contiguous => (self.g.values[first].dtype, true, Some(first)),
             // In-place ops write into their first input's storage.
-            Op::Relu { inplace: true } | Op::LeakyRelu { inplace: true, .. } | Op::AddInplace => {
+            Op::Relu { inplace: true } | Op::LeakyRelu { inplace: true } | Op::AddInplace => {
                 (self.g.values[first].dtype, self.g.values[first].contiguous, Some(first))
             }
             _ => (DType::F32, true, None),
@@ -881,8 +918,6 @@ impl Builder {
     /// `table[index]` where `index` is an int64 buffer.
     pub fn gather(&mut self, table: usize, index: usize) -> usize {
         let shape = vec![self.g.params[index].shape[0], self.g.params[table].shape[1]];
-        // The index buffer is both the "input" (for shape) and a parameter operand.
-        self.g.params[index].trainable = false;
         let v = self.value(shape, DType::F32, true, None, self.g.params[table].trainable);
         self.g.nodes.push(Node { op: Op::Gather, inputs: vec![], params: vec![table, index], output: v });
         v
@@ -935,15 +970,6 @@ impl Builder {
 
     pub fn normalize(&mut self, x: usize) -> usize {
         self.unary(Op::Normalize, x)
-    }
-
-    /// Registers a value already built as a model output placeholder check.
-    pub fn values(&self) -> &[Value] {
-        &self.g.values
-    }
-
-    pub fn params(&self) -> &[Param] {
-        &self.g.params
     }
 }
 

@@ -96,7 +96,8 @@ impl Optimizer {
 }
 
 /// Training precision. `Fp16` and `Bf16` are automatic mixed precision: fp32 master
-/// weights, matrix products and convolutions in half precision (fp16 with a loss scaler).
+/// weights, matrix products and convolutions in half precision. The trainer runs fp16
+/// without a dynamic loss scaler (the scaler's own memory is a few scalars).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Precision {
@@ -371,11 +372,22 @@ impl Plan {
         if graph.n_params() > MAX_PARAMS {
             return Err(invalid("model", format!("{} parameters exceed the limit of {MAX_PARAMS}", graph.n_params())));
         }
+        // The batch is to blame when a smaller one would do; otherwise the model's sizes.
+        let field = if self.micro_batch > 1 { "micro_batch" } else { "model" };
         let widest = graph.largest_tensor_bytes();
         if widest > MAX_TENSOR_BYTES {
             return Err(invalid(
-                "micro_batch",
+                field,
                 format!("the largest tensor would take {widest} bytes, over the limit of {MAX_TENSOR_BYTES}"),
+            ));
+        }
+        let working = graph.largest_working_bytes();
+        if working > MAX_TENSOR_BYTES {
+            return Err(invalid(
+                field,
+                format!(
+                    "a kernel's working buffer (attention scores or convolution columns) would take {working} bytes, over the limit of {MAX_TENSOR_BYTES}"
+                ),
             ));
         }
         Ok(graph)
@@ -639,6 +651,12 @@ mod tests {
             ),
             ("device", Box::new(|p| p.device = DeviceChoice::Cuda(64))),
             ("memory_limit_bytes", Box::new(|p| p.memory_limit_bytes = Some(0))),
+            ("checkpoint_segments", Box::new(|p| p.checkpoint_segments = limits::MAX_CHECKPOINT_SEGMENTS + 1)),
+            ("memory_fraction", Box::new(|p| p.memory_fraction = Some(0.0))),
+            ("memory_fraction", Box::new(|p| p.memory_fraction = Some(1.5))),
+            ("host.workers", Box::new(|p| p.host.workers = limits::MAX_LOADER_WORKERS + 1)),
+            ("host.prefetch_factor", Box::new(|p| p.host.prefetch_factor = 0)),
+            ("host.prefetch_factor", Box::new(|p| p.host.prefetch_factor = limits::MAX_PREFETCH + 1)),
             ("name", Box::new(|p| p.name = String::new())),
             // Shapes whose byte counts would overflow 64 bits are refused, not wrapped.
             (
@@ -686,6 +704,30 @@ mod tests {
         plan.input_shape = vec![3, 4, 4];
         plan.model = ModelSpec::SmallCnn { channels: vec![8, 8, 8] };
         assert_eq!(field_of(plan.validate().expect_err("too small")), "model.small_cnn.channels");
+    }
+
+    #[test]
+    fn zoo_settings_are_checked_and_name_their_key() {
+        let mut plan = Plan::zoo("gpt2");
+        let set = |k: &str, v: &str| vec![(k.to_owned(), v.to_owned())];
+        assert!(matches!(plan.apply_settings(&set("optimizer", "lion")), Err(PlanError::Setting { .. })));
+        assert!(matches!(plan.apply_settings(&set("batch", "many")), Err(PlanError::Setting { .. })));
+        plan.apply_settings(&set("n_layer", "0")).expect("stored; checked when built");
+        let Err(err) = plan.validate() else { panic!("zero layers must be refused") };
+        assert_eq!(err.to_string(), "n_layer: must be between 1 and 256, got 0");
+        // Attention scores of 32 heads x 2^17 tokens squared would be 2 TiB on the CPU.
+        let mut plan = Plan::zoo("gpt2");
+        plan.apply_settings(&[
+            ("n_positions".to_owned(), "131072".to_owned()),
+            ("seq".to_owned(), "131072".to_owned()),
+            ("n_embd".to_owned(), "1024".to_owned()),
+            ("n_head".to_owned(), "32".to_owned()),
+        ])
+        .expect("settings");
+        let Err(err) = plan.validate() else { panic!("a 2 TiB working buffer must be refused") };
+        assert!(err.to_string().starts_with("model: a kernel's working buffer"), "{err}");
+        let mut legacy = Plan::example_mlp();
+        assert!(legacy.apply_settings(&set("n_layer", "2")).is_err(), "model keys need a zoo model");
     }
 
     #[test]

@@ -266,7 +266,7 @@ pub fn train(
         Precision::Fp16 => Some(model::Autocast { cuda: device != Device::Cpu, bf16: false }),
         Precision::Bf16 => Some(model::Autocast { cuda: device != Device::Cpu, bf16: true }),
     };
-    let net = model::Net::new(graph.clone(), device, autocast, plan.checkpoint_segments)?;
+    let net = model::Net::new(graph.clone(), device, autocast, plan.checkpoint_segments, plan.seed)?;
     let mut opt = match plan.optimizer {
         Optimizer::Sgd { momentum, weight_decay } => {
             COptimizer::sgd(plan.learning_rate, momentum, 0.0, weight_decay, false)?

@@ -99,7 +99,9 @@ fn relative_position_index(window: [u64; 3], n: u64) -> Vec<i64> {
 }
 
 /// Swin's shifted-window mask: -100 between tokens of different shifted regions.
-fn shifted_window_mask(padded: [u64; 3], window: [u64; 3], shift: [u64; 3]) -> Vec<f32> {
+/// Each window token's shifted region, `[nW, N]`: the mask is -100 between tokens of
+/// different regions.
+fn window_region_ids(padded: [u64; 3], window: [u64; 3], shift: [u64; 3]) -> Vec<f32> {
     let region = |size: u64, w: u64, s: u64, x: u64| -> u64 {
         if x < size - w {
             0
@@ -111,7 +113,7 @@ fn shifted_window_mask(padded: [u64; 3], window: [u64; 3], shift: [u64; 3]) -> V
     };
     let counts: Vec<u64> = (0..3).map(|k| padded[k] / window[k]).collect();
     let n = (window[0] * window[1] * window[2]) as usize;
-    let mut mask = Vec::new();
+    let mut all = Vec::with_capacity(counts.iter().product::<u64>() as usize * n);
     for wd in 0..counts[0] {
         for wh in 0..counts[1] {
             for ww in 0..counts[2] {
@@ -128,15 +130,21 @@ fn shifted_window_mask(padded: [u64; 3], window: [u64; 3], shift: [u64; 3]) -> V
                         }
                     }
                 }
-                for p in &ids {
-                    for q in &ids {
-                        mask.push(if p == q { 0.0 } else { -100.0 });
-                    }
-                }
+                all.extend(ids.iter().map(|&id| id as f32));
             }
         }
     }
-    mask
+    all
+}
+
+/// The mask from region ids, as the tensors the trainer makes (for the unit test).
+#[cfg(test)]
+fn shifted_window_mask(padded: [u64; 3], window: [u64; 3], shift: [u64; 3]) -> Vec<f32> {
+    let ids = window_region_ids(padded, window, shift);
+    let n = (window[0] * window[1] * window[2]) as usize;
+    ids.chunks(n)
+        .flat_map(|w| w.iter().flat_map(move |p| w.iter().map(move |q| if p == q { 0.0 } else { -100.0 })))
+        .collect()
 }
 
 fn make_param(p: &Param, device: Device) -> Result<Tensor, TrainError> {
@@ -166,35 +174,51 @@ fn make_param(p: &Param, device: Device) -> Result<Tensor, TrainError> {
 
 pub struct Net {
     pub graph: Graph,
-    /// Host copies of Swin's shifted-window masks, per node, made into tensors at every
-    /// forward pass (as MONAI computes them) so that they are not held between passes.
+    /// Per mask node, each window token's shifted region (`[nW, N]`, small): the mask
+    /// itself is made on the device at every forward pass, as MONAI's `compute_mask`.
     masks: BTreeMap<usize, Vec<f32>>,
     device: Device,
     /// Parameters and buffers, in the graph's order.
     pub params: Vec<Tensor>,
     autocast: Option<Autocast>,
     segments: u64,
+    /// Seeds the checkpointed regions' dropout: the base seed, and a counter of steps.
+    seed: u64,
+    calls: std::cell::Cell<u64>,
 }
 
 impl Net {
-    pub fn new(graph: Graph, device: Device, autocast: Option<Autocast>, segments: u64) -> Result<Net, TrainError> {
+    pub fn new(
+        graph: Graph,
+        device: Device,
+        autocast: Option<Autocast>,
+        segments: u64,
+        seed: u64,
+    ) -> Result<Net, TrainError> {
         let params = graph.params.iter().map(|p| make_param(p, device)).collect::<Result<Vec<_>, _>>()?;
         let masks = graph
             .nodes
             .iter()
             .enumerate()
             .filter_map(|(i, n)| match n.op {
-                Op::ShiftedWindowMask { padded, window, shift } => {
-                    Some((i, shifted_window_mask(padded, window, shift)))
-                }
+                Op::ShiftedWindowMask { padded, window, shift } => Some((i, window_region_ids(padded, window, shift))),
                 _ => None,
             })
             .collect();
-        Ok(Net { graph, masks, device, params, autocast, segments })
+        Ok(Net { graph, masks, device, params, autocast, segments, seed, calls: std::cell::Cell::new(0) })
     }
 
     pub fn trainable(&self) -> impl Iterator<Item = &Tensor> {
         self.graph.params.iter().zip(&self.params).filter(|(p, _)| p.trainable).map(|(_, t)| t)
+    }
+
+    /// The seed of checkpointed region `r` in the current micro-batch: the same for its
+    /// forward and its recompute, different across regions and micro-batches.
+    fn region_seed(&self, r: usize) -> i64 {
+        let mix = self.seed
+            ^ self.calls.get().wrapping_mul(0x9E37_79B9_7F4A_7C15)
+            ^ (r as u64).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        (mix >> 1) as i64
     }
 
     fn run(&self, index: usize, vals: &[Option<Tensor>]) -> Result<Tensor, tch::TchError> {
@@ -271,9 +295,9 @@ impl Net {
             }
             Op::Relu { inplace: false } => arg(0)?.f_relu()?,
             Op::Relu { inplace: true } => arg(0)?.shallow_clone().f_relu_()?,
-            // MONAI's slope (0.01) is libtorch's default.
-            Op::LeakyRelu { inplace: false, .. } => arg(0)?.f_leaky_relu()?,
-            Op::LeakyRelu { inplace: true, .. } => arg(0)?.shallow_clone().f_leaky_relu_()?,
+            // Slope 0.01: libtorch's default and MONAI's choice.
+            Op::LeakyRelu { inplace: false } => arg(0)?.f_leaky_relu()?,
+            Op::LeakyRelu { inplace: true } => arg(0)?.shallow_clone().f_leaky_relu_()?,
             Op::Prelu => arg(0)?.f_prelu(p(0))?,
             Op::Gelu { tanh } => arg(0)?.f_gelu(if *tanh { "tanh" } else { "none" })?,
             Op::Sigmoid => arg(0)?.f_sigmoid()?,
@@ -345,8 +369,15 @@ impl Net {
                 false,
             )?,
             Op::ShiftedWindowMask { .. } => {
+                // [nW, N] region ids -> [nW, N, N] "different region" -> -100 where true.
                 let data = self.masks.get(&index).map(Vec::as_slice).unwrap_or(&[]);
-                Tensor::from_slice(data).f_view(out_shape.as_slice())?.f_to_device(self.device)?
+                let (windows, n) = (out_shape[1], out_shape[3]);
+                let ids = Tensor::from_slice(data).f_to_device(self.device)?.f_view([windows, n])?;
+                let differ = ids.f_unsqueeze(2)?.f_ne_tensor(&ids.f_unsqueeze(1)?)?;
+                let mut mask = differ.f_to_kind(Kind::Float)?;
+                drop((differ, ids));
+                let _ = mask.f_mul_scalar_(-100.0)?;
+                mask.f_view(out_shape.as_slice())?
             }
             Op::Normalize => {
                 let x = arg(0)?;
@@ -356,20 +387,18 @@ impl Net {
         })
     }
 
-    /// Runs nodes `range` into `vals`, dropping each value after its last use unless
-    /// `keep` says it is needed later.
+    /// Runs nodes `range` into `vals`, dropping each value after its last use.
     fn forward_range(
         &self,
         range: std::ops::Range<usize>,
         vals: &mut [Option<Tensor>],
         last_use: &[Option<usize>],
-        keep: &dyn Fn(usize) -> bool,
     ) -> Result<(), TrainError> {
         for index in range {
             let out = self.run(index, vals)?;
             vals[self.graph.nodes[index].output] = Some(out);
             for &v in &self.graph.nodes[index].inputs {
-                if last_use[v] == Some(index) && !keep(v) {
+                if last_use[v] == Some(index) {
                     vals[v] = None;
                 }
             }
@@ -386,6 +415,7 @@ impl Net {
         divide_by: u64,
         mark: &mut dyn FnMut(shared::estimate::Phase),
     ) -> Result<f64, TrainError> {
+        self.calls.set(self.calls.get().wrapping_add(1));
         let g = &self.graph;
         let last_use = g.last_use();
         let producer = g.producer();
@@ -439,13 +469,12 @@ impl Net {
                     vals[v] = Some(leaf);
                 }
             }
-            let keep = |v: usize| {
-                !plain && producer[v].is_some_and(|p| range.contains(&p)) && last_use[v].is_some_and(|l| l >= range.end)
-            };
             if *ckpt {
-                tch::no_grad(|| self.forward_range(range.clone(), &mut vals, &last_use, &keep))?;
+                // The recompute must draw the same dropout masks: seed both passes alike.
+                tch::manual_seed(self.region_seed(r));
+                tch::no_grad(|| self.forward_range(range.clone(), &mut vals, &last_use))?;
             } else {
-                self.forward_range(range.clone(), &mut vals, &last_use, &keep)?;
+                self.forward_range(range.clone(), &mut vals, &last_use)?;
             }
         }
         mark(shared::estimate::Phase::Loss);
@@ -511,13 +540,20 @@ impl Net {
                             kept.remove(&v);
                         }
                     }
-                    let keep = |v: usize| outs_wanted.contains(&v);
-                    self.forward_range(range.clone(), &mut vals, &last_use, &keep)?;
+                    tch::manual_seed(self.region_seed(r));
+                    self.forward_range(range.clone(), &mut vals, &last_use)?;
                     if let Some(a) = self.autocast {
                         a.set(false);
                     }
-                    let outs: Vec<Tensor> = outs_wanted.iter().filter_map(|&v| vals[v].take()).collect();
-                    let grads: Vec<Tensor> = outs_wanted.iter().filter_map(|v| value_grads.remove(v)).collect();
+                    // Each recomputed output with the gradient it received, as pairs.
+                    let mut outs = Vec::new();
+                    let mut grads = Vec::new();
+                    for v in &outs_wanted {
+                        if let (Some(o), Some(gr)) = (vals[*v].take(), value_grads.remove(v)) {
+                            outs.push(o);
+                            grads.push(gr);
+                        }
+                    }
                     drop(vals);
                     backward_from(&outs, &grads)?;
                     drop((outs, grads));

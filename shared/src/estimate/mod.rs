@@ -315,7 +315,8 @@ pub fn estimate_for(plan: &Plan, target: Target) -> Result<Estimate, PlanError> 
                 cublas_workspace_bytes: Bytes(o.cublas_workspace_bytes),
                 capacity_bytes: capacity,
                 fits: device_peak <= capacity,
-                headroom_bytes: capacity.get() as i64 - device_peak.get() as i64,
+                headroom_bytes: i64::try_from(i128::from(capacity.get()) - i128::from(device_peak.get()))
+                    .unwrap_or(i64::MIN),
             })
         }
         _ => None,

@@ -331,7 +331,7 @@ impl<'g> Walk<'g> {
             if grad {
                 match node.op {
                     // The in-place activations save their result.
-                    Op::Relu { inplace: true } | Op::LeakyRelu { inplace: true, .. } => self.save(sim, i, t),
+                    Op::Relu { inplace: true } | Op::LeakyRelu { inplace: true } => self.save(sim, i, t),
                     _ => {}
                 }
             }
@@ -554,9 +554,25 @@ impl<'g> Walk<'g> {
                 sim.release(indices);
                 self.store[out] = Some(o);
             }
-            Op::Embedding | Op::Gather | Op::ShiftedWindowMask { .. } => {
+            Op::ShiftedWindowMask { .. } => {
+                // [nW, N] region ids, a bool "different region" [nW, N, N], then the mask.
+                let s = &g.values[out].shape;
+                let ids = sim.alloc(s[1] * s[3] * F32, Category::Temporaries);
+                let differ = sim.alloc(out_numel, Category::Temporaries);
                 self.esize[out] = F32;
                 let o = sim.alloc(out_numel * F32, Category::Activations);
+                sim.release(differ);
+                sim.release(ids);
+                self.store[out] = Some(o);
+            }
+            Op::Embedding | Op::Gather => {
+                self.esize[out] = F32;
+                let o = sim.alloc(out_numel * F32, Category::Activations);
+                // The embedding's backward needs the token ids.
+                if grad && let (Op::Embedding, Some(x)) = (&node.op, x) {
+                    let t = self.held(x);
+                    self.save(sim, i, t);
+                }
                 self.store[out] = Some(o);
             }
             Op::Add | Op::AddParam | Op::PrependToken | Op::Cat { .. } => {
@@ -763,9 +779,12 @@ impl<'g> Walk<'g> {
                     Op::Cat { dim } => self.g.values[out].shape[..*dim].iter().all(|&d| d == 1),
                     _ => false,
                 };
+                // A permute that kept the layout passes a contiguous gradient on.
+                let layout_kept =
+                    matches!(op, Op::Permute { .. } | Op::Transpose { .. }) && self.g.values[out].contiguous;
                 for &x in inputs {
                     let t = sim.retain(g.t);
-                    self.add_grad(sim, x, t, outer_cat);
+                    self.add_grad(sim, x, t, outer_cat || (layout_kept && g.contiguous));
                 }
                 if let Op::PrependToken = op {
                     self.param_grad(sim, i, params[0], false);

@@ -123,14 +123,6 @@ pub fn resnet(s: &Settings, batch: u64, kind: ResNet) -> Result<Graph, ZooError>
                 b.scope(format!("layer{}", stage + 1), |b| {
                     b.scope(j.to_string(), |b| -> Result<usize, GraphError> {
                         let out_ch = planes * expansion;
-                        let identity = if stride != 1 || inplanes != out_ch {
-                            b.scope("downsample", |b| {
-                                let c = b.conv("0", x_in, out_ch, 1, stride, 0, 1, false)?;
-                                b.batch_norm("1", c)
-                            })?
-                        } else {
-                            x_in
-                        };
                         let out = match kind {
                             ResNet::Basic(_) => {
                                 let o = conv_bn(b, x_in, 1, planes, 3, stride, 1)?;
@@ -146,6 +138,15 @@ pub fn resnet(s: &Settings, batch: u64, kind: ResNet) -> Result<Graph, ZooError>
                                 let o = conv_bn(b, o, 3, out_ch, 1, 1, 1)?;
                                 if se { squeeze_excite(b, o, out_ch)? } else { o }
                             }
+                        };
+                        // The shortcut runs after the main branch, as in torchvision and timm.
+                        let identity = if stride != 1 || inplanes != out_ch {
+                            b.scope("downsample", |b| {
+                                let c = b.conv("0", x_in, out_ch, 1, stride, 0, 1, false)?;
+                                b.batch_norm("1", c)
+                            })?
+                        } else {
+                            x_in
                         };
                         let out = b.add_inplace(out, identity)?;
                         Ok(b.unary(Op::Relu { inplace: true }, out))

@@ -5,7 +5,8 @@ use super::{Settings, ZooError, limits, value_err};
 use crate::graph::Graph;
 use crate::graph::{Builder, DType, GraphError, Init, InputKind, Op, Task};
 
-/// Module names of one reference's block, so that variable names read like its state dict.
+/// Module names of one reference's block, so that error messages point at the module the
+/// reference calls that way.
 struct Names {
     ln_1: &'static str,
     qkv: &'static str,
@@ -53,6 +54,8 @@ struct BlockCfg {
     attn_dropout: f64,
     /// Dropout after the attention projection and after the MLP.
     resid_dropout: f64,
+    /// torchvision's MLP block also drops out after the GELU.
+    mlp_mid_dropout: bool,
     gelu_tanh: bool,
 }
 
@@ -76,6 +79,7 @@ fn block(b: &mut Builder, x: usize, n: &Names, cfg: &BlockCfg) -> Result<usize, 
     let h = b.layer_norm(n.ln_2, x, cfg.eps)?;
     let h = b.linear_with(n.fc, h, cfg.mlp, true, n.weight_in_out)?;
     let h = b.unary(Op::Gelu { tanh: cfg.gelu_tanh }, h);
+    let h = if cfg.mlp_mid_dropout { b.dropout(h, cfg.resid_dropout) } else { h };
     let h = b.linear_with(n.fc_out, h, dim, true, n.weight_in_out)?;
     let h = b.dropout(h, cfg.resid_dropout);
     b.add(x, h)
@@ -84,6 +88,17 @@ fn block(b: &mut Builder, x: usize, n: &Names, cfg: &BlockCfg) -> Result<usize, 
 fn heads_divide(key: &str, width: u64, heads: u64) -> Result<(), ZooError> {
     if width % heads != 0 {
         return Err(value_err(key, format!("{heads} heads must divide the width {width}")));
+    }
+    // Flash and memory-efficient attention need a head dimension that is a multiple of 8;
+    // PyTorch would silently fall back to materialising every attention matrix.
+    if (width / heads) % 8 != 0 {
+        return Err(value_err(
+            key,
+            format!(
+                "the head dimension {width}/{heads} = {} must be a multiple of 8 (fused attention kernels need it)",
+                width / heads
+            ),
+        ));
     }
     Ok(())
 }
@@ -127,6 +142,7 @@ pub fn vit(s: &Settings, batch: u64) -> Result<Graph, ZooError> {
         causal: false,
         attn_dropout: attention_dropout,
         resid_dropout: dropout,
+        mlp_mid_dropout: true,
         gelu_tanh: false,
     };
     h = b.scope("encoder", |b| -> Result<usize, GraphError> {
@@ -174,6 +190,7 @@ pub fn gpt2(s: &Settings, batch: u64) -> Result<Graph, ZooError> {
             causal: true,
             attn_dropout: attn,
             resid_dropout: resid,
+            mlp_mid_dropout: false,
             gelu_tanh: true,
         };
         for i in 0..n_layer {
@@ -219,6 +236,7 @@ pub fn clip(s: &Settings, batch: u64) -> Result<Graph, ZooError> {
             causal: false,
             attn_dropout: 0.0,
             resid_dropout: 0.0,
+            mlp_mid_dropout: false,
             gelu_tanh: false,
         };
         for i in 0..v_layers {
@@ -241,6 +259,7 @@ pub fn clip(s: &Settings, batch: u64) -> Result<Graph, ZooError> {
             causal: true,
             attn_dropout: 0.0,
             resid_dropout: 0.0,
+            mlp_mid_dropout: false,
             gelu_tanh: false,
         };
         for i in 0..t_layers {

@@ -138,7 +138,7 @@ pub fn unet(s: &Settings, batch: u64, dims: usize) -> Result<Graph, ZooError> {
 /// MONAI's `UnetResBlock`: conv-norm-lrelu-conv-norm plus a 1x1 conv-norm residual when
 /// the channels change, then a leaky ReLU (in place, as MONAI's is).
 fn res_block(b: &mut Builder, x: usize, out: u64) -> Result<usize, GraphError> {
-    let lrelu = Op::LeakyRelu { slope: 0.01, inplace: true };
+    let lrelu = Op::LeakyRelu { inplace: true };
     let inc = b.shape(x)[1];
     let h = b.conv("conv1.conv", x, out, 3, 1, 1, 1, false)?;
     let h = b.instance_norm(h)?;
