@@ -353,14 +353,15 @@ impl Graph {
                     let s = &self.values[n.output].shape;
                     s[0].saturating_mul(s[1]).saturating_mul(s[2]).saturating_mul(s[2]).saturating_mul(4)
                 }
-                Op::Conv { nd, kernel, .. } | Op::ConvTranspose { nd, kernel, .. } => {
-                    let x = &self.values[n.inputs[0]].shape;
-                    let y = &self.values[n.output].shape;
+                Op::Conv { nd, kernel, .. } => {
+                    let (x, y) = (&self.values[n.inputs[0]].shape, &self.values[n.output].shape);
                     let k = kernel.saturating_pow(u32::from(nd));
-                    x[0].saturating_mul(x[1].max(y[1]))
-                        .saturating_mul(k)
-                        .saturating_mul(numel(&y[2..]).max(numel(&x[2..])))
-                        .saturating_mul(4)
+                    x[0].saturating_mul(x[1]).saturating_mul(k).saturating_mul(numel(&y[2..])).saturating_mul(4)
+                }
+                Op::ConvTranspose { nd, kernel, .. } => {
+                    let (x, y) = (&self.values[n.inputs[0]].shape, &self.values[n.output].shape);
+                    let k = kernel.saturating_pow(u32::from(nd));
+                    x[0].saturating_mul(y[1]).saturating_mul(k).saturating_mul(numel(&x[2..])).saturating_mul(4)
                 }
                 _ => 0,
             })
