@@ -89,10 +89,6 @@ fn submit(state: &State, job: &mut Option<RunningJob>, plan: shared::Plan) -> Me
     if job.is_some() {
         return error(ErrorCode::Busy, "this connection already runs a job; cancel it or wait for it to finish");
     }
-    let estimate = match shared::estimate(&plan) {
-        Ok(e) => e,
-        Err(e) => return error(ErrorCode::InvalidPlan, e.to_string()),
-    };
     let mut plan = plan;
     // Resolve `auto` here, so the client learns the device before the first batch.
     if plan.device == shared::plan::DeviceChoice::Auto {
@@ -105,6 +101,20 @@ fn submit(state: &State, job: &mut Option<RunningJob>, plan: shared::Plan) -> Me
     let device = match plan.device {
         shared::plan::DeviceChoice::Cuda(i) => format!("cuda:{i}"),
         _ => "cpu".to_owned(),
+    };
+    // Estimate for the device the job will run on: a GPU's allocator and context, or
+    // the CPU's kernels.
+    let target = match state.hello.devices.iter().find(|d| d.id == device) {
+        Some(d) if device.starts_with("cuda") => {
+            let gpu = crate::probe::gpu_for(&d.name, d.total_memory_bytes);
+            plan.resolve_memory_fraction(gpu.memory_bytes);
+            shared::estimate::Target::Cuda(gpu)
+        }
+        _ => shared::estimate::Target::Cpu,
+    };
+    let estimate = match shared::estimate::estimate_for(&plan, target) {
+        Ok(e) => e,
+        Err(e) => return error(ErrorCode::InvalidPlan, e.to_string()),
     };
     match state.runner.start(plan, estimate.peak_bytes.get()) {
         Ok(running) => {
