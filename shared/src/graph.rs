@@ -591,7 +591,9 @@ impl Builder {
                 params.push(b.param("bias", vec![out], Builder::init_bound(inf)));
             }
             let mut o = shape.clone();
-            *o.last_mut().expect("non-empty") = out;
+            if let Some(last) = o.last_mut() {
+                *last = out;
+            }
             Ok(b.push(Op::Linear { bias, weight_in_out }, vec![x], params, o))
         })
     }
@@ -894,7 +896,9 @@ impl Builder {
         if shape.last() != w.get(1) {
             return Err(self.err("linear", format!("{shape:?} does not match the tied weight {w:?}")));
         }
-        *shape.last_mut().expect("checked") = w[0];
+        if let Some(last) = shape.last_mut() {
+            *last = w[0];
+        }
         Ok(self.push(Op::Linear { bias: false, weight_in_out: false }, vec![x], vec![weight], shape))
     }
 
@@ -905,7 +909,9 @@ impl Builder {
         if shape.last() != p.first() {
             return Err(self.err("linear", format!("{shape:?} does not match the projection {p:?}")));
         }
-        *shape.last_mut().expect("checked") = p[1];
+        if let Some(last) = shape.last_mut() {
+            *last = p[1];
+        }
         Ok(self.push(Op::Linear { bias: false, weight_in_out: true }, vec![x], vec![proj], shape))
     }
 
