@@ -45,23 +45,6 @@ pub(crate) fn gpu_for(name: &str, total: u64) -> &'static Gpu {
     g
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn nvml_names_find_their_catalog_entries() {
-        let mib = |m: u64| m << 20;
-        assert_eq!(gpu_for("NVIDIA GeForce RTX 4090", mib(24_564)).key, "rtx-4090");
-        assert_eq!(gpu_for("NVIDIA A100-SXM4-40GB", mib(40_960)).key, "a100-40gb");
-        assert_eq!(gpu_for("Tesla V100-SXM2-16GB", mib(16_160)).key, "v100-16gb");
-        assert_eq!(gpu_for("NVIDIA L4", mib(23_034)).key, "l4");
-        let a = gpu_for("Some Future GPU", mib(200_000));
-        assert_eq!(a.key, "detected");
-        assert!(std::ptr::eq(a, gpu_for("Some Future GPU", mib(200_000))), "made once");
-    }
-}
-
 /// What one probe run measured, next to its estimate.
 pub struct Outcome {
     pub plan: Plan,
@@ -151,4 +134,21 @@ pub async fn probe(plan: Plan, device: &str, steps: u64, json: bool, exe: PathBu
         );
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nvml_names_find_their_catalog_entries() {
+        let mib = |m: u64| m << 20;
+        assert_eq!(gpu_for("NVIDIA GeForce RTX 4090", mib(24_564)).key, "rtx-4090");
+        assert_eq!(gpu_for("NVIDIA A100-SXM4-40GB", mib(40_960)).key, "a100-40gb");
+        assert_eq!(gpu_for("Tesla V100-SXM2-16GB", mib(16_160)).key, "v100-16gb");
+        assert_eq!(gpu_for("NVIDIA L4", mib(23_034)).key, "l4");
+        let a = gpu_for("Some Future GPU", mib(200_000));
+        assert_eq!(a.key, "detected");
+        assert!(std::ptr::eq(a, gpu_for("Some Future GPU", mib(200_000))), "made once");
+    }
 }
