@@ -389,6 +389,27 @@ impl Graph {
         producer
     }
 
+    /// For each region, the values its nodes read from outside it (earlier regions or the
+    /// graph's inputs), in first-read order: what a region's leaves stand for.
+    pub fn region_inputs(&self, regions: &[(std::ops::Range<usize>, bool)]) -> Vec<Vec<usize>> {
+        let producer = self.producer();
+        regions
+            .iter()
+            .map(|(range, _)| {
+                let mut seen = std::collections::BTreeSet::new();
+                let mut ins = Vec::new();
+                for n in &self.nodes[range.clone()] {
+                    for &v in &n.inputs {
+                        if producer[v].is_none_or(|p| !range.contains(&p)) && seen.insert(v) {
+                            ins.push(v);
+                        }
+                    }
+                }
+                ins
+            })
+            .collect()
+    }
+
     /// Splits the nodes into regions for `segments` checkpoint segments: the nodes before
     /// the first block and after the last run normally; the blocks (all but one that
     /// ends the graph) are grouped into consecutive checkpointed regions of
@@ -569,6 +590,25 @@ impl Builder {
         Init::Uniform(1.0 / (fan_in.max(1) as f64).sqrt())
     }
 
+    /// A weight and (optionally) a bias of `out` entries, both with PyTorch's default
+    /// init for this fan-in, in the current scope.
+    fn weight_and_bias(&mut self, weight: Shape, out: u64, fan_in: u64, bias: bool) -> Vec<usize> {
+        let mut params = vec![self.param("weight", weight, Builder::init_bound(fan_in))];
+        if bias {
+            params.push(self.param("bias", vec![out], Builder::init_bound(fan_in)));
+        }
+        params
+    }
+
+    /// The number of spatial dimensions of a `[B, C, ...]` input (1 to 3).
+    fn spatial_dims(&self, op: &'static str, shape: &[u64]) -> R<usize> {
+        let nd = shape.len().saturating_sub(2);
+        if !(1..=3).contains(&nd) {
+            return Err(self.err(op, format!("expects [B, C, ...] with 1 to 3 spatial dims, got {shape:?}")));
+        }
+        Ok(nd)
+    }
+
     /// A linear layer over the last dimension.
     pub fn linear(&mut self, name: &str, x: usize, out: u64, bias: bool) -> R<usize> {
         self.linear_with(name, x, out, bias, false)
@@ -586,10 +626,7 @@ impl Builder {
         }
         self.scope(name, |b| {
             let w_shape = if weight_in_out { vec![inf, out] } else { vec![out, inf] };
-            let mut params = vec![b.param("weight", w_shape, Builder::init_bound(inf))];
-            if bias {
-                params.push(b.param("bias", vec![out], Builder::init_bound(inf)));
-            }
+            let params = b.weight_and_bias(w_shape, out, inf, bias);
             let mut o = shape.clone();
             if let Some(last) = o.last_mut() {
                 *last = out;
@@ -619,10 +656,7 @@ impl Builder {
         bias: bool,
     ) -> R<usize> {
         let shape = self.shape(x).to_vec();
-        let nd = shape.len().saturating_sub(2);
-        if !(1..=3).contains(&nd) {
-            return Err(self.err("conv", format!("expects [B, C, ...] with 1 to 3 spatial dims, got {shape:?}")));
-        }
+        let nd = self.spatial_dims("conv", &shape)?;
         let cin = shape[1];
         self.scope(name, |b| {
             if groups == 0 || cin % groups != 0 || out % groups != 0 {
@@ -635,10 +669,7 @@ impl Builder {
             let fan_in = cin / groups * kernel.pow(nd as u32);
             let mut w = vec![out, cin / groups];
             w.extend(std::iter::repeat_n(kernel, nd));
-            let mut params = vec![b.param("weight", w, Builder::init_bound(fan_in))];
-            if bias {
-                params.push(b.param("bias", vec![out], Builder::init_bound(fan_in)));
-            }
+            let params = b.weight_and_bias(w, out, fan_in, bias);
             Ok(b.push(Op::Conv { nd: nd as u8, kernel, stride, padding, groups, bias }, vec![x], params, o))
         })
     }
@@ -656,10 +687,7 @@ impl Builder {
         bias: bool,
     ) -> R<usize> {
         let shape = self.shape(x).to_vec();
-        let nd = shape.len().saturating_sub(2);
-        if !(1..=3).contains(&nd) {
-            return Err(self.err("conv_transpose", format!("expects [B, C, ...], got {shape:?}")));
-        }
+        let nd = self.spatial_dims("conv_transpose", &shape)?;
         let cin = shape[1];
         let mut o = vec![shape[0], out];
         for &s in &shape[2..] {
@@ -675,10 +703,7 @@ impl Builder {
             let fan_in = out * kernel.pow(nd as u32);
             let mut w = vec![cin, out];
             w.extend(std::iter::repeat_n(kernel, nd));
-            let mut params = vec![b.param("weight", w, Builder::init_bound(fan_in))];
-            if bias {
-                params.push(b.param("bias", vec![out], Builder::init_bound(fan_in)));
-            }
+            let params = b.weight_and_bias(w, out, fan_in, bias);
             let op = Op::ConvTranspose { nd: nd as u8, kernel, stride, padding, output_padding, bias };
             Ok(b.push(op, vec![x], params, o))
         })

@@ -426,17 +426,7 @@ impl Net {
             vals[v] = Some(t);
         }
         // Values a region reads from outside it: kept for checkpointed regions' recompute.
-        let mut live_in: Vec<Vec<usize>> = vec![Vec::new(); regions.len()];
-        for (r, (range, _)) in regions.iter().enumerate() {
-            let mut seen = std::collections::BTreeSet::new();
-            for n in &g.nodes[range.clone()] {
-                for &v in &n.inputs {
-                    if producer[v].is_none_or(|p| !range.contains(&p)) && seen.insert(v) {
-                        live_in[r].push(v);
-                    }
-                }
-            }
-        }
+        let live_in = g.region_inputs(&regions);
         let kept_for_recompute =
             |v: usize| regions.iter().zip(&live_in).any(|((_, ckpt), ins)| *ckpt && ins.contains(&v));
         let plain = regions.len() == 1;

@@ -229,8 +229,8 @@ pub fn estimate_for(plan: &Plan, target: Target) -> Result<Estimate, PlanError> 
 
     // Gradients are `None` at the start of a step (`zero_grad` sets them to None), are
     // created by the first micro-batch's backward and accumulated into by later ones.
-    let regions = graph.regions(plan.checkpoint_segments);
     let mut walk = walk::Walk::new(&graph, amp, plan.checkpoint_segments, matches!(target, Target::Cpu));
+    let regions = walk.regions().to_vec();
     let micro_batches_to_walk = plan.accumulation.min(2);
     for micro in 0..micro_batches_to_walk {
         walk.start_micro_batch(micro == 0);

@@ -47,6 +47,7 @@ pub struct Walk<'g> {
     param_uses: Vec<Vec<usize>>,
     /// Per region, the values it reads from outside it (in the trainer, through leaves).
     live_in: Vec<Vec<usize>>,
+    producer: Vec<Option<usize>>,
     regions: Vec<(std::ops::Range<usize>, bool)>,
     /// The trainer's extra reference to a checkpointed region's inputs, from its no-grad
     /// forward until no earlier region reads them.
@@ -71,23 +72,8 @@ impl<'g> Walk<'g> {
                 param_uses[p].push(i);
             }
         }
-        let producer = g.producer();
         let regions = g.regions(segments);
-        let live_in: Vec<Vec<usize>> = regions
-            .iter()
-            .map(|(range, _)| {
-                let mut seen = std::collections::BTreeSet::new();
-                let mut ins = Vec::new();
-                for n in &g.nodes[range.clone()] {
-                    for &v in &n.inputs {
-                        if producer[v].is_none_or(|p| !range.contains(&p)) && seen.insert(v) {
-                            ins.push(v);
-                        }
-                    }
-                }
-                ins
-            })
-            .collect();
+        let live_in = g.region_inputs(&regions);
         Walk {
             g,
             amp,
@@ -101,6 +87,7 @@ impl<'g> Walk<'g> {
             param_uses,
             live_in,
             regions,
+            producer: g.producer(),
             kept: vec![None; g.values.len()],
             param_grads: vec![None; g.params.len()],
             deferred: Vec::new(),
@@ -215,20 +202,24 @@ impl<'g> Walk<'g> {
     /// trainer reads them through leaves whose gradients it collects after the region's
     /// backward, which keeps them alive until then.
     pub fn hold_inputs(&mut self, sim: &mut Sim, range: std::ops::Range<usize>) -> Vec<Tensor> {
-        let producer = self.g.producer();
-        let mut seen = std::collections::BTreeSet::new();
+        let Some(r) = self.regions.iter().position(|(x, _)| *x == range) else {
+            return Vec::new();
+        };
         let mut held = Vec::new();
-        for i in range.clone() {
-            for &v in &self.g.nodes[i].inputs {
-                if producer[v].is_some_and(|p| !range.contains(&p))
-                    && seen.insert(v)
-                    && let Some(t) = self.store[v]
-                {
-                    held.push(sim.retain(t));
-                }
+        for k in 0..self.live_in[r].len() {
+            let v = self.live_in[r][k];
+            if self.producer[v].is_some()
+                && let Some(t) = self.store[v]
+            {
+                held.push(sim.retain(t));
             }
         }
         held
+    }
+
+    /// The regions this walk runs, in order.
+    pub fn regions(&self) -> &[(std::ops::Range<usize>, bool)] {
+        &self.regions
     }
 
     /// Holds the incoming gradients of a recomputed region's outputs: the trainer passes
@@ -302,6 +293,25 @@ impl<'g> Walk<'g> {
         if let Some(t) = self.store[v].take() {
             sim.release(t);
         }
+    }
+
+    /// Rows of a value over its last dimension.
+    fn rows(&self, v: usize) -> u64 {
+        self.numel(v) / self.g.values[v].shape.last().copied().unwrap_or(1).max(1)
+    }
+
+    /// A normalisation's two fp32 statistics of `stats` entries (mean and inverse std),
+    /// saved with the input when `grad` is on, else freed at once.
+    fn save_with_stats(&mut self, sim: &mut Sim, i: usize, grad: bool, input: Tensor, stats: u64) {
+        let mean = sim.alloc(stats * F32, Category::Activations);
+        let inv_std = sim.alloc(stats * F32, Category::Activations);
+        if grad {
+            self.save(sim, i, input);
+            self.save(sim, i, mean);
+            self.save(sim, i, inv_std);
+        }
+        sim.release(mean);
+        sim.release(inv_std);
     }
 
     fn save(&mut self, sim: &mut Sim, i: usize, t: Tensor) {
@@ -453,16 +463,8 @@ impl<'g> Walk<'g> {
                 // Per-channel (per sample-channel for instance norm) mean and inverse std.
                 let s = &self.g.values[xi].shape;
                 let stats = if matches!(node.op, Op::BatchNorm { .. }) { s[1] } else { s[0] * s[1] };
-                let mean = sim.alloc(stats * F32, Category::Activations);
-                let invstd = sim.alloc(stats * F32, Category::Activations);
-                if grad {
-                    let t = self.held(xi);
-                    self.save(sim, i, t);
-                    self.save(sim, i, mean);
-                    self.save(sim, i, invstd);
-                }
-                sim.release(mean);
-                sim.release(invstd);
+                let input = self.held(xi);
+                self.save_with_stats(sim, i, grad, input, stats);
                 self.store[out] = Some(o);
             }
             Op::LayerNorm { .. } | Op::Softmax { .. } | Op::Normalize => {
@@ -476,21 +478,11 @@ impl<'g> Walk<'g> {
                 if grad {
                     match node.op {
                         Op::Softmax { .. } => self.save(sim, i, o),
-                        Op::LayerNorm { .. } => {
-                            let d = self.g.values[xi].shape.last().copied().unwrap_or(1).max(1);
-                            let rows = self.numel(xi) / d;
-                            let mean = sim.alloc(rows * F32, Category::Activations);
-                            let rstd = sim.alloc(rows * F32, Category::Activations);
-                            self.save(sim, i, input);
-                            self.save(sim, i, mean);
-                            self.save(sim, i, rstd);
-                            sim.release(mean);
-                            sim.release(rstd);
-                        }
+                        // Mean and reciprocal std per row.
+                        Op::LayerNorm { .. } => self.save_with_stats(sim, i, true, input, self.rows(xi)),
                         _ => {
                             // x / ||x||: the input, the norm and the output are saved.
-                            let rows = self.numel(xi) / self.g.values[xi].shape.last().copied().unwrap_or(1).max(1);
-                            let norm = sim.alloc(rows * F32, Category::Activations);
+                            let norm = sim.alloc(self.rows(xi) * F32, Category::Activations);
                             self.save(sim, i, input);
                             self.save(sim, i, norm);
                             self.save(sim, i, o);
