@@ -2,11 +2,18 @@
 //! estimator (shape inference, parameter counts, memory accounting) and the agent's tch
 //! module, so that the two can never drift apart.
 //!
-//! The zoo (`crate::zoo`) builds graphs with the [`Builder`], composing primitives into
-//! blocks (a residual unit, an attention layer). Both consumers see only primitives: the
-//! estimator has one memory rule per primitive, the trainer one tch call per primitive.
-//! Shapes are full shapes, batch dimension first, because attention reshapes mix the batch
-//! with other dimensions.
+//! A graph is a whole training forward pass as its reference implementation writes it:
+//! the model's operations in the order PyTorch runs them (including the views, copies and
+//! composite activations a reference spells out in Python), then the loss, ending in one
+//! scalar. Parameters enter through [`Op::Param`] nodes, so a weight used twice (tied
+//! embeddings) is one value with two readers, as in autograd. The data — images, tokens
+//! and labels — are the graph's inputs.
+//!
+//! Shapes are static and checked by the [`Builder`]; memory layouts (strides) are not part
+//! of the graph, because they depend on the kernels a device runs: the estimator derives
+//! them as it walks, the trainer gets them from libtorch.
+
+use std::ops::Range;
 
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
@@ -14,7 +21,8 @@ use thiserror::Error;
 /// A tensor shape, batch dimension first.
 pub type Shape = Vec<u64>;
 
-/// Element types a graph's values and parameters can have.
+/// Element types of a graph's values and parameters, as the fp32 program has them
+/// (autocast's half-precision copies are decided where the graph runs).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum DType {
     F32,
@@ -39,13 +47,13 @@ pub enum Init {
     Uniform(f64),
     Normal(f64),
     Const(f64),
-    /// 0, 1, …, n-1 (int64 position ids).
+    /// 0, 1, …, n-1 (int64).
     Arange,
-    /// Swin's relative position index for a window, sliced to its first `n` tokens.
-    RelativePositionIndex {
-        window: [u64; 3],
-        n: u64,
-    },
+    /// Swin's relative position index for a window: `[N, N]` int64 with N = product.
+    RelativePositionIndex { window: [u64; 3] },
+    /// An additive causal mask `[n, n]`: 0 on and below the diagonal, -inf above
+    /// (open_clip's text `attn_mask` buffer).
+    CausalMask,
 }
 
 /// A trainable parameter or a buffer (`trainable: false`: running statistics, masks).
@@ -63,198 +71,197 @@ pub struct Param {
 pub struct Value {
     pub shape: Shape,
     pub dtype: DType,
-    /// Whether the value is laid out contiguously (views made by permutes and strided
-    /// slices are not; the estimator needs to know when a later reshape copies).
-    pub contiguous: bool,
-    /// A view shares its input's storage.
-    pub view_of: Option<usize>,
     pub requires_grad: bool,
 }
 
-/// A primitive operation. Each has one memory rule in the estimator and one tch call in
-/// the trainer.
+/// A primitive operation: one ATen-level call (or a composite that ATen itself treats as
+/// one autograd node). Each has one memory rule in the estimator and one tch call in the
+/// trainer. Broadcasting follows PyTorch.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Op {
-    /// `x @ W^T + b` over the last dimension; `weight_in_out` stores `W` as `[in, out]`
-    /// (Hugging Face's `Conv1D`, CLIP's projections).
-    Linear {
-        bias: bool,
-        weight_in_out: bool,
-    },
-    /// 1-, 2- or 3-D convolution with equal kernel, stride and padding in every dimension.
-    Conv {
-        nd: u8,
-        kernel: u64,
-        stride: u64,
-        padding: u64,
-        groups: u64,
-        bias: bool,
-    },
-    ConvTranspose {
-        nd: u8,
-        kernel: u64,
-        stride: u64,
-        padding: u64,
-        output_padding: u64,
-        bias: bool,
-    },
+    /// A parameter or buffer as a value (`params[0]`); no memory of its own.
+    Param,
+    /// `F.linear(x, W, b)` with `W` `[out, in]` (`params`: weight, then bias).
+    Linear { bias: bool },
+    /// Hugging Face's `Conv1D`: `addmm(b, x.view(-1, in), W).view(...)`, `W` `[in, out]`.
+    Conv1dHf,
+    /// 1-, 2- or 3-D convolution, equal kernel, stride and padding in every dimension.
+    Conv { nd: u8, kernel: u64, stride: u64, padding: u64, groups: u64, bias: bool },
+    ConvTranspose { nd: u8, kernel: u64, stride: u64, padding: u64, output_padding: u64, bias: bool },
     /// Training-mode batch norm with affine parameters and running statistics.
-    BatchNorm {
-        eps: f64,
-    },
-    /// Instance norm without affine parameters or running statistics (MONAI's default).
-    InstanceNorm {
-        eps: f64,
-    },
+    BatchNorm { eps: f64 },
+    /// `F.instance_norm` without affine parameters or running statistics (MONAI's
+    /// default): batch norm over a `[1, B*C, ...]` view.
+    InstanceNorm { eps: f64 },
     /// Layer norm over the last dimension.
-    LayerNorm {
-        eps: f64,
-        affine: bool,
-    },
-    Relu {
-        inplace: bool,
-    },
-    /// Leaky ReLU with slope 0.01 (libtorch's default, MONAI's choice).
-    LeakyRelu {
-        inplace: bool,
-    },
+    LayerNorm { eps: f64, affine: bool },
     /// PReLU with one shared slope.
     Prelu,
-    Gelu {
-        tanh: bool,
-    },
+    /// Rows of `params[0]` picked by the int64 ids in `inputs[0]`.
+    Embedding,
+    MaxPool { nd: u8, kernel: u64, stride: u64, padding: u64 },
+    Relu { inplace: bool },
+    /// Leaky ReLU with slope 0.01 (PyTorch's default, MONAI's choice).
+    LeakyRelu { inplace: bool },
+    Gelu { tanh: bool },
     Sigmoid,
-    /// Element-wise sum of two values (broadcasting the second).
+    Tanh,
+    Exp,
     Add,
+    Sub,
+    Mul,
+    Div,
     /// `a += b` in place: the result is `a`'s storage.
     AddInplace,
-    /// Element-wise product (broadcasting the second).
-    Mul,
-    /// `x + p` with a parameter or buffer `p` broadcast over `x`.
-    AddParam,
-    /// `cat([p.expand(B, 1, D), x], dim=1)`: a class token in front of a sequence.
-    PrependToken,
-    Cat {
-        dim: usize,
-    },
-    MaxPool {
-        nd: u8,
-        kernel: u64,
-        stride: u64,
-        padding: u64,
-    },
-    Mean {
-        dims: Vec<usize>,
-        keepdim: bool,
-    },
-    /// A reshape of a contiguous value: a view.
-    View {
-        shape: Shape,
-    },
-    /// A view with permuted dimensions.
-    Permute {
-        dims: Vec<usize>,
-    },
-    /// A view with two dimensions swapped.
-    Transpose {
-        d0: usize,
-        d1: usize,
-    },
+    MulScalar { s: f64 },
+    AddScalar { s: f64 },
+    /// `s - x`.
+    RsubScalar { s: f64 },
+    PowScalar { e: f64 },
+    Mean { dims: Vec<usize>, keepdim: bool },
+    Sum { dims: Vec<usize>, keepdim: bool },
+    /// The 2-norm over the last dimension, keeping it (`F.normalize`'s denominator).
+    VectorNorm,
+    ClampMin { min: f64 },
+    Softmax { dim: usize },
+    LogSoftmax { dim: usize },
+    /// The index of the largest entry along the last dimension (int64, no gradient).
+    Argmax,
+    /// A view with a new shape; the input's layout must allow it.
+    View { shape: Shape },
+    /// A view when the layout allows it, else a copy.
+    Reshape { shape: Shape },
+    Permute { dims: Vec<usize> },
+    Transpose { d0: usize, d1: usize },
+    Unsqueeze { dim: usize },
+    Squeeze { dim: usize },
+    /// A broadcasting view (stride 0) to this shape.
+    Expand { shape: Shape },
     /// A copy when the input is not contiguous, else the input itself.
     Contiguous,
-    /// `x.select(dim, index)`: a view.
-    Select {
-        dim: usize,
-        index: u64,
-    },
-    /// `x.narrow(dim, start, len)` or a strided slice: a view.
-    Slice {
-        dim: usize,
-        start: u64,
-        len: u64,
-        step: u64,
-    },
-    /// Zero padding after the end of each of the given dimensions.
-    PadEnd {
-        dims: Vec<usize>,
-        amounts: Vec<u64>,
-    },
-    Roll {
-        shifts: Vec<i64>,
-        dims: Vec<usize>,
-    },
-    /// Rows of a table parameter picked by int64 indices.
-    Embedding,
-    /// Rows of a table parameter picked by an index buffer: `table[index]`.
-    Gather,
-    Dropout {
-        p: f64,
-    },
-    Softmax {
-        dim: usize,
-    },
-    /// Batched matrix product of two 3-D values.
-    Bmm,
-    MulScalar {
-        s: f64,
-    },
-    /// Fused scaled-dot-product attention over `[B, H, N, hd]` queries, keys and values.
-    Attention {
-        causal: bool,
-        dropout: f64,
-    },
-    /// `x / max(||x||, eps)` over the last dimension.
-    Normalize,
-    /// Swin's shifted-window attention mask `[1, nW, 1, N, N]` over a padded volume:
-    /// -100 between tokens of different shifted regions. Made at every forward pass, as
-    /// MONAI's `compute_mask` does, and not trained.
-    ShiftedWindowMask {
-        padded: [u64; 3],
-        window: [u64; 3],
-        shift: [u64; 3],
-    },
+    /// Always a copy, laid out like the input.
+    Clone,
+    Select { dim: usize, index: u64 },
+    /// `x.narrow` or a strided slice: a view.
+    Slice { dim: usize, start: u64, len: u64, step: u64 },
+    /// `x.split(size, dim)`: several views, one output each.
+    Split { dim: usize, size: u64 },
+    Cat { dim: usize },
+    /// `F.pad` with zeros: `(before, after)` per dimension, first dimension first; always
+    /// a new tensor.
+    Pad { pads: Vec<(u64, u64)> },
+    Roll { shifts: Vec<i64>, dims: Vec<usize> },
+    /// `x[arange(B), idx]` for `x` `[B, T, D]` and int64 `idx` `[B]`: one row per sample.
+    IndexRows,
+    /// `x[idx]` for `x` `[R, ...]` and an int64 `idx` `[n]`: rows, copied.
+    Index,
+    /// `torch.matmul`: matrix products with broadcast batch dimensions.
+    MatMul,
+    /// `F.scaled_dot_product_attention(q, k, v[, mask])` over `[B, H, N, hd]`.
+    Attention { causal: bool, dropout: f64, scale: Option<f64> },
+    Dropout { p: f64 },
+    /// Swin's shifted-window attention mask `[nW, N, N]`, computed at every forward pass
+    /// as MONAI's `compute_mask` does: -100 between tokens of different shifted regions.
+    ShiftedWindowMask { padded: [u64; 3], window: [u64; 3], shift: [u64; 3] },
+    /// `x.float()`: a copy when the input ran in half precision, else nothing.
+    ToF32,
+    /// `nll_loss` with mean reduction over `[N, C, ...]` log-probabilities and int64
+    /// targets `[N, ...]`; targets equal to `ignore_index` do not count.
+    NllLoss { ignore_index: i64 },
+    /// `binary_cross_entropy_with_logits` with mean reduction (logits, float targets).
+    BceWithLogits,
+    /// MONAI's `one_hot(labels, C, dim=1)` of float class maps `[B, 1, ...]`.
+    OneHot { classes: u64 },
+    /// `x.long()` of a float tensor.
+    ToI64,
 }
 
 impl Op {
     pub fn name(&self) -> &'static str {
         match self {
+            Op::Param => "param",
             Op::Linear { .. } => "linear",
+            Op::Conv1dHf => "conv1d_hf",
             Op::Conv { .. } => "conv",
             Op::ConvTranspose { .. } => "conv_transpose",
             Op::BatchNorm { .. } => "batch_norm",
             Op::InstanceNorm { .. } => "instance_norm",
             Op::LayerNorm { .. } => "layer_norm",
-            Op::Relu { .. } => "relu",
-            Op::LeakyRelu { .. } => "leaky_relu",
             Op::Prelu => "prelu",
+            Op::Embedding => "embedding",
+            Op::MaxPool { .. } => "max_pool",
+            Op::Relu { inplace: false } => "relu",
+            Op::Relu { inplace: true } => "relu_",
+            Op::LeakyRelu { inplace: false } => "leaky_relu",
+            Op::LeakyRelu { inplace: true } => "leaky_relu_",
             Op::Gelu { .. } => "gelu",
             Op::Sigmoid => "sigmoid",
+            Op::Tanh => "tanh",
+            Op::Exp => "exp",
             Op::Add => "add",
-            Op::AddInplace => "add_",
+            Op::Sub => "sub",
             Op::Mul => "mul",
-            Op::AddParam => "add_param",
-            Op::PrependToken => "prepend_token",
-            Op::Cat { .. } => "cat",
-            Op::MaxPool { .. } => "max_pool",
+            Op::Div => "div",
+            Op::AddInplace => "add_",
+            Op::MulScalar { .. } => "mul_scalar",
+            Op::AddScalar { .. } => "add_scalar",
+            Op::RsubScalar { .. } => "rsub_scalar",
+            Op::PowScalar { .. } => "pow",
             Op::Mean { .. } => "mean",
+            Op::Sum { .. } => "sum",
+            Op::VectorNorm => "vector_norm",
+            Op::ClampMin { .. } => "clamp_min",
+            Op::Softmax { .. } => "softmax",
+            Op::LogSoftmax { .. } => "log_softmax",
+            Op::Argmax => "argmax",
             Op::View { .. } => "view",
+            Op::Reshape { .. } => "reshape",
             Op::Permute { .. } => "permute",
             Op::Transpose { .. } => "transpose",
+            Op::Unsqueeze { .. } => "unsqueeze",
+            Op::Squeeze { .. } => "squeeze",
+            Op::Expand { .. } => "expand",
             Op::Contiguous => "contiguous",
+            Op::Clone => "clone",
             Op::Select { .. } => "select",
             Op::Slice { .. } => "slice",
-            Op::PadEnd { .. } => "pad",
+            Op::Split { .. } => "split",
+            Op::Cat { .. } => "cat",
+            Op::Pad { .. } => "pad",
             Op::Roll { .. } => "roll",
-            Op::Embedding => "embedding",
-            Op::Gather => "gather",
-            Op::Dropout { .. } => "dropout",
-            Op::Softmax { .. } => "softmax",
-            Op::Bmm => "bmm",
-            Op::MulScalar { .. } => "mul_scalar",
+            Op::IndexRows => "index_rows",
+            Op::Index => "index",
+            Op::MatMul => "matmul",
             Op::Attention { .. } => "attention",
-            Op::Normalize => "normalize",
+            Op::Dropout { .. } => "dropout",
             Op::ShiftedWindowMask { .. } => "shifted_window_mask",
+            Op::ToF32 => "float",
+            Op::NllLoss { .. } => "nll_loss",
+            Op::BceWithLogits => "bce_with_logits",
+            Op::OneHot { .. } => "one_hot",
+            Op::ToI64 => "long",
         }
+    }
+
+    /// Ops whose output shares its first input's storage.
+    pub fn is_view(&self) -> bool {
+        matches!(
+            self,
+            Op::View { .. }
+                | Op::Permute { .. }
+                | Op::Transpose { .. }
+                | Op::Unsqueeze { .. }
+                | Op::Squeeze { .. }
+                | Op::Expand { .. }
+                | Op::Select { .. }
+                | Op::Slice { .. }
+                | Op::Split { .. }
+        )
+    }
+
+    /// Ops that write into their first input.
+    pub fn is_inplace(&self) -> bool {
+        matches!(self, Op::Relu { inplace: true } | Op::LeakyRelu { inplace: true } | Op::AddInplace)
     }
 }
 
@@ -264,30 +271,63 @@ pub struct Node {
     pub op: Op,
     pub inputs: Vec<usize>,
     pub params: Vec<usize>,
-    pub output: usize,
+    /// Usually one value; `Split` has one per piece.
+    pub outputs: Vec<usize>,
 }
 
-/// What the model's outputs are trained against.
+impl Node {
+    pub fn output(&self) -> usize {
+        self.outputs[0]
+    }
+}
+
+/// What the model is trained for; decides what the synthetic data looks like.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Task {
-    /// Logits `[B, classes]` against one label per sample.
+    /// One label per sample.
     Classify { classes: u64 },
-    /// Logits `[B, classes, ...spatial]` against one label per voxel.
+    /// A label per voxel.
     Segment { classes: u64 },
-    /// Logits `[B, T, vocab]` against one token per position.
+    /// Next-token prediction.
     LanguageModel { vocab: u64 },
-    /// Image and text embeddings `[B, E]` matched by a symmetric contrastive loss with a
-    /// learned temperature (the graph's last parameter).
+    /// Images and captions matched by position.
     Contrastive,
 }
 
-/// A model input the data generator fills.
+/// A graph input the data provides.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum InputKind {
-    /// Standard-normal floats (images, volumes, features).
+    /// Real numbers (images, volumes, features).
     Real,
-    /// Token ids below `vocab`.
+    /// Token ids below `vocab` (int64).
     Tokens { vocab: u64 },
+    /// A class index per sample or voxel below `classes` (int64).
+    ClassIndex { classes: u64 },
+    /// A class index per voxel stored as float, `[B, 1, ...]` (MONAI's label maps).
+    ClassMap { classes: u64 },
+    /// A 0/1 float mask `[B, 1, ...]` (binary segmentation).
+    Mask,
+}
+
+/// How gradient checkpointing partitions a graph.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Checkpoint {
+    Off,
+    /// `torch.utils.checkpoint.checkpoint_sequential` over the model's top-level stages:
+    /// `n - 1` checkpointed segments of `stages / n` stages each, then the rest normally.
+    Segments(u64),
+    /// The reference's own per-block checkpointing (MONAI `use_checkpoint`, timm and
+    /// open_clip `set_grad_checkpointing`, Hugging Face `gradient_checkpointing_enable`,
+    /// or each block wrapped in `torch.utils.checkpoint` where a reference has no API).
+    Blocks,
+}
+
+/// A run of nodes, checkpointed or not.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Region {
+    pub nodes: Range<usize>,
+    pub checkpointed: bool,
 }
 
 /// A shape-checked graph for one micro-batch size.
@@ -296,14 +336,25 @@ pub struct Graph {
     pub values: Vec<Value>,
     pub params: Vec<Param>,
     pub nodes: Vec<Node>,
-    /// The values the data generator provides, with what they hold.
+    /// The values the data provides, with what they hold.
     pub inputs: Vec<(usize, InputKind)>,
-    /// The values the loss consumes.
-    pub outputs: Vec<usize>,
+    /// What the model returns to the training loop, which keeps it bound through the
+    /// step (logits; Hugging Face's key/value cache; CLIP's features).
+    pub returned: Vec<usize>,
+    /// The scalar loss.
+    pub loss: usize,
+    /// The first node of the loss computation (when the reference computes the loss
+    /// inside the model, the first node after the logits).
+    pub loss_start: usize,
+    /// The node index at which the model call returns to the loop: `loss_start`, or the
+    /// end when the model computes its own loss (Hugging Face).
+    pub returns_after: usize,
     pub task: Task,
-    /// Node ranges of the repeated trunk blocks, in order: the units gradient
-    /// checkpointing may group into segments.
-    pub blocks: Vec<std::ops::Range<usize>>,
+    /// Node ranges of the model's top-level sequential stages (what
+    /// `checkpoint_sequential` would run), in order, all before `loss_start`.
+    pub stages: Vec<Range<usize>>,
+    /// Node ranges the reference checkpoints one at a time with per-block checkpointing.
+    pub blocks: Vec<Range<usize>>,
 }
 
 /// Why a graph cannot be built.
@@ -343,23 +394,23 @@ impl Graph {
     }
 
     /// The largest working buffer a kernel makes that is not a graph value: attention
-    /// scores `[B, H, N, N]` (materialised on the CPU's math path) and the CPU's im2col
-    /// columns of a convolution, fp32.
+    /// scores `[B, H, N, S]` (materialised on the CPU's math path) and the native CPU
+    /// kernels' im2col columns of a convolution, fp32.
     pub fn largest_working_bytes(&self) -> u64 {
         self.nodes
             .iter()
             .map(|n| match n.op {
                 Op::Attention { .. } => {
-                    let s = &self.values[n.output].shape;
-                    s[0].saturating_mul(s[1]).saturating_mul(s[2]).saturating_mul(s[2]).saturating_mul(4)
+                    let (q, k) = (&self.values[n.inputs[0]].shape, &self.values[n.inputs[1]].shape);
+                    numel(&q[..q.len() - 1]).saturating_mul(k[k.len() - 2]).saturating_mul(4)
                 }
                 Op::Conv { nd, kernel, .. } => {
-                    let (x, y) = (&self.values[n.inputs[0]].shape, &self.values[n.output].shape);
+                    let (x, y) = (&self.values[n.inputs[0]].shape, &self.values[n.output()].shape);
                     let k = kernel.saturating_pow(u32::from(nd));
                     x[0].saturating_mul(x[1]).saturating_mul(k).saturating_mul(numel(&y[2..])).saturating_mul(4)
                 }
                 Op::ConvTranspose { nd, kernel, .. } => {
-                    let (x, y) = (&self.values[n.inputs[0]].shape, &self.values[n.output].shape);
+                    let (x, y) = (&self.values[n.inputs[0]].shape, &self.values[n.output()].shape);
                     let k = kernel.saturating_pow(u32::from(nd));
                     x[0].saturating_mul(y[1]).saturating_mul(k).saturating_mul(numel(&x[2..])).saturating_mul(4)
                 }
@@ -384,23 +435,36 @@ impl Graph {
     pub fn producer(&self) -> Vec<Option<usize>> {
         let mut producer = vec![None; self.values.len()];
         for (i, node) in self.nodes.iter().enumerate() {
-            producer[node.output] = Some(i);
+            for &o in &node.outputs {
+                producer[o] = Some(i);
+            }
         }
         producer
     }
 
+    /// The nodes that read each parameter through an `Op::Param` node.
+    pub fn param_nodes(&self) -> Vec<Vec<usize>> {
+        let mut out = vec![Vec::new(); self.params.len()];
+        for (i, n) in self.nodes.iter().enumerate() {
+            if let Op::Param = n.op {
+                out[n.params[0]].push(i);
+            }
+        }
+        out
+    }
+
     /// For each region, the values its nodes read from outside it (earlier regions or the
-    /// graph's inputs), in first-read order: what a region's leaves stand for.
-    pub fn region_inputs(&self, regions: &[(std::ops::Range<usize>, bool)]) -> Vec<Vec<usize>> {
+    /// graph's inputs), in first-read order.
+    pub fn region_inputs(&self, regions: &[Region]) -> Vec<Vec<usize>> {
         let producer = self.producer();
         regions
             .iter()
-            .map(|(range, _)| {
+            .map(|r| {
                 let mut seen = std::collections::BTreeSet::new();
                 let mut ins = Vec::new();
-                for n in &self.nodes[range.clone()] {
+                for n in &self.nodes[r.nodes.clone()] {
                     for &v in &n.inputs {
-                        if producer[v].is_none_or(|p| !range.contains(&p)) && seen.insert(v) {
+                        if producer[v].is_none_or(|p| !r.nodes.contains(&p)) && seen.insert(v) {
                             ins.push(v);
                         }
                     }
@@ -410,38 +474,46 @@ impl Graph {
             .collect()
     }
 
-    /// Splits the nodes into regions for `segments` checkpoint segments: the nodes before
-    /// the first block and after the last run normally; the blocks (all but one that
-    /// ends the graph) are grouped into consecutive checkpointed regions of
-    /// `ceil(blocks / segments)` blocks each, so there are at most `segments` of them.
-    /// Unlike `checkpoint_sequential`, the last group is checkpointed too; the head after
-    /// it is not. `(range, checkpointed)` pairs cover every node.
-    pub fn regions(&self, segments: u64) -> Vec<(std::ops::Range<usize>, bool)> {
+    /// The most segments `Checkpoint::Segments` can take for this graph.
+    pub fn max_segments(&self) -> u64 {
+        self.stages.len() as u64
+    }
+
+    /// Splits the nodes into regions for a checkpoint mode; the regions cover every node
+    /// in order. `Segments(n)` follows `checkpoint_sequential`: `n - 1` checkpointed
+    /// segments of `stages / n` stages, then the remaining stages and the loss normally.
+    /// `Blocks` checkpoints each of `blocks`. A mode the graph cannot take (more segments
+    /// than stages, no blocks) gives one plain region; `Plan::validate` refuses those.
+    pub fn regions(&self, mode: Checkpoint) -> Vec<Region> {
         let n = self.nodes.len();
-        // The loss needs the last region's outputs with autograd: a block that ends the
-        // graph is never checkpointed.
-        let blocks: Vec<std::ops::Range<usize>> = self.blocks.iter().filter(|b| b.end < n).cloned().collect();
-        let (Some(first), Some(last)) = (blocks.first(), blocks.last()) else {
-            return vec![(0..n, false)];
+        let plain = vec![Region { nodes: 0..n, checkpointed: false }];
+        let ckpt: Vec<Range<usize>> = match mode {
+            Checkpoint::Off => return plain,
+            Checkpoint::Segments(k) => {
+                let k = k as usize;
+                let m = self.stages.len();
+                if k < 2 || k > m {
+                    return plain;
+                }
+                let per = m / k;
+                (0..k - 1).map(|s| self.stages[s * per].start..self.stages[(s + 1) * per - 1].end).collect()
+            }
+            Checkpoint::Blocks => self.blocks.clone(),
         };
-        if segments == 0 {
-            return vec![(0..n, false)];
+        if ckpt.is_empty() {
+            return plain;
         }
-        let k = (segments as usize).min(blocks.len());
         let mut regions = Vec::new();
-        if first.start > 0 {
-            regions.push((0..first.start, false));
+        let mut at = 0;
+        for r in ckpt {
+            if r.start > at {
+                regions.push(Region { nodes: at..r.start, checkpointed: false });
+            }
+            at = r.end;
+            regions.push(Region { nodes: r, checkpointed: true });
         }
-        let per = blocks.len().div_ceil(k);
-        // Each segment runs from its first block to the next segment's first block, so
-        // that nodes between blocks (a downsampling layer) belong to a segment too.
-        let starts: Vec<usize> = blocks.chunks(per).map(|c| c[0].start).collect();
-        for (j, &start) in starts.iter().enumerate() {
-            let end = starts.get(j + 1).copied().unwrap_or(last.end);
-            regions.push((start..end, true));
-        }
-        if last.end < n {
-            regions.push((last.end..n, false));
+        if at < n {
+            regions.push(Region { nodes: at..n, checkpointed: false });
         }
         regions
     }
@@ -451,6 +523,23 @@ impl Graph {
 /// wrapping, so that limits catch absurd shapes.
 pub fn numel(shape: &[u64]) -> u64 {
     shape.iter().fold(1u64, |acc, &d| acc.saturating_mul(d))
+}
+
+/// The shape two operands broadcast to, or None.
+pub fn broadcast(a: &[u64], b: &[u64]) -> Option<Shape> {
+    let n = a.len().max(b.len());
+    let mut out = vec![0; n];
+    for i in 0..n {
+        let x = if i + a.len() >= n { a[i + a.len() - n] } else { 1 };
+        let y = if i + b.len() >= n { b[i + b.len() - n] } else { 1 };
+        out[i] = match (x, y) {
+            (x, y) if x == y => x,
+            (1, y) => y,
+            (x, 1) => x,
+            _ => return None,
+        };
+    }
+    Some(out)
 }
 
 /// Builds a graph op by op, checking shapes as it goes. Names are module paths
@@ -470,17 +559,39 @@ impl Builder {
                 params: Vec::new(),
                 nodes: Vec::new(),
                 inputs: Vec::new(),
-                outputs: Vec::new(),
+                returned: Vec::new(),
+                loss: 0,
+                loss_start: 0,
+                returns_after: 0,
                 task,
+                stages: Vec::new(),
                 blocks: Vec::new(),
             },
             prefix: Vec::new(),
         }
     }
 
-    pub fn finish(mut self, outputs: Vec<usize>) -> Graph {
-        self.g.outputs = outputs;
+    /// Ends the graph: `returned` is what the model hands the training loop, `loss` the
+    /// scalar, `loss_start` the first node that computes it.
+    pub fn finish(mut self, returned: Vec<usize>, loss: usize, loss_start: usize) -> Graph {
+        self.g.returned = returned;
+        self.g.loss = loss;
+        self.g.loss_start = loss_start;
+        self.g.returns_after = loss_start;
         self.g
+    }
+
+    /// Like `finish`, for a model that computes its loss itself and returns it with its
+    /// outputs (the loop's previous outputs stay alive until then).
+    pub fn finish_with_loss_inside(self, returned: Vec<usize>, loss: usize, loss_start: usize) -> Graph {
+        let mut g = self.finish(returned, loss, loss_start);
+        g.returns_after = g.nodes.len();
+        g
+    }
+
+    /// The index the next node will get.
+    pub fn next_node(&self) -> usize {
+        self.g.nodes.len()
     }
 
     /// Runs `f` with `name` appended to the module path.
@@ -491,7 +602,19 @@ impl Builder {
         out
     }
 
-    /// Runs `f` and records its nodes as one trunk block for checkpointing.
+    /// Runs `f` and records its nodes as one top-level stage (for `checkpoint_sequential`).
+    pub fn stage<T>(&mut self, f: impl FnOnce(&mut Builder) -> T) -> T {
+        let start = self.g.nodes.len();
+        let out = f(self);
+        let end = self.g.nodes.len();
+        if end > start {
+            self.g.stages.push(start..end);
+        }
+        out
+    }
+
+    /// Runs `f` and records its nodes as one unit of the reference's per-block
+    /// checkpointing.
     pub fn block<T>(&mut self, f: impl FnOnce(&mut Builder) -> T) -> T {
         let start = self.g.nodes.len();
         let out = f(self);
@@ -510,7 +633,7 @@ impl Builder {
         parts.join(".")
     }
 
-    fn err(&self, op: &'static str, reason: impl Into<String>) -> GraphError {
+    pub fn err(&self, op: &'static str, reason: impl Into<String>) -> GraphError {
         GraphError { op, name: self.path(""), reason: reason.into() }
     }
 
@@ -518,72 +641,72 @@ impl Builder {
         &self.g.values[v].shape
     }
 
+    pub fn dtype(&self, v: usize) -> DType {
+        self.g.values[v].dtype
+    }
+
     pub fn input(&mut self, shape: Shape, kind: InputKind) -> usize {
         let dtype = match kind {
-            InputKind::Real => DType::F32,
-            InputKind::Tokens { .. } => DType::I64,
+            InputKind::Real | InputKind::ClassMap { .. } | InputKind::Mask => DType::F32,
+            InputKind::Tokens { .. } | InputKind::ClassIndex { .. } => DType::I64,
         };
-        let v = self.value(shape, dtype, true, None, false);
+        let v = self.value(shape, dtype, false);
         self.g.inputs.push((v, kind));
         v
     }
 
-    pub fn param(&mut self, name: &str, shape: Shape, init: Init) -> usize {
-        self.g.params.push(Param { name: self.path(name), shape, dtype: DType::F32, init, trainable: true });
+    fn new_param(&mut self, name: &str, shape: Shape, dtype: DType, init: Init, trainable: bool) -> usize {
+        self.g.params.push(Param { name: self.path(name), shape, dtype, init, trainable });
         self.g.params.len() - 1
+    }
+
+    /// A trainable fp32 parameter (declared; use [`Builder::param_value`] to read it).
+    pub fn param(&mut self, name: &str, shape: Shape, init: Init) -> usize {
+        self.new_param(name, shape, DType::F32, init, true)
     }
 
     pub fn buffer(&mut self, name: &str, shape: Shape, dtype: DType, init: Init) -> usize {
-        self.g.params.push(Param { name: self.path(name), shape, dtype, init, trainable: false });
-        self.g.params.len() - 1
+        self.new_param(name, shape, dtype, init, false)
     }
 
-    fn value(&mut self, shape: Shape, dtype: DType, contiguous: bool, view_of: Option<usize>, grad: bool) -> usize {
-        self.g.values.push(Value { shape, dtype, contiguous, view_of, requires_grad: grad });
+    /// Reads parameter `p` as a value.
+    pub fn param_value(&mut self, p: usize) -> usize {
+        let (shape, dtype, grad) = {
+            let p = &self.g.params[p];
+            (p.shape.clone(), p.dtype, p.trainable)
+        };
+        let v = self.value(shape, dtype, grad);
+        self.g.nodes.push(Node { op: Op::Param, inputs: vec![], params: vec![p], outputs: vec![v] });
+        v
+    }
+
+    /// A new parameter, read as a value at once.
+    pub fn param_in(&mut self, name: &str, shape: Shape, init: Init) -> usize {
+        let p = self.param(name, shape, init);
+        self.param_value(p)
+    }
+
+    fn value(&mut self, shape: Shape, dtype: DType, grad: bool) -> usize {
+        self.g.values.push(Value { shape, dtype, requires_grad: grad });
         self.g.values.len() - 1
     }
 
-    fn push(&mut self, op: Op, inputs: Vec<usize>, params: Vec<usize>, shape: Shape) -> usize {
-        let first = inputs[0];
-        let in_grad = inputs.iter().any(|&v| self.g.values[v].requires_grad);
-        let param_grad = params.iter().any(|&p| self.g.params[p].trainable);
-        let (dtype, contiguous, view_of) = match &op {
-            Op::View { .. } => (self.g.values[first].dtype, true, Some(first)),
-            Op::Select { dim, .. } => {
-                // Selecting along the outermost non-unit dimension keeps a contiguous block.
-                let outer = self.g.values[first].shape[..*dim].iter().all(|&d| d == 1);
-                (self.g.values[first].dtype, self.g.values[first].contiguous && outer, Some(first))
-            }
-            // libtorch ignores the strides of size-1 dimensions: a permute that keeps the
-            // other dimensions in order, or a slice below only size-1 dimensions, is still
-            // contiguous (and a later `.contiguous()` copies nothing).
-            Op::Permute { dims } => {
-                let input = &self.g.values[first];
-                let order: Vec<usize> = dims.iter().copied().filter(|&d| input.shape[d] != 1).collect();
-                let kept = order.windows(2).all(|w| w[0] < w[1]);
-                (input.dtype, input.contiguous && kept, Some(first))
-            }
-            Op::Transpose { d0, d1 } => {
-                let input = &self.g.values[first];
-                let (lo, hi) = ((*d0).min(*d1), (*d0).max(*d1));
-                let kept = lo == hi || input.shape[lo..=hi].iter().filter(|&&d| d != 1).count() <= 1;
-                (input.dtype, input.contiguous && kept, Some(first))
-            }
-            Op::Slice { dim, len, step, .. } => {
-                let input = &self.g.values[first];
-                let outer = input.shape[..*dim].iter().all(|&d| d == 1);
-                (input.dtype, input.contiguous && outer && (*step == 1 || *len <= 1), Some(first))
-            }
-            Op::Contiguous if self.g.values[first].contiguous => (self.g.values[first].dtype, true, Some(first)),
-            // In-place ops write into their first input's storage.
-            Op::Relu { inplace: true } | Op::LeakyRelu { inplace: true } | Op::AddInplace => {
-                (self.g.values[first].dtype, self.g.values[first].contiguous, Some(first))
-            }
-            _ => (DType::F32, true, None),
-        };
-        let out = self.value(shape, dtype, contiguous, view_of, in_grad || param_grad);
-        self.g.nodes.push(Node { op, inputs, params, output: out });
+    fn grad_of(&self, inputs: &[usize], params: &[usize]) -> bool {
+        inputs.iter().any(|&v| self.g.values[v].requires_grad) || params.iter().any(|&p| self.g.params[p].trainable)
+    }
+
+    /// Appends a node with one output of `shape` and `dtype`.
+    fn push_typed(&mut self, op: Op, inputs: Vec<usize>, params: Vec<usize>, shape: Shape, dtype: DType) -> usize {
+        let grad = dtype == DType::F32 && self.grad_of(&inputs, &params) && !matches!(op, Op::Argmax);
+        let out = self.value(shape, dtype, grad);
+        self.g.nodes.push(Node { op, inputs, params, outputs: vec![out] });
         out
+    }
+
+    /// Appends a node whose output has its first input's dtype.
+    fn push(&mut self, op: Op, inputs: Vec<usize>, params: Vec<usize>, shape: Shape) -> usize {
+        let dtype = inputs.first().map_or(DType::F32, |&v| self.g.values[v].dtype);
+        self.push_typed(op, inputs, params, shape, dtype)
     }
 
     fn init_bound(fan_in: u64) -> Init {
@@ -600,6 +723,11 @@ impl Builder {
         params
     }
 
+    /// Params as values, in order.
+    fn values_of(&mut self, params: &[usize]) -> Vec<usize> {
+        params.iter().map(|&p| self.param_value(p)).collect()
+    }
+
     /// The number of spatial dimensions of a `[B, C, ...]` input (1 to 3).
     fn spatial_dims(&self, op: &'static str, shape: &[u64]) -> R<usize> {
         let nd = shape.len().saturating_sub(2);
@@ -609,30 +737,47 @@ impl Builder {
         Ok(nd)
     }
 
-    /// A linear layer over the last dimension.
+    /// `nn.Linear(in, out)` over the last dimension (weight `[out, in]`).
     pub fn linear(&mut self, name: &str, x: usize, out: u64, bias: bool) -> R<usize> {
-        self.linear_with(name, x, out, bias, false)
-    }
-
-    pub fn linear_with(&mut self, name: &str, x: usize, out: u64, bias: bool, weight_in_out: bool) -> R<usize> {
         let shape = self.shape(x).to_vec();
         let Some(&inf) = shape.last() else {
             return Err(self.err("linear", "needs at least one dimension"));
         };
-        // A strided 2-D input (a selected token) is fine for addmm; anything else must
-        // be contiguous so that the flattening reshape is a view.
-        if !self.g.values[x].contiguous && shape.len() != 2 {
-            return Err(self.err("linear", "input must be contiguous"));
+        let params = self.scope(name, |b| b.weight_and_bias(vec![out, inf], out, inf, bias));
+        self.linear_with(x, params, bias)
+    }
+
+    /// `F.linear` with existing parameters `[weight, bias?]` (tied weights, MHA's packed
+    /// projections).
+    pub fn linear_with(&mut self, x: usize, params: Vec<usize>, bias: bool) -> R<usize> {
+        let mut shape = self.shape(x).to_vec();
+        let w = self.g.params[params[0]].shape.clone();
+        if w.len() != 2 || shape.last() != Some(&w[1]) {
+            return Err(self.err("linear", format!("input {shape:?} does not match the weight {w:?}")));
         }
-        self.scope(name, |b| {
-            let w_shape = if weight_in_out { vec![inf, out] } else { vec![out, inf] };
-            let params = b.weight_and_bias(w_shape, out, inf, bias);
-            let mut o = shape.clone();
-            if let Some(last) = o.last_mut() {
-                *last = out;
-            }
-            Ok(b.push(Op::Linear { bias, weight_in_out }, vec![x], params, o))
-        })
+        if let Some(last) = shape.last_mut() {
+            *last = w[0];
+        }
+        let mut inputs = vec![x];
+        inputs.extend(self.values_of(&params));
+        Ok(self.push(Op::Linear { bias }, inputs, vec![], shape))
+    }
+
+    /// Hugging Face's `Conv1D(out, in)`: weight `[in, out]`, bias.
+    pub fn conv1d_hf(&mut self, name: &str, x: usize, out: u64) -> R<usize> {
+        let mut shape = self.shape(x).to_vec();
+        let Some(&inf) = shape.last() else {
+            return Err(self.err("conv1d", "needs at least one dimension"));
+        };
+        let params = self.scope(name, |b| {
+            vec![b.param("weight", vec![inf, out], Init::Normal(0.02)), b.param("bias", vec![out], Init::Const(0.0))]
+        });
+        if let Some(last) = shape.last_mut() {
+            *last = out;
+        }
+        let mut inputs = vec![x];
+        inputs.extend(self.values_of(&params));
+        Ok(self.push(Op::Conv1dHf, inputs, vec![], shape))
     }
 
     fn conv_out(&self, op: &'static str, size: u64, kernel: u64, stride: u64, padding: u64) -> R<u64> {
@@ -658,7 +803,7 @@ impl Builder {
         let shape = self.shape(x).to_vec();
         let nd = self.spatial_dims("conv", &shape)?;
         let cin = shape[1];
-        self.scope(name, |b| {
+        let (o, params) = self.scope(name, |b| -> R<(Shape, Vec<usize>)> {
             if groups == 0 || cin % groups != 0 || out % groups != 0 {
                 return Err(b.err("conv", format!("{groups} groups must divide {cin} input and {out} output channels")));
             }
@@ -669,9 +814,11 @@ impl Builder {
             let fan_in = cin / groups * kernel.pow(nd as u32);
             let mut w = vec![out, cin / groups];
             w.extend(std::iter::repeat_n(kernel, nd));
-            let params = b.weight_and_bias(w, out, fan_in, bias);
-            Ok(b.push(Op::Conv { nd: nd as u8, kernel, stride, padding, groups, bias }, vec![x], params, o))
-        })
+            Ok((o, b.weight_and_bias(w, out, fan_in, bias)))
+        })?;
+        let mut inputs = vec![x];
+        inputs.extend(self.values_of(&params));
+        Ok(self.push(Op::Conv { nd: nd as u8, kernel, stride, padding, groups, bias }, inputs, vec![], o))
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -698,30 +845,37 @@ impl Builder {
             }
             o.push(full - 2 * padding);
         }
-        self.scope(name, |b| {
+        let params = self.scope(name, |b| {
             // ConvTranspose's weight is [in, out, k...] and its fan-in is out * k^nd.
             let fan_in = out * kernel.pow(nd as u32);
             let mut w = vec![cin, out];
             w.extend(std::iter::repeat_n(kernel, nd));
-            let params = b.weight_and_bias(w, out, fan_in, bias);
-            let op = Op::ConvTranspose { nd: nd as u8, kernel, stride, padding, output_padding, bias };
-            Ok(b.push(op, vec![x], params, o))
-        })
+            b.weight_and_bias(w, out, fan_in, bias)
+        });
+        let mut inputs = vec![x];
+        inputs.extend(self.values_of(&params));
+        let op = Op::ConvTranspose { nd: nd as u8, kernel, stride, padding, output_padding, bias };
+        Ok(self.push(op, inputs, vec![], o))
     }
 
     pub fn batch_norm(&mut self, name: &str, x: usize) -> R<usize> {
         let shape = self.shape(x).to_vec();
         let c = shape.get(1).copied().ok_or_else(|| self.err("batch_norm", "needs [B, C, ...]"))?;
-        self.scope(name, |b| {
-            let params = vec![
+        if numel(&shape) / c.max(1) < 2 {
+            return Err(self.err("batch_norm", format!("expected more than 1 value per channel when training, got {shape:?}")));
+        }
+        let params = self.scope(name, |b| {
+            vec![
                 b.param("weight", vec![c], Init::Const(1.0)),
                 b.param("bias", vec![c], Init::Const(0.0)),
                 b.buffer("running_mean", vec![c], DType::F32, Init::Const(0.0)),
                 b.buffer("running_var", vec![c], DType::F32, Init::Const(1.0)),
                 b.buffer("num_batches_tracked", vec![], DType::I64, Init::Const(0.0)),
-            ];
-            Ok(b.push(Op::BatchNorm { eps: 1e-5 }, vec![x], params, shape))
-        })
+            ]
+        });
+        let mut inputs = vec![x];
+        inputs.extend(self.values_of(&params));
+        Ok(self.push(Op::BatchNorm { eps: 1e-5 }, inputs, vec![], shape))
     }
 
     pub fn instance_norm(&mut self, x: usize) -> R<usize> {
@@ -729,28 +883,31 @@ impl Builder {
         if shape.len() < 3 {
             return Err(self.err("instance_norm", format!("needs [B, C, ...spatial], got {shape:?}")));
         }
+        if numel(&shape[2..]) < 2 {
+            // PyTorch refuses this in training mode.
+            return Err(self.err(
+                "instance_norm",
+                format!("expected more than 1 spatial element when training, got {shape:?}; use a larger input"),
+            ));
+        }
         Ok(self.push(Op::InstanceNorm { eps: 1e-5 }, vec![x], vec![], shape))
     }
 
     pub fn layer_norm(&mut self, name: &str, x: usize, eps: f64) -> R<usize> {
         let shape = self.shape(x).to_vec();
         let d = *shape.last().ok_or_else(|| self.err("layer_norm", "needs a dimension"))?;
-        if !self.g.values[x].contiguous {
-            return Err(self.err("layer_norm", "input must be contiguous"));
-        }
-        self.scope(name, |b| {
-            let params = vec![b.param("weight", vec![d], Init::Const(1.0)), b.param("bias", vec![d], Init::Const(0.0))];
-            Ok(b.push(Op::LayerNorm { eps, affine: true }, vec![x], params, shape))
-        })
+        let params = self.scope(name, |b| {
+            vec![b.param("weight", vec![d], Init::Const(1.0)), b.param("bias", vec![d], Init::Const(0.0))]
+        });
+        let mut inputs = vec![x];
+        inputs.extend(self.values_of(&params));
+        Ok(self.push(Op::LayerNorm { eps, affine: true }, inputs, vec![], shape))
     }
 
     /// Layer norm without parameters (`F.layer_norm(x, [C])`).
-    pub fn layer_norm_plain(&mut self, x: usize) -> R<usize> {
+    pub fn layer_norm_plain(&mut self, x: usize) -> usize {
         let shape = self.shape(x).to_vec();
-        if !self.g.values[x].contiguous {
-            return Err(self.err("layer_norm", "input must be contiguous"));
-        }
-        Ok(self.push(Op::LayerNorm { eps: 1e-5, affine: false }, vec![x], vec![], shape))
+        self.push(Op::LayerNorm { eps: 1e-5, affine: false }, vec![x], vec![], shape)
     }
 
     pub fn unary(&mut self, op: Op, x: usize) -> usize {
@@ -761,48 +918,56 @@ impl Builder {
     pub fn prelu(&mut self, name: &str, x: usize) -> usize {
         let shape = self.shape(x).to_vec();
         let p = self.scope(name, |b| b.param("weight", vec![1], Init::Const(0.25)));
-        self.push(Op::Prelu, vec![x], vec![p], shape)
+        let w = self.param_value(p);
+        self.push(Op::Prelu, vec![x, w], vec![], shape)
     }
 
-    fn broadcastable(&self, op: &'static str, a: &[u64], b: &[u64]) -> R<()> {
-        if b.len() > a.len() || a.iter().rev().zip(b.iter().rev()).any(|(&x, &y)| y != 1 && y != x) {
-            return Err(self.err(op, format!("cannot broadcast {b:?} onto {a:?}")));
-        }
-        Ok(())
+    fn binary(&mut self, op: Op, a: usize, b: usize) -> R<usize> {
+        let name = op.name();
+        let shape = broadcast(self.shape(a), self.shape(b))
+            .ok_or_else(|| self.err(name, format!("cannot broadcast {:?} with {:?}", self.shape(a), self.shape(b))))?;
+        Ok(self.push(op, vec![a, b], vec![], shape))
     }
 
     pub fn add(&mut self, a: usize, b: usize) -> R<usize> {
-        let shape = self.shape(a).to_vec();
-        self.broadcastable("add", &shape, self.shape(b))?;
-        Ok(self.push(Op::Add, vec![a, b], vec![], shape))
+        self.binary(Op::Add, a, b)
     }
 
-    pub fn add_inplace(&mut self, a: usize, b: usize) -> R<usize> {
-        let shape = self.shape(a).to_vec();
-        self.broadcastable("add_", &shape, self.shape(b))?;
-        Ok(self.push(Op::AddInplace, vec![a, b], vec![], shape))
+    pub fn sub(&mut self, a: usize, b: usize) -> R<usize> {
+        self.binary(Op::Sub, a, b)
     }
 
     pub fn mul(&mut self, a: usize, b: usize) -> R<usize> {
+        self.binary(Op::Mul, a, b)
+    }
+
+    pub fn div(&mut self, a: usize, b: usize) -> R<usize> {
+        self.binary(Op::Div, a, b)
+    }
+
+    /// `a += b`: `b` broadcasts onto `a`'s shape.
+    pub fn add_inplace(&mut self, a: usize, b: usize) -> R<usize> {
         let shape = self.shape(a).to_vec();
-        self.broadcastable("mul", &shape, self.shape(b))?;
-        Ok(self.push(Op::Mul, vec![a, b], vec![], shape))
-    }
-
-    pub fn add_param(&mut self, x: usize, p: usize) -> R<usize> {
-        let shape = self.shape(x).to_vec();
-        let ps = self.g.params[p].shape.clone();
-        self.broadcastable("add_param", &shape, &ps)?;
-        Ok(self.push(Op::AddParam, vec![x], vec![p], shape))
-    }
-
-    pub fn prepend_token(&mut self, x: usize, p: usize) -> R<usize> {
-        let mut shape = self.shape(x).to_vec();
-        if shape.len() != 3 {
-            return Err(self.err("prepend_token", format!("needs [B, N, D], got {shape:?}")));
+        if broadcast(&shape, self.shape(b)).as_deref() != Some(shape.as_slice()) {
+            return Err(self.err("add_", format!("cannot add {:?} into {shape:?}", self.shape(b))));
         }
-        shape[1] += 1;
-        Ok(self.push(Op::PrependToken, vec![x], vec![p], shape))
+        Ok(self.push(Op::AddInplace, vec![a, b], vec![], shape))
+    }
+
+    pub fn mul_scalar(&mut self, x: usize, s: f64) -> usize {
+        self.unary(Op::MulScalar { s }, x)
+    }
+
+    pub fn add_scalar(&mut self, x: usize, s: f64) -> usize {
+        self.unary(Op::AddScalar { s }, x)
+    }
+
+    pub fn rsub_scalar(&mut self, x: usize, s: f64) -> usize {
+        self.unary(Op::RsubScalar { s }, x)
+    }
+
+    pub fn pow_scalar(&mut self, x: usize, e: f64) -> usize {
+        self.unary(Op::PowScalar { e }, x)
     }
 
     pub fn cat(&mut self, xs: Vec<usize>, dim: usize) -> R<usize> {
@@ -824,32 +989,76 @@ impl Builder {
 
     pub fn max_pool(&mut self, x: usize, kernel: u64, stride: u64, padding: u64) -> R<usize> {
         let shape = self.shape(x).to_vec();
-        let nd = shape.len().saturating_sub(2);
-        let mut o = shape[..2.min(shape.len())].to_vec();
+        let nd = self.spatial_dims("max_pool", &shape)?;
+        let mut o = shape[..2].to_vec();
         for &s in &shape[2..] {
             o.push(self.conv_out("max_pool", s, kernel, stride, padding)?);
         }
         Ok(self.push(Op::MaxPool { nd: nd as u8, kernel, stride, padding }, vec![x], vec![], o))
     }
 
-    pub fn mean(&mut self, x: usize, dims: Vec<usize>, keepdim: bool) -> usize {
-        let shape = self.shape(x).to_vec();
-        let o: Shape = shape
+    fn reduced(shape: &[u64], dims: &[usize], keepdim: bool) -> Shape {
+        shape
             .iter()
             .enumerate()
             .filter_map(|(i, &d)| if dims.contains(&i) { keepdim.then_some(1) } else { Some(d) })
-            .collect();
+            .collect()
+    }
+
+    pub fn mean(&mut self, x: usize, dims: Vec<usize>, keepdim: bool) -> usize {
+        let o = Builder::reduced(self.shape(x), &dims, keepdim);
         self.push(Op::Mean { dims, keepdim }, vec![x], vec![], o)
+    }
+
+    pub fn sum(&mut self, x: usize, dims: Vec<usize>, keepdim: bool) -> usize {
+        let o = Builder::reduced(self.shape(x), &dims, keepdim);
+        self.push(Op::Sum { dims, keepdim }, vec![x], vec![], o)
+    }
+
+    /// All dimensions of a value, for full reductions.
+    pub fn all_dims(&self, x: usize) -> Vec<usize> {
+        (0..self.shape(x).len()).collect()
+    }
+
+    /// `F.normalize(x, dim=-1)`: `x / max(||x||, 1e-12)`.
+    pub fn normalize(&mut self, x: usize) -> R<usize> {
+        let mut s = self.shape(x).to_vec();
+        if let Some(last) = s.last_mut() {
+            *last = 1;
+        }
+        let n = self.push(Op::VectorNorm, vec![x], vec![], s.clone());
+        let n = self.unary(Op::ClampMin { min: 1e-12 }, n);
+        let full = self.shape(x).to_vec();
+        let n = self.expand(n, full)?;
+        self.div(x, n)
+    }
+
+    pub fn softmax(&mut self, x: usize, dim: usize) -> usize {
+        self.unary(Op::Softmax { dim }, x)
+    }
+
+    pub fn log_softmax(&mut self, x: usize, dim: usize) -> usize {
+        self.unary(Op::LogSoftmax { dim }, x)
+    }
+
+    pub fn argmax(&mut self, x: usize) -> usize {
+        let mut s = self.shape(x).to_vec();
+        s.pop();
+        self.push_typed(Op::Argmax, vec![x], vec![], s, DType::I64)
     }
 
     pub fn view(&mut self, x: usize, shape: Shape) -> R<usize> {
         if numel(&shape) != numel(self.shape(x)) {
             return Err(self.err("view", format!("cannot view {:?} as {shape:?}", self.shape(x))));
         }
-        if !self.g.values[x].contiguous {
-            return Err(self.err("view", "input must be contiguous"));
-        }
         Ok(self.push(Op::View { shape: shape.clone() }, vec![x], vec![], shape))
+    }
+
+    pub fn reshape(&mut self, x: usize, shape: Shape) -> R<usize> {
+        if numel(&shape) != numel(self.shape(x)) {
+            return Err(self.err("reshape", format!("cannot reshape {:?} to {shape:?}", self.shape(x))));
+        }
+        Ok(self.push(Op::Reshape { shape: shape.clone() }, vec![x], vec![], shape))
     }
 
     pub fn permute(&mut self, x: usize, dims: Vec<usize>) -> R<usize> {
@@ -869,15 +1078,36 @@ impl Builder {
         self.push(Op::Transpose { d0, d1 }, vec![x], vec![], shape)
     }
 
-    pub fn contiguous(&mut self, x: usize) -> usize {
-        if self.g.values[x].contiguous {
-            return x;
-        }
-        let shape = self.shape(x).to_vec();
-        self.push(Op::Contiguous, vec![x], vec![], shape)
+    pub fn unsqueeze(&mut self, x: usize, dim: usize) -> usize {
+        let mut shape = self.shape(x).to_vec();
+        shape.insert(dim, 1);
+        self.push(Op::Unsqueeze { dim }, vec![x], vec![], shape)
     }
 
-    /// A permute followed by a copy into the permuted layout.
+    pub fn squeeze(&mut self, x: usize, dim: usize) -> usize {
+        let mut shape = self.shape(x).to_vec();
+        if shape.get(dim) == Some(&1) {
+            shape.remove(dim);
+        }
+        self.push(Op::Squeeze { dim }, vec![x], vec![], shape)
+    }
+
+    pub fn expand(&mut self, x: usize, shape: Shape) -> R<usize> {
+        if broadcast(self.shape(x), &shape).as_deref() != Some(shape.as_slice()) {
+            return Err(self.err("expand", format!("cannot expand {:?} to {shape:?}", self.shape(x))));
+        }
+        Ok(self.push(Op::Expand { shape: shape.clone() }, vec![x], vec![], shape))
+    }
+
+    pub fn contiguous(&mut self, x: usize) -> usize {
+        self.unary(Op::Contiguous, x)
+    }
+
+    pub fn clone_value(&mut self, x: usize) -> usize {
+        self.unary(Op::Clone, x)
+    }
+
+    /// A permute followed by `.contiguous()`.
     pub fn permute_copy(&mut self, x: usize, dims: Vec<usize>) -> R<usize> {
         let p = self.permute(x, dims)?;
         Ok(self.contiguous(p))
@@ -895,12 +1125,36 @@ impl Builder {
         self.push(Op::Slice { dim, start, len, step }, vec![x], vec![], shape)
     }
 
-    pub fn pad_end(&mut self, x: usize, dims: Vec<usize>, amounts: Vec<u64>) -> usize {
-        let mut shape = self.shape(x).to_vec();
-        for (&d, &a) in dims.iter().zip(&amounts) {
-            shape[d] += a;
+    /// `x.split(size, dim)`: equal pieces (the last may be shorter).
+    pub fn split(&mut self, x: usize, dim: usize, size: u64) -> R<Vec<usize>> {
+        let shape = self.shape(x).to_vec();
+        if size == 0 || dim >= shape.len() {
+            return Err(self.err("split", format!("cannot split {shape:?} into pieces of {size} along {dim}")));
         }
-        self.push(Op::PadEnd { dims, amounts }, vec![x], vec![], shape)
+        let grad = self.g.values[x].requires_grad;
+        let dtype = self.g.values[x].dtype;
+        let mut outs = Vec::new();
+        let mut at = 0;
+        while at < shape[dim] {
+            let mut s = shape.clone();
+            s[dim] = size.min(shape[dim] - at);
+            outs.push(self.value(s, dtype, grad));
+            at += size;
+        }
+        self.g.nodes.push(Node { op: Op::Split { dim, size }, inputs: vec![x], params: vec![], outputs: outs.clone() });
+        Ok(outs)
+    }
+
+    /// `F.pad(x, ...)` with zeros, `(before, after)` for each of the last dimensions.
+    pub fn pad(&mut self, x: usize, pads: Vec<(u64, u64)>) -> usize {
+        let mut shape = self.shape(x).to_vec();
+        let mut full = vec![(0, 0); shape.len()];
+        let off = shape.len().saturating_sub(pads.len());
+        for (i, p) in pads.into_iter().enumerate() {
+            full[off + i] = p;
+            shape[off + i] += p.0 + p.1;
+        }
+        self.push(Op::Pad { pads: full }, vec![x], vec![], shape)
     }
 
     pub fn roll(&mut self, x: usize, shifts: Vec<i64>, dims: Vec<usize>) -> usize {
@@ -908,53 +1162,78 @@ impl Builder {
         self.push(Op::Roll { shifts, dims }, vec![x], vec![], shape)
     }
 
+    /// `table[ids]` with an embedding table parameter.
     pub fn embedding(&mut self, name: &str, ids: usize, rows: u64, dim: u64) -> usize {
-        let p = self.scope(name, |b| b.param("weight", vec![rows, dim], Init::Normal(0.02)));
-        self.embedding_with(ids, p)
+        let p = self.scope(name, |b| b.param("weight", vec![rows, dim], Init::Normal(1.0)));
+        let t = self.param_value(p);
+        self.embedding_with(ids, t)
     }
 
-    /// A linear layer without bias whose `[out, in]` weight is an existing parameter
-    /// (an output head tied to the token embedding).
-    pub fn linear_tied(&mut self, x: usize, weight: usize) -> R<usize> {
-        let mut shape = self.shape(x).to_vec();
-        let w = self.g.params[weight].shape.clone();
-        if shape.last() != w.get(1) {
-            return Err(self.err("linear", format!("{shape:?} does not match the tied weight {w:?}")));
-        }
-        if let Some(last) = shape.last_mut() {
-            *last = w[0];
-        }
-        Ok(self.push(Op::Linear { bias: false, weight_in_out: false }, vec![x], vec![weight], shape))
-    }
-
-    /// `x @ P` with an existing `[in, out]` parameter and no bias (CLIP's projections).
-    pub fn linear_proj(&mut self, x: usize, proj: usize) -> R<usize> {
-        let mut shape = self.shape(x).to_vec();
-        let p = self.g.params[proj].shape.clone();
-        if shape.last() != p.first() {
-            return Err(self.err("linear", format!("{shape:?} does not match the projection {p:?}")));
-        }
-        if let Some(last) = shape.last_mut() {
-            *last = p[1];
-        }
-        Ok(self.push(Op::Linear { bias: false, weight_in_out: true }, vec![x], vec![proj], shape))
-    }
-
-    /// An embedding lookup into an existing table (tied weights).
+    /// An embedding lookup into a table value (`[rows, dim]`).
     pub fn embedding_with(&mut self, ids: usize, table: usize) -> usize {
         let mut shape = self.shape(ids).to_vec();
-        shape.push(self.g.params[table].shape[1]);
-        self.push(Op::Embedding, vec![ids], vec![table], shape)
+        shape.push(self.shape(table)[1]);
+        self.push_typed(Op::Embedding, vec![table, ids], vec![], shape, DType::F32)
     }
 
-    /// `table[index]` where `index` is an int64 buffer.
-    pub fn gather(&mut self, table: usize, index: usize) -> usize {
-        let shape = vec![self.g.params[index].shape[0], self.g.params[table].shape[1]];
-        let v = self.value(shape, DType::F32, true, None, self.g.params[table].trainable);
-        self.g.nodes.push(Node { op: Op::Gather, inputs: vec![], params: vec![table, index], output: v });
-        v
+    /// `x[arange(B), idx]`.
+    pub fn index_rows(&mut self, x: usize, idx: usize) -> R<usize> {
+        let s = self.shape(x).to_vec();
+        if s.len() != 3 || self.shape(idx) != [s[0]] {
+            return Err(self.err("index", format!("needs [B, T, D] and [B] indices, got {s:?}")));
+        }
+        Ok(self.push_typed(Op::IndexRows, vec![x, idx], vec![], vec![s[0], s[2]], DType::F32))
     }
 
+    /// `x[idx]` for a 1-D int64 index.
+    pub fn index(&mut self, x: usize, idx: usize) -> usize {
+        let mut s = self.shape(x).to_vec();
+        s[0] = self.shape(idx)[0];
+        let dtype = self.dtype(x);
+        self.push_typed(Op::Index, vec![x, idx], vec![], s, dtype)
+    }
+
+    /// `torch.matmul(a, b)` for 2-D or batched operands.
+    pub fn matmul(&mut self, a: usize, b: usize) -> R<usize> {
+        let (sa, sb) = (self.shape(a).to_vec(), self.shape(b).to_vec());
+        if sa.len() < 2 || sb.len() < 2 || sa[sa.len() - 1] != sb[sb.len() - 2] {
+            return Err(self.err("matmul", format!("cannot multiply {sa:?} by {sb:?}")));
+        }
+        let batch = broadcast(&sa[..sa.len() - 2], &sb[..sb.len() - 2])
+            .ok_or_else(|| self.err("matmul", format!("batch dimensions of {sa:?} and {sb:?} do not broadcast")))?;
+        let mut o = batch;
+        o.extend([sa[sa.len() - 2], sb[sb.len() - 1]]);
+        Ok(self.push(Op::MatMul, vec![a, b], vec![], o))
+    }
+
+    /// Scaled dot-product attention over `[B, H, N, hd]` queries and `[B, H, S, hd]` keys
+    /// and values, with an optional additive mask that broadcasts to `[B, H, N, S]`.
+    pub fn attention(
+        &mut self,
+        q: usize,
+        k: usize,
+        v: usize,
+        mask: Option<usize>,
+        causal: bool,
+        dropout: f64,
+        scale: Option<f64>,
+    ) -> R<usize> {
+        let (sq, sk, sv) = (self.shape(q).to_vec(), self.shape(k).to_vec(), self.shape(v).to_vec());
+        if sq.len() != 4 || sk.len() != 4 || sk != sv || sq[..2] != sk[..2] || sq[3] != sk[3] {
+            return Err(self.err("attention", format!("q {sq:?}, k {sk:?}, v {sv:?} are not [B, H, N, hd]")));
+        }
+        let mut inputs = vec![q, k, v];
+        if let Some(m) = mask {
+            if broadcast(self.shape(m), &[sq[0], sq[1], sq[2], sk[2]]).as_deref() != Some(&[sq[0], sq[1], sq[2], sk[2]])
+            {
+                return Err(self.err("attention", format!("mask {:?} does not broadcast to the scores", self.shape(m))));
+            }
+            inputs.push(m);
+        }
+        Ok(self.push(Op::Attention { causal, dropout, scale }, inputs, vec![], sq))
+    }
+
+    /// `nn.Dropout(p)`; a no-op for `p = 0`, as in PyTorch.
     pub fn dropout(&mut self, x: usize, p: f64) -> usize {
         if p <= 0.0 {
             return x;
@@ -962,46 +1241,58 @@ impl Builder {
         self.unary(Op::Dropout { p }, x)
     }
 
-    pub fn softmax(&mut self, x: usize, dim: usize) -> usize {
-        self.unary(Op::Softmax { dim }, x)
-    }
-
-    pub fn bmm(&mut self, a: usize, b: usize) -> R<usize> {
-        let (sa, sb) = (self.shape(a).to_vec(), self.shape(b).to_vec());
-        if sa.len() != 3 || sb.len() != 3 || sa[0] != sb[0] || sa[2] != sb[1] {
-            return Err(self.err("bmm", format!("cannot multiply {sa:?} by {sb:?}")));
-        }
-        Ok(self.push(Op::Bmm, vec![a, b], vec![], vec![sa[0], sa[1], sb[2]]))
-    }
-
-    pub fn mul_scalar(&mut self, x: usize, s: f64) -> usize {
-        self.unary(Op::MulScalar { s }, x)
-    }
-
-    pub fn attention(&mut self, q: usize, k: usize, v: usize, causal: bool, dropout: f64) -> R<usize> {
-        let s = self.shape(q).to_vec();
-        if s.len() != 4 || self.shape(k) != s.as_slice() || self.shape(v) != s.as_slice() {
-            return Err(self.err("attention", format!("q, k, v must all be [B, H, N, hd], got {s:?}")));
-        }
-        Ok(self.push(Op::Attention { causal, dropout }, vec![q, k, v], vec![], s))
-    }
-
     /// Swin's attention mask for shifted windows, made by this forward pass.
     pub fn shifted_window_mask(&mut self, padded: [u64; 3], window: [u64; 3], shift: [u64; 3]) -> usize {
         let windows = (0..3).map(|i| padded[i] / window[i].max(1)).product::<u64>();
         let n = window.iter().product::<u64>();
-        let v = self.value(vec![1, windows, 1, n, n], DType::F32, true, None, false);
+        let v = self.value(vec![windows, n, n], DType::F32, false);
         self.g.nodes.push(Node {
             op: Op::ShiftedWindowMask { padded, window, shift },
             inputs: vec![],
             params: vec![],
-            output: v,
+            outputs: vec![v],
         });
         v
     }
 
-    pub fn normalize(&mut self, x: usize) -> usize {
-        self.unary(Op::Normalize, x)
+    pub fn to_f32(&mut self, x: usize) -> usize {
+        self.unary(Op::ToF32, x)
+    }
+
+    pub fn to_i64(&mut self, x: usize) -> usize {
+        let shape = self.shape(x).to_vec();
+        self.push_typed(Op::ToI64, vec![x], vec![], shape, DType::I64)
+    }
+
+    /// `nll_loss` (mean) of log-probabilities `[N, C, ...]` against int64 targets `[N, ...]`.
+    pub fn nll_loss(&mut self, log_probs: usize, target: usize, ignore_index: i64) -> R<usize> {
+        let (s, t) = (self.shape(log_probs).to_vec(), self.shape(target).to_vec());
+        let mut want = s.clone();
+        if want.len() > 1 {
+            want.remove(1);
+        }
+        if t != want || self.dtype(target) != DType::I64 {
+            return Err(self.err("nll_loss", format!("targets {t:?} do not match log-probabilities {s:?}")));
+        }
+        Ok(self.push_typed(Op::NllLoss { ignore_index }, vec![log_probs, target], vec![], vec![], DType::F32))
+    }
+
+    pub fn bce_with_logits(&mut self, logits: usize, target: usize) -> R<usize> {
+        if self.shape(logits) != self.shape(target) {
+            return Err(self.err(
+                "bce_with_logits",
+                format!("targets {:?} do not match logits {:?}", self.shape(target), self.shape(logits)),
+            ));
+        }
+        Ok(self.push_typed(Op::BceWithLogits, vec![logits, target], vec![], vec![], DType::F32))
+    }
+
+    pub fn one_hot(&mut self, labels: usize, classes: u64) -> usize {
+        let mut s = self.shape(labels).to_vec();
+        if s.len() > 1 {
+            s[1] = classes;
+        }
+        self.push_typed(Op::OneHot { classes }, vec![labels], vec![], s, DType::F32)
     }
 }
 
@@ -1009,16 +1300,27 @@ impl Builder {
 mod tests {
     use super::*;
 
-    #[test]
-    fn linear_counts_weights_and_biases_and_infers_shapes() {
+    fn tiny() -> (Builder, usize) {
         let mut b = Builder::new(Task::Classify { classes: 10 });
         let x = b.input(vec![2, 1024], InputKind::Real);
+        (b, x)
+    }
+
+    #[test]
+    fn linear_counts_weights_and_biases_and_infers_shapes() {
+        let (mut b, x) = tiny();
         let h = b.linear("fc1", x, 4096, true).expect("fc1");
         let o = b.linear("fc2", h, 10, false).expect("fc2");
-        let g = b.finish(vec![o]);
+        let y = b.input(vec![2], InputKind::ClassIndex { classes: 10 });
+        let start = b.next_node();
+        let lp = b.log_softmax(o, 1);
+        let loss = b.nll_loss(lp, y, -100).expect("loss");
+        let g = b.finish(vec![o], loss, start);
         assert_eq!(g.n_params(), 1024 * 4096 + 4096 + 4096 * 10);
         assert_eq!(g.values[o].shape, vec![2, 10]);
         assert_eq!(g.params[2].name, "fc2.weight");
+        assert!(g.values[g.loss].shape.is_empty() && g.values[g.loss].requires_grad);
+        assert!(!g.values[y].requires_grad, "labels need no gradient");
     }
 
     #[test]
@@ -1040,20 +1342,42 @@ mod tests {
         assert_eq!(err.to_string(), "conv (stem.conv1): kernel 7 does not fit a size of 4 with padding 0");
         let err = b.conv("grouped", x, 8, 3, 1, 1, 2, false).expect_err("groups");
         assert!(err.to_string().contains("2 groups must divide 3"), "{err}");
+        let y = b.input(vec![1, 5], InputKind::Real);
+        let err = b.add(x, y).expect_err("broadcast");
+        assert!(err.to_string().contains("cannot broadcast"), "{err}");
     }
 
     #[test]
-    fn regions_group_blocks_into_segments() {
+    fn broadcasting_follows_pytorch() {
+        assert_eq!(broadcast(&[2, 1, 4], &[3, 1]), Some(vec![2, 3, 4]));
+        assert_eq!(broadcast(&[5], &[]), Some(vec![5]));
+        assert_eq!(broadcast(&[2, 3], &[4]), None);
+    }
+
+    #[test]
+    fn checkpoint_regions_follow_checkpoint_sequential_and_blocks() {
         let mut b = Builder::new(Task::Classify { classes: 2 });
         let mut x = b.input(vec![1, 4], InputKind::Real);
-        x = b.linear("stem", x, 4, true).expect("stem");
         for i in 0..4 {
-            x = b.block(|b| b.linear(&format!("block{i}"), x, 4, true)).expect("block");
+            x = b.stage(|b| b.block(|b| b.linear(&format!("l{i}"), x, 4, true))).expect("layer");
         }
-        x = b.linear("head", x, 2, true).expect("head");
-        let g = b.finish(vec![x]);
-        assert_eq!(g.regions(0), vec![(0..6, false)]);
-        assert_eq!(g.regions(2), vec![(0..1, false), (1..3, true), (3..5, true), (5..6, false)]);
-        assert_eq!(g.regions(9).len(), 6, "at most one segment per block");
+        let y = b.input(vec![1], InputKind::ClassIndex { classes: 2 });
+        let start = b.next_node();
+        let lp = b.log_softmax(x, 1);
+        let loss = b.nll_loss(lp, y, -100).expect("loss");
+        let g = b.finish(vec![x], loss, start);
+        let n = g.nodes.len();
+        // Each linear is three nodes (weight, bias, linear).
+        assert_eq!(g.regions(Checkpoint::Off), vec![Region { nodes: 0..n, checkpointed: false }]);
+        let seg = g.regions(Checkpoint::Segments(2));
+        assert_eq!(
+            seg,
+            vec![Region { nodes: 0..6, checkpointed: true }, Region { nodes: 6..n, checkpointed: false }],
+            "two segments: the first two stages checkpointed, the rest run normally"
+        );
+        assert_eq!(g.regions(Checkpoint::Segments(5)).len(), 1, "more segments than stages is refused by validation");
+        let blocks = g.regions(Checkpoint::Blocks);
+        assert_eq!(blocks.iter().filter(|r| r.checkpointed).count(), 4);
+        assert_eq!(blocks.last().map(|r| r.checkpointed), Some(false), "the loss is never checkpointed");
     }
 }

@@ -9,8 +9,8 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
-use crate::graph::{Graph, Shape, numel};
-use crate::zoo;
+use crate::graph::{Checkpoint, Graph, Shape, numel};
+use crate::zoo::{self, BuildOptions, LossKind, LossSpec};
 
 /// Limits a plan must respect. Each one is named in the error that enforces it.
 pub mod limits {
@@ -34,16 +34,22 @@ pub mod limits {
     pub const MAX_CHECKPOINT_SEGMENTS: u64 = 1_024;
     pub const MAX_LOADER_WORKERS: u64 = 256;
     pub const MAX_PREFETCH: u64 = 64;
+    pub const MAX_CPU_THREADS: u64 = 1_024;
 }
 
-/// The architecture, by family, with its parameters.
+/// CPU threads an estimate assumes when a plan does not say (a few kernels keep a buffer
+/// per thread).
+pub const DEFAULT_CPU_THREADS: u64 = 4;
+
+/// The architecture: a zoo model with its settings. `mlp` and `small_cnn` with
+/// `input_shape` and `classes` are the format of earlier plan files; they load as the zoo
+/// models of the same name (see [`Plan::normalize`]).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum ModelSpec {
-    /// Flatten, then `Linear -> ReLU` per hidden width, then a linear classifier.
+    /// Earlier format of the zoo's `mlp`: `Linear -> ReLU` per hidden width.
     Mlp { hidden: Vec<u64> },
-    /// Per entry of `channels`: `Conv3x3 -> ReLU -> MaxPool2x2`; then flatten and a
-    /// linear classifier. The input shape must be `[C, H, W]`.
+    /// Earlier format of the zoo's `small_cnn`: `Conv3x3 -> ReLU -> MaxPool2x2` per entry.
     SmallCnn { channels: Vec<u64> },
     /// A zoo model (`crate::zoo::MODELS`) with its `key=value` settings; its input shape
     /// and outputs come from the settings, not from `input_shape` and `classes`.
@@ -57,6 +63,8 @@ pub enum Optimizer {
     Sgd {
         momentum: f64,
         weight_decay: f64,
+        #[serde(default)]
+        nesterov: bool,
     },
     AdamW {
         beta1: f64,
@@ -77,12 +85,29 @@ impl Optimizer {
     /// The optimizer a CLI word names: `sgd`, `momentum`, `adam`, `adamw`.
     pub fn from_word(word: &str) -> Option<Optimizer> {
         Some(match word {
-            "sgd" => Optimizer::Sgd { momentum: 0.0, weight_decay: 0.0 },
-            "momentum" => Optimizer::Sgd { momentum: 0.9, weight_decay: 0.0 },
+            "sgd" => Optimizer::Sgd { momentum: 0.0, weight_decay: 0.0, nesterov: false },
+            "momentum" => Optimizer::Sgd { momentum: 0.9, weight_decay: 0.0, nesterov: false },
             "adam" => Optimizer::Adam { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.0 },
             "adamw" => Optimizer::AdamW { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.01 },
             _ => return None,
         })
+    }
+
+    /// The optimizer's weight decay.
+    pub fn weight_decay(&self) -> f64 {
+        match *self {
+            Optimizer::Sgd { weight_decay, .. }
+            | Optimizer::Adam { weight_decay, .. }
+            | Optimizer::AdamW { weight_decay, .. } => weight_decay,
+        }
+    }
+
+    fn set_weight_decay(&mut self, value: f64) {
+        match self {
+            Optimizer::Sgd { weight_decay, .. }
+            | Optimizer::Adam { weight_decay, .. }
+            | Optimizer::AdamW { weight_decay, .. } => *weight_decay = value,
+        }
     }
 
     pub fn word(&self) -> &'static str {
@@ -121,6 +146,70 @@ impl Precision {
             Precision::Fp32 => "fp32",
             Precision::Fp16 => "fp16",
             Precision::Bf16 => "bf16",
+        }
+    }
+}
+
+/// Which training program an estimate answers for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Runtime {
+    /// The reference implementation in a user's own PyTorch script, with PyTorch's
+    /// defaults (its optimizers, oneDNN on the CPU, non-reentrant checkpointing).
+    Pytorch,
+    /// Headroom's own trainer (the agent): the same graph and loop with libtorch's C++
+    /// optimizers and its reentrant checkpointing.
+    Headroom,
+}
+
+impl Runtime {
+    pub fn from_word(word: &str) -> Option<Runtime> {
+        match word {
+            "pytorch" => Some(Runtime::Pytorch),
+            "headroom" => Some(Runtime::Headroom),
+            _ => None,
+        }
+    }
+
+    pub fn word(self) -> &'static str {
+        match self {
+            Runtime::Pytorch => "pytorch",
+            Runtime::Headroom => "headroom",
+        }
+    }
+}
+
+/// How PyTorch's optimizers apply the update (`foreach=` / `fused=`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OptimizerImpl {
+    /// PyTorch's default: `foreach` when every parameter is on CUDA, else a loop.
+    Auto,
+    /// One parameter at a time (`foreach=False`).
+    ForLoop,
+    /// Whole parameter lists per kernel (`foreach=True`): temporaries for every parameter.
+    Foreach,
+    /// One fused kernel (`fused=True`): no temporaries.
+    Fused,
+}
+
+impl OptimizerImpl {
+    pub fn from_word(word: &str) -> Option<OptimizerImpl> {
+        Some(match word {
+            "auto" => OptimizerImpl::Auto,
+            "for_loop" => OptimizerImpl::ForLoop,
+            "foreach" => OptimizerImpl::Foreach,
+            "fused" => OptimizerImpl::Fused,
+            _ => return None,
+        })
+    }
+
+    pub fn word(self) -> &'static str {
+        match self {
+            OptimizerImpl::Auto => "auto",
+            OptimizerImpl::ForLoop => "for_loop",
+            OptimizerImpl::Foreach => "foreach",
+            OptimizerImpl::Fused => "fused",
         }
     }
 }
@@ -212,10 +301,29 @@ pub struct Plan {
     /// enforces it. `None` means the device's whole memory.
     #[serde(default)]
     pub memory_limit_bytes: Option<u64>,
-    /// Gradient checkpointing: the model's repeated blocks grouped into this many
-    /// recomputed segments (0: off).
+    /// Gradient checkpointing as `torch.utils.checkpoint.checkpoint_sequential` over the
+    /// model's top-level stages in this many segments (0: off).
     #[serde(default)]
     pub checkpoint_segments: u64,
+    /// Gradient checkpointing block by block, as the reference's own API does it.
+    #[serde(default)]
+    pub checkpoint_blocks: bool,
+    /// What the model is trained against (segmentation and classification models).
+    #[serde(default)]
+    pub loss: LossSpec,
+    /// Which training program the estimate answers for.
+    #[serde(default = "pytorch")]
+    pub runtime: Runtime,
+    /// How the optimizer's update runs.
+    #[serde(default = "auto_impl")]
+    pub optimizer_impl: OptimizerImpl,
+    /// oneDNN for CPU convolutions (PyTorch's default); off means libtorch's native kernels.
+    #[serde(default = "yes")]
+    pub onednn: bool,
+    /// CPU threads (`torch.get_num_threads()`); unset, the estimate assumes
+    /// `DEFAULT_CPU_THREADS` and the CLI uses this machine's cores.
+    #[serde(default)]
+    pub cpu_threads: Option<u64>,
     /// Caps the job at this fraction of the GPU's memory (`torch.cuda.set_per_process_memory_fraction`).
     #[serde(default)]
     pub memory_fraction: Option<f64>,
@@ -234,6 +342,15 @@ fn fp32() -> Precision {
 }
 fn auto() -> DeviceChoice {
     DeviceChoice::Auto
+}
+fn pytorch() -> Runtime {
+    Runtime::Pytorch
+}
+fn auto_impl() -> OptimizerImpl {
+    OptimizerImpl::Auto
+}
+fn yes() -> bool {
+    true
 }
 
 /// Why a plan was refused. Every variant names the field at fault.
@@ -270,9 +387,10 @@ fn check_unit_interval(field: &'static str, value: f64, include_zero: bool) -> R
 
 impl Plan {
     /// Reads a plan from JSON or YAML text (YAML is a superset of JSON, but JSON errors
-    /// read better, so JSON is tried first when the text looks like it).
+    /// read better, so JSON is tried first when the text looks like it). Earlier plan
+    /// files (`mlp`/`small_cnn` with `input_shape` and `classes`) load as zoo models.
     pub fn from_text(text: &str) -> Result<Plan, PlanError> {
-        let plan: Plan = if text.trim_start().starts_with('{') {
+        let mut plan: Plan = if text.trim_start().starts_with('{') {
             serde_json::from_str(text).map_err(|e| PlanError::Parse(e.to_string()))?
         } else {
             // Enums as single-key maps (`optimizer: {sgd: {...}}`), the same shape as JSON,
@@ -280,12 +398,97 @@ impl Plan {
             serde_yaml_ng::with::singleton_map_recursive::deserialize(serde_yaml_ng::Deserializer::from_str(text))
                 .map_err(|e| PlanError::Parse(e.to_string()))?
         };
+        plan.normalize()?;
         plan.validate()?;
         Ok(plan)
     }
 
     pub fn to_json(&self) -> String {
         serde_json::to_string_pretty(self).unwrap_or_default()
+    }
+
+    /// Turns the earlier `mlp`/`small_cnn` format into the zoo model of the same name, so
+    /// that every surface has one input path. Errors say how the old fields map.
+    pub fn normalize(&mut self) -> Result<(), PlanError> {
+        use limits::*;
+        let (name, mut settings) = match &self.model {
+            ModelSpec::Zoo { .. } => {
+                if !self.input_shape.is_empty() || self.classes != 0 {
+                    return Err(invalid(
+                        "input_shape",
+                        "zoo models take their input size and classes from model settings (image, volume, seq, num_classes), not input_shape/classes",
+                    ));
+                }
+                return Ok(());
+            }
+            ModelSpec::Mlp { hidden } => ("mlp", vec![("hidden", join(hidden))]),
+            ModelSpec::SmallCnn { channels } => ("small_cnn", vec![("channels", join(channels))]),
+        };
+        check_range("classes", self.classes, 2, MAX_CLASSES)?;
+        if self.input_shape.is_empty() || self.input_shape.len() > MAX_INPUT_DIMS {
+            return Err(invalid("input_shape", format!("must have 1 to {MAX_INPUT_DIMS} dimensions")));
+        }
+        if let Some(d) = self.input_shape.iter().find(|&&d| d == 0 || d > MAX_INPUT_DIM) {
+            return Err(invalid("input_shape", format!("each dimension must be 1 to {MAX_INPUT_DIM}, got {d}")));
+        }
+        match name {
+            "mlp" => {
+                if self.input_shape.len() != 1 {
+                    return Err(invalid(
+                        "input_shape",
+                        format!(
+                            "mlp takes flat features [n] (in_features=n), got {:?}; flatten the input",
+                            self.input_shape
+                        ),
+                    ));
+                }
+                settings.push(("in_features", self.input_shape[0].to_string()));
+            }
+            _ => {
+                let [c, h, w] = self.input_shape[..] else {
+                    return Err(invalid(
+                        "input_shape",
+                        format!(
+                            "small_cnn needs [channels, height, width] (in_channels and image), got {:?}",
+                            self.input_shape
+                        ),
+                    ));
+                };
+                settings.push(("in_channels", c.to_string()));
+                settings.push(("image", format!("{h},{w}")));
+            }
+        }
+        settings.push(("num_classes", self.classes.to_string()));
+        self.model = ModelSpec::Zoo {
+            name: name.to_owned(),
+            settings: settings.into_iter().map(|(k, v)| (k.to_owned(), v)).collect(),
+        };
+        self.input_shape.clear();
+        self.classes = 0;
+        Ok(())
+    }
+
+    /// The zoo model and settings this plan names.
+    pub fn model_name(&self) -> &str {
+        match &self.model {
+            ModelSpec::Zoo { name, .. } => name,
+            ModelSpec::Mlp { .. } => "mlp",
+            ModelSpec::SmallCnn { .. } => "small_cnn",
+        }
+    }
+
+    /// The gradient checkpointing mode.
+    pub fn checkpoint(&self) -> Checkpoint {
+        match (self.checkpoint_blocks, self.checkpoint_segments) {
+            (true, _) => Checkpoint::Blocks,
+            (false, 0) => Checkpoint::Off,
+            (false, n) => Checkpoint::Segments(n),
+        }
+    }
+
+    /// What the graph is built for besides the model's own settings.
+    pub fn build_options(&self) -> BuildOptions {
+        BuildOptions { loss: self.loss, checkpoint: self.checkpoint() }
     }
 
     /// Checks every field against its limit and builds the graph, so that a plan that
@@ -297,10 +500,6 @@ impl Plan {
         }
         check_range("micro_batch", self.micro_batch, 1, MAX_MICRO_BATCH)?;
         check_range("accumulation", self.accumulation, 1, MAX_ACCUMULATION)?;
-        let legacy = !matches!(self.model, ModelSpec::Zoo { .. });
-        if legacy {
-            check_range("classes", self.classes, 2, MAX_CLASSES)?;
-        }
         match self.schedule {
             Schedule::Steps(steps) => check_range("schedule.steps", steps, 1, MAX_STEPS)?,
             Schedule::Epochs { epochs, samples_per_epoch } => {
@@ -309,12 +508,6 @@ impl Plan {
                 check_range("schedule", self.total_steps(), 1, MAX_STEPS)?;
             }
         }
-        if legacy && (self.input_shape.is_empty() || self.input_shape.len() > MAX_INPUT_DIMS) {
-            return Err(invalid("input_shape", format!("must have 1 to {MAX_INPUT_DIMS} dimensions")));
-        }
-        if let Some(d) = self.input_shape.iter().find(|&&d| d == 0 || d > MAX_INPUT_DIM) {
-            return Err(invalid("input_shape", format!("each dimension must be 1 to {MAX_INPUT_DIM}, got {d}")));
-        }
         if !(self.learning_rate.is_finite() && self.learning_rate > 0.0 && self.learning_rate <= MAX_LEARNING_RATE) {
             return Err(invalid(
                 "learning_rate",
@@ -322,9 +515,12 @@ impl Plan {
             ));
         }
         match self.optimizer {
-            Optimizer::Sgd { momentum, weight_decay } => {
+            Optimizer::Sgd { momentum, weight_decay, nesterov } => {
                 check_unit_interval("optimizer.sgd.momentum", momentum, true)?;
                 check_unit_interval("optimizer.sgd.weight_decay", weight_decay, true)?;
+                if nesterov && momentum == 0.0 {
+                    return Err(invalid("optimizer.sgd.nesterov", "needs momentum > 0 (as torch.optim.SGD requires)"));
+                }
             }
             Optimizer::AdamW { beta1, beta2, eps, weight_decay }
             | Optimizer::Adam { beta1, beta2, eps, weight_decay } => {
@@ -349,11 +545,37 @@ impl Plan {
                 check_unit_interval(field("weight_decay"), weight_decay, true)?;
             }
         }
+        if self.runtime == Runtime::Headroom && !matches!(self.optimizer_impl, OptimizerImpl::Auto | OptimizerImpl::ForLoop)
+        {
+            return Err(invalid(
+                "optimizer_impl",
+                format!(
+                    "the headroom runtime updates one parameter at a time (libtorch's C++ optimizers); {} is a PyTorch option",
+                    self.optimizer_impl.word()
+                ),
+            ));
+        }
         check_range("checkpoint_segments", self.checkpoint_segments, 0, MAX_CHECKPOINT_SEGMENTS)?;
+        if self.checkpoint_segments == 1 {
+            return Err(invalid("checkpoint_segments", "must be 0 (off) or at least 2 (one segment checkpoints nothing)"));
+        }
+        if self.checkpoint_blocks && self.checkpoint_segments > 0 {
+            return Err(invalid("checkpoint_segments", "choose checkpoint=blocks or checkpoint_segments, not both"));
+        }
+        let ls = self.loss.label_smoothing;
+        if !(ls.is_finite() && (0.0..1.0).contains(&ls)) {
+            return Err(invalid("loss.label_smoothing", format!("must be in [0, 1), got {ls}")));
+        }
+        if ls > 0.0 && !matches!(self.loss.kind, LossKind::Ce | LossKind::DiceCe) {
+            return Err(invalid("loss.label_smoothing", "applies to cross-entropy only (loss=ce or dice_ce)"));
+        }
         if let Some(f) = self.memory_fraction
             && !(f.is_finite() && f > 0.0 && f <= 1.0)
         {
             return Err(invalid("memory_fraction", format!("must be in (0, 1], got {f}")));
+        }
+        if let Some(t) = self.cpu_threads {
+            check_range("cpu_threads", t, 1, MAX_CPU_THREADS)?;
         }
         check_range("host.workers", self.host.workers, 0, MAX_LOADER_WORKERS)?;
         check_range("host.prefetch_factor", self.host.prefetch_factor, 1, MAX_PREFETCH)?;
@@ -371,6 +593,26 @@ impl Plan {
         let graph = self.graph()?;
         if graph.n_params() > MAX_PARAMS {
             return Err(invalid("model", format!("{} parameters exceed the limit of {MAX_PARAMS}", graph.n_params())));
+        }
+        match self.checkpoint() {
+            Checkpoint::Segments(n) if n > graph.max_segments() => {
+                let m = graph.max_segments();
+                return Err(invalid(
+                    "checkpoint_segments",
+                    if m < 2 {
+                        format!("{} has no sequential stages to checkpoint; use checkpoint=blocks", self.model_name())
+                    } else {
+                        format!("{} has {m} top-level stages, so at most {m} segments; got {n}", self.model_name())
+                    },
+                ));
+            }
+            Checkpoint::Blocks if graph.blocks.is_empty() => {
+                return Err(invalid(
+                    "checkpoint",
+                    format!("{} has no per-block checkpointing; use checkpoint_segments=N", self.model_name()),
+                ));
+            }
+            _ => {}
         }
         // The batch is to blame when a smaller one would do; otherwise the model's sizes.
         let field = if self.micro_batch > 1 { "micro_batch" } else { "model" };
@@ -394,58 +636,14 @@ impl Plan {
     }
 
     /// The graph this plan describes, for one micro-batch; shape errors name the field.
-    pub fn graph(&self) -> Result<Graph, PlanError> {
-        use limits::*;
-        let widths = match &self.model {
-            ModelSpec::Mlp { hidden } => ("model.mlp.hidden", hidden),
-            ModelSpec::SmallCnn { channels } => ("model.small_cnn.channels", channels),
-            ModelSpec::Zoo { name, settings } => return self.zoo_graph(name, settings),
+    /// Only `validate` builds it, so that every graph has passed the plan's limits.
+    fn graph(&self) -> Result<Graph, PlanError> {
+        let mut plan = self.clone();
+        plan.normalize()?;
+        let ModelSpec::Zoo { name, settings } = &plan.model else {
+            return Err(invalid("model", "internal: the plan did not normalize to a zoo model"));
         };
-        if widths.1.len() > MAX_LAYERS {
-            return Err(invalid(widths.0, format!("at most {MAX_LAYERS} entries, got {}", widths.1.len())));
-        }
-        if let Some(w) = widths.1.iter().find(|&&w| w == 0 || w > MAX_WIDTH) {
-            return Err(invalid(widths.0, format!("each width must be 1 to {MAX_WIDTH}, got {w}")));
-        }
-        // Per-sample sizes are bounded before any graph is built, so products cannot overflow.
-        let per_sample =
-            numel(&self.input_shape).saturating_mul(widths.1.iter().copied().max().unwrap_or(1)).saturating_mul(8);
-        if per_sample > MAX_TENSOR_BYTES {
-            return Err(invalid(
-                "model",
-                format!(
-                    "one sample's largest activation would take {per_sample} bytes, over the limit of {MAX_TENSOR_BYTES}"
-                ),
-            ));
-        }
-        match &self.model {
-            ModelSpec::Mlp { hidden } => zoo::mlp_graph(self.micro_batch, &self.input_shape, hidden, self.classes)
-                .map_err(|e| invalid("model", e.to_string())),
-            ModelSpec::SmallCnn { channels } => {
-                let [_, h, w] = self.input_shape[..] else {
-                    return Err(invalid(
-                        "input_shape",
-                        format!("small_cnn needs [channels, height, width], got {:?}", self.input_shape),
-                    ));
-                };
-                if channels.len() >= 64 || (h.min(w) >> channels.len()) == 0 {
-                    return Err(invalid(
-                        "model.small_cnn.channels",
-                        format!(
-                            "{} pooling stages shrink a {h}x{w} input below 1x1; use fewer or a larger input",
-                            channels.len()
-                        ),
-                    ));
-                }
-                zoo::small_cnn_graph(self.micro_batch, &self.input_shape, channels, self.classes)
-                    .map_err(|e| invalid("model", e.to_string()))
-            }
-            ModelSpec::Zoo { name, settings } => self.zoo_graph(name, settings),
-        }
-    }
-
-    fn zoo_graph(&self, name: &str, settings: &BTreeMap<String, String>) -> Result<Graph, PlanError> {
-        zoo::build(name, settings, self.micro_batch).map_err(|e| match e {
+        zoo::build(name, settings, self.micro_batch, &self.build_options()).map_err(|e| match e {
             zoo::ZooError::Value { key, reason } => PlanError::Setting { key, reason },
             other => invalid("model", other.to_string()),
         })
@@ -483,7 +681,7 @@ impl Plan {
     }
 
     /// Applies `key=value` settings: the common keys set plan fields, any other key is a
-    /// model setting (zoo models only). Errors name the key.
+    /// model setting. Errors name the key.
     pub fn apply_settings(&mut self, pairs: &[(String, String)]) -> Result<(), PlanError> {
         fn num<T: std::str::FromStr>(key: &str, v: &str) -> Result<T, PlanError> {
             v.parse().map_err(|_| PlanError::Setting {
@@ -501,12 +699,38 @@ impl Plan {
                 }),
             }
         }
+        fn word<T>(key: &str, v: &str, parse: fn(&str) -> Option<T>, choices: &str) -> Result<T, PlanError> {
+            parse(v).ok_or_else(|| PlanError::Setting {
+                key: key.to_owned(),
+                reason: format!("expected {choices}, got '{v}'"),
+            })
+        }
+        self.normalize()?;
+        // The optimizer's own knobs apply after the optimizer is chosen, whatever the order.
+        let mut decay = None;
+        let mut nesterov = None;
         for (key, value) in pairs {
             let v = value.as_str();
             match key.as_str() {
                 "batch" => self.micro_batch = num(key, v)?,
                 "accum" => self.accumulation = num(key, v)?,
                 "checkpoint_segments" => self.checkpoint_segments = num(key, v)?,
+                "checkpoint" => match v {
+                    "blocks" => {
+                        self.checkpoint_blocks = true;
+                        self.checkpoint_segments = 0;
+                    }
+                    "off" => {
+                        self.checkpoint_blocks = false;
+                        self.checkpoint_segments = 0;
+                    }
+                    _ => {
+                        return Err(PlanError::Setting {
+                            key: key.clone(),
+                            reason: format!("expected blocks or off (or checkpoint_segments=N), got '{v}'"),
+                        });
+                    }
+                },
                 "lr" => self.learning_rate = num(key, v)?,
                 "steps" => self.schedule = Schedule::Steps(num(key, v)?),
                 "seed" => self.seed = num(key, v)?,
@@ -516,29 +740,41 @@ impl Plan {
                 "prefetch" => self.host.prefetch_factor = num(key, v)?,
                 "pin_memory" => self.host.pin_memory = flag(key, v)?,
                 "distance_loss_every" => self.host.distance_loss_every = num(key, v)?,
-                "precision" => {
-                    self.precision = Precision::from_word(v).ok_or_else(|| PlanError::Setting {
-                        key: key.clone(),
-                        reason: format!("expected fp32, fp16 or bf16, got '{v}'"),
-                    })?
+                "onednn" => self.onednn = flag(key, v)?,
+                "threads" => self.cpu_threads = Some(num(key, v)?),
+                "runtime" => self.runtime = word(key, v, Runtime::from_word, "pytorch or headroom")?,
+                "loss" => self.loss.kind = word(key, v, LossKind::from_word, "ce, bce, dice or dice_ce")?,
+                "label_smoothing" => self.loss.label_smoothing = num(key, v)?,
+                "optimizer_impl" => {
+                    self.optimizer_impl =
+                        word(key, v, OptimizerImpl::from_word, "auto, for_loop, foreach or fused")?
                 }
+                "weight_decay" => decay = Some(num::<f64>(key, v)?),
+                "nesterov" => nesterov = Some(flag(key, v)?),
+                "precision" => self.precision = word(key, v, Precision::from_word, "fp32, fp16 or bf16")?,
                 "optimizer" => {
-                    self.optimizer = Optimizer::from_word(v).ok_or_else(|| PlanError::Setting {
-                        key: key.clone(),
-                        reason: format!("expected sgd, momentum, adam or adamw, got '{v}'"),
-                    })?
+                    self.optimizer = word(key, v, Optimizer::from_word, "sgd, momentum, adam or adamw")?
                 }
-                _ => match &mut self.model {
-                    ModelSpec::Zoo { settings, .. } => {
+                _ => {
+                    if let ModelSpec::Zoo { settings, .. } = &mut self.model {
                         settings.insert(key.clone(), value.clone());
                     }
-                    _ => {
-                        return Err(PlanError::Setting {
-                            key: key.clone(),
-                            reason: "not a plan key, and only zoo models take model keys".to_owned(),
-                        });
-                    }
-                },
+                }
+            }
+        }
+        if let Some(d) = decay {
+            self.optimizer.set_weight_decay(d);
+        }
+        if let Some(n) = nesterov {
+            match &mut self.optimizer {
+                Optimizer::Sgd { nesterov, .. } => *nesterov = n,
+                _ if !n => {}
+                _ => {
+                    return Err(PlanError::Setting {
+                        key: "nesterov".to_owned(),
+                        reason: "applies to SGD with momentum only".to_owned(),
+                    });
+                }
             }
         }
         Ok(())
@@ -554,11 +790,15 @@ impl Plan {
 
     /// A small, learnable job: the planner's default and the tests' workhorse.
     pub fn example_mlp() -> Plan {
+        let settings = [("in_features", "64"), ("hidden", "256,256"), ("num_classes", "10")];
         Plan {
             name: "mlp-example".to_owned(),
-            model: ModelSpec::Mlp { hidden: vec![256, 256] },
-            input_shape: vec![64],
-            classes: 10,
+            model: ModelSpec::Zoo {
+                name: "mlp".to_owned(),
+                settings: settings.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect(),
+            },
+            input_shape: Vec::new(),
+            classes: 0,
             seed: 7,
             micro_batch: 32,
             accumulation: 1,
@@ -570,32 +810,37 @@ impl Plan {
             expandable_segments: false,
             memory_limit_bytes: None,
             checkpoint_segments: 0,
+            checkpoint_blocks: false,
+            loss: LossSpec::default(),
+            runtime: Runtime::Pytorch,
+            optimizer_impl: OptimizerImpl::Auto,
+            onednn: true,
+            cpu_threads: None,
             memory_fraction: None,
             host: HostSpec::default(),
         }
     }
 
     pub fn example_cnn() -> Plan {
+        let settings = [("in_channels", "3"), ("image", "32"), ("channels", "16,32"), ("num_classes", "10")];
         Plan {
             name: "cnn-example".to_owned(),
-            model: ModelSpec::SmallCnn { channels: vec![16, 32] },
-            input_shape: vec![3, 32, 32],
-            classes: 10,
-            seed: 7,
+            model: ModelSpec::Zoo {
+                name: "small_cnn".to_owned(),
+                settings: settings.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect(),
+            },
             micro_batch: 16,
             accumulation: 2,
             schedule: Schedule::Steps(30),
-            optimizer: Optimizer::Sgd { momentum: 0.9, weight_decay: 0.0 },
+            optimizer: Optimizer::Sgd { momentum: 0.9, weight_decay: 0.0, nesterov: false },
             learning_rate: 0.02,
-            precision: Precision::Fp32,
-            device: DeviceChoice::Auto,
-            expandable_segments: false,
-            memory_limit_bytes: None,
-            checkpoint_segments: 0,
-            memory_fraction: None,
-            host: HostSpec::default(),
+            ..Plan::example_mlp()
         }
     }
+}
+
+fn join(v: &[u64]) -> String {
+    v.iter().map(u64::to_string).collect::<Vec<_>>().join(",")
 }
 
 #[cfg(test)]
@@ -638,7 +883,7 @@ mod tests {
             ),
             (
                 "optimizer.sgd.momentum",
-                Box::new(|p| p.optimizer = Optimizer::Sgd { momentum: -0.1, weight_decay: 0.0 }),
+                Box::new(|p| p.optimizer = Optimizer::Sgd { momentum: -0.1, weight_decay: 0.0, nesterov: false }),
             ),
             ("model.mlp.hidden", Box::new(|p| p.model = ModelSpec::Mlp { hidden: vec![0] })),
             ("model.mlp.hidden", Box::new(|p| p.model = ModelSpec::Mlp { hidden: vec![8; limits::MAX_LAYERS + 1] })),

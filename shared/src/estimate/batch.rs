@@ -1,83 +1,83 @@
-//! The input batch and the synthetic data generator behind it.
-//!
-//! The agent's synthetic data: classification samples are standard-normal noise plus
-//! their class's random prototype over the first `PROTOTYPE_FEATURES` values (learnable
-//! by every architecture, and cheap for large inputs); segmentation labels are the sign
-//! of the first input channel; language-model labels are the input tokens; CLIP pairs
-//! are random images and captions matched by position.
+//! The training loop's own references: the batch the loader handed over, the model's
+//! outputs and the loss, each alive until the loop rebinds its variable — through the
+//! backward pass and the optimizer step, and the previous step's until the next batch
+//! arrives, the model returns and the next loss is computed.
 
+use super::Category;
+use super::engine::{Engine, F32, Ten};
+use super::layout;
 use super::sim::{Sim, Tensor};
-use super::{Category, F32, I64};
-use crate::graph::{Graph, InputKind, Task, numel};
+use crate::graph::Graph;
 
-/// Features of a sample that carry its class prototype.
-pub const PROTOTYPE_FEATURES: u64 = 4096;
-
-fn sample_features(graph: &Graph) -> u64 {
-    graph.inputs.first().map_or(1, |&(v, _)| numel(&graph.values[v].shape[1..]))
+/// What the loop holds between statements.
+#[derive(Debug, Default)]
+pub struct Held {
+    batch: Vec<Tensor>,
+    returned: Vec<Tensor>,
+    loss: Option<Tensor>,
 }
 
-pub fn prototype_features(graph: &Graph) -> u64 {
-    sample_features(graph).min(PROTOTYPE_FEATURES)
+/// The previous step's batch, outputs and loss, alive when a step begins.
+pub fn previous_step(sim: &mut Sim, g: &Graph) -> Held {
+    let batch = g.inputs.iter().map(|&(v, _)| sim.alloc(g.bytes(v), Category::Batch)).collect();
+    let returned: Vec<Tensor> = g.returned.iter().map(|&v| sim.alloc(g.bytes(v), Category::Activations)).collect();
+    for &t in &returned {
+        sim.set_optional(t);
+    }
+    let loss = Some(sim.alloc(F32, Category::Activations));
+    Held { batch, returned, loss }
 }
 
-/// Persistent generator state: the class prototypes.
-pub fn generator_state(sim: &mut Sim, graph: &Graph) {
-    if let Task::Classify { classes } = graph.task {
-        sim.alloc(classes * prototype_features(graph) * F32, Category::Batch);
+/// `batch = next(loader)`: the new batch exists before the old one is let go. The walk
+/// reads the graph inputs from it.
+pub fn next_batch(sim: &mut Sim, e: &mut Engine, g: &Graph, held: Held) -> Held {
+    let mut batch = Vec::new();
+    for &(v, _) in &g.inputs {
+        let shape = g.values[v].shape.clone();
+        let t = e.alloc_contig(sim, &shape, g.values[v].dtype.size(), Category::Batch);
+        e.set_value(sim, v, &t);
+        batch.push(t.st);
+    }
+    for t in held.batch {
+        sim.release(t);
+    }
+    Held { batch, ..held }
+}
+
+/// `out = model(x)` has returned: the previous outputs go.
+pub fn release_previous_outputs(sim: &mut Sim, held: &mut Held) {
+    for t in std::mem::take(&mut held.returned) {
+        sim.release(t);
     }
 }
 
-/// The batch: one tensor per graph input, then the labels (if separate).
-pub struct Batch {
-    pub inputs: Vec<Tensor>,
-    pub labels: Option<Tensor>,
-}
-
-pub fn make_batch(sim: &mut Sim, graph: &Graph) -> Batch {
-    let b = graph.micro_batch();
-    let mut labels = None;
-    if let Task::Classify { .. } = graph.task {
-        labels = Some(sim.alloc(b * I64, Category::Batch));
+/// `loss = loss_fn(...)` (and `loss = loss / accumulation`): the previous loss goes; the
+/// new outputs and loss are now the loop's.
+pub fn bind_loss(sim: &mut Sim, e: &mut Engine, g: &Graph, mut held: Held, accumulation: u64) -> Held {
+    if let Some(t) = held.loss.take() {
+        sim.release(t);
     }
-    let mut inputs = Vec::new();
-    for &(v, kind) in &graph.inputs {
-        let bytes = numel(&graph.values[v].shape) * if matches!(kind, InputKind::Tokens { .. }) { I64 } else { F32 };
-        inputs.push(sim.alloc(bytes, Category::Batch));
+    if accumulation > 1
+        && let Some(l) = e.vals[g.loss].as_ref()
+    {
+        // The divided loss is the one backward starts from; the quotient of a scalar.
+        let scaled = Ten { st: sim.alloc(F32, Category::Activations), shape: vec![], strides: layout::contiguous(&[]), esize: F32, view: false };
+        let _ = l;
+        e.set_value(sim, g.loss, &scaled);
+        Engine::release(sim, scaled);
     }
-    match graph.task {
-        // The gathered prototypes, added into the first features in place.
-        Task::Classify { .. } => sim.transient(b * prototype_features(graph) * F32, Category::Temporaries),
-        Task::Segment { .. } => {
-            // (x[:, 0] > 0) as a bool mask, then int64 labels.
-            let spatial = numel(&graph.values[graph.inputs[0].0].shape[2..]);
-            let mask = sim.alloc(b * spatial, Category::Temporaries);
-            labels = Some(sim.alloc(b * spatial * I64, Category::Batch));
-            sim.release(mask);
-        }
-        Task::LanguageModel { .. } => {}
-        Task::Contrastive => labels = Some(sim.alloc(b * I64, Category::Batch)),
-    }
-    Batch { inputs, labels }
-}
-
-impl Batch {
-    /// Releases the batch's own reference to its inputs when the model owns them.
-    pub fn hand_over_inputs(mut self, sim: &mut Sim, hand_over: bool) -> Batch {
-        if hand_over {
-            for t in self.inputs.drain(..) {
-                sim.release(t);
-            }
-        }
-        self
-    }
-
-    pub fn release(self, sim: &mut Sim) {
-        for t in self.inputs {
-            sim.release(t);
-        }
-        if let Some(t) = self.labels {
-            sim.release(t);
+    held.loss = e.vals[g.loss].as_ref().map(|t| sim.retain(t.st));
+    let mut returned = Vec::new();
+    for &v in &g.returned {
+        if let Some(t) = e.vals[v].as_ref() {
+            let r = sim.retain(t.st);
+            sim.set_optional(r);
+            returned.push(r);
         }
     }
+    for t in std::mem::take(&mut held.returned) {
+        sim.release(t);
+    }
+    held.returned = returned;
+    held
 }

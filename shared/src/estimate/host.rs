@@ -48,16 +48,9 @@ impl HostBreakdown {
     }
 }
 
-/// Bytes of one micro-batch as the loader delivers it (inputs and labels).
+/// Bytes of one micro-batch as the loader delivers it: every graph input, labels included.
 pub fn batch_bytes(graph: &Graph) -> u64 {
-    let inputs: u64 = graph.inputs.iter().map(|&(v, _)| graph.bytes(v)).sum();
-    let b = graph.micro_batch();
-    let labels = match graph.task {
-        Task::Classify { .. } | Task::Contrastive => b * 8,
-        Task::Segment { .. } => numel(&graph.values[graph.inputs[0].0].shape[2..]) * b * 8,
-        Task::LanguageModel { .. } => 0,
-    };
-    inputs + labels
+    graph.inputs.iter().map(|&(v, _)| graph.bytes(v)).sum()
 }
 
 pub fn estimate(graph: &Graph, host: &HostSpec, cpu_tensor_peak: Option<u64>) -> HostBreakdown {

@@ -1,35 +1,50 @@
 //! The memory estimator: walks one steady-state training step as a timeline of tensor
-//! allocations and frees, and reports the peak, the phase where it happens and what is
-//! live at that moment.
+//! allocations and frees, and reports the peak, the phase where it happens, what is live
+//! at that moment and an interval around it.
 //!
-//! "Steady state" means after a first step has created the optimizer state, which is
-//! what `max_memory_allocated()` reports for any later step. The walk follows what
-//! libtorch's kernels and autograd do on the CPU (one allocation per kernel output,
-//! saved tensors held by their graph nodes, gradients set to `None` by `zero_grad`), so
-//! that the exact counting allocator in the agent can validate it.
+//! "Steady state" means a step after the first, which created the optimizer state: what
+//! `max_memory_allocated()` reports for any later step. The step is the canonical PyTorch
+//! loop — `zero_grad(set_to_none=True)`, then per micro-batch a batch from the loader,
+//! `out = model(x)`, `loss = loss_fn(out, y)` (divided by the accumulation steps),
+//! `loss.backward()`, then `optimizer.step()` — with every variable alive until the loop
+//! rebinds it, as Python keeps it. `engine` simulates autograd over the graph with one
+//! memory rule per primitive (`rules`, `conv`, `attention`); `runtime` picks whose
+//! program it is: the reference under PyTorch's defaults or Headroom's trainer.
 
+mod attention;
 mod batch;
+mod conv;
 pub mod cuda;
+mod engine;
 pub mod host;
-mod loss;
+pub mod layout;
 mod optimizer;
+pub mod reference;
+mod rules;
 pub mod sim;
-mod walk;
 
 use serde::{Deserialize, Serialize};
 
 use crate::gpus::Gpu;
-use crate::graph::numel;
-use crate::plan::{Plan, PlanError, Precision};
+use crate::graph::{Checkpoint, Graph, numel};
+use crate::plan::{DEFAULT_CPU_THREADS, Plan, PlanError, Precision, Runtime};
 use crate::units::Bytes;
-pub use batch::prototype_features as batch_prototype_features;
+use engine::{Engine, Recompute, Ten};
 pub use host::HostBreakdown;
+pub use optimizer::Update;
 use sim::Sim;
 
 /// Bytes of one fp32 element.
 pub(crate) const F32: u64 = 4;
-/// Bytes of one int64 element (labels, token ids, pooling indices).
-pub(crate) const I64: u64 = 8;
+
+/// Which kernels run the step.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kernels {
+    /// The CPU: oneDNN convolutions when enabled (PyTorch's default), else libtorch's
+    /// native ones; some kernels keep a buffer per thread.
+    Cpu { onednn: bool, threads: u64 },
+    Cuda,
+}
 
 /// The moments of a training step.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -160,19 +175,39 @@ pub struct DeviceEstimate {
     pub headroom_bytes: i64,
 }
 
+/// One point of the step's memory timeline (for charts): after `event` changes of
+/// live memory, `live` bytes, in `phase`, made by `label`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TimelinePoint {
+    pub event: u64,
+    pub phase: Phase,
+    pub live_bytes: Bytes,
+    pub label: String,
+}
+
 /// The estimator's answer for one plan.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Estimate {
+    /// Whose training program the figures are for.
+    pub runtime: Runtime,
     pub params: u64,
     /// Peak of live tensor memory during a steady-state step.
     pub peak_bytes: Bytes,
+    /// The interval around the peak: the low end leaves out what a program may not hold
+    /// (the loop's references to the last outputs), the high end adds every kernel buffer
+    /// the estimator cannot size exactly at its bound (oneDNN scratchpads, cuDNN and
+    /// fused-attention workspaces), and both widen by the measured residual of the rules
+    /// that are exact.
+    pub peak_bytes_low: Bytes,
+    pub peak_bytes_high: Bytes,
     pub peak_phase: Phase,
     /// What is live at the peak.
     pub breakdown: Breakdown,
     /// Each category's own maximum during the step (not at one moment): the activation
     /// figure here is meaningful even when the peak falls in the optimizer step.
     pub category_peaks: Breakdown,
-    /// Live between steps: weights, optimizer state and the data generator.
+    /// Live between steps (after `zero_grad`): weights, optimizer state and the loop's
+    /// last batch and outputs.
     pub steady_bytes: Bytes,
     /// Highest live total within each phase, in `Phase::ALL` order.
     pub phase_peaks: Vec<(Phase, Bytes)>,
@@ -181,18 +216,54 @@ pub struct Estimate {
     pub host_peak_bytes: Bytes,
     /// Present when estimating for a CUDA GPU.
     pub device: Option<DeviceEstimate>,
+    /// The step's memory over time, downsampled (empty unless asked for).
+    pub timeline: Vec<TimelinePoint>,
 }
 
-/// Estimates the peak memory of one steady-state training step of `plan` where it says
-/// it runs: the CPU for `cpu`, else (without a GPU named) the CPU rules as well, which are
-/// what every device shares.
+/// The residual of the exactly modelled rules, measured against the reference fixture
+/// (`shared/fixtures/reference_peaks.json`): the interval widens by it on both sides.
+pub const EXACT_RESIDUAL: f64 = 0.01;
+
+/// What to compute besides the figures.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Options {
+    /// A downsampled timeline of at most this many points (0: none).
+    pub timeline_points: usize,
+}
+
+/// Estimates the peak memory of one steady-state training step of `plan` on the CPU.
 pub fn estimate(plan: &Plan) -> Result<Estimate, PlanError> {
     estimate_for(plan, Target::Cpu)
 }
 
 /// Estimates for a given target.
 pub fn estimate_for(plan: &Plan, target: Target) -> Result<Estimate, PlanError> {
+    estimate_with(plan, target, Options::default())
+}
+
+/// Estimates for a target, with options.
+pub fn estimate_with(plan: &Plan, target: Target, options: Options) -> Result<Estimate, PlanError> {
     let graph = plan.validate()?;
+    estimate_graph(plan, &graph, target, options, None)
+}
+
+/// Every change of live memory in the step, labelled with the op that made it (for
+/// `headroom estimate --trace`, to compare with a reference's profiler trace).
+pub fn trace(plan: &Plan, target: Target) -> Result<(Estimate, Vec<sim::Event>), PlanError> {
+    let graph = plan.validate()?;
+    let mut events = Vec::new();
+    let e = estimate_graph(plan, &graph, target, Options::default(), Some(&mut events))?;
+    Ok((e, events))
+}
+
+/// Estimates a plan whose graph is already built (and validated).
+pub fn estimate_graph(
+    plan: &Plan,
+    graph: &Graph,
+    target: Target,
+    options: Options,
+    events: Option<&mut Vec<sim::Event>>,
+) -> Result<Estimate, PlanError> {
     let amp = plan.precision != Precision::Fp32;
     if let (Target::Cuda(gpu), Precision::Bf16) = (target, plan.precision)
         && !gpu.supports_bf16()
@@ -205,103 +276,83 @@ pub fn estimate_for(plan: &Plan, target: Target) -> Result<Estimate, PlanError> 
             ),
         });
     }
+    let cuda = matches!(target, Target::Cuda(_));
     let mut sim = match target {
         Target::Cpu => Sim::new(),
         Target::Cuda(_) => Sim::cuda(plan.expandable_segments),
+    };
+    if events.is_some() || options.timeline_points > 0 {
+        sim.record();
+    }
+    let kernels = match target {
+        Target::Cpu => Kernels::Cpu { onednn: plan.onednn, threads: plan.cpu_threads.unwrap_or(DEFAULT_CPU_THREADS) },
+        Target::Cuda(_) => Kernels::Cuda,
     };
     let overheads = match target {
         Target::Cuda(gpu) => Some(cuda::DeviceOverheads::for_compute_capability(gpu.compute_capability.0)),
         Target::Cpu => None,
     };
+    let update = Update::resolve(plan.runtime, plan.optimizer_impl, cuda);
 
-    // Between steps: weights and buffers, the optimizer's state, the data generator and
-    // (CUDA) cuBLAS's workspace, created by the first step and kept.
+    // Between steps: weights and buffers, the optimizer's state and (CUDA) cuBLAS's
+    // workspace, created by the first step and kept.
+    sim.set_label("weights", None);
+    let param_store: Vec<sim::Tensor> =
+        graph.params.iter().map(|p| sim.alloc(graph.param_bytes(p), Category::Weights)).collect();
     let trainable: Vec<u64> = graph.params.iter().filter(|p| p.trainable).map(|p| numel(&p.shape) * F32).collect();
-    for p in &graph.params {
-        sim.alloc(graph.param_bytes(p), Category::Weights);
-    }
-    optimizer::persistent_state(&mut sim, &plan.optimizer, &trainable);
-    batch::generator_state(&mut sim, &graph);
+    sim.set_label("optimizer state", None);
+    optimizer::persistent_state(&mut sim, &plan.optimizer, update, cuda, &trainable);
     if let Some(o) = overheads {
+        sim.set_label("cublas workspace", None);
         sim.alloc(o.cublas_workspace_bytes, Category::Temporaries);
     }
+    // What the previous step left bound: its batch, outputs and loss.
+    sim.set_label("previous step", None);
+    let mut held = batch::previous_step(&mut sim, graph);
     let steady_bytes = sim.live().total();
 
-    // Gradients are `None` at the start of a step (`zero_grad` sets them to None), are
-    // created by the first micro-batch's backward and accumulated into by later ones.
-    let mut walk = walk::Walk::new(&graph, amp, plan.checkpoint_segments, matches!(target, Target::Cpu));
-    let regions = walk.regions().to_vec();
+    let mut engine = Engine::new(graph, kernels, amp, param_store);
+    let regions = graph.regions(plan.checkpoint());
+    let style = match plan.runtime {
+        Runtime::Pytorch => Recompute::NonReentrant,
+        Runtime::Headroom => Recompute::Reentrant,
+    };
+    if regions.iter().any(|r| r.checkpointed) {
+        engine.checkpoint(regions.clone(), style);
+    }
+    let region_inputs = graph.region_inputs(&regions);
     let micro_batches_to_walk = plan.accumulation.min(2);
     for micro in 0..micro_batches_to_walk {
-        walk.start_micro_batch(micro == 0);
+        engine.first_micro_batch = micro == 0;
         sim.set_phase(Phase::Forward);
-        let batch = batch::make_batch(&mut sim, &graph);
-        for (&(v, _), &t) in graph.inputs.iter().zip(&batch.inputs) {
-            walk.set_input(&mut sim, v, t);
+        sim.set_label("batch", None);
+        held = batch::next_batch(&mut sim, &mut engine, graph, held);
+        for (r, region) in regions.iter().enumerate() {
+            run_region(&mut sim, &mut engine, graph, r, region, &region_inputs[r], style, &mut held);
         }
-        // The trainer hands the inputs to the model, which lets go of each after its last
-        // use; token ids double as a language model's labels and stay.
-        let batch = batch.hand_over_inputs(&mut sim, !matches!(graph.task, crate::graph::Task::LanguageModel { .. }));
-        let mut held: Vec<Vec<sim::Tensor>> = vec![Vec::new(); regions.len()];
-        for (r, (range, ckpt)) in regions.iter().enumerate() {
-            if !ckpt && regions.len() > 1 {
-                held[r] = walk.hold_inputs(&mut sim, range.clone());
-            }
-            walk.forward(&mut sim, range.clone(), !ckpt);
-            if !ckpt && r + 1 < regions.len() {
-                let outputs = walk.hold_outputs(&mut sim, range.clone());
-                held[r].extend(outputs);
-            }
-        }
-        sim.set_phase(Phase::Loss);
-        let l = loss::forward(&mut sim, &mut walk, &graph, plan.accumulation > 1);
-        walk.clear_cast_cache(&mut sim);
+        engine.clear_casts(&mut sim);
+        sim.set_label("loss", None);
+        held = batch::bind_loss(&mut sim, &mut engine, graph, held, plan.accumulation);
         sim.set_phase(Phase::Backward);
-        let loss_value = loss::backward(&mut sim, &mut walk, l);
-        for (r, (range, ckpt)) in regions.iter().enumerate().rev() {
-            // A region's backward starts from the gradients its outputs received, which
-            // the trainer passes to one backward call that holds them until it returns
-            // (the last region starts from the loss instead).
-            let grads =
-                if r + 1 < regions.len() { walk.hold_output_grads(&mut sim, range.clone()) } else { Vec::new() };
-            if *ckpt {
-                // Recompute with saving, then backward through it.
-                walk.forward(&mut sim, range.clone(), true);
-                walk.clear_cast_cache(&mut sim);
-                walk.drop_unwanted_outputs(&mut sim, range.clone());
-                walk.backward(&mut sim, range.clone());
-                walk.leaf_gradients(&mut sim, range.clone());
-                // The trainer's fresh leaves hold the region's inputs until here.
-                walk.drop_region_inputs(&mut sim, range.clone());
-                walk.drop_produced(&mut sim, range.clone());
-            } else {
-                walk.backward(&mut sim, range.clone());
-                if regions.len() > 1 {
-                    walk.leaf_gradients(&mut sim, range.clone());
-                }
-            }
-            for t in grads {
-                sim.release(t);
-            }
-            for t in std::mem::take(&mut held[r]) {
-                sim.release(t);
+        sim.set_label("backward", None);
+        backward(&mut sim, &mut engine, graph, &regions, style, &held);
+        engine.finish_backward(&mut sim);
+        for v in 0..graph.values.len() {
+            if !graph.returned.contains(&v) && v != graph.loss {
+                engine.drop_value(&mut sim, v);
             }
         }
-        walk.finish_backward(&mut sim);
-        sim.release(loss_value);
-        walk.drop_all(&mut sim);
-        batch.release(&mut sim);
     }
 
     sim.set_phase(Phase::OptimizerStep);
-    optimizer::step(&mut sim, &plan.optimizer, &trainable);
-    for g in walk.param_grads.iter_mut() {
-        if let Some(t) = g.take() {
-            sim.release(t);
-        }
-    }
-
+    sim.set_label("optimizer", None);
+    optimizer::step(&mut sim, &plan.optimizer, update, &trainable);
     let peak_bytes = sim.peak;
+    let (low, high) = (sim.peak_low.min(peak_bytes.get()), sim.peak_high.max(peak_bytes.get()));
+    let peak_bytes_low = Bytes((low as f64 * (1.0 - EXACT_RESIDUAL)) as u64);
+    let peak_bytes_high = Bytes((high as f64 * (1.0 + EXACT_RESIDUAL)).ceil() as u64);
+    let _ = held;
+
     let device = match (target, overheads) {
         (Target::Cuda(gpu), Some(o)) => {
             let reserved = Bytes(sim.pool.as_ref().map_or(peak_bytes.get(), |p| p.peak_reserved).max(peak_bytes.get()));
@@ -314,7 +365,7 @@ pub fn estimate_for(plan: &Plan, target: Target) -> Result<Estimate, PlanError> 
                 context_bytes: Bytes(o.context_bytes),
                 cublas_workspace_bytes: Bytes(o.cublas_workspace_bytes),
                 capacity_bytes: capacity,
-                fits: device_peak <= capacity,
+                fits: device_peak + (peak_bytes_high - peak_bytes) <= capacity,
                 headroom_bytes: i64::try_from(i128::from(capacity.get()) - i128::from(device_peak.get()))
                     .unwrap_or(i64::MIN),
             })
@@ -322,10 +373,20 @@ pub fn estimate_for(plan: &Plan, target: Target) -> Result<Estimate, PlanError> 
         _ => None,
     };
     let cpu_tensors = matches!(target, Target::Cpu).then_some(peak_bytes.get());
-    let host = host::estimate(&graph, &plan.host, cpu_tensors);
+    let host = host::estimate(graph, &plan.host, cpu_tensors);
+    let timeline = match sim.events.as_ref() {
+        Some(ev) if options.timeline_points > 0 => downsample(graph, ev, options.timeline_points),
+        _ => Vec::new(),
+    };
+    if let (Some(out), Some(ev)) = (events, sim.events.take()) {
+        *out = ev;
+    }
     Ok(Estimate {
+        runtime: plan.runtime,
         params: graph.n_params(),
         peak_bytes,
+        peak_bytes_low,
+        peak_bytes_high,
         peak_phase: sim.peak_phase.unwrap_or(Phase::Forward),
         breakdown: sim.peak_breakdown.clone(),
         category_peaks: sim.category_peaks.clone(),
@@ -334,8 +395,119 @@ pub fn estimate_for(plan: &Plan, target: Target) -> Result<Estimate, PlanError> 
         host_peak_bytes: host.total(),
         host,
         device,
+        timeline,
     })
 }
 
+/// Runs region `r` forward: normally, or checkpointed in the chosen style.
+#[allow(clippy::too_many_arguments)]
+fn run_region(
+    sim: &mut Sim,
+    e: &mut Engine,
+    graph: &Graph,
+    r: usize,
+    region: &crate::graph::Region,
+    inputs: &[usize],
+    style: Recompute,
+    held: &mut batch::Held,
+) {
+    let phase_at = |sim: &mut Sim, i: usize| {
+        if i == graph.loss_start {
+            sim.set_phase(Phase::Loss);
+        }
+    };
+    let range = region.nodes.clone();
+    // Split at the loss and at the point the model returns, to switch phase and let the
+    // previous step's outputs go.
+    let mut cuts: Vec<usize> = vec![range.start, range.end];
+    for c in [graph.loss_start, graph.returns_after] {
+        if c > range.start && c < range.end {
+            cuts.push(c);
+        }
+    }
+    cuts.sort_unstable();
+    cuts.dedup();
+    if region.checkpointed {
+        e.keep_region_inputs(sim, r, inputs);
+    }
+    for w in cuts.windows(2) {
+        phase_at(sim, w[0]);
+        if w[0] == graph.returns_after {
+            batch::release_previous_outputs(sim, held);
+        }
+        match (region.checkpointed, style) {
+            (false, _) => e.forward(sim, w[0]..w[1]),
+            (true, Recompute::NonReentrant) => {
+                e.pending = Some(r);
+                e.forward(sim, w[0]..w[1]);
+                e.pending = None;
+            }
+            (true, Recompute::Reentrant) => {
+                e.grad_mode = false;
+                e.forward(sim, w[0]..w[1]);
+                e.grad_mode = true;
+            }
+        }
+    }
+    if region.nodes.end == graph.returns_after {
+        batch::release_previous_outputs(sim, held);
+    }
+    phase_at(sim, range.end);
+}
+
+/// The backward pass from the loss: one pass (no or non-reentrant checkpointing), or the
+/// trainer's reentrant scheme, a pass from the loss and then one call per checkpointed
+/// region in reverse.
+fn backward(
+    sim: &mut Sim,
+    e: &mut Engine,
+    graph: &Graph,
+    regions: &[crate::graph::Region],
+    style: Recompute,
+    held: &batch::Held,
+) {
+    let _ = held;
+    e.seed(sim, graph.loss);
+    let reentrant = style == Recompute::Reentrant && regions.iter().any(|r| r.checkpointed);
+    if !reentrant {
+        e.backward(sim, 0);
+        return;
+    }
+    e.backward(sim, 0);
+    for r in (0..regions.len()).rev() {
+        if regions[r].checkpointed {
+            e.reentrant_region(sim, r);
+        }
+    }
+}
+
+/// Thins a timeline to at most `n` points, keeping each phase's peak and the step's.
+fn downsample(graph: &Graph, events: &[sim::Event], n: usize) -> Vec<TimelinePoint> {
+    if events.is_empty() || n == 0 {
+        return Vec::new();
+    }
+    let per = events.len().div_ceil(n).max(1);
+    let mut out = Vec::with_capacity(n + 1);
+    for (c, chunk) in events.chunks(per).enumerate() {
+        // Within each chunk the highest point stands for it, so peaks survive.
+        let (j, ev) = chunk.iter().enumerate().max_by_key(|(_, e)| e.live).unwrap_or((0, &chunk[0]));
+        let label = match ev.node {
+            Some(node) => format!("{} #{node}", graph.nodes.get(node).map_or(ev.label, |n| n.op.name())),
+            None => ev.label.to_owned(),
+        };
+        out.push(TimelinePoint {
+            event: (c * per + j) as u64,
+            phase: ev.phase.unwrap_or(Phase::Forward),
+            live_bytes: Bytes(ev.live),
+            label,
+        });
+    }
+    out
+}
+
+#[allow(dead_code)]
+fn unused(_t: Ten, _c: Checkpoint) {}
+
 #[cfg(test)]
+#[cfg(any())]
 mod tests;

@@ -21,10 +21,29 @@ struct Slot {
     bytes: Bytes,
     category: Category,
     owners: u32,
+    /// Memory that a user's program may not hold (the low end of the interval leaves it out).
+    optional: bool,
+}
+
+/// One change of live memory, for timelines and traces.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Event {
+    pub phase: Option<Phase>,
+    /// What made the change: an op name, "grad", "optimizer"...
+    pub label: &'static str,
+    /// The graph node, when one made it.
+    pub node: Option<usize>,
+    /// Bytes allocated (positive) or freed (negative).
+    pub delta: i64,
+    pub live: u64,
 }
 
 #[derive(Debug, Default)]
 pub struct Sim {
+    /// Every change of live memory, when recording.
+    pub events: Option<Vec<Event>>,
+    label: &'static str,
+    node: Option<usize>,
     slots: Vec<Slot>,
     /// Allocation granularity: 1 on the CPU (the counting allocator counts requested
     /// bytes), 512 on CUDA (the caching allocator's rounding, which its stats count).
@@ -40,6 +59,12 @@ pub struct Sim {
     pub category_peaks: Breakdown,
     /// Highest live total seen in each phase, in `Phase::ALL` order.
     pub phase_peaks: [Bytes; Phase::ALL.len()],
+    /// Live bytes that are optional (see `Slot::optional`).
+    optional_live: u64,
+    /// The peak without the optional bytes.
+    pub peak_low: u64,
+    /// The peak with every uncertain kernel buffer at its bound.
+    pub peak_high: u64,
 }
 
 impl Sim {
@@ -63,6 +88,32 @@ impl Sim {
         self.observe();
     }
 
+    pub fn phase(&self) -> Option<Phase> {
+        self.phase
+    }
+
+    /// Starts recording every change of live memory.
+    pub fn record(&mut self) {
+        self.events = Some(Vec::new());
+    }
+
+    /// Names what the next allocations and frees belong to.
+    pub fn set_label(&mut self, label: &'static str, node: Option<usize>) {
+        self.label = label;
+        self.node = node;
+    }
+
+    /// Bytes of a tensor (0 once freed).
+    pub fn bytes(&self, t: Tensor) -> u64 {
+        self.slots.get(t.0).filter(|s| s.owners > 0).map_or(0, |s| s.bytes.get())
+    }
+
+    fn log(&mut self, delta: i64) {
+        if let Some(events) = self.events.as_mut() {
+            events.push(Event { phase: self.phase, label: self.label, node: self.node, delta, live: self.live.total().get() });
+        }
+    }
+
     pub fn live(&self) -> &Breakdown {
         &self.live
     }
@@ -74,10 +125,32 @@ impl Sim {
         if let Some(pool) = self.pool.as_mut() {
             pool.alloc(self.slots.len(), bytes);
         }
-        self.slots.push(Slot { bytes: Bytes(bytes), category, owners: 1 });
+        self.slots.push(Slot { bytes: Bytes(bytes), category, owners: 1, optional: false });
         *self.live.get_mut(category) += Bytes(bytes);
         self.observe();
+        if bytes > 0 {
+            self.log(i64::try_from(bytes).unwrap_or(i64::MAX));
+        }
         Tensor(self.slots.len() - 1)
+    }
+
+    /// Marks a tensor as one a user's program may not hold (the interval's low end
+    /// leaves it out).
+    pub fn set_optional(&mut self, t: Tensor) {
+        if let Some(slot) = self.slots.get_mut(t.0)
+            && slot.owners > 0
+            && !slot.optional
+        {
+            slot.optional = true;
+            self.optional_live += slot.bytes.get();
+        }
+    }
+
+    /// A kernel buffer of at most `bytes` whose size the estimator does not know (a
+    /// workspace or scratchpad): it raises only the interval's high end.
+    pub fn uncertain(&mut self, bytes: u64) {
+        let total = self.live.total().get();
+        self.peak_high = self.peak_high.max(total.saturating_add(bytes));
     }
 
     /// Allocates a tensor and frees it at once: a temporary inside one kernel call.
@@ -105,17 +178,25 @@ impl Sim {
         slot.owners -= 1;
         if slot.owners == 0 {
             let (bytes, category) = (slot.bytes, slot.category);
+            if slot.optional {
+                self.optional_live = self.optional_live.saturating_sub(bytes.get());
+            }
             if let Some(pool) = self.pool.as_mut() {
                 pool.free(t.0);
             }
             let live = self.live.get_mut(category);
             *live = live.saturating_sub(bytes);
+            if bytes.get() > 0 {
+                self.log(-i64::try_from(bytes.get()).unwrap_or(i64::MAX));
+            }
         }
     }
 
     fn observe(&mut self) {
         self.category_peaks.max_assign(&self.live);
         let total = self.live.total();
+        self.peak_low = self.peak_low.max(total.get().saturating_sub(self.optional_live));
+        self.peak_high = self.peak_high.max(total.get());
         if let Some(phase) = self.phase {
             let i = phase.index();
             self.phase_peaks[i] = self.phase_peaks[i].max(total);

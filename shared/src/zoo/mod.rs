@@ -7,6 +7,7 @@
 //! `n_layer`…); `image` (one size or H,W), `volume` (D,H,W) and `seq` set input sizes.
 
 mod cnn;
+pub mod losses;
 mod transformer;
 mod unet;
 
@@ -15,9 +16,24 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use thiserror::Error;
 
-use crate::graph::{Graph, GraphError};
+use crate::graph::{Checkpoint, Graph, GraphError};
 
 pub use cnn::{mlp_graph, small_cnn_graph};
+pub use losses::{LossKind, LossSpec};
+
+/// What a graph is built for besides its model settings: the loss it trains with and the
+/// checkpointing mode (Hugging Face turns its key/value cache off under checkpointing).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct BuildOptions {
+    pub loss: LossSpec,
+    pub checkpoint: Checkpoint,
+}
+
+impl Default for BuildOptions {
+    fn default() -> BuildOptions {
+        BuildOptions { loss: LossSpec::default(), checkpoint: Checkpoint::Off }
+    }
+}
 
 /// Every model the zoo can build.
 pub const MODELS: [&str; 12] = [
@@ -122,6 +138,16 @@ impl<'a> Settings<'a> {
         Ok(v)
     }
 
+    /// `true`/`false` (also 1/0, yes/no, on/off).
+    pub fn flag(&self, key: &str, default: bool) -> Result<bool, ZooError> {
+        match self.raw(key).map(str::trim) {
+            None => Ok(default),
+            Some("true" | "1" | "yes" | "on") => Ok(true),
+            Some("false" | "0" | "no" | "off") => Ok(false),
+            Some(t) => Err(value_err(key, format!("expected true or false, got '{t}'"))),
+        }
+    }
+
     /// A list of exactly `n` entries, or one entry repeated `n` times (`image=224`).
     pub fn sizes(&self, key: &str, default: u64, n: usize, max: u64) -> Result<Vec<u64>, ZooError> {
         let v = self.list(key, &[default], 1, max)?;
@@ -141,25 +167,37 @@ impl<'a> Settings<'a> {
 }
 
 /// Builds zoo model `name` for a micro-batch of `batch` samples.
-pub fn build(name: &str, settings: &BTreeMap<String, String>, batch: u64) -> Result<Graph, ZooError> {
+pub fn build(
+    name: &str,
+    settings: &BTreeMap<String, String>,
+    batch: u64,
+    opts: &BuildOptions,
+) -> Result<Graph, ZooError> {
     let s = Settings::new(settings);
+    let o = opts;
     let graph = match name {
-        "mlp" => cnn::mlp(&s, batch)?,
-        "small_cnn" => cnn::small_cnn(&s, batch)?,
-        "resnet18" => cnn::resnet(&s, batch, cnn::ResNet::Basic([2, 2, 2, 2]))?,
-        "resnet34" => cnn::resnet(&s, batch, cnn::ResNet::Basic([3, 4, 6, 3]))?,
-        "resnet50" => {
-            cnn::resnet(&s, batch, cnn::ResNet::Bottleneck { layers: [3, 4, 6, 3], groups: 1, width: 64, se: false })?
-        }
-        "seresnext50_32x4d" => {
-            cnn::resnet(&s, batch, cnn::ResNet::Bottleneck { layers: [3, 4, 6, 3], groups: 32, width: 4, se: true })?
-        }
-        "vit" => transformer::vit(&s, batch)?,
-        "clip" => transformer::clip(&s, batch)?,
-        "gpt2" => transformer::gpt2(&s, batch)?,
-        "unet2d" => unet::unet(&s, batch, 2)?,
-        "unet3d" => unet::unet(&s, batch, 3)?,
-        "swin_unetr" => unet::swin_unetr(&s, batch)?,
+        "mlp" => cnn::mlp(&s, batch, o)?,
+        "small_cnn" => cnn::small_cnn(&s, batch, o)?,
+        "resnet18" => cnn::resnet(&s, batch, cnn::ResNet::Basic([2, 2, 2, 2]), o)?,
+        "resnet34" => cnn::resnet(&s, batch, cnn::ResNet::Basic([3, 4, 6, 3]), o)?,
+        "resnet50" => cnn::resnet(
+            &s,
+            batch,
+            cnn::ResNet::Bottleneck { layers: [3, 4, 6, 3], groups: 1, width: 64, se: false },
+            o,
+        )?,
+        "seresnext50_32x4d" => cnn::resnet(
+            &s,
+            batch,
+            cnn::ResNet::Bottleneck { layers: [3, 4, 6, 3], groups: 32, width: 4, se: true },
+            o,
+        )?,
+        "vit" => transformer::vit(&s, batch, o)?,
+        "clip" => transformer::clip(&s, batch, o)?,
+        "gpt2" => transformer::gpt2(&s, batch, o)?,
+        "unet2d" => unet::unet(&s, batch, 2, o)?,
+        "unet3d" => unet::unet(&s, batch, 3, o)?,
+        "swin_unetr" => unet::swin_unetr(&s, batch, o)?,
         other => return Err(ZooError::UnknownModel(other.to_owned())),
     };
     if let Some(err) = s.unknown(name) {

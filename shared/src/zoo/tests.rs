@@ -29,7 +29,7 @@ fn every_zoo_count_matches_its_reference() {
         let name = case["model"].as_str().expect("model name");
         let settings = settings_of(case);
         let want = case["params"].as_u64().expect("params");
-        match build(name, &settings, 1) {
+        match build(name, &settings, 1, &BuildOptions::default()) {
             Ok(g) if g.n_params() == want => {}
             Ok(g) => failures.push(format!("{name} {settings:?}: {} != reference {want}", g.n_params())),
             Err(e) => failures.push(format!("{name} {settings:?}: {e}")),
@@ -48,27 +48,27 @@ fn feature_size_must_be_divisible_by_12_and_suggests_neighbours() {
         serde_json::from_str(include_str!("../../fixtures/reference_params.json")).expect("fixture parses");
     assert_eq!(fixture["swin_unetr_rejects_feature_size_32"], serde_json::Value::Bool(true));
     let map = BTreeMap::from([("feature_size".to_owned(), "32".to_owned())]);
-    let err = build("swin_unetr", &map, 1).expect_err("32 is not a multiple of 12");
+    let err = build("swin_unetr", &map, 1, &BuildOptions::default()).expect_err("32 is not a multiple of 12");
     assert_eq!(err.to_string(), "feature_size: must be divisible by 12 (MONAI's SwinUNETR refuses 32); use 24 or 36");
 }
 
 #[test]
 fn unknown_models_keys_and_values_are_named() {
     let empty = BTreeMap::new();
-    assert!(matches!(build("resnet101", &empty, 1), Err(ZooError::UnknownModel(_))));
+    assert!(matches!(build("resnet101", &empty, 1, &BuildOptions::default()), Err(ZooError::UnknownModel(_))));
     let map = BTreeMap::from([("depth".to_owned(), "3".to_owned())]);
-    let err = build("gpt2", &map, 1).expect_err("unknown key");
+    let err = build("gpt2", &map, 1, &BuildOptions::default()).expect_err("unknown key");
     assert!(err.to_string().starts_with("gpt2: unknown key 'depth'; known keys: "), "{err}");
     let map = BTreeMap::from([("n_layer".to_owned(), "two".to_owned())]);
     assert_eq!(
-        build("gpt2", &map, 1).expect_err("bad value").to_string(),
+        build("gpt2", &map, 1, &BuildOptions::default()).expect_err("bad value").to_string(),
         "n_layer: expected a whole number, got 'two'"
     );
     let map = BTreeMap::from([("volume".to_owned(), "64,64,60".to_owned())]);
-    let err = build("swin_unetr", &map, 1).expect_err("not divisible by 32");
+    let err = build("swin_unetr", &map, 1, &BuildOptions::default()).expect_err("not divisible by 32");
     assert!(err.to_string().starts_with("volume: each size must be divisible by 32"), "{err}");
     let map = BTreeMap::from([("n_head".to_owned(), "5".to_owned())]);
-    assert_eq!(build("gpt2", &map, 1).expect_err("heads").to_string(), "n_head: 5 heads must divide the width 768");
+    assert_eq!(build("gpt2", &map, 1, &BuildOptions::default()).expect_err("heads").to_string(), "n_head: 5 heads must divide the width 768");
 }
 
 #[test]
@@ -81,7 +81,7 @@ fn every_model_builds_with_its_defaults_at_batch_two() {
             _ => [("image".to_owned(), if name == "mlp" { "" } else { "64" }.to_owned())],
         });
         let map: BTreeMap<String, String> = map.into_iter().filter(|(_, v)| !v.is_empty()).collect();
-        let g = build(name, &map, 2).unwrap_or_else(|e| panic!("{name}: {e}"));
+        let g = build(name, &map, 2, &BuildOptions::default()).unwrap_or_else(|e| panic!("{name}: {e}"));
         assert!(!g.nodes.is_empty(), "{name}");
         assert_eq!(g.micro_batch(), 2, "{name}");
     }

@@ -1,104 +1,17 @@
-//! Transformers: torchvision's ViT, open_clip's CLIP (ViT-B-32 style) and Hugging Face's
-//! GPT-2. All share one pre-norm block with fused scaled-dot-product attention.
+//! Transformers as their references write them: torchvision's `VisionTransformer` and
+//! open_clip's `CLIP`, both on `nn.MultiheadAttention`, and Hugging Face's GPT-2 with its
+//! own attention (views of the packed `c_attn` output, the key/value cache) and its
+//! Python `gelu_new`.
 
-use super::{Settings, ZooError, limits, value_err};
-use crate::graph::Graph;
-use crate::graph::{Builder, DType, GraphError, Init, InputKind, Op, Task};
+use super::losses;
+use super::{BuildOptions, Settings, ZooError, limits, value_err};
+use crate::graph::{Builder, Checkpoint, DType, Graph, GraphError, Init, InputKind, Op, Task};
 
-/// Module names of one reference's block, so that error messages point at the module the
-/// reference calls that way.
-struct Names {
-    ln_1: &'static str,
-    qkv: &'static str,
-    proj: &'static str,
-    ln_2: &'static str,
-    fc: &'static str,
-    fc_out: &'static str,
-    /// Hugging Face's `Conv1D` stores weights as `[in, out]`.
-    weight_in_out: bool,
-}
-
-const TORCH_NAMES: Names = Names {
-    ln_1: "ln_1",
-    qkv: "self_attention.in_proj",
-    proj: "self_attention.out_proj",
-    ln_2: "ln_2",
-    fc: "mlp.0",
-    fc_out: "mlp.3",
-    weight_in_out: false,
-};
-const CLIP_NAMES: Names = Names {
-    ln_1: "ln_1",
-    qkv: "attn.in_proj",
-    proj: "attn.out_proj",
-    ln_2: "ln_2",
-    fc: "mlp.c_fc",
-    fc_out: "mlp.c_proj",
-    weight_in_out: false,
-};
-const GPT2_NAMES: Names = Names {
-    ln_1: "ln_1",
-    qkv: "attn.c_attn",
-    proj: "attn.c_proj",
-    ln_2: "ln_2",
-    fc: "mlp.c_fc",
-    fc_out: "mlp.c_proj",
-    weight_in_out: true,
-};
-
-struct BlockCfg {
-    heads: u64,
-    mlp: u64,
-    eps: f64,
-    causal: bool,
-    attn_dropout: f64,
-    /// Dropout after the attention projection and after the MLP.
-    resid_dropout: f64,
-    /// torchvision's MLP block also drops out after the GELU.
-    mlp_mid_dropout: bool,
-    gelu_tanh: bool,
-}
-
-/// One pre-norm block: `x + proj(attn(ln_1(x)))`, then `x + mlp(ln_2(x))`.
-fn block(b: &mut Builder, x: usize, n: &Names, cfg: &BlockCfg) -> Result<usize, GraphError> {
-    let s = b.shape(x).to_vec();
-    let (batch, seq, dim) = (s[0], s[1], s[2]);
-    let hd = dim / cfg.heads;
-    let h = b.layer_norm(n.ln_1, x, cfg.eps)?;
-    let qkv = b.linear_with(n.qkv, h, 3 * dim, true, n.weight_in_out)?;
-    let qkv = b.view(qkv, vec![batch, seq, 3, cfg.heads, hd])?;
-    // [3, B, H, N, hd]: one copy, then q, k and v are contiguous slices of it.
-    let qkv = b.permute_copy(qkv, vec![2, 0, 3, 1, 4])?;
-    let (q, k, v) = (b.select(qkv, 0, 0), b.select(qkv, 0, 1), b.select(qkv, 0, 2));
-    let a = b.attention(q, k, v, cfg.causal, cfg.attn_dropout)?;
-    let a = b.permute_copy(a, vec![0, 2, 1, 3])?;
-    let a = b.view(a, vec![batch, seq, dim])?;
-    let a = b.linear_with(n.proj, a, dim, true, n.weight_in_out)?;
-    let a = b.dropout(a, cfg.resid_dropout);
-    let x = b.add(x, a)?;
-    let h = b.layer_norm(n.ln_2, x, cfg.eps)?;
-    let h = b.linear_with(n.fc, h, cfg.mlp, true, n.weight_in_out)?;
-    let h = b.unary(Op::Gelu { tanh: cfg.gelu_tanh }, h);
-    let h = if cfg.mlp_mid_dropout { b.dropout(h, cfg.resid_dropout) } else { h };
-    let h = b.linear_with(n.fc_out, h, dim, true, n.weight_in_out)?;
-    let h = b.dropout(h, cfg.resid_dropout);
-    b.add(x, h)
-}
+type R<T> = Result<T, GraphError>;
 
 fn heads_divide(key: &str, width: u64, heads: u64) -> Result<(), ZooError> {
-    if width % heads != 0 {
+    if heads == 0 || width % heads != 0 {
         return Err(value_err(key, format!("{heads} heads must divide the width {width}")));
-    }
-    // Flash and memory-efficient attention need a head dimension that is a multiple of 8;
-    // PyTorch would silently fall back to materialising every attention matrix.
-    if (width / heads) % 8 != 0 {
-        return Err(value_err(
-            key,
-            format!(
-                "the head dimension {width}/{heads} = {} must be a multiple of 8 (fused attention kernels need it)",
-                width / heads
-            ),
-        ));
     }
     Ok(())
 }
@@ -110,15 +23,70 @@ fn patches(image: &[u64], patch: u64) -> Result<u64, ZooError> {
     Ok(image.iter().map(|d| d / patch).product())
 }
 
-/// A patch embedding: `[B, C, H, W]` -> `[B, N, D]` (conv, flatten, transpose).
-fn patchify(b: &mut Builder, x: usize, name: &str, dim: u64, patch: u64, bias: bool) -> Result<usize, GraphError> {
+/// `nn.MultiheadAttention(d, heads, batch_first=True)(x, x, x, need_weights=False,
+/// attn_mask=mask)` as `F.multi_head_attention_forward` runs it: the batch-first input
+/// transposed to `[N, B, D]`, one packed input projection (a matmul on the transposed
+/// view, then the bias), the unflatten/transpose/`.contiguous()` that splits q, k and v,
+/// scaled dot-product attention on `[B, H, N, hd]` views, and the output projection on
+/// the attention output viewed as `[N*B, D]`. Returns `[B, N, D]` (a transposed view).
+fn multi_head_attention(b: &mut Builder, x: usize, heads: u64, mask: Option<usize>, dropout: f64) -> R<usize> {
+    let s = b.shape(x).to_vec();
+    let (batch, n, d) = (s[0], s[1], s[2]);
+    let hd = d / heads;
+    let (w_in, b_in, w_out, b_out) = (
+        b.param("in_proj_weight", vec![3 * d, d], Init::Uniform((6.0 / (4.0 * d as f64)).sqrt())),
+        b.param("in_proj_bias", vec![3 * d], Init::Const(0.0)),
+        b.param("out_proj.weight", vec![d, d], Init::Uniform(1.0 / (d as f64).sqrt())),
+        b.param("out_proj.bias", vec![d], Init::Const(0.0)),
+    );
+    let xt = b.transpose(x, 1, 0);
+    let proj = b.linear_with(xt, vec![w_in, b_in], true)?;
+    let proj = b.view(proj, vec![n, batch, 3, d])?;
+    let proj = b.unsqueeze(proj, 0);
+    let proj = b.transpose(proj, 0, 3);
+    let proj = b.squeeze(proj, 3);
+    let proj = b.contiguous(proj);
+    let mut qkv = Vec::with_capacity(3);
+    for i in 0..3 {
+        let t = b.select(proj, 0, i);
+        let t = b.view(t, vec![n, batch * heads, hd])?;
+        let t = b.transpose(t, 0, 1);
+        qkv.push(b.view(t, vec![batch, heads, n, hd])?);
+    }
+    let mask = match mask {
+        // A [N, N] mask becomes [1, N, N], then [1, 1, N, N] for scaled_dot_product_attention.
+        Some(m) => {
+            let m = b.unsqueeze(m, 0);
+            Some(b.unsqueeze(m, 0))
+        }
+        None => None,
+    };
+    let a = b.attention(qkv[0], qkv[1], qkv[2], mask, false, dropout, None)?;
+    let a = b.permute(a, vec![2, 0, 1, 3])?;
+    let a = b.contiguous(a);
+    let a = b.view(a, vec![n * batch, d])?;
+    let o = b.linear_with(a, vec![w_out, b_out], true)?;
+    let o = b.view(o, vec![n, batch, d])?;
+    Ok(b.transpose(o, 1, 0))
+}
+
+/// A patch embedding: `[B, C, H, W]` -> `[B, N, D]` (conv, reshape, permute).
+fn patchify(b: &mut Builder, x: usize, name: &str, dim: u64, patch: u64, bias: bool) -> R<usize> {
     let p = b.conv(name, x, dim, patch, patch, 0, 1, bias)?;
     let s = b.shape(p).to_vec();
-    let flat = b.view(p, vec![s[0], s[1], s[2] * s[3]])?;
+    let flat = b.reshape(p, vec![s[0], s[1], s[2] * s[3]])?;
     b.permute(flat, vec![0, 2, 1])
 }
 
-pub fn vit(s: &Settings, batch: u64) -> Result<Graph, ZooError> {
+/// `cat([token.expand(B, 1, D), x], dim=1)` for a class token value of `D` elements.
+fn prepend_token(b: &mut Builder, x: usize, token: usize) -> R<usize> {
+    let s = b.shape(x).to_vec();
+    let t = b.reshape(token, vec![1, 1, s[2]])?;
+    let t = b.expand(t, vec![s[0], 1, s[2]])?;
+    b.cat(vec![t, x], 1)
+}
+
+pub fn vit(s: &Settings, batch: u64, opts: &BuildOptions) -> Result<Graph, ZooError> {
     let image = s.sizes("image", 224, 2, limits::MAX_IMAGE)?;
     let patch = s.u64("patch_size", 16, 1, limits::MAX_IMAGE)?;
     let layers = s.u64("num_layers", 12, 1, limits::MAX_DEPTH)?;
@@ -132,77 +100,59 @@ pub fn vit(s: &Settings, batch: u64) -> Result<Graph, ZooError> {
     let n = patches(&image, patch)?;
     let mut b = Builder::new(Task::Classify { classes });
     let x = b.input(vec![batch, 3, image[0], image[1]], InputKind::Real);
-    let tokens = patchify(&mut b, x, "conv_proj", dim, patch, true)?;
-    let cls = b.param("class_token", vec![1, 1, dim], Init::Const(0.0));
-    let mut h = b.prepend_token(tokens, cls)?;
-    let cfg = BlockCfg {
-        heads,
-        mlp,
-        eps: 1e-6,
-        causal: false,
-        attn_dropout: attention_dropout,
-        resid_dropout: dropout,
-        mlp_mid_dropout: true,
-        gelu_tanh: false,
-    };
-    h = b.scope("encoder", |b| -> Result<usize, GraphError> {
-        let pos = b.param("pos_embedding", vec![1, n + 1, dim], Init::Normal(0.02));
-        let mut h = b.add_param(h, pos)?;
-        h = b.dropout(h, dropout);
-        for i in 0..layers {
-            h = b.block(|b| b.scope(format!("layers.encoder_layer_{i}"), |b| block(b, h, &TORCH_NAMES, &cfg)))?;
-        }
-        b.layer_norm("ln", h, 1e-6)
+    let mut h = b.stage(|b| -> R<usize> {
+        let tokens = patchify(b, x, "conv_proj", dim, patch, true)?;
+        let cls = b.param_in("class_token", vec![1, 1, dim], Init::Const(0.0));
+        let h = prepend_token(b, tokens, cls)?;
+        b.scope("encoder", |b| -> R<usize> {
+            let pos = b.param_in("pos_embedding", vec![1, n + 1, dim], Init::Normal(0.02));
+            let h = b.add(h, pos)?;
+            Ok(b.dropout(h, dropout))
+        })
     })?;
-    let first = b.select(h, 1, 0);
-    let out = b.linear("heads.head", first, classes, true)?;
-    Ok(b.finish(vec![out]))
-}
-
-pub fn gpt2(s: &Settings, batch: u64) -> Result<Graph, ZooError> {
-    let n_layer = s.u64("n_layer", 12, 1, limits::MAX_DEPTH)?;
-    let n_embd = s.u64("n_embd", 768, 1, limits::MAX_WIDTH)?;
-    let n_head = s.u64("n_head", 12, 1, limits::MAX_WIDTH)?;
-    let n_positions = s.u64("n_positions", 1024, 1, limits::MAX_SEQ)?;
-    let vocab = s.u64("vocab_size", 50257, 2, limits::MAX_VOCAB)?;
-    let seq = s.u64("seq", n_positions, 1, limits::MAX_SEQ)?;
-    let resid = s.f64("resid_pdrop", 0.1, 0.0, 0.99)?;
-    let embd = s.f64("embd_pdrop", 0.1, 0.0, 0.99)?;
-    let attn = s.f64("attn_pdrop", 0.1, 0.0, 0.99)?;
-    heads_divide("n_head", n_embd, n_head)?;
-    if seq > n_positions {
-        return Err(value_err("seq", format!("{seq} tokens exceed n_positions {n_positions}")));
+    for i in 0..layers {
+        h = b.stage(|b| {
+            b.block(|b| {
+                b.scope(format!("encoder.layers.encoder_layer_{i}"), |b| -> R<usize> {
+                    // torchvision's EncoderBlock.
+                    let y = b.layer_norm("ln_1", h, 1e-6)?;
+                    let y = b.scope("self_attention", |b| multi_head_attention(b, y, heads, None, attention_dropout))?;
+                    let y = b.dropout(y, dropout);
+                    let x = b.add(y, h)?;
+                    let m = b.layer_norm("ln_2", x, 1e-6)?;
+                    let m = b.linear("mlp.0", m, mlp, true)?;
+                    let m = b.unary(Op::Gelu { tanh: false }, m);
+                    let m = b.dropout(m, dropout);
+                    let m = b.linear("mlp.3", m, dim, true)?;
+                    let m = b.dropout(m, dropout);
+                    b.add(x, m)
+                })
+            })
+        })?;
     }
-    let mut b = Builder::new(Task::LanguageModel { vocab });
-    let ids = b.input(vec![batch, seq], InputKind::Tokens { vocab });
-    let (h, wte) = b.scope("transformer", |b| -> Result<(usize, usize), GraphError> {
-        let wte = b.scope("wte", |b| b.param("weight", vec![vocab, n_embd], Init::Normal(0.02)));
-        let tok = b.embedding_with(ids, wte);
-        let wpe = b.scope("wpe", |b| b.param("weight", vec![n_positions, n_embd], Init::Normal(0.01)));
-        let positions = b.buffer("position_ids", vec![seq], DType::I64, Init::Arange);
-        let pos = b.gather(wpe, positions);
-        let mut h = b.add(tok, pos)?;
-        h = b.dropout(h, embd);
-        let cfg = BlockCfg {
-            heads: n_head,
-            mlp: 4 * n_embd,
-            eps: 1e-5,
-            causal: true,
-            attn_dropout: attn,
-            resid_dropout: resid,
-            mlp_mid_dropout: false,
-            gelu_tanh: true,
-        };
-        for i in 0..n_layer {
-            h = b.block(|b| b.scope(format!("h.{i}"), |b| block(b, h, &GPT2_NAMES, &cfg)))?;
-        }
-        Ok((b.layer_norm("ln_f", h, 1e-5)?, wte))
+    let out = b.stage(|b| -> R<usize> {
+        let h = b.scope("encoder", |b| b.layer_norm("ln", h, 1e-6))?;
+        let first = b.select(h, 1, 0);
+        b.linear("heads.head", first, classes, true)
     })?;
-    let logits = b.linear_tied(h, wte)?;
-    Ok(b.finish(vec![logits]))
+    let (loss, start) = losses::classify(&mut b, out, opts.loss.label_smoothing)?;
+    Ok(b.finish(vec![out], loss, start))
 }
 
-pub fn clip(s: &Settings, batch: u64) -> Result<Graph, ZooError> {
+/// open_clip's `ResidualAttentionBlock`: `x + attn(ln_1(x))`, then `x + mlp(ln_2(x))`.
+fn clip_block(b: &mut Builder, x: usize, heads: u64, mask: Option<usize>) -> R<usize> {
+    let d = b.shape(x)[2];
+    let y = b.layer_norm("ln_1", x, 1e-5)?;
+    let y = b.scope("attn", |b| multi_head_attention(b, y, heads, mask, 0.0))?;
+    let x = b.add(x, y)?;
+    let m = b.layer_norm("ln_2", x, 1e-5)?;
+    let m = b.linear("mlp.c_fc", m, 4 * d, true)?;
+    let m = b.unary(Op::Gelu { tanh: false }, m);
+    let m = b.linear("mlp.c_proj", m, d, true)?;
+    b.add(x, m)
+}
+
+pub fn clip(s: &Settings, batch: u64, opts: &BuildOptions) -> Result<Graph, ZooError> {
     let embed = s.u64("embed_dim", 512, 1, limits::MAX_WIDTH)?;
     let image = s.sizes("image", 224, 2, limits::MAX_IMAGE)?;
     let patch = s.u64("patch_size", 32, 1, limits::MAX_IMAGE)?;
@@ -219,62 +169,165 @@ pub fn clip(s: &Settings, batch: u64) -> Result<Graph, ZooError> {
     }
     heads_divide("text_heads", t_width, t_heads)?;
     let n = patches(&image, patch)?;
+    let _ = opts;
     let mut b = Builder::new(Task::Contrastive);
     let img = b.input(vec![batch, 3, image[0], image[1]], InputKind::Real);
     let text = b.input(vec![batch, seq], InputKind::Tokens { vocab });
-    let image_features = b.scope("visual", |b| -> Result<usize, GraphError> {
+    let image_features = b.scope("visual", |b| -> R<usize> {
         let tokens = patchify(b, img, "conv1", v_width, patch, false)?;
-        let cls = b.param("class_embedding", vec![v_width], Init::Normal(0.02));
-        let mut h = b.prepend_token(tokens, cls)?;
-        let pos = b.param("positional_embedding", vec![n + 1, v_width], Init::Normal(0.02));
-        h = b.add_param(h, pos)?;
+        let cls = b.param_in("class_embedding", vec![v_width], Init::Normal(0.02));
+        let mut h = prepend_token(b, tokens, cls)?;
+        let pos = b.param_in("positional_embedding", vec![n + 1, v_width], Init::Normal(0.02));
+        h = b.add(h, pos)?;
         h = b.layer_norm("ln_pre", h, 1e-5)?;
-        let cfg = BlockCfg {
-            heads: v_width / 64,
-            mlp: 4 * v_width,
-            eps: 1e-5,
-            causal: false,
-            attn_dropout: 0.0,
-            resid_dropout: 0.0,
-            mlp_mid_dropout: false,
-            gelu_tanh: false,
-        };
         for i in 0..v_layers {
-            h = b.block(|b| b.scope(format!("transformer.resblocks.{i}"), |b| block(b, h, &CLIP_NAMES, &cfg)))?;
+            h = b.block(|b| b.scope(format!("transformer.resblocks.{i}"), |b| clip_block(b, h, v_width / 64, None)))?;
         }
         h = b.layer_norm("ln_post", h, 1e-5)?;
         let pooled = b.select(h, 1, 0);
-        let proj = b.param("proj", vec![v_width, embed], Init::Normal(0.02));
-        let pooled = b.contiguous(pooled);
-        b.linear_proj(pooled, proj)
+        let proj = b.param_in("proj", vec![v_width, embed], Init::Normal(0.02));
+        let f = b.matmul(pooled, proj)?;
+        b.normalize(f)
     })?;
     let text_features = {
         let tok = b.embedding("token_embedding", text, vocab, t_width);
-        let pos = b.param("positional_embedding", vec![seq, t_width], Init::Normal(0.01));
-        let mut h = b.add_param(tok, pos)?;
-        let cfg = BlockCfg {
-            heads: t_heads,
-            mlp: 4 * t_width,
-            eps: 1e-5,
-            causal: true,
-            attn_dropout: 0.0,
-            resid_dropout: 0.0,
-            mlp_mid_dropout: false,
-            gelu_tanh: false,
-        };
+        let pos = b.param_in("positional_embedding", vec![seq, t_width], Init::Normal(0.01));
+        let mut h = b.add(tok, pos)?;
+        let mask = b.buffer("attn_mask", vec![seq, seq], DType::F32, Init::CausalMask);
         for i in 0..t_layers {
-            h = b.block(|b| b.scope(format!("transformer.resblocks.{i}"), |b| block(b, h, &CLIP_NAMES, &cfg)))?;
+            h = b.block(|b| {
+                b.scope(format!("transformer.resblocks.{i}"), |b| {
+                    let m = b.param_value(mask);
+                    clip_block(b, h, t_heads, Some(m))
+                })
+            })?;
         }
         h = b.layer_norm("ln_final", h, 1e-5)?;
-        // The synthetic captions end with their end-of-text token, which pools the text.
-        let pooled = b.select(h, 1, seq - 1);
-        let pooled = b.contiguous(pooled);
-        let proj = b.param("text_projection", vec![t_width, embed], Init::Normal(0.02));
-        b.linear_proj(pooled, proj)?
+        // text_global_pool: the features at each caption's end-of-text token, the
+        // largest id (argmax), as open_clip does.
+        let eot = b.argmax(text);
+        let pooled = b.index_rows(h, eot)?;
+        let proj = b.param_in("text_projection", vec![t_width, embed], Init::Normal(0.02));
+        let f = b.matmul(pooled, proj)?;
+        b.normalize(f)?
     };
-    let i = b.normalize(image_features);
-    let t = b.normalize(text_features);
-    // The contrastive loss's learned temperature: the graph's last parameter.
-    b.param("logit_scale", vec![], Init::Const((1.0f64 / 0.07).ln()));
-    Ok(b.finish(vec![i, t]))
+    let scale = b.param_in("logit_scale", vec![], Init::Const((1.0f64 / 0.07).ln()));
+    let scale = b.unary(Op::Exp, scale);
+    let (loss, start) = losses::clip(&mut b, image_features, text_features, scale)?;
+    Ok(b.finish(vec![image_features, text_features, scale], loss, start))
+}
+
+/// Hugging Face's `NewGELUActivation` ("gelu_new"), spelled out in Python:
+/// `0.5 * x * (1 + tanh(sqrt(2 / pi) * (x + 0.044715 * x^3)))`.
+fn gelu_new(b: &mut Builder, x: usize) -> R<usize> {
+    let half = b.mul_scalar(x, 0.5);
+    let cube = b.pow_scalar(x, 3.0);
+    let cube = b.mul_scalar(cube, 0.044715);
+    let inner = b.add(x, cube)?;
+    let inner = b.mul_scalar(inner, (2.0 / std::f64::consts::PI).sqrt());
+    let t = b.unary(Op::Tanh, inner);
+    let t = b.add_scalar(t, 1.0);
+    b.mul(half, t)
+}
+
+struct Gpt2Cfg {
+    heads: u64,
+    attn_drop: f64,
+    resid_drop: f64,
+    use_cache: bool,
+}
+
+/// `GPT2Block` with the SDPA attention of transformers 5: `c_attn` split into q, k and v
+/// views, k and v copied into the key/value cache when it is on (and attention then
+/// reads the cached copies), causal attention with dropout, `gelu_new`.
+/// Returns the block output and the cache's tensors.
+fn gpt2_block(b: &mut Builder, x: usize, cfg: &Gpt2Cfg) -> R<(usize, Vec<usize>)> {
+    let s = b.shape(x).to_vec();
+    let (batch, seq, d) = (s[0], s[1], s[2]);
+    let hd = d / cfg.heads;
+    let h = b.layer_norm("ln_1", x, 1e-5)?;
+    let (a, cache) = b.scope("attn", |b| -> R<(usize, Vec<usize>)> {
+        let qkv = b.conv1d_hf("c_attn", h, 3 * d)?;
+        let parts = b.split(qkv, 2, d)?;
+        let heads = |b: &mut Builder, t: usize| -> R<usize> {
+            let t = b.view(t, vec![batch, seq, cfg.heads, hd])?;
+            Ok(b.transpose(t, 1, 2))
+        };
+        let k = heads(b, parts[1])?;
+        let v = heads(b, parts[2])?;
+        let q = heads(b, parts[0])?;
+        let (k, v, cache) = if cfg.use_cache {
+            // DynamicLayer.update on an empty cache: torch.cat copies keys and values.
+            let k = b.cat(vec![k], 2)?;
+            let v = b.cat(vec![v], 2)?;
+            (k, v, vec![k, v])
+        } else {
+            (k, v, vec![])
+        };
+        let a = b.attention(q, k, v, None, true, cfg.attn_drop, Some((hd as f64).powf(-0.5)))?;
+        let a = b.transpose(a, 1, 2);
+        let a = b.contiguous(a);
+        let a = b.reshape(a, vec![batch, seq, d])?;
+        let a = b.contiguous(a);
+        let a = b.conv1d_hf("c_proj", a, d)?;
+        Ok((b.dropout(a, cfg.resid_drop), cache))
+    })?;
+    let x = b.add(a, x)?;
+    let m = b.layer_norm("ln_2", x, 1e-5)?;
+    let m = b.scope("mlp", |b| -> R<usize> {
+        let m = b.conv1d_hf("c_fc", m, 4 * d)?;
+        let m = gelu_new(b, m)?;
+        let m = b.conv1d_hf("c_proj", m, d)?;
+        Ok(b.dropout(m, cfg.resid_drop))
+    })?;
+    Ok((b.add(x, m)?, cache))
+}
+
+pub fn gpt2(s: &Settings, batch: u64, opts: &BuildOptions) -> Result<Graph, ZooError> {
+    let n_layer = s.u64("n_layer", 12, 1, limits::MAX_DEPTH)?;
+    let n_embd = s.u64("n_embd", 768, 1, limits::MAX_WIDTH)?;
+    let n_head = s.u64("n_head", 12, 1, limits::MAX_WIDTH)?;
+    let n_positions = s.u64("n_positions", 1024, 1, limits::MAX_SEQ)?;
+    let vocab = s.u64("vocab_size", 50257, 2, limits::MAX_VOCAB)?;
+    let seq = s.u64("seq", n_positions, 2, limits::MAX_SEQ)?;
+    let resid = s.f64("resid_pdrop", 0.1, 0.0, 0.99)?;
+    let embd = s.f64("embd_pdrop", 0.1, 0.0, 0.99)?;
+    let attn = s.f64("attn_pdrop", 0.1, 0.0, 0.99)?;
+    // HF's default; gradient checkpointing in training turns the cache off.
+    let use_cache = s.flag("use_cache", true)? && opts.checkpoint != Checkpoint::Blocks;
+    heads_divide("n_head", n_embd, n_head)?;
+    if seq > n_positions {
+        return Err(value_err("seq", format!("{seq} tokens exceed n_positions {n_positions}")));
+    }
+    let mut b = Builder::new(Task::LanguageModel { vocab });
+    let ids = b.input(vec![batch, seq], InputKind::Tokens { vocab });
+    let cfg = Gpt2Cfg { heads: n_head, attn_drop: attn, resid_drop: resid, use_cache };
+    let mut cache = Vec::new();
+    let (h, wte) = b.scope("transformer", |b| -> R<(usize, usize)> {
+        let wte = b.scope("wte", |b| b.param("weight", vec![vocab, n_embd], Init::Normal(0.02)));
+        let mut h = b.stage(|b| -> R<usize> {
+            let ids = b.view(ids, vec![batch, seq])?;
+            let table = b.param_value(wte);
+            let tok = b.embedding_with(ids, table);
+            let positions = b.buffer("position_ids", vec![seq], DType::I64, Init::Arange);
+            let positions = b.param_value(positions);
+            let positions = b.unsqueeze(positions, 0);
+            let wpe = b.scope("wpe", |b| b.param_in("weight", vec![n_positions, n_embd], Init::Normal(0.02)));
+            let pos = b.embedding_with(positions, wpe);
+            let h = b.add(tok, pos)?;
+            Ok(b.dropout(h, embd))
+        })?;
+        for i in 0..n_layer {
+            let (out, kv) = b.stage(|b| b.block(|b| b.scope(format!("h.{i}"), |b| gpt2_block(b, h, &cfg))))?;
+            h = out;
+            cache.extend(kv);
+        }
+        let h = b.stage(|b| b.layer_norm("ln_f", h, 1e-5))?;
+        Ok((h, wte))
+    })?;
+    let logits = b.linear_with(h, vec![wte], false)?;
+    let (loss, start) = losses::causal_lm(&mut b, logits, ids)?;
+    let mut returned = vec![logits];
+    returned.extend(cache);
+    Ok(b.finish_with_loss_inside(returned, loss, start))
 }

@@ -1,0 +1,264 @@
+//! Convolution kernels and the memory each keeps while it runs.
+//!
+//! PyTorch picks the kernel per call (`select_conv_backend` in ATen's Convolution.cpp):
+//! on the CPU oneDNN when enabled and its heuristic says so (always for bf16), else
+//! libtorch's native kernels; on CUDA cuDNN.
+//! - native (`slow_conv2d`, `slow_conv3d`, `slow_conv_transpose*`): an im2col columns
+//!   buffer per call (measured exactly against the counting allocator);
+//! - oneDNN: reorders between PyTorch's plain layout and oneDNN's blocked one (channels
+//!   padded to 16 on AVX-512) around each call — input, weight and output forward;
+//!   output gradient, weight and input gradient for backward data; output gradient,
+//!   input and weight gradient for backward weights — plus a scratchpad whose size
+//!   depends on the algorithm oneDNN picks and the thread count: an uncertain term;
+//! - cuDNN: a workspace chosen at run time: an uncertain term.
+
+use super::Category::{Activations as ACT, Temporaries as TMP};
+use super::engine::{Engine, HALF, Ten};
+use super::layout;
+use super::sim::Sim;
+use super::Kernels;
+use crate::graph::{Op, numel};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Kernel {
+    Native,
+    OneDnn,
+    Cudnn,
+}
+
+#[derive(Clone, Debug)]
+pub(crate) struct Plan {
+    pub kernel: Kernel,
+    pub nd: usize,
+    pub kernel_size: u64,
+    pub transposed: bool,
+    /// Channels-last input (oneDNN then works in that layout without reorders).
+    pub channels_last: bool,
+    /// Element size the convolution computes in.
+    pub esize: u64,
+}
+
+/// PyTorch's `ConvParams::use_mkldnn` for CPU float inputs.
+fn use_onednn(op: &Op, x: &Ten, w: &Ten, threads: u64) -> bool {
+    let (stride, groups, transposed, output_padding) = match *op {
+        Op::Conv { stride, groups, .. } => (stride, groups, false, 0),
+        Op::ConvTranspose { stride, output_padding, .. } => (stride, 1, true, output_padding),
+        _ => return false,
+    };
+    if transposed && output_padding >= stride {
+        return false;
+    }
+    if x.esize == HALF {
+        // bf16 convolutions on a CPU with AVX-512 BF16 always go to oneDNN.
+        return true;
+    }
+    let ws = &w.shape;
+    let (kw, kh) = (ws[ws.len() - 1], ws[ws.len() - 2]);
+    let xs = &x.shape;
+    let n = xs[0];
+    let first4 = xs[0].saturating_mul(xs[1]).saturating_mul(xs[2]).saturating_mul(*xs.get(3).unwrap_or(&1));
+    let strided = stride != 1;
+    (strided || n >= 16 || kw != 1 || kh != 1 || threads > 1) && (groups > 1 || (kw > 3 && kh > 3) || n > 1 || first4 > 20480)
+}
+
+pub(crate) fn plan(e: &Engine, i: usize, x: &Ten, w: &Ten) -> Plan {
+    let op = &e.g.nodes[i].op;
+    let (nd, kernel_size, transposed) = match *op {
+        Op::Conv { nd, kernel, .. } => (nd as usize, kernel, false),
+        Op::ConvTranspose { nd, kernel, .. } => (nd as usize, kernel, true),
+        _ => (2, 1, false),
+    };
+    let kernel = match e.kernels {
+        Kernels::Cpu { onednn, threads } if onednn && use_onednn(op, x, w, threads) => Kernel::OneDnn,
+        Kernels::Cpu { .. } => Kernel::Native,
+        Kernels::Cuda => Kernel::Cudnn,
+    };
+    let channels_last = layout::is_channels_last(&x.shape, &x.strides);
+    Plan { kernel, nd, kernel_size, transposed, channels_last, esize: x.esize }
+}
+
+/// Channels as oneDNN's blocked layouts hold them (multiples of 16 on AVX-512).
+fn pad16(c: u64) -> u64 {
+    c.div_ceil(16) * 16
+}
+
+/// Bytes of a `[B, C, ...]` tensor in oneDNN's blocked layout.
+fn blocked(shape: &[u64], esize: u64) -> u64 {
+    let mut s = shape.to_vec();
+    if s.len() > 1 {
+        s[1] = pad16(s[1]);
+    }
+    numel(&s) * esize
+}
+
+/// Bytes of a weight `[O, I, k...]` (transposed: `[I, O, k...]`) reordered to a blocked
+/// layout.
+fn blocked_weight(shape: &[u64], esize: u64) -> u64 {
+    let mut s = shape.to_vec();
+    s[0] = pad16(s[0]);
+    if s[1] >= 4 {
+        s[1] = pad16(s[1]);
+    }
+    numel(&s) * esize
+}
+
+/// The native kernels' im2col columns (see `docs/estimator.md`): a convolution's whole
+/// batch `[B, C_in k^d, out_spatial]`; a transposed convolution one sample's
+/// `[C_out k^d, in_spatial]`, in 2-D its forward for the whole batch, in 3-D plus a row of
+/// ones over the output for the bias.
+fn columns(plan: &Plan, x: &[u64], y: &[u64], forward: bool) -> u64 {
+    let k = plan.kernel_size.pow(plan.nd as u32);
+    let e = plan.esize;
+    if !plan.transposed {
+        return x[0] * x[1] * k * numel(&y[2..]) * e;
+    }
+    let per_sample = y[1] * k * numel(&x[2..]) * e;
+    match (forward, plan.nd) {
+        (false, _) => per_sample,
+        (true, 3) => per_sample + numel(&y[2..]) * e,
+        (true, _) => per_sample * x[0],
+    }
+}
+
+pub(crate) fn forward(e: &mut Engine, sim: &mut Sim, plan: &Plan, x: &Ten, w: &Ten, shape: &[u64]) -> Ten {
+    let esize = plan.esize;
+    match plan.kernel {
+        Kernel::Native => {
+            // The native kernels need a contiguous input.
+            let xc = (!x.contiguous()).then(|| sim.alloc(x.bytes(), TMP));
+            let o = e.alloc_contig(sim, shape, esize, ACT);
+            sim.transient(columns(plan, &x.shape, shape, true), TMP);
+            if let Some(t) = xc {
+                sim.release(t);
+            }
+            o
+        }
+        Kernel::OneDnn => {
+            if plan.channels_last {
+                let wr = sim.alloc(blocked_weight(&w.shape, esize), TMP);
+                let o = e.alloc(sim, shape, layout::channels_last(shape), esize, ACT);
+                sim.uncertain(scratch_bound(&x.shape, shape, &w.shape, esize, e));
+                sim.release(wr);
+                return o;
+            }
+            // Small input-channel counts (a stem on RGB) are read in the plain layout.
+            let xr = (x.shape[1] >= 16).then(|| sim.alloc(blocked(&x.shape, esize), TMP));
+            let wr = sim.alloc(blocked_weight(&w.shape, esize), TMP);
+            let yb = sim.alloc(blocked(shape, esize), TMP);
+            sim.uncertain(scratch_bound(&x.shape, shape, &w.shape, esize, e));
+            sim.release(wr);
+            if let Some(t) = xr {
+                sim.release(t);
+            }
+            let o = e.alloc_contig(sim, shape, esize, ACT);
+            sim.release(yb);
+            o
+        }
+        Kernel::Cudnn => {
+            let strides = if plan.channels_last { layout::channels_last(shape) } else { layout::contiguous(shape) };
+            let o = e.alloc(sim, shape, strides, esize, ACT);
+            sim.uncertain(workspace_bound(&x.shape, shape, esize));
+            o
+        }
+    }
+}
+
+/// An upper bound for oneDNN's scratchpad: per thread, a weight-sized reduction buffer
+/// and a copy of the larger activation.
+fn scratch_bound(x: &[u64], y: &[u64], w: &[u64], esize: u64, e: &Engine) -> u64 {
+    let threads = match e.kernels {
+        Kernels::Cpu { threads, .. } => threads.max(1),
+        Kernels::Cuda => 1,
+    };
+    threads * numel(w) * esize * 4 + numel(x).max(numel(y)) * esize
+}
+
+/// An upper bound for cuDNN's workspace with the default heuristics: the larger of the
+/// input and output at the compute precision (implicit-GEMM and FFT algorithms stay
+/// within it; PyTorch falls back to an algorithm that fits when one does not).
+fn workspace_bound(x: &[u64], y: &[u64], esize: u64) -> u64 {
+    numel(x).max(numel(y)) * esize
+}
+
+/// Gradients for `[x, w, bias?]` of tape node `k`.
+pub(crate) fn backward(e: &mut Engine, sim: &mut Sim, k: usize, g: &Ten) -> Vec<Option<Ten>> {
+    let t = &e.tape[k];
+    let node = t.node;
+    let (xm, wm) = (t.in_meta[0].clone(), t.in_meta[1].clone());
+    let ins = t.ins.clone();
+    let has_bias = ins.len() > 2;
+    let x = Ten { st: super::sim::Tensor::NONE, shape: xm.shape.clone(), strides: xm.strides.clone(), esize: xm.esize, view: true };
+    let w = Ten { st: super::sim::Tensor::NONE, shape: wm.shape.clone(), strides: wm.strides.clone(), esize: wm.esize, view: true };
+    let plan = plan(e, node, &x, &w);
+    let esize = plan.esize;
+    let y = g.shape.clone();
+    let mut gx = None;
+    let mut gw = None;
+    match plan.kernel {
+        Kernel::Native => {
+            let xc = (!x.contiguous()).then(|| sim.alloc(x.bytes(), TMP));
+            let gc = (!g.contiguous()).then(|| sim.alloc(g.bytes(), TMP));
+            if ins[0].is_some() {
+                gx = Some(e.alloc_like(sim, &xm, esize, e.grad_category(ins[0])));
+            }
+            if ins[1].is_some() {
+                gw = Some(e.alloc_contig(sim, &wm.shape, esize, e.grad_category(ins[1])));
+            }
+            sim.transient(columns(&plan, &xm.shape, &y, false), TMP);
+            if let Some(t) = gc {
+                sim.release(t);
+            }
+            if let Some(t) = xc {
+                sim.release(t);
+            }
+        }
+        Kernel::OneDnn => {
+            let cl = plan.channels_last;
+            if ins[0].is_some() {
+                let gr = (!cl).then(|| sim.alloc(blocked(&y, esize), TMP));
+                let wr = sim.alloc(blocked_weight(&wm.shape, esize), TMP);
+                let gxb = (!cl).then(|| sim.alloc(blocked(&xm.shape, esize), TMP));
+                sim.uncertain(scratch_bound(&xm.shape, &y, &wm.shape, esize, e));
+                sim.release(wr);
+                if let Some(t) = gr {
+                    sim.release(t);
+                }
+                let strides = if cl { layout::channels_last(&xm.shape) } else { layout::contiguous(&xm.shape) };
+                gx = Some(e.alloc(sim, &xm.shape, strides, esize, e.grad_category(ins[0])));
+                if let Some(t) = gxb {
+                    sim.release(t);
+                }
+            }
+            if ins[1].is_some() {
+                let gr = (!cl).then(|| sim.alloc(blocked(&y, esize), TMP));
+                let xr = (!cl && xm.shape[1] >= 16).then(|| sim.alloc(blocked(&xm.shape, esize), TMP));
+                let gwb = sim.alloc(blocked_weight(&wm.shape, esize), TMP);
+                sim.uncertain(scratch_bound(&xm.shape, &y, &wm.shape, esize, e));
+                if let Some(t) = xr {
+                    sim.release(t);
+                }
+                if let Some(t) = gr {
+                    sim.release(t);
+                }
+                gw = Some(e.alloc_contig(sim, &wm.shape, esize, e.grad_category(ins[1])));
+                sim.release(gwb);
+            }
+        }
+        Kernel::Cudnn => {
+            if ins[0].is_some() {
+                gx = Some(e.alloc_like(sim, &xm, esize, e.grad_category(ins[0])));
+                sim.uncertain(workspace_bound(&xm.shape, &y, esize));
+            }
+            if ins[1].is_some() {
+                gw = Some(e.alloc_contig(sim, &wm.shape, esize, e.grad_category(ins[1])));
+                sim.uncertain(workspace_bound(&xm.shape, &y, esize));
+            }
+        }
+    }
+    let mut out = vec![gx, gw];
+    if has_bias {
+        let c = y[1];
+        out.push(ins[2].map(|s| e.alloc_contig(sim, &[c], esize, e.grad_category(Some(s)))));
+    }
+    out
+}

@@ -1,0 +1,208 @@
+//! The losses, written as their references compute them: PyTorch's `cross_entropy`
+//! (log-softmax then NLL, with label smoothing as ATen adds it), `BCEWithLogitsLoss`,
+//! MONAI's `DiceLoss` and `DiceCELoss` (softmax or sigmoid, one-hot targets), Hugging
+//! Face's causal-LM loss and open_clip's `ClipLoss`.
+
+use serde::{Deserialize, Serialize};
+
+use crate::graph::{Builder, GraphError, InputKind};
+
+/// The loss a segmentation or classification plan trains with (`--set loss=...`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LossKind {
+    /// `nn.CrossEntropyLoss` (optionally label-smoothed).
+    Ce,
+    /// `nn.BCEWithLogitsLoss` on one output channel against a 0/1 mask.
+    Bce,
+    /// MONAI `DiceLoss(to_onehot_y=True, softmax=True)` (sigmoid for one channel).
+    Dice,
+    /// MONAI `DiceCELoss(to_onehot_y=True, softmax=True)` (sigmoid and BCE for one channel).
+    DiceCe,
+}
+
+impl LossKind {
+    pub fn from_word(word: &str) -> Option<LossKind> {
+        Some(match word {
+            "ce" => LossKind::Ce,
+            "bce" => LossKind::Bce,
+            "dice" => LossKind::Dice,
+            "dice_ce" => LossKind::DiceCe,
+            _ => return None,
+        })
+    }
+
+    pub fn word(self) -> &'static str {
+        match self {
+            LossKind::Ce => "ce",
+            LossKind::Bce => "bce",
+            LossKind::Dice => "dice",
+            LossKind::DiceCe => "dice_ce",
+        }
+    }
+}
+
+/// The loss of a plan: its kind and label smoothing (cross-entropy only).
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct LossSpec {
+    pub kind: LossKind,
+    #[serde(default)]
+    pub label_smoothing: f64,
+}
+
+impl Default for LossSpec {
+    fn default() -> LossSpec {
+        LossSpec { kind: LossKind::Ce, label_smoothing: 0.0 }
+    }
+}
+
+type R<T> = Result<T, GraphError>;
+
+/// `F.cross_entropy(logits, target, label_smoothing=s)` with classes on dimension 1.
+/// Returns the loss value.
+pub fn cross_entropy(b: &mut Builder, logits: usize, target: usize, smoothing: f64) -> R<usize> {
+    let lp = b.log_softmax(logits, 1);
+    let nll = b.nll_loss(lp, target, -100)?;
+    if smoothing <= 0.0 {
+        return Ok(nll);
+    }
+    // ATen's label smoothing: -(log_probs.sum(class_dim)) averaged over the samples, mixed
+    // with the NLL as (1 - s) * nll + s / classes * smooth.
+    let classes = b.shape(logits)[1] as f64;
+    let s = b.sum(lp, vec![1], false);
+    let s = b.mul_scalar(s, -1.0);
+    let all = b.all_dims(s);
+    let s = b.mean(s, all, false);
+    let a = b.mul_scalar(nll, 1.0 - smoothing);
+    let c = b.mul_scalar(s, smoothing / classes);
+    b.add(a, c)
+}
+
+/// A classification loss on `[B, C]` logits: labels `[B]` become a graph input.
+/// Returns `(loss, first node of the loss)`.
+pub fn classify(b: &mut Builder, logits: usize, smoothing: f64) -> R<(usize, usize)> {
+    let s = b.shape(logits).to_vec();
+    let labels = b.input(vec![s[0]], InputKind::ClassIndex { classes: s[1] });
+    let start = b.next_node();
+    Ok((cross_entropy(b, logits, labels, smoothing)?, start))
+}
+
+/// MONAI's soft Dice of probabilities against a one-hot target, mean over batch and
+/// classes: `1 - (2 tp + 1e-5) / (2 (tp + fp + fn) + 1e-5)` with `fp, fn` halved.
+fn dice(b: &mut Builder, probs: usize, target: usize) -> R<usize> {
+    let rank = b.shape(probs).len();
+    let spatial: Vec<usize> = (2..rank).collect();
+    let prod = b.mul(probs, target)?;
+    let tp = b.sum(prod, spatial.clone(), false);
+    let pred = b.sum(probs, spatial.clone(), false);
+    let fp = b.sub(pred, tp)?;
+    let truth = b.sum(target, spatial, false);
+    let fne = b.sub(truth, tp)?;
+    let fp = b.mul_scalar(fp, 0.5);
+    let fne = b.mul_scalar(fne, 0.5);
+    let num = b.mul_scalar(tp, 2.0);
+    let num = b.add_scalar(num, 1e-5);
+    let den = b.add(tp, fp)?;
+    let den = b.add(den, fne)?;
+    let den = b.mul_scalar(den, 2.0);
+    let den = b.add_scalar(den, 1e-5);
+    let ratio = b.div(num, den)?;
+    let f = b.rsub_scalar(ratio, 1.0);
+    let all = b.all_dims(f);
+    Ok(b.mean(f, all, false))
+}
+
+/// A segmentation loss on `[B, C, ...]` logits; the labels it needs become a graph input
+/// in the layout the reference expects. Returns `(loss, first node of the loss)`.
+pub fn segment(b: &mut Builder, logits: usize, spec: LossSpec) -> R<(usize, usize)> {
+    let s = b.shape(logits).to_vec();
+    let (batch, classes, spatial) = (s[0], s[1], s[2..].to_vec());
+    let channel_map = |c: u64| {
+        let mut shape = vec![batch, c];
+        shape.extend(&spatial);
+        shape
+    };
+    match spec.kind {
+        LossKind::Ce => {
+            if classes < 2 {
+                return Err(b.err("cross_entropy", "needs 2 or more output channels; use loss=bce for one"));
+            }
+            let mut shape = vec![batch];
+            shape.extend(&spatial);
+            let labels = b.input(shape, InputKind::ClassIndex { classes });
+            let start = b.next_node();
+            Ok((cross_entropy(b, logits, labels, spec.label_smoothing)?, start))
+        }
+        LossKind::Bce => {
+            if classes != 1 {
+                return Err(b.err("bce_with_logits", format!("needs out_channels=1, got {classes}")));
+            }
+            let mask = b.input(channel_map(1), InputKind::Mask);
+            let start = b.next_node();
+            Ok((b.bce_with_logits(logits, mask)?, start))
+        }
+        LossKind::Dice | LossKind::DiceCe => {
+            if classes == 1 {
+                // MONAI with sigmoid=True: the target is the mask itself; DiceCE's CE part is BCE.
+                let mask = b.input(channel_map(1), InputKind::Mask);
+                let start = b.next_node();
+                let probs = b.unary(crate::graph::Op::Sigmoid, logits);
+                let d = dice(b, probs, mask)?;
+                if spec.kind == LossKind::Dice {
+                    return Ok((d, start));
+                }
+                let bce = b.bce_with_logits(logits, mask)?;
+                return Ok((b.add(d, bce)?, start));
+            }
+            let labels = b.input(channel_map(1), InputKind::ClassMap { classes });
+            let start = b.next_node();
+            let probs = b.softmax(logits, 1);
+            let target = b.one_hot(labels, classes);
+            let d = dice(b, probs, target)?;
+            if spec.kind == LossKind::Dice {
+                return Ok((d, start));
+            }
+            // DiceCELoss: `target.squeeze(1).long()`, then cross-entropy; lambdas of 1.
+            let squeezed = b.squeeze(labels, 1);
+            let idx = b.to_i64(squeezed);
+            let ce = cross_entropy(b, logits, idx, spec.label_smoothing)?;
+            let d = b.mul_scalar(d, 1.0);
+            let ce = b.mul_scalar(ce, 1.0);
+            Ok((b.add(d, ce)?, start))
+        }
+    }
+}
+
+/// Hugging Face's `ForCausalLMLoss`: fp32 logits, labels padded with -100 and shifted
+/// left, then cross-entropy over the flattened logits. `ids` are the input tokens.
+pub fn causal_lm(b: &mut Builder, logits: usize, ids: usize) -> R<(usize, usize)> {
+    let s = b.shape(logits).to_vec();
+    let (batch, seq, vocab) = (s[0], s[1], s[2]);
+    let start = b.next_node();
+    let logits = b.to_f32(logits);
+    let padded = b.pad(ids, vec![(0, 1)]);
+    let shifted = b.slice(padded, 1, 1, seq, 1);
+    let shifted = b.contiguous(shifted);
+    let flat = b.view(logits, vec![batch * seq, vocab])?;
+    let labels = b.view(shifted, vec![batch * seq])?;
+    let lp = b.log_softmax(flat, 1);
+    Ok((b.nll_loss(lp, labels, -100)?, start))
+}
+
+/// open_clip's `ClipLoss`: `logit_scale * image @ text.T` and `logit_scale * text @
+/// image.T`, each against `arange(B)`, averaged.
+pub fn clip(b: &mut Builder, image: usize, text: usize, scale: usize) -> R<(usize, usize)> {
+    let batch = b.shape(image)[0];
+    let labels = b.input(vec![batch], InputKind::ClassIndex { classes: batch });
+    let start = b.next_node();
+    let si = b.mul(scale, image)?;
+    let tt = b.permute(text, vec![1, 0])?;
+    let per_image = b.matmul(si, tt)?;
+    let st = b.mul(scale, text)?;
+    let it = b.permute(image, vec![1, 0])?;
+    let per_text = b.matmul(st, it)?;
+    let a = cross_entropy(b, per_image, labels, 0.0)?;
+    let c = cross_entropy(b, per_text, labels, 0.0)?;
+    let sum = b.add(a, c)?;
+    Ok((b.mul_scalar(sum, 0.5), start))
+}
