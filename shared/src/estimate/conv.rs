@@ -126,7 +126,22 @@ pub(crate) fn forward(e: &mut Engine, sim: &mut Sim, plan: &Plan, x: &Ten, w: &T
         Kernel::Native => {
             // The native kernels need a contiguous input.
             let xc = (!x.contiguous()).then(|| sim.alloc(x.bytes(), TMP));
-            let o = e.alloc_contig(sim, shape, esize, ACT);
+            let o = if plan.transposed && plan.nd == 3 {
+                // slow_conv_transpose3d makes its output like the input and resizes it:
+                // a larger output replaces the storage, a smaller one keeps it.
+                let out_bytes = numel(shape) * esize;
+                if out_bytes > x.bytes() {
+                    let first = sim.alloc(x.bytes(), TMP);
+                    let o = e.alloc_contig(sim, shape, esize, ACT);
+                    sim.release(first);
+                    o
+                } else {
+                    let st = sim.alloc(x.bytes(), ACT);
+                    Ten { st, shape: shape.to_vec(), strides: layout::contiguous(shape), esize, view: false }
+                }
+            } else {
+                e.alloc_contig(sim, shape, esize, ACT)
+            };
             sim.transient(columns(plan, &x.shape, shape, true), TMP);
             if let Some(t) = xc {
                 sim.release(t);

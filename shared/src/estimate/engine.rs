@@ -181,6 +181,9 @@ pub(crate) struct Engine<'g> {
     /// A non-reentrant recompute is running: parameters' `AccumulateGrad` nodes exist
     /// already.
     recomputing: bool,
+    /// Per checkpointed region, its tape nodes still to run after its recompute: the
+    /// kept inputs go when none is left (PyTorch saves them on the region's first node).
+    left: Vec<usize>,
 }
 
 impl<'g> Engine<'g> {
@@ -216,6 +219,7 @@ impl<'g> Engine<'g> {
             leaf: vec![false; slots],
             current: 0,
             recomputing: false,
+            left: vec![0],
         }
     }
 
@@ -228,6 +232,7 @@ impl<'g> Engine<'g> {
             }
         }
         self.kept = vec![Vec::new(); regions.len()];
+        self.left = vec![0; regions.len()];
         self.regions = regions;
         self.recompute = Some(style);
     }
@@ -555,6 +560,15 @@ impl<'g> Engine<'g> {
                 self.recompute_region(sim, r);
             }
             self.run_node(sim, k);
+            let r = self.region_of[self.tape[k].node];
+            if self.recompute == Some(Recompute::NonReentrant) && self.regions[r].checkpointed && self.left[r] > 0 {
+                self.left[r] -= 1;
+                if self.left[r] == 0 {
+                    for (_, t) in std::mem::take(&mut self.kept[r]) {
+                        Engine::release(sim, t);
+                    }
+                }
+            }
         }
     }
 
@@ -598,6 +612,11 @@ impl<'g> Engine<'g> {
     pub fn finish_backward(&mut self, sim: &mut Sim) {
         for (_, g) in std::mem::take(&mut self.grads) {
             Engine::release(sim, g);
+        }
+        for kept in self.kept.iter_mut() {
+            for (_, t) in std::mem::take(kept) {
+                sim.release(t.st);
+            }
         }
         for t in self.tape.iter_mut() {
             for s in std::mem::take(&mut t.saved) {
@@ -764,12 +783,12 @@ impl<'g> Engine<'g> {
                 }
             }
         }
-        for (v, t) in std::mem::take(&mut self.kept[r]) {
+        for (v, _) in self.kept[r].clone() {
             if !produced_before[v] {
                 self.drop_value(sim, v);
             }
-            Engine::release(sim, t);
         }
+        self.left[r] = (0..self.tape.len()).filter(|&k| !self.tape[k].done && self.region_of[self.tape[k].node] == r).count();
         self.pending = outer_pending;
         self.recomputing = false;
     }

@@ -92,14 +92,22 @@ pub fn elementwise(shape: &[u64], operands: &[(&[u64], &[u64])]) -> Vec<u64> {
         .collect();
     // Insertion sort of dimensions from innermost to outermost, as reorder_dimensions does.
     let mut perm: Vec<usize> = (0..n).rev().collect();
+    // Whether dimension d0 belongs outside d1 (swap), inside it (stop), or cannot tell.
     let should_swap = |d0: usize, d1: usize| -> Option<bool> {
         for st in &aligned {
             let (s0, s1) = (st[d0], st[d1]);
             if s0 == 0 || s1 == 0 {
                 continue;
             }
-            if s0 != s1 {
-                return Some(s0 < s1);
+            if s0 < s1 {
+                return Some(false);
+            }
+            if s0 > s1 {
+                return Some(true);
+            }
+            // Equal strides: the smaller dimension goes inside.
+            if shape[d0] > shape[d1] {
+                return Some(true);
             }
         }
         None
