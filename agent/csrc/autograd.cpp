@@ -1,16 +1,126 @@
 // Autograd and autocast entry points that tch does not expose:
-// - backward from several outputs with given gradients at once (gradient checkpointing
-//   runs each recomputed segment's backward this way), and
-// - autocast on the CPU or CUDA with a chosen half type (fp16 or bf16).
-// Compiled by build.rs; called from agent/src/train/model.rs.
+// - backward from several outputs with given gradients at once,
+// - autocast on the CPU or CUDA with a chosen half type (fp16 or bf16),
+// - oneDNN and NNPACK on or off for CPU convolutions,
+// - gradient checkpointing as torch.utils.checkpoint(use_reentrant=True) does it: an
+//   autograd Function whose forward runs a region without autograd and whose backward
+//   recomputes it and runs a backward of its own. The region runs in Rust, through a
+//   callback.
+// Compiled by build.rs; declared, with their safety contracts, in agent/src/train/ffi.rs.
+// No C++ exception crosses into Rust: every entry point catches and reports.
 
 #include <cstdio>
 #include <exception>
+#include <stdexcept>
 #include <vector>
 
 #include <ATen/Context.h>
 #include <ATen/autocast_mode.h>
 #include <torch/csrc/autograd/autograd.h>
+#include <torch/csrc/autograd/custom_function.h>
+
+namespace {
+
+void report(const std::exception& e, char* err, size_t err_len) {
+  if (err != nullptr && err_len > 0) std::snprintf(err, err_len, "%s", e.what());
+}
+
+// Runs a region in Rust. Inputs are handed over as new at::Tensor* that Rust owns; Rust
+// hands back outputs as at::Tensor* that the caller owns. Returns 0, or non-zero with
+// the error's text in err.
+typedef int (*hr_region_fn)(void* user, int region, void** inputs, int n_in, int grad, void** outputs,
+                            int max_out, int* n_out, char* err, size_t err_len);
+
+constexpr int kMaxOutputs = 256;
+
+std::vector<at::Tensor> run_region(int64_t fn, int64_t user, int64_t region, const std::vector<at::Tensor>& inputs,
+                                   bool grad) {
+  auto f = reinterpret_cast<hr_region_fn>(fn);
+  std::vector<void*> ins;
+  ins.reserve(inputs.size());
+  for (const auto& t : inputs) ins.push_back(new at::Tensor(t));
+  std::vector<void*> outs(kMaxOutputs, nullptr);
+  int n = 0;
+  char err[1024] = {0};
+  int rc = f(reinterpret_cast<void*>(user), static_cast<int>(region), ins.data(), static_cast<int>(ins.size()),
+             grad ? 1 : 0, outs.data(), kMaxOutputs, &n, err, sizeof err);
+  std::vector<at::Tensor> result;
+  for (int i = 0; i < n && i < kMaxOutputs; ++i) {
+    auto* p = static_cast<at::Tensor*>(outs[i]);
+    result.push_back(*p);
+    delete p;
+  }
+  if (rc != 0) throw std::runtime_error(err[0] ? err : "checkpointed region failed");
+  return result;
+}
+
+struct Checkpoint : public torch::autograd::Function<Checkpoint> {
+  static torch::autograd::variable_list forward(torch::autograd::AutogradContext* ctx,
+                                                torch::autograd::variable_list inputs, int64_t fn, int64_t user,
+                                                int64_t region, int64_t cuda) {
+    ctx->saved_data["fn"] = fn;
+    ctx->saved_data["user"] = user;
+    ctx->saved_data["region"] = region;
+    const auto device = cuda ? at::kCUDA : at::kCPU;
+    ctx->saved_data["autocast"] = at::autocast::is_autocast_enabled(device);
+    ctx->saved_data["cuda"] = cuda;
+    ctx->saved_data["bf16"] = at::autocast::get_autocast_dtype(device) == at::kBFloat16;
+    ctx->save_for_backward(inputs);
+    std::vector<at::Tensor> outs;
+    {
+      at::NoGradGuard no_grad;
+      outs = run_region(fn, user, region, inputs, false);
+    }
+    for (const auto& o : outs)
+      if (!o.is_floating_point()) ctx->mark_non_differentiable({o});
+    return outs;
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    auto saved = ctx->get_saved_variables();
+    std::vector<at::Tensor> detached;
+    detached.reserve(saved.size());
+    for (const auto& t : saved) {
+      auto d = t.detach();
+      if (t.is_floating_point()) d.requires_grad_(t.requires_grad());
+      detached.push_back(d);
+    }
+    const bool cuda = ctx->saved_data["cuda"].toInt() != 0;
+    const auto device = cuda ? at::kCUDA : at::kCPU;
+    const bool autocast = ctx->saved_data["autocast"].toBool();
+    std::vector<at::Tensor> outs;
+    {
+      at::AutoGradMode enable(true);
+      const bool was = at::autocast::is_autocast_enabled(device);
+      if (autocast) {
+        at::autocast::set_autocast_dtype(device, ctx->saved_data["bf16"].toBool() ? at::kBFloat16 : at::kHalf);
+        at::autocast::set_autocast_enabled(device, true);
+      }
+      outs = run_region(ctx->saved_data["fn"].toInt(), ctx->saved_data["user"].toInt(),
+                        ctx->saved_data["region"].toInt(), detached, true);
+      if (autocast) {
+        at::autocast::set_autocast_enabled(device, was);
+        if (!was) at::autocast::clear_cache();
+      }
+    }
+    std::vector<at::Tensor> roots, root_grads;
+    for (size_t i = 0; i < outs.size() && i < grads.size(); ++i) {
+      if (outs[i].requires_grad() && grads[i].defined()) {
+        roots.push_back(outs[i]);
+        root_grads.push_back(grads[i]);
+      }
+    }
+    if (!roots.empty()) torch::autograd::backward(roots, root_grads, /*retain_graph=*/false, /*create_graph=*/false);
+    torch::autograd::variable_list result;
+    for (const auto& d : detached) result.push_back(d.requires_grad() ? d.grad() : at::Tensor());
+    // fn, user, region, cuda
+    for (int i = 0; i < 4; ++i) result.push_back(at::Tensor());
+    return result;
+  }
+};
+
+}  // namespace
 
 extern "C" {
 
@@ -26,7 +136,7 @@ int hr_backward(void** outputs, void** grads, int n, char* err, size_t err_len) 
     torch::autograd::backward(outs, gs, /*retain_graph=*/false, /*create_graph=*/false);
     return 0;
   } catch (const std::exception& e) {
-    std::snprintf(err, err_len, "%s", e.what());
+    report(e, err, err_len);
     return 1;
   }
 }
@@ -34,16 +144,42 @@ int hr_backward(void** outputs, void** grads, int n, char* err, size_t err_len) 
 // dtype: 0 fp16, 1 bf16. Leaving autocast clears its cache of cast weights, as leaving
 // `torch.autocast` does.
 void hr_autocast(int cuda, int enabled, int dtype) {
-  const auto device = cuda ? at::kCUDA : at::kCPU;
-  at::autocast::set_autocast_dtype(device, dtype == 1 ? at::kBFloat16 : at::kHalf);
-  at::autocast::set_autocast_enabled(device, enabled != 0);
-  if (!enabled) at::autocast::clear_cache();
+  try {
+    const auto device = cuda ? at::kCUDA : at::kCPU;
+    at::autocast::set_autocast_dtype(device, dtype == 1 ? at::kBFloat16 : at::kHalf);
+    at::autocast::set_autocast_enabled(device, enabled != 0);
+    if (!enabled) at::autocast::clear_cache();
+  } catch (const std::exception&) {
+    // Setting thread-local flags does not throw in practice; nothing to report.
+  }
 }
 
 // oneDNN and NNPACK on or off for CPU convolutions.
 void hr_set_mkldnn(int enabled) {
-  at::globalContext().setUserEnabledMkldnn(enabled != 0);
-  at::globalContext().setUserEnabledNNPACK(enabled != 0);
+  try {
+    at::globalContext().setUserEnabledMkldnn(enabled != 0);
+    at::globalContext().setUserEnabledNNPACK(enabled != 0);
+  } catch (const std::exception&) {
+  }
+}
+
+// Runs region `region` through `fn` as a reentrant checkpoint over the n_in inputs;
+// writes up to max_out outputs (new at::Tensor*, owned by the caller) and their count.
+int hr_checkpoint(hr_region_fn fn, void* user, int region, int cuda, void** inputs, int n_in, void** outputs,
+                  int max_out, int* n_out, char* err, size_t err_len) {
+  try {
+    torch::autograd::variable_list ins;
+    for (int i = 0; i < n_in; ++i) ins.push_back(*static_cast<at::Tensor*>(inputs[i]));
+    auto outs = Checkpoint::apply(ins, reinterpret_cast<int64_t>(fn), reinterpret_cast<int64_t>(user),
+                                  static_cast<int64_t>(region), static_cast<int64_t>(cuda));
+    if (static_cast<int>(outs.size()) > max_out) throw std::runtime_error("a checkpointed region has too many outputs");
+    for (size_t i = 0; i < outs.size(); ++i) outputs[i] = new at::Tensor(outs[i]);
+    *n_out = static_cast<int>(outs.size());
+    return 0;
+  } catch (const std::exception& e) {
+    report(e, err, err_len);
+    return 1;
+  }
 }
 
 }  // extern "C"

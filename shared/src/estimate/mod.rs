@@ -427,8 +427,15 @@ fn run_region(
     }
     cuts.sort_unstable();
     cuts.dedup();
-    if region.checkpointed {
+    if region.checkpointed && style == Recompute::NonReentrant {
         e.keep_region_inputs(sim, r, inputs);
+    }
+    if region.checkpointed && style == Recompute::Reentrant {
+        // Checkpointed regions never hold the loss, so one piece covers them.
+        phase_at(sim, range.start);
+        e.checkpoint_forward(sim, r, inputs, range.clone());
+        phase_at(sim, range.end);
+        return;
     }
     for w in cuts.windows(2) {
         phase_at(sim, w[0]);
@@ -442,11 +449,7 @@ fn run_region(
                 e.forward(sim, w[0]..w[1]);
                 e.pending = None;
             }
-            (true, Recompute::Reentrant) => {
-                e.grad_mode = false;
-                e.forward(sim, w[0]..w[1]);
-                e.grad_mode = true;
-            }
+            (true, Recompute::Reentrant) => {}
         }
     }
     if region.nodes.end == graph.returns_after {
@@ -466,19 +469,10 @@ fn backward(
     style: Recompute,
     held: &batch::Held,
 ) {
-    let _ = held;
+    let _ = (held, regions, style);
     e.seed(sim, graph.loss);
-    let reentrant = style == Recompute::Reentrant && regions.iter().any(|r| r.checkpointed);
-    if !reentrant {
-        e.backward(sim, 0);
-        return;
-    }
     e.backward(sim, 0);
-    for r in (0..regions.len()).rev() {
-        if regions[r].checkpointed {
-            e.reentrant_region(sim, r);
-        }
-    }
+    e.flush_param_grads(sim);
 }
 
 /// Thins a timeline to at most `n` points, keeping each phase's peak and the step's.

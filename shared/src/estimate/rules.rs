@@ -738,7 +738,7 @@ pub(crate) fn backward(e: &mut Engine, sim: &mut Sim, k: usize, gouts: &[Option<
     let n_in = e.tape[k].ins.len();
     let mut none = vec![None; n_in];
     match e.tape[k].bwd.clone() {
-        Bwd::Accumulate { .. } => return none,
+        Bwd::Accumulate { .. } | Bwd::Checkpoint { .. } => return none,
         Bwd::Cast { esize } => {
             if let (Some(g), Some(slot)) = (gouts.first().and_then(Option::as_ref), e.tape[k].ins[0]) {
                 none[0] = Some(e.alloc_like(sim, &g.meta(), esize, e.grad_category(Some(slot))));
