@@ -1,5 +1,4 @@
 // Autograd and autocast entry points that tch does not expose:
-// - backward from several outputs with given gradients at once,
 // - autocast on the CPU or CUDA with a chosen half type (fp16 or bf16),
 // - oneDNN and NNPACK on or off for CPU convolutions,
 // - gradient checkpointing as torch.utils.checkpoint(use_reentrant=True) does it: an
@@ -56,7 +55,7 @@ std::vector<at::Tensor> run_region(int64_t fn, int64_t user, int64_t region, con
 
 struct Checkpoint : public torch::autograd::Function<Checkpoint> {
   static torch::autograd::variable_list forward(torch::autograd::AutogradContext* ctx,
-                                                torch::autograd::variable_list inputs, int64_t fn, int64_t user,
+                                                at::TensorList inputs, int64_t fn, int64_t user,
                                                 int64_t region, int64_t cuda) {
     ctx->saved_data["fn"] = fn;
     ctx->saved_data["user"] = user;
@@ -65,11 +64,13 @@ struct Checkpoint : public torch::autograd::Function<Checkpoint> {
     ctx->saved_data["autocast"] = at::autocast::is_autocast_enabled(device);
     ctx->saved_data["cuda"] = cuda;
     ctx->saved_data["bf16"] = at::autocast::get_autocast_dtype(device) == at::kBFloat16;
-    ctx->save_for_backward(inputs);
+    ctx->save_for_backward(inputs.vec());
+    // The last input is the zero-size tensor that makes the node part of the graph.
+    std::vector<at::Tensor> real(inputs.begin(), inputs.end() - 1);
     std::vector<at::Tensor> outs;
     {
       at::NoGradGuard no_grad;
-      outs = run_region(fn, user, region, inputs, false);
+      outs = run_region(fn, user, region, real, false);
     }
     for (const auto& o : outs)
       if (!o.is_floating_point()) ctx->mark_non_differentiable({o});
@@ -97,8 +98,9 @@ struct Checkpoint : public torch::autograd::Function<Checkpoint> {
         at::autocast::set_autocast_dtype(device, ctx->saved_data["bf16"].toBool() ? at::kBFloat16 : at::kHalf);
         at::autocast::set_autocast_enabled(device, true);
       }
+      std::vector<at::Tensor> real(detached.begin(), detached.end() - 1);
       outs = run_region(ctx->saved_data["fn"].toInt(), ctx->saved_data["user"].toInt(),
-                        ctx->saved_data["region"].toInt(), detached, true);
+                        ctx->saved_data["region"].toInt(), real, true);
       if (autocast) {
         at::autocast::set_autocast_enabled(device, was);
         if (!was) at::autocast::clear_cache();
@@ -123,23 +125,6 @@ struct Checkpoint : public torch::autograd::Function<Checkpoint> {
 }  // namespace
 
 extern "C" {
-
-// outputs and grads are arrays of n `at::Tensor*` (tch's C tensors). Returns 0, or 1
-// with the error's text in err.
-int hr_backward(void** outputs, void** grads, int n, char* err, size_t err_len) {
-  try {
-    std::vector<at::Tensor> outs, gs;
-    for (int i = 0; i < n; ++i) {
-      outs.push_back(*static_cast<at::Tensor*>(outputs[i]));
-      gs.push_back(*static_cast<at::Tensor*>(grads[i]));
-    }
-    torch::autograd::backward(outs, gs, /*retain_graph=*/false, /*create_graph=*/false);
-    return 0;
-  } catch (const std::exception& e) {
-    report(e, err, err_len);
-    return 1;
-  }
-}
 
 // dtype: 0 fp16, 1 bf16. Leaving autocast clears its cache of cast weights, as leaving
 // `torch.autocast` does.
@@ -170,7 +155,12 @@ int hr_checkpoint(hr_region_fn fn, void* user, int region, int cuda, void** inpu
   try {
     torch::autograd::variable_list ins;
     for (int i = 0; i < n_in; ++i) ins.push_back(*static_cast<at::Tensor*>(inputs[i]));
-    auto outs = Checkpoint::apply(ins, reinterpret_cast<int64_t>(fn), reinterpret_cast<int64_t>(user),
+    // A region whose inputs need no gradient (the first, reading the batch) still holds
+    // parameters: a zero-size input that requires grad puts its node on the graph, so
+    // its backward runs and they get their gradients. It allocates nothing.
+    ins.push_back(at::empty({0}, at::TensorOptions().device(cuda ? at::kCUDA : at::kCPU)).requires_grad_(true));
+    // A TensorList (not a vector) is what autograd recognises as a list of inputs.
+    auto outs = Checkpoint::apply(at::TensorList(ins), reinterpret_cast<int64_t>(fn), reinterpret_cast<int64_t>(user),
                                   static_cast<int64_t>(region), static_cast<int64_t>(cuda));
     if (static_cast<int>(outs.size()) > max_out) throw std::runtime_error("a checkpointed region has too many outputs");
     for (size_t i = 0; i < outs.size(); ++i) outputs[i] = new at::Tensor(outs[i]);

@@ -66,6 +66,10 @@ enum Command {
         /// Print one JSON object instead of a table.
         #[arg(long)]
         json: bool,
+        /// Print every change of live memory in the step, one JSON line each (phase,
+        /// op, node, bytes, live), to set beside a profiler's memory events.
+        #[arg(long, conflicts_with = "json")]
+        trace: bool,
     },
     /// Run a plan or zoo model for a few steps with the real trainer and compare the
     /// measured peak with the estimate.
@@ -115,8 +119,10 @@ struct PlanSource {
     /// unet2d, unet3d, swin_unetr, clip, gpt2.
     #[arg(long)]
     model: Option<String>,
-    /// KEY=VALUE: batch, accum, precision, optimizer, checkpoint_segments, lr, steps,
-    /// seed, expandable_segments, memory_fraction, workers, prefetch, pin_memory,
+    /// KEY=VALUE: batch, accum, precision, optimizer, optimizer_impl, lr, weight_decay,
+    /// nesterov, checkpoint (blocks|off), checkpoint_segments, loss (ce|bce|dice|dice_ce),
+    /// label_smoothing, runtime (pytorch|headroom), onednn, threads, steps, seed,
+    /// expandable_segments, memory_fraction, workers, prefetch, pin_memory,
     /// distance_loss_every, or a model key (feature_size, volume, n_layer, ...). Repeatable.
     #[arg(long = "set", value_name = "KEY=VALUE")]
     set: Vec<String>,
@@ -147,7 +153,7 @@ pub fn main() -> ExitCode {
     let result = match cli.command {
         Command::Worker { probe: true, .. } => crate::worker::probe(),
         Command::Worker { job, .. } => crate::worker::run(job.unwrap_or(0)),
-        Command::Estimate { source, gpu, json } => estimate(&source, gpu.as_deref(), json),
+        Command::Estimate { source, gpu, json, trace } => estimate(&source, gpu.as_deref(), json, trace),
         Command::Gpus => {
             for g in &shared::gpus::CATALOG {
                 println!(
@@ -249,8 +255,11 @@ pub(crate) fn estimate_json(e: &shared::Estimate) -> serde_json::Value {
     let phases: serde_json::Map<String, serde_json::Value> =
         e.phase_peaks.iter().map(|(p, v)| (p.key().to_owned(), v.get().into())).collect();
     let mut out = serde_json::json!({
+        "runtime": e.runtime.word(),
         "params": e.params,
         "peak_bytes": e.peak_bytes.get(),
+        "peak_bytes_low": e.peak_bytes_low.get(),
+        "peak_bytes_high": e.peak_bytes_high.get(),
         "peak_phase": e.peak_phase.key(),
         "breakdown": bytes_map(&e.breakdown.entries()),
         "category_peaks": bytes_map(&e.category_peaks.entries()),
@@ -272,7 +281,7 @@ pub(crate) fn estimate_json(e: &shared::Estimate) -> serde_json::Value {
     out
 }
 
-fn estimate(source: &PlanSource, gpu: Option<&str>, json: bool) -> anyhow::Result<()> {
+fn estimate(source: &PlanSource, gpu: Option<&str>, json: bool, trace: bool) -> anyhow::Result<()> {
     let mut plan = build_plan(source)?;
     let target = match gpu {
         Some(name) => {
@@ -280,14 +289,42 @@ fn estimate(source: &PlanSource, gpu: Option<&str>, json: bool) -> anyhow::Resul
             plan.resolve_memory_fraction(g.memory_bytes);
             shared::estimate::Target::Cuda(g)
         }
-        None => shared::estimate::Target::Cpu,
+        None => {
+            // A CPU job here uses this machine's threads unless the plan says otherwise.
+            plan.cpu_threads.get_or_insert_with(crate::train::machine_threads);
+            shared::estimate::Target::Cpu
+        }
     };
+    if trace {
+        let (_, events) = shared::estimate::trace(&plan, target).map_err(|e| BadInput(e.to_string()))?;
+        let graph = plan.validate().map_err(|e| BadInput(e.to_string()))?;
+        let mut stdout = std::io::stdout().lock();
+        use std::io::Write;
+        for ev in events {
+            let op = ev.node.and_then(|n| graph.nodes.get(n)).map(|n| n.op.name());
+            writeln!(
+                stdout,
+                "{}",
+                serde_json::json!({
+                    "phase": ev.phase.map(shared::estimate::Phase::key), "label": ev.label, "op": op,
+                    "node": ev.node, "bytes": ev.delta, "live": ev.live,
+                })
+            )?;
+        }
+        return Ok(());
+    }
     let e = shared::estimate::estimate_for(&plan, target).map_err(|e| BadInput(e.to_string()))?;
     if json {
         println!("{}", estimate_json(&e));
     } else {
-        println!("{}: {} parameters", plan.name, e.params);
-        println!("peak {} during the {}", e.peak_bytes, e.peak_phase.label());
+        println!("{}: {} parameters (runtime {})", plan.name, e.params, e.runtime.word());
+        println!(
+            "peak {} during the {} (interval {} to {})",
+            e.peak_bytes,
+            e.peak_phase.label(),
+            e.peak_bytes_low,
+            e.peak_bytes_high
+        );
         for (name, bytes) in e.breakdown.entries() {
             println!("  {name:<16} {bytes}");
         }
@@ -361,8 +398,10 @@ async fn async_main(command: Command) -> anyhow::Result<()> {
     }
 }
 
-async fn run(plan: Plan, exe: PathBuf) -> anyhow::Result<()> {
-    let estimate = shared::estimate(&plan).map_err(|e| BadInput(e.to_string()))?;
+async fn run(mut plan: Plan, exe: PathBuf) -> anyhow::Result<()> {
+    let target = crate::probe::target_for(&mut plan)?;
+    let plan = crate::train::as_run_here(&plan);
+    let estimate = shared::estimate::estimate_for(&plan, target).map_err(|e| BadInput(e.to_string()))?;
     let total = plan.total_steps() * plan.accumulation;
     let bar = if std::io::stderr().is_terminal() {
         let bar = indicatif::ProgressBar::new(total);

@@ -45,6 +45,29 @@ pub(crate) fn gpu_for(name: &str, total: u64) -> &'static Gpu {
     g
 }
 
+/// What a plan's job runs on here, for its estimate: the GPU NVML lists for `cuda:N`
+/// (with the plan's memory fraction resolved against it), else the CPU. `auto` becomes
+/// the first GPU NVML lists, or the CPU.
+pub(crate) fn target_for(plan: &mut Plan) -> anyhow::Result<Target> {
+    let devices = crate::train::memory::nvml_devices();
+    if plan.device == shared::plan::DeviceChoice::Auto {
+        plan.device =
+            if devices.is_empty() { shared::plan::DeviceChoice::Cpu } else { shared::plan::DeviceChoice::Cuda(0) };
+    }
+    Ok(match plan.device {
+        shared::plan::DeviceChoice::Cuda(i) => {
+            let (name, total) = devices
+                .get(i as usize)
+                .cloned()
+                .with_context(|| format!("cuda:{i}: NVML does not list this device"))?;
+            let g = gpu_for(&name, total);
+            plan.resolve_memory_fraction(g.memory_bytes);
+            Target::Cuda(g)
+        }
+        _ => Target::Cpu,
+    })
+}
+
 /// What one probe run measured, next to its estimate.
 pub struct Outcome {
     pub plan: Plan,
@@ -58,19 +81,8 @@ pub struct Outcome {
 pub async fn measure(mut plan: Plan, device: &str, steps: u64, exe: PathBuf) -> anyhow::Result<Outcome> {
     plan.device = crate::cli::parse_device_arg(device)?;
     plan.schedule = Schedule::Steps(steps);
-    let target = match plan.device {
-        shared::plan::DeviceChoice::Cuda(i) => {
-            let devices = crate::train::memory::nvml_devices();
-            let (name, total) = devices
-                .get(i as usize)
-                .cloned()
-                .with_context(|| format!("cuda:{i}: NVML does not list this device"))?;
-            let g = gpu_for(&name, total);
-            plan.resolve_memory_fraction(g.memory_bytes);
-            Target::Cuda(g)
-        }
-        _ => Target::Cpu,
-    };
+    let target = target_for(&mut plan)?;
+    let plan = crate::train::as_run_here(&plan);
     let estimate = estimate_for(&plan, target).map_err(|e| crate::cli::bad_input(e.to_string()))?;
     let runner = JobRunner::new(exe, 1);
     let mut job = runner.start(plan.clone(), estimate.peak_bytes.get())?;

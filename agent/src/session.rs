@@ -112,6 +112,9 @@ fn submit(state: &State, job: &mut Option<RunningJob>, plan: shared::Plan) -> Me
         }
         _ => shared::estimate::Target::Cpu,
     };
+    // The job runs in this agent's trainer: the estimate streamed next to it is the
+    // trainer's.
+    let plan = crate::train::as_run_here(&plan);
     let estimate = match shared::estimate::estimate_for(&plan, target) {
         Ok(e) => e,
         Err(e) => return error(ErrorCode::InvalidPlan, e.to_string()),

@@ -474,6 +474,18 @@ impl Graph {
             .collect()
     }
 
+    /// The values a region's nodes produce that are read after it or kept by the loop
+    /// (returned, the loss), in production order: what a checkpointed region hands on.
+    pub fn region_outputs(&self, region: &Region) -> Vec<usize> {
+        let last = self.last_use();
+        let range = region.nodes.clone();
+        range
+            .clone()
+            .flat_map(|i| self.nodes[i].outputs.iter().copied())
+            .filter(|&v| last[v].is_some_and(|l| l >= range.end) || self.returned.contains(&v) || v == self.loss)
+            .collect()
+    }
+
     /// The most segments `Checkpoint::Segments` can take for this graph.
     pub fn max_segments(&self) -> u64 {
         self.stages.len() as u64

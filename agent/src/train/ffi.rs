@@ -20,9 +20,6 @@ unsafe extern "C" {
     fn hr_cuda_set_memory_fraction(device: i32, fraction: f64) -> i32;
 
     // --- csrc/autograd.cpp -----------------------------------------------------------
-    // `outputs` and `grads` point to `n` live `at::Tensor*` each; `err` to `err_len`
-    // writable bytes. Never throws.
-    fn hr_backward(outputs: *mut *mut c_void, grads: *mut *mut c_void, n: i32, err: *mut u8, err_len: usize) -> i32;
     fn hr_autocast(cuda: i32, enabled: i32, dtype: i32);
     fn hr_set_mkldnn(enabled: i32);
     // `inputs` points to `n_in` live `at::Tensor*`; `outputs` to `max_out` writable
@@ -105,24 +102,6 @@ pub fn cuda_set_memory_fraction(device: i32, fraction: f64) -> bool {
     unsafe { hr_cuda_set_memory_fraction(device, fraction) == 0 }
 }
 
-/// Backward from several outputs at once, each with its incoming gradient.
-pub fn backward(outputs: &[Tensor], grads: &[Tensor]) -> Result<(), String> {
-    if outputs.len() != grads.len() {
-        return Err(format!("backward: {} outputs but {} gradients", outputs.len(), grads.len()));
-    }
-    if outputs.is_empty() {
-        return Ok(());
-    }
-    let n = i32::try_from(outputs.len()).map_err(|_| "backward: too many outputs".to_owned())?;
-    let mut outs: Vec<*mut c_void> = outputs.iter().map(|t| t.as_ptr() as *mut c_void).collect();
-    let mut gs: Vec<*mut c_void> = grads.iter().map(|t| t.as_ptr() as *mut c_void).collect();
-    let mut err = vec![0u8; 4096];
-    // SAFETY: both arrays hold `n` pointers to tensors alive for the call; `err` is a
-    // writable buffer of the given length.
-    let rc = unsafe { hr_backward(outs.as_mut_ptr(), gs.as_mut_ptr(), n, err.as_mut_ptr(), err.len()) };
-    if rc != 0 { Err(message(&err)) } else { Ok(()) }
-}
-
 /// Autocast on or off for a device, with fp16 or bf16.
 pub fn autocast(cuda: bool, enabled: bool, bf16: bool) {
     // SAFETY: plain values; thread-local state in libtorch.
@@ -176,7 +155,7 @@ pub unsafe fn checkpoint(
     }
     let n = usize::try_from(n_out).unwrap_or(0).min(MAX_OUT);
     // SAFETY: the shim wrote `n` new tensor pointers whose ownership passes to us.
-    Ok(outs[..n].iter().map(|&p| unsafe { Tensor::from_ptr(p as *mut tch::C_tensor) }).collect())
+    Ok(outs[..n].iter().map(|&p| unsafe { Tensor::from_ptr(p.cast()) }).collect())
 }
 
 /// Takes ownership of `n` tensors the shim handed over.
@@ -187,7 +166,7 @@ pub unsafe fn take_tensors(ptrs: *mut *mut c_void, n: usize) -> Vec<Tensor> {
     (0..n)
         .map(|i| {
             // SAFETY: the caller's contract: `n` valid, owned pointers.
-            unsafe { Tensor::from_ptr(*ptrs.add(i) as *mut tch::C_tensor) }
+            unsafe { Tensor::from_ptr((*ptrs.add(i)).cast()) }
         })
         .collect()
 }

@@ -3,23 +3,11 @@
 
 use std::sync::OnceLock;
 
-unsafe extern "C" {
-    fn hr_cpu_counter_install();
-    fn hr_cpu_counter_set_budget(bytes: u64);
-    fn hr_cpu_counter_read(out: *mut u64);
-    fn hr_cpu_counter_reset_peak();
-    fn hr_cuda_stats(device: i32, out: *mut i64) -> i32;
-    fn hr_cuda_reset_peak(device: i32) -> i32;
-    fn hr_cuda_set_memory_fraction(device: i32, fraction: f64) -> i32;
-}
+use super::ffi;
 
 /// Registers the counting allocator. Call before creating any tensor that should count.
 pub fn install_cpu_counter(budget_bytes: Option<u64>) {
-    // SAFETY: plain C calls into the shim; it keeps its own static allocator.
-    unsafe {
-        hr_cpu_counter_install();
-        hr_cpu_counter_set_budget(budget_bytes.unwrap_or(0));
-    }
+    ffi::cpu_counter_install(budget_bytes);
 }
 
 /// Tensor memory as one allocator sees it.
@@ -43,18 +31,13 @@ impl Meter {
     pub fn read(self) -> AllocatorReading {
         match self {
             Meter::Cpu => {
-                let mut out = [0u64; 3];
-                // SAFETY: the shim writes exactly three values.
-                unsafe { hr_cpu_counter_read(out.as_mut_ptr()) };
-                AllocatorReading { allocated: out[0], peak: out[1], reserved: None, reserved_peak: None }
+                let [allocated, peak, _] = ffi::cpu_counter_read();
+                AllocatorReading { allocated, peak, reserved: None, reserved_peak: None }
             }
             Meter::Cuda(device) => {
-                let mut out = [0i64; 4];
-                // SAFETY: the shim writes exactly four values, or none and returns -1.
-                let rc = unsafe { hr_cuda_stats(device, out.as_mut_ptr()) };
-                if rc != 0 {
+                let Some(out) = ffi::cuda_stats(device) else {
                     return AllocatorReading::default();
-                }
+                };
                 let u = |v: i64| u64::try_from(v).unwrap_or(0);
                 AllocatorReading {
                     allocated: u(out[0]),
@@ -68,14 +51,9 @@ impl Meter {
 
     /// Starts a new peak window at the current allocation.
     pub fn reset_peak(self) {
-        // SAFETY: plain C calls; failures leave the old window, which only widens it.
-        unsafe {
-            match self {
-                Meter::Cpu => hr_cpu_counter_reset_peak(),
-                Meter::Cuda(device) => {
-                    hr_cuda_reset_peak(device);
-                }
-            }
+        match self {
+            Meter::Cpu => ffi::cpu_counter_reset_peak(),
+            Meter::Cuda(device) => ffi::cuda_reset_peak(device),
         }
     }
 
@@ -83,8 +61,7 @@ impl Meter {
     pub fn set_memory_fraction(self, fraction: f64) -> bool {
         match self {
             Meter::Cpu => false,
-            // SAFETY: plain C call.
-            Meter::Cuda(device) => unsafe { hr_cuda_set_memory_fraction(device, fraction) == 0 },
+            Meter::Cuda(device) => ffi::cuda_set_memory_fraction(device, fraction),
         }
     }
 }

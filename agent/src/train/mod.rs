@@ -4,6 +4,7 @@
 //! Runs off the async runtime (in the worker process); a stop flag is checked once per
 //! micro-batch.
 
+mod ffi;
 pub mod memory;
 mod model;
 
@@ -12,7 +13,7 @@ use std::time::Instant;
 
 use shared::estimate::Phase;
 use shared::graph::{Graph, InputKind, Task};
-use shared::plan::{DeviceChoice, Optimizer, Plan, Precision};
+use shared::plan::{DeviceChoice, Optimizer, OptimizerImpl, Plan, Precision, Runtime};
 use shared::protocol::{BatchRecord, ErrorCode, JobError, JobId, Summary};
 use tch::{COptimizer, Device, Kind, Tensor};
 use thiserror::Error;
@@ -111,119 +112,154 @@ impl PhaseMeter {
     }
 }
 
-/// The synthetic data of a graph's task (see `shared::estimate::batch` for the memory).
-struct Data {
-    device: Device,
-    prototypes: Option<Tensor>,
-}
-
-/// One micro-batch: the graph's inputs and the labels its loss needs.
-struct Batch {
-    inputs: Vec<Tensor>,
-    labels: Option<Tensor>,
-}
-
-impl Data {
-    fn new(graph: &Graph, device: Device) -> Result<Data, tch::TchError> {
-        let prototypes = match graph.task {
-            Task::Classify { classes } => {
-                let p = i64::try_from(shared::estimate::batch_prototype_features(graph)).unwrap_or(1);
-                Some(Tensor::f_randn([i64::try_from(classes).unwrap_or(1), p], (Kind::Float, device))?)
-            }
-            _ => None,
+/// The synthetic data: what each graph input holds, made fresh for every micro-batch
+/// and nothing kept between them (a user's loader keeps nothing on the device either).
+/// The labels follow from the inputs, so the task is learnable: a class adds a bump to
+/// its own stretch of the flattened input, a segmentation label is a bucket of the first
+/// channel, and token sequences count up from a random start.
+fn make_batch(graph: &Graph, device: Device) -> Result<Vec<Tensor>, tch::TchError> {
+    tch::no_grad(|| {
+        let b = i64::try_from(graph.micro_batch()).unwrap_or(1);
+        let shape_of = |v: usize| -> Vec<i64> {
+            graph.values[v].shape.iter().map(|&d| i64::try_from(d).unwrap_or(1)).collect()
         };
-        Ok(Data { device, prototypes })
-    }
+        let mut out: Vec<Option<Tensor>> = graph.inputs.iter().map(|_| None).collect();
+        // Real inputs first: the labels of the other inputs are made from them.
+        for (k, &(v, kind)) in graph.inputs.iter().enumerate() {
+            if kind == InputKind::Real {
+                out[k] = Some(Tensor::f_randn(shape_of(v), (Kind::Float, device))?);
+            }
+        }
+        let first_real = graph.inputs.iter().position(|&(_, kind)| kind == InputKind::Real);
+        let source = first_real.and_then(|k| out[k].as_ref().map(Tensor::shallow_clone));
+        // The first channel of the first real input (`[B, C, ...]`), shaped like a label
+        // map; noise where the shapes do not line up.
+        let channel0 = |shape: &[i64]| -> Result<Tensor, tch::TchError> {
+            if let Some(x) = source.as_ref().filter(|x| x.dim() >= 2) {
+                let c = x.f_narrow(1, 0, 1)?;
+                if c.numel() as i64 == shape.iter().product::<i64>() {
+                    // A copy: the labels are changed in place and must not touch the input.
+                    let out = Tensor::f_empty(shape, (Kind::Float, device))?;
+                    out.f_view(c.size().as_slice())?.f_copy_(&c)?;
+                    return Ok(out);
+                }
+            }
+            Tensor::f_randn(shape, (Kind::Float, device))
+        };
+        // Which of `classes` equal-probability buckets each value falls in, in place.
+        let bucket = |mut x: Tensor, classes: u64| -> Result<Tensor, tch::TchError> {
+            let c = classes.max(1) as f64;
+            let _ = x.f_sigmoid_()?.f_mul_scalar_(c)?.f_floor_()?.f_clamp_(0.0, c - 1.0)?;
+            Ok(x)
+        };
+        for (k, &(v, kind)) in graph.inputs.iter().enumerate() {
+            let shape = shape_of(v);
+            out[k] = Some(match kind {
+                InputKind::Real => continue,
+                InputKind::Tokens { vocab } => {
+                    let vocab = i64::try_from(vocab).unwrap_or(2).max(1);
+                    let t = *shape.last().unwrap_or(&1);
+                    let start = Tensor::f_randint(vocab, [b, 1], (Kind::Int64, device))?;
+                    let steps = Tensor::f_arange(t, (Kind::Int64, device))?;
+                    let mut tokens = start.f_add(&steps)?;
+                    drop((start, steps));
+                    let _ = tokens.f_remainder_(vocab)?;
+                    tokens.f_reshape(shape.as_slice())?
+                }
+                // CLIP's labels: each image matches the caption at its own position.
+                InputKind::ClassIndex { .. } if matches!(graph.task, Task::Contrastive) => {
+                    Tensor::f_arange(b, (Kind::Int64, device))?
+                }
+                InputKind::ClassIndex { classes } if shape.len() == 1 => {
+                    let n = i64::try_from(classes).unwrap_or(2).max(1);
+                    let y = Tensor::f_randint(n, [b], (Kind::Int64, device))?;
+                    if let Some(x) = &source {
+                        add_class_signal(x, &y, classes)?;
+                    }
+                    y
+                }
+                InputKind::ClassIndex { classes } => {
+                    let mut with_channel = shape.clone();
+                    with_channel.insert(1, 1);
+                    bucket(channel0(&with_channel)?, classes)?.f_to_kind(Kind::Int64)?.f_reshape(shape.as_slice())?
+                }
+                InputKind::ClassMap { classes } => bucket(channel0(&shape)?, classes)?,
+                InputKind::Mask => {
+                    let mut m = channel0(&shape)?;
+                    let _ = m.f_gt_(0.0)?;
+                    m
+                }
+            });
+        }
+        out.into_iter()
+            .map(|t| t.ok_or_else(|| tch::TchError::Shape("an input was not made".to_owned())))
+            .collect()
+    })
+}
 
-    fn batch(&self, graph: &Graph) -> Result<Batch, tch::TchError> {
-        tch::no_grad(|| {
-            let b = i64::try_from(graph.micro_batch()).unwrap_or(1);
-            let mut labels = None;
-            if let Task::Classify { classes } = graph.task {
-                labels = Some(Tensor::f_randint(i64::try_from(classes).unwrap_or(2), [b], (Kind::Int64, self.device))?);
-            }
-            let mut inputs = Vec::new();
-            for &(v, kind) in &graph.inputs {
-                let shape: Vec<i64> = graph.values[v].shape.iter().map(|&d| i64::try_from(d).unwrap_or(1)).collect();
-                inputs.push(match kind {
-                    InputKind::Real => Tensor::f_randn(&shape, (Kind::Float, self.device))?,
-                    InputKind::Tokens { vocab } => {
-                        Tensor::f_randint(i64::try_from(vocab).unwrap_or(2), &shape, (Kind::Int64, self.device))?
-                    }
-                });
-            }
-            match graph.task {
-                Task::Classify { .. } => {
-                    if let (Some(p), Some(y)) = (&self.prototypes, &labels) {
-                        let width = p.size()[1];
-                        let _ = inputs[0].f_view([b, -1])?.f_narrow(1, 0, width)?.f_add_(&p.f_index_select(0, y)?)?;
-                    }
-                }
-                Task::Segment { .. } => {
-                    labels = Some(inputs[0].f_select(1, 0)?.f_gt(0.0)?.f_to_kind(Kind::Int64)?);
-                }
-                Task::LanguageModel { .. } => {}
-                Task::Contrastive => labels = Some(Tensor::f_arange(b, (Kind::Int64, self.device))?),
-            }
-            Ok(Batch { inputs, labels })
-        })
+/// Adds +2 to the stretch of each sample's flattened input that belongs to its class, in
+/// place (no temporaries: the loop's peak stays the model's).
+fn add_class_signal(x: &Tensor, y: &Tensor, classes: u64) -> Result<(), tch::TchError> {
+    let b = x.size().first().copied().unwrap_or(1);
+    let flat = x.f_view([b, -1])?;
+    let features = flat.size()[1].max(1);
+    let classes = i64::try_from(classes).unwrap_or(1).max(1);
+    let span = (features / classes).max(1);
+    let labels = Vec::<i64>::try_from(&y.f_to_device(Device::Cpu)?)?;
+    for (row, &c) in labels.iter().enumerate() {
+        let start = (c * span) % features;
+        let len = span.min(features - start);
+        let _ = flat.f_select(0, row as i64)?.f_narrow(0, start, len)?.f_add_scalar_(2.0)?;
+    }
+    Ok(())
+}
+
+/// What the training loop keeps bound between statements, as Python keeps its
+/// variables: the batch, the model's outputs and the loss, each until rebound.
+#[derive(Default)]
+struct Held {
+    batch: Vec<Tensor>,
+    returned: Vec<Tensor>,
+    loss: Option<Tensor>,
+}
+
+/// The plan's optimizer as libtorch implements it.
+fn make_optimizer(plan: &Plan) -> Result<COptimizer, tch::TchError> {
+    match plan.optimizer {
+        Optimizer::Sgd { momentum, weight_decay, nesterov } => {
+            COptimizer::sgd(plan.learning_rate, momentum, 0.0, weight_decay, nesterov)
+        }
+        Optimizer::AdamW { beta1, beta2, eps, weight_decay } => {
+            COptimizer::adamw(plan.learning_rate, beta1, beta2, weight_decay, eps, false)
+        }
+        Optimizer::Adam { beta1, beta2, eps, weight_decay } => {
+            COptimizer::adam(plan.learning_rate, beta1, beta2, weight_decay, eps, false)
+        }
     }
 }
 
-/// The task's loss on the graph's outputs.
-fn task_loss(
-    graph: &Graph,
-    net: &model::Net,
-    batch_tokens: Option<&Tensor>,
-    labels: Option<&Tensor>,
-    outputs: &[Tensor],
-) -> Result<Tensor, tch::TchError> {
-    let missing = || tch::TchError::Shape("the loss is missing its labels".to_owned());
-    match graph.task {
-        Task::Classify { .. } => outputs[0].f_log_softmax(-1, None::<Kind>)?.f_nll_loss(
-            labels.ok_or_else(missing)?,
-            None::<Tensor>,
-            tch::Reduction::Mean,
-            -100,
-        ),
-        Task::Segment { .. } => outputs[0].f_log_softmax(1, None::<Kind>)?.f_nll_loss_nd(
-            labels.ok_or_else(missing)?,
-            None::<Tensor>,
-            tch::Reduction::Mean,
-            -100,
-        ),
-        Task::LanguageModel { vocab } => {
-            let tokens = batch_tokens.ok_or_else(missing)?;
-            let v = i64::try_from(vocab).unwrap_or(1);
-            outputs[0].f_view([-1, v])?.f_log_softmax(-1, None::<Kind>)?.f_nll_loss(
-                &tokens.f_view([-1])?,
-                None::<Tensor>,
-                tch::Reduction::Mean,
-                -100,
-            )
-        }
-        Task::Contrastive => {
-            let labels = labels.ok_or_else(missing)?;
-            let scale = net.params.last().ok_or_else(missing)?.f_exp()?;
-            let logits = outputs[0].f_mm(&outputs[1].f_tr()?)?.f_mul(&scale)?;
-            let a = logits.f_log_softmax(-1, None::<Kind>)?.f_nll_loss(
-                labels,
-                None::<Tensor>,
-                tch::Reduction::Mean,
-                -100,
-            )?;
-            let b = logits.f_tr()?.f_log_softmax(-1, None::<Kind>)?.f_nll_loss(
-                labels,
-                None::<Tensor>,
-                tch::Reduction::Mean,
-                -100,
-            )?;
-            a.f_add(&b)?.f_div_scalar(2.0)
-        }
-    }
+/// libtorch's default CPU thread count on this machine (`torch.get_num_threads()`).
+pub fn machine_threads() -> u64 {
+    u64::try_from(tch::get_num_threads()).unwrap_or(1).max(1)
+}
+
+/// The plan as this agent's trainer runs it, which is what its measurements are compared
+/// with: the trainer's runtime (libtorch's optimizers, reentrant checkpoints) and this
+/// machine's CPU threads where the plan names none.
+pub fn as_run_here(plan: &Plan) -> Plan {
+    let mut p = plan.clone();
+    p.runtime = Runtime::Headroom;
+    // libtorch updates one parameter at a time; there is no foreach or fused path.
+    p.optimizer_impl = OptimizerImpl::Auto;
+    p.cpu_threads.get_or_insert_with(machine_threads);
+    p
 }
 
 /// Runs `plan` to completion, calling `on_record` after every micro-batch.
+///
+/// The loop is PyTorch's canonical one: per step `zero_grad(set_to_none=True)`, then per
+/// micro-batch `batch = next(loader)`, `out = model(x)`, `loss = loss_fn(out, y) /
+/// accumulation`, `loss.backward()`, and `optimizer.step()` after the last.
 ///
 /// The CPU counting allocator must already be installed (the worker does it first thing)
 /// for CPU figures to be exact.
@@ -236,22 +272,25 @@ pub fn train(
     let graph = plan.validate().map_err(|e| TrainError::InvalidPlan(e.to_string()))?;
     let (device, meter) = resolve_device(plan.device)?;
     if device == Device::Cpu {
-        model::use_native_cpu_convolutions();
+        ffi::set_onednn(plan.onednn);
+        if let Some(n) = plan.cpu_threads {
+            tch::set_num_threads(i32::try_from(n).unwrap_or(i32::MAX));
+        }
     }
-    if let (Meter::Cuda(index), Some(limit)) = (meter, plan.memory_limit_bytes) {
+    if let Meter::Cuda(index) = meter
+        && (plan.memory_limit_bytes.is_some() || plan.memory_fraction.is_some())
+    {
         // The caching allocator exists only once CUDA is initialised: make one tensor.
         let _ = Tensor::f_zeros([1], (Kind::Float, device))?;
         let total = memory::nvml_devices().get(index as usize).map(|d| d.1).ok_or_else(|| {
-            TrainError::Device(format!("memory_limit_bytes needs the size of cuda:{index}, and NVML cannot tell it"))
+            TrainError::Device(format!("a memory cap needs the size of cuda:{index}, and NVML cannot tell it"))
         })?;
+        // The tighter of the two caps, as one allocator fraction.
+        let mut capped = plan.clone();
+        capped.resolve_memory_fraction(total);
+        let limit = capped.memory_limit_bytes.unwrap_or(total);
         if !meter.set_memory_fraction((limit as f64 / total as f64).min(1.0)) {
             return Err(TrainError::Device(format!("could not cap cuda:{index} at {limit} bytes")));
-        }
-    }
-    if let (Meter::Cuda(index), Some(fraction)) = (meter, plan.memory_fraction) {
-        let _ = Tensor::f_zeros([1], (Kind::Float, device))?;
-        if !meter.set_memory_fraction(fraction) {
-            return Err(TrainError::Device(format!("could not cap cuda:{index} at a fraction of {fraction}")));
         }
     }
     let nvml_index = match meter {
@@ -266,22 +305,11 @@ pub fn train(
         Precision::Fp16 => Some(model::Autocast { cuda: device != Device::Cpu, bf16: false }),
         Precision::Bf16 => Some(model::Autocast { cuda: device != Device::Cpu, bf16: true }),
     };
-    let net = model::Net::new(graph.clone(), device, autocast, plan.checkpoint_segments, plan.seed)?;
-    let mut opt = match plan.optimizer {
-        Optimizer::Sgd { momentum, weight_decay } => {
-            COptimizer::sgd(plan.learning_rate, momentum, 0.0, weight_decay, false)?
-        }
-        Optimizer::AdamW { beta1, beta2, eps, weight_decay } => {
-            COptimizer::adamw(plan.learning_rate, beta1, beta2, weight_decay, eps, false)?
-        }
-        Optimizer::Adam { beta1, beta2, eps, weight_decay } => {
-            COptimizer::adam(plan.learning_rate, beta1, beta2, weight_decay, eps, false)?
-        }
-    };
+    let net = model::Net::new(graph.clone(), device, autocast, plan.checkpoint(), plan.seed)?;
+    let mut opt = make_optimizer(plan)?;
     for var in net.trainable() {
         opt.add_parameters(var, 0)?;
     }
-    let data = Data::new(&graph, device)?;
 
     let steps_per_epoch = plan.steps_per_epoch().max(1);
     let mut phases = PhaseMeter { meter, peaks: [0; Phase::ALL.len()], reserved_peak: None };
@@ -290,44 +318,50 @@ pub fn train(
     let mut run_peak = 0u64;
     let mut peak_rss = 0u64;
     let mut micro_batches = 0u64;
+    let mut held = Held::default();
 
     for step in 1..=plan.total_steps() {
         phases.peaks = [0; Phase::ALL.len()];
+        opt.zero_grad()?;
         for micro_batch in 1..=plan.accumulation {
             if stop.load(Ordering::Relaxed) {
                 return Err(TrainError::Cancelled);
             }
             let t0 = Instant::now();
             phases.begin(Phase::Forward);
-            let batch = data.batch(&graph)?;
-            let tokens = match graph.task {
-                Task::LanguageModel { .. } => batch.inputs.first().map(Tensor::shallow_clone),
-                _ => None,
-            };
-            let labels = batch.labels;
+            // batch = next(loader): the new batch exists before the old one goes.
+            let batch = make_batch(&graph, device)?;
+            held.batch = batch;
             // The meter's phase windows: the forward ends where the loss begins, the loss
             // where backward begins.
             let mut batch_peak = 0u64;
-            let mut mark = |next: Phase| {
-                let previous = match next {
-                    Phase::Loss => Phase::Forward,
-                    _ => Phase::Loss,
-                };
-                batch_peak = batch_peak.max(phases.end(previous));
-                phases.begin(next);
+            let mut returned_prev = std::mem::take(&mut held.returned);
+            let mut moment = |m: model::Moment| match m {
+                model::Moment::Loss => {
+                    batch_peak = batch_peak.max(phases.end(Phase::Forward));
+                    phases.begin(Phase::Loss);
+                }
+                // `out = model(x)` rebinds `out`: the previous outputs go.
+                model::Moment::Returned => returned_prev.clear(),
             };
-            let loss_value = net.step(
-                batch.inputs,
-                &|outputs: &[Tensor]| task_loss(&graph, &net, tokens.as_ref(), labels.as_ref(), outputs),
-                plan.accumulation,
-                &mut mark,
-            )?;
+            let model::Forward { returned, loss } = net.forward(&held.batch, &mut moment)?;
+            drop(returned_prev);
+            // `loss = loss_fn(out, y) / accumulation`: the quotient is what the loop keeps.
+            let loss = if plan.accumulation > 1 { loss.f_div_scalar(plan.accumulation as f64)? } else { loss };
+            // loss = ...: the previous loss goes, the new one is bound.
+            held.loss = Some(loss);
+            held.returned = returned;
+            batch_peak = batch_peak.max(phases.end(Phase::Loss));
+            phases.begin(Phase::Backward);
+            if let Some(loss) = &held.loss {
+                loss.f_backward()?;
+            }
             batch_peak = batch_peak.max(phases.end(Phase::Backward));
-            drop((tokens, labels));
+            let loss_value =
+                held.loss.as_ref().map_or(Ok(f64::NAN), |l| l.f_double_value(&[]))? * plan.accumulation as f64;
             if micro_batch == plan.accumulation {
                 phases.begin(Phase::OptimizerStep);
                 opt.step()?;
-                opt.zero_grad()?;
                 batch_peak = batch_peak.max(phases.end(Phase::OptimizerStep));
             }
             if let Meter::Cuda(index) = meter {

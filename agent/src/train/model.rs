@@ -1,37 +1,22 @@
 //! Runs `shared::graph` — the same description the estimator walks — with tch: one tch
-//! call per primitive, the fallible `f_*` ops throughout so that errors (out of memory
-//! above all) come back as values instead of panics.
+//! call per primitive, the call its reference implementation makes (`F.linear`, HF's
+//! `addmm`, `F.scaled_dot_product_attention`, `nll_loss_nd`...), the fallible `f_*` ops
+//! throughout so that errors (out of memory above all) come back as values.
 //!
-//! Gradient checkpointing follows the graph's regions: a checkpointed region runs its
-//! forward under `no_grad`, keeping only its inputs, and is recomputed with autograd just
-//! before its backward, which starts from the gradients its outputs received.
+//! The loss is part of the graph, so a forward pass ends in the scalar the loop calls
+//! `backward()` on. Gradient checkpointing follows the graph's regions: a checkpointed
+//! region runs as a reentrant checkpoint (`torch.utils.checkpoint(use_reentrant=True)`):
+//! an autograd Function (in `csrc/autograd.cpp`) whose forward runs the region without
+//! autograd, keeping its inputs, and whose backward runs it again and then a backward of
+//! its own. The region itself runs here, through [`region_callback`].
 
-use std::collections::BTreeMap;
+use std::ffi::c_void;
 
-use shared::graph::{Graph, Init, Op, Param};
+use shared::graph::{Graph, Init, Op, Param, Region};
 use tch::{Device, Kind, Tensor};
 
 use super::TrainError;
-
-unsafe extern "C" {
-    fn hr_backward(
-        outputs: *mut *mut std::ffi::c_void,
-        grads: *mut *mut std::ffi::c_void,
-        n: i32,
-        err: *mut u8,
-        err_len: usize,
-    ) -> i32;
-    fn hr_autocast(cuda: i32, enabled: i32, dtype: i32);
-    fn hr_set_mkldnn(enabled: i32);
-}
-
-/// Turns oneDNN and NNPACK off for CPU convolutions: libtorch's native kernels then use one im2col
-/// buffer per call, which the estimator models exactly, where oneDNN's scratch depends on
-/// the thread count and its own shape heuristics.
-pub fn use_native_cpu_convolutions() {
-    // SAFETY: sets a flag in libtorch's global context before any convolution runs.
-    unsafe { hr_set_mkldnn(0) }
-}
+use super::ffi;
 
 fn i(v: u64) -> i64 {
     i64::try_from(v).unwrap_or(i64::MAX)
@@ -41,26 +26,11 @@ fn dims(shape: &[u64]) -> Vec<i64> {
     shape.iter().map(|&d| i(d)).collect()
 }
 
-/// Backward from several outputs at once, each with its incoming gradient.
-fn backward_from(outputs: &[Tensor], grads: &[Tensor]) -> Result<(), TrainError> {
-    if outputs.is_empty() {
-        return Ok(());
-    }
-    let mut outs: Vec<*mut std::ffi::c_void> = outputs.iter().map(|t| t.as_ptr() as *mut std::ffi::c_void).collect();
-    let mut gs: Vec<*mut std::ffi::c_void> = grads.iter().map(|t| t.as_ptr() as *mut std::ffi::c_void).collect();
-    let mut err = vec![0u8; 4096];
-    // SAFETY: the pointers are live tch tensors (at::Tensor*) for the duration of the
-    // call, and err is a writable buffer of the given length.
-    let rc = unsafe { hr_backward(outs.as_mut_ptr(), gs.as_mut_ptr(), outs.len() as i32, err.as_mut_ptr(), err.len()) };
-    if rc != 0 {
-        let end = err.iter().position(|&b| b == 0).unwrap_or(err.len());
-        let text = String::from_utf8_lossy(&err[..end]).into_owned();
-        return Err(TrainError::from(tch::TchError::Torch(text)));
-    }
-    Ok(())
+fn dims_usize(d: &[usize]) -> Vec<i64> {
+    d.iter().map(|&v| v as i64).collect()
 }
 
-/// Mixed precision for the forward pass; `None` is fp32.
+/// Mixed precision for the forward pass.
 #[derive(Clone, Copy)]
 pub struct Autocast {
     pub cuda: bool,
@@ -69,13 +39,12 @@ pub struct Autocast {
 
 impl Autocast {
     fn set(self, on: bool) {
-        // SAFETY: plain calls into libtorch's thread-local autocast state.
-        unsafe { hr_autocast(i32::from(self.cuda), i32::from(on), i32::from(self.bf16)) }
+        ffi::autocast(self.cuda, on, self.bf16);
     }
 }
 
-/// MONAI's relative position index for a `window`, its first `n` tokens.
-fn relative_position_index(window: [u64; 3], n: u64) -> Vec<i64> {
+/// MONAI's relative position index for a window: `[N, N]` with N = the window's volume.
+fn relative_position_index(window: [u64; 3]) -> Vec<i64> {
     let w = window.map(|v| v as i64);
     let mut coords = Vec::new();
     for a in 0..w[0] {
@@ -85,10 +54,9 @@ fn relative_position_index(window: [u64; 3], n: u64) -> Vec<i64> {
             }
         }
     }
-    let n = n as usize;
-    let mut out = Vec::with_capacity(n * n);
-    for p in &coords[..n] {
-        for q in &coords[..n] {
+    let mut out = Vec::with_capacity(coords.len() * coords.len());
+    for p in &coords {
+        for q in &coords {
             let r0 = (p[0] - q[0] + w[0] - 1) * (2 * w[1] - 1) * (2 * w[2] - 1);
             let r1 = (p[1] - q[1] + w[1] - 1) * (2 * w[2] - 1);
             let r2 = p[2] - q[2] + w[2] - 1;
@@ -98,53 +66,49 @@ fn relative_position_index(window: [u64; 3], n: u64) -> Vec<i64> {
     out
 }
 
-/// Swin's shifted-window mask: -100 between tokens of different shifted regions.
-/// Each window token's shifted region, `[nW, N]`: the mask is -100 between tokens of
-/// different regions.
-fn window_region_ids(padded: [u64; 3], window: [u64; 3], shift: [u64; 3]) -> Vec<f32> {
-    let region = |size: u64, w: u64, s: u64, x: u64| -> u64 {
-        if x < size - w {
-            0
-        } else if x < size - s {
-            1
-        } else {
-            2
-        }
-    };
-    let counts: Vec<u64> = (0..3).map(|k| padded[k] / window[k]).collect();
-    let n = (window[0] * window[1] * window[2]) as usize;
-    let mut all = Vec::with_capacity(counts.iter().product::<u64>() as usize * n);
-    for wd in 0..counts[0] {
-        for wh in 0..counts[1] {
-            for ww in 0..counts[2] {
-                let mut ids = Vec::with_capacity(n);
-                for a in 0..window[0] {
-                    for b in 0..window[1] {
-                        for c in 0..window[2] {
-                            let (d, h, w) = (wd * window[0] + a, wh * window[1] + b, ww * window[2] + c);
-                            ids.push(
-                                region(padded[0], window[0], shift[0], d) * 9
-                                    + region(padded[1], window[1], shift[1], h) * 3
-                                    + region(padded[2], window[2], shift[2], w),
-                            );
-                        }
-                    }
-                }
-                all.extend(ids.iter().map(|&id| id as f32));
+/// Python's `slice(start, stop)` over a dimension of `len`: the `[lo, hi)` it selects.
+fn py_slice(len: i64, start: Option<i64>, stop: Option<i64>) -> (i64, i64) {
+    let clamp = |v: i64| if v < 0 { (len + v).max(0) } else { v.min(len) };
+    let lo = start.map_or(0, clamp);
+    let hi = stop.map_or(len, clamp);
+    (lo, hi.max(lo))
+}
+
+/// MONAI's `compute_mask` for a padded volume, window and shift: region ids written into
+/// a zero image slice by slice, the image's window partition, the pairwise difference,
+/// then -100 where it is non-zero and 0 where it is zero. `[nW, N, N]`.
+fn compute_mask(padded: [u64; 3], window: [u64; 3], shift: [u64; 3], device: Device) -> Result<Tensor, tch::TchError> {
+    let p = padded.map(i);
+    let w = window.map(i);
+    let s = shift.map(i);
+    let img = Tensor::f_zeros([1, p[0], p[1], p[2], 1], (Kind::Float, device))?;
+    let slices = |k: usize| [(None, Some(-w[k])), (Some(-w[k]), Some(-s[k])), (Some(-s[k]), None)];
+    let mut cnt = 0.0;
+    for (d0, d1) in slices(0) {
+        for (h0, h1) in slices(1) {
+            for (w0, w1) in slices(2) {
+                let (a, b) = py_slice(p[0], d0, d1);
+                let (c, d) = py_slice(p[1], h0, h1);
+                let (e, f) = py_slice(p[2], w0, w1);
+                let _ = img.f_slice(1, a, b, 1)?.f_slice(2, c, d, 1)?.f_slice(3, e, f, 1)?.f_fill_(cnt)?;
+                cnt += 1.0;
             }
         }
     }
-    all
-}
-
-/// The mask from region ids, as the tensors the trainer makes (for the unit test).
-#[cfg(test)]
-fn shifted_window_mask(padded: [u64; 3], window: [u64; 3], shift: [u64; 3]) -> Vec<f32> {
-    let ids = window_region_ids(padded, window, shift);
-    let n = (window[0] * window[1] * window[2]) as usize;
-    ids.chunks(n)
-        .flat_map(|w| w.iter().flat_map(move |p| w.iter().map(move |q| if p == q { 0.0 } else { -100.0 })))
-        .collect()
+    let n = w[0] * w[1] * w[2];
+    // window_partition: view, permute, contiguous, view(-1, N, C); then squeeze(-1).
+    let windows = img
+        .f_view([1, p[0] / w[0], w[0], p[1] / w[1], w[1], p[2] / w[2], w[2], 1].as_slice())?
+        .f_permute([0, 1, 3, 5, 2, 4, 6, 7])?
+        .f_contiguous()?
+        .f_view([-1, n, 1])?
+        .f_squeeze_dim(-1)?;
+    drop(img);
+    let diff = windows.f_unsqueeze(1)?.f_sub(&windows.f_unsqueeze(2)?)?;
+    drop(windows);
+    let first = diff.f_masked_fill(&diff.f_ne(0.0)?, -100.0)?;
+    let out = first.f_masked_fill(&diff.f_eq(0.0)?, 0.0)?;
+    Ok(out)
 }
 
 fn make_param(p: &Param, device: Device) -> Result<Tensor, TrainError> {
@@ -164,25 +128,48 @@ fn make_param(p: &Param, device: Device) -> Result<Tensor, TrainError> {
             }
             Init::Const(v) => Tensor::f_full(&shape, *v, (kind, device))?,
             Init::Arange => Tensor::f_arange(shape.first().copied().unwrap_or(1), (kind, device))?,
-            Init::RelativePositionIndex { window, n } => {
-                Tensor::from_slice(&relative_position_index(*window, *n)).f_to_device(device)?
+            Init::RelativePositionIndex { window } => Tensor::from_slice(&relative_position_index(*window))
+                .f_view(shape.as_slice())?
+                .f_to_device(device)?,
+            Init::CausalMask => {
+                let mut t = Tensor::f_full(&shape, f64::NEG_INFINITY, (kind, device))?;
+                let _ = t.f_triu_(1)?;
+                t
             }
         })
     })?;
     Ok(if p.trainable { t.set_requires_grad(true) } else { t })
 }
 
+/// Moments of the forward pass the training loop acts on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Moment {
+    /// The loss computation begins.
+    Loss,
+    /// The model call returns to the loop (the previous outputs can go).
+    Returned,
+}
+
+/// What one forward pass leaves the loop.
+pub struct Forward {
+    /// The values the model returned (`graph.returned`).
+    pub returned: Vec<Tensor>,
+    pub loss: Tensor,
+}
+
 pub struct Net {
     pub graph: Graph,
-    /// Per mask node, each window token's shifted region (`[nW, N]`, small): the mask
-    /// itself is made on the device at every forward pass, as MONAI's `compute_mask`.
-    masks: BTreeMap<usize, Vec<f32>>,
     device: Device,
     /// Parameters and buffers, in the graph's order.
     pub params: Vec<Tensor>,
     autocast: Option<Autocast>,
-    segments: u64,
-    /// Seeds the checkpointed regions' dropout: the base seed, and a counter of steps.
+    regions: Vec<Region>,
+    region_inputs: Vec<Vec<usize>>,
+    region_outputs: Vec<Vec<usize>>,
+    last_use: Vec<Option<usize>>,
+    /// Values the loop keeps past their last use: the returned outputs and the loss.
+    kept: Vec<bool>,
+    /// Seeds the checkpointed regions' dropout: the base seed, and a counter of passes.
     seed: u64,
     calls: std::cell::Cell<u64>,
 }
@@ -192,28 +179,39 @@ impl Net {
         graph: Graph,
         device: Device,
         autocast: Option<Autocast>,
-        segments: u64,
+        checkpoint: shared::graph::Checkpoint,
         seed: u64,
     ) -> Result<Net, TrainError> {
         let params = graph.params.iter().map(|p| make_param(p, device)).collect::<Result<Vec<_>, _>>()?;
-        let masks = graph
-            .nodes
-            .iter()
-            .enumerate()
-            .filter_map(|(i, n)| match n.op {
-                Op::ShiftedWindowMask { padded, window, shift } => Some((i, window_region_ids(padded, window, shift))),
-                _ => None,
-            })
-            .collect();
-        Ok(Net { graph, masks, device, params, autocast, segments, seed, calls: std::cell::Cell::new(0) })
+        let regions = graph.regions(checkpoint);
+        let region_inputs = graph.region_inputs(&regions);
+        let region_outputs = regions.iter().map(|r| graph.region_outputs(r)).collect();
+        let last_use = graph.last_use();
+        let mut kept = vec![false; graph.values.len()];
+        for &v in graph.returned.iter().chain([&graph.loss]) {
+            kept[v] = true;
+        }
+        Ok(Net {
+            graph,
+            device,
+            params,
+            autocast,
+            regions,
+            region_inputs,
+            region_outputs,
+            last_use,
+            kept,
+            seed,
+            calls: std::cell::Cell::new(0),
+        })
     }
 
     pub fn trainable(&self) -> impl Iterator<Item = &Tensor> {
         self.graph.params.iter().zip(&self.params).filter(|(p, _)| p.trainable).map(|(_, t)| t)
     }
 
-    /// The seed of checkpointed region `r` in the current micro-batch: the same for its
-    /// forward and its recompute, different across regions and micro-batches.
+    /// The seed of checkpointed region `r` in the current pass: the same for its forward
+    /// and its recompute (as `preserve_rng_state`), different across regions and passes.
     fn region_seed(&self, r: usize) -> i64 {
         let mix = self.seed
             ^ self.calls.get().wrapping_mul(0x9E37_79B9_7F4A_7C15)
@@ -221,7 +219,7 @@ impl Net {
         (mix >> 1) as i64
     }
 
-    fn run(&self, index: usize, vals: &[Option<Tensor>]) -> Result<Tensor, tch::TchError> {
+    fn run(&self, index: usize, vals: &[Option<Tensor>]) -> Result<Vec<Tensor>, tch::TchError> {
         let node = &self.graph.nodes[index];
         let arg = |k: usize| -> Result<&Tensor, tch::TchError> {
             node.inputs
@@ -229,51 +227,61 @@ impl Net {
                 .and_then(|&v| vals[v].as_ref())
                 .ok_or_else(|| tch::TchError::Shape(format!("node {index} ({}) has no input {k}", node.op.name())))
         };
-        let p = |k: usize| &self.params[node.params[k]];
-        let out_shape = dims(&self.graph.values[node.output].shape);
-        Ok(match &node.op {
-            Op::Linear { bias, weight_in_out } => {
+        let opt = |k: usize| -> Result<Option<&Tensor>, tch::TchError> {
+            if k < node.inputs.len() { arg(k).map(Some) } else { Ok(None) }
+        };
+        let out_shape = dims(&self.graph.values[node.output()].shape);
+        let one = |t: Tensor| Ok(vec![t]);
+        match &node.op {
+            Op::Param => one(self.params[node.params[0]].shallow_clone()),
+            Op::Linear { bias } => {
+                let b = if *bias { Some(arg(2)?) } else { None };
+                one(arg(0)?.f_linear(arg(1)?, b)?)
+            }
+            // Hugging Face's Conv1D: addmm(bias, x.view(-1, in), W) viewed back.
+            Op::Conv1dHf => {
                 let x = arg(0)?;
-                match (weight_in_out, bias) {
-                    (false, true) => x.f_linear(p(0), Some(p(1)))?,
-                    (false, false) => x.f_linear(p(0), None::<&Tensor>)?,
-                    // Hugging Face's Conv1D: addmm(bias, x.view(-1, in), W) viewed back.
-                    (true, true) => {
-                        let d = x.size().last().copied().unwrap_or(1);
-                        p(1).f_addmm(&x.f_view([-1, d])?, p(0))?.f_view(out_shape.as_slice())?
-                    }
-                    (true, false) => {
-                        let d = x.size().last().copied().unwrap_or(1);
-                        x.f_view([-1, d])?.f_mm(p(0))?.f_view(out_shape.as_slice())?
-                    }
-                }
+                let d = x.size().last().copied().unwrap_or(1);
+                one(arg(2)?.f_addmm(&x.f_view([-1, d])?, arg(1)?)?.f_view(out_shape.as_slice())?)
             }
             // The per-dimension ops (conv2d, conv_transpose3d...), not the generic
             // `convolution`: autocast has rules for these, as for PyTorch's modules.
             Op::Conv { nd, stride, padding, groups, bias, .. } => {
-                let b = if *bias { Some(p(1)) } else { None };
+                let b = if *bias { Some(arg(2)?) } else { None };
                 let (s, pd, gr) = (i(*stride), i(*padding), i(*groups));
-                let x = arg(0)?;
-                match nd {
-                    1 => x.f_conv1d(p(0), b, [s], [pd], [1], gr)?,
-                    2 => x.f_conv2d(p(0), b, [s; 2], [pd; 2], [1; 2], gr)?,
-                    _ => x.f_conv3d(p(0), b, [s; 3], [pd; 3], [1; 3], gr)?,
-                }
+                let (x, w) = (arg(0)?, arg(1)?);
+                one(match nd {
+                    1 => x.f_conv1d(w, b, [s], [pd], [1], gr)?,
+                    2 => x.f_conv2d(w, b, [s; 2], [pd; 2], [1; 2], gr)?,
+                    _ => x.f_conv3d(w, b, [s; 3], [pd; 3], [1; 3], gr)?,
+                })
             }
             Op::ConvTranspose { nd, stride, padding, output_padding, bias, .. } => {
-                let b = if *bias { Some(p(1)) } else { None };
+                let b = if *bias { Some(arg(2)?) } else { None };
                 let (s, pd, op) = (i(*stride), i(*padding), i(*output_padding));
-                let x = arg(0)?;
-                match nd {
-                    1 => x.f_conv_transpose1d(p(0), b, [s], [pd], [op], 1, [1])?,
-                    2 => x.f_conv_transpose2d(p(0), b, [s; 2], [pd; 2], [op; 2], 1, [1; 2])?,
-                    _ => x.f_conv_transpose3d(p(0), b, [s; 3], [pd; 3], [op; 3], 1, [1; 3])?,
-                }
+                let (x, w) = (arg(0)?, arg(1)?);
+                one(match nd {
+                    1 => x.f_conv_transpose1d(w, b, [s], [pd], [op], 1, [1])?,
+                    2 => x.f_conv_transpose2d(w, b, [s; 2], [pd; 2], [op; 2], 1, [1; 2])?,
+                    _ => x.f_conv_transpose3d(w, b, [s; 3], [pd; 3], [op; 3], 1, [1; 3])?,
+                })
             }
             Op::BatchNorm { eps } => {
-                Tensor::f_batch_norm(arg(0)?, Some(p(0)), Some(p(1)), Some(p(2)), Some(p(3)), true, 0.1, *eps, true)?
+                // nn.BatchNorm counts its batches, then calls F.batch_norm (momentum 0.1).
+                tch::no_grad(|| arg(5)?.shallow_clone().f_add_scalar_(1).map(drop))?;
+                one(Tensor::f_batch_norm(
+                    arg(0)?,
+                    Some(arg(1)?),
+                    Some(arg(2)?),
+                    Some(arg(3)?),
+                    Some(arg(4)?),
+                    true,
+                    0.1,
+                    *eps,
+                    true,
+                )?)
             }
-            Op::InstanceNorm { eps } => Tensor::f_instance_norm(
+            Op::InstanceNorm { eps } => one(Tensor::f_instance_norm(
                 arg(0)?,
                 None::<&Tensor>,
                 None::<&Tensor>,
@@ -283,122 +291,161 @@ impl Net {
                 0.1,
                 *eps,
                 true,
-            )?,
+            )?),
             Op::LayerNorm { eps, affine } => {
                 let x = arg(0)?;
                 let d = x.size().last().copied().unwrap_or(1);
-                if *affine {
-                    x.f_layer_norm([d], Some(p(0)), Some(p(1)), *eps, true)?
+                one(if *affine {
+                    x.f_layer_norm([d], Some(arg(1)?), Some(arg(2)?), *eps, true)?
                 } else {
                     x.f_layer_norm([d], None::<&Tensor>, None::<&Tensor>, *eps, true)?
-                }
+                })
             }
-            Op::Relu { inplace: false } => arg(0)?.f_relu()?,
-            Op::Relu { inplace: true } => arg(0)?.shallow_clone().f_relu_()?,
-            // Slope 0.01: libtorch's default and MONAI's choice.
-            Op::LeakyRelu { inplace: false } => arg(0)?.f_leaky_relu()?,
-            Op::LeakyRelu { inplace: true } => arg(0)?.shallow_clone().f_leaky_relu_()?,
-            Op::Prelu => arg(0)?.f_prelu(p(0))?,
-            Op::Gelu { tanh } => arg(0)?.f_gelu(if *tanh { "tanh" } else { "none" })?,
-            Op::Sigmoid => arg(0)?.f_sigmoid()?,
-            Op::Add => arg(0)?.f_add(arg(1)?)?,
-            Op::AddInplace => arg(0)?.shallow_clone().f_add_(arg(1)?)?,
-            Op::Mul => arg(0)?.f_mul(arg(1)?)?,
-            Op::AddParam => arg(0)?.f_add(p(0))?,
-            Op::PrependToken => {
-                let x = arg(0)?;
-                let s = x.size();
-                let token = p(0).f_view([1, 1, s[2]])?.f_expand([s[0], 1, s[2]], false)?;
-                Tensor::f_cat(&[&token, x], 1)?
-            }
-            Op::Cat { dim } => {
-                let xs = (0..node.inputs.len()).map(arg).collect::<Result<Vec<_>, _>>()?;
-                Tensor::f_cat(&xs, i(*dim as u64))?
-            }
+            Op::Prelu => one(arg(0)?.f_prelu(arg(1)?)?),
+            Op::Embedding => one(Tensor::f_embedding(arg(0)?, arg(1)?, -1, false, false)?),
             Op::MaxPool { nd, kernel, stride, padding } => {
                 let (k, s, pd) = (i(*kernel), i(*stride), i(*padding));
-                match nd {
-                    3 => arg(0)?.f_max_pool3d([k; 3], [s; 3], [pd; 3], [1; 3], false)?,
-                    1 => arg(0)?.f_max_pool1d([k], [s], [pd], [1], false)?,
-                    _ => arg(0)?.f_max_pool2d([k; 2], [s; 2], [pd; 2], [1; 2], false)?,
-                }
+                let x = arg(0)?;
+                one(match nd {
+                    3 => x.f_max_pool3d([k; 3], [s; 3], [pd; 3], [1; 3], false)?,
+                    1 => x.f_max_pool1d([k], [s], [pd], [1], false)?,
+                    _ => x.f_max_pool2d([k; 2], [s; 2], [pd; 2], [1; 2], false)?,
+                })
             }
+            Op::Relu { inplace: false } => one(arg(0)?.f_relu()?),
+            Op::Relu { inplace: true } => one(arg(0)?.shallow_clone().f_relu_()?),
+            // Slope 0.01: PyTorch's default and MONAI's choice.
+            Op::LeakyRelu { inplace: false } => one(arg(0)?.f_leaky_relu()?),
+            Op::LeakyRelu { inplace: true } => one(arg(0)?.shallow_clone().f_leaky_relu_()?),
+            Op::Gelu { tanh } => one(arg(0)?.f_gelu(if *tanh { "tanh" } else { "none" })?),
+            Op::Sigmoid => one(arg(0)?.f_sigmoid()?),
+            Op::Tanh => one(arg(0)?.f_tanh()?),
+            Op::Exp => one(arg(0)?.f_exp()?),
+            Op::Add => one(arg(0)?.f_add(arg(1)?)?),
+            Op::Sub => one(arg(0)?.f_sub(arg(1)?)?),
+            Op::Mul => one(arg(0)?.f_mul(arg(1)?)?),
+            Op::Div => one(arg(0)?.f_div(arg(1)?)?),
+            Op::AddInplace => one(arg(0)?.shallow_clone().f_add_(arg(1)?)?),
+            Op::MulScalar { s } => one(arg(0)?.f_mul_scalar(*s)?),
+            Op::AddScalar { s } => one(arg(0)?.f_add_scalar(*s)?),
+            Op::RsubScalar { s } => one(arg(0)?.f_rsub_scalar(*s)?),
+            Op::PowScalar { e } => one(arg(0)?.f_pow_tensor_scalar(*e)?),
             Op::Mean { dims: d, keepdim } => {
-                let d: Vec<i64> = d.iter().map(|&v| v as i64).collect();
-                arg(0)?.f_mean_dim(Some(d.as_slice()), *keepdim, None::<Kind>)?
+                let d = dims_usize(d);
+                one(arg(0)?.f_mean_dim(Some(d.as_slice()), *keepdim, None::<Kind>)?)
             }
-            Op::View { shape } => arg(0)?.f_view(dims(shape).as_slice())?,
-            Op::Permute { dims: d } => arg(0)?.f_permute(d.iter().map(|&v| v as i64).collect::<Vec<_>>())?,
-            Op::Transpose { d0, d1 } => arg(0)?.f_transpose(*d0 as i64, *d1 as i64)?,
-            Op::Contiguous => arg(0)?.f_contiguous()?,
-            Op::Select { dim, index } => arg(0)?.f_select(*dim as i64, i(*index))?,
+            Op::Sum { dims: d, keepdim } => {
+                let d = dims_usize(d);
+                one(arg(0)?.f_sum_dim_intlist(Some(d.as_slice()), *keepdim, None::<Kind>)?)
+            }
+            Op::VectorNorm => one(arg(0)?.f_norm_scalaropt_dim(2.0, [-1i64].as_slice(), true)?),
+            Op::ClampMin { min } => one(arg(0)?.f_clamp_min(*min)?),
+            Op::Softmax { dim } => one(arg(0)?.f_softmax(*dim as i64, None::<Kind>)?),
+            Op::LogSoftmax { dim } => one(arg(0)?.f_log_softmax(*dim as i64, None::<Kind>)?),
+            Op::Argmax => one(arg(0)?.f_argmax(-1, false)?),
+            Op::View { shape } => one(arg(0)?.f_view(dims(shape).as_slice())?),
+            Op::Reshape { shape } => one(arg(0)?.f_reshape(dims(shape).as_slice())?),
+            Op::Permute { dims: d } => one(arg(0)?.f_permute(dims_usize(d))?),
+            Op::Transpose { d0, d1 } => one(arg(0)?.f_transpose(*d0 as i64, *d1 as i64)?),
+            Op::Unsqueeze { dim } => one(arg(0)?.f_unsqueeze(*dim as i64)?),
+            Op::Squeeze { dim } => one(arg(0)?.f_squeeze_dim(*dim as i64)?),
+            Op::Expand { shape } => one(arg(0)?.f_expand(dims(shape).as_slice(), false)?),
+            Op::Contiguous => one(arg(0)?.f_contiguous()?),
+            // `x.clone()`: a copy laid out like `x`.
+            Op::Clone => {
+                let x = arg(0)?;
+                one(x.f_to_dtype(x.kind(), false, true)?)
+            }
+            Op::Select { dim, index } => one(arg(0)?.f_select(*dim as i64, i(*index))?),
             Op::Slice { dim, start, len, step } => {
-                let end = start + (len.saturating_sub(1)) * step + 1;
-                arg(0)?.f_slice(*dim as i64, i(*start), i(end), i(*step))?
+                let end = start + len.saturating_sub(1) * step + 1;
+                one(arg(0)?.f_slice(*dim as i64, i(*start), i(end), i(*step))?)
             }
-            Op::PadEnd { dims: d, amounts } => {
-                // constant_pad_nd takes (before, after) pairs from the last dimension back.
-                let rank = self.graph.values[node.inputs[0]].shape.len();
-                let mut pads = Vec::new();
-                for axis in (0..rank).rev() {
-                    let after = d.iter().position(|&x| x == axis).map_or(0, |k| amounts[k]);
-                    pads.extend([0, i(after)]);
-                }
-                while pads.len() > 2 && pads[pads.len() - 1] == 0 && pads[pads.len() - 2] == 0 {
-                    pads.truncate(pads.len() - 2);
-                }
-                arg(0)?.f_constant_pad_nd(pads)?
+            Op::Split { dim, size } => Ok(arg(0)?.f_split(i(*size), *dim as i64)?),
+            Op::Cat { dim } => {
+                let xs = (0..node.inputs.len()).map(arg).collect::<Result<Vec<_>, _>>()?;
+                one(Tensor::f_cat(&xs, *dim as i64)?)
             }
-            Op::Roll { shifts, dims: d } => {
-                arg(0)?.f_roll(shifts.clone(), d.iter().map(|&v| v as i64).collect::<Vec<_>>())?
+            Op::Pad { pads } => {
+                // F.pad's list: (before, after) from the last dimension back, up to the
+                // first padded one.
+                let first = pads.iter().position(|&(a, b)| a > 0 || b > 0).unwrap_or(pads.len());
+                let list: Vec<i64> = pads[first..].iter().rev().flat_map(|&(a, b)| [i(a), i(b)]).collect();
+                one(arg(0)?.f_constant_pad_nd(list)?)
             }
-            Op::Embedding => Tensor::f_embedding(p(0), arg(0)?, -1, false, false)?,
-            Op::Gather => p(0).f_index_select(0, p(1))?,
-            Op::Dropout { p: prob } => arg(0)?.f_native_dropout(*prob, true)?.0,
-            Op::Softmax { dim } => arg(0)?.f_softmax(*dim as i64, None::<Kind>)?,
-            Op::Bmm => arg(0)?.f_bmm(arg(1)?)?,
-            Op::MulScalar { s } => arg(0)?.f_mul_scalar(*s)?,
-            Op::Attention { causal, dropout } => Tensor::f_scaled_dot_product_attention(
+            Op::Roll { shifts, dims: d } => one(arg(0)?.f_roll(shifts.clone(), dims_usize(d))?),
+            Op::IndexRows => {
+                let x = arg(0)?;
+                let b = x.size()[0];
+                let rows = Tensor::f_arange(b, (Kind::Int64, x.device()))?;
+                one(x.f_index(&[Some(&rows), Some(arg(1)?)])?)
+            }
+            Op::Index => one(arg(0)?.f_index(&[Some(arg(1)?)])?),
+            Op::MatMul => one(arg(0)?.f_matmul(arg(1)?)?),
+            Op::Attention { causal, dropout, scale } => one(Tensor::f_scaled_dot_product_attention(
                 arg(0)?,
                 arg(1)?,
                 arg(2)?,
-                None::<&Tensor>,
+                opt(3)?,
                 *dropout,
                 *causal,
-                None,
+                *scale,
                 false,
-            )?,
-            Op::ShiftedWindowMask { .. } => {
-                // [nW, N] region ids -> [nW, N, N] "different region" -> -100 where true.
-                let data = self.masks.get(&index).map(Vec::as_slice).unwrap_or(&[]);
-                let (windows, n) = (out_shape[1], out_shape[3]);
-                let ids = Tensor::from_slice(data).f_to_device(self.device)?.f_view([windows, n])?;
-                let differ = ids.f_unsqueeze(2)?.f_ne_tensor(&ids.f_unsqueeze(1)?)?;
-                let mut mask = differ.f_to_kind(Kind::Float)?;
-                drop((differ, ids));
-                let _ = mask.f_mul_scalar_(-100.0)?;
-                mask.f_view(out_shape.as_slice())?
+            )?),
+            // F.dropout in training: at::dropout, whose CPU path keeps a float noise tensor.
+            Op::Dropout { p } => one(arg(0)?.f_dropout(*p, true)?),
+            Op::ShiftedWindowMask { padded, window, shift } => {
+                one(compute_mask(*padded, *window, *shift, self.device)?.f_view(out_shape.as_slice())?)
             }
-            Op::Normalize => {
-                let x = arg(0)?;
-                let norm = x.f_norm_scalaropt_dim(2, [-1i64].as_slice(), true)?.f_clamp_min(1e-12)?;
-                x.f_div(&norm)?
+            Op::ToF32 => one(arg(0)?.f_to_kind(Kind::Float)?),
+            Op::ToI64 => one(arg(0)?.f_to_kind(Kind::Int64)?),
+            Op::NllLoss { ignore_index } => {
+                one(arg(0)?.f_nll_loss_nd(arg(1)?, None::<Tensor>, tch::Reduction::Mean, *ignore_index)?)
             }
-        })
+            Op::BceWithLogits => one(arg(0)?.f_binary_cross_entropy_with_logits(
+                arg(1)?,
+                None::<Tensor>,
+                None::<Tensor>,
+                tch::Reduction::Mean,
+            )?),
+            // MONAI's one_hot: zeros, then scatter_ of ones at labels.long().
+            Op::OneHot { .. } => {
+                let labels = arg(0)?;
+                let mut o = Tensor::f_zeros(out_shape.as_slice(), (Kind::Float, labels.device()))?;
+                let idx = labels.f_to_kind(Kind::Int64)?;
+                let _ = o.f_scatter_value_(1, &idx, 1.0)?;
+                one(o)
+            }
+        }
     }
 
-    /// Runs nodes `range` into `vals`, dropping each value after its last use.
+    /// Runs nodes `range` into `vals`, dropping each value after its last use (unless
+    /// the loop keeps it), calling `moment` where the loss begins and the model returns.
     fn forward_range(
         &self,
         range: std::ops::Range<usize>,
         vals: &mut [Option<Tensor>],
-        last_use: &[Option<usize>],
-    ) -> Result<(), TrainError> {
+        moment: &mut dyn FnMut(Moment),
+    ) -> Result<(), tch::TchError> {
+        let g = &self.graph;
         for index in range {
-            let out = self.run(index, vals)?;
-            vals[self.graph.nodes[index].output] = Some(out);
-            for &v in &self.graph.nodes[index].inputs {
-                if last_use[v] == Some(index) {
+            if index == g.loss_start {
+                moment(Moment::Loss);
+            }
+            if index == g.returns_after {
+                moment(Moment::Returned);
+            }
+            let outs = self.run(index, vals)?;
+            for (&v, t) in g.nodes[index].outputs.iter().zip(outs) {
+                vals[v] = Some(t);
+            }
+            for &v in &g.nodes[index].inputs {
+                if self.last_use[v] == Some(index) && !self.kept[v] {
+                    vals[v] = None;
+                }
+            }
+            for &v in &g.nodes[index].outputs {
+                if self.last_use[v].is_none() && !self.kept[v] {
                     vals[v] = None;
                 }
             }
@@ -406,165 +453,128 @@ impl Net {
         Ok(())
     }
 
-    /// One micro-batch: forward, `loss_fn` on the graph's outputs, backward. Returns the
-    /// unscaled loss value. `inputs` are the graph's input values, in order.
-    pub fn step(
-        &self,
-        inputs: Vec<Tensor>,
-        loss_fn: &dyn Fn(&[Tensor]) -> Result<Tensor, tch::TchError>,
-        divide_by: u64,
-        mark: &mut dyn FnMut(shared::estimate::Phase),
-    ) -> Result<f64, TrainError> {
-        self.calls.set(self.calls.get().wrapping_add(1));
-        let g = &self.graph;
-        let last_use = g.last_use();
-        let producer = g.producer();
-        let regions = g.regions(self.segments);
-        let region_of = |node: usize| regions.iter().position(|(r, _)| r.contains(&node));
-        let mut vals: Vec<Option<Tensor>> = (0..g.values.len()).map(|_| None).collect();
-        for (&(v, _), t) in g.inputs.iter().zip(inputs) {
+    /// Region `r` from its inputs (in `region_inputs` order) to its outputs (in
+    /// `region_outputs` order); what a checkpoint runs, forward and again in backward.
+    fn run_region(&self, r: usize, inputs: Vec<Tensor>) -> Result<Vec<Tensor>, tch::TchError> {
+        let mut vals: Vec<Option<Tensor>> = (0..self.graph.values.len()).map(|_| None).collect();
+        for (&v, t) in self.region_inputs[r].iter().zip(inputs) {
             vals[v] = Some(t);
         }
-        // Values a region reads from outside it: kept for checkpointed regions' recompute.
-        let live_in = g.region_inputs(&regions);
-        let kept_for_recompute =
-            |v: usize| regions.iter().zip(&live_in).any(|((_, ckpt), ins)| *ckpt && ins.contains(&v));
-        let plain = regions.len() == 1;
+        tch::manual_seed(self.region_seed(r));
+        self.forward_range(self.regions[r].nodes.clone(), &mut vals, &mut |_| {})?;
+        self.region_outputs[r]
+            .iter()
+            .map(|&v| {
+                vals[v].take().ok_or_else(|| tch::TchError::Shape(format!("checkpointed region {r} lost output {v}")))
+            })
+            .collect()
+    }
 
+    /// One forward pass through the model and the loss. `inputs` are the graph's input
+    /// values, in order; the result holds the returned values and the loss.
+    pub fn forward(&self, inputs: &[Tensor], moment: &mut dyn FnMut(Moment)) -> Result<Forward, TrainError> {
+        self.calls.set(self.calls.get().wrapping_add(1));
+        let g = &self.graph;
+        let mut vals: Vec<Option<Tensor>> = (0..g.values.len()).map(|_| None).collect();
+        for (&(v, _), t) in g.inputs.iter().zip(inputs) {
+            vals[v] = Some(t.shallow_clone());
+        }
         if let Some(a) = self.autocast {
             a.set(true);
         }
-        // Forward, region by region. Each region reads other regions' values through
-        // detached leaves, so that their gradients can be collected per region.
-        let mut leaves: Vec<BTreeMap<usize, Tensor>> = (0..regions.len()).map(|_| BTreeMap::new()).collect();
-        let mut kept: BTreeMap<usize, Tensor> = BTreeMap::new();
-        // Outputs of regions that ran with autograd, for their backward later.
-        let mut attached: BTreeMap<usize, Tensor> = BTreeMap::new();
-        for (r, (range, ckpt)) in regions.iter().enumerate() {
-            if !plain {
-                for &v in &live_in[r] {
-                    let Some(t) = vals[v].as_ref() else { continue };
-                    if kept_for_recompute(v) {
-                        kept.insert(v, t.shallow_clone());
-                    }
-                    let from_normal = producer[v].and_then(region_of).is_some_and(|p| !regions[p].1);
-                    if from_normal && t.requires_grad() && !attached.contains_key(&v) {
-                        attached.insert(v, t.shallow_clone());
-                    }
-                    let leaf = t.f_detach()?.set_requires_grad(g.values[v].requires_grad && !*ckpt);
-                    // Checkpointed regions make fresh leaves when they recompute.
-                    if !*ckpt {
-                        leaves[r].insert(v, leaf.shallow_clone());
-                    }
-                    vals[v] = Some(leaf);
-                }
-            }
-            if *ckpt {
-                // The recompute must draw the same dropout masks: seed both passes alike.
-                tch::manual_seed(self.region_seed(r));
-                tch::no_grad(|| self.forward_range(range.clone(), &mut vals, &last_use))?;
-            } else {
-                self.forward_range(range.clone(), &mut vals, &last_use)?;
-            }
-        }
-        mark(shared::estimate::Phase::Loss);
-        let outputs: Vec<Tensor> = g.outputs.iter().filter_map(|&v| vals[v].take()).collect();
-        let loss = loss_fn(&outputs)?;
-        drop(outputs);
+        let result = self.forward_regions(&mut vals, moment);
         if let Some(a) = self.autocast {
             a.set(false);
         }
-        let scaled = if divide_by > 1 { loss.f_div_scalar(divide_by as f64)? } else { loss.shallow_clone() };
-        mark(shared::estimate::Phase::Backward);
-        scaled.f_backward()?;
-        drop(scaled);
-        drop(vals);
-        // The loss tensor keeps the last region's graph, and through it that region's
-        // leaves and their gradients: keep only its value.
-        let loss_value = loss.f_double_value(&[])?;
-        drop(loss);
+        result?;
+        if g.returns_after == g.nodes.len() {
+            moment(Moment::Returned);
+        }
+        let returned = g.returned.iter().filter_map(|&v| vals[v].take()).collect();
+        let loss = vals[g.loss].take().ok_or_else(|| TrainError::Torch("the forward pass lost its loss".to_owned()))?;
+        Ok(Forward { returned, loss })
+    }
 
-        if !plain {
-            // Gradients each value received from the regions that read it.
-            let mut value_grads: BTreeMap<usize, Tensor> = BTreeMap::new();
-            let collect = |leaves: &BTreeMap<usize, Tensor>,
-                           value_grads: &mut BTreeMap<usize, Tensor>|
-             -> Result<(), TrainError> {
-                for (&v, leaf) in leaves {
-                    let grad = leaf.grad();
-                    if !grad.defined() {
-                        continue;
-                    }
-                    match value_grads.remove(&v) {
-                        None => {
-                            value_grads.insert(v, grad);
-                        }
-                        Some(old) => {
-                            value_grads.insert(v, old.f_add(&grad)?);
-                        }
-                    }
-                }
-                Ok(())
-            };
-            let last = regions.len() - 1;
-            collect(&std::mem::take(&mut leaves[last]), &mut value_grads)?;
-            for r in (0..last).rev() {
-                let (range, ckpt) = &regions[r];
-                let outs_wanted: Vec<usize> =
-                    value_grads.keys().copied().filter(|v| producer[*v].is_some_and(|p| range.contains(&p))).collect();
-                if *ckpt {
-                    if let Some(a) = self.autocast {
-                        a.set(true);
-                    }
-                    let mut vals: Vec<Option<Tensor>> = (0..g.values.len()).map(|_| None).collect();
-                    let mut fresh = BTreeMap::new();
-                    for &v in &live_in[r] {
-                        if let Some(t) = kept.get(&v) {
-                            let leaf = t.f_detach()?.set_requires_grad(g.values[v].requires_grad);
-                            fresh.insert(v, leaf.shallow_clone());
-                            vals[v] = Some(leaf);
-                        }
-                    }
-                    for &v in &live_in[r] {
-                        if !live_in[..r].iter().any(|ins| ins.contains(&v)) {
-                            kept.remove(&v);
-                        }
-                    }
-                    tch::manual_seed(self.region_seed(r));
-                    self.forward_range(range.clone(), &mut vals, &last_use)?;
-                    if let Some(a) = self.autocast {
-                        a.set(false);
-                    }
-                    // Each recomputed output with the gradient it received, as pairs.
-                    let mut outs = Vec::new();
-                    let mut grads = Vec::new();
-                    for v in &outs_wanted {
-                        if let (Some(o), Some(gr)) = (vals[*v].take(), value_grads.remove(v)) {
-                            outs.push(o);
-                            grads.push(gr);
-                        }
-                    }
-                    drop(vals);
-                    backward_from(&outs, &grads)?;
-                    drop((outs, grads));
-                    collect(&fresh, &mut value_grads)?;
-                } else {
-                    // A region that kept its autograd graph: backward from its outputs.
-                    let mut outs = Vec::new();
-                    let mut grads = Vec::new();
-                    for v in &outs_wanted {
-                        if let (Some(o), Some(gr)) = (attached.remove(v), value_grads.remove(v)) {
-                            outs.push(o);
-                            grads.push(gr);
-                        }
-                    }
-                    backward_from(&outs, &grads)?;
-                    drop((outs, grads));
-                    collect(&std::mem::take(&mut leaves[r]), &mut value_grads)?;
+    fn forward_regions(&self, vals: &mut [Option<Tensor>], moment: &mut dyn FnMut(Moment)) -> Result<(), TrainError> {
+        for (r, region) in self.regions.iter().enumerate() {
+            if !region.checkpointed {
+                self.forward_range(region.nodes.clone(), vals, moment)?;
+                continue;
+            }
+            let range = region.nodes.clone();
+            let mut inputs = Vec::with_capacity(self.region_inputs[r].len());
+            for &v in &self.region_inputs[r] {
+                let t = vals[v]
+                    .as_ref()
+                    .ok_or_else(|| TrainError::Torch(format!("checkpointed region {r} is missing its input {v}")))?;
+                inputs.push(t.shallow_clone());
+                // The checkpoint keeps what the region reads for its recompute; the loop's
+                // own reference goes where the plain forward would drop it.
+                if self.last_use[v].is_some_and(|l| l < range.end) && !self.kept[v] {
+                    vals[v] = None;
                 }
             }
+            let cuda = self.device != Device::Cpu;
+            // SAFETY: `self` outlives the graph: `step` runs the backward (or drops the
+            // graph on an error) before it returns, and nothing moves `self` meanwhile.
+            let outs = unsafe {
+                ffi::checkpoint(region_callback, self as *const Net as *mut c_void, r, cuda, &inputs)
+                    .map_err(|e| TrainError::from(tch::TchError::Torch(e)))?
+            };
+            drop(inputs);
+            for (&v, t) in self.region_outputs[r].iter().zip(outs) {
+                vals[v] = Some(t);
+            }
         }
-        Ok(loss_value)
+        Ok(())
+    }
+}
+
+/// The checkpoint's way back into Rust: runs region `region` of the `Net` at `user`.
+unsafe extern "C" fn region_callback(
+    user: *mut c_void,
+    region: i32,
+    inputs: *mut *mut c_void,
+    n_in: i32,
+    _grad: i32,
+    outputs: *mut *mut c_void,
+    max_out: i32,
+    n_out: *mut i32,
+    err: *mut u8,
+    err_len: usize,
+) -> i32 {
+    // SAFETY: the shim hands over `n_in` new tensors that we now own.
+    let ins = unsafe { ffi::take_tensors(inputs, usize::try_from(n_in).unwrap_or(0)) };
+    // SAFETY: `user` is the `Net` that `forward_regions` passed, alive for the graph.
+    let net = unsafe { &*(user as *const Net) };
+    let r = usize::try_from(region).unwrap_or(usize::MAX);
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        if r >= net.regions.len() {
+            return Err(format!("no checkpointed region {region}"));
+        }
+        net.run_region(r, ins).map_err(|e| e.to_string())
+    }))
+    .unwrap_or_else(|_| Err(format!("checkpointed region {region} panicked")));
+    match result {
+        Ok(outs) => {
+            let max = usize::try_from(max_out).unwrap_or(0);
+            if outs.len() > max {
+                // SAFETY: `err` has `err_len` writable bytes.
+                unsafe { ffi::write_error(err, err_len, "a checkpointed region has too many outputs") };
+                return 1;
+            }
+            // SAFETY: `outputs` has `max_out` writable slots; `n_out` is writable.
+            unsafe {
+                let n = ffi::give_tensors(outs, outputs, max);
+                *n_out = n as i32;
+            }
+            0
+        }
+        Err(text) => {
+            // SAFETY: `err` has `err_len` writable bytes.
+            unsafe { ffi::write_error(err, err_len, &text) };
+            1
+        }
     }
 }
 
@@ -576,18 +586,82 @@ mod tests {
     fn relative_position_index_matches_the_swin_formula() {
         // For a 2x2x2 window: 8 tokens, and the index of (p, q) with p == q is the centre
         // of the (2*2-1)^3 = 27-entry table, 13.
-        let idx = relative_position_index([2, 2, 2], 8);
+        let idx = relative_position_index([2, 2, 2]);
         assert_eq!(idx.len(), 64);
         assert!(idx.iter().step_by(9).all(|&v| v == 13));
         assert_eq!(*idx.iter().max().expect("non-empty"), 26);
     }
 
     #[test]
-    fn shifted_window_mask_separates_regions() {
-        // A 4^3 volume, windows of 2 shifted by 1: the first window holds one region.
-        let mask = shifted_window_mask([4, 4, 4], [2, 2, 2], [1, 1, 1]);
-        assert_eq!(mask.len(), 8 * 8 * 8);
-        assert!(mask[..64].iter().all(|&m| m == 0.0));
-        assert!(mask[7 * 64..].iter().any(|&m| m == -100.0), "the last window straddles the shift");
+    fn python_slices_clamp_like_python() {
+        assert_eq!(py_slice(8, None, Some(-2)), (0, 6));
+        assert_eq!(py_slice(8, Some(-2), Some(-1)), (6, 7));
+        assert_eq!(py_slice(8, Some(-1), None), (7, 8));
+        // A window as large as the volume and a larger shift: empty, empty, everything.
+        assert_eq!(py_slice(2, None, Some(-2)), (0, 0));
+        assert_eq!(py_slice(2, Some(-2), Some(-3)), (0, 0));
+        assert_eq!(py_slice(2, Some(-3), None), (0, 2));
+        // A zero shift: `slice(-0, None)` is the whole dimension.
+        assert_eq!(py_slice(4, Some(0), None), (0, 4));
+    }
+
+    #[test]
+    fn compute_mask_separates_shifted_regions() -> Result<(), tch::TchError> {
+        // A 4^3 volume, windows of 2 shifted by 1: the first window holds one region, the
+        // last straddles the shift.
+        let m = compute_mask([4, 4, 4], [2, 2, 2], [1, 1, 1], Device::Cpu)?;
+        assert_eq!(m.size(), vec![8, 8, 8]);
+        let first = m.f_select(0, 0)?.f_abs()?.f_sum(Kind::Float)?.f_double_value(&[])?;
+        assert_eq!(first, 0.0);
+        let last = m.f_select(0, 7)?.f_min()?.f_double_value(&[])?;
+        assert_eq!(last, -100.0);
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod checkpoint_tests {
+    use super::*;
+    use shared::graph::{Builder, Checkpoint, InputKind, Task};
+
+    fn chain() -> Graph {
+        let mut b = Builder::new(Task::Classify { classes: 4 });
+        let mut x = b.input(vec![2, 8], InputKind::Real);
+        for i in 0..4 {
+            x = b.stage(|b| b.block(|b| b.linear(&format!("l{i}"), x, 8, true))).expect("layer");
+        }
+        let y = b.input(vec![2], InputKind::ClassIndex { classes: 8 });
+        let start = b.next_node();
+        let lp = b.log_softmax(x, 1);
+        let loss = b.nll_loss(lp, y, -100).expect("loss");
+        b.finish(vec![x], loss, start)
+    }
+
+    fn grads(mode: Checkpoint) -> Result<Vec<Tensor>, TrainError> {
+        let g = chain();
+        tch::manual_seed(1);
+        let net = Net::new(g, Device::Cpu, None, mode, 1)?;
+        tch::manual_seed(2);
+        let x = Tensor::f_randn([2, 8], (Kind::Float, Device::Cpu))?;
+        let y = Tensor::from_slice(&[1i64, 3]);
+        let out = net.forward(&[x, y], &mut |_| {})?;
+        out.loss.f_backward()?;
+        Ok(net.trainable().map(|p| p.grad()).collect())
+    }
+
+    #[test]
+    fn every_checkpoint_mode_gives_every_parameter_the_same_gradient() -> Result<(), TrainError> {
+        let plain = grads(Checkpoint::Off)?;
+        assert!(plain.iter().all(Tensor::defined));
+        for mode in [Checkpoint::Segments(2), Checkpoint::Segments(4), Checkpoint::Blocks] {
+            let g = grads(mode)?;
+            assert_eq!(g.len(), plain.len());
+            for (k, (a, b)) in plain.iter().zip(&g).enumerate() {
+                assert!(b.defined(), "{mode:?}: parameter {k} got no gradient");
+                let diff = a.f_sub(b)?.f_abs()?.f_max()?.f_double_value(&[])?;
+                assert!(diff < 1e-6, "{mode:?}: parameter {k} differs by {diff}");
+            }
+        }
+        Ok(())
     }
 }

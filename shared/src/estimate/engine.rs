@@ -667,14 +667,7 @@ impl<'g> Engine<'g> {
 
     /// The values region `r` produces that later nodes (or the loop) read.
     pub fn region_outputs(&self, r: usize) -> Vec<usize> {
-        let range = self.regions[r].nodes.clone();
-        range
-            .clone()
-            .flat_map(|i| self.g.nodes[i].outputs.clone())
-            .filter(|&v| {
-                self.last_use[v].is_some_and(|l| l >= range.end) || self.g.returned.contains(&v) || v == self.g.loss
-            })
-            .collect()
+        self.g.region_outputs(&self.regions[r])
     }
 
     /// A reentrant checkpoint's forward: the region runs without autograd, keeping its

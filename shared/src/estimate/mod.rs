@@ -336,7 +336,9 @@ pub fn estimate_graph(
         sim.set_phase(Phase::Backward);
         sim.set_label("backward", None);
         backward(&mut sim, &mut engine, graph, &regions, style, &held);
+        sim.set_label("end of backward", None);
         engine.finish_backward(&mut sim);
+        sim.set_label("end of micro-batch", None);
         for v in 0..graph.values.len() {
             if !graph.returned.contains(&v) && v != graph.loss {
                 engine.drop_value(&mut sim, v);

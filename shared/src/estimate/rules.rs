@@ -146,6 +146,8 @@ pub(crate) fn forward(e: &mut Engine, sim: &mut Sim, i: usize) -> Vec<Ten> {
         Op::ToF32 => {
             let x = e.read(sim, inputs[0]);
             if x.t.esize == F32 {
+                // `x.float()` of a float tensor is `x` itself, gradient and all.
+                alias_slot(e, i, x.slot);
                 return vec![x.t];
             }
             let c = e.cast(sim, x, F32, ACT);
