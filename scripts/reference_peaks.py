@@ -350,11 +350,15 @@ def run_job(cfg, onednn, measure, keep=None):
                     if task[0] == "segment":
                         labels = segment_labels(torch, cfg, inputs)
                     batch = (inputs, labels)
-                    with autocast():
+                # One autocast block around the model and the loss, as the AMP recipes
+                # (PyTorch's, MONAI's, Lightning's, Hugging Face's Trainer) write it:
+                # the cache of cast weights lives until the loss is computed.
+                with autocast():
+                    with phase("forward", last):
                         out = forward(inputs)
-                with phase("loss", last):
-                    with autocast():
+                    with phase("loss", last):
                         loss = compute_loss(out, labels)
+                with phase("loss", last):
                     if accumulation > 1:
                         loss = loss / accumulation
                 with phase("backward", last):

@@ -22,7 +22,6 @@ pub mod limits {
     pub const MAX_INPUT_DIMS: usize = 3;
     pub const MAX_INPUT_DIM: u64 = 16_384;
     pub const MAX_CLASSES: u64 = 1_000_000;
-    pub const MAX_LAYERS: usize = 64;
     pub const MAX_WIDTH: u64 = 1 << 20;
     /// Parameters above this are refused: 2^34 fp32 weights alone would be 64 GiB.
     pub const MAX_PARAMS: u64 = 1 << 34;
@@ -847,11 +846,21 @@ fn join(v: &[u64]) -> String {
 mod tests {
     use super::*;
 
-    fn field_of(err: PlanError) -> &'static str {
+    fn field_of(err: PlanError) -> String {
         match err {
-            PlanError::Invalid { field, .. } => field,
+            PlanError::Invalid { field, .. } => field.to_owned(),
             PlanError::Parse(msg) => panic!("expected a field error, got a parse error: {msg}"),
-            PlanError::Setting { key, .. } => panic!("expected a field error, got a setting error for {key}"),
+            PlanError::Setting { key, .. } => key,
+        }
+    }
+
+    /// The earlier plan format: `mlp`/`small_cnn` with `input_shape` and `classes`.
+    fn legacy_mlp() -> Plan {
+        Plan {
+            model: ModelSpec::Mlp { hidden: vec![256, 256] },
+            input_shape: vec![64],
+            classes: 10,
+            ..Plan::example_mlp()
         }
     }
 
@@ -868,13 +877,9 @@ mod tests {
             ("micro_batch", Box::new(|p| p.micro_batch = limits::MAX_MICRO_BATCH + 1)),
             ("accumulation", Box::new(|p| p.accumulation = 0)),
             ("accumulation", Box::new(|p| p.accumulation = limits::MAX_ACCUMULATION + 1)),
-            ("classes", Box::new(|p| p.classes = 1)),
             ("schedule.steps", Box::new(|p| p.schedule = Schedule::Steps(0))),
             ("schedule.steps", Box::new(|p| p.schedule = Schedule::Steps(limits::MAX_STEPS + 1))),
             ("schedule.epochs", Box::new(|p| p.schedule = Schedule::Epochs { epochs: 0, samples_per_epoch: 10 })),
-            ("input_shape", Box::new(|p| p.input_shape = vec![])),
-            ("input_shape", Box::new(|p| p.input_shape = vec![1, 2, 3, 4])),
-            ("input_shape", Box::new(|p| p.input_shape = vec![limits::MAX_INPUT_DIM + 1])),
             ("learning_rate", Box::new(|p| p.learning_rate = f64::NAN)),
             ("learning_rate", Box::new(|p| p.learning_rate = -1.0)),
             (
@@ -884,15 +889,6 @@ mod tests {
             (
                 "optimizer.sgd.momentum",
                 Box::new(|p| p.optimizer = Optimizer::Sgd { momentum: -0.1, weight_decay: 0.0, nesterov: false }),
-            ),
-            ("model.mlp.hidden", Box::new(|p| p.model = ModelSpec::Mlp { hidden: vec![0] })),
-            ("model.mlp.hidden", Box::new(|p| p.model = ModelSpec::Mlp { hidden: vec![8; limits::MAX_LAYERS + 1] })),
-            (
-                "model",
-                Box::new(|p| {
-                    p.input_shape = vec![1 << 14];
-                    p.model = ModelSpec::Mlp { hidden: vec![1 << 20, 1 << 20] };
-                }),
             ),
             ("device", Box::new(|p| p.device = DeviceChoice::Cuda(64))),
             ("memory_limit_bytes", Box::new(|p| p.memory_limit_bytes = Some(0))),
@@ -908,7 +904,7 @@ mod tests {
                 "model",
                 Box::new(|p| {
                     // One sample's first conv output alone: 2^20 x 2^28 values.
-                    p.model = ModelSpec::SmallCnn { channels: vec![1 << 20, 1] };
+                    p.model = ModelSpec::SmallCnn { channels: vec![1 << 16, 1] };
                     p.input_shape = vec![1, 1 << 14, 1 << 14];
                     p.classes = 2;
                     p.micro_batch = 1;
@@ -924,31 +920,54 @@ mod tests {
                     p.micro_batch = 1 << 14;
                 }),
             ),
-            (
-                "model",
-                Box::new(|p| {
-                    p.input_shape = vec![1 << 14, 1 << 14, 1 << 14];
-                    p.model = ModelSpec::Mlp { hidden: vec![1 << 18] };
-                }),
-            ),
         ];
         for (field, mutate) in cases {
             let mut plan = Plan::example_mlp();
             mutate(&mut plan);
-            assert_eq!(field_of(plan.validate().expect_err(field)), field);
+            let err = plan.validate().expect_err(field);
+            assert_eq!(field_of(err.clone()), field, "{err}");
+        }
+        // The earlier format's fields, checked as it is turned into the zoo model.
+        let legacy: Vec<(&str, Box<dyn Fn(&mut Plan)>)> = vec![
+            ("classes", Box::new(|p| p.classes = 1)),
+            ("input_shape", Box::new(|p| p.input_shape = vec![])),
+            ("input_shape", Box::new(|p| p.input_shape = vec![1, 2, 3, 4])),
+            ("input_shape", Box::new(|p| p.input_shape = vec![limits::MAX_INPUT_DIM + 1])),
+            ("input_shape", Box::new(|p| p.input_shape = vec![3, 8, 8])),
+            ("hidden", Box::new(|p| p.model = ModelSpec::Mlp { hidden: vec![0] })),
+            ("hidden", Box::new(|p| p.model = ModelSpec::Mlp { hidden: vec![8; crate::zoo::limits::MAX_DEPTH as usize + 1] })),
+            (
+                "model",
+                Box::new(|p| {
+                    // 2^16 x 2^16 x 2^16 weights: past the parameter limit.
+                    p.input_shape = vec![1 << 14];
+                    p.model = ModelSpec::Mlp { hidden: vec![1 << 16; 5] };
+                }),
+            ),
+        ];
+        for (field, mutate) in legacy {
+            let mut plan = legacy_mlp();
+            mutate(&mut plan);
+            let err = plan.validate().expect_err(field);
+            assert_eq!(field_of(err.clone()), field, "{err}");
         }
     }
 
     #[test]
     fn cnn_needs_an_image_and_enough_pixels() {
-        let mut plan = Plan::example_cnn();
+        let mut plan = Plan { model: ModelSpec::SmallCnn { channels: vec![16, 32] }, classes: 10, ..Plan::example_cnn() };
         plan.input_shape = vec![64];
         let err = plan.validate().expect_err("flat input");
         assert_eq!(field_of(err.clone()), "input_shape");
         assert!(err.to_string().contains("[channels, height, width]"), "{err}");
         plan.input_shape = vec![3, 4, 4];
         plan.model = ModelSpec::SmallCnn { channels: vec![8, 8, 8] };
-        assert_eq!(field_of(plan.validate().expect_err("too small")), "model.small_cnn.channels");
+        let err = plan.validate().expect_err("too small");
+        assert!(err.to_string().contains("pooling stages shrink"), "{err}");
+        // Zoo plans take their sizes from settings, and say so.
+        let mut zoo = Plan::example_cnn();
+        zoo.input_shape = vec![3, 32, 32];
+        assert!(zoo.validate().expect_err("zoo with input_shape").to_string().contains("image"));
     }
 
     #[test]
@@ -971,8 +990,9 @@ mod tests {
         .expect("settings");
         let Err(err) = plan.validate() else { panic!("a 2 TiB working buffer must be refused") };
         assert!(err.to_string().starts_with("model: a kernel's working buffer"), "{err}");
-        let mut legacy = Plan::example_mlp();
-        assert!(legacy.apply_settings(&set("n_layer", "2")).is_err(), "model keys need a zoo model");
+        let mut mlp = Plan::example_mlp();
+        let err = mlp.apply_settings(&set("n_layer", "2")).and_then(|()| mlp.validate().map(drop));
+        assert!(err.is_err_and(|e| e.to_string().contains("n_layer")), "a key mlp does not take is named");
     }
 
     #[test]

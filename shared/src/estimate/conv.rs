@@ -36,6 +36,7 @@ pub(crate) struct Plan {
     pub channels_last: bool,
     /// Element size the convolution computes in.
     pub esize: u64,
+    pub stride: u64,
 }
 
 /// PyTorch's `ConvParams::use_mkldnn` for CPU float inputs.
@@ -63,10 +64,10 @@ fn use_onednn(op: &Op, x: &Ten, w: &Ten, threads: u64) -> bool {
 
 pub(crate) fn plan(e: &Engine, i: usize, x: &Ten, w: &Ten) -> Plan {
     let op = &e.g.nodes[i].op;
-    let (nd, kernel_size, transposed) = match *op {
-        Op::Conv { nd, kernel, .. } => (nd as usize, kernel, false),
-        Op::ConvTranspose { nd, kernel, .. } => (nd as usize, kernel, true),
-        _ => (2, 1, false),
+    let (nd, kernel_size, transposed, stride) = match *op {
+        Op::Conv { nd, kernel, stride, .. } => (nd as usize, kernel, false, stride),
+        Op::ConvTranspose { nd, kernel, stride, .. } => (nd as usize, kernel, true, stride),
+        _ => (2, 1, false, 1),
     };
     let kernel = match e.kernels {
         Kernels::Cpu { onednn, threads } if onednn && use_onednn(op, x, w, threads) => Kernel::OneDnn,
@@ -74,7 +75,7 @@ pub(crate) fn plan(e: &Engine, i: usize, x: &Ten, w: &Ten) -> Plan {
         Kernels::Cuda => Kernel::Cudnn,
     };
     let channels_last = layout::is_channels_last(&x.shape, &x.strides);
-    Plan { kernel, nd, kernel_size, transposed, channels_last, esize: x.esize }
+    Plan { kernel, nd, kernel_size, transposed, channels_last, esize: x.esize, stride }
 }
 
 /// Channels as oneDNN's blocked layouts hold them (multiples of 16 on AVX-512).
@@ -195,6 +196,112 @@ fn workspace_bound(x: &[u64], y: &[u64], esize: u64) -> u64 {
     numel(x).max(numel(y)) * esize
 }
 
+/// oneDNN's bf16 convolution backward (AVX-512 BF16), as measured with the profiler
+/// (`docs/estimator.md`, "oneDNN bf16"):
+/// - data, stride 1: the output gradient, weight and input gradient reordered to blocked
+///   layouts, the plain input gradient made before the blocked one goes; strided: the
+///   output gradient and input gradient in a plain-sized (channels-last) layout with a
+///   scratchpad, then the plain gradient and a reorder temporary;
+/// - weights, 16 or more input channels (the JIT kernel): output gradient and input
+///   reordered, a blocked weight gradient, and a scratchpad of, per thread, one sample's
+///   blocked input and output gradient, an fp32 weight reduction buffer and a row (2-D)
+///   or plane (3-D) of fp32 input per input channel (twice when strided, where only one
+///   thread's copy is per-thread for a row), plus 8580 bytes — per thread only where
+///   oneDNN splits the batch across threads, which it does when the activations
+///   outweigh the weights (all threads' copies are the interval's high end); fewer than
+///   16 input channels (a GEMM kernel): the weight gradient first and a per-thread
+///   scratchpad of the same rows with an unpadded fp32 weight buffer, measured for
+///   MONAI's first convolution; other shapes keep more (up to twice an output plane's
+///   columns and a padded weight buffer: uncertain).
+#[allow(clippy::too_many_arguments)]
+fn onednn_bf16_backward(
+    e: &mut Engine,
+    sim: &mut Sim,
+    plan: &Plan,
+    xm: &super::engine::Meta,
+    wm: &super::engine::Meta,
+    y: &[u64],
+    gx_slot: Option<usize>,
+    gw_slot: Option<usize>,
+) -> (Option<Ten>, Option<Ten>) {
+    const FIXED: u64 = 8580;
+    let esize = plan.esize;
+    let threads = match e.kernels {
+        Kernels::Cpu { threads, .. } => threads.max(1),
+        Kernels::Cuda => 1,
+    };
+    let (b, ic, oc) = (xm.shape[0].max(1), xm.shape[1], y[1]);
+    let (icp, ocp) = (pad16(ic), pad16(oc));
+    let k = plan.kernel_size.pow(plan.nd as u32);
+    let x_bytes = numel(&xm.shape) * esize;
+    let y_bytes = numel(y) * esize;
+    let mut gx = None;
+    let mut gw = None;
+    if gx_slot.is_some() {
+        if plan.stride == 1 {
+            let gr = sim.alloc(blocked(y, esize), TMP);
+            let wr = sim.alloc(blocked_weight(&wm.shape, esize), TMP);
+            let gxb = sim.alloc(blocked(&xm.shape, esize), TMP);
+            sim.release(wr);
+            sim.release(gr);
+            gx = Some(e.alloc_contig(sim, &xm.shape, esize, e.grad_category(gx_slot)));
+            sim.release(gxb);
+        } else {
+            let gr = sim.alloc(y_bytes, TMP);
+            let wr = sim.alloc(ocp * numel(&wm.shape[1..]) * esize, TMP);
+            let gxn = sim.alloc(x_bytes, TMP);
+            let sample = (x_bytes / b).max(y_bytes / b);
+            sim.uncertain(threads * (51_224 + sample) + 16_384);
+            sim.release(wr);
+            sim.release(gr);
+            gx = Some(e.alloc_contig(sim, &xm.shape, esize, e.grad_category(gx_slot)));
+            if ic > 1 {
+                sim.transient(x_bytes, TMP);
+            }
+            sim.release(gxn);
+        }
+    }
+    if gw_slot.is_some() {
+        let xs = &xm.shape;
+        // A row (2-D) or a plane (3-D) of the input: every spatial size but the first.
+        let inner = numel(&xs[3..]).max(1);
+        let wf32 = ocp * icp * k * 4;
+        if ic >= 16 {
+            let gr = sim.alloc(blocked(y, esize), TMP);
+            let xr = sim.alloc(blocked(xs, esize), TMP);
+            let gwb = sim.alloc(blocked_weight(&wm.shape, esize), TMP);
+            let per_sample = (blocked(xs, esize) + blocked(y, esize)) / b;
+            // oneDNN splits the batch across threads only when activations outweigh the
+            // weights; each such thread then keeps its own buffers.
+            let (src, dst, wei) = (numel(xs), numel(y), oc * ic * k);
+            let split = if src + dst > 2 * wei { threads } else { 1 };
+            let (scratch, most) = if plan.stride == 1 {
+                let per_thread = per_sample + wf32 + icp * inner * 4 + ocp * 4;
+                (split * per_thread + FIXED, threads * per_thread + FIXED)
+            } else {
+                let row = *xs.last().unwrap_or(&1);
+                let one = per_sample + wf32 + 2 * icp * inner * 4 + ocp * 4 + FIXED;
+                (one + (threads - 1) * 2 * icp * row * 4, threads * one)
+            };
+            sim.uncertain(most);
+            sim.transient(scratch, TMP);
+            sim.release(xr);
+            sim.release(gr);
+            gw = Some(e.alloc_contig(sim, &wm.shape, esize, e.grad_category(gw_slot)));
+            sim.release(gwb);
+        } else {
+            let first = sim.alloc(numel(&wm.shape) * esize, TMP);
+            let out_plane = numel(&y[3..]).max(1);
+            let scratch = threads * (2 * icp * inner * 4 + ocp * 4 + oc * ic * k * 4) + FIXED;
+            sim.uncertain(scratch + 2 * ic * k * out_plane * esize + ocp * 16 * k * 4);
+            sim.transient(scratch, TMP);
+            gw = Some(e.alloc_contig(sim, &wm.shape, esize, e.grad_category(gw_slot)));
+            sim.release(first);
+        }
+    }
+    (gx, gw)
+}
+
 /// Gradients for `[x, w, bias?]` of tape node `k`.
 pub(crate) fn backward(e: &mut Engine, sim: &mut Sim, k: usize, g: &Ten) -> Vec<Option<Ten>> {
     let t = &e.tape[k];
@@ -226,6 +333,11 @@ pub(crate) fn backward(e: &mut Engine, sim: &mut Sim, k: usize, g: &Ten) -> Vec<
             if let Some(t) = xc {
                 sim.release(t);
             }
+        }
+        Kernel::OneDnn if esize == HALF && !plan.channels_last && !plan.transposed => {
+            let (a, b) = onednn_bf16_backward(e, sim, &plan, &xm, &wm, &y, ins[0], ins[1]);
+            gx = a;
+            gw = b;
         }
         Kernel::OneDnn => {
             let cl = plan.channels_last;

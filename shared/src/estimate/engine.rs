@@ -534,6 +534,7 @@ impl<'g> Engine<'g> {
             None => {
                 let stealable = g.contiguous() && sim.owners(g.st) == 1 && g.esize == F32;
                 let g = if stealable {
+                    sim.recategorize(g.st, Category::Gradients);
                     g
                 } else {
                     let copy = self.alloc_contig(sim, &g.shape, F32, Category::Gradients);

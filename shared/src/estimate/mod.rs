@@ -26,10 +26,10 @@ pub mod sim;
 use serde::{Deserialize, Serialize};
 
 use crate::gpus::Gpu;
-use crate::graph::{Checkpoint, Graph, numel};
+use crate::graph::{Graph, numel};
 use crate::plan::{DEFAULT_CPU_THREADS, Plan, PlanError, Precision, Runtime};
 use crate::units::Bytes;
-use engine::{Engine, Recompute, Ten};
+use engine::{Engine, Recompute};
 pub use host::HostBreakdown;
 pub use optimizer::Update;
 use sim::Sim;
@@ -501,9 +501,5 @@ fn downsample(graph: &Graph, events: &[sim::Event], n: usize) -> Vec<TimelinePoi
     out
 }
 
-#[allow(dead_code)]
-fn unused(_t: Ten, _c: Checkpoint) {}
-
 #[cfg(test)]
-#[cfg(any())]
 mod tests;

@@ -465,6 +465,17 @@ fn views(e: &mut Engine, sim: &mut Sim, i: usize, inputs: &[usize], op: &Op) -> 
     outs
 }
 
+/// oneDNN runs half-precision matrix products on the CPU (PyTorch's bf16 `mm`, `addmm`,
+/// `bmm` when oneDNN is on) with a packing scratchpad per call, measured between a
+/// tenth and three quarters of the fp32 size of the product's output plus a constant;
+/// its size is not modelled, so the interval's high end takes the fp32 output size and
+/// 256 KiB.
+fn onednn_half_product(e: &Engine, sim: &mut Sim, out_elems: u64, esize: u64) {
+    if esize == HALF && matches!(e.kernels, super::Kernels::Cpu { onednn: true, .. }) {
+        sim.uncertain(out_elems * F32 + (256 << 10));
+    }
+}
+
 /// `F.linear(x, W, b)` as ATen runs it (see the module docs of `Op::Linear`).
 fn linear(e: &mut Engine, sim: &mut Sim, i: usize, inputs: &[usize], bias: bool) -> Vec<Ten> {
     let x = e.read_low(sim, inputs[0]);
@@ -484,6 +495,7 @@ fn linear(e: &mut Engine, sim: &mut Sim, i: usize, inputs: &[usize], bias: bool)
         e.reshape(sim, &x.t, &[rows, inf], ACT)
     };
     let o = e.alloc_contig(sim, &shape, esize, ACT);
+    onednn_half_product(e, sim, numel(&shape), esize);
     let any = needs(&x) || needs(&w) || b.as_ref().is_some_and(needs);
     let mut saved = keep(sim, &x2, needs(&w));
     saved.extend(keep(sim, &w.t, needs(&x)));
@@ -518,6 +530,7 @@ fn conv1d_hf(e: &mut Engine, sim: &mut Sim, i: usize, inputs: &[usize]) -> Vec<T
     let inf = *x.t.shape.last().unwrap_or(&1);
     let (x2, _) = e.reshape(sim, &x.t, &[rows, inf], ACT);
     let o = e.alloc_contig(sim, &shape, esize, ACT);
+    onednn_half_product(e, sim, numel(&shape), esize);
     let mut saved = keep(sim, &x2, needs(&w));
     saved.extend(keep(sim, &w.t, needs(&x)));
     record(e, sim, i, saved, &[&x, &w, &b], &[&o]);
@@ -555,6 +568,7 @@ fn matmul(e: &mut Engine, sim: &mut Sim, i: usize, inputs: &[usize]) -> Vec<Ten>
         (a3, b3)
     };
     let o = e.alloc_contig(sim, &shape, esize, ACT);
+    onednn_half_product(e, sim, numel(&shape), esize);
     let mut saved = keep(sim, &b3, needs(&a));
     saved.extend(keep(sim, &a3, needs(&b)));
     record(e, sim, i, saved, &[&a, &b], &[&o]);
@@ -775,6 +789,7 @@ pub(crate) fn backward(e: &mut Engine, sim: &mut Sim, k: usize, gouts: &[Option<
                 t.view = true;
                 t
             });
+            onednn_half_product(e, sim, numel(&x.shape).max(numel(&w.shape)), g.esize);
             let gb = if bias { e.tape[k].ins[2].map(|s| e.alloc_contig(sim, &[w.shape[0]], g.esize, e.grad_category(Some(s)))) } else { None };
             if let Some(t) = g2 {
                 Engine::release(sim, t);
@@ -790,6 +805,7 @@ pub(crate) fn backward(e: &mut Engine, sim: &mut Sim, k: usize, gouts: &[Option<
             let (x, w) = (t.in_meta[0].clone(), t.in_meta[1].clone());
             let gx = e.tape[k].ins[0].map(|s| e.alloc_contig(sim, &x.shape, g.esize, e.grad_category(Some(s))));
             let gw = e.tape[k].ins[1].map(|s| e.alloc_contig(sim, &w.shape, g.esize, e.grad_category(Some(s))));
+            onednn_half_product(e, sim, numel(&x.shape).max(numel(&w.shape)), g.esize);
             let gb = e.tape[k].ins[2].map(|s| e.alloc_contig(sim, &[w.shape[1]], g.esize, e.grad_category(Some(s))));
             vec![gx, gw, gb]
         }
@@ -806,6 +822,7 @@ pub(crate) fn backward(e: &mut Engine, sim: &mut Sim, k: usize, gouts: &[Option<
                 }
                 t
             });
+            onednn_half_product(e, sim, numel(&a.shape).max(numel(&b.shape)), g.esize);
             vec![ga, gb]
         }
         Op::Conv { .. } | Op::ConvTranspose { .. } => super::conv::backward(e, sim, k, g),

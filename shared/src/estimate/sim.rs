@@ -159,6 +159,23 @@ impl Sim {
         self.release(t);
     }
 
+    /// What a live tensor is for from now on (a gradient that becomes a parameter's
+    /// `.grad`, say); its bytes move between categories.
+    pub fn recategorize(&mut self, t: Tensor, category: Category) {
+        let Some(slot) = self.slots.get_mut(t.0) else {
+            return;
+        };
+        if slot.owners == 0 || slot.category == category {
+            return;
+        }
+        let (bytes, old) = (slot.bytes, slot.category);
+        slot.category = category;
+        let from = self.live.get_mut(old);
+        *from = from.saturating_sub(bytes);
+        *self.live.get_mut(category) += bytes;
+        self.observe();
+    }
+
     /// Another owner keeps the tensor alive (an autograd node saving it, say).
     pub fn retain(&mut self, t: Tensor) -> Tensor {
         if let Some(slot) = self.slots.get_mut(t.0) {
