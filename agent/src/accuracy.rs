@@ -1,10 +1,13 @@
-//! `headroom accuracy`: the estimator's published error. Runs a fixed set of
-//! configurations spanning the zoo with the real trainer (each in its own worker
-//! process, a few steps each), and writes a Markdown table of estimate, measurement and
-//! error to `docs/accuracy.md`.
+//! `headroom accuracy`: the estimator's published error, in `docs/accuracy.md`:
+//! - against the reference implementations (torchvision, timm, MONAI, open_clip,
+//!   Hugging Face) as PyTorch runs them on the CPU, from the checked-in fixture that
+//!   `scripts/reference_peaks.py` measures (`shared::estimate::reference`), with oneDNN on
+//!   (PyTorch's default) and off;
+//! - against Headroom's own trainer (runtime `headroom`): a fixed set of configurations
+//!   spanning the zoo, each run in its own worker process for a few steps.
 //!
 //! The CPU set is scaled to finish on a 2-core machine with 24 GiB in a few minutes; the CUDA
-//! set runs the five workloads of WORKLOADS.md at their real sizes.
+//! set runs the five workloads of docs/workloads.md at their real sizes.
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
@@ -54,6 +57,7 @@ fn cpu_configs() -> Vec<(String, Vec<(String, String)>)> {
     add("mlp", &[("batch", "256")], &[("optimizer", "sgd"), ("precision", "bf16")]);
     add("small_cnn", &[("batch", "64")], &[("optimizer", "momentum"), ("accum", "2")]);
     add("resnet18", &[("image", "128"), ("batch", "16")], &[("optimizer", "sgd")]);
+    add("resnet18", &[("image", "128"), ("batch", "16")], &[("optimizer", "sgd"), ("onednn", "false")]);
     add("resnet18", &[("image", "96"), ("batch", "8")], &[("optimizer", "momentum"), ("precision", "bf16")]);
     add("resnet34", &[("image", "128"), ("batch", "8")], &[("optimizer", "adamw"), ("checkpoint_segments", "2")]);
     add("resnet50", &[("image", "128"), ("batch", "16")], &[("optimizer", "adam")]);
@@ -61,7 +65,7 @@ fn cpu_configs() -> Vec<(String, Vec<(String, String)>)> {
     add(
         "seresnext50_32x4d",
         &[("image", "128"), ("batch", "8")],
-        &[("optimizer", "momentum"), ("checkpoint_segments", "4")],
+        &[("optimizer", "momentum"), ("checkpoint", "blocks")],
     );
     add("vit", &VIT_SMALL, &[("batch", "16"), ("optimizer", "adamw")]);
     add(
@@ -70,22 +74,23 @@ fn cpu_configs() -> Vec<(String, Vec<(String, String)>)> {
         &[("batch", "8"), ("optimizer", "sgd"), ("checkpoint_segments", "3"), ("precision", "bf16")],
     );
     add("unet2d", &[("image", "256"), ("batch", "4")], &[("optimizer", "adam")]);
-    add("unet2d", &[("image", "256"), ("batch", "4")], &[("optimizer", "sgd"), ("checkpoint_segments", "3")]);
+    add("unet2d", &[("image", "256"), ("batch", "4")], &[("optimizer", "sgd"), ("loss", "dice")]);
+    add(
+        "unet2d",
+        &[("image", "256"), ("batch", "2"), ("out_channels", "1")],
+        &[("optimizer", "adamw"), ("loss", "bce")],
+    );
     add("unet3d", &[("volume", "64"), ("batch", "1")], &[("optimizer", "adamw")]);
     add("unet3d", &[("volume", "48"), ("batch", "1")], &[("optimizer", "momentum"), ("precision", "bf16")]);
     add("swin_unetr", &[("volume", "64"), ("feature_size", "24"), ("batch", "1")], &[("optimizer", "adamw")]);
     add(
         "swin_unetr",
         &[("volume", "64"), ("feature_size", "24"), ("batch", "1")],
-        &[("optimizer", "sgd"), ("checkpoint_segments", "4")],
+        &[("optimizer", "sgd"), ("checkpoint", "blocks"), ("loss", "dice_ce")],
     );
     add("clip", &CLIP_SMALL, &[("batch", "16"), ("optimizer", "adamw")]);
     add("gpt2", &GPT2_SMALL, &[("batch", "8"), ("optimizer", "adamw")]);
-    add(
-        "gpt2",
-        &GPT2_SMALL,
-        &[("batch", "8"), ("optimizer", "momentum"), ("checkpoint_segments", "3"), ("accum", "2")],
-    );
+    add("gpt2", &GPT2_SMALL, &[("batch", "8"), ("optimizer", "momentum"), ("checkpoint", "blocks"), ("accum", "2")]);
     add("gpt2", &GPT2_SMALL, &[("batch", "8"), ("optimizer", "sgd"), ("precision", "bf16")]);
     out
 }
@@ -101,7 +106,7 @@ const CUDA_CONFIGS: [Config; 10] = [
             ("volume", "64"),
             ("batch", "1"),
             ("accum", "8"),
-            ("checkpoint_segments", "4"),
+            ("checkpoint", "blocks"),
             ("precision", "fp16"),
             ("expandable_segments", "true"),
             ("optimizer", "adamw"),
@@ -160,6 +165,71 @@ fn median(v: &mut [f64]) -> f64 {
         n if n % 2 == 1 => v[n / 2],
         n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
     }
+}
+
+/// The comparison with the reference implementations, from the embedded fixture.
+fn reference_section() -> anyhow::Result<String> {
+    use shared::estimate::reference;
+    let rows = reference::compare().map_err(anyhow::Error::msg)?;
+    let fixture: serde_json::Value = serde_json::from_str(reference::FIXTURE)?;
+    let mut doc = String::new();
+    let _ = writeln!(doc, "## PyTorch's reference implementations (CPU)\n");
+    let versions = fixture["versions"]
+        .as_object()
+        .map(|m| m.iter().map(|(k, v)| format!("{k} {}", v.as_str().unwrap_or("?"))).collect::<Vec<_>>().join(", "))
+        .unwrap_or_default();
+    let _ = writeln!(
+        doc,
+        "Measured by `scripts/reference_peaks.py` on {} ({} threads, {}) on {}: the absolute peak of live tensor \
+         memory in the last of {} steps of the canonical training loop, from the profiler's memory events (cross-checked \
+         against the process's resident memory: the `RSS` column is the rise in RSS against the profiler's, where the \
+         allocator returns memory to the system), with oneDNN on (PyTorch's CPU default) and off (libtorch's native \
+         kernels). The fixture `shared/fixtures/reference_peaks.json` records each model's exact constructor call; \
+         the tests check every entry against its estimate and interval.\n",
+        fixture["cpu"].as_str().unwrap_or("?"),
+        fixture["threads"],
+        versions,
+        fixture["date"].as_str().unwrap_or("?"),
+        fixture["steps"],
+    );
+    for (onednn, med_target, worst_target) in reference::TARGETS {
+        let (med, worst) = reference::summary(&rows, onednn);
+        let all_inside = rows.iter().filter(|r| r.case.onednn == onednn).all(|r| r.inside);
+        let _ = writeln!(
+            doc,
+            "- {}: median |error| {med:.2} % (target {med_target} %: {}), worst {worst:.2} % (target {worst_target} %: {}); \
+             every measured peak inside the interval: {}.",
+            if onednn { "oneDNN on (PyTorch's default)" } else { "oneDNN off (native kernels)" },
+            if med <= med_target { "met" } else { "**missed**" },
+            if worst <= worst_target { "met" } else { "**missed**" },
+            if all_inside { "yes" } else { "**no**" },
+        );
+    }
+    let _ = writeln!(
+        doc,
+        "\n| configuration | mode | measured MiB | estimated MiB | error | interval MiB | measured phase | estimated phase | RSS |"
+    );
+    let _ = writeln!(doc, "|---|---|---:|---:|---:|---|---|---|---:|");
+    for r in &rows {
+        let e = &r.estimate;
+        let _ = writeln!(
+            doc,
+            "| {} | {} | {} | {} | {:+.2} % | {} to {}{} | {} | {} | {} |",
+            r.case.id,
+            if r.case.onednn { "oneDNN" } else { "native" },
+            mib(r.case.measured_bytes),
+            mib(e.peak_bytes.get()),
+            r.error_pct,
+            mib(e.peak_bytes_low.get()),
+            mib(e.peak_bytes_high.get()),
+            if r.inside { "" } else { " (**outside**)" },
+            r.case.measured_phase,
+            e.peak_phase.key(),
+            r.case.rss_vs_profiler_pct.map_or("-".to_owned(), |p| format!("{p:+.1} %")),
+        );
+    }
+    doc.push('\n');
+    Ok(doc)
 }
 
 /// Days since 1970-01-01 to a civil date (Howard Hinnant's algorithm).
@@ -257,13 +327,21 @@ pub async fn run(device: &str, steps: u64, out: &Path, exe: PathBuf) -> anyhow::
     let (y, m, d) = civil_date(days as i64);
 
     let mut doc = String::new();
-    let _ = writeln!(doc, "# Estimator accuracy ({})\n", if cuda { "CUDA" } else { "CPU" });
+    let _ = writeln!(doc, "# Estimator accuracy\n");
     let _ = writeln!(
         doc,
         "Written by `headroom accuracy --device {device} --steps {steps}` (see the README) on {y}-{m:02}-{d:02}. \
-         Each configuration ran {steps} optimizer steps in its own worker process with libtorch from torch 2.11.0; \
-         \"measured\" is the highest {} over those steps, \"estimated\" is `headroom estimate` for the same plan{}. \
-         Error = (estimated - measured) / measured.\n",
+         Two comparisons: the estimate for PyTorch's reference implementations (runtime `pytorch`, the default) \
+         against those implementations measured in PyTorch, and the estimate for Headroom's trainer (runtime \
+         `headroom`) against the trainer. Error = (estimated - measured) / measured.\n"
+    );
+    doc.push_str(&reference_section()?);
+    let _ = writeln!(doc, "## Headroom's trainer ({})\n", if cuda { "CUDA" } else { "CPU" });
+    let _ = writeln!(
+        doc,
+        "Each configuration ran {steps} optimizer steps in its own worker process with libtorch from torch 2.11.0; \
+         \"measured\" is the highest {} over those steps, \"estimated\" is `headroom estimate --set runtime=headroom` \
+         for the same plan with this machine's threads{}.\n",
         if cuda { "`max_memory_allocated`" } else { "live tensor memory of the exact counting CPU allocator" },
         if cuda { " and this GPU" } else { "" }
     );

@@ -102,11 +102,7 @@ impl PlanForm {
             learning_rate,
             precision: Precision::Fp32,
             device,
-            expandable_segments: false,
-            memory_limit_bytes: None,
-            checkpoint_segments: 0,
-            memory_fraction: None,
-            host: Default::default(),
+            ..Plan::example_mlp()
         };
         plan.validate().map_err(|e| e.to_string())?;
         Ok(plan)

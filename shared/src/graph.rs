@@ -50,7 +50,9 @@ pub enum Init {
     /// 0, 1, …, n-1 (int64).
     Arange,
     /// Swin's relative position index for a window: `[N, N]` int64 with N = product.
-    RelativePositionIndex { window: [u64; 3] },
+    RelativePositionIndex {
+        window: [u64; 3],
+    },
     /// An additive causal mask `[n, n]`: 0 on and below the diagonal, -inf above
     /// (open_clip's text `attn_mask` buffer).
     CausalMask,
@@ -82,28 +84,62 @@ pub enum Op {
     /// A parameter or buffer as a value (`params[0]`); no memory of its own.
     Param,
     /// `F.linear(x, W, b)` with `W` `[out, in]` (`params`: weight, then bias).
-    Linear { bias: bool },
+    Linear {
+        bias: bool,
+    },
     /// Hugging Face's `Conv1D`: `addmm(b, x.view(-1, in), W).view(...)`, `W` `[in, out]`.
     Conv1dHf,
     /// 1-, 2- or 3-D convolution, equal kernel, stride and padding in every dimension.
-    Conv { nd: u8, kernel: u64, stride: u64, padding: u64, groups: u64, bias: bool },
-    ConvTranspose { nd: u8, kernel: u64, stride: u64, padding: u64, output_padding: u64, bias: bool },
+    Conv {
+        nd: u8,
+        kernel: u64,
+        stride: u64,
+        padding: u64,
+        groups: u64,
+        bias: bool,
+    },
+    ConvTranspose {
+        nd: u8,
+        kernel: u64,
+        stride: u64,
+        padding: u64,
+        output_padding: u64,
+        bias: bool,
+    },
     /// Training-mode batch norm with affine parameters and running statistics.
-    BatchNorm { eps: f64 },
+    BatchNorm {
+        eps: f64,
+    },
     /// `F.instance_norm` without affine parameters or running statistics (MONAI's
     /// default): batch norm over a `[1, B*C, ...]` view.
-    InstanceNorm { eps: f64 },
+    InstanceNorm {
+        eps: f64,
+    },
     /// Layer norm over the last dimension.
-    LayerNorm { eps: f64, affine: bool },
+    LayerNorm {
+        eps: f64,
+        affine: bool,
+    },
     /// PReLU with one shared slope.
     Prelu,
     /// Rows of `params[0]` picked by the int64 ids in `inputs[0]`.
     Embedding,
-    MaxPool { nd: u8, kernel: u64, stride: u64, padding: u64 },
-    Relu { inplace: bool },
+    MaxPool {
+        nd: u8,
+        kernel: u64,
+        stride: u64,
+        padding: u64,
+    },
+    Relu {
+        inplace: bool,
+    },
     /// Leaky ReLU with slope 0.01 (PyTorch's default, MONAI's choice).
-    LeakyRelu { inplace: bool },
-    Gelu { tanh: bool },
+    LeakyRelu {
+        inplace: bool,
+    },
+    Gelu {
+        tanh: bool,
+    },
     Sigmoid,
     Tanh,
     Exp,
@@ -113,44 +149,97 @@ pub enum Op {
     Div,
     /// `a += b` in place: the result is `a`'s storage.
     AddInplace,
-    MulScalar { s: f64 },
-    AddScalar { s: f64 },
+    MulScalar {
+        s: f64,
+    },
+    AddScalar {
+        s: f64,
+    },
     /// `s - x`.
-    RsubScalar { s: f64 },
-    PowScalar { e: f64 },
-    Mean { dims: Vec<usize>, keepdim: bool },
-    Sum { dims: Vec<usize>, keepdim: bool },
+    RsubScalar {
+        s: f64,
+    },
+    PowScalar {
+        e: f64,
+    },
+    Mean {
+        dims: Vec<usize>,
+        keepdim: bool,
+    },
+    Sum {
+        dims: Vec<usize>,
+        keepdim: bool,
+    },
     /// The 2-norm over the last dimension, keeping it (`F.normalize`'s denominator).
     VectorNorm,
-    ClampMin { min: f64 },
-    Softmax { dim: usize },
-    LogSoftmax { dim: usize },
+    ClampMin {
+        min: f64,
+    },
+    Softmax {
+        dim: usize,
+    },
+    LogSoftmax {
+        dim: usize,
+    },
     /// The index of the largest entry along the last dimension (int64, no gradient).
     Argmax,
     /// A view with a new shape; the input's layout must allow it.
-    View { shape: Shape },
+    View {
+        shape: Shape,
+    },
     /// A view when the layout allows it, else a copy.
-    Reshape { shape: Shape },
-    Permute { dims: Vec<usize> },
-    Transpose { d0: usize, d1: usize },
-    Unsqueeze { dim: usize },
-    Squeeze { dim: usize },
+    Reshape {
+        shape: Shape,
+    },
+    Permute {
+        dims: Vec<usize>,
+    },
+    Transpose {
+        d0: usize,
+        d1: usize,
+    },
+    Unsqueeze {
+        dim: usize,
+    },
+    Squeeze {
+        dim: usize,
+    },
     /// A broadcasting view (stride 0) to this shape.
-    Expand { shape: Shape },
+    Expand {
+        shape: Shape,
+    },
     /// A copy when the input is not contiguous, else the input itself.
     Contiguous,
     /// Always a copy, laid out like the input.
     Clone,
-    Select { dim: usize, index: u64 },
+    Select {
+        dim: usize,
+        index: u64,
+    },
     /// `x.narrow` or a strided slice: a view.
-    Slice { dim: usize, start: u64, len: u64, step: u64 },
+    Slice {
+        dim: usize,
+        start: u64,
+        len: u64,
+        step: u64,
+    },
     /// `x.split(size, dim)`: several views, one output each.
-    Split { dim: usize, size: u64 },
-    Cat { dim: usize },
+    Split {
+        dim: usize,
+        size: u64,
+    },
+    Cat {
+        dim: usize,
+    },
     /// `F.pad` with zeros: `(before, after)` per dimension, first dimension first; always
     /// a new tensor.
-    Pad { pads: Vec<(u64, u64)> },
-    Roll { shifts: Vec<i64>, dims: Vec<usize> },
+    Pad {
+        pads: Vec<(u64, u64)>,
+    },
+    Roll {
+        shifts: Vec<i64>,
+        dims: Vec<usize>,
+    },
     /// `x[arange(B), idx]` for `x` `[B, T, D]` and int64 `idx` `[B]`: one row per sample.
     IndexRows,
     /// `x[idx]` for `x` `[R, ...]` and an int64 `idx` `[n]`: rows, copied.
@@ -158,20 +247,37 @@ pub enum Op {
     /// `torch.matmul`: matrix products with broadcast batch dimensions.
     MatMul,
     /// `F.scaled_dot_product_attention(q, k, v[, mask])` over `[B, H, N, hd]`.
-    Attention { causal: bool, dropout: f64, scale: Option<f64> },
-    Dropout { p: f64 },
+    Attention {
+        causal: bool,
+        dropout: f64,
+        scale: Option<f64>,
+    },
+    Dropout {
+        p: f64,
+    },
     /// Swin's shifted-window attention mask `[nW, N, N]`, computed at every forward pass
     /// as MONAI's `compute_mask` does: -100 between tokens of different shifted regions.
-    ShiftedWindowMask { padded: [u64; 3], window: [u64; 3], shift: [u64; 3] },
+    ShiftedWindowMask {
+        padded: [u64; 3],
+        window: [u64; 3],
+        shift: [u64; 3],
+    },
     /// `x.float()`: a copy when the input ran in half precision, else nothing.
     ToF32,
+    /// `x.to(like.dtype)`: a copy when autocast made `like` half precision and `x` is not
+    /// (open_clip's class and position embeddings), else `x` itself. `inputs`: x, like.
+    CastLike,
     /// `nll_loss` with mean reduction over `[N, C, ...]` log-probabilities and int64
     /// targets `[N, ...]`; targets equal to `ignore_index` do not count.
-    NllLoss { ignore_index: i64 },
+    NllLoss {
+        ignore_index: i64,
+    },
     /// `binary_cross_entropy_with_logits` with mean reduction (logits, float targets).
     BceWithLogits,
     /// MONAI's `one_hot(labels, C, dim=1)` of float class maps `[B, 1, ...]`.
-    OneHot { classes: u64 },
+    OneHot {
+        classes: u64,
+    },
     /// `x.long()` of a float tensor.
     ToI64,
 }
@@ -236,6 +342,7 @@ impl Op {
             Op::Dropout { .. } => "dropout",
             Op::ShiftedWindowMask { .. } => "shifted_window_mask",
             Op::ToF32 => "float",
+            Op::CastLike => "to_dtype_of",
             Op::NllLoss { .. } => "nll_loss",
             Op::BceWithLogits => "bce_with_logits",
             Op::OneHot { .. } => "one_hot",
@@ -874,7 +981,9 @@ impl Builder {
         let shape = self.shape(x).to_vec();
         let c = shape.get(1).copied().ok_or_else(|| self.err("batch_norm", "needs [B, C, ...]"))?;
         if numel(&shape) / c.max(1) < 2 {
-            return Err(self.err("batch_norm", format!("expected more than 1 value per channel when training, got {shape:?}")));
+            return Err(
+                self.err("batch_norm", format!("expected more than 1 value per channel when training, got {shape:?}"))
+            );
         }
         let params = self.scope(name, |b| {
             vec![
@@ -1265,6 +1374,13 @@ impl Builder {
             outputs: vec![v],
         });
         v
+    }
+
+    /// `x.to(like.dtype)`.
+    pub fn cast_like(&mut self, x: usize, like: usize) -> usize {
+        let shape = self.shape(x).to_vec();
+        let dtype = self.dtype(x);
+        self.push_typed(Op::CastLike, vec![x, like], vec![], shape, dtype)
     }
 
     pub fn to_f32(&mut self, x: usize) -> usize {

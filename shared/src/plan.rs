@@ -544,7 +544,8 @@ impl Plan {
                 check_unit_interval(field("weight_decay"), weight_decay, true)?;
             }
         }
-        if self.runtime == Runtime::Headroom && !matches!(self.optimizer_impl, OptimizerImpl::Auto | OptimizerImpl::ForLoop)
+        if self.runtime == Runtime::Headroom
+            && !matches!(self.optimizer_impl, OptimizerImpl::Auto | OptimizerImpl::ForLoop)
         {
             return Err(invalid(
                 "optimizer_impl",
@@ -556,7 +557,10 @@ impl Plan {
         }
         check_range("checkpoint_segments", self.checkpoint_segments, 0, MAX_CHECKPOINT_SEGMENTS)?;
         if self.checkpoint_segments == 1 {
-            return Err(invalid("checkpoint_segments", "must be 0 (off) or at least 2 (one segment checkpoints nothing)"));
+            return Err(invalid(
+                "checkpoint_segments",
+                "must be 0 (off) or at least 2 (one segment checkpoints nothing)",
+            ));
         }
         if self.checkpoint_blocks && self.checkpoint_segments > 0 {
             return Err(invalid("checkpoint_segments", "choose checkpoint=blocks or checkpoint_segments, not both"));
@@ -745,15 +749,12 @@ impl Plan {
                 "loss" => self.loss.kind = word(key, v, LossKind::from_word, "ce, bce, dice or dice_ce")?,
                 "label_smoothing" => self.loss.label_smoothing = num(key, v)?,
                 "optimizer_impl" => {
-                    self.optimizer_impl =
-                        word(key, v, OptimizerImpl::from_word, "auto, for_loop, foreach or fused")?
+                    self.optimizer_impl = word(key, v, OptimizerImpl::from_word, "auto, for_loop, foreach or fused")?
                 }
                 "weight_decay" => decay = Some(num::<f64>(key, v)?),
                 "nesterov" => nesterov = Some(flag(key, v)?),
                 "precision" => self.precision = word(key, v, Precision::from_word, "fp32, fp16 or bf16")?,
-                "optimizer" => {
-                    self.optimizer = word(key, v, Optimizer::from_word, "sgd, momentum, adam or adamw")?
-                }
+                "optimizer" => self.optimizer = word(key, v, Optimizer::from_word, "sgd, momentum, adam or adamw")?,
                 _ => {
                     if let ModelSpec::Zoo { settings, .. } = &mut self.model {
                         settings.insert(key.clone(), value.clone());
@@ -935,7 +936,10 @@ mod tests {
             ("input_shape", Box::new(|p| p.input_shape = vec![limits::MAX_INPUT_DIM + 1])),
             ("input_shape", Box::new(|p| p.input_shape = vec![3, 8, 8])),
             ("hidden", Box::new(|p| p.model = ModelSpec::Mlp { hidden: vec![0] })),
-            ("hidden", Box::new(|p| p.model = ModelSpec::Mlp { hidden: vec![8; crate::zoo::limits::MAX_DEPTH as usize + 1] })),
+            (
+                "hidden",
+                Box::new(|p| p.model = ModelSpec::Mlp { hidden: vec![8; crate::zoo::limits::MAX_DEPTH as usize + 1] }),
+            ),
             (
                 "model",
                 Box::new(|p| {
@@ -955,7 +959,8 @@ mod tests {
 
     #[test]
     fn cnn_needs_an_image_and_enough_pixels() {
-        let mut plan = Plan { model: ModelSpec::SmallCnn { channels: vec![16, 32] }, classes: 10, ..Plan::example_cnn() };
+        let mut plan =
+            Plan { model: ModelSpec::SmallCnn { channels: vec![16, 32] }, classes: 10, ..Plan::example_cnn() };
         plan.input_shape = vec![64];
         let err = plan.validate().expect_err("flat input");
         assert_eq!(field_of(err.clone()), "input_shape");

@@ -120,9 +120,8 @@ impl PhaseMeter {
 fn make_batch(graph: &Graph, device: Device) -> Result<Vec<Tensor>, tch::TchError> {
     tch::no_grad(|| {
         let b = i64::try_from(graph.micro_batch()).unwrap_or(1);
-        let shape_of = |v: usize| -> Vec<i64> {
-            graph.values[v].shape.iter().map(|&d| i64::try_from(d).unwrap_or(1)).collect()
-        };
+        let shape_of =
+            |v: usize| -> Vec<i64> { graph.values[v].shape.iter().map(|&d| i64::try_from(d).unwrap_or(1)).collect() };
         let mut out: Vec<Option<Tensor>> = graph.inputs.iter().map(|_| None).collect();
         // Real inputs first: the labels of the other inputs are made from them.
         for (k, &(v, kind)) in graph.inputs.iter().enumerate() {
@@ -191,9 +190,7 @@ fn make_batch(graph: &Graph, device: Device) -> Result<Vec<Tensor>, tch::TchErro
                 }
             });
         }
-        out.into_iter()
-            .map(|t| t.ok_or_else(|| tch::TchError::Shape("an input was not made".to_owned())))
-            .collect()
+        out.into_iter().map(|t| t.ok_or_else(|| tch::TchError::Shape("an input was not made".to_owned()))).collect()
     })
 }
 

@@ -128,9 +128,9 @@ fn make_param(p: &Param, device: Device) -> Result<Tensor, TrainError> {
             }
             Init::Const(v) => Tensor::f_full(&shape, *v, (kind, device))?,
             Init::Arange => Tensor::f_arange(shape.first().copied().unwrap_or(1), (kind, device))?,
-            Init::RelativePositionIndex { window } => Tensor::from_slice(&relative_position_index(*window))
-                .f_view(shape.as_slice())?
-                .f_to_device(device)?,
+            Init::RelativePositionIndex { window } => {
+                Tensor::from_slice(&relative_position_index(*window)).f_view(shape.as_slice())?.f_to_device(device)?
+            }
             Init::CausalMask => {
                 let mut t = Tensor::f_full(&shape, f64::NEG_INFINITY, (kind, device))?;
                 let _ = t.f_triu_(1)?;
@@ -398,6 +398,7 @@ impl Net {
                 one(compute_mask(*padded, *window, *shift, self.device)?.f_view(out_shape.as_slice())?)
             }
             Op::ToF32 => one(arg(0)?.f_to_kind(Kind::Float)?),
+            Op::CastLike => one(arg(0)?.f_to_kind(arg(1)?.kind())?),
             Op::ToI64 => one(arg(0)?.f_to_kind(Kind::Int64)?),
             Op::NllLoss { ignore_index } => {
                 one(arg(0)?.f_nll_loss_nd(arg(1)?, None::<Tensor>, tch::Reduction::Mean, *ignore_index)?)

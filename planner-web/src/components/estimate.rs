@@ -28,9 +28,10 @@ pub fn EstimatePanel(#[prop(into)] estimate: Signal<Result<Estimate, String>>) -
                             </tr>
                         }
                     }).collect_view();
+                    // Whether it fits is decided by the interval's high end.
                     let devices = agent.hello.get().map(|h| h.devices).unwrap_or_default().into_iter().map(|d| {
-                        let fits = e.peak_bytes.get() <= d.total_memory_bytes;
-                        let left = Bytes(d.total_memory_bytes) - e.peak_bytes;
+                        let fits = e.peak_bytes_high.get() <= d.total_memory_bytes;
+                        let left = Bytes(d.total_memory_bytes) - e.peak_bytes_high;
                         view! {
                             <li class=if fits { "fits" } else { "no-fit" }>
                                 {format!("{} ({}): {}", d.id, d.name,
@@ -43,6 +44,13 @@ pub fn EstimatePanel(#[prop(into)] estimate: Signal<Result<Estimate, String>>) -
                         <p class="peak">
                             "Peak " <strong data-testid="estimate-peak">{e.peak_bytes.to_string()}</strong>
                             " during the " <span data-testid="estimate-phase">{e.peak_phase.label()}</span>
+                        </p>
+                        <p class="interval" data-testid="estimate-interval">
+                            {format!("between {} and {}", e.peak_bytes_low, e.peak_bytes_high)}
+                            " · for " <span data-testid="estimate-runtime">{match e.runtime {
+                                shared::plan::Runtime::Pytorch => "PyTorch's reference implementation and defaults",
+                                shared::plan::Runtime::Headroom => "Headroom's trainer",
+                            }}</span>
                         </p>
                         <p class="params">{format!("{} parameters · {} between steps", e.params, e.steady_bytes)}</p>
                         <table class="breakdown">

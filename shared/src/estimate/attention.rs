@@ -13,10 +13,10 @@
 //!   log-sum-exp saved; their backward workspace is an uncertain term.
 
 use super::Category::{Activations as ACT, Temporaries as TMP};
+use super::Kernels;
 use super::engine::{Bwd, Engine, F32, Meta, Part, Read, Ten};
 use super::layout;
 use super::sim::Sim;
-use super::Kernels;
 use crate::graph::numel;
 
 fn threads(e: &Engine) -> u64 {
@@ -45,7 +45,14 @@ fn bnhd(shape: &[u64]) -> Vec<u64> {
     vec![n * h * hd, hd, h * hd, 1]
 }
 
-pub(crate) fn forward(e: &mut Engine, sim: &mut Sim, i: usize, inputs: &[usize], causal: bool, dropout: f64) -> Vec<Ten> {
+pub(crate) fn forward(
+    e: &mut Engine,
+    sim: &mut Sim,
+    i: usize,
+    inputs: &[usize],
+    causal: bool,
+    dropout: f64,
+) -> Vec<Ten> {
     let q = e.read_low(sim, inputs[0]);
     let k = e.read_low(sim, inputs[1]);
     let v = e.read_low(sim, inputs[2]);
@@ -108,7 +115,16 @@ pub(crate) fn forward(e: &mut Engine, sim: &mut Sim, i: usize, inputs: &[usize],
 }
 
 /// A part of the math path as its own autograd node, reading from slots `ins` into `out`.
-fn part(e: &mut Engine, sim: &mut Sim, p: Part, saved: Vec<Ten>, out: usize, ins: Vec<Option<usize>>, in_meta: Vec<Meta>, out_meta: Meta) {
+fn part(
+    e: &mut Engine,
+    sim: &mut Sim,
+    p: Part,
+    saved: Vec<Ten>,
+    out: usize,
+    ins: Vec<Option<usize>>,
+    in_meta: Vec<Meta>,
+    out_meta: Meta,
+) {
     let recorded = e.push(Bwd::Part(p), Vec::new(), vec![out], ins, in_meta, vec![out_meta]);
     if recorded && e.pending.is_none() {
         if let Some(t) = e.tape.last_mut() {
@@ -269,7 +285,13 @@ pub(crate) fn backward(e: &mut Engine, sim: &mut Sim, k: usize, g: &Ten) -> Vec<
 }
 
 /// The math path's parts.
-pub(crate) fn backward_part(e: &mut Engine, sim: &mut Sim, k: usize, p: &Part, gouts: &[Option<Ten>]) -> Vec<Option<Ten>> {
+pub(crate) fn backward_part(
+    e: &mut Engine,
+    sim: &mut Sim,
+    k: usize,
+    p: &Part,
+    gouts: &[Option<Ten>],
+) -> Vec<Option<Ten>> {
     let t = &e.tape[k];
     let ins = t.ins.clone();
     let metas = t.in_meta.clone();

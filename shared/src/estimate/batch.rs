@@ -61,7 +61,13 @@ pub fn bind_loss(sim: &mut Sim, e: &mut Engine, g: &Graph, mut held: Held, accum
         && let Some(l) = e.vals[g.loss].as_ref()
     {
         // The divided loss is the one backward starts from; the quotient of a scalar.
-        let scaled = Ten { st: sim.alloc(F32, Category::Activations), shape: vec![], strides: layout::contiguous(&[]), esize: F32, view: false };
+        let scaled = Ten {
+            st: sim.alloc(F32, Category::Activations),
+            shape: vec![],
+            strides: layout::contiguous(&[]),
+            esize: F32,
+            view: false,
+        };
         let _ = l;
         e.set_value(sim, g.loss, &scaled);
         Engine::release(sim, scaled);

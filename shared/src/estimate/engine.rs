@@ -354,7 +354,13 @@ impl<'g> Engine<'g> {
             Some(t) => Engine::share(sim, t),
             // A value the walk lost is a graph bug; a zero-byte stand-in keeps the
             // simulation going and the graph tests catch it.
-            None => Ten { st: Tensor::NONE, shape: self.g.values[v].shape.clone(), strides: layout::contiguous(&self.g.values[v].shape), esize: self.g.values[v].dtype.size(), view: true },
+            None => Ten {
+                st: Tensor::NONE,
+                shape: self.g.values[v].shape.clone(),
+                strides: layout::contiguous(&self.g.values[v].shape),
+                esize: self.g.values[v].dtype.size(),
+                view: true,
+            },
         };
         let slot = (self.grad_mode && self.g.values[v].requires_grad)
             .then(|| self.redirect.get(&v).copied().unwrap_or_else(|| self.slot(v)));
@@ -395,7 +401,14 @@ impl<'g> Engine<'g> {
         let c = self.alloc(sim, &r.t.shape, layout::like(&r.t.shape, &r.t.strides), esize, cat);
         let slot = r.slot.map(|from| {
             let s = self.temp_slot();
-            self.push(Bwd::Cast { esize: r.t.esize }, Vec::new(), vec![s], vec![Some(from)], vec![r.t.meta()], vec![c.meta()]);
+            self.push(
+                Bwd::Cast { esize: r.t.esize },
+                Vec::new(),
+                vec![s],
+                vec![Some(from)],
+                vec![r.t.meta()],
+                vec![c.meta()],
+            );
             s
         });
         Engine::release(sim, r.t);
@@ -515,7 +528,8 @@ impl<'g> Engine<'g> {
                     Engine::release(sim, g);
                     self.grads.insert(slot, old);
                 } else {
-                    let strides = layout::elementwise(&old.shape, &[(&old.shape, &old.strides), (&g.shape, &g.strides)]);
+                    let strides =
+                        layout::elementwise(&old.shape, &[(&old.shape, &old.strides), (&g.shape, &g.strides)]);
                     let esize = old.esize.max(g.esize);
                     let sum = self.alloc(sim, &old.shape, strides, esize, Category::Temporaries);
                     Engine::release(sim, old);
@@ -680,9 +694,13 @@ impl<'g> Engine<'g> {
         self.grad_mode = true;
         if range_end_is_region_end(self, r) {
             let outs = self.region_outputs(r);
-            let reads: Vec<Read> = self.kept[r].iter().map(|(v, t)| Read { t: t.clone(), slot: self.g.values[*v].requires_grad.then(|| self.slot(*v)) }).collect();
+            let reads: Vec<Read> = self.kept[r]
+                .iter()
+                .map(|(v, t)| Read { t: t.clone(), slot: self.g.values[*v].requires_grad.then(|| self.slot(*v)) })
+                .collect();
             let out_meta = outs.iter().map(|&v| self.vals[v].as_ref().map(Ten::meta).unwrap_or_default()).collect();
-            let any = reads.iter().any(|r| r.slot.is_some()) || self.g.nodes[self.regions[r].nodes.clone()].iter().any(|n| matches!(n.op, Op::Param));
+            let any = reads.iter().any(|r| r.slot.is_some())
+                || self.g.nodes[self.regions[r].nodes.clone()].iter().any(|n| matches!(n.op, Op::Param));
             if any {
                 self.tape.push(TapeNode {
                     node: self.regions[r].nodes.end - 1,
@@ -856,7 +874,8 @@ impl<'g> Engine<'g> {
                 self.drop_value(sim, v);
             }
         }
-        self.left[r] = (0..self.tape.len()).filter(|&k| !self.tape[k].done && self.region_of[self.tape[k].node] == r).count();
+        self.left[r] =
+            (0..self.tape.len()).filter(|&k| !self.tape[k].done && self.region_of[self.tape[k].node] == r).count();
         self.pending = outer_pending;
         self.recomputing = false;
     }

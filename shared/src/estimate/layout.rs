@@ -155,7 +155,8 @@ pub fn view(shape: &[u64], strides: &[u64], new_shape: &[u64]) -> Option<Vec<u64
     for tensor_d in (0..shape.len()).rev() {
         tensor_numel *= shape[tensor_d];
         // A chunk ends where the next-outer dimension is not contiguous with this one.
-        let chunk_end = tensor_d == 0 || (shape[tensor_d - 1] != 1 && strides[tensor_d - 1] != tensor_numel * chunk_base_stride);
+        let chunk_end =
+            tensor_d == 0 || (shape[tensor_d - 1] != 1 && strides[tensor_d - 1] != tensor_numel * chunk_base_stride);
         if chunk_end {
             while view_d >= 0 && (view_numel < tensor_numel || new_shape[view_d as usize] == 1) {
                 out[view_d as usize] = view_numel * chunk_base_stride;

@@ -42,7 +42,10 @@ pub(crate) const F32: u64 = 4;
 pub enum Kernels {
     /// The CPU: oneDNN convolutions when enabled (PyTorch's default), else libtorch's
     /// native ones; some kernels keep a buffer per thread.
-    Cpu { onednn: bool, threads: u64 },
+    Cpu {
+        onednn: bool,
+        threads: u64,
+    },
     Cuda,
 }
 

@@ -76,7 +76,8 @@ pub fn step(sim: &mut Sim, optimizer: &Optimizer, update: Update, param_bytes: &
 }
 
 fn foreach(sim: &mut Sim, optimizer: &Optimizer, param_bytes: &[u64]) {
-    let all = |sim: &mut Sim| -> Vec<Tensor> { param_bytes.iter().map(|&b| sim.alloc(b, Category::Temporaries)).collect() };
+    let all =
+        |sim: &mut Sim| -> Vec<Tensor> { param_bytes.iter().map(|&b| sim.alloc(b, Category::Temporaries)).collect() };
     let free = |sim: &mut Sim, v: Vec<Tensor>| v.into_iter().for_each(|t| sim.release(t));
     match *optimizer {
         Optimizer::Sgd { weight_decay, .. } => {
@@ -86,8 +87,7 @@ fn foreach(sim: &mut Sim, optimizer: &Optimizer, param_bytes: &[u64]) {
             }
         }
         Optimizer::Adam { weight_decay, .. } | Optimizer::AdamW { weight_decay, .. } => {
-            let decayed =
-                (weight_decay != 0.0 && matches!(optimizer, Optimizer::Adam { .. })).then(|| all(sim));
+            let decayed = (weight_decay != 0.0 && matches!(optimizer, Optimizer::Adam { .. })).then(|| all(sim));
             if let Some(d) = decayed {
                 free(sim, d);
             }

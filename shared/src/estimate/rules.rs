@@ -121,7 +121,8 @@ pub(crate) fn forward(e: &mut Engine, sim: &mut Sim, i: usize) -> Vec<Ten> {
             vec![o]
         }
         Op::Gelu { .. } | Op::ClampMin { .. } | Op::PowScalar { .. } => {
-            let x = if matches!(op, Op::PowScalar { .. }) { e.read_f32(sim, inputs[0]) } else { e.read(sim, inputs[0]) };
+            let x =
+                if matches!(op, Op::PowScalar { .. }) { e.read_f32(sim, inputs[0]) } else { e.read(sim, inputs[0]) };
             let o = elementwise_out(e, sim, &shape, &[&x.t], x.t.esize);
             let saved = keep(sim, &x.t, needs(&x));
             record(e, sim, i, saved, &[&x], &[&o]);
@@ -152,6 +153,17 @@ pub(crate) fn forward(e: &mut Engine, sim: &mut Sim, i: usize) -> Vec<Ten> {
             }
             let c = e.cast(sim, x, F32, ACT);
             // The cast's own node carries the gradient: alias the output's slot to it.
+            alias_slot(e, i, c.slot);
+            vec![c.t]
+        }
+        Op::CastLike => {
+            let x = e.read(sim, inputs[0]);
+            let like = e.vals[inputs[1]].as_ref().map_or(x.t.esize, |t| t.esize);
+            if x.t.esize == like || x.t.esize == 8 {
+                alias_slot(e, i, x.slot);
+                return vec![x.t];
+            }
+            let c = e.cast(sim, x, like, ACT);
             alias_slot(e, i, c.slot);
             vec![c.t]
         }
@@ -790,7 +802,11 @@ pub(crate) fn backward(e: &mut Engine, sim: &mut Sim, k: usize, gouts: &[Option<
                 t
             });
             onednn_half_product(e, sim, numel(&x.shape).max(numel(&w.shape)), g.esize);
-            let gb = if bias { e.tape[k].ins[2].map(|s| e.alloc_contig(sim, &[w.shape[0]], g.esize, e.grad_category(Some(s)))) } else { None };
+            let gb = if bias {
+                e.tape[k].ins[2].map(|s| e.alloc_contig(sim, &[w.shape[0]], g.esize, e.grad_category(Some(s))))
+            } else {
+                None
+            };
             if let Some(t) = g2 {
                 Engine::release(sim, t);
             }
@@ -878,7 +894,8 @@ pub(crate) fn backward(e: &mut Engine, sim: &mut Sim, k: usize, gouts: &[Option<
             let gx = grad_like(e, sim, k, 0);
             // _prelu_kernel_backward: the weight's gradient at full size, then summed.
             let full = e.alloc_like(sim, &m, m.esize, TMP);
-            let gw = e.tape[k].ins[1].map(|s| e.alloc_contig(sim, &[1], e.tape[k].in_meta[1].esize, e.grad_category(Some(s))));
+            let gw = e.tape[k].ins[1]
+                .map(|s| e.alloc_contig(sim, &[1], e.tape[k].in_meta[1].esize, e.grad_category(Some(s))));
             Engine::release(sim, full);
             vec![gx, gw]
         }
@@ -914,7 +931,7 @@ pub(crate) fn backward(e: &mut Engine, sim: &mut Sim, k: usize, gouts: &[Option<
             vec![gx]
         }
         Op::MulScalar { .. } | Op::RsubScalar { .. } => vec![grad_elementwise(e, sim, k, 0, g)],
-        Op::AddScalar { .. } | Op::Contiguous | Op::Clone | Op::ToF32 => vec![pass(e, sim, k, 0, g)],
+        Op::AddScalar { .. } | Op::Contiguous | Op::Clone | Op::ToF32 | Op::CastLike => vec![pass(e, sim, k, 0, g)],
         Op::ToI64 | Op::Argmax | Op::OneHot { .. } | Op::ShiftedWindowMask { .. } => none,
         Op::Dropout { .. } => vec![grad_elementwise(e, sim, k, 0, g)],
         Op::Add | Op::AddInplace => {
@@ -935,7 +952,13 @@ pub(crate) fn backward(e: &mut Engine, sim: &mut Sim, k: usize, gouts: &[Option<
             let (ma, mb) = (t.in_meta[0].clone(), t.in_meta[1].clone());
             let out = g.meta();
             let ga = e.tape[k].ins[0].map(|s| {
-                let full = e.alloc(sim, &out.shape, layout::elementwise(&out.shape, &[(&g.shape, &g.strides), (&mb.shape, &mb.strides)]), out.esize, e.grad_category(Some(s)));
+                let full = e.alloc(
+                    sim,
+                    &out.shape,
+                    layout::elementwise(&out.shape, &[(&g.shape, &g.strides), (&mb.shape, &mb.strides)]),
+                    out.esize,
+                    e.grad_category(Some(s)),
+                );
                 reduce(e, sim, full, &ma, Some(s))
             });
             let gb = e.tape[k].ins[1].map(|s| {
@@ -945,7 +968,13 @@ pub(crate) fn backward(e: &mut Engine, sim: &mut Sim, k: usize, gouts: &[Option<
                 } else {
                     Vec::new()
                 };
-                let full = e.alloc(sim, &out.shape, layout::elementwise(&out.shape, &[(&g.shape, &g.strides), (&ma.shape, &ma.strides)]), out.esize, e.grad_category(Some(s)));
+                let full = e.alloc(
+                    sim,
+                    &out.shape,
+                    layout::elementwise(&out.shape, &[(&g.shape, &g.strides), (&ma.shape, &ma.strides)]),
+                    out.esize,
+                    e.grad_category(Some(s)),
+                );
                 for t in tmps {
                     Engine::release(sim, t);
                 }
@@ -981,17 +1010,24 @@ pub(crate) fn backward(e: &mut Engine, sim: &mut Sim, k: usize, gouts: &[Option<
         }
         Op::Softmax { .. } | Op::LogSoftmax { .. } => {
             let gc = (!g.contiguous()).then(|| sim.alloc(g.bytes(), TMP));
-            let gx = e.tape[k].ins[0].map(|s| e.alloc_contig(sim, &e.tape[k].in_meta[0].shape, g.esize, e.grad_category(Some(s))));
+            let gx = e.tape[k].ins[0]
+                .map(|s| e.alloc_contig(sim, &e.tape[k].in_meta[0].shape, g.esize, e.grad_category(Some(s))));
             if let Some(t) = gc {
                 sim.release(t);
             }
             vec![gx]
         }
-        Op::View { .. } | Op::Reshape { .. } | Op::Permute { .. } | Op::Transpose { .. } | Op::Unsqueeze { .. } | Op::Squeeze { .. } => {
+        Op::View { .. }
+        | Op::Reshape { .. }
+        | Op::Permute { .. }
+        | Op::Transpose { .. }
+        | Op::Unsqueeze { .. }
+        | Op::Squeeze { .. } => {
             vec![view_back(e, sim, k, g, &op)]
         }
         Op::Expand { .. } => {
-            let gx = e.tape[k].ins[0].map(|s| e.alloc_contig(sim, &e.tape[k].in_meta[0].shape, g.esize, e.grad_category(Some(s))));
+            let gx = e.tape[k].ins[0]
+                .map(|s| e.alloc_contig(sim, &e.tape[k].in_meta[0].shape, g.esize, e.grad_category(Some(s))));
             vec![gx]
         }
         Op::Select { .. } | Op::Slice { .. } | Op::Pad { .. } | Op::Roll { .. } | Op::IndexRows | Op::Index => {
@@ -1014,18 +1050,26 @@ pub(crate) fn backward(e: &mut Engine, sim: &mut Sim, k: usize, gouts: &[Option<
                 }
                 let _ = dim;
                 let v = Engine::view_of(sim, g, m.shape.clone(), g.strides.clone());
-                let v = if m.esize != g.esize { let c = e.alloc_contig(sim, &m.shape, m.esize, TMP); Engine::release(sim, v); c } else { v };
+                let v = if m.esize != g.esize {
+                    let c = e.alloc_contig(sim, &m.shape, m.esize, TMP);
+                    Engine::release(sim, v);
+                    c
+                } else {
+                    v
+                };
                 out.push(Some(v));
             }
             out
         }
         Op::Attention { .. } => super::attention::backward(e, sim, k, g),
         Op::NllLoss { .. } => {
-            let gx = e.tape[k].ins[0].map(|s| e.alloc_contig(sim, &e.tape[k].in_meta[0].shape, F32, e.grad_category(Some(s))));
+            let gx = e.tape[k].ins[0]
+                .map(|s| e.alloc_contig(sim, &e.tape[k].in_meta[0].shape, F32, e.grad_category(Some(s))));
             vec![gx, None]
         }
         Op::BceWithLogits => {
-            let gx = e.tape[k].ins[0].map(|s| e.alloc_contig(sim, &e.tape[k].in_meta[0].shape, F32, e.grad_category(Some(s))));
+            let gx = e.tape[k].ins[0]
+                .map(|s| e.alloc_contig(sim, &e.tape[k].in_meta[0].shape, F32, e.grad_category(Some(s))));
             vec![gx, None]
         }
     }

@@ -110,7 +110,13 @@ impl Sim {
 
     fn log(&mut self, delta: i64) {
         if let Some(events) = self.events.as_mut() {
-            events.push(Event { phase: self.phase, label: self.label, node: self.node, delta, live: self.live.total().get() });
+            events.push(Event {
+                phase: self.phase,
+                label: self.label,
+                node: self.node,
+                delta,
+                live: self.live.total().get(),
+            });
         }
     }
 

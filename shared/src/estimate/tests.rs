@@ -146,13 +146,21 @@ fn checkpointing_trades_activations_for_a_recompute() {
     ] {
         let plain = estimate(&zoo(model, &pairs)).expect("plain");
         // SwinUNETR is not sequential: MONAI's use_checkpoint is its only checkpointing.
-        let modes: &[(&str, &str)] =
-            if model == "swin_unetr" { &[("checkpoint", "blocks")] } else { &[("checkpoint", "blocks"), ("checkpoint_segments", "2")] };
+        let modes: &[(&str, &str)] = if model == "swin_unetr" {
+            &[("checkpoint", "blocks")]
+        } else {
+            &[("checkpoint", "blocks"), ("checkpoint_segments", "2")]
+        };
         for &extra in modes {
             let mut with = pairs.clone();
             with.push(extra);
             let ckpt = estimate(&zoo(model, &with)).expect("checkpointed");
-            assert!(ckpt.peak_bytes < plain.peak_bytes, "{model} {extra:?}: {} !< {}", ckpt.peak_bytes, plain.peak_bytes);
+            assert!(
+                ckpt.peak_bytes < plain.peak_bytes,
+                "{model} {extra:?}: {} !< {}",
+                ckpt.peak_bytes,
+                plain.peak_bytes
+            );
             assert_eq!(ckpt.params, plain.params);
         }
     }
@@ -283,10 +291,20 @@ fn trainer_estimates_match_measured_cpu_peaks() {
         ),
         (
             "swin_unetr",
-            vec![("volume", "64"), ("feature_size", "12"), ("batch", "1"), ("optimizer", "adamw"), ("precision", "bf16")],
+            vec![
+                ("volume", "64"),
+                ("feature_size", "12"),
+                ("batch", "1"),
+                ("optimizer", "adamw"),
+                ("precision", "bf16"),
+            ],
             1_195_029_724,
         ),
-        ("unet3d", vec![("volume", "32"), ("batch", "1"), ("optimizer", "momentum"), ("precision", "bf16")], 62_688_966),
+        (
+            "unet3d",
+            vec![("volume", "32"), ("batch", "1"), ("optimizer", "momentum"), ("precision", "bf16")],
+            62_688_966,
+        ),
         ("gpt2", GPT2_TINY.to_vec(), 14_971_400),
         ("gpt2", [GPT2_TINY.as_slice(), &[("checkpoint", "blocks")]].concat(), 12_969_480),
         (
@@ -303,10 +321,12 @@ fn trainer_estimates_match_measured_cpu_peaks() {
         let e = estimate(&plan).expect("estimate");
         let err = 100.0 * (e.peak_bytes.get() as f64 - measured as f64) / measured as f64;
         if err.abs() > 0.3 {
-            failures.push(format!("{model} {pairs:?}: estimated {} vs measured {measured} ({err:+.3} %)", e.peak_bytes));
+            failures
+                .push(format!("{model} {pairs:?}: estimated {} vs measured {measured} ({err:+.3} %)", e.peak_bytes));
         }
         if !(e.peak_bytes_low.get() <= measured && measured <= e.peak_bytes_high.get()) {
-            failures.push(format!("{model} {pairs:?}: {measured} outside [{}, {}]", e.peak_bytes_low, e.peak_bytes_high));
+            failures
+                .push(format!("{model} {pairs:?}: {measured} outside [{}, {}]", e.peak_bytes_low, e.peak_bytes_high));
         }
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));

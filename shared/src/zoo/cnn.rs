@@ -7,7 +7,13 @@ use crate::graph::{Builder, Graph, GraphError, InputKind, Op, Task, numel};
 
 /// `nn.Sequential(Linear, ReLU, ..., Linear)` on flattened inputs; each module is one
 /// stage (what `checkpoint_sequential` splits).
-pub fn mlp_graph(batch: u64, input: &[u64], hidden: &[u64], classes: u64, opts: &BuildOptions) -> Result<Graph, GraphError> {
+pub fn mlp_graph(
+    batch: u64,
+    input: &[u64],
+    hidden: &[u64],
+    classes: u64,
+    opts: &BuildOptions,
+) -> Result<Graph, GraphError> {
     let mut b = Builder::new(Task::Classify { classes });
     let mut shape = vec![batch];
     shape.extend_from_slice(input);
@@ -66,7 +72,10 @@ pub fn small_cnn(s: &Settings, batch: u64, opts: &BuildOptions) -> Result<Graph,
     let classes = s.u64("num_classes", 10, 2, limits::MAX_CLASSES)?;
     let min = image.iter().copied().min().unwrap_or(0);
     if channels.len() >= 64 || min >> channels.len() == 0 {
-        return Err(value_err("channels", format!("{} pooling stages shrink a {min}-pixel side below 1", channels.len())));
+        return Err(value_err(
+            "channels",
+            format!("{} pooling stages shrink a {min}-pixel side below 1", channels.len()),
+        ));
     }
     Ok(small_cnn_graph(batch, &[in_channels, image[0], image[1]], &channels, classes, opts)?)
 }
@@ -80,7 +89,15 @@ pub enum ResNet {
     Bottleneck { layers: [u64; 4], groups: u64, width: u64, se: bool },
 }
 
-fn conv_bn(b: &mut Builder, x: usize, i: u32, out: u64, kernel: u64, stride: u64, groups: u64) -> Result<usize, GraphError> {
+fn conv_bn(
+    b: &mut Builder,
+    x: usize,
+    i: u32,
+    out: u64,
+    kernel: u64,
+    stride: u64,
+    groups: u64,
+) -> Result<usize, GraphError> {
     let c = b.conv(&format!("conv{i}"), x, out, kernel, stride, kernel / 2, groups, false)?;
     b.batch_norm(&format!("bn{i}"), c)
 }

@@ -148,6 +148,18 @@ impl<'a> Settings<'a> {
         }
     }
 
+    /// One of `allowed` words (the first is the default).
+    pub fn choice(&self, key: &str, allowed: &[&'static str]) -> Result<&'static str, ZooError> {
+        match self.raw(key).map(str::trim) {
+            None => Ok(allowed[0]),
+            Some(t) => allowed
+                .iter()
+                .copied()
+                .find(|a| *a == t)
+                .ok_or_else(|| value_err(key, format!("expected {}, got '{t}'", allowed.join(" or ")))),
+        }
+    }
+
     /// A list of exactly `n` entries, or one entry repeated `n` times (`image=224`).
     pub fn sizes(&self, key: &str, default: u64, n: usize, max: u64) -> Result<Vec<u64>, ZooError> {
         let v = self.list(key, &[default], 1, max)?;
@@ -186,12 +198,9 @@ pub fn build(
             cnn::ResNet::Bottleneck { layers: [3, 4, 6, 3], groups: 1, width: 64, se: false },
             o,
         )?,
-        "seresnext50_32x4d" => cnn::resnet(
-            &s,
-            batch,
-            cnn::ResNet::Bottleneck { layers: [3, 4, 6, 3], groups: 32, width: 4, se: true },
-            o,
-        )?,
+        "seresnext50_32x4d" => {
+            cnn::resnet(&s, batch, cnn::ResNet::Bottleneck { layers: [3, 4, 6, 3], groups: 32, width: 4, se: true }, o)?
+        }
         "vit" => transformer::vit(&s, batch, o)?,
         "clip" => transformer::clip(&s, batch, o)?,
         "gpt2" => transformer::gpt2(&s, batch, o)?,

@@ -68,7 +68,10 @@ fn unknown_models_keys_and_values_are_named() {
     let err = build("swin_unetr", &map, 1, &BuildOptions::default()).expect_err("not divisible by 32");
     assert!(err.to_string().starts_with("volume: each size must be divisible by 32"), "{err}");
     let map = BTreeMap::from([("n_head".to_owned(), "5".to_owned())]);
-    assert_eq!(build("gpt2", &map, 1, &BuildOptions::default()).expect_err("heads").to_string(), "n_head: 5 heads must divide the width 768");
+    assert_eq!(
+        build("gpt2", &map, 1, &BuildOptions::default()).expect_err("heads").to_string(),
+        "n_head: 5 heads must divide the width 768"
+    );
 }
 
 #[test]

@@ -116,7 +116,8 @@ pub fn vit(s: &Settings, batch: u64, opts: &BuildOptions) -> Result<Graph, ZooEr
                 b.scope(format!("encoder.layers.encoder_layer_{i}"), |b| -> R<usize> {
                     // torchvision's EncoderBlock.
                     let y = b.layer_norm("ln_1", h, 1e-6)?;
-                    let y = b.scope("self_attention", |b| multi_head_attention(b, y, heads, None, attention_dropout))?;
+                    let y =
+                        b.scope("self_attention", |b| multi_head_attention(b, y, heads, None, attention_dropout))?;
                     let y = b.dropout(y, dropout);
                     let x = b.add(y, h)?;
                     let m = b.layer_norm("ln_2", x, 1e-6)?;
@@ -175,9 +176,17 @@ pub fn clip(s: &Settings, batch: u64, opts: &BuildOptions) -> Result<Graph, ZooE
     let text = b.input(vec![batch, seq], InputKind::Tokens { vocab });
     let image_features = b.scope("visual", |b| -> R<usize> {
         let tokens = patchify(b, img, "conv1", v_width, patch, false)?;
+        // `cat([_expand_token(class_embedding, B).to(x.dtype), x])`, then
+        // `x + positional_embedding.to(x.dtype)`: under autocast the residual stream
+        // stays in the half type.
         let cls = b.param_in("class_embedding", vec![v_width], Init::Normal(0.02));
-        let mut h = prepend_token(b, tokens, cls)?;
+        let s = b.shape(tokens).to_vec();
+        let t = b.view(cls, vec![1, 1, s[2]])?;
+        let t = b.expand(t, vec![s[0], 1, s[2]])?;
+        let t = b.cast_like(t, tokens);
+        let mut h = b.cat(vec![t, tokens], 1)?;
         let pos = b.param_in("positional_embedding", vec![n + 1, v_width], Init::Normal(0.02));
+        let pos = b.cast_like(pos, h);
         h = b.add(h, pos)?;
         h = b.layer_norm("ln_pre", h, 1e-5)?;
         for i in 0..v_layers {

@@ -8,9 +8,20 @@ use crate::graph::{Builder, DType, Graph, GraphError, Init, InputKind, Op, Task}
 
 type R<T> = Result<T, GraphError>;
 
-/// MONAI's `Convolution`: conv (or transposed conv) then, unless `conv_only`, instance
-/// norm and PReLU ("NDA" ordering; a dropout of 0 is no op).
-fn convolution(b: &mut Builder, x: usize, out: u64, kernel: u64, stride: u64, transposed: bool, conv_only: bool) -> R<usize> {
+/// MONAI's `Convolution`: conv (or transposed conv) then, unless `conv_only`, the norm
+/// (instance norm, MONAI's default, or batch norm) and PReLU ("NDA" ordering; a dropout
+/// of 0 is no op).
+#[allow(clippy::too_many_arguments)]
+fn convolution(
+    b: &mut Builder,
+    x: usize,
+    out: u64,
+    kernel: u64,
+    stride: u64,
+    transposed: bool,
+    conv_only: bool,
+    batch_norm: bool,
+) -> R<usize> {
     let padding = (kernel - 1) / 2;
     let h = if transposed {
         // stride_minus_kernel_padding: the output padding that doubles the size exactly.
@@ -22,12 +33,13 @@ fn convolution(b: &mut Builder, x: usize, out: u64, kernel: u64, stride: u64, tr
     if conv_only {
         return Ok(h);
     }
-    let h = b.instance_norm(h)?;
+    let h = if batch_norm { b.batch_norm("adn.N", h)? } else { b.instance_norm(h)? };
     Ok(b.prelu("adn.A", h))
 }
 
 /// MONAI's `ResidualUnit`: the residual path first (a conv when the shape changes), then
 /// `subunits` convolutions; the two are summed.
+#[allow(clippy::too_many_arguments)]
 fn residual_unit(
     b: &mut Builder,
     x: usize,
@@ -36,6 +48,7 @@ fn residual_unit(
     kernel: u64,
     subunits: u64,
     last_conv_only: bool,
+    batch_norm: bool,
 ) -> R<usize> {
     let inc = b.shape(x)[1];
     let res = if stride != 1 || inc != out {
@@ -49,27 +62,28 @@ fn residual_unit(
     for su in 0..subunits {
         let s = if su == 0 { stride } else { 1 };
         let conv_only = last_conv_only && su == subunits - 1;
-        h = b.scope(format!("conv.unit{su}"), |b| convolution(b, h, out, kernel, s, false, conv_only))?;
+        h = b.scope(format!("conv.unit{su}"), |b| convolution(b, h, out, kernel, s, false, conv_only, batch_norm))?;
     }
     b.add(h, res)
 }
 
 struct UNetCfg {
     res_units: u64,
+    batch_norm: bool,
 }
 
 fn down(b: &mut Builder, x: usize, out: u64, stride: u64, cfg: &UNetCfg) -> R<usize> {
     if cfg.res_units > 0 {
-        residual_unit(b, x, out, stride, 3, cfg.res_units, false)
+        residual_unit(b, x, out, stride, 3, cfg.res_units, false, cfg.batch_norm)
     } else {
-        convolution(b, x, out, 3, stride, false, false)
+        convolution(b, x, out, 3, stride, false, false, cfg.batch_norm)
     }
 }
 
 fn up(b: &mut Builder, x: usize, out: u64, stride: u64, top: bool, cfg: &UNetCfg) -> R<usize> {
     let conv_only = top && cfg.res_units == 0;
-    let h = b.scope("0", |b| convolution(b, x, out, 3, stride, true, conv_only))?;
-    if cfg.res_units > 0 { b.scope("1", |b| residual_unit(b, h, out, 1, 3, 1, top)) } else { Ok(h) }
+    let h = b.scope("0", |b| convolution(b, x, out, 3, stride, true, conv_only, cfg.batch_norm))?;
+    if cfg.res_units > 0 { b.scope("1", |b| residual_unit(b, h, out, 1, 3, 1, top, cfg.batch_norm)) } else { Ok(h) }
 }
 
 /// `_create_block`: down, a skip connection around the deeper levels, up. At the top the
@@ -99,6 +113,7 @@ pub fn unet(s: &Settings, batch: u64, dims: usize, opts: &BuildOptions) -> Resul
     let channels = s.list("channels", &[16, 32, 64, 128, 256], 1, limits::MAX_WIDTH)?;
     let strides = s.list("strides", &[2, 2, 2, 2], 1, 8)?;
     let res_units = s.u64("num_res_units", 2, 0, 16)?;
+    let batch_norm = s.choice("norm", &["instance", "batch"])? == "batch";
     let (key, default, max) =
         if dims == 2 { ("image", 256, limits::MAX_IMAGE) } else { ("volume", 96, limits::MAX_VOLUME) };
     let size = s.sizes(key, default, dims, max)?;
@@ -113,14 +128,17 @@ pub fn unet(s: &Settings, batch: u64, dims: usize, opts: &BuildOptions) -> Resul
     }
     let total: u64 = strides.iter().try_fold(1u64, |acc, &s| acc.checked_mul(s)).unwrap_or(u64::MAX);
     if size.iter().any(|&d| d % total != 0) {
-        return Err(value_err(key, format!("each size must be divisible by the product of strides {total}, got {size:?}")));
+        return Err(value_err(
+            key,
+            format!("each size must be divisible by the product of strides {total}, got {size:?}"),
+        ));
     }
     check_loss_channels(out_ch, opts)?;
     let mut b = Builder::new(Task::Segment { classes: out_ch });
     let mut shape = vec![batch, in_ch];
     shape.extend(&size);
     let x = b.input(shape, InputKind::Real);
-    let cfg = UNetCfg { res_units };
+    let cfg = UNetCfg { res_units, batch_norm };
     let out = b.scope("model", |b| level(b, x, out_ch, &channels, &strides, true, &cfg))?;
     let (loss, start) = losses::segment(&mut b, out, opts.loss)?;
     Ok(b.finish(vec![out], loss, start))
@@ -134,9 +152,10 @@ fn check_loss_channels(out_ch: u64, opts: &BuildOptions) -> Result<(), ZooError>
             "out_channels",
             "1 output channel needs a binary loss: use loss=bce, dice or dice_ce (cross-entropy needs 2 or more)",
         )),
-        (LossKind::Bce, c) if c != 1 => {
-            Err(value_err("loss", format!("bce needs out_channels=1 (a binary mask), got {c}; use ce, dice or dice_ce")))
-        }
+        (LossKind::Bce, c) if c != 1 => Err(value_err(
+            "loss",
+            format!("bce needs out_channels=1 (a binary mask), got {c}; use ce, dice or dice_ce"),
+        )),
         _ => Ok(()),
     }
 }
@@ -199,9 +218,12 @@ fn window_attention(b: &mut Builder, x: usize, heads: u64, mask: Option<usize>) 
     let (q, k, v) = (b.select(qkv, 0, 0), b.select(qkv, 0, 1), b.select(qkv, 0, 2));
     let full = WINDOW.pow(3);
     let table = b.param("relative_position_bias_table", vec![(2 * WINDOW - 1).pow(3), heads], Init::Normal(0.02));
-    let index = b.buffer("relative_position_index", vec![full, full], DType::I64, Init::RelativePositionIndex {
-        window: [WINDOW; 3],
-    });
+    let index = b.buffer(
+        "relative_position_index",
+        vec![full, full],
+        DType::I64,
+        Init::RelativePositionIndex { window: [WINDOW; 3] },
+    );
     let index = b.param_value(index);
     let index = b.clone_value(index);
     let index = b.slice(index, 0, 0, n, 1);
@@ -234,7 +256,14 @@ fn window_attention(b: &mut Builder, x: usize, heads: u64, mask: Option<usize>) 
 
 /// `forward_part1` of MONAI's `SwinTransformerBlock` on a channels-last volume: norm,
 /// pad (always a copy), shift, window partition, attention, window reverse, unshift, crop.
-fn swin_part1(b: &mut Builder, x: usize, heads: u64, window: [u64; 3], shift: [u64; 3], mask: Option<usize>) -> R<usize> {
+fn swin_part1(
+    b: &mut Builder,
+    x: usize,
+    heads: u64,
+    window: [u64; 3],
+    shift: [u64; 3],
+    mask: Option<usize>,
+) -> R<usize> {
     let s = b.shape(x).to_vec();
     let (batch, c) = (s[0], s[4]);
     let sizes = [s[1], s[2], s[3]];
@@ -249,7 +278,16 @@ fn swin_part1(b: &mut Builder, x: usize, heads: u64, window: [u64; 3], shift: [u
     // window_partition: [B, D/w, w, H/w, w, W/w, w, C] -> [B*nW, N, C].
     let v = b.view(
         h,
-        vec![batch, padded[0] / window[0], window[0], padded[1] / window[1], window[1], padded[2] / window[2], window[2], c],
+        vec![
+            batch,
+            padded[0] / window[0],
+            window[0],
+            padded[1] / window[1],
+            window[1],
+            padded[2] / window[2],
+            window[2],
+            c,
+        ],
     )?;
     let v = b.permute_copy(v, vec![0, 1, 3, 5, 2, 4, 6, 7])?;
     let w = b.view(v, vec![batch * windows, n, c])?;
@@ -258,7 +296,16 @@ fn swin_part1(b: &mut Builder, x: usize, heads: u64, window: [u64; 3], shift: [u
     let a = b.view(a, vec![batch * windows, window[0], window[1], window[2], c])?;
     let r = b.view(
         a,
-        vec![batch, padded[0] / window[0], padded[1] / window[1], padded[2] / window[2], window[0], window[1], window[2], c],
+        vec![
+            batch,
+            padded[0] / window[0],
+            padded[1] / window[1],
+            padded[2] / window[2],
+            window[0],
+            window[1],
+            window[2],
+            c,
+        ],
     )?;
     let r = b.permute_copy(r, vec![0, 1, 4, 2, 5, 3, 6, 7])?;
     let mut r = b.view(r, vec![batch, padded[0], padded[1], padded[2], c])?;

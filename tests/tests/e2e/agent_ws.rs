@@ -287,7 +287,7 @@ async fn a_client_that_stops_reading_never_holds_training_back() -> anyhow::Resu
         input_shape: vec![4],
         classes: 2,
         micro_batch: 1,
-        optimizer: Optimizer::Sgd { momentum: 0.0, weight_decay: 0.0 },
+        optimizer: Optimizer::Sgd { momentum: 0.0, weight_decay: 0.0, nesterov: false },
         learning_rate: 0.01,
         ..cpu_plan(Plan::example_mlp(), STEPS)
     };

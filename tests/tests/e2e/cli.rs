@@ -78,6 +78,9 @@ fn estimate_a_zoo_model_for_a_gpu_with_stable_keys() -> anyhow::Result<()> {
         "peak_phase",
         "breakdown",
         "host_peak_bytes",
+        "runtime",
+        "peak_bytes_low",
+        "peak_bytes_high",
         "reserved_peak_bytes",
         "device_peak_bytes",
         "capacity_bytes",
@@ -89,8 +92,11 @@ fn estimate_a_zoo_model_for_a_gpu_with_stable_keys() -> anyhow::Result<()> {
         ("feature_size".to_owned(), "36".to_owned()),
         ("volume".to_owned(), "64,64,64".to_owned()),
     ]);
-    let graph = shared::zoo::build("swin_unetr", &settings, 1)?;
+    let graph = shared::zoo::build("swin_unetr", &settings, 1, &shared::zoo::BuildOptions::default())?;
     assert_eq!(v["params"].as_u64(), Some(graph.n_params()), "{v}");
+    assert_eq!(v["runtime"], "pytorch", "the reference implementation under PyTorch's defaults by default");
+    assert!(v["peak_bytes_low"].as_u64() <= v["peak_bytes"].as_u64());
+    assert!(v["peak_bytes_high"].as_u64() > v["peak_bytes"].as_u64(), "cuDNN's workspaces are uncertain: {v}");
     assert!(v["reserved_peak_bytes"].as_u64() >= v["peak_bytes"].as_u64());
     assert!(v["device_peak_bytes"].as_u64() > v["reserved_peak_bytes"].as_u64());
     Ok(())
