@@ -272,6 +272,8 @@ pub(crate) fn estimate_json(e: &shared::Estimate) -> serde_json::Value {
         map.insert("gpu".into(), d.gpu.clone().into());
         map.insert("reserved_peak_bytes".into(), d.reserved_peak_bytes.get().into());
         map.insert("device_peak_bytes".into(), d.device_peak_bytes.get().into());
+        map.insert("device_peak_bytes_low".into(), d.device_peak_bytes_low.get().into());
+        map.insert("device_peak_bytes_high".into(), d.device_peak_bytes_high.get().into());
         map.insert("context_bytes".into(), d.context_bytes.get().into());
         map.insert("cublas_workspace_bytes".into(), d.cublas_workspace_bytes.get().into());
         map.insert("capacity_bytes".into(), d.capacity_bytes.get().into());

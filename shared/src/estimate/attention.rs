@@ -9,8 +9,10 @@
 //!   materialised, `bmm` on 3-D reshapes (copies where the layout needs them), the mask
 //!   added in place, `_safe_softmax`, dropout with an fp32 noise tensor, `bmm` with v.
 //!   Half inputs are computed in fp32.
-//! - CUDA: the fused flash / memory-efficient kernels (dropout included): output and
-//!   log-sum-exp saved; their backward workspace is an uncertain term.
+//! - CUDA: the fused kernels (dropout included, as a philox seed and offset): output and
+//!   fp32 log-sum-exp saved; half precision runs flash attention, whose backward makes
+//!   fp32 `softmax_d` and `dq_accum` buffers (`mha_bwd`), fp32 the memory-efficient
+//!   kernel, whose backward workspace is an uncertain term.
 
 use super::Category::{Activations as ACT, Temporaries as TMP};
 use super::Kernels;
@@ -272,8 +274,20 @@ pub(crate) fn backward(e: &mut Engine, sim: &mut Sim, k: usize, g: &Ten) -> Vec<
     if cpu {
         let (qs, kvs) = splits(n, s_len);
         e.transient(sim, threads(e) * 2 * qs * kvs * F32 + qs * F32);
+    } else if q.esize < F32 {
+        // Flash attention's backward (`mha_bwd`): after dq, dk and dv, an fp32
+        // `softmax_d` of `[B, H, round128(N)]` and an fp32 `dq_accum` of
+        // `[B, round128(N), H, round32(hd)]`, freed when the kernel returns.
+        let (b, h, hd) = (q.shape[0], q.shape[1], q.shape[3]);
+        let rows = n.div_ceil(128) * 128;
+        let softmax_d = sim.alloc(b * h * rows * F32, TMP);
+        let dq_accum = sim.alloc(b * rows * h * hd.div_ceil(32) * 32 * F32, TMP);
+        sim.release(dq_accum);
+        sim.release(softmax_d);
     } else {
-        sim.uncertain(numel(&q.shape[..3]) * F32 + g.bytes());
+        // fp32 runs the memory-efficient kernel, whose backward workspace (fp32
+        // accumulators for the gradients it cannot write directly) is not modelled.
+        sim.uncertain(numel(&q.shape) * F32 + numel(&kk.shape) * 2 * F32 + g.bytes());
     }
     if let Some(t) = gc {
         sim.release(t);

@@ -293,6 +293,18 @@ fn onednn_bf16_backward(
             sim.release(gr);
             gw = Some(e.alloc_contig(sim, &wm.shape, esize, e.grad_category(gw_slot)));
             sim.release(gwb);
+        } else if plan.stride == plan.kernel_size && plan.kernel_size > 1 {
+            // A patch embedding: the output gradient reordered, the input copied, and one
+            // thread's buffers (a row per further thread).
+            let gr = sim.alloc(blocked(y, esize), TMP);
+            let xc = sim.alloc(x_bytes, TMP);
+            let row = *xs.last().unwrap_or(&1);
+            let scratch = oc * ic * k * 4 + 2 * icp * row * 4 + ocp * 4 + FIXED + (threads - 1) * 2 * icp * row * 4;
+            sim.uncertain(scratch + scratch / 16);
+            sim.transient(scratch, TMP);
+            sim.release(xc);
+            sim.release(gr);
+            gw = Some(e.alloc_contig(sim, &wm.shape, esize, e.grad_category(gw_slot)));
         } else {
             let first = sim.alloc(numel(&wm.shape) * esize, TMP);
             let out_plane = numel(&y[3..]).max(1);
@@ -376,6 +388,17 @@ pub(crate) fn backward(e: &mut Engine, sim: &mut Sim, k: usize, g: &Ten) -> Vec<
                 let gr = (!cl).then(|| sim.alloc(blocked(&y, esize), TMP));
                 let xr = (!cl && xm.shape[1] >= 16).then(|| sim.alloc(blocked(&xm.shape, esize), TMP));
                 let gwb = sim.alloc(blocked_weight(&wm.shape, esize), TMP);
+                if !cl && xm.shape[1] < 16 && plan.stride == plan.kernel_size && plan.kernel_size > 1 {
+                    // A patch embedding (kernel = stride, few input channels): oneDNN's
+                    // kernel keeps, per thread, four weight-sized fp32 buffers and one
+                    // sample of the input (measured for ViT's and CLIP's patch layers).
+                    let threads = match e.kernels {
+                        Kernels::Cpu { threads, .. } => threads.max(1),
+                        Kernels::Cuda => 1,
+                    };
+                    let sample = numel(&xm.shape) / xm.shape[0].max(1) * esize;
+                    sim.transient(threads * (4 * numel(&wm.shape) * esize + sample), TMP);
+                }
                 sim.uncertain(scratch_bound(&xm.shape, &y, &wm.shape, esize, e));
                 if let Some(t) = xr {
                     sim.release(t);

@@ -7,8 +7,10 @@
 //! the request rounded up to 2 MiB otherwise; a free block is reused best-fit and split
 //! when the remainder is at least 512 B (small) or more than 1 MiB (large); freed blocks
 //! merge with free neighbours, and segments are kept (reserved) until `empty_cache()`.
-//! With `expandable_segments:True` the large pool is one segment that maps 2 MiB pages
+//! With `expandable_segments:True` the large pool is one segment that maps 20 MiB pages
 //! as it grows, so reserved follows the live high-water mark instead of fragmenting.
+//! (Constants: `c10/core/AllocatorConfig.h` and `c10/cuda/CUDACachingAllocator.cpp` in
+//! PyTorch 2.11.)
 
 use std::collections::HashMap;
 
@@ -17,6 +19,8 @@ const SMALL_MAX: u64 = MIB;
 const SMALL_SEGMENT: u64 = 2 * MIB;
 const MID_SEGMENT: u64 = 20 * MIB;
 const MID_MAX: u64 = 10 * MIB;
+/// Expandable segments map the large pool in 20 MiB pages (the small pool in 2 MiB ones).
+const LARGE_PAGE: u64 = 20 * MIB;
 const PAGE: u64 = 2 * MIB;
 
 #[derive(Debug, Default, Clone)]
@@ -52,7 +56,7 @@ impl Pool {
         let small = size <= SMALL_MAX;
         if self.expandable && !small {
             self.large_live += size;
-            let mapped = self.large_live.div_ceil(PAGE) * PAGE;
+            let mapped = self.large_live.div_ceil(LARGE_PAGE) * LARGE_PAGE;
             let small_reserved: u64 = self.segments.iter().map(|s| s.size).sum();
             self.reserved = self.reserved.max(small_reserved + mapped);
             self.peak_reserved = self.peak_reserved.max(self.reserved);
@@ -124,24 +128,44 @@ impl Pool {
 }
 
 /// Memory a CUDA process holds outside the caching allocator, and the allocator-managed
-/// workspaces, as documented assumptions (not measured on this GPU by the estimator).
+/// library workspaces. Sources in `docs/estimator.md`; the context's library part has no
+/// published per-library figure, so it is an interval.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct DeviceOverheads {
-    /// The CUDA context with lazy module loading (CUDA 12+, `CUDA_MODULE_LOADING=LAZY`,
-    /// PyTorch's default): the primary context, the kernels loaded so far and cuBLAS and
-    /// cuDNN handles. Public measurements put it at 300-700 MB depending on driver and
-    /// libraries; 500 MiB is the middle of that range.
+    /// The context as the step leaves it: the primary context with lazy module loading
+    /// (PyTorch's default since CUDA 11.7, the driver's default from 12.2) and the kernel
+    /// images the step's libraries loaded — the point between `context_low` and
+    /// `context_high`.
     pub context_bytes: u64,
+    /// A bare context: 426 MiB measured for PyTorch 2.10 with CUDA 13 (287 MB with CUDA
+    /// 11.7's lazy loading).
+    pub context_low: u64,
+    /// With every library the step uses fully loaded: the eager figure reported before
+    /// lazy loading (over 1000 MB) plus cuDNN's engine kernels for convolutional models.
+    pub context_high: u64,
     /// cuBLAS's workspace, which PyTorch allocates through the caching allocator (so it
-    /// counts in `max_memory_allocated`): 32 MiB on compute capability 9.0 and newer,
-    /// 4096 KiB x 2 + 16 KiB x 8 before that (PyTorch's defaults).
+    /// counts in `max_memory_allocated`): `:4096:2:16:8` (8 MiB + 128 KiB) by default,
+    /// 32 MiB on compute capability 9.0 (`CublasHandlePool.cpp`) and, from PyTorch's
+    /// 2026 changes, on Blackwell.
     pub cublas_workspace_bytes: u64,
 }
 
+/// The kernel libraries a step loads, which decide the context's library part.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct Libraries {
+    /// cuDNN (convolutions).
+    pub cudnn: bool,
+}
+
 impl DeviceOverheads {
-    pub fn for_compute_capability(major: u32) -> DeviceOverheads {
-        let cublas = if major >= 9 { 32 * MIB } else { 4096 * 1024 * 2 + 16 * 1024 * 8 };
-        DeviceOverheads { context_bytes: 500 * MIB, cublas_workspace_bytes: cublas }
+    pub fn for_compute_capability(cc: (u32, u32), libs: Libraries) -> DeviceOverheads {
+        let cublas = if cc == (9, 0) || cc.0 >= 10 { 32 * MIB } else { 4096 * 1024 * 2 + 16 * 1024 * 8 };
+        let context_low = 426 * MIB;
+        // PyTorch's own kernels, cuBLAS and cuBLASLt loaded lazily as the step uses them;
+        // cuDNN's engines on top for convolutional models (device-level measurements of
+        // CNNs and ViT on an A100 leave about 1.1 GB that does not grow with the batch).
+        let (context_bytes, context_high) = if libs.cudnn { (1024 * MIB, 1280 * MIB) } else { (640 * MIB, 1024 * MIB) };
+        DeviceOverheads { context_bytes, context_low, context_high, cublas_workspace_bytes: cublas }
     }
 }
 
@@ -175,8 +199,11 @@ mod tests {
         let mut p = Pool::new(true);
         p.alloc(0, 11 * MIB);
         p.alloc(1, 3 * MIB);
+        assert_eq!(p.reserved, 20 * MIB, "14 MiB live maps one 20 MiB page");
         p.free(0);
         p.alloc(2, 12 * MIB);
-        assert_eq!(p.peak_reserved, 16 * MIB);
+        assert_eq!(p.peak_reserved, 20 * MIB, "15 MiB live still fits the page");
+        p.alloc(3, 6 * MIB);
+        assert_eq!(p.peak_reserved, 40 * MIB, "21 MiB live needs a second page");
     }
 }

@@ -169,6 +169,10 @@ pub struct DeviceEstimate {
     pub reserved_peak_bytes: Bytes,
     /// What NVML would show for the process: reserved plus the CUDA context.
     pub device_peak_bytes: Bytes,
+    /// The interval around it: a bare context and the point reservation at the low end;
+    /// every library fully loaded and every uncertain workspace reserved at the high end.
+    pub device_peak_bytes_low: Bytes,
+    pub device_peak_bytes_high: Bytes,
     pub context_bytes: Bytes,
     pub cublas_workspace_bytes: Bytes,
     /// The GPU's memory, or the memory-fraction cap when the plan sets one.
@@ -226,6 +230,13 @@ pub struct Estimate {
 /// The residual of the exactly modelled rules, measured against the reference fixture
 /// (`shared/fixtures/reference_peaks.json`): the interval widens by it on both sides.
 pub const EXACT_RESIDUAL: f64 = 0.01;
+
+/// How far above the CUDA point estimate published measurements of the same models sit
+/// (MONAI's AMP tutorial: its 3-D UNet's peak allocated 19-23 % above our point; device
+/// figures of torchvision and timm CNNs up to 55 % above our device peak before the
+/// context model counted the libraries): the CUDA interval's high end includes it until
+/// a GPU measures the terms behind it (cuDNN's algorithm choice and workspaces above all).
+pub const CUDA_UNMEASURED: f64 = 0.25;
 
 /// What to compute besides the figures.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -292,7 +303,15 @@ pub fn estimate_graph(
         Target::Cuda(_) => Kernels::Cuda,
     };
     let overheads = match target {
-        Target::Cuda(gpu) => Some(cuda::DeviceOverheads::for_compute_capability(gpu.compute_capability.0)),
+        Target::Cuda(gpu) => {
+            let libs = cuda::Libraries {
+                cudnn: graph
+                    .nodes
+                    .iter()
+                    .any(|n| matches!(n.op, crate::graph::Op::Conv { .. } | crate::graph::Op::ConvTranspose { .. })),
+            };
+            Some(cuda::DeviceOverheads::for_compute_capability(gpu.compute_capability, libs))
+        }
         Target::Cpu => None,
     };
     let update = Update::resolve(plan.runtime, plan.optimizer_impl, cuda);
@@ -355,22 +374,35 @@ pub fn estimate_graph(
     let peak_bytes = sim.peak;
     let (low, high) = (sim.peak_low.min(peak_bytes.get()), sim.peak_high.max(peak_bytes.get()));
     let peak_bytes_low = Bytes((low as f64 * (1.0 - EXACT_RESIDUAL)) as u64);
-    let peak_bytes_high = Bytes((high as f64 * (1.0 + EXACT_RESIDUAL)).ceil() as u64);
+    let mut peak_bytes_high = Bytes((high as f64 * (1.0 + EXACT_RESIDUAL)).ceil() as u64);
+    if cuda {
+        // Not one CUDA figure has been measured by this project yet; published ones sit
+        // up to this far above the point (docs/estimator.md): the high end covers them.
+        peak_bytes_high = peak_bytes_high.max(Bytes((peak_bytes.get() as f64 * (1.0 + CUDA_UNMEASURED)).ceil() as u64));
+    }
     let _ = held;
 
     let device = match (target, overheads) {
         (Target::Cuda(gpu), Some(o)) => {
             let reserved = Bytes(sim.pool.as_ref().map_or(peak_bytes.get(), |p| p.peak_reserved).max(peak_bytes.get()));
             let device_peak = reserved + Bytes(o.context_bytes);
+            // Uncertain workspaces come from the allocator: at their bound they are
+            // reserved on top, in 2 MiB-rounded segments.
+            let extra = (peak_bytes_high - peak_bytes).get().div_ceil(2 << 20) * (2 << 20);
+            let device_high = reserved + Bytes(extra) + Bytes(o.context_high);
+            let device_low =
+                Bytes(reserved.get().saturating_sub((peak_bytes - peak_bytes_low).get())) + Bytes(o.context_low);
             let capacity = Bytes(plan.memory_limit_bytes.map_or(gpu.memory_bytes, |l| l.min(gpu.memory_bytes)));
             Some(DeviceEstimate {
                 gpu: gpu.name.to_owned(),
                 reserved_peak_bytes: reserved,
                 device_peak_bytes: device_peak,
+                device_peak_bytes_low: device_low,
+                device_peak_bytes_high: device_high,
                 context_bytes: Bytes(o.context_bytes),
                 cublas_workspace_bytes: Bytes(o.cublas_workspace_bytes),
                 capacity_bytes: capacity,
-                fits: device_peak + (peak_bytes_high - peak_bytes) <= capacity,
+                fits: device_high <= capacity,
                 headroom_bytes: i64::try_from(i128::from(capacity.get()) - i128::from(device_peak.get()))
                     .unwrap_or(i64::MIN),
             })
