@@ -75,6 +75,8 @@ pub struct Outcome {
     pub summary: shared::protocol::Summary,
     pub device_used_peak: Option<u64>,
     pub rss_peak: u64,
+    /// Wall time of each optimizer step (its micro-batches together), in milliseconds.
+    pub step_ms: Vec<f64>,
 }
 
 /// Runs `plan` for `steps` steps on `device` in a worker process and measures it.
@@ -88,6 +90,7 @@ pub async fn measure(mut plan: Plan, device: &str, steps: u64, exe: PathBuf) -> 
     let mut job = runner.start(plan.clone(), estimate.peak_bytes.get())?;
     let mut device_used_peak: Option<u64> = None;
     let mut rss_peak = 0u64;
+    let mut step_ms: Vec<f64> = Vec::new();
     let summary = loop {
         match job.events.recv().await {
             Some(Message::Batch(r)) => {
@@ -95,6 +98,11 @@ pub async fn measure(mut plan: Plan, device: &str, steps: u64, exe: PathBuf) -> 
                     device_used_peak = Some(device_used_peak.unwrap_or(0).max(u));
                 }
                 rss_peak = rss_peak.max(r.host_rss_bytes);
+                let step = usize::try_from(r.step).unwrap_or(usize::MAX).saturating_sub(1);
+                if step_ms.len() <= step {
+                    step_ms.resize(step + 1, 0.0);
+                }
+                step_ms[step] += r.step_time_ms;
             }
             Some(Message::Finished { summary, .. }) => break summary,
             Some(Message::Failed { error, .. }) => anyhow::bail!("probe failed ({:?}): {}", error.code, error.message),
@@ -102,11 +110,12 @@ pub async fn measure(mut plan: Plan, device: &str, steps: u64, exe: PathBuf) -> 
             None => anyhow::bail!("the worker ended without a result"),
         }
     };
-    Ok(Outcome { plan, estimate, summary, device_used_peak, rss_peak })
+    Ok(Outcome { plan, estimate, summary, device_used_peak, rss_peak, step_ms })
 }
 
 pub async fn probe(plan: Plan, device: &str, steps: u64, json: bool, exe: PathBuf) -> anyhow::Result<()> {
-    let Outcome { plan, estimate, summary, device_used_peak, rss_peak } = measure(plan, device, steps, exe).await?;
+    let Outcome { plan, estimate, summary, device_used_peak, rss_peak, step_ms } =
+        measure(plan, device, steps, exe).await?;
     let measured_phases: serde_json::Map<String, serde_json::Value> =
         summary.phase_peaks.iter().map(|(p, b)| (p.key().to_owned(), (*b).into())).collect();
     let mut est = crate::cli::estimate_json(&estimate);
@@ -115,7 +124,10 @@ pub async fn probe(plan: Plan, device: &str, steps: u64, json: bool, exe: PathBu
         "device": device,
         "steps": steps,
         "params": estimate.params,
+        "runtime": estimate.runtime.word(),
         "estimated_peak_bytes": estimate.peak_bytes.get(),
+        "estimated_peak_bytes_low": estimate.peak_bytes_low.get(),
+        "estimated_peak_bytes_high": estimate.peak_bytes_high.get(),
         "measured_peak_bytes": summary.peak_bytes,
         "error_pct": summary.estimate_error_pct(),
         "peak_phase": estimate.peak_phase.key(),
@@ -131,6 +143,7 @@ pub async fn probe(plan: Plan, device: &str, steps: u64, json: bool, exe: PathBu
         "first_loss": summary.first_loss,
         "final_loss": summary.final_loss,
         "wall_time_ms": summary.wall_time_ms,
+        "step_times_ms": step_ms,
     });
     if json {
         println!("{out}");

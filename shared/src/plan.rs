@@ -648,6 +648,8 @@ impl Plan {
         };
         zoo::build(name, settings, self.micro_batch, &self.build_options()).map_err(|e| match e {
             zoo::ZooError::Value { key, reason } => PlanError::Setting { key, reason },
+            // The graph error already names the op and module; the field is the model.
+            zoo::ZooError::Graph(g) => invalid("model", g.to_string()),
             other => invalid("model", other.to_string()),
         })
     }

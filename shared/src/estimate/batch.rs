@@ -17,10 +17,17 @@ pub struct Held {
     loss: Option<Tensor>,
 }
 
-/// The previous step's batch, outputs and loss, alive when a step begins.
-pub fn previous_step(sim: &mut Sim, g: &Graph) -> Held {
+/// The previous step's batch, outputs and loss, alive when a step begins; `returned`
+/// gives the outputs' sizes as the step makes them (half precision under autocast), else
+/// their fp32 sizes are taken.
+pub fn previous_step(sim: &mut Sim, g: &Graph, returned: Option<&[u64]>) -> Held {
     let batch = g.inputs.iter().map(|&(v, _)| sim.alloc(g.bytes(v), Category::Batch)).collect();
-    let returned: Vec<Tensor> = g.returned.iter().map(|&v| sim.alloc(g.bytes(v), Category::Activations)).collect();
+    let returned: Vec<Tensor> = g
+        .returned
+        .iter()
+        .enumerate()
+        .map(|(k, &v)| sim.alloc(returned.and_then(|r| r.get(k).copied()).unwrap_or(g.bytes(v)), Category::Activations))
+        .collect();
     for &t in &returned {
         sim.set_optional(t);
     }

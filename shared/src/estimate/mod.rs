@@ -278,6 +278,29 @@ pub fn estimate_graph(
     options: Options,
     events: Option<&mut Vec<sim::Event>>,
 ) -> Result<Estimate, PlanError> {
+    // Under autocast the previous step's outputs (what the loop still holds when a step
+    // begins) have the dtypes the step gives them: a first walk learns their sizes.
+    let returned = if plan.precision != Precision::Fp32 {
+        let mut sizes = Vec::new();
+        walk(plan, graph, target, Options::default(), None, None, Some(&mut sizes))?;
+        Some(sizes)
+    } else {
+        None
+    };
+    walk(plan, graph, target, options, events, returned.as_deref(), None)
+}
+
+/// One simulated step; `returned` sizes the previous step's outputs (their fp32 sizes
+/// when `None`), and `observe` receives this step's.
+fn walk(
+    plan: &Plan,
+    graph: &Graph,
+    target: Target,
+    options: Options,
+    events: Option<&mut Vec<sim::Event>>,
+    returned: Option<&[u64]>,
+    mut observe: Option<&mut Vec<u64>>,
+) -> Result<Estimate, PlanError> {
     let amp = plan.precision != Precision::Fp32;
     if let (Target::Cuda(gpu), Precision::Bf16) = (target, plan.precision)
         && !gpu.supports_bf16()
@@ -330,7 +353,7 @@ pub fn estimate_graph(
     }
     // What the previous step left bound: its batch, outputs and loss.
     sim.set_label("previous step", None);
-    let mut held = batch::previous_step(&mut sim, graph);
+    let mut held = batch::previous_step(&mut sim, graph, returned);
     let steady_bytes = sim.live().total();
 
     let mut engine = Engine::new(graph, kernels, amp, param_store);
@@ -355,6 +378,12 @@ pub fn estimate_graph(
         engine.clear_casts(&mut sim);
         sim.set_label("loss", None);
         held = batch::bind_loss(&mut sim, &mut engine, graph, held, plan.accumulation);
+        if micro == 0
+            && let Some(out) = observe.as_deref_mut()
+        {
+            *out =
+                graph.returned.iter().map(|&v| engine.vals[v].as_ref().map_or(graph.bytes(v), |t| t.bytes())).collect();
+        }
         sim.set_phase(Phase::Backward);
         sim.set_label("backward", None);
         backward(&mut sim, &mut engine, graph, &regions, style, &held);
