@@ -181,10 +181,11 @@ fn reference_section() -> anyhow::Result<String> {
     let _ = writeln!(
         doc,
         "Measured by `scripts/reference_peaks.py` on {} ({} threads, {}) on {}: the absolute peak of live tensor \
-         memory in the last of {} steps of the canonical training loop, from the profiler's memory events (cross-checked \
-         against the process's resident memory: the `RSS` column is the rise in RSS against the profiler's, where the \
-         allocator returns memory to the system), with oneDNN on (PyTorch's CPU default) and off (libtorch's native \
-         kernels). The fixture `shared/fixtures/reference_peaks.json` records each model's exact constructor call; \
+         memory in the last of {} steps of the canonical training loop, from the profiler's memory events, with oneDNN \
+         on (PyTorch's CPU default) and off (libtorch's native kernels). A second process cross-checks it: the `RSS` \
+         column is how far the step's rise in resident memory (glibc's mmap threshold lowered, so that freed blocks go \
+         back to the system) differs from the profiler's rise; native bf16 kernels allocate outside PyTorch's \
+         allocator, which RSS sees and the profiler does not. The fixture `shared/fixtures/reference_peaks.json` records each model's exact constructor call; \
          the tests check every entry against its estimate and interval.\n",
         fixture["cpu"].as_str().unwrap_or("?"),
         fixture["threads"],

@@ -44,18 +44,33 @@ fn parse_list(field: &str, text: &str) -> Result<Vec<u64>, String> {
 
 impl PlanForm {
     pub fn from_plan(plan: &Plan) -> PlanForm {
-        let (model, widths) = match &plan.model {
-            ModelSpec::Mlp { hidden } => ("mlp", join(hidden)),
-            ModelSpec::SmallCnn { channels } => ("small_cnn", join(channels)),
-            // The form edits the two small models; a zoo plan shows its name only.
-            ModelSpec::Zoo { name, .. } => (name.as_str(), String::new()),
+        let get = |settings: &std::collections::BTreeMap<String, String>, key: &str| {
+            settings.get(key).cloned().unwrap_or_default()
+        };
+        // The form edits the two small models, in the zoo's settings or the earlier
+        // format; another zoo plan shows its name only.
+        let (model, widths, input_shape, classes) = match &plan.model {
+            ModelSpec::Mlp { hidden } => ("mlp", join(hidden), join(&plan.input_shape), plan.classes.to_string()),
+            ModelSpec::SmallCnn { channels } => {
+                ("small_cnn", join(channels), join(&plan.input_shape), plan.classes.to_string())
+            }
+            ModelSpec::Zoo { name, settings } if name == "mlp" => {
+                ("mlp", get(settings, "hidden"), get(settings, "in_features"), get(settings, "num_classes"))
+            }
+            ModelSpec::Zoo { name, settings } if name == "small_cnn" => {
+                let image = get(settings, "image");
+                let hw = if image.contains(',') { image } else { format!("{image},{image}") };
+                let shape = format!("{},{hw}", get(settings, "in_channels"));
+                ("small_cnn", get(settings, "channels"), shape, get(settings, "num_classes"))
+            }
+            ModelSpec::Zoo { name, .. } => (name.as_str(), String::new(), String::new(), String::new()),
         };
         let optimizer = plan.optimizer.word();
         PlanForm {
             model: model.into(),
             widths,
-            input_shape: join(&plan.input_shape),
-            classes: plan.classes.to_string(),
+            input_shape,
+            classes,
             micro_batch: plan.micro_batch.to_string(),
             accumulation: plan.accumulation.to_string(),
             steps: plan.total_steps().to_string(),
@@ -104,6 +119,9 @@ impl PlanForm {
             device,
             ..Plan::example_mlp()
         };
+        // One input path: the form's fields become the zoo model, as a plan file's would.
+        let mut plan = plan;
+        plan.normalize().map_err(|e| e.to_string())?;
         plan.validate().map_err(|e| e.to_string())?;
         Ok(plan)
     }
@@ -167,7 +185,9 @@ mod tests {
         assert_eq!(plan.model, Plan::example_mlp().model);
         assert_eq!(plan.micro_batch, 32);
         let cnn = PlanForm::from_plan(&Plan::example_cnn()).to_plan().expect("valid cnn");
-        assert_eq!(cnn.input_shape, vec![3, 32, 32]);
+        let (want, got) = (Plan::example_cnn().validate().expect("cnn"), cnn.validate().expect("cnn"));
+        assert_eq!(want.values, got.values, "the same graph as the example");
+        assert_eq!(want.n_params(), got.n_params());
     }
 
     #[test]

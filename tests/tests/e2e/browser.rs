@@ -109,6 +109,9 @@ async fn drive(client: &fantoccini::Client, agent: &AgentHandle) -> anyhow::Resu
     assert_eq!(text(client, "effective-batch").await?, "effective batch 32 = 16 × 2");
     let peak = text(client, "estimate-peak").await?;
     assert!(peak.ends_with("MiB") || peak.ends_with("KiB"), "{peak}");
+    // The interval and whose program the estimate is for.
+    let interval = text(client, "estimate-interval").await?;
+    assert!(interval.starts_with("between ") && interval.contains("PyTorch's reference implementation"), "{interval}");
 
     client.find(Locator::Css("[data-testid=run]")).await?.click().await?;
     let status = eventually("the job to finish", Duration::from_secs(60), || async {
