@@ -625,6 +625,11 @@ impl Graph {
         let mut regions = Vec::new();
         let mut at = 0;
         for r in ckpt {
+            // Blocks never nest or overlap (each is one module's call); one that would is
+            // left to the region before it rather than run twice.
+            if r.start < at || r.is_empty() {
+                continue;
+            }
             if r.start > at {
                 regions.push(Region { nodes: at..r.start, checkpointed: false });
             }

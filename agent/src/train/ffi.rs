@@ -22,16 +22,19 @@ unsafe extern "C" {
     // --- csrc/autograd.cpp -----------------------------------------------------------
     fn hr_autocast(cuda: i32, enabled: i32, dtype: i32);
     fn hr_set_mkldnn(enabled: i32);
-    // `inputs` points to `n_in` live `at::Tensor*`; `outputs` to `max_out` writable
-    // slots that receive new `at::Tensor*` the caller owns; `fn_` is called back, on this
-    // thread or the autograd engine's, with `user`, for as long as the graph lives.
+    // `inputs` points to `n_in` live `at::Tensor*`; `differentiable` to `n_diff` flags;
+    // `outputs` to `max_out` writable slots that receive new `at::Tensor*` the caller
+    // owns; `fn_` is called back, on this thread or the autograd engine's, with `user`,
+    // for as long as the graph lives.
     fn hr_checkpoint(
         fn_: RegionFn,
         user: *mut c_void,
         region: i32,
-        cuda: i32,
+        cuda_index: i32,
         inputs: *mut *mut c_void,
         n_in: i32,
+        differentiable: *const u8,
+        n_diff: i32,
         outputs: *mut *mut c_void,
         max_out: i32,
         n_out: *mut i32,
@@ -114,17 +117,20 @@ pub fn set_onednn(enabled: bool) {
     unsafe { hr_set_mkldnn(i32::from(enabled)) }
 }
 
-/// Runs `region` of `user`'s callback as a reentrant checkpoint over `inputs`.
+/// Runs `region` of `user`'s callback as a reentrant checkpoint over `inputs`, on CUDA
+/// device `cuda` (`None`: the CPU); `differentiable` says which outputs carry gradients.
 ///
 /// # Safety
-/// `user` must stay valid, and `f` callable with it, for as long as the autograd graph
-/// of the returned outputs lives (until its backward has run or it is dropped).
+/// `user` must stay valid, and `f` callable with it from another thread, for as long as
+/// the autograd graph of the returned outputs lives (until its backward has run or every
+/// tensor of it is dropped).
 pub unsafe fn checkpoint(
     f: RegionFn,
     user: *mut c_void,
     region: usize,
-    cuda: bool,
+    cuda: Option<usize>,
     inputs: &[Tensor],
+    differentiable: &[bool],
 ) -> Result<Vec<Tensor>, String> {
     const MAX_OUT: usize = 256;
     let mut ins: Vec<*mut c_void> = inputs.iter().map(|t| t.as_ptr() as *mut c_void).collect();
@@ -133,16 +139,25 @@ pub unsafe fn checkpoint(
     let mut err = vec![0u8; 4096];
     let region = i32::try_from(region).map_err(|_| "checkpoint: region index".to_owned())?;
     let n_in = i32::try_from(ins.len()).map_err(|_| "checkpoint: too many inputs".to_owned())?;
-    // SAFETY: `ins` holds `n_in` pointers to live tensors; `outs` has MAX_OUT writable
-    // slots; `err` is writable; the caller guarantees `user` for the graph's lifetime.
+    let flags: Vec<u8> = differentiable.iter().map(|&d| u8::from(d)).collect();
+    let n_diff = i32::try_from(flags.len()).map_err(|_| "checkpoint: too many outputs".to_owned())?;
+    let cuda_index = match cuda {
+        Some(i) => i32::try_from(i).map_err(|_| "checkpoint: device index".to_owned())?,
+        None => -1,
+    };
+    // SAFETY: `ins` holds `n_in` pointers to live tensors; `flags` has `n_diff` entries;
+    // `outs` has MAX_OUT writable slots; `err` is writable; the caller guarantees `user`
+    // for the graph's lifetime.
     let rc = unsafe {
         hr_checkpoint(
             f,
             user,
             region,
-            i32::from(cuda),
+            cuda_index,
             ins.as_mut_ptr(),
             n_in,
+            flags.as_ptr(),
+            n_diff,
             outs.as_mut_ptr(),
             MAX_OUT as i32,
             &mut n_out,

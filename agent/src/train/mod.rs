@@ -341,7 +341,9 @@ pub fn train(
                 // `out = model(x)` rebinds `out`: the previous outputs go.
                 model::Moment::Returned => returned_prev.clear(),
             };
-            let model::Forward { returned, loss } = net.forward(&held.batch, &mut moment)?;
+            // SAFETY: `held` (declared after `net`, so dropped first) is the only keeper of
+            // the graph's tensors, and `net` does not move while training runs.
+            let model::Forward { returned, loss } = unsafe { net.forward(&held.batch, &mut moment)? };
             drop(returned_prev);
             // `loss = loss_fn(out, y) / accumulation`: the quotient is what the loop keeps.
             let loss = if plan.accumulation > 1 { loss.f_div_scalar(plan.accumulation as f64)? } else { loss };
@@ -388,6 +390,9 @@ pub fn train(
             });
         }
     }
+    // The loop's last references go before the `Net` whose checkpoints they may hold.
+    drop(held);
+    drop(net);
     Ok(Summary {
         steps: plan.total_steps(),
         micro_batches,

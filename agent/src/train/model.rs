@@ -11,6 +11,7 @@
 //! its own. The region itself runs here, through [`region_callback`].
 
 use std::ffi::c_void;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use shared::graph::{Graph, Init, Op, Param, Region};
 use tch::{Device, Kind, Tensor};
@@ -169,9 +170,10 @@ pub struct Net {
     last_use: Vec<Option<usize>>,
     /// Values the loop keeps past their last use: the returned outputs and the loss.
     kept: Vec<bool>,
-    /// Seeds the checkpointed regions' dropout: the base seed, and a counter of passes.
+    /// Seeds the checkpointed regions' dropout: the base seed, and a counter of passes
+    /// (atomic: a checkpoint's backward may call back from autograd's device thread).
     seed: u64,
-    calls: std::cell::Cell<u64>,
+    calls: AtomicU64,
 }
 
 impl Net {
@@ -202,7 +204,7 @@ impl Net {
             last_use,
             kept,
             seed,
-            calls: std::cell::Cell::new(0),
+            calls: AtomicU64::new(0),
         })
     }
 
@@ -214,7 +216,7 @@ impl Net {
     /// and its recompute (as `preserve_rng_state`), different across regions and passes.
     fn region_seed(&self, r: usize) -> i64 {
         let mix = self.seed
-            ^ self.calls.get().wrapping_mul(0x9E37_79B9_7F4A_7C15)
+            ^ self.calls.load(Ordering::Relaxed).wrapping_mul(0x9E37_79B9_7F4A_7C15)
             ^ (r as u64).wrapping_mul(0xBF58_476D_1CE4_E5B9);
         (mix >> 1) as i64
     }
@@ -473,8 +475,13 @@ impl Net {
 
     /// One forward pass through the model and the loss. `inputs` are the graph's input
     /// values, in order; the result holds the returned values and the loss.
-    pub fn forward(&self, inputs: &[Tensor], moment: &mut dyn FnMut(Moment)) -> Result<Forward, TrainError> {
-        self.calls.set(self.calls.get().wrapping_add(1));
+    ///
+    /// # Safety
+    /// A checkpointed region's autograd node calls back into this `Net`: it must outlive
+    /// the returned tensors' graph (run the backward, or drop every tensor of the result,
+    /// before the `Net` goes) and must not move meanwhile.
+    pub unsafe fn forward(&self, inputs: &[Tensor], moment: &mut dyn FnMut(Moment)) -> Result<Forward, TrainError> {
+        self.calls.fetch_add(1, Ordering::Relaxed);
         let g = &self.graph;
         let mut vals: Vec<Option<Tensor>> = (0..g.values.len()).map(|_| None).collect();
         for (&(v, _), t) in g.inputs.iter().zip(inputs) {
@@ -515,11 +522,16 @@ impl Net {
                     vals[v] = None;
                 }
             }
-            let cuda = self.device != Device::Cpu;
-            // SAFETY: `self` outlives the graph: `step` runs the backward (or drops the
-            // graph on an error) before it returns, and nothing moves `self` meanwhile.
+            let cuda = match self.device {
+                Device::Cuda(i) => Some(i),
+                _ => None,
+            };
+            let differentiable: Vec<bool> =
+                self.region_outputs[r].iter().map(|&v| self.graph.values[v].requires_grad).collect();
+            // SAFETY: `forward`'s contract: `self` outlives the graph the outputs carry and
+            // does not move; `region_callback` only reads it.
             let outs = unsafe {
-                ffi::checkpoint(region_callback, self as *const Net as *mut c_void, r, cuda, &inputs)
+                ffi::checkpoint(region_callback, self as *const Net as *mut c_void, r, cuda, &inputs, &differentiable)
                     .map_err(|e| TrainError::from(tch::TchError::Torch(e)))?
             };
             drop(inputs);
@@ -645,8 +657,10 @@ mod checkpoint_tests {
         tch::manual_seed(2);
         let x = Tensor::f_randn([2, 8], (Kind::Float, Device::Cpu))?;
         let y = Tensor::from_slice(&[1i64, 3]);
-        let out = net.forward(&[x, y], &mut |_| {})?;
+        // SAFETY: the backward runs and the result goes before `net`.
+        let out = unsafe { net.forward(&[x, y], &mut |_| {})? };
         out.loss.f_backward()?;
+        drop(out);
         Ok(net.trainable().map(|p| p.grad()).collect())
     }
 
