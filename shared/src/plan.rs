@@ -960,6 +960,20 @@ mod tests {
     }
 
     #[test]
+    fn with_a_byte_limit_and_a_memory_fraction_the_tighter_cap_applies() {
+        let gib = 1u64 << 30;
+        let mut plan = Plan { memory_limit_bytes: Some(10 * gib), memory_fraction: Some(0.5), ..Plan::example_mlp() };
+        plan.resolve_memory_fraction(16 * gib);
+        assert_eq!(plan.memory_limit_bytes, Some(8 * gib), "half of 16 GiB is tighter than 10 GiB");
+        let mut plan = Plan { memory_limit_bytes: Some(10 * gib), memory_fraction: Some(0.9), ..Plan::example_mlp() };
+        plan.resolve_memory_fraction(16 * gib);
+        assert_eq!(plan.memory_limit_bytes, Some(10 * gib), "10 GiB is tighter than 90 % of 16 GiB");
+        let mut plan = Plan { memory_fraction: Some(0.25), ..Plan::example_mlp() };
+        plan.resolve_memory_fraction(16 * gib);
+        assert_eq!(plan.memory_limit_bytes, Some(4 * gib));
+    }
+
+    #[test]
     fn cnn_needs_an_image_and_enough_pixels() {
         let mut plan =
             Plan { model: ModelSpec::SmallCnn { channels: vec![16, 32] }, classes: 10, ..Plan::example_cnn() };

@@ -190,6 +190,9 @@ pub(crate) struct Engine<'g> {
     left: Vec<usize>,
     /// While a reentrant checkpoint recomputes: the slots its detached inputs give.
     redirect: BTreeMap<usize, usize>,
+    /// The first value an op read that the walk no longer held: an inconsistency in the
+    /// graph or the rules, reported as an error instead of a smaller figure.
+    pub lost: std::cell::Cell<Option<usize>>,
 }
 
 impl<'g> Engine<'g> {
@@ -227,6 +230,7 @@ impl<'g> Engine<'g> {
             recomputing: false,
             left: vec![0],
             redirect: BTreeMap::new(),
+            lost: std::cell::Cell::new(None),
         }
     }
 
@@ -352,15 +356,20 @@ impl<'g> Engine<'g> {
     pub fn read(&self, sim: &mut Sim, v: usize) -> Read {
         let t = match self.vals[v].as_ref() {
             Some(t) => Engine::share(sim, t),
-            // A value the walk lost is a graph bug; a zero-byte stand-in keeps the
-            // simulation going and the graph tests catch it.
-            None => Ten {
-                st: Tensor::NONE,
-                shape: self.g.values[v].shape.clone(),
-                strides: layout::contiguous(&self.g.values[v].shape),
-                esize: self.g.values[v].dtype.size(),
-                view: true,
-            },
+            // A value the walk lost: recorded (the estimate then fails), and a zero-byte
+            // stand-in lets the walk finish.
+            None => {
+                if self.lost.get().is_none() {
+                    self.lost.set(Some(v));
+                }
+                Ten {
+                    st: Tensor::NONE,
+                    shape: self.g.values[v].shape.clone(),
+                    strides: layout::contiguous(&self.g.values[v].shape),
+                    esize: self.g.values[v].dtype.size(),
+                    view: true,
+                }
+            }
         };
         let slot = (self.grad_mode && self.g.values[v].requires_grad)
             .then(|| self.redirect.get(&v).copied().unwrap_or_else(|| self.slot(v)));

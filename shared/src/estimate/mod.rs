@@ -397,6 +397,16 @@ fn walk(
         }
     }
 
+    if let Some(v) = engine.lost.get() {
+        let node = graph.producer().get(v).copied().flatten();
+        return Err(PlanError::Invalid {
+            field: "model",
+            reason: format!(
+                "internal: the estimate lost value {v} ({}) before a later op read it; please report this plan",
+                node.map_or("an input".to_owned(), |n| format!("output of node {n}, {}", graph.nodes[n].op.name()))
+            ),
+        });
+    }
     sim.set_phase(Phase::OptimizerStep);
     sim.set_label("optimizer", None);
     optimizer::step(&mut sim, &plan.optimizer, update, &trainable);
