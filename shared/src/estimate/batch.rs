@@ -64,9 +64,7 @@ pub fn bind_loss(sim: &mut Sim, e: &mut Engine, g: &Graph, mut held: Held, accum
     if let Some(t) = held.loss.take() {
         sim.release(t);
     }
-    if accumulation > 1
-        && let Some(l) = e.vals[g.loss].as_ref()
-    {
+    if accumulation > 1 && e.vals[g.loss].is_some() {
         // The divided loss is the one backward starts from; the quotient of a scalar.
         let scaled = Ten {
             st: sim.alloc(F32, Category::Activations),
@@ -75,7 +73,6 @@ pub fn bind_loss(sim: &mut Sim, e: &mut Engine, g: &Graph, mut held: Held, accum
             esize: F32,
             view: false,
         };
-        let _ = l;
         e.set_value(sim, g.loss, &scaled);
         Engine::release(sim, scaled);
     }

@@ -622,7 +622,7 @@ impl<'g> Engine<'g> {
         let grads = match self.tape[k].bwd {
             Bwd::Checkpoint { region } => {
                 self.tape[k].done = true;
-                self.checkpoint_backward(sim, k, region, &gouts)
+                self.checkpoint_backward(sim, region, &gouts)
             }
             _ => super::rules::backward(self, sim, k, &gouts),
         };
@@ -701,28 +701,26 @@ impl<'g> Engine<'g> {
         self.grad_mode = false;
         self.forward(sim, range);
         self.grad_mode = true;
-        if range_end_is_region_end(self, r) {
-            let outs = self.region_outputs(r);
-            let reads: Vec<Read> = self.kept[r]
-                .iter()
-                .map(|(v, t)| Read { t: t.clone(), slot: self.g.values[*v].requires_grad.then(|| self.slot(*v)) })
-                .collect();
-            let out_meta = outs.iter().map(|&v| self.vals[v].as_ref().map(Ten::meta).unwrap_or_default()).collect();
-            let any = reads.iter().any(|r| r.slot.is_some())
-                || self.g.nodes[self.regions[r].nodes.clone()].iter().any(|n| matches!(n.op, Op::Param));
-            if any {
-                self.tape.push(TapeNode {
-                    node: self.regions[r].nodes.end - 1,
-                    bwd: Bwd::Checkpoint { region: r },
-                    saved: Vec::new(),
-                    outs: outs.iter().map(|&v| self.slot(v)).collect(),
-                    ins: reads.iter().map(|r| r.slot).collect(),
-                    in_meta: reads.iter().map(|r| r.t.meta()).collect(),
-                    out_meta,
-                    pending: None,
-                    done: false,
-                });
-            }
+        let outs = self.region_outputs(r);
+        let reads: Vec<Read> = self.kept[r]
+            .iter()
+            .map(|(v, t)| Read { t: t.clone(), slot: self.g.values[*v].requires_grad.then(|| self.slot(*v)) })
+            .collect();
+        let out_meta = outs.iter().map(|&v| self.vals[v].as_ref().map(Ten::meta).unwrap_or_default()).collect();
+        let any = reads.iter().any(|r| r.slot.is_some())
+            || self.g.nodes[self.regions[r].nodes.clone()].iter().any(|n| matches!(n.op, Op::Param));
+        if any {
+            self.tape.push(TapeNode {
+                node: self.regions[r].nodes.end - 1,
+                bwd: Bwd::Checkpoint { region: r },
+                saved: Vec::new(),
+                outs: outs.iter().map(|&v| self.slot(v)).collect(),
+                ins: reads.iter().map(|r| r.slot).collect(),
+                in_meta: reads.iter().map(|r| r.t.meta()).collect(),
+                out_meta,
+                pending: None,
+                done: false,
+            });
         }
     }
 
@@ -730,7 +728,7 @@ impl<'g> Engine<'g> {
     /// its inputs, then a backward of its own from its outputs with the gradients they
     /// received (held, with the recomputed outputs, until it returns); the inputs'
     /// gradients come back through their leaves.
-    fn checkpoint_backward(&mut self, sim: &mut Sim, k: usize, r: usize, gouts: &[Option<Ten>]) -> Vec<Option<Ten>> {
+    fn checkpoint_backward(&mut self, sim: &mut Sim, r: usize, gouts: &[Option<Ten>]) -> Vec<Option<Ten>> {
         let range = self.regions[r].nodes.clone();
         let kept: Vec<(usize, Ten)> = self.kept[r].iter().map(|(v, t)| (*v, Engine::share(sim, t))).collect();
         let mut leaves = Vec::new();
@@ -789,7 +787,6 @@ impl<'g> Engine<'g> {
         for (_, t) in std::mem::take(&mut self.kept[r]) {
             Engine::release(sim, t);
         }
-        let _ = k;
         out
     }
 
@@ -837,10 +834,8 @@ impl<'g> Engine<'g> {
         let produced_before: Vec<bool> = saved_before.iter().map(Option::is_some).collect();
         let last_saving = pending.iter().rev().map(|&k| self.tape[k].node).find(|&n| rules_save(self.g, n));
         let end = last_saving.map_or(range.start, |n| n + 1).min(range.end);
-        let phase_amp = self.amp;
         self.forward(sim, range.start..end);
         self.clear_casts(sim);
-        let _ = phase_amp;
         // Pair the recomputed nodes with the pending ones, node by node, in order.
         let fresh: Vec<TapeNode> = self.tape.drain(tape_len..).collect();
         let mut by_node: BTreeMap<usize, Vec<TapeNode>> = BTreeMap::new();
@@ -895,10 +890,6 @@ impl<'g> Engine<'g> {
 }
 
 /// Whether this forward chunk ends region `r` (the driver runs regions in pieces).
-fn range_end_is_region_end(e: &Engine, r: usize) -> bool {
-    let _ = (e, r);
-    true
-}
 
 /// Whether graph node `n`'s rule saves tensors for backward (its recompute matters).
 fn rules_save(g: &Graph, n: usize) -> bool {

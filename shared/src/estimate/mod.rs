@@ -386,7 +386,7 @@ fn walk(
         }
         sim.set_phase(Phase::Backward);
         sim.set_label("backward", None);
-        backward(&mut sim, &mut engine, graph, &regions, style, &held);
+        backward(&mut sim, &mut engine, graph);
         sim.set_label("end of backward", None);
         engine.finish_backward(&mut sim);
         sim.set_label("end of micro-batch", None);
@@ -534,18 +534,9 @@ fn run_region(
     phase_at(sim, range.end);
 }
 
-/// The backward pass from the loss: one pass (no or non-reentrant checkpointing), or the
-/// trainer's reentrant scheme, a pass from the loss and then one call per checkpointed
-/// region in reverse.
-fn backward(
-    sim: &mut Sim,
-    e: &mut Engine,
-    graph: &Graph,
-    regions: &[crate::graph::Region],
-    style: Recompute,
-    held: &batch::Held,
-) {
-    let _ = (held, regions, style);
+/// `loss.backward()`: one pass over the tape from the loss; checkpointed regions recompute
+/// inside it (non-reentrant: at their first node; reentrant: in their Function's node).
+fn backward(sim: &mut Sim, e: &mut Engine, graph: &Graph) {
     e.seed(sim, graph.loss);
     e.backward(sim, 0);
     e.flush_param_grads(sim);

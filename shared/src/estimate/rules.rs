@@ -281,7 +281,7 @@ pub(crate) fn forward(e: &mut Engine, sim: &mut Sim, i: usize) -> Vec<Ten> {
             vec![o]
         }
         Op::Attention { causal, dropout, .. } => super::attention::forward(e, sim, i, &inputs, causal, dropout),
-        Op::ShiftedWindowMask { padded, window, .. } => {
+        Op::ShiftedWindowMask { padded, .. } => {
             // MONAI's compute_mask: a zero image of the padded volume filled region by
             // region, its window partition (a copy), the pairwise difference, `!= 0`, a
             // masked fill, `== 0`, a second masked fill; only the last survives.
@@ -297,7 +297,6 @@ pub(crate) fn forward(e: &mut Engine, sim: &mut Sim, i: usize) -> Vec<Ten> {
             for t in [eq, first, ne, diff, part, img] {
                 sim.release(t);
             }
-            let _ = window;
             vec![o]
         }
         Op::NllLoss { .. } => {
@@ -508,14 +507,12 @@ fn linear(e: &mut Engine, sim: &mut Sim, i: usize, inputs: &[usize], bias: bool)
     };
     let o = e.alloc_contig(sim, &shape, esize, ACT);
     onednn_half_product(e, sim, numel(&shape), esize);
-    let any = needs(&x) || needs(&w) || b.as_ref().is_some_and(needs);
     let mut saved = keep(sim, &x2, needs(&w));
     saved.extend(keep(sim, &w.t, needs(&x)));
     let mut reads = vec![&x, &w];
     if let Some(b) = b.as_ref() {
         reads.push(b);
     }
-    let _ = any;
     record(e, sim, i, saved, &reads, &[&o]);
     if let Some(t) = e.tape.last_mut()
         && t.node == i
