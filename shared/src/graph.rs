@@ -928,7 +928,7 @@ impl Builder {
         let nd = self.spatial_dims("conv", &shape)?;
         let cin = shape[1];
         let (o, params) = self.scope(name, |b| -> R<(Shape, Vec<usize>)> {
-            if groups == 0 || cin % groups != 0 || out % groups != 0 {
+            if groups == 0 || !cin.is_multiple_of(groups) || !out.is_multiple_of(groups) {
                 return Err(b.err("conv", format!("{groups} groups must divide {cin} input and {out} output channels")));
             }
             let mut o = vec![shape[0], out];
@@ -1334,6 +1334,7 @@ impl Builder {
 
     /// Scaled dot-product attention over `[B, H, N, hd]` queries and `[B, H, S, hd]` keys
     /// and values, with an optional additive mask that broadcasts to `[B, H, N, S]`.
+    #[allow(clippy::too_many_arguments)]
     pub fn attention(
         &mut self,
         q: usize,

@@ -117,6 +117,7 @@ pub(crate) fn forward(
 }
 
 /// A part of the math path as its own autograd node, reading from slots `ins` into `out`.
+#[allow(clippy::too_many_arguments)]
 fn part(
     e: &mut Engine,
     sim: &mut Sim,

@@ -889,8 +889,6 @@ impl<'g> Engine<'g> {
     }
 }
 
-/// Whether this forward chunk ends region `r` (the driver runs regions in pieces).
-
 /// Whether graph node `n`'s rule saves tensors for backward (its recompute matters).
 fn rules_save(g: &Graph, n: usize) -> bool {
     !matches!(

@@ -496,15 +496,10 @@ fn linear(e: &mut Engine, sim: &mut Sim, i: usize, inputs: &[usize], bias: bool)
     let esize = if e.amp { HALF } else { x.t.esize };
     let rows = numel(&x.t.shape[..x.t.shape.len() - 1]);
     let inf = *x.t.shape.last().unwrap_or(&1);
-    // The 2-D operand mm/addmm sees: the input itself (2-D), a view (contiguous input
-    // with a bias, the fused path), or matmul's reshape (a copy when it cannot view).
-    let (x2, copied) = if x.t.shape.len() == 2 {
-        (share(sim, &x.t), false)
-    } else if bias && x.t.contiguous() {
-        e.reshape(sim, &x.t, &[rows, inf], ACT)
-    } else {
-        e.reshape(sim, &x.t, &[rows, inf], ACT)
-    };
+    // The 2-D operand mm/addmm sees: the input itself (2-D), else its reshape to
+    // `[rows, in]` (a view when the layout allows, else a copy), with or without a bias.
+    let (x2, copied) =
+        if x.t.shape.len() == 2 { (share(sim, &x.t), false) } else { e.reshape(sim, &x.t, &[rows, inf], ACT) };
     let o = e.alloc_contig(sim, &shape, esize, ACT);
     onednn_half_product(e, sim, numel(&shape), esize);
     let mut saved = keep(sim, &x2, needs(&w));
@@ -986,16 +981,17 @@ pub(crate) fn backward(e: &mut Engine, sim: &mut Sim, k: usize, gouts: &[Option<
             if e.tape[k].ins[0].is_none() {
                 return none;
             }
+            // The gradient broadcast back over the reduced dimensions (stride 0).
             let mut strides = vec![0u64; m.shape.len()];
             let mut gi = 0;
-            for d in 0..m.shape.len() {
+            for (d, stride) in strides.iter_mut().enumerate() {
                 if dims.contains(&d) {
                     if keepdim {
                         gi += 1;
                     }
                     continue;
                 }
-                strides[d] = g.strides.get(gi).copied().unwrap_or(0);
+                *stride = g.strides.get(gi).copied().unwrap_or(0);
                 gi += 1;
             }
             let v = Engine::view_of(sim, g, m.shape.clone(), strides);

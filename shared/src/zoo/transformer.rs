@@ -10,7 +10,7 @@ use crate::graph::{Builder, Checkpoint, DType, Graph, GraphError, Init, InputKin
 type R<T> = Result<T, GraphError>;
 
 fn heads_divide(key: &str, width: u64, heads: u64) -> Result<(), ZooError> {
-    if heads == 0 || width % heads != 0 {
+    if heads == 0 || !width.is_multiple_of(heads) {
         return Err(value_err(key, format!("{heads} heads must divide the width {width}")));
     }
     Ok(())
