@@ -16,9 +16,6 @@ use shared::plan::Plan;
 
 use crate::probe::{Outcome, measure};
 
-/// `(model, settings)` pairs; settings are `--set` pairs.
-type Config = (&'static str, &'static [(&'static str, &'static str)]);
-
 const VIT_SMALL: [(&str, &str); 7] = [
     ("image", "128"),
     ("patch_size", "16"),
@@ -95,57 +92,31 @@ fn cpu_configs() -> Vec<(String, Vec<(String, String)>)> {
     out
 }
 
-/// The five workloads of WORKLOADS.md at their real sizes, before and after the users'
-/// hand fixes, for a GPU machine.
-const CUDA_CONFIGS: [Config; 10] = [
-    ("swin_unetr", &[("feature_size", "48"), ("volume", "96"), ("batch", "2"), ("accum", "2"), ("optimizer", "adamw")]),
-    (
-        "swin_unetr",
-        &[
-            ("feature_size", "36"),
-            ("volume", "64"),
-            ("batch", "1"),
-            ("accum", "8"),
-            ("checkpoint", "blocks"),
-            ("precision", "fp16"),
-            ("expandable_segments", "true"),
-            ("optimizer", "adamw"),
-        ],
-    ),
-    ("seresnext50_32x4d", &[("image", "224"), ("batch", "64"), ("optimizer", "momentum")]),
-    ("seresnext50_32x4d", &[("image", "224"), ("batch", "8"), ("accum", "8"), ("optimizer", "momentum")]),
-    ("unet2d", &[("image", "1024"), ("in_channels", "3"), ("batch", "4"), ("optimizer", "adam")]),
-    (
-        "unet2d",
-        &[
-            ("image", "1024"),
-            ("in_channels", "3"),
-            ("batch", "1"),
-            ("accum", "4"),
-            ("precision", "fp16"),
-            ("optimizer", "adam"),
-        ],
-    ),
-    (
-        "unet3d",
-        &[
-            ("volume", "72,136,136"),
-            ("channels", "16,32,64,128"),
-            ("strides", "2,2,2"),
-            ("batch", "2"),
-            ("workers", "4"),
-            ("prefetch", "2"),
-            ("distance_loss_every", "4"),
-            ("optimizer", "adamw"),
-        ],
-    ),
-    ("clip", &[("batch", "96"), ("precision", "fp16"), ("optimizer", "adamw")]),
-    (
-        "clip",
-        &[("batch", "16"), ("accum", "8"), ("precision", "fp16"), ("memory_fraction", "0.95"), ("optimizer", "adamw")],
-    ),
-    ("gpt2", &[("batch", "8"), ("optimizer", "adamw"), ("precision", "bf16")]),
+/// The five workloads of docs/workloads.md at their real sizes, before and after their
+/// users' hand fixes, for a GPU machine: the plan files in `examples/`, embedded.
+const PRESETS: [(&str, &str); 10] = [
+    ("w1-before", include_str!("../../examples/w1-before.yaml")),
+    ("w1-after", include_str!("../../examples/w1-after.yaml")),
+    ("w2-before", include_str!("../../examples/w2-before.yaml")),
+    ("w2-after", include_str!("../../examples/w2-after.yaml")),
+    ("w3-before", include_str!("../../examples/w3-before.yaml")),
+    ("w3-after", include_str!("../../examples/w3-after.yaml")),
+    ("w4-before", include_str!("../../examples/w4-before.yaml")),
+    ("w4-after", include_str!("../../examples/w4-after.yaml")),
+    ("w5-before", include_str!("../../examples/w5-before.yaml")),
+    ("w5-after", include_str!("../../examples/w5-after.yaml")),
 ];
+
+/// The presets as (label, plan).
+fn presets() -> anyhow::Result<Vec<(String, Plan)>> {
+    PRESETS
+        .iter()
+        .map(|(name, text)| {
+            let plan = Plan::from_text(text).map_err(|e| anyhow::anyhow!("examples/{name}.yaml: {e}"))?;
+            Ok(((*name).to_owned(), plan))
+        })
+        .collect()
+}
 
 fn plan_for(model: &str, pairs: &[(String, String)]) -> anyhow::Result<Plan> {
     let mut plan = Plan::zoo(model);
@@ -257,22 +228,28 @@ fn cpu_model() -> String {
 
 pub async fn run(device: &str, steps: u64, out: &Path, exe: PathBuf) -> anyhow::Result<()> {
     let cuda = device.starts_with("cuda");
-    let configs: Vec<(String, Vec<(String, String)>)> = if cuda {
-        CUDA_CONFIGS
-            .iter()
-            .map(|(m, s)| ((*m).to_owned(), s.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect()))
+    // (model, settings shown, plan): the CPU set from `--set` pairs, the GPU set from
+    // the preset files.
+    let configs: Vec<(String, Vec<String>, Plan)> = if cuda {
+        presets()?
+            .into_iter()
+            .map(|(name, plan)| (plan.model_name().to_owned(), vec![format!("examples/{name}.yaml")], plan))
             .collect()
     } else {
         cpu_configs()
+            .into_iter()
+            .map(|(model, pairs)| {
+                let plan = plan_for(&model, &pairs)?;
+                Ok((model, pairs.iter().map(|(k, v)| format!("{k}={v}")).collect(), plan))
+            })
+            .collect::<anyhow::Result<_>>()?
     };
     let started = std::time::Instant::now();
     let mut rows = String::new();
     let mut errors = Vec::new();
     let mut reserved_errors = Vec::new();
-    for (i, (model, pairs)) in configs.iter().enumerate() {
-        let settings: Vec<String> = pairs.iter().map(|(k, v)| format!("{k}={v}")).collect();
-        let plan = plan_for(model, pairs)?;
-        eprintln!("[{}/{}] {model} {}", i + 1, configs.len(), settings.join(" "));
+    for (i, (model, settings, plan)) in configs.into_iter().enumerate() {
+        eprintln!("[{}] {model} {}", i + 1, settings.join(" "));
         let t0 = std::time::Instant::now();
         match measure(plan, device, steps, exe.clone()).await {
             Ok(Outcome { estimate, summary, device_used_peak, .. }) => {
@@ -400,10 +377,7 @@ mod tests {
         for (model, pairs) in &cpu {
             plan_for(model, pairs).unwrap_or_else(|e| panic!("{model} {pairs:?}: {e}"));
         }
-        for (model, pairs) in CUDA_CONFIGS {
-            let pairs: Vec<(String, String)> = pairs.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect();
-            plan_for(model, &pairs).unwrap_or_else(|e| panic!("{model} {pairs:?}: {e}"));
-        }
+        assert_eq!(presets().expect("every preset is a valid plan").len(), 10);
     }
 
     #[test]

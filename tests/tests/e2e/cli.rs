@@ -149,3 +149,33 @@ fn probe_measures_the_real_trainer_next_to_the_estimate() -> anyhow::Result<()> 
     }
     Ok(())
 }
+
+/// Every plan file in examples/ loads and estimates, and the W1 presets tell W1's story:
+/// what its users ran first does not fit a 16 GB card, what they ended with does.
+#[test]
+fn every_example_plan_estimates_and_w1_tells_its_story() -> anyhow::Result<()> {
+    let dir = headroom_tests::repo_root().join("examples");
+    let mut seen = 0;
+    for entry in std::fs::read_dir(&dir)? {
+        let path = entry?.path();
+        let name = path.file_name().and_then(|n| n.to_str()).unwrap_or_default().to_owned();
+        if !(name.ends_with(".yaml") || name.ends_with(".json")) {
+            continue;
+        }
+        let (code, out, err) = cli(&["estimate", "--plan", path.to_str().unwrap_or_default(), "--json"])?;
+        assert_eq!(code, 0, "{name}: {err}");
+        let v: serde_json::Value = serde_json::from_str(&out)?;
+        assert!(v["peak_bytes"].as_u64().is_some_and(|b| b > 0), "{name}: {v}");
+        seen += 1;
+    }
+    assert!(seen >= 12, "the examples and the ten W1-W5 presets, found {seen}");
+    let fits = |file: &str| -> anyhow::Result<bool> {
+        let (code, out, err) = cli(&["estimate", "--plan", file, "--gpu", "v100-16gb", "--json"])?;
+        anyhow::ensure!(code == 0, "{file}: {err}");
+        let v: serde_json::Value = serde_json::from_str(&out)?;
+        v["fits"].as_bool().ok_or_else(|| anyhow::anyhow!("{file}: no fits in {v}"))
+    };
+    assert!(!fits("examples/w1-before.yaml")?, "W1 as first run does not fit 16 GB");
+    assert!(fits("examples/w1-after.yaml")?, "W1 after the fixes fits");
+    Ok(())
+}
