@@ -94,18 +94,7 @@ pub(crate) fn forward(
     if let Some(m) = mask.as_ref() {
         reads.push(m);
     }
-    let ins = reads.iter().map(|r| r.slot).collect();
-    let in_meta = reads.iter().map(|r| r.t.meta()).collect();
-    let recorded = e.push(Bwd::Node, Vec::new(), vec![e.g.nodes[i].output()], ins, in_meta, vec![out.meta()]);
-    if recorded && e.pending.is_none() {
-        if let Some(t) = e.tape.last_mut() {
-            t.saved = saved;
-        }
-    } else {
-        for t in saved {
-            Engine::release(sim, t);
-        }
-    }
+    super::rules::record(e, sim, i, saved, &reads, &[&out]);
     Engine::release(sim, lse);
     for r in [q, k, v] {
         Engine::release(sim, r.t);
@@ -128,16 +117,7 @@ fn part(
     in_meta: Vec<Meta>,
     out_meta: Meta,
 ) {
-    let recorded = e.push(Bwd::Part(p), Vec::new(), vec![out], ins, in_meta, vec![out_meta]);
-    if recorded && e.pending.is_none() {
-        if let Some(t) = e.tape.last_mut() {
-            t.saved = saved;
-        }
-    } else {
-        for t in saved {
-            Engine::release(sim, t);
-        }
-    }
+    e.push_saving(sim, Bwd::Part(p), saved, vec![out], ins, in_meta, vec![out_meta]);
 }
 
 #[allow(clippy::too_many_arguments)]

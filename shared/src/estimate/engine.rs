@@ -173,6 +173,8 @@ pub(crate) struct Engine<'g> {
     pub recompute: Option<Recompute>,
     /// Inputs a checkpointed region keeps for its recompute.
     pub kept: Vec<Vec<(usize, Ten)>>,
+    /// What each region hands on (`Graph::region_outputs`), computed once.
+    region_outs: Vec<Vec<usize>>,
     /// Whether the forward records autograd nodes (off in a reentrant region's forward).
     pub grad_mode: bool,
     /// Whether recorded nodes keep their saved tensors (off in a non-reentrant
@@ -223,6 +225,7 @@ impl<'g> Engine<'g> {
             region_of: vec![0; g.nodes.len()],
             recompute: None,
             kept: vec![Vec::new()],
+            region_outs: vec![Vec::new()],
             grad_mode: true,
             pending: None,
             leaf: vec![false; slots],
@@ -244,6 +247,7 @@ impl<'g> Engine<'g> {
         }
         self.kept = vec![Vec::new(); regions.len()];
         self.left = vec![0; regions.len()];
+        self.region_outs = regions.iter().map(|r| self.g.region_outputs(r)).collect();
         self.regions = regions;
         self.recompute = Some(style);
     }
@@ -457,6 +461,31 @@ impl<'g> Engine<'g> {
             done: false,
         });
         true
+    }
+
+    /// `push`, then the node keeps `saved` — unless no node was recorded (no input needs a
+    /// gradient) or it waits in a non-reentrant checkpointed region (its recompute will
+    /// save them): then they are released.
+    #[allow(clippy::too_many_arguments)]
+    pub fn push_saving(
+        &mut self,
+        sim: &mut Sim,
+        bwd: Bwd,
+        saved: Vec<Ten>,
+        outs: Vec<usize>,
+        ins: Vec<Option<usize>>,
+        in_meta: Vec<Meta>,
+        out_meta: Vec<Meta>,
+    ) {
+        let recorded = self.push(bwd, Vec::new(), outs, ins, in_meta, out_meta);
+        match self.tape.last_mut() {
+            Some(t) if recorded && self.pending.is_none() => t.saved = saved,
+            _ => {
+                for t in saved {
+                    Engine::release(sim, t);
+                }
+            }
+        }
     }
 
     // --- the forward pass -------------------------------------------------------------
@@ -691,7 +720,7 @@ impl<'g> Engine<'g> {
 
     /// The values region `r` produces that later nodes (or the loop) read.
     pub fn region_outputs(&self, r: usize) -> Vec<usize> {
-        self.g.region_outputs(&self.regions[r])
+        self.region_outs[r].clone()
     }
 
     /// A reentrant checkpoint's forward: the region runs without autograd, keeping its
@@ -891,30 +920,23 @@ impl<'g> Engine<'g> {
 
 /// Whether graph node `n`'s rule saves tensors for backward (its recompute matters).
 fn rules_save(g: &Graph, n: usize) -> bool {
-    !matches!(
-        g.nodes[n].op,
-        Op::Add
-            | Op::AddInplace
-            | Op::AddScalar { .. }
-            | Op::Sub
-            | Op::View { .. }
-            | Op::Reshape { .. }
-            | Op::Permute { .. }
-            | Op::Transpose { .. }
-            | Op::Unsqueeze { .. }
-            | Op::Squeeze { .. }
-            | Op::Expand { .. }
-            | Op::Contiguous
-            | Op::Clone
-            | Op::Select { .. }
-            | Op::Slice { .. }
-            | Op::Split { .. }
-            | Op::Cat { .. }
-            | Op::Pad { .. }
-            | Op::Roll { .. }
-            | Op::MulScalar { .. }
-            | Op::RsubScalar { .. }
-            | Op::Param
-            | Op::ShiftedWindowMask { .. }
-    )
+    let op = &g.nodes[n].op;
+    !op.is_view()
+        && !matches!(
+            op,
+            Op::Add
+                | Op::AddInplace
+                | Op::AddScalar { .. }
+                | Op::Sub
+                | Op::Reshape { .. }
+                | Op::Contiguous
+                | Op::Clone
+                | Op::Cat { .. }
+                | Op::Pad { .. }
+                | Op::Roll { .. }
+                | Op::MulScalar { .. }
+                | Op::RsubScalar { .. }
+                | Op::Param
+                | Op::ShiftedWindowMask { .. }
+        )
 }

@@ -23,21 +23,12 @@ fn out_slots(e: &Engine, i: usize) -> Vec<usize> {
 /// Records node `i`'s autograd node with these saved tensors and reads. The saved
 /// tensors are released when no node is recorded (no gradient needed) or when the node
 /// sits in a non-reentrant checkpointed region (its recompute will save them).
-fn record(e: &mut Engine, sim: &mut Sim, i: usize, saved: Vec<Ten>, reads: &[&Read], outs: &[&Ten]) {
+pub(crate) fn record(e: &mut Engine, sim: &mut Sim, i: usize, saved: Vec<Ten>, reads: &[&Read], outs: &[&Ten]) {
     let ins = reads.iter().map(|r| r.slot).collect();
     let in_meta = reads.iter().map(|r| r.t.meta()).collect();
     let out_meta = outs.iter().map(|t| t.meta()).collect();
     let slots = out_slots(e, i);
-    let recorded = e.push(Bwd::Node, Vec::new(), slots, ins, in_meta, out_meta);
-    if recorded && e.pending.is_none() {
-        if let Some(t) = e.tape.last_mut() {
-            t.saved = saved;
-        }
-    } else {
-        for t in saved {
-            Engine::release(sim, t);
-        }
-    }
+    e.push_saving(sim, Bwd::Node, saved, slots, ins, in_meta, out_meta);
 }
 
 fn release(sim: &mut Sim, r: Read) {
@@ -214,6 +205,7 @@ pub(crate) fn forward(e: &mut Engine, sim: &mut Sim, i: usize) -> Vec<Ten> {
             release(sim, x);
             vec![o]
         }
+        // Listed, not `op.is_view()`: the match stays exhaustive, so a new op needs a rule.
         Op::View { .. }
         | Op::Reshape { .. }
         | Op::Permute { .. }

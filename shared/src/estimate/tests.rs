@@ -16,6 +16,7 @@ fn zoo(model: &str, pairs: &[(&str, &str)]) -> Plan {
 
 const GPT2_TINY: [(&str, &str); 6] =
     [("n_layer", "2"), ("n_embd", "128"), ("n_head", "4"), ("seq", "64"), ("vocab_size", "1000"), ("batch", "2")];
+const SWIN_TINY: [(&str, &str); 4] = [("volume", "64"), ("feature_size", "12"), ("batch", "1"), ("optimizer", "adamw")];
 const VIT_TINY: [(&str, &str); 8] = [
     ("image", "64"),
     ("patch_size", "16"),
@@ -305,34 +306,13 @@ fn trainer_estimates_match_measured_cpu_peaks() {
             vec![("image", "64"), ("batch", "4"), ("optimizer", "momentum"), ("precision", "bf16")],
             145_934_316,
         ),
+        ("swin_unetr", [SWIN_TINY.as_slice(), &[("onednn", "false")]].concat(), 1_606_713_672),
         (
             "swin_unetr",
-            vec![("volume", "64"), ("feature_size", "12"), ("batch", "1"), ("optimizer", "adamw"), ("onednn", "false")],
-            1_606_713_672,
-        ),
-        (
-            "swin_unetr",
-            vec![
-                ("volume", "64"),
-                ("feature_size", "12"),
-                ("batch", "1"),
-                ("optimizer", "adamw"),
-                ("checkpoint", "blocks"),
-                ("onednn", "false"),
-            ],
+            [SWIN_TINY.as_slice(), &[("checkpoint", "blocks"), ("onednn", "false")]].concat(),
             1_005_902_064,
         ),
-        (
-            "swin_unetr",
-            vec![
-                ("volume", "64"),
-                ("feature_size", "12"),
-                ("batch", "1"),
-                ("optimizer", "adamw"),
-                ("precision", "bf16"),
-            ],
-            1_195_029_724,
-        ),
+        ("swin_unetr", [SWIN_TINY.as_slice(), &[("precision", "bf16")]].concat(), 1_195_029_724),
         (
             "unet3d",
             vec![("volume", "32"), ("batch", "1"), ("optimizer", "momentum"), ("precision", "bf16")],
