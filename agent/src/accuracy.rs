@@ -93,27 +93,13 @@ fn cpu_configs() -> Vec<(String, Vec<(String, String)>)> {
 }
 
 /// The five workloads of docs/workloads.md at their real sizes, before and after their
-/// users' hand fixes, for a GPU machine: the plan files in `examples/`, embedded.
-const PRESETS: [(&str, &str); 10] = [
-    ("w1-before", include_str!("../../examples/w1-before.yaml")),
-    ("w1-after", include_str!("../../examples/w1-after.yaml")),
-    ("w2-before", include_str!("../../examples/w2-before.yaml")),
-    ("w2-after", include_str!("../../examples/w2-after.yaml")),
-    ("w3-before", include_str!("../../examples/w3-before.yaml")),
-    ("w3-after", include_str!("../../examples/w3-after.yaml")),
-    ("w4-before", include_str!("../../examples/w4-before.yaml")),
-    ("w4-after", include_str!("../../examples/w4-after.yaml")),
-    ("w5-before", include_str!("../../examples/w5-before.yaml")),
-    ("w5-after", include_str!("../../examples/w5-after.yaml")),
-];
-
-/// The presets as (label, plan).
+/// users' hand fixes (`shared::presets`), as (label, plan).
 fn presets() -> anyhow::Result<Vec<(String, Plan)>> {
-    PRESETS
+    shared::presets::PRESETS
         .iter()
-        .map(|(name, text)| {
-            let plan = Plan::from_text(text).map_err(|e| anyhow::anyhow!("examples/{name}.yaml: {e}"))?;
-            Ok(((*name).to_owned(), plan))
+        .map(|p| {
+            let plan = p.plan().map_err(|e| anyhow::anyhow!("examples/{}.yaml: {e}", p.id))?;
+            Ok((p.id.to_owned(), plan))
         })
         .collect()
 }

@@ -289,7 +289,7 @@ fn estimate(source: &PlanSource, gpu: Option<&str>, json: bool, trace: bool) -> 
         Some(name) => {
             let g = find_gpu(name)?;
             plan.resolve_memory_fraction(g.memory_bytes);
-            shared::estimate::Target::Cuda(g)
+            shared::estimate::Target::Cuda(*g)
         }
         None => {
             // A CPU job here uses this machine's threads unless the plan says otherwise.

@@ -62,7 +62,7 @@ pub(crate) fn target_for(plan: &mut Plan) -> anyhow::Result<Target> {
                 .with_context(|| format!("cuda:{i}: NVML does not list this device"))?;
             let g = gpu_for(&name, total);
             plan.resolve_memory_fraction(g.memory_bytes);
-            Target::Cuda(g)
+            Target::Cuda(*g)
         }
         _ => Target::Cpu,
     })

@@ -108,7 +108,7 @@ fn submit(state: &State, job: &mut Option<RunningJob>, plan: shared::Plan) -> Me
         Some(d) if device.starts_with("cuda") => {
             let gpu = crate::probe::gpu_for(&d.name, d.total_memory_bytes);
             plan.resolve_memory_fraction(gpu.memory_bytes);
-            shared::estimate::Target::Cuda(gpu)
+            shared::estimate::Target::Cuda(*gpu)
         }
         _ => shared::estimate::Target::Cpu,
     };

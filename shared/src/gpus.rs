@@ -62,9 +62,58 @@ pub fn find(name: &str) -> Option<&'static Gpu> {
     CATALOG.iter().find(|g| g.key == want || norm(g.name) == want)
 }
 
+/// A GPU a plan is checked against: a catalog key (`v100-16gb`), or a memory size with
+/// the catalog card whose generation it shares (`24GiB@a10`; a bare size is taken as an
+/// Ampere-class card, `a100-40gb`'s generation). Errors list what is accepted.
+pub fn resolve(text: &str) -> Result<Gpu, String> {
+    if let Some(g) = find(text) {
+        return Ok(*g);
+    }
+    let (size, like) = match text.split_once('@') {
+        Some((size, like)) => (size, like),
+        None => (text, "a100-40gb"),
+    };
+    let like = find(like).ok_or_else(|| format!("unknown GPU '{like}'; see `headroom gpus`"))?;
+    let memory_bytes = crate::units::parse_bytes(size).map_err(|e| {
+        format!("'{text}' is neither a catalog GPU (see `headroom gpus`) nor a size such as 24GiB@a10: {e}")
+    })?;
+    if !(MIN_CUSTOM_BYTES..=MAX_CUSTOM_BYTES).contains(&memory_bytes) {
+        return Err(format!("a custom GPU's memory must be between 1 GiB and 1 TiB, got '{size}'"));
+    }
+    Ok(Gpu { key: "custom", name: like.name_of_custom(), memory_bytes, compute_capability: like.compute_capability })
+}
+
+/// Limits on a custom GPU's memory.
+pub const MIN_CUSTOM_BYTES: u64 = 1 << 30;
+pub const MAX_CUSTOM_BYTES: u64 = 1 << 40;
+
+impl Gpu {
+    fn name_of_custom(&self) -> &'static str {
+        match self.compute_capability.0 {
+            0..=6 => "custom GPU (Pascal class)",
+            7 => "custom GPU (Volta/Turing class)",
+            8 => "custom GPU (Ampere/Ada class)",
+            9 => "custom GPU (Hopper class)",
+            _ => "custom GPU (Blackwell class)",
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn custom_gpus_take_a_size_and_a_generation() {
+        let g = resolve("24GiB@v100-16gb").expect("custom");
+        assert_eq!((g.memory_bytes, g.compute_capability), (24 << 30, (7, 0)));
+        assert!(!g.supports_bf16());
+        assert_eq!(resolve("48GiB").expect("bare size").compute_capability, (8, 0));
+        assert_eq!(resolve("V100_16GB").expect("catalog").key, "v100-16gb");
+        assert!(resolve("12MiB").is_err_and(|e| e.contains("between 1 GiB")));
+        assert!(resolve("tpu").is_err_and(|e| e.contains("headroom gpus")));
+        assert!(resolve("24GiB@tpu").is_err_and(|e| e.contains("unknown GPU 'tpu'")));
+    }
 
     #[test]
     fn catalog_has_twenty_unique_gpus_and_finds_them_loosely() {

@@ -8,8 +8,11 @@ pub mod codec;
 pub mod estimate;
 pub mod gpus;
 pub mod graph;
+pub mod link;
 pub mod plan;
+pub mod presets;
 pub mod protocol;
+pub mod schema;
 pub mod units;
 pub mod zoo;
 

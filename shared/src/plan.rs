@@ -714,9 +714,40 @@ impl Plan {
         // The optimizer's own knobs apply after the optimizer is chosen, whatever the order.
         let mut decay = None;
         let mut nesterov = None;
+        let (mut beta1, mut beta2, mut eps, mut momentum) = (None, None, None, None);
+        let (mut epochs, mut samples) = (None, None);
         for (key, value) in pairs {
-            let v = value.as_str();
+            let v = value.trim();
             match key.as_str() {
+                "name" => self.name = v.to_owned(),
+                "beta1" => beta1 = Some(num::<f64>(key, v)?),
+                "beta2" => beta2 = Some(num::<f64>(key, v)?),
+                "eps" => eps = Some(num::<f64>(key, v)?),
+                "momentum" => momentum = Some(num::<f64>(key, v)?),
+                "epochs" => epochs = Some(num::<u64>(key, v)?),
+                "samples_per_epoch" => samples = Some(num::<u64>(key, v)?),
+                "device" => {
+                    self.device = match v {
+                        "auto" => DeviceChoice::Auto,
+                        "cpu" => DeviceChoice::Cpu,
+                        _ => v.strip_prefix("cuda:").and_then(|i| i.parse().ok()).map(DeviceChoice::Cuda).ok_or_else(
+                            || PlanError::Setting {
+                                key: key.clone(),
+                                reason: format!("expected auto, cpu or cuda:N, got '{v}'"),
+                            },
+                        )?,
+                    }
+                }
+                "memory_limit" => {
+                    self.memory_limit_bytes = if v == "none" {
+                        None
+                    } else {
+                        Some(
+                            crate::units::parse_bytes(v)
+                                .map_err(|reason| PlanError::Setting { key: key.clone(), reason })?,
+                        )
+                    }
+                }
                 "batch" => self.micro_batch = num(key, v)?,
                 "accum" => self.accumulation = num(key, v)?,
                 "checkpoint_segments" => self.checkpoint_segments = num(key, v)?,
@@ -767,6 +798,58 @@ impl Plan {
         if let Some(d) = decay {
             self.optimizer.set_weight_decay(d);
         }
+        let only = |key: &str, what: &str| PlanError::Setting {
+            key: key.to_owned(),
+            reason: format!("applies to {what} only"),
+        };
+        match &mut self.optimizer {
+            Optimizer::Sgd { momentum: m, .. } => {
+                if beta1.is_some() || beta2.is_some() || eps.is_some() {
+                    let key = if beta1.is_some() {
+                        "beta1"
+                    } else if beta2.is_some() {
+                        "beta2"
+                    } else {
+                        "eps"
+                    };
+                    return Err(only(key, "Adam and AdamW"));
+                }
+                if let Some(v) = momentum {
+                    *m = v;
+                }
+            }
+            Optimizer::Adam { beta1: b1, beta2: b2, eps: e, .. }
+            | Optimizer::AdamW { beta1: b1, beta2: b2, eps: e, .. } => {
+                if momentum.is_some() {
+                    return Err(only("momentum", "SGD"));
+                }
+                *b1 = beta1.unwrap_or(*b1);
+                *b2 = beta2.unwrap_or(*b2);
+                *e = eps.unwrap_or(*e);
+            }
+        }
+        match (epochs, samples) {
+            (None, None) => {}
+            (Some(epochs), Some(samples_per_epoch)) => self.schedule = Schedule::Epochs { epochs, samples_per_epoch },
+            (Some(epochs), None) => match &mut self.schedule {
+                Schedule::Epochs { epochs: e, .. } => *e = epochs,
+                Schedule::Steps(_) => {
+                    return Err(PlanError::Setting {
+                        key: "epochs".to_owned(),
+                        reason: "needs samples_per_epoch too".to_owned(),
+                    });
+                }
+            },
+            (None, Some(samples_per_epoch)) => match &mut self.schedule {
+                Schedule::Epochs { samples_per_epoch: s, .. } => *s = samples_per_epoch,
+                Schedule::Steps(_) => {
+                    return Err(PlanError::Setting {
+                        key: "samples_per_epoch".to_owned(),
+                        reason: "needs epochs too".to_owned(),
+                    });
+                }
+            },
+        }
         if let Some(n) = nesterov {
             match &mut self.optimizer {
                 Optimizer::Sgd { nesterov, .. } => *nesterov = n,
@@ -780,6 +863,147 @@ impl Plan {
             }
         }
         Ok(())
+    }
+
+    /// The `key=value` pairs that turn [`Plan::zoo`] of this plan's model into this plan
+    /// through [`Plan::apply_settings`]: only what differs from the base, in a fixed
+    /// order. Share links and the planner's form are these pairs.
+    pub fn to_settings(&self) -> Vec<(String, String)> {
+        let mut plan = self.clone();
+        // A plan that does not normalize has no pairs beyond its name; validation says why.
+        let _ = plan.normalize();
+        let base = Plan::zoo(plan.model_name());
+        let mut out: Vec<(String, String)> = Vec::new();
+        let mut put = |k: &str, v: String| out.push((k.to_owned(), v));
+        if plan.name != base.name {
+            put("name", plan.name.clone());
+        }
+        if let ModelSpec::Zoo { settings, .. } = &plan.model {
+            for (k, v) in settings {
+                put(k, v.clone());
+            }
+        }
+        if plan.micro_batch != base.micro_batch {
+            put("batch", plan.micro_batch.to_string());
+        }
+        if plan.accumulation != base.accumulation {
+            put("accum", plan.accumulation.to_string());
+        }
+        if plan.precision != base.precision {
+            put("precision", plan.precision.word().to_owned());
+        }
+        if plan.checkpoint_blocks {
+            put("checkpoint", "blocks".to_owned());
+        }
+        if plan.checkpoint_segments != 0 {
+            put("checkpoint_segments", plan.checkpoint_segments.to_string());
+        }
+        if plan.expandable_segments {
+            put("expandable_segments", "true".to_owned());
+        }
+        if let Some(f) = plan.memory_fraction {
+            put("memory_fraction", f.to_string());
+        }
+        if let Some(b) = plan.memory_limit_bytes {
+            put("memory_limit", b.to_string());
+        }
+        let word = plan.optimizer.word();
+        let defaults = Optimizer::from_word(word).unwrap_or_else(|| base.optimizer.clone());
+        if word != base.optimizer.word() {
+            put("optimizer", word.to_owned());
+        }
+        if plan.optimizer.weight_decay() != defaults.weight_decay() {
+            put("weight_decay", plan.optimizer.weight_decay().to_string());
+        }
+        match (&plan.optimizer, &defaults) {
+            (Optimizer::Sgd { momentum, nesterov, .. }, Optimizer::Sgd { momentum: m0, .. }) => {
+                if momentum != m0 {
+                    put("momentum", momentum.to_string());
+                }
+                if *nesterov {
+                    put("nesterov", "true".to_owned());
+                }
+            }
+            (
+                Optimizer::Adam { beta1, beta2, eps, .. } | Optimizer::AdamW { beta1, beta2, eps, .. },
+                Optimizer::Adam { beta1: b1, beta2: b2, eps: e0, .. }
+                | Optimizer::AdamW { beta1: b1, beta2: b2, eps: e0, .. },
+            ) => {
+                if beta1 != b1 {
+                    put("beta1", beta1.to_string());
+                }
+                if beta2 != b2 {
+                    put("beta2", beta2.to_string());
+                }
+                if eps != e0 {
+                    put("eps", eps.to_string());
+                }
+            }
+            _ => {}
+        }
+        if plan.learning_rate != base.learning_rate {
+            put("lr", plan.learning_rate.to_string());
+        }
+        if plan.optimizer_impl != base.optimizer_impl {
+            put("optimizer_impl", plan.optimizer_impl.word().to_owned());
+        }
+        if plan.loss.kind != base.loss.kind {
+            put("loss", plan.loss.kind.word().to_owned());
+        }
+        if plan.loss.label_smoothing != base.loss.label_smoothing {
+            put("label_smoothing", plan.loss.label_smoothing.to_string());
+        }
+        let (h, h0) = (&plan.host, &base.host);
+        if h.workers != h0.workers {
+            put("workers", h.workers.to_string());
+        }
+        if h.prefetch_factor != h0.prefetch_factor {
+            put("prefetch", h.prefetch_factor.to_string());
+        }
+        if h.pin_memory != h0.pin_memory {
+            put("pin_memory", h.pin_memory.to_string());
+        }
+        if h.distance_loss_every != h0.distance_loss_every {
+            put("distance_loss_every", h.distance_loss_every.to_string());
+        }
+        match plan.schedule {
+            Schedule::Steps(n) if plan.schedule != base.schedule => put("steps", n.to_string()),
+            Schedule::Steps(_) => {}
+            Schedule::Epochs { epochs, samples_per_epoch } => {
+                put("epochs", epochs.to_string());
+                put("samples_per_epoch", samples_per_epoch.to_string());
+            }
+        }
+        if plan.runtime != base.runtime {
+            put("runtime", plan.runtime.word().to_owned());
+        }
+        match plan.device {
+            DeviceChoice::Auto => {}
+            DeviceChoice::Cpu => put("device", "cpu".to_owned()),
+            DeviceChoice::Cuda(i) => put("device", format!("cuda:{i}")),
+        }
+        if let Some(t) = plan.cpu_threads {
+            put("threads", t.to_string());
+        }
+        if plan.onednn != base.onednn {
+            put("onednn", plan.onednn.to_string());
+        }
+        if plan.seed != base.seed {
+            put("seed", plan.seed.to_string());
+        }
+        out
+    }
+
+    /// The plan that `model` with these pairs describes, validated, with its graph: the
+    /// one path from typed keys (CLI `--set`, a form, a share link) to a plan.
+    pub fn from_settings(model: &str, pairs: &[(String, String)]) -> Result<(Plan, Graph), PlanError> {
+        if !zoo::MODELS.contains(&model) {
+            return Err(invalid("model", format!("unknown model '{model}'; known models: {}", zoo::MODELS.join(", "))));
+        }
+        let mut plan = Plan::zoo(model);
+        plan.apply_settings(pairs)?;
+        let graph = plan.validate()?;
+        Ok((plan, graph))
     }
 
     /// Turns a memory fraction into a byte limit for a device of `total_bytes`.

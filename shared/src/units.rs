@@ -67,9 +67,47 @@ impl fmt::Display for Bytes {
     }
 }
 
+/// Reads a byte count: a whole number of bytes, or a number with a unit (`16GiB`,
+/// `1.5 GiB`, `512MiB`, `16GB`, decimal units being powers of 1000). Errors say why.
+pub fn parse_bytes(text: &str) -> Result<u64, String> {
+    let t = text.trim();
+    let split = t.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(t.len());
+    let (number, unit) = (t[..split].trim(), t[split..].trim());
+    let scale: u64 = match unit.to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "kib" | "k" => Bytes::KIB,
+        "mib" | "m" => Bytes::MIB,
+        "gib" | "g" => Bytes::GIB,
+        "tib" | "t" => Bytes::GIB << 10,
+        "kb" => 1_000,
+        "mb" => 1_000_000,
+        "gb" => 1_000_000_000,
+        "tb" => 1_000_000_000_000,
+        _ => return Err(format!("unknown unit '{unit}' (use B, KiB, MiB, GiB, TiB, KB, MB, GB or TB)")),
+    };
+    let value: f64 = number.parse().map_err(|_| format!("expected a size such as 16GiB, got '{text}'"))?;
+    let bytes = value * scale as f64;
+    if !(bytes.is_finite() && bytes >= 1.0 && bytes < 2f64.powi(63)) {
+        return Err(format!("must be between 1 byte and 8 EiB, got '{text}'"));
+    }
+    Ok(bytes.round() as u64)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn sizes_parse_with_and_without_units() {
+        assert_eq!(parse_bytes("1024"), Ok(1024));
+        assert_eq!(parse_bytes("16GiB"), Ok(16 << 30));
+        assert_eq!(parse_bytes("1.5 GiB"), Ok(3 << 29));
+        assert_eq!(parse_bytes("16GB"), Ok(16_000_000_000));
+        assert_eq!(parse_bytes(&Bytes(12 * Bytes::MIB).to_string()), Ok(12 << 20));
+        assert!(parse_bytes("12 parsecs").is_err_and(|e| e.contains("unknown unit")));
+        assert!(parse_bytes("0").is_err());
+        assert!(parse_bytes("lots").is_err());
+    }
 
     #[test]
     fn display_picks_binary_unit() {

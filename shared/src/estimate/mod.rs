@@ -158,7 +158,7 @@ pub enum Target {
     Cpu,
     /// A CUDA GPU from the catalog: 512-byte rounding, the caching allocator's segments,
     /// the context and cuBLAS workspace.
-    Cuda(&'static Gpu),
+    Cuda(Gpu),
 }
 
 /// The CUDA-side answer: reserved next to allocated, the whole device's use, the fit.

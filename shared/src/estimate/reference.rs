@@ -108,7 +108,6 @@ pub const TARGETS: [(bool, f64, f64); 2] = [(false, 1.0, 3.0), (true, 2.0, 5.0)]
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::estimate::estimate;
 
     #[test]
     fn every_fixture_entry_against_its_estimate() {

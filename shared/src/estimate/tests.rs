@@ -197,13 +197,13 @@ fn the_interval_is_tight_where_every_rule_is_exact() {
 fn fits_uses_the_interval_high_end() {
     let gpu = crate::gpus::find("v100-16gb").expect("catalog");
     let mut plan = zoo("resnet50", &[("image", "224"), ("batch", "32"), ("optimizer", "momentum")]);
-    let e = estimate_for(&plan, Target::Cuda(gpu)).expect("cuda");
+    let e = estimate_for(&plan, Target::Cuda(*gpu)).expect("cuda");
     let d = e.device.clone().expect("device");
     let margin = e.peak_bytes_high.get() - e.peak_bytes.get();
     assert!(margin > 0, "cuDNN's workspaces are uncertain");
     // A cap between the point figure and its high end: the point fits, the job may not.
     plan.memory_limit_bytes = Some(d.device_peak_bytes.get() + margin / 2);
-    let capped = estimate_for(&plan, Target::Cuda(gpu)).expect("capped");
+    let capped = estimate_for(&plan, Target::Cuda(*gpu)).expect("capped");
     let c = capped.device.expect("device");
     assert!(c.headroom_bytes >= 0, "the point estimate is under the cap");
     assert!(!c.fits, "the high end is not");
@@ -213,7 +213,7 @@ fn fits_uses_the_interval_high_end() {
 fn cuda_target_rounds_reserves_and_answers_the_fit() {
     let gpu = crate::gpus::find("v100-16gb").expect("catalog");
     let plan = zoo("seresnext50_32x4d", &[("image", "224"), ("batch", "32"), ("optimizer", "momentum")]);
-    let e = estimate_for(&plan, Target::Cuda(gpu)).expect("cuda");
+    let e = estimate_for(&plan, Target::Cuda(*gpu)).expect("cuda");
     let d = e.device.as_ref().expect("device figures");
     assert_eq!(e.peak_bytes.get() % 512, 0, "allocated sizes are 512-byte multiples");
     assert!(e.steady_bytes.get() >= d.cublas_workspace_bytes.get(), "the cuBLAS workspace is allocated memory");
@@ -222,12 +222,12 @@ fn cuda_target_rounds_reserves_and_answers_the_fit() {
     // bf16 needs Ampere or newer.
     let mut bf16 = plan.clone();
     bf16.precision = crate::plan::Precision::Bf16;
-    let err = estimate_for(&bf16, Target::Cuda(gpu)).expect_err("V100 has no bf16");
+    let err = estimate_for(&bf16, Target::Cuda(*gpu)).expect_err("V100 has no bf16");
     assert!(err.to_string().starts_with("precision: "), "{err}");
     // Expandable segments never reserve more than fixed segments for the same step.
     let mut exp = plan.clone();
     exp.expandable_segments = true;
-    let x = estimate_for(&exp, Target::Cuda(gpu)).expect("expandable");
+    let x = estimate_for(&exp, Target::Cuda(*gpu)).expect("expandable");
     assert!(x.device.expect("device").reserved_peak_bytes <= d.reserved_peak_bytes);
 }
 
@@ -245,7 +245,7 @@ fn optimizer_implementations_differ_by_their_temporaries() {
         let e = estimate_for(&p, target).expect("estimate");
         e.phase_peaks[Phase::OptimizerStep.index()].1.get()
     };
-    let cuda = Target::Cuda(gpu);
+    let cuda = Target::Cuda(*gpu);
     let foreach = step(OptimizerImpl::Auto, Runtime::Pytorch, cuda);
     let looped = step(OptimizerImpl::ForLoop, Runtime::Pytorch, cuda);
     let fused = step(OptimizerImpl::Fused, Runtime::Pytorch, cuda);
@@ -276,7 +276,7 @@ fn published_cuda_figures_lie_inside_the_interval() {
     for (precision, published_mib) in [("fp16", [1829u64, 1876]), ("fp32", [2892, 2788])] {
         let mut pairs = base.to_vec();
         pairs.push(("precision", precision));
-        let e = estimate_for(&zoo("unet3d", &pairs), Target::Cuda(gpu)).expect("estimate");
+        let e = estimate_for(&zoo("unet3d", &pairs), Target::Cuda(*gpu)).expect("estimate");
         for mib in published_mib {
             let bytes = mib << 20;
             assert!(

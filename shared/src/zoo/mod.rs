@@ -7,6 +7,7 @@
 //! `n_layer`…); `image` (one size or H,W), `volume` (D,H,W) and `seq` set input sizes.
 
 mod cnn;
+mod help;
 pub mod losses;
 mod transformer;
 mod unet;
@@ -14,6 +15,7 @@ mod unet;
 use std::cell::RefCell;
 use std::collections::{BTreeMap, BTreeSet};
 
+use serde::Serialize;
 use thiserror::Error;
 
 use crate::graph::{Checkpoint, Graph, GraphError};
@@ -83,6 +85,42 @@ pub enum ZooError {
 pub struct Settings<'a> {
     map: &'a BTreeMap<String, String>,
     read: RefCell<BTreeSet<String>>,
+    /// Every key the builder read, with its kind and default, in reading order: the
+    /// model's parameter schema (see [`schema`]).
+    record: RefCell<Vec<(String, Kind, String)>>,
+}
+
+/// What a model key takes, as its builder reads it.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Kind {
+    /// A whole number in `min..=max`.
+    Int {
+        min: u64,
+        max: u64,
+    },
+    /// A number in `min..=max`.
+    Number {
+        min: f64,
+        max: f64,
+    },
+    Bool,
+    /// One of these words.
+    Choice {
+        allowed: Vec<&'static str>,
+    },
+    /// Comma-separated whole numbers, each in `min..=max`.
+    List {
+        min: u64,
+        max: u64,
+    },
+    /// `n` sizes (or one, repeated), each in `1..=max`.
+    Sizes {
+        n: usize,
+        max: u64,
+    },
+    /// Free text (a name, a device, a size with its unit).
+    Text,
 }
 
 fn value_err(key: &str, reason: impl Into<String>) -> ZooError {
@@ -95,7 +133,7 @@ fn parse_u64(key: &str, text: &str) -> Result<u64, ZooError> {
 
 impl<'a> Settings<'a> {
     pub fn new(map: &'a BTreeMap<String, String>) -> Settings<'a> {
-        Settings { map, read: RefCell::new(BTreeSet::new()) }
+        Settings { map, read: RefCell::new(BTreeSet::new()), record: RefCell::new(Vec::new()) }
     }
 
     fn raw(&self, key: &str) -> Option<&'a str> {
@@ -103,8 +141,16 @@ impl<'a> Settings<'a> {
         self.map.get(key).map(String::as_str)
     }
 
+    fn note(&self, key: &str, kind: Kind, default: String) {
+        let mut record = self.record.borrow_mut();
+        if !record.iter().any(|(k, _, _)| k == key) {
+            record.push((key.to_owned(), kind, default));
+        }
+    }
+
     /// A whole number in `min..=max`.
     pub fn u64(&self, key: &str, default: u64, min: u64, max: u64) -> Result<u64, ZooError> {
+        self.note(key, Kind::Int { min, max }, default.to_string());
         let v = match self.raw(key) {
             Some(t) => parse_u64(key, t)?,
             None => default,
@@ -116,6 +162,7 @@ impl<'a> Settings<'a> {
     }
 
     pub fn f64(&self, key: &str, default: f64, min: f64, max: f64) -> Result<f64, ZooError> {
+        self.note(key, Kind::Number { min, max }, default.to_string());
         let v = match self.raw(key) {
             Some(t) => t.trim().parse::<f64>().map_err(|_| value_err(key, format!("expected a number, got '{t}'")))?,
             None => default,
@@ -128,6 +175,7 @@ impl<'a> Settings<'a> {
 
     /// A comma-separated list of whole numbers, each in `min..=max`.
     pub fn list(&self, key: &str, default: &[u64], min: u64, max: u64) -> Result<Vec<u64>, ZooError> {
+        self.note(key, Kind::List { min, max }, join(default));
         let v = match self.raw(key) {
             Some(t) => t.split(',').map(|p| parse_u64(key, p)).collect::<Result<Vec<_>, _>>()?,
             None => default.to_vec(),
@@ -140,6 +188,7 @@ impl<'a> Settings<'a> {
 
     /// `true`/`false` (also 1/0, yes/no, on/off).
     pub fn flag(&self, key: &str, default: bool) -> Result<bool, ZooError> {
+        self.note(key, Kind::Bool, default.to_string());
         match self.raw(key).map(str::trim) {
             None => Ok(default),
             Some("true" | "1" | "yes" | "on") => Ok(true),
@@ -150,6 +199,7 @@ impl<'a> Settings<'a> {
 
     /// One of `allowed` words (the first is the default).
     pub fn choice(&self, key: &str, allowed: &[&'static str]) -> Result<&'static str, ZooError> {
+        self.note(key, Kind::Choice { allowed: allowed.to_vec() }, allowed[0].to_owned());
         match self.raw(key).map(str::trim) {
             None => Ok(allowed[0]),
             Some(t) => allowed
@@ -162,6 +212,7 @@ impl<'a> Settings<'a> {
 
     /// A list of exactly `n` entries, or one entry repeated `n` times (`image=224`).
     pub fn sizes(&self, key: &str, default: u64, n: usize, max: u64) -> Result<Vec<u64>, ZooError> {
+        self.note(key, Kind::Sizes { n, max }, default.to_string());
         let v = self.list(key, &[default], 1, max)?;
         match v.len() {
             1 => Ok(vec![v[0]; n]),
@@ -185,28 +236,60 @@ pub fn build(
     batch: u64,
     opts: &BuildOptions,
 ) -> Result<Graph, ZooError> {
-    let s = Settings::new(settings);
+    build_with(name, &Settings::new(settings), batch, opts)
+}
+
+/// A model key as the page, the CLI and the link codec describe it.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Param {
+    pub key: String,
+    pub kind: Kind,
+    /// The default as text, as a `--set` value would be written.
+    pub default: String,
+    pub unit: &'static str,
+    pub help: &'static str,
+}
+
+/// Model `name`'s keys with their kinds, defaults, units and help, read off its builder
+/// (so a new model has a schema without a second list to keep in step). Keys a builder
+/// reads only under another key's value are not listed; every key it reads by default is.
+pub fn schema(name: &str) -> Result<Vec<Param>, ZooError> {
+    let empty = BTreeMap::new();
+    let s = Settings::new(&empty);
+    build_with(name, &s, 1, &BuildOptions::default())?;
+    let record = s.record.into_inner();
+    Ok(record
+        .into_iter()
+        .map(|(key, kind, default)| {
+            let (unit, help) = help::of(&key);
+            Param { key, kind, default, unit, help }
+        })
+        .collect())
+}
+
+fn join(v: &[u64]) -> String {
+    v.iter().map(u64::to_string).collect::<Vec<_>>().join(",")
+}
+
+fn build_with(name: &str, s: &Settings<'_>, batch: u64, opts: &BuildOptions) -> Result<Graph, ZooError> {
     let o = opts;
     let graph = match name {
-        "mlp" => cnn::mlp(&s, batch, o)?,
-        "small_cnn" => cnn::small_cnn(&s, batch, o)?,
-        "resnet18" => cnn::resnet(&s, batch, cnn::ResNet::Basic([2, 2, 2, 2]), o)?,
-        "resnet34" => cnn::resnet(&s, batch, cnn::ResNet::Basic([3, 4, 6, 3]), o)?,
-        "resnet50" => cnn::resnet(
-            &s,
-            batch,
-            cnn::ResNet::Bottleneck { layers: [3, 4, 6, 3], groups: 1, width: 64, se: false },
-            o,
-        )?,
-        "seresnext50_32x4d" => {
-            cnn::resnet(&s, batch, cnn::ResNet::Bottleneck { layers: [3, 4, 6, 3], groups: 32, width: 4, se: true }, o)?
+        "mlp" => cnn::mlp(s, batch, o)?,
+        "small_cnn" => cnn::small_cnn(s, batch, o)?,
+        "resnet18" => cnn::resnet(s, batch, cnn::ResNet::Basic([2, 2, 2, 2]), o)?,
+        "resnet34" => cnn::resnet(s, batch, cnn::ResNet::Basic([3, 4, 6, 3]), o)?,
+        "resnet50" => {
+            cnn::resnet(s, batch, cnn::ResNet::Bottleneck { layers: [3, 4, 6, 3], groups: 1, width: 64, se: false }, o)?
         }
-        "vit" => transformer::vit(&s, batch, o)?,
-        "clip" => transformer::clip(&s, batch, o)?,
-        "gpt2" => transformer::gpt2(&s, batch, o)?,
-        "unet2d" => unet::unet(&s, batch, 2, o)?,
-        "unet3d" => unet::unet(&s, batch, 3, o)?,
-        "swin_unetr" => unet::swin_unetr(&s, batch, o)?,
+        "seresnext50_32x4d" => {
+            cnn::resnet(s, batch, cnn::ResNet::Bottleneck { layers: [3, 4, 6, 3], groups: 32, width: 4, se: true }, o)?
+        }
+        "vit" => transformer::vit(s, batch, o)?,
+        "clip" => transformer::clip(s, batch, o)?,
+        "gpt2" => transformer::gpt2(s, batch, o)?,
+        "unet2d" => unet::unet(s, batch, 2, o)?,
+        "unet3d" => unet::unet(s, batch, 3, o)?,
+        "swin_unetr" => unet::swin_unetr(s, batch, o)?,
         other => return Err(ZooError::UnknownModel(other.to_owned())),
     };
     if let Some(err) = s.unknown(name) {

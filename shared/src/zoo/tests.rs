@@ -89,3 +89,21 @@ fn every_model_builds_with_its_defaults_at_batch_two() {
         assert_eq!(g.micro_batch(), 2, "{name}");
     }
 }
+
+#[test]
+fn every_model_key_has_help_and_its_default_builds() {
+    for name in crate::zoo::MODELS {
+        let schema = crate::zoo::schema(name).expect(name);
+        assert!(!schema.is_empty(), "{name} reads no keys");
+        let mut settings = std::collections::BTreeMap::new();
+        for p in &schema {
+            assert!(!p.help.is_empty(), "{name}.{} has no help", p.key);
+            settings.insert(p.key.clone(), p.default.clone());
+        }
+        // Every default, written out as a user would, builds the same model.
+        let opts = crate::zoo::BuildOptions::default();
+        let a = crate::zoo::build(name, &settings, 1, &opts).expect(name);
+        let b = crate::zoo::build(name, &Default::default(), 1, &opts).expect(name);
+        assert_eq!(a.n_params(), b.n_params(), "{name}");
+    }
+}

@@ -1,0 +1,316 @@
+//! Share links: a whole plan (and the GPU and host it is checked against) in a URL
+//! fragment, which browsers never send to a server.
+//!
+//! Format: `h1-<crc>-<model>;<key>=<value>;...` where `h1` is the format version, `crc`
+//! the CRC-32 of everything after the second dash as 8 hex digits, and the pairs those of
+//! [`Plan::to_settings`] plus `gpu` and `host_ram`. Keys and values are percent-encoded
+//! where they hold anything but letters, digits and `.,_~:-@`. Decoding goes through
+//! [`Plan::from_settings`], the path every other surface uses. An agent's token is not
+//! part of a plan and so never part of a link.
+
+use thiserror::Error;
+
+use crate::graph::Graph;
+use crate::plan::{Plan, PlanError};
+
+/// The version this build writes and the newest it reads.
+pub const VERSION: u32 = 1;
+/// Longest link accepted: a plan with every key set is well under 1 KiB.
+pub const MAX_LINK_CHARS: usize = 4_096;
+
+/// What a link carries besides the plan.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Extras {
+    /// The GPU the plan is checked against, as `gpus::resolve` reads it.
+    pub gpu: Option<String>,
+    /// The host's RAM, bytes.
+    pub host_ram_bytes: Option<u64>,
+}
+
+#[derive(Debug, Error, Clone, PartialEq)]
+pub enum LinkError {
+    #[error("the link holds no plan")]
+    Empty,
+    #[error("the link is {len} characters long, over the limit of {MAX_LINK_CHARS}")]
+    TooLong { len: usize },
+    #[error("this is not a Headroom plan link (it should start with h{VERSION}-)")]
+    NotALink,
+    #[error(
+        "the link was made by a newer Headroom (format {got}; this one reads up to {VERSION}): update Headroom to open it"
+    )]
+    Newer { got: u32 },
+    #[error("the link is damaged or cut short (its checksum does not match): copy the whole link again")]
+    Checksum,
+    #[error("the link is damaged: {0}")]
+    Malformed(String),
+    #[error("the link's plan is invalid: {0}")]
+    Plan(#[from] PlanError),
+}
+
+/// Short names for the plan's knobs in links (a model's keys are written in full).
+const ALIASES: [(&str, &str); 24] = [
+    ("name", "n"),
+    ("batch", "b"),
+    ("accum", "a"),
+    ("precision", "p"),
+    ("checkpoint", "ck"),
+    ("checkpoint_segments", "cs"),
+    ("expandable_segments", "xs"),
+    ("memory_fraction", "mf"),
+    ("memory_limit", "ml"),
+    ("optimizer", "o"),
+    ("weight_decay", "wd"),
+    ("momentum", "mo"),
+    ("nesterov", "nv"),
+    ("optimizer_impl", "oi"),
+    ("loss", "ls"),
+    ("label_smoothing", "lsm"),
+    ("workers", "w"),
+    ("prefetch", "pf"),
+    ("pin_memory", "pm"),
+    ("distance_loss_every", "dl"),
+    ("steps", "st"),
+    ("seed", "sd"),
+    ("gpu", "g"),
+    ("host_ram", "hr"),
+];
+
+/// Knobs whose values are true/false, written 1/0 in links.
+const FLAGS: [&str; 5] = ["expandable_segments", "nesterov", "pin_memory", "onednn", "use_cache"];
+
+fn short(key: &str) -> &str {
+    ALIASES.iter().find(|(k, _)| *k == key).map_or(key, |(_, a)| a)
+}
+
+fn long(key: &str) -> &str {
+    ALIASES.iter().find(|(_, a)| *a == key).map_or(key, |(k, _)| k)
+}
+
+fn safe(c: char) -> bool {
+    c.is_ascii_alphanumeric() || ".,_~:-@".contains(c)
+}
+
+fn escape(text: &str, out: &mut String) {
+    for c in text.chars() {
+        if safe(c) {
+            out.push(c);
+        } else {
+            let mut buf = [0u8; 4];
+            for b in c.encode_utf8(&mut buf).bytes() {
+                out.push_str(&format!("%{b:02X}"));
+            }
+        }
+    }
+}
+
+fn unescape(text: &str) -> Result<String, LinkError> {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' {
+            let hex =
+                text.get(i + 1..i + 3).ok_or_else(|| LinkError::Malformed(format!("a cut '%' escape in '{text}'")))?;
+            let b =
+                u8::from_str_radix(hex, 16).map_err(|_| LinkError::Malformed(format!("'%{hex}' is not an escape")))?;
+            out.push(b);
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).map_err(|_| LinkError::Malformed("an escape that is not UTF-8".to_owned()))
+}
+
+/// The link body (no `#`) for a plan and its extras.
+pub fn encode(plan: &Plan, extras: &Extras) -> String {
+    let mut body = String::new();
+    escape(plan.model_name(), &mut body);
+    let mut pairs = plan.to_settings();
+    if let Some(gpu) = &extras.gpu {
+        pairs.push(("gpu".to_owned(), gpu.clone()));
+    }
+    if let Some(ram) = extras.host_ram_bytes {
+        pairs.push(("host_ram".to_owned(), ram.to_string()));
+    }
+    for (k, v) in &pairs {
+        body.push(';');
+        escape(short(k), &mut body);
+        body.push('=');
+        let v = match v.as_str() {
+            "true" if FLAGS.contains(&k.as_str()) => "1",
+            "false" if FLAGS.contains(&k.as_str()) => "0",
+            v => v,
+        };
+        escape(v, &mut body);
+    }
+    format!("h{VERSION}-{:08x}-{body}", crc32fast::hash(body.as_bytes()))
+}
+
+/// The plan, its graph and the extras of a link body (with or without a leading `#`).
+pub fn decode(link: &str) -> Result<(Plan, Graph, Extras), LinkError> {
+    let link = link.trim().trim_start_matches('#');
+    if link.is_empty() {
+        return Err(LinkError::Empty);
+    }
+    if link.len() > MAX_LINK_CHARS {
+        return Err(LinkError::TooLong { len: link.len() });
+    }
+    let rest = link.strip_prefix('h').ok_or(LinkError::NotALink)?;
+    let (version, rest) = rest.split_once('-').ok_or(LinkError::NotALink)?;
+    let version: u32 = version.parse().map_err(|_| LinkError::NotALink)?;
+    if version > VERSION {
+        return Err(LinkError::Newer { got: version });
+    }
+    if version == 0 {
+        return Err(LinkError::NotALink);
+    }
+    let (crc, body) = rest.split_once('-').ok_or(LinkError::Checksum)?;
+    if crc.len() != 8 || u32::from_str_radix(crc, 16).ok() != Some(crc32fast::hash(body.as_bytes())) {
+        return Err(LinkError::Checksum);
+    }
+    let mut parts = body.split(';');
+    let model = unescape(parts.next().unwrap_or_default())?;
+    let mut pairs = Vec::new();
+    let mut extras = Extras::default();
+    for part in parts {
+        let (k, v) = part.split_once('=').ok_or_else(|| LinkError::Malformed(format!("'{part}' is not key=value")))?;
+        let (k, v) = (long(&unescape(k)?).to_owned(), unescape(v)?);
+        match k.as_str() {
+            "gpu" => {
+                crate::gpus::resolve(&v).map_err(|reason| PlanError::Setting { key: k.clone(), reason })?;
+                extras.gpu = Some(v);
+            }
+            "host_ram" => {
+                let b =
+                    crate::units::parse_bytes(&v).map_err(|reason| PlanError::Setting { key: k.clone(), reason })?;
+                extras.host_ram_bytes = Some(b);
+            }
+            _ => pairs.push((k, v)),
+        }
+    }
+    let (plan, graph) = Plan::from_settings(&model, &pairs)?;
+    Ok((plan, graph, extras))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::presets::PRESETS;
+    use proptest::prelude::*;
+
+    #[test]
+    fn presets_round_trip_in_under_200_characters() {
+        for p in &PRESETS {
+            let plan = p.plan().expect("preset");
+            let extras = Extras { gpu: Some(p.gpu.to_owned()), host_ram_bytes: None };
+            let link = encode(&plan, &extras);
+            assert!(link.len() < 200, "{}: {} characters: {link}", p.id, link.len());
+            let (back, _, e) = decode(&format!("#{link}")).expect(p.id);
+            assert_eq!(back, plan, "{}", p.id);
+            assert_eq!(e, extras);
+        }
+    }
+
+    #[test]
+    fn short_names_collide_with_no_key() {
+        let mut keys: Vec<String> = crate::schema::plan_fields().into_iter().map(|f| f.param.key).collect();
+        for m in crate::zoo::MODELS {
+            keys.extend(crate::zoo::schema(m).expect(m).into_iter().map(|p| p.key));
+        }
+        for (long, short) in ALIASES {
+            assert!(!keys.iter().any(|k| k == short), "'{short}' is a key itself");
+            assert!(keys.iter().any(|k| k == long) || ["gpu", "host_ram"].contains(&long), "{long}");
+        }
+    }
+
+    #[test]
+    fn damaged_links_say_what_is_wrong() {
+        let plan = PRESETS[0].plan().expect("preset");
+        let link = encode(&plan, &Extras::default());
+        assert_eq!(decode(""), Err(LinkError::Empty));
+        assert_eq!(decode("hello"), Err(LinkError::NotALink));
+        assert_eq!(decode(&link[..link.len() - 5]), Err(LinkError::Checksum));
+        assert_eq!(decode(&link.replacen("feature_size=48", "feature_size=47", 1)), Err(LinkError::Checksum));
+        assert_eq!(decode(&link.replacen("h1-", "h2-", 1)), Err(LinkError::Newer { got: 2 }));
+        assert!(matches!(decode(&"x".repeat(MAX_LINK_CHARS + 1)), Err(LinkError::TooLong { .. })));
+        // A well-formed link whose plan breaks a limit names the field.
+        let bad = Plan { micro_batch: 0, ..plan.clone() };
+        let err = decode(&encode(&bad, &Extras::default())).expect_err("invalid plan");
+        assert!(err.to_string().contains("micro_batch"), "{err}");
+        let odd = encode(&Plan { name: "a b;c=d%é".to_owned(), ..plan.clone() }, &Extras::default());
+        assert_eq!(decode(&odd).expect("escaped").0.name, "a b;c=d%é");
+    }
+
+    fn arb_plan() -> impl Strategy<Value = Plan> {
+        let models = prop::sample::select(vec!["mlp", "small_cnn", "resnet18", "vit", "unet2d", "gpt2"]);
+        (
+            models,
+            1u64..64,
+            1u64..16,
+            prop::sample::select(vec!["fp32", "fp16", "bf16"]),
+            prop::sample::select(vec!["sgd", "momentum", "adam", "adamw"]),
+            0u32..4,
+            any::<bool>(),
+            (0u64..8, 1u64..8, any::<bool>()),
+            (1e-6f64..1.0, 0.0f64..0.5, any::<u64>()),
+            prop::option::of(0.05f64..1.0),
+        )
+            .prop_filter_map(
+                "a valid plan",
+                |(
+                    model,
+                    batch,
+                    accum,
+                    precision,
+                    opt,
+                    ckpt,
+                    expandable,
+                    (workers, prefetch, pin),
+                    (lr, wd, seed),
+                    frac,
+                )| {
+                    let mut pairs = vec![
+                        ("batch", batch.to_string()),
+                        ("accum", accum.to_string()),
+                        ("precision", precision.to_owned()),
+                        ("optimizer", opt.to_owned()),
+                        ("expandable_segments", expandable.to_string()),
+                        ("workers", workers.to_string()),
+                        ("prefetch", prefetch.to_string()),
+                        ("pin_memory", pin.to_string()),
+                        ("lr", lr.to_string()),
+                        ("weight_decay", wd.to_string()),
+                        ("seed", seed.to_string()),
+                    ];
+                    match ckpt {
+                        1 => pairs.push(("checkpoint", "blocks".to_owned())),
+                        2 => pairs.push(("checkpoint_segments", "2".to_owned())),
+                        _ => {}
+                    }
+                    if let Some(f) = frac {
+                        pairs.push(("memory_fraction", f.to_string()));
+                    }
+                    let pairs: Vec<(String, String)> = pairs.into_iter().map(|(k, v)| (k.to_owned(), v)).collect();
+                    Plan::from_settings(model, &pairs).ok().map(|(p, _)| p)
+                },
+            )
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
+        #[test]
+        fn any_valid_plan_survives_a_link(plan in arb_plan(), ram in prop::option::of(1u64..1 << 40)) {
+            let extras = Extras { gpu: Some("a100-40gb".to_owned()), host_ram_bytes: ram };
+            let (back, _, e) = decode(&encode(&plan, &extras)).expect("decodes");
+            prop_assert_eq!(back, plan);
+            prop_assert_eq!(e, extras);
+        }
+
+        #[test]
+        fn arbitrary_text_is_refused_not_panicked(text in ".{0,300}") {
+            let _ = decode(&text);
+        }
+    }
+}

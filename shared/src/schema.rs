@@ -1,0 +1,277 @@
+//! Every key a plan takes, with its kind, default, unit and help: the one description
+//! from which the CLI's `--set`, plan files, share links and the planner's form are
+//! served. Plan knobs are listed here; a model's own keys come from its builder
+//! ([`crate::zoo::schema`]), so a new zoo model needs no entry here.
+
+use serde::Serialize;
+
+use crate::plan::{Plan, limits};
+use crate::zoo::{self, Kind, Param, ZooError};
+
+/// Where a key belongs on a form.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Group {
+    /// The model's own keys (sizes, widths, depths).
+    Model,
+    /// Micro-batch and accumulation.
+    Batch,
+    /// Precision, checkpointing, the allocator and memory caps.
+    Memory,
+    Optimizer,
+    /// Data loading on the host.
+    Host,
+    /// How long, where and with which program the job runs.
+    Run,
+}
+
+impl Group {
+    pub const ALL: [Group; 6] = [Group::Model, Group::Batch, Group::Memory, Group::Optimizer, Group::Host, Group::Run];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            Group::Model => "Model",
+            Group::Batch => "Batch",
+            Group::Memory => "Memory",
+            Group::Optimizer => "Optimizer",
+            Group::Host => "Data loading",
+            Group::Run => "Run",
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Field {
+    #[serde(flatten)]
+    pub param: Param,
+    pub group: Group,
+}
+
+const fn int(min: u64, max: u64) -> Kind {
+    Kind::Int { min, max }
+}
+
+fn choice(allowed: &[&'static str]) -> Kind {
+    Kind::Choice { allowed: allowed.to_vec() }
+}
+
+fn unit_interval() -> Kind {
+    Kind::Number { min: 0.0, max: 0.999_999 }
+}
+
+/// The plan's own knobs, in form order, with defaults from [`Plan::zoo`] (what a key
+/// left out means).
+pub fn plan_fields() -> Vec<Field> {
+    let base = Plan::zoo("mlp");
+    let mut out = Vec::new();
+    let mut add = |key: &str, kind: Kind, default: String, unit: &'static str, help: &'static str, group: Group| {
+        out.push(Field { param: Param { key: key.to_owned(), kind, default, unit, help }, group });
+    };
+    use Group::*;
+    let b = |v: bool| v.to_string();
+    add(
+        "batch",
+        int(1, limits::MAX_MICRO_BATCH),
+        base.micro_batch.to_string(),
+        "samples",
+        "Micro-batch: samples in one forward and backward pass.",
+        Batch,
+    );
+    add(
+        "accum",
+        int(1, limits::MAX_ACCUMULATION),
+        base.accumulation.to_string(),
+        "micro-batches",
+        "Gradient accumulation: micro-batches per optimizer step (effective batch = batch x accum).",
+        Batch,
+    );
+    add(
+        "precision",
+        choice(&["fp32", "fp16", "bf16"]),
+        base.precision.word().to_owned(),
+        "",
+        "fp32, or automatic mixed precision in fp16 or bf16 (fp32 master weights).",
+        Memory,
+    );
+    add(
+        "checkpoint",
+        choice(&["off", "blocks"]),
+        "off".to_owned(),
+        "",
+        "Gradient checkpointing block by block, as the reference's own API does it.",
+        Memory,
+    );
+    add(
+        "checkpoint_segments",
+        int(0, limits::MAX_CHECKPOINT_SEGMENTS),
+        "0".to_owned(),
+        "segments",
+        "checkpoint_sequential over the model's top-level stages in this many segments (0: off).",
+        Memory,
+    );
+    add(
+        "expandable_segments",
+        Kind::Bool,
+        b(base.expandable_segments),
+        "",
+        "PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True: segments grow instead of fragmenting.",
+        Memory,
+    );
+    add(
+        "memory_fraction",
+        Kind::Number { min: 0.000_001, max: 1.0 },
+        String::new(),
+        "of the GPU",
+        "torch.cuda.set_per_process_memory_fraction: caps the job at this share of the GPU (empty: none).",
+        Memory,
+    );
+    add(
+        "memory_limit",
+        Kind::Text,
+        String::new(),
+        "bytes",
+        "Caps the job's tensor memory, e.g. 12GiB (empty: the device's whole memory).",
+        Memory,
+    );
+    add(
+        "optimizer",
+        choice(&["adamw", "adam", "momentum", "sgd"]),
+        base.optimizer.word().to_owned(),
+        "",
+        "AdamW and Adam keep two fp32 states per weight, SGD with momentum one, plain SGD none.",
+        Optimizer,
+    );
+    add(
+        "lr",
+        Kind::Number { min: 1e-12, max: limits::MAX_LEARNING_RATE },
+        base.learning_rate.to_string(),
+        "",
+        "Learning rate.",
+        Optimizer,
+    );
+    add(
+        "weight_decay",
+        unit_interval(),
+        base.optimizer.weight_decay().to_string(),
+        "",
+        "Weight decay (decoupled for AdamW, L2 for Adam and SGD).",
+        Optimizer,
+    );
+    add("momentum", unit_interval(), "0.9".to_owned(), "", "SGD momentum (optimizer=momentum).", Optimizer);
+    add("nesterov", Kind::Bool, "false".to_owned(), "", "Nesterov momentum (SGD with momentum).", Optimizer);
+    add("beta1", unit_interval(), "0.9".to_owned(), "", "Adam's first-moment decay.", Optimizer);
+    add("beta2", unit_interval(), "0.999".to_owned(), "", "Adam's second-moment decay.", Optimizer);
+    add("eps", Kind::Number { min: 1e-300, max: 0.999_999 }, "0.00000001".to_owned(), "", "Adam's epsilon.", Optimizer);
+    add(
+        "optimizer_impl",
+        choice(&["auto", "for_loop", "foreach", "fused"]),
+        "auto".to_owned(),
+        "",
+        "PyTorch's foreach=/fused= choice: foreach makes temporaries for every weight at once, fused none.",
+        Optimizer,
+    );
+    add(
+        "loss",
+        choice(&["ce", "bce", "dice", "dice_ce"]),
+        base.loss.kind.word().to_owned(),
+        "",
+        "The loss: cross-entropy, binary cross-entropy, Dice or Dice + cross-entropy.",
+        Optimizer,
+    );
+    add("label_smoothing", unit_interval(), "0".to_owned(), "", "Cross-entropy label smoothing.", Optimizer);
+    add(
+        "workers",
+        int(0, limits::MAX_LOADER_WORKERS),
+        base.host.workers.to_string(),
+        "processes",
+        "DataLoader worker processes (0: batches are made in the training process).",
+        Host,
+    );
+    add(
+        "prefetch",
+        int(1, limits::MAX_PREFETCH),
+        base.host.prefetch_factor.to_string(),
+        "batches",
+        "Batches each worker keeps ready (prefetch_factor).",
+        Host,
+    );
+    add(
+        "pin_memory",
+        Kind::Bool,
+        b(base.host.pin_memory),
+        "",
+        "Copy batches into page-locked host buffers before the transfer.",
+        Host,
+    );
+    add(
+        "distance_loss_every",
+        int(0, limits::MAX_STEPS),
+        "0".to_owned(),
+        "steps",
+        "A Euclidean distance transform of the labels on the CPU every N steps (a surface-distance loss; 0: never).",
+        Host,
+    );
+    add("steps", int(1, limits::MAX_STEPS), base.total_steps().to_string(), "steps", "Optimizer steps to run.", Run);
+    add(
+        "runtime",
+        choice(&["pytorch", "headroom"]),
+        base.runtime.word().to_owned(),
+        "",
+        "Whose training program the estimate answers for: a plain PyTorch script, or Headroom's trainer.",
+        Run,
+    );
+    add("device", Kind::Text, "auto".to_owned(), "", "Where `headroom run` trains: auto, cpu or cuda:N.", Run);
+    add(
+        "threads",
+        int(1, limits::MAX_CPU_THREADS),
+        String::new(),
+        "threads",
+        "CPU threads (empty: 4 for estimates, this machine's cores for runs).",
+        Run,
+    );
+    add("onednn", Kind::Bool, b(base.onednn), "", "oneDNN for CPU convolutions (PyTorch's default).", Run);
+    add(
+        "seed",
+        Kind::Int { min: 0, max: u64::MAX },
+        base.seed.to_string(),
+        "",
+        "Seeds the weights and the synthetic data.",
+        Run,
+    );
+    add("name", Kind::Text, base.name.clone(), "", "The plan's name.", Run);
+    out
+}
+
+/// Model `name`'s keys followed by the plan's knobs.
+pub fn fields(name: &str) -> Result<Vec<Field>, ZooError> {
+    let mut out: Vec<Field> =
+        zoo::schema(name)?.into_iter().map(|param| Field { param, group: Group::Model }).collect();
+    out.extend(plan_fields());
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_plan_key_is_one_apply_settings_takes_and_its_default_is_the_base() {
+        let base = Plan::zoo("resnet18");
+        for f in plan_fields() {
+            assert!(!f.param.help.is_empty(), "{}", f.param.key);
+            // Momentum applies to SGD only; the base is AdamW.
+            if f.param.default.is_empty() || ["name", "momentum"].contains(&f.param.key.as_str()) {
+                continue;
+            }
+            let mut plan = Plan::zoo("resnet18");
+            plan.apply_settings(&[(f.param.key.clone(), f.param.default.clone())])
+                .unwrap_or_else(|e| panic!("{}: {e}", f.param.key));
+            plan.validate().unwrap_or_else(|e| panic!("{}: {e}", f.param.key));
+            assert_eq!(plan, base, "{}={} changes the base plan", f.param.key, f.param.default);
+        }
+        // A key that is not a plan knob is a model key, and the model names it.
+        let mut plan = Plan::zoo("resnet18");
+        plan.apply_settings(&[("bogus".to_owned(), "1".to_owned())]).expect("stored");
+        assert!(plan.validate().expect_err("unknown").to_string().contains("bogus"));
+    }
+}
