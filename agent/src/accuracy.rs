@@ -106,8 +106,8 @@ fn presets() -> anyhow::Result<Vec<(String, Plan)>> {
 
 fn plan_for(model: &str, pairs: &[(String, String)]) -> anyhow::Result<Plan> {
     let mut plan = Plan::zoo(model);
-    plan.apply_settings(pairs).map_err(|e| crate::cli::bad_input(e.to_string()))?;
-    plan.validate().map_err(|e| crate::cli::bad_input(e.to_string()))?;
+    plan.apply_settings(pairs).map_err(|e| crate::input::bad_input(e.to_string()))?;
+    plan.validate().map_err(|e| crate::input::bad_input(e.to_string()))?;
     Ok(plan)
 }
 

@@ -1,4 +1,5 @@
-//! Command-line interface: `serve`, `run`, `estimate`, and the hidden `worker`.
+//! Command-line interface: `serve`, `run`, `estimate`, `probe`, `accuracy`, the planning
+//! commands of `tools` (`advise`, `link`, `export`, `schema`), and the hidden `worker`.
 
 use std::io::IsTerminal;
 use std::net::SocketAddr;
@@ -7,10 +8,13 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use shared::plan::{DeviceChoice, Plan};
+
+use shared::plan::Plan;
 use shared::protocol::Message;
 
+use crate::input::{BadInput, PlanSource, build_plan, find_gpu, parse_device};
 use crate::jobs::JobRunner;
+use crate::report::estimate_json;
 use crate::server::{Config, Server};
 
 #[derive(Parser, Debug)]
@@ -49,8 +53,8 @@ enum Command {
     },
     /// Run a plan here: one JSON line per micro-batch on stdout, then a summary line.
     Run {
-        #[arg(long)]
-        plan: PathBuf,
+        #[command(flatten)]
+        source: PlanSource,
         /// Override the plan's device: auto, cpu or cuda:N.
         #[arg(long)]
         device: Option<String>,
@@ -96,6 +100,46 @@ enum Command {
         #[arg(long, default_value = "docs/accuracy.md")]
         out: PathBuf,
     },
+    /// Search micro-batch x accumulation (effective batch held), precision,
+    /// checkpointing and the allocator for what fits a GPU, ranked by relative step time.
+    Advise {
+        #[command(flatten)]
+        source: PlanSource,
+        /// A catalog GPU (`headroom gpus`) or a size with a generation, e.g. 24GiB@a10.
+        #[arg(long)]
+        gpu: String,
+        /// Keep this share of the GPU free.
+        #[arg(long, default_value_t = 0.1)]
+        margin: f64,
+        /// Also allow: resize (smaller inputs), optimizer (another optimizer). Comma-separated.
+        #[arg(long, value_delimiter = ',')]
+        allow: Vec<String>,
+        /// How many results to print.
+        #[arg(long, default_value_t = 10)]
+        top: usize,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Share links: the whole plan in a URL fragment, as the planner makes them.
+    Link {
+        #[command(subcommand)]
+        action: LinkAction,
+    },
+    /// Print a plan as a config for another tool: yaml, json, hf, lightning, deepspeed,
+    /// env or command. What the target cannot express is noted on stderr.
+    Export {
+        #[command(flatten)]
+        source: PlanSource,
+        #[arg(long)]
+        format: String,
+    },
+    /// List the keys a plan takes (or a model and the plan): kind, default and help.
+    Schema {
+        #[arg(long)]
+        model: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
     /// List the GPU catalog.
     Gpus,
     /// Internal: run one job, speaking the protocol over stdin/stdout.
@@ -109,29 +153,28 @@ enum Command {
     },
 }
 
-/// Where a plan comes from: a file, or a zoo model with settings.
-#[derive(clap::Args, Debug)]
-struct PlanSource {
-    /// A plan file (JSON or YAML).
-    #[arg(long, conflicts_with = "model", required_unless_present = "model")]
-    plan: Option<PathBuf>,
-    /// A zoo model: mlp, small_cnn, resnet18, resnet34, resnet50, seresnext50_32x4d, vit,
-    /// unet2d, unet3d, swin_unetr, clip, gpt2.
-    #[arg(long)]
-    model: Option<String>,
-    /// KEY=VALUE: batch, accum, precision, optimizer, optimizer_impl, lr, weight_decay,
-    /// nesterov, checkpoint (blocks|off), checkpoint_segments, loss (ce|bce|dice|dice_ce),
-    /// label_smoothing, runtime (pytorch|headroom), onednn, threads, steps, seed,
-    /// expandable_segments, memory_fraction, workers, prefetch, pin_memory,
-    /// distance_loss_every, or a model key (feature_size, volume, n_layer, ...). Repeatable.
-    #[arg(long = "set", value_name = "KEY=VALUE")]
-    set: Vec<String>,
+#[derive(Subcommand, Debug)]
+enum LinkAction {
+    /// Print the link for a plan (its fragment, or a whole URL with --base).
+    Encode {
+        #[command(flatten)]
+        source: PlanSource,
+        #[arg(long)]
+        gpu: Option<String>,
+        /// The host's RAM, e.g. 64GiB.
+        #[arg(long)]
+        host_ram: Option<String>,
+        /// The planner's address, e.g. http://127.0.0.1:8787/
+        #[arg(long)]
+        base: Option<String>,
+    },
+    /// Print the plan a link holds (YAML, or JSON with --json).
+    Decode {
+        link: String,
+        #[arg(long)]
+        json: bool,
+    },
 }
-
-/// An error whose exit code is 2: the user's input was wrong.
-#[derive(Debug, thiserror::Error)]
-#[error("{0}")]
-struct BadInput(String);
 
 pub fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
@@ -154,6 +197,15 @@ pub fn main() -> ExitCode {
         Command::Worker { probe: true, .. } => crate::worker::probe(),
         Command::Worker { job, .. } => crate::worker::run(job.unwrap_or(0)),
         Command::Estimate { source, gpu, json, trace } => estimate(&source, gpu.as_deref(), json, trace),
+        Command::Advise { source, gpu, margin, allow, top, json } => {
+            crate::tools::advise(&source, &gpu, margin, &allow, top, json)
+        }
+        Command::Link { action: LinkAction::Encode { source, gpu, host_ram, base } } => {
+            crate::tools::link_encode(&source, gpu.as_deref(), host_ram.as_deref(), base.as_deref())
+        }
+        Command::Link { action: LinkAction::Decode { link, json } } => crate::tools::link_decode(&link, json),
+        Command::Export { source, format } => crate::tools::export_plan(&source, &format),
+        Command::Schema { model, json } => crate::tools::schema(model.as_deref(), json),
         Command::Gpus => {
             for g in &shared::gpus::CATALOG {
                 println!(
@@ -182,114 +234,13 @@ pub fn main() -> ExitCode {
     }
 }
 
-fn read_plan(path: &PathBuf) -> anyhow::Result<Plan> {
-    let text = std::fs::read_to_string(path).map_err(|e| BadInput(format!("reading {}: {e}", path.display())))?;
-    Plan::from_text(&text).map_err(|e| BadInput(format!("{}: {e}", path.display())).into())
-}
-
-pub(crate) fn bad_input(text: String) -> anyhow::Error {
-    BadInput(text).into()
-}
-
-/// `cpu` or `cuda[:N]` for the probe.
-pub(crate) fn parse_device_arg(text: &str) -> anyhow::Result<DeviceChoice> {
-    if text == "cuda" {
-        return Ok(DeviceChoice::Cuda(0));
-    }
-    match parse_device(text)? {
-        DeviceChoice::Auto => Err(BadInput("--device: expected cpu or cuda[:N], got auto".into()).into()),
-        d => Ok(d),
-    }
-}
-
-fn parse_device(text: &str) -> anyhow::Result<DeviceChoice> {
-    match text {
-        "auto" => Ok(DeviceChoice::Auto),
-        "cpu" => Ok(DeviceChoice::Cpu),
-        _ => text
-            .strip_prefix("cuda:")
-            .and_then(|i| i.parse().ok())
-            .map(DeviceChoice::Cuda)
-            .ok_or_else(|| BadInput(format!("--device: expected auto, cpu or cuda:N, got {text:?}")).into()),
-    }
-}
-
-/// The plan a source describes, with its `--set` overrides applied.
-fn build_plan(source: &PlanSource) -> anyhow::Result<Plan> {
-    let mut plan = match (&source.plan, &source.model) {
-        (Some(path), _) => read_plan(path)?,
-        (None, Some(model)) => {
-            if !shared::zoo::MODELS.contains(&model.as_str()) {
-                return Err(BadInput(format!(
-                    "--model: unknown model '{model}'; known models: {}",
-                    shared::zoo::MODELS.join(", ")
-                ))
-                .into());
-            }
-            Plan::zoo(model)
-        }
-        (None, None) => return Err(BadInput("give --plan FILE or --model NAME".into()).into()),
-    };
-    let mut pairs = Vec::new();
-    for item in &source.set {
-        let (k, v) = item.split_once('=').ok_or_else(|| BadInput(format!("--set {item}: expected KEY=VALUE")))?;
-        pairs.push((k.trim().to_owned(), v.trim().to_owned()));
-    }
-    plan.apply_settings(&pairs).map_err(|e| BadInput(e.to_string()))?;
-    plan.validate().map_err(|e| BadInput(e.to_string()))?;
-    Ok(plan)
-}
-
-pub(crate) fn find_gpu(name: &str) -> anyhow::Result<&'static shared::gpus::Gpu> {
-    shared::gpus::find(name).ok_or_else(|| {
-        let keys: Vec<&str> = shared::gpus::CATALOG.iter().map(|g| g.key).collect();
-        BadInput(format!("--gpu: unknown GPU '{name}'; known: {}", keys.join(", "))).into()
-    })
-}
-
-/// The estimate as one JSON object; the keys are a contract for scripts.
-pub(crate) fn estimate_json(e: &shared::Estimate) -> serde_json::Value {
-    let bytes_map = |entries: &[(&'static str, shared::Bytes)]| -> serde_json::Map<String, serde_json::Value> {
-        entries.iter().map(|(k, v)| ((*k).to_owned(), v.get().into())).collect()
-    };
-    let phases: serde_json::Map<String, serde_json::Value> =
-        e.phase_peaks.iter().map(|(p, v)| (p.key().to_owned(), v.get().into())).collect();
-    let mut out = serde_json::json!({
-        "runtime": e.runtime.word(),
-        "params": e.params,
-        "peak_bytes": e.peak_bytes.get(),
-        "peak_bytes_low": e.peak_bytes_low.get(),
-        "peak_bytes_high": e.peak_bytes_high.get(),
-        "peak_phase": e.peak_phase.key(),
-        "breakdown": bytes_map(&e.breakdown.entries()),
-        "category_peaks": bytes_map(&e.category_peaks.entries()),
-        "steady_bytes": e.steady_bytes.get(),
-        "phase_peaks": phases,
-        "host_peak_bytes": e.host_peak_bytes.get(),
-        "host_breakdown": bytes_map(&e.host.entries()),
-    });
-    if let (Some(d), Some(map)) = (&e.device, out.as_object_mut()) {
-        map.insert("gpu".into(), d.gpu.clone().into());
-        map.insert("reserved_peak_bytes".into(), d.reserved_peak_bytes.get().into());
-        map.insert("device_peak_bytes".into(), d.device_peak_bytes.get().into());
-        map.insert("device_peak_bytes_low".into(), d.device_peak_bytes_low.get().into());
-        map.insert("device_peak_bytes_high".into(), d.device_peak_bytes_high.get().into());
-        map.insert("context_bytes".into(), d.context_bytes.get().into());
-        map.insert("cublas_workspace_bytes".into(), d.cublas_workspace_bytes.get().into());
-        map.insert("capacity_bytes".into(), d.capacity_bytes.get().into());
-        map.insert("headroom_bytes".into(), d.headroom_bytes.into());
-        map.insert("fits".into(), d.fits.into());
-    }
-    out
-}
-
 fn estimate(source: &PlanSource, gpu: Option<&str>, json: bool, trace: bool) -> anyhow::Result<()> {
-    let mut plan = build_plan(source)?;
+    let (mut plan, graph) = build_plan(source)?;
     let target = match gpu {
         Some(name) => {
             let g = find_gpu(name)?;
             plan.resolve_memory_fraction(g.memory_bytes);
-            shared::estimate::Target::Cuda(*g)
+            shared::estimate::Target::Cuda(g)
         }
         None => {
             // A CPU job here uses this machine's threads unless the plan says otherwise.
@@ -298,8 +249,9 @@ fn estimate(source: &PlanSource, gpu: Option<&str>, json: bool, trace: bool) -> 
         }
     };
     if trace {
-        let (_, events) = shared::estimate::trace(&plan, target).map_err(|e| BadInput(e.to_string()))?;
-        let graph = plan.validate().map_err(|e| BadInput(e.to_string()))?;
+        let mut events = Vec::new();
+        shared::estimate::estimate_graph(&plan, &graph, target, Default::default(), Some(&mut events))
+            .map_err(|e| BadInput(e.to_string()))?;
         let mut stdout = std::io::stdout().lock();
         use std::io::Write;
         for ev in events {
@@ -315,7 +267,8 @@ fn estimate(source: &PlanSource, gpu: Option<&str>, json: bool, trace: bool) -> 
         }
         return Ok(());
     }
-    let e = shared::estimate::estimate_for(&plan, target).map_err(|e| BadInput(e.to_string()))?;
+    let e = shared::estimate::estimate_graph(&plan, &graph, target, Default::default(), None)
+        .map_err(|e| BadInput(e.to_string()))?;
     if json {
         println!("{}", estimate_json(&e));
     } else {
@@ -382,21 +335,25 @@ async fn async_main(command: Command) -> anyhow::Result<()> {
                 .await;
             Ok(())
         }
-        Command::Run { plan, device } => {
-            let mut plan = read_plan(&plan)?;
+        Command::Run { source, device } => {
+            let (mut plan, _) = build_plan(&source)?;
             if let Some(d) = device {
                 plan.device = parse_device(&d)?;
             }
             run(plan, exe).await
         }
         Command::Probe { source, device, steps, json } => {
-            crate::probe::probe(build_plan(&source)?, &device, steps, json, exe).await
+            crate::probe::probe(build_plan(&source)?.0, &device, steps, json, exe).await
         }
         Command::Accuracy { device, steps, out } => crate::accuracy::run(&device, steps, &out, exe).await,
         // These run without a runtime (see `main`); reaching here would be a wiring bug.
-        Command::Estimate { .. } | Command::Worker { .. } | Command::Gpus => {
-            Err(anyhow::anyhow!("internal: this command runs without the async runtime"))
-        }
+        Command::Estimate { .. }
+        | Command::Advise { .. }
+        | Command::Link { .. }
+        | Command::Export { .. }
+        | Command::Schema { .. }
+        | Command::Worker { .. }
+        | Command::Gpus => Err(anyhow::anyhow!("internal: this command runs without the async runtime")),
     }
 }
 

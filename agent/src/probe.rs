@@ -81,11 +81,11 @@ pub struct Outcome {
 
 /// Runs `plan` for `steps` steps on `device` in a worker process and measures it.
 pub async fn measure(mut plan: Plan, device: &str, steps: u64, exe: PathBuf) -> anyhow::Result<Outcome> {
-    plan.device = crate::cli::parse_device_arg(device)?;
+    plan.device = crate::input::parse_device_arg(device)?;
     plan.schedule = Schedule::Steps(steps);
     let target = target_for(&mut plan)?;
     let plan = crate::train::as_run_here(&plan);
-    let estimate = estimate_for(&plan, target).map_err(|e| crate::cli::bad_input(e.to_string()))?;
+    let estimate = estimate_for(&plan, target).map_err(|e| crate::input::bad_input(e.to_string()))?;
     let runner = JobRunner::new(exe, 1);
     let mut job = runner.start(plan.clone(), estimate.peak_bytes.get())?;
     let mut device_used_peak: Option<u64> = None;
@@ -118,7 +118,7 @@ pub async fn probe(plan: Plan, device: &str, steps: u64, json: bool, exe: PathBu
         measure(plan, device, steps, exe).await?;
     let measured_phases: serde_json::Map<String, serde_json::Value> =
         summary.phase_peaks.iter().map(|(p, b)| (p.key().to_owned(), (*b).into())).collect();
-    let mut est = crate::cli::estimate_json(&estimate);
+    let mut est = crate::report::estimate_json(&estimate);
     let out = serde_json::json!({
         "model": plan.name,
         "device": device,

@@ -103,9 +103,9 @@ mod tests {
     fn fixed_bytes_notice_format_changes() {
         // If this fails, the wire format changed: bump PROTOCOL_VERSION and update it.
         let bytes = encode(&Message::Cancel { job: 5 }).expect("encode");
-        assert_eq!(bytes, vec![3, 0, 6, 5]);
+        assert_eq!(bytes, vec![4, 0, 6, 5]);
         let bytes = encode(&Message::Error { code: ErrorCode::Busy, message: "busy".into() }).expect("encode");
-        assert_eq!(bytes, vec![3, 0, 7, 5, 4, b'b', b'u', b's', b'y']);
+        assert_eq!(bytes, vec![4, 0, 7, 5, 4, b'b', b'u', b's', b'y']);
         // Accepted carries the whole Estimate: a field added to it or to Plan changes this
         // length. The value is this encoding's own; change it together with the version.
         let estimate = crate::estimate(&Plan::example_cnn()).expect("estimate");
@@ -156,14 +156,15 @@ mod tests {
         frame[0] = 9;
         assert_eq!(decode(&frame), Err(CodecError::UnsupportedVersion { got: 9, want: PROTOCOL_VERSION }));
         assert!(matches!(decode(&[1]), Err(CodecError::Malformed { .. })));
-        assert!(matches!(decode(&[3, 0, 200, 200, 200]), Err(CodecError::Malformed { .. })));
+        assert!(matches!(decode(&[4, 0, 200, 200, 200]), Err(CodecError::Malformed { .. })));
         let mut trailing = encode(&Message::Cancel { job: 1 }).expect("encode");
         trailing.push(0);
         assert!(matches!(decode(&trailing), Err(CodecError::Malformed { .. })));
         let big = vec![0u8; MAX_FRAME_BYTES + 1];
         assert_eq!(decode(&big), Err(CodecError::TooLarge { len: MAX_FRAME_BYTES + 1, limit: MAX_FRAME_BYTES }));
         // A length prefix that claims more than the limit is refused before allocating.
-        let mut lying = vec![3, 0, 7, 0];
+        let mut lying = PROTOCOL_VERSION.to_le_bytes().to_vec();
+        lying.extend_from_slice(&[7, 0]);
         lying.extend_from_slice(&[253, 255, 255, 255, 255, 255, 255, 255, 127]);
         assert!(matches!(decode(&lying), Err(CodecError::Malformed { .. })));
         let huge = Message::Error { code: ErrorCode::Internal, message: "x".repeat(MAX_FRAME_BYTES) };

@@ -4,8 +4,10 @@
 //! Architecture invariant: this crate does no I/O and knows nothing of tokio, tch or
 //! web-sys, so that the planner computes exactly what the agent computes.
 
+pub mod advise;
 pub mod codec;
 pub mod estimate;
+pub mod export;
 pub mod gpus;
 pub mod graph;
 pub mod link;

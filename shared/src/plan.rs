@@ -389,6 +389,14 @@ impl Plan {
     /// read better, so JSON is tried first when the text looks like it). Earlier plan
     /// files (`mlp`/`small_cnn` with `input_shape` and `classes`) load as zoo models.
     pub fn from_text(text: &str) -> Result<Plan, PlanError> {
+        let plan = Plan::parse(text)?;
+        plan.validate()?;
+        Ok(plan)
+    }
+
+    /// Reads and normalizes a plan without validating it, for callers that apply
+    /// settings first and then validate (and build the graph) once.
+    pub fn parse(text: &str) -> Result<Plan, PlanError> {
         let mut plan: Plan = if text.trim_start().starts_with('{') {
             serde_json::from_str(text).map_err(|e| PlanError::Parse(e.to_string()))?
         } else {
@@ -398,7 +406,6 @@ impl Plan {
                 .map_err(|e| PlanError::Parse(e.to_string()))?
         };
         plan.normalize()?;
-        plan.validate()?;
         Ok(plan)
     }
 

@@ -167,6 +167,10 @@ pub struct DeviceEstimate {
     pub gpu: String,
     /// The caching allocator's reserved peak (`max_memory_reserved()`).
     pub reserved_peak_bytes: Bytes,
+    /// The reserved peak with `expandable_segments` the other way (when
+    /// `Options::toggled_allocator` asked for it).
+    #[serde(default)]
+    pub reserved_peak_toggled_bytes: Option<Bytes>,
     /// What NVML would show for the process: reserved plus the CUDA context.
     pub device_peak_bytes: Bytes,
     /// The interval around it: a bare context and the point reservation at the low end;
@@ -243,6 +247,8 @@ pub const CUDA_UNMEASURED: f64 = 0.25;
 pub struct Options {
     /// A downsampled timeline of at most this many points (0: none).
     pub timeline_points: usize,
+    /// Also model the allocator with `expandable_segments` the other way.
+    pub toggled_allocator: bool,
 }
 
 /// Estimates the peak memory of one steady-state training step of `plan` on the CPU.
@@ -318,6 +324,9 @@ fn walk(
         Target::Cpu => Sim::new(),
         Target::Cuda(_) => Sim::cuda(plan.expandable_segments),
     };
+    if cuda && options.toggled_allocator {
+        sim.toggled_pool = Some(cuda::Pool::new(!plan.expandable_segments));
+    }
     if events.is_some() || options.timeline_points > 0 {
         sim.record();
     }
@@ -435,6 +444,10 @@ fn walk(
             Some(DeviceEstimate {
                 gpu: gpu.name.to_owned(),
                 reserved_peak_bytes: reserved,
+                reserved_peak_toggled_bytes: sim
+                    .toggled_pool
+                    .as_ref()
+                    .map(|p| Bytes(p.peak_reserved.max(peak_bytes.get()))),
                 device_peak_bytes: device_peak,
                 device_peak_bytes_low: device_low,
                 device_peak_bytes_high: device_high,

@@ -50,6 +50,9 @@ pub struct Sim {
     round: u64,
     /// The caching allocator's reserved memory, modelled when set (CUDA).
     pub pool: Option<super::cuda::Pool>,
+    /// The same allocator with `expandable_segments` the other way, when asked for: one
+    /// walk answers both settings (the advisor's search).
+    pub toggled_pool: Option<super::cuda::Pool>,
     live: Breakdown,
     phase: Option<Phase>,
     pub peak: Bytes,
@@ -131,6 +134,9 @@ impl Sim {
         if let Some(pool) = self.pool.as_mut() {
             pool.alloc(self.slots.len(), bytes);
         }
+        if let Some(pool) = self.toggled_pool.as_mut() {
+            pool.alloc(self.slots.len(), bytes);
+        }
         self.slots.push(Slot { bytes: Bytes(bytes), category, owners: 1, optional: false });
         *self.live.get_mut(category) += Bytes(bytes);
         self.observe();
@@ -205,6 +211,9 @@ impl Sim {
                 self.optional_live = self.optional_live.saturating_sub(bytes.get());
             }
             if let Some(pool) = self.pool.as_mut() {
+                pool.free(t.0);
+            }
+            if let Some(pool) = self.toggled_pool.as_mut() {
                 pool.free(t.0);
             }
             let live = self.live.get_mut(category);

@@ -1,0 +1,184 @@
+//! The planning commands that need no trainer: `advise`, `link`, `export`, `schema`.
+//! Each prints JSON with stable keys under `--json`, for other tools to script.
+
+use shared::advise::{Advice, Request};
+use shared::export::{Format, export};
+use shared::link::{self, Extras};
+use shared::schema::{self, Field};
+
+use crate::input::{PlanSource, bad_input, build_plan, find_gpu};
+
+/// What the advisor may change besides batch, precision, checkpointing and the allocator.
+fn parse_allow(allow: &[String]) -> anyhow::Result<(bool, bool)> {
+    let (mut resize, mut optimizer) = (false, false);
+    for word in allow.iter().flat_map(|a| a.split(',')).map(str::trim).filter(|w| !w.is_empty()) {
+        match word {
+            "resize" => resize = true,
+            "optimizer" => optimizer = true,
+            other => return Err(bad_input(format!("--allow: expected resize or optimizer, got '{other}'"))),
+        }
+    }
+    Ok((resize, optimizer))
+}
+
+pub fn advise_json(a: &Advice) -> serde_json::Value {
+    let candidates: Vec<serde_json::Value> = a
+        .candidates
+        .iter()
+        .map(|c| {
+            let changes: serde_json::Map<String, serde_json::Value> =
+                c.changes.iter().map(|(k, v)| (k.clone(), v.clone().into())).collect();
+            serde_json::json!({
+                "changes": changes, "micro_batch": c.micro_batch, "accumulation": c.accumulation,
+                "effective_batch": c.effective_batch, "precision": c.precision.word(), "checkpoint": c.checkpoint,
+                "expandable_segments": c.expandable_segments, "optimizer": c.optimizer, "input_scale": c.input_scale,
+                "device_peak_bytes": c.device_peak_bytes, "capacity_bytes": c.capacity_bytes,
+                "headroom_bytes": c.headroom_bytes, "relative_time": c.relative_time, "reason": c.reason,
+            })
+        })
+        .collect();
+    serde_json::json!({
+        "effective_batch": a.effective_batch, "current_fits": a.current_fits,
+        "current_device_peak_bytes": a.current_device_peak_bytes, "budget_bytes": a.budget_bytes,
+        "combinations": a.combinations, "exact_estimates": a.exact_estimates, "note": a.note,
+        "candidates": candidates,
+    })
+}
+
+pub fn advise(
+    source: &PlanSource,
+    gpu: &str,
+    margin: f64,
+    allow: &[String],
+    top: usize,
+    json: bool,
+) -> anyhow::Result<()> {
+    let (plan, _) = build_plan(source)?;
+    let gpu = find_gpu(gpu)?;
+    let (allow_resize, allow_optimizer) = parse_allow(allow)?;
+    let mut plan = plan;
+    plan.resolve_memory_fraction(gpu.memory_bytes);
+    let req = Request { plan, gpu, margin, allow_resize, allow_optimizer, top };
+    let start = std::time::Instant::now();
+    let advice = shared::advise::advise(req.clone()).map_err(|e| bad_input(e.to_string()))?;
+    let ms = start.elapsed().as_secs_f64() * 1e3;
+    if json {
+        println!("{}", advise_json(&advice));
+        return Ok(());
+    }
+    println!(
+        "{} on {}: {} at the high end against a budget of {} ({} margin) -> {}",
+        req.plan.name,
+        gpu.name,
+        shared::Bytes(advice.current_device_peak_bytes),
+        shared::Bytes(advice.budget_bytes),
+        margin,
+        if advice.current_fits { "fits" } else { "does not fit" }
+    );
+    println!(
+        "searched {} combinations with {} exact estimates in {ms:.0} ms; effective batch {}",
+        advice.combinations, advice.exact_estimates, advice.effective_batch
+    );
+    if let Some(note) = &advice.note {
+        println!("note: {note}");
+    }
+    if advice.candidates.is_empty() {
+        println!("nothing fits; allow more changes (--allow resize,optimizer), a smaller margin or a larger GPU");
+    }
+    for (i, c) in advice.candidates.iter().enumerate() {
+        let sets: Vec<String> = c.changes.iter().map(|(k, v)| format!("--set {k}={v}")).collect();
+        println!("{:>2}. {:.2}x time, {} headroom: {}", i + 1, c.relative_time, signed(c.headroom_bytes), c.reason);
+        println!("    {}", if sets.is_empty() { "(no change)".to_owned() } else { sets.join(" ") });
+    }
+    Ok(())
+}
+
+fn signed(b: i64) -> String {
+    if b < 0 { format!("-{}", shared::Bytes(b.unsigned_abs())) } else { shared::Bytes(b as u64).to_string() }
+}
+
+pub fn link_encode(
+    source: &PlanSource,
+    gpu: Option<&str>,
+    host_ram: Option<&str>,
+    base: Option<&str>,
+) -> anyhow::Result<()> {
+    let (plan, _) = build_plan(source)?;
+    if let Some(g) = gpu {
+        find_gpu(g)?;
+    }
+    let host_ram_bytes = host_ram
+        .map(|r| shared::units::parse_bytes(r).map_err(|e| bad_input(format!("--host-ram: {e}"))))
+        .transpose()?;
+    let body = link::encode(&plan, &Extras { gpu: gpu.map(str::to_owned), host_ram_bytes });
+    match base {
+        Some(base) => {
+            let url = url::Url::parse(base).map_err(|e| bad_input(format!("--base: {e}")))?;
+            let mut url = url;
+            url.set_fragment(Some(&body));
+            println!("{url}");
+        }
+        None => println!("{body}"),
+    }
+    Ok(())
+}
+
+pub fn link_decode(text: &str, json: bool) -> anyhow::Result<()> {
+    // A whole URL or just its fragment.
+    let fragment = match url::Url::parse(text) {
+        Ok(u) => u.fragment().unwrap_or_default().to_owned(),
+        Err(_) => text.to_owned(),
+    };
+    let (plan, _, extras) = link::decode(&fragment).map_err(|e| bad_input(format!("link: {e}")))?;
+    if json {
+        let plan_value: serde_json::Value = serde_json::from_str(&plan.to_json())?;
+        println!(
+            "{}",
+            serde_json::json!({ "plan": plan_value, "gpu": extras.gpu, "host_ram_bytes": extras.host_ram_bytes })
+        );
+    } else {
+        if let Some(g) = &extras.gpu {
+            println!("# gpu: {g}");
+        }
+        if let Some(r) = extras.host_ram_bytes {
+            println!("# host RAM: {}", shared::Bytes(r));
+        }
+        print!("{}", export(&plan, Format::Yaml).text);
+    }
+    Ok(())
+}
+
+pub fn export_plan(source: &PlanSource, format: &str) -> anyhow::Result<()> {
+    let format = Format::from_word(format).ok_or_else(|| {
+        let words: Vec<&str> = Format::ALL.iter().map(|f| f.word()).collect();
+        bad_input(format!("--format: expected {}, got '{format}'", words.join(", ")))
+    })?;
+    let (plan, _) = build_plan(source)?;
+    let e = export(&plan, format);
+    println!("{}", e.text.trim_end());
+    for n in &e.notes {
+        eprintln!("note: {n}");
+    }
+    Ok(())
+}
+
+fn field_json(f: &Field) -> serde_json::Value {
+    serde_json::to_value(f).unwrap_or_default()
+}
+
+pub fn schema(model: Option<&str>, json: bool) -> anyhow::Result<()> {
+    let fields = match model {
+        Some(m) => schema::fields(m).map_err(|e| bad_input(format!("--model: {e}")))?,
+        None => schema::plan_fields(),
+    };
+    if json {
+        println!("{}", serde_json::Value::Array(fields.iter().map(field_json).collect()));
+        return Ok(());
+    }
+    for f in &fields {
+        let p = &f.param;
+        let default = if p.default.is_empty() { "(unset)".to_owned() } else { p.default.clone() };
+        println!("{:<22} {:<10} default {:<14} {}", p.key, f.group.label(), default, p.help);
+    }
+    Ok(())
+}
