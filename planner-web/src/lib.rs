@@ -1,25 +1,90 @@
-//! The Headroom planner: edit a plan, see its memory estimate, run it on an agent and
-//! watch loss and memory stream in. `main.rs` only mounts `App`.
+//! The Headroom planner: pick a model and knobs, see whether the step fits the GPU and
+//! why, get ranked fixes that keep the effective batch, share the plan as a link, export
+//! it, and run it on an agent. Everything but the run works without an agent: it is
+//! `shared` compiled to wasm. `main.rs` only mounts `App`.
 
 pub mod components;
 pub mod socket;
 pub mod state;
+pub mod util;
 
 use leptos::prelude::*;
+use shared::estimate::{Options, Target};
 
+use components::advisor::AdvisorPanel;
+use components::effects::EffectsPanel;
 use components::estimate::EstimatePanel;
 use components::plan_form::PlanEditor;
 use components::run::RunPanel;
-use state::{AgentState, Connection, PlanForm};
+use components::share::SharePanel;
+use state::{AgentState, Connection, Machine, PlanForm};
+
+/// Points of the step timeline the page draws.
+pub const TIMELINE_POINTS: usize = 240;
+
+/// The form and machine a page opens with: the link in the address bar when there is
+/// one (a damaged link keeps the default plan and says why), else W1 as first run.
+fn initial_state() -> (PlanForm, Machine, Option<String>) {
+    let fragment = util::fragment();
+    let mut machine = Machine::default();
+    if fragment.is_empty() {
+        return (PlanForm::default(), machine, None);
+    }
+    match shared::link::decode(&fragment) {
+        Ok((plan, _, extras)) => {
+            if let Some(g) = extras.gpu {
+                if shared::gpus::find(&g).is_some() {
+                    machine.gpu = g;
+                } else if let Some((mem, like)) = g.split_once('@') {
+                    machine.gpu = "custom".into();
+                    machine.custom_memory = mem.into();
+                    machine.custom_like = like.into();
+                }
+            }
+            if let Some(r) = extras.host_ram_bytes {
+                machine.host_ram = shared::Bytes(r).to_string().replace(' ', "");
+            }
+            (PlanForm::from_plan(&plan), machine, Some(format!("Opened the shared plan '{}'.", plan.name)))
+        }
+        Err(e) => (
+            PlanForm::default(),
+            machine,
+            Some(format!("Could not open the shared link: {e}. Showing the default plan.")),
+        ),
+    }
+}
 
 #[component]
 pub fn App() -> impl IntoView {
     let agent = AgentState::new();
     provide_context(agent);
     let socket = socket::use_agent_socket(agent);
-    let form = RwSignal::new(PlanForm::default());
-    let plan = Memo::new(move |_| form.with(PlanForm::to_plan));
-    let estimate = Signal::derive(move || plan.get().and_then(|p| shared::estimate(&p).map_err(|e| e.to_string())));
+    let (form0, machine0, notice0) = initial_state();
+    let form = RwSignal::new(form0);
+    let machine = RwSignal::new(machine0);
+    let notice = RwSignal::new(notice0);
+    // Each derived value depends only on what it reads: a keystroke in a field rebuilds
+    // the plan once; a GPU change re-estimates without rebuilding the plan.
+    let valid = Memo::new(move |_| form.with(PlanForm::to_valid));
+    let plan = Signal::derive(move || valid.get().map(|v| v.plan().clone()));
+    let target = Memo::new(move |_| machine.with(Machine::resolve).map(Target::Cuda));
+    let host_ram = Memo::new(move |_| machine.with(Machine::host_ram_bytes));
+    let estimate = Memo::new(move |_| {
+        let v = valid.get()?;
+        let target = target.get()?;
+        let mut p = v.plan().clone();
+        if let Target::Cuda(g) = target {
+            p.resolve_memory_fraction(g.memory_bytes);
+        }
+        shared::estimate::estimate_graph(
+            &p,
+            v.graph(),
+            target,
+            Options { timeline_points: TIMELINE_POINTS, toggled_allocator: false },
+            None,
+        )
+        .map_err(|e| e.to_string())
+    });
 
     let connection = move || match agent.connection.get() {
         Connection::Connecting => "connecting to the agent…".to_owned(),
@@ -31,19 +96,28 @@ pub fn App() -> impl IntoView {
             ),
             None => "connected".to_owned(),
         },
-        Connection::Closed(reason) => format!("not connected: {reason}"),
+        Connection::Closed(reason) => format!("no agent: {reason} (planning works without one)"),
     };
 
     view! {
         <header>
             <h1>"Headroom"</h1>
-            <p class="tagline">"Will it fit? Estimate a training step's peak memory, then run it and watch."</p>
+            <p class="tagline">"Will it fit? Estimate a training step's peak GPU and host memory, find the change that fits, share it, run it."</p>
             <p class="connection" data-testid="connection">{connection}</p>
+            <p class="docs"><a href="workloads.md" target="_blank" rel="noopener">"The five out-of-memory stories (docs/workloads.md)"</a></p>
         </header>
+        {move || notice.get().map(|n| view! {
+            <p class="notice" role="status" data-testid="notice">{n}<button aria-label="dismiss" on:click=move |_| notice.set(None)>"×"</button></p>
+        })}
         <main>
-            <PlanEditor form=form />
-            <EstimatePanel estimate=estimate />
-            <RunPanel plan=plan socket=socket />
+            <PlanEditor form=form machine=machine notice=notice />
+            <div class="results">
+                <EstimatePanel estimate=estimate host_ram=host_ram />
+                <AdvisorPanel valid=valid form=form machine=machine />
+                <EffectsPanel valid=valid target=target estimate=estimate />
+                <SharePanel valid=valid machine=machine />
+                <RunPanel plan=plan socket=socket />
+            </div>
         </main>
     }
 }

@@ -2,128 +2,130 @@
 //! agent has told us.
 
 use leptos::prelude::*;
-use shared::plan::{DeviceChoice, ModelSpec, Optimizer, Plan, Precision, Schedule};
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use shared::Graph;
+use shared::gpus::Gpu;
+use shared::plan::Plan;
 use shared::protocol::{BatchRecord, Hello, JobError, JobId, Summary};
 
 /// Batch records kept for the charts; later ones still update the status line. At one
 /// record per micro-batch this is hours of a fast job, and about 10 MB of memory.
 pub const MAX_RECORDS: usize = 100_000;
 
-/// The form as typed: strings, so that half-typed input is kept and explained, not lost.
+/// The form as typed: the model and its `key=value` settings as strings, so that
+/// half-typed input is kept and explained, not lost. An empty value means the key's
+/// default. It becomes a plan through `Plan::from_settings`, the path the CLI's `--set`
+/// and share links take.
 #[derive(Clone, Debug, PartialEq)]
 pub struct PlanForm {
     pub model: String,
-    pub widths: String,
-    pub input_shape: String,
-    pub classes: String,
-    pub micro_batch: String,
-    pub accumulation: String,
-    pub steps: String,
-    pub optimizer: String,
-    pub learning_rate: String,
-    pub device: String,
+    pub values: BTreeMap<String, String>,
+}
+
+/// The machine the plan is checked against.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Machine {
+    /// A catalog key, or "custom".
+    pub gpu: String,
+    /// For a custom GPU: its memory (e.g. 24GiB) and the catalog card of its generation.
+    pub custom_memory: String,
+    pub custom_like: String,
+    /// The host's RAM (e.g. 64GiB).
+    pub host_ram: String,
+}
+
+impl Default for Machine {
+    fn default() -> Machine {
+        Machine {
+            gpu: "v100-16gb".into(),
+            custom_memory: "24GiB".into(),
+            custom_like: "a10".into(),
+            host_ram: "64GiB".into(),
+        }
+    }
+}
+
+impl Machine {
+    /// The text `gpus::resolve` reads (and share links carry).
+    pub fn gpu_text(&self) -> String {
+        if self.gpu == "custom" {
+            format!("{}@{}", self.custom_memory.trim(), self.custom_like)
+        } else {
+            self.gpu.clone()
+        }
+    }
+
+    pub fn resolve(&self) -> Result<Gpu, String> {
+        shared::gpus::resolve(&self.gpu_text()).map_err(|e| format!("gpu: {e}"))
+    }
+
+    pub fn host_ram_bytes(&self) -> Result<u64, String> {
+        shared::units::parse_bytes(&self.host_ram).map_err(|e| format!("host RAM: {e}"))
+    }
+}
+
+/// A validated plan and its graph, built once per change; compared by plan.
+#[derive(Clone, Debug)]
+pub struct Valid(pub Arc<(Plan, Graph)>);
+
+impl PartialEq for Valid {
+    fn eq(&self, other: &Valid) -> bool {
+        Arc::ptr_eq(&self.0, &other.0) || self.0.0 == other.0.0
+    }
+}
+
+impl Valid {
+    pub fn plan(&self) -> &Plan {
+        &self.0.0
+    }
+    pub fn graph(&self) -> &Graph {
+        &self.0.1
+    }
 }
 
 impl Default for PlanForm {
     fn default() -> Self {
-        PlanForm::from_plan(&Plan::example_mlp())
+        let preset = shared::presets::Preset::find("w1-before").and_then(|p| p.plan().ok());
+        PlanForm::from_plan(&preset.unwrap_or_else(Plan::example_mlp))
     }
-}
-
-fn join(v: &[u64]) -> String {
-    v.iter().map(u64::to_string).collect::<Vec<_>>().join(",")
-}
-
-fn parse_u64(field: &str, text: &str) -> Result<u64, String> {
-    text.trim().parse::<u64>().map_err(|_| format!("{field}: expected a whole number, got {text:?}"))
-}
-
-fn parse_list(field: &str, text: &str) -> Result<Vec<u64>, String> {
-    text.split(',').filter(|s| !s.trim().is_empty()).map(|s| parse_u64(field, s)).collect()
 }
 
 impl PlanForm {
     pub fn from_plan(plan: &Plan) -> PlanForm {
-        let get = |settings: &std::collections::BTreeMap<String, String>, key: &str| {
-            settings.get(key).cloned().unwrap_or_default()
-        };
-        // The form edits the two small models, in the zoo's settings or the earlier
-        // format; another zoo plan shows its name only.
-        let (model, widths, input_shape, classes) = match &plan.model {
-            ModelSpec::Mlp { hidden } => ("mlp", join(hidden), join(&plan.input_shape), plan.classes.to_string()),
-            ModelSpec::SmallCnn { channels } => {
-                ("small_cnn", join(channels), join(&plan.input_shape), plan.classes.to_string())
-            }
-            ModelSpec::Zoo { name, settings } if name == "mlp" => {
-                ("mlp", get(settings, "hidden"), get(settings, "in_features"), get(settings, "num_classes"))
-            }
-            ModelSpec::Zoo { name, settings } if name == "small_cnn" => {
-                let image = get(settings, "image");
-                let hw = if image.contains(',') { image } else { format!("{image},{image}") };
-                let shape = format!("{},{hw}", get(settings, "in_channels"));
-                ("small_cnn", get(settings, "channels"), shape, get(settings, "num_classes"))
-            }
-            ModelSpec::Zoo { name, .. } => (name.as_str(), String::new(), String::new(), String::new()),
-        };
-        let optimizer = plan.optimizer.word();
-        PlanForm {
-            model: model.into(),
-            widths,
-            input_shape,
-            classes,
-            micro_batch: plan.micro_batch.to_string(),
-            accumulation: plan.accumulation.to_string(),
-            steps: plan.total_steps().to_string(),
-            optimizer: optimizer.into(),
-            learning_rate: plan.learning_rate.to_string(),
-            device: "auto".into(),
-        }
+        PlanForm { model: plan.model_name().to_owned(), values: plan.to_settings().into_iter().collect() }
     }
 
-    /// The plan this form describes, or the first problem, naming the field.
+    /// The typed pairs, leaving out empty fields (their defaults apply).
+    pub fn pairs(&self) -> Vec<(String, String)> {
+        self.values
+            .iter()
+            .filter(|(_, v)| !v.trim().is_empty())
+            .map(|(k, v)| (k.clone(), v.trim().to_owned()))
+            .collect()
+    }
+
+    /// The plan this form describes, validated with its graph, or the first problem,
+    /// naming the field.
+    pub fn to_valid(&self) -> Result<Valid, String> {
+        Plan::from_settings(&self.model, &self.pairs()).map(|pg| Valid(Arc::new(pg))).map_err(|e| e.to_string())
+    }
+
     pub fn to_plan(&self) -> Result<Plan, String> {
-        let widths = parse_list("widths", &self.widths)?;
-        let model = match self.model.as_str() {
-            "mlp" => ModelSpec::Mlp { hidden: widths },
-            "small_cnn" => ModelSpec::SmallCnn { channels: widths },
-            other => return Err(format!("model: unknown model {other:?}")),
-        };
-        let optimizer = Optimizer::from_word(&self.optimizer)
-            .ok_or_else(|| format!("optimizer: unknown optimizer {:?}", self.optimizer))?;
-        let learning_rate = self
-            .learning_rate
-            .trim()
-            .parse::<f64>()
-            .map_err(|_| format!("learning_rate: expected a number, got {:?}", self.learning_rate))?;
-        let device = match self.device.as_str() {
-            "auto" => DeviceChoice::Auto,
-            "cpu" => DeviceChoice::Cpu,
-            d => d
-                .strip_prefix("cuda:")
-                .and_then(|i| i.parse().ok())
-                .map(DeviceChoice::Cuda)
-                .ok_or_else(|| format!("device: expected auto, cpu or cuda:N, got {d:?}"))?,
-        };
-        let plan = Plan {
-            name: format!("{}-planner", self.model),
-            model,
-            input_shape: parse_list("input_shape", &self.input_shape)?,
-            classes: parse_u64("classes", &self.classes)?,
-            seed: 7,
-            micro_batch: parse_u64("micro_batch", &self.micro_batch)?,
-            accumulation: parse_u64("accumulation", &self.accumulation)?,
-            schedule: Schedule::Steps(parse_u64("steps", &self.steps)?),
-            optimizer,
-            learning_rate,
-            precision: Precision::Fp32,
-            device,
-            ..Plan::example_mlp()
-        };
-        // One input path: the form's fields become the zoo model, as a plan file's would.
-        let mut plan = plan;
-        plan.normalize().map_err(|e| e.to_string())?;
-        plan.validate().map_err(|e| e.to_string())?;
-        Ok(plan)
+        self.to_valid().map(|v| v.plan().clone())
+    }
+
+    /// Switching model keeps the plan's knobs and drops the old model's keys.
+    pub fn switch_model(&mut self, model: &str) {
+        let old: Vec<String> =
+            shared::zoo::schema(&self.model).map(|s| s.into_iter().map(|p| p.key).collect()).unwrap_or_default();
+        self.values.retain(|k, _| !old.contains(k));
+        self.model = model.to_owned();
+    }
+
+    pub fn get(&self, key: &str) -> String {
+        self.values.get(key).cloned().unwrap_or_default()
     }
 }
 
@@ -180,26 +182,53 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_default_form_is_the_example_plan() {
+    fn the_default_form_is_the_w1_preset_and_every_preset_round_trips() {
         let plan = PlanForm::default().to_plan().expect("valid");
-        assert_eq!(plan.model, Plan::example_mlp().model);
-        assert_eq!(plan.micro_batch, 32);
+        assert_eq!(plan.name, "w1-before");
+        for p in &shared::presets::PRESETS {
+            let want = p.plan().expect("preset");
+            assert_eq!(PlanForm::from_plan(&want).to_plan().expect("valid"), want, "{}", p.id);
+        }
         let cnn = PlanForm::from_plan(&Plan::example_cnn()).to_plan().expect("valid cnn");
-        let (want, got) = (Plan::example_cnn().validate().expect("cnn"), cnn.validate().expect("cnn"));
-        assert_eq!(want.values, got.values, "the same graph as the example");
-        assert_eq!(want.n_params(), got.n_params());
+        assert_eq!(cnn, Plan::example_cnn());
     }
 
     #[test]
     fn half_typed_input_names_the_field() {
         let mut form = PlanForm::default();
-        form.steps = "zero".into();
-        assert_eq!(form.to_plan().expect_err("steps"), "steps: expected a whole number, got \"zero\"");
+        form.values.insert("steps".into(), "zero".into());
+        assert_eq!(form.to_plan().expect_err("steps"), "steps: expected a number, got 'zero'");
         let mut form = PlanForm::default();
-        form.micro_batch = "0".into();
+        form.values.insert("batch".into(), "0".into());
         assert!(form.to_plan().expect_err("limit").starts_with("micro_batch:"));
         let mut form = PlanForm::default();
-        form.device = "tpu".into();
+        form.values.insert("device".into(), "tpu".into());
         assert!(form.to_plan().expect_err("device").starts_with("device:"));
+        // An emptied field falls back to its default.
+        let mut form = PlanForm::default();
+        form.values.insert("batch".into(), " ".into());
+        assert_eq!(form.to_plan().expect("default batch").micro_batch, 1);
+    }
+
+    #[test]
+    fn switching_model_drops_the_old_models_keys() {
+        let mut form = PlanForm::default();
+        form.switch_model("resnet18");
+        let plan = form.to_plan().expect("resnet18 with W1's knobs");
+        assert_eq!(plan.model_name(), "resnet18");
+        assert_eq!(plan.micro_batch, 2);
+    }
+
+    #[test]
+    fn custom_gpus_resolve() {
+        let m = Machine {
+            gpu: "custom".into(),
+            custom_memory: "24GiB".into(),
+            custom_like: "v100-16gb".into(),
+            ..Machine::default()
+        };
+        assert_eq!(m.resolve().expect("custom").memory_bytes, 24 << 30);
+        let bad = Machine { custom_memory: "lots".into(), ..m };
+        assert!(bad.resolve().expect_err("bad").starts_with("gpu:"));
     }
 }

@@ -241,7 +241,7 @@ impl Search {
             .iter()
             .flat_map(|&precision| checkpoints.iter().map(move |&checkpoint| Structure { precision, checkpoint }))
             .collect();
-        let size_keys = if req.allow_resize { size_keys(&req.plan) } else { Vec::new() };
+        let size_keys = if req.allow_resize { input_sizes(&req.plan) } else { Vec::new() };
         let effective = req.plan.micro_batch * req.plan.accumulation;
         let s0 = Structure { precision: req.plan.precision, checkpoint: req.plan.checkpoint() };
         let base_time = step_time(&req.gpu, &s0, req.plan.micro_batch, req.plan.accumulation, 1.0);
@@ -574,15 +574,15 @@ impl Search {
 }
 
 /// A spatial side scaled down, kept a multiple of 16 (what strided models need).
-fn scaled(d: u64, scale: f64) -> u64 {
+pub fn scaled(d: u64, scale: f64) -> u64 {
     if scale == 1.0 {
         return d;
     }
     (((d as f64 * scale) / 16.0).round() as u64 * 16).max(16)
 }
 
-/// The plan's input-size keys (image, volume, seq) with their current values.
-fn size_keys(plan: &Plan) -> Vec<(String, Vec<u64>)> {
+/// The plan's input-size keys (image, volume) with their current values.
+pub fn input_sizes(plan: &Plan) -> Vec<(String, Vec<u64>)> {
     let Ok(schema) = crate::zoo::schema(plan.model_name()) else { return Vec::new() };
     let settings = match &plan.model {
         crate::plan::ModelSpec::Zoo { settings, .. } => settings.clone(),

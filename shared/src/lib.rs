@@ -16,6 +16,7 @@ pub mod presets;
 pub mod protocol;
 pub mod schema;
 pub mod units;
+pub mod whatif;
 pub mod zoo;
 
 pub use estimate::{Breakdown, Estimate, Phase, estimate};

@@ -51,6 +51,8 @@ impl Preset {
             .filter(|l| !l.starts_with("headroom "))
             .collect::<Vec<_>>()
             .join(" ")
+            .trim_end_matches(':')
+            .to_owned()
     }
 }
 

@@ -1,11 +1,14 @@
 //! The planner in headless Chromium, driven through ChromeDriver: load the page the
-//! agent serves, run a job from the UI, and check that the charts received the stream.
+//! agent serves, run a job from the UI and check the charts received the stream; edit,
+//! advise, share, open links (good and damaged) and export; screenshots of the main
+//! views at 1280 and 390 px under `target/e2e-screenshots/`.
 
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use fantoccini::{ClientBuilder, Locator};
 use headroom_tests::{AgentHandle, free_port, repo_root, web_dir};
+use shared::plan::Plan;
 
 struct ChromeDriver(Child);
 
@@ -49,10 +52,8 @@ where
     }
 }
 
-#[tokio::test]
-async fn the_planner_runs_a_job_and_charts_the_stream() -> anyhow::Result<()> {
-    let agent = AgentHandle::start(Some(web_dir()?))?;
-    let (_driver, port) = start_chromedriver().await?;
+async fn browser() -> anyhow::Result<(fantoccini::Client, ChromeDriver, std::path::PathBuf)> {
+    let (driver, port) = start_chromedriver().await?;
     let profile = std::env::temp_dir().join(format!("headroom-chromium-{}-{port}", std::process::id()));
     let mut caps = serde_json::Map::new();
     caps.insert(
@@ -61,7 +62,7 @@ async fn the_planner_runs_a_job_and_charts_the_stream() -> anyhow::Result<()> {
             "binary": "/usr/bin/chromium",
             "args": ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                      "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                     "--disable-dev-shm-usage", "--window-size=1200,1400",
+                     "--disable-dev-shm-usage", "--window-size=1280,1400",
                      format!("--user-data-dir={}", profile.display())],
         }),
     );
@@ -69,12 +70,40 @@ async fn the_planner_runs_a_job_and_charts_the_stream() -> anyhow::Result<()> {
         .capabilities(caps)
         .connect(&format!("http://127.0.0.1:{port}"))
         .await?;
-    let result = drive(&client, &agent).await;
-    // Save what the page looked like, pass or fail, for people to look at.
+    Ok((client, driver, profile))
+}
+
+fn shots_dir() -> anyhow::Result<std::path::PathBuf> {
     let shots = repo_root().join("target/e2e-screenshots");
     std::fs::create_dir_all(&shots)?;
-    if let Ok(png) = client.screenshot().await {
-        std::fs::write(shots.join("planner.png"), png)?;
+    Ok(shots)
+}
+
+async fn screenshot(client: &fantoccini::Client, name: &str) -> anyhow::Result<()> {
+    let png = client.screenshot().await?;
+    std::fs::write(shots_dir()?.join(format!("{name}.png")), png)?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn the_planner_runs_a_job_and_charts_the_stream() -> anyhow::Result<()> {
+    let agent = AgentHandle::start(Some(web_dir()?))?;
+    let (client, _driver, profile) = browser().await?;
+    let result = drive(&client, &agent).await;
+    // Save what the page looked like, pass or fail, for people to look at.
+    let _ = screenshot(&client, "run").await;
+    client.close().await?;
+    let _ = std::fs::remove_dir_all(&profile);
+    result
+}
+
+#[tokio::test]
+async fn the_planner_explains_advises_shares_and_exports() -> anyhow::Result<()> {
+    let agent = AgentHandle::start(Some(web_dir()?))?;
+    let (client, _driver, profile) = browser().await?;
+    let result = plan_views(&client, &agent).await;
+    if result.is_err() {
+        let _ = screenshot(&client, "failure").await;
     }
     client.close().await?;
     let _ = std::fs::remove_dir_all(&profile);
@@ -85,27 +114,54 @@ async fn text(client: &fantoccini::Client, testid: &str) -> anyhow::Result<Strin
     Ok(client.find(Locator::Css(&format!("[data-testid={testid}]"))).await?.text().await?)
 }
 
+async fn value(client: &fantoccini::Client, testid: &str) -> anyhow::Result<String> {
+    Ok(client.find(Locator::Css(&format!("[data-testid={testid}]"))).await?.prop("value").await?.unwrap_or_default())
+}
+
+async fn type_into(client: &fantoccini::Client, testid: &str, text: &str) -> anyhow::Result<()> {
+    let field = client.find(Locator::Css(&format!("[data-testid={testid}]"))).await?;
+    field.clear().await?;
+    field.send_keys(text).await?;
+    Ok(())
+}
+
+async fn select(client: &fantoccini::Client, testid: &str, value: &str) -> anyhow::Result<()> {
+    client.find(Locator::Css(&format!("[data-testid={testid}]"))).await?.select_by_value(value).await?;
+    Ok(())
+}
+
+/// The page's address for a plan: the agent's URL with the plan's link as fragment.
+fn url_for(agent: &AgentHandle, plan: &Plan, gpu: &str) -> String {
+    let body = shared::link::encode(plan, &shared::link::Extras { gpu: Some(gpu.to_owned()), host_ram_bytes: None });
+    format!("{}#{body}", agent.url())
+}
+
+fn bytes_of(text: &str) -> f64 {
+    let (n, unit) = text.trim().split_once(' ').unwrap_or((text, "B"));
+    let n: f64 = n.parse().unwrap_or(f64::NAN);
+    n * match unit {
+        "KiB" => 1024.0,
+        "MiB" => 1024.0 * 1024.0,
+        "GiB" => 1024.0 * 1024.0 * 1024.0,
+        _ => 1.0,
+    }
+}
+
 async fn drive(client: &fantoccini::Client, agent: &AgentHandle) -> anyhow::Result<()> {
-    client.goto(&agent.url()).await?;
+    client.goto(&url_for(agent, &Plan::example_mlp(), "v100-16gb")).await?;
     eventually("the agent's hello", Duration::from_secs(30), || async {
         Ok(text(client, "connection").await.ok().filter(|t| t.contains("connected to agent")))
     })
     .await?;
 
     // Edit the plan: a bad value is explained, a good one re-estimates.
-    let steps = client.find(Locator::Css("[data-testid=steps]")).await?;
-    steps.clear().await?;
-    steps.send_keys("zero").await?;
+    client.find(Locator::Css("[data-testid=group-run] summary")).await?.click().await?;
+    type_into(client, "field-steps", "zero").await?;
     let error = text(client, "plan-error").await?;
     assert!(error.contains("steps"), "{error}");
-    steps.clear().await?;
-    steps.send_keys("25").await?;
-    let micro = client.find(Locator::Css("[data-testid=micro-batch]")).await?;
-    micro.clear().await?;
-    micro.send_keys("16").await?;
-    let accumulation = client.find(Locator::Css("[data-testid=accumulation]")).await?;
-    accumulation.clear().await?;
-    accumulation.send_keys("2").await?;
+    type_into(client, "field-steps", "25").await?;
+    type_into(client, "field-batch", "16").await?;
+    type_into(client, "field-accum", "2").await?;
     assert_eq!(text(client, "effective-batch").await?, "effective batch 32 = 16 × 2");
     let peak = text(client, "estimate-peak").await?;
     assert!(peak.ends_with("MiB") || peak.ends_with("KiB"), "{peak}");
@@ -130,5 +186,152 @@ async fn drive(client: &fantoccini::Client, agent: &AgentHandle) -> anyhow::Resu
     client.find(Locator::Css("[data-testid=memory-chart-reference]")).await?;
     let polylines = client.find_all(Locator::Css("[data-testid=memory-chart] polyline")).await?;
     assert!(polylines.len() >= 2, "peak and allocated series");
+    Ok(())
+}
+
+async fn plan_views(client: &fantoccini::Client, agent: &AgentHandle) -> anyhow::Result<()> {
+    let mut perf = serde_json::Map::new();
+    // A fresh page opens on W1 as its users first ran it: navigation to first estimate.
+    let start = Instant::now();
+    client.goto(&agent.url()).await?;
+    let status = eventually("the first estimate", Duration::from_secs(30), || async {
+        Ok(text(client, "fit-status").await.ok())
+    })
+    .await?;
+    perf.insert("first_estimate_ms".into(), (start.elapsed().as_secs_f64() * 1e3).round().into());
+    assert!(status.contains("V100") && !status.starts_with("Fits"), "W1-before on a 16 GB card: {status}");
+    let points: usize = client
+        .find(Locator::Css("[data-testid=timeline]"))
+        .await?
+        .attr("data-points")
+        .await?
+        .unwrap_or_default()
+        .parse()?;
+    assert!(points > 50, "a step timeline with {points} points");
+    client.find(Locator::Css("[data-testid=timeline-peak]")).await?;
+    eventually("the knob effects", Duration::from_secs(30), || async {
+        let rows = client.find_all(Locator::Css("[data-testid=effects] tr")).await?;
+        let t = text(client, "effects").await?;
+        Ok((rows.len() >= 5 && t.contains("empty_cache()") && t.contains("activations")).then_some(()))
+    })
+    .await?;
+    screenshot(client, "plan-1280").await?;
+    client.set_window_size(390, 1600).await?;
+    screenshot(client, "plan-390").await?;
+    client.set_window_size(1280, 1400).await?;
+
+    // A zoo model and a knob change update the estimate.
+    select(client, "model", "resnet18").await?;
+    let resnet = text(client, "estimate-peak").await?;
+    type_into(client, "field-batch", "64").await?;
+    let bigger = text(client, "estimate-peak").await?;
+    assert!(bytes_of(&bigger) > bytes_of(&resnet), "batch 64 ({bigger}) above batch 2 ({resnet})");
+
+    // W1-before does not fit a 16 GB card; the advisor's top choice fits with the margin
+    // and keeps the effective batch.
+    select(client, "preset", "w1-before").await?;
+    let capacity = bytes_of(&text(client, "capacity").await?);
+    client.find(Locator::Css("[data-testid=advise]")).await?.click().await?;
+    let summary =
+        eventually("the advisor", Duration::from_secs(60), || async { Ok(text(client, "advisor-summary").await.ok()) })
+            .await?;
+    let top = client.find(Locator::Css("[data-testid=advice-0]")).await?;
+    assert_eq!(top.attr("data-effective").await?.as_deref(), Some("4"), "{summary}");
+    let peak: f64 = top.attr("data-peak").await?.unwrap_or_default().parse()?;
+    assert!(peak <= 0.9 * capacity, "top choice {peak} within 90 % of {capacity}");
+    screenshot(client, "advisor-1280").await?;
+    client.find(Locator::Css("[data-testid=apply-0]")).await?.click().await?;
+    let after = text(client, "fit-status").await?;
+    assert!(after.starts_with("Fits"), "after applying the top choice: {after}");
+
+    // The share link restores exactly the same plan in a new tab.
+    let link = value(client, "share-link").await?;
+    assert!(link.contains("#h1-"), "{link}");
+    let export_yaml = text(client, "export-text").await?;
+    let first = client.window().await?;
+    let tab = client.new_window(true).await?;
+    client.switch_to_window(tab.handle).await?;
+    client.goto(&link).await?;
+    let notice =
+        eventually("the opened link", Duration::from_secs(30), || async { Ok(text(client, "notice").await.ok()) })
+            .await?;
+    assert!(notice.contains("Opened the shared plan"), "{notice}");
+    assert_eq!(value(client, "share-link").await?, link, "the new tab makes the same link");
+    assert_eq!(text(client, "export-text").await?, export_yaml, "and the same plan");
+    client.close_window().await?;
+    client.switch_to_window(first).await?;
+
+    // Every export parses back.
+    let restored = Plan::from_text(&export_yaml)?;
+    for format in ["yaml", "json", "hf", "lightning", "deepspeed", "env", "command"] {
+        select(client, "export-format", format).await?;
+        let t = text(client, "export-text").await?;
+        match format {
+            "yaml" | "json" => assert_eq!(Plan::from_text(&t)?, restored, "{format}"),
+            "hf" => assert_eq!(
+                serde_json::from_str::<serde_json::Value>(&t)?["per_device_train_batch_size"],
+                restored.micro_batch
+            ),
+            "deepspeed" => assert_eq!(
+                serde_json::from_str::<serde_json::Value>(&t)?["train_micro_batch_size_per_gpu"],
+                restored.micro_batch
+            ),
+            "lightning" => assert!(t.contains(&format!("accumulate_grad_batches: {}", restored.accumulation)), "{t}"),
+            "env" => assert!(t.lines().any(|l| l.starts_with("PYTORCH_CUDA_ALLOC_CONF=expandable_segments:")), "{t}"),
+            _ => assert!(t.starts_with("headroom run --model swin_unetr"), "{t}"),
+        }
+    }
+    screenshot(client, "share-1280").await?;
+
+    // A corrupted, a truncated and a newer link each say what is wrong and keep a page.
+    let (base, body) = link.split_once('#').expect("fragment");
+    for (bad, says) in [
+        (body.replacen("b=", "b=9", 1), "checksum"),
+        (body[..body.len() / 2].to_owned(), "cut short"),
+        (body.replacen("h1-", "h7-", 1), "newer Headroom"),
+    ] {
+        client.goto("about:blank").await?;
+        client.goto(&format!("{base}#{bad}")).await?;
+        let notice =
+            eventually("the link's error", Duration::from_secs(30), || async { Ok(text(client, "notice").await.ok()) })
+                .await?;
+        assert!(notice.contains(says) && notice.contains("default plan"), "{notice}");
+        text(client, "fit-status").await?;
+    }
+    screenshot(client, "bad-link-1280").await?;
+
+    // The advisor's 10,000-combination search in the browser, timed by the page.
+    let wide = Plan { micro_batch: 24, accumulation: 15, ..Plan::zoo("resnet50") };
+    client.goto("about:blank").await?;
+    client.goto(&url_for(agent, &wide, "a100-40gb")).await?;
+    eventually("the estimate", Duration::from_secs(30), || async { Ok(text(client, "fit-status").await.ok()) }).await?;
+    client.find(Locator::Css("[data-testid=allow-resize]")).await?.click().await?;
+    client.find(Locator::Css("[data-testid=allow-optimizer]")).await?.click().await?;
+    // Main-thread tasks over 50 ms while the search runs (Chromium's long-task entries).
+    client
+        .execute(
+            "window.__long = []; new PerformanceObserver(l => l.getEntries().forEach(e => window.__long.push(e.duration))).observe({type: 'longtask'});",
+            vec![],
+        )
+        .await?;
+    client.find(Locator::Css("[data-testid=advise]")).await?.click().await?;
+    let summary = eventually("the wide search", Duration::from_secs(60), || async {
+        Ok(text(client, "advisor-summary").await.ok())
+    })
+    .await?;
+    let combos: usize = summary.split(' ').next().unwrap_or_default().parse()?;
+    assert!(combos >= 10_000, "{summary}");
+    let ms: f64 = summary
+        .split_once(" ms ·")
+        .and_then(|(head, _)| head.rsplit(' ').next()?.parse().ok())
+        .ok_or_else(|| anyhow::anyhow!("no time in '{summary}'"))?;
+    let long = client.execute("return window.__long;", vec![]).await?;
+    let longest = long.as_array().map_or(0.0, |a| a.iter().filter_map(serde_json::Value::as_f64).fold(0.0, f64::max));
+    perf.insert("advisor_longest_task_ms".into(), longest.into());
+    assert!(longest <= 50.0, "a main-thread task of {longest} ms during the search");
+    perf.insert("advisor_combinations".into(), combos.into());
+    perf.insert("advisor_browser_ms".into(), ms.into());
+    std::fs::write(repo_root().join("target/e2e-perf.json"), serde_json::to_string_pretty(&perf)?)?;
+    eprintln!("browser figures: {}", serde_json::Value::Object(perf));
     Ok(())
 }
