@@ -23,7 +23,8 @@ use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use crate::auth::{self, Origin};
 use crate::connection::Connection;
 use crate::jobs::JobRunner;
-use crate::{http, session};
+use crate::session::{self, State};
+use crate::http;
 
 /// Bytes of a request line we wait for before routing; longer lines are refused.
 const MAX_REQUEST_LINE: usize = 8192;
@@ -52,16 +53,6 @@ pub struct Config {
     pub max_jobs: usize,
     /// This executable, started in worker mode for each job.
     pub worker_exe: PathBuf,
-}
-
-/// What every connection shares.
-#[derive(Debug)]
-pub struct State {
-    pub token: String,
-    pub origins: Vec<Origin>,
-    pub hello: Hello,
-    pub runner: JobRunner,
-    pub web_dir: Option<PathBuf>,
 }
 
 pub struct Server {

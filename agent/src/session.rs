@@ -1,20 +1,31 @@
 //! One client's session: protocol messages in, job events out, until either side ends.
 
+use std::path::PathBuf;
 use std::sync::Arc;
 
-use shared::protocol::{ErrorCode, Message};
+use shared::protocol::{ErrorCode, Hello, Message};
 use tokio::sync::watch;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 
+use crate::auth::Origin;
 use crate::connection::{Connection, ReadError};
-use crate::jobs::{RunningJob, StartError};
-use crate::server::State;
+use crate::jobs::{JobRunner, RunningJob, StartError};
 
 async fn next_event(job: &mut Option<RunningJob>) -> Option<Message> {
     match job {
         Some(job) => job.events.recv().await,
         None => std::future::pending().await,
     }
+}
+
+/// What every connection shares.
+#[derive(Debug)]
+pub struct State {
+    pub token: String,
+    pub origins: Vec<Origin>,
+    pub hello: Hello,
+    pub runner: JobRunner,
+    pub web_dir: Option<PathBuf>,
 }
 
 fn error(code: ErrorCode, message: impl Into<String>) -> Message {

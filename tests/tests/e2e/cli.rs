@@ -179,3 +179,99 @@ fn every_example_plan_estimates_and_w1_tells_its_story() -> anyhow::Result<()> {
     assert!(fits("examples/w1-after.yaml")?, "W1 after the fixes fits");
     Ok(())
 }
+
+#[test]
+fn advise_finds_fits_that_keep_the_effective_batch() -> anyhow::Result<()> {
+    let (code, out, err) = cli(&["advise", "--plan", "examples/w1-before.yaml", "--gpu", "v100-16gb", "--json"])?;
+    assert_eq!(code, 0, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&out)?;
+    assert_eq!(v["current_fits"], false);
+    assert_eq!(v["effective_batch"], 4);
+    let budget = v["budget_bytes"].as_u64().expect("budget");
+    let candidates = v["candidates"].as_array().expect("candidates");
+    assert!(!candidates.is_empty());
+    for c in candidates {
+        assert_eq!(c["effective_batch"], 4, "{c}");
+        assert!(c["device_peak_bytes"].as_u64().expect("peak") <= budget, "{c}");
+    }
+    // The top choice's changes, through --set, give a plan that fits.
+    let sets: Vec<String> = candidates[0]["changes"]
+        .as_object()
+        .expect("changes")
+        .iter()
+        .map(|(k, v)| format!("{k}={}", v.as_str().unwrap_or_default()))
+        .collect();
+    let mut args = vec!["estimate", "--plan", "examples/w1-before.yaml", "--gpu", "v100-16gb", "--json"];
+    for s in &sets {
+        args.extend(["--set", s.as_str()]);
+    }
+    let (code, out, err) = cli(&args)?;
+    assert_eq!(code, 0, "{err}");
+    let e: serde_json::Value = serde_json::from_str(&out)?;
+    assert_eq!(e["fits"], true, "{sets:?}: {e}");
+    // Bad requests name their flag.
+    let (code, _, err) = cli(&["advise", "--model", "resnet18", "--gpu", "v100-16gb", "--margin", "2"])?;
+    assert_eq!(code, 2);
+    assert!(err.contains("margin"), "{err}");
+    let (code, _, err) = cli(&["advise", "--model", "resnet18", "--gpu", "v100-16gb", "--allow", "everything"])?;
+    assert_eq!(code, 2);
+    assert!(err.contains("--allow"), "{err}");
+    Ok(())
+}
+
+#[test]
+fn links_and_exports_round_trip_through_the_cli() -> anyhow::Result<()> {
+    let (code, link, err) =
+        cli(&["link", "encode", "--plan", "examples/w1-after.yaml", "--gpu", "24GiB@a10", "--base", "http://127.0.0.1:8787/"])?;
+    assert_eq!(code, 0, "{err}");
+    let link = link.trim();
+    assert!(link.starts_with("http://127.0.0.1:8787/#h1-") && !link.contains("token"), "{link}");
+    let (code, out, err) = cli(&["link", "decode", link, "--json"])?;
+    assert_eq!(code, 0, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&out)?;
+    assert_eq!(v["gpu"], "24GiB@a10");
+    let decoded = shared::plan::Plan::from_text(&v["plan"].to_string())?;
+    let file = shared::plan::Plan::from_text(&std::fs::read_to_string(headroom_tests::repo_root().join("examples/w1-after.yaml"))?)?;
+    assert_eq!(decoded, file);
+    let broken = link.replacen("a=8", "a=9", 1);
+    let (code, _, err) = cli(&["link", "decode", &broken])?;
+    assert_eq!(code, 2);
+    assert!(err.contains("checksum"), "{err}");
+    for format in ["yaml", "json", "hf", "lightning", "deepspeed", "env", "command"] {
+        let (code, out, err) = cli(&["export", "--plan", "examples/w1-after.yaml", "--format", format])?;
+        assert_eq!(code, 0, "{format}: {err}");
+        match format {
+            "yaml" | "json" => assert_eq!(shared::plan::Plan::from_text(&out)?, file),
+            "hf" | "deepspeed" => {
+                serde_json::from_str::<serde_json::Value>(&out)?;
+                assert!(err.contains("expandable"), "{format} notes what it cannot hold: {err}");
+            }
+            "command" => {
+                // The exported command runs the same plan: estimate it the same way.
+                let words: Vec<&str> = out.split_whitespace().collect();
+                assert_eq!(&words[..2], ["headroom", "run"]);
+                let mut args = vec!["estimate"];
+                args.extend(&words[2..]);
+                args.push("--json");
+                let (code, a, err) = cli(&args)?;
+                assert_eq!(code, 0, "{err}");
+                let (_, b, _) = cli(&["estimate", "--plan", "examples/w1-after.yaml", "--json"])?;
+                assert_eq!(a, b);
+            }
+            _ => assert!(!out.is_empty()),
+        }
+    }
+    let (code, _, err) = cli(&["export", "--model", "vit", "--format", "onnx"])?;
+    assert_eq!(code, 2);
+    assert!(err.contains("--format"), "{err}");
+    let (code, out, err) = cli(&["schema", "--model", "swin_unetr", "--json"])?;
+    assert_eq!(code, 0, "{err}");
+    let keys: Vec<String> = serde_json::from_str::<Vec<serde_json::Value>>(&out)?
+        .iter()
+        .filter_map(|f| f["key"].as_str().map(str::to_owned))
+        .collect();
+    for k in ["feature_size", "volume", "batch", "precision", "expandable_segments"] {
+        assert!(keys.iter().any(|x| x == k), "{k} in {keys:?}");
+    }
+    Ok(())
+}
