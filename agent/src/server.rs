@@ -22,9 +22,9 @@ use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 
 use crate::auth::{self, Origin};
 use crate::connection::Connection;
+use crate::http;
 use crate::jobs::JobRunner;
 use crate::session::{self, State};
-use crate::http;
 
 /// Bytes of a request line we wait for before routing; longer lines are refused.
 const MAX_REQUEST_LINE: usize = 8192;

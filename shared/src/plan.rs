@@ -1080,6 +1080,9 @@ fn join(v: &[u64]) -> String {
 mod tests {
     use super::*;
 
+    /// A change to a plan that one limit should refuse.
+    type Mutation = Box<dyn Fn(&mut Plan)>;
+
     fn field_of(err: PlanError) -> String {
         match err {
             PlanError::Invalid { field, .. } => field.to_owned(),
@@ -1106,7 +1109,7 @@ mod tests {
 
     #[test]
     fn each_limit_names_its_field() {
-        let cases: Vec<(&str, Box<dyn Fn(&mut Plan)>)> = vec![
+        let cases: Vec<(&str, Mutation)> = vec![
             ("micro_batch", Box::new(|p| p.micro_batch = 0)),
             ("micro_batch", Box::new(|p| p.micro_batch = limits::MAX_MICRO_BATCH + 1)),
             ("accumulation", Box::new(|p| p.accumulation = 0)),
@@ -1162,7 +1165,7 @@ mod tests {
             assert_eq!(field_of(err.clone()), field, "{err}");
         }
         // The earlier format's fields, checked as it is turned into the zoo model.
-        let legacy: Vec<(&str, Box<dyn Fn(&mut Plan)>)> = vec![
+        let legacy: Vec<(&str, Mutation)> = vec![
             ("classes", Box::new(|p| p.classes = 1)),
             ("input_shape", Box::new(|p| p.input_shape = vec![])),
             ("input_shape", Box::new(|p| p.input_shape = vec![1, 2, 3, 4])),

@@ -289,11 +289,14 @@ fn published_cuda_figures_lie_inside_the_interval() {
     }
 }
 
+/// A zoo model, its settings and the measured peak in bytes.
+type Case = (&'static str, Vec<(&'static str, &'static str)>, u64);
+
 /// Peaks of Headroom's own trainer (`headroom probe --device cpu --steps 3`, runtime
 /// `headroom`, 2 threads), measured with the exact counting allocator.
 #[test]
 fn trainer_estimates_match_measured_cpu_peaks() {
-    let cases: Vec<(&str, Vec<(&str, &str)>, u64)> = vec![
+    let cases: Vec<Case> = vec![
         ("resnet18", vec![("image", "64"), ("batch", "8"), ("optimizer", "sgd"), ("onednn", "false")], 108_704_296),
         ("resnet18", vec![("image", "64"), ("batch", "8"), ("optimizer", "sgd")], 105_542_184),
         (

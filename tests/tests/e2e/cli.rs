@@ -221,8 +221,16 @@ fn advise_finds_fits_that_keep_the_effective_batch() -> anyhow::Result<()> {
 
 #[test]
 fn links_and_exports_round_trip_through_the_cli() -> anyhow::Result<()> {
-    let (code, link, err) =
-        cli(&["link", "encode", "--plan", "examples/w1-after.yaml", "--gpu", "24GiB@a10", "--base", "http://127.0.0.1:8787/"])?;
+    let (code, link, err) = cli(&[
+        "link",
+        "encode",
+        "--plan",
+        "examples/w1-after.yaml",
+        "--gpu",
+        "24GiB@a10",
+        "--base",
+        "http://127.0.0.1:8787/",
+    ])?;
     assert_eq!(code, 0, "{err}");
     let link = link.trim();
     assert!(link.starts_with("http://127.0.0.1:8787/#h1-") && !link.contains("token"), "{link}");
@@ -231,7 +239,9 @@ fn links_and_exports_round_trip_through_the_cli() -> anyhow::Result<()> {
     let v: serde_json::Value = serde_json::from_str(&out)?;
     assert_eq!(v["gpu"], "24GiB@a10");
     let decoded = shared::plan::Plan::from_text(&v["plan"].to_string())?;
-    let file = shared::plan::Plan::from_text(&std::fs::read_to_string(headroom_tests::repo_root().join("examples/w1-after.yaml"))?)?;
+    let file = shared::plan::Plan::from_text(&std::fs::read_to_string(
+        headroom_tests::repo_root().join("examples/w1-after.yaml"),
+    )?)?;
     assert_eq!(decoded, file);
     let broken = link.replacen("a=8", "a=9", 1);
     let (code, _, err) = cli(&["link", "decode", &broken])?;
