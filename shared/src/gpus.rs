@@ -73,6 +73,9 @@ pub fn resolve(text: &str) -> Result<Gpu, String> {
         Some((size, like)) => (size, like),
         None => (text, "a100-40gb"),
     };
+    if !size.trim_start().starts_with(|c: char| c.is_ascii_digit()) {
+        return Err(format!("unknown GPU '{text}'; see `headroom gpus`, or give a size such as 24GiB@a10"));
+    }
     let like = find(like).ok_or_else(|| format!("unknown GPU '{like}'; see `headroom gpus`"))?;
     let memory_bytes = crate::units::parse_bytes(size).map_err(|e| {
         format!("'{text}' is neither a catalog GPU (see `headroom gpus`) nor a size such as 24GiB@a10: {e}")
