@@ -12,7 +12,7 @@
 //! (Constants: `c10/core/AllocatorConfig.h` and `c10/cuda/CUDACachingAllocator.cpp` in
 //! PyTorch 2.11.)
 
-use std::collections::HashMap;
+use std::collections::BTreeSet;
 
 const MIB: u64 = 1 << 20;
 const SMALL_MAX: u64 = MIB;
@@ -36,8 +36,13 @@ struct Segment {
 pub struct Pool {
     expandable: bool,
     segments: Vec<Segment>,
-    /// Live blocks: simulator slot -> (segment, offset, size).
-    blocks: HashMap<usize, (usize, u64, u64)>,
+    /// Every free range of each pool (small, large) as `(size, segment, offset)`: the
+    /// first entry at or above a request's size is the best fit, the smallest range and,
+    /// among equals, the lowest segment and offset (the order a linear scan finds them).
+    free_small: BTreeSet<(u64, usize, u64)>,
+    free_large: BTreeSet<(u64, usize, u64)>,
+    /// Live blocks by simulator slot: (segment, offset, size).
+    blocks: Vec<Option<(usize, u64, u64)>>,
     /// Live bytes in the large pool (for expandable segments).
     large_live: u64,
     pub reserved: u64,
@@ -47,6 +52,17 @@ pub struct Pool {
 impl Pool {
     pub fn new(expandable: bool) -> Pool {
         Pool { expandable, ..Pool::default() }
+    }
+
+    fn free_set(&mut self, small: bool) -> &mut BTreeSet<(u64, usize, u64)> {
+        if small { &mut self.free_small } else { &mut self.free_large }
+    }
+
+    fn set_block(&mut self, id: usize, block: (usize, u64, u64)) {
+        if self.blocks.len() <= id {
+            self.blocks.resize(id + 1, None);
+        }
+        self.blocks[id] = Some(block);
     }
 
     pub fn alloc(&mut self, id: usize, size: u64) {
@@ -60,23 +76,16 @@ impl Pool {
             let small_reserved: u64 = self.segments.iter().map(|s| s.size).sum();
             self.reserved = self.reserved.max(small_reserved + mapped);
             self.peak_reserved = self.peak_reserved.max(self.reserved);
-            self.blocks.insert(id, (usize::MAX, 0, size));
+            self.set_block(id, (usize::MAX, 0, size));
             return;
         }
         // Best fit: the smallest free range of the right pool that holds the request.
-        let mut best: Option<(usize, usize, u64)> = None;
-        for (si, seg) in self.segments.iter().enumerate() {
-            if seg.small != small {
-                continue;
+        let best = self.free_set(small).range((size, 0, 0)..).next().copied();
+        let (si, offset, len) = match best {
+            Some((len, si, offset)) => {
+                self.free_set(small).remove(&(len, si, offset));
+                (si, offset, len)
             }
-            for (fi, &(_, len)) in seg.free.iter().enumerate() {
-                if len >= size && best.is_none_or(|(_, _, l)| len < l) {
-                    best = Some((si, fi, len));
-                }
-            }
-        }
-        let (si, fi) = match best {
-            Some((si, fi, _)) => (si, fi),
             None => {
                 let seg_size = if small {
                     SMALL_SEGMENT
@@ -88,42 +97,55 @@ impl Pool {
                 self.segments.push(Segment { size: seg_size, small, free: vec![(0, seg_size)] });
                 self.reserved += seg_size;
                 self.peak_reserved = self.peak_reserved.max(self.reserved);
-                (self.segments.len() - 1, 0)
+                (self.segments.len() - 1, 0, seg_size)
             }
         };
-        let seg = &mut self.segments[si];
-        let (offset, len) = seg.free[fi];
         let remainder = len - size;
         let split = if small { remainder >= 512 } else { remainder > SMALL_MAX };
         let taken = if split { size } else { len };
+        let seg = &mut self.segments[si];
+        let fi = seg.free.partition_point(|&(o, _)| o < offset);
         if split {
             seg.free[fi] = (offset + size, remainder);
+            self.free_set(small).insert((remainder, si, offset + size));
         } else {
             seg.free.remove(fi);
         }
-        self.blocks.insert(id, (si, offset, taken));
+        self.set_block(id, (si, offset, taken));
     }
 
     pub fn free(&mut self, id: usize) {
-        let Some((si, offset, size)) = self.blocks.remove(&id) else {
+        let Some((si, offset, size)) = self.blocks.get_mut(id).and_then(Option::take) else {
             return;
         };
         if si == usize::MAX {
             self.large_live = self.large_live.saturating_sub(size);
             return;
         }
+        let small = self.segments[si].small;
         let seg = &mut self.segments[si];
-        let pos = seg.free.partition_point(|&(o, _)| o < offset);
-        seg.free.insert(pos, (offset, size));
+        let mut pos = seg.free.partition_point(|&(o, _)| o < offset);
+        let (mut start, mut len) = (offset, size);
         // Merge with the next and previous free neighbours.
-        if pos + 1 < seg.free.len() && seg.free[pos].0 + seg.free[pos].1 == seg.free[pos + 1].0 {
-            seg.free[pos].1 += seg.free[pos + 1].1;
-            seg.free.remove(pos + 1);
+        let mut gone = Vec::new();
+        if pos < seg.free.len() && start + len == seg.free[pos].0 {
+            let (o, l) = seg.free.remove(pos);
+            gone.push((l, si, o));
+            len += l;
         }
-        if pos > 0 && seg.free[pos - 1].0 + seg.free[pos - 1].1 == seg.free[pos].0 {
-            seg.free[pos - 1].1 += seg.free[pos].1;
-            seg.free.remove(pos);
+        if pos > 0 && seg.free[pos - 1].0 + seg.free[pos - 1].1 == start {
+            let (o, l) = seg.free.remove(pos - 1);
+            gone.push((l, si, o));
+            start = o;
+            len += l;
+            pos -= 1;
         }
+        seg.free.insert(pos, (start, len));
+        let set = self.free_set(small);
+        for g in gone {
+            set.remove(&g);
+        }
+        set.insert((len, si, start));
     }
 }
 

@@ -293,11 +293,13 @@ pub fn estimate_graph(
     } else {
         None
     };
-    walk(plan, graph, target, options, events, returned.as_deref(), None)
+    walk(plan, graph, target, options, events, returned.as_deref(), None)?
+        .ok_or_else(|| PlanError::Invalid { field: "model", reason: "internal: the walk observed instead of estimating".into() })
 }
 
 /// One simulated step; `returned` sizes the previous step's outputs (their fp32 sizes
-/// when `None`), and `observe` receives this step's.
+/// when `None`). With `observe`, the walk stops once the first micro-batch's forward
+/// and loss have run, hands over the outputs' sizes and returns `None`.
 fn walk(
     plan: &Plan,
     graph: &Graph,
@@ -306,7 +308,7 @@ fn walk(
     events: Option<&mut Vec<sim::Event>>,
     returned: Option<&[u64]>,
     mut observe: Option<&mut Vec<u64>>,
-) -> Result<Estimate, PlanError> {
+) -> Result<Option<Estimate>, PlanError> {
     let amp = plan.precision != Precision::Fp32;
     if let (Target::Cuda(gpu), Precision::Bf16) = (target, plan.precision)
         && !gpu.supports_bf16()
@@ -392,6 +394,7 @@ fn walk(
         {
             *out =
                 graph.returned.iter().map(|&v| engine.vals[v].as_ref().map_or(graph.bytes(v), |t| t.bytes())).collect();
+            return Ok(None);
         }
         sim.set_phase(Phase::Backward);
         sim.set_label("backward", None);
@@ -470,7 +473,7 @@ fn walk(
     if let (Some(out), Some(ev)) = (events, sim.events.take()) {
         *out = ev;
     }
-    Ok(Estimate {
+    Ok(Some(Estimate {
         runtime: plan.runtime,
         params: graph.n_params(),
         peak_bytes,
@@ -485,7 +488,7 @@ fn walk(
         host,
         device,
         timeline,
-    })
+    }))
 }
 
 /// Runs region `r` forward: normally, or checkpointed in the chosen style.
