@@ -17,7 +17,7 @@ total=0; total_gz=0
 for f in planner-web/dist/*.wasm planner-web/dist/*.js planner-web/dist/*.css planner-web/dist/index.html; do
   raw=$(stat -c %s "$f"); gz=$(gzip -9 -c "$f" | wc -c)
   total=$((total + raw)); total_gz=$((total_gz + gz))
-  echo "| $(basename "$f" | sed -E 's/-[0-9a-f]{16}//') | $raw | $gz |"
+  echo "| $(basename "$f" | sed -E 's/-[0-9a-f]{8,}//') | $raw | $gz |"
 done
 echo "| all | $total | $total_gz |"
 echo
