@@ -123,6 +123,7 @@ mod tests {
         let mut keys: Vec<&str> = CATALOG.iter().map(|g| g.key).collect();
         keys.sort_unstable();
         keys.dedup();
+        assert_eq!(keys.len(), CATALOG.len(), "every key is unique");
         assert!(keys.len() >= 20);
         assert_eq!(find("A100_40GB").map(|g| g.key), Some("a100-40gb"));
         assert_eq!(find("v100-16gb").map(|g| g.memory_bytes), Some(16_150 * MIB));

@@ -293,8 +293,10 @@ pub fn estimate_graph(
     } else {
         None
     };
-    walk(plan, graph, target, options, events, returned.as_deref(), None)?
-        .ok_or_else(|| PlanError::Invalid { field: "model", reason: "internal: the walk observed instead of estimating".into() })
+    walk(plan, graph, target, options, events, returned.as_deref(), None)?.ok_or_else(|| PlanError::Invalid {
+        field: "model",
+        reason: "internal: the walk observed instead of estimating".into(),
+    })
 }
 
 /// One simulated step; `returned` sizes the previous step's outputs (their fp32 sizes
