@@ -120,6 +120,29 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Find the largest micro-batch that fits a device with a margin, keeping the
+    /// effective batch, from the estimate and a few real probe runs.
+    FindBatch {
+        #[command(flatten)]
+        source: PlanSource,
+        /// cpu or cuda[:N].
+        #[arg(long, default_value = "cpu")]
+        device: String,
+        /// The device's memory (required on the CPU, where the counting allocator
+        /// enforces it), e.g. 2GiB; on CUDA the GPU's memory by default.
+        #[arg(long)]
+        capacity: Option<String>,
+        #[arg(long, default_value_t = 0.1)]
+        margin: f64,
+        /// The effective batch to keep (micro-batch x accumulation); the plan's by default.
+        #[arg(long)]
+        effective_batch: Option<u64>,
+        /// Also run the usual doubling-then-bisecting search and report its probe count.
+        #[arg(long)]
+        compare: bool,
+        #[arg(long)]
+        json: bool,
+    },
     /// Share links: the whole plan in a URL fragment, as the planner makes them.
     Link {
         #[command(subcommand)]
@@ -346,6 +369,14 @@ async fn async_main(command: Command) -> anyhow::Result<()> {
             crate::probe::probe(build_plan(&source)?.0, &device, steps, json, exe).await
         }
         Command::Accuracy { device, steps, out } => crate::accuracy::run(&device, steps, &out, exe).await,
+        Command::FindBatch { source, device, capacity, margin, effective_batch, compare, json } => {
+            let capacity = capacity
+                .map(|c| shared::units::parse_bytes(&c).map_err(|e| BadInput(format!("--capacity: {e}"))))
+                .transpose()?;
+            let (plan, _) = build_plan(&source)?;
+            let req = crate::finder::Request { plan, device, capacity, margin, effective_batch, compare };
+            crate::finder::find(req, json, exe).await
+        }
         // These run without a runtime (see `main`); reaching here would be a wiring bug.
         Command::Estimate { .. }
         | Command::Advise { .. }

@@ -8,6 +8,7 @@ pub mod accuracy;
 pub mod auth;
 pub mod cli;
 pub mod connection;
+pub mod finder;
 pub mod http;
 pub mod input;
 pub mod jobs;

@@ -80,7 +80,20 @@ pub struct Outcome {
 }
 
 /// Runs `plan` for `steps` steps on `device` in a worker process and measures it.
-pub async fn measure(mut plan: Plan, device: &str, steps: u64, exe: PathBuf) -> anyhow::Result<Outcome> {
+pub async fn measure(plan: Plan, device: &str, steps: u64, exe: PathBuf) -> anyhow::Result<Outcome> {
+    match try_measure(plan, device, steps, exe).await? {
+        Ok(outcome) => Ok(outcome),
+        Err(error) => anyhow::bail!("probe failed ({:?}): {}", error.code, error.message),
+    }
+}
+
+/// As [`measure`], with the job's own failure (out of memory, say) as a value.
+pub async fn try_measure(
+    mut plan: Plan,
+    device: &str,
+    steps: u64,
+    exe: PathBuf,
+) -> anyhow::Result<Result<Outcome, shared::protocol::JobError>> {
     plan.device = crate::input::parse_device_arg(device)?;
     plan.schedule = Schedule::Steps(steps);
     let target = target_for(&mut plan)?;
@@ -105,12 +118,12 @@ pub async fn measure(mut plan: Plan, device: &str, steps: u64, exe: PathBuf) -> 
                 step_ms[step] += r.step_time_ms;
             }
             Some(Message::Finished { summary, .. }) => break summary,
-            Some(Message::Failed { error, .. }) => anyhow::bail!("probe failed ({:?}): {}", error.code, error.message),
+            Some(Message::Failed { error, .. }) => return Ok(Err(error)),
             Some(_) => {}
             None => anyhow::bail!("the worker ended without a result"),
         }
     };
-    Ok(Outcome { plan, estimate, summary, device_used_peak, rss_peak, step_ms })
+    Ok(Ok(Outcome { plan, estimate, summary, device_used_peak, rss_peak, step_ms }))
 }
 
 pub async fn probe(plan: Plan, device: &str, steps: u64, json: bool, exe: PathBuf) -> anyhow::Result<()> {

@@ -285,3 +285,42 @@ fn links_and_exports_round_trip_through_the_cli() -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+#[test]
+fn find_batch_fits_with_fewer_probes_than_doubling_and_bisecting() -> anyhow::Result<()> {
+    let (code, out, err) = cli(&[
+        "find-batch",
+        "--model",
+        "resnet18",
+        "--set",
+        "image=64",
+        "--set",
+        "batch=8",
+        "--set",
+        "accum=8",
+        "--capacity",
+        "280MB",
+        "--margin",
+        "0.1",
+        "--compare",
+        "--json",
+    ])?;
+    assert_eq!(code, 0, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&out)?;
+    let (b, a) = (v["micro_batch"].as_u64().expect("b"), v["accumulation"].as_u64().expect("a"));
+    assert_eq!(b * a, 64, "the effective batch is kept: {v}");
+    let budget = v["budget_bytes"].as_u64().expect("budget");
+    assert_eq!(budget, 252_000_000);
+    // The answer has run within the budget, and the usual search agrees with it.
+    let probes = v["probes"].as_array().expect("probes");
+    let ran = probes.iter().find(|p| p["micro_batch"] == b).expect("the answer was probed");
+    assert!(ran["peak_bytes"].as_u64().expect("peak") <= budget, "{ran}");
+    assert_eq!(v["search"]["micro_batch"].as_u64(), Some(b), "{v}");
+    let (ours, theirs) = (v["probe_count"].as_u64().expect("n"), v["search"]["probe_count"].as_u64().expect("m"));
+    assert!(ours < theirs, "{ours} probe runs against the search's {theirs}");
+    // On the CPU the capacity must be given.
+    let (code, _, err) = cli(&["find-batch", "--model", "mlp"])?;
+    assert_eq!(code, 2);
+    assert!(err.contains("--capacity"), "{err}");
+    Ok(())
+}
