@@ -74,6 +74,10 @@ enum Command {
         /// op, node, bytes, live), to set beside a profiler's memory events.
         #[arg(long, conflicts_with = "json")]
         trace: bool,
+        /// Calibrations from `find-batch` (default $HEADROOM_CALIBRATION, else
+        /// ~/.cache/headroom/calibration.json): a matching one adds a calibrated peak.
+        #[arg(long)]
+        calibration: Option<PathBuf>,
     },
     /// Run a plan or zoo model for a few steps with the real trainer and compare the
     /// measured peak with the estimate.
@@ -140,6 +144,10 @@ enum Command {
         /// Also run the usual doubling-then-bisecting search and report its probe count.
         #[arg(long)]
         compare: bool,
+        /// Where to store the fitted line (default $HEADROOM_CALIBRATION, else
+        /// ~/.cache/headroom/calibration.json).
+        #[arg(long)]
+        calibration: Option<PathBuf>,
         #[arg(long)]
         json: bool,
     },
@@ -219,7 +227,9 @@ pub fn main() -> ExitCode {
     let result = match cli.command {
         Command::Worker { probe: true, .. } => crate::worker::probe(),
         Command::Worker { job, .. } => crate::worker::run(job.unwrap_or(0)),
-        Command::Estimate { source, gpu, json, trace } => estimate(&source, gpu.as_deref(), json, trace),
+        Command::Estimate { source, gpu, json, trace, calibration } => {
+            estimate(&source, gpu.as_deref(), json, trace, calibration.as_deref())
+        }
         Command::Advise { source, gpu, margin, allow, top, json } => {
             crate::tools::advise(&source, &gpu, margin, &allow, top, json)
         }
@@ -257,7 +267,13 @@ pub fn main() -> ExitCode {
     }
 }
 
-fn estimate(source: &PlanSource, gpu: Option<&str>, json: bool, trace: bool) -> anyhow::Result<()> {
+fn estimate(
+    source: &PlanSource,
+    gpu: Option<&str>,
+    json: bool,
+    trace: bool,
+    calibration: Option<&std::path::Path>,
+) -> anyhow::Result<()> {
     let (mut plan, graph) = build_plan(source)?;
     let target = match gpu {
         Some(name) => {
@@ -292,9 +308,29 @@ fn estimate(source: &PlanSource, gpu: Option<&str>, json: bool, trace: bool) -> 
     }
     let e = shared::estimate::estimate_graph(&plan, &graph, target, Default::default(), None)
         .map_err(|e| BadInput(e.to_string()))?;
+    let device = match target {
+        shared::estimate::Target::Cuda(g) => g.name.to_owned(),
+        shared::estimate::Target::Cpu => "cpu".to_owned(),
+    };
+    let calibrated = match crate::calibration::default_path(calibration) {
+        Some(path) => crate::calibration::lookup(&path, &plan, &device)?,
+        None => None,
+    };
     if json {
-        println!("{}", estimate_json(&e));
+        let mut out = estimate_json(&e);
+        if let (Some((peak, entry)), Some(map)) = (&calibrated, out.as_object_mut()) {
+            map.insert("calibrated_peak_bytes".into(), (peak.round() as u64).into());
+            map.insert("calibrated_from_micro_batches".into(), entry.micro_batches.clone().into());
+        }
+        println!("{out}");
     } else {
+        if let Some((peak, entry)) = &calibrated {
+            println!(
+                "calibrated peak {} (a line through Headroom's trainer measured at micro-batches {:?} on {device})",
+                shared::Bytes(peak.round() as u64),
+                entry.micro_batches
+            );
+        }
         println!("{}: {} parameters (runtime {})", plan.name, e.params, e.runtime.word());
         println!(
             "peak {} during the {} (interval {} to {})",
@@ -369,12 +405,13 @@ async fn async_main(command: Command) -> anyhow::Result<()> {
             crate::probe::probe(build_plan(&source)?.0, &device, steps, json, exe).await
         }
         Command::Accuracy { device, steps, out } => crate::accuracy::run(&device, steps, &out, exe).await,
-        Command::FindBatch { source, device, capacity, margin, effective_batch, compare, json } => {
+        Command::FindBatch { source, device, capacity, margin, effective_batch, compare, calibration, json } => {
             let capacity = capacity
                 .map(|c| shared::units::parse_bytes(&c).map_err(|e| BadInput(format!("--capacity: {e}"))))
                 .transpose()?;
             let (plan, _) = build_plan(&source)?;
-            let req = crate::finder::Request { plan, device, capacity, margin, effective_batch, compare };
+            let calibration = crate::calibration::default_path(calibration.as_deref());
+            let req = crate::finder::Request { plan, device, capacity, margin, effective_batch, compare, calibration };
             crate::finder::find(req, json, exe).await
         }
         // These run without a runtime (see `main`); reaching here would be a wiring bug.

@@ -37,6 +37,8 @@ pub struct Request {
     pub margin: f64,
     pub effective_batch: Option<u64>,
     pub compare: bool,
+    /// Where the fitted line is stored (`calibration::default_path`); `None`: not stored.
+    pub calibration: Option<PathBuf>,
 }
 
 #[derive(Clone, Debug)]
@@ -164,6 +166,7 @@ pub async fn find(req: Request, json_out: bool, exe: PathBuf) -> anyhow::Result<
     // failing micro-batch so far, and repeat until the line allows nothing new.
     let fits = |q: &Probe| q.peak.is_some_and(|m| m <= budget);
     let (mut fixed, mut per_sample) = (f64::NAN, f64::NAN);
+    let mut fitted: Option<(u64, u64)> = None;
     loop {
         let best = p.probes.iter().filter(|q| fits(q)).map(|q| q.micro_batch).max();
         let failing = p.probes.iter().filter(|q| !fits(q)).map(|q| q.micro_batch).min();
@@ -172,6 +175,7 @@ pub async fn find(req: Request, json_out: bool, exe: PathBuf) -> anyhow::Result<
         let line = match measured.as_slice() {
             [.., (b1, m1), (b2, m2)] => {
                 let slope = ((*m2 as f64 - *m1 as f64) / (b2 - b1) as f64).max(0.0);
+                fitted = Some((*b1, *b2));
                 Some((*m1 as f64 - slope * *b1 as f64, slope))
             }
             _ => None,
@@ -215,8 +219,31 @@ pub async fn find(req: Request, json_out: bool, exe: PathBuf) -> anyhow::Result<
         .iter()
         .map(|q| json!({"micro_batch": q.micro_batch, "peak_bytes": q.peak, "fits": q.peak.is_some_and(|m| m <= budget)}))
         .collect();
+    // The line, for later estimates of this model and knobs on this device.
+    let device_name = match target {
+        Target::Cuda(g) => g.name.to_owned(),
+        Target::Cpu => "cpu".to_owned(),
+    };
+    let mut stored = None;
+    if let (Some(path), Some((b1, b2))) = (&req.calibration, fitted)
+        && fixed.is_finite()
+        && per_sample.is_finite()
+        && (effective / b1 > 1) == (effective / b2 > 1)
+    {
+        let entry = crate::calibration::Entry {
+            key: crate::calibration::key(&plan),
+            device: device_name.clone(),
+            accumulating: effective / b2 > 1,
+            fixed_bytes: fixed.round(),
+            per_sample_bytes: per_sample.round(),
+            micro_batches: vec![b1, b2],
+        };
+        crate::calibration::store(path, entry)?;
+        stored = Some(path.display().to_string());
+    }
     let comparison = if req.compare {
-        let mut base = Prober { plan, device: req.device.clone(), capacity, effective, exe, probes: Vec::new() };
+        let mut base =
+            Prober { plan: plan.clone(), device: req.device.clone(), capacity, effective, exe, probes: Vec::new() };
         let answer = doubling_search(&mut base, budget, &divs).await?;
         Some(json!({"strategy": "double then bisect", "micro_batch": answer, "probe_count": base.probes.len()}))
     } else {
@@ -236,6 +263,7 @@ pub async fn find(req: Request, json_out: bool, exe: PathBuf) -> anyhow::Result<
         "probes": probes_json,
         "probe_count": probes_used,
         "search": comparison,
+        "calibration": stored,
     });
     if json_out {
         println!("{out}");

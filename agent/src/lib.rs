@@ -6,6 +6,7 @@
 
 pub mod accuracy;
 pub mod auth;
+pub mod calibration;
 pub mod cli;
 pub mod connection;
 pub mod finder;

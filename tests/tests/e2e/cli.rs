@@ -288,6 +288,9 @@ fn links_and_exports_round_trip_through_the_cli() -> anyhow::Result<()> {
 
 #[test]
 fn find_batch_fits_with_fewer_probes_than_doubling_and_bisecting() -> anyhow::Result<()> {
+    let store = std::env::temp_dir().join(format!("headroom-calibration-test-{}.json", std::process::id()));
+    let _ = std::fs::remove_file(&store);
+    let store_arg = store.to_str().unwrap_or_default();
     let (code, out, err) = cli(&[
         "find-batch",
         "--model",
@@ -304,6 +307,8 @@ fn find_batch_fits_with_fewer_probes_than_doubling_and_bisecting() -> anyhow::Re
         "0.1",
         "--compare",
         "--json",
+        "--calibration",
+        store_arg,
     ])?;
     assert_eq!(code, 0, "{err}");
     let v: serde_json::Value = serde_json::from_str(&out)?;
@@ -318,6 +323,31 @@ fn find_batch_fits_with_fewer_probes_than_doubling_and_bisecting() -> anyhow::Re
     assert_eq!(v["search"]["micro_batch"].as_u64(), Some(b), "{v}");
     let (ours, theirs) = (v["probe_count"].as_u64().expect("n"), v["search"]["probe_count"].as_u64().expect("m"));
     assert!(ours < theirs, "{ours} probe runs against the search's {theirs}");
+    // Later estimates of the same model and knobs say what the line says.
+    let batch = format!("batch={b}");
+    let (code, out, err) = cli(&[
+        "estimate",
+        "--model",
+        "resnet18",
+        "--set",
+        "image=64",
+        "--set",
+        &batch,
+        "--set",
+        "accum=4",
+        "--json",
+        "--calibration",
+        store_arg,
+    ])?;
+    assert_eq!(code, 0, "{err}");
+    let e: serde_json::Value = serde_json::from_str(&out)?;
+    let calibrated = e["calibrated_peak_bytes"].as_u64().expect("calibrated") as f64;
+    let measured = ran["peak_bytes"].as_u64().expect("peak") as f64;
+    assert!((calibrated - measured).abs() <= 0.01 * measured, "calibrated {calibrated} against measured {measured}");
+    let (_, out, _) =
+        cli(&["estimate", "--model", "resnet18", "--set", "precision=bf16", "--json", "--calibration", store_arg])?;
+    assert!(!out.contains("calibrated_peak_bytes"), "other knobs are not calibrated");
+    let _ = std::fs::remove_file(&store);
     // On the CPU the capacity must be given.
     let (code, _, err) = cli(&["find-batch", "--model", "mlp"])?;
     assert_eq!(code, 2);
