@@ -132,6 +132,13 @@ pub async fn find(req: Request, json_out: bool, exe: PathBuf) -> anyhow::Result<
     }
     let budget = (capacity as f64 * (1.0 - req.margin)) as u64;
     let divs = divisors(effective);
+    if divs.is_empty() {
+        return Err(bad_input(format!(
+            "--effective-batch: {effective} has no micro-batch up to {} with an accumulation up to {}",
+            limits::MAX_MICRO_BATCH,
+            limits::MAX_ACCUMULATION
+        )));
+    }
     // The estimator's proposal: the largest divisor whose point estimate fits (the probes
     // are the check).
     let here = crate::train::as_run_here(&plan);
@@ -286,4 +293,19 @@ pub async fn find(req: Request, json_out: bool, exe: PathBuf) -> anyhow::Result<
         )));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn divisors_respect_the_plan_limits() {
+        assert_eq!(divisors(12), vec![1, 2, 3, 4, 6, 12]);
+        // A micro-batch of 1 would need more accumulation steps than a plan allows.
+        let big = limits::MAX_ACCUMULATION * 3;
+        assert_eq!(divisors(big).first(), Some(&3));
+        // 2^40 has no divisor within both limits (2^16 x 2^12 = 2^28).
+        assert!(divisors(1 << 40).is_empty());
+    }
 }
