@@ -463,6 +463,19 @@ async fn run(mut plan: Plan, exe: PathBuf) -> anyhow::Result<()> {
                     bar.set_message(format!("loss {:.4}  peak {}", r.loss, shared::Bytes(r.peak_bytes)));
                 }
             }
+            Message::Event { step, event, .. } => {
+                let event = match event {
+                    shared::protocol::JobEvent::LeakSuspected(w) => serde_json::json!({
+                        "kind": "leak_suspected", "bytes_per_step": w.bytes_per_step,
+                        "bytes_per_epoch": w.bytes_per_epoch, "steps_to_capacity": w.steps_to_capacity,
+                        "allocated_bytes": w.allocated_bytes,
+                    }),
+                };
+                if let Some(bar) = &bar {
+                    bar.println(format!("step {step}: {event}"));
+                }
+                writeln!(stdout, "{}", serde_json::json!({ "event": event, "step": step }))?;
+            }
             Message::Finished { summary, .. } => {
                 if let Some(bar) = &bar {
                     bar.finish_and_clear();

@@ -149,6 +149,10 @@ impl JobRunner {
                         terminal = Some(Message::Finished { job, summary });
                     }
                     Ok(Some(failed @ Message::Failed { .. })) => terminal = Some(failed),
+                    // Events are rare and matter: they wait for room rather than drop.
+                    Ok(Some(event @ Message::Event { .. })) => {
+                        let _ = events_tx.send(event).await;
+                    }
                     Ok(Some(other)) => {
                         tracing::warn!(job = id, "unexpected message from worker: {other:?}")
                     }

@@ -152,5 +152,6 @@ fn variant_name(m: &Message) -> &'static str {
         Message::Failed { .. } => "Failed",
         Message::Cancel { .. } => "Cancel",
         Message::Error { .. } => "Error",
+        Message::Event { .. } => "Event",
     }
 }

@@ -30,7 +30,7 @@ fn private_stdout() -> std::io::Result<std::fs::File> {
 }
 
 pub fn run(job: JobId) -> anyhow::Result<()> {
-    let mut out = std::io::BufWriter::new(private_stdout()?);
+    let out = std::io::BufWriter::new(private_stdout()?);
     let mut stdin = std::io::stdin().lock();
     let plan = match pipe::read_blocking(&mut stdin)? {
         Some(Message::Submit { plan }) => plan,
@@ -55,14 +55,23 @@ pub fn run(job: JobId) -> anyhow::Result<()> {
         watcher_stop.store(true, Ordering::Relaxed);
     });
 
-    let mut write_failed = false;
-    let result = train::train(&plan, job, &stop, |record| {
-        if !write_failed && pipe::write_blocking(&mut out, &Message::Batch(record)).is_err() {
+    let write_failed = std::cell::Cell::new(false);
+    let out = std::cell::RefCell::new(out);
+    let send = |message: Message| {
+        if !write_failed.get() && pipe::write_blocking(&mut *out.borrow_mut(), &message).is_err() {
             // The agent is gone: stop training at the next micro-batch.
-            write_failed = true;
+            write_failed.set(true);
             stop.store(true, Ordering::Relaxed);
         }
-    });
+    };
+    let result = train::train(
+        &plan,
+        job,
+        &stop,
+        |record| send(Message::Batch(record)),
+        |step, event| send(Message::Event { job, step, event }),
+    );
+    let mut out = out.into_inner();
     let last = match result {
         Ok(summary) => Message::Finished { job, summary },
         Err(e) => Message::Failed { job, error: e.to_wire() },

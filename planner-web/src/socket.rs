@@ -65,6 +65,16 @@ fn apply(state: AgentState, message: Message) {
                 state.notice.set(Some(format!("the agent said ({code:?}): {message}")));
             }
         }
+        Message::Event { step, event, .. } => match event {
+            shared::protocol::JobEvent::LeakSuspected(w) => state.notice.set(Some(format!(
+                "step {step}: allocated memory keeps rising, {} a step ({} an epoch){}",
+                shared::Bytes(w.bytes_per_step),
+                shared::Bytes(w.bytes_per_epoch),
+                w.steps_to_capacity
+                    .map(|s| format!("; at this rate it reaches capacity in {s} steps"))
+                    .unwrap_or_default()
+            ))),
+        },
         Message::Submit { .. } | Message::Cancel { .. } => {}
     }
 }

@@ -103,9 +103,9 @@ mod tests {
     fn fixed_bytes_notice_format_changes() {
         // If this fails, the wire format changed: bump PROTOCOL_VERSION and update it.
         let bytes = encode(&Message::Cancel { job: 5 }).expect("encode");
-        assert_eq!(bytes, vec![4, 0, 6, 5]);
+        assert_eq!(bytes, vec![5, 0, 6, 5]);
         let bytes = encode(&Message::Error { code: ErrorCode::Busy, message: "busy".into() }).expect("encode");
-        assert_eq!(bytes, vec![4, 0, 7, 5, 4, b'b', b'u', b's', b'y']);
+        assert_eq!(bytes, vec![5, 0, 7, 5, 4, b'b', b'u', b's', b'y']);
         // Accepted carries the whole Estimate: a field added to it or to Plan changes this
         // length. The value is this encoding's own; change it together with the version.
         let estimate = crate::estimate(&Plan::example_cnn()).expect("estimate");
@@ -156,7 +156,8 @@ mod tests {
         frame[0] = 9;
         assert_eq!(decode(&frame), Err(CodecError::UnsupportedVersion { got: 9, want: PROTOCOL_VERSION }));
         assert!(matches!(decode(&[1]), Err(CodecError::Malformed { .. })));
-        assert!(matches!(decode(&[4, 0, 200, 200, 200]), Err(CodecError::Malformed { .. })));
+        let v = PROTOCOL_VERSION.to_le_bytes();
+        assert!(matches!(decode(&[v[0], v[1], 200, 200, 200]), Err(CodecError::Malformed { .. })));
         let mut trailing = encode(&Message::Cancel { job: 1 }).expect("encode");
         trailing.push(0);
         assert!(matches!(decode(&trailing), Err(CodecError::Malformed { .. })));

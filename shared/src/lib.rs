@@ -10,6 +10,7 @@ pub mod estimate;
 pub mod export;
 pub mod gpus;
 pub mod graph;
+pub mod leak;
 pub mod link;
 pub mod plan;
 pub mod presets;

@@ -34,6 +34,8 @@ pub mod limits {
     pub const MAX_LOADER_WORKERS: u64 = 256;
     pub const MAX_PREFETCH: u64 = 64;
     pub const MAX_CPU_THREADS: u64 = 1_024;
+    /// The most a leak demonstration keeps per step: 1 GiB.
+    pub const MAX_RETAIN_BYTES_PER_STEP: u64 = 1 << 30;
 }
 
 /// CPU threads an estimate assumes when a plan does not say (a few kernels keep a buffer
@@ -328,6 +330,11 @@ pub struct Plan {
     pub memory_fraction: Option<f64>,
     #[serde(default)]
     pub host: HostSpec,
+    /// A demonstration of a leak, for the leak detector: the trainer keeps a tensor of
+    /// this many bytes from every step (0: none). Not part of any real job's memory, so
+    /// the estimate leaves it out.
+    #[serde(default)]
+    pub retain_bytes_per_step: u64,
 }
 
 fn default_name() -> String {
@@ -588,6 +595,7 @@ impl Plan {
             check_range("cpu_threads", t, 1, MAX_CPU_THREADS)?;
         }
         check_range("host.workers", self.host.workers, 0, MAX_LOADER_WORKERS)?;
+        check_range("retain_bytes_per_step", self.retain_bytes_per_step, 0, MAX_RETAIN_BYTES_PER_STEP)?;
         check_range("host.prefetch_factor", self.host.prefetch_factor, 1, MAX_PREFETCH)?;
         check_range("host.distance_loss_every", self.host.distance_loss_every, 0, MAX_STEPS)?;
         if let DeviceChoice::Cuda(i) = self.device
@@ -783,6 +791,7 @@ impl Plan {
                 "prefetch" => self.host.prefetch_factor = num(key, v)?,
                 "pin_memory" => self.host.pin_memory = flag(key, v)?,
                 "distance_loss_every" => self.host.distance_loss_every = num(key, v)?,
+                "retain_bytes_per_step" => self.retain_bytes_per_step = num(key, v)?,
                 "onednn" => self.onednn = flag(key, v)?,
                 "threads" => self.cpu_threads = Some(num(key, v)?),
                 "runtime" => self.runtime = word(key, v, Runtime::from_word, "pytorch or headroom")?,
@@ -998,6 +1007,9 @@ impl Plan {
         if plan.seed != base.seed {
             put("seed", plan.seed.to_string());
         }
+        if plan.retain_bytes_per_step != 0 {
+            put("retain_bytes_per_step", plan.retain_bytes_per_step.to_string());
+        }
         out
     }
 
@@ -1051,6 +1063,7 @@ impl Plan {
             cpu_threads: None,
             memory_fraction: None,
             host: HostSpec::default(),
+            retain_bytes_per_step: 0,
         }
     }
 
@@ -1136,6 +1149,7 @@ mod tests {
             ("host.prefetch_factor", Box::new(|p| p.host.prefetch_factor = 0)),
             ("host.prefetch_factor", Box::new(|p| p.host.prefetch_factor = limits::MAX_PREFETCH + 1)),
             ("name", Box::new(|p| p.name = String::new())),
+            ("retain_bytes_per_step", Box::new(|p| p.retain_bytes_per_step = limits::MAX_RETAIN_BYTES_PER_STEP + 1)),
             // Shapes whose byte counts would overflow 64 bits are refused, not wrapped.
             (
                 "model",

@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 use crate::estimate::{Estimate, Phase};
 use crate::plan::Plan;
 
-pub const PROTOCOL_VERSION: u16 = 4;
+pub const PROTOCOL_VERSION: u16 = 5;
 
 pub type JobId = u64;
 
@@ -43,6 +43,19 @@ pub enum Message {
         code: ErrorCode,
         message: String,
     },
+    /// Something that happened in a running job, after optimizer step `step`.
+    Event {
+        job: JobId,
+        step: u64,
+        event: JobEvent,
+    },
+}
+
+/// What a running job reports besides its batch records.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum JobEvent {
+    /// Step-end allocated memory keeps rising (`shared::leak`).
+    LeakSuspected(crate::leak::LeakWarning),
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

@@ -239,6 +239,14 @@ pub fn plan_fields() -> Vec<Field> {
         Run,
     );
     add("name", Kind::Text, base.name.clone(), "", "The plan's name.", Run);
+    add(
+        "retain_bytes_per_step",
+        int(0, limits::MAX_RETAIN_BYTES_PER_STEP),
+        "0".to_owned(),
+        "bytes",
+        "A deliberate leak for the leak detector's demonstration: the trainer keeps this much from every step.",
+        Run,
+    );
     out
 }
 

@@ -265,6 +265,7 @@ pub fn train(
     job: JobId,
     stop: &AtomicBool,
     mut on_record: impl FnMut(BatchRecord),
+    mut on_event: impl FnMut(u64, shared::protocol::JobEvent),
 ) -> Result<Summary, TrainError> {
     let graph = plan.validate().map_err(|e| TrainError::InvalidPlan(e.to_string()))?;
     let (device, meter) = resolve_device(plan.device)?;
@@ -316,6 +317,14 @@ pub fn train(
     let mut peak_rss = 0u64;
     let mut micro_batches = 0u64;
     let mut held = Held::default();
+    // Step-end allocated memory, watched for a sustained rise; the capacity it would hit
+    // is the plan's cap, else the GPU's memory.
+    let mut leaks = shared::leak::LeakDetector::default();
+    let capacity = plan
+        .memory_limit_bytes
+        .or_else(|| nvml_index.and_then(|i| memory::nvml_devices().get(i as usize).map(|d| d.1)));
+    // The leak demonstration's keepsakes (`retain_bytes_per_step`).
+    let mut retained: Vec<Tensor> = Vec::new();
 
     for step in 1..=plan.total_steps() {
         phases.peaks = [0; Phase::ALL.len()];
@@ -362,12 +371,21 @@ pub fn train(
                 phases.begin(Phase::OptimizerStep);
                 opt.step()?;
                 batch_peak = batch_peak.max(phases.end(Phase::OptimizerStep));
+                if plan.retain_bytes_per_step > 0 {
+                    let n = i64::try_from(plan.retain_bytes_per_step.div_ceil(4)).unwrap_or(i64::MAX);
+                    retained.push(Tensor::f_zeros([n], (Kind::Float, device))?);
+                }
             }
             if let Meter::Cuda(index) = meter {
                 tch::Cuda::synchronize(i64::from(index));
             }
             let elapsed = t0.elapsed().as_secs_f64();
             let reading = meter.read();
+            if micro_batch == plan.accumulation
+                && let Some(w) = leaks.push(step, reading.allocated, steps_per_epoch, capacity)
+            {
+                on_event(step, shared::protocol::JobEvent::LeakSuspected(w));
+            }
             let rss = memory::host_rss_bytes();
             run_peak = run_peak.max(batch_peak);
             peak_rss = peak_rss.max(rss);
@@ -391,6 +409,7 @@ pub fn train(
         }
     }
     // The loop's last references go before the `Net` whose checkpoints they may hold.
+    drop(retained);
     drop(held);
     drop(net);
     Ok(Summary {

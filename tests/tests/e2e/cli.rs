@@ -354,3 +354,28 @@ fn find_batch_fits_with_fewer_probes_than_doubling_and_bisecting() -> anyhow::Re
     assert!(err.contains("--capacity"), "{err}");
     Ok(())
 }
+
+#[test]
+fn a_job_that_keeps_memory_every_step_is_flagged_and_a_clean_one_is_not() -> anyhow::Result<()> {
+    let base = ["run", "--model", "mlp", "--set", "steps=40", "--set", "device=cpu", "--set", "memory_limit=64MiB"];
+    let mut leaky = base.to_vec();
+    leaky.extend(["--set", "retain_bytes_per_step=1048576"]);
+    let (code, out, err) = cli(&leaky)?;
+    assert_eq!(code, 0, "{err}");
+    let events: Vec<serde_json::Value> = out
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v.get("event").is_some())
+        .collect();
+    assert_eq!(events.len(), 1, "one warning: {events:?}");
+    let e = &events[0]["event"];
+    assert_eq!(e["kind"], "leak_suspected");
+    assert_eq!(e["bytes_per_step"], 1 << 20, "the rate is the tensor kept per step");
+    let left = e["steps_to_capacity"].as_u64().expect("a capacity was given");
+    let allocated = e["allocated_bytes"].as_u64().expect("allocated");
+    assert_eq!(left, ((64u64 << 20) - allocated).div_ceil(1 << 20));
+    let (code, out, err) = cli(&base)?;
+    assert_eq!(code, 0, "{err}");
+    assert!(!out.contains("\"event\""), "a clean job is not flagged: {out}");
+    Ok(())
+}
