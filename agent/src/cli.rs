@@ -455,7 +455,7 @@ async fn run(mut plan: Plan, exe: PathBuf) -> anyhow::Result<()> {
                         "allocated_bytes": r.allocated_bytes, "peak_bytes": r.peak_bytes,
                         "reserved_bytes": r.reserved_bytes, "device_used_bytes": r.device_used_bytes,
                         "host_rss_bytes": r.host_rss_bytes, "step_time_ms": r.step_time_ms,
-                        "samples_per_sec": r.samples_per_sec,
+                        "samples_per_sec": r.samples_per_sec, "learning_rate": r.learning_rate,
                     })
                 )?;
                 if let Some(bar) = &bar {

@@ -7,7 +7,7 @@
 
 use serde_json::{Value, json};
 
-use crate::plan::{DeviceChoice, Optimizer, OptimizerImpl, Plan, Precision, Schedule};
+use crate::plan::{DeviceChoice, LrSchedule, Optimizer, OptimizerImpl, Plan, Precision, Schedule};
 use crate::zoo::LossKind;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -117,6 +117,14 @@ fn hf(plan: &Plan) -> Export {
     }
     set("learning_rate", json!(plan.learning_rate));
     set("weight_decay", json!(plan.optimizer.weight_decay()));
+    let scheduler = match (plan.lr_schedule, plan.warmup_steps) {
+        (LrSchedule::Constant, 0) => "constant",
+        (LrSchedule::Constant, _) => "constant_with_warmup",
+        (LrSchedule::Linear, _) => "linear",
+        (LrSchedule::Cosine, _) => "cosine",
+    };
+    set("lr_scheduler_type", json!(scheduler));
+    set("warmup_steps", json!(plan.warmup_steps));
     match plan.optimizer {
         Optimizer::AdamW { beta1, beta2, eps, .. } | Optimizer::Adam { beta1, beta2, eps, .. } => {
             let fused = plan.optimizer_impl == OptimizerImpl::Fused;
@@ -178,6 +186,22 @@ fn deepspeed(plan: &Plan) -> Export {
         }),
     };
     cfg.insert("optimizer".into(), optimizer);
+    let warmup = json!({"warmup_min_lr": 0.0, "warmup_max_lr": plan.learning_rate, "warmup_num_steps": plan.warmup_steps, "warmup_type": "linear"});
+    match plan.lr_schedule {
+        LrSchedule::Constant if plan.warmup_steps > 0 => {
+            cfg.insert("scheduler".into(), json!({"type": "WarmupLR", "params": warmup}));
+        }
+        LrSchedule::Constant => {}
+        LrSchedule::Linear => {
+            let mut params = warmup;
+            params["total_num_steps"] = json!(plan.total_steps());
+            cfg.insert("scheduler".into(), json!({"type": "WarmupDecayLR", "params": params}));
+        }
+        LrSchedule::Cosine => notes.push(format!(
+            "cosine schedule with {} warm-up steps: DeepSpeed's WarmupCosineLR warms up from a ratio and decays to cos_min_ratio; set it to match or use a torch scheduler",
+            plan.warmup_steps
+        )),
+    }
     match plan.precision {
         Precision::Fp16 => {
             cfg.insert("fp16".into(), json!({"enabled": true}));
@@ -234,10 +258,12 @@ fn lightning(plan: &Plan) -> Export {
         plan.micro_batch, plan.host.workers, plan.host.prefetch_factor, plan.host.pin_memory
     ));
     notes.push(format!(
-        "optimizer {} (lr {}, weight decay {}): LightningModule.configure_optimizers",
+        "optimizer {} (lr {}, weight decay {}) and the {} schedule with {} warm-up steps: LightningModule.configure_optimizers",
         plan.optimizer.word(),
         plan.learning_rate,
-        plan.optimizer.weight_decay()
+        plan.optimizer.weight_decay(),
+        plan.lr_schedule.word(),
+        plan.warmup_steps
     ));
     if plan.checkpoint_blocks {
         notes.push("per-block checkpointing: enable it in the model (timm/open_clip set_grad_checkpointing, MONAI use_checkpoint, HF gradient_checkpointing_enable)".into());

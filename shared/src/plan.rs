@@ -215,6 +215,36 @@ impl OptimizerImpl {
     }
 }
 
+/// How the learning rate changes over the run (Hugging Face's schedules): a linear
+/// warm-up from 0 over `warmup_steps`, then constant, linear decay to 0 at the last
+/// step, or cosine decay to 0.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LrSchedule {
+    Constant,
+    Linear,
+    Cosine,
+}
+
+impl LrSchedule {
+    pub fn from_word(word: &str) -> Option<LrSchedule> {
+        Some(match word {
+            "constant" => LrSchedule::Constant,
+            "linear" => LrSchedule::Linear,
+            "cosine" => LrSchedule::Cosine,
+            _ => return None,
+        })
+    }
+
+    pub fn word(self) -> &'static str {
+        match self {
+            LrSchedule::Constant => "constant",
+            LrSchedule::Linear => "linear",
+            LrSchedule::Cosine => "cosine",
+        }
+    }
+}
+
 /// The host side of a job: data loading and CPU-side work.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -335,6 +365,11 @@ pub struct Plan {
     /// the estimate leaves it out.
     #[serde(default)]
     pub retain_bytes_per_step: u64,
+    #[serde(default = "constant")]
+    pub lr_schedule: LrSchedule,
+    /// Optimizer steps of linear warm-up from 0 to `learning_rate` (0: none).
+    #[serde(default)]
+    pub warmup_steps: u64,
 }
 
 fn default_name() -> String {
@@ -351,6 +386,9 @@ fn auto() -> DeviceChoice {
 }
 fn pytorch() -> Runtime {
     Runtime::Pytorch
+}
+fn constant() -> LrSchedule {
+    LrSchedule::Constant
 }
 fn auto_impl() -> OptimizerImpl {
     OptimizerImpl::Auto
@@ -596,6 +634,12 @@ impl Plan {
         }
         check_range("host.workers", self.host.workers, 0, MAX_LOADER_WORKERS)?;
         check_range("retain_bytes_per_step", self.retain_bytes_per_step, 0, MAX_RETAIN_BYTES_PER_STEP)?;
+        if self.warmup_steps >= self.total_steps() && self.warmup_steps > 0 {
+            return Err(invalid(
+                "warmup_steps",
+                format!("must be fewer than the run's {} steps, got {}", self.total_steps(), self.warmup_steps),
+            ));
+        }
         check_range("host.prefetch_factor", self.host.prefetch_factor, 1, MAX_PREFETCH)?;
         check_range("host.distance_loss_every", self.host.distance_loss_every, 0, MAX_STEPS)?;
         if let DeviceChoice::Cuda(i) = self.device
@@ -667,6 +711,24 @@ impl Plan {
             zoo::ZooError::Graph(g) => invalid("model", g.to_string()),
             other => invalid("model", other.to_string()),
         })
+    }
+
+    /// The learning rate of optimizer step `step` (from 1), as Hugging Face's
+    /// `get_constant_schedule_with_warmup`, `get_linear_schedule_with_warmup` and
+    /// `get_cosine_schedule_with_warmup` compute it for their step `step - 1`.
+    pub fn learning_rate_at(&self, step: u64) -> f64 {
+        let s = step.saturating_sub(1) as f64;
+        let (warmup, total) = (self.warmup_steps as f64, self.total_steps() as f64);
+        if s < warmup {
+            return self.learning_rate * s / warmup.max(1.0);
+        }
+        let progress = ((s - warmup) / (total - warmup).max(1.0)).clamp(0.0, 1.0);
+        self.learning_rate
+            * match self.lr_schedule {
+                LrSchedule::Constant => 1.0,
+                LrSchedule::Linear => ((total - s) / (total - warmup).max(1.0)).max(0.0),
+                LrSchedule::Cosine => 0.5 * (1.0 + (std::f64::consts::PI * progress).cos()),
+            }
     }
 
     /// Optimizer steps per epoch (the whole run when the schedule is in steps).
@@ -792,6 +854,8 @@ impl Plan {
                 "pin_memory" => self.host.pin_memory = flag(key, v)?,
                 "distance_loss_every" => self.host.distance_loss_every = num(key, v)?,
                 "retain_bytes_per_step" => self.retain_bytes_per_step = num(key, v)?,
+                "lr_schedule" => self.lr_schedule = word(key, v, LrSchedule::from_word, "constant, linear or cosine")?,
+                "warmup_steps" => self.warmup_steps = num(key, v)?,
                 "onednn" => self.onednn = flag(key, v)?,
                 "threads" => self.cpu_threads = Some(num(key, v)?),
                 "runtime" => self.runtime = word(key, v, Runtime::from_word, "pytorch or headroom")?,
@@ -1010,6 +1074,12 @@ impl Plan {
         if plan.retain_bytes_per_step != 0 {
             put("retain_bytes_per_step", plan.retain_bytes_per_step.to_string());
         }
+        if plan.lr_schedule != base.lr_schedule {
+            put("lr_schedule", plan.lr_schedule.word().to_owned());
+        }
+        if plan.warmup_steps != 0 {
+            put("warmup_steps", plan.warmup_steps.to_string());
+        }
         out
     }
 
@@ -1064,6 +1134,8 @@ impl Plan {
             memory_fraction: None,
             host: HostSpec::default(),
             retain_bytes_per_step: 0,
+            lr_schedule: LrSchedule::Constant,
+            warmup_steps: 0,
         }
     }
 
@@ -1205,6 +1277,33 @@ mod tests {
             let err = plan.validate().expect_err(field);
             assert_eq!(field_of(err.clone()), field, "{err}");
         }
+    }
+
+    #[test]
+    fn learning_rate_schedules_follow_hugging_faces_formulas() {
+        let plan = |schedule, warmup| Plan {
+            learning_rate: 1.0,
+            schedule: Schedule::Steps(10),
+            lr_schedule: schedule,
+            warmup_steps: warmup,
+            ..Plan::example_mlp()
+        };
+        let lrs = |p: &Plan| (1..=10).map(|s| p.learning_rate_at(s)).collect::<Vec<f64>>();
+        assert_eq!(lrs(&plan(LrSchedule::Constant, 0)), vec![1.0; 10]);
+        let warm = lrs(&plan(LrSchedule::Constant, 4));
+        assert_eq!(&warm[..5], &[0.0, 0.25, 0.5, 0.75, 1.0]);
+        // linear: (10 - s) / (10 - 2) after 2 warm-up steps (s from 0).
+        let linear = lrs(&plan(LrSchedule::Linear, 2));
+        assert_eq!(&linear[..3], &[0.0, 0.5, 1.0]);
+        assert!((linear[9] - 1.0 / 8.0).abs() < 1e-12, "{linear:?}");
+        // cosine: 0.5 (1 + cos(pi (s - 2) / 8)).
+        let cosine = lrs(&plan(LrSchedule::Cosine, 2));
+        assert!((cosine[6] - 0.5).abs() < 1e-12, "halfway: {cosine:?}");
+        assert!(cosine.windows(2).skip(2).all(|w| w[1] <= w[0]), "decreasing after warm-up");
+        let mut p = plan(LrSchedule::Cosine, 10);
+        assert_eq!(field_of(p.validate().expect_err("warm-up too long")), "warmup_steps");
+        p.warmup_steps = 9;
+        p.validate().expect("nine of ten");
     }
 
     #[test]

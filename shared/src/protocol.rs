@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 use crate::estimate::{Estimate, Phase};
 use crate::plan::Plan;
 
-pub const PROTOCOL_VERSION: u16 = 5;
+pub const PROTOCOL_VERSION: u16 = 6;
 
 pub type JobId = u64;
 
@@ -107,6 +107,8 @@ pub struct BatchRecord {
     pub host_rss_bytes: u64,
     pub step_time_ms: f64,
     pub samples_per_sec: f64,
+    /// The learning rate of this micro-batch's optimizer step.
+    pub learning_rate: f64,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

@@ -367,8 +367,10 @@ pub fn train(
             batch_peak = batch_peak.max(phases.end(Phase::Backward));
             let loss_value =
                 held.loss.as_ref().map_or(Ok(f64::NAN), |l| l.f_double_value(&[]))? * plan.accumulation as f64;
+            let learning_rate = plan.learning_rate_at(step);
             if micro_batch == plan.accumulation {
                 phases.begin(Phase::OptimizerStep);
+                opt.set_learning_rate(learning_rate)?;
                 opt.step()?;
                 batch_peak = batch_peak.max(phases.end(Phase::OptimizerStep));
                 if plan.retain_bytes_per_step > 0 {
@@ -405,6 +407,7 @@ pub fn train(
                 host_rss_bytes: rss,
                 step_time_ms: elapsed * 1e3,
                 samples_per_sec: plan.micro_batch as f64 / elapsed.max(1e-9),
+                learning_rate,
             });
         }
     }
