@@ -145,4 +145,18 @@ int hr_cuda_set_memory_fraction(int device, double fraction) {
 #endif
 }
 
+// Returns the caching allocator's unused cached blocks to the driver (`empty_cache()`).
+int hr_cuda_empty_cache() {
+#ifdef HEADROOM_CUDA
+  try {
+    c10::cuda::CUDACachingAllocator::emptyCache();
+    return 0;
+  } catch (...) {
+    return -1;
+  }
+#else
+  return -1;
+#endif
+}
+
 }  // extern "C"

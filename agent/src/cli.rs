@@ -470,6 +470,17 @@ async fn run(mut plan: Plan, exe: PathBuf) -> anyhow::Result<()> {
                         "bytes_per_epoch": w.bytes_per_epoch, "steps_to_capacity": w.steps_to_capacity,
                         "allocated_bytes": w.allocated_bytes,
                     }),
+                    shared::protocol::JobEvent::OomRecovered {
+                        micro_batch,
+                        accumulation,
+                        allocated_bytes,
+                        message,
+                    } => {
+                        serde_json::json!({
+                            "kind": "oom_recovered", "micro_batch": micro_batch, "accumulation": accumulation,
+                            "allocated_bytes": allocated_bytes, "message": message,
+                        })
+                    }
                 };
                 if let Some(bar) = &bar {
                     bar.println(format!("step {step}: {event}"));

@@ -76,7 +76,7 @@ const ALIASES: [(&str, &str); 24] = [
 ];
 
 /// Knobs whose values are true/false, written 1/0 in links.
-const FLAGS: [&str; 5] = ["expandable_segments", "nesterov", "pin_memory", "onednn", "use_cache"];
+const FLAGS: [&str; 6] = ["expandable_segments", "nesterov", "pin_memory", "onednn", "use_cache", "oom_fallback"];
 
 fn short(key: &str) -> &str {
     ALIASES.iter().find(|(k, _)| *k == key).map_or(key, |(_, a)| a)

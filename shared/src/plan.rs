@@ -370,6 +370,10 @@ pub struct Plan {
     /// Optimizer steps of linear warm-up from 0 to `learning_rate` (0: none).
     #[serde(default)]
     pub warmup_steps: u64,
+    /// On an out-of-memory error, halve the micro-batch and double the accumulation (the
+    /// effective batch unchanged) and redo the step, instead of failing the job.
+    #[serde(default)]
+    pub oom_fallback: bool,
 }
 
 fn default_name() -> String {
@@ -856,6 +860,7 @@ impl Plan {
                 "retain_bytes_per_step" => self.retain_bytes_per_step = num(key, v)?,
                 "lr_schedule" => self.lr_schedule = word(key, v, LrSchedule::from_word, "constant, linear or cosine")?,
                 "warmup_steps" => self.warmup_steps = num(key, v)?,
+                "oom_fallback" => self.oom_fallback = flag(key, v)?,
                 "onednn" => self.onednn = flag(key, v)?,
                 "threads" => self.cpu_threads = Some(num(key, v)?),
                 "runtime" => self.runtime = word(key, v, Runtime::from_word, "pytorch or headroom")?,
@@ -1080,6 +1085,9 @@ impl Plan {
         if plan.warmup_steps != 0 {
             put("warmup_steps", plan.warmup_steps.to_string());
         }
+        if plan.oom_fallback {
+            put("oom_fallback", "true".to_owned());
+        }
         out
     }
 
@@ -1136,6 +1144,7 @@ impl Plan {
             retain_bytes_per_step: 0,
             lr_schedule: LrSchedule::Constant,
             warmup_steps: 0,
+            oom_fallback: false,
         }
     }
 

@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 use crate::estimate::{Estimate, Phase};
 use crate::plan::Plan;
 
-pub const PROTOCOL_VERSION: u16 = 6;
+pub const PROTOCOL_VERSION: u16 = 7;
 
 pub type JobId = u64;
 
@@ -56,6 +56,15 @@ pub enum Message {
 pub enum JobEvent {
     /// Step-end allocated memory keeps rising (`shared::leak`).
     LeakSuspected(crate::leak::LeakWarning),
+    /// The step ran out of memory; its tensors were freed and it is redone with this
+    /// micro-batch and accumulation (the same effective batch).
+    OomRecovered {
+        micro_batch: u64,
+        accumulation: u64,
+        /// Tensor memory live when the allocation failed, and libtorch's message.
+        allocated_bytes: u64,
+        message: String,
+    },
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

@@ -18,6 +18,7 @@ unsafe extern "C" {
     fn hr_cuda_stats(device: i32, out: *mut i64) -> i32;
     fn hr_cuda_reset_peak(device: i32) -> i32;
     fn hr_cuda_set_memory_fraction(device: i32, fraction: f64) -> i32;
+    fn hr_cuda_empty_cache() -> i32;
 
     // --- csrc/autograd.cpp -----------------------------------------------------------
     fn hr_autocast(cuda: i32, enabled: i32, dtype: i32);
@@ -103,6 +104,12 @@ pub fn cuda_reset_peak(device: i32) {
 pub fn cuda_set_memory_fraction(device: i32, fraction: f64) -> bool {
     // SAFETY: plain values.
     unsafe { hr_cuda_set_memory_fraction(device, fraction) == 0 }
+}
+
+/// `torch.cuda.empty_cache()`; false without CUDA or when libtorch raised.
+pub fn cuda_empty_cache() -> bool {
+    // SAFETY: no arguments; the shim catches libtorch's exceptions.
+    unsafe { hr_cuda_empty_cache() == 0 }
 }
 
 /// Autocast on or off for a device, with fp16 or bf16.

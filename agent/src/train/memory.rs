@@ -49,6 +49,14 @@ impl Meter {
         }
     }
 
+    /// Returns cached, unused blocks to the driver (CUDA); nothing to do on the CPU,
+    /// whose counting allocator frees at once.
+    pub fn empty_cache(self) {
+        if let Meter::Cuda(_) = self {
+            ffi::cuda_empty_cache();
+        }
+    }
+
     /// Starts a new peak window at the current allocation.
     pub fn reset_peak(self) {
         match self {

@@ -326,89 +326,130 @@ pub fn train(
     // The leak demonstration's keepsakes (`retain_bytes_per_step`).
     let mut retained: Vec<Tensor> = Vec::new();
 
+    // The micro-batch and accumulation in force: `oom_fallback` may halve and double them.
+    let mut cur = plan.clone();
+    let mut cur_graph = graph.clone();
+    let mut net = net;
     for step in 1..=plan.total_steps() {
-        phases.peaks = [0; Phase::ALL.len()];
-        opt.zero_grad()?;
-        for micro_batch in 1..=plan.accumulation {
-            if stop.load(Ordering::Relaxed) {
-                return Err(TrainError::Cancelled);
-            }
-            let t0 = Instant::now();
-            phases.begin(Phase::Forward);
-            // batch = next(loader): the new batch exists before the old one goes.
-            let batch = make_batch(&graph, device)?;
-            held.batch = batch;
-            // The meter's phase windows: the forward ends where the loss begins, the loss
-            // where backward begins.
-            let mut batch_peak = 0u64;
-            let mut returned_prev = std::mem::take(&mut held.returned);
-            let mut moment = |m: model::Moment| match m {
-                model::Moment::Loss => {
-                    batch_peak = batch_peak.max(phases.end(Phase::Forward));
-                    phases.begin(Phase::Loss);
+        loop {
+            let attempt = (|| -> Result<(), TrainError> {
+                phases.peaks = [0; Phase::ALL.len()];
+                opt.zero_grad()?;
+                for micro_batch in 1..=cur.accumulation {
+                    if stop.load(Ordering::Relaxed) {
+                        return Err(TrainError::Cancelled);
+                    }
+                    let t0 = Instant::now();
+                    phases.begin(Phase::Forward);
+                    // batch = next(loader): the new batch exists before the old one goes.
+                    let batch = make_batch(&cur_graph, device)?;
+                    held.batch = batch;
+                    // The meter's phase windows: the forward ends where the loss begins, the loss
+                    // where backward begins.
+                    let mut batch_peak = 0u64;
+                    let mut returned_prev = std::mem::take(&mut held.returned);
+                    let mut moment = |m: model::Moment| match m {
+                        model::Moment::Loss => {
+                            batch_peak = batch_peak.max(phases.end(Phase::Forward));
+                            phases.begin(Phase::Loss);
+                        }
+                        // `out = model(x)` rebinds `out`: the previous outputs go.
+                        model::Moment::Returned => returned_prev.clear(),
+                    };
+                    // SAFETY: `held` (declared after `net`, so dropped first) is the only keeper of
+                    // the graph's tensors, and `net` does not move while training runs.
+                    let model::Forward { returned, loss } = unsafe { net.forward(&held.batch, &mut moment)? };
+                    drop(returned_prev);
+                    // `loss = loss_fn(out, y) / accumulation`: the quotient is what the loop keeps.
+                    let loss = if cur.accumulation > 1 { loss.f_div_scalar(cur.accumulation as f64)? } else { loss };
+                    // loss = ...: the previous loss goes, the new one is bound.
+                    held.loss = Some(loss);
+                    held.returned = returned;
+                    batch_peak = batch_peak.max(phases.end(Phase::Loss));
+                    phases.begin(Phase::Backward);
+                    if let Some(loss) = &held.loss {
+                        loss.f_backward()?;
+                    }
+                    batch_peak = batch_peak.max(phases.end(Phase::Backward));
+                    let loss_value =
+                        held.loss.as_ref().map_or(Ok(f64::NAN), |l| l.f_double_value(&[]))? * cur.accumulation as f64;
+                    let learning_rate = plan.learning_rate_at(step);
+                    if micro_batch == cur.accumulation {
+                        phases.begin(Phase::OptimizerStep);
+                        opt.set_learning_rate(learning_rate)?;
+                        opt.step()?;
+                        batch_peak = batch_peak.max(phases.end(Phase::OptimizerStep));
+                        if plan.retain_bytes_per_step > 0 {
+                            let n = i64::try_from(plan.retain_bytes_per_step.div_ceil(4)).unwrap_or(i64::MAX);
+                            retained.push(Tensor::f_zeros([n], (Kind::Float, device))?);
+                        }
+                    }
+                    if let Meter::Cuda(index) = meter {
+                        tch::Cuda::synchronize(i64::from(index));
+                    }
+                    let elapsed = t0.elapsed().as_secs_f64();
+                    let reading = meter.read();
+                    if micro_batch == cur.accumulation
+                        && let Some(w) = leaks.push(step, reading.allocated, steps_per_epoch, capacity)
+                    {
+                        on_event(step, shared::protocol::JobEvent::LeakSuspected(w));
+                    }
+                    let rss = memory::host_rss_bytes();
+                    run_peak = run_peak.max(batch_peak);
+                    peak_rss = peak_rss.max(rss);
+                    micro_batches += 1;
+                    first_loss.get_or_insert(loss_value);
+                    final_loss = loss_value;
+                    on_record(BatchRecord {
+                        job,
+                        step,
+                        epoch: (step - 1) / steps_per_epoch + 1,
+                        micro_batch,
+                        loss: loss_value,
+                        allocated_bytes: reading.allocated,
+                        peak_bytes: batch_peak,
+                        reserved_bytes: reading.reserved,
+                        device_used_bytes: nvml_index.and_then(memory::nvml_used_bytes),
+                        host_rss_bytes: rss,
+                        step_time_ms: elapsed * 1e3,
+                        samples_per_sec: cur.micro_batch as f64 / elapsed.max(1e-9),
+                        learning_rate,
+                    });
                 }
-                // `out = model(x)` rebinds `out`: the previous outputs go.
-                model::Moment::Returned => returned_prev.clear(),
-            };
-            // SAFETY: `held` (declared after `net`, so dropped first) is the only keeper of
-            // the graph's tensors, and `net` does not move while training runs.
-            let model::Forward { returned, loss } = unsafe { net.forward(&held.batch, &mut moment)? };
-            drop(returned_prev);
-            // `loss = loss_fn(out, y) / accumulation`: the quotient is what the loop keeps.
-            let loss = if plan.accumulation > 1 { loss.f_div_scalar(plan.accumulation as f64)? } else { loss };
-            // loss = ...: the previous loss goes, the new one is bound.
-            held.loss = Some(loss);
-            held.returned = returned;
-            batch_peak = batch_peak.max(phases.end(Phase::Loss));
-            phases.begin(Phase::Backward);
-            if let Some(loss) = &held.loss {
-                loss.f_backward()?;
-            }
-            batch_peak = batch_peak.max(phases.end(Phase::Backward));
-            let loss_value =
-                held.loss.as_ref().map_or(Ok(f64::NAN), |l| l.f_double_value(&[]))? * plan.accumulation as f64;
-            let learning_rate = plan.learning_rate_at(step);
-            if micro_batch == plan.accumulation {
-                phases.begin(Phase::OptimizerStep);
-                opt.set_learning_rate(learning_rate)?;
-                opt.step()?;
-                batch_peak = batch_peak.max(phases.end(Phase::OptimizerStep));
-                if plan.retain_bytes_per_step > 0 {
-                    let n = i64::try_from(plan.retain_bytes_per_step.div_ceil(4)).unwrap_or(i64::MAX);
-                    retained.push(Tensor::f_zeros([n], (Kind::Float, device))?);
+
+                Ok(())
+            })();
+            match attempt {
+                Ok(()) => break,
+                Err(TrainError::OutOfMemory(message))
+                    if cur.oom_fallback && cur.micro_batch >= 2 && cur.micro_batch.is_multiple_of(2) =>
+                {
+                    // Free the step: the loop's references, the gradients, the cache.
+                    held = Held::default();
+                    opt.zero_grad()?;
+                    meter.empty_cache();
+                    let allocated_bytes = meter.read().allocated;
+                    cur.micro_batch /= 2;
+                    cur.accumulation *= 2;
+                    cur_graph = cur.validate().map_err(|e| TrainError::InvalidPlan(e.to_string()))?;
+                    // The same weights (shared, so the optimizer keeps its state) in a
+                    // model built for the smaller micro-batch.
+                    let mut smaller =
+                        model::Net::new(cur_graph.clone(), device, autocast, plan.checkpoint(), plan.seed)?;
+                    smaller.params = net.params.iter().map(Tensor::shallow_clone).collect();
+                    net = smaller;
+                    on_event(
+                        step,
+                        shared::protocol::JobEvent::OomRecovered {
+                            micro_batch: cur.micro_batch,
+                            accumulation: cur.accumulation,
+                            allocated_bytes,
+                            message,
+                        },
+                    );
                 }
+                Err(e) => return Err(e),
             }
-            if let Meter::Cuda(index) = meter {
-                tch::Cuda::synchronize(i64::from(index));
-            }
-            let elapsed = t0.elapsed().as_secs_f64();
-            let reading = meter.read();
-            if micro_batch == plan.accumulation
-                && let Some(w) = leaks.push(step, reading.allocated, steps_per_epoch, capacity)
-            {
-                on_event(step, shared::protocol::JobEvent::LeakSuspected(w));
-            }
-            let rss = memory::host_rss_bytes();
-            run_peak = run_peak.max(batch_peak);
-            peak_rss = peak_rss.max(rss);
-            micro_batches += 1;
-            first_loss.get_or_insert(loss_value);
-            final_loss = loss_value;
-            on_record(BatchRecord {
-                job,
-                step,
-                epoch: (step - 1) / steps_per_epoch + 1,
-                micro_batch,
-                loss: loss_value,
-                allocated_bytes: reading.allocated,
-                peak_bytes: batch_peak,
-                reserved_bytes: reading.reserved,
-                device_used_bytes: nvml_index.and_then(memory::nvml_used_bytes),
-                host_rss_bytes: rss,
-                step_time_ms: elapsed * 1e3,
-                samples_per_sec: plan.micro_batch as f64 / elapsed.max(1e-9),
-                learning_rate,
-            });
         }
     }
     // The loop's last references go before the `Net` whose checkpoints they may hold.

@@ -403,3 +403,55 @@ fn the_learning_rate_schedule_reaches_the_optimizer() -> anyhow::Result<()> {
     assert!(loss_constant < loss_warm, "constant {loss_constant} against warm-up and decay {loss_warm}");
     Ok(())
 }
+
+#[test]
+fn an_out_of_memory_step_is_redone_with_half_the_micro_batch_when_allowed() -> anyhow::Result<()> {
+    // Micro-batch 32 of this CNN peaks near 59 MB on the CPU, 16 near 31 MB: a 45 MB
+    // budget (the counting allocator enforces it) fails the first and fits the second.
+    let base = [
+        "run",
+        "--model",
+        "small_cnn",
+        "--set",
+        "image=64",
+        "--set",
+        "channels=32,64",
+        "--set",
+        "batch=32",
+        "--set",
+        "accum=2",
+        "--set",
+        "steps=3",
+        "--set",
+        "memory_limit=45MB",
+        "--set",
+        "device=cpu",
+    ];
+    let mut allowed = base.to_vec();
+    allowed.extend(["--set", "oom_fallback=true"]);
+    let (code, out, err) = cli(&allowed)?;
+    assert_eq!(code, 0, "{err}");
+    let lines: Vec<serde_json::Value> = out.lines().filter_map(|l| serde_json::from_str(l).ok()).collect();
+    let events: Vec<&serde_json::Value> = lines.iter().filter(|v| v.get("event").is_some()).collect();
+    assert_eq!(events.len(), 1, "{events:?}");
+    let e = &events[0]["event"];
+    assert_eq!(
+        (e["kind"].as_str(), e["micro_batch"].as_u64(), e["accumulation"].as_u64()),
+        (Some("oom_recovered"), Some(16), Some(4))
+    );
+    assert!(e["message"].as_str().unwrap_or_default().contains("out of memory"), "{e}");
+    // Every step then ran 4 micro-batches of 16: the effective batch of 64 is kept, and
+    // each stayed within the budget.
+    let records: Vec<&serde_json::Value> = lines.iter().filter(|v| v.get("loss").is_some()).collect();
+    assert_eq!(records.len(), 12);
+    for step in 1..=3u64 {
+        let n = records.iter().filter(|r| r["step"] == step).count();
+        assert_eq!(n, 4, "step {step}");
+    }
+    assert!(records.iter().all(|r| r["peak_bytes"].as_u64().is_some_and(|p| p <= 45_000_000)));
+    // Without the fallback the job fails cleanly, saying why.
+    let (code, _, err) = cli(&base)?;
+    assert_ne!(code, 0);
+    assert!(err.contains("out of memory"), "{err}");
+    Ok(())
+}
