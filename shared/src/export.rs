@@ -124,6 +124,8 @@ fn hf(plan: &Plan) -> Export {
         (LrSchedule::Cosine, _) => "cosine",
     };
     set("lr_scheduler_type", json!(scheduler));
+    // TrainingArguments clips at 1.0 unless told otherwise; 0 turns it off.
+    set("max_grad_norm", json!(plan.clip_grad_norm.unwrap_or(0.0)));
     set("warmup_steps", json!(plan.warmup_steps));
     match plan.optimizer {
         Optimizer::AdamW { beta1, beta2, eps, .. } | Optimizer::Adam { beta1, beta2, eps, .. } => {
@@ -212,6 +214,9 @@ fn deepspeed(plan: &Plan) -> Export {
         Precision::Fp32 => {}
     }
     cfg.insert("zero_optimization".into(), json!({"stage": 0}));
+    if let Some(c) = plan.clip_grad_norm {
+        cfg.insert("gradient_clipping".into(), json!(c));
+    }
     if plan.precision == Precision::Fp16 {
         notes.push("DeepSpeed's fp16 keeps fp16 weights with fp32 master copies and a loss scaler: not torch.autocast, so its memory differs from this plan's".into());
     }
@@ -252,6 +257,9 @@ fn lightning(plan: &Plan) -> Export {
         DeviceChoice::Cuda(i) => ("gpu", format!("[{i}]")),
     };
     text.push_str(&format!("  accelerator: {accelerator}\n  devices: {devices}\n"));
+    if let Some(c) = plan.clip_grad_norm {
+        text.push_str(&format!("  gradient_clip_val: {c}\n  gradient_clip_algorithm: norm\n"));
+    }
     text.push_str(&format!("seed_everything: {}\n", plan.seed));
     notes.push(format!(
         "micro-batch {}, workers {}, prefetch {} and pin_memory {}: DataLoader arguments in the LightningDataModule",

@@ -374,6 +374,10 @@ pub struct Plan {
     /// effective batch unchanged) and redo the step, instead of failing the job.
     #[serde(default)]
     pub oom_fallback: bool,
+    /// Clips gradients to this global L2 norm before each optimizer step
+    /// (`torch.nn.utils.clip_grad_norm_`); `None`: no clipping.
+    #[serde(default)]
+    pub clip_grad_norm: Option<f64>,
 }
 
 fn default_name() -> String {
@@ -638,6 +642,11 @@ impl Plan {
         }
         check_range("host.workers", self.host.workers, 0, MAX_LOADER_WORKERS)?;
         check_range("retain_bytes_per_step", self.retain_bytes_per_step, 0, MAX_RETAIN_BYTES_PER_STEP)?;
+        if let Some(c) = self.clip_grad_norm
+            && !(c.is_finite() && c > 0.0 && c <= 1e6)
+        {
+            return Err(invalid("clip_grad_norm", format!("must be in (0, 1000000], got {c}")));
+        }
         if self.warmup_steps >= self.total_steps() && self.warmup_steps > 0 {
             return Err(invalid(
                 "warmup_steps",
@@ -861,6 +870,7 @@ impl Plan {
                 "lr_schedule" => self.lr_schedule = word(key, v, LrSchedule::from_word, "constant, linear or cosine")?,
                 "warmup_steps" => self.warmup_steps = num(key, v)?,
                 "oom_fallback" => self.oom_fallback = flag(key, v)?,
+                "clip_grad_norm" => self.clip_grad_norm = if v == "none" { None } else { Some(num(key, v)?) },
                 "onednn" => self.onednn = flag(key, v)?,
                 "threads" => self.cpu_threads = Some(num(key, v)?),
                 "runtime" => self.runtime = word(key, v, Runtime::from_word, "pytorch or headroom")?,
@@ -1088,6 +1098,9 @@ impl Plan {
         if plan.oom_fallback {
             put("oom_fallback", "true".to_owned());
         }
+        if let Some(c) = plan.clip_grad_norm {
+            put("clip_grad_norm", c.to_string());
+        }
         out
     }
 
@@ -1145,6 +1158,7 @@ impl Plan {
             lr_schedule: LrSchedule::Constant,
             warmup_steps: 0,
             oom_fallback: false,
+            clip_grad_norm: None,
         }
     }
 
@@ -1231,6 +1245,8 @@ mod tests {
             ("host.prefetch_factor", Box::new(|p| p.host.prefetch_factor = limits::MAX_PREFETCH + 1)),
             ("name", Box::new(|p| p.name = String::new())),
             ("retain_bytes_per_step", Box::new(|p| p.retain_bytes_per_step = limits::MAX_RETAIN_BYTES_PER_STEP + 1)),
+            ("clip_grad_norm", Box::new(|p| p.clip_grad_norm = Some(0.0))),
+            ("clip_grad_norm", Box::new(|p| p.clip_grad_norm = Some(f64::NAN))),
             // Shapes whose byte counts would overflow 64 bits are refused, not wrapped.
             (
                 "model",

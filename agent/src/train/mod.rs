@@ -220,6 +220,25 @@ struct Held {
     loss: Option<Tensor>,
 }
 
+/// `torch.nn.utils.clip_grad_norm_`: the global L2 norm of every gradient, and each
+/// scaled in place by `max_norm / (norm + 1e-6)` when that is below 1. The factor is
+/// read on the host (one synchronisation) rather than kept as a device tensor.
+fn clip_grad_norm(net: &model::Net, max_norm: f64) -> Result<(), TrainError> {
+    let grads: Vec<Tensor> = net.trainable().map(Tensor::grad).filter(Tensor::defined).collect();
+    let norms = grads.iter().map(|g| g.f_norm()).collect::<Result<Vec<_>, _>>()?;
+    if norms.is_empty() {
+        return Ok(());
+    }
+    let total = Tensor::f_stack(&norms, 0)?.f_norm()?.f_double_value(&[])?;
+    let coef = max_norm / (total + 1e-6);
+    if coef < 1.0 {
+        for g in &grads {
+            let _ = g.shallow_clone().f_mul_scalar_(coef)?;
+        }
+    }
+    Ok(())
+}
+
 /// The plan's optimizer as libtorch implements it.
 fn make_optimizer(plan: &Plan) -> Result<COptimizer, tch::TchError> {
     match plan.optimizer {
@@ -376,6 +395,9 @@ pub fn train(
                     let learning_rate = plan.learning_rate_at(step);
                     if micro_batch == cur.accumulation {
                         phases.begin(Phase::OptimizerStep);
+                        if let Some(max_norm) = plan.clip_grad_norm {
+                            clip_grad_norm(&net, max_norm)?;
+                        }
                         opt.set_learning_rate(learning_rate)?;
                         opt.step()?;
                         batch_peak = batch_peak.max(phases.end(Phase::OptimizerStep));

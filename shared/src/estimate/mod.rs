@@ -422,6 +422,10 @@ fn walk(
         });
     }
     sim.set_phase(Phase::OptimizerStep);
+    if plan.clip_grad_norm.is_some() {
+        sim.set_label("clip_grad_norm", None);
+        optimizer::clip_grad_norm(&mut sim, trainable.len(), plan.runtime == Runtime::Pytorch);
+    }
     sim.set_label("optimizer", None);
     optimizer::step(&mut sim, &plan.optimizer, update, &trainable);
     let peak_bytes = sim.peak;

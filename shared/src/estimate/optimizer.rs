@@ -11,6 +11,7 @@
 //!   the end of each parameter's update.
 
 use super::Category;
+use super::engine::F32;
 use super::sim::{Sim, Tensor};
 use crate::plan::{Optimizer, OptimizerImpl, Runtime};
 
@@ -66,6 +67,26 @@ pub fn persistent_state(sim: &mut Sim, optimizer: &Optimizer, update: Update, cu
 }
 
 /// The update; returns nothing, leaves only the state and `.grad` behind.
+/// `torch.nn.utils.clip_grad_norm_` over `n` gradients: one fp32 norm per gradient, all
+/// held until they are stacked, the total norm, then (PyTorch, which keeps the factor on
+/// the device) the clip coefficient and its clamp; gradients are scaled in place. The
+/// trainer reads the total on the host and scales by a number, so it skips the last two.
+pub fn clip_grad_norm(sim: &mut Sim, n: usize, on_device_factor: bool) {
+    let norms: Vec<Tensor> = (0..n).map(|_| sim.alloc(F32, Category::Temporaries)).collect();
+    let stacked = sim.alloc(F32 * n as u64, Category::Temporaries);
+    let total = sim.alloc(F32, Category::Temporaries);
+    sim.release(stacked);
+    if on_device_factor {
+        let coef = sim.alloc(F32, Category::Temporaries);
+        let clamped = sim.alloc(F32, Category::Temporaries);
+        sim.release(coef);
+        sim.release(clamped);
+    }
+    sim.release(total);
+    // The list of norms lives until the function returns.
+    norms.into_iter().for_each(|t| sim.release(t));
+}
+
 pub fn step(sim: &mut Sim, optimizer: &Optimizer, update: Update, param_bytes: &[u64]) {
     match update {
         Update::Fused => {}

@@ -455,3 +455,47 @@ fn an_out_of_memory_step_is_redone_with_half_the_micro_batch_when_allowed() -> a
     assert!(err.contains("out of memory"), "{err}");
     Ok(())
 }
+
+#[test]
+fn gradient_clipping_is_estimated_exactly_and_slows_plain_sgd() -> anyhow::Result<()> {
+    let (code, out, err) = cli(&[
+        "probe",
+        "--plan",
+        "examples/mlp.json",
+        "--set",
+        "clip_grad_norm=1.0",
+        "--device",
+        "cpu",
+        "--steps",
+        "3",
+        "--json",
+    ])?;
+    assert_eq!(code, 0, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&out)?;
+    let err_pct = v["error_pct"].as_f64().expect("error");
+    assert!(err_pct.abs() < 0.01, "the counting allocator against the estimate: {err_pct} %");
+    let final_loss = |clip: &str| -> anyhow::Result<f64> {
+        let set = format!("clip_grad_norm={clip}");
+        let (code, out, err) = cli(&[
+            "run",
+            "--plan",
+            "examples/mlp.json",
+            "--device",
+            "cpu",
+            "--set",
+            "steps=30",
+            "--set",
+            "optimizer=sgd",
+            "--set",
+            "lr=0.1",
+            "--set",
+            &set,
+        ])?;
+        anyhow::ensure!(code == 0, "{err}");
+        let last: serde_json::Value = serde_json::from_str(out.lines().last().unwrap_or_default())?;
+        Ok(last["summary"]["final_loss"].as_f64().unwrap_or(f64::NAN))
+    };
+    let (free, clipped) = (final_loss("none")?, final_loss("0.0001")?);
+    assert!(free < clipped, "unclipped SGD {free} against SGD clipped to 1e-4 {clipped}");
+    Ok(())
+}
