@@ -13,7 +13,7 @@ use crate::util::{next_tick, now_ms};
 /// Work per chunk before the page gets the main thread back. One exact estimate of the
 /// largest zoo model takes about 4 ms natively and a few times that in wasm, so chunks
 /// stay well under the 50 ms that counts as a long task.
-const CHUNK_MS: f64 = 25.0;
+const CHUNK_MS: f64 = 15.0;
 
 #[derive(Clone, Debug, PartialEq)]
 enum AdvisorState {

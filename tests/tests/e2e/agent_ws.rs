@@ -146,7 +146,7 @@ async fn bad_frames_get_an_error_and_a_close_and_others_keep_working() -> anyhow
     let mut bystander = agent.connect().await?;
 
     let mut other_version = shared::codec::encode(&Message::Cancel { job: 1 })?;
-    other_version[..2].copy_from_slice(&7u16.to_le_bytes());
+    other_version[..2].copy_from_slice(&(shared::protocol::PROTOCOL_VERSION + 1).to_le_bytes());
     expect_rejected(&agent, tungstenite::Message::Binary(other_version.into()), ErrorCode::UnsupportedVersion, 1002)
         .await?;
     expect_rejected(
