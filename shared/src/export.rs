@@ -95,6 +95,14 @@ fn common_notes(plan: &Plan, notes: &mut Vec<String>, alloc_env: bool) {
             plan.host.distance_loss_every
         ));
     }
+    if plan.oom_fallback {
+        notes.push("oom_fallback (halve the micro-batch and redo the step on out-of-memory) is Headroom's trainer's; these tools have no equivalent".into());
+    }
+    if plan.retain_bytes_per_step > 0 {
+        notes.push(
+            "retain_bytes_per_step is a leak demonstration of Headroom's trainer, not a setting to carry over".into(),
+        );
+    }
     if plan.loss.kind != LossKind::Ce {
         notes.push(format!("loss {}: set in the model or training code", plan.loss.kind.word()));
     }
