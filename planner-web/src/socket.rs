@@ -74,6 +74,8 @@ fn apply(state: AgentState, message: Message) {
                     .map(|s| format!("; at this rate it reaches capacity in {s} steps"))
                     .unwrap_or_default()
             ))),
+            // Routine and frequent: the records show their effect on reserved memory.
+            shared::protocol::JobEvent::CacheEmptied { .. } => {}
             shared::protocol::JobEvent::OomRecovered { micro_batch, accumulation, .. } => state.notice.set(Some(format!(
                 "step {step} ran out of memory: redone as micro-batch {micro_batch} x {accumulation} accumulation (the same effective batch)"
             ))),

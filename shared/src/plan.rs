@@ -378,6 +378,10 @@ pub struct Plan {
     /// (`torch.nn.utils.clip_grad_norm_`); `None`: no clipping.
     #[serde(default)]
     pub clip_grad_norm: Option<f64>,
+    /// `torch.cuda.empty_cache()` after every this many micro-batches and at each epoch's
+    /// end (0: never). A step's peak does not change; the time it costs is reported.
+    #[serde(default)]
+    pub empty_cache_every: u64,
 }
 
 fn default_name() -> String {
@@ -642,6 +646,7 @@ impl Plan {
         }
         check_range("host.workers", self.host.workers, 0, MAX_LOADER_WORKERS)?;
         check_range("retain_bytes_per_step", self.retain_bytes_per_step, 0, MAX_RETAIN_BYTES_PER_STEP)?;
+        check_range("empty_cache_every", self.empty_cache_every, 0, MAX_STEPS)?;
         if let Some(c) = self.clip_grad_norm
             && !(c.is_finite() && c > 0.0 && c <= 1e6)
         {
@@ -870,6 +875,7 @@ impl Plan {
                 "lr_schedule" => self.lr_schedule = word(key, v, LrSchedule::from_word, "constant, linear or cosine")?,
                 "warmup_steps" => self.warmup_steps = num(key, v)?,
                 "oom_fallback" => self.oom_fallback = flag(key, v)?,
+                "empty_cache_every" => self.empty_cache_every = num(key, v)?,
                 "clip_grad_norm" => self.clip_grad_norm = if v == "none" { None } else { Some(num(key, v)?) },
                 "onednn" => self.onednn = flag(key, v)?,
                 "threads" => self.cpu_threads = Some(num(key, v)?),
@@ -1101,6 +1107,9 @@ impl Plan {
         if let Some(c) = plan.clip_grad_norm {
             put("clip_grad_norm", c.to_string());
         }
+        if plan.empty_cache_every != 0 {
+            put("empty_cache_every", plan.empty_cache_every.to_string());
+        }
         out
     }
 
@@ -1159,6 +1168,7 @@ impl Plan {
             warmup_steps: 0,
             oom_fallback: false,
             clip_grad_norm: None,
+            empty_cache_every: 0,
         }
     }
 

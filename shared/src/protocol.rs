@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 use crate::estimate::{Estimate, Phase};
 use crate::plan::Plan;
 
-pub const PROTOCOL_VERSION: u16 = 7;
+pub const PROTOCOL_VERSION: u16 = 8;
 
 pub type JobId = u64;
 
@@ -64,6 +64,12 @@ pub enum JobEvent {
         /// Tensor memory live when the allocation failed, and libtorch's message.
         allocated_bytes: u64,
         message: String,
+    },
+    /// `empty_cache()` ran: what it gave back to the driver and what it cost.
+    CacheEmptied {
+        /// Reserved bytes before minus after (0 on the CPU, which caches nothing).
+        released_bytes: u64,
+        micro_seconds: u64,
     },
 }
 

@@ -420,6 +420,17 @@ pub fn train(
                     run_peak = run_peak.max(batch_peak);
                     peak_rss = peak_rss.max(rss);
                     micro_batches += 1;
+                    // empty_cache() every N micro-batches and at each epoch's end, timed.
+                    let epoch_end = micro_batch == cur.accumulation && step % steps_per_epoch == 0;
+                    if plan.empty_cache_every > 0 && (micro_batches.is_multiple_of(plan.empty_cache_every) || epoch_end)
+                    {
+                        let before = meter.read().reserved.unwrap_or(0);
+                        let t = Instant::now();
+                        meter.empty_cache();
+                        let micro_seconds = u64::try_from(t.elapsed().as_micros()).unwrap_or(u64::MAX);
+                        let released_bytes = before.saturating_sub(meter.read().reserved.unwrap_or(0));
+                        on_event(step, shared::protocol::JobEvent::CacheEmptied { released_bytes, micro_seconds });
+                    }
                     first_loss.get_or_insert(loss_value);
                     final_loss = loss_value;
                     on_record(BatchRecord {

@@ -499,3 +499,40 @@ fn gradient_clipping_is_estimated_exactly_and_slows_plain_sgd() -> anyhow::Resul
     assert!(free < clipped, "unclipped SGD {free} against SGD clipped to 1e-4 {clipped}");
     Ok(())
 }
+
+#[test]
+fn empty_cache_runs_every_n_micro_batches_and_at_epoch_end_and_reports_its_cost() -> anyhow::Result<()> {
+    // 2 epochs of 3 steps, 2 micro-batches each: 12 micro-batches; every 5th, and each
+    // epoch's last.
+    let (code, out, err) = cli(&[
+        "run",
+        "--plan",
+        "examples/mlp.json",
+        "--device",
+        "cpu",
+        "--set",
+        "epochs=2",
+        "--set",
+        "samples_per_epoch=192",
+        "--set",
+        "batch=32",
+        "--set",
+        "accum=2",
+        "--set",
+        "empty_cache_every=5",
+    ])?;
+    assert_eq!(code, 0, "{err}");
+    let lines: Vec<serde_json::Value> = out.lines().filter_map(|l| serde_json::from_str(l).ok()).collect();
+    let steps: Vec<u64> = lines
+        .iter()
+        .filter(|v| v["event"]["kind"] == "cache_emptied")
+        .map(|v| v["step"].as_u64().expect("step"))
+        .collect();
+    // Micro-batches 5 and 10 are in steps 3 and 5; steps 3 and 6 end the epochs.
+    assert_eq!(steps, vec![3, 3, 5, 6], "{lines:?}");
+    for v in lines.iter().filter(|v| v["event"]["kind"] == "cache_emptied") {
+        assert_eq!(v["event"]["released_bytes"], 0, "the CPU caches nothing");
+        assert!(v["event"]["micro_seconds"].is_u64());
+    }
+    Ok(())
+}
