@@ -470,6 +470,9 @@ async fn run(mut plan: Plan, exe: PathBuf) -> anyhow::Result<()> {
                         "bytes_per_epoch": w.bytes_per_epoch, "steps_to_capacity": w.steps_to_capacity,
                         "allocated_bytes": w.allocated_bytes,
                     }),
+                    shared::protocol::JobEvent::LossScaleSkip { scale } => {
+                        serde_json::json!({ "kind": "loss_scale_skip", "scale": scale })
+                    }
                     shared::protocol::JobEvent::CacheEmptied { released_bytes, micro_seconds } => serde_json::json!({
                         "kind": "cache_emptied", "released_bytes": released_bytes, "micro_seconds": micro_seconds,
                     }),

@@ -76,6 +76,9 @@ fn apply(state: AgentState, message: Message) {
             ))),
             // Routine and frequent: the records show their effect on reserved memory.
             shared::protocol::JobEvent::CacheEmptied { .. } => {}
+            shared::protocol::JobEvent::LossScaleSkip { scale } => state.notice.set(Some(format!(
+                "step {step}: fp16 gradients overflowed; the step was skipped and the loss scale lowered to {scale}"
+            ))),
             shared::protocol::JobEvent::OomRecovered { micro_batch, accumulation, .. } => state.notice.set(Some(format!(
                 "step {step} ran out of memory: redone as micro-batch {micro_batch} x {accumulation} accumulation (the same effective batch)"
             ))),

@@ -104,9 +104,9 @@ mod tests {
     fn fixed_bytes_notice_format_changes() {
         // If this fails, the wire format changed: bump PROTOCOL_VERSION and update it.
         let bytes = encode(&Message::Cancel { job: 5 }).expect("encode");
-        assert_eq!(bytes, vec![8, 0, 6, 5]);
+        assert_eq!(bytes, vec![9, 0, 6, 5]);
         let bytes = encode(&Message::Error { code: ErrorCode::Busy, message: "busy".into() }).expect("encode");
-        assert_eq!(bytes, vec![8, 0, 7, 5, 4, b'b', b'u', b's', b'y']);
+        assert_eq!(bytes, vec![9, 0, 7, 5, 4, b'b', b'u', b's', b'y']);
         // Accepted carries the whole Estimate: a field added to it or to Plan changes this
         // length. The value is this encoding's own; change it together with the version.
         let estimate = crate::estimate(&Plan::example_cnn()).expect("estimate");
@@ -154,8 +154,9 @@ mod tests {
     #[test]
     fn rejects_other_versions_garbage_and_oversized_frames() {
         let mut frame = encode(&Message::Cancel { job: 1 }).expect("encode");
-        frame[0] = 9;
-        assert_eq!(decode(&frame), Err(CodecError::UnsupportedVersion { got: 9, want: PROTOCOL_VERSION }));
+        let other = PROTOCOL_VERSION + 1;
+        frame[..2].copy_from_slice(&other.to_le_bytes());
+        assert_eq!(decode(&frame), Err(CodecError::UnsupportedVersion { got: other, want: PROTOCOL_VERSION }));
         assert!(matches!(decode(&[1]), Err(CodecError::Malformed { .. })));
         let v = PROTOCOL_VERSION.to_le_bytes();
         assert!(matches!(decode(&[v[0], v[1], 200, 200, 200]), Err(CodecError::Malformed { .. })));

@@ -214,7 +214,20 @@ fn deepspeed(plan: &Plan) -> Export {
     }
     match plan.precision {
         Precision::Fp16 => {
-            cfg.insert("fp16".into(), json!({"enabled": true}));
+            // Dynamic loss scaling (loss_scale 0) from the plan's initial scale, which
+            // DeepSpeed takes as a power of two.
+            let power = plan.loss_scale.log2();
+            let mut fp16 =
+                json!({"enabled": true, "loss_scale": 0, "loss_scale_window": plan.loss_scale_growth_interval});
+            if power.fract() == 0.0 {
+                fp16["initial_scale_power"] = json!(power as u64);
+            } else {
+                notes.push(format!(
+                    "loss scale {}: DeepSpeed starts from a power of two (initial_scale_power)",
+                    plan.loss_scale
+                ));
+            }
+            cfg.insert("fp16".into(), fp16);
         }
         Precision::Bf16 => {
             cfg.insert("bf16".into(), json!({"enabled": true}));

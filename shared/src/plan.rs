@@ -122,8 +122,9 @@ impl Optimizer {
 }
 
 /// Training precision. `Fp16` and `Bf16` are automatic mixed precision: fp32 master
-/// weights, matrix products and convolutions in half precision. The trainer runs fp16
-/// without a dynamic loss scaler (the scaler's own memory is a few scalars).
+/// weights, matrix products and convolutions in half precision. fp16 trains with a
+/// dynamic loss scale as `torch.amp.GradScaler` does (`loss_scale`,
+/// `loss_scale_growth_interval`); its memory is a few scalars.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Precision {
@@ -382,6 +383,13 @@ pub struct Plan {
     /// end (0: never). A step's peak does not change; the time it costs is reported.
     #[serde(default)]
     pub empty_cache_every: u64,
+    /// fp16's dynamic loss scale (`torch.amp.GradScaler`): its initial value, and the
+    /// clean steps after which it doubles; a step whose gradients hold inf or NaN is
+    /// skipped and halves it.
+    #[serde(default = "loss_scale_init")]
+    pub loss_scale: f64,
+    #[serde(default = "loss_scale_growth_interval")]
+    pub loss_scale_growth_interval: u64,
 }
 
 fn default_name() -> String {
@@ -398,6 +406,12 @@ fn auto() -> DeviceChoice {
 }
 fn pytorch() -> Runtime {
     Runtime::Pytorch
+}
+fn loss_scale_init() -> f64 {
+    65_536.0
+}
+fn loss_scale_growth_interval() -> u64 {
+    2_000
 }
 fn constant() -> LrSchedule {
     LrSchedule::Constant
@@ -647,6 +661,10 @@ impl Plan {
         check_range("host.workers", self.host.workers, 0, MAX_LOADER_WORKERS)?;
         check_range("retain_bytes_per_step", self.retain_bytes_per_step, 0, MAX_RETAIN_BYTES_PER_STEP)?;
         check_range("empty_cache_every", self.empty_cache_every, 0, MAX_STEPS)?;
+        check_range("loss_scale_growth_interval", self.loss_scale_growth_interval, 1, MAX_STEPS)?;
+        if !(self.loss_scale.is_finite() && self.loss_scale >= 1.0 && self.loss_scale <= 1e38) {
+            return Err(invalid("loss_scale", format!("must be in [1, 1e38], got {}", self.loss_scale)));
+        }
         if let Some(c) = self.clip_grad_norm
             && !(c.is_finite() && c > 0.0 && c <= 1e6)
         {
@@ -876,6 +894,8 @@ impl Plan {
                 "warmup_steps" => self.warmup_steps = num(key, v)?,
                 "oom_fallback" => self.oom_fallback = flag(key, v)?,
                 "empty_cache_every" => self.empty_cache_every = num(key, v)?,
+                "loss_scale" => self.loss_scale = num(key, v)?,
+                "loss_scale_growth_interval" => self.loss_scale_growth_interval = num(key, v)?,
                 "clip_grad_norm" => self.clip_grad_norm = if v == "none" { None } else { Some(num(key, v)?) },
                 "onednn" => self.onednn = flag(key, v)?,
                 "threads" => self.cpu_threads = Some(num(key, v)?),
@@ -1110,6 +1130,12 @@ impl Plan {
         if plan.empty_cache_every != 0 {
             put("empty_cache_every", plan.empty_cache_every.to_string());
         }
+        if plan.loss_scale != base.loss_scale {
+            put("loss_scale", plan.loss_scale.to_string());
+        }
+        if plan.loss_scale_growth_interval != base.loss_scale_growth_interval {
+            put("loss_scale_growth_interval", plan.loss_scale_growth_interval.to_string());
+        }
         out
     }
 
@@ -1169,6 +1195,8 @@ impl Plan {
             oom_fallback: false,
             clip_grad_norm: None,
             empty_cache_every: 0,
+            loss_scale: loss_scale_init(),
+            loss_scale_growth_interval: loss_scale_growth_interval(),
         }
     }
 
@@ -1256,6 +1284,8 @@ mod tests {
             ("name", Box::new(|p| p.name = String::new())),
             ("retain_bytes_per_step", Box::new(|p| p.retain_bytes_per_step = limits::MAX_RETAIN_BYTES_PER_STEP + 1)),
             ("clip_grad_norm", Box::new(|p| p.clip_grad_norm = Some(0.0))),
+            ("loss_scale", Box::new(|p| p.loss_scale = 0.5)),
+            ("loss_scale_growth_interval", Box::new(|p| p.loss_scale_growth_interval = 0)),
             ("clip_grad_norm", Box::new(|p| p.clip_grad_norm = Some(f64::NAN))),
             // Shapes whose byte counts would overflow 64 bits are refused, not wrapped.
             (

@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 use crate::estimate::{Estimate, Phase};
 use crate::plan::Plan;
 
-pub const PROTOCOL_VERSION: u16 = 8;
+pub const PROTOCOL_VERSION: u16 = 9;
 
 pub type JobId = u64;
 
@@ -65,6 +65,9 @@ pub enum JobEvent {
         allocated_bytes: u64,
         message: String,
     },
+    /// fp16 gradients held inf or NaN: the optimizer step was skipped and the loss scale
+    /// lowered to `scale`.
+    LossScaleSkip { scale: f64 },
     /// `empty_cache()` ran: what it gave back to the driver and what it cost.
     CacheEmptied {
         /// Reserved bytes before minus after (0 on the CPU, which caches nothing).

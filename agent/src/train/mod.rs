@@ -339,6 +339,9 @@ pub fn train(
     // Step-end allocated memory, watched for a sustained rise; the capacity it would hit
     // is the plan's cap, else the GPU's memory.
     let mut leaks = shared::leak::LeakDetector::default();
+    // fp16's dynamic loss scale, as `torch.amp.GradScaler` keeps it: the scale and the
+    // clean steps since it last changed.
+    let mut scaler = (plan.precision == Precision::Fp16).then_some((plan.loss_scale, 0u64));
     let capacity = plan
         .memory_limit_bytes
         .or_else(|| nvml_index.and_then(|i| memory::nvml_devices().get(i as usize).map(|d| d.1)));
@@ -387,7 +390,11 @@ pub fn train(
                     batch_peak = batch_peak.max(phases.end(Phase::Loss));
                     phases.begin(Phase::Backward);
                     if let Some(loss) = &held.loss {
-                        loss.f_backward()?;
+                        match scaler {
+                            // scaler.scale(loss).backward(): the product lives through it.
+                            Some((scale, _)) => loss.f_mul_scalar(scale)?.f_backward()?,
+                            None => loss.f_backward()?,
+                        }
                     }
                     batch_peak = batch_peak.max(phases.end(Phase::Backward));
                     let loss_value =
@@ -395,11 +402,37 @@ pub fn train(
                     let learning_rate = plan.learning_rate_at(step);
                     if micro_batch == cur.accumulation {
                         phases.begin(Phase::OptimizerStep);
-                        if let Some(max_norm) = plan.clip_grad_norm {
-                            clip_grad_norm(&net, max_norm)?;
+                        // scaler.unscale_(optimizer): gradients divided by the scale and
+                        // checked for inf and NaN (through each one's sum, one at a time).
+                        let mut skip = false;
+                        if let Some((scale, clean)) = scaler.as_mut() {
+                            let inv = 1.0 / *scale;
+                            let mut found_inf = false;
+                            for g in net.trainable().map(Tensor::grad).filter(Tensor::defined) {
+                                let _ = g.shallow_clone().f_mul_scalar_(inv)?;
+                                found_inf = found_inf || !g.f_sum(Kind::Float)?.f_double_value(&[])?.is_finite();
+                            }
+                            if found_inf {
+                                // The step is skipped and the scale backs off.
+                                *scale *= 0.5;
+                                *clean = 0;
+                                skip = true;
+                                on_event(step, shared::protocol::JobEvent::LossScaleSkip { scale: *scale });
+                            } else {
+                                *clean += 1;
+                                if *clean >= plan.loss_scale_growth_interval {
+                                    *scale *= 2.0;
+                                    *clean = 0;
+                                }
+                            }
                         }
-                        opt.set_learning_rate(learning_rate)?;
-                        opt.step()?;
+                        if !skip {
+                            if let Some(max_norm) = plan.clip_grad_norm {
+                                clip_grad_norm(&net, max_norm)?;
+                            }
+                            opt.set_learning_rate(learning_rate)?;
+                            opt.step()?;
+                        }
                         batch_peak = batch_peak.max(phases.end(Phase::OptimizerStep));
                         if plan.retain_bytes_per_step > 0 {
                             let n = i64::try_from(plan.retain_bytes_per_step.div_ceil(4)).unwrap_or(i64::MAX);

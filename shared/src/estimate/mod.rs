@@ -399,8 +399,17 @@ fn walk(
             return Ok(None);
         }
         sim.set_phase(Phase::Backward);
+        // fp16 trains through GradScaler: `scaler.scale(loss).backward()`, whose product
+        // (a scalar) lives through the backward.
+        let scaled_loss = (plan.precision == Precision::Fp16).then(|| {
+            sim.set_label("scaler.scale(loss)", None);
+            sim.alloc(F32, Category::Activations)
+        });
         sim.set_label("backward", None);
         backward(&mut sim, &mut engine, graph);
+        if let Some(t) = scaled_loss {
+            sim.release(t);
+        }
         sim.set_label("end of backward", None);
         engine.finish_backward(&mut sim);
         sim.set_label("end of micro-batch", None);
@@ -422,6 +431,13 @@ fn walk(
         });
     }
     sim.set_phase(Phase::OptimizerStep);
+    if plan.precision == Precision::Fp16 {
+        // scaler.unscale_: the inverse scale and the found-inf flag.
+        sim.set_label("scaler.unscale_", None);
+        let (inv, found) = (sim.alloc(F32, Category::Temporaries), sim.alloc(F32, Category::Temporaries));
+        sim.release(inv);
+        sim.release(found);
+    }
     if plan.clip_grad_norm.is_some() {
         sim.set_label("clip_grad_norm", None);
         optimizer::clip_grad_norm(&mut sim, trainable.len(), plan.runtime == Runtime::Pytorch);

@@ -536,3 +536,49 @@ fn empty_cache_runs_every_n_micro_batches_and_at_epoch_end_and_reports_its_cost(
     }
     Ok(())
 }
+
+#[test]
+fn fp16_overflow_skips_the_step_and_lowers_the_loss_scale_as_grad_scaler_does() -> anyhow::Result<()> {
+    let run = |scale: &str| -> anyhow::Result<(Vec<(u64, f64)>, f64, f64)> {
+        let set = format!("loss_scale={scale}");
+        let (code, out, err) = cli(&[
+            "run",
+            "--plan",
+            "examples/mlp.json",
+            "--device",
+            "cpu",
+            "--set",
+            "steps=40",
+            "--set",
+            "precision=fp16",
+            "--set",
+            &set,
+            "--set",
+            "loss_scale_growth_interval=10",
+        ])?;
+        anyhow::ensure!(code == 0, "{err}");
+        let lines: Vec<serde_json::Value> = out.lines().filter_map(|l| serde_json::from_str(l).ok()).collect();
+        let skips = lines
+            .iter()
+            .filter(|v| v["event"]["kind"] == "loss_scale_skip")
+            .map(|v| (v["step"].as_u64().unwrap_or(0), v["event"]["scale"].as_f64().unwrap_or(f64::NAN)))
+            .collect();
+        let summary = &lines.last().expect("summary")["summary"];
+        Ok((
+            skips,
+            summary["first_loss"].as_f64().unwrap_or(f64::NAN),
+            summary["final_loss"].as_f64().unwrap_or(f64::NAN),
+        ))
+    };
+    // A scale of 1e9 overflows fp16's backward: the first steps are skipped, halving it
+    // each time, until the gradients are finite; then training proceeds.
+    let (skips, first, last) = run("1e9")?;
+    assert!(skips.len() >= 3, "{skips:?}");
+    assert_eq!(skips[0], (1, 5e8));
+    assert!(skips.windows(2).take(3).all(|w| w[1].0 == w[0].0 + 1 && w[1].1 == w[0].1 / 2.0), "{skips:?}");
+    assert!(last < first, "it trains once the scale fits: {first} -> {last}");
+    // PyTorch's default scale does not overflow this model.
+    let (skips, _, _) = run("65536")?;
+    assert!(skips.is_empty(), "{skips:?}");
+    Ok(())
+}
