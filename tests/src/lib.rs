@@ -20,9 +20,13 @@ pub type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
 /// How long any single expected message may take; jobs in tests finish in seconds.
 pub const MESSAGE_TIMEOUT: Duration = Duration::from_secs(60);
 
-/// The repository root.
+/// The repository root. Cargo sets `CARGO_MANIFEST_DIR` when it runs a test, which is
+/// right even when two checkouts share one target directory (their test binaries have
+/// the same name, so one may run the other's); the path compiled in is the fallback.
 pub fn repo_root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
+    let dir =
+        std::env::var_os("CARGO_MANIFEST_DIR").map_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")), PathBuf::from);
+    dir.join("..")
 }
 
 /// The `headroom` binary built next to this test binary (`target/<profile>/headroom`),
