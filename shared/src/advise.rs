@@ -541,7 +541,7 @@ impl Search {
         if why.is_empty() {
             why.push("the plan as it is".to_owned());
         }
-        let headroom = i64::try_from(i128::from(d.capacity_bytes.get()) - i128::from(high)).unwrap_or(i64::MIN);
+        let headroom = crate::units::signed_difference(d.capacity_bytes.get(), high);
         let eff = c.micro_batch * c.accumulation;
         let mut reason = why.join("; ");
         if eff != self.effective {

@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 use crate::graph::{Checkpoint, Graph, Shape};
-use crate::zoo::{self, BuildOptions, LossKind, LossSpec};
+use crate::zoo::{self, BuildOptions, LossKind, LossSpec, join};
 
 /// Limits a plan must respect. Each one is named in the error that enforces it.
 pub mod limits {
@@ -1216,10 +1216,6 @@ impl Plan {
             ..Plan::example_mlp()
         }
     }
-}
-
-fn join(v: &[u64]) -> String {
-    v.iter().map(u64::to_string).collect::<Vec<_>>().join(",")
 }
 
 #[cfg(test)]

@@ -67,6 +67,11 @@ impl fmt::Display for Bytes {
     }
 }
 
+/// `a - b` as a signed byte count (headroom, a change), saturating rather than wrapping.
+pub fn signed_difference(a: u64, b: u64) -> i64 {
+    i64::try_from(i128::from(a) - i128::from(b)).unwrap_or(if a >= b { i64::MAX } else { i64::MIN })
+}
+
 /// Reads a byte count: a whole number of bytes, or a number with a unit (`16GiB`,
 /// `1.5 GiB`, `512MiB`, `16GB`, decimal units being powers of 1000). Errors say why.
 pub fn parse_bytes(text: &str) -> Result<u64, String> {
@@ -96,6 +101,14 @@ pub fn parse_bytes(text: &str) -> Result<u64, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn signed_differences_saturate() {
+        assert_eq!(signed_difference(3, 5), -2);
+        assert_eq!(signed_difference(5, 3), 2);
+        assert_eq!(signed_difference(u64::MAX, 0), i64::MAX);
+        assert_eq!(signed_difference(0, u64::MAX), i64::MIN);
+    }
 
     #[test]
     fn sizes_parse_with_and_without_units() {

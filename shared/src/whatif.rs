@@ -5,7 +5,7 @@
 use crate::estimate::{self, Category, Estimate, Options, Target};
 use crate::graph::Graph;
 use crate::plan::{Optimizer, Plan, Precision};
-use crate::units::Bytes;
+use crate::units::{Bytes, signed_difference as delta};
 
 /// One change to try.
 #[derive(Clone, Debug, PartialEq)]
@@ -109,10 +109,6 @@ fn fit_figure(e: &Estimate) -> u64 {
 fn signed(v: i64) -> String {
     let b = Bytes(v.unsigned_abs());
     if v < 0 { format!("-{b}") } else { format!("+{b}") }
-}
-
-fn delta(a: u64, b: u64) -> i64 {
-    i64::try_from(i128::from(a) - i128::from(b)).unwrap_or(i64::MIN)
 }
 
 /// `change` estimated against `base` (the plan's own estimate on `target`).

@@ -217,6 +217,12 @@ pub fn cli(args: &[&str]) -> anyhow::Result<(i32, String, String)> {
     ))
 }
 
+/// The JSON lines of a command's output (`run` prints one per micro-batch and event,
+/// then a summary); other lines are skipped.
+pub fn json_lines(out: &str) -> Vec<serde_json::Value> {
+    out.lines().filter_map(|l| serde_json::from_str(l).ok()).collect()
+}
+
 /// A free loopback port (for chromedriver).
 pub fn free_port() -> anyhow::Result<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())

@@ -106,7 +106,7 @@ pub fn EstimatePanel(
                     let status = match &device {
                         Some(d) => {
                             let high = d.device_peak_bytes_high.get();
-                            let left = i64::try_from(i128::from(d.capacity_bytes.get()) - i128::from(high)).unwrap_or(i64::MIN);
+                            let left = shared::units::signed_difference(d.capacity_bytes.get(), high);
                             if d.fits { format!("Fits on {}: {} at the high end, {}", d.gpu, d.device_peak_bytes_high, signed(left)) }
                             else if d.device_peak_bytes.get() <= d.capacity_bytes.get() {
                                 format!("May not fit on {}: {} point estimate fits, but the high end {} does not ({})", d.gpu, d.device_peak_bytes, d.device_peak_bytes_high, signed(left))

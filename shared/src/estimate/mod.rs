@@ -480,8 +480,7 @@ fn walk(
                 cublas_workspace_bytes: Bytes(o.cublas_workspace_bytes),
                 capacity_bytes: capacity,
                 fits: device_high <= capacity,
-                headroom_bytes: i64::try_from(i128::from(capacity.get()) - i128::from(device_peak.get()))
-                    .unwrap_or(i64::MIN),
+                headroom_bytes: crate::units::signed_difference(capacity.get(), device_peak.get()),
             })
         }
         _ => None,

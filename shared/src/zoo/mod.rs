@@ -267,7 +267,8 @@ pub fn schema(name: &str) -> Result<Vec<Param>, ZooError> {
         .collect())
 }
 
-fn join(v: &[u64]) -> String {
+/// Whole numbers as a comma-separated setting (`16,32`).
+pub(crate) fn join(v: &[u64]) -> String {
     v.iter().map(u64::to_string).collect::<Vec<_>>().join(",")
 }
 

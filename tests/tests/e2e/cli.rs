@@ -1,6 +1,6 @@
 //! The command line: `estimate` and `run` on the example plans, and bad input.
 
-use headroom_tests::cli;
+use headroom_tests::{cli, json_lines};
 
 #[test]
 fn estimate_prints_json_with_the_breakdown() -> anyhow::Result<()> {
@@ -362,11 +362,7 @@ fn a_job_that_keeps_memory_every_step_is_flagged_and_a_clean_one_is_not() -> any
     leaky.extend(["--set", "retain_bytes_per_step=1048576"]);
     let (code, out, err) = cli(&leaky)?;
     assert_eq!(code, 0, "{err}");
-    let events: Vec<serde_json::Value> = out
-        .lines()
-        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-        .filter(|v| v.get("event").is_some())
-        .collect();
+    let events: Vec<serde_json::Value> = json_lines(&out).into_iter().filter(|v| v.get("event").is_some()).collect();
     assert_eq!(events.len(), 1, "one warning: {events:?}");
     let e = &events[0]["event"];
     assert_eq!(e["kind"], "leak_suspected");
@@ -387,7 +383,7 @@ fn the_learning_rate_schedule_reaches_the_optimizer() -> anyhow::Result<()> {
         args.extend(extra);
         let (code, out, err) = cli(&args)?;
         anyhow::ensure!(code == 0, "{err}");
-        let lines: Vec<serde_json::Value> = out.lines().filter_map(|l| serde_json::from_str(l).ok()).collect();
+        let lines = json_lines(&out);
         let lrs = lines.iter().filter_map(|v| v["learning_rate"].as_f64()).collect();
         let last = lines.last().and_then(|v| v["summary"]["final_loss"].as_f64()).unwrap_or(f64::NAN);
         Ok((lrs, last))
@@ -431,7 +427,7 @@ fn an_out_of_memory_step_is_redone_with_half_the_micro_batch_when_allowed() -> a
     allowed.extend(["--set", "oom_fallback=true"]);
     let (code, out, err) = cli(&allowed)?;
     assert_eq!(code, 0, "{err}");
-    let lines: Vec<serde_json::Value> = out.lines().filter_map(|l| serde_json::from_str(l).ok()).collect();
+    let lines = json_lines(&out);
     let events: Vec<&serde_json::Value> = lines.iter().filter(|v| v.get("event").is_some()).collect();
     assert_eq!(events.len(), 1, "{events:?}");
     let e = &events[0]["event"];
@@ -522,7 +518,7 @@ fn empty_cache_runs_every_n_micro_batches_and_at_epoch_end_and_reports_its_cost(
         "empty_cache_every=5",
     ])?;
     assert_eq!(code, 0, "{err}");
-    let lines: Vec<serde_json::Value> = out.lines().filter_map(|l| serde_json::from_str(l).ok()).collect();
+    let lines = json_lines(&out);
     let steps: Vec<u64> = lines
         .iter()
         .filter(|v| v["event"]["kind"] == "cache_emptied")
@@ -539,7 +535,9 @@ fn empty_cache_runs_every_n_micro_batches_and_at_epoch_end_and_reports_its_cost(
 
 #[test]
 fn fp16_overflow_skips_the_step_and_lowers_the_loss_scale_as_grad_scaler_does() -> anyhow::Result<()> {
-    let run = |scale: &str| -> anyhow::Result<(Vec<(u64, f64)>, f64, f64)> {
+    // The (step, scale) of each skipped step, and the first and final losses.
+    type Outcome = (Vec<(u64, f64)>, f64, f64);
+    let run = |scale: &str| -> anyhow::Result<Outcome> {
         let set = format!("loss_scale={scale}");
         let (code, out, err) = cli(&[
             "run",
@@ -557,7 +555,7 @@ fn fp16_overflow_skips_the_step_and_lowers_the_loss_scale_as_grad_scaler_does() 
             "loss_scale_growth_interval=10",
         ])?;
         anyhow::ensure!(code == 0, "{err}");
-        let lines: Vec<serde_json::Value> = out.lines().filter_map(|l| serde_json::from_str(l).ok()).collect();
+        let lines = json_lines(&out);
         let skips = lines
             .iter()
             .filter(|v| v["event"]["kind"] == "loss_scale_skip")
