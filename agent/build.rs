@@ -27,6 +27,7 @@ fn torch_dir() -> PathBuf {
 fn main() {
     println!("cargo:rerun-if-changed=csrc/memory.cpp");
     println!("cargo:rerun-if-changed=csrc/autograd.cpp");
+    println!("cargo:rerun-if-changed=csrc/optim.cpp");
     println!("cargo:rerun-if-env-changed=LIBTORCH");
     println!("cargo:rerun-if-env-changed=PATH");
     let torch = torch_dir();
@@ -42,6 +43,7 @@ fn main() {
         .cpp(true)
         .file("csrc/memory.cpp")
         .file("csrc/autograd.cpp")
+        .file("csrc/optim.cpp")
         .std("c++17")
         .include(&include)
         .include(include.join("torch/csrc/api/include"))

@@ -58,6 +58,14 @@ enum Command {
         /// Override the plan's device: auto, cpu or cuda:N.
         #[arg(long)]
         device: Option<String>,
+        /// Where checkpoints go (the plan's checkpoint_every says how often): one
+        /// step-N directory per save.
+        #[arg(long)]
+        checkpoint_dir: Option<PathBuf>,
+        /// Continue from a checkpoint: a step-N directory, or a checkpoint directory
+        /// (its newest). The plan must be the one that saved it.
+        #[arg(long)]
+        resume: Option<PathBuf>,
     },
     /// Estimate a plan's or a zoo model's peak memory without running it.
     Estimate {
@@ -181,6 +189,10 @@ enum Command {
         /// Print the number of CUDA devices libtorch can use, and exit.
         #[arg(long)]
         probe: bool,
+        #[arg(long)]
+        checkpoint_dir: Option<PathBuf>,
+        #[arg(long)]
+        resume: Option<PathBuf>,
     },
 }
 
@@ -226,7 +238,9 @@ pub fn main() -> ExitCode {
         .init();
     let result = match cli.command {
         Command::Worker { probe: true, .. } => crate::worker::probe(),
-        Command::Worker { job, .. } => crate::worker::run(job.unwrap_or(0)),
+        Command::Worker { job, checkpoint_dir, resume, .. } => {
+            crate::worker::run(job.unwrap_or(0), crate::train::JobFiles { checkpoint_dir, resume })
+        }
         Command::Estimate { source, gpu, json, trace, calibration } => {
             estimate(&source, gpu.as_deref(), json, trace, calibration.as_deref())
         }
@@ -394,12 +408,12 @@ async fn async_main(command: Command) -> anyhow::Result<()> {
                 .await;
             Ok(())
         }
-        Command::Run { source, device } => {
+        Command::Run { source, device, checkpoint_dir, resume } => {
             let (mut plan, _) = build_plan(&source)?;
             if let Some(d) = device {
                 plan.device = parse_device(&d)?;
             }
-            run(plan, exe).await
+            run(plan, crate::train::JobFiles { checkpoint_dir, resume }, exe).await
         }
         Command::Probe { source, device, steps, json } => {
             crate::probe::probe(build_plan(&source)?.0, &device, steps, json, exe).await
@@ -425,7 +439,7 @@ async fn async_main(command: Command) -> anyhow::Result<()> {
     }
 }
 
-async fn run(mut plan: Plan, exe: PathBuf) -> anyhow::Result<()> {
+async fn run(mut plan: Plan, files: crate::train::JobFiles, exe: PathBuf) -> anyhow::Result<()> {
     let target = crate::probe::target_for(&mut plan)?;
     let plan = crate::train::as_run_here(&plan);
     let estimate = shared::estimate::estimate_for(&plan, target).map_err(|e| BadInput(e.to_string()))?;
@@ -441,7 +455,7 @@ async fn run(mut plan: Plan, exe: PathBuf) -> anyhow::Result<()> {
         None
     };
     let runner = JobRunner::new(exe, 1);
-    let mut job = runner.start(plan, estimate.peak_bytes.get())?;
+    let mut job = runner.start(plan, estimate.peak_bytes.get(), &files)?;
     let mut stdout = std::io::stdout().lock();
     use std::io::Write;
     while let Some(event) = job.events.recv().await {
@@ -486,6 +500,24 @@ async fn run(mut plan: Plan, exe: PathBuf) -> anyhow::Result<()> {
                             "kind": "oom_recovered", "micro_batch": micro_batch, "accumulation": accumulation,
                             "allocated_bytes": allocated_bytes, "message": message,
                         })
+                    }
+                    shared::protocol::JobEvent::Validation {
+                        batches,
+                        micro_batch,
+                        loss,
+                        peak_bytes,
+                        micro_seconds,
+                    } => {
+                        serde_json::json!({
+                            "kind": "validation", "batches": batches, "micro_batch": micro_batch, "loss": loss,
+                            "peak_bytes": peak_bytes, "micro_seconds": micro_seconds,
+                        })
+                    }
+                    shared::protocol::JobEvent::CheckpointSaved { path, bytes, micro_seconds } => serde_json::json!({
+                        "kind": "checkpoint_saved", "path": path, "bytes": bytes, "micro_seconds": micro_seconds,
+                    }),
+                    shared::protocol::JobEvent::Resumed { path } => {
+                        serde_json::json!({ "kind": "resumed", "path": path })
                     }
                 };
                 if let Some(bar) = &bar {

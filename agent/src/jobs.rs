@@ -67,13 +67,20 @@ impl JobRunner {
 
     /// Starts `plan` (already validated) in a new worker, or refuses when all slots are
     /// taken. The caller's estimate is attached to the summary, next to the measurement.
-    pub fn start(&self, plan: Plan, estimated_peak_bytes: u64) -> Result<RunningJob, StartError> {
+    pub fn start(
+        &self,
+        plan: Plan,
+        estimated_peak_bytes: u64,
+        files: &crate::train::JobFiles,
+    ) -> Result<RunningJob, StartError> {
         let permit = Arc::clone(&self.slots).try_acquire_owned().map_err(|_| StartError::Busy { limit: self.limit })?;
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let mut cmd = Command::new(&self.exe);
         cmd.arg("worker")
             .arg("--job")
             .arg(id.to_string())
+            .args(files.checkpoint_dir.iter().flat_map(|d| [std::ffi::OsStr::new("--checkpoint-dir"), d.as_os_str()]))
+            .args(files.resume.iter().flat_map(|d| [std::ffi::OsStr::new("--resume"), d.as_os_str()]))
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())

@@ -100,7 +100,7 @@ pub async fn try_measure(
     let plan = crate::train::as_run_here(&plan);
     let estimate = estimate_for(&plan, target).map_err(|e| crate::input::bad_input(e.to_string()))?;
     let runner = JobRunner::new(exe, 1);
-    let mut job = runner.start(plan.clone(), estimate.peak_bytes.get())?;
+    let mut job = runner.start(plan.clone(), estimate.peak_bytes.get(), &Default::default())?;
     let mut device_used_peak: Option<u64> = None;
     let mut rss_peak = 0u64;
     let mut step_ms: Vec<f64> = Vec::new();

@@ -130,7 +130,7 @@ fn submit(state: &State, job: &mut Option<RunningJob>, plan: shared::Plan) -> Me
         Ok(e) => e,
         Err(e) => return error(ErrorCode::InvalidPlan, e.to_string()),
     };
-    match state.runner.start(plan, estimate.peak_bytes.get()) {
+    match state.runner.start(plan, estimate.peak_bytes.get(), &Default::default()) {
         Ok(running) => {
             let id = running.id;
             tracing::info!(job = id, %device, "job accepted");

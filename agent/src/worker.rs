@@ -29,7 +29,7 @@ fn private_stdout() -> std::io::Result<std::fs::File> {
     }
 }
 
-pub fn run(job: JobId) -> anyhow::Result<()> {
+pub fn run(job: JobId, files: train::JobFiles) -> anyhow::Result<()> {
     let out = std::io::BufWriter::new(private_stdout()?);
     let mut stdin = std::io::stdin().lock();
     let plan = match pipe::read_blocking(&mut stdin)? {
@@ -67,6 +67,7 @@ pub fn run(job: JobId) -> anyhow::Result<()> {
     let result = train::train(
         &plan,
         job,
+        &files,
         &stop,
         |record| send(Message::Batch(record)),
         |step, event| send(Message::Event { job, step, event }),

@@ -76,6 +76,18 @@ fn apply(state: AgentState, message: Message) {
             ))),
             // Routine and frequent: the records show their effect on reserved memory.
             shared::protocol::JobEvent::CacheEmptied { .. } => {}
+            shared::protocol::JobEvent::Validation { loss, peak_bytes, micro_batch, .. } => {
+                state.notice.set(Some(format!(
+                    "step {step}: validation loss {loss:.4} (micro-batch {micro_batch}, peak {})",
+                    shared::Bytes(peak_bytes)
+                )))
+            }
+            shared::protocol::JobEvent::CheckpointSaved { path, bytes, .. } => state
+                .notice
+                .set(Some(format!("step {step}: checkpoint saved to {path} ({})", shared::Bytes(bytes)))),
+            shared::protocol::JobEvent::Resumed { path } => {
+                state.notice.set(Some(format!("resumed after step {step} from {path}")))
+            }
             shared::protocol::JobEvent::LossScaleSkip { scale } => state.notice.set(Some(format!(
                 "step {step}: fp16 gradients overflowed; the step was skipped and the loss scale lowered to {scale}"
             ))),

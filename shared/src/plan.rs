@@ -13,6 +13,55 @@ use crate::graph::{Checkpoint, Graph, Shape};
 use crate::zoo::{self, BuildOptions, LossKind, LossSpec, join};
 
 /// Limits a plan must respect. Each one is named in the error that enforces it.
+/// Every key [`Plan::apply_settings`] takes as a plan knob (any other key is the
+/// model's); `schema::plan_fields` describes each.
+pub const PLAN_KEYS: &[&str] = &[
+    "name",
+    "batch",
+    "accum",
+    "precision",
+    "checkpoint",
+    "checkpoint_segments",
+    "expandable_segments",
+    "memory_fraction",
+    "memory_limit",
+    "optimizer",
+    "lr",
+    "weight_decay",
+    "momentum",
+    "nesterov",
+    "beta1",
+    "beta2",
+    "eps",
+    "optimizer_impl",
+    "loss",
+    "label_smoothing",
+    "lr_schedule",
+    "warmup_steps",
+    "clip_grad_norm",
+    "loss_scale",
+    "loss_scale_growth_interval",
+    "empty_cache_every",
+    "oom_fallback",
+    "workers",
+    "prefetch",
+    "pin_memory",
+    "distance_loss_every",
+    "steps",
+    "epochs",
+    "samples_per_epoch",
+    "val_batches",
+    "val_every",
+    "val_batch",
+    "checkpoint_every",
+    "runtime",
+    "device",
+    "threads",
+    "onednn",
+    "seed",
+    "retain_bytes_per_step",
+];
+
 pub mod limits {
     pub const MAX_MICRO_BATCH: u64 = 65_536;
     pub const MAX_ACCUMULATION: u64 = 4_096;
@@ -390,6 +439,21 @@ pub struct Plan {
     pub loss_scale: f64,
     #[serde(default = "loss_scale_growth_interval")]
     pub loss_scale_growth_interval: u64,
+    /// A validation pass (`model.eval()`, `torch.no_grad()`) of this many batches (0: no
+    /// validation), every `val_every` optimizer steps (0: at each epoch's end), with
+    /// micro-batch `val_batch` (0: the training micro-batch). Its peak is estimated and
+    /// reported apart from the step's.
+    #[serde(default)]
+    pub val_batches: u64,
+    #[serde(default)]
+    pub val_every: u64,
+    #[serde(default)]
+    pub val_batch: u64,
+    /// Saves a checkpoint (weights, optimizer state, step, loss scale) every this many
+    /// optimizer steps and at the end (0: never). Where it goes is the agent's choice
+    /// (`headroom run --checkpoint-dir`), not the plan's.
+    #[serde(default)]
+    pub checkpoint_every: u64,
 }
 
 fn default_name() -> String {
@@ -661,6 +725,10 @@ impl Plan {
         check_range("host.workers", self.host.workers, 0, MAX_LOADER_WORKERS)?;
         check_range("retain_bytes_per_step", self.retain_bytes_per_step, 0, MAX_RETAIN_BYTES_PER_STEP)?;
         check_range("empty_cache_every", self.empty_cache_every, 0, MAX_STEPS)?;
+        check_range("val_batches", self.val_batches, 0, MAX_STEPS)?;
+        check_range("val_every", self.val_every, 0, MAX_STEPS)?;
+        check_range("val_batch", self.val_batch, 0, MAX_MICRO_BATCH)?;
+        check_range("checkpoint_every", self.checkpoint_every, 0, MAX_STEPS)?;
         check_range("loss_scale_growth_interval", self.loss_scale_growth_interval, 1, MAX_STEPS)?;
         if !(self.loss_scale.is_finite() && self.loss_scale >= 1.0 && self.loss_scale <= 1e38) {
             return Err(invalid("loss_scale", format!("must be in [1, 1e38], got {}", self.loss_scale)));
@@ -768,6 +836,37 @@ impl Plan {
     }
 
     /// Optimizer steps per epoch (the whole run when the schedule is in steps).
+    /// The validation pass's micro-batch, when the plan validates.
+    pub fn validation_batch(&self) -> Option<u64> {
+        (self.val_batches > 0).then_some(if self.val_batch == 0 { self.micro_batch } else { self.val_batch })
+    }
+
+    /// Whether a validation pass follows optimizer step `step` (1-based).
+    pub fn validates_after(&self, step: u64) -> bool {
+        self.val_batches > 0 && {
+            let every = if self.val_every == 0 { self.steps_per_epoch().max(1) } else { self.val_every };
+            step.is_multiple_of(every) || step == self.total_steps()
+        }
+    }
+
+    /// The plan the validation pass's graph is built from: the same model at the
+    /// validation micro-batch, without checkpointing (nothing is saved for a backward).
+    pub fn validation_plan(&self) -> Option<Plan> {
+        let b = self.validation_batch()?;
+        let mut p = self.clone();
+        p.micro_batch = b;
+        p.accumulation = 1;
+        p.checkpoint_segments = 0;
+        p.checkpoint_blocks = false;
+        p.val_batches = 0;
+        Some(p)
+    }
+
+    /// Whether a checkpoint is saved after optimizer step `step` (1-based).
+    pub fn checkpoints_after(&self, step: u64) -> bool {
+        self.checkpoint_every > 0 && (step.is_multiple_of(self.checkpoint_every) || step == self.total_steps())
+    }
+
     pub fn steps_per_epoch(&self) -> u64 {
         match self.schedule {
             Schedule::Steps(steps) => steps,
@@ -894,6 +993,10 @@ impl Plan {
                 "warmup_steps" => self.warmup_steps = num(key, v)?,
                 "oom_fallback" => self.oom_fallback = flag(key, v)?,
                 "empty_cache_every" => self.empty_cache_every = num(key, v)?,
+                "val_batches" => self.val_batches = num(key, v)?,
+                "val_every" => self.val_every = num(key, v)?,
+                "val_batch" => self.val_batch = num(key, v)?,
+                "checkpoint_every" => self.checkpoint_every = num(key, v)?,
                 "loss_scale" => self.loss_scale = num(key, v)?,
                 "loss_scale_growth_interval" => self.loss_scale_growth_interval = num(key, v)?,
                 "clip_grad_norm" => self.clip_grad_norm = if v == "none" { None } else { Some(num(key, v)?) },
@@ -1136,6 +1239,16 @@ impl Plan {
         if plan.loss_scale_growth_interval != base.loss_scale_growth_interval {
             put("loss_scale_growth_interval", plan.loss_scale_growth_interval.to_string());
         }
+        for (key, value) in [
+            ("val_batches", plan.val_batches),
+            ("val_every", plan.val_every),
+            ("val_batch", plan.val_batch),
+            ("checkpoint_every", plan.checkpoint_every),
+        ] {
+            if value != 0 {
+                put(key, value.to_string());
+            }
+        }
         out
     }
 
@@ -1197,6 +1310,10 @@ impl Plan {
             empty_cache_every: 0,
             loss_scale: loss_scale_init(),
             loss_scale_growth_interval: loss_scale_growth_interval(),
+            val_batches: 0,
+            val_every: 0,
+            val_batch: 0,
+            checkpoint_every: 0,
         }
     }
 
@@ -1240,6 +1357,20 @@ mod tests {
             input_shape: vec![64],
             classes: 10,
             ..Plan::example_mlp()
+        }
+    }
+
+    #[test]
+    fn every_plan_key_is_taken_by_the_plan_not_passed_to_the_model() {
+        for key in PLAN_KEYS {
+            let mut plan = Plan::zoo("mlp");
+            match plan.apply_settings(&[((*key).to_owned(), "%%".to_owned())]) {
+                Err(e) => assert!(e.to_string().contains(key), "{key}: {e}"),
+                Ok(()) => {
+                    let ModelSpec::Zoo { settings, .. } = &plan.model else { panic!("zoo") };
+                    assert!(!settings.contains_key(*key), "{key} went to the model");
+                }
+            }
         }
     }
 

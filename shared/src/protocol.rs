@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 use crate::estimate::{Estimate, Phase};
 use crate::plan::Plan;
 
-pub const PROTOCOL_VERSION: u16 = 9;
+pub const PROTOCOL_VERSION: u16 = 10;
 
 pub type JobId = u64;
 
@@ -74,6 +74,13 @@ pub enum JobEvent {
         released_bytes: u64,
         micro_seconds: u64,
     },
+    /// A validation pass after this step: its mean loss, its own peak (apart from the
+    /// step's) and its time.
+    Validation { batches: u64, micro_batch: u64, loss: f64, peak_bytes: u64, micro_seconds: u64 },
+    /// A checkpoint was written (weights, optimizer state, step, loss scale).
+    CheckpointSaved { path: String, bytes: u64, micro_seconds: u64 },
+    /// The job continues from a checkpoint saved after this event's step.
+    Resumed { path: String },
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

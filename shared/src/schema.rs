@@ -211,7 +211,111 @@ pub fn plan_fields() -> Vec<Field> {
         "A Euclidean distance transform of the labels on the CPU every N steps (a surface-distance loss; 0: never).",
         Host,
     );
+    add(
+        "lr_schedule",
+        choice(&["constant", "linear", "cosine"]),
+        base.lr_schedule.word().to_owned(),
+        "",
+        "The learning rate over the run: constant, linear decay to 0 or cosine decay, after any warm-up.",
+        Optimizer,
+    );
+    add(
+        "warmup_steps",
+        int(0, limits::MAX_STEPS),
+        "0".to_owned(),
+        "steps",
+        "Linear warm-up from 0 to lr over this many optimizer steps.",
+        Optimizer,
+    );
+    add(
+        "clip_grad_norm",
+        Kind::Number { min: 1e-12, max: 1e6 },
+        String::new(),
+        "",
+        "Clip gradients to this global L2 norm before each step (empty: no clipping).",
+        Optimizer,
+    );
+    add(
+        "loss_scale",
+        Kind::Number { min: 1.0, max: 1e38 },
+        base.loss_scale.to_string(),
+        "",
+        "fp16's initial dynamic loss scale (GradScaler's init_scale).",
+        Memory,
+    );
+    add(
+        "loss_scale_growth_interval",
+        int(1, limits::MAX_STEPS),
+        base.loss_scale_growth_interval.to_string(),
+        "steps",
+        "Clean fp16 steps after which the loss scale doubles (an inf or NaN halves it and skips the step).",
+        Memory,
+    );
+    add(
+        "empty_cache_every",
+        int(0, limits::MAX_STEPS),
+        "0".to_owned(),
+        "micro-batches",
+        "torch.cuda.empty_cache() every N micro-batches and at each epoch's end (0: never); costs time, not peak.",
+        Memory,
+    );
+    add(
+        "oom_fallback",
+        Kind::Bool,
+        b(base.oom_fallback),
+        "",
+        "On out-of-memory, halve the micro-batch and double accumulation (same effective batch) and redo the step.",
+        Memory,
+    );
     add("steps", int(1, limits::MAX_STEPS), base.total_steps().to_string(), "steps", "Optimizer steps to run.", Run);
+    add(
+        "epochs",
+        int(1, limits::MAX_EPOCHS),
+        String::new(),
+        "epochs",
+        "Epochs to run, with samples_per_epoch (instead of steps).",
+        Run,
+    );
+    add(
+        "samples_per_epoch",
+        int(1, limits::MAX_SAMPLES_PER_EPOCH),
+        String::new(),
+        "samples",
+        "Training samples per epoch, with epochs.",
+        Run,
+    );
+    add(
+        "val_batches",
+        int(0, limits::MAX_STEPS),
+        "0".to_owned(),
+        "batches",
+        "Batches of a validation pass (model.eval(), no grad; 0: no validation). Its peak is estimated apart.",
+        Run,
+    );
+    add(
+        "val_every",
+        int(0, limits::MAX_STEPS),
+        "0".to_owned(),
+        "steps",
+        "Validate every N optimizer steps (0: at each epoch's end) and after the last.",
+        Run,
+    );
+    add(
+        "val_batch",
+        int(0, limits::MAX_MICRO_BATCH),
+        "0".to_owned(),
+        "samples",
+        "The validation micro-batch (0: the training micro-batch).",
+        Run,
+    );
+    add(
+        "checkpoint_every",
+        int(0, limits::MAX_STEPS),
+        "0".to_owned(),
+        "steps",
+        "Save weights, optimizer state, step and loss scale every N steps and at the end (0: never).",
+        Run,
+    );
     add(
         "runtime",
         choice(&["pytorch", "headroom"]),
@@ -277,6 +381,12 @@ mod tests {
             plan.validate().unwrap_or_else(|e| panic!("{}: {e}", f.param.key));
             assert_eq!(plan, base, "{}={} changes the base plan", f.param.key, f.param.default);
         }
+        // Every knob apply_settings takes is on the form.
+        let keys: std::collections::BTreeSet<String> = plan_fields().into_iter().map(|f| f.param.key).collect();
+        for key in crate::plan::PLAN_KEYS {
+            assert!(keys.contains(*key), "{key} is a plan key but not in plan_fields()");
+        }
+        assert_eq!(keys.len(), crate::plan::PLAN_KEYS.len(), "plan_fields() has keys PLAN_KEYS lacks");
         // A key that is not a plan knob is a model key, and the model names it.
         let mut plan = Plan::zoo("resnet18");
         plan.apply_settings(&[("bogus".to_owned(), "1".to_owned())]).expect("stored");

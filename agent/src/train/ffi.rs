@@ -1,4 +1,5 @@
-//! Every call into the C++ shims (`csrc/memory.cpp`, `csrc/autograd.cpp`), each with the
+//! Every call into the C++ shims (`csrc/memory.cpp`, `csrc/autograd.cpp`,
+//! `csrc/optim.cpp`), each with the
 //! contract that makes it safe, and safe wrappers the trainer uses. Nothing else in the
 //! agent declares a foreign function.
 
@@ -42,6 +43,115 @@ unsafe extern "C" {
         err: *mut u8,
         err_len: usize,
     ) -> i32;
+
+    // --- csrc/optim.cpp --------------------------------------------------------------
+    // `params` points to `n` live `at::Tensor*` (copied: the optimizer shares their
+    // storage, not the pointers); `err` has `err_len` writable bytes. Returns an owned
+    // optimizer or null.
+    fn hr_optim_new(
+        kind: i32,
+        lr: f64,
+        a: f64,
+        b: f64,
+        eps: f64,
+        weight_decay: f64,
+        nesterov: i32,
+        params: *mut *mut c_void,
+        n: i32,
+        err: *mut u8,
+        err_len: usize,
+    ) -> *mut c_void;
+    // `opt` from hr_optim_new, freed exactly once.
+    fn hr_optim_free(opt: *mut c_void);
+    // `opt` live; `err` has `err_len` writable bytes; `path` NUL-terminated.
+    fn hr_optim_step(opt: *mut c_void, err: *mut u8, err_len: usize) -> i32;
+    fn hr_optim_zero_grad(opt: *mut c_void, err: *mut u8, err_len: usize) -> i32;
+    fn hr_optim_set_lr(opt: *mut c_void, lr: f64, err: *mut u8, err_len: usize) -> i32;
+    fn hr_optim_save(opt: *mut c_void, path: *const std::ffi::c_char, err: *mut u8, err_len: usize) -> i32;
+    fn hr_optim_load(opt: *mut c_void, path: *const std::ffi::c_char, err: *mut u8, err_len: usize) -> i32;
+}
+
+/// Which of libtorch's optimizers, with its options.
+#[derive(Clone, Copy, Debug)]
+pub enum OptimKind {
+    Sgd { momentum: f64, nesterov: bool },
+    Adam { beta1: f64, beta2: f64, eps: f64 },
+    AdamW { beta1: f64, beta2: f64, eps: f64 },
+}
+
+/// One of libtorch's optimizers over a fixed list of parameters, whose state can be
+/// saved and loaded (`torch::save(optimizer)`); owned, freed on drop.
+pub struct Optim {
+    raw: *mut c_void,
+}
+
+// SAFETY: the optimizer is only used through `&mut self` or `&self` from one thread at
+// a time; libtorch's optimizers hold no thread-affine state.
+unsafe impl Send for Optim {}
+
+fn call(f: impl FnOnce(*mut u8, usize) -> i32) -> Result<(), String> {
+    let mut err = vec![0u8; 2048];
+    let rc = f(err.as_mut_ptr(), err.len());
+    if rc == 0 { Ok(()) } else { Err(message(&err)) }
+}
+
+fn c_path(path: &std::path::Path) -> Result<std::ffi::CString, String> {
+    use std::os::unix::ffi::OsStrExt;
+    std::ffi::CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| format!("{}: a NUL byte in the path", path.display()))
+}
+
+impl Optim {
+    pub fn new(kind: OptimKind, lr: f64, weight_decay: f64, params: &[&Tensor]) -> Result<Optim, String> {
+        let (k, a, b, eps, nesterov) = match kind {
+            OptimKind::Sgd { momentum, nesterov } => (0, momentum, 0.0, 0.0, i32::from(nesterov)),
+            OptimKind::Adam { beta1, beta2, eps } => (1, beta1, beta2, eps, 0),
+            OptimKind::AdamW { beta1, beta2, eps } => (2, beta1, beta2, eps, 0),
+        };
+        let mut ptrs: Vec<*mut c_void> = params.iter().map(|t| t.as_ptr() as *mut c_void).collect();
+        let n = i32::try_from(ptrs.len()).map_err(|_| "optimizer: too many parameters".to_owned())?;
+        let mut err = vec![0u8; 2048];
+        // SAFETY: `ptrs` holds `n` pointers to tensors that live through the call; `err`
+        // is writable for its length.
+        let raw = unsafe {
+            hr_optim_new(k, lr, a, b, eps, weight_decay, nesterov, ptrs.as_mut_ptr(), n, err.as_mut_ptr(), err.len())
+        };
+        if raw.is_null() { Err(message(&err)) } else { Ok(Optim { raw }) }
+    }
+
+    pub fn step(&mut self) -> Result<(), String> {
+        // SAFETY: `raw` is live; the closure's buffer is writable for its length.
+        call(|e, n| unsafe { hr_optim_step(self.raw, e, n) })
+    }
+
+    pub fn zero_grad(&mut self) -> Result<(), String> {
+        // SAFETY: as in `step`.
+        call(|e, n| unsafe { hr_optim_zero_grad(self.raw, e, n) })
+    }
+
+    pub fn set_learning_rate(&mut self, lr: f64) -> Result<(), String> {
+        // SAFETY: as in `step`.
+        call(|e, n| unsafe { hr_optim_set_lr(self.raw, lr, e, n) })
+    }
+
+    pub fn save(&self, path: &std::path::Path) -> Result<(), String> {
+        let p = c_path(path)?;
+        // SAFETY: as in `step`; `p` is NUL-terminated and lives through the call.
+        call(|e, n| unsafe { hr_optim_save(self.raw, p.as_ptr(), e, n) })
+    }
+
+    pub fn load(&mut self, path: &std::path::Path) -> Result<(), String> {
+        let p = c_path(path)?;
+        // SAFETY: as in `save`.
+        call(|e, n| unsafe { hr_optim_load(self.raw, p.as_ptr(), e, n) })
+    }
+}
+
+impl Drop for Optim {
+    fn drop(&mut self) {
+        // SAFETY: `raw` came from hr_optim_new and is freed only here.
+        unsafe { hr_optim_free(self.raw) }
+    }
 }
 
 /// The callback a checkpoint runs a region with: takes ownership of `n_in` new

@@ -4,10 +4,12 @@
 //! Runs off the async runtime (in the worker process); a stop flag is checked once per
 //! micro-batch.
 
+mod checkpoint;
 mod ffi;
 pub mod memory;
 mod model;
 
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
@@ -15,7 +17,7 @@ use shared::estimate::Phase;
 use shared::graph::{Graph, InputKind, Task};
 use shared::plan::{DeviceChoice, Optimizer, OptimizerImpl, Plan, Precision, Runtime};
 use shared::protocol::{BatchRecord, ErrorCode, JobError, JobId, Summary};
-use tch::{COptimizer, Device, Kind, Tensor};
+use tch::{Device, Kind, Tensor};
 use thiserror::Error;
 
 use memory::Meter;
@@ -32,6 +34,17 @@ pub enum TrainError {
     InvalidPlan(String),
     #[error("device: {0}")]
     Device(String),
+    #[error("checkpoint: {0}")]
+    Checkpoint(String),
+}
+
+/// Files a job may use on the agent's machine, chosen by the agent (never by the plan):
+/// where checkpoints go and the checkpoint to resume from.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct JobFiles {
+    pub checkpoint_dir: Option<PathBuf>,
+    /// A `step-N` checkpoint, or a checkpoint directory (its newest is taken).
+    pub resume: Option<PathBuf>,
 }
 
 impl TrainError {
@@ -40,7 +53,8 @@ impl TrainError {
             TrainError::Cancelled => ErrorCode::Cancelled,
             TrainError::OutOfMemory(_) => ErrorCode::OutOfMemory,
             TrainError::Torch(_) | TrainError::Device(_) => ErrorCode::Torch,
-            TrainError::InvalidPlan(_) => ErrorCode::InvalidPlan,
+            // A checkpoint that does not fit the plan is bad input, as a bad plan is.
+            TrainError::InvalidPlan(_) | TrainError::Checkpoint(_) => ErrorCode::InvalidPlan,
         };
         JobError { code, message: self.to_string() }
     }
@@ -239,19 +253,85 @@ fn clip_grad_norm(net: &model::Net, max_norm: f64) -> Result<(), TrainError> {
     Ok(())
 }
 
-/// The plan's optimizer as libtorch implements it.
-fn make_optimizer(plan: &Plan) -> Result<COptimizer, tch::TchError> {
-    match plan.optimizer {
+/// The plan's optimizer as libtorch implements it, over the model's trainable weights.
+fn make_optimizer(plan: &Plan, net: &model::Net) -> Result<ffi::Optim, TrainError> {
+    let params: Vec<&Tensor> = net.trainable().collect();
+    let (kind, weight_decay) = match plan.optimizer {
         Optimizer::Sgd { momentum, weight_decay, nesterov } => {
-            COptimizer::sgd(plan.learning_rate, momentum, 0.0, weight_decay, nesterov)
+            (ffi::OptimKind::Sgd { momentum, nesterov }, weight_decay)
         }
         Optimizer::AdamW { beta1, beta2, eps, weight_decay } => {
-            COptimizer::adamw(plan.learning_rate, beta1, beta2, weight_decay, eps, false)
+            (ffi::OptimKind::AdamW { beta1, beta2, eps }, weight_decay)
         }
         Optimizer::Adam { beta1, beta2, eps, weight_decay } => {
-            COptimizer::adam(plan.learning_rate, beta1, beta2, weight_decay, eps, false)
+            (ffi::OptimKind::Adam { beta1, beta2, eps }, weight_decay)
         }
+    };
+    ffi::Optim::new(kind, plan.learning_rate, weight_decay, &params)
+        .map_err(|e| TrainError::from(tch::TchError::Torch(e)))
+}
+
+/// Turns the shim's error text into a `TrainError` (out-of-memory recognised).
+fn torch(e: String) -> TrainError {
+    TrainError::from(tch::TchError::Torch(e))
+}
+
+/// The seed of step `step`'s data and dropout: every step's randomness depends on the
+/// plan's seed and the step alone, so a run resumed from a checkpoint continues exactly
+/// as the uninterrupted one would have.
+fn step_seed(seed: u64, step: u64) -> i64 {
+    let mix = seed ^ step.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    (mix >> 2) as i64
+}
+
+/// What one validation pass measured.
+struct Validated {
+    loss: f64,
+    peak: u64,
+    reserved_peak: Option<u64>,
+}
+
+/// The validation pass: `model.eval()` and `torch.no_grad()`, then per batch `vb =
+/// next(val_loader)`, `out = model(vb.x)`, `loss = loss_fn(out, vb.y)`, as the loop
+/// writes it. The training loop's own variables stay bound meanwhile; the pass's go when
+/// it returns.
+fn validate(
+    net: &model::Net,
+    batches: u64,
+    device: Device,
+    meter: Meter,
+    stop: &AtomicBool,
+) -> Result<Validated, TrainError> {
+    meter.reset_peak();
+    let mut total = 0.0;
+    tch::no_grad(|| -> Result<(), TrainError> {
+        let mut held = Held::default();
+        for _ in 0..batches {
+            if stop.load(Ordering::Relaxed) {
+                return Err(TrainError::Cancelled);
+            }
+            held.batch = make_batch(&net.graph, device)?;
+            let mut previous = std::mem::take(&mut held.returned);
+            let mut moment = |m: model::Moment| {
+                if let model::Moment::Returned = m {
+                    previous.clear();
+                }
+            };
+            // SAFETY: the validation model has no checkpointed regions, so nothing calls
+            // back into it after `forward` returns; `net` outlives `held`.
+            let model::Forward { returned, loss } = unsafe { net.forward(&held.batch, &mut moment)? };
+            drop(previous);
+            total += loss.f_double_value(&[])?;
+            held.loss = Some(loss);
+            held.returned = returned;
+        }
+        Ok(())
+    })?;
+    if let Meter::Cuda(index) = meter {
+        tch::Cuda::synchronize(i64::from(index));
     }
+    let reading = meter.read();
+    Ok(Validated { loss: total / batches.max(1) as f64, peak: reading.peak, reserved_peak: reading.reserved_peak })
 }
 
 /// libtorch's default CPU thread count on this machine (`torch.get_num_threads()`).
@@ -282,11 +362,45 @@ pub fn as_run_here(plan: &Plan) -> Plan {
 pub fn train(
     plan: &Plan,
     job: JobId,
+    files: &JobFiles,
     stop: &AtomicBool,
     mut on_record: impl FnMut(BatchRecord),
     mut on_event: impl FnMut(u64, shared::protocol::JobEvent),
 ) -> Result<Summary, TrainError> {
     let graph = plan.validate().map_err(|e| TrainError::InvalidPlan(e.to_string()))?;
+    // The checkpoint to continue from, read before anything is built: it says which
+    // micro-batch the run had reached (an OOM fallback may have halved it).
+    let resume = match &files.resume {
+        Some(path) => {
+            let dir = checkpoint::locate(path)?;
+            let state = checkpoint::read_state(&dir, plan.model_name())?;
+            if state.step >= plan.total_steps() {
+                return Err(TrainError::Checkpoint(format!(
+                    "{}: was saved after step {}; the plan runs {} steps, so there is nothing left to run",
+                    dir.display(),
+                    state.step,
+                    plan.total_steps()
+                )));
+            }
+            if state.micro_batch * state.accumulation != plan.micro_batch * plan.accumulation {
+                return Err(TrainError::Checkpoint(format!(
+                    "{}: was saved with an effective batch of {} x {}; this plan's is {} x {}",
+                    dir.display(),
+                    state.micro_batch,
+                    state.accumulation,
+                    plan.micro_batch,
+                    plan.accumulation
+                )));
+            }
+            Some((dir, state))
+        }
+        None => None,
+    };
+    if plan.checkpoint_every > 0 && files.checkpoint_dir.is_none() {
+        return Err(TrainError::InvalidPlan(
+            "checkpoint_every needs a checkpoint directory on the agent (headroom run --checkpoint-dir DIR)".to_owned(),
+        ));
+    }
     let (device, meter) = resolve_device(plan.device)?;
     if device == Device::Cpu {
         ffi::set_onednn(plan.onednn);
@@ -322,11 +436,26 @@ pub fn train(
         Precision::Fp16 => Some(model::Autocast { cuda: device != Device::Cpu, bf16: false }),
         Precision::Bf16 => Some(model::Autocast { cuda: device != Device::Cpu, bf16: true }),
     };
-    let net = model::Net::new(graph.clone(), device, autocast, plan.checkpoint(), plan.seed)?;
-    let mut opt = make_optimizer(plan)?;
-    for var in net.trainable() {
-        opt.add_parameters(var, 0)?;
+    // The micro-batch and accumulation in force: `oom_fallback` may halve and double them.
+    let mut cur = plan.clone();
+    if let Some((_, state)) = &resume {
+        cur.micro_batch = state.micro_batch;
+        cur.accumulation = state.accumulation;
     }
+    let mut cur_graph = cur.validate().map_err(|e| TrainError::InvalidPlan(e.to_string()))?;
+    let mut net = model::Net::new(cur_graph.clone(), device, autocast, plan.checkpoint(), plan.seed)?;
+    let mut opt = make_optimizer(plan, &net)?;
+    // The validation model: the same weights, in eval mode, at its own micro-batch.
+    let val_net = match plan.validation_plan() {
+        Some(p) => {
+            let g = p.validate().map_err(|e| TrainError::InvalidPlan(e.to_string()))?;
+            let mut v = model::Net::new(g, device, autocast, shared::graph::Checkpoint::Off, plan.seed)?;
+            v.training = false;
+            v.params = net.params.iter().map(Tensor::shallow_clone).collect();
+            Some(v)
+        }
+        None => None,
+    };
 
     let steps_per_epoch = plan.steps_per_epoch().max(1);
     let mut phases = PhaseMeter { meter, peaks: [0; Phase::ALL.len()], reserved_peak: None };
@@ -335,6 +464,7 @@ pub fn train(
     let mut run_peak = 0u64;
     let mut peak_rss = 0u64;
     let mut micro_batches = 0u64;
+    let mut validation_peak: Option<u64> = None;
     let mut held = Held::default();
     // Step-end allocated memory, watched for a sustained rise; the capacity it would hit
     // is the plan's cap, else the GPU's memory.
@@ -348,15 +478,26 @@ pub fn train(
     // The leak demonstration's keepsakes (`retain_bytes_per_step`).
     let mut retained: Vec<Tensor> = Vec::new();
 
-    // The micro-batch and accumulation in force: `oom_fallback` may halve and double them.
-    let mut cur = plan.clone();
-    let mut cur_graph = graph.clone();
-    let mut net = net;
-    for step in 1..=plan.total_steps() {
+    let mut first_step = 1;
+    if let Some((dir, state)) = &resume {
+        checkpoint::load_weights(dir, &net.graph, &net.params)?;
+        checkpoint::load_optimizer(dir, &mut opt)?;
+        if let (Some(s), Some(saved)) = (scaler.as_mut(), state.loss_scale) {
+            *s = saved;
+        }
+        net.set_passes(state.passes);
+        micro_batches = state.micro_batches;
+        first_loss = state.first_loss;
+        first_step = state.step + 1;
+        on_event(state.step, shared::protocol::JobEvent::Resumed { path: dir.display().to_string() });
+    }
+    drop(graph);
+    for step in first_step..=plan.total_steps() {
+        tch::manual_seed(step_seed(plan.seed, step));
         loop {
             let attempt = (|| -> Result<(), TrainError> {
                 phases.peaks = [0; Phase::ALL.len()];
-                opt.zero_grad()?;
+                opt.zero_grad().map_err(torch)?;
                 for micro_batch in 1..=cur.accumulation {
                     if stop.load(Ordering::Relaxed) {
                         return Err(TrainError::Cancelled);
@@ -430,8 +571,8 @@ pub fn train(
                             if let Some(max_norm) = plan.clip_grad_norm {
                                 clip_grad_norm(&net, max_norm)?;
                             }
-                            opt.set_learning_rate(learning_rate)?;
-                            opt.step()?;
+                            opt.set_learning_rate(learning_rate).map_err(torch)?;
+                            opt.step().map_err(torch)?;
                         }
                         batch_peak = batch_peak.max(phases.end(Phase::OptimizerStep));
                         if plan.retain_bytes_per_step > 0 {
@@ -492,7 +633,7 @@ pub fn train(
                 {
                     // Free the step: the loop's references, the gradients, the cache.
                     held = Held::default();
-                    opt.zero_grad()?;
+                    opt.zero_grad().map_err(torch)?;
                     meter.empty_cache();
                     let allocated_bytes = meter.read().allocated;
                     cur.micro_batch /= 2;
@@ -503,6 +644,7 @@ pub fn train(
                     let mut smaller =
                         model::Net::new(cur_graph.clone(), device, autocast, plan.checkpoint(), plan.seed)?;
                     smaller.params = net.params.iter().map(Tensor::shallow_clone).collect();
+                    smaller.set_passes(net.passes());
                     net = smaller;
                     on_event(
                         step,
@@ -517,10 +659,57 @@ pub fn train(
                 Err(e) => return Err(e),
             }
         }
+        if let Some(v) = &val_net
+            && plan.validates_after(step)
+        {
+            let t = Instant::now();
+            let r = validate(v, plan.val_batches, device, meter, stop)?;
+            if let Some(rp) = r.reserved_peak {
+                phases.reserved_peak = Some(phases.reserved_peak.unwrap_or(0).max(rp));
+            }
+            validation_peak = Some(validation_peak.unwrap_or(0).max(r.peak));
+            run_peak = run_peak.max(r.peak);
+            on_event(
+                step,
+                shared::protocol::JobEvent::Validation {
+                    batches: plan.val_batches,
+                    micro_batch: v.graph.micro_batch(),
+                    loss: r.loss,
+                    peak_bytes: r.peak,
+                    micro_seconds: u64::try_from(t.elapsed().as_micros()).unwrap_or(u64::MAX),
+                },
+            );
+        }
+        if let Some(root) = &files.checkpoint_dir
+            && plan.checkpoints_after(step)
+        {
+            let t = Instant::now();
+            let state = checkpoint::State {
+                format: checkpoint::FORMAT,
+                model: plan.model_name().to_owned(),
+                step,
+                micro_batch: cur.micro_batch,
+                accumulation: cur.accumulation,
+                loss_scale: scaler,
+                passes: net.passes(),
+                micro_batches,
+                first_loss,
+            };
+            let (dir, bytes) = checkpoint::save(root, &net.graph, &net.params, &opt, &state)?;
+            on_event(
+                step,
+                shared::protocol::JobEvent::CheckpointSaved {
+                    path: dir.display().to_string(),
+                    bytes,
+                    micro_seconds: u64::try_from(t.elapsed().as_micros()).unwrap_or(u64::MAX),
+                },
+            );
+        }
     }
     // The loop's last references go before the `Net` whose checkpoints they may hold.
     drop(retained);
     drop(held);
+    drop(val_net);
     drop(net);
     Ok(Summary {
         steps: plan.total_steps(),
@@ -534,6 +723,12 @@ pub fn train(
         peak_host_rss_bytes: peak_rss,
         wall_time_ms: started.elapsed().as_secs_f64() * 1e3,
         dropped_records: 0,
-        phase_peaks: Phase::ALL.iter().map(|&p| (p, phases.peaks[p.index()])).collect(),
+        phase_peaks: Phase::ALL
+            .iter()
+            .filter_map(|&p| match p {
+                Phase::Validation => validation_peak.map(|v| (p, v)),
+                _ => Some((p, phases.peaks[p.index()])),
+            })
+            .collect(),
     })
 }

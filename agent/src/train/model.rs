@@ -174,6 +174,9 @@ pub struct Net {
     /// (atomic: a checkpoint's backward may call back from autograd's device thread).
     seed: u64,
     calls: AtomicU64,
+    /// `model.train()` (true) or `model.eval()`: dropout off and batch norm on its
+    /// running statistics.
+    pub training: bool,
 }
 
 impl Net {
@@ -205,7 +208,17 @@ impl Net {
             kept,
             seed,
             calls: AtomicU64::new(0),
+            training: true,
         })
+    }
+
+    /// Forward passes so far, and setting it when a run resumes: checkpointed regions'
+    /// dropout is seeded from it.
+    pub fn passes(&self) -> u64 {
+        self.calls.load(Ordering::Relaxed)
+    }
+    pub fn set_passes(&self, n: u64) {
+        self.calls.store(n, Ordering::Relaxed);
     }
 
     pub fn trainable(&self) -> impl Iterator<Item = &Tensor> {
@@ -270,14 +283,16 @@ impl Net {
             }
             Op::BatchNorm { eps } => {
                 // nn.BatchNorm counts its batches, then calls F.batch_norm (momentum 0.1).
-                tch::no_grad(|| arg(5)?.shallow_clone().f_add_scalar_(1).map(drop))?;
+                if self.training {
+                    tch::no_grad(|| arg(5)?.shallow_clone().f_add_scalar_(1).map(drop))?;
+                }
                 one(Tensor::f_batch_norm(
                     arg(0)?,
                     Some(arg(1)?),
                     Some(arg(2)?),
                     Some(arg(3)?),
                     Some(arg(4)?),
-                    true,
+                    self.training,
                     0.1,
                     *eps,
                     true,
@@ -395,7 +410,7 @@ impl Net {
                 false,
             )?),
             // F.dropout in training: at::dropout, whose CPU path keeps a float noise tensor.
-            Op::Dropout { p } => one(arg(0)?.f_dropout(*p, true)?),
+            Op::Dropout { p } => one(arg(0)?.f_dropout(*p, self.training)?),
             Op::ShiftedWindowMask { padded, window, shift } => {
                 one(compute_mask(*padded, *window, *shift, self.device)?.f_view(out_shape.as_slice())?)
             }

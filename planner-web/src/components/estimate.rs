@@ -3,7 +3,7 @@
 //! the peak, and the step's timeline. The arithmetic is `shared`'s.
 
 use leptos::prelude::*;
-use shared::estimate::{Phase, TimelinePoint};
+use shared::estimate::TimelinePoint;
 use shared::{Bytes, Estimate};
 
 fn signed(v: i64) -> String {
@@ -157,7 +157,7 @@ pub fn EstimatePanel(
                         </table>
                         <h3>"Step timeline"</h3>
                         <Timeline points=timeline capacity=capacity peak_label=label />
-                        <p class="legend">{Phase::ALL.iter().map(|p| view! { <span class=format!("key {}", p.key())>{p.label()}</span> }).collect_view()}</p>
+                        <p class="legend">{e.phase_peaks.iter().map(|(p, _)| view! { <span class=format!("key {}", p.key())>{p.label()}</span> }).collect_view()}</p>
                     }.into_any()
                 }
             }}

@@ -91,3 +91,10 @@ pub fn bind_loss(sim: &mut Sim, e: &mut Engine, g: &Graph, mut held: Held, accum
     held.returned = returned;
     held
 }
+
+/// The loop's variables go out of scope (the validation pass returns).
+pub fn release(sim: &mut Sim, held: Held) {
+    for t in held.batch.into_iter().chain(held.returned).chain(held.loss) {
+        sim.release(t);
+    }
+}

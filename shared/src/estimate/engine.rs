@@ -177,6 +177,9 @@ pub(crate) struct Engine<'g> {
     region_outs: Vec<Vec<usize>>,
     /// Whether the forward records autograd nodes (off in a reentrant region's forward).
     pub grad_mode: bool,
+    /// `model.train()` (true) or `model.eval()`: dropout passes its input through and
+    /// batch norm uses its running statistics.
+    pub training: bool,
     /// Whether recorded nodes keep their saved tensors (off in a non-reentrant
     /// checkpointed region, whose nodes wait for the recompute).
     pub pending: Option<usize>,
@@ -227,6 +230,7 @@ impl<'g> Engine<'g> {
             kept: vec![Vec::new()],
             region_outs: vec![Vec::new()],
             grad_mode: true,
+            training: true,
             pending: None,
             leaf: vec![false; slots],
             current: 0,

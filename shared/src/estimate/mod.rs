@@ -58,10 +58,13 @@ pub enum Phase {
     Loss,
     Backward,
     OptimizerStep,
+    /// A validation pass after the step (`model.eval()`, `torch.no_grad()`), when the
+    /// plan has one.
+    Validation,
 }
 
 impl Phase {
-    pub const ALL: [Phase; 4] = [Phase::Forward, Phase::Loss, Phase::Backward, Phase::OptimizerStep];
+    pub const ALL: [Phase; 5] = [Phase::Forward, Phase::Loss, Phase::Backward, Phase::OptimizerStep, Phase::Validation];
 
     pub fn index(self) -> usize {
         self as usize
@@ -74,6 +77,7 @@ impl Phase {
             Phase::Loss => "loss",
             Phase::Backward => "backward",
             Phase::OptimizerStep => "optimizer_step",
+            Phase::Validation => "validation",
         }
     }
 
@@ -83,6 +87,7 @@ impl Phase {
             Phase::Loss => "loss",
             Phase::Backward => "backward",
             Phase::OptimizerStep => "optimizer step",
+            Phase::Validation => "validation",
         }
     }
 }
@@ -220,7 +225,8 @@ pub struct Estimate {
     /// Live between steps (after `zero_grad`): weights, optimizer state and the loop's
     /// last batch and outputs.
     pub steady_bytes: Bytes,
-    /// Highest live total within each phase, in `Phase::ALL` order.
+    /// Highest live total within each phase, in `Phase::ALL` order (validation only
+    /// when the plan validates: its peak is reported apart from the step's).
     pub phase_peaks: Vec<(Phase, Bytes)>,
     /// Host memory of the training process and its loader workers.
     pub host: HostBreakdown,
@@ -288,20 +294,22 @@ pub fn estimate_graph(
     // begins) have the dtypes the step gives them: a first walk learns their sizes.
     let returned = if plan.precision != Precision::Fp32 {
         let mut sizes = Vec::new();
-        walk(plan, graph, target, Options::default(), None, None, Some(&mut sizes))?;
+        walk(plan, graph, target, Options::default(), None, None, None, Some(&mut sizes))?;
         Some(sizes)
     } else {
         None
     };
-    walk(plan, graph, target, options, events, returned.as_deref(), None)?.ok_or_else(|| PlanError::Invalid {
-        field: "model",
-        reason: "internal: the walk observed instead of estimating".into(),
+    // The validation pass runs the model at its own micro-batch: a graph of its own.
+    let val_graph = plan.validation_plan().map(|p| p.validate()).transpose()?;
+    walk(plan, graph, target, options, events, returned.as_deref(), val_graph.as_ref(), None)?.ok_or_else(|| {
+        PlanError::Invalid { field: "model", reason: "internal: the walk observed instead of estimating".into() }
     })
 }
 
 /// One simulated step; `returned` sizes the previous step's outputs (their fp32 sizes
 /// when `None`). With `observe`, the walk stops once the first micro-batch's forward
 /// and loss have run, hands over the outputs' sizes and returns `None`.
+#[allow(clippy::too_many_arguments)]
 fn walk(
     plan: &Plan,
     graph: &Graph,
@@ -309,6 +317,7 @@ fn walk(
     options: Options,
     events: Option<&mut Vec<sim::Event>>,
     returned: Option<&[u64]>,
+    val_graph: Option<&Graph>,
     mut observe: Option<&mut Vec<u64>>,
 ) -> Result<Option<Estimate>, PlanError> {
     let amp = plan.precision != Precision::Fp32;
@@ -369,7 +378,7 @@ fn walk(
     let mut held = batch::previous_step(&mut sim, graph, returned);
     let steady_bytes = sim.live().total();
 
-    let mut engine = Engine::new(graph, kernels, amp, param_store);
+    let mut engine = Engine::new(graph, kernels, amp, param_store.clone());
     let regions = graph.regions(plan.checkpoint());
     let style = match plan.runtime {
         Runtime::Pytorch => Recompute::NonReentrant,
@@ -444,6 +453,11 @@ fn walk(
     }
     sim.set_label("optimizer", None);
     optimizer::step(&mut sim, &plan.optimizer, update, &trainable);
+    if let Some(vg) = val_graph {
+        // After the step, with its gradients, the loop's batch and outputs still live.
+        sim.set_phase(Phase::Validation);
+        validation(&mut sim, vg, kernels, amp, &param_store, plan.val_batches);
+    }
     let peak_bytes = sim.peak;
     let (low, high) = (sim.peak_low.min(peak_bytes.get()), sim.peak_high.max(peak_bytes.get()));
     let peak_bytes_low = Bytes((low as f64 * (1.0 - EXACT_RESIDUAL)) as u64);
@@ -504,12 +518,49 @@ fn walk(
         breakdown: sim.peak_breakdown.clone(),
         category_peaks: sim.category_peaks.clone(),
         steady_bytes,
-        phase_peaks: Phase::ALL.iter().map(|&p| (p, sim.phase_peaks[p.index()])).collect(),
+        phase_peaks: Phase::ALL
+            .iter()
+            .filter(|&&p| p != Phase::Validation || val_graph.is_some())
+            .map(|&p| (p, sim.phase_peaks[p.index()]))
+            .collect(),
         host_peak_bytes: host.total(),
         host,
         device,
         timeline,
     }))
+}
+
+/// The validation pass: `model.eval()`, then under `torch.no_grad()` per batch `vb =
+/// next(val_loader)`, `out = model(vb.x)`, `loss = loss_fn(out, vb.y)`; nothing is saved
+/// for a backward, and the pass's variables go when it returns. Two batches show the
+/// steady state (the second arrives while the first's outputs are bound).
+fn validation(sim: &mut Sim, g: &Graph, kernels: Kernels, amp: bool, params: &[sim::Tensor], batches: u64) {
+    let mut e = Engine::new(g, kernels, amp, params.to_vec());
+    e.grad_mode = false;
+    e.training = false;
+    let mut held = batch::Held::default();
+    let n = g.nodes.len();
+    let cut = g.returns_after.min(n);
+    for _ in 0..batches.min(2) {
+        sim.set_label("validation batch", None);
+        held = batch::next_batch(sim, &mut e, g, held);
+        e.forward(sim, 0..cut);
+        batch::release_previous_outputs(sim, &mut held);
+        e.forward(sim, cut..n);
+        e.clear_casts(sim);
+        sim.set_label("validation loss", None);
+        held = batch::bind_loss(sim, &mut e, g, held, 1);
+        for v in 0..g.values.len() {
+            if !g.returned.contains(&v) && v != g.loss {
+                e.drop_value(sim, v);
+            }
+        }
+    }
+    sim.set_label("end of validation", None);
+    for v in 0..g.values.len() {
+        e.drop_value(sim, v);
+    }
+    batch::release(sim, held);
 }
 
 /// Runs region `r` forward: normally, or checkpointed in the chosen style.

@@ -387,6 +387,12 @@ fn binary(e: &mut Engine, sim: &mut Sim, i: usize, inputs: &[usize], op: &Op) ->
 
 fn dropout(e: &mut Engine, sim: &mut Sim, i: usize, inputs: &[usize]) -> Vec<Ten> {
     let x = e.read(sim, inputs[0]);
+    if !e.training {
+        // `F.dropout(x, training=False)` returns `x` itself.
+        let o = share(sim, &x.t);
+        release(sim, x);
+        return vec![o];
+    }
     let shape = out_shape(e, i);
     let (mask, o) = if e.cpu() {
         // `_dropout_impl`: noise = empty_like(x).bernoulli_(1 - p).div_(1 - p); x * noise.
@@ -599,6 +605,14 @@ fn batch_norm(e: &mut Engine, sim: &mut Sim, i: usize, inputs: &[usize]) -> Vec<
     let b = e.read(sim, inputs[2]);
     let c = x.t.shape[1];
     let o = e.alloc_like(sim, &x.t.meta(), x.t.esize, ACT);
+    if !e.training {
+        // Eval mode normalises with the running statistics: the output alone.
+        record(e, sim, i, Vec::new(), &[&x, &w, &b], &[&o]);
+        release(sim, x);
+        release(sim, w);
+        release(sim, b);
+        return vec![o];
+    }
     let mean = e.alloc_contig(sim, &[c], F32, ACT);
     let invstd = e.alloc_contig(sim, &[c], F32, ACT);
     // The running statistics' updates go through two temporaries per channel.

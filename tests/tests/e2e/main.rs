@@ -3,3 +3,4 @@
 mod agent_ws;
 mod browser;
 mod cli;
+mod trainer;
