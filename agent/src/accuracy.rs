@@ -237,8 +237,8 @@ pub async fn run(device: &str, steps: u64, out: &Path, exe: PathBuf) -> anyhow::
     for (i, (model, settings, plan)) in configs.into_iter().enumerate() {
         eprintln!("[{}] {model} {}", i + 1, settings.join(" "));
         let t0 = std::time::Instant::now();
-        match measure(plan, device, steps, exe.clone()).await {
-            Ok(Outcome { estimate, summary, device_used_peak, .. }) => {
+        match measure(plan, device, steps, &Default::default(), exe.clone()).await {
+            Ok(Outcome { estimate: Some(estimate), summary, device_used_peak, .. }) => {
                 let err = summary.estimate_error_pct();
                 errors.push(err.abs());
                 let mut row = format!(
@@ -269,6 +269,11 @@ pub async fn run(device: &str, steps: u64, out: &Path, exe: PathBuf) -> anyhow::
                 let _ = write!(row, " {:.1} |", t0.elapsed().as_secs_f64());
                 rows.push_str(&row);
                 rows.push('\n');
+            }
+            // The configurations are zoo models, which always have an estimate.
+            Ok(Outcome { estimate: None, .. }) => {
+                let _ =
+                    writeln!(rows, "| {} | {model} | {} | - | - | - | - | no estimate |", i + 1, settings.join(" "));
             }
             Err(e) => {
                 let cols = if cuda { " - | - | - | - |" } else { "" };

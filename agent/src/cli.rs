@@ -66,6 +66,10 @@ enum Command {
         /// (its newest). The plan must be the one that saved it.
         #[arg(long)]
         resume: Option<PathBuf>,
+        /// The folder the plan's `data`, `data_labels` and `val_data` paths are relative
+        /// to; nothing outside it is read.
+        #[arg(long)]
+        data_root: Option<PathBuf>,
     },
     /// Estimate a plan's or a zoo model's peak memory without running it.
     Estimate {
@@ -100,6 +104,9 @@ enum Command {
         steps: u64,
         #[arg(long)]
         json: bool,
+        /// The folder data and TorchScript paths are relative to.
+        #[arg(long)]
+        data_root: Option<PathBuf>,
     },
     /// Measure the estimator's error over a fixed set of configurations and write the
     /// table to a Markdown file.
@@ -158,6 +165,9 @@ enum Command {
         calibration: Option<PathBuf>,
         #[arg(long)]
         json: bool,
+        /// The folder data and TorchScript paths are relative to.
+        #[arg(long)]
+        data_root: Option<PathBuf>,
     },
     /// Share links: the whole plan in a URL fragment, as the planner makes them.
     Link {
@@ -193,6 +203,8 @@ enum Command {
         checkpoint_dir: Option<PathBuf>,
         #[arg(long)]
         resume: Option<PathBuf>,
+        #[arg(long)]
+        data_root: Option<PathBuf>,
     },
 }
 
@@ -238,8 +250,8 @@ pub fn main() -> ExitCode {
         .init();
     let result = match cli.command {
         Command::Worker { probe: true, .. } => crate::worker::probe(),
-        Command::Worker { job, checkpoint_dir, resume, .. } => {
-            crate::worker::run(job.unwrap_or(0), crate::train::JobFiles { checkpoint_dir, resume })
+        Command::Worker { job, checkpoint_dir, resume, data_root, .. } => {
+            crate::worker::run(job.unwrap_or(0), crate::train::JobFiles { checkpoint_dir, resume, data_root })
         }
         Command::Estimate { source, gpu, json, trace, calibration } => {
             estimate(&source, gpu.as_deref(), json, trace, calibration.as_deref())
@@ -320,8 +332,6 @@ fn estimate(
         }
         return Ok(());
     }
-    let e = shared::estimate::estimate_graph(&plan, &graph, target, Default::default(), None)
-        .map_err(|e| BadInput(e.to_string()))?;
     let device = match target {
         shared::estimate::Target::Cuda(g) => g.name.to_owned(),
         shared::estimate::Target::Cpu => "cpu".to_owned(),
@@ -330,6 +340,35 @@ fn estimate(
         Some(path) => crate::calibration::lookup(&path, &plan, &device)?,
         None => None,
     };
+    if crate::probe::is_script(&plan) {
+        // No description to walk: the calibrated line is the only figure, and says so.
+        let Some((peak, entry)) = calibrated else {
+            return Err(BadInput(format!(
+                "model: {}; none is stored for this module and these knobs on {device}",
+                shared::estimate::SCRIPT_NOT_WALKED
+            ))
+            .into());
+        };
+        if json {
+            println!(
+                "{}",
+                serde_json::json!({
+                    "model": plan.model_name(), "estimated": false, "peak_bytes": null,
+                    "calibrated_peak_bytes": peak.round() as u64,
+                    "calibrated_from_micro_batches": entry.micro_batches, "device": device,
+                })
+            );
+        } else {
+            println!(
+                "calibrated peak {} (a TorchScript module, not estimated: a line through Headroom's trainer measured at micro-batches {:?} on {device})",
+                shared::Bytes(peak.round() as u64),
+                entry.micro_batches
+            );
+        }
+        return Ok(());
+    }
+    let e = shared::estimate::estimate_graph(&plan, &graph, target, Default::default(), None)
+        .map_err(|e| BadInput(e.to_string()))?;
     if json {
         let mut out = estimate_json(&e);
         if let (Some((peak, entry)), Some(map)) = (&calibrated, out.as_object_mut()) {
@@ -408,24 +447,37 @@ async fn async_main(command: Command) -> anyhow::Result<()> {
                 .await;
             Ok(())
         }
-        Command::Run { source, device, checkpoint_dir, resume } => {
+        Command::Run { source, device, checkpoint_dir, resume, data_root } => {
             let (mut plan, _) = build_plan(&source)?;
             if let Some(d) = device {
                 plan.device = parse_device(&d)?;
             }
-            run(plan, crate::train::JobFiles { checkpoint_dir, resume }, exe).await
+            run(plan, crate::train::JobFiles { checkpoint_dir, resume, data_root }, exe).await
         }
-        Command::Probe { source, device, steps, json } => {
-            crate::probe::probe(build_plan(&source)?.0, &device, steps, json, exe).await
+        Command::Probe { source, device, steps, json, data_root } => {
+            let files = crate::train::JobFiles { data_root, ..Default::default() };
+            crate::probe::probe(build_plan(&source)?.0, &device, steps, json, &files, exe).await
         }
         Command::Accuracy { device, steps, out } => crate::accuracy::run(&device, steps, &out, exe).await,
-        Command::FindBatch { source, device, capacity, margin, effective_batch, compare, calibration, json } => {
+        Command::FindBatch {
+            source,
+            device,
+            capacity,
+            margin,
+            effective_batch,
+            compare,
+            calibration,
+            json,
+            data_root,
+        } => {
             let capacity = capacity
                 .map(|c| shared::units::parse_bytes(&c).map_err(|e| BadInput(format!("--capacity: {e}"))))
                 .transpose()?;
             let (plan, _) = build_plan(&source)?;
             let calibration = crate::calibration::default_path(calibration.as_deref());
-            let req = crate::finder::Request { plan, device, capacity, margin, effective_batch, compare, calibration };
+            let files = crate::train::JobFiles { data_root, ..Default::default() };
+            let req =
+                crate::finder::Request { plan, device, capacity, margin, effective_batch, compare, calibration, files };
             crate::finder::find(req, json, exe).await
         }
         // These run without a runtime (see `main`); reaching here would be a wiring bug.
@@ -441,8 +493,23 @@ async fn async_main(command: Command) -> anyhow::Result<()> {
 
 async fn run(mut plan: Plan, files: crate::train::JobFiles, exe: PathBuf) -> anyhow::Result<()> {
     let target = crate::probe::target_for(&mut plan)?;
+    // Calibrations are stored under the plan as given (find-batch's key).
+    let given = plan.clone();
     let plan = crate::train::as_run_here(&plan);
-    let estimate = shared::estimate::estimate_for(&plan, target).map_err(|e| BadInput(e.to_string()))?;
+    // A TorchScript module has no estimate; a calibration from find-batch stands in.
+    let estimated = match shared::estimate::estimate_for(&plan, target) {
+        Ok(e) => Some(e.peak_bytes.get()),
+        Err(_) if crate::probe::is_script(&plan) => None,
+        Err(e) => return Err(BadInput(e.to_string()).into()),
+    };
+    let device_name = match target {
+        shared::estimate::Target::Cuda(g) => g.name.to_owned(),
+        shared::estimate::Target::Cpu => "cpu".to_owned(),
+    };
+    let calibrated = match crate::calibration::default_path(None) {
+        Some(path) => crate::calibration::lookup(&path, &given, &device_name)?.map(|(peak, _)| peak.round() as u64),
+        None => None,
+    };
     let total = plan.total_steps() * plan.accumulation;
     let bar = if std::io::stderr().is_terminal() {
         let bar = indicatif::ProgressBar::new(total);
@@ -455,7 +522,7 @@ async fn run(mut plan: Plan, files: crate::train::JobFiles, exe: PathBuf) -> any
         None
     };
     let runner = JobRunner::new(exe, 1);
-    let mut job = runner.start(plan, estimate.peak_bytes.get(), &files)?;
+    let mut job = runner.start(plan, estimated.or(calibrated).unwrap_or(0), &files)?;
     let mut stdout = std::io::stdout().lock();
     use std::io::Write;
     while let Some(event) = job.events.recv().await {
@@ -519,6 +586,18 @@ async fn run(mut plan: Plan, files: crate::train::JobFiles, exe: PathBuf) -> any
                     shared::protocol::JobEvent::Resumed { path } => {
                         serde_json::json!({ "kind": "resumed", "path": path })
                     }
+                    shared::protocol::JobEvent::HostMemoryLow {
+                        workers,
+                        prefetch,
+                        rss_bytes,
+                        headroom_bytes,
+                        bound,
+                    } => {
+                        serde_json::json!({
+                            "kind": "host_memory_low", "workers": workers, "prefetch": prefetch,
+                            "rss_bytes": rss_bytes, "headroom_bytes": headroom_bytes, "bound": bound,
+                        })
+                    }
                 };
                 if let Some(bar) = &bar {
                     bar.println(format!("step {step}: {event}"));
@@ -536,8 +615,9 @@ async fn run(mut plan: Plan, files: crate::train::JobFiles, exe: PathBuf) -> any
                         "summary": {
                             "steps": summary.steps, "micro_batches": summary.micro_batches,
                             "first_loss": summary.first_loss, "final_loss": summary.final_loss,
-                            "peak_bytes": summary.peak_bytes, "estimated_peak_bytes": summary.estimated_peak_bytes,
-                            "estimate_error_pct": summary.estimate_error_pct(),
+                            "peak_bytes": summary.peak_bytes, "estimated_peak_bytes": estimated,
+                            "estimate_error_pct": estimated.map(|_| summary.estimate_error_pct()),
+                            "calibrated_peak_bytes": calibrated,
                             "peak_reserved_bytes": summary.peak_reserved_bytes,
                             "peak_host_rss_bytes": summary.peak_host_rss_bytes, "wall_time_ms": summary.wall_time_ms,
                             "phase_peaks": summary.phase_peaks.iter().map(|(p, b)| (p.key(), *b)).collect::<std::collections::BTreeMap<_, _>>(),

@@ -39,6 +39,8 @@ pub struct Request {
     pub compare: bool,
     /// Where the fitted line is stored (`calibration::default_path`); `None`: not stored.
     pub calibration: Option<PathBuf>,
+    /// Files the probe jobs may read (a TorchScript module, data on disk).
+    pub files: crate::train::JobFiles,
 }
 
 #[derive(Clone, Debug)]
@@ -53,6 +55,7 @@ struct Prober {
     device: String,
     capacity: u64,
     effective: u64,
+    files: crate::train::JobFiles,
     exe: PathBuf,
     probes: Vec<Probe>,
 }
@@ -70,7 +73,7 @@ impl Prober {
         plan.accumulation = if self.effective / b > 1 { 2 } else { 1 };
         plan.memory_limit_bytes = Some(self.capacity);
         plan.memory_fraction = None;
-        let peak = match try_measure(plan, &self.device, PROBE_STEPS, self.exe.clone()).await? {
+        let peak = match try_measure(plan, &self.device, PROBE_STEPS, &self.files, self.exe.clone()).await? {
             Ok(outcome) => Some(outcome.summary.peak_bytes),
             Err(e) if e.code == ErrorCode::OutOfMemory => None,
             Err(e) => anyhow::bail!("probe at micro-batch {b} failed ({:?}): {}", e.code, e.message),
@@ -160,6 +163,7 @@ pub async fn find(req: Request, json_out: bool, exe: PathBuf) -> anyhow::Result<
         device: req.device.clone(),
         capacity,
         effective,
+        files: req.files.clone(),
         exe: exe.clone(),
         probes: Vec::new(),
     };
@@ -249,8 +253,15 @@ pub async fn find(req: Request, json_out: bool, exe: PathBuf) -> anyhow::Result<
         stored = Some(path.display().to_string());
     }
     let comparison = if req.compare {
-        let mut base =
-            Prober { plan: plan.clone(), device: req.device.clone(), capacity, effective, exe, probes: Vec::new() };
+        let mut base = Prober {
+            plan: plan.clone(),
+            device: req.device.clone(),
+            capacity,
+            effective,
+            files: req.files.clone(),
+            exe,
+            probes: Vec::new(),
+        };
         let answer = doubling_search(&mut base, budget, &divs).await?;
         Some(json!({"strategy": "double then bisect", "micro_batch": answer, "probe_count": base.probes.len()}))
     } else {

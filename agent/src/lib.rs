@@ -9,6 +9,7 @@ pub mod auth;
 pub mod calibration;
 pub mod cli;
 pub mod connection;
+pub mod data;
 pub mod finder;
 pub mod http;
 pub mod input;

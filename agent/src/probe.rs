@@ -71,7 +71,8 @@ pub(crate) fn target_for(plan: &mut Plan) -> anyhow::Result<Target> {
 /// What one probe run measured, next to its estimate.
 pub struct Outcome {
     pub plan: Plan,
-    pub estimate: shared::Estimate,
+    /// `None` for a TorchScript model, which has no description to estimate.
+    pub estimate: Option<shared::Estimate>,
     pub summary: shared::protocol::Summary,
     pub device_used_peak: Option<u64>,
     pub rss_peak: u64,
@@ -80,8 +81,14 @@ pub struct Outcome {
 }
 
 /// Runs `plan` for `steps` steps on `device` in a worker process and measures it.
-pub async fn measure(plan: Plan, device: &str, steps: u64, exe: PathBuf) -> anyhow::Result<Outcome> {
-    match try_measure(plan, device, steps, exe).await? {
+pub async fn measure(
+    plan: Plan,
+    device: &str,
+    steps: u64,
+    files: &crate::train::JobFiles,
+    exe: PathBuf,
+) -> anyhow::Result<Outcome> {
+    match try_measure(plan, device, steps, files, exe).await? {
         Ok(outcome) => Ok(outcome),
         Err(error) => anyhow::bail!("probe failed ({:?}): {}", error.code, error.message),
     }
@@ -92,15 +99,20 @@ pub async fn try_measure(
     mut plan: Plan,
     device: &str,
     steps: u64,
+    files: &crate::train::JobFiles,
     exe: PathBuf,
 ) -> anyhow::Result<Result<Outcome, shared::protocol::JobError>> {
     plan.device = crate::input::parse_device_arg(device)?;
     plan.schedule = Schedule::Steps(steps);
     let target = target_for(&mut plan)?;
     let plan = crate::train::as_run_here(&plan);
-    let estimate = estimate_for(&plan, target).map_err(|e| crate::input::bad_input(e.to_string()))?;
+    let estimate = match estimate_for(&plan, target) {
+        Ok(e) => Some(e),
+        Err(_) if is_script(&plan) => None,
+        Err(e) => return Err(crate::input::bad_input(e.to_string())),
+    };
     let runner = JobRunner::new(exe, 1);
-    let mut job = runner.start(plan.clone(), estimate.peak_bytes.get(), &Default::default())?;
+    let mut job = runner.start(plan.clone(), estimate.as_ref().map_or(0, |e| e.peak_bytes.get()), files)?;
     let mut device_used_peak: Option<u64> = None;
     let mut rss_peak = 0u64;
     let mut step_ms: Vec<f64> = Vec::new();
@@ -126,11 +138,46 @@ pub async fn try_measure(
     Ok(Ok(Outcome { plan, estimate, summary, device_used_peak, rss_peak, step_ms }))
 }
 
-pub async fn probe(plan: Plan, device: &str, steps: u64, json: bool, exe: PathBuf) -> anyhow::Result<()> {
+/// Whether the plan trains a TorchScript module (measured, never estimated).
+pub fn is_script(plan: &Plan) -> bool {
+    plan.model_name() == shared::zoo::SCRIPT
+}
+
+pub async fn probe(
+    plan: Plan,
+    device: &str,
+    steps: u64,
+    json: bool,
+    files: &crate::train::JobFiles,
+    exe: PathBuf,
+) -> anyhow::Result<()> {
     let Outcome { plan, estimate, summary, device_used_peak, rss_peak, step_ms } =
-        measure(plan, device, steps, exe).await?;
+        measure(plan, device, steps, files, exe).await?;
     let measured_phases: serde_json::Map<String, serde_json::Value> =
         summary.phase_peaks.iter().map(|(p, b)| (p.key().to_owned(), (*b).into())).collect();
+    let Some(estimate) = estimate else {
+        // A TorchScript module: what was measured, with no estimate beside it.
+        let out = serde_json::json!({
+            "model": plan.name, "device": device, "steps": steps, "estimated": false,
+            "estimated_peak_bytes": null, "measured_peak_bytes": summary.peak_bytes,
+            "measured_phase_peaks": measured_phases, "measured_reserved_peak_bytes": summary.peak_reserved_bytes,
+            "measured_device_used_bytes": device_used_peak, "measured_host_rss_peak_bytes": rss_peak,
+            "first_loss": summary.first_loss, "final_loss": summary.final_loss,
+            "wall_time_ms": summary.wall_time_ms, "step_times_ms": step_ms,
+        });
+        if json {
+            println!("{out}");
+        } else {
+            println!(
+                "{}: measured {} (a TorchScript module: no estimate; find-batch calibrates it), loss {:.4} -> {:.4}",
+                plan.name,
+                shared::Bytes(summary.peak_bytes),
+                summary.first_loss,
+                summary.final_loss
+            );
+        }
+        return Ok(());
+    };
     let mut est = crate::report::estimate_json(&estimate);
     let out = serde_json::json!({
         "model": plan.name,

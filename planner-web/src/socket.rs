@@ -85,6 +85,9 @@ fn apply(state: AgentState, message: Message) {
             shared::protocol::JobEvent::CheckpointSaved { path, bytes, .. } => state
                 .notice
                 .set(Some(format!("step {step}: checkpoint saved to {path} ({})", shared::Bytes(bytes)))),
+            shared::protocol::JobEvent::HostMemoryLow { workers, prefetch, bound, .. } => state.notice.set(Some(format!(
+                "step {step}: host memory is short ({bound}); the loader now runs {workers} workers with {prefetch} batches each"
+            ))),
             shared::protocol::JobEvent::Resumed { path } => {
                 state.notice.set(Some(format!("resumed after step {step} from {path}")))
             }

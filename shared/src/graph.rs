@@ -255,6 +255,10 @@ pub enum Op {
     Dropout {
         p: f64,
     },
+    /// A TorchScript module's forward (`torch.jit.load(file)(x)`): opaque, with no
+    /// description to walk. The trainer runs it; the estimator refuses it (its memory
+    /// comes from measurement: `headroom find-batch` calibrates it).
+    Script,
     /// Swin's shifted-window attention mask `[nW, N, N]`, computed at every forward pass
     /// as MONAI's `compute_mask` does: -100 between tokens of different shifted regions.
     ShiftedWindowMask {
@@ -302,6 +306,7 @@ impl Op {
             Op::LeakyRelu { inplace: true } => "leaky_relu_",
             Op::Gelu { .. } => "gelu",
             Op::Sigmoid => "sigmoid",
+            Op::Script => "torchscript",
             Op::Tanh => "tanh",
             Op::Exp => "exp",
             Op::Add => "add",
@@ -1034,6 +1039,11 @@ impl Builder {
     pub fn layer_norm_plain(&mut self, x: usize) -> usize {
         let shape = self.shape(x).to_vec();
         self.push(Op::LayerNorm { eps: 1e-5, affine: false }, vec![x], vec![], shape)
+    }
+
+    /// A TorchScript module applied to `x`, returning a tensor of `shape`.
+    pub fn script(&mut self, x: usize, shape: Shape) -> usize {
+        self.push(Op::Script, vec![x], vec![], shape)
     }
 
     pub fn unary(&mut self, op: Op, x: usize) -> usize {

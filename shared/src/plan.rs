@@ -13,6 +13,34 @@ use crate::graph::{Checkpoint, Graph, Shape};
 use crate::zoo::{self, BuildOptions, LossKind, LossSpec, join};
 
 /// Limits a plan must respect. Each one is named in the error that enforces it.
+/// A data path as a plan may give it: relative to the agent's data root, with no `..`,
+/// no empty or `.` components, no backslashes or control characters. The agent confines
+/// the resolved path (symlinks included) to the root as well.
+pub(crate) fn check_data_path(key: &'static str, path: &str) -> Result<(), PlanError> {
+    if path.is_empty() {
+        return Ok(());
+    }
+    let bad = |reason: String| Err(PlanError::Invalid { field: key, reason });
+    if path.len() > limits::MAX_DATA_PATH_LEN {
+        return bad(format!("must be at most {} bytes, got {}", limits::MAX_DATA_PATH_LEN, path.len()));
+    }
+    if path.starts_with('/') {
+        return bad(format!("'{path}' is absolute; give a path relative to the agent's data root"));
+    }
+    if path.chars().any(|c| c.is_control() || c == '\\') {
+        return bad(format!("'{}' holds a control character or a backslash", path.escape_debug()));
+    }
+    for part in path.split('/') {
+        if part == ".." {
+            return bad(format!("'{path}' climbs out of the data root ('..')"));
+        }
+        if part.is_empty() || part == "." {
+            return bad(format!("'{path}' has an empty or '.' component"));
+        }
+    }
+    Ok(())
+}
+
 /// Every key [`Plan::apply_settings`] takes as a plan knob (any other key is the
 /// model's); `schema::plan_fields` describes each.
 pub const PLAN_KEYS: &[&str] = &[
@@ -54,6 +82,10 @@ pub const PLAN_KEYS: &[&str] = &[
     "val_every",
     "val_batch",
     "checkpoint_every",
+    "data",
+    "data_labels",
+    "val_data",
+    "host_memory_limit",
     "runtime",
     "device",
     "threads",
@@ -76,6 +108,10 @@ pub mod limits {
     pub const MAX_PARAMS: u64 = 1 << 34;
     pub const MAX_LEARNING_RATE: f64 = 100.0;
     pub const MAX_NAME_LEN: usize = 128;
+    /// A data path's length in bytes.
+    pub const MAX_DATA_PATH_LEN: usize = 1_024;
+    /// The smallest host memory limit: below it no libtorch worker starts.
+    pub const MIN_HOST_MEMORY_LIMIT: u64 = 64 << 20;
     /// The largest single activation (micro-batch included) a plan may ask for: 1 TiB,
     /// beyond any device, and far from where byte counts could overflow.
     pub const MAX_TENSOR_BYTES: u64 = 1 << 40;
@@ -454,6 +490,23 @@ pub struct Plan {
     /// (`headroom run --checkpoint-dir`), not the plan's.
     #[serde(default)]
     pub checkpoint_every: u64,
+    /// Training data on disk, relative to the agent's data root (empty: synthetic data
+    /// shaped like the model's inputs): a folder of `.npy` arrays, NIfTI volumes or
+    /// PNG/JPEG images. Labels come from `data_labels` (a CSV or JSON manifest, relative
+    /// to the data root), from mask files beside the inputs (`x_mask.npy` for `x.npy`), or
+    /// from one sub-folder per class.
+    #[serde(default)]
+    pub data: String,
+    #[serde(default)]
+    pub data_labels: String,
+    /// Validation data, as `data` (empty: the validation pass samples `data`).
+    #[serde(default)]
+    pub val_data: String,
+    /// The host memory the job may use (its worker process's resident set); the guard
+    /// also watches the machine's available memory and the cgroup's limit. `None`: those
+    /// alone.
+    #[serde(default)]
+    pub host_memory_limit_bytes: Option<u64>,
 }
 
 fn default_name() -> String {
@@ -729,6 +782,26 @@ impl Plan {
         check_range("val_every", self.val_every, 0, MAX_STEPS)?;
         check_range("val_batch", self.val_batch, 0, MAX_MICRO_BATCH)?;
         check_range("checkpoint_every", self.checkpoint_every, 0, MAX_STEPS)?;
+        for (key, path) in [("data", &self.data), ("data_labels", &self.data_labels), ("val_data", &self.val_data)] {
+            check_data_path(key, path)?;
+        }
+        if !self.data_labels.is_empty() && self.data.is_empty() {
+            return Err(invalid("data_labels", "labels a data folder: set data too"));
+        }
+        if !self.val_data.is_empty() && self.data.is_empty() {
+            return Err(invalid("val_data", "real validation data needs real training data: set data too"));
+        }
+        if let Some(b) = self.host_memory_limit_bytes
+            && b < MIN_HOST_MEMORY_LIMIT
+        {
+            return Err(invalid(
+                "host_memory_limit",
+                format!(
+                    "must be at least {} (a worker with libtorch needs more), got {b}",
+                    crate::Bytes(MIN_HOST_MEMORY_LIMIT)
+                ),
+            ));
+        }
         check_range("loss_scale_growth_interval", self.loss_scale_growth_interval, 1, MAX_STEPS)?;
         if !(self.loss_scale.is_finite() && self.loss_scale >= 1.0 && self.loss_scale <= 1e38) {
             return Err(invalid("loss_scale", format!("must be in [1, 1e38], got {}", self.loss_scale)));
@@ -960,6 +1033,19 @@ impl Plan {
                         )
                     }
                 }
+                "host_memory_limit" => {
+                    self.host_memory_limit_bytes = if v == "none" {
+                        None
+                    } else {
+                        Some(
+                            crate::units::parse_bytes(v)
+                                .map_err(|reason| PlanError::Setting { key: key.clone(), reason })?,
+                        )
+                    }
+                }
+                "data" => self.data = v.to_owned(),
+                "data_labels" => self.data_labels = v.to_owned(),
+                "val_data" => self.val_data = v.to_owned(),
                 "batch" => self.micro_batch = num(key, v)?,
                 "accum" => self.accumulation = num(key, v)?,
                 "checkpoint_segments" => self.checkpoint_segments = num(key, v)?,
@@ -1131,6 +1217,14 @@ impl Plan {
         if let Some(b) = plan.memory_limit_bytes {
             put("memory_limit", b.to_string());
         }
+        if let Some(b) = plan.host_memory_limit_bytes {
+            put("host_memory_limit", b.to_string());
+        }
+        for (key, path) in [("data", &plan.data), ("data_labels", &plan.data_labels), ("val_data", &plan.val_data)] {
+            if !path.is_empty() {
+                put(key, path.clone());
+            }
+        }
         let word = plan.optimizer.word();
         let defaults = Optimizer::from_word(word).unwrap_or_else(|| base.optimizer.clone());
         if word != base.optimizer.word() {
@@ -1255,8 +1349,11 @@ impl Plan {
     /// The plan that `model` with these pairs describes, validated, with its graph: the
     /// one path from typed keys (CLI `--set`, a form, a share link) to a plan.
     pub fn from_settings(model: &str, pairs: &[(String, String)]) -> Result<(Plan, Graph), PlanError> {
-        if !zoo::MODELS.contains(&model) {
-            return Err(invalid("model", format!("unknown model '{model}'; known models: {}", zoo::MODELS.join(", "))));
+        if !zoo::MODELS.contains(&model) && model != zoo::SCRIPT {
+            return Err(invalid(
+                "model",
+                format!("unknown model '{model}'; known models: {}, {}", zoo::MODELS.join(", "), zoo::SCRIPT),
+            ));
         }
         let mut plan = Plan::zoo(model);
         plan.apply_settings(pairs)?;
@@ -1314,6 +1411,10 @@ impl Plan {
             val_every: 0,
             val_batch: 0,
             checkpoint_every: 0,
+            data: String::new(),
+            data_labels: String::new(),
+            val_data: String::new(),
+            host_memory_limit_bytes: None,
         }
     }
 

@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 use crate::estimate::{Estimate, Phase};
 use crate::plan::Plan;
 
-pub const PROTOCOL_VERSION: u16 = 10;
+pub const PROTOCOL_VERSION: u16 = 11;
 
 pub type JobId = u64;
 
@@ -81,6 +81,10 @@ pub enum JobEvent {
     CheckpointSaved { path: String, bytes: u64, micro_seconds: u64 },
     /// The job continues from a checkpoint saved after this event's step.
     Resumed { path: String },
+    /// Host memory ran low: the loader now runs `workers` threads keeping `prefetch`
+    /// batches each. `bound` says what was close: the plan's `host_memory_limit`, the
+    /// cgroup's limit or the machine's available memory.
+    HostMemoryLow { workers: u64, prefetch: u64, rss_bytes: u64, headroom_bytes: u64, bound: String },
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -189,4 +193,7 @@ pub enum ErrorCode {
     /// The worker process died without reporting (a crash inside libtorch, a kill).
     WorkerCrashed,
     Internal,
+    /// The job stopped before the host ran out of memory (the kernel's OOM killer would
+    /// have ended it), with the loader already at its lowest.
+    HostMemory,
 }

@@ -309,6 +309,31 @@ pub fn plan_fields() -> Vec<Field> {
         Run,
     );
     add(
+        "data",
+        Kind::Text,
+        String::new(),
+        "",
+        "Training data under the agent's data root: .npy, NIfTI (.nii, .nii.gz) or PNG/JPEG files (empty: synthetic).",
+        Host,
+    );
+    add(
+        "data_labels",
+        Kind::Text,
+        String::new(),
+        "",
+        "A CSV or JSON manifest of input,label under the data root (empty: masks beside the inputs, or a folder per class).",
+        Host,
+    );
+    add("val_data", Kind::Text, String::new(), "", "Validation data, as data (empty: sampled from data).", Host);
+    add(
+        "host_memory_limit",
+        Kind::Text,
+        String::new(),
+        "bytes",
+        "The job's host memory, e.g. 16GiB: the loader's workers and prefetch are lowered before it is reached.",
+        Host,
+    );
+    add(
         "checkpoint_every",
         int(0, limits::MAX_STEPS),
         "0".to_owned(),

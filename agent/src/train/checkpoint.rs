@@ -13,7 +13,6 @@
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
-use shared::graph::Graph;
 use tch::{Device, Tensor};
 
 use super::TrainError;
@@ -44,17 +43,16 @@ pub struct State {
     pub first_loss: Option<f64>,
 }
 
-/// Unique names for the graph's parameters: their module paths, with `#k` added to a
-/// repeated one.
-fn names(graph: &Graph) -> Vec<String> {
-    let mut seen = std::collections::BTreeMap::<&str, u32>::new();
-    graph
-        .params
-        .iter()
-        .map(|p| {
-            let n = seen.entry(p.name.as_str()).or_insert(0);
+/// Unique names for the parameters: their module paths, with `#k` added to a repeated
+/// one.
+fn unique(names: Vec<String>) -> Vec<String> {
+    let mut seen = std::collections::BTreeMap::<String, u32>::new();
+    names
+        .into_iter()
+        .map(|name| {
+            let n = seen.entry(name.clone()).or_insert(0);
             *n += 1;
-            if *n == 1 { p.name.clone() } else { format!("{}#{}", p.name, *n - 1) }
+            if *n == 1 { name } else { format!("{name}#{}", *n - 1) }
         })
         .collect()
 }
@@ -74,7 +72,7 @@ fn dir_bytes(dir: &Path) -> u64 {
 /// `root`; returns its directory and size.
 pub fn save(
     root: &Path,
-    graph: &Graph,
+    names: Vec<String>,
     params: &[Tensor],
     opt: &Optim,
     state: &State,
@@ -88,7 +86,7 @@ pub fn save(
     }
     std::fs::create_dir(&tmp).map_err(|e| io(&tmp, e))?;
     // Weights as they are on the host: safetensors files hold CPU tensors.
-    let named: Vec<(String, Tensor)> = names(graph)
+    let named: Vec<(String, Tensor)> = unique(names)
         .into_iter()
         .zip(params)
         .map(|(n, t)| Ok((n, t.f_detach()?.f_to_device(Device::Cpu)?)))
@@ -145,11 +143,11 @@ pub fn read_state(dir: &Path, model: &str) -> Result<State, TrainError> {
 
 /// Copies checkpoint `dir`'s weights into `params` (the graph's order, on their device),
 /// after checking that every name and shape matches.
-pub fn load_weights(dir: &Path, graph: &Graph, params: &[Tensor]) -> Result<(), TrainError> {
+pub fn load_weights(dir: &Path, names: Vec<String>, params: &[Tensor]) -> Result<(), TrainError> {
     let path = dir.join(WEIGHTS);
     let saved: std::collections::BTreeMap<String, Tensor> =
         Tensor::read_safetensors(&path).map_err(|e| io(&path, e))?.into_iter().collect();
-    let names = names(graph);
+    let names = unique(names);
     if saved.len() != names.len() {
         return Err(io(&path, format!("holds {} tensors; this plan's model has {}", saved.len(), names.len())));
     }

@@ -113,3 +113,95 @@ pub fn nvml_devices() -> Vec<(String, u64)> {
 pub fn nvml_available() -> bool {
     nvml().is_some()
 }
+
+/// How much more host memory the job can take before something stops it, and what.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HostHeadroom {
+    pub bytes: u64,
+    pub bound: &'static str,
+}
+
+/// `MemAvailable` from /proc/meminfo, in bytes.
+fn mem_available() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}
+
+fn read_u64(path: &std::path::Path) -> Option<u64> {
+    std::fs::read_to_string(path).ok()?.trim().parse().ok()
+}
+
+/// The cgroup's memory limit minus its usage, when this process's cgroup has a limit
+/// (v2 `memory.max`/`memory.current`, or v1 `memory.limit_in_bytes`/`usage_in_bytes`).
+fn cgroup_headroom() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/self/cgroup").ok()?;
+    for line in text.lines() {
+        let mut parts = line.splitn(3, ':');
+        let (_, controllers, path) = (parts.next()?, parts.next()?, parts.next()?);
+        let rel = path.trim_start_matches('/');
+        if controllers.is_empty() {
+            let dir = std::path::Path::new("/sys/fs/cgroup").join(rel);
+            let max = std::fs::read_to_string(dir.join("memory.max")).ok()?;
+            if max.trim() == "max" {
+                return None;
+            }
+            let (limit, used) = (max.trim().parse::<u64>().ok()?, read_u64(&dir.join("memory.current"))?);
+            return Some(limit.saturating_sub(used));
+        }
+        if controllers.split(',').any(|c| c == "memory") {
+            let dir = std::path::Path::new("/sys/fs/cgroup/memory").join(rel);
+            let limit = read_u64(&dir.join("memory.limit_in_bytes"))?;
+            // v1 reports "no limit" as a huge page-rounded number.
+            if limit >= (1u64 << 62) {
+                return None;
+            }
+            return Some(limit.saturating_sub(read_u64(&dir.join("memory.usage_in_bytes"))?));
+        }
+    }
+    None
+}
+
+/// The tightest of: the plan's limit less this process's RSS, the cgroup's room, the
+/// machine's available memory.
+pub fn host_headroom(rss: u64, plan_limit: Option<u64>) -> HostHeadroom {
+    let mut best = HostHeadroom { bytes: u64::MAX, bound: "nothing" };
+    let mut consider = |bytes: Option<u64>, bound: &'static str| {
+        if let Some(b) = bytes
+            && b < best.bytes
+        {
+            best = HostHeadroom { bytes: b, bound };
+        }
+    };
+    consider(plan_limit.map(|l| l.saturating_sub(rss)), "the plan's host_memory_limit");
+    consider(cgroup_headroom(), "the cgroup's memory limit");
+    consider(mem_available(), "the machine's available memory");
+    best
+}
+
+/// Hands the allocator's free memory back to the kernel (glibc's `malloc_trim`), so that
+/// the resident set counts what is in use: batches freed on a loader thread otherwise stay
+/// cached in that thread's arena. Returns the resident set afterwards.
+pub fn trim_host_memory() -> u64 {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: malloc_trim has no preconditions; it only returns free pages.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+    host_rss_bytes()
+}
+
+/// The highest resident set since the last [`reset_peak_rss`] (`VmHWM`), if readable.
+pub fn peak_rss_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}
+
+/// Starts a new `VmHWM` window (writing 5 to /proc/self/clear_refs); false where the
+/// kernel does not allow it.
+pub fn reset_peak_rss() -> bool {
+    std::fs::write("/proc/self/clear_refs", "5").is_ok()
+}

@@ -10,6 +10,7 @@ pub mod memory;
 mod model;
 
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
@@ -21,6 +22,8 @@ use tch::{Device, Kind, Tensor};
 use thiserror::Error;
 
 use memory::Meter;
+
+use crate::data;
 
 #[derive(Debug, Error)]
 pub enum TrainError {
@@ -36,6 +39,16 @@ pub enum TrainError {
     Device(String),
     #[error("checkpoint: {0}")]
     Checkpoint(String),
+    #[error("{0}")]
+    Data(String),
+    #[error("host memory: {0}")]
+    HostMemory(String),
+}
+
+impl From<crate::data::DataError> for TrainError {
+    fn from(e: crate::data::DataError) -> TrainError {
+        TrainError::Data(e.0)
+    }
 }
 
 /// Files a job may use on the agent's machine, chosen by the agent (never by the plan):
@@ -45,6 +58,48 @@ pub struct JobFiles {
     pub checkpoint_dir: Option<PathBuf>,
     /// A `step-N` checkpoint, or a checkpoint directory (its newest is taken).
     pub resume: Option<PathBuf>,
+    /// The folder a plan's `data` and `data_labels` paths are relative to; nothing
+    /// outside it is read.
+    pub data_root: Option<PathBuf>,
+}
+
+/// Opens the data set at the plan's `path` (and manifest) for `graph`'s inputs.
+fn open_data(
+    files: &JobFiles,
+    key: &str,
+    path: &str,
+    labels: &str,
+    graph: &Graph,
+) -> Result<Option<Arc<data::Dataset>>, TrainError> {
+    if path.is_empty() {
+        return Ok(None);
+    }
+    let root = files.data_root.as_deref().ok_or_else(|| {
+        TrainError::Data(format!("{key}={path} needs a data root on the agent (headroom run --data-root DIR)"))
+    })?;
+    let dir = data::confine(root, path)?;
+    let manifest = if labels.is_empty() { None } else { Some(data::confine(root, labels)?) };
+    let want = data::Want::of(graph)?;
+    Ok(Some(Arc::new(data::Dataset::open(root, &dir, manifest.as_deref(), want)?)))
+}
+
+/// A host batch as tensors on `device`: one copy into a fresh tensor each (the batch the
+/// estimate counts), nothing else kept.
+fn to_tensors(batch: data::HostBatch, device: Device) -> Result<Vec<Tensor>, tch::TchError> {
+    batch
+        .tensors
+        .into_iter()
+        .map(|t| {
+            let shape: Vec<i64> = t.shape.iter().map(|&d| d as i64).collect();
+            let cpu = match &t.data {
+                data::HostData::F32(v) => Tensor::f_from_slice(v)?,
+                data::HostData::I64(v) => Tensor::f_from_slice(v)?,
+            };
+            drop(t);
+            let cpu = cpu.f_view(shape.as_slice())?;
+            if device == Device::Cpu { Ok(cpu) } else { cpu.f_to_device(device) }
+        })
+        .collect()
 }
 
 impl TrainError {
@@ -54,7 +109,8 @@ impl TrainError {
             TrainError::OutOfMemory(_) => ErrorCode::OutOfMemory,
             TrainError::Torch(_) | TrainError::Device(_) => ErrorCode::Torch,
             // A checkpoint that does not fit the plan is bad input, as a bad plan is.
-            TrainError::InvalidPlan(_) | TrainError::Checkpoint(_) => ErrorCode::InvalidPlan,
+            TrainError::InvalidPlan(_) | TrainError::Checkpoint(_) | TrainError::Data(_) => ErrorCode::InvalidPlan,
+            TrainError::HostMemory(_) => ErrorCode::HostMemory,
         };
         JobError { code, message: self.to_string() }
     }
@@ -298,6 +354,8 @@ struct Validated {
 fn validate(
     net: &model::Net,
     batches: u64,
+    data: Option<&data::Dataset>,
+    seed: u64,
     device: Device,
     meter: Meter,
     stop: &AtomicBool,
@@ -306,11 +364,18 @@ fn validate(
     let mut total = 0.0;
     tch::no_grad(|| -> Result<(), TrainError> {
         let mut held = Held::default();
-        for _ in 0..batches {
+        for k in 0..batches {
             if stop.load(Ordering::Relaxed) {
                 return Err(TrainError::Cancelled);
             }
-            held.batch = make_batch(&net.graph, device)?;
+            // The same validation samples every pass, in order from the first.
+            held.batch = match data {
+                Some(d) => {
+                    let b = net.graph.micro_batch();
+                    to_tensors(d.batch(k * b, b as usize, seed)?, device)?
+                }
+                None => make_batch(&net.graph, device)?,
+            };
             let mut previous = std::mem::take(&mut held.returned);
             let mut moment = |m: model::Moment| {
                 if let model::Moment::Returned = m {
@@ -401,6 +466,16 @@ pub fn train(
             "checkpoint_every needs a checkpoint directory on the agent (headroom run --checkpoint-dir DIR)".to_owned(),
         ));
     }
+    // Data on disk is listed and every file's header checked before anything trains.
+    let train_data = open_data(files, "data", &plan.data, &plan.data_labels, &graph)?;
+    let val_data = match (&train_data, plan.validation_plan()) {
+        (Some(d), Some(_)) if plan.val_data.is_empty() => Some(Arc::clone(d)),
+        (Some(_), Some(vp)) => {
+            let vg = vp.validate().map_err(|e| TrainError::InvalidPlan(e.to_string()))?;
+            open_data(files, "val_data", &plan.val_data, "", &vg)?
+        }
+        _ => None,
+    };
     let (device, meter) = resolve_device(plan.device)?;
     if device == Device::Cpu {
         ffi::set_onednn(plan.onednn);
@@ -444,6 +519,22 @@ pub fn train(
     }
     let mut cur_graph = cur.validate().map_err(|e| TrainError::InvalidPlan(e.to_string()))?;
     let mut net = model::Net::new(cur_graph.clone(), device, autocast, plan.checkpoint(), plan.seed)?;
+    // A TorchScript model: its module, from under the data root, runs the graph's
+    // `Op::Script` node; its parameters are the ones trained.
+    let script = match &plan.model {
+        shared::plan::ModelSpec::Zoo { name, settings } if name == shared::zoo::SCRIPT => {
+            let file = settings.get("file").map(String::as_str).unwrap_or_default();
+            let root = files.data_root.as_deref().ok_or_else(|| {
+                TrainError::Data(format!("file={file} needs a data root on the agent (headroom run --data-root DIR)"))
+            })?;
+            let path = data::confine(root, file)?;
+            let (s, params) = model::Script::load(&path, device)?;
+            net.params = params;
+            net.script = Some(s.clone());
+            Some(s)
+        }
+        _ => None,
+    };
     let mut opt = make_optimizer(plan, &net)?;
     // The validation model: the same weights, in eval mode, at its own micro-batch.
     let val_net = match plan.validation_plan() {
@@ -452,6 +543,7 @@ pub fn train(
             let mut v = model::Net::new(g, device, autocast, shared::graph::Checkpoint::Off, plan.seed)?;
             v.training = false;
             v.params = net.params.iter().map(Tensor::shallow_clone).collect();
+            v.script = script.clone();
             Some(v)
         }
         None => None,
@@ -480,7 +572,7 @@ pub fn train(
 
     let mut first_step = 1;
     if let Some((dir, state)) = &resume {
-        checkpoint::load_weights(dir, &net.graph, &net.params)?;
+        checkpoint::load_weights(dir, net.param_names(), &net.params)?;
         checkpoint::load_optimizer(dir, &mut opt)?;
         if let (Some(s), Some(saved)) = (scaler.as_mut(), state.loss_scale) {
             *s = saved;
@@ -492,11 +584,60 @@ pub fn train(
         on_event(state.step, shared::protocol::JobEvent::Resumed { path: dir.display().to_string() });
     }
     drop(graph);
+    // The loader's position is in samples: step `s` starts at `(s - 1) x` the effective
+    // batch, whatever micro-batch is in force.
+    let effective = plan.micro_batch * plan.accumulation;
+    // The host memory guard: room for two more batches and 8 MiB, else the loader is
+    // lowered; lowered to nothing and still short, the job stops. Loader workers also
+    // wait before making a batch there is no room for.
+    let batch_bytes = shared::estimate::host::batch_bytes(&cur_graph);
+    let reserve = 2 * batch_bytes + (8 << 20);
+    let host_limit = plan.host_memory_limit_bytes;
+    // Between steps the resident set is short of the step's own peak (on the CPU the
+    // step's tensors are host memory too) by this much, measured over the last step
+    // (`VmHWM`), which must stay free for the next one.
+    // Before the first step has been measured, the estimate says how far a CPU step's
+    // tensors rise above what is resident between steps.
+    let first_swing = if device == Device::Cpu && train_data.is_some() {
+        shared::estimate::estimate_graph(
+            &as_run_here(plan),
+            &cur_graph,
+            shared::estimate::Target::Cpu,
+            shared::estimate::Options::default(),
+            None,
+        )
+        .map_or(0, |e| e.peak_bytes.get().saturating_sub(e.steady_bytes.get()))
+    } else {
+        0
+    };
+    let swing = Arc::new(std::sync::atomic::AtomicU64::new(first_swing));
+    let start_loader = |micro_batch: u64, step: u64| {
+        train_data.as_ref().map(|d| {
+            let swing = Arc::clone(&swing);
+            let room: data::Room = Box::new(move || {
+                let rss = memory::host_rss_bytes() + swing.load(Ordering::Relaxed);
+                memory::host_headroom(rss, host_limit).bytes >= reserve + batch_bytes
+            });
+            data::Loader::new(
+                Arc::clone(d),
+                micro_batch as usize,
+                plan.seed,
+                (step - 1) * effective,
+                plan.host.workers as usize,
+                plan.host.prefetch_factor as usize,
+                room,
+            )
+        })
+    };
+    let mut loader = start_loader(cur.micro_batch, first_step);
+    let mut guard_cooldown = 0u64;
     for step in first_step..=plan.total_steps() {
         tch::manual_seed(step_seed(plan.seed, step));
         loop {
             let attempt = (|| -> Result<(), TrainError> {
                 phases.peaks = [0; Phase::ALL.len()];
+                // The step's own host peak is measured from here.
+                let rss_window = train_data.is_some() && memory::reset_peak_rss();
                 opt.zero_grad().map_err(torch)?;
                 for micro_batch in 1..=cur.accumulation {
                     if stop.load(Ordering::Relaxed) {
@@ -505,7 +646,10 @@ pub fn train(
                     let t0 = Instant::now();
                     phases.begin(Phase::Forward);
                     // batch = next(loader): the new batch exists before the old one goes.
-                    let batch = make_batch(&cur_graph, device)?;
+                    let batch = match loader.as_mut() {
+                        Some(l) => to_tensors(l.take()?, device)?,
+                        None => make_batch(&cur_graph, device)?,
+                    };
                     held.batch = batch;
                     // The meter's phase windows: the forward ends where the loss begins, the loss
                     // where backward begins.
@@ -590,9 +734,52 @@ pub fn train(
                     {
                         on_event(step, shared::protocol::JobEvent::LeakSuspected(w));
                     }
-                    let rss = memory::host_rss_bytes();
                     run_peak = run_peak.max(batch_peak);
-                    peak_rss = peak_rss.max(rss);
+                    let mut rss = memory::host_rss_bytes();
+                    if micro_batch == cur.accumulation
+                        && let Some(hwm) = memory::peak_rss_bytes().filter(|_| rss_window)
+                    {
+                        swing.store(hwm.saturating_sub(rss), Ordering::Relaxed);
+                    }
+                    let ahead = swing.load(Ordering::Relaxed);
+                    let mut room = memory::host_headroom(rss + ahead, plan.host_memory_limit_bytes);
+                    guard_cooldown = guard_cooldown.saturating_sub(1);
+                    if room.bytes < reserve && guard_cooldown == 0 {
+                        // What the allocator merely caches does not count: give it back first.
+                        rss = memory::trim_host_memory();
+                        room = memory::host_headroom(rss + ahead, plan.host_memory_limit_bytes);
+                    }
+                    if room.bytes < reserve && guard_cooldown == 0 {
+                        match loader.as_ref().and_then(data::Loader::reduce) {
+                            Some((workers, prefetch)) => {
+                                // Workers already wait for room before each batch; give the
+                                // lower setting a batch to show its effect.
+                                guard_cooldown = 2;
+                                on_event(
+                                    step,
+                                    shared::protocol::JobEvent::HostMemoryLow {
+                                        workers: workers as u64,
+                                        prefetch: prefetch as u64,
+                                        rss_bytes: rss,
+                                        headroom_bytes: room.bytes,
+                                        bound: room.bound.to_owned(),
+                                    },
+                                );
+                            }
+                            None => {
+                                return Err(TrainError::HostMemory(format!(
+                                    "stopped at step {step}: the worker holds {} (with {} more at the step's peak) and {} leaves {} ({} needed for the next batches); the loader is already at 0 workers",
+                                    shared::Bytes(rss),
+                                    shared::Bytes(ahead),
+                                    room.bound,
+                                    shared::Bytes(room.bytes),
+                                    shared::Bytes(reserve)
+                                )));
+                            }
+                        }
+                    }
+                    // The kernel's high-water mark also sees the peaks between samples.
+                    peak_rss = peak_rss.max(rss).max(memory::peak_rss_bytes().unwrap_or(0));
                     micro_batches += 1;
                     // empty_cache() every N micro-batches and at each epoch's end, timed.
                     let epoch_end = micro_batch == cur.accumulation && step % steps_per_epoch == 0;
@@ -645,6 +832,10 @@ pub fn train(
                         model::Net::new(cur_graph.clone(), device, autocast, plan.checkpoint(), plan.seed)?;
                     smaller.params = net.params.iter().map(Tensor::shallow_clone).collect();
                     smaller.set_passes(net.passes());
+                    smaller.script = script.clone();
+                    // The step is redone from its first sample at the new micro-batch.
+                    drop(loader.take());
+                    loader = start_loader(cur.micro_batch, step);
                     net = smaller;
                     on_event(
                         step,
@@ -663,7 +854,7 @@ pub fn train(
             && plan.validates_after(step)
         {
             let t = Instant::now();
-            let r = validate(v, plan.val_batches, device, meter, stop)?;
+            let r = validate(v, plan.val_batches, val_data.as_deref(), plan.seed, device, meter, stop)?;
             if let Some(rp) = r.reserved_peak {
                 phases.reserved_peak = Some(phases.reserved_peak.unwrap_or(0).max(rp));
             }
@@ -695,7 +886,7 @@ pub fn train(
                 micro_batches,
                 first_loss,
             };
-            let (dir, bytes) = checkpoint::save(root, &net.graph, &net.params, &opt, &state)?;
+            let (dir, bytes) = checkpoint::save(root, net.param_names(), &net.params, &opt, &state)?;
             on_event(
                 step,
                 shared::protocol::JobEvent::CheckpointSaved {
@@ -707,6 +898,7 @@ pub fn train(
         }
     }
     // The loop's last references go before the `Net` whose checkpoints they may hold.
+    drop(loader);
     drop(retained);
     drop(held);
     drop(val_net);

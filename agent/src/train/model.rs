@@ -12,6 +12,7 @@
 
 use std::ffi::c_void;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
 use shared::graph::{Graph, Init, Op, Param, Region};
 use tch::{Device, Kind, Tensor};
@@ -177,6 +178,34 @@ pub struct Net {
     /// `model.train()` (true) or `model.eval()`: dropout off and batch norm on its
     /// running statistics.
     pub training: bool,
+    /// The TorchScript module an `Op::Script` node runs, with its parameters (then
+    /// `params`) and their names; shared by every `Net` of the job.
+    pub script: Option<Script>,
+}
+
+/// A loaded TorchScript module.
+#[derive(Clone)]
+pub struct Script {
+    pub module: Arc<Mutex<tch::CModule>>,
+    pub names: Vec<String>,
+}
+
+impl Script {
+    /// Loads `path` onto `device`; returns it with its parameters (all trained).
+    pub fn load(path: &std::path::Path, device: Device) -> Result<(Script, Vec<Tensor>), TrainError> {
+        let module = tch::CModule::load_on_device(path, device)
+            .map_err(|e| TrainError::Data(format!("{}: not a TorchScript module: {e}", path.display())))?;
+        let named = module.named_parameters().map_err(TrainError::from)?;
+        if named.is_empty() {
+            return Err(TrainError::Data(format!("{}: the module has no parameters to train", path.display())));
+        }
+        let (names, params): (Vec<String>, Vec<Tensor>) = named.into_iter().unzip();
+        for p in &params {
+            // The saved module may hold frozen weights; the plan trains them all.
+            let _ = p.shallow_clone().f_requires_grad_(true)?;
+        }
+        Ok((Script { module: Arc::new(Mutex::new(module)), names }, params))
+    }
 }
 
 impl Net {
@@ -209,6 +238,7 @@ impl Net {
             seed,
             calls: AtomicU64::new(0),
             training: true,
+            script: None,
         })
     }
 
@@ -221,8 +251,19 @@ impl Net {
         self.calls.store(n, Ordering::Relaxed);
     }
 
-    pub fn trainable(&self) -> impl Iterator<Item = &Tensor> {
-        self.graph.params.iter().zip(&self.params).filter(|(p, _)| p.trainable).map(|(_, t)| t)
+    pub fn trainable(&self) -> Box<dyn Iterator<Item = &Tensor> + '_> {
+        if self.script.is_some() {
+            return Box::new(self.params.iter());
+        }
+        Box::new(self.graph.params.iter().zip(&self.params).filter(|(p, _)| p.trainable).map(|(_, t)| t))
+    }
+
+    /// Every parameter and buffer's name, in `params` order (checkpoints key by it).
+    pub fn param_names(&self) -> Vec<String> {
+        match &self.script {
+            Some(s) => s.names.clone(),
+            None => self.graph.params.iter().map(|p| p.name.clone()).collect(),
+        }
     }
 
     /// The seed of checkpointed region `r` in the current pass: the same for its forward
@@ -249,6 +290,27 @@ impl Net {
         let one = |t: Tensor| Ok(vec![t]);
         match &node.op {
             Op::Param => one(self.params[node.params[0]].shallow_clone()),
+            Op::Script => {
+                let script = self
+                    .script
+                    .as_ref()
+                    .ok_or_else(|| tch::TchError::Torch("a TorchScript node without its module".to_owned()))?;
+                let mut m = script.module.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+                if self.training {
+                    m.set_train();
+                } else {
+                    m.set_eval();
+                }
+                let out = m.forward_ts(&[arg(0)?])?;
+                if out.size() != out_shape {
+                    return Err(tch::TchError::Shape(format!(
+                        "the TorchScript module returned {:?}; the plan says [batch, num_classes] = {:?}",
+                        out.size(),
+                        out_shape
+                    )));
+                }
+                one(out)
+            }
             Op::Linear { bias } => {
                 let b = if *bias { Some(arg(2)?) } else { None };
                 one(arg(0)?.f_linear(arg(1)?, b)?)

@@ -11,7 +11,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::graph::{Graph, Task, numel};
-use crate::plan::HostSpec;
+use crate::plan::{HostSpec, Runtime};
 use crate::units::Bytes;
 
 const MIB: u64 = 1 << 20;
@@ -53,10 +53,17 @@ pub fn batch_bytes(graph: &Graph) -> u64 {
     graph.inputs.iter().map(|&(v, _)| graph.bytes(v)).sum()
 }
 
-pub fn estimate(graph: &Graph, host: &HostSpec, cpu_tensor_peak: Option<u64>) -> HostBreakdown {
+/// Host memory of the training process. PyTorch's DataLoader workers are processes with
+/// a baseline each; Headroom's loader workers are threads of the one process, each
+/// holding one sample it is decoding besides the batches in flight.
+pub fn estimate(graph: &Graph, host: &HostSpec, runtime: Runtime, cpu_tensor_peak: Option<u64>) -> HostBreakdown {
     let batch = batch_bytes(graph);
     let in_flight = host.workers * host.prefetch_factor;
-    let loader_workers = host.workers * WORKER_BASELINE_BYTES + in_flight * batch;
+    let per_worker = match runtime {
+        Runtime::Pytorch => WORKER_BASELINE_BYTES,
+        Runtime::Headroom => batch / graph.micro_batch().max(1),
+    };
+    let loader_workers = host.workers * per_worker + in_flight * batch;
     // Without workers the main process makes one batch at a time; with pinning, every
     // batch in flight is also copied into page-locked memory by the pin thread.
     let pinned = if host.pin_memory { in_flight.max(1) * batch } else { 0 };

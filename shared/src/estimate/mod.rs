@@ -248,6 +248,9 @@ pub const EXACT_RESIDUAL: f64 = 0.01;
 /// a GPU measures the terms behind it (cuDNN's algorithm choice and workspaces above all).
 pub const CUDA_UNMEASURED: f64 = 0.25;
 
+/// Why a TorchScript model has no estimate of its own.
+pub const SCRIPT_NOT_WALKED: &str = "a TorchScript module has no description to walk: `headroom find-batch` measures it with the trainer, and later estimates give its calibrated peak";
+
 /// What to compute besides the figures.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Options {
@@ -290,6 +293,9 @@ pub fn estimate_graph(
     options: Options,
     events: Option<&mut Vec<sim::Event>>,
 ) -> Result<Estimate, PlanError> {
+    if graph.nodes.iter().any(|n| matches!(n.op, crate::graph::Op::Script)) {
+        return Err(PlanError::Invalid { field: "model", reason: SCRIPT_NOT_WALKED.to_owned() });
+    }
     // Under autocast the previous step's outputs (what the loop still holds when a step
     // begins) have the dtypes the step gives them: a first walk learns their sizes.
     let returned = if plan.precision != Precision::Fp32 {
@@ -500,7 +506,7 @@ fn walk(
         _ => None,
     };
     let cpu_tensors = matches!(target, Target::Cpu).then_some(peak_bytes.get());
-    let host = host::estimate(graph, &plan.host, cpu_tensors);
+    let host = host::estimate(graph, &plan.host, plan.runtime, cpu_tensors);
     let timeline = match sim.events.as_ref() {
         Some(ev) if options.timeline_points > 0 => downsample(graph, ev, options.timeline_points),
         _ => Vec::new(),

@@ -165,6 +165,14 @@ pub(crate) fn forward(e: &mut Engine, sim: &mut Sim, i: usize) -> Vec<Ten> {
             vec![o]
         }
         Op::Dropout { .. } => dropout(e, sim, i, &inputs),
+        // `estimate_graph` refuses graphs with a TorchScript module before any rule runs;
+        // its output alone keeps this total.
+        Op::Script => {
+            let x = e.read(sim, inputs[0]);
+            let o = e.alloc_contig(sim, &shape, x.t.esize, ACT);
+            release(sim, x);
+            vec![o]
+        }
         Op::Add | Op::Sub | Op::Mul | Op::Div => binary(e, sim, i, &inputs, &op),
         Op::AddInplace => {
             let a = e.read(sim, inputs[0]);
@@ -932,6 +940,7 @@ pub(crate) fn backward(e: &mut Engine, sim: &mut Sim, k: usize, gouts: &[Option<
         Op::AddScalar { .. } | Op::Contiguous | Op::Clone | Op::ToF32 | Op::CastLike => vec![pass(e, sim, k, 0, g)],
         Op::ToI64 | Op::Argmax | Op::OneHot { .. } | Op::ShiftedWindowMask { .. } => none,
         Op::Dropout { .. } => vec![grad_elementwise(e, sim, k, 0, g)],
+        Op::Script => none,
         Op::Add | Op::AddInplace => {
             let ga = pass(e, sim, k, 0, g);
             let gb = pass(e, sim, k, 1, g);

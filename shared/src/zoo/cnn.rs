@@ -194,3 +194,26 @@ pub fn resnet(s: &Settings, batch: u64, kind: ResNet, opts: &BuildOptions) -> Re
     let (loss, start) = losses::classify(&mut b, out, opts.loss.label_smoothing)?;
     Ok(b.finish(vec![out], loss, start))
 }
+
+/// A TorchScript classifier the user brings: `file` (a `.pt` saved with `torch.jit.save`,
+/// relative to the agent's data root) takes `[B, input...]` and returns `[B, num_classes]`
+/// logits; the loss is cross-entropy. The graph holds only that interface.
+pub fn torchscript(s: &Settings<'_>, batch: u64, o: &BuildOptions) -> Result<Graph, ZooError> {
+    let file = s.text("file", "")?;
+    if file.is_empty() {
+        return Err(value_err("file", "give the TorchScript module (.pt) to train, relative to the agent's data root"));
+    }
+    crate::plan::check_data_path("file", &file).map_err(|e| value_err("file", e.to_string()))?;
+    let input = s.list("input", &[3, 32, 32], 1, limits::MAX_WIDTH)?;
+    if input.is_empty() || input.len() > 4 {
+        return Err(value_err("input", "one to four sizes, e.g. 3,32,32"));
+    }
+    let classes = s.u64("num_classes", 10, 2, limits::MAX_CLASSES)?;
+    let mut b = Builder::new(Task::Classify { classes });
+    let mut shape = vec![batch];
+    shape.extend_from_slice(&input);
+    let x = b.input(shape, InputKind::Real);
+    let out = b.script(x, vec![batch, classes]);
+    let (loss, start) = losses::classify(&mut b, out, o.loss.label_smoothing)?;
+    Ok(b.finish(vec![out], loss, start))
+}

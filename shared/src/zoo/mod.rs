@@ -37,6 +37,10 @@ impl Default for BuildOptions {
     }
 }
 
+/// A TorchScript module the user brings (`file=…`): trained by the agent, measured
+/// rather than estimated, so not among the described [`MODELS`].
+pub const SCRIPT: &str = "torchscript";
+
 /// Every model the zoo can build.
 pub const MODELS: [&str; 12] = [
     "mlp",
@@ -187,6 +191,12 @@ impl<'a> Settings<'a> {
     }
 
     /// `true`/`false` (also 1/0, yes/no, on/off).
+    /// A text setting (a file name, say), trimmed.
+    pub fn text(&self, key: &str, default: &str) -> Result<String, ZooError> {
+        self.note(key, Kind::Text, default.to_owned());
+        Ok(self.raw(key).map_or_else(|| default.to_owned(), |v| v.trim().to_owned()))
+    }
+
     pub fn flag(&self, key: &str, default: bool) -> Result<bool, ZooError> {
         self.note(key, Kind::Bool, default.to_string());
         match self.raw(key).map(str::trim) {
@@ -291,6 +301,8 @@ fn build_with(name: &str, s: &Settings<'_>, batch: u64, opts: &BuildOptions) -> 
         "unet2d" => unet::unet(s, batch, 2, o)?,
         "unet3d" => unet::unet(s, batch, 3, o)?,
         "swin_unetr" => unet::swin_unetr(s, batch, o)?,
+        // Not in MODELS: it trains in the agent but has no description to estimate.
+        SCRIPT => cnn::torchscript(s, batch, o)?,
         other => return Err(ZooError::UnknownModel(other.to_owned())),
     };
     if let Some(err) = s.unknown(name) {
