@@ -27,8 +27,9 @@ void report(const std::exception& e, char* err, size_t err_len) {
 extern "C" {
 
 // kind: 0 SGD (a = momentum, nesterov), 1 Adam, 2 AdamW (a, b = betas). `params` points
-// to n live at::Tensor*, in one parameter group. Returns the optimizer, or null with the
-// reason in err.
+// to n live at::Tensor*, in one parameter group. Returns the optimizer as a
+// torch::optim::Optimizer* (the base the other entry points cast back to), or null with
+// the reason in err.
 void* hr_optim_new(int kind, double lr, double a, double b, double eps, double weight_decay, int nesterov,
                    void** params, int n, char* err, size_t err_len) {
   try {
@@ -37,14 +38,14 @@ void* hr_optim_new(int kind, double lr, double a, double b, double eps, double w
     for (int i = 0; i < n; ++i) ps.push_back(*static_cast<at::Tensor*>(params[i]));
     switch (kind) {
       case 0:
-        return new torch::optim::SGD(
-            ps, torch::optim::SGDOptions(lr).momentum(a).weight_decay(weight_decay).nesterov(nesterov != 0));
+        return static_cast<torch::optim::Optimizer*>(new torch::optim::SGD(
+            ps, torch::optim::SGDOptions(lr).momentum(a).weight_decay(weight_decay).nesterov(nesterov != 0)));
       case 1:
-        return new torch::optim::Adam(
-            ps, torch::optim::AdamOptions(lr).betas({a, b}).eps(eps).weight_decay(weight_decay));
+        return static_cast<torch::optim::Optimizer*>(new torch::optim::Adam(
+            ps, torch::optim::AdamOptions(lr).betas({a, b}).eps(eps).weight_decay(weight_decay)));
       case 2:
-        return new torch::optim::AdamW(
-            ps, torch::optim::AdamWOptions(lr).betas({a, b}).eps(eps).weight_decay(weight_decay));
+        return static_cast<torch::optim::Optimizer*>(new torch::optim::AdamW(
+            ps, torch::optim::AdamWOptions(lr).betas({a, b}).eps(eps).weight_decay(weight_decay)));
       default:
         throw std::invalid_argument("unknown optimizer kind " + std::to_string(kind));
     }

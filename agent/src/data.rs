@@ -196,11 +196,23 @@ struct Sample {
 /// A checked data set.
 #[derive(Debug)]
 pub struct Dataset {
+    /// The data root, canonical: every file is checked to be inside it again when read.
+    root: PathBuf,
     samples: Vec<Sample>,
     want: Want,
-    /// Token files' lengths (token models).
-    lengths: Vec<usize>,
+    /// Token files (token models): their length, item type and where their data starts.
+    tokens: Vec<TokenFile>,
 }
+
+#[derive(Debug)]
+struct TokenFile {
+    len: usize,
+    dtype: String,
+    data_start: u64,
+}
+
+/// A worker's cache of the current epoch's sample order.
+pub type Order = Option<(u64, Vec<u32>)>;
 
 /// Files of a supported format directly in `dir`, sorted, resolved inside `root`.
 fn files_in(root: &Path, dir: &Path) -> Result<Vec<PathBuf>, DataError> {
@@ -219,11 +231,16 @@ fn files_in(root: &Path, dir: &Path) -> Result<Vec<PathBuf>, DataError> {
     Ok(out)
 }
 
-/// The mask beside `input` (`x_mask.*` or `x_seg.*` in the same folder), if any.
-fn mask_beside(input: &Path, files: &[PathBuf]) -> Option<PathBuf> {
-    let s = stem(input);
-    let parent = input.parent();
-    files.iter().find(|f| f.parent() == parent && [format!("{s}_mask"), format!("{s}_seg")].contains(&stem(f))).cloned()
+/// The masks among `files` (`x_mask.*`, `x_seg.*`), by (folder, the input's stem).
+fn masks_by_input(files: &[PathBuf]) -> BTreeMap<(PathBuf, String), PathBuf> {
+    files
+        .iter()
+        .filter_map(|f| {
+            let s = stem(f);
+            let input = s.strip_suffix("_mask").or_else(|| s.strip_suffix("_seg"))?.to_owned();
+            Some(((f.parent()?.to_owned(), input), f.clone()))
+        })
+        .collect()
 }
 
 /// Reads a manifest: (input, label) pairs, each label a class number or a file.
@@ -293,24 +310,30 @@ fn header_shape(path: &Path) -> Result<Vec<usize>, DataError> {
     if size > MAX_FILE_BYTES {
         return Err(err(path, format!("is {size} bytes; the limit per file is {MAX_FILE_BYTES}")));
     }
-    match format_of(path) {
+    let shape: Vec<usize> = match format_of(path) {
         Some(Format::Npy) => {
             let f = std::fs::File::open(path).map_err(|e| err(path, e))?;
             let npy = npyz::NpyFile::new(std::io::BufReader::new(f))
                 .map_err(|e| err(path, format!("not a .npy file: {e}")))?;
-            Ok(npy.shape().iter().map(|&d| d as usize).collect())
+            npy.shape().iter().map(|&d| usize::try_from(d).unwrap_or(usize::MAX)).collect()
         }
         Some(Format::Nifti) => {
             let h = nifti::NiftiHeader::from_file(path).map_err(|e| err(path, format!("not a NIfTI file: {e}")))?;
             let n = usize::from(h.dim[0]).min(7);
-            Ok(h.dim[1..=n].iter().map(|&d| usize::from(d)).collect())
+            h.dim[1..=n].iter().map(|&d| usize::from(d)).collect()
         }
         Some(Format::Image) => {
             let (w, h) = image::image_dimensions(path).map_err(|e| err(path, format!("not a readable image: {e}")))?;
-            Ok(vec![h as usize, w as usize])
+            vec![h as usize, w as usize]
         }
-        None => Err(err(path, "is not .npy, .nii, .nii.gz, .png, .jpg or .jpeg")),
+        None => return Err(err(path, "is not .npy, .nii, .nii.gz, .png, .jpg or .jpeg")),
+    };
+    // Decoded, the sample must fit the per-sample limit: checked here, before any decode.
+    let elements = shape.iter().try_fold(1usize, |acc, &d| acc.checked_mul(d));
+    if elements.is_none_or(|n| n > MAX_SAMPLE_ELEMENTS) {
+        return Err(err(path, format!("has shape {shape:?}: more than {MAX_SAMPLE_ELEMENTS} values per sample")));
     }
+    Ok(shape)
 }
 
 /// Splits a stored shape into (channels, spatial) for `n` spatial dimensions: `[S...]`
@@ -372,9 +395,11 @@ impl Dataset {
         } else {
             let files = files_in(&root, &dir)?;
             let inputs: Vec<&PathBuf> = files.iter().filter(|f| !is_mask_name(f)).collect();
+            let masks = masks_by_input(&files);
             if !inputs.is_empty() {
                 for f in inputs {
-                    let label = match mask_beside(f, &files) {
+                    let key = (f.parent().map(Path::to_path_buf).unwrap_or_default(), stem(f));
+                    let label = match masks.get(&key).cloned() {
                         Some(mask) => Label::Mask(mask),
                         None => Label::None,
                     };
@@ -406,7 +431,7 @@ impl Dataset {
                 "holds no .npy, .nii, .nii.gz, .png, .jpg or .jpeg files (nor class folders of them)",
             ));
         }
-        let mut lengths = Vec::new();
+        let mut tokens = Vec::new();
         // Every file's header against what the model takes, before any training.
         for s in &samples {
             let shape = header_shape(&s.input)?;
@@ -421,10 +446,24 @@ impl Dataset {
                     if shape[0] < *seq {
                         return Err(err(&s.input, format!("holds {} tokens; the model's sequence is {seq}", shape[0])));
                     }
-                    lengths.push(shape[0]);
+                    tokens.push(token_file(&s.input, shape[0])?);
                 }
                 Want::Dense { channels, spatial, label, .. } => {
                     let (c, sp) = split_shape(&s.input, &shape, spatial.len(), *channels)?;
+                    if format_of(&s.input) == Some(Format::Image) && sp.len() == 2 && spatial.len() == 2 {
+                        // Resized so its shorter side fits the input: bounded like any sample.
+                        let scale = (spatial[0] as f64 / sp[0] as f64).max(spatial[1] as f64 / sp[1] as f64);
+                        let resized = (sp[0] as f64 * scale).ceil() * (sp[1] as f64 * scale).ceil() * *channels as f64;
+                        if resized > MAX_SAMPLE_ELEMENTS as f64 {
+                            return Err(err(
+                                &s.input,
+                                format!(
+                                    "is {}x{}: resized to fit {spatial:?} it would exceed {MAX_SAMPLE_ELEMENTS} values",
+                                    sp[1], sp[0]
+                                ),
+                            ));
+                        }
+                    }
                     if c != *channels {
                         return Err(err(&s.input, format!("has {c} channels; the model takes {channels}")));
                     }
@@ -465,7 +504,7 @@ impl Dataset {
                 }
             }
         }
-        Ok(Dataset { samples, want, lengths })
+        Ok(Dataset { root, samples, want, tokens })
     }
 
     pub fn len(&self) -> usize {
@@ -490,18 +529,18 @@ impl Dataset {
     }
 
     /// The batch of `batch` samples starting at run position `start`.
-    pub fn batch(&self, start: u64, batch: usize, seed: u64) -> Result<HostBatch, DataError> {
-        let mut order = None;
+    pub fn batch(&self, start: u64, batch: usize, seed: u64, order: &mut Order) -> Result<HostBatch, DataError> {
         match &self.want {
             Want::Tokens { seq, vocab } => {
                 let mut ids = Vec::with_capacity(batch * seq);
                 for j in 0..batch as u64 {
                     let pos = start + j;
-                    let i = self.sample_at(pos, seed, &mut order);
+                    let i = self.sample_at(pos, seed, order);
                     let mut rng = StdRng::seed_from_u64(seed ^ pos.wrapping_mul(0x9E37_79B9_7F4A_7C15));
-                    let offset = rng.random_range(0..=self.lengths[i] - seq);
-                    let tokens = read_tokens(&self.samples[i].input)?;
-                    for &t in &tokens[offset..offset + seq] {
+                    let file = &self.tokens[i];
+                    let path = inside(&self.root, &self.samples[i].input)?;
+                    let offset = rng.random_range(0..=file.len.saturating_sub(*seq));
+                    for t in read_token_window(&path, file, offset, *seq)? {
                         if t < 0 || t as u64 >= *vocab {
                             return Err(err(
                                 &self.samples[i].input,
@@ -520,16 +559,16 @@ impl Dataset {
                 let mut y_i = Vec::new();
                 for j in 0..batch as u64 {
                     let pos = start + j;
-                    let i = self.sample_at(pos, seed, &mut order);
+                    let i = self.sample_at(pos, seed, order);
                     let s = &self.samples[i];
                     let mut rng = StdRng::seed_from_u64(seed ^ pos.wrapping_mul(0x9E37_79B9_7F4A_7C15));
-                    let input = read_array(&s.input, spatial, *channels, false)?;
+                    let input = read_array(&inside(&self.root, &s.input)?, spatial, *channels, false)?;
                     let offsets = crop_offsets(&input.spatial, spatial, &mut rng);
                     x.extend(fit(&input, spatial, &offsets));
                     match (&s.label, *label) {
                         (Label::Class(c), _) => y_i.push(*c as i64),
                         (Label::Mask(m), kind) => {
-                            let mask = read_array(m, &input.spatial_before_resize, 1, true)?;
+                            let mask = read_array(&inside(&self.root, m)?, &input.spatial_before_resize, 1, true)?;
                             let mask = if mask.spatial != input.spatial {
                                 resize_nearest(&mask, &input.spatial)
                             } else {
@@ -601,24 +640,51 @@ fn npy_type(dtype: &npyz::DType) -> Option<String> {
     Some(d.trim_start_matches(['<', '|', '=']).to_owned())
 }
 
-fn read_tokens(path: &Path) -> Result<Vec<i64>, DataError> {
+/// A token file's item type and where its data starts, from its header.
+fn token_file(path: &Path, len: usize) -> Result<TokenFile, DataError> {
+    use std::io::Read;
     let f = std::fs::File::open(path).map_err(|e| err(path, e))?;
     let npy = npyz::NpyFile::new(std::io::BufReader::new(f)).map_err(|e| err(path, e))?;
     let dtype = npy_type(&npy.dtype()).unwrap_or_default();
-    let bad = |e: std::io::Error| err(path, e);
-    Ok(match dtype.as_str() {
-        "i8" => npy.into_vec::<i64>().map_err(bad)?,
-        "i4" => npy.into_vec::<i32>().map_err(bad)?.into_iter().map(i64::from).collect(),
-        "u2" => npy.into_vec::<u16>().map_err(bad)?.into_iter().map(i64::from).collect(),
-        "i2" => npy.into_vec::<i16>().map_err(bad)?.into_iter().map(i64::from).collect(),
-        "u4" => npy.into_vec::<u32>().map_err(bad)?.into_iter().map(i64::from).collect(),
-        _ => {
-            return Err(err(
-                path,
-                format!("token ids must be little-endian int16/uint16/int32/uint32/int64, not {}", npy_type_text(path)),
-            ));
-        }
-    })
+    if !["i2", "u2", "i4", "u4", "i8"].contains(&dtype.as_str()) {
+        return Err(err(
+            path,
+            format!("token ids must be little-endian int16/uint16/int32/uint32/int64, not {}", npy.dtype().descr()),
+        ));
+    }
+    // The header: magic (6), version (2), its length (2 bytes in v1, 4 later), itself.
+    let mut head = [0u8; 12];
+    std::fs::File::open(path).and_then(|mut f| f.read_exact(&mut head)).map_err(|e| err(path, e))?;
+    let data_start = if head[6] == 1 {
+        10 + u64::from(u16::from_le_bytes([head[8], head[9]]))
+    } else {
+        12 + u64::from(u32::from_le_bytes([head[8], head[9], head[10], head[11]]))
+    };
+    Ok(TokenFile { len, dtype, data_start })
+}
+
+/// `len` token ids from position `offset` of a token file, read directly from disk.
+fn read_token_window(path: &Path, file: &TokenFile, offset: usize, len: usize) -> Result<Vec<i64>, DataError> {
+    use std::io::{Read, Seek, SeekFrom};
+    let size = match file.dtype.as_str() {
+        "i2" | "u2" => 2,
+        "i4" | "u4" => 4,
+        _ => 8,
+    };
+    let mut f = std::fs::File::open(path).map_err(|e| err(path, e))?;
+    f.seek(SeekFrom::Start(file.data_start + (offset * size) as u64)).map_err(|e| err(path, e))?;
+    let mut raw = vec![0u8; len * size];
+    f.read_exact(&mut raw).map_err(|e| err(path, format!("reading tokens {offset}..{}: {e}", offset + len)))?;
+    Ok(raw
+        .chunks_exact(size)
+        .map(|b| match file.dtype.as_str() {
+            "i2" => i64::from(i16::from_le_bytes([b[0], b[1]])),
+            "u2" => i64::from(u16::from_le_bytes([b[0], b[1]])),
+            "i4" => i64::from(i32::from_le_bytes([b[0], b[1], b[2], b[3]])),
+            "u4" => i64::from(u32::from_le_bytes([b[0], b[1], b[2], b[3]])),
+            _ => i64::from_le_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]]),
+        })
+        .collect())
 }
 
 fn read_npy(path: &Path) -> Result<(Vec<usize>, Vec<f32>), DataError> {
@@ -649,14 +715,6 @@ fn read_npy(path: &Path) -> Result<(Vec<usize>, Vec<f32>), DataError> {
         other => return Err(err(path, format!("has dtype {other}; expected a little-endian number or bool array"))),
     };
     Ok((shape, data))
-}
-
-/// A file's `.npy` dtype as written in its header, for messages.
-fn npy_type_text(path: &Path) -> String {
-    std::fs::File::open(path)
-        .ok()
-        .and_then(|f| npyz::NpyFile::new(std::io::BufReader::new(f)).ok())
-        .map_or_else(|| "an unreadable header".to_owned(), |n| n.dtype().descr())
 }
 
 fn read_nifti(path: &Path) -> Result<(Vec<usize>, Vec<f32>), DataError> {
@@ -693,7 +751,17 @@ fn read_array(path: &Path, target: &[usize], channels: usize, mask: bool) -> Res
             };
             let (h, w) = (img.height() as usize, img.width() as usize);
             let data: Vec<f32> = match channels {
-                1 if mask => img.to_luma8().into_raw().into_iter().map(f32::from).collect(),
+                // A mask's values are labels: read them as stored, never rescaled.
+                1 if mask => match &img {
+                    image::DynamicImage::ImageLuma8(m) => m.as_raw().iter().map(|&v| f32::from(v)).collect(),
+                    image::DynamicImage::ImageLuma16(m) => m.as_raw().iter().map(|&v| f32::from(v)).collect(),
+                    other => {
+                        return Err(err(
+                            path,
+                            format!("a mask image must be 8- or 16-bit gray; this one is {:?}", other.color()),
+                        ));
+                    }
+                },
                 1 => img.to_luma32f().into_raw(),
                 3 => {
                     let rgb = img.to_rgb32f().into_raw();
@@ -859,8 +927,8 @@ pub type Room = Box<dyn Fn() -> bool + Send + Sync>;
 const POLL: std::time::Duration = std::time::Duration::from_millis(20);
 
 impl Shared {
-    fn make(&self, k: u64) -> Result<HostBatch, DataError> {
-        self.dataset.batch(self.start + k * self.batch as u64, self.batch, self.seed)
+    fn make(&self, k: u64, order: &mut Order) -> Result<HostBatch, DataError> {
+        self.dataset.batch(self.start + k * self.batch as u64, self.batch, self.seed, order)
     }
 
     fn budget(&self) -> u64 {
@@ -870,6 +938,8 @@ impl Shared {
 
 /// Batches of a data set, made ahead on worker threads.
 pub struct Loader {
+    /// The epoch order when the trainer's thread makes a batch itself.
+    order: Order,
     shared: Arc<Shared>,
     threads: Vec<std::thread::JoinHandle<()>>,
 }
@@ -906,7 +976,7 @@ impl Loader {
                     .expect("spawning a loader thread")
             })
             .collect();
-        Loader { shared, threads }
+        Loader { order: None, shared, threads }
     }
 
     /// The next batch, in order.
@@ -926,7 +996,7 @@ impl Loader {
                 q.next_to_make = k + 1;
                 q.taken += 1;
                 drop(q);
-                return s.make(k);
+                return s.make(k, &mut self.order);
             }
             s.changed.notify_all();
             let (guard, timeout) = s.changed.wait_timeout(q, POLL).unwrap_or_else(std::sync::PoisonError::into_inner);
@@ -963,6 +1033,7 @@ impl Loader {
 }
 
 fn worker(s: &Shared, id: usize) {
+    let mut order: Order = None;
     let mut q = s.queue.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
     loop {
         if q.stop {
@@ -973,7 +1044,8 @@ fn worker(s: &Shared, id: usize) {
             let k = q.next_to_make;
             q.next_to_make += 1;
             drop(q);
-            let b = s.make(k);
+            let b = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| s.make(k, &mut order)))
+                .unwrap_or_else(|_| Err(DataError(format!("the loader failed while making batch {k}"))));
             q = s.queue.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
             q.ready.insert(k, b);
             s.changed.notify_all();
@@ -1113,7 +1185,7 @@ mod tests {
             |spatial: Vec<usize>| Want::Dense { channels: 1, spatial, label: LabelKind::FloatMap { classes: 3 } };
         let ds = open(root.path(), "scans", None, want(vec![6, 5, 4])).expect("open");
         assert_eq!(ds.len(), 1, "the mask is not a sample");
-        let b = ds.batch(0, 1, 1).expect("batch");
+        let b = ds.batch(0, 1, 1, &mut None).expect("batch");
         assert_eq!(b.tensors[0].shape, vec![1, 1, 6, 5, 4]);
         let x = f32s(&b.tensors[0]);
         // Logical (x, y, z) order, z fastest.
@@ -1123,7 +1195,7 @@ mod tests {
         // A 4x4x4 crop: the label moves with the image.
         let ds = open(root.path(), "scans", None, want(vec![4, 4, 4])).expect("open");
         for pos in 0..8 {
-            let b = ds.batch(pos, 1, 3).expect("batch");
+            let b = ds.batch(pos, 1, 3, &mut None).expect("batch");
             let (x, y) = (f32s(&b.tensors[0]), f32s(&b.tensors[1]));
             assert_eq!(b.tensors[1].shape, vec![1, 1, 4, 4, 4]);
             for (v, l) in x.iter().zip(y) {
@@ -1132,7 +1204,7 @@ mod tests {
         }
         // Bigger than the volume: zero padding around it.
         let ds = open(root.path(), "scans", None, want(vec![8, 5, 4])).expect("open");
-        let x = ds.batch(0, 1, 3).expect("batch");
+        let x = ds.batch(0, 1, 3, &mut None).expect("batch");
         assert_eq!(f32s(&x.tensors[0]).iter().filter(|&&v| v == 0.0).count(), 2 * 20 + 1);
         // A mask of the wrong size is named with its input.
         let small = ndarray::Array3::<f32>::zeros((6, 5, 3));
@@ -1160,7 +1232,7 @@ mod tests {
         let want = Want::Dense { channels: 3, spatial: vec![16, 16], label: LabelKind::Class { classes: 2 } };
         let ds = open(root.path(), "pets", None, want).expect("open");
         assert_eq!(ds.len(), 4);
-        let b = ds.batch(0, 4, 5).expect("batch");
+        let b = ds.batch(0, 4, 5, &mut None).expect("batch");
         assert_eq!(b.tensors[0].shape, vec![4, 3, 16, 16]);
         let HostData::I64(y) = &b.tensors[1].data else { panic!("labels") };
         let x = f32s(&b.tensors[0]);
@@ -1179,7 +1251,7 @@ mod tests {
         // A model with 2 channels cannot take images.
         let two = Want::Dense { channels: 2, spatial: vec![16, 16], label: LabelKind::Class { classes: 2 } };
         let ds = open(root.path(), "pets", None, two).expect("headers pass");
-        assert!(ds.batch(0, 1, 0).expect_err("2 channels").0.contains("1 or 3 channels"));
+        assert!(ds.batch(0, 1, 0, &mut None).expect_err("2 channels").0.contains("1 or 3 channels"));
         // Three class folders for a two-class model.
         std::fs::create_dir_all(root.path().join("pets/owls")).expect("mkdir");
         image::GrayImage::new(8, 8).save(root.path().join("pets/owls/o.png")).expect("png");
@@ -1199,7 +1271,7 @@ mod tests {
         let want = || Want::Dense { channels: 2, spatial: vec![3, 3], label: LabelKind::Class { classes: 3 } };
         std::fs::write(root.path().join("labels.csv"), "input,label\ns0.npy,2\ns1.npy,0\ns2.npy,1\n").expect("csv");
         let ds = open(root.path(), "arrays", Some("labels.csv"), want()).expect("csv");
-        let b = ds.batch(0, 3, 0).expect("batch");
+        let b = ds.batch(0, 3, 0, &mut None).expect("batch");
         let HostData::I64(y) = &b.tensors[1].data else { panic!("labels") };
         let x = f32s(&b.tensors[0]);
         for j in 0..3 {
@@ -1256,7 +1328,7 @@ mod tests {
         }
         std::fs::write(d.join("stream.npy"), out).expect("write");
         let ds = open(root.path(), "text", None, Want::Tokens { seq: 16, vocab: 1000 }).expect("open");
-        let b = ds.batch(0, 4, 9).expect("batch");
+        let b = ds.batch(0, 4, 9, &mut None).expect("batch");
         let HostData::I64(ids) = &b.tensors[0].data else { panic!("ids") };
         for w in ids.chunks(16) {
             assert!(w.windows(2).all(|p| p[1] == p[0] + 1), "a contiguous window: {w:?}");
@@ -1268,6 +1340,27 @@ mod tests {
                 .contains("holds 100 tokens")
         );
         let ds = open(root.path(), "text", None, Want::Tokens { seq: 16, vocab: 50 }).expect("open");
-        assert!((0..20).any(|p| ds.batch(p, 1, 0).is_err_and(|e| e.0.contains("vocabulary is 50"))));
+        assert!((0..20).any(|p| ds.batch(p, 1, 0, &mut None).is_err_and(|e| e.0.contains("vocabulary is 50"))));
+    }
+
+    #[test]
+    fn mask_images_keep_their_label_values_at_8_and_16_bits_and_colour_masks_are_refused() {
+        let root = tempfile::tempdir().expect("tmp");
+        let d = root.path().join("seg");
+        std::fs::create_dir(&d).expect("mkdir");
+        image::GrayImage::from_pixel(8, 8, image::Luma([40])).save(d.join("a.png")).expect("png");
+        // Class 3 everywhere, stored as 16-bit: a rescaling reader would make it 0.
+        image::ImageBuffer::<image::Luma<u16>, Vec<u16>>::from_pixel(8, 8, image::Luma([3]))
+            .save(d.join("a_mask.png"))
+            .expect("png");
+        let want = Want::Dense { channels: 1, spatial: vec![8, 8], label: LabelKind::IndexMap { classes: 4 } };
+        let ds = open(root.path(), "seg", None, want.clone()).expect("open");
+        let b = ds.batch(0, 1, 0, &mut None).expect("batch");
+        let HostData::I64(y) = &b.tensors[1].data else { panic!("labels") };
+        assert!(y.iter().all(|&c| c == 3), "{y:?}");
+        image::RgbImage::new(8, 8).save(d.join("a_mask.png")).expect("png");
+        let ds = open(root.path(), "seg", None, want).expect("headers pass");
+        let e = ds.batch(0, 1, 0, &mut None).expect_err("colour");
+        assert!(e.0.contains("a_mask.png") && e.0.contains("gray"), "{e}");
     }
 }

@@ -10,6 +10,7 @@ pub mod calibration;
 pub mod cli;
 pub mod connection;
 pub mod data;
+pub mod distance;
 pub mod finder;
 pub mod http;
 pub mod input;

@@ -12,7 +12,6 @@ use thiserror::Error;
 use crate::graph::{Checkpoint, Graph, Shape};
 use crate::zoo::{self, BuildOptions, LossKind, LossSpec, join};
 
-/// Limits a plan must respect. Each one is named in the error that enforces it.
 /// A data path as a plan may give it: relative to the agent's data root, with no `..`,
 /// no empty or `.` components, no backslashes or control characters. The agent confines
 /// the resolved path (symlinks included) to the root as well.
@@ -94,6 +93,7 @@ pub const PLAN_KEYS: &[&str] = &[
     "retain_bytes_per_step",
 ];
 
+/// Limits a plan must respect. Each one is named in the error that enforces it.
 pub mod limits {
     pub const MAX_MICRO_BATCH: u64 = 65_536;
     pub const MAX_ACCUMULATION: u64 = 4_096;
@@ -908,7 +908,6 @@ impl Plan {
             }
     }
 
-    /// Optimizer steps per epoch (the whole run when the schedule is in steps).
     /// The validation pass's micro-batch, when the plan validates.
     pub fn validation_batch(&self) -> Option<u64> {
         (self.val_batches > 0).then_some(if self.val_batch == 0 { self.micro_batch } else { self.val_batch })
@@ -940,6 +939,7 @@ impl Plan {
         self.checkpoint_every > 0 && (step.is_multiple_of(self.checkpoint_every) || step == self.total_steps())
     }
 
+    /// Optimizer steps per epoch (the whole run when the schedule is in steps).
     pub fn steps_per_epoch(&self) -> u64 {
         match self.schedule {
             Schedule::Steps(steps) => steps,

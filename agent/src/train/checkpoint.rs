@@ -1,6 +1,6 @@
 //! Checkpoints: a directory per save, `step-00000042/` under the agent's checkpoint
 //! directory, holding
-//! - `weights.safetensors`: every parameter and buffer by its module path (readable with
+//! - `weights.safetensors`: every parameter and buffer by its module path (a TorchScript module: its parameters; readable with
 //!   `safetensors.torch.load_file` in Python),
 //! - `optimizer.pt`: libtorch's optimizer state (`torch::save(optimizer)`: moments and
 //!   step counts),
@@ -19,7 +19,7 @@ use super::TrainError;
 use super::ffi::Optim;
 
 /// Bumped when the layout or `state.json` changes incompatibly.
-pub const FORMAT: u32 = 1;
+pub const FORMAT: u32 = 2;
 
 const WEIGHTS: &str = "weights.safetensors";
 const OPTIMIZER: &str = "optimizer.pt";
@@ -31,6 +31,9 @@ pub struct State {
     pub format: u32,
     /// The plan's model name, checked on resume.
     pub model: String,
+    /// The optimizer with its options, as the plan gave them (checked on resume: the
+    /// saved state brings its own options).
+    pub optimizer: String,
     /// Optimizer steps done.
     pub step: u64,
     pub micro_batch: u64,

@@ -129,6 +129,19 @@ fn mem_available() -> Option<u64> {
     Some(kib * 1024)
 }
 
+/// One counter of a cgroup's `memory.stat` (0 when absent).
+fn stat(path: &std::path::Path, key: &str) -> u64 {
+    std::fs::read_to_string(path)
+        .ok()
+        .and_then(|t| {
+            t.lines().find_map(|l| {
+                let mut parts = l.split_whitespace();
+                (parts.next() == Some(key)).then(|| parts.next()?.parse().ok()).flatten()
+            })
+        })
+        .unwrap_or(0)
+}
+
 fn read_u64(path: &std::path::Path) -> Option<u64> {
     std::fs::read_to_string(path).ok()?.trim().parse().ok()
 }
@@ -148,7 +161,9 @@ fn cgroup_headroom() -> Option<u64> {
                 return None;
             }
             let (limit, used) = (max.trim().parse::<u64>().ok()?, read_u64(&dir.join("memory.current"))?);
-            return Some(limit.saturating_sub(used));
+            // Page cache the kernel can drop (files read, data sets above all) is not a threat.
+            let cache = stat(&dir.join("memory.stat"), "inactive_file");
+            return Some(limit.saturating_sub(used.saturating_sub(cache)));
         }
         if controllers.split(',').any(|c| c == "memory") {
             let dir = std::path::Path::new("/sys/fs/cgroup/memory").join(rel);
@@ -157,15 +172,17 @@ fn cgroup_headroom() -> Option<u64> {
             if limit >= (1u64 << 62) {
                 return None;
             }
-            return Some(limit.saturating_sub(read_u64(&dir.join("memory.usage_in_bytes"))?));
+            let used = read_u64(&dir.join("memory.usage_in_bytes"))?;
+            let cache = stat(&dir.join("memory.stat"), "total_inactive_file");
+            return Some(limit.saturating_sub(used.saturating_sub(cache)));
         }
     }
     None
 }
 
 /// The tightest of: the plan's limit less this process's RSS, the cgroup's room, the
-/// machine's available memory.
-pub fn host_headroom(rss: u64, plan_limit: Option<u64>) -> HostHeadroom {
+/// machine's available memory — each less `ahead`, what the next step will still add.
+pub fn host_headroom(rss: u64, ahead: u64, plan_limit: Option<u64>) -> HostHeadroom {
     let mut best = HostHeadroom { bytes: u64::MAX, bound: "nothing" };
     let mut consider = |bytes: Option<u64>, bound: &'static str| {
         if let Some(b) = bytes
@@ -177,6 +194,7 @@ pub fn host_headroom(rss: u64, plan_limit: Option<u64>) -> HostHeadroom {
     consider(plan_limit.map(|l| l.saturating_sub(rss)), "the plan's host_memory_limit");
     consider(cgroup_headroom(), "the cgroup's memory limit");
     consider(mem_available(), "the machine's available memory");
+    best.bytes = best.bytes.saturating_sub(ahead);
     best
 }
 

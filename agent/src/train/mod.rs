@@ -340,6 +340,42 @@ fn step_seed(seed: u64, step: u64) -> i64 {
     (mix >> 2) as i64
 }
 
+/// The mean distance of the predicted foreground to the labelled one over the batch
+/// (`crate::distance`): the logits and labels copied to host memory first, as the
+/// SciPy-based losses of 3-D segmentation pull them off the GPU.
+fn surface_distance(graph: &Graph, held: &Held) -> Result<crate::distance::SurfaceDistance, TrainError> {
+    let host = |t: &Tensor| -> Result<Vec<f32>, tch::TchError> { Vec::<f32>::try_from(&t.f_view([-1])?) };
+    let (Some(logits), Some(k)) = (held.returned.first(), graph.inputs.iter().position(|&(_, k)| k != InputKind::Real))
+    else {
+        return Ok(crate::distance::SurfaceDistance { mean: None, bytes: 0 });
+    };
+    let size = logits.size();
+    let (b, c) = (size[0] as usize, size.get(1).copied().unwrap_or(1) as usize);
+    let spatial: Vec<usize> = size.iter().skip(2).map(|&d| d as usize).collect();
+    let per: usize = spatial.iter().product();
+    let scores = host(&logits.f_detach()?.f_contiguous()?)?;
+    let labels = host(&held.batch[k])?;
+    let (mut sum, mut count, mut bytes) = (0.0, 0u64, 0u64);
+    for s in 0..b {
+        // Foreground: class > 0 by argmax, or a positive logit for one channel.
+        let pred: Vec<f32> = (0..per)
+            .map(|v| {
+                let at = |ch: usize| scores[(s * c + ch) * per + v];
+                let fg = if c == 1 { at(0) > 0.0 } else { (1..c).any(|ch| (0..c).all(|o| at(ch) >= at(o))) };
+                if fg { 1.0 } else { 0.0 }
+            })
+            .collect();
+        let label = &labels[s * per..(s + 1) * per];
+        let d = crate::distance::surface_distance(&pred, label, &spatial);
+        bytes = bytes.max(d.bytes + (scores.len() + labels.len()) as u64 * 4);
+        if let Some(m) = d.mean {
+            sum += m;
+            count += 1;
+        }
+    }
+    Ok(crate::distance::SurfaceDistance { mean: (count > 0).then(|| sum / count as f64), bytes })
+}
+
 /// What one validation pass measured.
 struct Validated {
     loss: f64,
@@ -364,6 +400,7 @@ fn validate(
     let mut total = 0.0;
     tch::no_grad(|| -> Result<(), TrainError> {
         let mut held = Held::default();
+        let mut order: data::Order = None;
         for k in 0..batches {
             if stop.load(Ordering::Relaxed) {
                 return Err(TrainError::Cancelled);
@@ -372,7 +409,7 @@ fn validate(
             held.batch = match data {
                 Some(d) => {
                     let b = net.graph.micro_batch();
-                    to_tensors(d.batch(k * b, b as usize, seed)?, device)?
+                    to_tensors(d.batch(k * b, b as usize, seed, &mut order)?, device)?
                 }
                 None => make_batch(&net.graph, device)?,
             };
@@ -447,7 +484,7 @@ pub fn train(
                     plan.total_steps()
                 )));
             }
-            if state.micro_batch * state.accumulation != plan.micro_batch * plan.accumulation {
+            if state.micro_batch.checked_mul(state.accumulation) != Some(plan.micro_batch * plan.accumulation) {
                 return Err(TrainError::Checkpoint(format!(
                     "{}: was saved with an effective batch of {} x {}; this plan's is {} x {}",
                     dir.display(),
@@ -455,6 +492,16 @@ pub fn train(
                     state.accumulation,
                     plan.micro_batch,
                     plan.accumulation
+                )));
+            }
+            // libtorch's optimizer state carries its options: a resumed plan must name
+            // the same optimizer, or its own options would be silently replaced.
+            let optimizer = format!("{:?}", plan.optimizer);
+            if state.optimizer != optimizer {
+                return Err(TrainError::Checkpoint(format!(
+                    "{}: was saved with optimizer {}; this plan's is {optimizer}",
+                    dir.display(),
+                    state.optimizer
                 )));
             }
             Some((dir, state))
@@ -523,7 +570,7 @@ pub fn train(
     // `Op::Script` node; its parameters are the ones trained.
     let script = match &plan.model {
         shared::plan::ModelSpec::Zoo { name, settings } if name == shared::zoo::SCRIPT => {
-            let file = settings.get("file").map(String::as_str).unwrap_or_default();
+            let file = settings.get("file").map(|f| f.trim()).unwrap_or_default();
             let root = files.data_root.as_deref().ok_or_else(|| {
                 TrainError::Data(format!("file={file} needs a data root on the agent (headroom run --data-root DIR)"))
             })?;
@@ -615,8 +662,8 @@ pub fn train(
         train_data.as_ref().map(|d| {
             let swing = Arc::clone(&swing);
             let room: data::Room = Box::new(move || {
-                let rss = memory::host_rss_bytes() + swing.load(Ordering::Relaxed);
-                memory::host_headroom(rss, host_limit).bytes >= reserve + batch_bytes
+                let room = memory::host_headroom(memory::host_rss_bytes(), swing.load(Ordering::Relaxed), host_limit);
+                room.bytes >= reserve + batch_bytes
             });
             data::Loader::new(
                 Arc::clone(d),
@@ -682,6 +729,24 @@ pub fn train(
                         }
                     }
                     batch_peak = batch_peak.max(phases.end(Phase::Backward));
+                    // W4's surface-distance term on the CPU, every k-th step, from the
+                    // step's last prediction and labels (host memory, not the device's).
+                    if micro_batch == cur.accumulation
+                        && plan.host.distance_loss_every > 0
+                        && step.is_multiple_of(plan.host.distance_loss_every)
+                        && let Task::Segment { .. } = cur_graph.task
+                    {
+                        let t = Instant::now();
+                        let d = surface_distance(&cur_graph, &held)?;
+                        on_event(
+                            step,
+                            shared::protocol::JobEvent::SurfaceDistance {
+                                mean: d.mean,
+                                host_bytes: d.bytes,
+                                micro_seconds: u64::try_from(t.elapsed().as_micros()).unwrap_or(u64::MAX),
+                            },
+                        );
+                    }
                     let loss_value =
                         held.loss.as_ref().map_or(Ok(f64::NAN), |l| l.f_double_value(&[]))? * cur.accumulation as f64;
                     let learning_rate = plan.learning_rate_at(step);
@@ -742,12 +807,12 @@ pub fn train(
                         swing.store(hwm.saturating_sub(rss), Ordering::Relaxed);
                     }
                     let ahead = swing.load(Ordering::Relaxed);
-                    let mut room = memory::host_headroom(rss + ahead, plan.host_memory_limit_bytes);
+                    let mut room = memory::host_headroom(rss, ahead, plan.host_memory_limit_bytes);
                     guard_cooldown = guard_cooldown.saturating_sub(1);
                     if room.bytes < reserve && guard_cooldown == 0 {
                         // What the allocator merely caches does not count: give it back first.
                         rss = memory::trim_host_memory();
-                        room = memory::host_headroom(rss + ahead, plan.host_memory_limit_bytes);
+                        room = memory::host_headroom(rss, ahead, plan.host_memory_limit_bytes);
                     }
                     if room.bytes < reserve && guard_cooldown == 0 {
                         match loader.as_ref().and_then(data::Loader::reduce) {
@@ -768,12 +833,17 @@ pub fn train(
                             }
                             None => {
                                 return Err(TrainError::HostMemory(format!(
-                                    "stopped at step {step}: the worker holds {} (with {} more at the step's peak) and {} leaves {} ({} needed for the next batches); the loader is already at 0 workers",
+                                    "stopped at step {step}: the worker holds {} (with {} more at the step's peak) and {} leaves {} ({} needed for the next batches); {}",
                                     shared::Bytes(rss),
                                     shared::Bytes(ahead),
                                     room.bound,
                                     shared::Bytes(room.bytes),
-                                    shared::Bytes(reserve)
+                                    shared::Bytes(reserve),
+                                    if loader.is_some() {
+                                        "the loader is already at 0 workers"
+                                    } else {
+                                        "there is no loader to lower"
+                                    }
                                 )));
                             }
                         }
@@ -878,6 +948,7 @@ pub fn train(
             let state = checkpoint::State {
                 format: checkpoint::FORMAT,
                 model: plan.model_name().to_owned(),
+                optimizer: format!("{:?}", plan.optimizer),
                 step,
                 micro_batch: cur.micro_batch,
                 accumulation: cur.accumulation,

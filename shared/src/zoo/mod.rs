@@ -190,13 +190,13 @@ impl<'a> Settings<'a> {
         Ok(v)
     }
 
-    /// `true`/`false` (also 1/0, yes/no, on/off).
     /// A text setting (a file name, say), trimmed.
     pub fn text(&self, key: &str, default: &str) -> Result<String, ZooError> {
         self.note(key, Kind::Text, default.to_owned());
         Ok(self.raw(key).map_or_else(|| default.to_owned(), |v| v.trim().to_owned()))
     }
 
+    /// `true`/`false` (also 1/0, yes/no, on/off).
     pub fn flag(&self, key: &str, default: bool) -> Result<bool, ZooError> {
         self.note(key, Kind::Bool, default.to_string());
         match self.raw(key).map(str::trim) {

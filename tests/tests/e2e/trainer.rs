@@ -179,6 +179,16 @@ fn a_resumed_run_continues_exactly_where_the_checkpoint_left_it() -> anyhow::Res
     .concat())?;
     assert_ne!(code, 0);
     assert!(err.contains("effective batch"), "{err}");
+    // The saved optimizer state brings its own options: another optimizer is refused.
+    let out = second.to_str().expect("present");
+    let (code, _, err) = cli(&[
+        &["run", "--device", "cpu"][..],
+        &plan[..],
+        &["--set", "weight_decay=0.1", "--checkpoint-dir", out, "--resume", step3.to_str().expect("present")],
+    ]
+    .concat())?;
+    assert_ne!(code, 0);
+    assert!(err.contains("was saved with optimizer"), "{err}");
     let (code, _, err) = cli(&[&["run", "--device", "cpu"][..], &plan[..]].concat())?;
     assert_ne!(code, 0);
     assert!(err.contains("checkpoint_every") && err.contains("--checkpoint-dir"), "{err}");
@@ -484,5 +494,25 @@ fn a_torchscript_module_trains_with_the_same_loop_and_is_calibrated_not_estimate
         cli(&["run", "--device", "cpu", "--model", "torchscript", "--set", "file=bad.pt", "--data-root", data_root])?;
     assert_ne!(code, 0);
     assert!(err.contains("bad.pt") && err.contains("not a TorchScript module"), "{err}");
+    Ok(())
+}
+
+#[test]
+fn w4s_surface_distance_runs_on_the_cpu_every_kth_step_and_leaves_the_device_peak_alone() -> anyhow::Result<()> {
+    let every = |k: &str| -> anyhow::Result<Vec<Value>> {
+        run(&["--plan", "examples/cpu/w4.yaml", "--set", "steps=4", "--set", &format!("distance_loss_every={k}")])
+    };
+    let with = every("2")?;
+    let d = events(&with, "surface_distance");
+    assert_eq!(d.iter().map(|v| v["step"].as_u64().expect("step")).collect::<Vec<_>>(), vec![2, 4], "{d:?}");
+    for v in &d {
+        assert!(v["event"]["mean"].as_f64().is_some_and(|m| m.is_finite() && m >= 0.0), "{v}");
+        // float64 distances, an int32 index per axis, the mask, and the float32 copies:
+        // at least 29 bytes for each of the 24x40x40 voxels.
+        assert!(v["event"]["host_bytes"].as_u64().is_some_and(|b| b >= 29 * 24 * 40 * 40), "{v}");
+    }
+    let without = every("0")?;
+    assert!(events(&without, "surface_distance").is_empty());
+    assert_eq!(summary(&with)["peak_bytes"], summary(&without)["peak_bytes"], "host memory only");
     Ok(())
 }
