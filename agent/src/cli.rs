@@ -50,6 +50,11 @@ enum Command {
         /// Jobs running at once (one per GPU keeps measurements clean).
         #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=64))]
         max_jobs: u32,
+        /// Serve plain HTTP and WebSocket on an address other than loopback, where anyone
+        /// on the network can read the token in transit. Without it, only loopback
+        /// addresses are served (reach a remote agent through an SSH tunnel).
+        #[arg(long)]
+        insecure_http: bool,
     },
     /// Run a plan here: one JSON line per micro-batch on stdout, then a summary line.
     Run {
@@ -414,7 +419,18 @@ fn estimate(
 async fn async_main(command: Command) -> anyhow::Result<()> {
     let exe = std::env::current_exe().context("locating this executable for worker processes")?;
     match command {
-        Command::Serve { bind, web_dir, token, allow_origins, max_connections, max_jobs } => {
+        Command::Serve { bind, web_dir, token, allow_origins, max_connections, max_jobs, insecure_http } => {
+            // An agent runs jobs: on a shared network it must not be reachable in clear text
+            // by accident. TLS is not served yet; an SSH tunnel to loopback is the safe way.
+            if !bind.ip().is_loopback() {
+                if !insecure_http {
+                    return Err(BadInput(format!(
+                        "--bind {bind}: not a loopback address; this agent serves only loopback without TLS. Reach it through an SSH tunnel (ssh -L 8787:127.0.0.1:8787 HOST), or pass --insecure-http to accept clear text on the network"
+                    ))
+                    .into());
+                }
+                tracing::warn!(%bind, "serving plain HTTP beyond loopback (--insecure-http): the token travels in clear text");
+            }
             let token = token.unwrap_or_else(crate::auth::new_token);
             if token.len() < 16 || !token.bytes().all(|b| b.is_ascii_alphanumeric()) {
                 return Err(BadInput("--token: use at least 16 letters or digits".into()).into());
