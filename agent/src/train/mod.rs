@@ -253,6 +253,23 @@ fn make_batch(graph: &Graph, device: Device) -> Result<Vec<Tensor>, tch::TchErro
                     bucket(channel0(&with_channel)?, classes)?.f_to_kind(Kind::Int64)?.f_reshape(shape.as_slice())?
                 }
                 InputKind::ClassMap { classes } => bucket(channel0(&shape)?, classes)?,
+                // A 2-D binary mask (W2's retinal vessels): thin curving lines across the
+                // image, drawn on the host, and the image brighter along them (+2), so that
+                // the mask is learnable and as sparse as vessels are.
+                InputKind::Mask if shape.len() == 4 => {
+                    let dims = |k: usize| usize::try_from(shape[k]).unwrap_or(1);
+                    let seed = Tensor::f_randint(i64::MAX, [1], (Kind::Int64, Device::Cpu))?.f_int64_value(&[0])?;
+                    let host = vessels(dims(0), dims(2), dims(3), seed as u64);
+                    let m = Tensor::f_from_slice(&host)?.f_view(shape.as_slice())?;
+                    drop(host);
+                    let m = if device == Device::Cpu { m } else { m.f_to_device(device)? };
+                    if let Some(x) = source.as_ref().filter(|x| x.size().len() == 4 && x.size()[2..] == shape[2..]) {
+                        let x0 = x.f_narrow(1, 0, 1)?;
+                        let _ = x0.shallow_clone().f_add_(&m)?;
+                        let _ = x0.shallow_clone().f_add_(&m)?;
+                    }
+                    m
+                }
                 InputKind::Mask => {
                     let mut m = channel0(&shape)?;
                     let _ = m.f_gt_(0.0)?;
@@ -262,6 +279,39 @@ fn make_batch(graph: &Graph, device: Device) -> Result<Vec<Tensor>, tch::TchErro
         }
         out.into_iter().map(|t| t.ok_or_else(|| tch::TchError::Shape("an input was not made".to_owned()))).collect()
     })
+}
+
+/// `b` masks of `h x w` (row-major, 0/1) with two to four vessels each: curves that cross
+/// the image from its left edge with a slowly turning heading, one to a few pixels wide.
+fn vessels(b: usize, h: usize, w: usize, seed: u64) -> Vec<f32> {
+    use rand::{Rng, SeedableRng};
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let mut out = vec![0.0f32; b * h * w];
+    let radius = (h.min(w) / 256).max(1) as i64;
+    for s in 0..b {
+        let mask = &mut out[s * h * w..(s + 1) * h * w];
+        for _ in 0..rng.random_range(2..=4) {
+            let (mut y, mut x) = (rng.random_range(0.0..h as f64), 0.0f64);
+            let mut heading: f64 = rng.random_range(-0.6..0.6);
+            while x < w as f64 && y >= 0.0 && y < h as f64 {
+                for dy in -radius..=radius {
+                    for dx in -radius..=radius {
+                        let (py, px) = (y as i64 + dy, x as i64 + dx);
+                        if dy * dy + dx * dx <= radius * radius
+                            && (0..h as i64).contains(&py)
+                            && (0..w as i64).contains(&px)
+                        {
+                            mask[py as usize * w + px as usize] = 1.0;
+                        }
+                    }
+                }
+                heading = (heading + rng.random_range(-0.08..0.08)).clamp(-1.2, 1.2);
+                x += heading.cos();
+                y += heading.sin();
+            }
+        }
+    }
+    out
 }
 
 /// Adds +2 to the stretch of each sample's flattened input that belongs to its class, in
@@ -994,4 +1044,23 @@ pub fn train(
             })
             .collect(),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::vessels;
+
+    #[test]
+    fn synthetic_vessels_are_thin_curves_that_cross_from_the_left_edge() {
+        let (b, h, w) = (3, 256, 256);
+        let m = vessels(b, h, w, 11);
+        for s in 0..b {
+            let mask = &m[s * h * w..(s + 1) * h * w];
+            let fraction = mask.iter().sum::<f32>() / (h * w) as f32;
+            assert!((0.005..0.2).contains(&fraction), "sample {s}: {fraction} of the image is vessel");
+            assert!((0..h).any(|y| mask[y * w] == 1.0), "sample {s} starts at the left edge");
+            assert!(mask.iter().all(|&v| v == 0.0 || v == 1.0));
+        }
+        assert_eq!(vessels(1, 64, 64, 5), vessels(1, 64, 64, 5), "seeded");
+    }
 }

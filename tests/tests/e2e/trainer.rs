@@ -516,3 +516,30 @@ fn w4s_surface_distance_runs_on_the_cpu_every_kth_step_and_leaves_the_device_pea
     assert_eq!(summary(&with)["peak_bytes"], summary(&without)["peak_bytes"], "host memory only");
     Ok(())
 }
+
+#[test]
+fn a_unet_learns_synthetic_vessel_masks_and_meets_its_estimate() -> anyhow::Result<()> {
+    let lines = run(&[
+        "--model",
+        "unet2d",
+        "--set",
+        "image=64",
+        "--set",
+        "out_channels=1",
+        "--set",
+        "loss=bce",
+        "--set",
+        "batch=4",
+        "--set",
+        "steps=30",
+        "--set",
+        "lr=0.01",
+        "--set",
+        "threads=1",
+    ])?;
+    let s = summary(&lines);
+    let (first, last) = (s["first_loss"].as_f64().expect("first"), s["final_loss"].as_f64().expect("final"));
+    assert!(last < 0.7 * first, "vessels are learnable: {first} -> {last}");
+    assert!(s["estimate_error_pct"].as_f64().is_some_and(|e| e.abs() < 0.1), "{s}");
+    Ok(())
+}
