@@ -143,6 +143,9 @@ pub enum Want {
     Dense { channels: usize, spatial: Vec<usize>, label: LabelKind },
     /// Token ids in windows of `seq`.
     Tokens { seq: usize, vocab: u64 },
+    /// No files: synthetic samples shaped like the graph's inputs (each input's shape
+    /// without the batch dimension), learnable as the trainer's own synthetic data is.
+    Synthetic { inputs: Vec<(Vec<usize>, InputKind)>, contrastive: bool },
 }
 
 impl Want {
@@ -436,6 +439,9 @@ impl Dataset {
         for s in &samples {
             let shape = header_shape(&s.input)?;
             match &want {
+                Want::Synthetic { .. } => {
+                    return Err(DataError("data: synthetic data has no files to open".to_owned()));
+                }
                 Want::Tokens { seq, .. } => {
                     if format_of(&s.input) != Some(Format::Npy) || shape.len() != 1 {
                         return Err(err(
@@ -507,6 +513,17 @@ impl Dataset {
         Ok(Dataset { root, samples, want, tokens })
     }
 
+    /// Synthetic samples for `graph`'s inputs, made by the loader's threads.
+    pub fn synthetic(graph: &Graph) -> Dataset {
+        let inputs = graph
+            .inputs
+            .iter()
+            .map(|&(v, kind)| (graph.values[v].shape.iter().skip(1).map(|&d| d as usize).collect(), kind))
+            .collect();
+        let want = Want::Synthetic { inputs, contrastive: matches!(graph.task, Task::Contrastive) };
+        Dataset { root: PathBuf::new(), samples: Vec::new(), want, tokens: Vec::new() }
+    }
+
     pub fn len(&self) -> usize {
         self.samples.len()
     }
@@ -531,6 +548,7 @@ impl Dataset {
     /// The batch of `batch` samples starting at run position `start`.
     pub fn batch(&self, start: u64, batch: usize, seed: u64, order: &mut Order) -> Result<HostBatch, DataError> {
         match &self.want {
+            Want::Synthetic { inputs, contrastive } => Ok(synthetic_batch(inputs, *contrastive, batch, seed ^ start)),
             Want::Tokens { seq, vocab } => {
                 let mut ids = Vec::with_capacity(batch * seq);
                 for j in 0..batch as u64 {
@@ -618,6 +636,153 @@ impl Dataset {
             }
         }
     }
+}
+
+/// A standard normal draw (Box–Muller).
+fn normal(rng: &mut StdRng) -> f32 {
+    let u1: f64 = rng.random_range(f64::MIN_POSITIVE..1.0);
+    let u2: f64 = rng.random_range(0.0..1.0);
+    ((-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos()) as f32
+}
+
+/// `b` masks of `h x w` (row-major, 0/1) with two to four vessels each: curves that cross
+/// the image from its left edge with a slowly turning heading, one to a few pixels wide.
+pub fn vessels(b: usize, h: usize, w: usize, seed: u64) -> Vec<f32> {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let mut out = vec![0.0f32; b * h * w];
+    let radius = (h.min(w) / 256).max(1) as i64;
+    for s in 0..b {
+        let mask = &mut out[s * h * w..(s + 1) * h * w];
+        for _ in 0..rng.random_range(2..=4) {
+            let (mut y, mut x) = (rng.random_range(0.0..h as f64), 0.0f64);
+            let mut heading: f64 = rng.random_range(-0.6..0.6);
+            while x < w as f64 && y >= 0.0 && y < h as f64 {
+                for dy in -radius..=radius {
+                    for dx in -radius..=radius {
+                        let (py, px) = (y as i64 + dy, x as i64 + dx);
+                        if dy * dy + dx * dx <= radius * radius
+                            && (0..h as i64).contains(&py)
+                            && (0..w as i64).contains(&px)
+                        {
+                            mask[py as usize * w + px as usize] = 1.0;
+                        }
+                    }
+                }
+                heading = (heading + rng.random_range(-0.08..0.08)).clamp(-1.2, 1.2);
+                x += heading.cos();
+                y += heading.sin();
+            }
+        }
+    }
+    out
+}
+
+/// A synthetic batch made on the host with the same rules as the trainer's on-device
+/// synthetic data: labels follow from the inputs (a class adds +2 to its own stretch of
+/// the flattened input; label maps bucket the sigmoid of the first channel; 2-D masks are
+/// vessels the image is brighter along; other masks threshold the first channel; tokens
+/// count up from a random start; CLIP's labels are positions).
+fn synthetic_batch(inputs: &[(Vec<usize>, InputKind)], contrastive: bool, b: usize, seed: u64) -> HostBatch {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let mut tensors: Vec<Option<HostTensor>> = inputs.iter().map(|_| None).collect();
+    let first_real = inputs.iter().position(|(_, k)| *k == InputKind::Real);
+    for (k, (shape, kind)) in inputs.iter().enumerate() {
+        if *kind == InputKind::Real {
+            let n = b * shape.iter().product::<usize>();
+            let data = (0..n).map(|_| normal(&mut rng)).collect();
+            tensors[k] = Some(HostTensor { shape: [vec![b], shape.clone()].concat(), data: HostData::F32(data) });
+        }
+    }
+    // The first channel of the first real input, per sample, when it has `per` values.
+    let channel0 = |tensors: &[Option<HostTensor>], s: usize, per: usize| -> Option<Vec<f32>> {
+        let t = tensors[first_real?].as_ref()?;
+        let HostData::F32(x) = &t.data else { return None };
+        let sample = x.len() / b;
+        let c = t.shape.get(1).copied().unwrap_or(1);
+        (t.shape.len() >= 2 && sample / c == per).then(|| x[s * sample..s * sample + per].to_vec())
+    };
+    let bucket = |v: f32, classes: u64| -> f32 {
+        let c = classes.max(1) as f32;
+        ((1.0 / (1.0 + (-v).exp())) * c).floor().clamp(0.0, c - 1.0)
+    };
+    for (k, (shape, kind)) in inputs.iter().enumerate() {
+        let full = [vec![b], shape.clone()].concat();
+        let per: usize = shape.iter().product();
+        let data = match *kind {
+            InputKind::Real => continue,
+            InputKind::Tokens { vocab } => {
+                let t = shape.last().copied().unwrap_or(1);
+                let mut ids = Vec::with_capacity(b * t);
+                for _ in 0..b {
+                    let start = rng.random_range(0..vocab.max(1));
+                    ids.extend((0..t as u64).map(|i| ((start + i) % vocab.max(1)) as i64));
+                }
+                HostData::I64(ids)
+            }
+            InputKind::ClassIndex { .. } if contrastive => HostData::I64((0..b as i64).collect()),
+            InputKind::ClassIndex { classes } if shape.is_empty() => {
+                let y: Vec<i64> = (0..b).map(|_| rng.random_range(0..classes.max(1)) as i64).collect();
+                if let Some(HostTensor { data: HostData::F32(x), .. }) = first_real.and_then(|r| tensors[r].as_mut()) {
+                    let features = (x.len() / b).max(1);
+                    let span = (features / classes.max(1) as usize).max(1);
+                    for (s, &c) in y.iter().enumerate() {
+                        let start = (c as usize * span) % features;
+                        for v in &mut x[s * features + start..s * features + (start + span).min(features)] {
+                            *v += 2.0;
+                        }
+                    }
+                }
+                HostData::I64(y)
+            }
+            InputKind::ClassIndex { classes } => HostData::I64(
+                (0..b)
+                    .flat_map(|s| {
+                        let c0 =
+                            channel0(&tensors, s, per).unwrap_or_else(|| (0..per).map(|_| normal(&mut rng)).collect());
+                        c0.into_iter().map(move |v| bucket(v, classes) as i64).collect::<Vec<_>>()
+                    })
+                    .collect(),
+            ),
+            InputKind::ClassMap { classes } => HostData::F32(
+                (0..b)
+                    .flat_map(|s| {
+                        let c0 =
+                            channel0(&tensors, s, per).unwrap_or_else(|| (0..per).map(|_| normal(&mut rng)).collect());
+                        c0.into_iter().map(move |v| bucket(v, classes)).collect::<Vec<_>>()
+                    })
+                    .collect(),
+            ),
+            InputKind::Mask if shape.len() == 3 => {
+                let (h, w) = (shape[1], shape[2]);
+                let m = vessels(b, h, w, rng.random());
+                if let Some(HostTensor { shape: xs, data: HostData::F32(x) }) =
+                    first_real.and_then(|r| tensors[r].as_mut())
+                    && xs.len() == 4
+                    && xs[2..] == [h, w]
+                {
+                    let sample = x.len() / b;
+                    for s in 0..b {
+                        for (v, &mv) in x[s * sample..s * sample + h * w].iter_mut().zip(&m[s * h * w..(s + 1) * h * w])
+                        {
+                            *v += 2.0 * mv;
+                        }
+                    }
+                }
+                HostData::F32(m)
+            }
+            InputKind::Mask => HostData::F32(
+                (0..b)
+                    .flat_map(|s| {
+                        let c0 =
+                            channel0(&tensors, s, per).unwrap_or_else(|| (0..per).map(|_| normal(&mut rng)).collect());
+                        c0.into_iter().map(|v| if v > 0.0 { 1.0 } else { 0.0 }).collect::<Vec<_>>()
+                    })
+                    .collect(),
+            ),
+        };
+        tensors[k] = Some(HostTensor { shape: full, data });
+    }
+    HostBatch { tensors: tensors.into_iter().flatten().collect() }
 }
 
 /// A decoded sample: `[channels, spatial...]` row-major f32.
@@ -1362,5 +1527,18 @@ mod tests {
         let ds = open(root.path(), "seg", None, want).expect("headers pass");
         let e = ds.batch(0, 1, 0, &mut None).expect_err("colour");
         assert!(e.0.contains("a_mask.png") && e.0.contains("gray"), "{e}");
+    }
+    #[test]
+    fn synthetic_vessels_are_thin_curves_that_cross_from_the_left_edge() {
+        let (b, h, w) = (3, 256, 256);
+        let m = vessels(b, h, w, 11);
+        for s in 0..b {
+            let mask = &m[s * h * w..(s + 1) * h * w];
+            let fraction = mask.iter().sum::<f32>() / (h * w) as f32;
+            assert!((0.005..0.2).contains(&fraction), "sample {s}: {fraction} of the image is vessel");
+            assert!((0..h).any(|y| mask[y * w] == 1.0), "sample {s} starts at the left edge");
+            assert!(mask.iter().all(|&v| v == 0.0 || v == 1.0));
+        }
+        assert_eq!(vessels(1, 64, 64, 5), vessels(1, 64, 64, 5), "seeded");
     }
 }

@@ -259,7 +259,7 @@ fn make_batch(graph: &Graph, device: Device) -> Result<Vec<Tensor>, tch::TchErro
                 InputKind::Mask if shape.len() == 4 => {
                     let dims = |k: usize| usize::try_from(shape[k]).unwrap_or(1);
                     let seed = Tensor::f_randint(i64::MAX, [1], (Kind::Int64, Device::Cpu))?.f_int64_value(&[0])?;
-                    let host = vessels(dims(0), dims(2), dims(3), seed as u64);
+                    let host = data::vessels(dims(0), dims(2), dims(3), seed as u64);
                     let m = Tensor::f_from_slice(&host)?.f_view(shape.as_slice())?;
                     drop(host);
                     let m = if device == Device::Cpu { m } else { m.f_to_device(device)? };
@@ -279,39 +279,6 @@ fn make_batch(graph: &Graph, device: Device) -> Result<Vec<Tensor>, tch::TchErro
         }
         out.into_iter().map(|t| t.ok_or_else(|| tch::TchError::Shape("an input was not made".to_owned()))).collect()
     })
-}
-
-/// `b` masks of `h x w` (row-major, 0/1) with two to four vessels each: curves that cross
-/// the image from its left edge with a slowly turning heading, one to a few pixels wide.
-fn vessels(b: usize, h: usize, w: usize, seed: u64) -> Vec<f32> {
-    use rand::{Rng, SeedableRng};
-    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-    let mut out = vec![0.0f32; b * h * w];
-    let radius = (h.min(w) / 256).max(1) as i64;
-    for s in 0..b {
-        let mask = &mut out[s * h * w..(s + 1) * h * w];
-        for _ in 0..rng.random_range(2..=4) {
-            let (mut y, mut x) = (rng.random_range(0.0..h as f64), 0.0f64);
-            let mut heading: f64 = rng.random_range(-0.6..0.6);
-            while x < w as f64 && y >= 0.0 && y < h as f64 {
-                for dy in -radius..=radius {
-                    for dx in -radius..=radius {
-                        let (py, px) = (y as i64 + dy, x as i64 + dx);
-                        if dy * dy + dx * dx <= radius * radius
-                            && (0..h as i64).contains(&py)
-                            && (0..w as i64).contains(&px)
-                        {
-                            mask[py as usize * w + px as usize] = 1.0;
-                        }
-                    }
-                }
-                heading = (heading + rng.random_range(-0.08..0.08)).clamp(-1.2, 1.2);
-                x += heading.cos();
-                y += heading.sin();
-            }
-        }
-    }
-    out
 }
 
 /// Adds +2 to the stretch of each sample's flattened input that belongs to its class, in
@@ -695,7 +662,7 @@ pub fn train(
     // (`VmHWM`), which must stay free for the next one.
     // Before the first step has been measured, the estimate says how far a CPU step's
     // tensors rise above what is resident between steps.
-    let first_swing = if device == Device::Cpu && train_data.is_some() {
+    let first_swing = if device == Device::Cpu && (train_data.is_some() || plan.host.workers > 0) {
         shared::estimate::estimate_graph(
             &as_run_here(plan),
             &cur_graph,
@@ -708,15 +675,23 @@ pub fn train(
         0
     };
     let swing = Arc::new(std::sync::atomic::AtomicU64::new(first_swing));
-    let start_loader = |micro_batch: u64, step: u64| {
-        train_data.as_ref().map(|d| {
+    // With loader workers and no files, the workers make synthetic batches on the host.
+    let source = |graph: &Graph| -> Option<Arc<data::Dataset>> {
+        match &train_data {
+            Some(d) => Some(Arc::clone(d)),
+            None if plan.host.workers > 0 => Some(Arc::new(data::Dataset::synthetic(graph))),
+            None => None,
+        }
+    };
+    let start_loader = |micro_batch: u64, step: u64, graph: &Graph| {
+        source(graph).map(|d| {
             let swing = Arc::clone(&swing);
             let room: data::Room = Box::new(move || {
                 let room = memory::host_headroom(memory::host_rss_bytes(), swing.load(Ordering::Relaxed), host_limit);
                 room.bytes >= reserve + batch_bytes
             });
             data::Loader::new(
-                Arc::clone(d),
+                d,
                 micro_batch as usize,
                 plan.seed,
                 (step - 1) * effective,
@@ -726,7 +701,7 @@ pub fn train(
             )
         })
     };
-    let mut loader = start_loader(cur.micro_batch, first_step);
+    let mut loader = start_loader(cur.micro_batch, first_step, &cur_graph);
     let mut guard_cooldown = 0u64;
     for step in first_step..=plan.total_steps() {
         tch::manual_seed(step_seed(plan.seed, step));
@@ -734,7 +709,7 @@ pub fn train(
             let attempt = (|| -> Result<(), TrainError> {
                 phases.peaks = [0; Phase::ALL.len()];
                 // The step's own host peak is measured from here.
-                let rss_window = train_data.is_some() && memory::reset_peak_rss();
+                let rss_window = loader.is_some() && memory::reset_peak_rss();
                 opt.zero_grad().map_err(torch)?;
                 for micro_batch in 1..=cur.accumulation {
                     if stop.load(Ordering::Relaxed) {
@@ -955,7 +930,7 @@ pub fn train(
                     smaller.script = script.clone();
                     // The step is redone from its first sample at the new micro-batch.
                     drop(loader.take());
-                    loader = start_loader(cur.micro_batch, step);
+                    loader = start_loader(cur.micro_batch, step, &cur_graph);
                     net = smaller;
                     on_event(
                         step,
@@ -1044,23 +1019,4 @@ pub fn train(
             })
             .collect(),
     })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::vessels;
-
-    #[test]
-    fn synthetic_vessels_are_thin_curves_that_cross_from_the_left_edge() {
-        let (b, h, w) = (3, 256, 256);
-        let m = vessels(b, h, w, 11);
-        for s in 0..b {
-            let mask = &m[s * h * w..(s + 1) * h * w];
-            let fraction = mask.iter().sum::<f32>() / (h * w) as f32;
-            assert!((0.005..0.2).contains(&fraction), "sample {s}: {fraction} of the image is vessel");
-            assert!((0..h).any(|y| mask[y * w] == 1.0), "sample {s} starts at the left edge");
-            assert!(mask.iter().all(|&v| v == 0.0 || v == 1.0));
-        }
-        assert_eq!(vessels(1, 64, 64, 5), vessels(1, 64, 64, 5), "seeded");
-    }
 }

@@ -543,3 +543,38 @@ fn a_unet_learns_synthetic_vessel_masks_and_meets_its_estimate() -> anyhow::Resu
     assert!(s["estimate_error_pct"].as_f64().is_some_and(|e| e.abs() < 0.1), "{s}");
     Ok(())
 }
+
+#[test]
+fn loader_threads_make_synthetic_batches_too_without_adding_device_memory() -> anyhow::Result<()> {
+    let plan = |workers: &str| -> anyhow::Result<Vec<Value>> {
+        run(&[
+            "--model",
+            "small_cnn",
+            "--set",
+            "image=16",
+            "--set",
+            "num_classes=4",
+            "--set",
+            "batch=8",
+            "--set",
+            "steps=30",
+            "--set",
+            "optimizer=sgd",
+            "--set",
+            "lr=0.05",
+            "--set",
+            "threads=1",
+            "--set",
+            workers,
+            "--set",
+            "prefetch=2",
+        ])
+    };
+    let threads = plan("workers=3")?;
+    let inline = plan("workers=0")?;
+    let s = summary(&threads);
+    assert_eq!(s["peak_bytes"], summary(&inline)["peak_bytes"], "{s}");
+    let (first, last) = (s["first_loss"].as_f64().expect("first"), s["final_loss"].as_f64().expect("final"));
+    assert!(last < 0.5 * first, "learnable from the host too: {first} -> {last}");
+    Ok(())
+}
