@@ -55,6 +55,39 @@ impl Origin {
     }
 }
 
+/// The host names a request's `Host` may give for an agent bound to `bind_host`: the
+/// loopback names, the bound address (unless it is a wildcard) and `extra` names.
+pub fn own_hosts(bind_host: &str, extra: &[String]) -> Vec<String> {
+    let mut hosts = vec!["127.0.0.1".to_owned(), "localhost".to_owned(), "[::1]".to_owned()];
+    let bracketed = if bind_host.contains(':') { format!("[{bind_host}]") } else { bind_host.to_owned() };
+    if !hosts.contains(&bracketed) && bracketed != "0.0.0.0" && bracketed != "[::]" {
+        hosts.push(bracketed);
+    }
+    hosts.extend(extra.iter().map(|h| h.trim().to_ascii_lowercase()));
+    hosts
+}
+
+/// Whether a `Host` header names this agent: one of `hosts`, with the agent's `port` or
+/// none. Anything else — a name that resolves here only through DNS rebinding above all
+/// — is refused.
+pub fn host_allowed(host: &str, port: u16, hosts: &[String]) -> bool {
+    let host = host.trim().to_ascii_lowercase();
+    let (name, given_port) = if let Some(end) = host.find(']') {
+        (&host[..=end], host[end + 1..].strip_prefix(':'))
+    } else {
+        match host.rsplit_once(':') {
+            Some((n, p)) => (n, Some(p)),
+            None => (host.as_str(), None),
+        }
+    };
+    if let Some(p) = given_port
+        && p.parse::<u16>().ok() != Some(port)
+    {
+        return false;
+    }
+    !name.is_empty() && hosts.iter().any(|h| h == name)
+}
+
 /// The origins a loopback agent serves its own pages from.
 pub fn own_origins(port: u16, bind_host: &str) -> Vec<Origin> {
     let mut hosts = vec!["127.0.0.1".to_owned(), "localhost".to_owned(), "[::1]".to_owned()];
@@ -82,6 +115,20 @@ mod tests {
         assert!(!ok("http://evil.example"), "foreign host");
         assert!(!ok("null"), "opaque origin");
         assert_eq!(Origin::parse("https://example.com").map(|o| o.0), Some("https://example.com:443".into()));
+    }
+
+    #[test]
+    fn hosts_match_the_agents_names_and_port_only() {
+        let hosts = own_hosts("127.0.0.1", &["gpu-box.lab".to_owned()]);
+        let ok = |h: &str| host_allowed(h, 8787, &hosts);
+        assert!(ok("127.0.0.1:8787") && ok("localhost:8787") && ok("[::1]:8787") && ok("LOCALHOST"));
+        assert!(ok("gpu-box.lab:8787"), "a configured name");
+        assert!(!ok("evil.example:8787"), "a rebound name");
+        assert!(!ok("127.0.0.1.evil.example:8787"), "suffix trick");
+        assert!(!ok("localhost:8788"), "other port");
+        assert!(!ok("localhost:x"), "no port");
+        assert!(!ok(""), "empty");
+        assert!(!host_allowed("0.0.0.0:8787", 8787, &own_hosts("0.0.0.0", &[])), "wildcards are no names");
     }
 
     #[test]

@@ -44,6 +44,10 @@ enum Command {
         /// Another origin allowed to open the WebSocket (scheme://host[:port]); repeatable.
         #[arg(long = "allow-origin")]
         allow_origins: Vec<String>,
+        /// Another name requests may address this agent by (its `Host`), besides loopback
+        /// and the bound address; repeatable. Any other Host is refused (DNS rebinding).
+        #[arg(long = "allow-host")]
+        allow_hosts: Vec<String>,
         /// Connections open at once.
         #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..=4096))]
         max_connections: u32,
@@ -419,7 +423,16 @@ fn estimate(
 async fn async_main(command: Command) -> anyhow::Result<()> {
     let exe = std::env::current_exe().context("locating this executable for worker processes")?;
     match command {
-        Command::Serve { bind, web_dir, token, allow_origins, max_connections, max_jobs, insecure_http } => {
+        Command::Serve {
+            bind,
+            web_dir,
+            token,
+            allow_origins,
+            allow_hosts,
+            max_connections,
+            max_jobs,
+            insecure_http,
+        } => {
             // An agent runs jobs: on a shared network it must not be reachable in clear text
             // by accident. TLS is not served yet; an SSH tunnel to loopback is the safe way.
             if !bind.ip().is_loopback() {
@@ -445,6 +458,7 @@ async fn async_main(command: Command) -> anyhow::Result<()> {
                 web_dir,
                 token: token.clone(),
                 extra_origins: allow_origins,
+                extra_hosts: allow_hosts,
                 max_connections: max_connections as usize,
                 max_jobs: max_jobs as usize,
                 worker_exe: exe,

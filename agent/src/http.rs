@@ -17,10 +17,26 @@ const MAX_FILE_BYTES: u64 = 64 << 20;
 const NOT_BUILT: &str = "<!doctype html><title>Headroom</title><h1>The planner is not built</h1>\
 <p>Run <code>scripts/run.sh</code>, which builds it with Trunk, or pass <code>--web-dir</code>.</p>";
 
-pub async fn serve(stream: TcpStream, web_dir: Option<PathBuf>) -> anyhow::Result<()> {
-    let service = hyper::service::service_fn(move |req| {
+pub async fn serve(stream: TcpStream, web_dir: Option<PathBuf>, hosts: Vec<String>, port: u16) -> anyhow::Result<()> {
+    let hosts = std::sync::Arc::new(hosts);
+    let service = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
         let dir = web_dir.clone();
-        async move { Ok::<_, Infallible>(respond(dir.as_deref(), &req).await) }
+        let hosts = std::sync::Arc::clone(&hosts);
+        async move {
+            let host = req.headers().get("host").and_then(|h| h.to_str().ok()).unwrap_or("");
+            // DNS rebinding: a foreign name that resolves here gets nothing.
+            let mut resp = if crate::auth::host_allowed(host, port, &hosts) {
+                respond(dir.as_deref(), &req).await
+            } else {
+                text(
+                    StatusCode::FORBIDDEN,
+                    "this agent is not served under that host name (see --allow-host)\n",
+                    "text/plain",
+                )
+            };
+            security_headers(&mut resp);
+            Ok::<_, Infallible>(resp)
+        }
     });
     // Idle keep-alive connections and slow headers are closed after this, so they cannot
     // hold connection slots.
@@ -30,6 +46,17 @@ pub async fn serve(stream: TcpStream, web_dir: Option<PathBuf>) -> anyhow::Resul
         .serve_connection(TokioIo::new(stream), service)
         .await?;
     Ok(())
+}
+
+/// Headers every response carries: no framing by other sites, no referrer (the page's
+/// URL may hold a token), no content sniffing.
+fn security_headers(resp: &mut Response<Full<Bytes>>) {
+    let h = resp.headers_mut();
+    let v = hyper::header::HeaderValue::from_static;
+    h.insert("content-security-policy", v("frame-ancestors 'none'; base-uri 'none'; form-action 'none'"));
+    h.insert("x-frame-options", v("DENY"));
+    h.insert("referrer-policy", v("no-referrer"));
+    h.insert("x-content-type-options", v("nosniff"));
 }
 
 fn content_type(path: &Path) -> &'static str {

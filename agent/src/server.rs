@@ -48,6 +48,9 @@ pub struct Config {
     pub token: String,
     /// Origins allowed besides the agent's own.
     pub extra_origins: Vec<String>,
+    /// Host names a request may address the agent by besides loopback and the bound
+    /// address (a DNS name of the machine); any other `Host` is refused.
+    pub extra_hosts: Vec<String>,
     /// Open connections at once; more wait in the kernel's accept queue.
     pub max_connections: usize,
     pub max_jobs: usize,
@@ -115,6 +118,8 @@ impl Server {
             hello,
             runner: JobRunner::new(config.worker_exe, config.max_jobs),
             web_dir: config.web_dir,
+            hosts: auth::own_hosts(&addr.ip().to_string(), &config.extra_hosts),
+            port: addr.port(),
         };
         Ok(Server { listener, state: Arc::new(state), max_connections: config.max_connections })
     }
@@ -203,7 +208,7 @@ async fn is_websocket_request(stream: &TcpStream) -> anyhow::Result<bool> {
 async fn handle(stream: TcpStream, state: Arc<State>, stop: watch::Receiver<bool>) -> anyhow::Result<()> {
     socket2::SockRef::from(&stream).set_send_buffer_size(SEND_BUFFER_BYTES)?;
     if !is_websocket_request(&stream).await? {
-        return http::serve(stream, state.web_dir.clone()).await;
+        return http::serve(stream, state.web_dir.clone(), state.hosts.clone(), state.port).await;
     }
     let check_state = Arc::clone(&state);
     let callback = move |req: &Request, resp: Response| -> Result<Response, ErrorResponse> {
@@ -226,6 +231,12 @@ fn reject(status: StatusCode, reason: &str) -> ErrorResponse {
 
 /// Runs inside the handshake, before the upgrade: nothing reaches a session unchecked.
 fn authorize(state: &State, req: &Request) -> Result<(), ErrorResponse> {
+    // A page on a foreign name that resolves here (DNS rebinding) is refused first.
+    let host = req.headers().get("host").and_then(|h| h.to_str().ok()).unwrap_or("");
+    if !auth::host_allowed(host, state.port, &state.hosts) {
+        tracing::warn!(host, "refused a WebSocket addressed to a foreign host");
+        return Err(reject(StatusCode::FORBIDDEN, &format!("host {host:?} is not this agent's (see --allow-host)")));
+    }
     match auth::token_from_query(req.uri().query()) {
         None => {
             return Err(reject(

@@ -26,6 +26,9 @@ pub struct State {
     pub hello: Hello,
     pub runner: JobRunner,
     pub web_dir: Option<PathBuf>,
+    /// Names a request's `Host` may give (`auth::host_allowed`), and the bound port.
+    pub hosts: Vec<String>,
+    pub port: u16,
 }
 
 fn error(code: ErrorCode, message: impl Into<String>) -> Message {

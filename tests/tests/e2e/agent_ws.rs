@@ -330,3 +330,38 @@ async fn a_client_that_stops_reading_never_holds_training_back() -> anyhow::Resu
     assert_eq!(received + summary.dropped_records, STEPS, "every record is either delivered or counted as dropped");
     Ok(())
 }
+
+/// One raw HTTP/1.1 request with this `Host`; the response's head and body as text.
+async fn get_with_host(port: u16, host: &str) -> anyhow::Result<String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
+    s.write_all(format!("GET / HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n").as_bytes()).await?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).await?;
+    Ok(out.to_ascii_lowercase())
+}
+
+#[tokio::test]
+async fn requests_for_a_foreign_host_name_are_refused_and_pages_carry_security_headers() -> anyhow::Result<()> {
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    let agent = AgentHandle::start(None)?;
+    // DNS rebinding: a page on evil.example whose name now resolves to 127.0.0.1.
+    let page = get_with_host(agent.port, &format!("evil.example:{}", agent.port)).await?;
+    assert!(page.starts_with("http/1.1 403"), "{page}");
+    let mut req = format!("ws://127.0.0.1:{}/ws?token={}", agent.port, agent.token).into_client_request()?;
+    req.headers_mut()
+        .insert("host", tungstenite::http::HeaderValue::from_str(&format!("evil.example:{}", agent.port))?);
+    let (status, body) = http_refusal(tokio_tungstenite::connect_async(req).await.map(|(ws, _)| ws));
+    assert_eq!(status, 403, "{body}");
+    assert!(body.contains("not this agent's"), "{body}");
+    // Its own names are served, with headers against framing, referrers and sniffing.
+    for host in [format!("127.0.0.1:{}", agent.port), format!("localhost:{}", agent.port)] {
+        let page = get_with_host(agent.port, &host).await?;
+        assert!(page.starts_with("http/1.1 200"), "{page}");
+        for header in ["x-frame-options: deny", "referrer-policy: no-referrer", "x-content-type-options: nosniff"] {
+            assert!(page.contains(header), "{header} missing: {page}");
+        }
+        assert!(page.contains("content-security-policy: frame-ancestors 'none'"), "{page}");
+    }
+    still_serves(&agent).await
+}
