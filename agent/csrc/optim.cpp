@@ -22,6 +22,20 @@ void report(const std::exception& e, char* err, size_t err_len) {
   if (err != nullptr && err_len > 0) std::snprintf(err, err_len, "%s", e.what());
 }
 
+torch::optim::Optimizer* as_optimizer(void* opt) { return static_cast<torch::optim::Optimizer*>(opt); }
+
+// Runs `f`: 0, or -1 with the exception's text in err (no exception reaches Rust).
+template <typename F>
+int guarded(char* err, size_t err_len, F&& f) {
+  try {
+    f();
+    return 0;
+  } catch (const std::exception& e) {
+    report(e, err, err_len);
+    return -1;
+  }
+}
+
 }  // namespace
 
 extern "C" {
@@ -55,57 +69,35 @@ void* hr_optim_new(int kind, double lr, double a, double b, double eps, double w
   return nullptr;
 }
 
-void hr_optim_free(void* opt) { delete static_cast<torch::optim::Optimizer*>(opt); }
+void hr_optim_free(void* opt) { delete as_optimizer(opt); }
 
 // optimizer.step(); 0 or -1 with the reason in err.
 int hr_optim_step(void* opt, char* err, size_t err_len) {
-  try {
-    static_cast<torch::optim::Optimizer*>(opt)->step();
-    return 0;
-  } catch (const std::exception& e) {
-    report(e, err, err_len);
-    return -1;
-  }
+  return guarded(err, err_len, [&] { as_optimizer(opt)->step(); });
 }
 
 // optimizer.zero_grad(set_to_none=True).
 int hr_optim_zero_grad(void* opt, char* err, size_t err_len) {
-  try {
-    static_cast<torch::optim::Optimizer*>(opt)->zero_grad(true);
-    return 0;
-  } catch (const std::exception& e) {
-    report(e, err, err_len);
-    return -1;
-  }
+  return guarded(err, err_len, [&] { as_optimizer(opt)->zero_grad(true); });
 }
 
 // Sets the learning rate of every parameter group.
 int hr_optim_set_lr(void* opt, double lr, char* err, size_t err_len) {
-  try {
-    for (auto& group : static_cast<torch::optim::Optimizer*>(opt)->param_groups()) group.options().set_lr(lr);
-    return 0;
-  } catch (const std::exception& e) {
-    report(e, err, err_len);
-    return -1;
-  }
+  return guarded(err, err_len, [&] {
+    for (auto& group : as_optimizer(opt)->param_groups()) group.options().set_lr(lr);
+  });
 }
 
 // Writes the optimizer's state (moments, step counts, options) to `path`.
 int hr_optim_save(void* opt, const char* path, char* err, size_t err_len) {
-  try {
-    torch::save(*static_cast<torch::optim::Optimizer*>(opt), std::string(path));
-    return 0;
-  } catch (const std::exception& e) {
-    report(e, err, err_len);
-    return -1;
-  }
+  return guarded(err, err_len, [&] { torch::save(*as_optimizer(opt), std::string(path)); });
 }
 
 // Reads a state written by hr_optim_save into an optimizer of the same kind over the
 // same parameters, onto their device.
 int hr_optim_load(void* opt, const char* path, char* err, size_t err_len) {
-  try {
-    auto* o = static_cast<torch::optim::Optimizer*>(opt);
+  return guarded(err, err_len, [&] {
+    auto* o = as_optimizer(opt);
     c10::optional<c10::Device> device;
     for (const auto& group : o->param_groups())
       for (const auto& p : group.params())
@@ -113,11 +105,7 @@ int hr_optim_load(void* opt, const char* path, char* err, size_t err_len) {
     torch::serialize::InputArchive archive;
     archive.load_from(std::string(path), device);
     o->load(archive);
-    return 0;
-  } catch (const std::exception& e) {
-    report(e, err, err_len);
-    return -1;
-  }
+  });
 }
 
 }  // extern "C"

@@ -67,18 +67,8 @@ enum Command {
         /// Override the plan's device: auto, cpu or cuda:N.
         #[arg(long)]
         device: Option<String>,
-        /// Where checkpoints go (the plan's checkpoint_every says how often): one
-        /// step-N directory per save.
-        #[arg(long)]
-        checkpoint_dir: Option<PathBuf>,
-        /// Continue from a checkpoint: a step-N directory, or a checkpoint directory
-        /// (its newest). The plan must be the one that saved it.
-        #[arg(long)]
-        resume: Option<PathBuf>,
-        /// The folder the plan's `data`, `data_labels` and `val_data` paths are relative
-        /// to; nothing outside it is read.
-        #[arg(long)]
-        data_root: Option<PathBuf>,
+        #[command(flatten)]
+        files: FilesArgs,
     },
     /// Estimate a plan's or a zoo model's peak memory without running it.
     Estimate {
@@ -208,13 +198,33 @@ enum Command {
         /// Print the number of CUDA devices libtorch can use, and exit.
         #[arg(long)]
         probe: bool,
-        #[arg(long)]
-        checkpoint_dir: Option<PathBuf>,
-        #[arg(long)]
-        resume: Option<PathBuf>,
-        #[arg(long)]
-        data_root: Option<PathBuf>,
+        #[command(flatten)]
+        files: FilesArgs,
     },
+}
+
+/// Files a job may use on this machine, chosen on the agent's command line (never by
+/// the plan): `run` takes them from its user, a worker from the agent that starts it.
+#[derive(clap::Args, Debug)]
+struct FilesArgs {
+    /// Where checkpoints go (the plan's checkpoint_every says how often): one step-N
+    /// directory per save.
+    #[arg(long)]
+    checkpoint_dir: Option<PathBuf>,
+    /// Continue from a checkpoint: a step-N directory, or a checkpoint directory (its
+    /// newest). The plan must be the one that saved it.
+    #[arg(long)]
+    resume: Option<PathBuf>,
+    /// The folder the plan's `data`, `data_labels`, `val_data` and TorchScript `file`
+    /// paths are relative to; nothing outside it is read.
+    #[arg(long)]
+    data_root: Option<PathBuf>,
+}
+
+impl From<FilesArgs> for crate::train::JobFiles {
+    fn from(a: FilesArgs) -> crate::train::JobFiles {
+        crate::train::JobFiles { checkpoint_dir: a.checkpoint_dir, resume: a.resume, data_root: a.data_root }
+    }
 }
 
 #[derive(Subcommand, Debug)]
@@ -259,9 +269,7 @@ pub fn main() -> ExitCode {
         .init();
     let result = match cli.command {
         Command::Worker { probe: true, .. } => crate::worker::probe(),
-        Command::Worker { job, checkpoint_dir, resume, data_root, .. } => {
-            crate::worker::run(job.unwrap_or(0), crate::train::JobFiles { checkpoint_dir, resume, data_root })
-        }
+        Command::Worker { job, files, .. } => crate::worker::run(job.unwrap_or(0), files.into()),
         Command::Estimate { source, gpu, json, trace, calibration } => {
             estimate(&source, gpu.as_deref(), json, trace, calibration.as_deref())
         }
@@ -477,12 +485,12 @@ async fn async_main(command: Command) -> anyhow::Result<()> {
                 .await;
             Ok(())
         }
-        Command::Run { source, device, checkpoint_dir, resume, data_root } => {
+        Command::Run { source, device, files } => {
             let (mut plan, _) = build_plan(&source)?;
             if let Some(d) = device {
                 plan.device = parse_device(&d)?;
             }
-            run(plan, crate::train::JobFiles { checkpoint_dir, resume, data_root }, exe).await
+            run(plan, files.into(), exe).await
         }
         Command::Probe { source, device, steps, json, data_root } => {
             let files = crate::train::JobFiles { data_root, ..Default::default() };

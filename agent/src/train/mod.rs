@@ -340,8 +340,7 @@ fn make_optimizer(plan: &Plan, net: &model::Net) -> Result<ffi::Optim, TrainErro
             (ffi::OptimKind::Adam { beta1, beta2, eps }, weight_decay)
         }
     };
-    ffi::Optim::new(kind, plan.learning_rate, weight_decay, &params)
-        .map_err(|e| TrainError::from(tch::TchError::Torch(e)))
+    ffi::Optim::new(kind, plan.learning_rate, weight_decay, &params).map_err(torch)
 }
 
 /// Turns the shim's error text into a `TrainError` (out-of-memory recognised).
@@ -532,12 +531,12 @@ pub fn train(
     }
     // Data on disk is listed and every file's header checked before anything trains.
     let train_data = open_data(files, "data", &plan.data, &plan.data_labels, &graph)?;
-    let val_data = match (&train_data, plan.validation_plan()) {
+    // The validation pass's graph: the same model at its own micro-batch.
+    let val_graph =
+        plan.validation_plan().map(|p| p.validate().map_err(|e| TrainError::InvalidPlan(e.to_string()))).transpose()?;
+    let val_data = match (&train_data, &val_graph) {
         (Some(d), Some(_)) if plan.val_data.is_empty() => Some(Arc::clone(d)),
-        (Some(_), Some(vp)) => {
-            let vg = vp.validate().map_err(|e| TrainError::InvalidPlan(e.to_string()))?;
-            open_data(files, "val_data", &plan.val_data, "", &vg)?
-        }
+        (Some(_), Some(vg)) => open_data(files, "val_data", &plan.val_data, "", vg)?,
         _ => None,
     };
     let (device, meter) = resolve_device(plan.device)?;
@@ -601,9 +600,8 @@ pub fn train(
     };
     let mut opt = make_optimizer(plan, &net)?;
     // The validation model: the same weights, in eval mode, at its own micro-batch.
-    let val_net = match plan.validation_plan() {
-        Some(p) => {
-            let g = p.validate().map_err(|e| TrainError::InvalidPlan(e.to_string()))?;
+    let val_net = match val_graph {
+        Some(g) => {
             let mut v = model::Net::new(g, device, autocast, shared::graph::Checkpoint::Off, plan.seed)?;
             v.training = false;
             v.params = net.params.iter().map(Tensor::shallow_clone).collect();
