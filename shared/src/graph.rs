@@ -255,6 +255,11 @@ pub enum Op {
     Dropout {
         p: f64,
     },
+    /// A Python frame returns (or rebinds its variables): the values it still held,
+    /// its inputs, may go. No output, no memory of its own. Without it a value goes after
+    /// the last op that reads it, which is what autograd's saved tensors do but not what
+    /// a forward's local variables do outside training.
+    Release,
     /// A TorchScript module's forward (`torch.jit.load(file)(x)`): opaque, with no
     /// description to walk. The trainer runs it; the estimator refuses it (its memory
     /// comes from measurement: `headroom find-batch` calibrates it).
@@ -307,6 +312,7 @@ impl Op {
             Op::Gelu { .. } => "gelu",
             Op::Sigmoid => "sigmoid",
             Op::Script => "torchscript",
+            Op::Release => "release",
             Op::Tanh => "tanh",
             Op::Exp => "exp",
             Op::Add => "add",
@@ -467,6 +473,25 @@ pub struct Graph {
     pub stages: Vec<Range<usize>>,
     /// Node ranges the reference checkpoints one at a time with per-block checkpointing.
     pub blocks: Vec<Range<usize>>,
+    /// Self-attention blocks written as `nn.MultiheadAttention`, which PyTorch runs as one
+    /// fused kernel in eval mode (see `FusedAttention`).
+    pub fused_attention: Vec<FusedAttention>,
+}
+
+/// An `nn.MultiheadAttention` self-attention block (batch first, no mask, an even
+/// number of heads) spelled out as the ops `F.multi_head_attention_forward` runs in
+/// training. Outside training, without autocast and with no gradient wanted, PyTorch
+/// takes its fast path (`torch._native_multi_head_attention`) instead, which allocates
+/// differently; the estimate of a PyTorch validation pass walks it that way.
+#[derive(Clone, Debug, PartialEq)]
+pub struct FusedAttention {
+    /// The nodes of the spelled-out block, parameter reads included.
+    pub nodes: Range<usize>,
+    /// The `[B, N, D]` value attended over (query, key and value at once).
+    pub input: usize,
+    /// The block's `[B, N, D]` result.
+    pub output: usize,
+    pub heads: u64,
 }
 
 /// Why a graph cannot be built.
@@ -695,6 +720,7 @@ impl Builder {
                 task,
                 stages: Vec::new(),
                 blocks: Vec::new(),
+                fused_attention: Vec::new(),
             },
             prefix: Vec::new(),
         }
@@ -721,6 +747,11 @@ impl Builder {
     /// The index the next node will get.
     pub fn next_node(&self) -> usize {
         self.g.nodes.len()
+    }
+
+    /// Records nodes `nodes` as a self-attention block PyTorch may fuse (`FusedAttention`).
+    pub fn fused_attention(&mut self, nodes: Range<usize>, input: usize, output: usize, heads: u64) {
+        self.g.fused_attention.push(FusedAttention { nodes, input, output, heads });
     }
 
     /// Runs `f` with `name` appended to the module path.
@@ -1044,6 +1075,12 @@ impl Builder {
     /// A TorchScript module applied to `x`, returning a tensor of `shape`.
     pub fn script(&mut self, x: usize, shape: Shape) -> usize {
         self.push(Op::Script, vec![x], vec![], shape)
+    }
+
+    /// `Op::Release` of `held`: values a Python frame kept bound while later ops ran,
+    /// going when it returns.
+    pub fn release(&mut self, held: Vec<usize>) {
+        self.g.nodes.push(Node { op: Op::Release, inputs: held, params: vec![], outputs: vec![] });
     }
 
     pub fn unary(&mut self, op: Op, x: usize) -> usize {

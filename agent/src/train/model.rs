@@ -286,10 +286,15 @@ impl Net {
         let opt = |k: usize| -> Result<Option<&Tensor>, tch::TchError> {
             if k < node.inputs.len() { arg(k).map(Some) } else { Ok(None) }
         };
+        if let Op::Release = node.op {
+            // The values it holds go through the caller's last-use rule.
+            return Ok(Vec::new());
+        }
         let out_shape = dims(&self.graph.values[node.output()].shape);
         let one = |t: Tensor| Ok(vec![t]);
         match &node.op {
             Op::Param => one(self.params[node.params[0]].shallow_clone()),
+            Op::Release => Ok(Vec::new()),
             Op::Script => {
                 let script = self
                     .script

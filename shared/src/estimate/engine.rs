@@ -180,6 +180,9 @@ pub(crate) struct Engine<'g> {
     /// `model.train()` (true) or `model.eval()`: dropout passes its input through and
     /// batch norm uses its running statistics.
     pub training: bool,
+    /// PyTorch's eval-mode fast path for `nn.MultiheadAttention` (`Graph::fused_attention`):
+    /// set for a PyTorch validation pass without autocast.
+    pub fused_attention: bool,
     /// Whether recorded nodes keep their saved tensors (off in a non-reentrant
     /// checkpointed region, whose nodes wait for the recompute).
     pub pending: Option<usize>,
@@ -231,6 +234,7 @@ impl<'g> Engine<'g> {
             region_outs: vec![Vec::new()],
             grad_mode: true,
             training: true,
+            fused_attention: false,
             pending: None,
             leaf: vec![false; slots],
             current: 0,
@@ -496,7 +500,36 @@ impl<'g> Engine<'g> {
 
     /// Runs nodes `range` forward, dropping each value after its last use.
     pub fn forward(&mut self, sim: &mut Sim, range: std::ops::Range<usize>) {
-        for i in range {
+        let mut next = range.start;
+        while next < range.end {
+            let i = next;
+            next += 1;
+            if self.fused_attention
+                && !self.grad_mode
+                && let Some(f) = self.g.fused_attention.iter().find(|f| f.nodes.start == i && f.nodes.end <= range.end)
+            {
+                self.current = i;
+                sim.set_label("_native_multi_head_attention", Some(i));
+                let out = super::attention::native_multi_head_attention(self, sim, f);
+                if let Some(old) = self.vals[f.output].replace(out) {
+                    Engine::release(sim, old);
+                }
+                // What the block read from outside and nobody reads after it goes.
+                for n in f.nodes.clone() {
+                    for k in 0..self.g.nodes[n].inputs.len() {
+                        let v = self.g.nodes[n].inputs[k];
+                        let outside = self.producer[v].is_none_or(|p| !f.nodes.contains(&p));
+                        if outside
+                            && self.last_use[v].is_some_and(|u| f.nodes.contains(&u))
+                            && !self.g.returned.contains(&v)
+                        {
+                            self.drop_value(sim, v);
+                        }
+                    }
+                }
+                next = f.nodes.end;
+                continue;
+            }
             self.current = i;
             sim.set_label(self.g.nodes[i].op.name(), Some(i));
             if let Op::Param = self.g.nodes[i].op {

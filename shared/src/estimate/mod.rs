@@ -462,7 +462,9 @@ fn walk(
     if let Some(vg) = val_graph {
         // After the step, with its gradients, the loop's batch and outputs still live.
         sim.set_phase(Phase::Validation);
-        validation(&mut sim, vg, kernels, amp, &param_store, plan.val_batches);
+        // PyTorch runs `nn.MultiheadAttention` fused here unless autocast is on.
+        let fused = plan.runtime == Runtime::Pytorch && !amp;
+        validation(&mut sim, vg, kernels, amp, fused, &param_store, plan.val_batches);
     }
     let peak_bytes = sim.peak;
     let (low, high) = (sim.peak_low.min(peak_bytes.get()), sim.peak_high.max(peak_bytes.get()));
@@ -540,10 +542,19 @@ fn walk(
 /// next(val_loader)`, `out = model(vb.x)`, `loss = loss_fn(out, vb.y)`; nothing is saved
 /// for a backward, and the pass's variables go when it returns. Two batches show the
 /// steady state (the second arrives while the first's outputs are bound).
-fn validation(sim: &mut Sim, g: &Graph, kernels: Kernels, amp: bool, params: &[sim::Tensor], batches: u64) {
+fn validation(
+    sim: &mut Sim,
+    g: &Graph,
+    kernels: Kernels,
+    amp: bool,
+    fused_attention: bool,
+    params: &[sim::Tensor],
+    batches: u64,
+) {
     let mut e = Engine::new(g, kernels, amp, params.to_vec());
     e.grad_mode = false;
     e.training = false;
+    e.fused_attention = fused_attention;
     let mut held = batch::Held::default();
     let n = g.nodes.len();
     let cut = g.returns_after.min(n);

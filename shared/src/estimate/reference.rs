@@ -7,6 +7,51 @@ use crate::plan::Plan;
 /// The fixture, embedded so that tests and the accuracy report read the same file.
 pub const FIXTURE: &str = include_str!("../../fixtures/reference_peaks.json");
 
+/// Validation passes measured by PyTorch (`scripts/reference_validation.py`).
+pub const VALIDATION_FIXTURE: &str = include_str!("../../fixtures/reference_validation.json");
+
+/// A validation pass PyTorch ran: how far live memory rose over it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ValidationCase {
+    pub id: String,
+    pub model: String,
+    pub settings: Vec<(String, String)>,
+    pub rise_bytes: u64,
+}
+
+/// Every case of the validation fixture.
+pub fn validation_cases() -> Result<Vec<ValidationCase>, String> {
+    let doc: serde_json::Value = serde_json::from_str(VALIDATION_FIXTURE).map_err(|e| format!("fixture: {e}"))?;
+    let mut out = Vec::new();
+    for e in doc["entries"].as_array().ok_or("validation fixture: no entries")? {
+        out.push(ValidationCase {
+            id: e["id"].as_str().unwrap_or_default().to_owned(),
+            model: e["model"].as_str().unwrap_or_default().to_owned(),
+            settings: e["settings"]
+                .as_array()
+                .ok_or("validation fixture: settings")?
+                .iter()
+                .filter_map(|p| Some((p[0].as_str()?.to_owned(), p[1].as_str()?.to_owned())))
+                .collect(),
+            rise_bytes: e["rise_bytes"].as_u64().ok_or("validation fixture: rise_bytes")?,
+        });
+    }
+    Ok(out)
+}
+
+/// The estimate's rise over its validation phase, from its trace: the highest live
+/// bytes in the phase less the live bytes where it began.
+pub fn validation_rise(case: &ValidationCase) -> Result<u64, String> {
+    let mut plan = Plan::zoo(&case.model);
+    plan.apply_settings(&case.settings).map_err(|e| format!("{}: {e}", case.id))?;
+    let (_, events) = super::trace(&plan, super::Target::Cpu).map_err(|e| format!("{}: {e}", case.id))?;
+    let mut phase = events.iter().filter(|e| e.phase == Some(super::Phase::Validation)).peekable();
+    let first = phase.peek().ok_or_else(|| format!("{}: the estimate has no validation phase", case.id))?;
+    let start = first.live as i64 - first.delta;
+    let peak = phase.map(|e| e.live).max().unwrap_or(0);
+    Ok((peak as i64 - start).max(0) as u64)
+}
+
 /// One measured configuration and mode.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Case {
@@ -108,6 +153,23 @@ pub const TARGETS: [(bool, f64, f64); 2] = [(false, 1.0, 3.0), (true, 2.0, 5.0)]
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Eval mode under `no_grad` as PyTorch runs it: `nn.MultiheadAttention`'s fused
+    /// fast path with an even head count and the spelled-out one with an odd count,
+    /// dropout off, batch norm on running statistics, locals held by their frames.
+    #[test]
+    fn every_validation_pass_against_pytorch() {
+        let cases = validation_cases().expect("validation fixture");
+        assert!(cases.len() >= 3);
+        let mut worst: f64 = 0.0;
+        for c in &cases {
+            let est = validation_rise(c).expect("estimate");
+            let err = (est as f64 - c.rise_bytes as f64) / c.rise_bytes as f64 * 100.0;
+            println!("{:<28} estimated {est:>11} measured {:>11} B {err:>+7.2} %", c.id, c.rise_bytes);
+            worst = worst.max(err.abs());
+        }
+        assert!(worst <= 0.1, "a validation pass is off by {worst:.2} % (at most 0.1 %)");
+    }
 
     #[test]
     fn every_fixture_entry_against_its_estimate() {

@@ -58,9 +58,13 @@ fn keep(sim: &mut Sim, t: &Ten, any_grad: bool) -> Vec<Ten> {
 pub(crate) fn forward(e: &mut Engine, sim: &mut Sim, i: usize) -> Vec<Ten> {
     let op = e.g.nodes[i].op.clone();
     let inputs = e.g.nodes[i].inputs.clone();
+    if let Op::Release = op {
+        return Vec::new();
+    }
     let shape = out_shape(e, i);
     match op {
         Op::Param => unreachable_param(e, sim, i),
+        Op::Release => Vec::new(),
         Op::Linear { bias } => linear(e, sim, i, &inputs, bias),
         Op::Conv1dHf => conv1d_hf(e, sim, i, &inputs),
         Op::MatMul => matmul(e, sim, i, &inputs),
@@ -940,7 +944,7 @@ pub(crate) fn backward(e: &mut Engine, sim: &mut Sim, k: usize, gouts: &[Option<
         Op::AddScalar { .. } | Op::Contiguous | Op::Clone | Op::ToF32 | Op::CastLike => vec![pass(e, sim, k, 0, g)],
         Op::ToI64 | Op::Argmax | Op::OneHot { .. } | Op::ShiftedWindowMask { .. } => none,
         Op::Dropout { .. } => vec![grad_elementwise(e, sim, k, 0, g)],
-        Op::Script => none,
+        Op::Script | Op::Release => none,
         Op::Add | Op::AddInplace => {
             let ga = pass(e, sim, k, 0, g);
             let gb = pass(e, sim, k, 1, g);

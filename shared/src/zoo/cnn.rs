@@ -141,6 +141,7 @@ pub fn resnet(s: &Settings, batch: u64, kind: ResNet, opts: &BuildOptions) -> Re
     let mut inplanes = 64;
     for (stage, (&n, planes)) in layers.iter().zip([64u64, 128, 256, 512]).enumerate() {
         h = b.stage(|b| -> Result<usize, GraphError> {
+            let stage_in = h;
             let mut h = h;
             for j in 0..n {
                 let stride = if stage > 0 && j == 0 { 2 } else { 1 };
@@ -175,12 +176,18 @@ pub fn resnet(s: &Settings, batch: u64, kind: ResNet, opts: &BuildOptions) -> Re
                                 x_in
                             };
                             let out = b.add_inplace(out, identity)?;
-                            Ok(b.unary(Op::Relu { inplace: true }, out))
+                            let out = b.unary(Op::Relu { inplace: true }, out);
+                            // `forward(self, x)` keeps `x` bound until it returns.
+                            b.release(vec![x_in]);
+                            Ok(out)
                         })
                     })
                 })?;
                 inplanes = planes * expansion;
             }
+            // `_forward_impl`'s `x = self.layerN(x)`: the stage's input stays bound
+            // until the stage returns.
+            b.release(vec![stage_in]);
             Ok(h)
         })?;
     }

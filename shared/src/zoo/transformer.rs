@@ -39,6 +39,7 @@ fn multi_head_attention(b: &mut Builder, x: usize, heads: u64, mask: Option<usiz
         b.param("out_proj.weight", vec![d, d], Init::Uniform(1.0 / (d as f64).sqrt())),
         b.param("out_proj.bias", vec![d], Init::Const(0.0)),
     );
+    let start = b.next_node();
     let xt = b.transpose(x, 1, 0);
     let proj = b.linear_with(xt, vec![w_in, b_in], true)?;
     let proj = b.view(proj, vec![n, batch, 3, d])?;
@@ -67,7 +68,16 @@ fn multi_head_attention(b: &mut Builder, x: usize, heads: u64, mask: Option<usiz
     let a = b.view(a, vec![n * batch, d])?;
     let o = b.linear_with(a, vec![w_out, b_out], true)?;
     let o = b.view(o, vec![n, batch, d])?;
-    Ok(b.transpose(o, 1, 0))
+    let out = b.transpose(o, 1, 0);
+    // The caller's `x` (query, key and value) stays bound until the module returns.
+    b.release(vec![x]);
+    // PyTorch's eval-mode fast path takes masks only as booleans and wants an even
+    // number of heads.
+    if mask.is_none() && heads.is_multiple_of(2) {
+        let end = b.next_node();
+        b.fused_attention(start..end, x, out, heads);
+    }
+    Ok(out)
 }
 
 /// A patch embedding: `[B, C, H, W]` -> `[B, N, D]` (conv, reshape, permute).
@@ -100,16 +110,20 @@ pub fn vit(s: &Settings, batch: u64, opts: &BuildOptions) -> Result<Graph, ZooEr
     let n = patches(&image, patch)?;
     let mut b = Builder::new(Task::Classify { classes });
     let x = b.input(vec![batch, 3, image[0], image[1]], InputKind::Real);
-    let mut h = b.stage(|b| -> R<usize> {
+    let h = b.stage(|b| -> R<[usize; 3]> {
         let tokens = patchify(b, x, "conv_proj", dim, patch, true)?;
         let cls = b.param_in("class_token", vec![1, 1, dim], Init::Const(0.0));
         let h = prepend_token(b, tokens, cls)?;
-        b.scope("encoder", |b| -> R<usize> {
+        b.scope("encoder", |b| -> R<[usize; 3]> {
             let pos = b.param_in("pos_embedding", vec![1, n + 1, dim], Init::Normal(0.02));
-            let h = b.add(h, pos)?;
-            Ok(b.dropout(h, dropout))
+            let p = b.add(h, pos)?;
+            Ok([h, p, b.dropout(p, dropout)])
         })
     })?;
+    // Two locals stay bound while the encoder runs: `VisionTransformer.forward`'s `x` (the
+    // token sequence) and `Encoder.forward`'s `input` (after the position embedding).
+    let held = [h[0], h[1]];
+    let mut h = h[2];
     for i in 0..layers {
         h = b.stage(|b| {
             b.block(|b| {
@@ -133,6 +147,7 @@ pub fn vit(s: &Settings, batch: u64, opts: &BuildOptions) -> Result<Graph, ZooEr
     }
     let out = b.stage(|b| -> R<usize> {
         let h = b.scope("encoder", |b| b.layer_norm("ln", h, 1e-6))?;
+        b.release(held.to_vec());
         let first = b.select(h, 1, 0);
         b.linear("heads.head", first, classes, true)
     })?;
