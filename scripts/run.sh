@@ -3,7 +3,7 @@
 # serves the planner on loopback. Open the URL it prints (it carries the access token).
 # Trains on the first CUDA GPU if there is one, otherwise on the CPU.
 #
-# Usage: scripts/run.sh [headroom serve options], e.g. --bind 127.0.0.1:9000
+# Usage: scripts/run.sh [headroom serve options], e.g. --listen 127.0.0.1:9000
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"

@@ -4,7 +4,8 @@
 
 use subtle::ConstantTimeEq;
 
-/// Generates a fresh 128-bit token as 32 hex characters.
+/// Generates a fresh 128-bit token as 32 hex characters (`rand`'s thread RNG, a CSPRNG
+/// seeded from the operating system).
 pub fn new_token() -> String {
     let bytes: [u8; 16] = rand::random();
     bytes.iter().map(|b| format!("{b:02x}")).collect()
@@ -17,6 +18,30 @@ pub fn token_matches(given: &str, expected: &str) -> bool {
 /// The `token` parameter of a query string, percent-decoding not needed: tokens are hex.
 pub fn token_from_query(query: Option<&str>) -> Option<&str> {
     query?.split('&').find_map(|pair| pair.strip_prefix("token="))
+}
+
+/// The token of an `Authorization: Bearer TOKEN` header value.
+pub fn token_from_bearer(header: Option<&str>) -> Option<&str> {
+    let (scheme, token) = header?.trim().split_once(' ')?;
+    scheme.eq_ignore_ascii_case("bearer").then(|| token.trim()).filter(|t| !t.is_empty())
+}
+
+/// The tokens a serving agent accepts: the one it printed at start (`--token`, or a
+/// fresh one), or the named tokens of a token file, re-read as it changes.
+#[derive(Debug)]
+pub enum Tokens {
+    One(String),
+    File(crate::tokens::TokenStore),
+}
+
+impl Tokens {
+    /// The name of the token `given` is (`printed` for the one token), if it is one.
+    pub fn check(&self, given: &str) -> Option<String> {
+        match self {
+            Tokens::One(t) => token_matches(given, t).then(|| "printed".to_owned()),
+            Tokens::File(store) => store.check(given),
+        }
+    }
 }
 
 /// An origin normalised to `scheme://host:port`, with the scheme's default port filled in.
@@ -88,14 +113,15 @@ pub fn host_allowed(host: &str, port: u16, hosts: &[String]) -> bool {
     !name.is_empty() && hosts.iter().any(|h| h == name)
 }
 
-/// The origins a loopback agent serves its own pages from.
-pub fn own_origins(port: u16, bind_host: &str) -> Vec<Origin> {
+/// The origins the agent serves its own pages from (`https` when it serves TLS).
+pub fn own_origins(port: u16, bind_host: &str, tls: bool) -> Vec<Origin> {
+    let scheme = if tls { "https" } else { "http" };
     let mut hosts = vec!["127.0.0.1".to_owned(), "localhost".to_owned(), "[::1]".to_owned()];
     let bracketed = if bind_host.contains(':') { format!("[{bind_host}]") } else { bind_host.to_owned() };
     if !hosts.contains(&bracketed) && bracketed != "0.0.0.0" && bracketed != "[::]" {
         hosts.push(bracketed);
     }
-    hosts.iter().filter_map(|h| Origin::parse(&format!("http://{h}:{port}"))).collect()
+    hosts.iter().filter_map(|h| Origin::parse(&format!("{scheme}://{h}:{port}"))).collect()
 }
 
 #[cfg(test)]
@@ -104,7 +130,7 @@ mod tests {
 
     #[test]
     fn origins_match_exactly_on_scheme_host_and_port() {
-        let allowed = own_origins(8787, "127.0.0.1");
+        let allowed = own_origins(8787, "127.0.0.1", false);
         let ok = |o: &str| Origin::parse(o).is_some_and(|o| allowed.contains(&o));
         assert!(ok("http://127.0.0.1:8787"));
         assert!(ok("http://LOCALHOST:8787"));
@@ -115,6 +141,26 @@ mod tests {
         assert!(!ok("http://evil.example"), "foreign host");
         assert!(!ok("null"), "opaque origin");
         assert_eq!(Origin::parse("https://example.com").map(|o| o.0), Some("https://example.com:443".into()));
+        // A configured origin (`--allow-origin https://plan.example.org`) against lookalikes.
+        let plan = [Origin::parse("https://plan.example.org").expect("origin")];
+        let ok = |o: &str| Origin::parse(o).is_some_and(|o| plan.contains(&o));
+        assert!(ok("https://plan.example.org") && ok("https://plan.example.org:443") && ok("HTTPS://Plan.Example.Org"));
+        for bad in [
+            "https://plan.example.org.evil.com",
+            "https://plan.example.orgy",
+            "https://evilplan.example.org",
+            "https://plan.example.org:8443",
+            "http://plan.example.org",
+            "https://plan.example.org@evil.com",
+            "https://plan.example.org/path",
+            "null",
+            "",
+        ] {
+            assert!(!ok(bad), "{bad:?} must not pass as https://plan.example.org");
+        }
+        let tls = own_origins(8787, "127.0.0.1", true);
+        assert!(tls.contains(&Origin::parse("https://127.0.0.1:8787").expect("origin")));
+        assert!(!tls.contains(&Origin::parse("http://127.0.0.1:8787").expect("origin")));
     }
 
     #[test]
@@ -141,5 +187,13 @@ mod tests {
         assert_eq!(token_from_query(Some("a=1&token=xyz")), Some("xyz"));
         assert_eq!(token_from_query(Some("tokenx=1")), None);
         assert_eq!(token_from_query(None), None);
+        assert_eq!(token_from_bearer(Some("Bearer abc")), Some("abc"));
+        assert_eq!(token_from_bearer(Some("bearer  abc ")), Some("abc"));
+        assert_eq!(token_from_bearer(Some("Basic abc")), None);
+        assert_eq!(token_from_bearer(Some("Bearer ")), None);
+        assert_eq!(token_from_bearer(None), None);
+        let one = Tokens::One(t.clone());
+        assert_eq!(one.check(&t).as_deref(), Some("printed"));
+        assert_eq!(one.check(&new_token()), None);
     }
 }

@@ -29,18 +29,51 @@ struct Cli {
 }
 
 #[derive(Subcommand, Debug)]
+enum TokenAction {
+    /// Add a token named NAME (the file is created, mode 600, if needed) and print it:
+    /// the only time it is shown.
+    Add {
+        name: String,
+        #[arg(long)]
+        token_file: PathBuf,
+    },
+    /// Remove the token named NAME; a running agent refuses it from its next connection.
+    Revoke {
+        name: String,
+        #[arg(long)]
+        token_file: PathBuf,
+    },
+    /// The names of the file's tokens (never the tokens).
+    List {
+        #[arg(long)]
+        token_file: PathBuf,
+    },
+}
+
+#[derive(Subcommand, Debug)]
 enum Command {
-    /// Serve the planner and the WebSocket on loopback, and run submitted jobs.
+    /// Serve the planner and the WebSocket (loopback by default), and run submitted jobs.
     Serve {
-        /// Address to listen on; port 0 picks a free one.
-        #[arg(long, default_value = "127.0.0.1:8787")]
-        bind: SocketAddr,
+        /// Address to listen on; port 0 picks a free one. Beyond loopback it needs
+        /// --token-file, and --tls-cert/--tls-key unless --insecure-http.
+        #[arg(long, visible_alias = "bind", default_value = "127.0.0.1:8787")]
+        listen: SocketAddr,
         /// The built planner (Trunk's output folder).
         #[arg(long)]
         web_dir: Option<PathBuf>,
         /// Access token; a fresh random one by default. Also read from HEADROOM_TOKEN.
-        #[arg(long, env = "HEADROOM_TOKEN", hide_env_values = true)]
+        #[arg(long, env = "HEADROOM_TOKEN", hide_env_values = true, conflicts_with = "token_file")]
         token: Option<String>,
+        /// Accept the named tokens of this file instead (`headroom token add`); it is
+        /// re-read when it changes, so a revoked token stops working without a restart.
+        #[arg(long)]
+        token_file: Option<PathBuf>,
+        /// Serve TLS with this PEM certificate chain (with --tls-key).
+        #[arg(long, requires = "tls_key")]
+        tls_cert: Option<PathBuf>,
+        /// The PEM private key of --tls-cert.
+        #[arg(long, requires = "tls_cert")]
+        tls_key: Option<PathBuf>,
         /// Another origin allowed to open the WebSocket (scheme://host[:port]); repeatable.
         #[arg(long = "allow-origin")]
         allow_origins: Vec<String>,
@@ -48,17 +81,27 @@ enum Command {
         /// and the bound address; repeatable. Any other Host is refused (DNS rebinding).
         #[arg(long = "allow-host")]
         allow_hosts: Vec<String>,
-        /// Connections open at once.
+        /// Authenticated WebSocket sessions at once; one more is refused.
         #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..=4096))]
         max_connections: u32,
+        /// Connections that have not authenticated yet (page requests, handshakes in
+        /// progress) at once; one more is closed at once. Each has 10 s to finish its
+        /// handshakes.
+        #[arg(long, default_value_t = 32, value_parser = clap::value_parser!(u32).range(1..=4096))]
+        max_unauthenticated: u32,
         /// Jobs running at once (one per GPU keeps measurements clean).
         #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=64))]
         max_jobs: u32,
         /// Serve plain HTTP and WebSocket on an address other than loopback, where anyone
-        /// on the network can read the token in transit. Without it, only loopback
-        /// addresses are served (reach a remote agent through an SSH tunnel).
+        /// on the network can read the token in transit. Without it, an address beyond
+        /// loopback needs TLS (or reach the agent through an SSH tunnel).
         #[arg(long)]
         insecure_http: bool,
+    },
+    /// Manage the named access tokens of a token file (`serve --token-file`).
+    Token {
+        #[command(subcommand)]
+        action: TokenAction,
     },
     /// Run a plan here: one JSON line per micro-batch on stdout, then a summary line.
     Run {
@@ -432,42 +475,72 @@ async fn async_main(command: Command) -> anyhow::Result<()> {
     let exe = std::env::current_exe().context("locating this executable for worker processes")?;
     match command {
         Command::Serve {
-            bind,
+            listen,
             web_dir,
             token,
+            token_file,
+            tls_cert,
+            tls_key,
             allow_origins,
             allow_hosts,
             max_connections,
+            max_unauthenticated,
             max_jobs,
             insecure_http,
         } => {
-            // An agent runs jobs: on a shared network it must not be reachable in clear text
-            // by accident. TLS is not served yet; an SSH tunnel to loopback is the safe way.
-            if !bind.ip().is_loopback() {
-                if !insecure_http {
+            // An agent runs jobs: beyond loopback it must know who connects (named tokens
+            // from a file) and must not be reachable in clear text by accident.
+            let tls = match (&tls_cert, &tls_key) {
+                (Some(c), Some(k)) => Some(crate::stream::tls_config(c, k).map_err(|e| BadInput(format!("{e:#}")))?),
+                _ => None,
+            };
+            if !listen.ip().is_loopback() {
+                if token_file.is_none() {
                     return Err(BadInput(format!(
-                        "--bind {bind}: not a loopback address; this agent serves only loopback without TLS. Reach it through an SSH tunnel (ssh -L 8787:127.0.0.1:8787 HOST), or pass --insecure-http to accept clear text on the network"
+                        "--listen {listen}: beyond loopback the agent needs --token-file FILE (create one with `headroom token add NAME --token-file FILE`)"
                     ))
                     .into());
                 }
-                tracing::warn!(%bind, "serving plain HTTP beyond loopback (--insecure-http): the token travels in clear text");
+                if tls.is_none() && !insecure_http {
+                    return Err(BadInput(format!(
+                        "--listen {listen}: not a loopback address; serve TLS with --tls-cert and --tls-key, reach a loopback agent through an SSH tunnel (ssh -L 8787:127.0.0.1:8787 HOST), or pass --insecure-http to accept clear text on the network"
+                    ))
+                    .into());
+                }
+                if tls.is_none() {
+                    tracing::warn!(%listen, "serving plain HTTP beyond loopback (--insecure-http): tokens travel in clear text");
+                }
             }
-            let token = token.unwrap_or_else(crate::auth::new_token);
-            if token.len() < 16 || !token.bytes().all(|b| b.is_ascii_alphanumeric()) {
-                return Err(BadInput("--token: use at least 16 letters or digits".into()).into());
-            }
+            let (tokens, printed) = match &token_file {
+                Some(path) => (
+                    crate::auth::Tokens::File(
+                        crate::tokens::TokenStore::open(path).map_err(|e| BadInput(format!("--token-file: {e}")))?,
+                    ),
+                    None,
+                ),
+                None => {
+                    let token = token.unwrap_or_else(crate::auth::new_token);
+                    if token.len() < 16 || !token.bytes().all(|b| b.is_ascii_alphanumeric()) {
+                        return Err(BadInput("--token: use at least 16 letters or digits".into()).into());
+                    }
+                    (crate::auth::Tokens::One(token.clone()), Some(token))
+                }
+            };
             if let Some(dir) = &web_dir
                 && !dir.join("index.html").is_file()
             {
                 return Err(BadInput(format!("--web-dir {}: no index.html there", dir.display())).into());
             }
+            let scheme = if tls.is_some() { "https" } else { "http" };
             let server = Server::bind(Config {
-                bind,
+                bind: listen,
                 web_dir,
-                token: token.clone(),
+                tokens,
+                tls,
                 extra_origins: allow_origins,
                 extra_hosts: allow_hosts,
                 max_connections: max_connections as usize,
+                max_unauthenticated: max_unauthenticated as usize,
                 max_jobs: max_jobs as usize,
                 worker_exe: exe,
             })
@@ -475,8 +548,14 @@ async fn async_main(command: Command) -> anyhow::Result<()> {
             let addr = server.local_addr()?;
             let host = if addr.ip().is_unspecified() { "127.0.0.1".to_owned() } else { addr.ip().to_string() };
             let host = if host.contains(':') { format!("[{host}]") } else { host };
-            // The one line on stdout: scripts and tests read the URL from it.
-            println!("Headroom planner: http://{host}:{}/?token={token}", addr.port());
+            // The one line on stdout: scripts and tests read the URL from it. Tokens from a
+            // file are never printed: add `?token=` with one of them.
+            match printed {
+                Some(token) => println!("Headroom planner: {scheme}://{host}:{}/?token={token}", addr.port()),
+                None => {
+                    println!("Headroom planner: {scheme}://{host}:{}/ (open it with ?token=YOUR_TOKEN)", addr.port())
+                }
+            }
             tracing::info!(%addr, "serving");
             server
                 .run(async {
@@ -485,6 +564,7 @@ async fn async_main(command: Command) -> anyhow::Result<()> {
                 .await;
             Ok(())
         }
+        Command::Token { action } => token_command(action),
         Command::Run { source, device, files } => {
             let (mut plan, _) = build_plan(&source)?;
             if let Some(d) = device {
@@ -680,4 +760,26 @@ async fn run(mut plan: Plan, files: crate::train::JobFiles, exe: PathBuf) -> any
         }
     }
     anyhow::bail!("the worker ended without a result")
+}
+
+fn token_command(action: TokenAction) -> anyhow::Result<()> {
+    let bad = |e: crate::tokens::TokenFileError| BadInput(e.to_string());
+    match action {
+        TokenAction::Add { name, token_file } => {
+            let token = crate::tokens::add(&token_file, &name).map_err(bad)?;
+            // stdout holds the token alone, for scripts; the hint goes to stderr.
+            println!("{token}");
+            eprintln!("added token {name:?} to {}; it is not shown again", token_file.display());
+        }
+        TokenAction::Revoke { name, token_file } => {
+            crate::tokens::revoke(&token_file, &name).map_err(bad)?;
+            eprintln!("revoked token {name:?}; a running agent refuses it from its next connection");
+        }
+        TokenAction::List { token_file } => {
+            for e in crate::tokens::read(&token_file).map_err(bad)? {
+                println!("{}", e.name);
+            }
+        }
+    }
+    Ok(())
 }

@@ -1,14 +1,14 @@
 //! A WebSocket carrying protocol messages: callers see typed messages, never frames.
 
+use crate::stream::BoxIo;
 use futures_util::stream::{SplitSink, SplitStream};
 use futures_util::{SinkExt, StreamExt};
 use shared::codec::{self, CodecError};
 use shared::protocol::Message;
-use tokio::net::TcpStream;
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::{self, protocol::CloseFrame, protocol::frame::coding::CloseCode};
 
-type Ws = WebSocketStream<TcpStream>;
+type Ws = WebSocketStream<BoxIo>;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ReadError {

@@ -3,11 +3,11 @@
 use std::convert::Infallible;
 use std::path::{Path, PathBuf};
 
+use crate::stream::BoxIo;
 use http_body_util::Full;
 use hyper::body::Bytes;
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
-use tokio::net::TcpStream;
 
 const HEADER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
@@ -17,7 +17,7 @@ const MAX_FILE_BYTES: u64 = 64 << 20;
 const NOT_BUILT: &str = "<!doctype html><title>Headroom</title><h1>The planner is not built</h1>\
 <p>Run <code>scripts/run.sh</code>, which builds it with Trunk, or pass <code>--web-dir</code>.</p>";
 
-pub async fn serve(stream: TcpStream, web_dir: Option<PathBuf>, hosts: Vec<String>, port: u16) -> anyhow::Result<()> {
+pub async fn serve(stream: BoxIo, web_dir: Option<PathBuf>, hosts: Vec<String>, port: u16) -> anyhow::Result<()> {
     let hosts = std::sync::Arc::new(hosts);
     let service = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
         let dir = web_dir.clone();

@@ -20,6 +20,8 @@ pub mod probe;
 pub mod report;
 pub mod server;
 pub mod session;
+pub mod stream;
+pub mod tokens;
 pub mod tools;
 pub mod train;
 pub mod worker;

@@ -1,9 +1,12 @@
-//! The listener: one loopback port serves the planner's files at `/` and the WebSocket
-//! at `/ws`, with a connection limit and graceful shutdown.
+//! The listener: one port serves the planner's files at `/` and the WebSocket at `/ws`,
+//! over plain TCP or TLS, with connection limits and graceful shutdown.
 //!
-//! Each accepted stream is routed by peeking at its request line: `/ws` goes to
-//! tungstenite, whose handshake callback checks the token and the `Origin` before the
-//! upgrade; everything else goes to the static file service.
+//! Each accepted stream (after its TLS handshake, if any) is routed by reading its
+//! request line: `/ws` goes to tungstenite, whose handshake callback checks the `Host`,
+//! the token and the `Origin` before the upgrade; everything else goes to the static
+//! file service. Until a WebSocket is authenticated, a connection holds one of a small
+//! number of slots of its own and must finish within a short deadline, so idle or slow
+//! strangers cannot crowd out authenticated sessions.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -13,55 +16,101 @@ use std::time::Duration;
 use anyhow::Context;
 use shared::codec::MAX_FRAME_BYTES;
 use shared::protocol::{Capabilities, DeviceInfo, Hello, PROTOCOL_VERSION};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 use tokio::sync::{Semaphore, watch};
 use tokio::task::JoinSet;
 use tokio_tungstenite::tungstenite::handshake::server::{ErrorResponse, Request, Response};
 use tokio_tungstenite::tungstenite::http::StatusCode;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 
-use crate::auth::{self, Origin};
+use crate::auth::{self, Origin, Tokens};
 use crate::connection::Connection;
 use crate::http;
 use crate::jobs::JobRunner;
 use crate::session::{self, State};
+use crate::stream::{self, BoxIo, Rewind};
 
 /// Bytes of a request line we wait for before routing; longer lines are refused.
 const MAX_REQUEST_LINE: usize = 8192;
-/// A client that sends no request line, or does not finish its handshake, within this
-/// is dropped, so stalled sockets cannot hold connection slots.
-const REQUEST_LINE_TIMEOUT: Duration = Duration::from_secs(10);
+/// A client that does not finish its TLS handshake, its request line and its WebSocket
+/// handshake within this is dropped, so stalled sockets cannot hold connection slots.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Kernel send buffer asked for per connection (Linux doubles it for bookkeeping, so
 /// about 512 KiB in practice). Without a cap, autotuning lets a client that stops reading
 /// pin megabytes in the kernel; with it, backlog beyond this and the job's event buffer
 /// is dropped (and counted) instead.
 const SEND_BUFFER_BYTES: usize = 256 * 1024;
+/// Unauthenticated connections one peer address may hold at once, whatever
+/// `--max-unauthenticated` allows in all: one host cannot take every slot.
+pub const MAX_UNAUTHENTICATED_PER_PEER: usize = 8;
 /// Frames up to twice the codec's limit are read, so that the codec can answer a
 /// too-large message with a clear error; larger ones fail inside tungstenite.
 const WS_READ_LIMIT: usize = 2 * MAX_FRAME_BYTES;
 
-#[derive(Clone, Debug)]
+#[derive(Debug)]
 pub struct Config {
     pub bind: SocketAddr,
     /// The built planner (Trunk's `dist`); `None` serves a page that says how to build it.
     pub web_dir: Option<PathBuf>,
-    pub token: String,
+    pub tokens: Tokens,
+    /// TLS from `--tls-cert`/`--tls-key`; plain TCP without.
+    pub tls: Option<Arc<rustls::ServerConfig>>,
     /// Origins allowed besides the agent's own.
     pub extra_origins: Vec<String>,
     /// Host names a request may address the agent by besides loopback and the bound
     /// address (a DNS name of the machine); any other `Host` is refused.
     pub extra_hosts: Vec<String>,
-    /// Open connections at once; more wait in the kernel's accept queue.
+    /// Authenticated WebSocket sessions at once; one more is refused with 503.
     pub max_connections: usize,
+    /// Connections not yet authenticated at once (TLS and WebSocket handshakes, page
+    /// requests); one more is closed at once.
+    pub max_unauthenticated: usize,
     pub max_jobs: usize,
     /// This executable, started in worker mode for each job.
     pub worker_exe: PathBuf,
 }
 
+/// An unauthenticated connection's slot: one of the agent's and one of its peer's.
+struct Pending {
+    _slot: tokio::sync::OwnedSemaphorePermit,
+    peers: Arc<std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>>,
+    ip: std::net::IpAddr,
+}
+
+impl Pending {
+    fn take(
+        slots: &Arc<Semaphore>,
+        peers: &Arc<std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>>,
+        ip: std::net::IpAddr,
+    ) -> Option<Pending> {
+        let mut map = peers.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let n = map.entry(ip).or_insert(0);
+        if *n >= MAX_UNAUTHENTICATED_PER_PEER {
+            return None;
+        }
+        let slot = Arc::clone(slots).try_acquire_owned().ok()?;
+        *n += 1;
+        Some(Pending { _slot: slot, peers: Arc::clone(peers), ip })
+    }
+}
+
+impl Drop for Pending {
+    fn drop(&mut self) {
+        let mut map = self.peers.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(n) = map.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                map.remove(&self.ip);
+            }
+        }
+    }
+}
+
 pub struct Server {
     listener: TcpListener,
     state: Arc<State>,
-    max_connections: usize,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+    max_unauthenticated: usize,
 }
 
 fn cpu_device() -> DeviceInfo {
@@ -83,7 +132,7 @@ impl Server {
     pub async fn bind(config: Config) -> anyhow::Result<Server> {
         let listener = TcpListener::bind(config.bind).await.with_context(|| format!("binding {}", config.bind))?;
         let addr = listener.local_addr()?;
-        let mut origins = auth::own_origins(addr.port(), &addr.ip().to_string());
+        let mut origins = auth::own_origins(addr.port(), &addr.ip().to_string(), config.tls.is_some());
         for o in &config.extra_origins {
             origins
                 .push(Origin::parse(o).with_context(|| format!("--allow-origin {o:?} is not scheme://host[:port]"))?);
@@ -113,7 +162,8 @@ impl Server {
             },
         };
         let state = State {
-            token: config.token,
+            tokens: config.tokens,
+            sessions: Arc::new(Semaphore::new(config.max_connections)),
             origins,
             hello,
             runner: JobRunner::new(config.worker_exe, config.max_jobs),
@@ -121,7 +171,12 @@ impl Server {
             hosts: auth::own_hosts(&addr.ip().to_string(), &config.extra_hosts),
             port: addr.port(),
         };
-        Ok(Server { listener, state: Arc::new(state), max_connections: config.max_connections })
+        Ok(Server {
+            listener,
+            state: Arc::new(state),
+            tls: config.tls.map(tokio_rustls::TlsAcceptor::from),
+            max_unauthenticated: config.max_unauthenticated,
+        })
     }
 
     pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
@@ -131,15 +186,12 @@ impl Server {
     /// Serves until `shutdown` completes, then closes every connection and waits up to
     /// five seconds for them.
     pub async fn run(self, shutdown: impl std::future::Future<Output = ()>) {
-        let limit = Arc::new(Semaphore::new(self.max_connections));
+        let unauthenticated = Arc::new(Semaphore::new(self.max_unauthenticated));
+        let peers = Arc::new(std::sync::Mutex::new(std::collections::HashMap::new()));
         let (stop_tx, stop_rx) = watch::channel(false);
         let mut tasks = JoinSet::new();
         tokio::pin!(shutdown);
         loop {
-            let permit = tokio::select! {
-                p = Arc::clone(&limit).acquire_owned() => match p { Ok(p) => p, Err(_) => break },
-                _ = &mut shutdown => break,
-            };
             let (stream, peer) = tokio::select! {
                 accepted = self.listener.accept() => match accepted {
                     Ok(a) => a,
@@ -151,11 +203,17 @@ impl Server {
                 },
                 _ = &mut shutdown => break,
             };
+            // A stranger gets one of the few unauthenticated slots, or is closed at once.
+            let Some(pending) = Pending::take(&unauthenticated, &peers, peer.ip()) else {
+                tracing::debug!(%peer, "closed: too many unauthenticated connections");
+                drop(stream);
+                continue;
+            };
             let state = Arc::clone(&self.state);
             let stop = stop_rx.clone();
+            let tls = self.tls.clone();
             tasks.spawn(async move {
-                let _permit = permit;
-                if let Err(e) = handle(stream, state, stop).await {
+                if let Err(e) = handle(stream, tls, pending, state, stop).await {
                     tracing::debug!(%peer, "connection: {e:#}");
                 }
             });
@@ -181,45 +239,60 @@ async fn probe_cuda(exe: &std::path::Path) -> i64 {
     }
 }
 
-/// Peeks until the request line is complete and says whether it asks for `/ws`.
-async fn is_websocket_request(stream: &TcpStream) -> anyhow::Result<bool> {
-    let mut buf = vec![0u8; MAX_REQUEST_LINE];
-    let line = tokio::time::timeout(REQUEST_LINE_TIMEOUT, async {
-        loop {
-            let n = stream.peek(&mut buf).await?;
-            if n == 0 {
-                anyhow::bail!("closed before a request line");
-            }
-            if let Some(end) = buf[..n].windows(2).position(|w| w == b"\r\n") {
-                return Ok(String::from_utf8_lossy(&buf[..end]).into_owned());
-            }
-            if n == buf.len() {
-                anyhow::bail!("request line longer than {MAX_REQUEST_LINE} bytes");
-            }
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-    })
-    .await
-    .context("no request line in time")??;
-    let target = line.split(' ').nth(1).unwrap_or("");
-    Ok(target == "/ws" || target.starts_with("/ws?"))
+/// The TLS handshake (if any) and the request line, within the handshake deadline.
+async fn open(
+    stream: tokio::net::TcpStream,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+) -> anyhow::Result<(String, BoxIo)> {
+    let mut io: BoxIo = match tls {
+        Some(acceptor) => Box::new(acceptor.accept(stream).await.context("TLS handshake")?),
+        None => Box::new(stream),
+    };
+    let (line, read) = stream::read_request_line(&mut io, MAX_REQUEST_LINE).await?;
+    Ok((line, Box::new(Rewind::new(read, io))))
 }
 
-async fn handle(stream: TcpStream, state: Arc<State>, stop: watch::Receiver<bool>) -> anyhow::Result<()> {
+async fn handle(
+    stream: tokio::net::TcpStream,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+    pending: Pending,
+    state: Arc<State>,
+    stop: watch::Receiver<bool>,
+) -> anyhow::Result<()> {
     socket2::SockRef::from(&stream).set_send_buffer_size(SEND_BUFFER_BYTES)?;
-    if !is_websocket_request(&stream).await? {
-        return http::serve(stream, state.web_dir.clone(), state.hosts.clone(), state.port).await;
+    let (line, io) =
+        tokio::time::timeout(HANDSHAKE_TIMEOUT, open(stream, tls)).await.context("no request line in time")??;
+    let target = line.split(' ').nth(1).unwrap_or("");
+    if !(target == "/ws" || target.starts_with("/ws?")) {
+        // Page requests keep their unauthenticated slot while the connection lasts; hyper
+        // closes slow headers and idle keep-alive connections.
+        let _pending = pending;
+        return http::serve(io, state.web_dir.clone(), state.hosts.clone(), state.port).await;
     }
     let check_state = Arc::clone(&state);
+    // tungstenite's `Callback` fixes this signature, large error type and all.
+    #[allow(clippy::result_large_err)]
     let callback = move |req: &Request, resp: Response| -> Result<Response, ErrorResponse> {
         authorize(&check_state, req).map(|()| resp)
     };
     let mut config = WebSocketConfig::default();
     config.max_message_size = Some(WS_READ_LIMIT);
     config.max_frame_size = Some(WS_READ_LIMIT);
-    let handshake = tokio_tungstenite::accept_hdr_async_with_config(stream, callback, Some(config));
-    let ws = tokio::time::timeout(REQUEST_LINE_TIMEOUT, handshake).await.context("websocket handshake timed out")??;
-    session::run(Connection::new(ws), state, stop).await;
+    let handshake = tokio_tungstenite::accept_hdr_async_with_config(io, callback, Some(config));
+    let ws = tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake).await.context("websocket handshake timed out")??;
+    // Authenticated: the unauthenticated slot goes, a session slot is taken.
+    drop(pending);
+    let mut conn = Connection::new(ws);
+    let Ok(_session) = Arc::clone(&state.sessions).try_acquire_owned() else {
+        tracing::warn!("refused a session: --max-connections reached");
+        conn.close(
+            tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode::Again,
+            "too many sessions on this agent; try again later",
+        )
+        .await;
+        return Ok(());
+    };
+    session::run(conn, state, stop).await;
     Ok(())
 }
 
@@ -230,6 +303,7 @@ fn reject(status: StatusCode, reason: &str) -> ErrorResponse {
 }
 
 /// Runs inside the handshake, before the upgrade: nothing reaches a session unchecked.
+#[allow(clippy::result_large_err)] // what the handshake callback returns, unchanged
 fn authorize(state: &State, req: &Request) -> Result<(), ErrorResponse> {
     // A page on a foreign name that resolves here (DNS rebinding) is refused first.
     let host = req.headers().get("host").and_then(|h| h.to_str().ok()).unwrap_or("");
@@ -237,18 +311,20 @@ fn authorize(state: &State, req: &Request) -> Result<(), ErrorResponse> {
         tracing::warn!(host, "refused a WebSocket addressed to a foreign host");
         return Err(reject(StatusCode::FORBIDDEN, &format!("host {host:?} is not this agent's (see --allow-host)")));
     }
-    match auth::token_from_query(req.uri().query()) {
-        None => {
-            return Err(reject(
-                StatusCode::UNAUTHORIZED,
-                "missing token: connect to /ws?token=<the token the agent printed>",
-            ));
-        }
-        Some(t) if !auth::token_matches(t, &state.token) => {
-            return Err(reject(StatusCode::FORBIDDEN, "wrong token"));
-        }
-        Some(_) => {}
-    }
+    // A token in the query (what a browser can send) or as a bearer header (other
+    // clients); a cookie never counts.
+    let bearer = req.headers().get("authorization").and_then(|h| h.to_str().ok());
+    let given = auth::token_from_query(req.uri().query()).or_else(|| auth::token_from_bearer(bearer));
+    let Some(given) = given else {
+        return Err(reject(
+            StatusCode::UNAUTHORIZED,
+            "missing token: connect to /ws?token=TOKEN or send Authorization: Bearer TOKEN",
+        ));
+    };
+    let Some(name) = state.tokens.check(given) else {
+        tracing::warn!("refused a WebSocket with an unknown or revoked token");
+        return Err(reject(StatusCode::UNAUTHORIZED, "unknown or revoked token"));
+    };
     // Browsers always send Origin on a WebSocket; programs (the CLI, tests) may not, and
     // the token already authenticates them.
     if let Some(origin) = req.headers().get("origin") {
@@ -259,5 +335,6 @@ fn authorize(state: &State, req: &Request) -> Result<(), ErrorResponse> {
             return Err(reject(StatusCode::FORBIDDEN, &format!("origin {text:?} is not allowed")));
         }
     }
+    tracing::info!(token = name, "session authenticated");
     Ok(())
 }

@@ -21,7 +21,9 @@ async fn next_event(job: &mut Option<RunningJob>) -> Option<Message> {
 /// What every connection shares.
 #[derive(Debug)]
 pub struct State {
-    pub token: String,
+    pub tokens: crate::auth::Tokens,
+    /// Slots for authenticated sessions (`--max-connections`).
+    pub sessions: Arc<tokio::sync::Semaphore>,
     pub origins: Vec<Origin>,
     pub hello: Hello,
     pub runner: JobRunner,

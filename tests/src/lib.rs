@@ -10,6 +10,7 @@ use anyhow::{Context, bail};
 use futures_util::{SinkExt, StreamExt};
 use shared::codec;
 use shared::protocol::Message;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::{self, http};
@@ -67,11 +68,13 @@ pub struct AgentHandle {
 impl AgentHandle {
     pub fn start(web_dir: Option<PathBuf>) -> anyhow::Result<AgentHandle> {
         let token = format!("{:032x}", rand_u128());
+        AgentHandle::start_with(&["--listen", "127.0.0.1:0", "--token", &token], token.clone(), web_dir)
+    }
+
+    /// An agent started with `serve ARGS`, whose clients present `token`.
+    pub fn start_with(args: &[&str], token: String, web_dir: Option<PathBuf>) -> anyhow::Result<AgentHandle> {
         let mut cmd = Command::new(agent_binary()?);
-        cmd.args(["serve", "--bind", "127.0.0.1:0", "--token", &token])
-            .env("HEADROOM_LOG", "warn")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit());
+        cmd.arg("serve").args(args).env("HEADROOM_LOG", "warn").stdout(Stdio::piped()).stderr(Stdio::inherit());
         if let Some(dir) = web_dir {
             cmd.arg("--web-dir").arg(dir);
         }
@@ -79,7 +82,7 @@ impl AgentHandle {
         let stdout = child.stdout.take().context("agent stdout")?;
         let mut line = String::new();
         BufReader::new(stdout).read_line(&mut line)?;
-        // "Headroom planner: http://127.0.0.1:PORT/?token=..."
+        // "Headroom planner: http[s]://127.0.0.1:PORT/..."
         let port = line
             .split("127.0.0.1:")
             .nth(1)
@@ -169,19 +172,24 @@ fn rand_u128() -> u128 {
     u128::from_le_bytes(bytes) ^ u128::from(std::process::id())
 }
 
-pub async fn send(ws: &mut Ws, message: &Message) -> anyhow::Result<()> {
+pub async fn send<S: AsyncRead + AsyncWrite + Unpin>(
+    ws: &mut WebSocketStream<S>,
+    message: &Message,
+) -> anyhow::Result<()> {
     ws.send(tungstenite::Message::Binary(codec::encode(message)?.into())).await?;
     Ok(())
 }
 
 /// What arrived next: a decoded message, or how the agent closed.
 #[derive(Debug)]
+// One value at a time in tests, matched on at once: boxing would only add noise.
+#[allow(clippy::large_enum_variant)]
 pub enum Inbound {
     Message(Message),
     Closed(Option<tungstenite::protocol::CloseFrame>),
 }
 
-pub async fn next(ws: &mut Ws) -> anyhow::Result<Inbound> {
+pub async fn next<S: AsyncRead + AsyncWrite + Unpin>(ws: &mut WebSocketStream<S>) -> anyhow::Result<Inbound> {
     loop {
         let frame =
             tokio::time::timeout(MESSAGE_TIMEOUT, ws.next()).await.context("timed out waiting for the agent")?;
@@ -200,7 +208,7 @@ pub async fn next(ws: &mut Ws) -> anyhow::Result<Inbound> {
     }
 }
 
-pub async fn recv(ws: &mut Ws) -> anyhow::Result<Message> {
+pub async fn recv<S: AsyncRead + AsyncWrite + Unpin>(ws: &mut WebSocketStream<S>) -> anyhow::Result<Message> {
     match next(ws).await? {
         Inbound::Message(m) => Ok(m),
         Inbound::Closed(frame) => bail!("the agent closed the connection: {frame:?}"),

@@ -105,7 +105,7 @@ async fn handshakes_without_the_right_token_or_origin_are_refused() -> anyhow::R
     let (status, body) = http_refusal(agent.connect_with(None, None).await);
     assert_eq!((status, body.contains("missing token")), (401, true), "{body}");
     let (status, body) = http_refusal(agent.connect_with(Some("0123456789abcdef0123456789abcdef"), None).await);
-    assert_eq!((status, body.as_str()), (403, "wrong token"));
+    assert_eq!((status, body.as_str()), (401, "unknown or revoked token"));
     let (status, body) = http_refusal(agent.connect_with(Some(&agent.token), Some("http://evil.example")).await);
     assert_eq!(status, 403);
     assert!(body.contains("origin \"http://evil.example\" is not allowed"), "{body}");

@@ -601,14 +601,3 @@ fn the_workloads_scaled_for_a_cpu_train_with_their_knobs_and_match_their_estimat
     }
     Ok(())
 }
-
-#[test]
-fn serving_beyond_loopback_without_tls_needs_an_explicit_flag() -> anyhow::Result<()> {
-    for addr in ["0.0.0.0:0", "192.0.2.1:8787"] {
-        let (code, _, err) = cli(&["serve", "--bind", addr])?;
-        assert_eq!(code, 2, "{err}");
-        assert!(err.contains("not a loopback address") && err.contains("SSH tunnel"), "{err}");
-        assert!(err.contains("--insecure-http"), "{err}");
-    }
-    Ok(())
-}

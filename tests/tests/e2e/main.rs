@@ -3,4 +3,5 @@
 mod agent_ws;
 mod browser;
 mod cli;
+mod security;
 mod trainer;
