@@ -704,9 +704,9 @@ async fn run(mut plan: Plan, files: crate::train::JobFiles, exe: PathBuf) -> any
                     shared::protocol::JobEvent::Resumed { path } => {
                         serde_json::json!({ "kind": "resumed", "path": path })
                     }
-                    shared::protocol::JobEvent::SurfaceDistance { mean, host_bytes, micro_seconds } => {
+                    shared::protocol::JobEvent::SurfaceTerm { value, host_bytes, micro_seconds } => {
                         serde_json::json!({
-                            "kind": "surface_distance", "mean": mean, "host_bytes": host_bytes,
+                            "kind": "surface_term", "value": value, "host_bytes": host_bytes,
                             "micro_seconds": micro_seconds,
                         })
                     }

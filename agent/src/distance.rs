@@ -1,25 +1,14 @@
-//! W4's expensive CPU-side term: a Euclidean distance transform of the label mask with
-//! its feature transform (what `scipy.ndimage.distance_transform_edt(...,
-//! return_indices=True)` returns), and the mean distance of the predicted foreground to
-//! the labelled foreground. It holds, per voxel, the float64 distances, an int32 index
-//! per axis, the boolean mask and float32 copies of the prediction and the label — the
-//! host memory `shared::estimate::host` counts for `distance_loss_every`.
+//! W4's expensive CPU-side work: exact Euclidean distance transforms of label regions
+//! with their feature transform (what `scipy.ndimage.distance_transform_edt` computes
+//! inside), and from them the signed distance maps of Kervadec et al.'s boundary loss,
+//! the surface term `distance_loss_every` adds to the loss (`zoo::losses::surface_term`).
+//! Its host memory is what `shared::estimate::host::surface_bytes` counts.
 //!
 //! The transform is exact: Felzenszwalb and Huttenlocher's lower envelope of parabolas,
 //! one axis at a time.
 
 /// Distances beyond any grid: "no foreground on this line yet".
 const FAR: f64 = 1e30;
-
-/// What one evaluation produced.
-#[derive(Clone, Debug, PartialEq)]
-pub struct SurfaceDistance {
-    /// Mean Euclidean distance (in voxels) from each predicted foreground voxel to the
-    /// nearest labelled one; `None` when either is empty.
-    pub mean: Option<f64>,
-    /// Host bytes the evaluation held at its peak.
-    pub bytes: u64,
-}
 
 /// Squared distances to the nearest `true` voxel of `mask` (shape `dims`, row-major),
 /// with, per axis, the coordinate of that voxel.
@@ -110,23 +99,25 @@ fn lower_envelope(f: &[f64], out: &mut [f64], from: &mut [usize], v: &mut [usize
     }
 }
 
-/// The mean distance from the predicted foreground (`prediction > 0.5`) to the labelled
-/// foreground (`label > 0.5`), over one sample of shape `dims`.
-pub fn surface_distance(prediction: &[f32], label: &[f32], dims: &[usize]) -> SurfaceDistance {
-    let n = label.len();
-    let mask: Vec<bool> = label.iter().map(|&v| v > 0.5).collect();
-    let (d, feature) = edt(&mask, dims);
-    let bytes = (n * (8 + 4 * feature.len() + 1 + 4 + 4)) as u64;
-    let (mut sum, mut count) = (0.0, 0u64);
-    if mask.iter().any(|&m| m) {
-        for (i, &p) in prediction.iter().enumerate() {
-            if p > 0.5 {
-                sum += d[i].sqrt();
-                count += 1;
-            }
-        }
+/// Kervadec et al.'s signed distance map of one class region (`one_hot2dist`): outside
+/// the region, the Euclidean distance to its nearest voxel; inside, minus the distance to
+/// the nearest voxel outside, less one. Zero everywhere when the region is empty (or
+/// fills the volume: it has no surface). Returns the map and the host bytes the two
+/// transforms held at their peak (both masks, both float64 distances, one feature
+/// transform), which `shared::estimate::host::surface_bytes` counts.
+pub fn signed_distance(region: &[bool], dims: &[usize]) -> (Vec<f32>, u64) {
+    let n = region.len();
+    let peak = (n * (2 + 8 + 8 + 4 * dims.len())) as u64;
+    if !region.iter().any(|&r| r) || region.iter().all(|&r| r) {
+        return (vec![0.0; n], peak);
     }
-    SurfaceDistance { mean: (count > 0).then(|| sum / count as f64), bytes }
+    let (to_region, _) = edt(region, dims);
+    let outside: Vec<bool> = region.iter().map(|&r| !r).collect();
+    let (to_outside, _) = edt(&outside, dims);
+    let map = (0..n)
+        .map(|i| if region[i] { -(to_outside[i].sqrt() - 1.0) as f32 } else { to_region[i].sqrt() as f32 })
+        .collect();
+    (map, peak)
 }
 
 #[cfg(test)]
@@ -194,15 +185,17 @@ mod tests {
     }
 
     #[test]
-    fn a_prediction_shifted_by_two_voxels_is_about_two_voxels_away() {
+    fn the_signed_map_is_positive_outside_and_negative_inside_as_one_hot2dist() {
+        // Columns 0..4 of an 8x8 slice are the region.
         let dims = [1, 8, 8];
-        let label: Vec<f32> = (0..64).map(|i| if (i % 8) < 4 { 1.0 } else { 0.0 }).collect();
-        let shifted: Vec<f32> = (0..64).map(|i| if (i % 8) >= 2 && (i % 8) < 6 { 1.0 } else { 0.0 }).collect();
-        let s = surface_distance(&shifted, &label, &dims);
-        // Columns 2, 3 are inside (0), 4 and 5 are 1 and 2 away.
-        assert_eq!(s.mean, Some(0.75));
-        assert_eq!(s.bytes, 64 * (8 + 12 + 1 + 8));
-        assert_eq!(surface_distance(&label, &label, &dims).mean, Some(0.0));
-        assert_eq!(surface_distance(&[0.0; 64], &label, &dims).mean, None);
+        let region: Vec<bool> = (0..64).map(|i| (i % 8) < 4).collect();
+        let (map, bytes) = signed_distance(&region, &dims);
+        // Inside: 0 at the surface column, -1, -2, -3 deeper; outside: 1, 2, 3, 4 away.
+        let row: Vec<f32> = map[..8].to_vec();
+        assert_eq!(row, vec![-3.0, -2.0, -1.0, 0.0, 1.0, 2.0, 3.0, 4.0]);
+        assert!(map.chunks(8).all(|r| r == row.as_slice()));
+        assert_eq!(bytes, 64 * (2 + 16 + 12));
+        assert!(signed_distance(&[false; 64], &dims).0.iter().all(|&v| v == 0.0), "no region");
+        assert!(signed_distance(&[true; 64], &dims).0.iter().all(|&v| v == 0.0), "no surface");
     }
 }

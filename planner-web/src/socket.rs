@@ -75,7 +75,7 @@ fn apply(state: AgentState, message: Message) {
                     .unwrap_or_default()
             ))),
             // Routine and frequent: the records show their effect on reserved memory.
-            shared::protocol::JobEvent::CacheEmptied { .. } | shared::protocol::JobEvent::SurfaceDistance { .. } => {}
+            shared::protocol::JobEvent::CacheEmptied { .. } | shared::protocol::JobEvent::SurfaceTerm { .. } => {}
             shared::protocol::JobEvent::Validation { loss, peak_bytes, micro_batch, .. } => {
                 state.notice.set(Some(format!(
                     "step {step}: validation loss {loss:.4} (micro-batch {micro_batch}, peak {})",

@@ -104,9 +104,9 @@ mod tests {
     fn fixed_bytes_notice_format_changes() {
         // If this fails, the wire format changed: bump PROTOCOL_VERSION and update it.
         let bytes = encode(&Message::Cancel { job: 5 }).expect("encode");
-        assert_eq!(bytes, vec![12, 0, 6, 5]);
+        assert_eq!(bytes, vec![13, 0, 6, 5]);
         let bytes = encode(&Message::Error { code: ErrorCode::Busy, message: "busy".into() }).expect("encode");
-        assert_eq!(bytes, vec![12, 0, 7, 5, 4, b'b', b'u', b's', b'y']);
+        assert_eq!(bytes, vec![13, 0, 7, 5, 4, b'b', b'u', b's', b'y']);
         // Accepted carries the whole Estimate: a field added to it or to Plan changes this
         // length. The value is this encoding's own; change it together with the version.
         let estimate = crate::estimate(&Plan::example_cnn()).expect("estimate");

@@ -476,6 +476,24 @@ pub struct Graph {
     /// Self-attention blocks written as `nn.MultiheadAttention`, which PyTorch runs as one
     /// fused kernel in eval mode (see `FusedAttention`).
     pub fused_attention: Vec<FusedAttention>,
+    /// The loss's surface term (`distance_loss_every`), when it has one.
+    pub surface: Option<SurfaceTerm>,
+}
+
+/// The surface term at the end of a segmentation loss (`zoo::losses::surface_term`),
+/// which runs only on every k-th step: up to `start` the graph computes the plain loss
+/// (`base_loss`); at `start` the host's distance map `map` (a value no node makes and
+/// no batch holds) is bound, then the term's nodes add it to the loss. A step without
+/// the term stops at `start` and trains on `base_loss`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct SurfaceTerm {
+    pub map: usize,
+    pub start: usize,
+    pub base_loss: usize,
+    /// The weighted term, as added to the loss.
+    pub term: usize,
+    /// The logits the map is laid out like.
+    pub logits: usize,
 }
 
 /// An `nn.MultiheadAttention` self-attention block (batch first, no mask, an even
@@ -721,6 +739,7 @@ impl Builder {
                 stages: Vec::new(),
                 blocks: Vec::new(),
                 fused_attention: Vec::new(),
+                surface: None,
             },
             prefix: Vec::new(),
         }
@@ -747,6 +766,15 @@ impl Builder {
     /// The index the next node will get.
     pub fn next_node(&self) -> usize {
         self.g.nodes.len()
+    }
+
+    /// A float32 value no node makes and no batch holds: the surface term's map.
+    pub fn side_input(&mut self, shape: Shape) -> usize {
+        self.value(shape, DType::F32, false)
+    }
+
+    pub fn surface_term(&mut self, term: SurfaceTerm) {
+        self.g.surface = Some(term);
     }
 
     /// Records nodes `nodes` as a self-attention block PyTorch may fuse (`FusedAttention`).

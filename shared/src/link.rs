@@ -48,7 +48,7 @@ pub enum LinkError {
 }
 
 /// Short names for the plan's knobs in links (a model's keys are written in full).
-const ALIASES: [(&str, &str); 24] = [
+const ALIASES: [(&str, &str); 25] = [
     ("name", "n"),
     ("batch", "b"),
     ("accum", "a"),
@@ -69,6 +69,7 @@ const ALIASES: [(&str, &str); 24] = [
     ("prefetch", "pf"),
     ("pin_memory", "pm"),
     ("distance_loss_every", "dl"),
+    ("distance_loss_weight", "dw"),
     ("steps", "st"),
     ("seed", "sd"),
     ("gpu", "g"),

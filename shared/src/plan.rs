@@ -74,6 +74,7 @@ pub const PLAN_KEYS: &[&str] = &[
     "prefetch",
     "pin_memory",
     "distance_loss_every",
+    "distance_loss_weight",
     "steps",
     "epochs",
     "samples_per_epoch",
@@ -98,6 +99,8 @@ pub mod limits {
     pub const MAX_MICRO_BATCH: u64 = 65_536;
     pub const MAX_ACCUMULATION: u64 = 4_096;
     pub const MAX_STEPS: u64 = 10_000_000;
+    /// The surface (boundary) term's weight in the loss.
+    pub const MAX_SURFACE_WEIGHT: f64 = 1_000.0;
     pub const MAX_EPOCHS: u64 = 100_000;
     pub const MAX_SAMPLES_PER_EPOCH: u64 = 1_000_000_000;
     pub const MAX_INPUT_DIMS: usize = 3;
@@ -344,15 +347,30 @@ pub struct HostSpec {
     /// Batches are copied into page-locked host buffers before the transfer.
     #[serde(default)]
     pub pin_memory: bool,
-    /// A Euclidean distance transform of each label volume on the CPU (a surface-distance
-    /// loss), computed every `distance_loss_every` steps (0: never).
+    /// A surface (boundary) loss on every `distance_loss_every`-th step (0: never): a
+    /// signed Euclidean distance map of each label volume computed on the CPU, then
+    /// `distance_loss_weight × mean(softmax(logits)[:, 1:] × map)` added to the loss
+    /// (Kervadec et al.'s boundary loss, as its `SurfaceLoss` computes it).
     #[serde(default)]
     pub distance_loss_every: u64,
+    /// The surface term's weight in the loss.
+    #[serde(default = "surface_weight")]
+    pub distance_loss_weight: f64,
+}
+
+fn surface_weight() -> f64 {
+    0.01
 }
 
 impl Default for HostSpec {
     fn default() -> HostSpec {
-        HostSpec { workers: 0, prefetch_factor: 2, pin_memory: false, distance_loss_every: 0 }
+        HostSpec {
+            workers: 0,
+            prefetch_factor: 2,
+            pin_memory: false,
+            distance_loss_every: 0,
+            distance_loss_weight: surface_weight(),
+        }
     }
 }
 
@@ -682,7 +700,11 @@ impl Plan {
 
     /// What the graph is built for besides the model's own settings.
     pub fn build_options(&self) -> BuildOptions {
-        BuildOptions { loss: self.loss, checkpoint: self.checkpoint() }
+        BuildOptions {
+            loss: self.loss,
+            checkpoint: self.checkpoint(),
+            surface: (self.host.distance_loss_every > 0).then_some(self.host.distance_loss_weight),
+        }
     }
 
     /// Checks every field against its limit and builds the graph, so that a plan that
@@ -819,6 +841,10 @@ impl Plan {
         }
         check_range("host.prefetch_factor", self.host.prefetch_factor, 1, MAX_PREFETCH)?;
         check_range("host.distance_loss_every", self.host.distance_loss_every, 0, MAX_STEPS)?;
+        let w = self.host.distance_loss_weight;
+        if !(w.is_finite() && (0.0..=MAX_SURFACE_WEIGHT).contains(&w)) {
+            return Err(invalid("host.distance_loss_weight", format!("must be 0 to {MAX_SURFACE_WEIGHT}, got {w}")));
+        }
         if let DeviceChoice::Cuda(i) = self.device
             && i > 63
         {
@@ -931,6 +957,8 @@ impl Plan {
         p.checkpoint_segments = 0;
         p.checkpoint_blocks = false;
         p.val_batches = 0;
+        // The surface term belongs to training steps only.
+        p.host.distance_loss_every = 0;
         Some(p)
     }
 
@@ -1074,6 +1102,7 @@ impl Plan {
                 "prefetch" => self.host.prefetch_factor = num(key, v)?,
                 "pin_memory" => self.host.pin_memory = flag(key, v)?,
                 "distance_loss_every" => self.host.distance_loss_every = num(key, v)?,
+                "distance_loss_weight" => self.host.distance_loss_weight = num(key, v)?,
                 "retain_bytes_per_step" => self.retain_bytes_per_step = num(key, v)?,
                 "lr_schedule" => self.lr_schedule = word(key, v, LrSchedule::from_word, "constant, linear or cosine")?,
                 "warmup_steps" => self.warmup_steps = num(key, v)?,
@@ -1283,6 +1312,9 @@ impl Plan {
         }
         if h.distance_loss_every != h0.distance_loss_every {
             put("distance_loss_every", h.distance_loss_every.to_string());
+        }
+        if h.distance_loss_weight != h0.distance_loss_weight {
+            put("distance_loss_weight", h.distance_loss_weight.to_string());
         }
         match plan.schedule {
             Schedule::Steps(n) if plan.schedule != base.schedule => put("steps", n.to_string()),

@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 use crate::estimate::{Estimate, Phase};
 use crate::plan::Plan;
 
-pub const PROTOCOL_VERSION: u16 = 12;
+pub const PROTOCOL_VERSION: u16 = 13;
 
 pub type JobId = u64;
 
@@ -85,10 +85,10 @@ pub enum JobEvent {
     /// batches each. `bound` says what was close: the plan's `host_memory_limit`, the
     /// cgroup's limit or the machine's available memory.
     HostMemoryLow { workers: u64, prefetch: u64, rss_bytes: u64, headroom_bytes: u64, bound: String },
-    /// W4's CPU-side surface-distance term (`distance_loss_every`): the mean distance in
-    /// voxels of the predicted foreground to the labelled one (`None`: either is empty),
-    /// the host memory it held and its time.
-    SurfaceDistance { mean: Option<f64>, host_bytes: u64, micro_seconds: u64 },
+    /// W4's surface term (`distance_loss_every`) on a micro-batch: its value (weighted,
+    /// as added to the loss), the host memory its distance maps took and the time the
+    /// CPU spent making them.
+    SurfaceTerm { value: f64, host_bytes: u64, micro_seconds: u64 },
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

@@ -208,7 +208,15 @@ pub fn plan_fields() -> Vec<Field> {
         int(0, limits::MAX_STEPS),
         "0".to_owned(),
         "steps",
-        "A Euclidean distance transform of the labels on the CPU every N steps (a surface-distance loss; 0: never).",
+        "A surface (boundary) loss every N steps: a signed distance map of the labels made on the CPU, its weighted mean against the softmax added to the loss (0: never).",
+        Host,
+    );
+    add(
+        "distance_loss_weight",
+        Kind::Number { min: 0.0, max: limits::MAX_SURFACE_WEIGHT },
+        base.host.distance_loss_weight.to_string(),
+        "",
+        "The surface term's weight in the loss.",
         Host,
     );
     add(

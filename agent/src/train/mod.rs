@@ -356,40 +356,49 @@ fn step_seed(seed: u64, step: u64) -> i64 {
     (mix >> 2) as i64
 }
 
-/// The mean distance of the predicted foreground to the labelled one over the batch
-/// (`crate::distance`): the logits and labels copied to host memory first, as the
-/// SciPy-based losses of 3-D segmentation pull them off the GPU.
-fn surface_distance(graph: &Graph, held: &Held) -> Result<crate::distance::SurfaceDistance, TrainError> {
-    let host = |t: &Tensor| -> Result<Vec<f32>, tch::TchError> { Vec::<f32>::try_from(&t.f_view([-1])?) };
-    let (Some(logits), Some(k)) = (held.returned.first(), graph.inputs.iter().position(|&(_, k)| k != InputKind::Real))
-    else {
-        return Ok(crate::distance::SurfaceDistance { mean: None, bytes: 0 });
+/// The surface term's distance map (`graph::SurfaceTerm`): the labels copied to host
+/// memory, one signed distance map per sample and foreground class made there
+/// (`crate::distance`), then copied to the device, laid out `[B, classes - 1, ...]` (one
+/// channel for a one-channel model). Returns the map and the host bytes it took at its
+/// peak.
+fn surface_map(graph: &Graph, label: &Tensor, device: Device) -> Result<(Tensor, u64), tch::TchError> {
+    let Some(t) = &graph.surface else {
+        return Err(tch::TchError::Shape("the graph has no surface term".to_owned()));
     };
-    let size = logits.size();
-    let (b, c) = (size[0] as usize, size.get(1).copied().unwrap_or(1) as usize);
-    let spatial: Vec<usize> = size.iter().skip(2).map(|&d| d as usize).collect();
-    let per: usize = spatial.iter().product();
-    let scores = host(&logits.f_detach()?.f_contiguous()?)?;
-    let labels = host(&held.batch[k])?;
-    let (mut sum, mut count, mut bytes) = (0.0, 0u64, 0u64);
-    for s in 0..b {
-        // Foreground: class > 0 by argmax, or a positive logit for one channel.
-        let pred: Vec<f32> = (0..per)
-            .map(|v| {
-                let at = |ch: usize| scores[(s * c + ch) * per + v];
-                let fg = if c == 1 { at(0) > 0.0 } else { (1..c).any(|ch| (0..c).all(|o| at(ch) >= at(o))) };
-                if fg { 1.0 } else { 0.0 }
-            })
-            .collect();
-        let label = &labels[s * per..(s + 1) * per];
-        let d = crate::distance::surface_distance(&pred, label, &spatial);
-        bytes = bytes.max(d.bytes + (scores.len() + labels.len()) as u64 * 4);
-        if let Some(m) = d.mean {
-            sum += m;
-            count += 1;
+    let logits = &graph.values[t.logits].shape;
+    let map_shape = graph.values[t.map].shape.clone();
+    let (batch, classes) = (logits[0] as usize, logits[1] as usize);
+    let spatial: Vec<usize> = logits[2..].iter().map(|&d| d as usize).collect();
+    let voxels: usize = spatial.iter().product();
+    let channels = map_shape[1] as usize;
+    let labels = Vec::<f32>::try_from(&label.f_to_kind(Kind::Float)?.f_contiguous()?.f_view([-1])?)?;
+    if labels.len() != batch * voxels {
+        return Err(tch::TchError::Shape(format!(
+            "surface term: {} labels for {batch} samples of {voxels} voxels",
+            labels.len()
+        )));
+    }
+    let mut map = vec![0f32; batch * channels * voxels];
+    let mut working = 0u64;
+    for s in 0..batch {
+        let sample = &labels[s * voxels..(s + 1) * voxels];
+        for c in 0..channels {
+            // A one-channel model's region is its mask; otherwise class c + 1's voxels.
+            let region: Vec<bool> = if classes == 1 {
+                sample.iter().map(|&v| v > 0.5).collect()
+            } else {
+                sample.iter().map(|&v| v.round() as usize == c + 1).collect()
+            };
+            let (d, bytes) = crate::distance::signed_distance(&region, &spatial);
+            working = working.max(bytes);
+            let at = (s * channels + c) * voxels;
+            map[at..at + voxels].copy_from_slice(&d);
         }
     }
-    Ok(crate::distance::SurfaceDistance { mean: (count > 0).then(|| sum / count as f64), bytes })
+    let host = (labels.len() + map.len()) as u64 * 4 + working;
+    let dims: Vec<i64> = map_shape.iter().map(|&d| d as i64).collect();
+    let tensor = Tensor::f_from_slice(&map)?.f_view(dims.as_slice())?.f_to_device(device)?;
+    Ok((tensor, host))
 }
 
 /// What one validation pass measured.
@@ -437,7 +446,7 @@ fn validate(
             };
             // SAFETY: the validation model has no checkpointed regions, so nothing calls
             // back into it after `forward` returns; `net` outlives `held`.
-            let model::Forward { returned, loss } = unsafe { net.forward(&held.batch, &mut moment)? };
+            let model::Forward { returned, loss, .. } = unsafe { net.forward(&held.batch, &mut moment, None)? };
             drop(previous);
             total += loss.f_double_value(&[])?;
             held.loss = Some(loss);
@@ -733,9 +742,38 @@ pub fn train(
                         // `out = model(x)` rebinds `out`: the previous outputs go.
                         model::Moment::Returned => returned_prev.clear(),
                     };
+                    // W4's surface term on every k-th step: its map made on the CPU from the
+                    // labels as the term begins (`loss = loss + w * surface(probs, dist)`).
+                    let with_surface = cur_graph.surface.is_some()
+                        && plan.host.distance_loss_every > 0
+                        && step.is_multiple_of(plan.host.distance_loss_every);
+                    let label = cur_graph.inputs.iter().position(|&(_, k)| k != InputKind::Real);
+                    let mut surface_cost = (0u64, std::time::Duration::ZERO);
+                    let mut make_map = |_: &[Option<Tensor>]| -> Result<Tensor, tch::TchError> {
+                        let t = Instant::now();
+                        let label = label.and_then(|k| held.batch.get(k)).ok_or_else(|| {
+                            tch::TchError::Shape("the surface term needs the batch's labels".to_owned())
+                        })?;
+                        let (map, bytes) = surface_map(&cur_graph, label, device)?;
+                        surface_cost = (bytes, t.elapsed());
+                        Ok(map)
+                    };
+                    let surface: Option<model::SurfaceMap<'_>> = if with_surface { Some(&mut make_map) } else { None };
                     // SAFETY: `held` (declared after `net`, so dropped first) is the only keeper of
                     // the graph's tensors, and `net` does not move while training runs.
-                    let model::Forward { returned, loss } = unsafe { net.forward(&held.batch, &mut moment)? };
+                    let model::Forward { returned, loss, surface: term } =
+                        unsafe { net.forward(&held.batch, &mut moment, surface)? };
+                    if let Some(value) = term {
+                        let (host_bytes, took) = surface_cost;
+                        on_event(
+                            step,
+                            shared::protocol::JobEvent::SurfaceTerm {
+                                value,
+                                host_bytes,
+                                micro_seconds: u64::try_from(took.as_micros()).unwrap_or(u64::MAX),
+                            },
+                        );
+                    }
                     drop(returned_prev);
                     // `loss = loss_fn(out, y) / accumulation`: the quotient is what the loop keeps.
                     let loss = if cur.accumulation > 1 { loss.f_div_scalar(cur.accumulation as f64)? } else { loss };
@@ -752,24 +790,6 @@ pub fn train(
                         }
                     }
                     batch_peak = batch_peak.max(phases.end(Phase::Backward));
-                    // W4's surface-distance term on the CPU, every k-th step, from the
-                    // step's last prediction and labels (host memory, not the device's).
-                    if micro_batch == cur.accumulation
-                        && plan.host.distance_loss_every > 0
-                        && step.is_multiple_of(plan.host.distance_loss_every)
-                        && let Task::Segment { .. } = cur_graph.task
-                    {
-                        let t = Instant::now();
-                        let d = surface_distance(&cur_graph, &held)?;
-                        on_event(
-                            step,
-                            shared::protocol::JobEvent::SurfaceDistance {
-                                mean: d.mean,
-                                host_bytes: d.bytes,
-                                micro_seconds: u64::try_from(t.elapsed().as_micros()).unwrap_or(u64::MAX),
-                            },
-                        );
-                    }
                     let loss_value =
                         held.loss.as_ref().map_or(Ok(f64::NAN), |l| l.f_double_value(&[]))? * cur.accumulation as f64;
                     let learning_rate = plan.learning_rate_at(step);

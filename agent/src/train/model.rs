@@ -152,11 +152,17 @@ pub enum Moment {
     Returned,
 }
 
+/// Makes the surface term's distance map (`graph::SurfaceTerm`) from the values the
+/// forward pass holds when the term begins.
+pub type SurfaceMap<'a> = &'a mut dyn FnMut(&[Option<Tensor>]) -> Result<Tensor, tch::TchError>;
+
 /// What one forward pass leaves the loop.
 pub struct Forward {
     /// The values the model returned (`graph.returned`).
     pub returned: Vec<Tensor>,
     pub loss: Tensor,
+    /// The surface term's value, when it ran.
+    pub surface: Option<f64>,
 }
 
 pub struct Net {
@@ -181,6 +187,8 @@ pub struct Net {
     /// The TorchScript module an `Op::Script` node runs, with its parameters (then
     /// `params`) and their names; shared by every `Net` of the job.
     pub script: Option<Script>,
+    /// The surface term's value in the pass running now.
+    surface_value: Mutex<Option<f64>>,
 }
 
 /// A loaded TorchScript module.
@@ -239,6 +247,7 @@ impl Net {
             calls: AtomicU64::new(0),
             training: true,
             script: None,
+            surface_value: Mutex::new(None),
         })
     }
 
@@ -511,11 +520,17 @@ impl Net {
         range: std::ops::Range<usize>,
         vals: &mut [Option<Tensor>],
         moment: &mut dyn FnMut(Moment),
+        surface: &mut Option<SurfaceMap<'_>>,
     ) -> Result<(), tch::TchError> {
         let g = &self.graph;
         for index in range {
             if index == g.loss_start {
                 moment(Moment::Loss);
+            }
+            if let (Some(t), Some(make)) = (&g.surface, surface.as_mut())
+                && index == t.start
+            {
+                vals[t.map] = Some(make(vals)?);
             }
             if index == g.returns_after {
                 moment(Moment::Returned);
@@ -523,6 +538,15 @@ impl Net {
             let outs = self.run(index, vals)?;
             for (&v, t) in g.nodes[index].outputs.iter().zip(outs) {
                 vals[v] = Some(t);
+            }
+            if let Some(t) = &g.surface
+                && surface.is_some()
+                && g.nodes[index].outputs.contains(&t.term)
+                && let Some(v) = &vals[t.term]
+            {
+                // A scalar read back to the host: no device memory.
+                *self.surface_value.lock().unwrap_or_else(std::sync::PoisonError::into_inner) =
+                    Some(v.f_double_value(&[])?);
             }
             for &v in &g.nodes[index].inputs {
                 if self.last_use[v] == Some(index) && !self.kept[v] {
@@ -546,7 +570,7 @@ impl Net {
             vals[v] = Some(t);
         }
         tch::manual_seed(self.region_seed(r));
-        self.forward_range(self.regions[r].nodes.clone(), &mut vals, &mut |_| {})?;
+        self.forward_range(self.regions[r].nodes.clone(), &mut vals, &mut |_| {}, &mut None)?;
         self.region_outputs[r]
             .iter()
             .map(|&v| {
@@ -562,7 +586,16 @@ impl Net {
     /// A checkpointed region's autograd node calls back into this `Net`: it must outlive
     /// the returned tensors' graph (run the backward, or drop every tensor of the result,
     /// before the `Net` goes) and must not move meanwhile.
-    pub unsafe fn forward(&self, inputs: &[Tensor], moment: &mut dyn FnMut(Moment)) -> Result<Forward, TrainError> {
+    ///
+    /// A graph with a surface term (`graph::SurfaceTerm`) runs it when `surface` makes
+    /// its map; without, the pass stops where the term begins and the loss is the plain
+    /// one.
+    pub unsafe fn forward(
+        &self,
+        inputs: &[Tensor],
+        moment: &mut dyn FnMut(Moment),
+        mut surface: Option<SurfaceMap<'_>>,
+    ) -> Result<Forward, TrainError> {
         self.calls.fetch_add(1, Ordering::Relaxed);
         let g = &self.graph;
         let mut vals: Vec<Option<Tensor>> = (0..g.values.len()).map(|_| None).collect();
@@ -572,7 +605,11 @@ impl Net {
         if let Some(a) = self.autocast {
             a.set(true);
         }
-        let result = self.forward_regions(&mut vals, moment);
+        let stop = match (&g.surface, &surface) {
+            (Some(t), None) => Some(t.start),
+            _ => None,
+        };
+        let result = self.forward_regions(&mut vals, moment, stop, &mut surface);
         if let Some(a) = self.autocast {
             a.set(false);
         }
@@ -581,14 +618,30 @@ impl Net {
             moment(Moment::Returned);
         }
         let returned = g.returned.iter().filter_map(|&v| vals[v].take()).collect();
-        let loss = vals[g.loss].take().ok_or_else(|| TrainError::Torch("the forward pass lost its loss".to_owned()))?;
-        Ok(Forward { returned, loss })
+        let loss_value = match (&g.surface, stop) {
+            (Some(t), Some(_)) => t.base_loss,
+            _ => g.loss,
+        };
+        let loss =
+            vals[loss_value].take().ok_or_else(|| TrainError::Torch("the forward pass lost its loss".to_owned()))?;
+        let surface = self.surface_value.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take();
+        Ok(Forward { returned, loss, surface })
     }
 
-    fn forward_regions(&self, vals: &mut [Option<Tensor>], moment: &mut dyn FnMut(Moment)) -> Result<(), TrainError> {
+    /// Runs every region, up to node `stop` when there is one (where the surface term
+    /// begins: in the last region, never checkpointed).
+    fn forward_regions(
+        &self,
+        vals: &mut [Option<Tensor>],
+        moment: &mut dyn FnMut(Moment),
+        stop: Option<usize>,
+        surface: &mut Option<SurfaceMap<'_>>,
+    ) -> Result<(), TrainError> {
         for (r, region) in self.regions.iter().enumerate() {
             if !region.checkpointed {
-                self.forward_range(region.nodes.clone(), vals, moment)?;
+                let mut nodes = region.nodes.clone();
+                nodes.end = nodes.end.min(stop.unwrap_or(usize::MAX));
+                self.forward_range(nodes.start..nodes.end.max(nodes.start), vals, moment, surface)?;
                 continue;
             }
             let range = region.nodes.clone();
@@ -740,7 +793,7 @@ mod checkpoint_tests {
         let x = Tensor::f_randn([2, 8], (Kind::Float, Device::Cpu))?;
         let y = Tensor::from_slice(&[1i64, 3]);
         // SAFETY: the backward runs and the result goes before `net`.
-        let out = unsafe { net.forward(&[x, y], &mut |_| {})? };
+        let out = unsafe { net.forward(&[x, y], &mut |_| {}, None)? };
         out.loss.f_backward()?;
         drop(out);
         Ok(net.trainable().map(|p| p.grad()).collect())

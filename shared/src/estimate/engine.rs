@@ -531,6 +531,16 @@ impl<'g> Engine<'g> {
                 continue;
             }
             self.current = i;
+            // The surface term begins: `torch.from_numpy(dist).to(device)`, the host's map.
+            if let Some(t) = &self.g.surface
+                && i == t.start
+                && self.vals[t.map].is_none()
+            {
+                sim.set_label("surface distance map", Some(i));
+                let shape = self.g.values[t.map].shape.clone();
+                let map = self.alloc_contig(sim, &shape, F32, super::Category::Batch);
+                self.vals[t.map] = Some(map);
+            }
             sim.set_label(self.g.nodes[i].op.name(), Some(i));
             if let Op::Param = self.g.nodes[i].op {
                 self.param_node(sim, i);

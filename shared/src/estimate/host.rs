@@ -10,17 +10,30 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::graph::{Graph, Task, numel};
+use crate::graph::{Graph, numel};
 use crate::plan::{HostSpec, Runtime};
 use crate::units::Bytes;
 
 const MIB: u64 = 1 << 20;
 pub const PROCESS_BASELINE_BYTES: u64 = 400 * MIB;
 pub const WORKER_BASELINE_BYTES: u64 = 200 * MIB;
-/// A Euclidean distance transform (SciPy's `distance_transform_edt`) per voxel: the
-/// float64 distances, the int32 feature transform over three axes, the boolean input,
-/// and the float32 prediction and label copies pulled off the GPU.
-pub const DISTANCE_LOSS_BYTES_PER_VOXEL: u64 = 8 + 3 * 4 + 1 + 4 + 4;
+/// The surface term's host memory (`distance_loss_every`), as Headroom's trainer holds
+/// it: the labels copied off the device as float32 and the signed distance maps it makes
+/// (float32, one per foreground class), for the whole micro-batch; and, for one sample
+/// and class at a time, the boolean mask and its complement, the two float64 distance
+/// transforms (to the region and to its outside) and the transform's int32 nearest-voxel index per axis.
+/// SciPy's `distance_transform_edt` holds the same per call; NumPy's temporaries in a
+/// user's own `one_hot2dist` add to it.
+pub fn surface_bytes(graph: &Graph) -> u64 {
+    let Some(t) = &graph.surface else { return 0 };
+    let logits = &graph.values[t.logits].shape;
+    let map = &graph.values[t.map].shape;
+    let batch = logits[0];
+    let voxels = numel(&logits[2..]);
+    let axes = logits.len() as u64 - 2;
+    let per_sample_class = voxels * (2 + 8 + 8 + 4 * axes);
+    batch * voxels * 4 + numel(map) * 4 + per_sample_class
+}
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct HostBreakdown {
@@ -67,15 +80,7 @@ pub fn estimate(graph: &Graph, host: &HostSpec, runtime: Runtime, cpu_tensor_pea
     // Without workers the main process makes one batch at a time; with pinning, every
     // batch in flight is also copied into page-locked memory by the pin thread.
     let pinned = if host.pin_memory { in_flight.max(1) * batch } else { 0 };
-    let distance_loss = if host.distance_loss_every > 0 {
-        let voxels = match graph.task {
-            Task::Segment { .. } => numel(&graph.values[graph.inputs[0].0].shape[2..]),
-            _ => 0,
-        };
-        graph.micro_batch() * voxels * DISTANCE_LOSS_BYTES_PER_VOXEL
-    } else {
-        0
-    };
+    let distance_loss = if host.distance_loss_every > 0 { surface_bytes(graph) } else { 0 };
     HostBreakdown {
         process: Bytes(PROCESS_BASELINE_BYTES),
         loader_workers: Bytes(loader_workers),

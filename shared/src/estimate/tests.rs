@@ -353,7 +353,13 @@ fn host_memory_counts_workers_prefetch_pinning_and_the_distance_loss() {
     let mut plan =
         zoo("unet3d", &[("volume", "72,136,136"), ("channels", "16,32,64,128"), ("strides", "2,2,2"), ("batch", "2")]);
     let base = estimate(&plan).expect("base").host;
-    plan.host = crate::plan::HostSpec { workers: 4, prefetch_factor: 2, pin_memory: true, distance_loss_every: 4 };
+    plan.host = crate::plan::HostSpec {
+        workers: 4,
+        prefetch_factor: 2,
+        pin_memory: true,
+        distance_loss_every: 4,
+        ..Default::default()
+    };
     let h = estimate(&plan).expect("host").host;
     // Inputs (fp32) and int64 labels of two 72x136x136 samples, 8 batches in flight.
     let batch = 2 * 72 * 136 * 136 * (4 + 8);
@@ -362,5 +368,8 @@ fn host_memory_counts_workers_prefetch_pinning_and_the_distance_loss() {
         4 * crate::estimate::host::WORKER_BASELINE_BYTES + 8 * batch
     );
     assert_eq!(h.pinned.get(), 8 * batch);
-    assert_eq!(h.distance_loss.get(), 2 * 72 * 136 * 136 * crate::estimate::host::DISTANCE_LOSS_BYTES_PER_VOXEL);
+    // The labels and one map (two classes) as float32 for both samples, then one sample's
+    // mask and its complement, two float64 transforms and three int32 index arrays.
+    let v = 72 * 136 * 136;
+    assert_eq!(h.distance_loss.get(), 2 * v * 4 + 2 * v * 4 + v * (2 + 16 + 12));
 }

@@ -113,8 +113,45 @@ fn dice(b: &mut Builder, probs: usize, target: usize) -> R<usize> {
 }
 
 /// A segmentation loss on `[B, C, ...]` logits; the labels it needs become a graph input
-/// in the layout the reference expects. Returns `(loss, first node of the loss)`.
-pub fn segment(b: &mut Builder, logits: usize, spec: LossSpec) -> R<(usize, usize)> {
+/// in the layout the reference expects. With `surface`, the surface term of that weight
+/// is added (`surface_term`). Returns `(loss, first node of the loss)`.
+pub fn segment(b: &mut Builder, logits: usize, spec: LossSpec, surface: Option<f64>) -> R<(usize, usize)> {
+    let (base, start) = segment_base(b, logits, spec)?;
+    match surface {
+        Some(weight) => Ok((surface_term(b, logits, base, weight)?, start)),
+        None => Ok((base, start)),
+    }
+}
+
+/// Kervadec et al.'s boundary loss as their `SurfaceLoss` computes it, the surface term
+/// W4 adds on every k-th step: `weight × mean(probs[:, 1:] × dist)`, where `probs` is the
+/// softmax over classes (the sigmoid for one channel) and `dist` is, per foreground
+/// class, the signed Euclidean distance to the labelled region's surface (positive
+/// outside, negative inside) — computed from the labels on the CPU and copied to the
+/// device as the term begins (`graph::SurfaceTerm`). Returns `base + term`.
+pub fn surface_term(b: &mut Builder, logits: usize, base: usize, weight: f64) -> R<usize> {
+    let s = b.shape(logits).to_vec();
+    let classes = s[1];
+    let start = b.next_node();
+    let mut map_shape = s.clone();
+    map_shape[1] = classes.saturating_sub(1).max(1);
+    let map = b.side_input(map_shape);
+    let fg = if classes == 1 {
+        b.unary(crate::graph::Op::Sigmoid, logits)
+    } else {
+        let probs = b.softmax(logits, 1);
+        b.slice(probs, 1, 1, classes - 1, 1)
+    };
+    let prod = b.mul(fg, map)?;
+    let all = b.all_dims(prod);
+    let term = b.mean(prod, all, false);
+    let term = b.mul_scalar(term, weight);
+    let total = b.add(base, term)?;
+    b.surface_term(crate::graph::SurfaceTerm { map, start, base_loss: base, term, logits });
+    Ok(total)
+}
+
+fn segment_base(b: &mut Builder, logits: usize, spec: LossSpec) -> R<(usize, usize)> {
     let s = b.shape(logits).to_vec();
     let (batch, classes, spatial) = (s[0], s[1], s[2..].to_vec());
     let channel_map = |c: u64| {

@@ -29,11 +29,14 @@ pub use losses::{LossKind, LossSpec};
 pub struct BuildOptions {
     pub loss: LossSpec,
     pub checkpoint: Checkpoint,
+    /// Segmentation: the surface (boundary) term's weight, when the loss has one
+    /// (`distance_loss_every`): see `losses::surface_term`.
+    pub surface: Option<f64>,
 }
 
 impl Default for BuildOptions {
     fn default() -> BuildOptions {
-        BuildOptions { loss: LossSpec::default(), checkpoint: Checkpoint::Off }
+        BuildOptions { loss: LossSpec::default(), checkpoint: Checkpoint::Off, surface: None }
     }
 }
 

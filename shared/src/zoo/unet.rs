@@ -140,7 +140,7 @@ pub fn unet(s: &Settings, batch: u64, dims: usize, opts: &BuildOptions) -> Resul
     let x = b.input(shape, InputKind::Real);
     let cfg = UNetCfg { res_units, batch_norm };
     let out = b.scope("model", |b| level(b, x, out_ch, &channels, &strides, true, &cfg))?;
-    let (loss, start) = losses::segment(&mut b, out, opts.loss)?;
+    let (loss, start) = losses::segment(&mut b, out, opts.loss, opts.surface)?;
     Ok(b.finish(vec![out], loss, start))
 }
 
@@ -417,6 +417,6 @@ pub fn swin_unetr(s: &Settings, batch: u64, opts: &BuildOptions) -> Result<Graph
     let dec0 = b.scope("decoder2", |b| up_block(b, dec1, enc1, fs))?;
     let out = b.scope("decoder1", |b| up_block(b, dec0, enc0, fs))?;
     let logits = b.conv("out.conv.conv", out, out_ch, 1, 1, 0, 1, true)?;
-    let (loss, start) = losses::segment(&mut b, logits, opts.loss)?;
+    let (loss, start) = losses::segment(&mut b, logits, opts.loss, opts.surface)?;
     Ok(b.finish(vec![logits], loss, start))
 }

@@ -498,22 +498,57 @@ fn a_torchscript_module_trains_with_the_same_loop_and_is_calibrated_not_estimate
 }
 
 #[test]
-fn w4s_surface_distance_runs_on_the_cpu_every_kth_step_and_leaves_the_device_peak_alone() -> anyhow::Result<()> {
+fn w4s_surface_term_runs_every_kth_step_trains_the_model_and_meets_its_estimate() -> anyhow::Result<()> {
+    let plan = |k: &str| {
+        [
+            "--plan".to_owned(),
+            "examples/cpu/w4.yaml".into(),
+            "--set".into(),
+            "steps=4".into(),
+            "--set".into(),
+            format!("distance_loss_every={k}"),
+        ]
+    };
     let every = |k: &str| -> anyhow::Result<Vec<Value>> {
-        run(&["--plan", "examples/cpu/w4.yaml", "--set", "steps=4", "--set", &format!("distance_loss_every={k}")])
+        let args = plan(k);
+        run(&args.iter().map(String::as_str).collect::<Vec<_>>())
     };
     let with = every("2")?;
-    let d = events(&with, "surface_distance");
+    let d = events(&with, "surface_term");
     assert_eq!(d.iter().map(|v| v["step"].as_u64().expect("step")).collect::<Vec<_>>(), vec![2, 4], "{d:?}");
-    for v in &d {
-        assert!(v["event"]["mean"].as_f64().is_some_and(|m| m.is_finite() && m >= 0.0), "{v}");
-        // float64 distances, an int32 index per axis, the mask, and the float32 copies:
-        // at least 29 bytes for each of the 24x40x40 voxels.
-        assert!(v["event"]["host_bytes"].as_u64().is_some_and(|b| b >= 29 * 24 * 40 * 40), "{v}");
+    // The host memory of the maps is what the estimate counts for it, to the byte:
+    // float32 labels and map for both 24x40x40 samples, then one sample's two masks, two
+    // float64 transforms and three int32 index arrays.
+    let mut est_args = plan("2").to_vec();
+    est_args.extend(["--set".to_owned(), "runtime=headroom".to_owned()]);
+    let est_args: Vec<&str> = est_args.iter().map(String::as_str).collect();
+    let (code, out, err) = cli(&[&["estimate", "--json"][..], &est_args[..]].concat())?;
+    anyhow::ensure!(code == 0, "{err}");
+    let est: Value = serde_json::from_str(&out)?;
+    let v = 24 * 40 * 40;
+    assert_eq!(est["host_breakdown"]["distance_loss"].as_u64(), Some(2 * v * 4 * 2 + v * (2 + 16 + 12)));
+    for e in &d {
+        assert!(e["event"]["value"].as_f64().is_some_and(f64::is_finite), "{e}");
+        assert_eq!(e["event"]["host_bytes"], est["host_breakdown"]["distance_loss"], "{e}");
     }
     let without = every("0")?;
-    assert!(events(&without, "surface_distance").is_empty());
-    assert_eq!(summary(&with)["peak_bytes"], summary(&without)["peak_bytes"], "host memory only");
+    assert!(events(&without, "surface_term").is_empty());
+    // The term is in the gradient: after step 2's update, step 3 (no term in either run)
+    // starts from other weights.
+    let loss_at =
+        |lines: &[Value], step: u64| lines.iter().find(|v| v["step"] == step).and_then(|v| v["loss"].as_f64());
+    assert_ne!(loss_at(&with, 3), loss_at(&without, 3), "step 2's surface term changed the weights");
+    // Its device tensors (the softmax, the map, the product) raise the loss phase, as
+    // estimated.
+    let (lw, lo) = (summary(&with)["phase_peaks"]["loss"].as_u64(), summary(&without)["phase_peaks"]["loss"].as_u64());
+    let (lw, lo) = (lw.expect("loss phase"), lo.expect("loss phase"));
+    assert!(lw > lo + 300_000, "{lw} vs {lo}");
+    let estimated = est["phase_peaks"]["loss"].as_u64().expect("estimated loss phase");
+    let err = (estimated as f64 - lw as f64) / lw as f64 * 100.0;
+    println!(
+        "loss phase with the surface term: measured {lw} B, estimated {estimated} B ({err:+.4} %); without {lo} B"
+    );
+    assert!(err.abs() < 0.01, "{err} %");
     Ok(())
 }
 
