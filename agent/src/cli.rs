@@ -92,6 +92,11 @@ enum Command {
         /// Jobs running at once (one per GPU keeps measurements clean).
         #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=64))]
         max_jobs: u32,
+        /// Where runs are kept (their plans, states and records), so that they survive
+        /// disconnects and restarts. Default: $XDG_STATE_HOME/headroom, else
+        /// ~/.local/state/headroom.
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
         /// Serve plain HTTP and WebSocket on an address other than loopback, where anyone
         /// on the network can read the token in transit. Without it, an address beyond
         /// loopback needs TLS (or reach the agent through an SSH tunnel).
@@ -486,8 +491,15 @@ async fn async_main(command: Command) -> anyhow::Result<()> {
             max_connections,
             max_unauthenticated,
             max_jobs,
+            data_dir,
             insecure_http,
         } => {
+            let data_dir = match data_dir {
+                Some(d) => d,
+                None => default_data_dir().ok_or_else(|| {
+                    BadInput("--data-dir: no HOME or XDG_STATE_HOME to put runs under; give one".into())
+                })?,
+            };
             // An agent runs jobs: beyond loopback it must know who connects (named tokens
             // from a file) and must not be reachable in clear text by accident.
             let tls = match (&tls_cert, &tls_key) {
@@ -543,6 +555,7 @@ async fn async_main(command: Command) -> anyhow::Result<()> {
                 max_unauthenticated: max_unauthenticated as usize,
                 max_jobs: max_jobs as usize,
                 worker_exe: exe,
+                data_dir,
             })
             .await?;
             let addr = server.local_addr()?;
@@ -559,7 +572,18 @@ async fn async_main(command: Command) -> anyhow::Result<()> {
             tracing::info!(%addr, "serving");
             server
                 .run(async {
-                    let _ = tokio::signal::ctrl_c().await;
+                    // SIGINT or SIGTERM: stop accepting, let running jobs finish their batch
+                    // and write their last records, tell clients, then exit.
+                    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+                    tokio::select! {
+                        _ = tokio::signal::ctrl_c() => {}
+                        _ = async {
+                            match term.as_mut() {
+                                Some(t) => { t.recv().await; }
+                                None => std::future::pending::<()>().await,
+                            }
+                        } => {}
+                    }
                 })
                 .await;
             Ok(())
@@ -640,7 +664,7 @@ async fn run(mut plan: Plan, files: crate::train::JobFiles, exe: PathBuf) -> any
         None
     };
     let runner = JobRunner::new(exe, 1);
-    let mut job = runner.start(plan, estimated.or(calibrated).unwrap_or(0), &files)?;
+    let mut job = runner.start(1, plan, estimated.or(calibrated).unwrap_or(0), &files)?;
     let mut stdout = std::io::stdout().lock();
     use std::io::Write;
     while let Some(event) = job.events.recv().await {
@@ -782,4 +806,10 @@ fn token_command(action: TokenAction) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// `$XDG_STATE_HOME/headroom`, else `~/.local/state/headroom`.
+fn default_data_dir() -> Option<PathBuf> {
+    let nonempty = |k: &str| std::env::var_os(k).filter(|v| !v.is_empty()).map(PathBuf::from);
+    nonempty("XDG_STATE_HOME").or_else(|| nonempty("HOME").map(|h| h.join(".local/state"))).map(|d| d.join("headroom"))
 }

@@ -37,12 +37,24 @@ impl ReadError {
 pub struct Connection {
     sink: SplitSink<Ws, tungstenite::Message>,
     stream: SplitStream<Ws>,
+    /// When the peer last sent a frame of any kind (pongs included).
+    heard: tokio::time::Instant,
 }
 
 impl Connection {
     pub fn new(ws: Ws) -> Connection {
         let (sink, stream) = ws.split();
-        Connection { sink, stream }
+        Connection { sink, stream, heard: tokio::time::Instant::now() }
+    }
+
+    /// When the peer last sent a frame.
+    pub fn heard(&self) -> tokio::time::Instant {
+        self.heard
+    }
+
+    /// A ping; browsers and tungstenite answer with a pong, which counts as heard.
+    pub async fn ping(&mut self) -> Result<(), tungstenite::Error> {
+        self.sink.send(tungstenite::Message::Ping(Vec::new().into())).await
     }
 
     /// The next message; `Ok(None)` when the peer closed cleanly. Cancel-safe.
@@ -51,6 +63,7 @@ impl Connection {
             let Some(frame) = self.stream.next().await else {
                 return Ok(None);
             };
+            self.heard = tokio::time::Instant::now();
             match frame? {
                 tungstenite::Message::Binary(bytes) => return Ok(Some(codec::decode(&bytes)?)),
                 tungstenite::Message::Text(_) => return Err(ReadError::Text),

@@ -1,14 +1,16 @@
 //! Starts jobs in worker processes and turns their pipes into a stream of messages.
 //!
-//! Training never waits for a client: batch records go into a bounded channel with
-//! `try_send`, and a record that does not fit is dropped and counted (the count travels
-//! in the summary). The final `Finished` or `Failed` always arrives.
+//! Training never waits for its reader (`crate::runs`, which writes every record to disk
+//! before clients see it): batch records go into a bounded channel with `try_send`, and a
+//! record that does not fit is dropped and counted (the count travels in the summary).
+//! The final `Finished` or `Failed` always arrives. Workers die with the agent: each is
+//! started with `PR_SET_PDEATHSIG`, so even a `kill -9` of the agent leaves no worker
+//! holding GPU memory.
 
 use std::collections::VecDeque;
 use std::path::PathBuf;
 use std::process::Stdio;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use shared::plan::Plan;
@@ -40,7 +42,6 @@ pub struct JobRunner {
     exe: PathBuf,
     limit: usize,
     slots: Arc<Semaphore>,
-    next_id: AtomicU64,
 }
 
 /// A job in flight, as its owner sees it.
@@ -50,6 +51,7 @@ pub struct RunningJob {
     /// `Batch` records, then exactly one `Finished` or `Failed`.
     pub events: mpsc::Receiver<Message>,
     control: mpsc::Sender<Message>,
+    kill: Arc<tokio::sync::Notify>,
 }
 
 impl RunningJob {
@@ -58,23 +60,39 @@ impl RunningJob {
     pub fn cancel(&self) {
         let _ = self.control.try_send(Message::Cancel { job: self.id });
     }
+
+    /// Kills the worker; the job ends as a crash.
+    pub fn kill(&self) {
+        self.kill.notify_one();
+    }
 }
 
 impl JobRunner {
     pub fn new(exe: PathBuf, limit: usize) -> JobRunner {
-        JobRunner { exe, limit, slots: Arc::new(Semaphore::new(limit)), next_id: AtomicU64::new(1) }
+        JobRunner { exe, limit, slots: Arc::new(Semaphore::new(limit)) }
     }
 
-    /// Starts `plan` (already validated) in a new worker, or refuses when all slots are
-    /// taken. The caller's estimate is attached to the summary, next to the measurement.
+    /// Jobs that may run at once.
+    pub fn limit(&self) -> usize {
+        self.limit
+    }
+
+    /// Slots free now.
+    pub fn free_slots(&self) -> usize {
+        self.slots.available_permits()
+    }
+
+    /// Starts `plan` (already validated) as job `id` in a new worker, or refuses when all
+    /// slots are taken. The caller's estimate is attached to the summary, next to the
+    /// measurement.
     pub fn start(
         &self,
+        id: JobId,
         plan: Plan,
         estimated_peak_bytes: u64,
         files: &crate::train::JobFiles,
     ) -> Result<RunningJob, StartError> {
         let permit = Arc::clone(&self.slots).try_acquire_owned().map_err(|_| StartError::Busy { limit: self.limit })?;
-        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let mut cmd = Command::new(&self.exe);
         cmd.arg("worker")
             .arg("--job")
@@ -90,6 +108,17 @@ impl JobRunner {
         if plan.expandable_segments {
             cmd.env("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True");
         }
+        // SAFETY: between fork and exec only `prctl`, which is async-signal-safe, runs.
+        // The signal follows the thread that forked: a tokio worker thread, which lives
+        // as long as the runtime.
+        unsafe {
+            cmd.pre_exec(|| {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
         let mut child = cmd.spawn().map_err(StartError::Spawn)?;
         let (Some(mut stdin), Some(mut stdout), Some(stderr)) =
             (child.stdin.take(), child.stdout.take(), child.stderr.take())
@@ -98,6 +127,8 @@ impl JobRunner {
         };
 
         let (control_tx, mut control_rx) = mpsc::channel::<Message>(8);
+        let kill = Arc::new(tokio::sync::Notify::new());
+        let kill_rx = Arc::clone(&kill);
         let (events_tx, events_rx) = mpsc::channel::<Message>(EVENT_BUFFER);
 
         // stdin: the plan, then control messages; closing it tells the worker to stop.
@@ -143,7 +174,14 @@ impl JobRunner {
                         }
                     }
                 } else {
-                    pipe::read(&mut stdout).await
+                    tokio::select! {
+                        r = pipe::read(&mut stdout) => r,
+                        () = kill_rx.notified() => {
+                            tracing::warn!(job = id, "killing the worker");
+                            let _ = child.start_kill();
+                            break;
+                        }
+                    }
                 };
                 match read {
                     Ok(Some(Message::Batch(record))) => {
@@ -188,6 +226,6 @@ impl JobRunner {
             let _ = events_tx.send(last).await;
         });
 
-        Ok(RunningJob { id, events: events_rx, control: control_tx })
+        Ok(RunningJob { id, events: events_rx, control: control_tx, kill })
     }
 }

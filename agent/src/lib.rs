@@ -18,6 +18,8 @@ pub mod jobs;
 pub mod pipe;
 pub mod probe;
 pub mod report;
+pub mod runlog;
+pub mod runs;
 pub mod server;
 pub mod session;
 pub mod stream;

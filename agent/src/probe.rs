@@ -112,7 +112,7 @@ pub async fn try_measure(
         Err(e) => return Err(crate::input::bad_input(e.to_string())),
     };
     let runner = JobRunner::new(exe, 1);
-    let mut job = runner.start(plan.clone(), estimate.as_ref().map_or(0, |e| e.peak_bytes.get()), files)?;
+    let mut job = runner.start(1, plan.clone(), estimate.as_ref().map_or(0, |e| e.peak_bytes.get()), files)?;
     let mut device_used_peak: Option<u64> = None;
     let mut rss_peak = 0u64;
     let mut step_ms: Vec<f64> = Vec::new();

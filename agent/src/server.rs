@@ -68,6 +68,8 @@ pub struct Config {
     pub max_jobs: usize,
     /// This executable, started in worker mode for each job.
     pub worker_exe: PathBuf,
+    /// Where runs are kept (`crate::runs`).
+    pub data_dir: PathBuf,
 }
 
 /// An unauthenticated connection's slot: one of the agent's and one of its peer's.
@@ -166,7 +168,7 @@ impl Server {
             sessions: Arc::new(Semaphore::new(config.max_connections)),
             origins,
             hello,
-            runner: JobRunner::new(config.worker_exe, config.max_jobs),
+            runs: crate::runs::Runs::open(&config.data_dir, JobRunner::new(config.worker_exe, config.max_jobs))?,
             web_dir: config.web_dir,
             hosts: auth::own_hosts(&addr.ip().to_string(), &config.extra_hosts),
             port: addr.port(),
@@ -186,6 +188,7 @@ impl Server {
     /// Serves until `shutdown` completes, then closes every connection and waits up to
     /// five seconds for them.
     pub async fn run(self, shutdown: impl std::future::Future<Output = ()>) {
+        tokio::spawn(Arc::clone(&self.state.runs).dispatch());
         let unauthenticated = Arc::new(Semaphore::new(self.max_unauthenticated));
         let peers = Arc::new(std::sync::Mutex::new(std::collections::HashMap::new()));
         let (stop_tx, stop_rx) = watch::channel(false);
@@ -219,7 +222,10 @@ impl Server {
             });
             while tasks.try_join_next().is_some() {}
         }
-        tracing::info!("shutting down");
+        tracing::info!("shutting down: finishing the current batches");
+        // Running jobs stop at their next micro-batch and their last records are
+        // written; then sessions are told and closed.
+        self.state.runs.shutdown(crate::runs::CANCEL_GRACE).await;
         let _ = stop_tx.send(true);
         let _ =
             tokio::time::timeout(Duration::from_secs(5), async { while tasks.join_next().await.is_some() {} }).await;

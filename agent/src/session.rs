@@ -1,22 +1,39 @@
-//! One client's session: protocol messages in, job events out, until either side ends.
+//! One client's session: protocol messages in, run records out, until either side ends.
+//!
+//! A session submits runs, attaches to any run (its own, another client's, one from
+//! before a restart) and cancels or lists them; runs belong to the agent (`crate::runs`),
+//! so a session that ends leaves them running. An attached session gets the run's
+//! records after the number it gave from the file, then live ones, each exactly once:
+//! live records it already sent are skipped, and when it falls behind the live stream it
+//! catches up from the file. A client that stops reading is dropped once a write has
+//! waited [`WRITE_TIMEOUT`]; one that goes silent (no frame, not even a pong to the
+//! agent's pings) for [`IDLE_TIMEOUT`] is closed; one that sends more than
+//! [`MAX_MESSAGES_PER_SECOND`] (bursts of [`MESSAGE_BURST`]) is refused and closed.
 
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
-use shared::protocol::{ErrorCode, Hello, Message};
-use tokio::sync::watch;
+use shared::protocol::{ErrorCode, Hello, JobId, Message};
+use tokio::sync::{broadcast, watch};
+use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 
 use crate::auth::Origin;
 use crate::connection::{Connection, ReadError};
-use crate::jobs::{JobRunner, RunningJob, StartError};
+use crate::runs::{Logged, Runs};
 
-async fn next_event(job: &mut Option<RunningJob>) -> Option<Message> {
-    match job {
-        Some(job) => job.events.recv().await,
-        None => std::future::pending().await,
-    }
-}
+/// A write that waits longer than this (the client stopped reading and every buffer on
+/// the way is full) ends the session.
+pub const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+/// The agent pings this often.
+pub const PING_INTERVAL: Duration = Duration::from_secs(15);
+/// A client heard from (any frame, pongs included) less recently than this is closed.
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// Messages a client may send per second, on average.
+pub const MAX_MESSAGES_PER_SECOND: f64 = 50.0;
+/// ... and in a burst.
+pub const MESSAGE_BURST: f64 = 100.0;
 
 /// What every connection shares.
 #[derive(Debug)]
@@ -26,7 +43,7 @@ pub struct State {
     pub sessions: Arc<tokio::sync::Semaphore>,
     pub origins: Vec<Origin>,
     pub hello: Hello,
-    pub runner: JobRunner,
+    pub runs: Arc<Runs>,
     pub web_dir: Option<PathBuf>,
     /// Names a request's `Host` may give (`auth::host_allowed`), and the bound port.
     pub hosts: Vec<String>,
@@ -37,59 +54,178 @@ fn error(code: ErrorCode, message: impl Into<String>) -> Message {
     Message::Error { code, message: message.into() }
 }
 
+/// The run a session is attached to.
+struct Watch {
+    job: JobId,
+    /// The last record sent.
+    last: u64,
+    live: Option<broadcast::Receiver<Logged>>,
+}
+
+enum Live {
+    Record(Box<Logged>),
+    /// Fell behind the live stream, or it ended: read on from the file.
+    CatchUp {
+        ended: bool,
+    },
+}
+
+async fn next_live(watch: &mut Option<Watch>) -> Live {
+    match watch.as_mut().and_then(|w| w.live.as_mut()) {
+        Some(rx) => match rx.recv().await {
+            Ok(r) => Live::Record(Box::new(r)),
+            Err(broadcast::error::RecvError::Lagged(_)) => Live::CatchUp { ended: false },
+            Err(broadcast::error::RecvError::Closed) => Live::CatchUp { ended: true },
+        },
+        None => std::future::pending().await,
+    }
+}
+
+/// A token bucket.
+struct Rate {
+    tokens: f64,
+    at: Instant,
+}
+
+impl Rate {
+    fn allow(&mut self) -> bool {
+        let now = Instant::now();
+        let refill = now.duration_since(self.at).as_secs_f64() * MAX_MESSAGES_PER_SECOND;
+        self.tokens = (self.tokens + refill).min(MESSAGE_BURST);
+        self.at = now;
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+}
+
+/// Writes within [`WRITE_TIMEOUT`]; `false` ends the session.
+async fn send(conn: &mut Connection, message: &Message) -> bool {
+    matches!(tokio::time::timeout(WRITE_TIMEOUT, conn.write(message)).await, Ok(Ok(())))
+}
+
+fn is_terminal(m: &Message) -> bool {
+    matches!(m, Message::Finished { .. } | Message::Failed { .. })
+}
+
+/// Sends `records` the watch has not sent yet; `false` ends the session.
+async fn deliver(conn: &mut Connection, w: &mut Watch, records: Vec<Logged>) -> bool {
+    for (seq, message) in records {
+        if seq <= w.last {
+            continue;
+        }
+        let terminal = is_terminal(&message);
+        let Some(record) = shared::protocol::Record::from_message(message) else { continue };
+        if !send(conn, &Message::Logged { job: w.job, seq, record }).await {
+            return false;
+        }
+        w.last = seq;
+        if terminal {
+            w.live = None;
+        }
+    }
+    true
+}
+
+/// Attaches to run `job` after record `after`, sending the backlog; `false` ends the
+/// session.
+async fn attach(conn: &mut Connection, state: &State, watch: &mut Option<Watch>, job: JobId, after: u64) -> bool {
+    match state.runs.attach(job, after).await {
+        Ok(a) => {
+            let mut w = Watch { job, last: after, live: a.live };
+            let ok = deliver(conn, &mut w, a.backlog).await;
+            *watch = Some(w);
+            ok
+        }
+        Err(e) => send(conn, &error(e.code(), e.to_string())).await,
+    }
+}
+
 pub async fn run(mut conn: Connection, state: Arc<State>, mut shutdown: watch::Receiver<bool>) {
-    if conn.write(&Message::Hello(state.hello.clone())).await.is_err() {
+    if !send(&mut conn, &Message::Hello(state.hello.clone())).await {
         return;
     }
-    // Dropping the job (client gone) closes the worker's stdin, which stops it.
-    let mut job: Option<RunningJob> = None;
+    let mut watch: Option<Watch> = None;
+    let mut rate = Rate { tokens: MESSAGE_BURST, at: Instant::now() };
+    let mut ping = tokio::time::interval_at(Instant::now() + PING_INTERVAL, PING_INTERVAL);
     loop {
         tokio::select! {
-            inbound = conn.read() => match inbound {
-                Ok(Some(Message::Submit { plan })) => {
-                    let reply = submit(&state, &mut job, plan);
-                    if conn.write(&reply).await.is_err() {
+            inbound = conn.read() => {
+                let message = match inbound {
+                    Ok(Some(m)) => m,
+                    Ok(None) => break,
+                    Err(ReadError::Transport(e)) if !matches!(e, tokio_tungstenite::tungstenite::Error::Capacity(_)) => {
+                        tracing::debug!("connection ended: {e}");
                         break;
                     }
-                }
-                Ok(Some(Message::Cancel { job: id })) => match &job {
-                    Some(running) if running.id == id => running.cancel(),
-                    _ => {
-                        if conn.write(&error(ErrorCode::UnknownJob, format!("no running job {id} on this connection"))).await.is_err() {
-                            break;
-                        }
-                    }
-                },
-                Ok(Some(other)) => {
-                    let msg = format!("an agent does not accept {} messages", variant_name(&other));
-                    if conn.write(&error(ErrorCode::Unexpected, msg)).await.is_err() {
+                    Err(e) => {
+                        tracing::info!("closing a connection: {e}");
+                        let code = match &e {
+                            ReadError::Codec(c) => c.code(),
+                            ReadError::Text => ErrorCode::Unexpected,
+                            ReadError::Transport(_) => ErrorCode::TooLarge,
+                        };
+                        let _ = send(&mut conn, &error(code, e.to_string())).await;
+                        conn.close(e.close_code(), &e.to_string()).await;
                         break;
                     }
-                }
-                Ok(None) => break,
-                Err(ReadError::Transport(e)) if !matches!(e, tokio_tungstenite::tungstenite::Error::Capacity(_)) => {
-                    tracing::debug!("connection ended: {e}");
+                };
+                if !rate.allow() {
+                    let why = format!("more than {MAX_MESSAGES_PER_SECOND} messages a second");
+                    let _ = send(&mut conn, &error(ErrorCode::RateLimited, why.clone())).await;
+                    conn.close(CloseCode::Policy, &why).await;
                     break;
                 }
-                Err(e) => {
-                    tracing::info!("closing a connection: {e}");
-                    let code = match &e {
-                        ReadError::Codec(c) => c.code(),
-                        ReadError::Text => ErrorCode::Unexpected,
-                        ReadError::Transport(_) => ErrorCode::TooLarge,
-                    };
-                    let _ = conn.write(&error(code, e.to_string())).await;
-                    conn.close(e.close_code(), &e.to_string()).await;
+                let ok = match message {
+                    Message::Submit { plan } => match submit(&state, plan) {
+                        Ok((job, accepted)) => {
+                            send(&mut conn, &accepted).await && attach(&mut conn, &state, &mut watch, job, 0).await
+                        }
+                        Err(refusal) => send(&mut conn, &refusal).await,
+                    },
+                    Message::Attach { job, after } => attach(&mut conn, &state, &mut watch, job, after).await,
+                    Message::Cancel { job } => match state.runs.cancel(job).await {
+                        Ok(()) => true,
+                        Err(e) => send(&mut conn, &error(e.code(), e.to_string())).await,
+                    },
+                    Message::ListRuns => send(&mut conn, &Message::Runs { runs: state.runs.list() }).await,
+                    other => {
+                        let msg = format!("an agent does not accept {} messages", variant_name(&other));
+                        send(&mut conn, &error(ErrorCode::Unexpected, msg)).await
+                    }
+                };
+                if !ok {
                     break;
                 }
             },
-            event = next_event(&mut job) => {
-                let Some(event) = event else { job = None; continue };
-                let terminal = matches!(event, Message::Finished { .. } | Message::Failed { .. });
-                if terminal {
-                    job = None;
+            live = next_live(&mut watch) => {
+                let Some(w) = watch.as_mut() else { continue };
+                let ok = match live {
+                    Live::Record(r) => deliver(&mut conn, w, vec![*r]).await,
+                    Live::CatchUp { ended } => {
+                        if ended {
+                            w.live = None;
+                        }
+                        match state.runs.read_after(w.job, w.last).await {
+                            Ok(records) => deliver(&mut conn, w, records).await,
+                            Err(e) => send(&mut conn, &error(e.code(), e.to_string())).await,
+                        }
+                    }
+                };
+                if !ok {
+                    tracing::info!("dropped a client that did not keep up");
+                    break;
                 }
-                if conn.write(&event).await.is_err() {
+            },
+            _ = ping.tick() => {
+                if conn.heard().elapsed() > IDLE_TIMEOUT {
+                    conn.close(CloseCode::Away, "idle: no frame for a minute").await;
+                    break;
+                }
+                if !matches!(tokio::time::timeout(WRITE_TIMEOUT, conn.ping()).await, Ok(Ok(()))) {
                     break;
                 }
             },
@@ -101,10 +237,9 @@ pub async fn run(mut conn: Connection, state: Arc<State>, mut shutdown: watch::R
     }
 }
 
-fn submit(state: &State, job: &mut Option<RunningJob>, plan: shared::Plan) -> Message {
-    if job.is_some() {
-        return error(ErrorCode::Busy, "this connection already runs a job; cancel it or wait for it to finish");
-    }
+/// Validates and estimates a submitted plan and queues it as a run: `(run, Accepted)`,
+/// or the refusal to send.
+fn submit(state: &State, plan: shared::Plan) -> Result<(JobId, Message), Box<Message>> {
     let mut plan = plan;
     // Resolve `auto` here, so the client learns the device before the first batch.
     if plan.device == shared::plan::DeviceChoice::Auto {
@@ -133,17 +268,14 @@ fn submit(state: &State, job: &mut Option<RunningJob>, plan: shared::Plan) -> Me
     let plan = crate::train::as_run_here(&plan);
     let estimate = match shared::estimate::estimate_for(&plan, target) {
         Ok(e) => e,
-        Err(e) => return error(ErrorCode::InvalidPlan, e.to_string()),
+        Err(e) => return Err(Box::new(error(ErrorCode::InvalidPlan, e.to_string()))),
     };
-    match state.runner.start(plan, estimate.peak_bytes.get(), &Default::default()) {
-        Ok(running) => {
-            let id = running.id;
-            tracing::info!(job = id, %device, "job accepted");
-            *job = Some(running);
-            Message::Accepted { job: id, estimate, device }
+    match state.runs.submit(plan, device.clone(), estimate.peak_bytes.get()) {
+        Ok(job) => {
+            tracing::info!(job, %device, "run accepted");
+            Ok((job, Message::Accepted { job, estimate, device }))
         }
-        Err(e @ StartError::Busy { .. }) => error(ErrorCode::Busy, e.to_string()),
-        Err(e) => error(ErrorCode::Internal, e.to_string()),
+        Err(e) => Err(Box::new(error(e.code(), e.to_string()))),
     }
 }
 
@@ -158,5 +290,9 @@ fn variant_name(m: &Message) -> &'static str {
         Message::Cancel { .. } => "Cancel",
         Message::Error { .. } => "Error",
         Message::Event { .. } => "Event",
+        Message::Logged { .. } => "Logged",
+        Message::Attach { .. } => "Attach",
+        Message::ListRuns => "ListRuns",
+        Message::Runs { .. } => "Runs",
     }
 }

@@ -98,7 +98,10 @@ fn apply(state: AgentState, message: Message) {
                 "step {step} ran out of memory: redone as micro-batch {micro_batch} x {accumulation} accumulation (the same effective batch)"
             ))),
         },
-        Message::Submit { .. } | Message::Cancel { .. } => {}
+        // The run's stored records: the page shows them as they come.
+        Message::Logged { job, record, .. } => apply(state, record.into_message(job)),
+        Message::Submit { .. } | Message::Cancel { .. } | Message::Attach { .. } | Message::ListRuns => {}
+        Message::Runs { .. } => {}
     }
 }
 

@@ -104,9 +104,9 @@ mod tests {
     fn fixed_bytes_notice_format_changes() {
         // If this fails, the wire format changed: bump PROTOCOL_VERSION and update it.
         let bytes = encode(&Message::Cancel { job: 5 }).expect("encode");
-        assert_eq!(bytes, vec![13, 0, 6, 5]);
+        assert_eq!(bytes, vec![14, 0, 6, 5]);
         let bytes = encode(&Message::Error { code: ErrorCode::Busy, message: "busy".into() }).expect("encode");
-        assert_eq!(bytes, vec![13, 0, 7, 5, 4, b'b', b'u', b's', b'y']);
+        assert_eq!(bytes, vec![14, 0, 7, 5, 4, b'b', b'u', b's', b'y']);
         // Accepted carries the whole Estimate: a field added to it or to Plan changes this
         // length. The value is this encoding's own; change it together with the version.
         let estimate = crate::estimate(&Plan::example_cnn()).expect("estimate");
@@ -145,6 +145,29 @@ mod tests {
                 },
             },
             Message::Failed { job: 1, error: JobError { code: ErrorCode::OutOfMemory, message: "oom".into() } },
+            Message::Logged {
+                job: 2,
+                seq: 7,
+                record: crate::protocol::Record::Failed {
+                    error: JobError { code: ErrorCode::Interrupted, message: "agent stopped".into() },
+                },
+            },
+            Message::Attach { job: 2, after: 6 },
+            Message::ListRuns,
+            Message::Runs {
+                runs: vec![crate::protocol::RunInfo {
+                    job: 2,
+                    name: "w4".into(),
+                    state: crate::protocol::RunState::Interrupted,
+                    device: "cuda:0".into(),
+                    created_unix_ms: 1,
+                    ended_unix_ms: Some(2),
+                    records: 7,
+                    estimated_peak_bytes: 3,
+                    measured_peak_bytes: None,
+                    error: None,
+                }],
+            },
         ];
         for m in messages {
             assert_eq!(decode(&encode(&m).expect("encode")).expect("decode"), m);

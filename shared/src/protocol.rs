@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 use crate::estimate::{Estimate, Phase};
 use crate::plan::Plan;
 
-pub const PROTOCOL_VERSION: u16 = 13;
+pub const PROTOCOL_VERSION: u16 = 14;
 
 pub type JobId = u64;
 
@@ -18,6 +18,9 @@ pub type JobId = u64;
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub enum Message {
     Hello(Hello),
+    /// Client → agent: queue a run of `plan`. The agent answers `Accepted` (or an
+    /// `Error`), then sends the run's records as `Logged`: the session is attached to the
+    /// new run (a session follows one run at a time: the last it submitted or attached to).
     Submit {
         plan: Plan,
     },
@@ -49,6 +52,96 @@ pub enum Message {
         step: u64,
         event: JobEvent,
     },
+    /// Agent → client: record `seq` of run `job` (numbered from 1 with no gaps), as the
+    /// agent stored it.
+    Logged {
+        job: JobId,
+        seq: u64,
+        record: Record,
+    },
+    /// Client → agent: send run `job`'s records after `after` (0: from the start), then
+    /// its live ones; what a client that reconnects, or a second one, sends.
+    Attach {
+        job: JobId,
+        after: u64,
+    },
+    /// Client → agent: the runs this agent keeps.
+    ListRuns,
+    /// Agent → client: every run the agent keeps, oldest first.
+    Runs {
+        runs: Vec<RunInfo>,
+    },
+}
+
+/// What a run's stored records hold: the stream messages of a job, without their job
+/// id (the `Logged` around them has it). Not a `Message` itself, so that nothing on the
+/// wire nests.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum Record {
+    Batch(BatchRecord),
+    Event { step: u64, event: JobEvent },
+    Finished { summary: Summary },
+    Failed { error: JobError },
+}
+
+impl Record {
+    /// The record a stream message is, if it is one.
+    pub fn from_message(m: Message) -> Option<Record> {
+        Some(match m {
+            Message::Batch(b) => Record::Batch(b),
+            Message::Event { step, event, .. } => Record::Event { step, event },
+            Message::Finished { summary, .. } => Record::Finished { summary },
+            Message::Failed { error, .. } => Record::Failed { error },
+            _ => return None,
+        })
+    }
+
+    /// The stream message of job `job` this record is.
+    pub fn into_message(self, job: JobId) -> Message {
+        match self {
+            Record::Batch(b) => Message::Batch(b),
+            Record::Event { step, event } => Message::Event { job, step, event },
+            Record::Finished { summary } => Message::Finished { job, summary },
+            Record::Failed { error } => Message::Failed { job, error },
+        }
+    }
+
+    /// Whether it ends the run.
+    pub fn is_terminal(&self) -> bool {
+        matches!(self, Record::Finished { .. } | Record::Failed { .. })
+    }
+}
+
+/// Where a run stands.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum RunState {
+    /// Waiting for a free slot (`--max-jobs`).
+    Queued,
+    Running,
+    Finished,
+    Failed,
+    Cancelled,
+    /// The agent stopped (or was killed) while it ran.
+    Interrupted,
+}
+
+/// A run as `ListRuns` reports it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RunInfo {
+    pub job: JobId,
+    /// The plan's name.
+    pub name: String,
+    pub state: RunState,
+    pub device: String,
+    pub created_unix_ms: u64,
+    pub ended_unix_ms: Option<u64>,
+    /// Records stored so far (the last one's `seq`).
+    pub records: u64,
+    pub estimated_peak_bytes: u64,
+    /// The summary's measured peak, once finished.
+    pub measured_peak_bytes: Option<u64>,
+    /// How it failed, was cancelled or interrupted.
+    pub error: Option<JobError>,
 }
 
 /// What a running job reports besides its batch records.
@@ -200,4 +293,10 @@ pub enum ErrorCode {
     /// The job stopped before the host ran out of memory (the kernel's OOM killer would
     /// have ended it), with the loader already at its lowest.
     HostMemory,
+    /// The agent stopped while the run was running.
+    Interrupted,
+    /// A client sent messages faster than the agent's limit.
+    RateLimited,
+    /// The job ran past the agent's limit on duration or steps.
+    Limit,
 }

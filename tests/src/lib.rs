@@ -63,6 +63,9 @@ pub struct AgentHandle {
     child: Child,
     pub port: u16,
     pub token: String,
+    /// Where it keeps its runs: its own temporary folder unless `--data-dir` was given.
+    pub data_dir: PathBuf,
+    _own_data: Option<tempfile::TempDir>,
 }
 
 impl AgentHandle {
@@ -75,6 +78,14 @@ impl AgentHandle {
     pub fn start_with(args: &[&str], token: String, web_dir: Option<PathBuf>) -> anyhow::Result<AgentHandle> {
         let mut cmd = Command::new(agent_binary()?);
         cmd.arg("serve").args(args).env("HEADROOM_LOG", "warn").stdout(Stdio::piped()).stderr(Stdio::inherit());
+        let (data_dir, own) = match args.iter().position(|a| *a == "--data-dir") {
+            Some(i) => (PathBuf::from(args.get(i + 1).context("--data-dir needs a value")?), None),
+            None => {
+                let own = tempfile::tempdir()?;
+                cmd.arg("--data-dir").arg(own.path());
+                (own.path().to_owned(), Some(own))
+            }
+        };
         if let Some(dir) = web_dir {
             cmd.arg("--web-dir").arg(dir);
         }
@@ -89,11 +100,25 @@ impl AgentHandle {
             .and_then(|rest| rest.split('/').next())
             .and_then(|p| p.parse().ok())
             .with_context(|| format!("no port in the agent's first line {line:?}"))?;
-        Ok(AgentHandle { child, port, token })
+        Ok(AgentHandle { child, port, token, data_dir, _own_data: own })
     }
 
     pub fn url(&self) -> String {
         format!("http://127.0.0.1:{}/?token={}", self.port, self.token)
+    }
+
+    /// Sends `signal` to the agent and waits up to `within` for it to exit; its status.
+    pub fn signal_and_wait(&mut self, signal: i32, within: Duration) -> anyhow::Result<std::process::ExitStatus> {
+        // SAFETY: signalling the process this handle started.
+        unsafe { libc::kill(self.child.id() as i32, signal) };
+        let t0 = std::time::Instant::now();
+        loop {
+            if let Some(status) = self.child.try_wait()? {
+                return Ok(status);
+            }
+            anyhow::ensure!(t0.elapsed() < within, "the agent did not exit within {within:?} of signal {signal}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     pub fn pid(&self) -> u32 {
@@ -200,7 +225,11 @@ pub async fn next<S: AsyncRead + AsyncWrite + Unpin>(ws: &mut WebSocketStream<S>
             }
             Some(Err(e)) => bail!("websocket: {e}"),
             Some(Ok(tungstenite::Message::Binary(b))) => {
-                return Ok(Inbound::Message(codec::decode(&b)?));
+                // A run's stored records arrive numbered; most tests want the message.
+                return Ok(Inbound::Message(match codec::decode(&b)? {
+                    Message::Logged { job, record, .. } => record.into_message(job),
+                    other => other,
+                }));
             }
             Some(Ok(tungstenite::Message::Close(frame))) => return Ok(Inbound::Closed(frame)),
             Some(Ok(_)) => continue,
@@ -234,4 +263,26 @@ pub fn json_lines(out: &str) -> Vec<serde_json::Value> {
 /// A free loopback port (for chromedriver).
 pub fn free_port() -> anyhow::Result<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+/// The next message with its record number, for a run's stored records (`Logged`).
+pub async fn recv_numbered<S: AsyncRead + AsyncWrite + Unpin>(
+    ws: &mut WebSocketStream<S>,
+) -> anyhow::Result<(Option<u64>, Message)> {
+    loop {
+        let frame =
+            tokio::time::timeout(MESSAGE_TIMEOUT, ws.next()).await.context("timed out waiting for the agent")?;
+        match frame {
+            None => bail!("the agent closed the connection"),
+            Some(Err(e)) => bail!("websocket: {e}"),
+            Some(Ok(tungstenite::Message::Binary(b))) => {
+                return Ok(match codec::decode(&b)? {
+                    Message::Logged { job, seq, record } => (Some(seq), record.into_message(job)),
+                    other => (None, other),
+                });
+            }
+            Some(Ok(tungstenite::Message::Close(frame))) => bail!("the agent closed the connection: {frame:?}"),
+            Some(Ok(_)) => continue,
+        }
+    }
 }

@@ -3,5 +3,6 @@
 mod agent_ws;
 mod browser;
 mod cli;
+mod runs;
 mod security;
 mod trainer;

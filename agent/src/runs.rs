@@ -1,0 +1,579 @@
+//! Every run the agent accepts: queued, run in a worker, its records kept on disk and
+//! streamed to whoever is attached, surviving disconnects and agent restarts.
+//!
+//! Layout under the data directory: `runs/<id>/run.json` (the run's [`RunInfo`] and plan,
+//! rewritten through a temporary file and a rename at each change of state) and
+//! `runs/<id>/records.log` (`crate::runlog`: numbered, checksummed, synced records).
+//!
+//! A run waits in the queue until one of `--max-jobs` slots is free, then runs; its job
+//! belongs to the agent, not to the connection that submitted it, so closing a tab
+//! leaves it running. A record reaches clients only after it is on disk, through a
+//! broadcast channel; a client that falls behind catches up from the file, so no client
+//! misses a record and none slows training. On start the agent rebuilds its index from
+//! the directory: a run that was running is marked interrupted (a `Failed { Interrupted }`
+//! record is appended, so attached clients see it), a queued one waits again.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use shared::plan::Plan;
+use shared::protocol::{ErrorCode, JobError, JobId, Message, RunInfo, RunState};
+use tokio::sync::{Notify, broadcast};
+
+use crate::jobs::{JobRunner, RunningJob, StartError};
+use crate::runlog;
+
+/// Runs waiting for a slot; one more is refused as busy.
+pub const MAX_QUEUED: usize = 64;
+/// Runs kept on disk; past it the oldest ended runs are deleted.
+pub const MAX_RUNS_KEPT: usize = 1000;
+/// Records a live subscriber may fall behind before it catches up from the file.
+pub const LIVE_BUFFER: usize = 1024;
+/// Records written with one `fdatasync` at most.
+pub const MAX_BATCH_RECORDS: usize = 256;
+/// How long a cancelled job may take to stop before its worker is killed.
+pub const CANCEL_GRACE: Duration = Duration::from_secs(10);
+
+/// How a run ended: its state, error, measured peak, the last record's number and the
+/// last record.
+type Ending = (RunState, Option<JobError>, Option<u64>, u64, Message);
+
+/// A record as clients receive it: `Message::Logged`.
+pub type Logged = (u64, Message);
+
+fn now_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error("{limit} runs are queued already; wait for some to finish or cancel them")]
+    QueueFull { limit: usize },
+    #[error("no run {0} on this agent")]
+    Unknown(JobId),
+    #[error("run {job} has ended ({state:?}); nothing to cancel")]
+    Ended { job: JobId, state: RunState },
+    #[error("{0}")]
+    Io(String),
+}
+
+impl RunError {
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            RunError::QueueFull { .. } => ErrorCode::Busy,
+            RunError::Unknown(_) | RunError::Ended { .. } => ErrorCode::UnknownJob,
+            RunError::Io(_) => ErrorCode::Internal,
+        }
+    }
+}
+
+/// What `run.json` holds.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct Stored {
+    info: RunInfo,
+    plan: Plan,
+}
+
+struct Entry {
+    info: RunInfo,
+    plan: Plan,
+    /// Live records, while the run is queued or running.
+    live: Option<broadcast::Sender<Logged>>,
+    /// Asks the running job to stop (and kill it after the grace period).
+    cancel: Option<Arc<Notify>>,
+}
+
+struct Inner {
+    runs: BTreeMap<JobId, Entry>,
+    queue: VecDeque<JobId>,
+    next_id: JobId,
+    shutting_down: bool,
+}
+
+/// Every run of this agent; shared by all connections.
+pub struct Runs {
+    dir: PathBuf,
+    runner: JobRunner,
+    inner: Mutex<Inner>,
+    /// Wakes the dispatcher: a run was queued or a slot came free.
+    wake: Notify,
+    /// Running jobs' pumps, counted for shutdown.
+    active: tokio::sync::watch::Sender<usize>,
+}
+
+impl std::fmt::Debug for Runs {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Runs").field("dir", &self.dir).finish()
+    }
+}
+
+/// A client's view of one run: what is on disk after its last record, then the live ones.
+pub struct Attachment {
+    pub backlog: Vec<Logged>,
+    pub live: Option<broadcast::Receiver<Logged>>,
+}
+
+fn write_stored(dir: &Path, stored: &Stored) -> std::io::Result<()> {
+    let text = serde_json::to_vec_pretty(stored).map_err(std::io::Error::other)?;
+    let tmp = dir.join("run.json.tmp");
+    std::fs::write(&tmp, text)?;
+    std::fs::File::open(&tmp)?.sync_all()?;
+    std::fs::rename(&tmp, dir.join("run.json"))
+}
+
+impl Runs {
+    /// Opens the data directory (creating it), rebuilds the index, marks runs that were
+    /// running as interrupted and queues the queued ones again.
+    pub fn open(dir: &Path, runner: JobRunner) -> anyhow::Result<Arc<Runs>> {
+        use anyhow::Context;
+        let runs_dir = dir.join("runs");
+        std::fs::create_dir_all(&runs_dir).with_context(|| format!("--data-dir {}", dir.display()))?;
+        let mut runs = BTreeMap::new();
+        let mut queue = VecDeque::new();
+        let mut next_id = 1;
+        for entry in std::fs::read_dir(&runs_dir).with_context(|| format!("reading {}", runs_dir.display()))? {
+            let entry = entry?;
+            let Some(id) = entry.file_name().to_str().and_then(|n| n.parse::<JobId>().ok()) else { continue };
+            let path = entry.path();
+            let stored: Stored = match std::fs::read(path.join("run.json"))
+                .map_err(anyhow::Error::from)
+                .and_then(|b| serde_json::from_slice(&b).map_err(anyhow::Error::from))
+            {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::warn!(run = id, "skipping a run whose run.json cannot be read: {e}");
+                    continue;
+                }
+            };
+            next_id = next_id.max(id + 1);
+            let log = path.join("records.log");
+            let (mut writer, found) = runlog::Writer::open(&log).with_context(|| format!("run {id}"))?;
+            let mut info = stored.info;
+            info.records = found.records.len() as u64;
+            match info.state {
+                RunState::Running => {
+                    let error = JobError {
+                        code: ErrorCode::Interrupted,
+                        message: "the agent stopped while this run was running".into(),
+                    };
+                    writer
+                        .append(&[Message::Failed { job: id, error: error.clone() }])
+                        .with_context(|| format!("run {id}"))?;
+                    info.records += 1;
+                    info.state = RunState::Interrupted;
+                    info.error = Some(error);
+                    info.ended_unix_ms = Some(now_ms());
+                    write_stored(&path, &Stored { info: info.clone(), plan: stored.plan.clone() })
+                        .with_context(|| format!("run {id}"))?;
+                    tracing::info!(run = id, "marked interrupted");
+                }
+                RunState::Queued => queue.push_back(id),
+                _ => {}
+            }
+            let live = (info.state == RunState::Queued).then(|| broadcast::channel(LIVE_BUFFER).0);
+            runs.insert(id, Entry { info, plan: stored.plan, live, cancel: None });
+        }
+        let mut sorted: Vec<JobId> = queue.into_iter().collect();
+        sorted.sort_unstable();
+        let runs = Arc::new(Runs {
+            dir: runs_dir,
+            runner,
+            inner: Mutex::new(Inner { runs, queue: sorted.into(), next_id, shutting_down: false }),
+            wake: Notify::new(),
+            active: tokio::sync::watch::channel(0).0,
+        });
+        runs.prune();
+        Ok(runs)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn run_dir(&self, id: JobId) -> PathBuf {
+        self.dir.join(id.to_string())
+    }
+
+    pub fn max_jobs(&self) -> usize {
+        self.runner.limit()
+    }
+
+    /// Queues `plan` (validated, with its estimate's peak) as a new run.
+    pub fn submit(&self, plan: Plan, device: String, estimated_peak_bytes: u64) -> Result<JobId, RunError> {
+        let id = {
+            let mut inner = self.lock();
+            if inner.queue.len() >= MAX_QUEUED {
+                return Err(RunError::QueueFull { limit: MAX_QUEUED });
+            }
+            let id = inner.next_id;
+            inner.next_id += 1;
+            id
+        };
+        let info = RunInfo {
+            job: id,
+            name: plan.name.clone(),
+            state: RunState::Queued,
+            device,
+            created_unix_ms: now_ms(),
+            ended_unix_ms: None,
+            records: 0,
+            estimated_peak_bytes,
+            measured_peak_bytes: None,
+            error: None,
+        };
+        let dir = self.run_dir(id);
+        std::fs::create_dir_all(&dir)
+            .and_then(|()| write_stored(&dir, &Stored { info: info.clone(), plan: plan.clone() }))
+            .map_err(|e| RunError::Io(format!("run {id}: {e}")))?;
+        {
+            let mut inner = self.lock();
+            let live = broadcast::channel(LIVE_BUFFER).0;
+            inner.runs.insert(id, Entry { info, plan, live: Some(live), cancel: None });
+            inner.queue.push_back(id);
+        }
+        self.wake.notify_one();
+        self.prune();
+        Ok(id)
+    }
+
+    /// The runs this agent knows, oldest first.
+    pub fn list(&self) -> Vec<RunInfo> {
+        self.lock().runs.values().map(|e| e.info.clone()).collect()
+    }
+
+    /// Run `job`'s records after `after`, then its live ones. Subscribes before reading
+    /// the file, so that nothing falls between the two (the caller skips what the live
+    /// stream repeats).
+    pub async fn attach(&self, job: JobId, after: u64) -> Result<Attachment, RunError> {
+        let live = {
+            let inner = self.lock();
+            let e = inner.runs.get(&job).ok_or(RunError::Unknown(job))?;
+            e.live.as_ref().map(broadcast::Sender::subscribe)
+        };
+        let backlog = self.read_after(job, after).await?;
+        Ok(Attachment { backlog, live })
+    }
+
+    /// Run `job`'s records on disk after `after`.
+    pub async fn read_after(&self, job: JobId, after: u64) -> Result<Vec<Logged>, RunError> {
+        let log = self.run_dir(job).join("records.log");
+        let found = tokio::task::spawn_blocking(move || runlog::read(&log))
+            .await
+            .map_err(|e| RunError::Io(e.to_string()))?
+            .map_err(|e| RunError::Io(e.to_string()))?;
+        Ok(found.records.into_iter().filter(|(s, _)| *s > after).collect())
+    }
+
+    /// Cancels a queued run at once, or asks a running one to stop (killed after
+    /// [`CANCEL_GRACE`]).
+    pub async fn cancel(&self, job: JobId) -> Result<(), RunError> {
+        let queued = {
+            let mut inner = self.lock();
+            let e = inner.runs.get(&job).ok_or(RunError::Unknown(job))?;
+            match e.info.state {
+                RunState::Queued => {
+                    inner.queue.retain(|&j| j != job);
+                    true
+                }
+                RunState::Running => {
+                    if let Some(c) = &e.cancel {
+                        c.notify_one();
+                    }
+                    false
+                }
+                state => return Err(RunError::Ended { job, state }),
+            }
+        };
+        if queued {
+            let error = JobError { code: ErrorCode::Cancelled, message: "cancelled while queued".into() };
+            self.end_unstarted(job, RunState::Cancelled, error).await;
+        }
+        Ok(())
+    }
+
+    /// Ends a run that never started with one `Failed` record.
+    async fn end_unstarted(&self, job: JobId, state: RunState, error: JobError) {
+        let log = self.run_dir(job).join("records.log");
+        let message = Message::Failed { job, error: error.clone() };
+        let m = message.clone();
+        let written = tokio::task::spawn_blocking(move || -> Result<u64, runlog::LogError> {
+            let (mut w, _) = runlog::Writer::open(&log)?;
+            Ok(*w.append(&[m])?.end())
+        })
+        .await;
+        let seq = match written {
+            Ok(Ok(seq)) => Some(seq),
+            other => {
+                tracing::error!(run = job, "could not record the end of a run: {other:?}");
+                None
+            }
+        };
+        self.finish(job, state, Some(error), None, seq, message);
+    }
+
+    /// Marks a run ended, tells its subscribers and stores its state.
+    fn finish(
+        &self,
+        job: JobId,
+        state: RunState,
+        error: Option<JobError>,
+        peak: Option<u64>,
+        seq: Option<u64>,
+        last: Message,
+    ) {
+        let stored = {
+            let mut inner = self.lock();
+            let Some(e) = inner.runs.get_mut(&job) else { return };
+            e.info.state = state;
+            e.info.error = error;
+            e.info.measured_peak_bytes = peak;
+            e.info.ended_unix_ms = Some(now_ms());
+            if let Some(seq) = seq {
+                e.info.records = seq;
+            }
+            e.cancel = None;
+            if let (Some(tx), Some(seq)) = (e.live.take(), seq) {
+                let _ = tx.send((seq, last));
+            }
+            Stored { info: e.info.clone(), plan: e.plan.clone() }
+        };
+        if let Err(e) = write_stored(&self.run_dir(job), &stored) {
+            tracing::error!(run = job, "could not store the run's state: {e}");
+        }
+    }
+
+    /// Starts queued runs while slots are free; runs until the agent shuts down.
+    pub async fn dispatch(self: Arc<Self>) {
+        loop {
+            // Taken off the queue and marked running in one step, so that a cancel from
+            // now on reaches the job (its notification waits for the pump).
+            let next = {
+                let mut inner = self.lock();
+                if inner.shutting_down {
+                    return;
+                }
+                let job = if self.runner.free_slots() > 0 { inner.queue.pop_front() } else { None };
+                job.and_then(|job| {
+                    let e = inner.runs.get_mut(&job)?;
+                    let cancel = Arc::new(Notify::new());
+                    e.info.state = RunState::Running;
+                    e.cancel = Some(Arc::clone(&cancel));
+                    Some((job, e.plan.clone(), e.info.estimated_peak_bytes, cancel))
+                })
+            };
+            let Some((job, plan, estimate, cancel)) = next else {
+                self.wake.notified().await;
+                continue;
+            };
+            match self.runner.start(job, plan, estimate, &Default::default()) {
+                Ok(running) => {
+                    self.store(job);
+                    tracing::info!(run = job, "run started");
+                    self.active.send_modify(|n| *n += 1);
+                    tokio::spawn(Arc::clone(&self).pump(job, running, cancel));
+                }
+                Err(StartError::Busy { .. }) => {
+                    // Raced a slot: back to the front of the queue.
+                    {
+                        let mut inner = self.lock();
+                        if let Some(e) = inner.runs.get_mut(&job) {
+                            e.info.state = RunState::Queued;
+                            e.cancel = None;
+                        }
+                        inner.queue.push_front(job);
+                    }
+                    self.wake.notified().await;
+                }
+                Err(e) => {
+                    let error = JobError { code: ErrorCode::Internal, message: e.to_string() };
+                    self.end_unstarted(job, RunState::Failed, error).await;
+                }
+            }
+        }
+    }
+
+    /// Writes run `job`'s `run.json` as it stands.
+    fn store(&self, job: JobId) {
+        let stored = {
+            let inner = self.lock();
+            inner.runs.get(&job).map(|e| Stored { info: e.info.clone(), plan: e.plan.clone() })
+        };
+        if let Some(stored) = stored
+            && let Err(e) = write_stored(&self.run_dir(job), &stored)
+        {
+            tracing::error!(run = job, "could not store the run's state: {e}");
+        }
+    }
+
+    /// Writes a running job's messages to its log, then hands them to subscribers.
+    async fn pump(self: Arc<Self>, job: JobId, mut running: RunningJob, cancel: Arc<Notify>) {
+        let log = self.run_dir(job).join("records.log");
+        let opened = tokio::task::spawn_blocking(move || runlog::Writer::open(&log)).await;
+        let mut writer = match opened {
+            Ok(Ok((w, _))) => Some(w),
+            other => {
+                tracing::error!(run = job, "cannot open the run's log: {other:?}");
+                None
+            }
+        };
+        let mut cancel_deadline: Option<tokio::time::Instant> = None;
+        let mut killed = false;
+        let mut ended: Option<Ending> = None;
+        while ended.is_none() {
+            let first = tokio::select! {
+                m = running.events.recv() => m,
+                () = cancel.notified(), if cancel_deadline.is_none() => {
+                    running.cancel();
+                    cancel_deadline = Some(tokio::time::Instant::now() + CANCEL_GRACE);
+                    continue;
+                }
+                () = async {
+                    match cancel_deadline {
+                        Some(d) => tokio::time::sleep_until(d).await,
+                        None => std::future::pending().await,
+                    }
+                }, if !killed => {
+                    tracing::warn!(run = job, "did not stop within {CANCEL_GRACE:?} of cancel; killing its worker");
+                    running.kill();
+                    killed = true;
+                    continue;
+                }
+            };
+            let Some(first) = first else { break };
+            let mut batch = vec![first];
+            while batch.len() < MAX_BATCH_RECORDS {
+                match running.events.try_recv() {
+                    Ok(m) => batch.push(m),
+                    Err(_) => break,
+                }
+            }
+            // A job stopped because the agent shuts down was interrupted, not cancelled.
+            if self.lock().shutting_down {
+                for m in &mut batch {
+                    if let Message::Failed { error, .. } = m
+                        && matches!(error.code, ErrorCode::Cancelled | ErrorCode::WorkerCrashed)
+                    {
+                        error.code = ErrorCode::Interrupted;
+                        error.message = "the agent shut down while this run was running".into();
+                    }
+                }
+            }
+            // A worker killed after cancel reports a crash: it was a cancel.
+            if killed {
+                for m in &mut batch {
+                    if let Message::Failed { error, .. } = m
+                        && error.code == ErrorCode::WorkerCrashed
+                    {
+                        error.code = ErrorCode::Cancelled;
+                        error.message = format!("did not stop within {CANCEL_GRACE:?} of cancel and was killed");
+                    }
+                }
+            }
+            let Some(w) = writer.take() else { break };
+            let (w, written, batch) = match tokio::task::spawn_blocking(move || {
+                let mut w = w;
+                let r = w.append(&batch);
+                (w, r, batch)
+            })
+            .await
+            {
+                Ok(x) => x,
+                Err(e) => {
+                    tracing::error!(run = job, "log writer: {e}");
+                    break;
+                }
+            };
+            writer = Some(w);
+            let range = match written {
+                Ok(r) => r,
+                Err(e) => {
+                    tracing::error!(run = job, "could not write the run's records: {e}");
+                    break;
+                }
+            };
+            let live = {
+                let mut inner = self.lock();
+                inner.runs.get_mut(&job).map(|e| {
+                    e.info.records = *range.end();
+                    e.live.clone()
+                })
+            };
+            for (seq, m) in range.zip(batch) {
+                let end = match &m {
+                    Message::Finished { summary, .. } => Some((RunState::Finished, None, Some(summary.peak_bytes))),
+                    Message::Failed { error, .. } => {
+                        let state = match error.code {
+                            ErrorCode::Cancelled => RunState::Cancelled,
+                            ErrorCode::Interrupted => RunState::Interrupted,
+                            _ => RunState::Failed,
+                        };
+                        Some((state, Some(error.clone()), None))
+                    }
+                    _ => None,
+                };
+                if let Some((state, error, peak)) = end {
+                    ended = Some((state, error, peak, seq, m));
+                    break;
+                }
+                if let Some(Some(tx)) = &live {
+                    let _ = tx.send((seq, m));
+                }
+            }
+        }
+        let (state, error, peak, seq, last) = match ended {
+            Some((state, error, peak, seq, last)) => (state, error, peak, Some(seq), last),
+            None => {
+                let error =
+                    JobError { code: ErrorCode::Internal, message: "the run's records could not be kept".into() };
+                (RunState::Failed, Some(error.clone()), None, None, Message::Failed { job, error })
+            }
+        };
+        self.finish(job, state, error, peak, seq, last);
+        drop(running);
+        self.active.send_modify(|n| *n = n.saturating_sub(1));
+        self.wake.notify_one();
+        self.prune();
+    }
+
+    /// Stops dispatching, cancels running jobs and waits up to `grace` for their last
+    /// records to be written; queued runs stay queued for the next start.
+    pub async fn shutdown(&self, grace: Duration) {
+        let cancels: Vec<Arc<Notify>> = {
+            let mut inner = self.lock();
+            inner.shutting_down = true;
+            inner.runs.values().filter_map(|e| e.cancel.clone()).collect()
+        };
+        self.wake.notify_one();
+        for c in &cancels {
+            c.notify_one();
+        }
+        let mut active = self.active.subscribe();
+        let _ = tokio::time::timeout(grace, active.wait_for(|&n| n == 0)).await;
+    }
+
+    /// Deletes the oldest ended runs beyond [`MAX_RUNS_KEPT`].
+    fn prune(&self) {
+        let doomed: Vec<JobId> = {
+            let mut inner = self.lock();
+            let excess = inner.runs.len().saturating_sub(MAX_RUNS_KEPT);
+            let ended: Vec<JobId> = inner
+                .runs
+                .iter()
+                .filter(|(_, e)| !matches!(e.info.state, RunState::Queued | RunState::Running))
+                .map(|(&j, _)| j)
+                .take(excess)
+                .collect();
+            for j in &ended {
+                inner.runs.remove(j);
+            }
+            ended
+        };
+        for j in doomed {
+            if let Err(e) = std::fs::remove_dir_all(self.run_dir(j)) {
+                tracing::warn!(run = j, "could not delete an old run: {e}");
+            }
+        }
+    }
+}
