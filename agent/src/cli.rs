@@ -92,6 +92,20 @@ enum Command {
         /// Jobs running at once (one per GPU keeps measurements clean).
         #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=64))]
         max_jobs: u32,
+        /// Runs waiting for a slot at once; one more is refused as busy.
+        #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..=10_000))]
+        max_queued: u32,
+        /// The most optimizer steps a submitted run may have.
+        #[arg(long, default_value_t = shared::plan::limits::MAX_STEPS, value_parser = clap::value_parser!(u64).range(1..=shared::plan::limits::MAX_STEPS))]
+        max_job_steps: u64,
+        /// A running job is stopped after this many seconds (default: 7 days).
+        #[arg(long, default_value_t = 7 * 24 * 3600, value_parser = clap::value_parser!(u64).range(1..=365 * 24 * 3600))]
+        max_job_seconds: u64,
+        /// The folder the `data`, `data_labels` and `val_data` paths of submitted plans
+        /// are relative to; nothing outside it is read. Without it, runs use synthetic
+        /// data only.
+        #[arg(long)]
+        data_root: Option<PathBuf>,
         /// Where runs are kept (their plans, states and records), so that they survive
         /// disconnects and restarts. Default: $XDG_STATE_HOME/headroom, else
         /// ~/.local/state/headroom.
@@ -491,6 +505,10 @@ async fn async_main(command: Command) -> anyhow::Result<()> {
             max_connections,
             max_unauthenticated,
             max_jobs,
+            max_queued,
+            max_job_steps,
+            max_job_seconds,
+            data_root,
             data_dir,
             insecure_http,
         } => {
@@ -556,6 +574,8 @@ async fn async_main(command: Command) -> anyhow::Result<()> {
                 max_jobs: max_jobs as usize,
                 worker_exe: exe,
                 data_dir,
+                limits: crate::runs::Limits { max_job_steps, max_job_seconds, max_queued: max_queued as usize },
+                data_root,
             })
             .await?;
             let addr = server.local_addr()?;

@@ -25,8 +25,16 @@ use tokio::sync::{Notify, broadcast};
 use crate::jobs::{JobRunner, RunningJob, StartError};
 use crate::runlog;
 
-/// Runs waiting for a slot; one more is refused as busy.
-pub const MAX_QUEUED: usize = 64;
+/// Limits on what clients may run (`serve --max-job-steps`, `--max-job-seconds`,
+/// `--max-queued`).
+#[derive(Clone, Copy, Debug)]
+pub struct Limits {
+    pub max_job_steps: u64,
+    /// A running job is stopped after this long.
+    pub max_job_seconds: u64,
+    /// Runs waiting for a slot; one more is refused as busy.
+    pub max_queued: usize,
+}
 /// Runs kept on disk; past it the oldest ended runs are deleted.
 pub const MAX_RUNS_KEPT: usize = 1000;
 /// Records a live subscriber may fall behind before it catches up from the file.
@@ -96,6 +104,9 @@ struct Inner {
 pub struct Runs {
     dir: PathBuf,
     runner: JobRunner,
+    limits: Limits,
+    /// The folder runs' `data` paths are relative to (`serve --data-root`).
+    data_root: Option<PathBuf>,
     inner: Mutex<Inner>,
     /// Wakes the dispatcher: a run was queued or a slot came free.
     wake: Notify,
@@ -126,7 +137,12 @@ fn write_stored(dir: &Path, stored: &Stored) -> std::io::Result<()> {
 impl Runs {
     /// Opens the data directory (creating it), rebuilds the index, marks runs that were
     /// running as interrupted and queues the queued ones again.
-    pub fn open(dir: &Path, runner: JobRunner) -> anyhow::Result<Arc<Runs>> {
+    pub fn open(
+        dir: &Path,
+        runner: JobRunner,
+        limits: Limits,
+        data_root: Option<PathBuf>,
+    ) -> anyhow::Result<Arc<Runs>> {
         use anyhow::Context;
         let runs_dir = dir.join("runs");
         std::fs::create_dir_all(&runs_dir).with_context(|| format!("--data-dir {}", dir.display()))?;
@@ -180,6 +196,8 @@ impl Runs {
         let runs = Arc::new(Runs {
             dir: runs_dir,
             runner,
+            limits,
+            data_root,
             inner: Mutex::new(Inner { runs, queue: sorted.into(), next_id, shutting_down: false }),
             wake: Notify::new(),
             active: tokio::sync::watch::channel(0).0,
@@ -204,8 +222,8 @@ impl Runs {
     pub fn submit(&self, plan: Plan, device: String, estimated_peak_bytes: u64) -> Result<JobId, RunError> {
         let id = {
             let mut inner = self.lock();
-            if inner.queue.len() >= MAX_QUEUED {
-                return Err(RunError::QueueFull { limit: MAX_QUEUED });
+            if inner.queue.len() >= self.limits.max_queued {
+                return Err(RunError::QueueFull { limit: self.limits.max_queued });
             }
             let id = inner.next_id;
             inner.next_id += 1;
@@ -367,7 +385,14 @@ impl Runs {
                 self.wake.notified().await;
                 continue;
             };
-            match self.runner.start(job, plan, estimate, &Default::default()) {
+            // A run's checkpoints go beside its records; its data comes from the agent's
+            // data root. Neither path comes from the plan.
+            let files = crate::train::JobFiles {
+                checkpoint_dir: Some(self.run_dir(job).join("checkpoints")),
+                resume: None,
+                data_root: self.data_root.clone(),
+            };
+            match self.runner.start(job, plan, estimate, &files) {
                 Ok(running) => {
                     self.store(job);
                     tracing::info!(run = job, "run started");
@@ -420,11 +445,22 @@ impl Runs {
         };
         let mut cancel_deadline: Option<tokio::time::Instant> = None;
         let mut killed = false;
+        // Past `--max-job-seconds` the job is stopped as a cancel would stop it.
+        let time_limit = tokio::time::sleep(Duration::from_secs(self.limits.max_job_seconds));
+        tokio::pin!(time_limit);
+        let mut over_time = false;
         let mut ended: Option<Ending> = None;
         while ended.is_none() {
             let first = tokio::select! {
                 m = running.events.recv() => m,
                 () = cancel.notified(), if cancel_deadline.is_none() => {
+                    running.cancel();
+                    cancel_deadline = Some(tokio::time::Instant::now() + CANCEL_GRACE);
+                    continue;
+                }
+                () = &mut time_limit, if cancel_deadline.is_none() => {
+                    tracing::warn!(run = job, "ran past --max-job-seconds; stopping it");
+                    over_time = true;
                     running.cancel();
                     cancel_deadline = Some(tokio::time::Instant::now() + CANCEL_GRACE);
                     continue;
@@ -460,8 +496,20 @@ impl Runs {
                     }
                 }
             }
+            // A job stopped for its time limit failed on it.
+            if over_time {
+                let max = self.limits.max_job_seconds;
+                for m in &mut batch {
+                    if let Message::Failed { error, .. } = m
+                        && matches!(error.code, ErrorCode::Cancelled | ErrorCode::WorkerCrashed)
+                    {
+                        error.code = ErrorCode::Limit;
+                        error.message = format!("stopped after {max} s (--max-job-seconds)");
+                    }
+                }
+            }
             // A worker killed after cancel reports a crash: it was a cancel.
-            if killed {
+            if killed && !over_time {
                 for m in &mut batch {
                     if let Message::Failed { error, .. } = m
                         && error.code == ErrorCode::WorkerCrashed

@@ -70,6 +70,9 @@ pub struct Config {
     pub worker_exe: PathBuf,
     /// Where runs are kept (`crate::runs`).
     pub data_dir: PathBuf,
+    pub limits: crate::runs::Limits,
+    /// The folder runs' `data` paths are relative to.
+    pub data_root: Option<PathBuf>,
 }
 
 /// An unauthenticated connection's slot: one of the agent's and one of its peer's.
@@ -168,7 +171,13 @@ impl Server {
             sessions: Arc::new(Semaphore::new(config.max_connections)),
             origins,
             hello,
-            runs: crate::runs::Runs::open(&config.data_dir, JobRunner::new(config.worker_exe, config.max_jobs))?,
+            runs: crate::runs::Runs::open(
+                &config.data_dir,
+                JobRunner::new(config.worker_exe, config.max_jobs),
+                config.limits,
+                config.data_root,
+            )?,
+            limits: config.limits,
             web_dir: config.web_dir,
             hosts: auth::own_hosts(&addr.ip().to_string(), &config.extra_hosts),
             port: addr.port(),

@@ -44,6 +44,7 @@ pub struct State {
     pub origins: Vec<Origin>,
     pub hello: Hello,
     pub runs: Arc<Runs>,
+    pub limits: crate::runs::Limits,
     pub web_dir: Option<PathBuf>,
     /// Names a request's `Host` may give (`auth::host_allowed`), and the bound port.
     pub hosts: Vec<String>,
@@ -180,7 +181,7 @@ pub async fn run(mut conn: Connection, state: Arc<State>, mut shutdown: watch::R
                     break;
                 }
                 let ok = match message {
-                    Message::Submit { plan } => match submit(&state, plan) {
+                    Message::Submit { plan, force } => match submit(&state, plan, force) {
                         Ok((job, accepted)) => {
                             send(&mut conn, &accepted).await && attach(&mut conn, &state, &mut watch, job, 0).await
                         }
@@ -239,7 +240,15 @@ pub async fn run(mut conn: Connection, state: Arc<State>, mut shutdown: watch::R
 
 /// Validates and estimates a submitted plan and queues it as a run: `(run, Accepted)`,
 /// or the refusal to send.
-fn submit(state: &State, plan: shared::Plan) -> Result<(JobId, Message), Box<Message>> {
+fn submit(state: &State, plan: shared::Plan, force: bool) -> Result<(JobId, Message), Box<Message>> {
+    let steps = plan.total_steps();
+    if steps > state.limits.max_job_steps {
+        let max = state.limits.max_job_steps;
+        return Err(Box::new(error(
+            ErrorCode::Limit,
+            format!("{steps} steps: this agent runs at most {max} (--max-job-steps)"),
+        )));
+    }
     let mut plan = plan;
     // Resolve `auto` here, so the client learns the device before the first batch.
     if plan.device == shared::plan::DeviceChoice::Auto {
@@ -270,6 +279,20 @@ fn submit(state: &State, plan: shared::Plan) -> Result<(JobId, Message), Box<Mes
         Ok(e) => e,
         Err(e) => return Err(Box::new(error(ErrorCode::InvalidPlan, e.to_string()))),
     };
+    // A run that cannot fit is refused unless the client insists.
+    let total = state.hello.devices.iter().find(|d| d.id == device).map_or(u64::MAX, |d| d.total_memory_bytes);
+    let capacity = plan.memory_limit_bytes.map_or(total, |l| l.min(total));
+    let peak = estimate.peak_bytes.get();
+    if peak > capacity && !force {
+        return Err(Box::new(error(
+            ErrorCode::Limit,
+            format!(
+                "the estimate, {}, exceeds {device}'s {} (or the plan's memory limit); submit with force to run it anyway",
+                shared::Bytes(peak),
+                shared::Bytes(capacity)
+            ),
+        )));
+    }
     match state.runs.submit(plan, device.clone(), estimate.peak_bytes.get()) {
         Ok(job) => {
             tracing::info!(job, %device, "run accepted");

@@ -33,7 +33,7 @@ pub fn run(job: JobId, files: train::JobFiles) -> anyhow::Result<()> {
     let out = std::io::BufWriter::new(private_stdout()?);
     let mut stdin = std::io::stdin().lock();
     let plan = match pipe::read_blocking(&mut stdin)? {
-        Some(Message::Submit { plan }) => plan,
+        Some(Message::Submit { plan, .. }) => plan,
         other => anyhow::bail!("worker expected a plan first, got {other:?}"),
     };
     drop(stdin);

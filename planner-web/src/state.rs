@@ -156,6 +156,11 @@ pub struct AgentState {
     pub estimated_peak_bytes: RwSignal<Option<u64>>,
     /// An error from the agent that does not end the running job (an unknown job id).
     pub notice: RwSignal<Option<String>>,
+    /// The number of the last record of the watched run: where a reconnect resumes.
+    pub last_seq: RwSignal<u64>,
+    /// A run this page watched before it was reloaded (from the browser's storage),
+    /// waiting for the agent's list of runs to resume it.
+    pub resume: RwSignal<Option<shared::protocol::JobId>>,
 }
 
 impl AgentState {
@@ -167,6 +172,8 @@ impl AgentState {
             records: RwSignal::new(Vec::new()),
             estimated_peak_bytes: RwSignal::new(None),
             notice: RwSignal::new(None),
+            last_seq: RwSignal::new(0),
+            resume: RwSignal::new(None),
         }
     }
 }

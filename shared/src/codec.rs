@@ -125,7 +125,7 @@ mod tests {
                 devices: vec![DeviceInfo { id: "cpu".into(), name: "x86_64".into(), total_memory_bytes: 1 << 34 }],
                 capabilities: Capabilities { cuda: false, nvml: false, max_concurrent_jobs: 1 },
             }),
-            Message::Submit { plan },
+            Message::Submit { plan, force: false },
             Message::Accepted { job: 1, estimate, device: "cpu".into() },
             record(1, 3, 2.25, Some(5)),
             Message::Finished {

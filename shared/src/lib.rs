@@ -20,6 +20,9 @@ pub mod units;
 pub mod whatif;
 pub mod zoo;
 
+#[cfg(test)]
+mod fuzz;
+
 pub use estimate::{Breakdown, Estimate, Phase, estimate};
 pub use graph::Graph;
 pub use plan::{Plan, PlanError};

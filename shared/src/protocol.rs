@@ -23,6 +23,9 @@ pub enum Message {
     /// new run (a session follows one run at a time: the last it submitted or attached to).
     Submit {
         plan: Plan,
+        /// Run it even when its estimate exceeds the device's memory (or the plan's own
+        /// `memory_limit_bytes`), which the agent otherwise refuses.
+        force: bool,
     },
     Accepted {
         job: JobId,

@@ -28,7 +28,7 @@ pub fn RunPanel(#[prop(into)] plan: Signal<Result<Plan, String>>, socket: AgentS
         let Ok(plan) = plan.get_untracked() else {
             return;
         };
-        match socket.send(&Message::Submit { plan }) {
+        match socket.send(&Message::Submit { plan, force: false }) {
             Ok(()) => {
                 send_error.set(None);
                 agent.job.set(JobState::Submitted);

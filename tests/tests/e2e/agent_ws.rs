@@ -16,7 +16,15 @@ fn cpu_plan(mut plan: Plan, steps: u64) -> Plan {
 
 /// Submits `plan` and collects its records until it ends.
 async fn run_job(ws: &mut Ws, plan: Plan) -> anyhow::Result<(u64, Vec<BatchRecord>, Result<Summary, Message>)> {
-    send(ws, &Message::Submit { plan }).await?;
+    run_job_with(ws, plan, false).await
+}
+
+async fn run_job_with(
+    ws: &mut Ws,
+    plan: Plan,
+    force: bool,
+) -> anyhow::Result<(u64, Vec<BatchRecord>, Result<Summary, Message>)> {
+    send(ws, &Message::Submit { plan, force }).await?;
     let estimate = match recv(ws).await? {
         Message::Accepted { estimate, device, .. } => {
             assert_eq!(device, "cpu");
@@ -183,7 +191,7 @@ async fn invalid_plans_busy_agents_and_unknown_jobs_get_clear_errors() -> anyhow
     let mut ws = agent.connect().await?;
     let mut bad = Plan::example_mlp();
     bad.micro_batch = 0;
-    send(&mut ws, &Message::Submit { plan: bad }).await?;
+    send(&mut ws, &Message::Submit { plan: bad, force: false }).await?;
     match recv(&mut ws).await? {
         Message::Error { code: ErrorCode::InvalidPlan, message } => {
             assert!(message.starts_with("micro_batch:"), "{message}")
@@ -194,13 +202,13 @@ async fn invalid_plans_busy_agents_and_unknown_jobs_get_clear_errors() -> anyhow
     assert!(matches!(recv(&mut ws).await?, Message::Error { code: ErrorCode::UnknownJob, .. }));
 
     // One job at a time: a second client's run waits in the queue.
-    send(&mut ws, &Message::Submit { plan: cpu_plan(Plan::example_mlp(), 100_000) }).await?;
+    send(&mut ws, &Message::Submit { plan: cpu_plan(Plan::example_mlp(), 100_000), force: false }).await?;
     let job = match recv(&mut ws).await? {
         Message::Accepted { job, .. } => job,
         other => panic!("expected Accepted, got {other:?}"),
     };
     let mut second = agent.connect().await?;
-    send(&mut second, &Message::Submit { plan: cpu_plan(Plan::example_mlp(), 2) }).await?;
+    send(&mut second, &Message::Submit { plan: cpu_plan(Plan::example_mlp(), 2), force: false }).await?;
     let queued = match recv(&mut second).await? {
         Message::Accepted { job, .. } => job,
         other => panic!("expected Accepted (queued), got {other:?}"),
@@ -215,7 +223,7 @@ async fn invalid_plans_busy_agents_and_unknown_jobs_get_clear_errors() -> anyhow
         other => panic!("expected Runs, got {other:?}"),
     }
     // A third run is cancelled while it waits.
-    send(&mut second, &Message::Submit { plan: cpu_plan(Plan::example_mlp(), 2) }).await?;
+    send(&mut second, &Message::Submit { plan: cpu_plan(Plan::example_mlp(), 2), force: false }).await?;
     let third = match recv(&mut second).await? {
         Message::Accepted { job, .. } => job,
         other => panic!("expected Accepted, got {other:?}"),
@@ -266,7 +274,8 @@ async fn running_out_of_memory_fails_the_job_not_the_agent() -> anyhow::Result<(
     let mut plan = cpu_plan(Plan::example_mlp(), 5);
     // The plan needs about 1.8 MiB at its peak; give it 1.5 MiB.
     plan.memory_limit_bytes = Some(1536 * 1024);
-    let (_, _, result) = run_job(&mut ws, plan).await?;
+    // Its estimate exceeds that, so the agent runs it only when told to.
+    let (_, _, result) = run_job_with(&mut ws, plan, true).await?;
     match result {
         Err(Message::Failed { error, .. }) => {
             assert_eq!(error.code, ErrorCode::OutOfMemory, "{}", error.message);
@@ -281,7 +290,7 @@ async fn running_out_of_memory_fails_the_job_not_the_agent() -> anyhow::Result<(
 async fn a_crashed_worker_is_reported_and_the_agent_lives_on() -> anyhow::Result<()> {
     let agent = AgentHandle::start(None)?;
     let mut ws = agent.connect().await?;
-    send(&mut ws, &Message::Submit { plan: cpu_plan(Plan::example_mlp(), 100_000) }).await?;
+    send(&mut ws, &Message::Submit { plan: cpu_plan(Plan::example_mlp(), 100_000), force: false }).await?;
     assert!(matches!(recv(&mut ws).await?, Message::Accepted { .. }));
     assert!(matches!(recv(&mut ws).await?, Message::Batch(_)));
     // Kill the worker as a segfault inside libtorch would.
@@ -322,7 +331,7 @@ async fn a_client_that_stops_reading_never_holds_training_back() -> anyhow::Resu
         learning_rate: 0.01,
         ..cpu_plan(Plan::example_mlp(), STEPS)
     };
-    send(&mut ws, &Message::Submit { plan }).await?;
+    send(&mut ws, &Message::Submit { plan, force: false }).await?;
     let job = match recv(&mut ws).await? {
         Message::Accepted { job, .. } => job,
         other => panic!("expected Accepted, got {other:?}"),

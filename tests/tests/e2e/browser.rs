@@ -186,6 +186,20 @@ async fn drive(client: &fantoccini::Client, agent: &AgentHandle) -> anyhow::Resu
     client.find(Locator::Css("[data-testid=memory-chart-reference]")).await?;
     let polylines = client.find_all(Locator::Css("[data-testid=memory-chart] polyline")).await?;
     assert!(polylines.len() >= 2, "peak and allocated series");
+
+    // Reloading the page (a closed tab reopened) finds the run again at the agent and
+    // replays it: the same 50 points, the same end.
+    client.refresh().await?;
+    let status = eventually("the run resumed after a reload", Duration::from_secs(30), || async {
+        let t = text(client, "job-status").await?;
+        Ok(t.contains("finished").then_some(t))
+    })
+    .await?;
+    assert!(status.contains("25 steps"), "{status}");
+    for chart in ["loss-chart", "memory-chart"] {
+        let points = client.find(Locator::Css(&format!("[data-testid={chart}]"))).await?.attr("data-points").await?;
+        assert_eq!(points.as_deref(), Some("50"), "{chart} after the reload");
+    }
     Ok(())
 }
 

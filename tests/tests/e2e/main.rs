@@ -3,6 +3,7 @@
 mod agent_ws;
 mod browser;
 mod cli;
+mod hostile;
 mod runs;
 mod security;
 mod trainer;

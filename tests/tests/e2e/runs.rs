@@ -16,7 +16,7 @@ fn cpu_plan(steps: u64) -> Plan {
 }
 
 async fn submit(ws: &mut Ws, plan: Plan) -> anyhow::Result<JobId> {
-    send(ws, &Message::Submit { plan }).await?;
+    send(ws, &Message::Submit { plan, force: false }).await?;
     match recv(ws).await? {
         Message::Accepted { job, .. } => Ok(job),
         other => anyhow::bail!("expected Accepted, got {other:?}"),
@@ -191,5 +191,71 @@ async fn a_run_outlives_its_client_and_unknown_runs_are_refused() -> anyhow::Res
     send(&mut ws, &Message::Attach { job, after: 51 }).await?;
     send(&mut ws, &Message::ListRuns).await?;
     assert!(matches!(recv(&mut ws).await?, Message::Runs { .. }));
+    Ok(())
+}
+
+#[tokio::test]
+async fn limits_on_steps_time_queue_and_capacity_are_enforced() -> anyhow::Result<()> {
+    let token = "d".repeat(32);
+    let args = [
+        "--listen",
+        "127.0.0.1:0",
+        "--token",
+        &token,
+        "--max-job-steps",
+        "1000000",
+        "--max-job-seconds",
+        "2",
+        "--max-queued",
+        "1",
+    ];
+    let agent = AgentHandle::start_with(&args, token.clone(), None)?;
+    let mut ws = agent.connect().await?;
+    // Steps past the limit are refused before anything runs.
+    send(&mut ws, &Message::Submit { plan: cpu_plan(1_000_001), force: false }).await?;
+    match recv(&mut ws).await? {
+        Message::Error { code: ErrorCode::Limit, message } => assert!(message.contains("--max-job-steps"), "{message}"),
+        other => panic!("expected a step limit, got {other:?}"),
+    }
+    // A run past its time is stopped.
+    let t0 = Instant::now();
+    let long = submit(&mut ws, cpu_plan(1_000_000)).await?;
+    // Once it runs (its first record), the queue holds one more; the next is refused.
+    take(&mut ws, 1).await?;
+    let mut other = agent.connect().await?;
+    submit(&mut other, cpu_plan(2)).await?;
+    send(&mut other, &Message::Submit { plan: cpu_plan(2), force: false }).await?;
+    match recv(&mut other).await? {
+        Message::Error { code: ErrorCode::Busy, message } => {
+            assert!(message.contains("1 runs are queued"), "{message}")
+        }
+        other => panic!("expected a full queue, got {other:?}"),
+    }
+    let end = loop {
+        if let (_, Message::Failed { job, error }) = recv_numbered(&mut ws).await? {
+            assert_eq!(job, long);
+            break error;
+        }
+    };
+    assert_eq!(end.code, ErrorCode::Limit, "{}", end.message);
+    assert!(end.message.contains("--max-job-seconds"), "{}", end.message);
+    println!("stopped {:.1} s after it was submitted (limit 2 s)", t0.elapsed().as_secs_f64());
+    // A run whose estimate exceeds its memory is refused unless forced; forced, it runs
+    // and meets the limit for real.
+    let mut big = cpu_plan(3);
+    big.memory_limit_bytes = Some(512 * 1024);
+    send(&mut ws, &Message::Submit { plan: big.clone(), force: false }).await?;
+    match recv(&mut ws).await? {
+        Message::Error { code: ErrorCode::Limit, message } => assert!(message.contains("force"), "{message}"),
+        other => panic!("expected a refusal over capacity, got {other:?}"),
+    }
+    send(&mut ws, &Message::Submit { plan: big, force: true }).await?;
+    assert!(matches!(recv(&mut ws).await?, Message::Accepted { .. }));
+    let end = loop {
+        if let (_, Message::Failed { error, .. }) = recv_numbered(&mut ws).await? {
+            break error;
+        }
+    };
+    assert_eq!(end.code, ErrorCode::OutOfMemory, "{}", end.message);
     Ok(())
 }
