@@ -11,6 +11,6 @@ cd "$root"
 scripts/setup.sh >/dev/null
 source scripts/env.sh
 export HEADROOM_FUZZ_SECONDS="${SECONDS_PER_TARGET:-120}"
-cargo test --release -q -p headroom-shared --lib fuzz:: -- --nocapture --test-threads 1 2>&1 | grep -E "^fuzz|panicked|test result"
+cargo test --release -q -p headroom-shared --lib fuzz:: -- --nocapture --test-threads 1 2>&1 | grep -oE "fuzz [a-z -]+: .* panics|panicked.*|test result.*"
 cargo build -q --bin headroom
-cargo test -q -p headroom-tests --test e2e hostile:: -- --nocapture --test-threads 1 2>&1 | grep -E "hostile inputs|load:|panicked|test result"
+cargo test -q -p headroom-tests --test e2e hostile:: -- --nocapture --test-threads 1 2>&1 | grep -oE "hostile inputs.*|load: .*|panicked.*|test result.*"

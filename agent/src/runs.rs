@@ -51,6 +51,15 @@ type Ending = (RunState, Option<JobError>, Option<u64>, u64, Message);
 /// A record as clients receive it: `Message::Logged`.
 pub type Logged = (u64, Message);
 
+/// The state a run's `Failed` record with this code leaves it in.
+fn failed_state(code: ErrorCode) -> RunState {
+    match code {
+        ErrorCode::Cancelled => RunState::Cancelled,
+        ErrorCode::Interrupted => RunState::Interrupted,
+        _ => RunState::Failed,
+    }
+}
+
 fn now_ms() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
 }
@@ -168,6 +177,23 @@ impl Runs {
             let (mut writer, found) = runlog::Writer::open(&log).with_context(|| format!("run {id}"))?;
             let mut info = stored.info;
             info.records = found.records.len() as u64;
+            // The agent died between writing a run's last record and storing its state:
+            // the record says how it ended.
+            if let Some((_, last)) = found.records.last()
+                && matches!(info.state, RunState::Running | RunState::Queued)
+                && let Some(record) = shared::protocol::Record::from_message(last.clone())
+                && record.is_terminal()
+            {
+                let (state, error) = match record {
+                    shared::protocol::Record::Failed { error } => (failed_state(error.code), Some(error)),
+                    _ => (RunState::Finished, None),
+                };
+                info.state = state;
+                info.error = error;
+                info.ended_unix_ms.get_or_insert_with(now_ms);
+                write_stored(&path, &Stored { info: info.clone(), plan: stored.plan.clone() })
+                    .with_context(|| format!("run {id}"))?;
+            }
             match info.state {
                 RunState::Running => {
                     let error = JobError {
@@ -552,11 +578,7 @@ impl Runs {
                 let end = match &m {
                     Message::Finished { summary, .. } => Some((RunState::Finished, None, Some(summary.peak_bytes))),
                     Message::Failed { error, .. } => {
-                        let state = match error.code {
-                            ErrorCode::Cancelled => RunState::Cancelled,
-                            ErrorCode::Interrupted => RunState::Interrupted,
-                            _ => RunState::Failed,
-                        };
+                        let state = failed_state(error.code);
                         Some((state, Some(error.clone()), None))
                     }
                     _ => None,
@@ -623,5 +645,71 @@ impl Runs {
                 tracing::warn!(run = j, "could not delete an old run: {e}");
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn limits() -> Limits {
+        Limits { max_job_steps: 10, max_job_seconds: 10, max_queued: 4 }
+    }
+
+    fn stored(dir: &Path, job: JobId, state: RunState, records: &[Message]) {
+        let run = dir.join("runs").join(job.to_string());
+        std::fs::create_dir_all(&run).expect("dir");
+        let info = RunInfo {
+            job,
+            name: format!("run {job}"),
+            state,
+            device: "cpu".into(),
+            created_unix_ms: 1,
+            ended_unix_ms: None,
+            records: 0,
+            estimated_peak_bytes: 1,
+            measured_peak_bytes: None,
+            error: None,
+        };
+        write_stored(&run, &Stored { info, plan: Plan::example_mlp() }).expect("run.json");
+        let (mut w, _) = runlog::Writer::open(&run.join("records.log")).expect("log");
+        if !records.is_empty() {
+            w.append(records).expect("append");
+        }
+    }
+
+    #[test]
+    fn a_restart_interrupts_running_runs_requeues_queued_ones_and_trusts_a_last_record() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let batch =
+            |job| Message::Event { job, step: 1, event: shared::protocol::JobEvent::Resumed { path: "x".into() } };
+        let failed = |job, code| Message::Failed { job, error: JobError { code, message: "m".into() } };
+        stored(dir.path(), 1, RunState::Running, &[batch(1)]);
+        stored(dir.path(), 2, RunState::Queued, &[]);
+        // Died after writing its end, before storing it.
+        stored(dir.path(), 3, RunState::Running, &[batch(3), failed(3, ErrorCode::Cancelled)]);
+        stored(dir.path(), 4, RunState::Finished, &[]);
+        // A torn last frame on a running run.
+        stored(dir.path(), 5, RunState::Running, &[batch(5), batch(5)]);
+        let log5 = dir.path().join("runs/5/records.log");
+        let len = std::fs::metadata(&log5).expect("meta").len();
+        std::fs::OpenOptions::new().write(true).open(&log5).expect("open").set_len(len - 2).expect("tear");
+        let runs =
+            Runs::open(dir.path(), JobRunner::new(PathBuf::from("/nonexistent"), 1), limits(), None).expect("open");
+        let state = |j| runs.list().into_iter().find(|r| r.job == j).map(|r| (r.state, r.records));
+        assert_eq!(state(1), Some((RunState::Interrupted, 2)));
+        assert_eq!(state(2), Some((RunState::Queued, 0)));
+        assert_eq!(state(3), Some((RunState::Cancelled, 2)), "no second end appended");
+        assert_eq!(state(4), Some((RunState::Finished, 0)));
+        assert_eq!(state(5), Some((RunState::Interrupted, 2)), "the torn frame cut, the end appended");
+        assert_eq!(runs.lock().queue.iter().copied().collect::<Vec<_>>(), vec![2]);
+        assert_eq!(runs.lock().next_id, 6);
+        let log1 = runlog::read(&dir.path().join("runs/1/records.log")).expect("read");
+        assert!(matches!(&log1.records[1].1, Message::Failed { error, .. } if error.code == ErrorCode::Interrupted));
+        // Reopening changes nothing more.
+        drop(runs);
+        let again =
+            Runs::open(dir.path(), JobRunner::new(PathBuf::from("/nonexistent"), 1), limits(), None).expect("reopen");
+        assert_eq!(again.list().iter().map(|r| r.records).collect::<Vec<_>>(), vec![2, 0, 2, 0, 2]);
     }
 }
