@@ -25,8 +25,9 @@ use crate::{pipe, worker};
 pub const EVENT_BUFFER: usize = 4096;
 /// How long a worker may take to stop after its client went away before it is killed.
 pub const ABANDON_GRACE: Duration = Duration::from_secs(10);
-/// Lines of a worker's stderr kept to explain a crash.
+/// Lines of a worker's stderr kept to explain a crash, each cut to this many bytes.
 const STDERR_TAIL_LINES: usize = 12;
+const STDERR_LINE_CHARS: usize = 300;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -146,8 +147,17 @@ impl JobRunner {
         let stderr_task = tokio::spawn(async move {
             let mut tail = VecDeque::with_capacity(STDERR_TAIL_LINES);
             let mut lines = BufReader::new(stderr).lines();
-            while let Ok(Some(line)) = lines.next_line().await {
+            while let Ok(Some(mut line)) = lines.next_line().await {
                 tracing::debug!(job = id, "worker: {line}");
+                // A crash report must fit a record: long lines are cut.
+                if line.len() > STDERR_LINE_CHARS {
+                    let mut end = STDERR_LINE_CHARS;
+                    while !line.is_char_boundary(end) {
+                        end -= 1;
+                    }
+                    line.truncate(end);
+                    line.push('…');
+                }
                 if tail.len() == STDERR_TAIL_LINES {
                     tail.pop_front();
                 }

@@ -137,10 +137,52 @@ pub struct Attachment {
 
 fn write_stored(dir: &Path, stored: &Stored) -> std::io::Result<()> {
     let text = serde_json::to_vec_pretty(stored).map_err(std::io::Error::other)?;
-    let tmp = dir.join("run.json.tmp");
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let tmp = dir.join(format!("run.json.{}.{n}.tmp", std::process::id()));
     std::fs::write(&tmp, text)?;
     std::fs::File::open(&tmp)?.sync_all()?;
     std::fs::rename(&tmp, dir.join("run.json"))
+}
+
+/// A run's entry rebuilt from its folder at start: its stored state, corrected by its
+/// log (a run that was running is interrupted; one whose last record is its end ended).
+fn recover(id: JobId, path: &Path) -> anyhow::Result<Entry> {
+    use anyhow::Context;
+    let stored: Stored =
+        serde_json::from_slice(&std::fs::read(path.join("run.json")).context("run.json")?).context("run.json")?;
+    let (mut writer, found) = runlog::Writer::open(&path.join("records.log"))?;
+    let mut info = stored.info;
+    info.records = found.records.len() as u64;
+    // The agent died between writing a run's last record and storing its state: the
+    // record says how it ended.
+    if let Some((_, last)) = found.records.last()
+        && matches!(info.state, RunState::Running | RunState::Queued)
+        && let Some(record) = shared::protocol::Record::from_message(last.clone())
+        && record.is_terminal()
+    {
+        let (state, error) = match record {
+            shared::protocol::Record::Failed { error } => (failed_state(error.code), Some(error)),
+            _ => (RunState::Finished, None),
+        };
+        info.state = state;
+        info.error = error;
+        info.ended_unix_ms.get_or_insert_with(now_ms);
+        write_stored(path, &Stored { info: info.clone(), plan: stored.plan.clone() })?;
+    }
+    if info.state == RunState::Running {
+        let error =
+            JobError { code: ErrorCode::Interrupted, message: "the agent stopped while this run was running".into() };
+        writer.append(&[Message::Failed { job: id, error: error.clone() }])?;
+        info.records += 1;
+        info.state = RunState::Interrupted;
+        info.error = Some(error);
+        info.ended_unix_ms = Some(now_ms());
+        write_stored(path, &Stored { info: info.clone(), plan: stored.plan.clone() })?;
+        tracing::info!(run = id, "marked interrupted");
+    }
+    let live = (info.state == RunState::Queued).then(|| broadcast::channel(LIVE_BUFFER).0);
+    Ok(Entry { info, plan: stored.plan, live, cancel: None })
 }
 
 impl Runs {
@@ -161,61 +203,18 @@ impl Runs {
         for entry in std::fs::read_dir(&runs_dir).with_context(|| format!("reading {}", runs_dir.display()))? {
             let entry = entry?;
             let Some(id) = entry.file_name().to_str().and_then(|n| n.parse::<JobId>().ok()) else { continue };
-            let path = entry.path();
-            let stored: Stored = match std::fs::read(path.join("run.json"))
-                .map_err(anyhow::Error::from)
-                .and_then(|b| serde_json::from_slice(&b).map_err(anyhow::Error::from))
-            {
-                Ok(s) => s,
-                Err(e) => {
-                    tracing::warn!(run = id, "skipping a run whose run.json cannot be read: {e}");
-                    continue;
-                }
-            };
+            // Numbers are never reused, whatever state the folder is in.
             next_id = next_id.max(id + 1);
-            let log = path.join("records.log");
-            let (mut writer, found) = runlog::Writer::open(&log).with_context(|| format!("run {id}"))?;
-            let mut info = stored.info;
-            info.records = found.records.len() as u64;
-            // The agent died between writing a run's last record and storing its state:
-            // the record says how it ended.
-            if let Some((_, last)) = found.records.last()
-                && matches!(info.state, RunState::Running | RunState::Queued)
-                && let Some(record) = shared::protocol::Record::from_message(last.clone())
-                && record.is_terminal()
-            {
-                let (state, error) = match record {
-                    shared::protocol::Record::Failed { error } => (failed_state(error.code), Some(error)),
-                    _ => (RunState::Finished, None),
-                };
-                info.state = state;
-                info.error = error;
-                info.ended_unix_ms.get_or_insert_with(now_ms);
-                write_stored(&path, &Stored { info: info.clone(), plan: stored.plan.clone() })
-                    .with_context(|| format!("run {id}"))?;
-            }
-            match info.state {
-                RunState::Running => {
-                    let error = JobError {
-                        code: ErrorCode::Interrupted,
-                        message: "the agent stopped while this run was running".into(),
-                    };
-                    writer
-                        .append(&[Message::Failed { job: id, error: error.clone() }])
-                        .with_context(|| format!("run {id}"))?;
-                    info.records += 1;
-                    info.state = RunState::Interrupted;
-                    info.error = Some(error);
-                    info.ended_unix_ms = Some(now_ms());
-                    write_stored(&path, &Stored { info: info.clone(), plan: stored.plan.clone() })
-                        .with_context(|| format!("run {id}"))?;
-                    tracing::info!(run = id, "marked interrupted");
+            // One damaged run is skipped, not a reason to refuse to serve.
+            match recover(id, &entry.path()) {
+                Ok(e) => {
+                    if e.info.state == RunState::Queued {
+                        queue.push_back(id);
+                    }
+                    runs.insert(id, e);
                 }
-                RunState::Queued => queue.push_back(id),
-                _ => {}
+                Err(e) => tracing::warn!(run = id, "skipping a run that cannot be recovered: {e:#}"),
             }
-            let live = (info.state == RunState::Queued).then(|| broadcast::channel(LIVE_BUFFER).0);
-            runs.insert(id, Entry { info, plan: stored.plan, live, cancel: None });
         }
         let mut sorted: Vec<JobId> = queue.into_iter().collect();
         sorted.sort_unstable();
@@ -248,7 +247,8 @@ impl Runs {
     pub fn submit(&self, plan: Plan, device: String, estimated_peak_bytes: u64) -> Result<JobId, RunError> {
         let id = {
             let mut inner = self.lock();
-            if inner.queue.len() >= self.limits.max_queued {
+            let waiting = inner.runs.values().filter(|e| e.info.state == RunState::Queued).count();
+            if waiting >= self.limits.max_queued {
                 return Err(RunError::QueueFull { limit: self.limits.max_queued });
             }
             let id = inner.next_id;
@@ -268,7 +268,8 @@ impl Runs {
             error: None,
         };
         let dir = self.run_dir(id);
-        std::fs::create_dir_all(&dir)
+        // `create_dir`, not `create_dir_all`: a run's folder is always new.
+        std::fs::create_dir(&dir)
             .and_then(|()| write_stored(&dir, &Stored { info: info.clone(), plan: plan.clone() }))
             .map_err(|e| RunError::Io(format!("run {id}: {e}")))?;
         {
@@ -319,6 +320,10 @@ impl Runs {
             match e.info.state {
                 RunState::Queued => {
                     inner.queue.retain(|&j| j != job);
+                    // Marked at once, so that a second cancel finds it ended.
+                    if let Some(e) = inner.runs.get_mut(&job) {
+                        e.info.state = RunState::Cancelled;
+                    }
                     true
                 }
                 RunState::Running => {
@@ -595,9 +600,26 @@ impl Runs {
         let (state, error, peak, seq, last) = match ended {
             Some((state, error, peak, seq, last)) => (state, error, peak, Some(seq), last),
             None => {
+                // The log failed (or the worker's channel closed early): stop the worker,
+                // wait until it has exited and freed its slot, and end the run for its
+                // clients with a last record, written if the log takes it.
+                running.kill();
+                while running.events.recv().await.is_some() {}
                 let error =
                     JobError { code: ErrorCode::Internal, message: "the run's records could not be kept".into() };
-                (RunState::Failed, Some(error.clone()), None, None, Message::Failed { job, error })
+                let last = Message::Failed { job, error: error.clone() };
+                let next = self.lock().runs.get(&job).map_or(1, |e| e.info.records + 1);
+                let seq = match writer.take() {
+                    Some(mut w) => {
+                        let m = last.clone();
+                        match tokio::task::spawn_blocking(move || w.append(&[m])).await {
+                            Ok(Ok(r)) => *r.end(),
+                            _ => next,
+                        }
+                    }
+                    None => next,
+                };
+                (RunState::Failed, Some(error), None, Some(seq), last)
             }
         };
         self.finish(job, state, error, peak, seq, last);

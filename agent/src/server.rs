@@ -89,12 +89,12 @@ impl Pending {
         ip: std::net::IpAddr,
     ) -> Option<Pending> {
         let mut map = peers.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        let n = map.entry(ip).or_insert(0);
-        if *n >= MAX_UNAUTHENTICATED_PER_PEER {
+        if map.get(&ip).is_some_and(|&n| n >= MAX_UNAUTHENTICATED_PER_PEER) {
             return None;
         }
+        // The slot first: a refused peer leaves no entry behind.
         let slot = Arc::clone(slots).try_acquire_owned().ok()?;
-        *n += 1;
+        *map.entry(ip).or_insert(0) += 1;
         Some(Pending { _slot: slot, peers: Arc::clone(peers), ip })
     }
 }

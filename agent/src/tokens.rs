@@ -37,6 +37,8 @@ pub enum TokenFileError {
         "{path}: mode {mode:o} lets other users read or change it; run `chmod 600 {path}` (tokens must be readable by the agent's user only)"
     )]
     Permissions { path: PathBuf, mode: u32 },
+    #[error("{path}: not a plain file owned by the agent's user (a symlink, or another user's file)")]
+    NotOurs { path: PathBuf },
     #[error("{path}: larger than {MAX_FILE_BYTES} bytes")]
     TooLarge { path: PathBuf },
     #[error("{path}, line {line}: {reason}")]
@@ -86,10 +88,16 @@ pub fn generate() -> std::io::Result<String> {
 
 /// Reads and checks a token file: owner-only mode, size, one `NAME TOKEN` per line.
 pub fn read(path: &Path) -> Result<Vec<Entry>, TokenFileError> {
-    let meta = std::fs::metadata(path).map_err(io(path))?;
+    // The link itself, not what it points to: a token file is a plain file of ours.
+    let meta = std::fs::symlink_metadata(path).map_err(io(path))?;
     let mode = meta.permissions().mode() & 0o777;
     if mode & 0o077 != 0 {
         return Err(TokenFileError::Permissions { path: path.to_owned(), mode });
+    }
+    // SAFETY: geteuid has no preconditions.
+    let me = unsafe { libc::geteuid() };
+    if !meta.file_type().is_file() || meta.uid() != me {
+        return Err(TokenFileError::NotOurs { path: path.to_owned() });
     }
     if meta.len() > MAX_FILE_BYTES {
         return Err(TokenFileError::TooLarge { path: path.to_owned() });

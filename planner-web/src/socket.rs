@@ -89,6 +89,10 @@ fn apply(state: AgentState, message: Message) {
             // job, a cancel that raced the end) is a notice beside the job's own state.
             if state.job.get_untracked() == JobState::Submitted {
                 state.job.set(JobState::Failed { job: None, error: JobError { code, message } });
+            } else if let (ErrorCode::UnknownJob, JobState::Running { job, .. }) = (code, state.job.get_untracked()) {
+                // The run the page followed is gone from the agent (pruned, or another
+                // agent answered): it will not report its end.
+                state.job.set(JobState::Failed { job: Some(job), error: JobError { code, message } });
             } else {
                 state.notice.set(Some(format!("the agent said ({code:?}): {message}")));
             }
