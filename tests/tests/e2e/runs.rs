@@ -240,6 +240,9 @@ async fn limits_on_steps_time_queue_and_capacity_are_enforced() -> anyhow::Resul
     assert_eq!(end.code, ErrorCode::Limit, "{}", end.message);
     assert!(end.message.contains("--max-job-seconds"), "{}", end.message);
     println!("stopped {:.1} s after it was submitted (limit 2 s)", t0.elapsed().as_secs_f64());
+    // The queued run then runs to its end (and leaves the queue empty).
+    let rest = take(&mut other, usize::MAX).await?;
+    assert!(matches!(rest.last(), Some((_, Message::Finished { .. }))), "{:?}", rest.last());
     // A run whose estimate exceeds its memory is refused unless forced; forced, it runs
     // and meets the limit for real.
     let mut big = cpu_plan(3);
