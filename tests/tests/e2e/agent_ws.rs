@@ -207,6 +207,8 @@ async fn invalid_plans_busy_agents_and_unknown_jobs_get_clear_errors() -> anyhow
         Message::Accepted { job, .. } => job,
         other => panic!("expected Accepted, got {other:?}"),
     };
+    // It runs once its first record arrives.
+    assert!(matches!(recv(&mut ws).await?, Message::Batch(_)));
     let mut second = agent.connect().await?;
     send(&mut second, &Message::Submit { plan: cpu_plan(Plan::example_mlp(), 2), force: false }).await?;
     let queued = match recv(&mut second).await? {
