@@ -2,17 +2,11 @@
 //! WebSocket, so it travels as the `token` query parameter) compared in constant time,
 //! and an `Origin` allowlist matched exactly on scheme, host and port.
 
-use subtle::ConstantTimeEq;
-
 /// Generates a fresh 128-bit token as 32 hex characters (`rand`'s thread RNG, a CSPRNG
 /// seeded from the operating system).
 pub fn new_token() -> String {
     let bytes: [u8; 16] = rand::random();
     bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
-pub fn token_matches(given: &str, expected: &str) -> bool {
-    given.as_bytes().ct_eq(expected.as_bytes()).into()
 }
 
 /// The `token` parameter of a query string, percent-decoding not needed: tokens are hex.
@@ -38,7 +32,7 @@ impl Tokens {
     /// The name of the token `given` is (`printed` for the one token), if it is one.
     pub fn check(&self, given: &str) -> Option<String> {
         match self {
-            Tokens::One(t) => token_matches(given, t).then(|| "printed".to_owned()),
+            Tokens::One(t) => crate::tokens::same(given, t).then(|| "printed".to_owned()),
             Tokens::File(store) => store.check(given),
         }
     }
@@ -182,8 +176,8 @@ mod tests {
         let t = new_token();
         assert_eq!(t.len(), 32);
         assert_ne!(t, new_token());
-        assert!(token_matches(&t, &t));
-        assert!(!token_matches("abc", &t));
+        assert!(crate::tokens::same(&t, &t));
+        assert!(!crate::tokens::same("abc", &t));
         assert_eq!(token_from_query(Some("a=1&token=xyz")), Some("xyz"));
         assert_eq!(token_from_query(Some("tokenx=1")), None);
         assert_eq!(token_from_query(None), None);

@@ -51,6 +51,19 @@ type Ending = (RunState, Option<JobError>, Option<u64>, u64, Message);
 /// A record as clients receive it: `Message::Logged`.
 pub type Logged = (u64, Message);
 
+/// Gives a `Failed` record among `batch` whose code is one of `from` the code `to` and
+/// the message `why`.
+fn relabel_end(batch: &mut [Message], from: &[ErrorCode], to: ErrorCode, why: &str) {
+    for m in batch {
+        if let Message::Failed { error, .. } = m
+            && from.contains(&error.code)
+        {
+            error.code = to;
+            error.message = why.to_owned();
+        }
+    }
+}
+
 /// The state a run's `Failed` record with this code leaves it in.
 fn failed_state(code: ErrorCode) -> RunState {
     match code {
@@ -239,10 +252,6 @@ impl Runs {
         self.dir.join(id.to_string())
     }
 
-    pub fn max_jobs(&self) -> usize {
-        self.runner.limit()
-    }
-
     /// Queues `plan` (validated, with its estimate's peak) as a new run.
     pub fn submit(&self, plan: Plan, device: String, estimated_peak_bytes: u64) -> Result<JobId, RunError> {
         let id = {
@@ -372,7 +381,7 @@ impl Runs {
         seq: Option<u64>,
         last: Message,
     ) {
-        let stored = {
+        {
             let mut inner = self.lock();
             let Some(e) = inner.runs.get_mut(&job) else { return };
             e.info.state = state;
@@ -386,11 +395,8 @@ impl Runs {
             if let (Some(tx), Some(seq)) = (e.live.take(), seq) {
                 let _ = tx.send((seq, last));
             }
-            Stored { info: e.info.clone(), plan: e.plan.clone() }
-        };
-        if let Err(e) = write_stored(&self.run_dir(job), &stored) {
-            tracing::error!(run = job, "could not store the run's state: {e}");
         }
+        self.store(job);
     }
 
     /// Starts queued runs while slots are free; runs until the agent shuts down.
@@ -516,39 +522,24 @@ impl Runs {
                     Err(_) => break,
                 }
             }
-            // A job stopped because the agent shuts down was interrupted, not cancelled.
+            // Why the agent stopped the job decides how it ended: a shutdown interrupts it,
+            // its time limit fails it, and a worker killed after a cancel was cancelled.
+            let stopped = [ErrorCode::Cancelled, ErrorCode::WorkerCrashed];
             if self.lock().shutting_down {
-                for m in &mut batch {
-                    if let Message::Failed { error, .. } = m
-                        && matches!(error.code, ErrorCode::Cancelled | ErrorCode::WorkerCrashed)
-                    {
-                        error.code = ErrorCode::Interrupted;
-                        error.message = "the agent shut down while this run was running".into();
-                    }
-                }
+                relabel_end(
+                    &mut batch,
+                    &stopped,
+                    ErrorCode::Interrupted,
+                    "the agent shut down while this run was running",
+                );
             }
-            // A job stopped for its time limit failed on it.
             if over_time {
-                let max = self.limits.max_job_seconds;
-                for m in &mut batch {
-                    if let Message::Failed { error, .. } = m
-                        && matches!(error.code, ErrorCode::Cancelled | ErrorCode::WorkerCrashed)
-                    {
-                        error.code = ErrorCode::Limit;
-                        error.message = format!("stopped after {max} s (--max-job-seconds)");
-                    }
-                }
+                let why = format!("stopped after {} s (--max-job-seconds)", self.limits.max_job_seconds);
+                relabel_end(&mut batch, &stopped, ErrorCode::Limit, &why);
             }
-            // A worker killed after cancel reports a crash: it was a cancel.
             if killed && !over_time {
-                for m in &mut batch {
-                    if let Message::Failed { error, .. } = m
-                        && error.code == ErrorCode::WorkerCrashed
-                    {
-                        error.code = ErrorCode::Cancelled;
-                        error.message = format!("did not stop within {CANCEL_GRACE:?} of cancel and was killed");
-                    }
-                }
+                let why = format!("did not stop within {CANCEL_GRACE:?} of cancel and was killed");
+                relabel_end(&mut batch, &[ErrorCode::WorkerCrashed], ErrorCode::Cancelled, &why);
             }
             let Some(w) = writer.take() else { break };
             let (w, written, batch) = match tokio::task::spawn_blocking(move || {

@@ -108,18 +108,14 @@ async fn send(conn: &mut Connection, message: &Message) -> bool {
     matches!(tokio::time::timeout(WRITE_TIMEOUT, conn.write(message)).await, Ok(Ok(())))
 }
 
-fn is_terminal(m: &Message) -> bool {
-    matches!(m, Message::Finished { .. } | Message::Failed { .. })
-}
-
 /// Sends `records` the watch has not sent yet; `false` ends the session.
 async fn deliver(conn: &mut Connection, w: &mut Watch, records: Vec<Logged>) -> bool {
     for (seq, message) in records {
         if seq <= w.last {
             continue;
         }
-        let terminal = is_terminal(&message);
         let Some(record) = shared::protocol::Record::from_message(message) else { continue };
+        let terminal = record.is_terminal();
         if !send(conn, &Message::Logged { job: w.job, seq, record }).await {
             return false;
         }

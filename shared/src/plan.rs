@@ -1017,6 +1017,13 @@ impl Plan {
                 }),
             }
         }
+        /// A size in bytes (`512MiB`, `2e9`), or `none`.
+        fn bytes_or_none(key: &str, v: &str) -> Result<Option<u64>, PlanError> {
+            if v == "none" {
+                return Ok(None);
+            }
+            crate::units::parse_bytes(v).map(Some).map_err(|reason| PlanError::Setting { key: key.to_owned(), reason })
+        }
         fn word<T>(key: &str, v: &str, parse: fn(&str) -> Option<T>, choices: &str) -> Result<T, PlanError> {
             parse(v).ok_or_else(|| PlanError::Setting {
                 key: key.to_owned(),
@@ -1051,26 +1058,8 @@ impl Plan {
                         )?,
                     }
                 }
-                "memory_limit" => {
-                    self.memory_limit_bytes = if v == "none" {
-                        None
-                    } else {
-                        Some(
-                            crate::units::parse_bytes(v)
-                                .map_err(|reason| PlanError::Setting { key: key.clone(), reason })?,
-                        )
-                    }
-                }
-                "host_memory_limit" => {
-                    self.host_memory_limit_bytes = if v == "none" {
-                        None
-                    } else {
-                        Some(
-                            crate::units::parse_bytes(v)
-                                .map_err(|reason| PlanError::Setting { key: key.clone(), reason })?,
-                        )
-                    }
-                }
+                "memory_limit" => self.memory_limit_bytes = bytes_or_none(key, v)?,
+                "host_memory_limit" => self.host_memory_limit_bytes = bytes_or_none(key, v)?,
                 "data" => self.data = v.to_owned(),
                 "data_labels" => self.data_labels = v.to_owned(),
                 "val_data" => self.val_data = v.to_owned(),

@@ -70,8 +70,15 @@ pub struct AgentHandle {
 
 impl AgentHandle {
     pub fn start(web_dir: Option<PathBuf>) -> anyhow::Result<AgentHandle> {
+        AgentHandle::start_flags(&[], web_dir)
+    }
+
+    /// A loopback agent with a fresh token and these further `serve` flags.
+    pub fn start_flags(flags: &[&str], web_dir: Option<PathBuf>) -> anyhow::Result<AgentHandle> {
         let token = format!("{:032x}", rand_u128());
-        AgentHandle::start_with(&["--listen", "127.0.0.1:0", "--token", &token], token.clone(), web_dir)
+        let mut args = vec!["--listen", "127.0.0.1:0", "--token", &token];
+        args.extend_from_slice(flags);
+        AgentHandle::start_with(&args, token.clone(), web_dir)
     }
 
     /// An agent started with `serve ARGS`, whose clients present `token`.
@@ -215,23 +222,30 @@ pub enum Inbound {
 }
 
 pub async fn next<S: AsyncRead + AsyncWrite + Unpin>(ws: &mut WebSocketStream<S>) -> anyhow::Result<Inbound> {
+    Ok(next_numbered(ws).await?.1)
+}
+
+/// What arrived next, with its record number when it is a run's stored record
+/// (`Logged`, unwrapped to the message it holds: most tests want the message).
+pub async fn next_numbered<S: AsyncRead + AsyncWrite + Unpin>(
+    ws: &mut WebSocketStream<S>,
+) -> anyhow::Result<(Option<u64>, Inbound)> {
     loop {
         let frame =
             tokio::time::timeout(MESSAGE_TIMEOUT, ws.next()).await.context("timed out waiting for the agent")?;
         match frame {
-            None => return Ok(Inbound::Closed(None)),
+            None => return Ok((None, Inbound::Closed(None))),
             Some(Err(tungstenite::Error::ConnectionClosed | tungstenite::Error::AlreadyClosed)) => {
-                return Ok(Inbound::Closed(None));
+                return Ok((None, Inbound::Closed(None)));
             }
             Some(Err(e)) => bail!("websocket: {e}"),
             Some(Ok(tungstenite::Message::Binary(b))) => {
-                // A run's stored records arrive numbered; most tests want the message.
-                return Ok(Inbound::Message(match codec::decode(&b)? {
-                    Message::Logged { job, record, .. } => record.into_message(job),
-                    other => other,
-                }));
+                return Ok(match codec::decode(&b)? {
+                    Message::Logged { job, seq, record } => (Some(seq), Inbound::Message(record.into_message(job))),
+                    other => (None, Inbound::Message(other)),
+                });
             }
-            Some(Ok(tungstenite::Message::Close(frame))) => return Ok(Inbound::Closed(frame)),
+            Some(Ok(tungstenite::Message::Close(frame))) => return Ok((None, Inbound::Closed(frame))),
             Some(Ok(_)) => continue,
         }
     }
@@ -269,20 +283,8 @@ pub fn free_port() -> anyhow::Result<u16> {
 pub async fn recv_numbered<S: AsyncRead + AsyncWrite + Unpin>(
     ws: &mut WebSocketStream<S>,
 ) -> anyhow::Result<(Option<u64>, Message)> {
-    loop {
-        let frame =
-            tokio::time::timeout(MESSAGE_TIMEOUT, ws.next()).await.context("timed out waiting for the agent")?;
-        match frame {
-            None => bail!("the agent closed the connection"),
-            Some(Err(e)) => bail!("websocket: {e}"),
-            Some(Ok(tungstenite::Message::Binary(b))) => {
-                return Ok(match codec::decode(&b)? {
-                    Message::Logged { job, seq, record } => (Some(seq), record.into_message(job)),
-                    other => (None, other),
-                });
-            }
-            Some(Ok(tungstenite::Message::Close(frame))) => bail!("the agent closed the connection: {frame:?}"),
-            Some(Ok(_)) => continue,
-        }
+    match next_numbered(ws).await? {
+        (seq, Inbound::Message(m)) => Ok((seq, m)),
+        (_, Inbound::Closed(frame)) => bail!("the agent closed the connection: {frame:?}"),
     }
 }

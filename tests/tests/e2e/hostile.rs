@@ -188,12 +188,7 @@ async fn run_alone(ws: &mut headroom_tests::Ws, plan: Plan) -> anyhow::Result<f6
 
 #[tokio::test]
 async fn a_hundred_watchers_and_a_thousand_reconnects_leave_memory_flat_and_training_unslowed() -> anyhow::Result<()> {
-    let token = "e".repeat(32);
-    let agent = AgentHandle::start_with(
-        &["--listen", "127.0.0.1:0", "--token", &token, "--max-connections", "128"],
-        token.clone(),
-        None,
-    )?;
+    let agent = AgentHandle::start_flags(&["--max-connections", "128"], None)?;
     let mut plan = Plan::example_mlp();
     plan.device = DeviceChoice::Cpu;
     plan.schedule = Schedule::Steps(1500);

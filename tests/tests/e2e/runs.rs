@@ -196,20 +196,8 @@ async fn a_run_outlives_its_client_and_unknown_runs_are_refused() -> anyhow::Res
 
 #[tokio::test]
 async fn limits_on_steps_time_queue_and_capacity_are_enforced() -> anyhow::Result<()> {
-    let token = "d".repeat(32);
-    let args = [
-        "--listen",
-        "127.0.0.1:0",
-        "--token",
-        &token,
-        "--max-job-steps",
-        "1000000",
-        "--max-job-seconds",
-        "2",
-        "--max-queued",
-        "1",
-    ];
-    let agent = AgentHandle::start_with(&args, token.clone(), None)?;
+    let flags = ["--max-job-steps", "1000000", "--max-job-seconds", "2", "--max-queued", "1"];
+    let agent = AgentHandle::start_flags(&flags, None)?;
     let mut ws = agent.connect().await?;
     // Steps past the limit are refused before anything runs.
     send(&mut ws, &Message::Submit { plan: cpu_plan(1_000_001), force: false }).await?;

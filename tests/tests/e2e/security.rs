@@ -150,12 +150,8 @@ async fn tls_serves_the_planner_and_the_websocket_and_refuses_clear_text() -> an
 
 #[tokio::test]
 async fn idle_strangers_cannot_crowd_out_a_real_client() -> anyhow::Result<()> {
-    let token = "a".repeat(32);
-    let agent = AgentHandle::start_with(
-        &["--listen", "127.0.0.1:0", "--token", &token, "--max-unauthenticated", "12"],
-        token.clone(),
-        None,
-    )?;
+    let agent = AgentHandle::start_flags(&["--max-unauthenticated", "12"], None)?;
+    let token = agent.token.clone();
     // One host opens sockets and sends nothing: it gets its share of slots (8), the rest
     // are closed at once.
     let mut idle = Vec::new();
