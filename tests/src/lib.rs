@@ -288,3 +288,10 @@ pub async fn recv_numbered<S: AsyncRead + AsyncWrite + Unpin>(
         (_, Inbound::Closed(frame)) => bail!("the agent closed the connection: {frame:?}"),
     }
 }
+
+/// Tests whose figures depend on having the CPU to themselves (the loader racing the
+/// trainer, a hundred clients at once) take this, so that they never overlap each other.
+pub fn exclusive() -> std::sync::MutexGuard<'static, ()> {
+    static HEAVY: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    HEAVY.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}

@@ -297,6 +297,8 @@ fn a_model_learns_from_npy_files_on_disk_through_loader_threads() -> anyhow::Res
 #[test]
 fn the_host_memory_guard_lowers_the_loader_and_stops_a_job_before_the_kernel_would() -> anyhow::Result<()> {
     let root = tempfile::tempdir()?;
+    // The loader must be able to run ahead of the trainer for the guard to have work.
+    let _cpu = headroom_tests::exclusive();
     // 3x256x256 float samples: a batch of 32 is 24 MiB; 4 workers x 4 batches hold 384 MiB.
     write_classes(root.path(), "big", 2, 32, 3, 256)?;
     let data_root = root.path().to_str().expect("utf-8");
