@@ -10,6 +10,7 @@ pub mod calibration;
 pub mod cli;
 pub mod connection;
 pub mod data;
+pub mod devices;
 pub mod distance;
 pub mod finder;
 pub mod http;

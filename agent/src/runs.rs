@@ -18,8 +18,11 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use shared::estimate::Estimate;
 use shared::plan::Plan;
-use shared::protocol::{ErrorCode, JobError, JobId, Message, RunInfo, RunState};
+use shared::protocol::{
+    ErrorCode, JobError, JobId, MAX_RUN_ERROR_CHARS, MAX_RUNS_PER_PAGE, Message, RunInfo, RunState,
+};
 use tokio::sync::{Notify, broadcast};
 
 use crate::jobs::{JobRunner, RunningJob, StartError};
@@ -99,16 +102,31 @@ impl RunError {
     }
 }
 
+/// `info` with its error message cut to [`MAX_RUN_ERROR_CHARS`] characters.
+fn short_error(mut info: RunInfo) -> RunInfo {
+    if let Some(e) = info.error.as_mut()
+        && let Some((at, _)) = e.message.char_indices().nth(MAX_RUN_ERROR_CHARS)
+    {
+        e.message.truncate(at);
+        e.message.push('…');
+    }
+    info
+}
+
 /// What `run.json` holds.
-#[derive(serde::Serialize, serde::Deserialize)]
+#[derive(Clone, serde::Serialize, serde::Deserialize)]
 struct Stored {
     info: RunInfo,
     plan: Plan,
+    /// The estimate the run was accepted with (runs stored before it was kept have none).
+    #[serde(default)]
+    estimate: Option<Estimate>,
 }
 
 struct Entry {
     info: RunInfo,
     plan: Plan,
+    estimate: Option<Estimate>,
     /// Live records, while the run is queued or running.
     live: Option<broadcast::Sender<Logged>>,
     /// Asks the running job to stop (and kill it after the grace period).
@@ -181,7 +199,10 @@ fn recover(id: JobId, path: &Path) -> anyhow::Result<Entry> {
         info.state = state;
         info.error = error;
         info.ended_unix_ms.get_or_insert_with(now_ms);
-        write_stored(path, &Stored { info: info.clone(), plan: stored.plan.clone() })?;
+        write_stored(
+            path,
+            &Stored { info: info.clone(), plan: stored.plan.clone(), estimate: stored.estimate.clone() },
+        )?;
     }
     if info.state == RunState::Running {
         let error =
@@ -191,11 +212,14 @@ fn recover(id: JobId, path: &Path) -> anyhow::Result<Entry> {
         info.state = RunState::Interrupted;
         info.error = Some(error);
         info.ended_unix_ms = Some(now_ms());
-        write_stored(path, &Stored { info: info.clone(), plan: stored.plan.clone() })?;
+        write_stored(
+            path,
+            &Stored { info: info.clone(), plan: stored.plan.clone(), estimate: stored.estimate.clone() },
+        )?;
         tracing::info!(run = id, "marked interrupted");
     }
     let live = (info.state == RunState::Queued).then(|| broadcast::channel(LIVE_BUFFER).0);
-    Ok(Entry { info, plan: stored.plan, live, cancel: None })
+    Ok(Entry { info, plan: stored.plan, estimate: stored.estimate, live, cancel: None })
 }
 
 impl Runs {
@@ -252,8 +276,8 @@ impl Runs {
         self.dir.join(id.to_string())
     }
 
-    /// Queues `plan` (validated, with its estimate's peak) as a new run.
-    pub fn submit(&self, plan: Plan, device: String, estimated_peak_bytes: u64) -> Result<JobId, RunError> {
+    /// Queues `plan` (validated, with its estimate) as a new run.
+    pub fn submit(&self, plan: Plan, device: String, estimate: &Estimate) -> Result<JobId, RunError> {
         let id = {
             let mut inner = self.lock();
             let waiting = inner.runs.values().filter(|e| e.info.state == RunState::Queued).count();
@@ -272,19 +296,23 @@ impl Runs {
             created_unix_ms: now_ms(),
             ended_unix_ms: None,
             records: 0,
-            estimated_peak_bytes,
+            steps: plan.total_steps(),
+            estimated_peak_bytes: estimate.peak_bytes.get(),
             measured_peak_bytes: None,
             error: None,
         };
+        let estimate = Some(estimate.clone());
         let dir = self.run_dir(id);
         // `create_dir`, not `create_dir_all`: a run's folder is always new.
         std::fs::create_dir(&dir)
-            .and_then(|()| write_stored(&dir, &Stored { info: info.clone(), plan: plan.clone() }))
+            .and_then(|()| {
+                write_stored(&dir, &Stored { info: info.clone(), plan: plan.clone(), estimate: estimate.clone() })
+            })
             .map_err(|e| RunError::Io(format!("run {id}: {e}")))?;
         {
             let mut inner = self.lock();
             let live = broadcast::channel(LIVE_BUFFER).0;
-            inner.runs.insert(id, Entry { info, plan, live: Some(live), cancel: None });
+            inner.runs.insert(id, Entry { info, plan, estimate, live: Some(live), cancel: None });
             inner.queue.push_back(id);
         }
         self.wake.notify_one();
@@ -295,6 +323,36 @@ impl Runs {
     /// The runs this agent knows, oldest first.
     pub fn list(&self) -> Vec<RunInfo> {
         self.lock().runs.values().map(|e| e.info.clone()).collect()
+    }
+
+    /// A page of runs, newest first: those numbered below `before` (all: `None`), at most
+    /// `limit` and [`MAX_RUNS_PER_PAGE`]; and whether older ones are left. Error
+    /// messages are cut to [`MAX_RUN_ERROR_CHARS`] so a page stays small.
+    pub fn page(&self, before: Option<JobId>, limit: u32) -> (Vec<RunInfo>, bool) {
+        let limit = limit.min(MAX_RUNS_PER_PAGE) as usize;
+        let inner = self.lock();
+        let mut older = inner.runs.range(..before.unwrap_or(JobId::MAX)).rev().map(|(_, e)| e.info.clone());
+        let runs: Vec<RunInfo> = older.by_ref().take(limit).map(short_error).collect();
+        (runs, older.next().is_some())
+    }
+
+    /// Run `job`'s state, plan and the estimate it was accepted with.
+    pub fn get(&self, job: JobId) -> Result<(RunInfo, Plan, Option<Estimate>), RunError> {
+        let inner = self.lock();
+        let e = inner.runs.get(&job).ok_or(RunError::Unknown(job))?;
+        Ok((e.info.clone(), e.plan.clone(), e.estimate.clone()))
+    }
+
+    /// The queued runs, first to start first, and the running ones with their device.
+    pub fn queue(&self) -> (Vec<JobId>, Vec<(JobId, String)>) {
+        let inner = self.lock();
+        let running = inner
+            .runs
+            .values()
+            .filter(|e| e.info.state == RunState::Running)
+            .map(|e| (e.info.job, e.info.device.clone()))
+            .collect();
+        (inner.queue.iter().copied().collect(), running)
     }
 
     /// Run `job`'s records after `after`, then its live ones. Subscribes before reading
@@ -460,7 +518,11 @@ impl Runs {
     fn store(&self, job: JobId) {
         let stored = {
             let inner = self.lock();
-            inner.runs.get(&job).map(|e| Stored { info: e.info.clone(), plan: e.plan.clone() })
+            inner.runs.get(&job).map(|e| Stored {
+                info: e.info.clone(),
+                plan: e.plan.clone(),
+                estimate: e.estimate.clone(),
+            })
         };
         if let Some(stored) = stored
             && let Err(e) = write_stored(&self.run_dir(job), &stored)
@@ -680,11 +742,12 @@ mod tests {
             created_unix_ms: 1,
             ended_unix_ms: None,
             records: 0,
+            steps: 1,
             estimated_peak_bytes: 1,
             measured_peak_bytes: None,
             error: None,
         };
-        write_stored(&run, &Stored { info, plan: Plan::example_mlp() }).expect("run.json");
+        write_stored(&run, &Stored { info, plan: Plan::example_mlp(), estimate: None }).expect("run.json");
         let (mut w, _) = runlog::Writer::open(&run.join("records.log")).expect("log");
         if !records.is_empty() {
             w.append(records).expect("append");
@@ -724,5 +787,37 @@ mod tests {
         let again =
             Runs::open(dir.path(), JobRunner::new(PathBuf::from("/nonexistent"), 1), limits(), None).expect("reopen");
         assert_eq!(again.list().iter().map(|r| r.records).collect::<Vec<_>>(), vec![2, 0, 2, 0, 2]);
+    }
+
+    #[test]
+    fn runs_are_listed_newest_first_in_bounded_pages_with_short_errors() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let long = "x".repeat(3 * MAX_RUN_ERROR_CHARS);
+        for job in 1..=105 {
+            stored(dir.path(), job, if job == 7 { RunState::Queued } else { RunState::Finished }, &[]);
+        }
+        let run3 = dir.path().join("runs/3/run.json");
+        let mut v: serde_json::Value = serde_json::from_slice(&std::fs::read(&run3).expect("read")).expect("json");
+        v["info"]["state"] = "Failed".into();
+        v["info"]["error"] = serde_json::json!({ "code": "Torch", "message": long });
+        std::fs::write(&run3, serde_json::to_vec(&v).expect("json")).expect("write");
+        let runs =
+            Runs::open(dir.path(), JobRunner::new(PathBuf::from("/nonexistent"), 1), limits(), None).expect("open");
+        let jobs = |page: &[RunInfo]| page.iter().map(|r| r.job).collect::<Vec<_>>();
+        let (first, more) = runs.page(None, 2);
+        assert_eq!((jobs(&first), more), (vec![105, 104], true));
+        // However many are asked for, a page holds at most MAX_RUNS_PER_PAGE.
+        let (all, more) = runs.page(None, u32::MAX);
+        assert_eq!((all.len(), more), (MAX_RUNS_PER_PAGE as usize, true));
+        let (rest, more) = runs.page(Some(4), 100);
+        assert_eq!((jobs(&rest), more), (vec![3, 2, 1], false));
+        let message = &rest[0].error.as_ref().expect("error").message;
+        assert_eq!(message.chars().count(), MAX_RUN_ERROR_CHARS + 1, "cut, with an ellipsis");
+        assert!(runs.page(Some(1), 10).0.is_empty());
+        // One run's plan; the queue.
+        assert_eq!(runs.get(3).expect("run 3").1, Plan::example_mlp());
+        assert_eq!(runs.get(3).expect("run 3").2, None, "stored without an estimate");
+        assert!(matches!(runs.get(999), Err(RunError::Unknown(999))));
+        assert_eq!(runs.queue(), (vec![7], Vec::new()));
     }
 }

@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use shared::codec::MAX_FRAME_BYTES;
-use shared::protocol::{Capabilities, DeviceInfo, Hello, PROTOCOL_VERSION};
+use shared::protocol::{Capabilities, Hello, PROTOCOL_VERSION};
 use tokio::net::TcpListener;
 use tokio::sync::{Semaphore, watch};
 use tokio::task::JoinSet;
@@ -118,21 +118,6 @@ pub struct Server {
     max_unauthenticated: usize,
 }
 
-fn cpu_device() -> DeviceInfo {
-    let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
-    let total_kib: u64 = meminfo
-        .lines()
-        .find_map(|l| l.strip_prefix("MemTotal:"))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .unwrap_or(0);
-    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
-    let name = cpuinfo
-        .lines()
-        .find_map(|l| l.strip_prefix("model name").and_then(|v| v.split_once(':')).map(|(_, n)| n.trim().to_owned()))
-        .unwrap_or_else(|| std::env::consts::ARCH.to_owned());
-    DeviceInfo { id: "cpu".into(), name, total_memory_bytes: total_kib * 1024 }
-}
-
 impl Server {
     pub async fn bind(config: Config) -> anyhow::Result<Server> {
         let listener = TcpListener::bind(config.bind).await.with_context(|| format!("binding {}", config.bind))?;
@@ -143,17 +128,7 @@ impl Server {
                 .push(Origin::parse(o).with_context(|| format!("--allow-origin {o:?} is not scheme://host[:port]"))?);
         }
         let cuda_devices = probe_cuda(&config.worker_exe).await;
-        let gpus = crate::train::memory::nvml_devices();
-        let mut devices: Vec<DeviceInfo> = gpus
-            .iter()
-            .enumerate()
-            .map(|(i, (name, total))| DeviceInfo {
-                id: format!("cuda:{i}"),
-                name: name.clone(),
-                total_memory_bytes: *total,
-            })
-            .collect();
-        devices.push(cpu_device());
+        let devices = crate::devices::discover();
         let hello = Hello {
             protocol_version: PROTOCOL_VERSION,
             agent_version: env!("CARGO_PKG_VERSION").to_owned(),

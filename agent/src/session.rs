@@ -14,7 +14,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use shared::protocol::{ErrorCode, Hello, JobId, Message};
+use shared::protocol::{AgentStatus, DeviceStatus, ErrorCode, Hello, JobId, Message};
 use tokio::sync::{broadcast, watch};
 use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
@@ -188,7 +188,18 @@ pub async fn run(mut conn: Connection, state: Arc<State>, mut shutdown: watch::R
                         Ok(()) => true,
                         Err(e) => send(&mut conn, &error(e.code(), e.to_string())).await,
                     },
-                    Message::ListRuns => send(&mut conn, &Message::Runs { runs: state.runs.list() }).await,
+                    Message::ListRuns { before, limit } => {
+                        let (runs, more) = state.runs.page(before, limit);
+                        send(&mut conn, &Message::Runs { runs, more }).await
+                    }
+                    Message::GetRun { job } => match state.runs.get(job) {
+                        Ok((info, plan, estimate)) => {
+                            let run = Message::Run { info, plan: Box::new(plan), estimate: estimate.map(Box::new) };
+                            send(&mut conn, &run).await
+                        }
+                        Err(e) => send(&mut conn, &error(e.code(), e.to_string())).await,
+                    },
+                    Message::Status => send(&mut conn, &Message::AgentStatus(agent_status(&state))).await,
                     other => {
                         let msg = format!("an agent does not accept {} messages", variant_name(&other));
                         send(&mut conn, &error(ErrorCode::Unexpected, msg)).await
@@ -289,13 +300,31 @@ fn submit(state: &State, plan: shared::Plan, force: bool) -> Result<(JobId, Mess
             ),
         )));
     }
-    match state.runs.submit(plan, device.clone(), estimate.peak_bytes.get()) {
+    match state.runs.submit(plan, device.clone(), &estimate) {
         Ok(job) => {
             tracing::info!(job, %device, "run accepted");
             Ok((job, Message::Accepted { job, estimate, device }))
         }
         Err(e) => Err(Box::new(error(e.code(), e.to_string()))),
     }
+}
+
+/// The devices' free memory and the queue, now. Reading NVML or `/proc/meminfo` takes
+/// microseconds, and the session's rate limit bounds how often a client asks.
+fn agent_status(state: &State) -> AgentStatus {
+    let (queued, running) = state.runs.queue();
+    let devices = state
+        .hello
+        .devices
+        .iter()
+        .map(|d| DeviceStatus {
+            id: d.id.clone(),
+            total_memory_bytes: d.total_memory_bytes,
+            free_memory_bytes: crate::devices::free_memory_bytes(d),
+            running: running.iter().filter(|(_, on)| *on == d.id).map(|(j, _)| *j).collect(),
+        })
+        .collect();
+    AgentStatus { devices, queued, max_queued: u32::try_from(state.limits.max_queued).unwrap_or(u32::MAX) }
 }
 
 fn variant_name(m: &Message) -> &'static str {
@@ -311,7 +340,11 @@ fn variant_name(m: &Message) -> &'static str {
         Message::Event { .. } => "Event",
         Message::Logged { .. } => "Logged",
         Message::Attach { .. } => "Attach",
-        Message::ListRuns => "ListRuns",
+        Message::ListRuns { .. } => "ListRuns",
         Message::Runs { .. } => "Runs",
+        Message::GetRun { .. } => "GetRun",
+        Message::Run { .. } => "Run",
+        Message::Status => "Status",
+        Message::AgentStatus(_) => "AgentStatus",
     }
 }

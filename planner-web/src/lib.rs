@@ -3,7 +3,9 @@
 //! it, and run it on an agent. Everything but the run works without an agent: it is
 //! `shared` compiled to wasm. `main.rs` only mounts `App`.
 
+pub mod agents;
 pub mod components;
+pub mod fleet;
 pub mod socket;
 pub mod state;
 pub mod util;
@@ -12,12 +14,14 @@ use leptos::prelude::*;
 use shared::estimate::{Options, Target};
 
 use components::advisor::AdvisorPanel;
+use components::agents::AgentsPanel;
 use components::effects::EffectsPanel;
 use components::estimate::EstimatePanel;
+use components::history::HistoryPanel;
 use components::plan_form::PlanEditor;
 use components::run::RunPanel;
 use components::share::SharePanel;
-use state::{AgentState, Connection, Machine, PlanForm};
+use state::{Connection, Machine, PlanForm};
 
 /// Points of the step timeline the page draws.
 pub const TIMELINE_POINTS: usize = 240;
@@ -56,13 +60,20 @@ fn initial_state() -> (PlanForm, Machine, Option<String>) {
 
 #[component]
 pub fn App() -> impl IntoView {
-    let agent = AgentState::new();
-    provide_context(agent);
-    let socket = socket::use_agent_socket(agent);
+    let fleet = agents::Fleet::start();
+    fleet.poll_forever();
     let (form0, machine0, notice0) = initial_state();
     let form = RwSignal::new(form0);
     let machine = RwSignal::new(machine0);
     let notice = RwSignal::new(notice0);
+    // A history row's "open plan": the run's plan replaces the form's.
+    Effect::new(move |_| {
+        if let Some(plan) = fleet.open_plan.get() {
+            form.set(PlanForm::from_plan(&plan));
+            notice.set(Some(format!("Opened the plan of the run '{}'.", plan.name)));
+            fleet.open_plan.set(None);
+        }
+    });
     // Each derived value depends only on what it reads: a keystroke in a field rebuilds
     // the plan once; a GPU change re-estimates without rebuilding the plan.
     let valid = Memo::new(move |_| form.with(PlanForm::to_valid));
@@ -86,17 +97,23 @@ pub fn App() -> impl IntoView {
         .map_err(|e| e.to_string())
     });
 
-    let connection = move || match agent.connection.get() {
-        Connection::Connecting => "connecting to the agent…".to_owned(),
-        Connection::Open => match agent.hello.get() {
-            Some(h) => format!(
-                "connected to agent {} · {}",
-                h.agent_version,
-                h.devices.iter().map(|d| format!("{} {}", d.id, d.name)).collect::<Vec<_>>().join(", ")
-            ),
-            None => "connected".to_owned(),
-        },
-        Connection::Closed(reason) => format!("no agent: {reason} (planning works without one)"),
+    let connection = move || {
+        let Some(agent) = fleet.current() else {
+            return "no agent (planning works without one)".to_owned();
+        };
+        let agent = agent.state;
+        match agent.connection.get() {
+            Connection::Connecting => "connecting to the agent…".to_owned(),
+            Connection::Open => match agent.hello.get() {
+                Some(h) => format!(
+                    "connected to agent {} · {}",
+                    h.agent_version,
+                    h.devices.iter().map(|d| format!("{} {}", d.id, d.name)).collect::<Vec<_>>().join(", ")
+                ),
+                None => "connected".to_owned(),
+            },
+            Connection::Closed(reason) => format!("no agent: {reason} (planning works without one)"),
+        }
     };
 
     view! {
@@ -116,7 +133,9 @@ pub fn App() -> impl IntoView {
                 <AdvisorPanel valid=valid form=form machine=machine />
                 <EffectsPanel valid=valid target=target estimate=estimate />
                 <SharePanel valid=valid machine=machine />
-                <RunPanel plan=plan socket=socket />
+                <AgentsPanel fleet=fleet />
+                <RunPanel plan=plan fleet=fleet />
+                <HistoryPanel fleet=fleet />
             </div>
         </main>
     }

@@ -1,24 +1,31 @@
-//! `use_agent_socket`: owns the WebSocket to the agent, decodes with `shared::codec`, and
-//! writes what arrives into `AgentState`.
+//! One agent's WebSocket: opens it, decodes with `shared::codec`, and writes what
+//! arrives into that agent's `AgentState`.
 //!
 //! Runs outlive connections: a dropped connection is reopened (after 1, 2, 4… up to 10
 //! seconds) and the watched run re-attached after its last record, so the charts go on
-//! with no gap; the run's number is kept in the browser's local storage, so a reloaded
-//! or reopened page finds the run in the agent's list and replays it from the start.
+//! with no gap; the run's number is kept in the browser's local storage per agent, so a
+//! reloaded or reopened page asks the agent for that run and replays it from the start.
+//!
+//! A session at the agent follows one run at a time. Comparing with a second run
+//! attaches to it (it has ended, so its records come at once), then re-attaches to the
+//! watched run after the last record the page has: the file fills the pause.
 
 use leptos::prelude::*;
 use shared::codec;
-use shared::protocol::{ErrorCode, JobError, Message};
+use shared::protocol::{ErrorCode, JobError, JobEvent, JobId, Message, Record};
 use wasm_bindgen::JsCast;
 use wasm_bindgen::closure::Closure;
 use web_sys::{BinaryType, CloseEvent, MessageEvent, WebSocket};
 
-use crate::state::{AgentState, Connection, JobState, MAX_RECORDS};
+use crate::fleet::AgentAddress;
+use crate::state::{AgentState, Connection, HISTORY_PAGE, JobState, MAX_RECORDS, RunWant};
 
-/// Sends messages to the agent; cheap to copy into event handlers.
+/// Sends messages to one agent; cheap to copy into event handlers.
 #[derive(Clone, Copy)]
 pub struct AgentSocket {
     socket: StoredValue<Option<WebSocket>, LocalStorage>,
+    /// Set when the agent is removed from the page: no more reconnects.
+    closed: StoredValue<bool>,
 }
 
 impl AgentSocket {
@@ -28,172 +35,285 @@ impl AgentSocket {
             Some(ws) if ws.ready_state() == WebSocket::OPEN => {
                 ws.send_with_u8_array(&bytes).map_err(|_| "the agent connection refused the message".to_owned())
             }
-            _ => Err("not connected to an agent".to_owned()),
+            _ => Err("not connected to this agent".to_owned()),
         })
     }
-}
 
-/// The token the agent printed in the page's URL (`?token=...`).
-fn token_from_location() -> Option<String> {
-    let search = web_sys::window()?.location().search().ok()?;
-    search.trim_start_matches('?').split('&').find_map(|kv| kv.strip_prefix("token=")).map(str::to_owned)
-}
-
-fn socket_url(token: &str) -> Option<String> {
-    let location = web_sys::window()?.location();
-    let scheme = if location.protocol().ok()? == "https:" { "wss" } else { "ws" };
-    Some(format!("{scheme}://{}/ws?token={token}", location.host().ok()?))
-}
-
-/// Where the page keeps the number of the run it watches, per agent.
-fn storage_key() -> Option<String> {
-    Some(format!("headroom.run@{}", web_sys::window()?.location().host().ok()?))
-}
-
-fn remember_run(job: Option<shared::protocol::JobId>) {
-    let (Some(key), Some(storage)) = (storage_key(), web_sys::window().and_then(|w| w.local_storage().ok().flatten()))
-    else {
-        return;
-    };
-    let _ = match job {
-        Some(j) => storage.set_item(&key, &j.to_string()),
-        None => storage.remove_item(&key),
-    };
-}
-
-fn remembered_run() -> Option<shared::protocol::JobId> {
-    let storage = web_sys::window()?.local_storage().ok()??;
-    storage.get_item(&storage_key()?).ok()??.parse().ok()
-}
-
-fn apply(state: AgentState, message: Message) {
-    match message {
-        Message::Hello(hello) => state.hello.set(Some(hello)),
-        Message::Accepted { job, estimate, device } => {
-            remember_run(Some(job));
-            state.last_seq.set(0);
-            state.records.set(Vec::new());
-            state.notice.set(None);
-            state.estimated_peak_bytes.set(Some(estimate.peak_bytes.get()));
-            state.job.set(JobState::Running { job, device, estimated_peak_bytes: estimate.peak_bytes.get() });
-        }
-        Message::Batch(record) => state.records.update(|r| {
-            if r.len() < MAX_RECORDS {
-                r.push(record);
-            }
-        }),
-        Message::Finished { job, summary } => state.job.set(JobState::Finished { job, summary }),
-        Message::Failed { job, error } => state.job.set(JobState::Failed { job: Some(job), error }),
-        Message::Error { code, message } => {
-            // A refused submission ends the "submitted" state; anything else (an unknown
-            // job, a cancel that raced the end) is a notice beside the job's own state.
-            if state.job.get_untracked() == JobState::Submitted {
-                state.job.set(JobState::Failed { job: None, error: JobError { code, message } });
-            } else if let (ErrorCode::UnknownJob, JobState::Running { job, .. }) = (code, state.job.get_untracked()) {
-                // The run the page followed is gone from the agent (pruned, or another
-                // agent answered): it will not report its end.
-                state.job.set(JobState::Failed { job: Some(job), error: JobError { code, message } });
-            } else {
-                state.notice.set(Some(format!("the agent said ({code:?}): {message}")));
-            }
-        }
-        Message::Event { step, event, .. } => match event {
-            shared::protocol::JobEvent::LeakSuspected(w) => state.notice.set(Some(format!(
-                "step {step}: allocated memory keeps rising, {} a step ({} an epoch){}",
-                shared::Bytes(w.bytes_per_step),
-                shared::Bytes(w.bytes_per_epoch),
-                w.steps_to_capacity
-                    .map(|s| format!("; at this rate it reaches capacity in {s} steps"))
-                    .unwrap_or_default()
-            ))),
-            // Routine and frequent: the records show their effect on reserved memory.
-            shared::protocol::JobEvent::CacheEmptied { .. } | shared::protocol::JobEvent::SurfaceTerm { .. } => {}
-            shared::protocol::JobEvent::Validation { loss, peak_bytes, micro_batch, .. } => {
-                state.notice.set(Some(format!(
-                    "step {step}: validation loss {loss:.4} (micro-batch {micro_batch}, peak {})",
-                    shared::Bytes(peak_bytes)
-                )))
-            }
-            shared::protocol::JobEvent::CheckpointSaved { path, bytes, .. } => state
-                .notice
-                .set(Some(format!("step {step}: checkpoint saved to {path} ({})", shared::Bytes(bytes)))),
-            shared::protocol::JobEvent::HostMemoryLow { workers, prefetch, bound, .. } => state.notice.set(Some(format!(
-                "step {step}: host memory is short ({bound}); the loader now runs {workers} workers with {prefetch} batches each"
-            ))),
-            shared::protocol::JobEvent::Resumed { path } => {
-                state.notice.set(Some(format!("resumed after step {step} from {path}")))
-            }
-            shared::protocol::JobEvent::LossScaleSkip { scale } => state.notice.set(Some(format!(
-                "step {step}: fp16 gradients overflowed; the step was skipped and the loss scale lowered to {scale}"
-            ))),
-            shared::protocol::JobEvent::OomRecovered { micro_batch, accumulation, .. } => state.notice.set(Some(format!(
-                "step {step} ran out of memory: redone as micro-batch {micro_batch} x {accumulation} accumulation (the same effective batch)"
-            ))),
-        },
-        // The run's stored records: the page shows them as they come, once each.
-        Message::Logged { job, seq, record } => {
-            if seq > state.last_seq.get_untracked() {
-                state.last_seq.set(seq);
-                apply(state, record.into_message(job));
-            }
-        }
-        Message::Runs { runs } => {
-            // Resuming after a reload: the run, if the agent still has it, from its start.
-            if let Some(job) = state.resume.get_untracked()
-                && let Some(run) = runs.iter().find(|r| r.job == job)
-            {
-                state.records.set(Vec::new());
-                state.last_seq.set(0);
-                state.estimated_peak_bytes.set(Some(run.estimated_peak_bytes));
-                state.job.set(JobState::Running {
-                    job,
-                    device: run.device.clone(),
-                    estimated_peak_bytes: run.estimated_peak_bytes,
-                });
-            } else {
-                state.resume.set(None);
-            }
-        }
-        Message::Submit { .. } | Message::Cancel { .. } | Message::Attach { .. } | Message::ListRuns => {}
-    }
-}
-
-/// Opens the socket for the lifetime of the page, reopening it when it drops.
-pub fn use_agent_socket(state: AgentState) -> AgentSocket {
-    let socket = StoredValue::new_local(None::<WebSocket>);
-    let agent = AgentSocket { socket };
-    state.resume.set(remembered_run());
-    open(state, agent, 0);
-    on_cleanup(move || {
-        socket.update_value(|ws| {
+    /// Closes the socket for good.
+    pub fn close(&self) {
+        self.closed.set_value(true);
+        self.socket.update_value(|ws| {
             if let Some(ws) = ws.take() {
                 ws.set_onclose(None);
                 let _ = ws.close();
             }
-        })
+        });
+    }
+
+    /// Asks for the agent's devices and queue and the newest page of its runs (as many
+    /// as the history already shows).
+    pub fn poll(&self, state: AgentState) {
+        let _ = self.send(&Message::Status);
+        if state.runs_asked.get_untracked().is_none() {
+            let shown = u32::try_from(state.runs.with_untracked(Vec::len)).unwrap_or(u32::MAX);
+            state.runs_asked.set(Some(None));
+            let _ = self.send(&Message::ListRuns { before: None, limit: shown.max(HISTORY_PAGE) });
+        }
+    }
+}
+
+/// The token the agent printed in the page's URL (`?token=...`).
+pub fn token_from_location() -> Option<String> {
+    let search = web_sys::window()?.location().search().ok()?;
+    search.trim_start_matches('?').split('&').find_map(|kv| kv.strip_prefix("token=")).map(str::to_owned)
+}
+
+/// The address of the agent that served this page.
+pub fn home_address() -> Option<AgentAddress> {
+    let location = web_sys::window()?.location();
+    let scheme = if location.protocol().ok()? == "https:" { "wss" } else { "ws" };
+    let host = location.host().ok()?;
+    Some(AgentAddress { socket_url: format!("{scheme}://{host}/ws"), label: host })
+}
+
+/// Where the page keeps the number of the run it watches on an agent.
+fn storage_key(label: &str) -> String {
+    format!("headroom.run@{label}")
+}
+
+fn local_storage() -> Option<web_sys::Storage> {
+    web_sys::window()?.local_storage().ok()?
+}
+
+fn remember_run(label: &str, job: Option<JobId>) {
+    let Some(storage) = local_storage() else {
+        return;
+    };
+    let _ = match job {
+        Some(j) => storage.set_item(&storage_key(label), &j.to_string()),
+        None => storage.remove_item(&storage_key(label)),
+    };
+}
+
+fn remembered_run(label: &str) -> Option<JobId> {
+    local_storage()?.get_item(&storage_key(label)).ok()??.parse().ok()
+}
+
+/// What an event of the watched run says, for its list; `None` for routine ones (their
+/// effect is in the records).
+fn describe(event: JobEvent) -> Option<String> {
+    Some(match event {
+        JobEvent::LeakSuspected(w) => format!(
+            "allocated memory keeps rising, {} a step ({} an epoch){}",
+            shared::Bytes(w.bytes_per_step),
+            shared::Bytes(w.bytes_per_epoch),
+            w.steps_to_capacity.map(|s| format!("; at this rate it reaches capacity in {s} steps")).unwrap_or_default()
+        ),
+        JobEvent::CacheEmptied { .. } | JobEvent::SurfaceTerm { .. } => return None,
+        JobEvent::Validation { loss, peak_bytes, micro_batch, .. } => {
+            format!("validation loss {loss:.4} (micro-batch {micro_batch}, peak {})", shared::Bytes(peak_bytes))
+        }
+        JobEvent::CheckpointSaved { path, bytes, .. } => {
+            format!("checkpoint saved to {path} ({})", shared::Bytes(bytes))
+        }
+        JobEvent::HostMemoryLow { workers, prefetch, bound, .. } => format!(
+            "host memory is short ({bound}); the loader now runs {workers} workers with {prefetch} batches each"
+        ),
+        JobEvent::Resumed { path } => format!("resumed from {path}"),
+        JobEvent::LossScaleSkip { scale } => {
+            format!("fp16 gradients overflowed; the step was skipped and the loss scale lowered to {scale}")
+        }
+        JobEvent::OomRecovered { micro_batch, accumulation, .. } => format!(
+            "ran out of memory: redone as micro-batch {micro_batch} x {accumulation} accumulation (the same effective batch)"
+        ),
+    })
+}
+
+/// A record of the watched run.
+fn apply_record(state: AgentState, job: JobId, record: Record) {
+    match record {
+        Record::Batch(b) => state.records.update(|r| {
+            if r.len() < MAX_RECORDS {
+                r.push(b);
+            }
+        }),
+        Record::Event { step, event } => {
+            if let Some(text) = describe(event) {
+                state.event(step, text);
+            }
+        }
+        Record::Finished { summary } => state.job.set(JobState::Finished { job, summary }),
+        Record::Failed { error } => state.job.set(JobState::Failed { job: Some(job), error }),
+    }
+}
+
+/// A record of the compared run; `true` when it was its last.
+fn apply_compared(state: AgentState, seq: u64, record: Record) -> bool {
+    let mut ended = false;
+    state.compare.update(|c| {
+        let Some(c) = c.as_mut() else { return };
+        if seq <= c.last_seq || c.done {
+            return;
+        }
+        c.last_seq = seq;
+        match record {
+            Record::Batch(b) if c.records.len() < MAX_RECORDS => c.records.push(b),
+            Record::Batch(_) | Record::Event { .. } => {}
+            Record::Finished { summary } => c.summary = Some(summary),
+            Record::Failed { error } => c.error = Some(error),
+        }
+        c.done |= c.summary.is_some() || c.error.is_some();
+        ended = c.done;
     });
+    ended
+}
+
+fn apply(label: &str, state: AgentState, socket: AgentSocket, message: Message) {
+    match message {
+        Message::Hello(hello) => {
+            state.hello.set(Some(hello));
+            // Carry on with the watched run, or find the one a reloaded page watched.
+            if let Some(job) = state.live_job() {
+                let _ = socket.send(&Message::Attach { job, after: state.last_seq.get_untracked() });
+            } else if let Some(job) = state.resume.get_untracked() {
+                state.resume.set(None);
+                state.pending.set(Some(RunWant::Watch(job)));
+                let _ = socket.send(&Message::GetRun { job });
+            }
+            state.runs_asked.set(None);
+            socket.poll(state);
+        }
+        Message::Accepted { job, estimate, device } => {
+            remember_run(label, Some(job));
+            state.clear_run();
+            state.estimated_peak_bytes.set(Some(estimate.peak_bytes.get()));
+            state.estimate.set(Some(estimate.clone()));
+            state.job.set(JobState::Running { job, device, estimated_peak_bytes: estimate.peak_bytes.get() });
+            socket.poll(state);
+        }
+        Message::Error { code, message } => {
+            let error = JobError { code, message };
+            // A refused submission ends the "submitted" state; a compared run that is
+            // gone ends the comparison; anything else (a cancel that raced the end) is a
+            // notice beside the job's own state.
+            if state.job.get_untracked() == JobState::Submitted {
+                state.job.set(JobState::Failed { job: None, error });
+            } else if code == ErrorCode::UnknownJob && state.pending.get_untracked().is_some() {
+                state.pending.set(None);
+                remember_run(label, None);
+                state.notice.set(Some(format!("the agent no longer has that run: {}", error.message)));
+            } else if code == ErrorCode::UnknownJob
+                && state.compare.with_untracked(|c| c.as_ref().is_some_and(|c| !c.done))
+            {
+                state.compare.update(|c| {
+                    if let Some(c) = c.as_mut() {
+                        c.error = Some(error.clone());
+                        c.done = true;
+                    }
+                });
+                reattach(state, socket);
+            } else if let (ErrorCode::UnknownJob, Some(job)) = (code, state.live_job()) {
+                // The run the page followed is gone from the agent (pruned): it will not
+                // report its end.
+                state.job.set(JobState::Failed { job: Some(job), error });
+            } else {
+                state.notice.set(Some(format!("the agent said ({:?}): {}", error.code, error.message)));
+            }
+        }
+        // The run's stored records: each shown once, in order.
+        Message::Logged { job, seq, record } => {
+            if state.compare.with_untracked(|c| c.as_ref().is_some_and(|c| c.job == job)) {
+                if apply_compared(state, seq, record) {
+                    reattach(state, socket);
+                }
+            } else if matches!(state.job.get_untracked(), JobState::Running { job: j, .. } | JobState::Finished { job: j, .. } if j == job)
+                && seq > state.last_seq.get_untracked()
+            {
+                state.last_seq.set(seq);
+                let terminal = record.is_terminal();
+                apply_record(state, job, record);
+                if terminal {
+                    socket.poll(state);
+                }
+            }
+        }
+        Message::Run { info, plan, estimate } => match state.pending.get_untracked() {
+            Some(RunWant::Watch(job)) if job == info.job => {
+                state.pending.set(None);
+                remember_run(label, Some(job));
+                state.clear_run();
+                state.estimated_peak_bytes.set(Some(info.estimated_peak_bytes));
+                state.estimate.set(estimate.map(|e| *e));
+                state.planned_steps.set(info.steps);
+                if state.compare.with_untracked(|c| c.as_ref().is_some_and(|c| c.job == job)) {
+                    state.compare.set(None);
+                }
+                state.job.set(JobState::Running {
+                    job,
+                    device: info.device,
+                    estimated_peak_bytes: info.estimated_peak_bytes,
+                });
+                let _ = socket.send(&Message::Attach { job, after: 0 });
+            }
+            Some(RunWant::OpenPlan(job)) if job == info.job => {
+                state.pending.set(None);
+                state.open_plan.set(Some(*plan));
+            }
+            _ => {}
+        },
+        Message::Runs { runs, more } => {
+            let asked = state.runs_asked.get_untracked();
+            state.runs_asked.set(None);
+            match asked {
+                // An older page: after what is shown.
+                Some(Some(_)) => state.runs.update(|r| r.extend(runs)),
+                _ => state.runs.set(runs),
+            }
+            state.runs_more.set(more);
+        }
+        Message::AgentStatus(status) => state.status.set(Some(status)),
+        // Agents send their records as `Logged`; these come only from a worker.
+        Message::Batch(_) | Message::Event { .. } | Message::Finished { .. } | Message::Failed { .. } => {}
+        Message::Submit { .. }
+        | Message::Cancel { .. }
+        | Message::Attach { .. }
+        | Message::ListRuns { .. }
+        | Message::GetRun { .. }
+        | Message::Status => {}
+    }
+}
+
+/// After a comparison's records: follow the watched run again from its last record.
+fn reattach(state: AgentState, socket: AgentSocket) {
+    if let Some(job) = state.live_job() {
+        let _ = socket.send(&Message::Attach { job, after: state.last_seq.get_untracked() });
+    }
+}
+
+/// Opens the WebSocket to `address` with `token` for the lifetime of the page (or until
+/// [`AgentSocket::close`]), reopening it when it drops.
+pub fn connect(address: AgentAddress, token: String, state: AgentState) -> AgentSocket {
+    let agent = AgentSocket { socket: StoredValue::new_local(None), closed: StoredValue::new(false) };
+    state.resume.set(remembered_run(&address.label));
+    open(std::rc::Rc::new((address, token)), state, agent, 0);
     agent
 }
 
 /// Opens the WebSocket; `attempt` counts reconnects since the last open one.
-fn open(state: AgentState, agent: AgentSocket, attempt: u32) {
-    let socket = agent.socket;
-    let Some(token) = token_from_location() else {
-        state.connection.set(Connection::Closed("no token in the page address: open the URL the agent printed".into()));
+fn open(target: std::rc::Rc<(AgentAddress, String)>, state: AgentState, agent: AgentSocket, attempt: u32) {
+    if agent.closed.get_value() {
         return;
-    };
-    let Some(url) = socket_url(&token) else {
-        state.connection.set(Connection::Closed("cannot tell the agent's address from this page".into()));
-        return;
-    };
+    }
+    let url = target.0.url_with_token(&target.1);
     let ws = match WebSocket::new(&url) {
         Ok(ws) => ws,
         Err(_) => {
-            state.connection.set(Connection::Closed(format!("cannot open {url}")));
+            state.connection.set(Connection::Closed(format!("cannot open {}", target.0.socket_url)));
             return;
         }
     };
     ws.set_binary_type(BinaryType::Arraybuffer);
+    state.connection.set(Connection::Connecting);
 
     // Whether this socket opened: a reconnect that got through starts the back-off anew.
     let opened = std::rc::Rc::new(std::cell::Cell::new(false));
@@ -205,45 +325,30 @@ fn open(state: AgentState, agent: AgentSocket, attempt: u32) {
     ws.set_onopen(Some(on_open.as_ref().unchecked_ref()));
     on_open.forget();
 
+    let label = target.0.label.clone();
     let on_message = Closure::<dyn FnMut(MessageEvent)>::new(move |event: MessageEvent| {
         let Ok(buffer) = event.data().dyn_into::<js_sys::ArrayBuffer>() else {
             return;
         };
         let bytes = js_sys::Uint8Array::new(&buffer).to_vec();
         match codec::decode(&bytes) {
-            Ok(message) => {
-                let hello = matches!(message, Message::Hello(_));
-                let runs = matches!(message, Message::Runs { .. });
-                apply(state, message);
-                // After the hello: carry on with the watched run, or look for the one a
-                // reloaded page watched.
-                if hello {
-                    if let JobState::Running { job, .. } = state.job.get_untracked() {
-                        let _ = agent.send(&Message::Attach { job, after: state.last_seq.get_untracked() });
-                    } else if state.resume.get_untracked().is_some() {
-                        let _ = agent.send(&Message::ListRuns);
-                    }
-                }
-                if runs && let Some(job) = state.resume.get_untracked() {
-                    state.resume.set(None);
-                    if matches!(state.job.get_untracked(), JobState::Running { job: j, .. } if j == job) {
-                        let _ = agent.send(&Message::Attach { job, after: 0 });
-                    }
-                }
-            }
-            Err(e) => {
-                apply(state, Message::Error { code: ErrorCode::Malformed, message: format!("from the agent: {e}") })
-            }
+            Ok(message) => apply(&label, state, agent, message),
+            Err(e) => state.notice.set(Some(format!("the agent sent something this page cannot read: {e}"))),
         }
     });
     ws.set_onmessage(Some(on_message.as_ref().unchecked_ref()));
     on_message.forget();
 
     let on_close = Closure::<dyn FnMut(CloseEvent)>::new(move |event: CloseEvent| {
-        let reason = if event.reason().is_empty() {
-            format!("connection closed (code {})", event.code())
-        } else {
+        let reason = if !event.reason().is_empty() {
             format!("connection closed: {}", event.reason())
+        } else if !opened.get() {
+            // The browser tells a page nothing about a refused handshake.
+            "could not connect: check the address and the token, and that the agent allows this page's \
+             origin (serve --allow-origin)"
+                .to_owned()
+        } else {
+            format!("connection closed (code {})", event.code())
         };
         // A submission in flight has no answer coming: say so.
         if state.job.get_untracked() == JobState::Submitted {
@@ -252,16 +357,18 @@ fn open(state: AgentState, agent: AgentSocket, attempt: u32) {
                 error: JobError { code: ErrorCode::Internal, message: format!("lost the agent: {reason}") },
             });
         }
+        state.runs_asked.set(None);
         // The run goes on at the agent: reconnect and re-attach.
         let attempt = if opened.get() { 0 } else { attempt + 1 };
         let delay = 1000 * 2i32.pow(attempt.min(4)).min(10);
         state.connection.set(Connection::Closed(format!("{reason}; reconnecting in {} s", delay / 1000)));
-        let retry = Closure::once_into_js(move || open(state, agent, attempt));
+        let target = std::rc::Rc::clone(&target);
+        let retry = Closure::once_into_js(move || open(target, state, agent, attempt));
         if let Some(w) = web_sys::window() {
             let _ = w.set_timeout_with_callback_and_timeout_and_arguments_0(retry.unchecked_ref(), delay);
         }
     });
     ws.set_onclose(Some(on_close.as_ref().unchecked_ref()));
     on_close.forget();
-    socket.set_value(Some(ws));
+    agent.socket.set_value(Some(ws));
 }

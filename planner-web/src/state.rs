@@ -6,13 +6,20 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use shared::Graph;
+use shared::estimate::Estimate;
 use shared::gpus::Gpu;
 use shared::plan::Plan;
-use shared::protocol::{BatchRecord, Hello, JobError, JobId, Summary};
+use shared::protocol::{AgentStatus, BatchRecord, Hello, JobError, JobId, RunInfo, Summary};
 
 /// Batch records kept for the charts; later ones still update the status line. At one
 /// record per micro-batch this is hours of a fast job, and about 10 MB of memory.
 pub const MAX_RECORDS: usize = 100_000;
+
+/// Events of the watched run kept for its list (the newest are shown).
+pub const MAX_EVENTS: usize = 500;
+
+/// Runs the history asks for at a time.
+pub const HISTORY_PAGE: u32 = 20;
 
 /// The form as typed: the model and its `key=value` settings as strings, so that
 /// half-typed input is kept and explained, not lost. An empty value means the key's
@@ -145,7 +152,30 @@ pub enum JobState {
     Failed { job: Option<JobId>, error: JobError },
 }
 
-/// Everything the agent socket updates; provided as context.
+/// What the page wants from the `Run` it asked an agent for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RunWant {
+    /// Watch it in the run view, from its first record (a history row's "watch", or the
+    /// run a reloaded page watched).
+    Watch(JobId),
+    /// Open its plan in the editor.
+    OpenPlan(JobId),
+}
+
+/// A second run shown beside the watched one: its records, fetched once it has ended.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Compared {
+    pub job: JobId,
+    pub name: String,
+    pub records: Vec<BatchRecord>,
+    pub last_seq: u64,
+    pub summary: Option<Summary>,
+    pub error: Option<JobError>,
+    /// Its last record has arrived.
+    pub done: bool,
+}
+
+/// Everything one agent's socket updates.
 #[derive(Clone, Copy)]
 pub struct AgentState {
     pub connection: RwSignal<Connection>,
@@ -159,13 +189,41 @@ pub struct AgentState {
     /// The number of the last record of the watched run: where a reconnect resumes.
     pub last_seq: RwSignal<u64>,
     /// A run this page watched before it was reloaded (from the browser's storage),
-    /// waiting for the agent's list of runs to resume it.
-    pub resume: RwSignal<Option<shared::protocol::JobId>>,
+    /// to resume once the agent says hello.
+    pub resume: RwSignal<Option<JobId>>,
+    /// The `Run` asked for and why.
+    pub pending: RwSignal<Option<RunWant>>,
+    /// The watched run's whole estimate (from `Accepted` or `Run`) and planned steps.
+    pub estimate: RwSignal<Option<Estimate>>,
+    pub planned_steps: RwSignal<u64>,
+    /// The watched run's events, oldest first, at most [`MAX_EVENTS`]: (step, text).
+    pub events: RwSignal<Vec<(u64, String)>>,
+    /// The agent's devices and queue, as last polled.
+    pub status: RwSignal<Option<AgentStatus>>,
+    /// The agent's runs, newest first, as far as the history has paged; whether older
+    /// ones are left; and the `before` of a page asked for and not yet answered.
+    pub runs: RwSignal<Vec<RunInfo>>,
+    pub runs_more: RwSignal<bool>,
+    pub runs_asked: RwSignal<Option<Option<JobId>>>,
+    /// A run shown beside the watched one.
+    pub compare: RwSignal<Option<Compared>>,
+    /// A plan a history row asked to open in the editor (shared by every agent).
+    pub open_plan: RwSignal<Option<shared::plan::Plan>>,
 }
 
 impl AgentState {
-    pub fn new() -> AgentState {
+    pub fn new(open_plan: RwSignal<Option<shared::plan::Plan>>) -> AgentState {
         AgentState {
+            pending: RwSignal::new(None),
+            estimate: RwSignal::new(None),
+            planned_steps: RwSignal::new(0),
+            events: RwSignal::new(Vec::new()),
+            status: RwSignal::new(None),
+            runs: RwSignal::new(Vec::new()),
+            runs_more: RwSignal::new(false),
+            runs_asked: RwSignal::new(None),
+            compare: RwSignal::new(None),
+            open_plan,
             connection: RwSignal::new(Connection::Connecting),
             hello: RwSignal::new(None),
             job: RwSignal::new(JobState::Idle),
@@ -178,9 +236,31 @@ impl AgentState {
     }
 }
 
-impl Default for AgentState {
-    fn default() -> Self {
-        AgentState::new()
+impl AgentState {
+    /// Adds an event of the watched run to its list.
+    pub fn event(&self, step: u64, text: String) {
+        self.events.update(|e| {
+            if e.len() == MAX_EVENTS {
+                e.remove(0);
+            }
+            e.push((step, text));
+        });
+    }
+
+    /// Forgets the watched run's records and events: a new run is about to be shown.
+    pub fn clear_run(&self) {
+        self.records.set(Vec::new());
+        self.events.set(Vec::new());
+        self.last_seq.set(0);
+        self.notice.set(None);
+    }
+
+    /// The run the page follows, if it may still send records.
+    pub fn live_job(&self) -> Option<JobId> {
+        match self.job.get_untracked() {
+            JobState::Running { job, .. } => Some(job),
+            _ => None,
+        }
     }
 }
 

@@ -104,9 +104,9 @@ mod tests {
     fn fixed_bytes_notice_format_changes() {
         // If this fails, the wire format changed: bump PROTOCOL_VERSION and update it.
         let bytes = encode(&Message::Cancel { job: 5 }).expect("encode");
-        assert_eq!(bytes, vec![14, 0, 6, 5]);
+        assert_eq!(bytes, vec![15, 0, 6, 5]);
         let bytes = encode(&Message::Error { code: ErrorCode::Busy, message: "busy".into() }).expect("encode");
-        assert_eq!(bytes, vec![14, 0, 7, 5, 4, b'b', b'u', b's', b'y']);
+        assert_eq!(bytes, vec![15, 0, 7, 5, 4, b'b', b'u', b's', b'y']);
         // Accepted carries the whole Estimate: a field added to it or to Plan changes this
         // length. The value is this encoding's own; change it together with the version.
         let estimate = crate::estimate(&Plan::example_cnn()).expect("estimate");
@@ -118,6 +118,19 @@ mod tests {
     fn every_kind_of_message_round_trips() {
         let plan = Plan::example_cnn();
         let estimate = crate::estimate(&plan).expect("estimate");
+        let info = crate::protocol::RunInfo {
+            job: 2,
+            name: "w4".into(),
+            state: crate::protocol::RunState::Interrupted,
+            device: "cuda:0".into(),
+            created_unix_ms: 1,
+            ended_unix_ms: Some(2),
+            records: 7,
+            steps: 40,
+            estimated_peak_bytes: 3,
+            measured_peak_bytes: None,
+            error: Some(JobError { code: ErrorCode::Interrupted, message: "agent stopped".into() }),
+        };
         let messages = vec![
             Message::Hello(Hello {
                 protocol_version: PROTOCOL_VERSION,
@@ -153,21 +166,25 @@ mod tests {
                 },
             },
             Message::Attach { job: 2, after: 6 },
-            Message::ListRuns,
-            Message::Runs {
-                runs: vec![crate::protocol::RunInfo {
-                    job: 2,
-                    name: "w4".into(),
-                    state: crate::protocol::RunState::Interrupted,
-                    device: "cuda:0".into(),
-                    created_unix_ms: 1,
-                    ended_unix_ms: Some(2),
-                    records: 7,
-                    estimated_peak_bytes: 3,
-                    measured_peak_bytes: None,
-                    error: None,
+            Message::ListRuns { before: Some(9), limit: 20 },
+            Message::GetRun { job: 2 },
+            Message::Status,
+            Message::AgentStatus(crate::protocol::AgentStatus {
+                devices: vec![crate::protocol::DeviceStatus {
+                    id: "cuda:0".into(),
+                    total_memory_bytes: 16 << 30,
+                    free_memory_bytes: Some(1 << 30),
+                    running: vec![2],
                 }],
+                queued: vec![3, 4],
+                max_queued: 64,
+            }),
+            Message::Run {
+                info: info.clone(),
+                plan: Box::new(Plan::example_mlp()),
+                estimate: Some(Box::new(crate::estimate(&Plan::example_mlp()).expect("estimate"))),
             },
+            Message::Runs { runs: vec![info], more: true },
         ];
         for m in messages {
             assert_eq!(decode(&encode(&m).expect("encode")).expect("decode"), m);

@@ -79,7 +79,9 @@ fn valid_frames() -> Vec<Vec<u8>> {
         Message::Submit { plan: plan.clone(), force: false },
         Message::Accepted { job: 1, estimate, device: "cpu".into() },
         Message::Attach { job: 3, after: 9 },
-        Message::ListRuns,
+        Message::ListRuns { before: None, limit: 100 },
+        Message::GetRun { job: 1 },
+        Message::Status,
         Message::Cancel { job: 2 },
     ]
     .iter()

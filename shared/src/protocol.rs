@@ -8,13 +8,21 @@ use serde::{Deserialize, Serialize};
 use crate::estimate::{Estimate, Phase};
 use crate::plan::Plan;
 
-pub const PROTOCOL_VERSION: u16 = 14;
+pub const PROTOCOL_VERSION: u16 = 15;
 
 pub type JobId = u64;
 
-/// Every message, in either direction. Agents send `Hello`, `Accepted`, `Batch`,
-/// `Finished`, `Failed` and `Error`; clients send `Submit` and `Cancel`. The worker
-/// process speaks the same messages to its agent over a pipe.
+/// The most runs one `Runs` page holds, whatever the client asks for.
+pub const MAX_RUNS_PER_PAGE: u32 = 100;
+
+/// The longest error message a `RunInfo` carries (the run's own records keep the whole
+/// message); with [`MAX_RUNS_PER_PAGE`] this keeps a page far below the codec's limit.
+pub const MAX_RUN_ERROR_CHARS: usize = 1000;
+
+/// Every message, in either direction. Agents send `Hello`, `Accepted`, `Logged`,
+/// `Runs`, `Run`, `AgentStatus` and `Error`; clients send `Submit`, `Cancel`, `Attach`,
+/// `ListRuns`, `GetRun` and `Status`. The worker process speaks `Batch`, `Event`,
+/// `Finished` and `Failed` to its agent over a pipe.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub enum Message {
     Hello(Hello),
@@ -68,12 +76,57 @@ pub enum Message {
         job: JobId,
         after: u64,
     },
-    /// Client → agent: the runs this agent keeps.
-    ListRuns,
-    /// Agent → client: every run the agent keeps, oldest first.
+    /// Client → agent: a page of the runs this agent keeps, newest first: those numbered
+    /// below `before` (`None`: from the newest), at most `limit` of them (and never more
+    /// than [`MAX_RUNS_PER_PAGE`]).
+    ListRuns {
+        before: Option<JobId>,
+        limit: u32,
+    },
+    /// Agent → client: the page `ListRuns` asked for, newest first; `more` when older runs
+    /// are left (ask again with `before` the last one's number).
     Runs {
         runs: Vec<RunInfo>,
+        more: bool,
     },
+    /// Client → agent: one run's plan and where it stands (answered with `Run`).
+    GetRun {
+        job: JobId,
+    },
+    /// Agent → client: run `info.job`, the plan it runs as the agent resolved it, and the
+    /// estimate it was accepted with (for its device and this agent's trainer).
+    Run {
+        info: RunInfo,
+        plan: Box<Plan>,
+        estimate: Option<Box<Estimate>>,
+    },
+    /// Client → agent: the agent's devices, their free memory and its queue now
+    /// (answered with `AgentStatus`).
+    Status,
+    AgentStatus(AgentStatus),
+}
+
+/// An agent's devices and queue at one moment: what a fleet view polls.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct AgentStatus {
+    pub devices: Vec<DeviceStatus>,
+    /// Runs waiting for a slot, first to start first.
+    pub queued: Vec<JobId>,
+    /// The most runs the queue takes (`--max-queued`).
+    pub max_queued: u32,
+}
+
+/// One device of an agent now.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct DeviceStatus {
+    /// `cpu` or `cuda:N`, as in `Hello`.
+    pub id: String,
+    pub total_memory_bytes: u64,
+    /// What NVML says is free on a GPU (every process counted), or the kernel's
+    /// `MemAvailable` for the CPU; `None` where neither can be read.
+    pub free_memory_bytes: Option<u64>,
+    /// The runs on this device now.
+    pub running: Vec<JobId>,
 }
 
 /// What a run's stored records hold: the stream messages of a job, without their job
@@ -140,6 +193,10 @@ pub struct RunInfo {
     pub ended_unix_ms: Option<u64>,
     /// Records stored so far (the last one's `seq`).
     pub records: u64,
+    /// The optimizer steps the plan asks for (all epochs): with the records' steps, the
+    /// run's progress.
+    #[serde(default)]
+    pub steps: u64,
     pub estimated_peak_bytes: u64,
     /// The summary's measured peak, once finished.
     pub measured_peak_bytes: Option<u64>,

@@ -1,5 +1,5 @@
-//! A line chart drawn as SVG: one or more series over the micro-batch index, and an
-//! optional dashed reference line (the estimate).
+//! A line chart drawn as SVG: one or more series over the micro-batch index, and
+//! dashed reference lines (the estimate, the device's capacity).
 
 use leptos::prelude::*;
 
@@ -20,6 +20,18 @@ pub struct Series {
     pub class: &'static str,
     /// (micro-batch index, value), already thinned with [`thin`].
     pub points: Vec<(usize, f64)>,
+}
+
+/// A horizontal line at `value`. One that sets the scale widens the chart to show it;
+/// one that does not (a GPU's capacity far above a small job) is drawn only when it falls
+/// inside, and otherwise named at the top edge.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Reference {
+    pub name: &'static str,
+    /// CSS class; the line's test id is `<chart>-<class>`.
+    pub class: &'static str,
+    pub value: f64,
+    pub sets_scale: bool,
 }
 
 /// Builds a series from `n` records, reading only the ones that will be drawn, so an
@@ -61,16 +73,42 @@ pub fn LineChart(
     /// Records behind the series (the x axis), before thinning.
     #[prop(into)]
     count: Signal<usize>,
-    #[prop(into)] reference: Signal<Option<f64>>,
+    #[prop(into)] references: Signal<Vec<Reference>>,
     format: fn(f64) -> String,
 ) -> impl IntoView {
     let y_max = move || {
         let data_max = series.with(|s| s.iter().flat_map(|s| s.points.iter().map(|p| p.1)).fold(0.0f64, f64::max));
-        let m = data_max.max(reference.get().unwrap_or(0.0)) * 1.1;
+        let scale = references.with(|r| r.iter().filter(|r| r.sets_scale).map(|r| r.value).fold(0.0f64, f64::max));
+        let m = data_max.max(scale) * 1.1;
         if m > 0.0 && m.is_finite() { m } else { 1.0 }
     };
     let count = move || count.get();
-    let ref_y = move || reference.get().map(|r| TOP + (HEIGHT - TOP - BOTTOM) * (1.0 - r / y_max()));
+    let lines = move || {
+        let top = y_max();
+        let mut above = 0.0;
+        references
+            .get()
+            .into_iter()
+            .map(|r| {
+                let label = format!("{} {}", r.name, format(r.value));
+                let id = format!("{testid}-{}", r.class);
+                if r.value <= top {
+                    let y = TOP + (HEIGHT - TOP - BOTTOM) * (1.0 - r.value / top);
+                    view! {
+                        <line class=format!("reference {}", r.class) data-testid=id x1=LEFT y1=y x2=WIDTH - RIGHT y2=y />
+                        <text class=format!("tick reference-label {}", r.class) x=WIDTH - RIGHT y=y - 4.0 text-anchor="end">{label}</text>
+                    }
+                    .into_any()
+                } else {
+                    above += 12.0;
+                    view! {
+                        <text class=format!("tick reference-label {}", r.class) data-testid=id x=LEFT + 6.0 y=TOP + above text-anchor="start">{format!("↑ {label} (above the chart)")}</text>
+                    }
+                    .into_any()
+                }
+            })
+            .collect_view()
+    };
     view! {
         <figure class="chart" data-testid=testid data-points=move || count().to_string()>
             <figcaption>{title}</figcaption>
@@ -82,12 +120,7 @@ pub fn LineChart(
                 <text class="tick" x=WIDTH - RIGHT y=HEIGHT - 6.0 text-anchor="end">
                     {move || format!("{} micro-batches", count())}
                 </text>
-                {move || ref_y().map(|y| view! {
-                    <line class="reference" data-testid=format!("{testid}-reference") x1=LEFT y1=y x2=WIDTH - RIGHT y2=y />
-                    <text class="tick reference-label" x=WIDTH - RIGHT y=y - 4.0 text-anchor="end">
-                        {format!("estimate {}", format(reference.get().unwrap_or(0.0)))}
-                    </text>
-                })}
+                {lines}
                 {move || series.get().into_iter().map(|s| {
                     let points = polyline(&s.points, count(), y_max());
                     view! { <polyline class=format!("series {}", s.class) points=points><title>{s.name}</title></polyline> }

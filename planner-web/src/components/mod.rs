@@ -1,7 +1,9 @@
 pub mod advisor;
+pub mod agents;
 pub mod chart;
 pub mod effects;
 pub mod estimate;
+pub mod history;
 pub mod plan_form;
 pub mod run;
 pub mod share;

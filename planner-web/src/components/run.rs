@@ -1,13 +1,19 @@
-//! Run a plan on the agent and watch it: status, live loss and memory charts, summary.
+//! The run view: run the plan on the chosen agent and device, watch it (status,
+//! progress and ETA, live loss and memory charts with the estimate and the device's
+//! capacity as reference lines, events), cancel it, compare it with another run and
+//! its measured phases with the estimate's.
 
 use leptos::prelude::*;
 use shared::Bytes;
 use shared::plan::Plan;
-use shared::protocol::Message;
+use shared::protocol::{BatchRecord, Message, Summary};
 
-use super::chart::{LineChart, series};
-use crate::socket::AgentSocket;
-use crate::state::{AgentState, Connection, JobState};
+use super::chart::{LineChart, Reference, series};
+use crate::agents::{Agent, Fleet};
+use crate::state::{Compared, Connection, JobState};
+
+/// Events the list shows (the newest).
+const EVENTS_SHOWN: usize = 20;
 
 fn fmt_bytes(v: f64) -> String {
     Bytes(v.max(0.0) as u64).to_string()
@@ -17,37 +23,117 @@ fn fmt_loss(v: f64) -> String {
     format!("{v:.3}")
 }
 
+fn fmt_duration(seconds: f64) -> String {
+    let s = seconds.max(0.0).round() as u64;
+    match s {
+        0..60 => format!("{s} s"),
+        60..3600 => format!("{} min {} s", s / 60, s % 60),
+        _ => format!("{} h {} min", s / 3600, s % 3600 / 60),
+    }
+}
+
 #[component]
-pub fn RunPanel(#[prop(into)] plan: Signal<Result<Plan, String>>, socket: AgentSocket) -> impl IntoView {
-    let agent = expect_context::<AgentState>();
+pub fn RunPanel(#[prop(into)] plan: Signal<Result<Plan, String>>, fleet: Fleet) -> impl IntoView {
+    view! {
+        <section class="panel run">
+            {move || match fleet.current() {
+                Some(agent) => view! { <RunView plan=plan agent=agent /> }.into_any(),
+                None => view! {
+                    <h2>"Run"</h2>
+                    <p class="empty" data-testid="job-status">"No agent: add one in the Agents panel to run this plan."</p>
+                }
+                .into_any(),
+            }}
+        </section>
+    }
+}
+
+/// One row of the comparison: a run's figures from its summary, or from its records
+/// while it has none.
+fn figures(name: String, records: &[BatchRecord], summary: Option<&Summary>, estimated: Option<u64>) -> impl IntoView {
+    let peak = summary.map(|s| s.peak_bytes).or_else(|| records.iter().map(|r| r.peak_bytes).max());
+    let estimated = summary.map(|s| s.estimated_peak_bytes).or(estimated);
+    let error = match (peak, estimated) {
+        (Some(p), Some(e)) if p > 0 => format!("{:+.2} %", 100.0 * (e as f64 - p as f64) / p as f64),
+        _ => "–".into(),
+    };
+    let rate = if records.is_empty() {
+        "–".to_owned()
+    } else {
+        format!("{:.1}", records.iter().map(|r| r.samples_per_sec).sum::<f64>() / records.len() as f64)
+    };
+    let steps = summary.map(|s| s.steps).or_else(|| records.last().map(|r| r.step)).unwrap_or(0);
+    let loss = summary.map(|s| s.final_loss).or_else(|| records.last().map(|r| r.loss));
+    view! {
+        <tr>
+            <td>{name}</td>
+            <td class="num">{steps}</td>
+            <td class="num">{loss.map_or("–".into(), |l| format!("{l:.4}"))}</td>
+            <td class="num">{peak.map_or("–".into(), |p| Bytes(p).to_string())}</td>
+            <td class="num">{estimated.map_or("–".into(), |e| Bytes(e).to_string())}</td>
+            <td class="num">{error}</td>
+            <td class="num">{summary.map_or("–".into(), |s| fmt_duration(s.wall_time_ms / 1e3))}</td>
+            <td class="num">{rate}</td>
+        </tr>
+    }
+}
+
+#[component]
+fn RunView(plan: Signal<Result<Plan, String>>, agent: Agent) -> impl IntoView {
+    let state = agent.state;
+    let socket = agent.socket;
+    let label = agent.address.label.clone();
     let send_error = RwSignal::new(None::<String>);
-    let running = move || matches!(agent.job.get(), JobState::Submitted | JobState::Running { .. });
-    let can_run = move || plan.with(|p| p.is_ok()) && agent.connection.get() == Connection::Open && !running();
+    // The device to run on: "" for what the plan says.
+    let device = RwSignal::new(String::new());
+    let running = move || matches!(state.job.get(), JobState::Submitted | JobState::Running { .. });
+    let can_run = move || plan.with(|p| p.is_ok()) && state.connection.get() == Connection::Open && !running();
 
     let run = move |_| {
-        let Ok(plan) = plan.get_untracked() else {
+        let Ok(mut plan) = plan.get_untracked() else {
             return;
         };
+        let choice = device.get_untracked();
+        if !choice.is_empty()
+            && let Err(e) = plan.apply_settings(&[("device".to_owned(), choice)])
+        {
+            send_error.set(Some(e.to_string()));
+            return;
+        }
+        state.planned_steps.set(plan.total_steps());
         match socket.send(&Message::Submit { plan, force: false }) {
             Ok(()) => {
                 send_error.set(None);
-                agent.job.set(JobState::Submitted);
+                state.job.set(JobState::Submitted);
             }
             Err(e) => send_error.set(Some(e)),
         }
     };
     let cancel = move |_| {
-        if let JobState::Running { job, .. } = agent.job.get_untracked()
+        if let Some(job) = state.live_job()
             && let Err(e) = socket.send(&Message::Cancel { job })
         {
             send_error.set(Some(e));
         }
     };
 
-    let count = Signal::derive(move || agent.records.with(Vec::len));
-    let loss = Signal::derive(move || agent.records.with(|r| vec![series("loss", "s-loss", r.len(), |i| r[i].loss)]));
+    let compare = state.compare;
+    let count = Signal::derive(move || {
+        let own = state.records.with(Vec::len);
+        compare.with(|c| c.as_ref().map_or(own, |c| own.max(c.records.len())))
+    });
+    let loss = Signal::derive(move || {
+        let mut out = state.records.with(|r| vec![series("loss", "s-loss", r.len(), |i| r[i].loss)]);
+        compare.with(|c| {
+            if let Some(c) = c {
+                let r = &c.records;
+                out.push(series("loss (compared run)", "s-compare", r.len(), |i| r[i].loss));
+            }
+        });
+        out
+    });
     let memory = Signal::derive(move || {
-        agent.records.with(|r| {
+        let mut out = state.records.with(|r| {
             let mut out = vec![
                 series("peak (allocator)", "s-peak", r.len(), |i| r[i].peak_bytes as f64),
                 series("allocated", "s-allocated", r.len(), |i| r[i].allocated_bytes as f64),
@@ -55,22 +141,53 @@ pub fn RunPanel(#[prop(into)] plan: Signal<Result<Plan, String>>, socket: AgentS
             if r.last().is_some_and(|b| b.reserved_bytes.is_some()) {
                 out.push(series("reserved", "s-reserved", r.len(), |i| r[i].reserved_bytes.unwrap_or(0) as f64));
             }
+            if r.last().is_some_and(|b| b.device_used_bytes.is_some()) {
+                out.push(series("device used (NVML)", "s-device", r.len(), |i| {
+                    r[i].device_used_bytes.unwrap_or(0) as f64
+                }));
+            }
             out
-        })
+        });
+        compare.with(|c| {
+            if let Some(c) = c {
+                let r = &c.records;
+                out.push(series("peak (compared run)", "s-compare", r.len(), |i| r[i].peak_bytes as f64));
+            }
+        });
+        out
     });
-    let reference = Signal::derive(move || agent.estimated_peak_bytes.get().map(|b| b as f64));
+    // The device the watched run is on (or the one chosen), for the capacity line.
+    let run_device = move || match state.job.get() {
+        JobState::Running { device, .. } => Some(device),
+        _ => {
+            let d = device.get();
+            (!d.is_empty()).then_some(d)
+        }
+    };
+    let references = Signal::derive(move || {
+        let mut out = Vec::new();
+        if let Some(e) = state.estimated_peak_bytes.get() {
+            out.push(Reference { name: "estimate", class: "reference", value: e as f64, sets_scale: true });
+        }
+        let capacity = run_device().and_then(|id| {
+            state.hello.with(|h| h.as_ref()?.devices.iter().find(|d| d.id == id).map(|d| d.total_memory_bytes))
+        });
+        if let Some(c) = capacity {
+            out.push(Reference { name: "capacity", class: "capacity", value: c as f64, sets_scale: false });
+        }
+        out
+    });
 
-    let status = move || match agent.job.get() {
+    let status = move || match state.job.get() {
         JobState::Idle => "No job yet: press Run.".to_owned(),
         JobState::Submitted => "Submitted…".to_owned(),
         JobState::Running { job, device, .. } => {
-            let n = agent.records.with(Vec::len);
-            let last = agent.records.with(|r| r.last().map(|b| (b.step, b.loss)));
-            match last {
+            let n = state.records.with(Vec::len);
+            match state.records.with(|r| r.last().map(|b| (b.step, b.loss))) {
                 Some((step, loss)) => {
                     format!("Job {job} running on {device}: step {step}, loss {loss:.4} ({n} micro-batches)")
                 }
-                None => format!("Job {job} starting on {device}…"),
+                None => format!("Job {job} queued or starting on {device}…"),
             }
         }
         JobState::Finished { job, summary } => {
@@ -90,24 +207,129 @@ pub fn RunPanel(#[prop(into)] plan: Signal<Result<Plan, String>>, socket: AgentS
             None => format!("The agent refused ({:?}): {}", error.code, error.message),
         },
     };
-    let status_class = move || match agent.job.get() {
+    let status_class = move || match state.job.get() {
         JobState::Finished { .. } => "status finished",
         JobState::Failed { .. } => "status failed",
         _ => "status",
     };
+    let progress = move || {
+        let JobState::Running { .. } = state.job.get() else { return None };
+        let planned = state.planned_steps.get();
+        let pace: Vec<(u64, f64)> = state.records.with(|r| {
+            let from = r.len().saturating_sub(2_000);
+            r[from..].iter().map(|b| (b.step, b.step_time_ms)).collect()
+        });
+        let step = pace.last()?.0;
+        if planned == 0 {
+            return Some(format!("step {step}"));
+        }
+        let pct = 100.0 * step as f64 / planned as f64;
+        let eta = crate::fleet::eta_seconds(&pace, planned)
+            .map(|s| format!(" · about {} left", fmt_duration(s)))
+            .unwrap_or_default();
+        Some(format!("step {step} of {planned} ({pct:.0} %){eta}"))
+    };
+
+    let devices = move || state.hello.with(|h| h.as_ref().map(|h| h.devices.clone()).unwrap_or_default());
+    let events = move || {
+        state.events.with(|e| {
+            e.iter()
+                .rev()
+                .take(EVENTS_SHOWN)
+                .map(|(step, text)| view! { <li>{format!("step {step}: {text}")}</li> })
+                .collect_view()
+        })
+    };
+    let phases = move || {
+        let JobState::Finished { summary, .. } = state.job.get() else { return None };
+        let estimate = state.estimate.get()?;
+        let rows = summary
+            .phase_peaks
+            .iter()
+            .map(|&(phase, measured)| {
+                let est = estimate.phase_peaks.iter().find(|(p, _)| *p == phase).map(|(_, b)| b.get());
+                let err = est.filter(|_| measured > 0).map_or("–".into(), |e| {
+                    format!("{:+.2} %", 100.0 * (e as f64 - measured as f64) / measured as f64)
+                });
+                view! {
+                    <tr>
+                        <td>{phase.label()}</td>
+                        <td class="num">{Bytes(measured).to_string()}</td>
+                        <td class="num">{est.map_or("–".into(), |e| Bytes(e).to_string())}</td>
+                        <td class="num">{err}</td>
+                    </tr>
+                }
+            })
+            .collect_view();
+        Some(view! {
+            <h3>"Measured against the estimate, by phase of the last step"</h3>
+            <table class="breakdown" data-testid="phase-table">
+                <tr><th>"phase"</th><th class="num">"measured peak"</th><th class="num">"estimate"</th><th class="num">"error"</th></tr>
+                {rows}
+            </table>
+        })
+    };
+    let comparison = move || {
+        let c: Compared = compare.get()?;
+        let own_name = match state.job.get() {
+            JobState::Running { job, .. } | JobState::Finished { job, .. } => format!("run {job} (watched)"),
+            JobState::Failed { job: Some(job), .. } => format!("run {job} (watched)"),
+            _ => "watched run".to_owned(),
+        };
+        let own_summary = match state.job.get() {
+            JobState::Finished { summary, .. } => Some(summary),
+            _ => None,
+        };
+        let own = state
+            .records
+            .with(|r| figures(own_name, r, own_summary.as_ref(), state.estimated_peak_bytes.get()).into_any());
+        let status = if !c.done {
+            "fetching its records…".to_owned()
+        } else if let Some(e) = &c.error {
+            format!("it failed ({:?}): {}", e.code, e.message)
+        } else {
+            String::new()
+        };
+        let other = figures(format!("run {} ({})", c.job, c.name), &c.records, c.summary.as_ref(), None).into_any();
+        Some(view! {
+            <h3>"Compared with run " {c.job} " " <small>{status}</small></h3>
+            <table class="breakdown" data-testid="compare-table">
+                <tr><th>"run"</th><th class="num">"steps"</th><th class="num">"final loss"</th><th class="num">"measured peak"</th>
+                    <th class="num">"estimate"</th><th class="num">"error"</th><th class="num">"time"</th><th class="num">"samples/s"</th></tr>
+                {own}
+                {other}
+            </table>
+            <button data-testid="stop-compare" on:click=move |_| compare.set(None)>"Stop comparing"</button>
+        })
+    };
 
     view! {
-        <section class="panel run">
-            <h2>"Run"</h2>
-            <div class="buttons">
-                <button data-testid="run" disabled=move || !can_run() on:click=run>"Run on agent"</button>
-                <button data-testid="cancel" disabled=move || !running() on:click=cancel>"Cancel"</button>
-            </div>
-            <p class=status_class data-testid="job-status">{status}</p>
-            {move || send_error.get().map(|e| view! { <p class="error">{e}</p> })}
-            {move || agent.notice.get().map(|n| view! { <p class="error" data-testid="notice">{n}</p> })}
-            <LineChart title="Loss per micro-batch" testid="loss-chart" series=loss count=count reference=Signal::derive(|| None) format=fmt_loss />
-            <LineChart title="Tensor memory per micro-batch" testid="memory-chart" series=memory count=count reference=reference format=fmt_bytes />
-        </section>
+        <h2>"Run on " {label}</h2>
+        <div class="buttons row">
+            <label>"device "
+                <select data-testid="run-device" on:change=move |ev| device.set(event_target_value(&ev))>
+                    <option value="" selected=move || device.get().is_empty()>"as the plan says"</option>
+                    {move || devices().into_iter().map(|d| {
+                        let id = d.id.clone();
+                        let text = format!("{} · {} ({})", d.id, d.name, Bytes(d.total_memory_bytes));
+                        view! { <option value=id.clone() selected=move || device.get() == id>{text}</option> }
+                    }).collect_view()}
+                </select>
+            </label>
+            <button data-testid="run" disabled=move || !can_run() on:click=run>"Run on agent"</button>
+            <button data-testid="cancel" disabled=move || !running() on:click=cancel>"Cancel"</button>
+        </div>
+        <p class=status_class data-testid="job-status">{status}</p>
+        {move || progress().map(|p| view! { <p class="progress" data-testid="job-progress">{p}</p> })}
+        {move || send_error.get().map(|e| view! { <p class="error">{e}</p> })}
+        {move || state.notice.get().map(|n| view! { <p class="error" data-testid="run-notice">{n}</p> })}
+        <LineChart title="Loss per micro-batch" testid="loss-chart" series=loss count=count references=Signal::derive(Vec::new) format=fmt_loss />
+        <LineChart title="Memory per micro-batch" testid="memory-chart" series=memory count=count references=references format=fmt_bytes />
+        {move || (!state.events.with(Vec::is_empty)).then(|| view! {
+            <h3>"Events"</h3>
+            <ol class="events" data-testid="events" reversed>{events}</ol>
+        })}
+        {phases}
+        {comparison}
     }
 }

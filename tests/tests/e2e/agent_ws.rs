@@ -215,15 +215,39 @@ async fn invalid_plans_busy_agents_and_unknown_jobs_get_clear_errors() -> anyhow
         Message::Accepted { job, .. } => job,
         other => panic!("expected Accepted (queued), got {other:?}"),
     };
-    send(&mut second, &Message::ListRuns).await?;
+    send(&mut second, &Message::ListRuns { before: None, limit: 100 }).await?;
     match recv(&mut second).await? {
-        Message::Runs { runs } => {
+        Message::Runs { runs, .. } => {
             let state = |j| runs.iter().find(|r| r.job == j).map(|r| r.state);
             assert_eq!(state(job), Some(RunState::Running), "{runs:?}");
             assert_eq!(state(queued), Some(RunState::Queued), "{runs:?}");
         }
         other => panic!("expected Runs, got {other:?}"),
     }
+    // What a fleet view polls: the devices' free memory and the queue.
+    send(&mut second, &Message::Status).await?;
+    match recv(&mut second).await? {
+        Message::AgentStatus(status) => {
+            let cpu = status.devices.iter().find(|d| d.id == "cpu").expect("cpu");
+            assert_eq!(cpu.running, vec![job], "{status:?}");
+            assert!(cpu.free_memory_bytes.is_some_and(|f| f > 0 && f <= cpu.total_memory_bytes), "{status:?}");
+            assert_eq!(status.queued, vec![queued], "{status:?}");
+            assert!(status.max_queued > 0);
+        }
+        other => panic!("expected AgentStatus, got {other:?}"),
+    }
+    // One run's plan, as the agent resolved it, and its planned steps.
+    send(&mut second, &Message::GetRun { job: queued }).await?;
+    match recv(&mut second).await? {
+        Message::Run { info, plan, estimate } => {
+            assert_eq!((info.job, info.state, info.steps), (queued, RunState::Queued, 2));
+            assert_eq!(estimate.map(|e| e.peak_bytes.get()), Some(info.estimated_peak_bytes));
+            assert_eq!(plan.device, DeviceChoice::Cpu);
+        }
+        other => panic!("expected Run, got {other:?}"),
+    }
+    send(&mut second, &Message::GetRun { job: 9999 }).await?;
+    assert!(matches!(recv(&mut second).await?, Message::Error { code: ErrorCode::UnknownJob, .. }));
     // A third run is cancelled while it waits.
     send(&mut second, &Message::Submit { plan: cpu_plan(Plan::example_mlp(), 2), force: false }).await?;
     let third = match recv(&mut second).await? {
@@ -343,9 +367,9 @@ async fn a_client_that_stops_reading_never_holds_training_back() -> anyhow::Resu
     let mut probe = agent.connect().await?;
     loop {
         anyhow::ensure!(started.elapsed().as_secs() < 240, "training stalled while the client was not reading");
-        send(&mut probe, &Message::ListRuns).await?;
+        send(&mut probe, &Message::ListRuns { before: None, limit: 100 }).await?;
         match recv(&mut probe).await? {
-            Message::Runs { runs } if runs.iter().any(|r| r.job == job && r.state == RunState::Finished) => break,
+            Message::Runs { runs, .. } if runs.iter().any(|r| r.job == job && r.state == RunState::Finished) => break,
             Message::Runs { .. } => tokio::time::sleep(std::time::Duration::from_millis(100)).await,
             other => panic!("expected Runs, got {other:?}"),
         }

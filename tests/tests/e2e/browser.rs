@@ -110,6 +110,149 @@ async fn the_planner_explains_advises_shares_and_exports() -> anyhow::Result<()>
     result
 }
 
+#[tokio::test]
+async fn the_planner_runs_on_a_second_agent_compares_runs_and_keeps_its_agents() -> anyhow::Result<()> {
+    let home = AgentHandle::start(Some(web_dir()?))?;
+    // A second agent, as on a lab machine: it allows the page the first one serves.
+    let origin = format!("http://127.0.0.1:{}", home.port);
+    let lab = AgentHandle::start_flags(&["--allow-origin", &origin], None)?;
+    let (client, _driver, profile) = browser().await?;
+    let result = fleet(&client, &home, &lab).await;
+    let _ = screenshot(&client, "fleet").await;
+    client.close().await?;
+    let _ = std::fs::remove_dir_all(&profile);
+    result
+}
+
+async fn click(client: &fantoccini::Client, testid: &str) -> anyhow::Result<()> {
+    client.find(Locator::Css(&format!("[data-testid={testid}]"))).await?.click().await?;
+    Ok(())
+}
+
+/// Waits until the element `testid` has a text that `ok` accepts; that text.
+async fn wait_text(
+    client: &fantoccini::Client,
+    testid: &str,
+    what: &str,
+    ok: impl Fn(&str) -> bool,
+) -> anyhow::Result<String> {
+    eventually(what, Duration::from_secs(60), || async {
+        Ok(text(client, testid).await.ok().filter(|t| ok(t)))
+    })
+    .await
+}
+
+async fn run_to_end(client: &fantoccini::Client, steps: u64) -> anyhow::Result<String> {
+    click(client, "run").await?;
+    eventually("the run to finish", Duration::from_secs(90), || async {
+        let t = text(client, "job-status").await.unwrap_or_default();
+        anyhow::ensure!(!t.contains("failed") && !t.contains("refused"), "the run failed in the page: {t}");
+        Ok(t.contains(&format!("finished: {steps} steps")).then_some(t))
+    })
+    .await
+}
+
+async fn fleet(client: &fantoccini::Client, home: &AgentHandle, lab: &AgentHandle) -> anyhow::Result<()> {
+    client.goto(&url_for(home, &Plan::example_mlp(), "v100-16gb")).await?;
+    wait_text(client, "agent-0-connection", "the home agent", |t| t.starts_with("connected")).await?;
+
+    // Unsafe and repeated addresses are refused with the reason.
+    type_into(client, "agent-address", "http://10.1.2.3:7878").await?;
+    type_into(client, "agent-token", "abc").await?;
+    click(client, "agent-add").await?;
+    let error = text(client, "agent-error").await?;
+    assert!(error.contains("in clear") && error.contains("SSH tunnel"), "{error}");
+    type_into(client, "agent-address", &format!("127.0.0.1:{}", home.port)).await?;
+    click(client, "agent-add").await?;
+    // Without a scheme TLS is assumed: another address than the home agent's.
+    assert!(client.find(Locator::Css("[data-testid=agent-error]")).await.is_err(), "wss:// is another address");
+    click(client, "agent-1-remove").await?;
+
+    // The lab agent by the URL it printed (the token inside), its devices and queue.
+    type_into(client, "agent-token", "").await?;
+    type_into(client, "agent-address", &lab.url()).await?;
+    click(client, "agent-add").await?;
+    wait_text(client, "agent-1-connection", "the lab agent", |t| t.starts_with("connected")).await?;
+    let queue = wait_text(client, "agent-1-queue", "the lab agent's queue", |t| t.contains("waiting")).await?;
+    assert!(queue.starts_with("queue: 0 waiting"), "{queue}");
+    let lab_row = text(client, "agent-1").await?;
+    assert!(lab_row.contains("cpu") && lab_row.contains("free of"), "{lab_row}");
+    type_into(client, "agent-address", &lab.url()).await?;
+    click(client, "agent-add").await?;
+    assert!(text(client, "agent-error").await?.contains("already"));
+    // Stored for the next visit: the lab agent's token, never the home agent's.
+    let stored = client.execute("return localStorage.getItem('headroom.agents')", vec![]).await?;
+    let stored = stored.as_str().unwrap_or_default().to_owned();
+    assert!(stored.contains(&lab.token) && !stored.contains(&home.token), "{stored}");
+
+    // Run twice on the lab agent, on its CPU; the second with a larger micro-batch.
+    click(client, "agent-1-select").await?;
+    client.find(Locator::Css("[data-testid=group-run] summary")).await?.click().await?;
+    type_into(client, "field-steps", "300").await?;
+    select(client, "run-device", "cpu").await?;
+    click(client, "run").await?;
+    let progress =
+        wait_text(client, "job-progress", "progress and ETA", |t| t.contains(" of 300") && t.contains("left")).await?;
+    println!("progress line: {progress}");
+    eventually("the first run to finish", Duration::from_secs(90), || async {
+        Ok(text(client, "job-status").await.ok().filter(|t| t.contains("finished: 300 steps")))
+    })
+    .await?;
+    // Its phases against the estimate it was accepted with.
+    let phases = client.find_all(Locator::Css("[data-testid=phase-table] tr")).await?;
+    assert!(phases.len() >= 4, "forward, loss, backward, optimizer step");
+    type_into(client, "field-steps", "40").await?;
+    type_into(client, "field-batch", "64").await?;
+    let status = run_to_end(client, 40).await?;
+    assert!(status.starts_with("Job 2 finished"), "{status}");
+
+    // The lab agent's history, newest first; compare run 2 (watched) with run 1.
+    let rows = eventually("two runs in the history", Duration::from_secs(30), || async {
+        let rows = client.find_all(Locator::Css("[data-testid=history] tr")).await?;
+        Ok((rows.len() == 3).then_some(rows))
+    })
+    .await?;
+    assert!(rows[1].text().await?.starts_with('2'), "newest first");
+    assert!(text(client, "run-1-state").await?.contains("Finished"));
+    click(client, "compare-1").await?;
+    let table = wait_text(client, "compare-table", "the comparison", |t| t.contains("run 1 (")).await?;
+    assert!(table.contains("run 2 (watched)") && table.contains("300") && table.contains("40"), "{table}");
+    let compared = client.find_all(Locator::Css("[data-testid=memory-chart] polyline.s-compare")).await?;
+    assert_eq!(compared.len(), 1, "the compared run's peak on the memory chart");
+    let estimate = client.find_all(Locator::Css("[data-testid=memory-chart] [data-testid=memory-chart-reference]")).await?;
+    assert_eq!(estimate.len(), 1, "one estimate line");
+    let labels = client.find_all(Locator::Css("[data-testid=memory-chart] text.reference-label")).await?;
+    assert_eq!(labels.len(), 2, "the estimate's label and the capacity's");
+    assert_eq!(
+        client.find(Locator::Css("[data-testid=loss-chart]")).await?.attr("data-points").await?.as_deref(),
+        Some("300"),
+        "the x axis spans the longer run"
+    );
+    client.execute("document.querySelector('.agents').scrollIntoView()", vec![]).await?;
+    screenshot(client, "fleet-compare").await?;
+    client.execute("document.querySelector('[data-testid=compare-table]').scrollIntoView()", vec![]).await?;
+    screenshot(client, "fleet-history").await?;
+
+    // Watch run 1 again; open its plan in the editor.
+    click(client, "watch-1").await?;
+    wait_text(client, "job-status", "run 1 in the run view", |t| t.starts_with("Job 1 finished: 300 steps")).await?;
+    click(client, "open-1").await?;
+    eventually("run 1's plan in the form", Duration::from_secs(30), || async {
+        Ok((value(client, "field-steps").await? == "300").then_some(()))
+    })
+    .await?;
+    assert_ne!(value(client, "field-batch").await?, "64");
+
+    // A reloaded page has both agents again; a removed one stays removed.
+    client.refresh().await?;
+    wait_text(client, "agent-1-connection", "the lab agent after a reload", |t| t.starts_with("connected")).await?;
+    click(client, "agent-1-remove").await?;
+    client.refresh().await?;
+    wait_text(client, "agent-0-connection", "the home agent after a reload", |t| t.starts_with("connected")).await?;
+    assert!(client.find(Locator::Css("[data-testid=agent-1]")).await.is_err(), "removed for good");
+    Ok(())
+}
+
 async fn text(client: &fantoccini::Client, testid: &str) -> anyhow::Result<String> {
     Ok(client.find(Locator::Css(&format!("[data-testid={testid}]"))).await?.text().await?)
 }

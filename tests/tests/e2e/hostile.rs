@@ -159,13 +159,13 @@ async fn hostile_http_handshakes_frames_and_plans_never_get_through_or_crash_the
             other => panic!("{name}: expected InvalidPlan, got {other:?}"),
         }
     }
-    send(&mut ws, &Message::Runs { runs: Vec::new() }).await?;
+    send(&mut ws, &Message::Runs { runs: Vec::new(), more: false }).await?;
     assert!(matches!(recv(&mut ws).await?, Message::Error { code: ErrorCode::Unexpected, .. }));
     let tried = n_http + 1 + n_frames + 4;
     println!("hostile inputs: {tried} tried, 0 got through, agent alive\n  {}", answers.join("\n  "));
     // Still serving, and nothing panicked.
     let mut ws = agent.connect().await?;
-    send(&mut ws, &Message::ListRuns).await?;
+    send(&mut ws, &Message::ListRuns { before: None, limit: 100 }).await?;
     assert!(matches!(recv(&mut ws).await?, Message::Runs { .. }));
     Ok(())
 }

@@ -51,9 +51,9 @@ fn ended(records: &[(u64, Message)]) -> bool {
 }
 
 async fn runs(ws: &mut Ws) -> anyhow::Result<Vec<shared::protocol::RunInfo>> {
-    send(ws, &Message::ListRuns).await?;
+    send(ws, &Message::ListRuns { before: None, limit: 100 }).await?;
     match recv(ws).await? {
-        Message::Runs { runs } => Ok(runs),
+        Message::Runs { runs, .. } => Ok(runs),
         other => anyhow::bail!("expected Runs, got {other:?}"),
     }
 }
@@ -189,7 +189,7 @@ async fn a_run_outlives_its_client_and_unknown_runs_are_refused() -> anyhow::Res
     assert!(matches!(recv(&mut ws).await?, Message::Error { code: ErrorCode::UnknownJob, .. }));
     // Attaching after the last record of an ended run sends nothing more.
     send(&mut ws, &Message::Attach { job, after: 51 }).await?;
-    send(&mut ws, &Message::ListRuns).await?;
+    send(&mut ws, &Message::ListRuns { before: None, limit: 100 }).await?;
     assert!(matches!(recv(&mut ws).await?, Message::Runs { .. }));
     Ok(())
 }
