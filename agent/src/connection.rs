@@ -79,6 +79,16 @@ impl Connection {
         self.sink.send(tungstenite::Message::Binary(bytes.into())).await
     }
 
+    /// Queues a frame already encoded with `shared::codec` (shared by every client it
+    /// goes to); [`Connection::flush`] sends what is queued.
+    pub async fn feed_frame(&mut self, frame: bytes::Bytes) -> Result<(), tungstenite::Error> {
+        self.sink.feed(tungstenite::Message::Binary(frame)).await
+    }
+
+    pub async fn flush(&mut self) -> Result<(), tungstenite::Error> {
+        self.sink.flush().await
+    }
+
     pub async fn close(&mut self, code: CloseCode, reason: &str) {
         // A close reason must fit a control frame (123 bytes); cut at a char boundary.
         let mut end = reason.len().min(120);

@@ -51,8 +51,28 @@ pub const CANCEL_GRACE: Duration = Duration::from_secs(10);
 /// last record.
 type Ending = (RunState, Option<JobError>, Option<u64>, u64, Message);
 
-/// A record as clients receive it: `Message::Logged`.
+/// A record of a run with its number, as stored.
 pub type Logged = (u64, Message);
+
+/// A live record as every attached client receives it: encoded once, as its
+/// `Message::Logged` frame, for all of them (a hundred watchers cost one encoding).
+#[derive(Clone, Debug)]
+pub struct LiveRecord {
+    pub seq: u64,
+    pub terminal: bool,
+    pub frame: bytes::Bytes,
+}
+
+impl LiveRecord {
+    /// `None` for a message that is not a record, or one too large to send (a client
+    /// then finds the gap and reads on from the file, where the error is its own).
+    fn new(job: JobId, seq: u64, m: Message) -> Option<LiveRecord> {
+        let record = shared::protocol::Record::from_message(m)?;
+        let terminal = record.is_terminal();
+        let frame = shared::codec::encode(&Message::Logged { job, seq, record }).ok()?;
+        Some(LiveRecord { seq, terminal, frame: frame.into() })
+    }
+}
 
 /// Gives a `Failed` record among `batch` whose code is one of `from` the code `to` and
 /// the message `why`.
@@ -128,7 +148,7 @@ struct Entry {
     plan: Plan,
     estimate: Option<Estimate>,
     /// Live records, while the run is queued or running.
-    live: Option<broadcast::Sender<Logged>>,
+    live: Option<broadcast::Sender<LiveRecord>>,
     /// Asks the running job to stop (and kill it after the grace period).
     cancel: Option<Arc<Notify>>,
 }
@@ -163,7 +183,7 @@ impl std::fmt::Debug for Runs {
 /// A client's view of one run: what is on disk after its last record, then the live ones.
 pub struct Attachment {
     pub backlog: Vec<Logged>,
-    pub live: Option<broadcast::Receiver<Logged>>,
+    pub live: Option<broadcast::Receiver<LiveRecord>>,
 }
 
 fn write_stored(dir: &Path, stored: &Stored) -> std::io::Result<()> {
@@ -450,8 +470,10 @@ impl Runs {
                 e.info.records = seq;
             }
             e.cancel = None;
-            if let (Some(tx), Some(seq)) = (e.live.take(), seq) {
-                let _ = tx.send((seq, last));
+            if let (Some(tx), Some(seq)) = (e.live.take(), seq)
+                && let Some(r) = LiveRecord::new(job, seq, last)
+            {
+                let _ = tx.send(r);
             }
         }
         self.store(job);
@@ -645,8 +667,11 @@ impl Runs {
                     ended = Some((state, error, peak, seq, m));
                     break;
                 }
-                if let Some(Some(tx)) = &live {
-                    let _ = tx.send((seq, m));
+                if let Some(Some(tx)) = &live
+                    && tx.receiver_count() > 0
+                    && let Some(r) = LiveRecord::new(job, seq, m)
+                {
+                    let _ = tx.send(r);
                 }
             }
         }

@@ -21,7 +21,7 @@ use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 
 use crate::auth::Origin;
 use crate::connection::{Connection, ReadError};
-use crate::runs::{Logged, Runs};
+use crate::runs::{LiveRecord, Logged, Runs};
 
 /// A write that waits longer than this (the client stopped reading and every buffer on
 /// the way is full) ends the session.
@@ -60,11 +60,13 @@ struct Watch {
     job: JobId,
     /// The last record sent.
     last: u64,
-    live: Option<broadcast::Receiver<Logged>>,
+    live: Option<broadcast::Receiver<LiveRecord>>,
+    /// When live records were last written.
+    flushed: Instant,
 }
 
 enum Live {
-    Record(Box<Logged>),
+    Record(LiveRecord),
     /// Fell behind the live stream, or it ended: read on from the file.
     CatchUp {
         ended: bool,
@@ -74,7 +76,7 @@ enum Live {
 async fn next_live(watch: &mut Option<Watch>) -> Live {
     match watch.as_mut().and_then(|w| w.live.as_mut()) {
         Some(rx) => match rx.recv().await {
-            Ok(r) => Live::Record(Box::new(r)),
+            Ok(r) => Live::Record(r),
             Err(broadcast::error::RecvError::Lagged(_)) => Live::CatchUp { ended: false },
             Err(broadcast::error::RecvError::Closed) => Live::CatchUp { ended: true },
         },
@@ -127,12 +129,77 @@ async fn deliver(conn: &mut Connection, w: &mut Watch, records: Vec<Logged>) -> 
     true
 }
 
+/// Live records sent in one write, at most.
+const LIVE_BATCH: usize = 256;
+/// A session writes live records at most this often: what arrives in between goes in
+/// the same write (a watcher sees records up to this much later; the agent makes one
+/// write per client per window instead of one per record).
+pub const LIVE_WINDOW: Duration = Duration::from_millis(20);
+
+enum Sent {
+    Done,
+    /// The write failed or timed out: the session ends.
+    Failed,
+    /// A record is missing from the live stream (lagged, or not encodable): read on
+    /// from the file.
+    CatchUp,
+}
+
+/// Sends `first` and the live records already waiting behind it (up to [`LIVE_BATCH`])
+/// in one write, skipping what was sent; each frame was encoded once for every client.
+async fn send_live(conn: &mut Connection, w: &mut Watch, first: LiveRecord) -> Sent {
+    tokio::time::sleep_until(w.flushed + LIVE_WINDOW).await;
+    let mut catch_up = false;
+    let written = tokio::time::timeout(WRITE_TIMEOUT, async {
+        let mut next = Some(first);
+        let mut n = 0;
+        while let Some(r) = next.take() {
+            if r.seq == w.last + 1 {
+                conn.feed_frame(r.frame).await?;
+                w.last = r.seq;
+                if r.terminal {
+                    w.live = None;
+                    break;
+                }
+            } else if r.seq > w.last + 1 {
+                catch_up = true;
+                break;
+            }
+            n += 1;
+            if n == LIVE_BATCH {
+                break;
+            }
+            next = match w.live.as_mut().map(broadcast::Receiver::try_recv) {
+                Some(Ok(r)) => Some(r),
+                Some(Err(broadcast::error::TryRecvError::Lagged(_))) => {
+                    catch_up = true;
+                    None
+                }
+                Some(Err(broadcast::error::TryRecvError::Closed)) => {
+                    w.live = None;
+                    catch_up = true;
+                    None
+                }
+                Some(Err(broadcast::error::TryRecvError::Empty)) | None => None,
+            };
+        }
+        conn.flush().await
+    })
+    .await;
+    w.flushed = Instant::now();
+    match written {
+        Ok(Ok(())) if catch_up => Sent::CatchUp,
+        Ok(Ok(())) => Sent::Done,
+        _ => Sent::Failed,
+    }
+}
+
 /// Attaches to run `job` after record `after`, sending the backlog; `false` ends the
 /// session.
 async fn attach(conn: &mut Connection, state: &State, watch: &mut Option<Watch>, job: JobId, after: u64) -> bool {
     match state.runs.attach(job, after).await {
         Ok(a) => {
-            let mut w = Watch { job, last: after, live: a.live };
+            let mut w = Watch { job, last: after, live: a.live, flushed: Instant::now() };
             let ok = deliver(conn, &mut w, a.backlog).await;
             *watch = Some(w);
             ok
@@ -212,7 +279,15 @@ pub async fn run(mut conn: Connection, state: Arc<State>, mut shutdown: watch::R
             live = next_live(&mut watch) => {
                 let Some(w) = watch.as_mut() else { continue };
                 let ok = match live {
-                    Live::Record(r) => deliver(&mut conn, w, vec![*r]).await,
+                    Live::Record(r) => match send_live(&mut conn, w, r).await {
+                        Sent::Done => true,
+                        Sent::Failed => false,
+                        // A record that did not come live: the file has every one.
+                        Sent::CatchUp => match state.runs.read_after(w.job, w.last).await {
+                            Ok(records) => deliver(&mut conn, w, records).await,
+                            Err(e) => send(&mut conn, &error(e.code(), e.to_string())).await,
+                        },
+                    },
                     Live::CatchUp { ended } => {
                         if ended {
                             w.live = None;

@@ -136,10 +136,7 @@ async fn wait_text(
     what: &str,
     ok: impl Fn(&str) -> bool,
 ) -> anyhow::Result<String> {
-    eventually(what, Duration::from_secs(60), || async {
-        Ok(text(client, testid).await.ok().filter(|t| ok(t)))
-    })
-    .await
+    eventually(what, Duration::from_secs(60), || async { Ok(text(client, testid).await.ok().filter(|t| ok(t))) }).await
 }
 
 async fn run_to_end(client: &fantoccini::Client, steps: u64) -> anyhow::Result<String> {
@@ -219,7 +216,8 @@ async fn fleet(client: &fantoccini::Client, home: &AgentHandle, lab: &AgentHandl
     assert!(table.contains("run 2 (watched)") && table.contains("300") && table.contains("40"), "{table}");
     let compared = client.find_all(Locator::Css("[data-testid=memory-chart] polyline.s-compare")).await?;
     assert_eq!(compared.len(), 1, "the compared run's peak on the memory chart");
-    let estimate = client.find_all(Locator::Css("[data-testid=memory-chart] [data-testid=memory-chart-reference]")).await?;
+    let estimate =
+        client.find_all(Locator::Css("[data-testid=memory-chart] [data-testid=memory-chart-reference]")).await?;
     assert_eq!(estimate.len(), 1, "one estimate line");
     let labels = client.find_all(Locator::Css("[data-testid=memory-chart] text.reference-label")).await?;
     assert_eq!(labels.len(), 2, "the estimate's label and the capacity's");
