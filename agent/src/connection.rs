@@ -75,8 +75,14 @@ impl Connection {
     }
 
     pub async fn write(&mut self, message: &Message) -> Result<(), tungstenite::Error> {
+        self.feed(message).await?;
+        self.flush().await
+    }
+
+    /// Queues a message; [`Connection::flush`] sends what is queued.
+    pub async fn feed(&mut self, message: &Message) -> Result<(), tungstenite::Error> {
         let bytes = codec::encode(message).map_err(|e| tungstenite::Error::Io(std::io::Error::other(e)))?;
-        self.sink.send(tungstenite::Message::Binary(bytes.into())).await
+        self.sink.feed(tungstenite::Message::Binary(bytes.into())).await
     }
 
     /// Queues a frame already encoded with `shared::codec` (shared by every client it

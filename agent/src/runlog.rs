@@ -13,7 +13,7 @@
 //! [`repair`] cuts the file back to its last good frame before more is appended.
 
 use std::fs::{File, OpenOptions};
-use std::io::{Read, Write};
+use std::io::{BufReader, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 
 use shared::codec;
@@ -36,63 +36,169 @@ pub enum LogError {
     Record { seq: u64, reason: String },
 }
 
-/// What reading a log found.
+/// Records a page holds at most, and bytes of them: what one read keeps in memory,
+/// however long the run.
+pub const PAGE_RECORDS: usize = 4096;
+pub const PAGE_BYTES: usize = 8 << 20;
+
+/// Where reading goes on: a frame boundary and the number of the record there.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Cursor {
+    pub offset: u64,
+    pub next_seq: u64,
+}
+
+impl Cursor {
+    pub const START: Cursor = Cursor { offset: 0, next_seq: 1 };
+}
+
+/// Records read from a cursor on.
+#[derive(Debug)]
+pub struct Page {
+    pub records: Vec<(u64, Message)>,
+    /// After the last frame read.
+    pub cursor: Cursor,
+    /// The page stopped at its limits: more good frames may follow.
+    pub more: bool,
+}
+
+/// What checking a whole log found.
 #[derive(Debug, Default)]
 pub struct Contents {
-    /// The good records, in order.
-    pub records: Vec<(u64, Message)>,
+    /// Good records, and the last of them.
+    pub count: u64,
+    pub last: Option<(u64, Message)>,
     /// Bytes of the good frames: where the next frame goes.
     pub good_bytes: u64,
     /// Bytes after them that are not a good frame (a torn or damaged tail).
     pub bad_tail_bytes: u64,
 }
 
-/// Reads every good record of the log at `path` (none if it does not exist).
-pub fn read(path: &Path) -> Result<Contents, LogError> {
-    let io = |source| LogError::Io { path: path.to_owned(), source };
-    let mut bytes = Vec::new();
-    match File::open(path) {
-        Ok(mut f) => {
-            f.read_to_end(&mut bytes).map_err(io)?;
+/// Walks the good frames of `bytes` (a reader positioned at `cursor`, `len` bytes long
+/// in all): frames numbered up to `skip_through` are only checked for their length and
+/// number and passed over unread (a client already has them, so they were synced and
+/// checked when the log was opened); the others are checked against their CRC, decoded
+/// and handed to `each`, which returns `false` to stop. Returns the cursor after the last
+/// frame walked and whether `each` stopped the walk.
+fn walk<R: Read + Seek>(
+    reader: &mut BufReader<R>,
+    len: u64,
+    mut cursor: Cursor,
+    skip_through: u64,
+    mut each: impl FnMut(u64, Message, usize) -> bool,
+) -> (Cursor, bool) {
+    let mut header = [0u8; HEADER + 8];
+    let mut payload = Vec::new();
+    loop {
+        if len - cursor.offset.min(len) < (HEADER + 8) as u64 || reader.read_exact(&mut header).is_err() {
+            return (cursor, false);
         }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Contents::default()),
-        Err(e) => return Err(io(e)),
+        let size = u32::from_le_bytes([header[0], header[1], header[2], header[3]]) as usize;
+        let crc = u32::from_le_bytes([header[4], header[5], header[6], header[7]]);
+        let seq = u64::from_le_bytes([
+            header[8], header[9], header[10], header[11], header[12], header[13], header[14], header[15],
+        ]);
+        let end = cursor.offset + (HEADER + size) as u64;
+        if !(8..=MAX_RECORD_BYTES).contains(&size) || seq != cursor.next_seq || end > len {
+            return (cursor, false);
+        }
+        if seq <= skip_through {
+            if reader.seek_relative((size - 8) as i64).is_err() {
+                return (cursor, false);
+            }
+        } else {
+            payload.clear();
+            payload.extend_from_slice(&header[HEADER..]);
+            payload.resize(size, 0);
+            if reader.read_exact(&mut payload[8..]).is_err() || crc32c(&payload) != crc {
+                return (cursor, false);
+            }
+            let Ok(message) = codec::decode(&payload[8..]) else { return (cursor, false) };
+            cursor = Cursor { offset: end, next_seq: seq + 1 };
+            if !each(seq, message, size) {
+                return (cursor, true);
+            }
+            continue;
+        }
+        cursor = Cursor { offset: end, next_seq: seq + 1 };
     }
-    Ok(parse(&bytes))
 }
 
-/// The good records at the start of `bytes`.
-pub fn parse(bytes: &[u8]) -> Contents {
-    let mut out = Contents::default();
-    let mut at = 0usize;
-    while let Some(header) = bytes.get(at..at + HEADER) {
-        let len = u32::from_le_bytes([header[0], header[1], header[2], header[3]]) as usize;
-        let crc = u32::from_le_bytes([header[4], header[5], header[6], header[7]]);
-        if !(8..=MAX_RECORD_BYTES).contains(&len) {
-            break;
+fn open_at(path: &Path, cursor: Cursor) -> Result<Option<(BufReader<File>, u64)>, LogError> {
+    let io = |source| LogError::Io { path: path.to_owned(), source };
+    let mut file = match File::open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(io(e)),
+    };
+    let len = file.metadata().map_err(io)?.len();
+    file.seek(SeekFrom::Start(cursor.offset)).map_err(io)?;
+    Ok(Some((BufReader::with_capacity(1 << 20, file), len)))
+}
+
+/// The records after number `after`, from `cursor` on (a cursor a previous page
+/// returned, or [`Cursor::START`]): at most [`PAGE_RECORDS`] of them and about
+/// [`PAGE_BYTES`]. Frames up to `after` are passed over without being read.
+pub fn read_page(path: &Path, cursor: Cursor, after: u64) -> Result<Page, LogError> {
+    let Some((mut reader, len)) = open_at(path, cursor)? else {
+        return Ok(Page { records: Vec::new(), cursor, more: false });
+    };
+    let mut records = Vec::new();
+    let mut bytes = 0;
+    let (cursor, more) = walk(&mut reader, len, cursor, after, |seq, m, size| {
+        records.push((seq, m));
+        bytes += size;
+        records.len() < PAGE_RECORDS && bytes < PAGE_BYTES
+    });
+    Ok(Page { records, cursor, more })
+}
+
+/// Every good record of the log at `path` (none if it does not exist); for tests and
+/// small logs: it holds them all in memory.
+pub fn read_all(path: &Path) -> Result<Vec<(u64, Message)>, LogError> {
+    let mut out = Vec::new();
+    let mut cursor = Cursor::START;
+    loop {
+        let page = read_page(path, cursor, 0)?;
+        out.extend(page.records);
+        cursor = page.cursor;
+        if !page.more {
+            return Ok(out);
         }
-        let Some(payload) = bytes.get(at + HEADER..at + HEADER + len) else { break };
-        if crc32c(payload) != crc {
-            break;
-        }
-        let seq = u64::from_le_bytes(payload[..8].try_into().unwrap_or([0; 8]));
-        let expected = out.records.last().map_or(1, |(s, _)| s + 1);
-        if seq != expected {
-            break;
-        }
-        let Ok(message) = codec::decode(&payload[8..]) else { break };
-        out.records.push((seq, message));
-        at += HEADER + len;
     }
-    out.good_bytes = at as u64;
-    out.bad_tail_bytes = (bytes.len() - at) as u64;
-    out
+}
+
+/// Checks the whole log at `path`, keeping only its last good record.
+pub fn check(path: &Path) -> Result<Contents, LogError> {
+    let Some((mut reader, len)) = open_at(path, Cursor::START)? else {
+        return Ok(Contents::default());
+    };
+    let mut out = Contents::default();
+    let (end, _) = walk(&mut reader, len, Cursor::START, 0, |seq, m, _| {
+        out.count += 1;
+        out.last = Some((seq, m));
+        true
+    });
+    out.good_bytes = end.offset;
+    out.bad_tail_bytes = len - end.offset;
+    Ok(out)
+}
+
+/// The good records at the start of `bytes`, and their length.
+pub fn parse(bytes: &[u8]) -> (Vec<(u64, Message)>, u64) {
+    let mut reader = BufReader::new(std::io::Cursor::new(bytes));
+    let mut out = Vec::new();
+    let (end, _) = walk(&mut reader, bytes.len() as u64, Cursor::START, 0, |seq, m, _| {
+        out.push((seq, m));
+        true
+    });
+    (out, end.offset)
 }
 
 /// Cuts a torn or damaged tail off the log, so that appends follow its last good frame.
-/// Returns what was read.
+/// Returns what was found.
 pub fn repair(path: &Path) -> Result<Contents, LogError> {
-    let found = read(path)?;
+    let found = check(path)?;
     if found.bad_tail_bytes > 0 {
         let io = |source| LogError::Io { path: path.to_owned(), source };
         let f = OpenOptions::new().write(true).open(path).map_err(io)?;
@@ -137,7 +243,7 @@ impl Writer {
             .append(true)
             .open(path)
             .map_err(|source| LogError::Io { path: path.to_owned(), source })?;
-        let last_seq = found.records.last().map_or(0, |(s, _)| *s);
+        let last_seq = found.last.as_ref().map_or(0, |(s, _)| *s);
         Ok((Writer { path: path.to_owned(), file, last_seq }, found))
     }
 
@@ -185,16 +291,16 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("records.log");
         let (mut w, found) = Writer::open(&path).expect("open");
-        assert!(found.records.is_empty());
+        assert_eq!(found.count, 0);
         assert_eq!(w.append(&[batch(1), batch(2)]).expect("append"), 1..=2);
         drop(w);
         let (mut w, found) = Writer::open(&path).expect("reopen");
-        assert_eq!(found.records.len(), 2);
+        assert_eq!((found.count, found.last), (2, Some((2, batch(2)))));
         assert_eq!(w.append(&[batch(3)]).expect("append"), 3..=3);
-        let all = read(&path).expect("read");
-        assert_eq!(all.records.iter().map(|(s, _)| *s).collect::<Vec<_>>(), vec![1, 2, 3]);
-        assert_eq!(all.records[2].1, batch(3));
-        assert_eq!(all.bad_tail_bytes, 0);
+        let all = read_all(&path).expect("read");
+        assert_eq!(all.iter().map(|(s, _)| *s).collect::<Vec<_>>(), vec![1, 2, 3]);
+        assert_eq!(all[2].1, batch(3));
+        assert_eq!(check(&path).expect("check").bad_tail_bytes, 0);
     }
 
     #[test]
@@ -208,30 +314,30 @@ mod tests {
         let one = frame(1, &batch(1)).expect("frame").len();
         // Every cut inside the third frame leaves exactly two records.
         for cut in (2 * one + 1)..whole.len() {
-            let r = parse(&whole[..cut]);
-            assert_eq!(r.records.len(), 2, "cut at {cut}");
-            assert_eq!(r.good_bytes as usize, 2 * one);
+            let (records, good) = parse(&whole[..cut]);
+            assert_eq!(records.len(), 2, "cut at {cut}");
+            assert_eq!(good as usize, 2 * one);
         }
         // A flipped bit in the second frame's payload ends the log after the first.
         let mut damaged = whole.clone();
         damaged[one + HEADER + 12] ^= 0x40;
-        assert_eq!(parse(&damaged).records.len(), 1);
+        assert_eq!(parse(&damaged).0.len(), 1);
         // A record out of sequence ends it too.
         let mut skipped = frame(1, &batch(1)).expect("frame");
         skipped.extend(frame(3, &batch(3)).expect("frame"));
-        assert_eq!(parse(&skipped).records.len(), 1);
+        assert_eq!(parse(&skipped).0.len(), 1);
         // Garbage never panics and yields nothing.
-        assert!(parse(&[0xff; 64]).records.is_empty());
-        assert!(parse(&[]).records.is_empty());
+        assert!(parse(&[0xff; 64]).0.is_empty());
+        assert!(parse(&[]).0.is_empty());
         // A torn file is cut back, and appending continues after its last good record.
         std::fs::write(&path, &whole[..whole.len() - 3]).expect("tear");
         let (mut w, found) = Writer::open(&path).expect("repair");
-        assert_eq!((found.records.len(), found.bad_tail_bytes as usize), (2, one - 3));
+        assert_eq!((found.count, found.bad_tail_bytes as usize), (2, one - 3));
         let failed = Message::Failed { job: 1, error: JobError { code: ErrorCode::Cancelled, message: "x".into() } };
         assert_eq!(w.append(std::slice::from_ref(&failed)).expect("append"), 3..=3);
-        let all = read(&path).expect("read");
-        assert_eq!(all.records.len(), 3);
-        assert_eq!(all.records[2].1, failed);
+        let all = read_all(&path).expect("read");
+        assert_eq!(all.len(), 3);
+        assert_eq!(all[2].1, failed);
     }
 
     /// Prints what one synced batch costs per record, side by side for batch sizes 1,
@@ -252,7 +358,44 @@ mod tests {
             line.push(format!("batches of {batch_size}: {per:.1} us a record"));
         }
         println!("run log, append + fdatasync: {}", line.join("; "));
-        assert_eq!(read(&dir.path().join("records.log")).expect("read").records.len(), 64 * (1 + 16 + 256));
+        assert_eq!(check(&dir.path().join("records.log")).expect("check").count, 64 * (1 + 16 + 256));
+    }
+
+    #[test]
+    fn pages_resume_from_their_cursor_skip_what_the_client_has_and_stop_at_a_torn_tail() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("records.log");
+        let (mut w, _) = Writer::open(&path).expect("open");
+        let n = PAGE_RECORDS as u64 * 2 + 10;
+        let all: Vec<Message> = (1..=n).map(batch).collect();
+        w.append(&all).expect("append");
+        // From the start: whole pages, each going on where the last stopped.
+        let first = read_page(&path, Cursor::START, 0).expect("page");
+        assert_eq!((first.records.len(), first.more), (PAGE_RECORDS, true));
+        assert_eq!(first.cursor.next_seq, PAGE_RECORDS as u64 + 1);
+        let second = read_page(&path, first.cursor, 0).expect("page");
+        assert_eq!(second.records[0].0, PAGE_RECORDS as u64 + 1);
+        let third = read_page(&path, second.cursor, 0).expect("page");
+        assert_eq!((third.records.len(), third.more), (10, false));
+        assert_eq!(third.records.last().map(|(s, m)| (*s, m.clone())), Some((n, batch(n))));
+        // Nothing new: an empty page with the same cursor; new records: only them.
+        let none = read_page(&path, third.cursor, 0).expect("page");
+        assert!(none.records.is_empty() && none.cursor == third.cursor && !none.more);
+        w.append(&[batch(n + 1)]).expect("append");
+        let later = read_page(&path, third.cursor, 0).expect("page");
+        assert_eq!(later.records.iter().map(|(s, _)| *s).collect::<Vec<_>>(), vec![n + 1]);
+        // A client that has up to record 8,000 gets the rest, the first 8,000 passed over.
+        let tail = read_page(&path, Cursor::START, 8000).expect("page");
+        assert_eq!(tail.records.first().map(|(s, _)| *s), Some(8001));
+        assert_eq!(tail.records.len() as u64, n + 1 - 8000);
+        // An `after` past the end yields nothing; a frame still being written ends the page.
+        assert!(read_page(&path, Cursor::START, 1 << 40).expect("page").records.is_empty());
+        let whole = std::fs::read(&path).expect("bytes");
+        let torn = dir.path().join("torn.log");
+        std::fs::write(&torn, &whole[..whole.len() - 5]).expect("write");
+        let page = read_page(&torn, third.cursor, n).expect("page");
+        assert!(page.records.is_empty() && !page.more);
+        assert!(read_page(&dir.path().join("absent.log"), Cursor::START, 0).expect("absent").records.is_empty());
     }
 
     #[test]

@@ -108,6 +108,8 @@ pub enum RunError {
     Unknown(JobId),
     #[error("run {job} has ended ({state:?}); nothing to cancel")]
     Ended { job: JobId, state: RunState },
+    #[error("run {job} has {records} records so far; there is nothing after record {after}")]
+    Ahead { job: JobId, after: u64, records: u64 },
     #[error("{0}")]
     Io(String),
 }
@@ -117,6 +119,7 @@ impl RunError {
         match self {
             RunError::QueueFull { .. } => ErrorCode::Busy,
             RunError::Unknown(_) | RunError::Ended { .. } => ErrorCode::UnknownJob,
+            RunError::Ahead { .. } => ErrorCode::Unexpected,
             RunError::Io(_) => ErrorCode::Internal,
         }
     }
@@ -180,12 +183,6 @@ impl std::fmt::Debug for Runs {
     }
 }
 
-/// A client's view of one run: what is on disk after its last record, then the live ones.
-pub struct Attachment {
-    pub backlog: Vec<Logged>,
-    pub live: Option<broadcast::Receiver<LiveRecord>>,
-}
-
 fn write_stored(dir: &Path, stored: &Stored) -> std::io::Result<()> {
     let text = serde_json::to_vec_pretty(stored).map_err(std::io::Error::other)?;
     static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
@@ -204,10 +201,10 @@ fn recover(id: JobId, path: &Path) -> anyhow::Result<Entry> {
         serde_json::from_slice(&std::fs::read(path.join("run.json")).context("run.json")?).context("run.json")?;
     let (mut writer, found) = runlog::Writer::open(&path.join("records.log"))?;
     let mut info = stored.info;
-    info.records = found.records.len() as u64;
+    info.records = found.count;
     // The agent died between writing a run's last record and storing its state: the
     // record says how it ended.
-    if let Some((_, last)) = found.records.last()
+    if let Some((_, last)) = &found.last
         && matches!(info.state, RunState::Running | RunState::Queued)
         && let Some(record) = shared::protocol::Record::from_message(last.clone())
         && record.is_terminal()
@@ -375,27 +372,26 @@ impl Runs {
         (inner.queue.iter().copied().collect(), running)
     }
 
-    /// Run `job`'s records after `after`, then its live ones. Subscribes before reading
-    /// the file, so that nothing falls between the two (the caller skips what the live
-    /// stream repeats).
-    pub async fn attach(&self, job: JobId, after: u64) -> Result<Attachment, RunError> {
-        let live = {
-            let inner = self.lock();
-            let e = inner.runs.get(&job).ok_or(RunError::Unknown(job))?;
-            e.live.as_ref().map(broadcast::Sender::subscribe)
-        };
-        let backlog = self.read_after(job, after).await?;
-        Ok(Attachment { backlog, live })
+    /// Run `job`'s live records (`None` once it has ended), for a client that has its
+    /// records up to `after`. A client subscribes before it reads the file, so that
+    /// nothing falls between the two (it skips what the live stream repeats).
+    pub fn subscribe(&self, job: JobId, after: u64) -> Result<Option<broadcast::Receiver<LiveRecord>>, RunError> {
+        let inner = self.lock();
+        let e = inner.runs.get(&job).ok_or(RunError::Unknown(job))?;
+        if after > e.info.records {
+            return Err(RunError::Ahead { job, after, records: e.info.records });
+        }
+        Ok(e.live.as_ref().map(broadcast::Sender::subscribe))
     }
 
-    /// Run `job`'s records on disk after `after`.
-    pub async fn read_after(&self, job: JobId, after: u64) -> Result<Vec<Logged>, RunError> {
+    /// A page of run `job`'s records on disk after `after`, read from `cursor` on (see
+    /// `runlog::read_page`): memory and time per page are bounded however long the run.
+    pub async fn read_page(&self, job: JobId, cursor: runlog::Cursor, after: u64) -> Result<runlog::Page, RunError> {
         let log = self.run_dir(job).join("records.log");
-        let found = tokio::task::spawn_blocking(move || runlog::read(&log))
+        tokio::task::spawn_blocking(move || runlog::read_page(&log, cursor, after))
             .await
             .map_err(|e| RunError::Io(e.to_string()))?
-            .map_err(|e| RunError::Io(e.to_string()))?;
-        Ok(found.records.into_iter().filter(|(s, _)| *s > after).collect())
+            .map_err(|e| RunError::Io(e.to_string()))
     }
 
     /// Cancels a queued run at once, or asks a running one to stop (killed after
@@ -805,8 +801,8 @@ mod tests {
         assert_eq!(state(5), Some((RunState::Interrupted, 2)), "the torn frame cut, the end appended");
         assert_eq!(runs.lock().queue.iter().copied().collect::<Vec<_>>(), vec![2]);
         assert_eq!(runs.lock().next_id, 6);
-        let log1 = runlog::read(&dir.path().join("runs/1/records.log")).expect("read");
-        assert!(matches!(&log1.records[1].1, Message::Failed { error, .. } if error.code == ErrorCode::Interrupted));
+        let log1 = runlog::read_all(&dir.path().join("runs/1/records.log")).expect("read");
+        assert!(matches!(&log1[1].1, Message::Failed { error, .. } if error.code == ErrorCode::Interrupted));
         // Reopening changes nothing more.
         drop(runs);
         let again =

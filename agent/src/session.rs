@@ -60,6 +60,11 @@ struct Watch {
     job: JobId,
     /// The last record sent.
     last: u64,
+    /// Where reading its log goes on.
+    cursor: crate::runlog::Cursor,
+    /// Records are waiting in the file: the session reads them a page at a time,
+    /// between its other work, before it follows the live stream again.
+    behind: bool,
     live: Option<broadcast::Receiver<LiveRecord>>,
     /// When live records were last written.
     flushed: Instant,
@@ -110,23 +115,40 @@ async fn send(conn: &mut Connection, message: &Message) -> bool {
     matches!(tokio::time::timeout(WRITE_TIMEOUT, conn.write(message)).await, Ok(Ok(())))
 }
 
-/// Sends `records` the watch has not sent yet; `false` ends the session.
+/// Sends `records` the watch has not sent yet, in one write; `false` ends the session.
 async fn deliver(conn: &mut Connection, w: &mut Watch, records: Vec<Logged>) -> bool {
-    for (seq, message) in records {
-        if seq <= w.last {
-            continue;
+    let written = tokio::time::timeout(WRITE_TIMEOUT, async {
+        for (seq, message) in records {
+            if seq <= w.last {
+                continue;
+            }
+            let Some(record) = shared::protocol::Record::from_message(message) else { continue };
+            let terminal = record.is_terminal();
+            conn.feed(&Message::Logged { job: w.job, seq, record }).await?;
+            w.last = seq;
+            if terminal {
+                w.live = None;
+            }
         }
-        let Some(record) = shared::protocol::Record::from_message(message) else { continue };
-        let terminal = record.is_terminal();
-        if !send(conn, &Message::Logged { job: w.job, seq, record }).await {
-            return false;
+        conn.flush().await
+    })
+    .await;
+    matches!(written, Ok(Ok(())))
+}
+
+/// Sends the next page of the watched run's file; `false` ends the session.
+async fn catch_up(conn: &mut Connection, state: &State, w: &mut Watch) -> bool {
+    match state.runs.read_page(w.job, w.cursor, w.last).await {
+        Ok(page) => {
+            w.cursor = page.cursor;
+            w.behind = page.more;
+            deliver(conn, w, page.records).await
         }
-        w.last = seq;
-        if terminal {
-            w.live = None;
+        Err(e) => {
+            w.behind = false;
+            send(conn, &error(e.code(), e.to_string())).await
         }
     }
-    true
 }
 
 /// Live records sent in one write, at most.
@@ -194,13 +216,14 @@ async fn send_live(conn: &mut Connection, w: &mut Watch, first: LiveRecord) -> S
     }
 }
 
-/// Attaches to run `job` after record `after`, sending the backlog; `false` ends the
-/// session.
+/// Attaches to run `job` after record `after`; `false` ends the session.
 async fn attach(conn: &mut Connection, state: &State, watch: &mut Option<Watch>, job: JobId, after: u64) -> bool {
-    match state.runs.attach(job, after).await {
-        Ok(a) => {
-            let mut w = Watch { job, last: after, live: a.live, flushed: Instant::now() };
-            let ok = deliver(conn, &mut w, a.backlog).await;
+    match state.runs.subscribe(job, after) {
+        Ok(live) => {
+            let cursor = crate::runlog::Cursor::START;
+            let mut w = Watch { job, last: after, cursor, behind: true, live, flushed: Instant::now() };
+            // The first page at once; the rest between the session's other work.
+            let ok = catch_up(conn, state, &mut w).await;
             *watch = Some(w);
             ok
         }
@@ -276,26 +299,32 @@ pub async fn run(mut conn: Connection, state: Arc<State>, mut shutdown: watch::R
                     break;
                 }
             },
-            live = next_live(&mut watch) => {
+            // Records waiting in the file, a page per turn of the loop.
+            () = std::future::ready(()), if watch.as_ref().is_some_and(|w| w.behind) => {
+                let Some(w) = watch.as_mut() else { continue };
+                if !catch_up(&mut conn, &state, w).await {
+                    tracing::info!("dropped a client that did not keep up");
+                    break;
+                }
+            },
+            live = next_live(&mut watch), if !watch.as_ref().is_some_and(|w| w.behind) => {
                 let Some(w) = watch.as_mut() else { continue };
                 let ok = match live {
                     Live::Record(r) => match send_live(&mut conn, w, r).await {
                         Sent::Done => true,
                         Sent::Failed => false,
                         // A record that did not come live: the file has every one.
-                        Sent::CatchUp => match state.runs.read_after(w.job, w.last).await {
-                            Ok(records) => deliver(&mut conn, w, records).await,
-                            Err(e) => send(&mut conn, &error(e.code(), e.to_string())).await,
-                        },
+                        Sent::CatchUp => {
+                            w.behind = true;
+                            true
+                        }
                     },
                     Live::CatchUp { ended } => {
                         if ended {
                             w.live = None;
                         }
-                        match state.runs.read_after(w.job, w.last).await {
-                            Ok(records) => deliver(&mut conn, w, records).await,
-                            Err(e) => send(&mut conn, &error(e.code(), e.to_string())).await,
-                        }
+                        w.behind = true;
+                        true
                     }
                 };
                 if !ok {

@@ -187,7 +187,13 @@ async fn a_run_outlives_its_client_and_unknown_runs_are_refused() -> anyhow::Res
     }
     send(&mut ws, &Message::Attach { job: 9999, after: 0 }).await?;
     assert!(matches!(recv(&mut ws).await?, Message::Error { code: ErrorCode::UnknownJob, .. }));
-    // Attaching after the last record of an ended run sends nothing more.
+    // Attaching past the last record is refused, naming how many there are...
+    send(&mut ws, &Message::Attach { job, after: 52 }).await?;
+    match recv(&mut ws).await? {
+        Message::Error { code: ErrorCode::Unexpected, message } => assert!(message.contains("51 records"), "{message}"),
+        other => panic!("expected an error, got {other:?}"),
+    }
+    // ... and attaching after the last record of an ended run sends nothing more.
     send(&mut ws, &Message::Attach { job, after: 51 }).await?;
     send(&mut ws, &Message::ListRuns { before: None, limit: 100 }).await?;
     assert!(matches!(recv(&mut ws).await?, Message::Runs { .. }));
