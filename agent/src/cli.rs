@@ -92,6 +92,18 @@ enum Command {
         /// Jobs running at once (one per GPU keeps measurements clean).
         #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=64))]
         max_jobs: u32,
+        /// The largest message a client may send, in bytes (4 KiB to the protocol's 1 MiB);
+        /// a larger one is answered with TooLarge and the connection closed.
+        #[arg(long, default_value_t = shared::codec::MAX_FRAME_BYTES as u32, value_parser = clap::value_parser!(u32).range(4096..=shared::codec::MAX_FRAME_BYTES as i64))]
+        max_message_bytes: u32,
+        /// Bytes buffered for one client before writes wait for its socket (16 KiB to
+        /// 64 MiB); a client that stops reading is dropped after a 10 s wait.
+        #[arg(long, default_value_t = 128 << 10, value_parser = clap::value_parser!(u32).range(16 << 10..=64 << 20))]
+        write_buffer_bytes: u32,
+        /// Messages a client may send a second on average (bursts of twice that); a
+        /// faster one is told RateLimited and closed.
+        #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u32).range(1..=10_000))]
+        max_messages_per_second: u32,
         /// Runs waiting for a slot at once; one more is refused as busy.
         #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..=10_000))]
         max_queued: u32,
@@ -506,6 +518,9 @@ async fn async_main(command: Command) -> anyhow::Result<()> {
             max_unauthenticated,
             max_jobs,
             max_queued,
+            max_message_bytes,
+            write_buffer_bytes,
+            max_messages_per_second,
             max_job_steps,
             max_job_seconds,
             data_root,
@@ -575,6 +590,11 @@ async fn async_main(command: Command) -> anyhow::Result<()> {
                 worker_exe: exe,
                 data_dir,
                 limits: crate::runs::Limits { max_job_steps, max_job_seconds, max_queued: max_queued as usize },
+                session_limits: crate::session::SessionLimits {
+                    max_message_bytes: max_message_bytes as usize,
+                    write_buffer_bytes: write_buffer_bytes as usize,
+                    messages_per_second: max_messages_per_second,
+                },
                 data_root,
             })
             .await?;

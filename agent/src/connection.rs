@@ -39,12 +39,14 @@ pub struct Connection {
     stream: SplitStream<Ws>,
     /// When the peer last sent a frame of any kind (pongs included).
     heard: tokio::time::Instant,
+    /// The largest message the peer may send (`--max-message-bytes`).
+    max_message_bytes: usize,
 }
 
 impl Connection {
-    pub fn new(ws: Ws) -> Connection {
+    pub fn new(ws: Ws, max_message_bytes: usize) -> Connection {
         let (sink, stream) = ws.split();
-        Connection { sink, stream, heard: tokio::time::Instant::now() }
+        Connection { sink, stream, heard: tokio::time::Instant::now(), max_message_bytes }
     }
 
     /// When the peer last sent a frame.
@@ -65,6 +67,12 @@ impl Connection {
             };
             self.heard = tokio::time::Instant::now();
             match frame? {
+                tungstenite::Message::Binary(bytes) if bytes.len() > self.max_message_bytes => {
+                    return Err(ReadError::Codec(CodecError::TooLarge {
+                        len: bytes.len(),
+                        limit: self.max_message_bytes,
+                    }));
+                }
                 tungstenite::Message::Binary(bytes) => return Ok(Some(codec::decode(&bytes)?)),
                 tungstenite::Message::Text(_) => return Err(ReadError::Text),
                 tungstenite::Message::Close(_) => return Ok(None),

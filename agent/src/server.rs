@@ -14,14 +14,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use shared::codec::MAX_FRAME_BYTES;
 use shared::protocol::{Capabilities, Hello, PROTOCOL_VERSION};
 use tokio::net::TcpListener;
 use tokio::sync::{Semaphore, watch};
 use tokio::task::JoinSet;
 use tokio_tungstenite::tungstenite::handshake::server::{ErrorResponse, Request, Response};
 use tokio_tungstenite::tungstenite::http::StatusCode;
-use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 
 use crate::auth::{self, Origin, Tokens};
 use crate::connection::Connection;
@@ -43,9 +41,6 @@ const SEND_BUFFER_BYTES: usize = 256 * 1024;
 /// Unauthenticated connections one peer address may hold at once, whatever
 /// `--max-unauthenticated` allows in all: one host cannot take every slot.
 pub const MAX_UNAUTHENTICATED_PER_PEER: usize = 8;
-/// Frames up to twice the codec's limit are read, so that the codec can answer a
-/// too-large message with a clear error; larger ones fail inside tungstenite.
-const WS_READ_LIMIT: usize = 2 * MAX_FRAME_BYTES;
 
 #[derive(Debug)]
 pub struct Config {
@@ -71,6 +66,7 @@ pub struct Config {
     /// Where runs are kept (`crate::runs`).
     pub data_dir: PathBuf,
     pub limits: crate::runs::Limits,
+    pub session_limits: crate::session::SessionLimits,
     /// The folder runs' `data` paths are relative to.
     pub data_root: Option<PathBuf>,
 }
@@ -153,6 +149,7 @@ impl Server {
                 config.data_root,
             )?,
             limits: config.limits,
+            session_limits: config.session_limits,
             web_dir: config.web_dir,
             hosts: auth::own_hosts(&addr.ip().to_string(), &config.extra_hosts),
             port: addr.port(),
@@ -265,14 +262,12 @@ async fn handle(
     let callback = move |req: &Request, resp: Response| -> Result<Response, ErrorResponse> {
         authorize(&check_state, req).map(|()| resp)
     };
-    let mut config = WebSocketConfig::default();
-    config.max_message_size = Some(WS_READ_LIMIT);
-    config.max_frame_size = Some(WS_READ_LIMIT);
+    let config = state.session_limits.websocket();
     let handshake = tokio_tungstenite::accept_hdr_async_with_config(io, callback, Some(config));
     let ws = tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake).await.context("websocket handshake timed out")??;
     // Authenticated: the unauthenticated slot goes, a session slot is taken.
     drop(pending);
-    let mut conn = Connection::new(ws);
+    let mut conn = Connection::new(ws, state.session_limits.max_message_bytes);
     let Ok(_session) = Arc::clone(&state.sessions).try_acquire_owned() else {
         tracing::warn!("refused a session: --max-connections reached");
         conn.close(

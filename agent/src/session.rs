@@ -7,8 +7,10 @@
 //! live records it already sent are skipped, and when it falls behind the live stream it
 //! catches up from the file. A client that stops reading is dropped once a write has
 //! waited [`WRITE_TIMEOUT`]; one that goes silent (no frame, not even a pong to the
-//! agent's pings) for [`IDLE_TIMEOUT`] is closed; one that sends more than
-//! [`MAX_MESSAGES_PER_SECOND`] (bursts of [`MESSAGE_BURST`]) is refused and closed.
+//! agent's pings) for [`IDLE_TIMEOUT`] is closed; one that sends more messages a second
+//! than its [`SessionLimits`] allow (`--max-messages-per-second`, bursts of twice that)
+//! is refused and closed, and so is one that sends a message larger than
+//! `--max-message-bytes`.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -30,10 +32,41 @@ pub const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 pub const PING_INTERVAL: Duration = Duration::from_secs(15);
 /// A client heard from (any frame, pongs included) less recently than this is closed.
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
-/// Messages a client may send per second, on average.
-pub const MAX_MESSAGES_PER_SECOND: f64 = 50.0;
-/// ... and in a burst.
-pub const MESSAGE_BURST: f64 = 100.0;
+/// What one client's session may use; `serve` flags set them.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct SessionLimits {
+    /// The largest message a client may send (at most the codec's 1 MiB).
+    pub max_message_bytes: usize,
+    /// Bytes the agent buffers for one client before a write waits for the socket
+    /// (and a client that does not read is dropped after [`WRITE_TIMEOUT`]).
+    pub write_buffer_bytes: usize,
+    /// Messages a client may send a second, on average; bursts of twice that.
+    pub messages_per_second: u32,
+}
+
+impl Default for SessionLimits {
+    fn default() -> SessionLimits {
+        SessionLimits {
+            max_message_bytes: shared::codec::MAX_FRAME_BYTES,
+            write_buffer_bytes: 128 << 10,
+            messages_per_second: 50,
+        }
+    }
+}
+
+impl SessionLimits {
+    /// tungstenite's settings for these limits: frames up to twice the message limit
+    /// are read (so that the client learns why it is refused), larger ones end the
+    /// connection; the write buffer holds at most one message past its size.
+    pub fn websocket(&self) -> tokio_tungstenite::tungstenite::protocol::WebSocketConfig {
+        let mut c = tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default();
+        c.max_message_size = Some(2 * self.max_message_bytes);
+        c.max_frame_size = Some(2 * self.max_message_bytes);
+        c.write_buffer_size = self.write_buffer_bytes;
+        c.max_write_buffer_size = self.write_buffer_bytes + 2 * shared::codec::MAX_FRAME_BYTES;
+        c
+    }
+}
 
 /// What every connection shares.
 #[derive(Debug)]
@@ -45,6 +78,7 @@ pub struct State {
     pub hello: Hello,
     pub runs: Arc<Runs>,
     pub limits: crate::runs::Limits,
+    pub session_limits: SessionLimits,
     pub web_dir: Option<PathBuf>,
     /// Names a request's `Host` may give (`auth::host_allowed`), and the bound port.
     pub hosts: Vec<String>,
@@ -91,15 +125,21 @@ async fn next_live(watch: &mut Option<Watch>) -> Live {
 
 /// A token bucket.
 struct Rate {
+    per_second: f64,
     tokens: f64,
     at: Instant,
 }
 
 impl Rate {
+    fn new(per_second: u32) -> Rate {
+        let per_second = f64::from(per_second);
+        Rate { per_second, tokens: 2.0 * per_second, at: Instant::now() }
+    }
+
     fn allow(&mut self) -> bool {
         let now = Instant::now();
-        let refill = now.duration_since(self.at).as_secs_f64() * MAX_MESSAGES_PER_SECOND;
-        self.tokens = (self.tokens + refill).min(MESSAGE_BURST);
+        let refill = now.duration_since(self.at).as_secs_f64() * self.per_second;
+        self.tokens = (self.tokens + refill).min(2.0 * self.per_second);
         self.at = now;
         if self.tokens >= 1.0 {
             self.tokens -= 1.0;
@@ -236,7 +276,7 @@ pub async fn run(mut conn: Connection, state: Arc<State>, mut shutdown: watch::R
         return;
     }
     let mut watch: Option<Watch> = None;
-    let mut rate = Rate { tokens: MESSAGE_BURST, at: Instant::now() };
+    let mut rate = Rate::new(state.session_limits.messages_per_second);
     let mut ping = tokio::time::interval_at(Instant::now() + PING_INTERVAL, PING_INTERVAL);
     loop {
         tokio::select! {
@@ -261,7 +301,10 @@ pub async fn run(mut conn: Connection, state: Arc<State>, mut shutdown: watch::R
                     }
                 };
                 if !rate.allow() {
-                    let why = format!("more than {MAX_MESSAGES_PER_SECOND} messages a second");
+                    let why = format!(
+                        "more than {} messages a second (--max-messages-per-second)",
+                        state.session_limits.messages_per_second
+                    );
                     let _ = send(&mut conn, &error(ErrorCode::RateLimited, why.clone())).await;
                     conn.close(CloseCode::Policy, &why).await;
                     break;

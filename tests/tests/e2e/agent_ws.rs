@@ -186,6 +186,42 @@ async fn bad_frames_get_an_error_and_a_close_and_others_keep_working() -> anyhow
 }
 
 #[tokio::test]
+async fn the_configured_message_size_and_rate_limits_hold() -> anyhow::Result<()> {
+    let flags = ["--max-message-bytes", "4096", "--max-messages-per-second", "5"];
+    let agent = AgentHandle::start_flags(&flags, None)?;
+    // Over the configured 4 KiB, far below the protocol's 1 MiB.
+    let big = shared::codec::encode(&Message::Error { code: ErrorCode::Internal, message: "x".repeat(5000) })?;
+    expect_rejected(&agent, tungstenite::Message::Binary(big.into()), ErrorCode::TooLarge, 1009).await?;
+    // 5 a second with bursts of 10: a client that sends 14 at once is served 10, give or
+    // take what refills meanwhile, then told why and closed.
+    let mut ws = agent.connect().await?;
+    for _ in 0..14 {
+        send(&mut ws, &Message::ListRuns { before: None, limit: 1 }).await?;
+    }
+    let mut answered = 0;
+    loop {
+        match next(&mut ws).await? {
+            Inbound::Message(Message::Runs { .. }) => answered += 1,
+            Inbound::Message(Message::Error { code: ErrorCode::RateLimited, message }) => {
+                assert!(message.contains("--max-messages-per-second"), "{message}");
+                break;
+            }
+            other => panic!("expected Runs or RateLimited, got {other:?}"),
+        }
+    }
+    assert!((10..=11).contains(&answered), "{answered} answered");
+    assert!(matches!(next(&mut ws).await?, Inbound::Closed(Some(f)) if u16::from(f.code) == 1008));
+    still_serves(&agent).await?;
+    // Out-of-range limits are refused before the agent starts.
+    let (code, _, err) = headroom_tests::cli(&["serve", "--max-message-bytes", "100"])?;
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("--max-message-bytes") && err.contains("4096"), "{err}");
+    let (code, _, err) = headroom_tests::cli(&["serve", "--write-buffer-bytes", "1"])?;
+    assert!(code == 2 && err.contains("--write-buffer-bytes"), "{err}");
+    Ok(())
+}
+
+#[tokio::test]
 async fn invalid_plans_busy_agents_and_unknown_jobs_get_clear_errors() -> anyhow::Result<()> {
     let agent = AgentHandle::start(None)?;
     let mut ws = agent.connect().await?;
