@@ -2,13 +2,6 @@
 //! WebSocket, so it travels as the `token` query parameter) compared in constant time,
 //! and an `Origin` allowlist matched exactly on scheme, host and port.
 
-/// Generates a fresh 128-bit token as 32 hex characters (`rand`'s thread RNG, a CSPRNG
-/// seeded from the operating system).
-pub fn new_token() -> String {
-    let bytes: [u8; 16] = rand::random();
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
 /// The `token` parameter of a query string, percent-decoding not needed: tokens are hex.
 pub fn token_from_query(query: Option<&str>) -> Option<&str> {
     query?.split('&').find_map(|pair| pair.strip_prefix("token="))
@@ -173,8 +166,9 @@ mod tests {
 
     #[test]
     fn tokens_compare_and_parse() {
+        let new_token = || crate::tokens::generate().expect("the OS RNG");
         let t = new_token();
-        assert_eq!(t.len(), 32);
+        assert_eq!(t.len(), crate::tokens::TOKEN_HEX_CHARS);
         assert_ne!(t, new_token());
         assert!(crate::tokens::same(&t, &t));
         assert!(!crate::tokens::same("abc", &t));

@@ -564,7 +564,10 @@ async fn async_main(command: Command) -> anyhow::Result<()> {
                     None,
                 ),
                 None => {
-                    let token = token.unwrap_or_else(crate::auth::new_token);
+                    let token = match token {
+                        Some(t) => t,
+                        None => crate::tokens::generate()?,
+                    };
                     if token.len() < 16 || !token.bytes().all(|b| b.is_ascii_alphanumeric()) {
                         return Err(BadInput("--token: use at least 16 letters or digits".into()).into());
                     }

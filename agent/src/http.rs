@@ -11,8 +11,36 @@ use hyper_util::rt::TokioIo;
 
 const HEADER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
-/// Files larger than this are not served; the wasm bundle is well under it.
+/// Files larger than this are not served; the wasm bundle (2.6 MB) is well under it.
 const MAX_FILE_BYTES: u64 = 64 << 20;
+/// Served files are kept in memory, shared by every connection, up to this much in all
+/// (beyond it a file is read for each request); a file that changes is read again.
+const CACHE_BYTES: u64 = 128 << 20;
+
+type Cache = std::collections::HashMap<PathBuf, (std::time::SystemTime, Bytes)>;
+static CACHE: std::sync::Mutex<Option<Cache>> = std::sync::Mutex::new(None);
+
+/// The file's bytes: from the cache while its length and modification time are those
+/// cached, else read (and cached if there is room).
+async fn file_bytes(path: &Path, meta: &std::fs::Metadata) -> std::io::Result<Bytes> {
+    let modified = meta.modified()?;
+    let lock = || CACHE.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    if let Some((at, bytes)) = lock().get_or_insert_with(Cache::new).get(path)
+        && *at == modified
+        && bytes.len() as u64 == meta.len()
+    {
+        return Ok(bytes.clone());
+    }
+    let bytes = Bytes::from(tokio::fs::read(path).await?);
+    let mut cache = lock();
+    let cache = cache.get_or_insert_with(Cache::new);
+    cache.remove(path);
+    let held: u64 = cache.values().map(|(_, b)| b.len() as u64).sum();
+    if held + bytes.len() as u64 <= CACHE_BYTES {
+        cache.insert(path.to_owned(), (modified, bytes.clone()));
+    }
+    Ok(bytes)
+}
 
 const NOT_BUILT: &str = "<!doctype html><title>Headroom</title><h1>The planner is not built</h1>\
 <p>Run <code>scripts/run.sh</code>, which builds it with Trunk, or pass <code>--web-dir</code>.</p>";
@@ -100,16 +128,16 @@ async fn respond<B>(dir: Option<&Path>, req: &Request<B>) -> Response<Full<Bytes
         return text(StatusCode::NOT_FOUND, "not found\n", "text/plain");
     }
     let path = dir.join(rel);
-    match tokio::fs::metadata(&path).await {
-        Ok(m) if m.is_file() && m.len() <= MAX_FILE_BYTES => {}
+    let meta = match tokio::fs::metadata(&path).await {
+        Ok(m) if m.is_file() && m.len() <= MAX_FILE_BYTES => m,
         _ if rel == "index.html" => {
             return text(StatusCode::OK, NOT_BUILT, "text/html; charset=utf-8");
         }
         _ => return text(StatusCode::NOT_FOUND, "not found\n", "text/plain"),
     };
-    match tokio::fs::read(&path).await {
+    match file_bytes(&path, &meta).await {
         Ok(bytes) => {
-            let mut resp = Response::new(Full::new(Bytes::from(bytes)));
+            let mut resp = Response::new(Full::new(bytes));
             let headers = resp.headers_mut();
             headers.insert("content-type", hyper::header::HeaderValue::from_static(content_type(&path)));
             headers.insert("cache-control", hyper::header::HeaderValue::from_static("no-cache"));
@@ -117,5 +145,27 @@ async fn respond<B>(dir: Option<&Path>, req: &Request<B>) -> Response<Full<Bytes
             resp
         }
         Err(_) => text(StatusCode::NOT_FOUND, "not found\n", "text/plain"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn served_files_are_cached_until_they_change() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("app.js");
+        std::fs::write(&path, "one").expect("write");
+        let meta = std::fs::metadata(&path).expect("meta");
+        let first = file_bytes(&path, &meta).await.expect("read");
+        assert_eq!(&first[..], b"one");
+        // The same bytes, shared, while the file is unchanged.
+        let again = file_bytes(&path, &meta).await.expect("cached");
+        assert_eq!(again.as_ptr(), first.as_ptr());
+        // A rebuilt file is read again.
+        std::fs::write(&path, "two!").expect("rewrite");
+        let meta = std::fs::metadata(&path).expect("meta");
+        assert_eq!(&file_bytes(&path, &meta).await.expect("re-read")[..], b"two!");
     }
 }

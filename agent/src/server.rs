@@ -38,6 +38,10 @@ pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// pin megabytes in the kernel; with it, backlog beyond this and the job's event buffer
 /// is dropped (and counted) instead.
 const SEND_BUFFER_BYTES: usize = 256 * 1024;
+/// A page connection (HTTP, keep-alive included) lasts at most this long, so that a
+/// client that requests a file and never reads it gives its unauthenticated slot back.
+/// Browsers open a new connection for later requests.
+pub const PAGE_CONNECTION_TIMEOUT: Duration = Duration::from_secs(30);
 /// Unauthenticated connections one peer address may hold at once, whatever
 /// `--max-unauthenticated` allows in all: one host cannot take every slot.
 pub const MAX_UNAUTHENTICATED_PER_PEER: usize = 8;
@@ -251,10 +255,15 @@ async fn handle(
         tokio::time::timeout(HANDSHAKE_TIMEOUT, open(stream, tls)).await.context("no request line in time")??;
     let target = line.split(' ').nth(1).unwrap_or("");
     if !(target == "/ws" || target.starts_with("/ws?")) {
-        // Page requests keep their unauthenticated slot while the connection lasts; hyper
-        // closes slow headers and idle keep-alive connections.
+        // Page requests keep their unauthenticated slot while the connection lasts, at
+        // most PAGE_CONNECTION_TIMEOUT; hyper closes slow headers and idle keep-alive
+        // connections sooner.
         let _pending = pending;
-        return http::serve(io, state.web_dir.clone(), state.hosts.clone(), state.port).await;
+        let page = http::serve(io, state.web_dir.clone(), state.hosts.clone(), state.port);
+        return match tokio::time::timeout(PAGE_CONNECTION_TIMEOUT, page).await {
+            Ok(served) => served,
+            Err(_) => anyhow::bail!("page connection closed after {PAGE_CONNECTION_TIMEOUT:?}"),
+        };
     }
     let check_state = Arc::clone(&state);
     // tungstenite's `Callback` fixes this signature, large error type and all.

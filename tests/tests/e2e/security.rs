@@ -198,3 +198,44 @@ async fn idle_strangers_cannot_crowd_out_a_real_client() -> anyhow::Result<()> {
     assert!(waited < Duration::from_secs(12), "{waited:?}");
     Ok(())
 }
+
+/// Asks for the page on a fresh connection: whether an HTTP answer came within 2 s (a
+/// connection past the unauthenticated limits is closed without one).
+async fn page_served(port: u16) -> anyhow::Result<bool> {
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
+    s.write_all(format!("GET / HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n\r\n").as_bytes()).await?;
+    let mut head = [0u8; 12];
+    match tokio::time::timeout(Duration::from_secs(2), s.read_exact(&mut head)).await {
+        Ok(Ok(_)) => Ok(head.starts_with(b"HTTP/1.1 200")),
+        _ => Ok(false),
+    }
+}
+
+#[tokio::test]
+async fn page_clients_that_never_read_give_their_slots_back_at_the_deadline() -> anyhow::Result<()> {
+    let web = tempfile::tempdir()?;
+    std::fs::write(web.path().join("index.html"), "<!doctype html><title>page</title>")?;
+    // Far more than the socket buffers on both sides hold: the agent's writes wait.
+    std::fs::write(web.path().join("big.bin"), vec![7u8; 32 << 20])?;
+    let agent = AgentHandle::start_flags(&["--max-unauthenticated", "3"], Some(web.path().to_owned()))?;
+    assert!(page_served(agent.port).await?, "the page is served");
+    let mut stuck = Vec::new();
+    for _ in 0..3 {
+        let mut s = tokio::net::TcpStream::connect(("127.0.0.1", agent.port)).await?;
+        s.write_all(format!("GET /big.bin HTTP/1.1\r\nHost: 127.0.0.1:{}\r\n\r\n", agent.port).as_bytes()).await?;
+        stuck.push(s);
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let t0 = Instant::now();
+    assert!(!page_served(agent.port).await?, "three readers that never read hold every slot");
+    // They are closed at the page deadline (30 s), and the page is served again.
+    while !page_served(agent.port).await? {
+        anyhow::ensure!(t0.elapsed() < Duration::from_secs(45), "the slots never came back");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let waited = t0.elapsed().as_secs_f64() + 0.5;
+    println!("page connections that never read were closed after {waited:.1} s");
+    assert!(waited > 25.0, "not before the deadline: {waited:.1} s");
+    drop(stuck);
+    Ok(())
+}
