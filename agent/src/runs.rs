@@ -488,9 +488,10 @@ impl Runs {
                 let job = if self.runner.free_slots() > 0 { inner.queue.pop_front() } else { None };
                 job.and_then(|job| {
                     let e = inner.runs.get_mut(&job)?;
-                    let cancel = Arc::new(Notify::new());
+                    // A run put back after a lost race keeps its notification: a cancel
+                    // sent meanwhile stops it as soon as it starts.
+                    let cancel = Arc::clone(e.cancel.get_or_insert_with(|| Arc::new(Notify::new())));
                     e.info.state = RunState::Running;
-                    e.cancel = Some(Arc::clone(&cancel));
                     Some((job, e.plan.clone(), e.info.estimated_peak_bytes, cancel))
                 })
             };
@@ -518,7 +519,6 @@ impl Runs {
                         let mut inner = self.lock();
                         if let Some(e) = inner.runs.get_mut(&job) {
                             e.info.state = RunState::Queued;
-                            e.cancel = None;
                         }
                         inner.queue.push_front(job);
                     }
