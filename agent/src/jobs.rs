@@ -171,11 +171,14 @@ impl JobRunner {
             // Held back until the worker has exited and its slot is free, so that a
             // client may submit again as soon as it sees the end of its job.
             let mut terminal: Option<Message> = None;
+            // Set once: a worker that keeps talking after its end cannot stretch it.
+            let mut abandon_at: Option<tokio::time::Instant> = None;
             loop {
                 let read = if events_tx.is_closed() || terminal.is_some() {
                     // Nobody listens any more, or the worker has said its last word: give
-                    // it a grace period to stop or exit.
-                    match tokio::time::timeout(ABANDON_GRACE, pipe::read(&mut stdout)).await {
+                    // it one grace period, from now, to stop or exit.
+                    let deadline = *abandon_at.get_or_insert_with(|| tokio::time::Instant::now() + ABANDON_GRACE);
+                    match tokio::time::timeout_at(deadline, pipe::read(&mut stdout)).await {
                         Ok(r) => r,
                         Err(_) => {
                             tracing::warn!(job = id, "worker did not stop or exit in time; killing it");
