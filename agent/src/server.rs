@@ -154,7 +154,11 @@ impl Server {
             )?,
             limits: config.limits,
             session_limits: config.session_limits,
-            web_dir: config.web_dir,
+            pages: crate::http::router(
+                config.web_dir,
+                auth::own_hosts(&addr.ip().to_string(), &config.extra_hosts),
+                addr.port(),
+            ),
             hosts: auth::own_hosts(&addr.ip().to_string(), &config.extra_hosts),
             port: addr.port(),
         };
@@ -259,7 +263,7 @@ async fn handle(
         // most PAGE_CONNECTION_TIMEOUT; hyper closes slow headers and idle keep-alive
         // connections sooner.
         let _pending = pending;
-        let page = http::serve(io, state.web_dir.clone(), state.hosts.clone(), state.port);
+        let page = http::serve(io, state.pages.clone());
         return match tokio::time::timeout(PAGE_CONNECTION_TIMEOUT, page).await {
             Ok(served) => served,
             Err(_) => anyhow::bail!("page connection closed after {PAGE_CONNECTION_TIMEOUT:?}"),

@@ -12,7 +12,6 @@
 //! is refused and closed, and so is one that sends a message larger than
 //! `--max-message-bytes`.
 
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -79,7 +78,8 @@ pub struct State {
     pub runs: Arc<Runs>,
     pub limits: crate::runs::Limits,
     pub session_limits: SessionLimits,
-    pub web_dir: Option<PathBuf>,
+    /// The planner's HTTP routes (`crate::http`).
+    pub pages: axum::Router,
     /// Names a request's `Host` may give (`auth::host_allowed`), and the bound port.
     pub hosts: Vec<String>,
     pub port: u16,
