@@ -1,4 +1,5 @@
-//! The planning commands that need no trainer: `advise`, `link`, `export`, `schema`.
+//! The commands that need no trainer: `estimate`, `advise`, `link`, `export`,
+//! `schema`, and `token` for token files.
 //! Each prints JSON with stable keys under `--json`, for other tools to script.
 
 use shared::advise::{Advice, Request};
@@ -6,7 +7,8 @@ use shared::export::{Format, export};
 use shared::link::{self, Extras};
 use shared::schema::{self, Field};
 
-use crate::input::{PlanSource, bad_input, build_plan, find_gpu};
+use crate::input::{BadInput, PlanSource, bad_input, build_plan, find_gpu};
+use crate::report::estimate_json;
 
 /// What the advisor may change besides batch, precision, checkpointing and the allocator.
 fn parse_allow(allow: &[String]) -> anyhow::Result<(bool, bool)> {
@@ -179,6 +181,171 @@ pub fn schema(model: Option<&str>, json: bool) -> anyhow::Result<()> {
         let p = &f.param;
         let default = if p.default.is_empty() { "(unset)".to_owned() } else { p.default.clone() };
         println!("{:<22} {:<10} default {:<14} {}", p.key, f.group.label(), default, p.help);
+    }
+    Ok(())
+}
+
+/// `headroom estimate`: the estimate as a table, or as JSON with stable keys.
+pub fn estimate(
+    source: &PlanSource,
+    gpu: Option<&str>,
+    json: bool,
+    trace: bool,
+    calibration: Option<&std::path::Path>,
+) -> anyhow::Result<()> {
+    let (mut plan, graph) = build_plan(source)?;
+    let target = match gpu {
+        Some(name) => {
+            let g = find_gpu(name)?;
+            plan.resolve_memory_fraction(g.memory_bytes);
+            shared::estimate::Target::Cuda(g)
+        }
+        None => {
+            // A CPU job here uses this machine's threads unless the plan says otherwise.
+            plan.cpu_threads.get_or_insert_with(crate::train::machine_threads);
+            shared::estimate::Target::Cpu
+        }
+    };
+    if trace {
+        let mut events = Vec::new();
+        shared::estimate::estimate_graph(&plan, &graph, target, Default::default(), Some(&mut events))
+            .map_err(|e| BadInput(e.to_string()))?;
+        let mut stdout = std::io::stdout().lock();
+        use std::io::Write;
+        for ev in events {
+            let op = ev.node.and_then(|n| graph.nodes.get(n)).map(|n| n.op.name());
+            writeln!(
+                stdout,
+                "{}",
+                serde_json::json!({
+                    "phase": ev.phase.map(shared::estimate::Phase::key), "label": ev.label, "op": op,
+                    "node": ev.node, "bytes": ev.delta, "live": ev.live,
+                })
+            )?;
+        }
+        return Ok(());
+    }
+    let device = match target {
+        shared::estimate::Target::Cuda(g) => g.name.to_owned(),
+        shared::estimate::Target::Cpu => "cpu".to_owned(),
+    };
+    let calibrated = match crate::calibration::default_path(calibration) {
+        Some(path) => crate::calibration::lookup(&path, &plan, &device)?,
+        None => None,
+    };
+    if crate::probe::is_script(&plan) {
+        // No description to walk: the calibrated line is the only figure, and says so.
+        let Some((peak, entry)) = calibrated else {
+            return Err(BadInput(format!(
+                "model: {}; none is stored for this module and these knobs on {device}",
+                shared::estimate::SCRIPT_NOT_WALKED
+            ))
+            .into());
+        };
+        if json {
+            println!(
+                "{}",
+                serde_json::json!({
+                    "model": plan.model_name(), "estimated": false, "peak_bytes": null,
+                    "calibrated_peak_bytes": peak.round() as u64,
+                    "calibrated_from_micro_batches": entry.micro_batches, "device": device,
+                })
+            );
+        } else {
+            println!(
+                "calibrated peak {} (a TorchScript module, not estimated: a line through Headroom's trainer measured at micro-batches {:?} on {device})",
+                shared::Bytes(peak.round() as u64),
+                entry.micro_batches
+            );
+        }
+        return Ok(());
+    }
+    let e = shared::estimate::estimate_graph(&plan, &graph, target, Default::default(), None)
+        .map_err(|e| BadInput(e.to_string()))?;
+    if json {
+        let mut out = estimate_json(&e);
+        if let (Some((peak, entry)), Some(map)) = (&calibrated, out.as_object_mut()) {
+            map.insert("calibrated_peak_bytes".into(), (peak.round() as u64).into());
+            map.insert("calibrated_from_micro_batches".into(), entry.micro_batches.clone().into());
+        }
+        println!("{out}");
+    } else {
+        if let Some((peak, entry)) = &calibrated {
+            println!(
+                "calibrated peak {} (a line through Headroom's trainer measured at micro-batches {:?} on {device})",
+                shared::Bytes(peak.round() as u64),
+                entry.micro_batches
+            );
+        }
+        println!("{}: {} parameters (runtime {})", plan.name, e.params, e.runtime.word());
+        println!(
+            "peak {} during the {} (interval {} to {})",
+            e.peak_bytes,
+            e.peak_phase.label(),
+            e.peak_bytes_low,
+            e.peak_bytes_high
+        );
+        for (name, bytes) in e.breakdown.entries() {
+            println!("  {name:<16} {bytes}");
+        }
+        println!("between steps {}", e.steady_bytes);
+        println!("host peak {}", e.host_peak_bytes);
+        if let Some(d) = &e.device {
+            println!(
+                "{}: reserved {}, with the CUDA context {} of {} -> {}",
+                d.gpu,
+                d.reserved_peak_bytes,
+                d.device_peak_bytes,
+                d.capacity_bytes,
+                if d.fits { "fits" } else { "does not fit" }
+            );
+        }
+    }
+    Ok(())
+}
+
+/// What `headroom token` does.
+#[derive(clap::Subcommand, Debug)]
+pub enum TokenAction {
+    /// Add a token named NAME (the file is created, mode 600, if needed) and print it:
+    /// the only time it is shown.
+    Add {
+        name: String,
+        #[arg(long)]
+        token_file: std::path::PathBuf,
+    },
+    /// Remove the token named NAME; a running agent refuses it from its next connection.
+    Revoke {
+        name: String,
+        #[arg(long)]
+        token_file: std::path::PathBuf,
+    },
+    /// The names of the file's tokens (never the tokens).
+    List {
+        #[arg(long)]
+        token_file: std::path::PathBuf,
+    },
+}
+
+/// `headroom token add|revoke|list`.
+pub fn token(action: TokenAction) -> anyhow::Result<()> {
+    let bad = |e: crate::tokens::TokenFileError| BadInput(e.to_string());
+    match action {
+        TokenAction::Add { name, token_file } => {
+            let token = crate::tokens::add(&token_file, &name).map_err(bad)?;
+            // stdout holds the token alone, for scripts; the hint goes to stderr.
+            println!("{token}");
+            eprintln!("added token {name:?} to {}; it is not shown again", token_file.display());
+        }
+        TokenAction::Revoke { name, token_file } => {
+            crate::tokens::revoke(&token_file, &name).map_err(bad)?;
+            eprintln!("revoked token {name:?}; a running agent refuses it from its next connection");
+        }
+        TokenAction::List { token_file } => {
+            for e in crate::tokens::read(&token_file).map_err(bad)? {
+                println!("{}", e.name);
+            }
+        }
     }
     Ok(())
 }
