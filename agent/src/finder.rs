@@ -19,8 +19,9 @@ use shared::estimate::{Target, estimate_for};
 use shared::plan::{Plan, limits};
 use shared::protocol::ErrorCode;
 
+use crate::devices::target_for;
 use crate::input::bad_input;
-use crate::probe::{target_for, try_measure};
+use crate::probe::try_measure;
 
 /// Optimizer steps per probe: the first creates the optimizer state, the second is the
 /// steady state whose peak a run repeats.

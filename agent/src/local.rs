@@ -12,7 +12,7 @@ use crate::input::BadInput;
 use crate::jobs::JobRunner;
 
 pub async fn run(mut plan: Plan, files: crate::train::JobFiles, exe: PathBuf) -> anyhow::Result<()> {
-    let target = crate::probe::target_for(&mut plan)?;
+    let target = crate::devices::target_for(&mut plan)?;
     // Calibrations are stored under the plan as given (find-batch's key).
     let given = plan.clone();
     let plan = crate::train::as_run_here(&plan);

@@ -5,68 +5,11 @@
 
 use std::path::PathBuf;
 
-use anyhow::Context;
-use shared::estimate::{Target, estimate_for};
-use shared::gpus::{self, Gpu};
+use shared::estimate::estimate_for;
 use shared::plan::{Plan, Schedule};
 use shared::protocol::Message;
 
 use crate::jobs::JobRunner;
-
-/// The catalog entry for a GPU NVML names (its key without the memory suffix appears in
-/// the name and the memory is within 10 %), or one made from what NVML says, made once
-/// per name.
-pub(crate) fn gpu_for(name: &str, total: u64) -> &'static Gpu {
-    let norm = name.to_lowercase().replace([' ', '_'], "-");
-    let close = |g: &&Gpu| {
-        let base = match g.key.rsplit_once('-') {
-            Some((base, size)) if size.ends_with("gb") => base,
-            _ => g.key,
-        };
-        norm.contains(base) && (g.memory_bytes as f64 - total as f64).abs() < 0.1 * total as f64
-    };
-    if let Some(g) = gpus::CATALOG.iter().find(close) {
-        return g;
-    }
-    // An unknown board: its own entry (Hopper-class assumptions for the workspaces),
-    // leaked once per name so that every job on it shares it.
-    static DETECTED: std::sync::Mutex<Vec<&'static Gpu>> = std::sync::Mutex::new(Vec::new());
-    let mut detected = DETECTED.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-    if let Some(g) = detected.iter().find(|g| g.name == name && g.memory_bytes == total) {
-        return g;
-    }
-    let g: &'static Gpu = Box::leak(Box::new(Gpu {
-        key: "detected",
-        name: Box::leak(name.to_owned().into_boxed_str()),
-        memory_bytes: total,
-        compute_capability: (9, 0),
-    }));
-    detected.push(g);
-    g
-}
-
-/// What a plan's job runs on here, for its estimate: the GPU NVML lists for `cuda:N`
-/// (with the plan's memory fraction resolved against it), else the CPU. `auto` becomes
-/// the first GPU NVML lists, or the CPU.
-pub(crate) fn target_for(plan: &mut Plan) -> anyhow::Result<Target> {
-    let devices = crate::train::memory::nvml_devices();
-    if plan.device == shared::plan::DeviceChoice::Auto {
-        plan.device =
-            if devices.is_empty() { shared::plan::DeviceChoice::Cpu } else { shared::plan::DeviceChoice::Cuda(0) };
-    }
-    Ok(match plan.device {
-        shared::plan::DeviceChoice::Cuda(i) => {
-            let (name, total) = devices
-                .get(i as usize)
-                .cloned()
-                .with_context(|| format!("cuda:{i}: NVML does not list this device"))?;
-            let g = gpu_for(&name, total);
-            plan.resolve_memory_fraction(g.memory_bytes);
-            Target::Cuda(*g)
-        }
-        _ => Target::Cpu,
-    })
-}
 
 /// What one probe run measured, next to its estimate.
 pub struct Outcome {
@@ -104,7 +47,7 @@ pub async fn try_measure(
 ) -> anyhow::Result<Result<Outcome, shared::protocol::JobError>> {
     plan.device = crate::input::parse_device_arg(device)?;
     plan.schedule = Schedule::Steps(steps);
-    let target = target_for(&mut plan)?;
+    let target = crate::devices::target_for(&mut plan)?;
     let plan = crate::train::as_run_here(&plan);
     let estimate = match estimate_for(&plan, target) {
         Ok(e) => Some(e),
@@ -219,21 +162,4 @@ pub async fn probe(
         );
     }
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn nvml_names_find_their_catalog_entries() {
-        let mib = |m: u64| m << 20;
-        assert_eq!(gpu_for("NVIDIA GeForce RTX 4090", mib(24_564)).key, "rtx-4090");
-        assert_eq!(gpu_for("NVIDIA A100-SXM4-40GB", mib(40_960)).key, "a100-40gb");
-        assert_eq!(gpu_for("Tesla V100-SXM2-16GB", mib(16_160)).key, "v100-16gb");
-        assert_eq!(gpu_for("NVIDIA L4", mib(23_034)).key, "l4");
-        let a = gpu_for("Some Future GPU", mib(200_000));
-        assert_eq!(a.key, "detected");
-        assert!(std::ptr::eq(a, gpu_for("Some Future GPU", mib(200_000))), "made once");
-    }
 }

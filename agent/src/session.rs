@@ -420,7 +420,7 @@ fn submit(state: &State, plan: shared::Plan, force: bool) -> Result<(JobId, Mess
     // the CPU's kernels.
     let target = match state.hello.devices.iter().find(|d| d.id == device) {
         Some(d) if device.starts_with("cuda") => {
-            let gpu = crate::probe::gpu_for(&d.name, d.total_memory_bytes);
+            let gpu = crate::devices::gpu_for(&d.name, d.total_memory_bytes);
             plan.resolve_memory_fraction(gpu.memory_bytes);
             shared::estimate::Target::Cuda(*gpu)
         }
