@@ -54,11 +54,11 @@ pub struct ServeArgs {
     pub max_message_bytes: u32,
     /// Bytes buffered for one client before writes wait for its socket (16 KiB to
     /// 64 MiB); a client that stops reading is dropped after a 10 s wait.
-    #[arg(long, default_value_t = 128 << 10, value_parser = clap::value_parser!(u32).range(16 << 10..=64 << 20))]
+    #[arg(long, default_value_t = crate::session::DEFAULT_WRITE_BUFFER_BYTES, value_parser = clap::value_parser!(u32).range(16 << 10..=64 << 20))]
     pub write_buffer_bytes: u32,
     /// Messages a client may send a second on average (bursts of twice that); a
     /// faster one is told RateLimited and closed.
-    #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u32).range(1..=10_000))]
+    #[arg(long, default_value_t = crate::session::DEFAULT_MESSAGES_PER_SECOND, value_parser = clap::value_parser!(u32).range(1..=10_000))]
     pub max_messages_per_second: u32,
     /// Runs waiting for a slot at once; one more is refused as busy.
     #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..=10_000))]

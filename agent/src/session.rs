@@ -43,15 +43,9 @@ pub struct SessionLimits {
     pub messages_per_second: u32,
 }
 
-impl Default for SessionLimits {
-    fn default() -> SessionLimits {
-        SessionLimits {
-            max_message_bytes: shared::codec::MAX_FRAME_BYTES,
-            write_buffer_bytes: 128 << 10,
-            messages_per_second: 50,
-        }
-    }
-}
+/// `--write-buffer-bytes` and `--max-messages-per-second` when not given.
+pub const DEFAULT_WRITE_BUFFER_BYTES: u32 = 128 << 10;
+pub const DEFAULT_MESSAGES_PER_SECOND: u32 = 50;
 
 impl SessionLimits {
     /// tungstenite's settings for these limits: frames up to twice the message limit
