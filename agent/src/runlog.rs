@@ -39,7 +39,7 @@ pub enum LogError {
 /// Records a page holds at most, and bytes of them: what one read keeps in memory,
 /// however long the run.
 pub const PAGE_RECORDS: usize = 4096;
-pub const PAGE_BYTES: usize = 8 << 20;
+pub const PAGE_BYTES: usize = 1 << 20;
 
 /// Where reading goes on: a frame boundary and the number of the record there.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -77,20 +77,25 @@ pub struct Contents {
 /// Walks the good frames of `bytes` (a reader positioned at `cursor`, `len` bytes long
 /// in all): frames numbered up to `skip_through` are only checked for their length and
 /// number and passed over unread (a client already has them, so they were synced and
-/// checked when the log was opened); the others are checked against their CRC, decoded
-/// and handed to `each`, which returns `false` to stop. Returns the cursor after the last
-/// frame walked and whether `each` stopped the walk.
+/// checked when the log was opened); frames numbered past `through` are not walked
+/// (written but perhaps not yet synced); the others are checked against their CRC,
+/// decoded and handed to `each`, which returns `false` to stop. Returns the cursor after
+/// the last frame walked and whether `each` stopped the walk.
 fn walk<R: Read + Seek>(
     reader: &mut BufReader<R>,
     len: u64,
     mut cursor: Cursor,
     skip_through: u64,
+    through: u64,
     mut each: impl FnMut(u64, Message, usize) -> bool,
 ) -> (Cursor, bool) {
     let mut header = [0u8; HEADER + 8];
     let mut payload = Vec::new();
     loop {
-        if len - cursor.offset.min(len) < (HEADER + 8) as u64 || reader.read_exact(&mut header).is_err() {
+        if cursor.next_seq > through
+            || len - cursor.offset.min(len) < (HEADER + 8) as u64
+            || reader.read_exact(&mut header).is_err()
+        {
             return (cursor, false);
         }
         let size = u32::from_le_bytes([header[0], header[1], header[2], header[3]]) as usize;
@@ -136,16 +141,17 @@ fn open_at(path: &Path, cursor: Cursor) -> Result<Option<(BufReader<File>, u64)>
     Ok(Some((BufReader::with_capacity(1 << 20, file), len)))
 }
 
-/// The records after number `after`, from `cursor` on (a cursor a previous page
-/// returned, or [`Cursor::START`]): at most [`PAGE_RECORDS`] of them and about
-/// [`PAGE_BYTES`]. Frames up to `after` are passed over without being read.
-pub fn read_page(path: &Path, cursor: Cursor, after: u64) -> Result<Page, LogError> {
+/// The records after number `after` and up to number `through` (what is known to be
+/// synced), from `cursor` on (a cursor a previous page returned, or [`Cursor::START`]):
+/// at most [`PAGE_RECORDS`] of them and about [`PAGE_BYTES`]. Frames up to `after` are
+/// passed over without being read.
+pub fn read_page(path: &Path, cursor: Cursor, after: u64, through: u64) -> Result<Page, LogError> {
     let Some((mut reader, len)) = open_at(path, cursor)? else {
         return Ok(Page { records: Vec::new(), cursor, more: false });
     };
     let mut records = Vec::new();
     let mut bytes = 0;
-    let (cursor, more) = walk(&mut reader, len, cursor, after, |seq, m, size| {
+    let (cursor, more) = walk(&mut reader, len, cursor, after, through, |seq, m, size| {
         records.push((seq, m));
         bytes += size;
         records.len() < PAGE_RECORDS && bytes < PAGE_BYTES
@@ -159,7 +165,7 @@ pub fn read_all(path: &Path) -> Result<Vec<(u64, Message)>, LogError> {
     let mut out = Vec::new();
     let mut cursor = Cursor::START;
     loop {
-        let page = read_page(path, cursor, 0)?;
+        let page = read_page(path, cursor, 0, u64::MAX)?;
         out.extend(page.records);
         cursor = page.cursor;
         if !page.more {
@@ -174,7 +180,7 @@ pub fn check(path: &Path) -> Result<Contents, LogError> {
         return Ok(Contents::default());
     };
     let mut out = Contents::default();
-    let (end, _) = walk(&mut reader, len, Cursor::START, 0, |seq, m, _| {
+    let (end, _) = walk(&mut reader, len, Cursor::START, 0, u64::MAX, |seq, m, _| {
         out.count += 1;
         out.last = Some((seq, m));
         true
@@ -188,7 +194,7 @@ pub fn check(path: &Path) -> Result<Contents, LogError> {
 pub fn parse(bytes: &[u8]) -> (Vec<(u64, Message)>, u64) {
     let mut reader = BufReader::new(std::io::Cursor::new(bytes));
     let mut out = Vec::new();
-    let (end, _) = walk(&mut reader, bytes.len() as u64, Cursor::START, 0, |seq, m, _| {
+    let (end, _) = walk(&mut reader, bytes.len() as u64, Cursor::START, 0, u64::MAX, |seq, m, _| {
         out.push((seq, m));
         true
     });
@@ -370,32 +376,37 @@ mod tests {
         let all: Vec<Message> = (1..=n).map(batch).collect();
         w.append(&all).expect("append");
         // From the start: whole pages, each going on where the last stopped.
-        let first = read_page(&path, Cursor::START, 0).expect("page");
+        let first = read_page(&path, Cursor::START, 0, u64::MAX).expect("page");
         assert_eq!((first.records.len(), first.more), (PAGE_RECORDS, true));
         assert_eq!(first.cursor.next_seq, PAGE_RECORDS as u64 + 1);
-        let second = read_page(&path, first.cursor, 0).expect("page");
+        let second = read_page(&path, first.cursor, 0, u64::MAX).expect("page");
         assert_eq!(second.records[0].0, PAGE_RECORDS as u64 + 1);
-        let third = read_page(&path, second.cursor, 0).expect("page");
+        let third = read_page(&path, second.cursor, 0, u64::MAX).expect("page");
         assert_eq!((third.records.len(), third.more), (10, false));
         assert_eq!(third.records.last().map(|(s, m)| (*s, m.clone())), Some((n, batch(n))));
         // Nothing new: an empty page with the same cursor; new records: only them.
-        let none = read_page(&path, third.cursor, 0).expect("page");
+        let none = read_page(&path, third.cursor, 0, u64::MAX).expect("page");
         assert!(none.records.is_empty() && none.cursor == third.cursor && !none.more);
         w.append(&[batch(n + 1)]).expect("append");
-        let later = read_page(&path, third.cursor, 0).expect("page");
+        let later = read_page(&path, third.cursor, 0, u64::MAX).expect("page");
         assert_eq!(later.records.iter().map(|(s, _)| *s).collect::<Vec<_>>(), vec![n + 1]);
+        // Nothing past what is known to be synced.
+        let synced = read_page(&path, Cursor::START, 0, 5).expect("page");
+        assert_eq!((synced.records.len(), synced.more, synced.cursor.next_seq), (5, false, 6));
         // A client that has up to record 8,000 gets the rest, the first 8,000 passed over.
-        let tail = read_page(&path, Cursor::START, 8000).expect("page");
+        let tail = read_page(&path, Cursor::START, 8000, u64::MAX).expect("page");
         assert_eq!(tail.records.first().map(|(s, _)| *s), Some(8001));
         assert_eq!(tail.records.len() as u64, n + 1 - 8000);
         // An `after` past the end yields nothing; a frame still being written ends the page.
-        assert!(read_page(&path, Cursor::START, 1 << 40).expect("page").records.is_empty());
+        assert!(read_page(&path, Cursor::START, 1 << 40, u64::MAX).expect("page").records.is_empty());
         let whole = std::fs::read(&path).expect("bytes");
         let torn = dir.path().join("torn.log");
         std::fs::write(&torn, &whole[..whole.len() - 5]).expect("write");
-        let page = read_page(&torn, third.cursor, n).expect("page");
+        let page = read_page(&torn, third.cursor, n, u64::MAX).expect("page");
         assert!(page.records.is_empty() && !page.more);
-        assert!(read_page(&dir.path().join("absent.log"), Cursor::START, 0).expect("absent").records.is_empty());
+        assert!(
+            read_page(&dir.path().join("absent.log"), Cursor::START, 0, u64::MAX).expect("absent").records.is_empty()
+        );
     }
 
     #[test]

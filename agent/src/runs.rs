@@ -118,8 +118,9 @@ impl RunError {
     pub fn code(&self) -> ErrorCode {
         match self {
             RunError::QueueFull { .. } => ErrorCode::Busy,
-            RunError::Unknown(_) | RunError::Ended { .. } => ErrorCode::UnknownJob,
-            RunError::Ahead { .. } => ErrorCode::Unexpected,
+            RunError::Unknown(_) => ErrorCode::UnknownJob,
+            // A cancel that raced the end: the run is known, and stays as it ended.
+            RunError::Ended { .. } | RunError::Ahead { .. } => ErrorCode::Unexpected,
             RunError::Io(_) => ErrorCode::Internal,
         }
     }
@@ -386,9 +387,11 @@ impl Runs {
 
     /// A page of run `job`'s records on disk after `after`, read from `cursor` on (see
     /// `runlog::read_page`): memory and time per page are bounded however long the run.
+    /// Only records already synced (counted in the run's `records`) are read.
     pub async fn read_page(&self, job: JobId, cursor: runlog::Cursor, after: u64) -> Result<runlog::Page, RunError> {
         let log = self.run_dir(job).join("records.log");
-        tokio::task::spawn_blocking(move || runlog::read_page(&log, cursor, after))
+        let through = self.lock().runs.get(&job).ok_or(RunError::Unknown(job))?.info.records;
+        tokio::task::spawn_blocking(move || runlog::read_page(&log, cursor, after, through))
             .await
             .map_err(|e| RunError::Io(e.to_string()))?
             .map_err(|e| RunError::Io(e.to_string()))

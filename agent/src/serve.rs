@@ -60,6 +60,10 @@ pub struct ServeArgs {
     /// faster one is told RateLimited and closed.
     #[arg(long, default_value_t = crate::session::DEFAULT_MESSAGES_PER_SECOND, value_parser = clap::value_parser!(u32).range(1..=10_000))]
     pub max_messages_per_second: u32,
+    /// How long a connection for the planner's files may last, in seconds (1 to 3,600),
+    /// so that one that never reads gives its slot back.
+    #[arg(long, default_value_t = crate::server::DEFAULT_PAGE_CONNECTION_SECONDS, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub page_connection_seconds: u64,
     /// Runs waiting for a slot at once; one more is refused as busy.
     #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..=10_000))]
     pub max_queued: u32,
@@ -103,6 +107,7 @@ pub async fn serve(args: ServeArgs, exe: PathBuf) -> anyhow::Result<()> {
         max_message_bytes,
         write_buffer_bytes,
         max_messages_per_second,
+        page_connection_seconds,
         max_job_steps,
         max_job_seconds,
         data_root,
@@ -174,6 +179,7 @@ pub async fn serve(args: ServeArgs, exe: PathBuf) -> anyhow::Result<()> {
         worker_exe: exe,
         data_dir,
         limits: crate::runs::Limits { max_job_steps, max_job_seconds, max_queued: max_queued as usize },
+        page_timeout: std::time::Duration::from_secs(page_connection_seconds),
         session_limits: crate::session::SessionLimits {
             max_message_bytes: max_message_bytes as usize,
             write_buffer_bytes: write_buffer_bytes as usize,

@@ -38,10 +38,11 @@ pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// pin megabytes in the kernel; with it, backlog beyond this and the job's event buffer
 /// is dropped (and counted) instead.
 const SEND_BUFFER_BYTES: usize = 256 * 1024;
-/// A page connection (HTTP, keep-alive included) lasts at most this long, so that a
-/// client that requests a file and never reads it gives its unauthenticated slot back.
-/// Browsers open a new connection for later requests.
-pub const PAGE_CONNECTION_TIMEOUT: Duration = Duration::from_secs(30);
+/// A page connection (HTTP, keep-alive included) lasts at most this long by default
+/// (`--page-connection-seconds`), so that a client that requests a file and never reads
+/// it gives its unauthenticated slot back; long enough for the 2.6 MB planner over a
+/// slow link. Browsers open a new connection for later requests.
+pub const DEFAULT_PAGE_CONNECTION_SECONDS: u64 = 120;
 /// Unauthenticated connections one peer address may hold at once, whatever
 /// `--max-unauthenticated` allows in all: one host cannot take every slot.
 pub const MAX_UNAUTHENTICATED_PER_PEER: usize = 8;
@@ -71,6 +72,8 @@ pub struct Config {
     pub data_dir: PathBuf,
     pub limits: crate::runs::Limits,
     pub session_limits: crate::session::SessionLimits,
+    /// How long a page connection may last.
+    pub page_timeout: Duration,
     /// The folder runs' `data` paths are relative to.
     pub data_root: Option<PathBuf>,
 }
@@ -154,6 +157,7 @@ impl Server {
             )?,
             limits: config.limits,
             session_limits: config.session_limits,
+            page_timeout: config.page_timeout,
             pages: crate::http::router(
                 config.web_dir,
                 auth::own_hosts(&addr.ip().to_string(), &config.extra_hosts),
@@ -260,13 +264,13 @@ async fn handle(
     let target = line.split(' ').nth(1).unwrap_or("");
     if !(target == "/ws" || target.starts_with("/ws?")) {
         // Page requests keep their unauthenticated slot while the connection lasts, at
-        // most PAGE_CONNECTION_TIMEOUT; hyper closes slow headers and idle keep-alive
+        // most --page-connection-seconds; hyper closes slow headers and idle keep-alive
         // connections sooner.
         let _pending = pending;
         let page = http::serve(io, state.pages.clone());
-        return match tokio::time::timeout(PAGE_CONNECTION_TIMEOUT, page).await {
+        return match tokio::time::timeout(state.page_timeout, page).await {
             Ok(served) => served,
-            Err(_) => anyhow::bail!("page connection closed after {PAGE_CONNECTION_TIMEOUT:?}"),
+            Err(_) => anyhow::bail!("page connection closed after {:?}", state.page_timeout),
         };
     }
     let check_state = Arc::clone(&state);

@@ -72,6 +72,8 @@ pub struct State {
     pub runs: Arc<Runs>,
     pub limits: crate::runs::Limits,
     pub session_limits: SessionLimits,
+    /// How long a page connection may last (`--page-connection-seconds`).
+    pub page_timeout: Duration,
     /// The planner's HTTP routes (`crate::http`).
     pub pages: axum::Router,
     /// Names a request's `Host` may give (`auth::host_allowed`), and the bound port.

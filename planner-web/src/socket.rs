@@ -68,11 +68,15 @@ pub fn token_from_location() -> Option<String> {
     search.trim_start_matches('?').split('&').find_map(|kv| kv.strip_prefix("token=")).map(str::to_owned)
 }
 
-/// The address of the agent that served this page.
+/// The address of the agent that served this page, with its port even when it is the
+/// scheme's default (so that the same agent typed in as `host:443` is the same entry).
 pub fn home_address() -> Option<AgentAddress> {
     let location = web_sys::window()?.location();
-    let scheme = if location.protocol().ok()? == "https:" { "wss" } else { "ws" };
-    let host = location.host().ok()?;
+    let secure = location.protocol().ok()? == "https:";
+    let scheme = if secure { "wss" } else { "ws" };
+    let port =
+        location.port().ok().filter(|p| !p.is_empty()).unwrap_or_else(|| (if secure { "443" } else { "80" }).into());
+    let host = format!("{}:{port}", location.hostname().ok()?);
     Some(AgentAddress { socket_url: format!("{scheme}://{host}/ws"), label: host })
 }
 
@@ -162,7 +166,7 @@ fn apply_compared(state: AgentState, seq: u64, record: Record) -> bool {
             Record::Finished { summary } => c.summary = Some(summary),
             Record::Failed { error } => c.error = Some(error),
         }
-        c.done |= c.summary.is_some() || c.error.is_some();
+        c.done |= c.summary.is_some() || c.error.is_some() || (c.records_total > 0 && seq >= c.records_total);
         ended = c.done;
     });
     ended
@@ -172,10 +176,22 @@ fn apply(label: &str, state: AgentState, socket: AgentSocket, message: Message) 
     match message {
         Message::Hello(hello) => {
             state.hello.set(Some(hello));
-            // Carry on with the watched run, or find the one a reloaded page watched.
-            if let Some(job) = state.live_job() {
+            // Carry on where the page was: a comparison being fetched (the watched run
+            // follows it), the watched run, a run asked for, or the one a reloaded page
+            // watched.
+            let comparing =
+                state.compare.with_untracked(|c| c.as_ref().filter(|c| !c.done).map(|c| (c.job, c.last_seq)));
+            if let Some((job, after)) = comparing {
+                let _ = socket.send(&Message::Attach { job, after });
+            } else if let Some(job) = state.live_job() {
                 let _ = socket.send(&Message::Attach { job, after: state.last_seq.get_untracked() });
-            } else if let Some(job) = state.resume.get_untracked() {
+            }
+            if let Some(RunWant::Watch(job) | RunWant::OpenPlan(job)) = state.pending.get_untracked() {
+                let _ = socket.send(&Message::GetRun { job });
+            } else if comparing.is_none()
+                && state.live_job().is_none()
+                && let Some(job) = state.resume.get_untracked()
+            {
                 state.resume.set(None);
                 state.pending.set(Some(RunWant::Watch(job)));
                 let _ = socket.send(&Message::GetRun { job });
@@ -199,8 +215,10 @@ fn apply(label: &str, state: AgentState, socket: AgentSocket, message: Message) 
             if state.job.get_untracked() == JobState::Submitted {
                 state.job.set(JobState::Failed { job: None, error });
             } else if code == ErrorCode::UnknownJob && state.pending.get_untracked().is_some() {
+                if matches!(state.pending.get_untracked(), Some(RunWant::Watch(_))) {
+                    remember_run(label, None);
+                }
                 state.pending.set(None);
-                remember_run(label, None);
                 state.notice.set(Some(format!("the agent no longer has that run: {}", error.message)));
             } else if code == ErrorCode::UnknownJob
                 && state.compare.with_untracked(|c| c.as_ref().is_some_and(|c| !c.done))
@@ -245,7 +263,9 @@ fn apply(label: &str, state: AgentState, socket: AgentSocket, message: Message) 
                 state.estimated_peak_bytes.set(Some(info.estimated_peak_bytes));
                 state.estimate.set(estimate.map(|e| *e));
                 state.planned_steps.set(info.steps);
-                if state.compare.with_untracked(|c| c.as_ref().is_some_and(|c| c.job == job)) {
+                // The session now follows this run: a comparison still being fetched
+                // (or of this very run) is dropped.
+                if state.compare.with_untracked(|c| c.as_ref().is_some_and(|c| c.job == job || !c.done)) {
                     state.compare.set(None);
                 }
                 state.job.set(JobState::Running {
@@ -266,10 +286,29 @@ fn apply(label: &str, state: AgentState, socket: AgentSocket, message: Message) 
             state.runs_asked.set(None);
             match asked {
                 // An older page: after what is shown.
-                Some(Some(_)) => state.runs.update(|r| r.extend(runs)),
-                _ => state.runs.set(runs),
+                Some(Some(_)) => {
+                    state.runs.update(|r| r.extend(runs));
+                    state.runs_more.set(more);
+                }
+                // The newest page: it replaces what it covers; older rows paged in
+                // before stay below it.
+                _ => {
+                    let oldest_new = runs.last().map(|r| r.job);
+                    let mut kept_older = false;
+                    state.runs.update(|r| {
+                        let older: Vec<_> = match oldest_new {
+                            Some(o) if more => r.iter().filter(|x| x.job < o).cloned().collect(),
+                            _ => Vec::new(),
+                        };
+                        kept_older = !older.is_empty();
+                        *r = runs;
+                        r.extend(older);
+                    });
+                    if !kept_older {
+                        state.runs_more.set(more);
+                    }
+                }
             }
-            state.runs_more.set(more);
         }
         Message::AgentStatus(status) => state.status.set(Some(status)),
         // Agents send their records as `Logged`; these come only from a worker.

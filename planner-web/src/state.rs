@@ -169,6 +169,9 @@ pub struct Compared {
     pub name: String,
     pub records: Vec<BatchRecord>,
     pub last_seq: u64,
+    /// Its records when it was chosen (it has ended): the last one's number, so that a
+    /// run whose end could not be written still completes.
+    pub records_total: u64,
     pub summary: Option<Summary>,
     pub error: Option<JobError>,
     /// Its last record has arrived.

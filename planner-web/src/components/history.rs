@@ -39,6 +39,7 @@ fn row(agent: Agent, run: RunInfo) -> impl IntoView {
         None => format!("{:?}", run.state),
     };
     let can_compare = ended(run.state);
+    let records_total = run.records;
     let watch = move |_| {
         state.pending.set(Some(RunWant::Watch(job)));
         let _ = socket.send(&Message::GetRun { job });
@@ -49,6 +50,7 @@ fn row(agent: Agent, run: RunInfo) -> impl IntoView {
             name: name.clone(),
             records: Vec::new(),
             last_seq: 0,
+            records_total,
             summary: None,
             error: None,
             done: false,
@@ -107,7 +109,8 @@ pub fn HistoryPanel(fleet: Fleet) -> impl IntoView {
                         {rows}
                     </table>
                     {move || state.runs_more.get().then(|| view! {
-                        <button data-testid="history-older" on:click=older>"Older runs"</button>
+                        <button data-testid="history-older" disabled=move || state.runs_asked.get().is_some()
+                            on:click=older>"Older runs"</button>
                     })}
                 }
             })}

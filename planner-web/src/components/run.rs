@@ -101,6 +101,10 @@ fn RunView(plan: Signal<Result<Plan, String>>, agent: Agent) -> impl IntoView {
             return;
         }
         state.planned_steps.set(plan.total_steps());
+        // The session will follow the new run: a comparison still being fetched ends.
+        if state.compare.with_untracked(|c| c.as_ref().is_some_and(|c| !c.done)) {
+            state.compare.set(None);
+        }
         match socket.send(&Message::Submit { plan, force: false }) {
             Ok(()) => {
                 send_error.set(None);
@@ -269,6 +273,15 @@ fn RunView(plan: Signal<Result<Plan, String>>, agent: Agent) -> impl IntoView {
             </table>
         })
     };
+    // A comparison stopped before its records are all in leaves the session on that
+    // run: follow the watched one again.
+    let stop_compare = move |_| {
+        let unfinished = compare.with_untracked(|c| c.as_ref().is_some_and(|c| !c.done));
+        compare.set(None);
+        if unfinished && let Some(job) = state.live_job() {
+            let _ = socket.send(&Message::Attach { job, after: state.last_seq.get_untracked() });
+        }
+    };
     let comparison = move || {
         let c: Compared = compare.get()?;
         let own_name = match state.job.get() {
@@ -299,7 +312,7 @@ fn RunView(plan: Signal<Result<Plan, String>>, agent: Agent) -> impl IntoView {
                 {own}
                 {other}
             </table>
-            <button data-testid="stop-compare" on:click=move |_| compare.set(None)>"Stop comparing"</button>
+            <button data-testid="stop-compare" on:click=stop_compare>"Stop comparing"</button>
         })
     };
 

@@ -141,6 +141,11 @@ async fn wait_text(
 
 async fn run_to_end(client: &fantoccini::Client, steps: u64) -> anyhow::Result<String> {
     click(client, "run").await?;
+    run_to_end_of(client, steps).await
+}
+
+/// Waits for the watched run to finish after `steps` steps; its status line.
+async fn run_to_end_of(client: &fantoccini::Client, steps: u64) -> anyhow::Result<String> {
     eventually("the run to finish", Duration::from_secs(90), || async {
         let t = text(client, "job-status").await.unwrap_or_default();
         anyhow::ensure!(!t.contains("failed") && !t.contains("refused"), "the run failed in the page: {t}");
@@ -230,6 +235,26 @@ async fn fleet(client: &fantoccini::Client, home: &AgentHandle, lab: &AgentHandl
     screenshot(client, "fleet-compare").await?;
     client.execute("document.querySelector('[data-testid=compare-table]').scrollIntoView()", vec![]).await?;
     screenshot(client, "fleet-history").await?;
+
+    // Compare while the watched run is live: the session follows the other run for a
+    // moment, then the watched one again from its last record; none of its records is lost.
+    click(client, "stop-compare").await?;
+    type_into(client, "field-steps", "5000").await?;
+    click(client, "run").await?;
+    wait_text(client, "job-progress", "run 3 under way", |t| t.contains(" of 5000")).await?;
+    let row = eventually("run 3 in the history", Duration::from_secs(30), || async {
+        Ok(client.find(Locator::Css("[data-testid=compare-1]")).await.ok())
+    })
+    .await?;
+    row.click().await?;
+    let status = run_to_end_of(client, 5000).await?;
+    assert!(status.starts_with("Job 3 finished"), "{status}");
+    wait_text(client, "compare-table", "run 1 beside run 3", |t| t.contains("run 1 (")).await?;
+    assert_eq!(
+        client.find(Locator::Css("[data-testid=loss-chart]")).await?.attr("data-points").await?.as_deref(),
+        Some("5000"),
+        "every record of the watched run, the pause for the comparison made up from the file"
+    );
 
     // Watch run 1 again; open its plan in the editor.
     click(client, "watch-1").await?;
