@@ -15,7 +15,7 @@ Two measurements, written as JSON under --out:
   and the device's use (cudaMemGetInfo) over the last of STEPS steps, once with
   cudnn.benchmark off (the default) and once on. The configurations are the CPU
   reference's (scripts/reference_peaks.py, the same constructor calls) and the
-  workloads W1-W3 of docs/workloads.md before and after their users' fixes, at their
+  workloads W1, W2, W3 and W5 of docs/workloads.md before and after their users' fixes, at their
   real sizes. Configurations that share an allocator setting run in one process;
   between them the cache is emptied and the peaks reset. One that runs out of memory
   is recorded as such, with the bytes it asked for.
@@ -49,14 +49,23 @@ UNET2D = ("monai.networks.nets.UNet(spatial_dims=2, in_channels=3, out_channels=
 
 
 def workload(id, plan, build, task, batch, optimizer, loss, accumulation=1, precision="fp32", checkpointing=None,
-             alloc_conf=""):
+             alloc_conf="", setup=""):
+    """`setup` runs once in the configuration's own process before CUDA is used (a
+    memory fraction); `alloc_conf` is its PYTORCH_CUDA_ALLOC_CONF."""
     return dict(id=id, plan=plan, build=build, task=task, batch=batch, optimizer=optimizer, loss=loss,
-                accumulation=accumulation, precision=precision, checkpointing=checkpointing, alloc_conf=alloc_conf)
+                accumulation=accumulation, precision=precision, checkpointing=checkpointing, alloc_conf=alloc_conf,
+                setup=setup)
 
+
+W5_ADAMW = "torch.optim.AdamW(model.parameters(), lr=1e-5, betas=(0.9, 0.98), eps=1e-6, weight_decay=0.2)"
+# open_clip's ViT-B/32, spelled out as the zoo's `clip` defaults are.
+CLIP_B32 = ("open_clip.model.CLIP(embed_dim=512, vision_cfg=open_clip.model.CLIPVisionCfg(layers=12, width=768, "
+            "patch_size=32, image_size=224), text_cfg=open_clip.model.CLIPTextCfg(context_length=77, "
+            "vocab_size=49408, width=512, heads=8, layers=12))")
+SERESNEXT = "timm.create_model('seresnext50_32x4d', pretrained=False)"
 
 # The workloads as their users' PyTorch scripts run them (examples/w*.yaml hold the same
-# plans for Headroom). W4's CPU-side surface term and W5 (open_clip ViT-B/32 at batch 96)
-# are not scripted yet.
+# plans for Headroom). W4 (its CPU-side surface term in the loss) is not scripted yet.
 WORKLOADS = [
     workload("w1-before", "examples/w1-before.yaml",
              "monai.networks.nets.SwinUNETR(in_channels=1, out_channels=2, feature_size=48)",
@@ -65,10 +74,20 @@ WORKLOADS = [
              "monai.networks.nets.SwinUNETR(in_channels=1, out_channels=2, feature_size=36, use_checkpoint=True)",
              ("segment", (1, 64, 64, 64), 2), 1, W1_ADAMW, DICE_CE, accumulation=8, precision="fp16",
              checkpointing="# use_checkpoint=True in the constructor", alloc_conf="expandable_segments:True"),
-    workload("w2-before", "examples/w2-before.yaml", "timm.create_model('seresnext50_32x4d', pretrained=False)",
-             ("classify", (3, 224, 224), 1000), 64, W2_SGD, ref.CE),
+    workload("w2-before", "examples/w2-before.yaml", SERESNEXT, ("classify", (3, 224, 224), 1000), 64, W2_SGD,
+             ref.CE),
+    workload("w2-after", "examples/w2-after.yaml", SERESNEXT, ("classify", (3, 224, 224), 1000), 8, W2_SGD, ref.CE,
+             accumulation=8, checkpointing="model.set_grad_checkpointing(True)"),
     workload("w3-before", "examples/w3-before.yaml", UNET2D, ("segment", (3, 1024, 1024), 1), 4, W3_ADAM,
              "torch.nn.BCEWithLogitsLoss()"),
+    workload("w3-after", "examples/w3-after.yaml", UNET2D, ("segment", (3, 1024, 1024), 1), 1, W3_ADAM,
+             "torch.nn.BCEWithLogitsLoss()", accumulation=4, precision="fp16",
+             alloc_conf="expandable_segments:True"),
+    workload("w5-before", "examples/w5-before.yaml", CLIP_B32, ("clip", (3, 224, 224), (77, 49408)), 96, W5_ADAMW,
+             "open_clip.ClipLoss()", precision="fp16"),
+    workload("w5-after", "examples/w5-after.yaml", CLIP_B32, ("clip", (3, 224, 224), (77, 49408)), 16, W5_ADAMW,
+             "open_clip.ClipLoss()", accumulation=8, precision="fp16",
+             setup="torch.cuda.set_per_process_memory_fraction(0.95)"),
 ]
 
 
@@ -182,6 +201,10 @@ def step_peaks(cfg, device, benchmark):
     segments = int(ck.split(":")[1]) if ck.startswith("sequential:") else 0
     precision = cfg["precision"]
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    if not on_cuda and dtype == torch.float16:
+        # A CPU rehearsal: fp16 kernels there are slow to the point of uselessness; bf16
+        # takes the same path (autocast, then the GradScaler below).
+        dtype = torch.bfloat16
     autocast = (lambda: torch.autocast(device, dtype=dtype)) if dtype else contextlib.nullcontext
     scaler = torch.amp.GradScaler(device) if precision == "fp16" else None
 
@@ -256,6 +279,10 @@ def reference_child(ids, device, benchmark, quick_mode):
     import warnings
     warnings.filterwarnings("ignore")
     by_id = {c["id"]: c for c in ref.CONFIGS + WORKLOADS}
+    # One setup per process (configurations are grouped by it).
+    setup = by_id[ids[0]].get("setup", "")
+    if setup and device == "cuda":
+        exec(setup, {"torch": torch})
     for cfg_id in ids:
         cfg = by_id[cfg_id]
         cfg = quick(cfg) if quick_mode else cfg
@@ -275,7 +302,7 @@ def references(device, quick_mode, only):
     configs = ref.CONFIGS + WORKLOADS
     if only:
         configs = [c for c in configs if c["id"] in only]
-    if quick_mode:
+    if quick_mode and not only:
         # One of each kind of model is enough to rehearse the plumbing.
         seen, picked = set(), []
         for c in configs:
@@ -287,9 +314,9 @@ def references(device, quick_mode, only):
     rows = []
     groups = {}
     for c in configs:
-        groups.setdefault(c.get("alloc_conf", ""), []).append(c["id"])
+        groups.setdefault((c.get("alloc_conf", ""), c.get("setup", "")), []).append(c["id"])
     for benchmark in (False, True):
-        for alloc_conf, ids in groups.items():
+        for (alloc_conf, _), ids in groups.items():
             env = dict(os.environ)
             if alloc_conf:
                 env["PYTORCH_CUDA_ALLOC_CONF"] = alloc_conf

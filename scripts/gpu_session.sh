@@ -3,7 +3,7 @@
 # with .gpu/headroom and .whl/ carried from scripts/gpu_prepare.sh. Writes to $OUT:
 #   env.txt              the device, driver, CUDA, cuDNN and package versions
 #   cuda_context.json    the CUDA context and workspaces per lazy-loading setting
-#   cuda_reference.json  PyTorch's own peaks for the zoo configurations and W1-W3
+#   cuda_reference.json  PyTorch's own peaks for the zoo configurations and W1-W3, W5
 #   accuracy-cuda-headroom.md  `headroom accuracy --device cuda`: W1-W5 before and
 #                        after, estimate vs the trainer's allocated, reserved and NVML
 #   session.log          everything printed
