@@ -213,21 +213,7 @@ def step_peaks(cfg, device, benchmark):
             return tuple(t.to(device) for t in v)
         return None if v is None else v.to(device)
 
-    def forward(inputs):
-        if task[0] == "lm":
-            return model(input_ids=inputs, labels=inputs)
-        if task[0] == "clip":
-            return model(*inputs)
-        if segments:
-            return torch.utils.checkpoint.checkpoint_sequential(model, segments, inputs, use_reentrant=False)
-        return model(inputs)
-
-    def compute_loss(out, labels):
-        if task[0] == "lm":
-            return out.loss
-        if task[0] == "clip":
-            return loss_fn(*out)
-        return loss_fn(out, labels)
+    forward, compute_loss = ref.step_functions(torch, model, task, segments, loss_fn)
 
     batch = out = loss = None
     result = {}

@@ -270,6 +270,30 @@ def segment_labels(torch, cfg, x):
     return torch.randint(0, classes, (b, *spatial))
 
 
+def step_functions(torch, model, task, segments, loss_fn):
+    """The model's forward pass and the loss as the task calls them: a language model
+    takes its inputs as labels and returns its loss, CLIP takes image and text, a
+    `checkpoint_sequential` plan runs in `segments`."""
+
+    def forward(inputs):
+        if task[0] == "lm":
+            return model(input_ids=inputs, labels=inputs)
+        if task[0] == "clip":
+            return model(*inputs)
+        if segments:
+            return torch.utils.checkpoint.checkpoint_sequential(model, segments, inputs, use_reentrant=False)
+        return model(inputs)
+
+    def compute_loss(out, labels):
+        if task[0] == "lm":
+            return out.loss
+        if task[0] == "clip":
+            return loss_fn(*out)
+        return loss_fn(out, labels)
+
+    return forward, compute_loss
+
+
 def run_job(cfg, onednn, measure, keep=None):
     """Builds and trains `cfg` for STEPS steps; `measure` is 'profiler' or 'rss'. With
     `keep` (a dict), the profiler is left there under "prof"."""
@@ -306,21 +330,7 @@ def run_job(cfg, onednn, measure, keep=None):
     autocast = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if cfg["precision"] == "bf16" \
         else contextlib.nullcontext
 
-    def forward(inputs):
-        if task[0] == "lm":
-            return model(input_ids=inputs, labels=inputs)
-        if task[0] == "clip":
-            return model(*inputs)
-        if segments:
-            return torch.utils.checkpoint.checkpoint_sequential(model, segments, inputs, use_reentrant=False)
-        return model(inputs)
-
-    def compute_loss(out, labels):
-        if task[0] == "lm":
-            return out.loss
-        if task[0] == "clip":
-            return loss_fn(*out)
-        return loss_fn(out, labels)
+    forward, compute_loss = step_functions(torch, model, task, segments, loss_fn)
 
     marks = []  # (name, start_ns, end_ns) of the last step's phases, for the profiler
 

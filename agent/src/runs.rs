@@ -338,11 +338,6 @@ impl Runs {
         Ok(id)
     }
 
-    /// The runs this agent knows, oldest first.
-    pub fn list(&self) -> Vec<RunInfo> {
-        self.lock().runs.values().map(|e| e.info.clone()).collect()
-    }
-
     /// A page of runs, newest first: those numbered below `before` (all: `None`), at most
     /// `limit` and [`MAX_RUNS_PER_PAGE`]; and whether older ones are left. Error
     /// messages are cut to [`MAX_RUN_ERROR_CHARS`] so a page stays small.
@@ -796,7 +791,8 @@ mod tests {
         std::fs::OpenOptions::new().write(true).open(&log5).expect("open").set_len(len - 2).expect("tear");
         let runs =
             Runs::open(dir.path(), JobRunner::new(PathBuf::from("/nonexistent"), 1), limits(), None).expect("open");
-        let state = |j| runs.list().into_iter().find(|r| r.job == j).map(|r| (r.state, r.records));
+        let list = |runs: &Runs| runs.lock().runs.values().map(|e| e.info.clone()).collect::<Vec<_>>();
+        let state = |j| list(&runs).into_iter().find(|r| r.job == j).map(|r| (r.state, r.records));
         assert_eq!(state(1), Some((RunState::Interrupted, 2)));
         assert_eq!(state(2), Some((RunState::Queued, 0)));
         assert_eq!(state(3), Some((RunState::Cancelled, 2)), "no second end appended");
@@ -810,7 +806,7 @@ mod tests {
         drop(runs);
         let again =
             Runs::open(dir.path(), JobRunner::new(PathBuf::from("/nonexistent"), 1), limits(), None).expect("reopen");
-        assert_eq!(again.list().iter().map(|r| r.records).collect::<Vec<_>>(), vec![2, 0, 2, 0, 2]);
+        assert_eq!(list(&again).iter().map(|r| r.records).collect::<Vec<_>>(), vec![2, 0, 2, 0, 2]);
     }
 
     #[test]

@@ -34,10 +34,6 @@ pub struct Fleet {
     next_key: StoredValue<u32>,
 }
 
-fn storage() -> Option<web_sys::Storage> {
-    web_sys::window()?.local_storage().ok()?
-}
-
 impl Fleet {
     /// The agent that served the page (when its address has a token) and the ones
     /// remembered in the browser's storage, each connecting.
@@ -51,7 +47,8 @@ impl Fleet {
         if let (Some(address), Some(token)) = (socket::home_address(), socket::token_from_location()) {
             fleet.join(address, token, true);
         }
-        let saved = storage().and_then(|s| s.get_item(fleet::STORAGE_KEY).ok().flatten()).unwrap_or_default();
+        let saved =
+            socket::local_storage().and_then(|s| s.get_item(fleet::STORAGE_KEY).ok().flatten()).unwrap_or_default();
         for (address, token) in fleet::decode_saved(&saved) {
             if fleet.check(&address).is_ok() {
                 fleet.join(address, token, false);
@@ -106,7 +103,7 @@ impl Fleet {
         let list: Vec<(AgentAddress, String)> = self
             .agents
             .with_untracked(|a| a.iter().filter(|a| !a.home).map(|a| (a.address.clone(), a.token.clone())).collect());
-        if let Some(s) = storage() {
+        if let Some(s) = socket::local_storage() {
             let _ = s.set_item(fleet::STORAGE_KEY, &fleet::encode_saved(&list));
         }
     }

@@ -85,7 +85,8 @@ fn storage_key(label: &str) -> String {
     format!("headroom.run@{label}")
 }
 
-fn local_storage() -> Option<web_sys::Storage> {
+/// The browser's local storage, where the page keeps its agents and watched runs.
+pub fn local_storage() -> Option<web_sys::Storage> {
     web_sys::window()?.local_storage().ok()?
 }
 

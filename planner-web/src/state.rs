@@ -178,6 +178,17 @@ pub struct Compared {
     pub done: bool,
 }
 
+impl JobState {
+    /// The run this state is about, once the agent has numbered it.
+    pub fn job(&self) -> Option<JobId> {
+        match self {
+            JobState::Running { job, .. } | JobState::Finished { job, .. } => Some(*job),
+            JobState::Failed { job, .. } => *job,
+            JobState::Idle | JobState::Submitted => None,
+        }
+    }
+}
+
 /// Everything one agent's socket updates.
 #[derive(Clone, Copy)]
 pub struct AgentState {

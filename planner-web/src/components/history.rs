@@ -18,11 +18,7 @@ fn ended(state: RunState) -> bool {
 }
 
 fn watched(state: AgentState) -> Option<u64> {
-    match state.job.get() {
-        JobState::Running { job, .. } | JobState::Finished { job, .. } => Some(job),
-        JobState::Failed { job, .. } => job,
-        _ => None,
-    }
+    state.job.with(JobState::job)
 }
 
 fn row(agent: Agent, run: RunInfo) -> impl IntoView {

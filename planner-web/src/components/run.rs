@@ -284,11 +284,8 @@ fn RunView(plan: Signal<Result<Plan, String>>, agent: Agent) -> impl IntoView {
     };
     let comparison = move || {
         let c: Compared = compare.get()?;
-        let own_name = match state.job.get() {
-            JobState::Running { job, .. } | JobState::Finished { job, .. } => format!("run {job} (watched)"),
-            JobState::Failed { job: Some(job), .. } => format!("run {job} (watched)"),
-            _ => "watched run".to_owned(),
-        };
+        let own_name =
+            state.job.with(JobState::job).map_or("watched run".to_owned(), |job| format!("run {job} (watched)"));
         let own_summary = match state.job.get() {
             JobState::Finished { summary, .. } => Some(summary),
             _ => None,
