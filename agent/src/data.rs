@@ -1067,6 +1067,9 @@ struct Queue {
     ready: BTreeMap<u64, Result<HostBatch, DataError>>,
     /// The next batch the trainer takes.
     taken: u64,
+    /// Batches workers have started and not finished: memory the resident set does
+    /// not show yet.
+    making: u64,
     stop: bool,
 }
 
@@ -1085,8 +1088,11 @@ struct Shared {
     room: Room,
 }
 
-/// Says whether host memory has room for one more batch.
-pub type Room = Box<dyn Fn() -> bool + Send + Sync>;
+/// Says whether host memory has room for one more batch, given how many batches other
+/// workers are making (started, so promised, but not yet resident): without them,
+/// workers that look at the same moment would each see the same room and together
+/// overshoot it.
+pub type Room = Box<dyn Fn(u64) -> bool + Send + Sync>;
 
 /// How long a waiting worker or trainer sleeps before it looks again.
 const POLL: std::time::Duration = std::time::Duration::from_millis(20);
@@ -1126,7 +1132,7 @@ impl Loader {
             batch,
             seed,
             start,
-            queue: Mutex::new(Queue { next_to_make: 0, ready: BTreeMap::new(), taken: 0, stop: false }),
+            queue: Mutex::new(Queue { next_to_make: 0, ready: BTreeMap::new(), taken: 0, making: 0, stop: false }),
             changed: Condvar::new(),
             workers: AtomicUsize::new(workers),
             prefetch: AtomicUsize::new(prefetch.max(1)),
@@ -1205,13 +1211,15 @@ fn worker(s: &Shared, id: usize) {
             return;
         }
         let active = id < s.workers.load(Ordering::Relaxed);
-        if active && q.next_to_make < q.taken + s.budget() && (s.room)() {
+        if active && q.next_to_make < q.taken + s.budget() && (s.room)(q.making) {
             let k = q.next_to_make;
             q.next_to_make += 1;
+            q.making += 1;
             drop(q);
             let b = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| s.make(k, &mut order)))
                 .unwrap_or_else(|_| Err(DataError(format!("the loader failed while making batch {k}"))));
             q = s.queue.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            q.making -= 1;
             q.ready.insert(k, b);
             s.changed.notify_all();
         } else {
@@ -1291,7 +1299,7 @@ mod tests {
         let ds = Arc::new(Dataset::open(dir.path(), dir.path(), None, want).expect("open"));
         assert_eq!(ds.len(), 10);
         let firsts = |workers: usize, prefetch: usize| -> Vec<(f32, i64)> {
-            let mut l = Loader::new(Arc::clone(&ds), 3, 7, 0, workers, prefetch, Box::new(|| true));
+            let mut l = Loader::new(Arc::clone(&ds), 3, 7, 0, workers, prefetch, Box::new(|_| true));
             (0..7)
                 .flat_map(|_| {
                     let b = l.take().expect("batch");
@@ -1310,7 +1318,7 @@ mod tests {
         assert_eq!(epoch, vec![0.0, 1.0, 2.0, 3.0, 4.0, 10.0, 11.0, 12.0, 13.0, 14.0]);
         assert!(inline.iter().all(|&(v, y)| (v >= 10.0) == (y == 1)));
         // Lowering while running keeps the order.
-        let mut l = Loader::new(Arc::clone(&ds), 3, 7, 0, 4, 4, Box::new(|| true));
+        let mut l = Loader::new(Arc::clone(&ds), 3, 7, 0, 4, 4, Box::new(|_| true));
         let mut got = Vec::new();
         for i in 0..7 {
             if i == 2 || i == 4 {

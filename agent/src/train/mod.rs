@@ -660,7 +660,8 @@ pub fn train(
     let effective = plan.micro_batch * plan.accumulation;
     // The host memory guard: room for two more batches and 8 MiB, else the loader is
     // lowered; lowered to nothing and still short, the job stops. Loader workers also
-    // wait before making a batch there is no room for.
+    // wait before making a batch there is no room for, counting the batches other
+    // workers are still making.
     let batch_bytes = shared::estimate::host::batch_bytes(&cur_graph);
     let reserve = 2 * batch_bytes + (8 << 20);
     let host_limit = plan.host_memory_limit_bytes;
@@ -693,9 +694,9 @@ pub fn train(
     let start_loader = |micro_batch: u64, step: u64, graph: &Graph| {
         source(graph).map(|d| {
             let swing = Arc::clone(&swing);
-            let room: data::Room = Box::new(move || {
+            let room: data::Room = Box::new(move |making| {
                 let room = memory::host_headroom(memory::host_rss_bytes(), swing.load(Ordering::Relaxed), host_limit);
-                room.bytes >= reserve + batch_bytes
+                room.bytes >= reserve + batch_bytes.saturating_mul(making + 1)
             });
             data::Loader::new(
                 d,
