@@ -134,7 +134,7 @@ impl JobRunner {
 
         // stdin: the plan, then control messages; closing it tells the worker to stop.
         tokio::spawn(async move {
-            if pipe::write(&mut stdin, &Message::Submit { plan, force: false }).await.is_err() {
+            if pipe::write(&mut stdin, &Message::Submit { plan, force: false, key: None }).await.is_err() {
                 return;
             }
             while let Some(message) = control_rx.recv().await {

@@ -110,6 +110,10 @@ pub enum RunError {
     Ended { job: JobId, state: RunState },
     #[error("run {job} has {records} records so far; there is nothing after record {after}")]
     Ahead { job: JobId, after: u64, records: u64 },
+    #[error("key {key:#018x} was used for run {job} with another plan; a new submission needs a new key")]
+    KeyReused { key: u64, job: JobId },
+    #[error("a submission with key {key:#018x} is being stored right now; send it again in a moment")]
+    KeyPending { key: u64 },
     #[error("{0}")]
     Io(String),
 }
@@ -121,6 +125,8 @@ impl RunError {
             RunError::Unknown(_) => ErrorCode::UnknownJob,
             // A cancel that raced the end: the run is known, and stays as it ended.
             RunError::Ended { .. } | RunError::Ahead { .. } => ErrorCode::Unexpected,
+            RunError::KeyReused { .. } => ErrorCode::InvalidPlan,
+            RunError::KeyPending { .. } => ErrorCode::Busy,
             RunError::Io(_) => ErrorCode::Internal,
         }
     }
@@ -145,12 +151,16 @@ struct Stored {
     /// The estimate the run was accepted with (runs stored before it was kept have none).
     #[serde(default)]
     estimate: Option<Estimate>,
+    /// The client's key for its submission (`Submit::key`), if it gave one.
+    #[serde(default)]
+    key: Option<u64>,
 }
 
 struct Entry {
     info: RunInfo,
     plan: Plan,
     estimate: Option<Estimate>,
+    key: Option<u64>,
     /// Live records, while the run is queued or running.
     live: Option<broadcast::Sender<LiveRecord>>,
     /// Asks the running job to stop (and kill it after the grace period).
@@ -161,7 +171,19 @@ struct Inner {
     runs: BTreeMap<JobId, Entry>,
     queue: VecDeque<JobId>,
     next_id: JobId,
+    /// Keys of submissions whose run is being stored (not yet in `runs`).
+    pending_keys: std::collections::HashSet<u64>,
     shutting_down: bool,
+}
+
+/// What a submission came to.
+#[derive(Debug)]
+pub struct Submitted {
+    pub job: JobId,
+    pub device: String,
+    pub estimate: Estimate,
+    /// The key named a run submitted before: nothing new was queued.
+    pub again: bool,
 }
 
 /// Every run of this agent; shared by all connections.
@@ -219,7 +241,12 @@ fn recover(id: JobId, path: &Path) -> anyhow::Result<Entry> {
         info.ended_unix_ms.get_or_insert_with(now_ms);
         write_stored(
             path,
-            &Stored { info: info.clone(), plan: stored.plan.clone(), estimate: stored.estimate.clone() },
+            &Stored {
+                info: info.clone(),
+                plan: stored.plan.clone(),
+                estimate: stored.estimate.clone(),
+                key: stored.key,
+            },
         )?;
     }
     if info.state == RunState::Running {
@@ -232,12 +259,17 @@ fn recover(id: JobId, path: &Path) -> anyhow::Result<Entry> {
         info.ended_unix_ms = Some(now_ms());
         write_stored(
             path,
-            &Stored { info: info.clone(), plan: stored.plan.clone(), estimate: stored.estimate.clone() },
+            &Stored {
+                info: info.clone(),
+                plan: stored.plan.clone(),
+                estimate: stored.estimate.clone(),
+                key: stored.key,
+            },
         )?;
         tracing::info!(run = id, "marked interrupted");
     }
     let live = (info.state == RunState::Queued).then(|| broadcast::channel(LIVE_BUFFER).0);
-    Ok(Entry { info, plan: stored.plan, estimate: stored.estimate, live, cancel: None })
+    Ok(Entry { info, plan: stored.plan, estimate: stored.estimate, key: stored.key, live, cancel: None })
 }
 
 impl Runs {
@@ -278,7 +310,13 @@ impl Runs {
             runner,
             limits,
             data_root,
-            inner: Mutex::new(Inner { runs, queue: sorted.into(), next_id, shutting_down: false }),
+            inner: Mutex::new(Inner {
+                runs,
+                queue: sorted.into(),
+                next_id,
+                pending_keys: std::collections::HashSet::new(),
+                shutting_down: false,
+            }),
             wake: Notify::new(),
             active: tokio::sync::watch::channel(0).0,
         });
@@ -294,16 +332,46 @@ impl Runs {
         self.dir.join(id.to_string())
     }
 
-    /// Queues `plan` (validated, with its estimate) as a new run.
-    pub fn submit(&self, plan: Plan, device: String, estimate: &Estimate) -> Result<JobId, RunError> {
+    /// The run a kept submission with `key` became: its number, device and the estimate
+    /// it was accepted with. `plan` must be the one it was submitted with.
+    fn submitted_before(inner: &Inner, key: u64, plan: &Plan) -> Option<Result<Submitted, RunError>> {
+        if inner.pending_keys.contains(&key) {
+            return Some(Err(RunError::KeyPending { key }));
+        }
+        let (&job, e) = inner.runs.iter().find(|(_, e)| e.key == Some(key))?;
+        Some(match &e.estimate {
+            Some(estimate) if e.plan == *plan => {
+                Ok(Submitted { job, device: e.info.device.clone(), estimate: estimate.clone(), again: true })
+            }
+            _ => Err(RunError::KeyReused { key, job }),
+        })
+    }
+
+    /// Queues `plan` (validated, with its estimate) as a new run; or, when `key` names a
+    /// kept submission of the same plan, answers with that run instead.
+    pub fn submit(
+        &self,
+        plan: Plan,
+        device: String,
+        estimate: &Estimate,
+        key: Option<u64>,
+    ) -> Result<Submitted, RunError> {
         let id = {
             let mut inner = self.lock();
+            if let Some(key) = key
+                && let Some(before) = Self::submitted_before(&inner, key, &plan)
+            {
+                return before;
+            }
             let waiting = inner.runs.values().filter(|e| e.info.state == RunState::Queued).count();
             if waiting >= self.limits.max_queued {
                 return Err(RunError::QueueFull { limit: self.limits.max_queued });
             }
             let id = inner.next_id;
             inner.next_id += 1;
+            if let Some(key) = key {
+                inner.pending_keys.insert(key);
+            }
             id
         };
         let info = RunInfo {
@@ -319,23 +387,28 @@ impl Runs {
             measured_peak_bytes: None,
             error: None,
         };
-        let estimate = Some(estimate.clone());
+        let device = info.device.clone();
+        let kept = Some(estimate.clone());
         let dir = self.run_dir(id);
         // `create_dir`, not `create_dir_all`: a run's folder is always new.
-        std::fs::create_dir(&dir)
+        let stored = std::fs::create_dir(&dir)
             .and_then(|()| {
-                write_stored(&dir, &Stored { info: info.clone(), plan: plan.clone(), estimate: estimate.clone() })
+                write_stored(&dir, &Stored { info: info.clone(), plan: plan.clone(), estimate: kept.clone(), key })
             })
-            .map_err(|e| RunError::Io(format!("run {id}: {e}")))?;
+            .map_err(|e| RunError::Io(format!("run {id}: {e}")));
         {
             let mut inner = self.lock();
+            if let Some(key) = key {
+                inner.pending_keys.remove(&key);
+            }
+            stored?;
             let live = broadcast::channel(LIVE_BUFFER).0;
-            inner.runs.insert(id, Entry { info, plan, estimate, live: Some(live), cancel: None });
+            inner.runs.insert(id, Entry { info, plan, estimate: kept, key, live: Some(live), cancel: None });
             inner.queue.push_back(id);
         }
         self.wake.notify_one();
         self.prune();
-        Ok(id)
+        Ok(Submitted { job: id, device, estimate: estimate.clone(), again: false })
     }
 
     /// A page of runs, newest first: those numbered below `before` (all: `None`), at most
@@ -538,6 +611,7 @@ impl Runs {
                 info: e.info.clone(),
                 plan: e.plan.clone(),
                 estimate: e.estimate.clone(),
+                key: e.key,
             })
         };
         if let Some(stored) = stored
@@ -766,7 +840,7 @@ mod tests {
             measured_peak_bytes: None,
             error: None,
         };
-        write_stored(&run, &Stored { info, plan: Plan::example_mlp(), estimate: None }).expect("run.json");
+        write_stored(&run, &Stored { info, plan: Plan::example_mlp(), estimate: None, key: None }).expect("run.json");
         let (mut w, _) = runlog::Writer::open(&run.join("records.log")).expect("log");
         if !records.is_empty() {
             w.append(records).expect("append");
@@ -839,5 +913,42 @@ mod tests {
         assert_eq!(runs.get(3).expect("run 3").2, None, "stored without an estimate");
         assert!(matches!(runs.get(999), Err(RunError::Unknown(999))));
         assert_eq!(runs.queue(), (vec![7], Vec::new()));
+    }
+
+    #[test]
+    fn a_submission_sent_again_with_its_key_is_answered_with_its_run_even_after_a_restart() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let open =
+            || Runs::open(dir.path(), JobRunner::new(PathBuf::from("/nonexistent"), 1), limits(), None).expect("open");
+        let plan = Plan::example_mlp();
+        let estimate = shared::estimate::estimate(&plan).expect("estimate");
+        let runs = open();
+        let first = runs.submit(plan.clone(), "cpu".into(), &estimate, Some(42)).expect("first");
+        assert!(!first.again);
+        let again = runs.submit(plan.clone(), "cpu".into(), &estimate, Some(42)).expect("again");
+        assert_eq!((again.job, again.again, again.device.as_str()), (first.job, true, "cpu"));
+        assert_eq!(again.estimate, estimate);
+        // Without a key, or with another, it is a new run.
+        let other = runs.submit(plan.clone(), "cpu".into(), &estimate, Some(43)).expect("other");
+        let keyless = runs.submit(plan.clone(), "cpu".into(), &estimate, None).expect("keyless");
+        assert_eq!((other.job, keyless.job), (first.job + 1, first.job + 2));
+        // The same key with another plan is refused, naming the run.
+        let mut changed = plan.clone();
+        changed.name = "changed".into();
+        let e = runs.submit(changed.clone(), "cpu".into(), &estimate, Some(42)).expect_err("reused");
+        assert!(matches!(e, RunError::KeyReused { key: 42, job } if job == first.job), "{e}");
+        assert_eq!(e.code(), ErrorCode::InvalidPlan);
+        // While a keyed submission is being stored, the same key waits.
+        runs.lock().pending_keys.insert(44);
+        let e = runs.submit(plan.clone(), "cpu".into(), &estimate, Some(44)).expect_err("pending");
+        assert_eq!(e.code(), ErrorCode::Busy, "{e}");
+        runs.lock().pending_keys.remove(&44);
+        assert_eq!(runs.queue().0.len(), 3, "nothing queued twice");
+        // The key is kept in run.json: after a restart it still names the run.
+        drop(runs);
+        let runs = open();
+        let after = runs.submit(plan, "cpu".into(), &estimate, Some(42)).expect("after");
+        assert_eq!((after.job, after.again), (first.job, true));
+        assert_eq!(runs.queue().0.len(), 3);
     }
 }

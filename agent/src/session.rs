@@ -306,7 +306,7 @@ pub async fn run(mut conn: Connection, state: Arc<State>, mut shutdown: watch::R
                     break;
                 }
                 let ok = match message {
-                    Message::Submit { plan, force } => match submit(&state, plan, force) {
+                    Message::Submit { plan, force, key } => match submit(&state, plan, force, key) {
                         Ok((job, accepted)) => {
                             send(&mut conn, &accepted).await && attach(&mut conn, &state, &mut watch, job, 0).await
                         }
@@ -390,7 +390,7 @@ pub async fn run(mut conn: Connection, state: Arc<State>, mut shutdown: watch::R
 
 /// Validates and estimates a submitted plan and queues it as a run: `(run, Accepted)`,
 /// or the refusal to send.
-fn submit(state: &State, plan: shared::Plan, force: bool) -> Result<(JobId, Message), Box<Message>> {
+fn submit(state: &State, plan: shared::Plan, force: bool, key: Option<u64>) -> Result<(JobId, Message), Box<Message>> {
     let steps = plan.total_steps();
     if steps > state.limits.max_job_steps {
         let max = state.limits.max_job_steps;
@@ -443,10 +443,14 @@ fn submit(state: &State, plan: shared::Plan, force: bool) -> Result<(JobId, Mess
             ),
         )));
     }
-    match state.runs.submit(plan, device.clone(), &estimate) {
-        Ok(job) => {
-            tracing::info!(job, %device, "run accepted");
-            Ok((job, Message::Accepted { job, estimate, device }))
+    match state.runs.submit(plan, device, &estimate, key) {
+        Ok(s) => {
+            if s.again {
+                tracing::info!(job = s.job, "a submission sent again: answered with its run");
+            } else {
+                tracing::info!(job = s.job, device = %s.device, "run accepted");
+            }
+            Ok((s.job, Message::Accepted { job: s.job, estimate: s.estimate, device: s.device }))
         }
         Err(e) => Err(Box::new(error(e.code(), e.to_string()))),
     }

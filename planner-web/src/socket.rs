@@ -177,6 +177,19 @@ fn apply(label: &str, state: AgentState, socket: AgentSocket, message: Message) 
     match message {
         Message::Hello(hello) => {
             state.hello.set(Some(hello));
+            // A submission whose answer the lost connection took: the same again, with
+            // its key (the agent answers with the run it became, or queues it now).
+            if let JobState::Submitted { plan, key } = state.job.get_untracked() {
+                if let Err(e) = socket.send(&Message::Submit { plan: *plan, force: false, key: Some(key) }) {
+                    state.job.set(JobState::Failed {
+                        job: None,
+                        error: JobError { code: ErrorCode::Internal, message: format!("sending the plan again: {e}") },
+                    });
+                }
+                state.runs_asked.set(None);
+                socket.poll(state);
+                return;
+            }
             // Carry on where the page was: a comparison being fetched (the watched run
             // follows it), the watched run, a run asked for, or the one a reloaded page
             // watched.
@@ -213,7 +226,7 @@ fn apply(label: &str, state: AgentState, socket: AgentSocket, message: Message) 
             // A refused submission ends the "submitted" state; a compared run that is
             // gone ends the comparison; anything else (a cancel that raced the end) is a
             // notice beside the job's own state.
-            if state.job.get_untracked() == JobState::Submitted {
+            if matches!(state.job.get_untracked(), JobState::Submitted { .. }) {
                 state.job.set(JobState::Failed { job: None, error });
             } else if code == ErrorCode::UnknownJob && state.pending.get_untracked().is_some() {
                 if matches!(state.pending.get_untracked(), Some(RunWant::Watch(_))) {
@@ -390,12 +403,13 @@ fn open(target: std::rc::Rc<(AgentAddress, String)>, state: AgentState, agent: A
         } else {
             format!("connection closed (code {})", event.code())
         };
-        // A submission in flight has no answer coming: say so.
-        if state.job.get_untracked() == JobState::Submitted {
-            state.job.set(JobState::Failed {
-                job: None,
-                error: JobError { code: ErrorCode::Internal, message: format!("lost the agent: {reason}") },
-            });
+        // A submission in flight stays submitted: it is sent again, with its key, when
+        // the connection is back (see `Hello`).
+        if matches!(state.job.get_untracked(), JobState::Submitted { .. }) {
+            state.notice.set(Some(format!(
+                "lost the agent before it answered the submission ({reason}); it is sent again on reconnecting, \
+                 and the agent runs it once"
+            )));
         }
         state.runs_asked.set(None);
         // The run goes on at the agent: reconnect and re-attach.

@@ -146,10 +146,26 @@ pub enum Connection {
 #[derive(Clone, Debug, PartialEq)]
 pub enum JobState {
     Idle,
-    Submitted,
-    Running { job: JobId, device: String, estimated_peak_bytes: u64 },
-    Finished { job: JobId, summary: Summary },
-    Failed { job: Option<JobId>, error: JobError },
+    /// Sent and not yet answered. A connection lost before the answer sends the same
+    /// submission again, with its key, once it is back: the agent answers with the run
+    /// the first one became, or queues it if it never arrived.
+    Submitted {
+        plan: Box<shared::plan::Plan>,
+        key: u64,
+    },
+    Running {
+        job: JobId,
+        device: String,
+        estimated_peak_bytes: u64,
+    },
+    Finished {
+        job: JobId,
+        summary: Summary,
+    },
+    Failed {
+        job: Option<JobId>,
+        error: JobError,
+    },
 }
 
 /// What the page wants from the `Run` it asked an agent for.
@@ -184,7 +200,7 @@ impl JobState {
         match self {
             JobState::Running { job, .. } | JobState::Finished { job, .. } => Some(*job),
             JobState::Failed { job, .. } => *job,
-            JobState::Idle | JobState::Submitted => None,
+            JobState::Idle | JobState::Submitted { .. } => None,
         }
     }
 }

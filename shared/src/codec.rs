@@ -104,9 +104,9 @@ mod tests {
     fn fixed_bytes_notice_format_changes() {
         // If this fails, the wire format changed: bump PROTOCOL_VERSION and update it.
         let bytes = encode(&Message::Cancel { job: 5 }).expect("encode");
-        assert_eq!(bytes, vec![15, 0, 6, 5]);
+        assert_eq!(bytes, vec![16, 0, 6, 5]);
         let bytes = encode(&Message::Error { code: ErrorCode::Busy, message: "busy".into() }).expect("encode");
-        assert_eq!(bytes, vec![15, 0, 7, 5, 4, b'b', b'u', b's', b'y']);
+        assert_eq!(bytes, vec![16, 0, 7, 5, 4, b'b', b'u', b's', b'y']);
         // Accepted carries the whole Estimate: a field added to it or to Plan changes this
         // length. The value is this encoding's own; change it together with the version.
         let estimate = crate::estimate(&Plan::example_cnn()).expect("estimate");
@@ -138,7 +138,7 @@ mod tests {
                 devices: vec![DeviceInfo { id: "cpu".into(), name: "x86_64".into(), total_memory_bytes: 1 << 34 }],
                 capabilities: Capabilities { cuda: false, nvml: false, max_concurrent_jobs: 1 },
             }),
-            Message::Submit { plan, force: false },
+            Message::Submit { plan, force: false, key: Some(0x0123_4567_89ab_cdef) },
             Message::Accepted { job: 1, estimate, device: "cpu".into() },
             record(1, 3, 2.25, Some(5)),
             Message::Finished {

@@ -76,7 +76,7 @@ fn valid_frames() -> Vec<Vec<u8>> {
     let plan = Plan::example_cnn();
     let estimate = crate::estimate::estimate(&plan).expect("estimate");
     [
-        Message::Submit { plan: plan.clone(), force: false },
+        Message::Submit { plan: plan.clone(), force: false, key: Some(7) },
         Message::Accepted { job: 1, estimate, device: "cpu".into() },
         Message::Attach { job: 3, after: 9 },
         Message::ListRuns { before: None, limit: 100 },

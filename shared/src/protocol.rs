@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 use crate::estimate::{Estimate, Phase};
 use crate::plan::Plan;
 
-pub const PROTOCOL_VERSION: u16 = 15;
+pub const PROTOCOL_VERSION: u16 = 16;
 
 pub type JobId = u64;
 
@@ -34,6 +34,12 @@ pub enum Message {
         /// Run it even when its estimate exceeds the device's memory (or the plan's own
         /// `memory_limit_bytes`), which the agent otherwise refuses.
         force: bool,
+        /// Makes sending it again safe: a client that lost its connection before the
+        /// `Accepted` sends the same `Submit` again, and a kept run already submitted with
+        /// this key (and this plan) is answered with its `Accepted` and attached to,
+        /// instead of a second run starting. Chosen at random by the client, one per
+        /// submission; the same key with another plan is refused.
+        key: Option<u64>,
     },
     Accepted {
         job: JobId,

@@ -15,6 +15,18 @@ use crate::state::{Compared, Connection, JobState};
 /// Events the list shows (the newest).
 const EVENTS_SHOWN: usize = 20;
 
+/// A fresh key for one submission (`Submit::key`): 64 random bits from the browser's
+/// CSPRNG, so two submissions, from this page or any other, never share one.
+fn submission_key() -> Result<u64, String> {
+    let crypto = web_sys::window()
+        .ok_or("no window")?
+        .crypto()
+        .map_err(|e| format!("this browser has no crypto.getRandomValues: {e:?}"))?;
+    let mut bytes = [0u8; 8];
+    crypto.get_random_values_with_u8_array(&mut bytes).map_err(|e| format!("crypto.getRandomValues: {e:?}"))?;
+    Ok(u64::from_le_bytes(bytes))
+}
+
 fn fmt_bytes(v: f64) -> String {
     Bytes(v.max(0.0) as u64).to_string()
 }
@@ -86,7 +98,7 @@ fn RunView(plan: Signal<Result<Plan, String>>, agent: Agent) -> impl IntoView {
     let send_error = RwSignal::new(None::<String>);
     // The device to run on: "" for what the plan says.
     let device = RwSignal::new(String::new());
-    let running = move || matches!(state.job.get(), JobState::Submitted | JobState::Running { .. });
+    let running = move || matches!(state.job.get(), JobState::Submitted { .. } | JobState::Running { .. });
     let can_run = move || plan.with(|p| p.is_ok()) && state.connection.get() == Connection::Open && !running();
 
     let run = move |_| {
@@ -105,10 +117,17 @@ fn RunView(plan: Signal<Result<Plan, String>>, agent: Agent) -> impl IntoView {
         if state.compare.with_untracked(|c| c.as_ref().is_some_and(|c| !c.done)) {
             state.compare.set(None);
         }
-        match socket.send(&Message::Submit { plan, force: false }) {
+        let key = match submission_key() {
+            Ok(k) => k,
+            Err(e) => {
+                send_error.set(Some(e));
+                return;
+            }
+        };
+        match socket.send(&Message::Submit { plan: plan.clone(), force: false, key: Some(key) }) {
             Ok(()) => {
                 send_error.set(None);
-                state.job.set(JobState::Submitted);
+                state.job.set(JobState::Submitted { plan: Box::new(plan), key });
             }
             Err(e) => send_error.set(Some(e)),
         }
@@ -184,7 +203,7 @@ fn RunView(plan: Signal<Result<Plan, String>>, agent: Agent) -> impl IntoView {
 
     let status = move || match state.job.get() {
         JobState::Idle => "No job yet: press Run.".to_owned(),
-        JobState::Submitted => "Submitted…".to_owned(),
+        JobState::Submitted { .. } => "Submitted…".to_owned(),
         JobState::Running { job, device, .. } => {
             let n = state.records.with(Vec::len);
             match state.records.with(|r| r.last().map(|b| (b.step, b.loss))) {

@@ -24,7 +24,7 @@ async fn run_job_with(
     plan: Plan,
     force: bool,
 ) -> anyhow::Result<(u64, Vec<BatchRecord>, Result<Summary, Message>)> {
-    send(ws, &Message::Submit { plan, force }).await?;
+    send(ws, &Message::Submit { plan, force, key: None }).await?;
     let estimate = match recv(ws).await? {
         Message::Accepted { estimate, device, .. } => {
             assert_eq!(device, "cpu");
@@ -225,7 +225,7 @@ async fn invalid_plans_busy_agents_and_unknown_jobs_get_clear_errors() -> anyhow
     let mut ws = agent.connect().await?;
     let mut bad = Plan::example_mlp();
     bad.micro_batch = 0;
-    send(&mut ws, &Message::Submit { plan: bad, force: false }).await?;
+    send(&mut ws, &Message::Submit { plan: bad, force: false, key: None }).await?;
     match recv(&mut ws).await? {
         Message::Error { code: ErrorCode::InvalidPlan, message } => {
             assert!(message.starts_with("micro_batch:"), "{message}")
@@ -236,7 +236,7 @@ async fn invalid_plans_busy_agents_and_unknown_jobs_get_clear_errors() -> anyhow
     assert!(matches!(recv(&mut ws).await?, Message::Error { code: ErrorCode::UnknownJob, .. }));
 
     // One job at a time: a second client's run waits in the queue.
-    send(&mut ws, &Message::Submit { plan: cpu_plan(Plan::example_mlp(), 100_000), force: false }).await?;
+    send(&mut ws, &Message::Submit { plan: cpu_plan(Plan::example_mlp(), 100_000), force: false, key: None }).await?;
     let job = match recv(&mut ws).await? {
         Message::Accepted { job, .. } => job,
         other => panic!("expected Accepted, got {other:?}"),
@@ -244,7 +244,7 @@ async fn invalid_plans_busy_agents_and_unknown_jobs_get_clear_errors() -> anyhow
     // It runs once its first record arrives.
     assert!(matches!(recv(&mut ws).await?, Message::Batch(_)));
     let mut second = agent.connect().await?;
-    send(&mut second, &Message::Submit { plan: cpu_plan(Plan::example_mlp(), 2), force: false }).await?;
+    send(&mut second, &Message::Submit { plan: cpu_plan(Plan::example_mlp(), 2), force: false, key: None }).await?;
     let queued = match recv(&mut second).await? {
         Message::Accepted { job, .. } => job,
         other => panic!("expected Accepted (queued), got {other:?}"),
@@ -283,7 +283,7 @@ async fn invalid_plans_busy_agents_and_unknown_jobs_get_clear_errors() -> anyhow
     send(&mut second, &Message::GetRun { job: 9999 }).await?;
     assert!(matches!(recv(&mut second).await?, Message::Error { code: ErrorCode::UnknownJob, .. }));
     // A third run is cancelled while it waits.
-    send(&mut second, &Message::Submit { plan: cpu_plan(Plan::example_mlp(), 2), force: false }).await?;
+    send(&mut second, &Message::Submit { plan: cpu_plan(Plan::example_mlp(), 2), force: false, key: None }).await?;
     let third = match recv(&mut second).await? {
         Message::Accepted { job, .. } => job,
         other => panic!("expected Accepted, got {other:?}"),
@@ -354,7 +354,7 @@ async fn running_out_of_memory_fails_the_job_not_the_agent() -> anyhow::Result<(
 async fn a_crashed_worker_is_reported_and_the_agent_lives_on() -> anyhow::Result<()> {
     let agent = AgentHandle::start(None)?;
     let mut ws = agent.connect().await?;
-    send(&mut ws, &Message::Submit { plan: cpu_plan(Plan::example_mlp(), 100_000), force: false }).await?;
+    send(&mut ws, &Message::Submit { plan: cpu_plan(Plan::example_mlp(), 100_000), force: false, key: None }).await?;
     assert!(matches!(recv(&mut ws).await?, Message::Accepted { .. }));
     assert!(matches!(recv(&mut ws).await?, Message::Batch(_)));
     // Kill the worker as a segfault inside libtorch would.
@@ -395,7 +395,7 @@ async fn a_client_that_stops_reading_never_holds_training_back() -> anyhow::Resu
         learning_rate: 0.01,
         ..cpu_plan(Plan::example_mlp(), STEPS)
     };
-    send(&mut ws, &Message::Submit { plan, force: false }).await?;
+    send(&mut ws, &Message::Submit { plan, force: false, key: None }).await?;
     let job = match recv(&mut ws).await? {
         Message::Accepted { job, .. } => job,
         other => panic!("expected Accepted, got {other:?}"),

@@ -367,6 +367,52 @@ async fn drive(client: &fantoccini::Client, agent: &AgentHandle) -> anyhow::Resu
         let points = client.find(Locator::Css(&format!("[data-testid={chart}]"))).await?.attr("data-points").await?;
         assert_eq!(points.as_deref(), Some("50"), "{chart} after the reload");
     }
+
+    // The connection drops right after the page sends a Submit, before the agent's
+    // answer (the page's socket is closed just after the frame goes): on reconnecting
+    // the page sends the same submission again with its key, and the agent answers
+    // with the run the first one became. One run, not two, and it is watched to its end.
+    client
+        .execute(
+            r#"const send = WebSocket.prototype.send;
+               window.__cuts = 0;
+               window.__submits = [];
+               WebSocket.prototype.send = function (data) {
+                 send.call(this, data);
+                 const b = data instanceof ArrayBuffer ? new Uint8Array(data)
+                                                       : new Uint8Array(data.buffer, data.byteOffset, data.byteLength);
+                 // [version (2 bytes), variant]: variant 1 is Submit.
+                 if (b[2] === 1) window.__submits.push(Date.now());
+                 if (b[2] === 1 && window.__cuts === 0) {
+                   window.__cuts = 1;
+                   this.close(4000, "test: cut after Submit");
+                 }
+               };"#,
+            vec![],
+        )
+        .await?;
+    client.find(Locator::Css("[data-testid=run]")).await?.click().await?;
+    let status = run_to_end_of(client, 25).await?;
+    let cuts = client.execute("return window.__cuts;", vec![]).await?;
+    assert_eq!(cuts.as_u64(), Some(1), "the connection was cut after the Submit");
+    let mut ws = agent.connect().await?;
+    headroom_tests::send(&mut ws, &shared::protocol::Message::ListRuns { before: None, limit: 100 }).await?;
+    let shared::protocol::Message::Runs { runs, .. } = headroom_tests::recv(&mut ws).await? else {
+        anyhow::bail!("expected the agent's runs");
+    };
+    let jobs: Vec<u64> = runs.iter().map(|r| r.job).collect();
+    assert_eq!(jobs, vec![2, 1], "the submission sent again ran once: {status}");
+    // And the run is the first Submit's (made before the second was sent), so the agent
+    // did answer the second with it rather than never having seen the first.
+    let sent = client.execute("return window.__submits;", vec![]).await?;
+    let sent: Vec<u64> = sent.as_array().into_iter().flatten().filter_map(serde_json::Value::as_u64).collect();
+    assert_eq!(sent.len(), 2, "sent twice: {sent:?}");
+    assert!(
+        runs[0].created_unix_ms < sent[1],
+        "run 2 came from the first Submit: {} vs {sent:?}",
+        runs[0].created_unix_ms
+    );
+    println!("a Submit cut off from its answer in the browser: sent again, ran once as run 2 ({status})");
     Ok(())
 }
 

@@ -165,7 +165,7 @@ async fn hostile_http_handshakes_frames_and_plans_never_get_through_or_crash_the
         ("zero classes", with("num_classes", "0")?),
         ("a batch past its limit", with("batch", "65537")?),
     ] {
-        send(&mut ws, &Message::Submit { plan, force: false }).await?;
+        send(&mut ws, &Message::Submit { plan, force: false, key: None }).await?;
         match recv(&mut ws).await? {
             Message::Error { code: ErrorCode::InvalidPlan, message } => answers.push(format!("plan {name}: {message}")),
             other => panic!("{name}: expected InvalidPlan, got {other:?}"),
@@ -184,7 +184,7 @@ async fn hostile_http_handshakes_frames_and_plans_never_get_through_or_crash_the
 
 /// Runs `plan` with this one client; its training wall time.
 async fn run_alone(ws: &mut headroom_tests::Ws, plan: Plan) -> anyhow::Result<f64> {
-    send(ws, &Message::Submit { plan, force: false }).await?;
+    send(ws, &Message::Submit { plan, force: false, key: None }).await?;
     match recv(ws).await? {
         Message::Accepted { .. } => {}
         other => anyhow::bail!("expected Accepted, got {other:?}"),
@@ -224,7 +224,7 @@ async fn a_hundred_watchers_and_a_thousand_reconnects_leave_memory_flat_and_trai
         watchers.push(agent.connect().await?);
     }
     let stalled = agent.connect_slow(4096).await?;
-    send(&mut ws, &Message::Submit { plan: plan.clone(), force: false }).await?;
+    send(&mut ws, &Message::Submit { plan: plan.clone(), force: false, key: None }).await?;
     let job = match recv(&mut ws).await? {
         Message::Accepted { job, .. } => job,
         other => anyhow::bail!("expected Accepted, got {other:?}"),

@@ -16,7 +16,7 @@ fn cpu_plan(steps: u64) -> Plan {
 }
 
 async fn submit(ws: &mut Ws, plan: Plan) -> anyhow::Result<JobId> {
-    send(ws, &Message::Submit { plan, force: false }).await?;
+    send(ws, &Message::Submit { plan, force: false, key: None }).await?;
     match recv(ws).await? {
         Message::Accepted { job, .. } => Ok(job),
         other => anyhow::bail!("expected Accepted, got {other:?}"),
@@ -201,12 +201,63 @@ async fn a_run_outlives_its_client_and_unknown_runs_are_refused() -> anyhow::Res
 }
 
 #[tokio::test]
+async fn a_submission_whose_answer_was_lost_is_sent_again_with_its_key_and_runs_once() -> anyhow::Result<()> {
+    let agent = AgentHandle::start(None)?;
+    let key = Some(0x5eed_1234_abcd_0001);
+    let plan = cpu_plan(40);
+    // The connection drops after the Submit is sent, before the client reads Accepted.
+    let mut ws = agent.connect().await?;
+    send(&mut ws, &Message::Submit { plan: plan.clone(), force: false, key }).await?;
+    drop(ws);
+    let mut ws = agent.connect().await?;
+    let t0 = Instant::now();
+    let job = loop {
+        if let Some(r) = runs(&mut ws).await?.first() {
+            break r.job;
+        }
+        anyhow::ensure!(t0.elapsed() < Duration::from_secs(10), "the first Submit never became a run");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    // Sent again, it is answered with the run it became, and the records come from the
+    // first, each once.
+    send(&mut ws, &Message::Submit { plan: plan.clone(), force: false, key }).await?;
+    match recv(&mut ws).await? {
+        Message::Accepted { job: j, device, .. } => assert_eq!((j, device.as_str()), (job, "cpu")),
+        other => anyhow::bail!("expected Accepted, got {other:?}"),
+    }
+    let records = take(&mut ws, 1000).await?;
+    assert!(ended(&records), "the run ends");
+    let seqs: Vec<u64> = records.iter().map(|(s, _)| *s).collect();
+    assert_eq!(seqs, (1..=seqs.len() as u64).collect::<Vec<_>>(), "from the first record, no gap, no duplicate");
+    let list = runs(&mut ws).await?;
+    assert_eq!(list.iter().map(|r| r.job).collect::<Vec<_>>(), vec![job], "one run, not two");
+    // The same key with another plan is refused, naming the run; a new key is a new run.
+    send(&mut ws, &Message::Submit { plan: cpu_plan(41), force: false, key }).await?;
+    match recv(&mut ws).await? {
+        Message::Error { code: ErrorCode::InvalidPlan, message } => {
+            assert!(message.contains(&format!("run {job}")) && message.contains("another plan"), "{message}");
+        }
+        other => anyhow::bail!("expected an error, got {other:?}"),
+    }
+    send(&mut ws, &Message::Submit { plan, force: false, key: Some(0x5eed_1234_abcd_0002) }).await?;
+    match recv(&mut ws).await? {
+        Message::Accepted { job: j, .. } => assert_eq!(j, job + 1),
+        other => anyhow::bail!("expected Accepted, got {other:?}"),
+    }
+    println!(
+        "a lost answer: the Submit sent again with its key came back as run {job} ({} records, once each)",
+        seqs.len()
+    );
+    Ok(())
+}
+
+#[tokio::test]
 async fn limits_on_steps_time_queue_and_capacity_are_enforced() -> anyhow::Result<()> {
     let flags = ["--max-job-steps", "1000000", "--max-job-seconds", "2", "--max-queued", "1"];
     let agent = AgentHandle::start_flags(&flags, None)?;
     let mut ws = agent.connect().await?;
     // Steps past the limit are refused before anything runs.
-    send(&mut ws, &Message::Submit { plan: cpu_plan(1_000_001), force: false }).await?;
+    send(&mut ws, &Message::Submit { plan: cpu_plan(1_000_001), force: false, key: None }).await?;
     match recv(&mut ws).await? {
         Message::Error { code: ErrorCode::Limit, message } => assert!(message.contains("--max-job-steps"), "{message}"),
         other => panic!("expected a step limit, got {other:?}"),
@@ -218,7 +269,7 @@ async fn limits_on_steps_time_queue_and_capacity_are_enforced() -> anyhow::Resul
     take(&mut ws, 1).await?;
     let mut other = agent.connect().await?;
     submit(&mut other, cpu_plan(2)).await?;
-    send(&mut other, &Message::Submit { plan: cpu_plan(2), force: false }).await?;
+    send(&mut other, &Message::Submit { plan: cpu_plan(2), force: false, key: None }).await?;
     match recv(&mut other).await? {
         Message::Error { code: ErrorCode::Busy, message } => {
             assert!(message.contains("1 runs are queued"), "{message}")
@@ -241,12 +292,12 @@ async fn limits_on_steps_time_queue_and_capacity_are_enforced() -> anyhow::Resul
     // and meets the limit for real.
     let mut big = cpu_plan(3);
     big.memory_limit_bytes = Some(512 * 1024);
-    send(&mut ws, &Message::Submit { plan: big.clone(), force: false }).await?;
+    send(&mut ws, &Message::Submit { plan: big.clone(), force: false, key: None }).await?;
     match recv(&mut ws).await? {
         Message::Error { code: ErrorCode::Limit, message } => assert!(message.contains("force"), "{message}"),
         other => panic!("expected a refusal over capacity, got {other:?}"),
     }
-    send(&mut ws, &Message::Submit { plan: big, force: true }).await?;
+    send(&mut ws, &Message::Submit { plan: big, force: true, key: None }).await?;
     assert!(matches!(recv(&mut ws).await?, Message::Accepted { .. }));
     let end = loop {
         if let (_, Message::Failed { error, .. }) = recv_numbered(&mut ws).await? {
