@@ -37,8 +37,10 @@ pub struct Limits {
     pub max_job_seconds: u64,
     /// Runs waiting for a slot; one more is refused as busy.
     pub max_queued: usize,
+    /// Runs kept on disk; past it the oldest ended runs are deleted.
+    pub max_runs_kept: usize,
 }
-/// Runs kept on disk; past it the oldest ended runs are deleted.
+/// The default of [`Limits::max_runs_kept`].
 pub const MAX_RUNS_KEPT: usize = 1000;
 /// Records a live subscriber may fall behind before it catches up from the file.
 pub const LIVE_BUFFER: usize = 1024;
@@ -198,6 +200,9 @@ pub struct Runs {
     wake: Notify,
     /// Running jobs' pumps, counted for shutdown.
     active: tokio::sync::watch::Sender<usize>,
+    /// Held while a `run.json` is read from `inner` and written, so that of two stores
+    /// of one run the later always writes the later state.
+    store_gate: Mutex<()>,
 }
 
 impl std::fmt::Debug for Runs {
@@ -319,6 +324,7 @@ impl Runs {
             }),
             wake: Notify::new(),
             active: tokio::sync::watch::channel(0).0,
+            store_gate: Mutex::new(()),
         });
         runs.prune();
         Ok(runs)
@@ -467,7 +473,7 @@ impl Runs {
 
     /// Cancels a queued run at once, or asks a running one to stop (killed after
     /// [`CANCEL_GRACE`]).
-    pub async fn cancel(&self, job: JobId) -> Result<(), RunError> {
+    pub async fn cancel(self: &Arc<Self>, job: JobId) -> Result<(), RunError> {
         let queued = {
             let mut inner = self.lock();
             let e = inner.runs.get(&job).ok_or(RunError::Unknown(job))?;
@@ -497,7 +503,7 @@ impl Runs {
     }
 
     /// Ends a run that never started with one `Failed` record.
-    async fn end_unstarted(&self, job: JobId, state: RunState, error: JobError) {
+    async fn end_unstarted(self: &Arc<Self>, job: JobId, state: RunState, error: JobError) {
         let log = self.run_dir(job).join("records.log");
         let message = Message::Failed { job, error: error.clone() };
         let m = message.clone();
@@ -513,12 +519,12 @@ impl Runs {
                 None
             }
         };
-        self.finish(job, state, Some(error), None, seq, message);
+        self.finish(job, state, Some(error), None, seq, message).await;
     }
 
     /// Marks a run ended, tells its subscribers and stores its state.
-    fn finish(
-        &self,
+    async fn finish(
+        self: &Arc<Self>,
         job: JobId,
         state: RunState,
         error: Option<JobError>,
@@ -543,7 +549,7 @@ impl Runs {
                 let _ = tx.send(r);
             }
         }
-        self.store(job);
+        self.store(job).await;
     }
 
     /// Starts queued runs while slots are free; runs until the agent shuts down.
@@ -579,7 +585,7 @@ impl Runs {
             };
             match self.runner.start(job, plan, estimate, &files) {
                 Ok(running) => {
-                    self.store(job);
+                    self.store(job).await;
                     tracing::info!(run = job, "run started");
                     self.active.send_modify(|n| *n += 1);
                     tokio::spawn(Arc::clone(&self).pump(job, running, cancel));
@@ -603,8 +609,16 @@ impl Runs {
         }
     }
 
-    /// Writes run `job`'s `run.json` as it stands.
-    fn store(&self, job: JobId) {
+    /// Writes run `job`'s `run.json` as it stands, on the blocking pool (it syncs).
+    async fn store(self: &Arc<Self>, job: JobId) {
+        let this = Arc::clone(self);
+        if let Err(e) = tokio::task::spawn_blocking(move || this.store_now(job)).await {
+            tracing::error!(run = job, "storing the run's state failed: {e}");
+        }
+    }
+
+    fn store_now(&self, job: JobId) {
+        let _gate = self.store_gate.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         let stored = {
             let inner = self.lock();
             inner.runs.get(&job).map(|e| Stored {
@@ -768,7 +782,7 @@ impl Runs {
                 (RunState::Failed, Some(error), None, Some(seq), last)
             }
         };
-        self.finish(job, state, error, peak, seq, last);
+        self.finish(job, state, error, peak, seq, last).await;
         drop(running);
         self.active.send_modify(|n| *n = n.saturating_sub(1));
         self.wake.notify_one();
@@ -791,11 +805,11 @@ impl Runs {
         let _ = tokio::time::timeout(grace, active.wait_for(|&n| n == 0)).await;
     }
 
-    /// Deletes the oldest ended runs beyond [`MAX_RUNS_KEPT`].
+    /// Deletes the oldest ended runs beyond [`Limits::max_runs_kept`].
     fn prune(&self) {
         let doomed: Vec<JobId> = {
             let mut inner = self.lock();
-            let excess = inner.runs.len().saturating_sub(MAX_RUNS_KEPT);
+            let excess = inner.runs.len().saturating_sub(self.limits.max_runs_kept);
             let ended: Vec<JobId> = inner
                 .runs
                 .iter()
@@ -808,10 +822,19 @@ impl Runs {
             }
             ended
         };
-        for j in doomed {
-            if let Err(e) = std::fs::remove_dir_all(self.run_dir(j)) {
-                tracing::warn!(run = j, "could not delete an old run: {e}");
+        let dirs: Vec<(JobId, PathBuf)> = doomed.into_iter().map(|j| (j, self.run_dir(j))).collect();
+        let delete = move || {
+            for (j, dir) in dirs {
+                if let Err(e) = std::fs::remove_dir_all(&dir) {
+                    tracing::warn!(run = j, "could not delete an old run: {e}");
+                }
             }
+        };
+        // A run's folder may hold large checkpoints: deleted off the runtime's threads
+        // when there is one (they are out of the index already).
+        match tokio::runtime::Handle::try_current() {
+            Ok(rt) => drop(rt.spawn_blocking(delete)),
+            Err(_) => delete(),
         }
     }
 }
@@ -821,7 +844,7 @@ mod tests {
     use super::*;
 
     fn limits() -> Limits {
-        Limits { max_job_steps: 10, max_job_seconds: 10, max_queued: 4 }
+        Limits { max_job_steps: 10, max_job_seconds: 10, max_queued: 4, max_runs_kept: MAX_RUNS_KEPT }
     }
 
     fn stored(dir: &Path, job: JobId, state: RunState, records: &[Message]) {
@@ -913,6 +936,36 @@ mod tests {
         assert_eq!(runs.get(3).expect("run 3").2, None, "stored without an estimate");
         assert!(matches!(runs.get(999), Err(RunError::Unknown(999))));
         assert_eq!(runs.queue(), (vec![7], Vec::new()));
+    }
+
+    #[test]
+    fn past_the_runs_kept_the_oldest_ended_runs_are_deleted_never_a_queued_one() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        // Oldest first: a queued run, then four ended ones.
+        stored(dir.path(), 1, RunState::Queued, &[]);
+        for job in 2..=5 {
+            stored(dir.path(), job, RunState::Finished, &[]);
+        }
+        let kept = Limits { max_runs_kept: 3, ..limits() };
+        let runs = Runs::open(dir.path(), JobRunner::new(PathBuf::from("/nonexistent"), 1), kept, None).expect("open");
+        let index = |runs: &Runs| runs.lock().runs.keys().copied().collect::<Vec<_>>();
+        let folders = || {
+            let mut v: Vec<JobId> = std::fs::read_dir(dir.path().join("runs"))
+                .expect("runs")
+                .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+                .collect();
+            v.sort_unstable();
+            v
+        };
+        assert_eq!(index(&runs), vec![1, 4, 5], "the queued run stays, the two oldest ended go");
+        assert_eq!(folders(), vec![1, 4, 5]);
+        // A new run pushes out the oldest ended one.
+        let plan = Plan::example_mlp();
+        let estimate = shared::estimate::estimate(&plan).expect("estimate");
+        let new = runs.submit(plan, "cpu".into(), &estimate, None).expect("submit");
+        assert_eq!(new.job, 6);
+        assert_eq!(index(&runs), vec![1, 5, 6]);
+        assert_eq!(folders(), vec![1, 5, 6]);
     }
 
     #[test]

@@ -67,6 +67,10 @@ pub struct ServeArgs {
     /// Runs waiting for a slot at once; one more is refused as busy.
     #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..=10_000))]
     pub max_queued: u32,
+    /// Runs kept under `--data-dir` (1 to 100,000); past it the oldest ended runs are
+    /// deleted, records, checkpoints and all.
+    #[arg(long, default_value_t = crate::runs::MAX_RUNS_KEPT as u32, value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    pub max_runs_kept: u32,
     /// The most optimizer steps a submitted run may have.
     #[arg(long, default_value_t = shared::plan::limits::MAX_STEPS, value_parser = clap::value_parser!(u64).range(1..=shared::plan::limits::MAX_STEPS))]
     pub max_job_steps: u64,
@@ -104,6 +108,7 @@ pub async fn serve(args: ServeArgs, exe: PathBuf) -> anyhow::Result<()> {
         max_unauthenticated,
         max_jobs,
         max_queued,
+        max_runs_kept,
         max_message_bytes,
         write_buffer_bytes,
         max_messages_per_second,
@@ -178,7 +183,12 @@ pub async fn serve(args: ServeArgs, exe: PathBuf) -> anyhow::Result<()> {
         max_jobs: max_jobs as usize,
         worker_exe: exe,
         data_dir,
-        limits: crate::runs::Limits { max_job_steps, max_job_seconds, max_queued: max_queued as usize },
+        limits: crate::runs::Limits {
+            max_job_steps,
+            max_job_seconds,
+            max_queued: max_queued as usize,
+            max_runs_kept: max_runs_kept as usize,
+        },
         page_timeout: std::time::Duration::from_secs(page_connection_seconds),
         session_limits: crate::session::SessionLimits {
             max_message_bytes: max_message_bytes as usize,

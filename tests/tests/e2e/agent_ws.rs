@@ -216,6 +216,8 @@ async fn the_configured_message_size_and_rate_limits_hold() -> anyhow::Result<()
     assert!(err.contains("--max-message-bytes") && err.contains("4096"), "{err}");
     let (code, _, err) = headroom_tests::cli(&["serve", "--write-buffer-bytes", "1"])?;
     assert!(code == 2 && err.contains("--write-buffer-bytes"), "{err}");
+    let (code, _, err) = headroom_tests::cli(&["serve", "--max-runs-kept", "0"])?;
+    assert!(code == 2 && err.contains("--max-runs-kept"), "{err}");
     Ok(())
 }
 
