@@ -355,8 +355,8 @@ impl Runs {
 
     /// Queues `plan` (validated, with its estimate) as a new run; or, when `key` names a
     /// kept submission of the same plan, answers with that run instead.
-    pub fn submit(
-        &self,
+    pub async fn submit(
+        self: &Arc<Self>,
         plan: Plan,
         device: String,
         estimate: &Estimate,
@@ -394,27 +394,43 @@ impl Runs {
             error: None,
         };
         let device = info.device.clone();
-        let kept = Some(estimate.clone());
+        let entry = Entry { info, plan, estimate: Some(estimate.clone()), key, live: None, cancel: None };
+        // The folder is written and the run queued on the blocking pool, all of it even
+        // if the caller stops waiting: never a folder without its entry, or a key left
+        // pending.
+        let this = Arc::clone(self);
+        tokio::task::spawn_blocking(move || this.create(id, entry))
+            .await
+            .map_err(|e| RunError::Io(format!("run {id}: {e}")))??;
+        Ok(Submitted { job: id, device, estimate: estimate.clone(), again: false })
+    }
+
+    /// Stores a new run's folder, then indexes and queues it.
+    fn create(&self, id: JobId, mut entry: Entry) -> Result<(), RunError> {
         let dir = self.run_dir(id);
+        let stored = Stored {
+            info: entry.info.clone(),
+            plan: entry.plan.clone(),
+            estimate: entry.estimate.clone(),
+            key: entry.key,
+        };
         // `create_dir`, not `create_dir_all`: a run's folder is always new.
-        let stored = std::fs::create_dir(&dir)
-            .and_then(|()| {
-                write_stored(&dir, &Stored { info: info.clone(), plan: plan.clone(), estimate: kept.clone(), key })
-            })
+        let written = std::fs::create_dir(&dir)
+            .and_then(|()| write_stored(&dir, &stored))
             .map_err(|e| RunError::Io(format!("run {id}: {e}")));
         {
             let mut inner = self.lock();
-            if let Some(key) = key {
+            if let Some(key) = entry.key {
                 inner.pending_keys.remove(&key);
             }
-            stored?;
-            let live = broadcast::channel(LIVE_BUFFER).0;
-            inner.runs.insert(id, Entry { info, plan, estimate: kept, key, live: Some(live), cancel: None });
+            written?;
+            entry.live = Some(broadcast::channel(LIVE_BUFFER).0);
+            inner.runs.insert(id, entry);
             inner.queue.push_back(id);
         }
         self.wake.notify_one();
         self.prune();
-        Ok(Submitted { job: id, device, estimate: estimate.clone(), again: false })
+        Ok(())
     }
 
     /// A page of runs, newest first: those numbered below `before` (all: `None`), at most
@@ -938,8 +954,8 @@ mod tests {
         assert_eq!(runs.queue(), (vec![7], Vec::new()));
     }
 
-    #[test]
-    fn past_the_runs_kept_the_oldest_ended_runs_are_deleted_never_a_queued_one() {
+    #[tokio::test]
+    async fn past_the_runs_kept_the_oldest_ended_runs_are_deleted_never_a_queued_one() {
         let dir = tempfile::tempdir().expect("tempdir");
         // Oldest first: a queued run, then four ended ones.
         stored(dir.path(), 1, RunState::Queued, &[]);
@@ -949,58 +965,65 @@ mod tests {
         let kept = Limits { max_runs_kept: 3, ..limits() };
         let runs = Runs::open(dir.path(), JobRunner::new(PathBuf::from("/nonexistent"), 1), kept, None).expect("open");
         let index = |runs: &Runs| runs.lock().runs.keys().copied().collect::<Vec<_>>();
-        let folders = || {
-            let mut v: Vec<JobId> = std::fs::read_dir(dir.path().join("runs"))
-                .expect("runs")
-                .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
-                .collect();
-            v.sort_unstable();
-            v
+        // Folders are deleted on the blocking pool: wait (at most 10 s) for them to go.
+        let folders = async |want: &[JobId]| {
+            let t0 = std::time::Instant::now();
+            loop {
+                let mut v: Vec<JobId> = std::fs::read_dir(dir.path().join("runs"))
+                    .expect("runs")
+                    .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+                    .collect();
+                v.sort_unstable();
+                if v == want || t0.elapsed() > Duration::from_secs(10) {
+                    return v;
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
         };
         assert_eq!(index(&runs), vec![1, 4, 5], "the queued run stays, the two oldest ended go");
-        assert_eq!(folders(), vec![1, 4, 5]);
+        assert_eq!(folders(&[1, 4, 5]).await, vec![1, 4, 5]);
         // A new run pushes out the oldest ended one.
         let plan = Plan::example_mlp();
         let estimate = shared::estimate::estimate(&plan).expect("estimate");
-        let new = runs.submit(plan, "cpu".into(), &estimate, None).expect("submit");
+        let new = runs.submit(plan, "cpu".into(), &estimate, None).await.expect("submit");
         assert_eq!(new.job, 6);
         assert_eq!(index(&runs), vec![1, 5, 6]);
-        assert_eq!(folders(), vec![1, 5, 6]);
+        assert_eq!(folders(&[1, 5, 6]).await, vec![1, 5, 6]);
     }
 
-    #[test]
-    fn a_submission_sent_again_with_its_key_is_answered_with_its_run_even_after_a_restart() {
+    #[tokio::test]
+    async fn a_submission_sent_again_with_its_key_is_answered_with_its_run_even_after_a_restart() {
         let dir = tempfile::tempdir().expect("tempdir");
         let open =
             || Runs::open(dir.path(), JobRunner::new(PathBuf::from("/nonexistent"), 1), limits(), None).expect("open");
         let plan = Plan::example_mlp();
         let estimate = shared::estimate::estimate(&plan).expect("estimate");
         let runs = open();
-        let first = runs.submit(plan.clone(), "cpu".into(), &estimate, Some(42)).expect("first");
+        let first = runs.submit(plan.clone(), "cpu".into(), &estimate, Some(42)).await.expect("first");
         assert!(!first.again);
-        let again = runs.submit(plan.clone(), "cpu".into(), &estimate, Some(42)).expect("again");
+        let again = runs.submit(plan.clone(), "cpu".into(), &estimate, Some(42)).await.expect("again");
         assert_eq!((again.job, again.again, again.device.as_str()), (first.job, true, "cpu"));
         assert_eq!(again.estimate, estimate);
         // Without a key, or with another, it is a new run.
-        let other = runs.submit(plan.clone(), "cpu".into(), &estimate, Some(43)).expect("other");
-        let keyless = runs.submit(plan.clone(), "cpu".into(), &estimate, None).expect("keyless");
+        let other = runs.submit(plan.clone(), "cpu".into(), &estimate, Some(43)).await.expect("other");
+        let keyless = runs.submit(plan.clone(), "cpu".into(), &estimate, None).await.expect("keyless");
         assert_eq!((other.job, keyless.job), (first.job + 1, first.job + 2));
         // The same key with another plan is refused, naming the run.
         let mut changed = plan.clone();
         changed.name = "changed".into();
-        let e = runs.submit(changed.clone(), "cpu".into(), &estimate, Some(42)).expect_err("reused");
+        let e = runs.submit(changed.clone(), "cpu".into(), &estimate, Some(42)).await.expect_err("reused");
         assert!(matches!(e, RunError::KeyReused { key: 42, job } if job == first.job), "{e}");
         assert_eq!(e.code(), ErrorCode::InvalidPlan);
         // While a keyed submission is being stored, the same key waits.
         runs.lock().pending_keys.insert(44);
-        let e = runs.submit(plan.clone(), "cpu".into(), &estimate, Some(44)).expect_err("pending");
+        let e = runs.submit(plan.clone(), "cpu".into(), &estimate, Some(44)).await.expect_err("pending");
         assert_eq!(e.code(), ErrorCode::Busy, "{e}");
         runs.lock().pending_keys.remove(&44);
         assert_eq!(runs.queue().0.len(), 3, "nothing queued twice");
         // The key is kept in run.json: after a restart it still names the run.
         drop(runs);
         let runs = open();
-        let after = runs.submit(plan, "cpu".into(), &estimate, Some(42)).expect("after");
+        let after = runs.submit(plan, "cpu".into(), &estimate, Some(42)).await.expect("after");
         assert_eq!((after.job, after.again), (first.job, true));
         assert_eq!(runs.queue().0.len(), 3);
     }

@@ -306,7 +306,7 @@ pub async fn run(mut conn: Connection, state: Arc<State>, mut shutdown: watch::R
                     break;
                 }
                 let ok = match message {
-                    Message::Submit { plan, force, key } => match submit(&state, plan, force, key) {
+                    Message::Submit { plan, force, key } => match submit(&state, plan, force, key).await {
                         Ok((job, accepted)) => {
                             send(&mut conn, &accepted).await && attach(&mut conn, &state, &mut watch, job, 0).await
                         }
@@ -390,7 +390,12 @@ pub async fn run(mut conn: Connection, state: Arc<State>, mut shutdown: watch::R
 
 /// Validates and estimates a submitted plan and queues it as a run: `(run, Accepted)`,
 /// or the refusal to send.
-fn submit(state: &State, plan: shared::Plan, force: bool, key: Option<u64>) -> Result<(JobId, Message), Box<Message>> {
+async fn submit(
+    state: &State,
+    plan: shared::Plan,
+    force: bool,
+    key: Option<u64>,
+) -> Result<(JobId, Message), Box<Message>> {
     let steps = plan.total_steps();
     if steps > state.limits.max_job_steps {
         let max = state.limits.max_job_steps;
@@ -443,7 +448,7 @@ fn submit(state: &State, plan: shared::Plan, force: bool, key: Option<u64>) -> R
             ),
         )));
     }
-    match state.runs.submit(plan, device, &estimate, key) {
+    match state.runs.submit(plan, device, &estimate, key).await {
         Ok(s) => {
             if s.again {
                 tracing::info!(job = s.job, "a submission sent again: answered with its run");
