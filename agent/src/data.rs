@@ -1330,6 +1330,39 @@ mod tests {
         }
         assert_eq!(got, inline.iter().map(|p| p.0).collect::<Vec<_>>());
         assert_eq!(l.setting().0, 0);
+
+        // Room for one batch being made at a time, counted across the four workers: each
+        // looks with the number the others are making, which never passes one, and is
+        // back to 0 once all are made; the batches still come in order.
+        let seen = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let s2 = Arc::clone(&seen);
+        let mut l = Loader::new(
+            Arc::clone(&ds),
+            3,
+            7,
+            0,
+            4,
+            4,
+            Box::new(move |making| {
+                s2.fetch_max(making, Ordering::Relaxed);
+                making == 0
+            }),
+        );
+        let got: Vec<f32> = (0..7)
+            .flat_map(|_| {
+                let b = l.take().expect("batch");
+                let HostData::F32(x) = &b.tensors[0].data else { panic!("f32") };
+                (0..3).map(|j| x[j * 16]).collect::<Vec<_>>()
+            })
+            .collect();
+        assert_eq!(got, inline.iter().map(|p| p.0).collect::<Vec<_>>());
+        assert!(seen.load(Ordering::Relaxed) <= 1, "{seen:?}");
+        let making = |l: &Loader| l.shared.queue.lock().map(|q| q.making).unwrap_or(u64::MAX);
+        let t0 = std::time::Instant::now();
+        while making(&l) != 0 && t0.elapsed() < std::time::Duration::from_secs(10) {
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        assert_eq!(making(&l), 0, "every batch started was counted finished");
     }
 
     fn open(root: &Path, dir: &str, manifest: Option<&str>, want: Want) -> Result<Dataset, DataError> {

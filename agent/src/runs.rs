@@ -155,14 +155,32 @@ struct Stored {
     estimate: Option<Estimate>,
     /// The client's key for its submission (`Submit::key`), if it gave one.
     #[serde(default)]
-    key: Option<u64>,
+    submission: Option<Submission>,
+}
+
+/// A client's key for a submission, with a hash of the plan as the client sent it (the
+/// run's own plan has `auto` and the CPU threads resolved here, so it cannot be compared
+/// with a plan sent again).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Submission {
+    pub key: u64,
+    pub plan_hash: u64,
+}
+
+impl Submission {
+    /// `key` for `plan` as the client sent it: CRC-64 of its JSON encoding.
+    pub fn of(key: u64, plan: &Plan) -> Result<Submission, RunError> {
+        const CRC64: crc::Crc<u64> = crc::Crc::<u64>::new(&crc::CRC_64_XZ);
+        let bytes = serde_json::to_vec(plan).map_err(|e| RunError::Io(format!("encoding the plan: {e}")))?;
+        Ok(Submission { key, plan_hash: CRC64.checksum(&bytes) })
+    }
 }
 
 struct Entry {
     info: RunInfo,
     plan: Plan,
     estimate: Option<Estimate>,
-    key: Option<u64>,
+    submission: Option<Submission>,
     /// Live records, while the run is queued or running.
     live: Option<broadcast::Sender<LiveRecord>>,
     /// Asks the running job to stop (and kill it after the grace period).
@@ -175,7 +193,26 @@ struct Inner {
     next_id: JobId,
     /// Keys of submissions whose run is being stored (not yet in `runs`).
     pending_keys: std::collections::HashSet<u64>,
+    /// New runs being stored, not yet in `runs`: counted against the queue's limit.
+    creating: usize,
     shutting_down: bool,
+}
+
+/// A new run being stored: when it is indexed, fails or is dropped unrun, it is no longer
+/// counted as being created and its key no longer pending.
+struct Creating {
+    runs: Arc<Runs>,
+    key: Option<u64>,
+}
+
+impl Drop for Creating {
+    fn drop(&mut self) {
+        let mut inner = self.runs.lock();
+        inner.creating = inner.creating.saturating_sub(1);
+        if let Some(key) = self.key {
+            inner.pending_keys.remove(&key);
+        }
+    }
 }
 
 /// What a submission came to.
@@ -201,8 +238,10 @@ pub struct Runs {
     /// Running jobs' pumps, counted for shutdown.
     active: tokio::sync::watch::Sender<usize>,
     /// Held while a `run.json` is read from `inner` and written, so that of two stores
-    /// of one run the later always writes the later state.
-    store_gate: Mutex<()>,
+    /// of one run the later always writes the later state, and while old runs' folders
+    /// are deleted, so that a store never writes into a folder being deleted. One for
+    /// all runs: stores are few (at a run's state changes).
+    store_gate: Arc<Mutex<()>>,
 }
 
 impl std::fmt::Debug for Runs {
@@ -250,7 +289,7 @@ fn recover(id: JobId, path: &Path) -> anyhow::Result<Entry> {
                 info: info.clone(),
                 plan: stored.plan.clone(),
                 estimate: stored.estimate.clone(),
-                key: stored.key,
+                submission: stored.submission,
             },
         )?;
     }
@@ -268,13 +307,13 @@ fn recover(id: JobId, path: &Path) -> anyhow::Result<Entry> {
                 info: info.clone(),
                 plan: stored.plan.clone(),
                 estimate: stored.estimate.clone(),
-                key: stored.key,
+                submission: stored.submission,
             },
         )?;
         tracing::info!(run = id, "marked interrupted");
     }
     let live = (info.state == RunState::Queued).then(|| broadcast::channel(LIVE_BUFFER).0);
-    Ok(Entry { info, plan: stored.plan, estimate: stored.estimate, key: stored.key, live, cancel: None })
+    Ok(Entry { info, plan: stored.plan, estimate: stored.estimate, submission: stored.submission, live, cancel: None })
 }
 
 impl Runs {
@@ -320,11 +359,12 @@ impl Runs {
                 queue: sorted.into(),
                 next_id,
                 pending_keys: std::collections::HashSet::new(),
+                creating: 0,
                 shutting_down: false,
             }),
             wake: Notify::new(),
             active: tokio::sync::watch::channel(0).0,
-            store_gate: Mutex::new(()),
+            store_gate: Arc::new(Mutex::new(())),
         });
         runs.prune();
         Ok(runs)
@@ -338,47 +378,49 @@ impl Runs {
         self.dir.join(id.to_string())
     }
 
-    /// The run a kept submission with `key` became: its number, device and the estimate
-    /// it was accepted with. `plan` must be the one it was submitted with.
-    fn submitted_before(inner: &Inner, key: u64, plan: &Plan) -> Option<Result<Submitted, RunError>> {
-        if inner.pending_keys.contains(&key) {
-            return Some(Err(RunError::KeyPending { key }));
-        }
-        let (&job, e) = inner.runs.iter().find(|(_, e)| e.key == Some(key))?;
+    /// The run a kept submission with `s.key` became: its number, device and the
+    /// estimate it was accepted with, if it was a submission of the same plan.
+    fn submitted_before(inner: &Inner, s: Submission) -> Option<Result<Submitted, RunError>> {
+        let key = s.key;
+        let Some((&job, e)) = inner.runs.iter().find(|(_, e)| e.submission.is_some_and(|k| k.key == key)) else {
+            return inner.pending_keys.contains(&key).then_some(Err(RunError::KeyPending { key }));
+        };
         Some(match &e.estimate {
-            Some(estimate) if e.plan == *plan => {
+            Some(estimate) if e.submission == Some(s) => {
                 Ok(Submitted { job, device: e.info.device.clone(), estimate: estimate.clone(), again: true })
             }
             _ => Err(RunError::KeyReused { key, job }),
         })
     }
 
-    /// Queues `plan` (validated, with its estimate) as a new run; or, when `key` names a
-    /// kept submission of the same plan, answers with that run instead.
+    /// Queues `plan` (validated, with its estimate) as a new run; or, when `submission`
+    /// names a kept submission of the same plan, answers with that run instead.
     pub async fn submit(
         self: &Arc<Self>,
         plan: Plan,
         device: String,
         estimate: &Estimate,
-        key: Option<u64>,
+        submission: Option<Submission>,
     ) -> Result<Submitted, RunError> {
-        let id = {
+        let (id, creating) = {
             let mut inner = self.lock();
-            if let Some(key) = key
-                && let Some(before) = Self::submitted_before(&inner, key, &plan)
+            if let Some(s) = submission
+                && let Some(before) = Self::submitted_before(&inner, s)
             {
                 return before;
             }
-            let waiting = inner.runs.values().filter(|e| e.info.state == RunState::Queued).count();
-            if waiting >= self.limits.max_queued {
+            let queued = inner.runs.values().filter(|e| e.info.state == RunState::Queued).count();
+            if queued + inner.creating >= self.limits.max_queued {
                 return Err(RunError::QueueFull { limit: self.limits.max_queued });
             }
             let id = inner.next_id;
             inner.next_id += 1;
+            inner.creating += 1;
+            let key = submission.map(|s| s.key);
             if let Some(key) = key {
                 inner.pending_keys.insert(key);
             }
-            id
+            (id, Creating { runs: Arc::clone(self), key })
         };
         let info = RunInfo {
             job: id,
@@ -394,40 +436,42 @@ impl Runs {
             error: None,
         };
         let device = info.device.clone();
-        let entry = Entry { info, plan, estimate: Some(estimate.clone()), key, live: None, cancel: None };
+        let entry = Entry { info, plan, estimate: Some(estimate.clone()), submission, live: None, cancel: None };
         // The folder is written and the run queued on the blocking pool, all of it even
-        // if the caller stops waiting: never a folder without its entry, or a key left
-        // pending.
-        let this = Arc::clone(self);
-        tokio::task::spawn_blocking(move || this.create(id, entry))
-            .await
-            .map_err(|e| RunError::Io(format!("run {id}: {e}")))??;
+        // if the caller stops waiting; `creating` is let go however that ends.
+        tokio::task::spawn_blocking(move || {
+            let runs = Arc::clone(&creating.runs);
+            runs.create(id, entry, creating)
+        })
+        .await
+        .map_err(|e| RunError::Io(format!("run {id}: {e}")))??;
         Ok(Submitted { job: id, device, estimate: estimate.clone(), again: false })
     }
 
-    /// Stores a new run's folder, then indexes and queues it.
-    fn create(&self, id: JobId, mut entry: Entry) -> Result<(), RunError> {
+    /// Stores a new run's folder, then indexes and queues it; a folder that could not
+    /// be written whole is removed.
+    fn create(&self, id: JobId, mut entry: Entry, creating: Creating) -> Result<(), RunError> {
         let dir = self.run_dir(id);
         let stored = Stored {
             info: entry.info.clone(),
             plan: entry.plan.clone(),
             estimate: entry.estimate.clone(),
-            key: entry.key,
+            submission: entry.submission,
         };
         // `create_dir`, not `create_dir_all`: a run's folder is always new.
-        let written = std::fs::create_dir(&dir)
-            .and_then(|()| write_stored(&dir, &stored))
-            .map_err(|e| RunError::Io(format!("run {id}: {e}")));
+        std::fs::create_dir(&dir).map_err(|e| RunError::Io(format!("run {id}: {e}")))?;
+        if let Err(e) = write_stored(&dir, &stored) {
+            let _ = std::fs::remove_dir_all(&dir);
+            return Err(RunError::Io(format!("run {id}: {e}")));
+        }
         {
             let mut inner = self.lock();
-            if let Some(key) = entry.key {
-                inner.pending_keys.remove(&key);
-            }
-            written?;
             entry.live = Some(broadcast::channel(LIVE_BUFFER).0);
             inner.runs.insert(id, entry);
             inner.queue.push_back(id);
         }
+        // Indexed: from here a lookup finds the run itself.
+        drop(creating);
         self.wake.notify_one();
         self.prune();
         Ok(())
@@ -641,7 +685,7 @@ impl Runs {
                 info: e.info.clone(),
                 plan: e.plan.clone(),
                 estimate: e.estimate.clone(),
-                key: e.key,
+                submission: e.submission,
             })
         };
         if let Some(stored) = stored
@@ -839,7 +883,11 @@ impl Runs {
             ended
         };
         let dirs: Vec<(JobId, PathBuf)> = doomed.into_iter().map(|j| (j, self.run_dir(j))).collect();
+        let gate = Arc::clone(&self.store_gate);
         let delete = move || {
+            // A store that read the run before it left the index finishes first; one
+            // after finds it gone and writes nothing.
+            let _gate = gate.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
             for (j, dir) in dirs {
                 if let Err(e) = std::fs::remove_dir_all(&dir) {
                     tracing::warn!(run = j, "could not delete an old run: {e}");
@@ -879,7 +927,8 @@ mod tests {
             measured_peak_bytes: None,
             error: None,
         };
-        write_stored(&run, &Stored { info, plan: Plan::example_mlp(), estimate: None, key: None }).expect("run.json");
+        write_stored(&run, &Stored { info, plan: Plan::example_mlp(), estimate: None, submission: None })
+            .expect("run.json");
         let (mut w, _) = runlog::Writer::open(&run.join("records.log")).expect("log");
         if !records.is_empty() {
             w.append(records).expect("append");
@@ -997,33 +1046,47 @@ mod tests {
         let open =
             || Runs::open(dir.path(), JobRunner::new(PathBuf::from("/nonexistent"), 1), limits(), None).expect("open");
         let plan = Plan::example_mlp();
+        let key = |k: u64, p: &Plan| Some(Submission::of(k, p).expect("hash"));
         let estimate = shared::estimate::estimate(&plan).expect("estimate");
         let runs = open();
-        let first = runs.submit(plan.clone(), "cpu".into(), &estimate, Some(42)).await.expect("first");
+        let first = runs.submit(plan.clone(), "cpu".into(), &estimate, key(42, &plan)).await.expect("first");
         assert!(!first.again);
-        let again = runs.submit(plan.clone(), "cpu".into(), &estimate, Some(42)).await.expect("again");
+        let again = runs.submit(plan.clone(), "cpu".into(), &estimate, key(42, &plan)).await.expect("again");
         assert_eq!((again.job, again.again, again.device.as_str()), (first.job, true, "cpu"));
         assert_eq!(again.estimate, estimate);
         // Without a key, or with another, it is a new run.
-        let other = runs.submit(plan.clone(), "cpu".into(), &estimate, Some(43)).await.expect("other");
+        let other = runs.submit(plan.clone(), "cpu".into(), &estimate, key(43, &plan)).await.expect("other");
         let keyless = runs.submit(plan.clone(), "cpu".into(), &estimate, None).await.expect("keyless");
         assert_eq!((other.job, keyless.job), (first.job + 1, first.job + 2));
         // The same key with another plan is refused, naming the run.
         let mut changed = plan.clone();
         changed.name = "changed".into();
-        let e = runs.submit(changed.clone(), "cpu".into(), &estimate, Some(42)).await.expect_err("reused");
+        let e = runs.submit(changed.clone(), "cpu".into(), &estimate, key(42, &changed)).await.expect_err("reused");
         assert!(matches!(e, RunError::KeyReused { key: 42, job } if job == first.job), "{e}");
         assert_eq!(e.code(), ErrorCode::InvalidPlan);
         // While a keyed submission is being stored, the same key waits.
         runs.lock().pending_keys.insert(44);
-        let e = runs.submit(plan.clone(), "cpu".into(), &estimate, Some(44)).await.expect_err("pending");
+        let e = runs.submit(plan.clone(), "cpu".into(), &estimate, key(44, &plan)).await.expect_err("pending");
         assert_eq!(e.code(), ErrorCode::Busy, "{e}");
         runs.lock().pending_keys.remove(&44);
         assert_eq!(runs.queue().0.len(), 3, "nothing queued twice");
-        // The key is kept in run.json: after a restart it still names the run.
+        // Runs being stored count against the queue's limit (4 here).
+        runs.lock().creating += 1;
+        let e = runs.submit(plan.clone(), "cpu".into(), &estimate, None).await.expect_err("full");
+        assert!(matches!(e, RunError::QueueFull { limit: 4 }), "{e}");
+        runs.lock().creating -= 1;
+        let held = {
+            let inner = runs.lock();
+            (inner.creating, inner.pending_keys.len())
+        };
+        assert_eq!(held, (0, 0), "every creation let go");
+        // The key is kept in run.json: after a restart it still names the run, whatever
+        // this agent now resolves the plan to (the hash is of the plan as sent).
         drop(runs);
         let runs = open();
-        let after = runs.submit(plan, "cpu".into(), &estimate, Some(42)).await.expect("after");
+        let mut resolved = plan.clone();
+        resolved.cpu_threads = Some(resolved.cpu_threads.map_or(3, |t| t + 1));
+        let after = runs.submit(resolved, "cpu".into(), &estimate, key(42, &plan)).await.expect("after");
         assert_eq!((after.job, after.again), (first.job, true));
         assert_eq!(runs.queue().0.len(), 3);
     }

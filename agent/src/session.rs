@@ -404,6 +404,11 @@ async fn submit(
             format!("{steps} steps: this agent runs at most {max} (--max-job-steps)"),
         )));
     }
+    // A key names the plan as the client sent it, before anything is resolved here.
+    let submission = match key.map(|k| crate::runs::Submission::of(k, &plan)).transpose() {
+        Ok(s) => s,
+        Err(e) => return Err(Box::new(error(e.code(), e.to_string()))),
+    };
     let mut plan = plan;
     // Resolve `auto` here, so the client learns the device before the first batch.
     if plan.device == shared::plan::DeviceChoice::Auto {
@@ -448,7 +453,7 @@ async fn submit(
             ),
         )));
     }
-    match state.runs.submit(plan, device, &estimate, key).await {
+    match state.runs.submit(plan, device, &estimate, submission).await {
         Ok(s) => {
             if s.again {
                 tracing::info!(job = s.job, "a submission sent again: answered with its run");

@@ -20,6 +20,10 @@ use web_sys::{BinaryType, CloseEvent, MessageEvent, WebSocket};
 use crate::fleet::AgentAddress;
 use crate::state::{AgentState, Connection, HISTORY_PAGE, JobState, MAX_RECORDS, RunWant};
 
+/// Failed reconnects (1 + 2 + 4 s of waiting) after which a submission the agent has not
+/// answered stops waiting: the page says it may have been queued, and Run is free again.
+const MAX_SUBMIT_RECONNECTS: u32 = 3;
+
 /// Sends messages to one agent; cheap to copy into event handlers.
 #[derive(Clone, Copy)]
 pub struct AgentSocket {
@@ -104,6 +108,25 @@ fn remembered_run(label: &str) -> Option<JobId> {
     local_storage()?.get_item(&storage_key(label)).ok()??.parse().ok()
 }
 
+/// Keeps a submission the agent has not answered yet (its plan and key), so that a page
+/// reloaded meanwhile sends it again too; `None` forgets it.
+pub fn remember_submission(label: &str, submission: Option<(&shared::plan::Plan, u64)>) {
+    let Some(storage) = local_storage() else {
+        return;
+    };
+    let key = format!("headroom.submit@{label}");
+    let _ = match submission.map(|(plan, k)| serde_json::to_string(&serde_json::json!({ "key": k, "plan": plan }))) {
+        Some(Ok(text)) => storage.set_item(&key, &text),
+        _ => storage.remove_item(&key),
+    };
+}
+
+fn remembered_submission(label: &str) -> Option<(shared::plan::Plan, u64)> {
+    let text = local_storage()?.get_item(&format!("headroom.submit@{label}")).ok()??;
+    let v: serde_json::Value = serde_json::from_str(&text).ok()?;
+    Some((serde_json::from_value(v.get("plan")?.clone()).ok()?, v.get("key")?.as_u64()?))
+}
+
 /// What an event of the watched run says, for its list; `None` for routine ones (their
 /// effect is in the records).
 fn describe(event: JobEvent) -> Option<String> {
@@ -177,25 +200,26 @@ fn apply(label: &str, state: AgentState, socket: AgentSocket, message: Message) 
     match message {
         Message::Hello(hello) => {
             state.hello.set(Some(hello));
-            // A submission whose answer the lost connection took: the same again, with
-            // its key (the agent answers with the run it became, or queues it now).
-            if let JobState::Submitted { plan, key } = state.job.get_untracked() {
+            // Carry on where the page was: a submission whose answer a lost connection
+            // (or a reload) took, sent again with its key (the agent answers with the run
+            // it became, or queues it now); a comparison being fetched (the watched run
+            // follows it); the watched run; a run asked for; or the one a reloaded page
+            // watched.
+            let submitted = match state.job.get_untracked() {
+                JobState::Submitted { plan, key } => Some((plan, key)),
+                _ => None,
+            };
+            let comparing =
+                state.compare.with_untracked(|c| c.as_ref().filter(|c| !c.done).map(|c| (c.job, c.last_seq)));
+            if let Some((plan, key)) = submitted {
                 if let Err(e) = socket.send(&Message::Submit { plan: *plan, force: false, key: Some(key) }) {
+                    remember_submission(label, None);
                     state.job.set(JobState::Failed {
                         job: None,
                         error: JobError { code: ErrorCode::Internal, message: format!("sending the plan again: {e}") },
                     });
                 }
-                state.runs_asked.set(None);
-                socket.poll(state);
-                return;
-            }
-            // Carry on where the page was: a comparison being fetched (the watched run
-            // follows it), the watched run, a run asked for, or the one a reloaded page
-            // watched.
-            let comparing =
-                state.compare.with_untracked(|c| c.as_ref().filter(|c| !c.done).map(|c| (c.job, c.last_seq)));
-            if let Some((job, after)) = comparing {
+            } else if let Some((job, after)) = comparing {
                 let _ = socket.send(&Message::Attach { job, after });
             } else if let Some(job) = state.live_job() {
                 let _ = socket.send(&Message::Attach { job, after: state.last_seq.get_untracked() });
@@ -204,6 +228,7 @@ fn apply(label: &str, state: AgentState, socket: AgentSocket, message: Message) 
                 let _ = socket.send(&Message::GetRun { job });
             } else if comparing.is_none()
                 && state.live_job().is_none()
+                && !matches!(state.job.get_untracked(), JobState::Submitted { .. })
                 && let Some(job) = state.resume.get_untracked()
             {
                 state.resume.set(None);
@@ -214,6 +239,7 @@ fn apply(label: &str, state: AgentState, socket: AgentSocket, message: Message) 
             socket.poll(state);
         }
         Message::Accepted { job, estimate, device } => {
+            remember_submission(label, None);
             remember_run(label, Some(job));
             state.clear_run();
             state.estimated_peak_bytes.set(Some(estimate.peak_bytes.get()));
@@ -227,6 +253,7 @@ fn apply(label: &str, state: AgentState, socket: AgentSocket, message: Message) 
             // gone ends the comparison; anything else (a cancel that raced the end) is a
             // notice beside the job's own state.
             if matches!(state.job.get_untracked(), JobState::Submitted { .. }) {
+                remember_submission(label, None);
                 state.job.set(JobState::Failed { job: None, error });
             } else if code == ErrorCode::UnknownJob && state.pending.get_untracked().is_some() {
                 if matches!(state.pending.get_untracked(), Some(RunWant::Watch(_))) {
@@ -348,6 +375,9 @@ fn reattach(state: AgentState, socket: AgentSocket) {
 pub fn connect(address: AgentAddress, token: String, state: AgentState) -> AgentSocket {
     let agent = AgentSocket { socket: StoredValue::new_local(None), closed: StoredValue::new(false) };
     state.resume.set(remembered_run(&address.label));
+    if let Some((plan, key)) = remembered_submission(&address.label) {
+        state.job.set(JobState::Submitted { plan: Box::new(plan), key });
+    }
     open(std::rc::Rc::new((address, token)), state, agent, 0);
     agent
 }
@@ -404,16 +434,31 @@ fn open(target: std::rc::Rc<(AgentAddress, String)>, state: AgentState, agent: A
             format!("connection closed (code {})", event.code())
         };
         // A submission in flight stays submitted: it is sent again, with its key, when
-        // the connection is back (see `Hello`).
+        // the connection is back (see `Hello`). Past a few failed reconnects the page
+        // stops waiting, so that Run is free again.
+        let attempt = if opened.get() { 0 } else { attempt + 1 };
         if matches!(state.job.get_untracked(), JobState::Submitted { .. }) {
-            state.notice.set(Some(format!(
-                "lost the agent before it answered the submission ({reason}); it is sent again on reconnecting, \
-                 and the agent runs it once"
-            )));
+            if attempt >= MAX_SUBMIT_RECONNECTS {
+                remember_submission(&target.0.label, None);
+                state.job.set(JobState::Failed {
+                    job: None,
+                    error: JobError {
+                        code: ErrorCode::Internal,
+                        message: format!(
+                            "lost the agent before it answered the submission ({reason}); it may have queued it: \
+                             its history will show the run once the agent is back"
+                        ),
+                    },
+                });
+            } else {
+                state.notice.set(Some(format!(
+                    "lost the agent before it answered the submission ({reason}); it is sent again on \
+                     reconnecting, and the agent runs it once"
+                )));
+            }
         }
         state.runs_asked.set(None);
         // The run goes on at the agent: reconnect and re-attach.
-        let attempt = if opened.get() { 0 } else { attempt + 1 };
         let delay = 1000 * 2i32.pow(attempt.min(4)).min(10);
         state.connection.set(Connection::Closed(format!("{reason}; reconnecting in {} s", delay / 1000)));
         let target = std::rc::Rc::clone(&target);

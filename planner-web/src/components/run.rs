@@ -101,6 +101,7 @@ fn RunView(plan: Signal<Result<Plan, String>>, agent: Agent) -> impl IntoView {
     let running = move || matches!(state.job.get(), JobState::Submitted { .. } | JobState::Running { .. });
     let can_run = move || plan.with(|p| p.is_ok()) && state.connection.get() == Connection::Open && !running();
 
+    let submit_label = label.clone();
     let run = move |_| {
         let Ok(mut plan) = plan.get_untracked() else {
             return;
@@ -127,6 +128,7 @@ fn RunView(plan: Signal<Result<Plan, String>>, agent: Agent) -> impl IntoView {
         match socket.send(&Message::Submit { plan: plan.clone(), force: false, key: Some(key) }) {
             Ok(()) => {
                 send_error.set(None);
+                crate::socket::remember_submission(&submit_label, Some((&plan, key)));
                 state.job.set(JobState::Submitted { plan: Box::new(plan), key });
             }
             Err(e) => send_error.set(Some(e)),

@@ -372,27 +372,10 @@ async fn drive(client: &fantoccini::Client, agent: &AgentHandle) -> anyhow::Resu
     // answer (the page's socket is closed just after the frame goes): on reconnecting
     // the page sends the same submission again with its key, and the agent answers
     // with the run the first one became. One run, not two, and it is watched to its end.
-    client
-        .execute(
-            r#"const send = WebSocket.prototype.send;
-               window.__cuts = 0;
-               window.__submits = [];
-               WebSocket.prototype.send = function (data) {
-                 send.call(this, data);
-                 const b = data instanceof ArrayBuffer ? new Uint8Array(data)
-                                                       : new Uint8Array(data.buffer, data.byteOffset, data.byteLength);
-                 // [version (2 bytes), variant]: variant 1 is Submit.
-                 if (b[2] === 1) window.__submits.push(Date.now());
-                 if (b[2] === 1 && window.__cuts === 0) {
-                   window.__cuts = 1;
-                   this.close(4000, "test: cut after Submit");
-                 }
-               };"#,
-            vec![],
-        )
-        .await?;
+    client.execute(CUT_AFTER_SUBMIT, vec![]).await?;
     client.find(Locator::Css("[data-testid=run]")).await?.click().await?;
-    let status = run_to_end_of(client, 25).await?;
+    // The status still shows job 1's end for a moment: wait for job 2's.
+    let status = wait_job_end(client, 2, 25).await?;
     let cuts = client.execute("return window.__cuts;", vec![]).await?;
     assert_eq!(cuts.as_u64(), Some(1), "the connection was cut after the Submit");
     let mut ws = agent.connect().await?;
@@ -413,7 +396,52 @@ async fn drive(client: &fantoccini::Client, agent: &AgentHandle) -> anyhow::Resu
         runs[0].created_unix_ms
     );
     println!("a Submit cut off from its answer in the browser: sent again, ran once as run 2 ({status})");
+
+    // Cut again, and the page reloaded before it reconnects: the reloaded page finds the
+    // unanswered submission in its storage and sends it again.
+    client.execute(CUT_AFTER_SUBMIT, vec![]).await?;
+    client.find(Locator::Css("[data-testid=run]")).await?.click().await?;
+    client.refresh().await?;
+    let status = wait_job_end(client, 3, 25).await?;
+    headroom_tests::send(&mut ws, &shared::protocol::Message::ListRuns { before: None, limit: 100 }).await?;
+    let shared::protocol::Message::Runs { runs, .. } = headroom_tests::recv(&mut ws).await? else {
+        anyhow::bail!("expected the agent's runs");
+    };
+    let jobs: Vec<u64> = runs.iter().map(|r| r.job).collect();
+    assert_eq!(jobs, vec![3, 2, 1], "the submission sent again by the reloaded page ran once: {status}");
+    let kept = client
+        .execute("return Object.keys(localStorage).filter(k => k.startsWith('headroom.submit'));", vec![])
+        .await?;
+    assert_eq!(kept, serde_json::json!([]), "an answered submission is forgotten");
+    println!("a Submit cut off and the page reloaded: sent again from storage, ran once as run 3");
     Ok(())
+}
+
+/// Closes the page's socket just after the next Submit frame goes, once; counts the cuts
+/// and notes when each Submit was sent.
+const CUT_AFTER_SUBMIT: &str = r#"const send = WebSocket.prototype.send;
+   window.__cuts = 0;
+   window.__submits = [];
+   WebSocket.prototype.send = function (data) {
+     send.call(this, data);
+     const b = data instanceof ArrayBuffer ? new Uint8Array(data)
+                                           : new Uint8Array(data.buffer, data.byteOffset, data.byteLength);
+     // [version (2 bytes), variant]: variant 1 is Submit.
+     if (b[2] === 1) window.__submits.push(Date.now());
+     if (b[2] === 1 && window.__cuts === 0) {
+       window.__cuts = 1;
+       this.close(4000, "test: cut after Submit");
+     }
+   };"#;
+
+/// Waits for run `job` to finish after `steps` steps in the run view; its status line.
+async fn wait_job_end(client: &fantoccini::Client, job: u64, steps: u64) -> anyhow::Result<String> {
+    eventually("the run to finish", Duration::from_secs(240), || async {
+        let t = text(client, "job-status").await.unwrap_or_default();
+        anyhow::ensure!(!t.contains("failed") && !t.contains("refused"), "the run failed in the page: {t}");
+        Ok(t.contains(&format!("Job {job} finished: {steps} steps")).then_some(t))
+    })
+    .await
 }
 
 async fn plan_views(client: &fantoccini::Client, agent: &AgentHandle) -> anyhow::Result<()> {

@@ -340,8 +340,8 @@ fn the_host_memory_guard_lowers_the_loader_and_stops_a_job_before_the_kernel_wou
     // what the allocator keeps of the step's freed tensors (506 to 576 MB measured in one
     // run), the next step's rise moving the other way by as much. Measured 53 to 133 MiB
     // above the loader-less run on a loaded machine; an unguarded loader keeps 16
-    // batches, 384 MiB.
-    assert!(peak < limit + 4 * (24 << 20), "the workers kept near the limit: {peak} vs {limit}");
+    // batches, 384 MiB. The bound is six batches past the limit.
+    assert!(peak < limit + 6 * (24 << 20), "the workers kept near the limit: {peak} vs {limit}");
     println!(
         "host memory guard: 4 workers x 4 batches under a limit 100 MiB above the loader-less run: peak {} MiB above it, {} lowering(s)",
         (peak.saturating_sub(baseline)) >> 20,
