@@ -108,6 +108,10 @@ fn remembered_run(label: &str) -> Option<JobId> {
     local_storage()?.get_item(&storage_key(label)).ok()??.parse().ok()
 }
 
+/// How long a page reloaded after a lost answer still sends the submission again: one
+/// found later (the tab was closed meanwhile) is forgotten, not run by surprise.
+const SUBMISSION_KEPT_MS: f64 = 10.0 * 60.0 * 1000.0;
+
 /// Keeps a submission the agent has not answered yet (its plan and key), so that a page
 /// reloaded meanwhile sends it again too; `None` forgets it.
 pub fn remember_submission(label: &str, submission: Option<(&shared::plan::Plan, u64)>) {
@@ -115,16 +119,31 @@ pub fn remember_submission(label: &str, submission: Option<(&shared::plan::Plan,
         return;
     };
     let key = format!("headroom.submit@{label}");
-    let _ = match submission.map(|(plan, k)| serde_json::to_string(&serde_json::json!({ "key": k, "plan": plan }))) {
+    let text = submission.map(|(plan, k)| {
+        serde_json::to_string(&serde_json::json!({ "key": k, "plan": plan, "at_ms": js_sys::Date::now() }))
+    });
+    let _ = match text {
         Some(Ok(text)) => storage.set_item(&key, &text),
         _ => storage.remove_item(&key),
     };
 }
 
+/// The submission kept by [`remember_submission`], if it is recent; an old or damaged one
+/// is forgotten.
 fn remembered_submission(label: &str) -> Option<(shared::plan::Plan, u64)> {
     let text = local_storage()?.get_item(&format!("headroom.submit@{label}")).ok()??;
-    let v: serde_json::Value = serde_json::from_str(&text).ok()?;
-    Some((serde_json::from_value(v.get("plan")?.clone()).ok()?, v.get("key")?.as_u64()?))
+    let found = (|| {
+        let v: serde_json::Value = serde_json::from_str(&text).ok()?;
+        let age = js_sys::Date::now() - v.get("at_ms")?.as_f64()?;
+        if !(0.0..SUBMISSION_KEPT_MS).contains(&age) {
+            return None;
+        }
+        Some((serde_json::from_value(v.get("plan")?.clone()).ok()?, v.get("key")?.as_u64()?))
+    })();
+    if found.is_none() {
+        remember_submission(label, None);
+    }
+    found
 }
 
 /// What an event of the watched run says, for its list; `None` for routine ones (their

@@ -414,6 +414,26 @@ async fn drive(client: &fantoccini::Client, agent: &AgentHandle) -> anyhow::Resu
         .await?;
     assert_eq!(kept, serde_json::json!([]), "an answered submission is forgotten");
     println!("a Submit cut off and the page reloaded: sent again from storage, ran once as run 3");
+
+    // One kept from a tab closed long ago is forgotten, not run by surprise.
+    let stale = serde_json::json!({ "key": 5, "plan": Plan::example_mlp(), "at_ms": 0 }).to_string();
+    client
+        .execute(
+            "localStorage.setItem('headroom.submit@' + location.host, arguments[0]);",
+            vec![serde_json::Value::String(stale)],
+        )
+        .await?;
+    client.refresh().await?;
+    wait_job_end(client, 3, 25).await?;
+    let kept = client
+        .execute("return Object.keys(localStorage).filter(k => k.startsWith('headroom.submit'));", vec![])
+        .await?;
+    assert_eq!(kept, serde_json::json!([]), "a stale submission is forgotten");
+    headroom_tests::send(&mut ws, &shared::protocol::Message::ListRuns { before: None, limit: 100 }).await?;
+    let shared::protocol::Message::Runs { runs, .. } = headroom_tests::recv(&mut ws).await? else {
+        anyhow::bail!("expected the agent's runs");
+    };
+    assert_eq!(runs.len(), 3, "nothing submitted");
     Ok(())
 }
 
