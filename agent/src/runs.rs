@@ -187,6 +187,18 @@ struct Entry {
     cancel: Option<Arc<Notify>>,
 }
 
+impl Entry {
+    /// What its `run.json` holds.
+    fn stored(&self) -> Stored {
+        Stored {
+            info: self.info.clone(),
+            plan: self.plan.clone(),
+            estimate: self.estimate.clone(),
+            submission: self.submission,
+        }
+    }
+}
+
 struct Inner {
     runs: BTreeMap<JobId, Entry>,
     queue: VecDeque<JobId>,
@@ -264,15 +276,14 @@ fn write_stored(dir: &Path, stored: &Stored) -> std::io::Result<()> {
 /// log (a run that was running is interrupted; one whose last record is its end ended).
 fn recover(id: JobId, path: &Path) -> anyhow::Result<Entry> {
     use anyhow::Context;
-    let stored: Stored =
+    let mut stored: Stored =
         serde_json::from_slice(&std::fs::read(path.join("run.json")).context("run.json")?).context("run.json")?;
     let (mut writer, found) = runlog::Writer::open(&path.join("records.log"))?;
-    let mut info = stored.info;
-    info.records = found.count;
+    stored.info.records = found.count;
     // The agent died between writing a run's last record and storing its state: the
     // record says how it ended.
     if let Some((_, last)) = &found.last
-        && matches!(info.state, RunState::Running | RunState::Queued)
+        && matches!(stored.info.state, RunState::Running | RunState::Queued)
         && let Some(record) = shared::protocol::Record::from_message(last.clone())
         && record.is_terminal()
     {
@@ -280,40 +291,31 @@ fn recover(id: JobId, path: &Path) -> anyhow::Result<Entry> {
             shared::protocol::Record::Failed { error } => (failed_state(error.code), Some(error)),
             _ => (RunState::Finished, None),
         };
-        info.state = state;
-        info.error = error;
-        info.ended_unix_ms.get_or_insert_with(now_ms);
-        write_stored(
-            path,
-            &Stored {
-                info: info.clone(),
-                plan: stored.plan.clone(),
-                estimate: stored.estimate.clone(),
-                submission: stored.submission,
-            },
-        )?;
+        stored.info.state = state;
+        stored.info.error = error;
+        stored.info.ended_unix_ms.get_or_insert_with(now_ms);
+        write_stored(path, &stored)?;
     }
-    if info.state == RunState::Running {
+    if stored.info.state == RunState::Running {
         let error =
             JobError { code: ErrorCode::Interrupted, message: "the agent stopped while this run was running".into() };
         writer.append(&[Message::Failed { job: id, error: error.clone() }])?;
-        info.records += 1;
-        info.state = RunState::Interrupted;
-        info.error = Some(error);
-        info.ended_unix_ms = Some(now_ms());
-        write_stored(
-            path,
-            &Stored {
-                info: info.clone(),
-                plan: stored.plan.clone(),
-                estimate: stored.estimate.clone(),
-                submission: stored.submission,
-            },
-        )?;
+        stored.info.records += 1;
+        stored.info.state = RunState::Interrupted;
+        stored.info.error = Some(error);
+        stored.info.ended_unix_ms = Some(now_ms());
+        write_stored(path, &stored)?;
         tracing::info!(run = id, "marked interrupted");
     }
-    let live = (info.state == RunState::Queued).then(|| broadcast::channel(LIVE_BUFFER).0);
-    Ok(Entry { info, plan: stored.plan, estimate: stored.estimate, submission: stored.submission, live, cancel: None })
+    let live = (stored.info.state == RunState::Queued).then(|| broadcast::channel(LIVE_BUFFER).0);
+    Ok(Entry {
+        info: stored.info,
+        plan: stored.plan,
+        estimate: stored.estimate,
+        submission: stored.submission,
+        live,
+        cancel: None,
+    })
 }
 
 impl Runs {
@@ -452,12 +454,7 @@ impl Runs {
     /// be written whole is removed.
     fn create(&self, id: JobId, mut entry: Entry, creating: Creating) -> Result<(), RunError> {
         let dir = self.run_dir(id);
-        let stored = Stored {
-            info: entry.info.clone(),
-            plan: entry.plan.clone(),
-            estimate: entry.estimate.clone(),
-            submission: entry.submission,
-        };
+        let stored = entry.stored();
         // `create_dir`, not `create_dir_all`: a run's folder is always new.
         std::fs::create_dir(&dir).map_err(|e| RunError::Io(format!("run {id}: {e}")))?;
         if let Err(e) = write_stored(&dir, &stored) {
@@ -681,12 +678,7 @@ impl Runs {
         let _gate = self.store_gate.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         let stored = {
             let inner = self.lock();
-            inner.runs.get(&job).map(|e| Stored {
-                info: e.info.clone(),
-                plan: e.plan.clone(),
-                estimate: e.estimate.clone(),
-                submission: e.submission,
-            })
+            inner.runs.get(&job).map(Entry::stored)
         };
         if let Some(stored) = stored
             && let Err(e) = write_stored(&self.run_dir(job), &stored)

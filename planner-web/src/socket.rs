@@ -84,9 +84,10 @@ pub fn home_address() -> Option<AgentAddress> {
     Some(AgentAddress { socket_url: format!("{scheme}://{host}/ws"), label: host })
 }
 
-/// Where the page keeps the number of the run it watches on an agent.
-fn storage_key(label: &str) -> String {
-    format!("headroom.run@{label}")
+/// Where the page keeps, per agent, the number of the run it watches (`run`) and a
+/// submission not answered yet (`submit`).
+fn storage_key(what: &str, label: &str) -> String {
+    format!("headroom.{what}@{label}")
 }
 
 /// The browser's local storage, where the page keeps its agents and watched runs.
@@ -99,13 +100,13 @@ fn remember_run(label: &str, job: Option<JobId>) {
         return;
     };
     let _ = match job {
-        Some(j) => storage.set_item(&storage_key(label), &j.to_string()),
-        None => storage.remove_item(&storage_key(label)),
+        Some(j) => storage.set_item(&storage_key("run", label), &j.to_string()),
+        None => storage.remove_item(&storage_key("run", label)),
     };
 }
 
 fn remembered_run(label: &str) -> Option<JobId> {
-    local_storage()?.get_item(&storage_key(label)).ok()??.parse().ok()
+    local_storage()?.get_item(&storage_key("run", label)).ok()??.parse().ok()
 }
 
 /// How long a page reloaded after a lost answer still sends the submission again: one
@@ -118,7 +119,7 @@ pub fn remember_submission(label: &str, submission: Option<(&shared::plan::Plan,
     let Some(storage) = local_storage() else {
         return;
     };
-    let key = format!("headroom.submit@{label}");
+    let key = storage_key("submit", label);
     let text = submission.map(|(plan, k)| {
         serde_json::to_string(&serde_json::json!({ "key": k, "plan": plan, "at_ms": js_sys::Date::now() }))
     });
@@ -131,7 +132,7 @@ pub fn remember_submission(label: &str, submission: Option<(&shared::plan::Plan,
 /// The submission kept by [`remember_submission`], if it is recent; an old or damaged one
 /// is forgotten.
 fn remembered_submission(label: &str) -> Option<(shared::plan::Plan, u64)> {
-    let text = local_storage()?.get_item(&format!("headroom.submit@{label}")).ok()??;
+    let text = local_storage()?.get_item(&storage_key("submit", label)).ok()??;
     let found = (|| {
         let v: serde_json::Value = serde_json::from_str(&text).ok()?;
         let age = js_sys::Date::now() - v.get("at_ms")?.as_f64()?;

@@ -147,10 +147,16 @@ async fn run_to_end(client: &fantoccini::Client, steps: u64) -> anyhow::Result<S
 /// Waits for the watched run to finish after `steps` steps; its status line. Generous:
 /// the full test run shares two cores with this test's two agents and Chromium.
 async fn run_to_end_of(client: &fantoccini::Client, steps: u64) -> anyhow::Result<String> {
+    wait_status(client, &format!("finished: {steps} steps")).await
+}
+
+/// Waits for the run view's status line to contain `end`, failing at once if it says
+/// the run failed or was refused; the line.
+async fn wait_status(client: &fantoccini::Client, end: &str) -> anyhow::Result<String> {
     eventually("the run to finish", Duration::from_secs(240), || async {
         let t = text(client, "job-status").await.unwrap_or_default();
         anyhow::ensure!(!t.contains("failed") && !t.contains("refused"), "the run failed in the page: {t}");
-        Ok(t.contains(&format!("finished: {steps} steps")).then_some(t))
+        Ok(t.contains(end).then_some(t))
     })
     .await
 }
@@ -379,10 +385,7 @@ async fn drive(client: &fantoccini::Client, agent: &AgentHandle) -> anyhow::Resu
     let cuts = client.execute("return window.__cuts;", vec![]).await?;
     assert_eq!(cuts.as_u64(), Some(1), "the connection was cut after the Submit");
     let mut ws = agent.connect().await?;
-    headroom_tests::send(&mut ws, &shared::protocol::Message::ListRuns { before: None, limit: 100 }).await?;
-    let shared::protocol::Message::Runs { runs, .. } = headroom_tests::recv(&mut ws).await? else {
-        anyhow::bail!("expected the agent's runs");
-    };
+    let runs = crate::runs::runs(&mut ws).await?;
     let jobs: Vec<u64> = runs.iter().map(|r| r.job).collect();
     assert_eq!(jobs, vec![2, 1], "the submission sent again ran once: {status}");
     // And the run is the first Submit's (made before the second was sent), so the agent
@@ -403,15 +406,10 @@ async fn drive(client: &fantoccini::Client, agent: &AgentHandle) -> anyhow::Resu
     client.find(Locator::Css("[data-testid=run]")).await?.click().await?;
     client.refresh().await?;
     let status = wait_job_end(client, 3, 25).await?;
-    headroom_tests::send(&mut ws, &shared::protocol::Message::ListRuns { before: None, limit: 100 }).await?;
-    let shared::protocol::Message::Runs { runs, .. } = headroom_tests::recv(&mut ws).await? else {
-        anyhow::bail!("expected the agent's runs");
-    };
+    let runs = crate::runs::runs(&mut ws).await?;
     let jobs: Vec<u64> = runs.iter().map(|r| r.job).collect();
     assert_eq!(jobs, vec![3, 2, 1], "the submission sent again by the reloaded page ran once: {status}");
-    let kept = client
-        .execute("return Object.keys(localStorage).filter(k => k.startsWith('headroom.submit'));", vec![])
-        .await?;
+    let kept = kept_submissions(client).await?;
     assert_eq!(kept, serde_json::json!([]), "an answered submission is forgotten");
     println!("a Submit cut off and the page reloaded: sent again from storage, ran once as run 3");
 
@@ -425,14 +423,9 @@ async fn drive(client: &fantoccini::Client, agent: &AgentHandle) -> anyhow::Resu
         .await?;
     client.refresh().await?;
     wait_job_end(client, 3, 25).await?;
-    let kept = client
-        .execute("return Object.keys(localStorage).filter(k => k.startsWith('headroom.submit'));", vec![])
-        .await?;
+    let kept = kept_submissions(client).await?;
     assert_eq!(kept, serde_json::json!([]), "a stale submission is forgotten");
-    headroom_tests::send(&mut ws, &shared::protocol::Message::ListRuns { before: None, limit: 100 }).await?;
-    let shared::protocol::Message::Runs { runs, .. } = headroom_tests::recv(&mut ws).await? else {
-        anyhow::bail!("expected the agent's runs");
-    };
+    let runs = crate::runs::runs(&mut ws).await?;
     assert_eq!(runs.len(), 3, "nothing submitted");
     Ok(())
 }
@@ -456,12 +449,12 @@ const CUT_AFTER_SUBMIT: &str = r#"const send = WebSocket.prototype.send;
 
 /// Waits for run `job` to finish after `steps` steps in the run view; its status line.
 async fn wait_job_end(client: &fantoccini::Client, job: u64, steps: u64) -> anyhow::Result<String> {
-    eventually("the run to finish", Duration::from_secs(240), || async {
-        let t = text(client, "job-status").await.unwrap_or_default();
-        anyhow::ensure!(!t.contains("failed") && !t.contains("refused"), "the run failed in the page: {t}");
-        Ok(t.contains(&format!("Job {job} finished: {steps} steps")).then_some(t))
-    })
-    .await
+    wait_status(client, &format!("Job {job} finished: {steps} steps")).await
+}
+
+/// The page's kept unanswered submissions (their local-storage keys).
+async fn kept_submissions(client: &fantoccini::Client) -> anyhow::Result<serde_json::Value> {
+    Ok(client.execute("return Object.keys(localStorage).filter(k => k.startsWith('headroom.submit'));", vec![]).await?)
 }
 
 async fn plan_views(client: &fantoccini::Client, agent: &AgentHandle) -> anyhow::Result<()> {

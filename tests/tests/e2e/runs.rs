@@ -50,7 +50,8 @@ fn ended(records: &[(u64, Message)]) -> bool {
     records.last().is_some_and(|(_, m)| matches!(m, Message::Finished { .. } | Message::Failed { .. }))
 }
 
-async fn runs(ws: &mut Ws) -> anyhow::Result<Vec<shared::protocol::RunInfo>> {
+/// The agent's newest runs (one page), newest first.
+pub(crate) async fn runs(ws: &mut Ws) -> anyhow::Result<Vec<shared::protocol::RunInfo>> {
     send(ws, &Message::ListRuns { before: None, limit: 100 }).await?;
     match recv(ws).await? {
         Message::Runs { runs, .. } => Ok(runs),
