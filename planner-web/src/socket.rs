@@ -129,6 +129,12 @@ pub fn remember_submission(label: &str, submission: Option<(&shared::plan::Plan,
     };
 }
 
+/// Ends an unanswered submission with `error`, forgetting the kept copy.
+fn submission_failed(label: &str, state: AgentState, error: JobError) {
+    remember_submission(label, None);
+    state.job.set(JobState::Failed { job: None, error });
+}
+
 /// The submission kept by [`remember_submission`], if it is recent; an old or damaged one
 /// is forgotten.
 fn remembered_submission(label: &str) -> Option<(shared::plan::Plan, u64)> {
@@ -233,11 +239,8 @@ fn apply(label: &str, state: AgentState, socket: AgentSocket, message: Message) 
                 state.compare.with_untracked(|c| c.as_ref().filter(|c| !c.done).map(|c| (c.job, c.last_seq)));
             if let Some((plan, key)) = submitted {
                 if let Err(e) = socket.send(&Message::Submit { plan: *plan, force: false, key: Some(key) }) {
-                    remember_submission(label, None);
-                    state.job.set(JobState::Failed {
-                        job: None,
-                        error: JobError { code: ErrorCode::Internal, message: format!("sending the plan again: {e}") },
-                    });
+                    let message = format!("sending the plan again: {e}");
+                    submission_failed(label, state, JobError { code: ErrorCode::Internal, message });
                 }
             } else if let Some((job, after)) = comparing {
                 let _ = socket.send(&Message::Attach { job, after });
@@ -273,8 +276,7 @@ fn apply(label: &str, state: AgentState, socket: AgentSocket, message: Message) 
             // gone ends the comparison; anything else (a cancel that raced the end) is a
             // notice beside the job's own state.
             if matches!(state.job.get_untracked(), JobState::Submitted { .. }) {
-                remember_submission(label, None);
-                state.job.set(JobState::Failed { job: None, error });
+                submission_failed(label, state, error);
             } else if code == ErrorCode::UnknownJob && state.pending.get_untracked().is_some() {
                 if matches!(state.pending.get_untracked(), Some(RunWant::Watch(_))) {
                     remember_run(label, None);
@@ -383,8 +385,9 @@ fn apply(label: &str, state: AgentState, socket: AgentSocket, message: Message) 
     }
 }
 
-/// After a comparison's records: follow the watched run again from its last record.
-fn reattach(state: AgentState, socket: AgentSocket) {
+/// After a comparison's records (or one stopped before they were in): follow the
+/// watched run again from its last record.
+pub fn reattach(state: AgentState, socket: AgentSocket) {
     if let Some(job) = state.live_job() {
         let _ = socket.send(&Message::Attach { job, after: state.last_seq.get_untracked() });
     }
@@ -459,17 +462,11 @@ fn open(target: std::rc::Rc<(AgentAddress, String)>, state: AgentState, agent: A
         let attempt = if opened.get() { 0 } else { attempt + 1 };
         if matches!(state.job.get_untracked(), JobState::Submitted { .. }) {
             if attempt >= MAX_SUBMIT_RECONNECTS {
-                remember_submission(&target.0.label, None);
-                state.job.set(JobState::Failed {
-                    job: None,
-                    error: JobError {
-                        code: ErrorCode::Internal,
-                        message: format!(
-                            "lost the agent before it answered the submission ({reason}); it may have queued it: \
-                             its history will show the run once the agent is back"
-                        ),
-                    },
-                });
+                let message = format!(
+                    "lost the agent before it answered the submission ({reason}); it may have queued it: its \
+                     history will show the run once the agent is back"
+                );
+                submission_failed(&target.0.label, state, JobError { code: ErrorCode::Internal, message });
             } else {
                 state.notice.set(Some(format!(
                     "lost the agent before it answered the submission ({reason}); it is sent again on \

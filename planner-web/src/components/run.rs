@@ -299,8 +299,8 @@ fn RunView(plan: Signal<Result<Plan, String>>, agent: Agent) -> impl IntoView {
     let stop_compare = move |_| {
         let unfinished = compare.with_untracked(|c| c.as_ref().is_some_and(|c| !c.done));
         compare.set(None);
-        if unfinished && let Some(job) = state.live_job() {
-            let _ = socket.send(&Message::Attach { job, after: state.last_seq.get_untracked() });
+        if unfinished {
+            crate::socket::reattach(state, socket);
         }
     };
     let comparison = move || {
