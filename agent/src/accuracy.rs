@@ -320,7 +320,7 @@ pub async fn run(device: &str, steps: u64, out: &Path, exe: PathBuf) -> anyhow::
         cpu_model(),
         std::thread::available_parallelism().map_or(1, |p| p.get()),
         if cuda {
-            crate::train::memory::nvml_devices()
+            system::nvml::devices()
                 .first()
                 .map_or(String::new(), |(name, total)| format!(", {name} ({} MiB)", total >> 20))
         } else {

@@ -192,9 +192,9 @@ struct FilesArgs {
     data_root: Option<PathBuf>,
 }
 
-impl From<FilesArgs> for crate::train::JobFiles {
-    fn from(a: FilesArgs) -> crate::train::JobFiles {
-        crate::train::JobFiles { checkpoint_dir: a.checkpoint_dir, resume: a.resume, data_root: a.data_root }
+impl From<FilesArgs> for system::job::JobFiles {
+    fn from(a: FilesArgs) -> system::job::JobFiles {
+        system::job::JobFiles { checkpoint_dir: a.checkpoint_dir, resume: a.resume, data_root: a.data_root }
     }
 }
 
@@ -239,8 +239,8 @@ pub fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .init();
     let result = match cli.command {
-        Command::Worker { probe: true, .. } => crate::worker::probe(),
-        Command::Worker { job, files, .. } => crate::worker::run(job.unwrap_or(0), files.into()),
+        Command::Worker { probe: true, .. } => trainer::worker::probe(),
+        Command::Worker { job, files, .. } => trainer::worker::run(job.unwrap_or(0), files.into()),
         Command::Estimate { source, gpu, json, trace, calibration } => {
             crate::tools::estimate(&source, gpu.as_deref(), json, trace, calibration.as_deref())
         }
@@ -287,15 +287,15 @@ async fn async_main(command: Command) -> anyhow::Result<()> {
         Command::Serve(args) => crate::serve::serve(args, exe).await,
         Command::Token { action } => crate::tools::token(action),
         Command::Run { source, device, files } => {
-            let (mut plan, _) = build_plan(&source)?;
+            let mut plan = build_plan(&source)?.into_parts().0;
             if let Some(d) = device {
                 plan.device = parse_device(&d)?;
             }
             crate::local::run(plan, files.into(), exe).await
         }
         Command::Probe { source, device, steps, json, data_root } => {
-            let files = crate::train::JobFiles { data_root, ..Default::default() };
-            crate::probe::probe(build_plan(&source)?.0, &device, steps, json, &files, exe).await
+            let files = system::job::JobFiles { data_root, ..Default::default() };
+            crate::probe::probe(build_plan(&source)?.into_parts().0, &device, steps, json, &files, exe).await
         }
         Command::Accuracy { device, steps, out } => crate::accuracy::run(&device, steps, &out, exe).await,
         Command::FindBatch {
@@ -312,9 +312,9 @@ async fn async_main(command: Command) -> anyhow::Result<()> {
             let capacity = capacity
                 .map(|c| shared::units::parse_bytes(&c).map_err(|e| BadInput(format!("--capacity: {e}"))))
                 .transpose()?;
-            let (plan, _) = build_plan(&source)?;
+            let plan = build_plan(&source)?.into_parts().0;
             let calibration = crate::calibration::default_path(calibration.as_deref());
-            let files = crate::train::JobFiles { data_root, ..Default::default() };
+            let files = system::job::JobFiles { data_root, ..Default::default() };
             let req =
                 crate::finder::Request { plan, device, capacity, margin, effective_batch, compare, calibration, files };
             crate::finder::find(req, json, exe).await

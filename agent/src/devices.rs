@@ -2,26 +2,28 @@
 //! their memory is free (NVML for GPUs, `/proc` for the host), the catalog card a GPU's
 //! estimate uses, and what a plan's `device` resolves to here.
 
+use std::path::Path;
+use std::time::Duration;
+
 use anyhow::Context;
 use shared::estimate::Target;
 use shared::gpus::{self, Gpu};
+use shared::machine::{Machine, RunsOn};
 use shared::plan::Plan;
 use shared::protocol::DeviceInfo;
 
 /// The host's CPU as a device: its model name and the machine's RAM.
 pub fn cpu_device() -> DeviceInfo {
-    let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
-    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
-    let name = cpuinfo
-        .lines()
-        .find_map(|l| l.strip_prefix("model name").and_then(|v| v.split_once(':')).map(|(_, n)| n.trim().to_owned()))
-        .unwrap_or_else(|| std::env::consts::ARCH.to_owned());
-    DeviceInfo { id: "cpu".into(), name, total_memory_bytes: meminfo_bytes(&meminfo, "MemTotal").unwrap_or(0) }
+    DeviceInfo {
+        id: "cpu".into(),
+        name: system::host::cpu_name(),
+        total_memory_bytes: system::host::total_memory_bytes().unwrap_or(0),
+    }
 }
 
 /// The GPUs NVML sees, as `cuda:N` in NVML's order, then the CPU.
 pub fn discover() -> Vec<DeviceInfo> {
-    let mut devices: Vec<DeviceInfo> = crate::train::memory::nvml_devices()
+    let mut devices: Vec<DeviceInfo> = system::nvml::devices()
         .into_iter()
         .enumerate()
         .map(|(i, (name, total))| DeviceInfo { id: format!("cuda:{i}"), name, total_memory_bytes: total })
@@ -34,20 +36,40 @@ pub fn discover() -> Vec<DeviceInfo> {
 /// process) on a GPU, `MemAvailable` for the CPU; `None` where it cannot be read.
 pub fn free_memory_bytes(device: &DeviceInfo) -> Option<u64> {
     if device.id == "cpu" {
-        return meminfo_bytes(&std::fs::read_to_string("/proc/meminfo").ok()?, "MemAvailable");
+        return system::host::available_memory_bytes();
     }
     let index: u32 = device.id.strip_prefix("cuda:")?.parse().ok()?;
-    let used = crate::train::memory::nvml_used_bytes(index)?;
+    let used = system::nvml::used_bytes(index)?;
     Some(device.total_memory_bytes.saturating_sub(used))
 }
 
-/// A `/proc/meminfo` field (given in KiB) in bytes.
-fn meminfo_bytes(meminfo: &str, field: &str) -> Option<u64> {
-    let kib: u64 = meminfo
-        .lines()
-        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())?;
-    kib.checked_mul(1024)
+/// What this machine's trainer can use, asked of a worker process (`headroom worker
+/// --probe`), so that this process never initialises CUDA or libtorch's threads. A probe
+/// that fails leaves the CPU with the threads the operating system reports.
+pub async fn probe_machine(exe: &Path) -> Machine {
+    let probe = tokio::process::Command::new(exe).args(["worker", "--probe"]).kill_on_drop(true).output();
+    let report = match tokio::time::timeout(Duration::from_secs(120), probe).await {
+        Ok(Ok(out)) if out.status.success() => system::job::parse_probe(&String::from_utf8_lossy(&out.stdout)),
+        other => {
+            tracing::warn!("could not probe this machine ({other:?}); jobs will run on the CPU");
+            None
+        }
+    };
+    report.unwrap_or_else(cpu_only)
+}
+
+/// [`probe_machine`] for the commands that run without the async runtime.
+pub fn probe_machine_blocking(exe: &Path) -> Machine {
+    let out = std::process::Command::new(exe).args(["worker", "--probe"]).output();
+    match out {
+        Ok(out) if out.status.success() => system::job::parse_probe(&String::from_utf8_lossy(&out.stdout)),
+        _ => None,
+    }
+    .unwrap_or_else(cpu_only)
+}
+
+fn cpu_only() -> Machine {
+    Machine { cuda_devices: 0, cpu_threads: std::thread::available_parallelism().map_or(1, |p| p.get() as u64) }
 }
 
 /// The catalog entry for a GPU NVML names (its key without the memory suffix appears in
@@ -82,42 +104,28 @@ pub fn gpu_for(name: &str, total: u64) -> &'static Gpu {
     g
 }
 
-/// What a plan's job runs on here, for its estimate: the GPU NVML lists for `cuda:N`
-/// (with the plan's memory fraction resolved against it), else the CPU. `auto` becomes
-/// the first GPU NVML lists, or the CPU.
-pub fn target_for(plan: &mut Plan) -> anyhow::Result<Target> {
-    let devices = crate::train::memory::nvml_devices();
-    if plan.device == shared::plan::DeviceChoice::Auto {
-        plan.device =
-            if devices.is_empty() { shared::plan::DeviceChoice::Cpu } else { shared::plan::DeviceChoice::Cuda(0) };
-    }
-    Ok(match plan.device {
-        shared::plan::DeviceChoice::Cuda(i) => {
-            let (name, total) = devices
-                .get(i as usize)
-                .cloned()
-                .with_context(|| format!("cuda:{i}: NVML does not list this device"))?;
-            let g = gpu_for(&name, total);
-            plan.resolve_memory_fraction(g.memory_bytes);
-            Target::Cuda(*g)
+/// What a plan's job runs on here, for its estimate: `device` resolved by the machine's
+/// rule (`auto` is the first GPU libtorch can use, else the CPU) and written back into
+/// the plan; for `cuda:N`, the catalog card of the GPU `devices` lists under that id.
+pub fn target_for(plan: &mut Plan, machine: &Machine, devices: &[DeviceInfo]) -> anyhow::Result<Target> {
+    let runs_on = machine.runs_on(plan.device)?;
+    plan.device = runs_on.choice();
+    Ok(match runs_on {
+        RunsOn::Cuda(_) => {
+            let id = runs_on.id();
+            let d = devices
+                .iter()
+                .find(|d| d.id == id)
+                .with_context(|| format!("{id}: NVML does not list this device, so its memory is unknown"))?;
+            Target::Cuda(*gpu_for(&d.name, d.total_memory_bytes))
         }
-        _ => Target::Cpu,
+        RunsOn::Cpu => Target::Cpu,
     })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn meminfo_fields_are_read_in_bytes() {
-        let text = "MemTotal:       24567728 kB\nMemFree:         1000 kB\nMemAvailable:   20000000 kB\n";
-        assert_eq!(meminfo_bytes(text, "MemTotal"), Some(24_567_728 * 1024));
-        assert_eq!(meminfo_bytes(text, "MemAvailable"), Some(20_000_000 * 1024));
-        // A prefix of another field's name is not that field.
-        assert_eq!(meminfo_bytes("MemAvailableX: 5 kB\n", "MemAvailable"), None);
-        assert_eq!(meminfo_bytes("MemAvailable: lots kB\n", "MemAvailable"), None);
-    }
 
     #[test]
     fn this_host_reports_its_free_memory() {

@@ -41,7 +41,7 @@ pub struct Request {
     /// Where the fitted line is stored (`calibration::default_path`); `None`: not stored.
     pub calibration: Option<PathBuf>,
     /// Files the probe jobs may read (a TorchScript module, data on disk).
-    pub files: crate::train::JobFiles,
+    pub files: system::job::JobFiles,
 }
 
 #[derive(Clone, Debug)]
@@ -56,7 +56,7 @@ struct Prober {
     device: String,
     capacity: u64,
     effective: u64,
-    files: crate::train::JobFiles,
+    files: system::job::JobFiles,
     exe: PathBuf,
     probes: Vec<Probe>,
 }
@@ -119,10 +119,11 @@ pub async fn find(req: Request, json_out: bool, exe: PathBuf) -> anyhow::Result<
     }
     let mut plan = req.plan.clone();
     plan.device = crate::input::parse_device_arg(&req.device)?;
-    let target = target_for(&mut plan)?;
+    let machine = crate::devices::probe_machine(&exe).await;
+    let target = target_for(&mut plan, &machine, &crate::devices::discover())?;
     let capacity = match (req.capacity, target) {
         (Some(c), _) => c,
-        (None, Target::Cuda(g)) => plan.memory_limit_bytes.unwrap_or(g.memory_bytes),
+        (None, Target::Cuda(g)) => plan.memory_cap(g.memory_bytes).unwrap_or(g.memory_bytes),
         (None, Target::Cpu) => {
             return Err(bad_input("--capacity: give the memory to fit on the CPU, e.g. --capacity 2GiB".into()));
         }
@@ -145,7 +146,7 @@ pub async fn find(req: Request, json_out: bool, exe: PathBuf) -> anyhow::Result<
     }
     // The estimator's proposal: the largest divisor whose point estimate fits (the probes
     // are the check).
-    let here = crate::train::as_run_here(&plan);
+    let here = machine.as_run_here(&plan);
     let estimate_of = |b: u64| {
         let mut p = here.clone();
         p.micro_batch = b;

@@ -4,8 +4,7 @@
 
 use std::path::PathBuf;
 
-use shared::Graph;
-use shared::plan::{DeviceChoice, Plan};
+use shared::plan::{DeviceChoice, Plan, Validated};
 
 /// Where a plan comes from: a file, or a zoo model with settings.
 #[derive(clap::Args, Debug)]
@@ -65,7 +64,7 @@ pub(crate) fn parse_device(text: &str) -> anyhow::Result<DeviceChoice> {
 
 /// The plan a source describes, with its `--set` overrides applied, validated, and its
 /// graph (built once: every command reuses it).
-pub(crate) fn build_plan(source: &PlanSource) -> anyhow::Result<(Plan, Graph)> {
+pub(crate) fn build_plan(source: &PlanSource) -> anyhow::Result<Validated> {
     let mut pairs = Vec::new();
     for item in &source.set {
         let (k, v) = item.split_once('=').ok_or_else(|| BadInput(format!("--set {item}: expected KEY=VALUE")))?;
@@ -76,8 +75,7 @@ pub(crate) fn build_plan(source: &PlanSource) -> anyhow::Result<(Plan, Graph)> {
         (Some(path), _) => {
             let mut plan = read_plan_text(path)?;
             plan.apply_settings(&pairs).map_err(bad)?;
-            let graph = plan.validate().map_err(|e| BadInput(format!("{}: {e}", path.display())))?;
-            Ok((plan, graph))
+            Ok(plan.validated().map_err(|e| BadInput(format!("{}: {e}", path.display())))?)
         }
         (None, Some(model)) => Plan::from_settings(model, &pairs).map_err(|e| match e {
             shared::PlanError::Invalid { field: "model", reason } if !shared::zoo::MODELS.contains(&model.as_str()) => {

@@ -14,12 +14,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use shared::plan::Plan;
-use shared::protocol::{JobId, Message};
+use shared::protocol::{ErrorCode, JobError, JobId, Message};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::Command;
 use tokio::sync::{Semaphore, mpsc};
 
-use crate::{pipe, worker};
+use system::pipe;
 
 /// Batch records buffered per job before new ones are dropped for a slow client.
 pub const EVENT_BUFFER: usize = 4096;
@@ -73,11 +73,6 @@ impl JobRunner {
         JobRunner { exe, limit, slots: Arc::new(Semaphore::new(limit)) }
     }
 
-    /// Jobs that may run at once.
-    pub fn limit(&self) -> usize {
-        self.limit
-    }
-
     /// Slots free now.
     pub fn free_slots(&self) -> usize {
         self.slots.available_permits()
@@ -91,7 +86,7 @@ impl JobRunner {
         id: JobId,
         plan: Plan,
         estimated_peak_bytes: u64,
-        files: &crate::train::JobFiles,
+        files: &system::job::JobFiles,
     ) -> Result<RunningJob, StartError> {
         let permit = Arc::clone(&self.slots).try_acquire_owned().map_err(|_| StartError::Busy { limit: self.limit })?;
         let mut cmd = Command::new(&self.exe);
@@ -235,10 +230,18 @@ impl JobRunner {
             drop(permit);
             let tail = stderr_task.await.unwrap_or_default();
             tracing::info!(job = id, %status, "worker ended");
-            let last = terminal.unwrap_or_else(|| worker::crashed(id, &status, &tail));
+            let last = terminal.unwrap_or_else(|| crashed(id, &status, &tail));
             let _ = events_tx.send(last).await;
         });
 
         Ok(RunningJob { id, events: events_rx, control: control_tx, kill })
+    }
+}
+/// The failure reported for a worker that died without saying why.
+fn crashed(job: JobId, status: &str, stderr_tail: &str) -> Message {
+    let detail = if stderr_tail.trim().is_empty() { String::new() } else { format!(": {}", stderr_tail.trim()) };
+    Message::Failed {
+        job,
+        error: JobError { code: ErrorCode::WorkerCrashed, message: format!("worker process {status}{detail}") },
     }
 }

@@ -1,32 +1,29 @@
 //! The Headroom agent: a WebSocket server that runs training jobs in worker processes
 //! and streams their per-batch loss and memory, plus the CLI built on the same parts.
 //!
-//! Architecture invariant: only `train` names tch; every byte that crosses a socket or
-//! a pipe goes through `shared::codec`.
+//! Architecture invariant: the agent names no tch (its crate does not depend on it;
+//! the trainer crate runs jobs, reached only through `trainer::worker`); every byte
+//! that crosses a socket or a pipe goes through `shared::codec`. Only `cli` is public,
+//! so rustc sees every item nothing uses.
 
-pub mod accuracy;
-pub mod auth;
-pub mod calibration;
+mod accuracy;
+mod auth;
+mod calibration;
 pub mod cli;
-pub mod connection;
-pub mod data;
-pub mod devices;
-pub mod distance;
-pub mod finder;
-pub mod http;
-pub mod input;
-pub mod jobs;
-pub mod local;
-pub mod pipe;
-pub mod probe;
-pub mod report;
-pub mod runlog;
-pub mod runs;
-pub mod serve;
-pub mod server;
-pub mod session;
-pub mod stream;
-pub mod tokens;
-pub mod tools;
-pub mod train;
-pub mod worker;
+mod connection;
+mod devices;
+mod finder;
+mod http;
+mod input;
+mod jobs;
+mod local;
+mod probe;
+mod report;
+mod runlog;
+mod runs;
+mod serve;
+mod server;
+mod session;
+mod stream;
+mod tokens;
+mod tools;

@@ -11,11 +11,12 @@ use shared::protocol::Message;
 use crate::input::BadInput;
 use crate::jobs::JobRunner;
 
-pub async fn run(mut plan: Plan, files: crate::train::JobFiles, exe: PathBuf) -> anyhow::Result<()> {
-    let target = crate::devices::target_for(&mut plan)?;
+pub async fn run(mut plan: Plan, files: system::job::JobFiles, exe: PathBuf) -> anyhow::Result<()> {
+    let machine = crate::devices::probe_machine(&exe).await;
+    let target = crate::devices::target_for(&mut plan, &machine, &crate::devices::discover())?;
     // Calibrations are stored under the plan as given (find-batch's key).
     let given = plan.clone();
-    let plan = crate::train::as_run_here(&plan);
+    let plan = machine.as_run_here(&plan);
     // A TorchScript module has no estimate; a calibration from find-batch stands in.
     let estimated = match shared::estimate::estimate_for(&plan, target) {
         Ok(e) => Some(e.peak_bytes.get()),

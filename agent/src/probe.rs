@@ -28,7 +28,7 @@ pub async fn measure(
     plan: Plan,
     device: &str,
     steps: u64,
-    files: &crate::train::JobFiles,
+    files: &system::job::JobFiles,
     exe: PathBuf,
 ) -> anyhow::Result<Outcome> {
     match try_measure(plan, device, steps, files, exe).await? {
@@ -42,13 +42,14 @@ pub async fn try_measure(
     mut plan: Plan,
     device: &str,
     steps: u64,
-    files: &crate::train::JobFiles,
+    files: &system::job::JobFiles,
     exe: PathBuf,
 ) -> anyhow::Result<Result<Outcome, shared::protocol::JobError>> {
     plan.device = crate::input::parse_device_arg(device)?;
     plan.schedule = Schedule::Steps(steps);
-    let target = crate::devices::target_for(&mut plan)?;
-    let plan = crate::train::as_run_here(&plan);
+    let machine = crate::devices::probe_machine(&exe).await;
+    let target = crate::devices::target_for(&mut plan, &machine, &crate::devices::discover())?;
+    let plan = machine.as_run_here(&plan);
     let estimate = match estimate_for(&plan, target) {
         Ok(e) => Some(e),
         Err(_) if is_script(&plan) => None,
@@ -91,7 +92,7 @@ pub async fn probe(
     device: &str,
     steps: u64,
     json: bool,
-    files: &crate::train::JobFiles,
+    files: &system::job::JobFiles,
     exe: PathBuf,
 ) -> anyhow::Result<()> {
     let Outcome { plan, estimate, summary, device_used_peak, rss_peak, step_ms } =

@@ -159,8 +159,8 @@ pub fn read_page(path: &Path, cursor: Cursor, after: u64, through: u64) -> Resul
     Ok(Page { records, cursor, more })
 }
 
-/// Every good record of the log at `path` (none if it does not exist); for tests and
-/// small logs: it holds them all in memory.
+/// Every good record of the log at `path` (none if it does not exist), all in memory.
+#[cfg(test)]
 pub fn read_all(path: &Path) -> Result<Vec<(u64, Message)>, LogError> {
     let mut out = Vec::new();
     let mut cursor = Cursor::START;
@@ -191,6 +191,7 @@ pub fn check(path: &Path) -> Result<Contents, LogError> {
 }
 
 /// The good records at the start of `bytes`, and their length.
+#[cfg(test)]
 pub fn parse(bytes: &[u8]) -> (Vec<(u64, Message)>, u64) {
     let mut reader = BufReader::new(std::io::Cursor::new(bytes));
     let mut out = Vec::new();

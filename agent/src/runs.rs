@@ -635,7 +635,7 @@ impl Runs {
             };
             // A run's checkpoints go beside its records; its data comes from the agent's
             // data root. Neither path comes from the plan.
-            let files = crate::train::JobFiles {
+            let files = system::job::JobFiles {
                 checkpoint_dir: Some(self.run_dir(job).join("checkpoints")),
                 resume: None,
                 data_root: self.data_root.clone(),

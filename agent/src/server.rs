@@ -130,7 +130,7 @@ impl Server {
             origins
                 .push(Origin::parse(o).with_context(|| format!("--allow-origin {o:?} is not scheme://host[:port]"))?);
         }
-        let cuda_devices = probe_cuda(&config.worker_exe).await;
+        let machine = crate::devices::probe_machine(&config.worker_exe).await;
         let devices = crate::devices::discover();
         let hello = Hello {
             protocol_version: PROTOCOL_VERSION,
@@ -139,8 +139,8 @@ impl Server {
             capabilities: Capabilities {
                 // What libtorch can use, not what NVML sees: a driver too old for this
                 // libtorch shows GPUs in NVML that jobs cannot run on.
-                cuda: cuda_devices > 0,
-                nvml: crate::train::memory::nvml_available(),
+                cuda: machine.cuda_devices > 0,
+                nvml: system::nvml::available(),
                 max_concurrent_jobs: u32::try_from(config.max_jobs).unwrap_or(u32::MAX),
             },
         };
@@ -149,6 +149,7 @@ impl Server {
             sessions: Arc::new(Semaphore::new(config.max_connections)),
             origins,
             hello,
+            machine,
             runs: crate::runs::Runs::open(
                 &config.data_dir,
                 JobRunner::new(config.worker_exe, config.max_jobs),
@@ -222,19 +223,6 @@ impl Server {
         let _ = stop_tx.send(true);
         let _ =
             tokio::time::timeout(Duration::from_secs(5), async { while tasks.join_next().await.is_some() {} }).await;
-    }
-}
-
-/// Asks a worker process how many CUDA devices libtorch can use; the agent itself never
-/// initialises CUDA, so it holds no GPU memory of its own.
-async fn probe_cuda(exe: &std::path::Path) -> i64 {
-    let probe = tokio::process::Command::new(exe).args(["worker", "--probe"]).kill_on_drop(true).output();
-    match tokio::time::timeout(Duration::from_secs(120), probe).await {
-        Ok(Ok(out)) if out.status.success() => String::from_utf8_lossy(&out.stdout).trim().parse().unwrap_or(0),
-        other => {
-            tracing::warn!("could not probe CUDA devices ({other:?}); jobs will run on the CPU");
-            0
-        }
     }
 }
 

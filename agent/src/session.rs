@@ -69,6 +69,9 @@ pub struct State {
     pub sessions: Arc<tokio::sync::Semaphore>,
     pub origins: Vec<Origin>,
     pub hello: Hello,
+    /// What this machine's trainer can use, as the worker probe reported it at start:
+    /// `auto` and the CPU threads are resolved with it, as the worker resolves them.
+    pub machine: shared::machine::Machine,
     pub runs: Arc<Runs>,
     pub limits: crate::runs::Limits,
     pub session_limits: SessionLimits,
@@ -81,8 +84,13 @@ pub struct State {
     pub port: u16,
 }
 
+/// Error text sent to a client is at most this long: what it quotes of the client's own
+/// input is cut where it is made, and this bounds whatever else an error may carry.
+const MAX_ERROR_BYTES: usize = 4_096;
+
 fn error(code: ErrorCode, message: impl Into<String>) -> Message {
-    Message::Error { code, message: message.into() }
+    let message = message.into();
+    Message::Error { code, message: shared::units::clip(&message, MAX_ERROR_BYTES).into_owned() }
 }
 
 /// The run a session is attached to.
@@ -410,38 +418,27 @@ async fn submit(
         Err(e) => return Err(Box::new(error(e.code(), e.to_string()))),
     };
     let mut plan = plan;
-    // Resolve `auto` here, so the client learns the device before the first batch.
-    if plan.device == shared::plan::DeviceChoice::Auto {
-        plan.device = if state.hello.capabilities.cuda {
-            shared::plan::DeviceChoice::Cuda(0)
-        } else {
-            shared::plan::DeviceChoice::Cpu
-        };
-    }
+    // Resolve `auto` here, by the worker's rule, so the client learns the device before
+    // the first batch; estimate for it: a GPU's allocator and context, or the CPU's
+    // kernels.
+    let target = match crate::devices::target_for(&mut plan, &state.machine, &state.hello.devices) {
+        Ok(t) => t,
+        Err(e) => return Err(Box::new(error(ErrorCode::InvalidPlan, format!("{e:#}")))),
+    };
     let device = match plan.device {
         shared::plan::DeviceChoice::Cuda(i) => format!("cuda:{i}"),
         _ => "cpu".to_owned(),
     };
-    // Estimate for the device the job will run on: a GPU's allocator and context, or
-    // the CPU's kernels.
-    let target = match state.hello.devices.iter().find(|d| d.id == device) {
-        Some(d) if device.starts_with("cuda") => {
-            let gpu = crate::devices::gpu_for(&d.name, d.total_memory_bytes);
-            plan.resolve_memory_fraction(gpu.memory_bytes);
-            shared::estimate::Target::Cuda(*gpu)
-        }
-        _ => shared::estimate::Target::Cpu,
-    };
     // The job runs in this agent's trainer: the estimate streamed next to it is the
     // trainer's.
-    let plan = crate::train::as_run_here(&plan);
+    let plan = state.machine.as_run_here(&plan);
     let estimate = match shared::estimate::estimate_for(&plan, target) {
         Ok(e) => e,
         Err(e) => return Err(Box::new(error(ErrorCode::InvalidPlan, e.to_string()))),
     };
     // A run that cannot fit is refused unless the client insists.
     let total = state.hello.devices.iter().find(|d| d.id == device).map_or(u64::MAX, |d| d.total_memory_bytes);
-    let capacity = plan.memory_limit_bytes.map_or(total, |l| l.min(total));
+    let capacity = plan.memory_cap(total).map_or(total, |l| l.min(total));
     let peak = estimate.peak_bytes.get();
     if peak > capacity && !force {
         return Err(Box::new(error(

@@ -250,10 +250,6 @@ impl TokenStore {
         }
         found
     }
-
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
 }
 
 #[cfg(test)]

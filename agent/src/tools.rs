@@ -55,11 +55,9 @@ pub fn advise(
     top: usize,
     json: bool,
 ) -> anyhow::Result<()> {
-    let (plan, _) = build_plan(source)?;
+    let plan = build_plan(source)?.into_parts().0;
     let gpu = find_gpu(gpu)?;
     let (allow_resize, allow_optimizer) = parse_allow(allow)?;
-    let mut plan = plan;
-    plan.resolve_memory_fraction(gpu.memory_bytes);
     let req = Request { plan, gpu, margin, allow_resize, allow_optimizer, top };
     let start = std::time::Instant::now();
     let advice = shared::advise::advise(req.clone()).map_err(|e| bad_input(e.to_string()))?;
@@ -105,7 +103,7 @@ pub fn link_encode(
     host_ram: Option<&str>,
     base: Option<&str>,
 ) -> anyhow::Result<()> {
-    let (plan, _) = build_plan(source)?;
+    let plan = build_plan(source)?.into_parts().0;
     if let Some(g) = gpu {
         find_gpu(g)?;
     }
@@ -155,7 +153,7 @@ pub fn export_plan(source: &PlanSource, format: &str) -> anyhow::Result<()> {
         let words: Vec<&str> = Format::ALL.iter().map(|f| f.word()).collect();
         bad_input(format!("--format: expected {}, got '{format}'", words.join(", ")))
     })?;
-    let (plan, _) = build_plan(source)?;
+    let plan = build_plan(source)?.into_parts().0;
     let e = export(&plan, format);
     println!("{}", e.text.trim_end());
     for n in &e.notes {
@@ -193,16 +191,18 @@ pub fn estimate(
     trace: bool,
     calibration: Option<&std::path::Path>,
 ) -> anyhow::Result<()> {
-    let (mut plan, graph) = build_plan(source)?;
+    let (mut plan, graph) = build_plan(source)?.into_parts();
     let target = match gpu {
         Some(name) => {
             let g = find_gpu(name)?;
-            plan.resolve_memory_fraction(g.memory_bytes);
             shared::estimate::Target::Cuda(g)
         }
         None => {
             // A CPU job here uses this machine's threads unless the plan says otherwise.
-            plan.cpu_threads.get_or_insert_with(crate::train::machine_threads);
+            if plan.cpu_threads.is_none() {
+                let exe = std::env::current_exe().map_err(|e| anyhow::anyhow!("locating this executable: {e}"))?;
+                plan.cpu_threads = Some(crate::devices::probe_machine_blocking(&exe).cpu_threads);
+            }
             shared::estimate::Target::Cpu
         }
     };

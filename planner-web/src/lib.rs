@@ -83,12 +83,8 @@ pub fn App() -> impl IntoView {
     let estimate = Memo::new(move |_| {
         let v = valid.get()?;
         let target = target.get()?;
-        let mut p = v.plan().clone();
-        if let Target::Cuda(g) = target {
-            p.resolve_memory_fraction(g.memory_bytes);
-        }
         shared::estimate::estimate_graph(
-            &p,
+            v.plan(),
             v.graph(),
             target,
             Options { timeline_points: TIMELINE_POINTS, toggled_allocator: false },

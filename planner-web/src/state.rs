@@ -3,9 +3,7 @@
 
 use leptos::prelude::*;
 use std::collections::BTreeMap;
-use std::sync::Arc;
 
-use shared::Graph;
 use shared::estimate::Estimate;
 use shared::gpus::Gpu;
 use shared::plan::Plan;
@@ -74,23 +72,7 @@ impl Machine {
 }
 
 /// A validated plan and its graph, built once per change; compared by plan.
-#[derive(Clone, Debug)]
-pub struct Valid(pub Arc<(Plan, Graph)>);
-
-impl PartialEq for Valid {
-    fn eq(&self, other: &Valid) -> bool {
-        Arc::ptr_eq(&self.0, &other.0) || self.0.0 == other.0.0
-    }
-}
-
-impl Valid {
-    pub fn plan(&self) -> &Plan {
-        &self.0.0
-    }
-    pub fn graph(&self) -> &Graph {
-        &self.0.1
-    }
-}
+pub use shared::plan::Validated as Valid;
 
 impl Default for PlanForm {
     fn default() -> Self {
@@ -116,19 +98,26 @@ impl PlanForm {
     /// The plan this form describes, validated with its graph, or the first problem,
     /// naming the field.
     pub fn to_valid(&self) -> Result<Valid, String> {
-        Plan::from_settings(&self.model, &self.pairs()).map(|pg| Valid(Arc::new(pg))).map_err(|e| e.to_string())
+        Plan::from_settings(&self.model, &self.pairs()).map_err(|e| e.to_string())
     }
 
     pub fn to_plan(&self) -> Result<Plan, String> {
         self.to_valid().map(|v| v.plan().clone())
     }
 
-    /// Switching model keeps the plan's knobs and drops the old model's keys.
-    pub fn switch_model(&mut self, model: &str) {
+    /// Switching model starts from the new model's own keys and name and keeps the job's
+    /// knobs (batch, precision, optimizer…), but not a loss the new model does not train
+    /// with. Returns the knobs it kept, for the form to say so.
+    pub fn switch_model(&mut self, model: &str) -> Vec<String> {
         let old: Vec<String> =
             shared::zoo::schema(&self.model).map(|s| s.into_iter().map(|p| p.key).collect()).unwrap_or_default();
-        self.values.retain(|k, _| !old.contains(k));
+        self.values.retain(|k, v| !old.contains(k) && k != "name" && !v.trim().is_empty());
         self.model = model.to_owned();
+        if self.to_plan().is_err_and(|e| e.starts_with("loss:") || e.starts_with("loss.label_smoothing:")) {
+            self.values.remove("loss");
+            self.values.remove("label_smoothing");
+        }
+        self.values.iter().map(|(k, v)| format!("{k}={v}")).collect()
     }
 
     pub fn get(&self, key: &str) -> String {
@@ -328,12 +317,23 @@ mod tests {
     }
 
     #[test]
-    fn switching_model_drops_the_old_models_keys() {
+    fn switching_model_keeps_the_jobs_knobs_but_not_the_old_name_keys_or_loss() {
+        // W1: SwinUNETR with MONAI's Dice-CE, micro-batch 2.
         let mut form = PlanForm::default();
-        form.switch_model("resnet18");
+        assert_eq!(form.get("loss"), "dice_ce");
+        let kept = form.switch_model("resnet18");
         let plan = form.to_plan().expect("resnet18 with W1's knobs");
-        assert_eq!(plan.model_name(), "resnet18");
+        assert_eq!((plan.model_name(), plan.name.as_str()), ("resnet18", "resnet18"));
         assert_eq!(plan.micro_batch, 2);
+        assert_eq!(plan.loss.kind, shared::zoo::LossKind::Ce, "a classifier trains with cross-entropy");
+        assert!(
+            kept.contains(&"batch=2".to_owned())
+                && !kept.iter().any(|k| k.starts_with("loss") || k.starts_with("name")),
+            "{kept:?}"
+        );
+        // Back to a segmentation model: the knobs kept stay, the loss is its default.
+        form.switch_model("unet3d");
+        assert_eq!(form.to_plan().expect("unet3d").micro_batch, 2);
     }
 
     #[test]

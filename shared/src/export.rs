@@ -428,7 +428,7 @@ mod tests {
                                 (k.to_owned(), v.to_owned())
                             })
                             .collect();
-                        let (back, _) = Plan::from_settings(&words[3], &pairs).expect("command plan");
+                        let back = Plan::from_settings(&words[3], &pairs).expect("command plan").into_parts().0;
                         assert_eq!(back, plan, "{}", p.id);
                     }
                 }

@@ -153,7 +153,7 @@ fn the_plan_parser_never_panics_on_hostile_text_or_settings() {
     });
     assert!(n > 0);
     assert_eq!(panics, 0);
-    let keys: Vec<String> = crate::plan::PLAN_KEYS.iter().map(|k| k.to_string()).collect();
+    let keys: Vec<String> = crate::plan::plan_keys().map(|k| k.to_string()).collect();
     let pairs = prop::collection::vec(
         (
             prop::sample::select(keys),

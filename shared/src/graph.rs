@@ -376,11 +376,6 @@ impl Op {
                 | Op::Split { .. }
         )
     }
-
-    /// Ops that write into their first input.
-    pub fn is_inplace(&self) -> bool {
-        matches!(self, Op::Relu { inplace: true } | Op::LeakyRelu { inplace: true } | Op::AddInplace)
-    }
 }
 
 /// One operation with its operands.
@@ -595,17 +590,6 @@ impl Graph {
             }
         }
         producer
-    }
-
-    /// The nodes that read each parameter through an `Op::Param` node.
-    pub fn param_nodes(&self) -> Vec<Vec<usize>> {
-        let mut out = vec![Vec::new(); self.params.len()];
-        for (i, n) in self.nodes.iter().enumerate() {
-            if let Op::Param = n.op {
-                out[n.params[0]].push(i);
-            }
-        }
-        out
     }
 
     /// For each region, the values its nodes read from outside it (earlier regions or the

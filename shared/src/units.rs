@@ -67,6 +67,23 @@ impl fmt::Display for Bytes {
     }
 }
 
+/// `text` as an error message may quote it: whole up to `max` bytes, else its first
+/// `max` bytes (at a character boundary), an ellipsis and its length. A megabyte-long
+/// key or value sent by a client comes back in an error as a few dozen bytes.
+pub fn clip(text: &str, max: usize) -> std::borrow::Cow<'_, str> {
+    if text.len() <= max {
+        return std::borrow::Cow::Borrowed(text);
+    }
+    let mut end = max;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    std::borrow::Cow::Owned(format!("{}… ({} bytes)", &text[..end], text.len()))
+}
+
+/// How much of a client's text an error quotes.
+pub const QUOTED_BYTES: usize = 64;
+
 /// `a - b` as a signed byte count (headroom, a change), saturating rather than wrapping.
 pub fn signed_difference(a: u64, b: u64) -> i64 {
     i64::try_from(i128::from(a) - i128::from(b)).unwrap_or(if a >= b { i64::MAX } else { i64::MIN })

@@ -48,10 +48,8 @@ pub fn AdvisorPanel(
                     .set(AdvisorState::Failed(format!("margin: expected a number, got '{}'", margin.get_untracked())));
             }
         };
-        let mut plan = v.plan().clone();
-        plan.resolve_memory_fraction(gpu.memory_bytes);
         let req = Request {
-            plan,
+            plan: v.plan().clone(),
             gpu,
             margin,
             allow_resize: resize.get_untracked(),

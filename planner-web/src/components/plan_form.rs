@@ -92,7 +92,10 @@ pub fn PlanEditor(
         })
     });
     let preset = RwSignal::new(String::new());
+    // The knobs the last model switch kept from the plan before it.
+    let carried = RwSignal::new(Vec::<String>::new());
     let load_preset = move |id: String| {
+        carried.set(Vec::new());
         if let Some(p) = shared::presets::Preset::find(&id) {
             match p.plan() {
                 Ok(plan) => {
@@ -159,9 +162,14 @@ pub fn PlanEditor(
                 <label for="model">"Model"</label>
                 <select id="model" data-testid="model" on:change=move |ev| {
                     let m = event_target_value(&ev);
-                    form.update(|f| f.switch_model(&m));
+                    let mut kept = Vec::new();
+                    form.update(|f| kept = f.switch_model(&m));
+                    carried.set(kept);
                     preset.set(String::new());
                 }>{model_options}</select>
+                {move || carried.with(|kept| (!kept.is_empty()).then(|| view! {
+                    <small class="help" data-testid="carried-over">{format!("Kept from the previous plan: {}.", kept.join(", "))}</small>
+                }))}
             </div>
             <div class="field">
                 <label for="gpu">"GPU"</label>

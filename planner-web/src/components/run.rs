@@ -192,7 +192,7 @@ fn RunView(plan: Signal<Result<Plan, String>>, agent: Agent) -> impl IntoView {
     let references = Signal::derive(move || {
         let mut out = Vec::new();
         if let Some(e) = state.estimated_peak_bytes.get() {
-            out.push(Reference { name: "estimate", class: "reference", value: e as f64, sets_scale: true });
+            out.push(Reference { name: "estimate", class: "estimate", value: e as f64, sets_scale: true });
         }
         let capacity = run_device().and_then(|id| {
             state.hello.with(|h| h.as_ref()?.devices.iter().find(|d| d.id == id).map(|d| d.total_memory_bytes))

@@ -487,7 +487,8 @@ fn walk(
             let device_high = reserved + Bytes(extra) + Bytes(o.context_high);
             let device_low =
                 Bytes(reserved.get().saturating_sub((peak_bytes - peak_bytes_low).get())) + Bytes(o.context_low);
-            let capacity = Bytes(plan.memory_limit_bytes.map_or(gpu.memory_bytes, |l| l.min(gpu.memory_bytes)));
+            let capacity =
+                Bytes(plan.memory_cap(gpu.memory_bytes).map_or(gpu.memory_bytes, |l| l.min(gpu.memory_bytes)));
             Some(DeviceEstimate {
                 gpu: gpu.name.to_owned(),
                 reserved_peak_bytes: reserved,

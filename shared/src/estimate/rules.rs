@@ -4,10 +4,10 @@
 //! the documented CUDA behaviour; `docs/estimator.md` lists them with their sources.
 
 use super::Category::{Activations as ACT, Temporaries as TMP};
+use super::Kernels;
 use super::engine::{Bwd, Engine, F32, HALF, Meta, Part, Read, Ten};
 use super::layout;
 use super::sim::Sim;
-use super::{Category, Kernels};
 use crate::graph::{Op, numel};
 
 // --- small helpers ---------------------------------------------------------------------
@@ -41,11 +41,6 @@ fn share(sim: &mut Sim, t: &Ten) -> Ten {
 
 fn needs(r: &Read) -> bool {
     r.slot.is_some()
-}
-
-/// A tensor's bytes at an element size.
-fn bytes(shape: &[u64], esize: u64) -> u64 {
-    numel(shape).saturating_mul(esize)
 }
 
 /// Saves `t` when the node will have a backward (some read needs a gradient).
@@ -1127,14 +1122,4 @@ fn view_back(e: &Engine, sim: &mut Sim, k: usize, g: &Ten, op: &Op) -> Option<Te
         Some(st) => Some(Engine::view_of(sim, g, m.shape.clone(), st)),
         None => Some(e.alloc_contig(sim, &m.shape, g.esize, e.grad_category(Some(slot)))),
     }
-}
-
-#[allow(dead_code)]
-fn category(c: Category) -> Category {
-    c
-}
-
-#[allow(dead_code)]
-fn bytes_of(shape: &[u64], esize: u64) -> u64 {
-    bytes(shape, esize)
 }

@@ -210,7 +210,7 @@ pub fn torchscript(s: &Settings<'_>, batch: u64, o: &BuildOptions) -> Result<Gra
     if file.is_empty() {
         return Err(value_err("file", "give the TorchScript module (.pt) to train, relative to the agent's data root"));
     }
-    crate::plan::check_data_path("file", &file).map_err(|e| value_err("file", e.to_string()))?;
+    crate::paths::check_data_path(&file).map_err(|reason| value_err("file", reason))?;
     let input = s.list("input", &[3, 32, 32], 1, limits::MAX_WIDTH)?;
     if input.is_empty() || input.len() > 4 {
         return Err(value_err("input", "one to four sizes, e.g. 3,32,32"));

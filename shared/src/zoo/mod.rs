@@ -238,7 +238,11 @@ impl<'a> Settings<'a> {
         let read = self.read.borrow();
         let key = self.map.keys().find(|k| !read.contains(*k))?;
         let known: Vec<&str> = read.iter().map(String::as_str).collect();
-        Some(ZooError::UnknownKey { model: model.to_owned(), key: key.clone(), known: known.join(", ") })
+        Some(ZooError::UnknownKey {
+            model: model.to_owned(),
+            key: crate::units::clip(key, crate::units::QUOTED_BYTES).into_owned(),
+            known: known.join(", "),
+        })
     }
 }
 

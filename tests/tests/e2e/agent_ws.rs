@@ -1,7 +1,9 @@
 //! The agent over a real WebSocket: jobs stream, and bad clients are refused without
 //! disturbing good ones.
 
-use futures_util::SinkExt;
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
 use headroom_tests::{AgentHandle, Inbound, Ws, find_child, next, recv, recv_numbered, send};
 use shared::codec::MAX_FRAME_BYTES;
 use shared::plan::{DeviceChoice, ModelSpec, Optimizer, Plan, Schedule};
@@ -174,15 +176,64 @@ async fn bad_frames_get_an_error_and_a_close_and_others_keep_working() -> anyhow
     // Far past the limit, tungstenite itself refuses to buffer the frame.
     let mut ws = agent.connect().await?;
     let _ = ws.send(tungstenite::Message::Binary(vec![0u8; 3 * MAX_FRAME_BYTES].into())).await;
-    let closed = matches!(
-        next(&mut ws).await,
-        Ok(Inbound::Message(Message::Error { code: ErrorCode::TooLarge, .. })) | Ok(Inbound::Closed(_)) | Err(_)
-    );
-    assert!(closed, "a huge frame must end the connection");
+    // The agent answers TooLarge or drops the connection (a close, a reset), well within
+    // the client's own 60 s timeout, which must not pass for an answer.
+    let ended = tokio::time::timeout(Duration::from_secs(20), async {
+        loop {
+            match ws.next().await {
+                None | Some(Err(_)) | Some(Ok(tungstenite::Message::Close(_))) => return "closed",
+                Some(Ok(tungstenite::Message::Binary(b))) => {
+                    if let Ok(Message::Error { code: ErrorCode::TooLarge, .. }) = shared::codec::decode(&b) {
+                        return "refused as too large";
+                    }
+                }
+                Some(Ok(_)) => {}
+            }
+        }
+    })
+    .await;
+    assert!(ended.is_ok(), "a huge frame must end the connection within 20 s; it is still open");
 
     let (_, records, summary) = run_job(&mut bystander, cpu_plan(Plan::example_mlp(), 3)).await?;
     assert!(summary.is_ok() && records.len() == 3, "{summary:?}");
     still_serves(&agent).await
+}
+
+/// A Submit just under the 1 MiB message limit (a plan with a megabyte-long unknown model
+/// key) decodes and is refused as an invalid plan, its reply quoting the key cut short;
+/// over the limit it is too large.
+#[tokio::test]
+async fn a_submit_just_under_the_message_limit_is_refused_for_its_plan_not_its_size() -> anyhow::Result<()> {
+    let agent = AgentHandle::start(None)?;
+    let submit = |len: usize| {
+        let mut plan = cpu_plan(Plan::example_mlp(), 3);
+        if let ModelSpec::Zoo { settings, .. } = &mut plan.model {
+            settings.insert("k".repeat(len), "1".into());
+        }
+        Message::Submit { plan, force: false, key: None }
+    };
+    let base = shared::codec::encode(&submit(0))?.len();
+    let frame = shared::codec::encode(&submit(MAX_FRAME_BYTES - base - 8))?;
+    assert!(frame.len() > MAX_FRAME_BYTES - 16 && frame.len() <= MAX_FRAME_BYTES, "{}", frame.len());
+    let mut ws = agent.connect().await?;
+    ws.send(tungstenite::Message::Binary(frame.into())).await?;
+    match recv(&mut ws).await? {
+        Message::Error { code: ErrorCode::InvalidPlan, message } => {
+            assert!(
+                message.contains("unknown key 'kkkk") && message.len() < 2_000,
+                "{} bytes: {}",
+                message.len(),
+                &message[..200.min(message.len())]
+            );
+        }
+        other => panic!("expected InvalidPlan, got {other:?}"),
+    }
+    // The connection goes on serving.
+    let (_, records, summary) = run_job(&mut ws, cpu_plan(Plan::example_mlp(), 2)).await?;
+    assert!(summary.is_ok() && records.len() == 2, "{summary:?}");
+    let mut over = shared::codec::encode(&submit(0))?;
+    over.resize(MAX_FRAME_BYTES + 1, 0);
+    expect_rejected(&agent, tungstenite::Message::Binary(over.into()), ErrorCode::TooLarge, 1009).await
 }
 
 #[tokio::test]

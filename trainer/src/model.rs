@@ -17,8 +17,8 @@ use std::sync::{Arc, Mutex};
 use shared::graph::{Graph, Init, Op, Param, Region};
 use tch::{Device, Kind, Tensor};
 
-use super::TrainError;
-use super::ffi;
+use crate::error::TrainError;
+use crate::ffi;
 
 fn i(v: u64) -> i64 {
     i64::try_from(v).unwrap_or(i64::MAX)

@@ -15,8 +15,8 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 use tch::{Device, Tensor};
 
-use super::TrainError;
-use super::ffi::Optim;
+use crate::error::TrainError;
+use crate::ffi::Optim;
 
 /// Bumped when the layout or `state.json` changes incompatibly.
 pub const FORMAT: u32 = 2;

@@ -10,10 +10,13 @@ use std::os::fd::FromRawFd;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use shared::protocol::{ErrorCode, JobError, JobId, Message};
+use shared::protocol::{BatchRecord, JobEvent, JobId, Message};
 
-use crate::pipe;
-use crate::train::{self, memory};
+use system::job::JobFiles;
+use system::pipe;
+
+use crate::memory;
+use crate::training::{self, Report, Trainer};
 
 /// Moves the message channel off fd 1, so that anything a library prints to stdout
 /// goes to stderr instead of corrupting frames.
@@ -29,7 +32,36 @@ fn private_stdout() -> std::io::Result<std::fs::File> {
     }
 }
 
-pub fn run(job: JobId, files: train::JobFiles) -> anyhow::Result<()> {
+/// The job's records and events, framed onto the worker's private stdout.
+struct PipeReport<'a, W: Write> {
+    job: JobId,
+    out: W,
+    /// The agent is gone: nothing more is written.
+    failed: bool,
+    stop: &'a AtomicBool,
+}
+
+impl<W: Write> PipeReport<'_, W> {
+    fn send(&mut self, message: &Message) {
+        if !self.failed && pipe::write_blocking(&mut self.out, message).is_err() {
+            // The agent is gone: stop training at the next micro-batch.
+            self.failed = true;
+            self.stop.store(true, Ordering::Relaxed);
+        }
+    }
+}
+
+impl<W: Write> Report for PipeReport<'_, W> {
+    fn record(&mut self, record: BatchRecord) {
+        self.send(&Message::Batch(record));
+    }
+
+    fn event(&mut self, step: u64, event: JobEvent) {
+        self.send(&Message::Event { job: self.job, step, event });
+    }
+}
+
+pub fn run(job: JobId, files: JobFiles) -> anyhow::Result<()> {
     let out = std::io::BufWriter::new(private_stdout()?);
     let mut stdin = std::io::stdin().lock();
     let plan = match pipe::read_blocking(&mut stdin)? {
@@ -38,7 +70,8 @@ pub fn run(job: JobId, files: train::JobFiles) -> anyhow::Result<()> {
     };
     drop(stdin);
     // Count every CPU tensor from here on, and enforce the plan's limit on the CPU.
-    let cpu_budget = if train::runs_on_cpu(plan.device) { plan.memory_limit_bytes } else { None };
+    let on_cpu = matches!(training::machine().runs_on(plan.device), Ok(shared::machine::RunsOn::Cpu));
+    let cpu_budget = if on_cpu { plan.memory_limit_bytes } else { None };
     memory::install_cpu_counter(cpu_budget);
 
     let stop = Arc::new(AtomicBool::new(false));
@@ -55,24 +88,9 @@ pub fn run(job: JobId, files: train::JobFiles) -> anyhow::Result<()> {
         watcher_stop.store(true, Ordering::Relaxed);
     });
 
-    let write_failed = std::cell::Cell::new(false);
-    let out = std::cell::RefCell::new(out);
-    let send = |message: Message| {
-        if !write_failed.get() && pipe::write_blocking(&mut *out.borrow_mut(), &message).is_err() {
-            // The agent is gone: stop training at the next micro-batch.
-            write_failed.set(true);
-            stop.store(true, Ordering::Relaxed);
-        }
-    };
-    let result = train::train(
-        &plan,
-        job,
-        &files,
-        &stop,
-        |record| send(Message::Batch(record)),
-        |step, event| send(Message::Event { job, step, event }),
-    );
-    let mut out = out.into_inner();
+    let mut pipe_out = PipeReport { job, out, failed: false, stop: &stop };
+    let result = Trainer::new(&plan, job, &files, &stop, &mut pipe_out).and_then(Trainer::run);
+    let mut out = pipe_out.out;
     let last = match result {
         Ok(summary) => Message::Finished { job, summary },
         Err(e) => Message::Failed { job, error: e.to_wire() },
@@ -85,18 +103,10 @@ pub fn run(job: JobId, files: train::JobFiles) -> anyhow::Result<()> {
     unsafe { libc::_exit(0) }
 }
 
-/// `headroom worker --probe`: prints how many CUDA devices libtorch can use, so the
-/// agent learns it without initialising CUDA in its own process.
+/// `headroom worker --probe`: prints what libtorch can use here (CUDA devices, CPU
+/// threads) as one JSON line, so the agent learns it without initialising CUDA or
+/// loading libtorch's threads in its own process.
 pub fn probe() -> anyhow::Result<()> {
-    println!("{}", train::cuda_device_count());
+    println!("{}", system::job::probe_line(&training::machine()));
     Ok(())
-}
-
-/// A failure the agent reports when the worker died without saying why.
-pub fn crashed(job: JobId, status: &str, stderr_tail: &str) -> Message {
-    let detail = if stderr_tail.trim().is_empty() { String::new() } else { format!(": {}", stderr_tail.trim()) };
-    Message::Failed {
-        job,
-        error: JobError { code: ErrorCode::WorkerCrashed, message: format!("worker process {status}{detail}") },
-    }
 }
