@@ -361,6 +361,63 @@ impl Op {
         }
     }
 
+    /// The family whose estimator module (`estimate::ops`) holds this op's forward and
+    /// backward rules. Exhaustive, so a new op names its family here.
+    pub fn family(&self) -> OpFamily {
+        use OpFamily::*;
+        match self {
+            Op::Linear { .. } | Op::Conv1dHf | Op::MatMul => Linear,
+            Op::Conv { .. } | Op::ConvTranspose { .. } => Conv,
+            Op::BatchNorm { .. } | Op::InstanceNorm { .. } | Op::LayerNorm { .. } => Norm,
+            Op::Prelu
+            | Op::Relu { .. }
+            | Op::LeakyRelu { .. }
+            | Op::Gelu { .. }
+            | Op::ClampMin { .. }
+            | Op::PowScalar { .. }
+            | Op::Sigmoid
+            | Op::Tanh
+            | Op::Exp
+            | Op::MulScalar { .. }
+            | Op::AddScalar { .. }
+            | Op::RsubScalar { .. }
+            | Op::ToF32
+            | Op::CastLike
+            | Op::ToI64
+            | Op::Dropout { .. }
+            | Op::Add
+            | Op::Sub
+            | Op::Mul
+            | Op::Div
+            | Op::AddInplace => Pointwise,
+            Op::Mean { .. }
+            | Op::Sum { .. }
+            | Op::VectorNorm
+            | Op::Softmax { .. }
+            | Op::LogSoftmax { .. }
+            | Op::Argmax => Reduce,
+            Op::View { .. }
+            | Op::Reshape { .. }
+            | Op::Permute { .. }
+            | Op::Transpose { .. }
+            | Op::Unsqueeze { .. }
+            | Op::Squeeze { .. }
+            | Op::Expand { .. }
+            | Op::Select { .. }
+            | Op::Slice { .. }
+            | Op::Split { .. }
+            | Op::Contiguous
+            | Op::Clone
+            | Op::Cat { .. }
+            | Op::Pad { .. }
+            | Op::Roll { .. } => Views,
+            Op::Embedding | Op::IndexRows | Op::Index | Op::OneHot { .. } | Op::MaxPool { .. } => Index,
+            Op::Attention { .. } | Op::ShiftedWindowMask { .. } => Attention,
+            Op::NllLoss { .. } | Op::BceWithLogits => Loss,
+            Op::Param | Op::Release | Op::Script => Special,
+        }
+    }
+
     /// Ops whose output shares its first input's storage.
     pub fn is_view(&self) -> bool {
         matches!(
@@ -376,6 +433,22 @@ impl Op {
                 | Op::Split { .. }
         )
     }
+}
+
+/// The op families the estimator's rules are grouped by (one module of `estimate::ops`
+/// each).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OpFamily {
+    Linear,
+    Conv,
+    Norm,
+    Pointwise,
+    Reduce,
+    Views,
+    Index,
+    Attention,
+    Loss,
+    Special,
 }
 
 /// One operation with its operands.

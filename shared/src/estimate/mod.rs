@@ -7,21 +7,21 @@
 //! loop — `zero_grad(set_to_none=True)`, then per micro-batch a batch from the loader,
 //! `out = model(x)`, `loss = loss_fn(out, y)` (divided by the accumulation steps),
 //! `loss.backward()`, then `optimizer.step()` — with every variable alive until the loop
-//! rebinds it, as Python keeps it. `engine` simulates autograd over the graph with one
-//! memory rule per primitive (`rules`, `conv`, `attention`); `runtime` picks whose
-//! program it is: the reference under PyTorch's defaults or Headroom's trainer.
+//! rebinds it, as Python keeps it. `walk` simulates autograd over the graph on the
+//! `engine`, with one memory rule pair per primitive in its family's module of `ops`;
+//! `runtime` picks whose program it is: the reference under PyTorch's defaults or
+//! Headroom's trainer.
 
-mod attention;
 mod batch;
-mod conv;
 pub mod cuda;
 mod engine;
 pub mod host;
 pub mod layout;
+mod ops;
 mod optimizer;
 pub mod reference;
-mod rules;
 pub mod sim;
+mod walk;
 
 use serde::{Deserialize, Serialize};
 

@@ -45,12 +45,30 @@ fn ident(s: &str) -> &str {
 /// The top-level modules `text` names through `crate::a` or `use crate::{a, b::c}`, in
 /// code (comments may name anything).
 fn reached(text: &str) -> BTreeSet<String> {
+    reached_through(text, &["crate::"])
+}
+
+/// The modules `text` names through any of these path prefixes.
+fn reached_through(text: &str, prefixes: &[&str]) -> BTreeSet<String> {
+    let mut out = BTreeSet::new();
+    for prefix in prefixes {
+        out.extend(reached_one(text, prefix));
+    }
+    out
+}
+
+fn reached_one(text: &str, prefix: &str) -> BTreeSet<String> {
     let mut out = BTreeSet::new();
     let code: String =
         text.lines().map(|l| l.split_once("//").map_or(l, |(code, _)| code)).collect::<Vec<_>>().join("\n");
     let mut rest = code.as_str();
-    while let Some(i) = rest.find("crate::") {
-        let after = &rest[i + "crate::".len()..];
+    while let Some(i) = rest.find(prefix) {
+        // `super::super::x` or `a::crate::x`: part of a longer path, not this prefix.
+        if rest[..i].ends_with("::") {
+            rest = &rest[i + prefix.len()..];
+            continue;
+        }
+        let after = &rest[i + prefix.len()..];
         if let Some(group) = after.strip_prefix('{') {
             let inner = &group[..group.find('}').unwrap_or(group.len())];
             for item in inner.split(',') {
@@ -74,10 +92,17 @@ fn reached(text: &str) -> BTreeSet<String> {
 /// modules it reaches. Modules only tests compile (`#[cfg(test)] mod x;` at the root, and
 /// `tests.rs` files) are left out.
 fn module_graph(src: &Path) -> BTreeMap<String, BTreeSet<String>> {
+    module_graph_named(src, "crate::")
+}
+
+/// As [`module_graph`], for the modules under `src` that `path` names (`crate::` for a
+/// crate, `crate::estimate::` for the estimator's); its own files also name them through
+/// `super::`.
+fn module_graph_named(src: &Path, path: &str) -> BTreeMap<String, BTreeSet<String>> {
     let mut files = Vec::new();
     rust_files(src, &mut files);
     let mut test_only: BTreeSet<String> = BTreeSet::new();
-    for root_file in ["lib.rs", "main.rs"] {
+    for root_file in ["lib.rs", "main.rs", "mod.rs"] {
         let text = std::fs::read_to_string(src.join(root_file)).unwrap_or_default();
         let mut lines = text.lines().peekable();
         while let Some(line) = lines.next() {
@@ -94,7 +119,7 @@ fn module_graph(src: &Path) -> BTreeMap<String, BTreeSet<String>> {
         let rel = file.strip_prefix(src).expect("under src");
         let first = rel.components().next().expect("a component").as_os_str().to_string_lossy().into_owned();
         let module = first.strip_suffix(".rs").unwrap_or(&first).to_owned();
-        if ["lib", "main"].contains(&module.as_str())
+        if ["lib", "main", "mod"].contains(&module.as_str())
             || test_only.contains(&module)
             || file.file_name().is_some_and(|n| n == "tests.rs")
         {
@@ -102,7 +127,10 @@ fn module_graph(src: &Path) -> BTreeMap<String, BTreeSet<String>> {
         }
         let text = std::fs::read_to_string(&file).expect("readable source");
         let edges = graph.entry(module.clone()).or_default();
-        edges.extend(reached(without_tests(&text)).into_iter().filter(|m| *m != module));
+        // A file directly in `src` names its siblings through `super::` too.
+        let prefixes: Vec<&str> =
+            if path != "crate::" && rel.components().count() == 1 { vec![path, "super::"] } else { vec![path] };
+        edges.extend(reached_through(without_tests(&text), &prefixes).into_iter().filter(|m| *m != module));
     }
     // Only modules of this crate (a `crate::` path may name a re-exported item).
     let modules: BTreeSet<String> = graph.keys().cloned().collect();
@@ -172,6 +200,22 @@ fn every_crates_module_graph_is_one_way() {
         }
         println!("{krate}: {} modules on {} floors: {:?}", graph.len(), floors(&graph).len(), floors(&graph));
     }
+}
+
+/// The estimator's own modules: the walk drives the rules, the rules use the engine, and
+/// the engine calls neither.
+#[test]
+fn the_estimators_modules_are_one_way_and_the_engine_is_passive() {
+    let graph = module_graph_named(&root().join("shared/src/estimate"), "crate::estimate::");
+    assert!(graph.contains_key("ops") && graph.contains_key("walk"), "{graph:?}");
+    if let Some(c) = cycle(&graph) {
+        panic!("estimate: the modules reach each other in a circle: {}", c.join(" → "));
+    }
+    for passive in ["engine", "sim", "layout"] {
+        let reach = &graph[passive];
+        assert!(!reach.contains("ops") && !reach.contains("walk"), "{passive} reaches {reach:?}");
+    }
+    println!("estimate: {:?}", floors(&graph));
 }
 
 #[test]

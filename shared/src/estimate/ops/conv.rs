@@ -12,13 +12,60 @@
 //!   depends on the algorithm oneDNN picks and the thread count: an uncertain term;
 //! - cuDNN: a workspace chosen at run time: an uncertain term.
 
-use super::Category::{Activations as ACT, Temporaries as TMP};
-use super::Kernels;
-use super::engine::{Engine, HALF, Ten};
-use super::layout;
-use super::sim::Sim;
+use super::*;
+use crate::estimate::Category::{Activations as ACT, Temporaries as TMP};
+use crate::estimate::Kernels;
+use crate::estimate::engine::{Engine, HALF, Meta, Ten};
+use crate::estimate::layout;
+use crate::estimate::sim::Sim;
 use crate::graph::{Op, numel};
 
+/// The forward rule of this family's ops (`ops::forward` sends no other op here).
+pub(super) fn fwd(e: &mut Engine, sim: &mut Sim, i: usize, op: Op, inputs: Vec<usize>, _shape: Vec<u64>) -> Vec<Ten> {
+    match op {
+        Op::Conv { .. } | Op::ConvTranspose { .. } => conv(e, sim, i, &inputs),
+        _ => Vec::new(),
+    }
+}
+
+/// The backward rule of this family's ops, given the output gradient `g`; `none` holds a
+/// `None` per input.
+pub(super) fn bwd(
+    e: &mut Engine,
+    sim: &mut Sim,
+    k: usize,
+    op: Op,
+    g: &Ten,
+    none: Vec<Option<Ten>>,
+) -> Vec<Option<Ten>> {
+    match op {
+        Op::Conv { .. } | Op::ConvTranspose { .. } => backward(e, sim, k, g),
+        _ => none,
+    }
+}
+
+fn conv(e: &mut Engine, sim: &mut Sim, i: usize, inputs: &[usize]) -> Vec<Ten> {
+    let x = e.read_low(sim, inputs[0]);
+    let w = e.read_low(sim, inputs[1]);
+    let b = (inputs.len() > 2).then(|| e.read_low(sim, inputs[2]));
+    let shape = out_shape(e, i);
+    let plan = super::conv::plan(e, i, &x.t, &w.t);
+    let o = super::conv::forward(e, sim, &plan, &x.t, &w.t, &shape);
+    let any = needs(&x) || needs(&w);
+    let mut saved = keep(sim, &x.t, any);
+    saved.extend(keep(sim, &w.t, any));
+    let mut reads = vec![&x, &w];
+    if let Some(b) = b.as_ref() {
+        reads.push(b);
+    }
+    record(e, sim, i, saved, &reads, &[&o]);
+    release(sim, x);
+    release(sim, w);
+    if let Some(b) = b {
+        release(sim, b);
+    }
+    vec![o]
+}
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Kernel {
     Native,
@@ -222,8 +269,8 @@ fn onednn_bf16_backward(
     e: &mut Engine,
     sim: &mut Sim,
     plan: &Plan,
-    xm: &super::engine::Meta,
-    wm: &super::engine::Meta,
+    xm: &Meta,
+    wm: &Meta,
     y: &[u64],
     gx_slot: Option<usize>,
     gw_slot: Option<usize>,
@@ -326,14 +373,14 @@ pub(crate) fn backward(e: &mut Engine, sim: &mut Sim, k: usize, g: &Ten) -> Vec<
     let ins = t.ins.clone();
     let has_bias = ins.len() > 2;
     let x = Ten {
-        st: super::sim::Tensor::NONE,
+        st: crate::estimate::sim::Tensor::NONE,
         shape: xm.shape.clone(),
         strides: xm.strides.clone(),
         esize: xm.esize,
         view: true,
     };
     let w = Ten {
-        st: super::sim::Tensor::NONE,
+        st: crate::estimate::sim::Tensor::NONE,
         shape: wm.shape.clone(),
         strides: wm.strides.clone(),
         esize: wm.esize,

@@ -14,12 +14,56 @@
 //!   fp32 `softmax_d` and `dq_accum` buffers (`mha_bwd`), fp32 the memory-efficient
 //!   kernel, whose backward workspace is an uncertain term.
 
-use super::Category::{Activations as ACT, Temporaries as TMP};
-use super::Kernels;
-use super::engine::{Bwd, Engine, F32, Meta, Part, Read, Ten};
-use super::layout;
-use super::sim::Sim;
-use crate::graph::numel;
+use super::*;
+use crate::estimate::Category::{Activations as ACT, Temporaries as TMP};
+use crate::estimate::Kernels;
+use crate::estimate::engine::{Bwd, Engine, F32, Meta, Part, Read, Ten};
+use crate::estimate::layout;
+use crate::estimate::sim::Sim;
+use crate::graph::{Op, numel};
+
+/// The forward rule of this family's ops (`ops::forward` sends no other op here).
+pub(super) fn fwd(e: &mut Engine, sim: &mut Sim, i: usize, op: Op, inputs: Vec<usize>, shape: Vec<u64>) -> Vec<Ten> {
+    match op {
+        Op::Attention { causal, dropout, .. } => forward(e, sim, i, &inputs, causal, dropout),
+        Op::ShiftedWindowMask { padded, .. } => {
+            // MONAI's compute_mask: a zero image of the padded volume filled region by
+            // region, its window partition (a copy), the pairwise difference, `!= 0`, a
+            // masked fill, `== 0`, a second masked fill; only the last survives.
+            let voxels = padded.iter().product::<u64>();
+            let m = numel(&shape);
+            let img = sim.alloc(voxels * F32, TMP);
+            let part = sim.alloc(voxels * F32, TMP);
+            let diff = sim.alloc(m * F32, TMP);
+            let ne = sim.alloc(m, TMP);
+            let first = sim.alloc(m * F32, TMP);
+            let eq = sim.alloc(m, TMP);
+            let o = e.alloc_contig(sim, &shape, F32, ACT);
+            for t in [eq, first, ne, diff, part, img] {
+                sim.release(t);
+            }
+            vec![o]
+        }
+        _ => Vec::new(),
+    }
+}
+
+/// The backward rule of this family's ops, given the output gradient `g`; `none` holds a
+/// `None` per input.
+pub(super) fn bwd(
+    e: &mut Engine,
+    sim: &mut Sim,
+    k: usize,
+    op: Op,
+    g: &Ten,
+    none: Vec<Option<Ten>>,
+) -> Vec<Option<Ten>> {
+    match op {
+        Op::ShiftedWindowMask { .. } => none,
+        Op::Attention { .. } => backward(e, sim, k, g),
+        _ => none,
+    }
+}
 
 fn threads(e: &Engine) -> u64 {
     match e.kernels {
@@ -94,7 +138,7 @@ pub(crate) fn forward(
     if let Some(m) = mask.as_ref() {
         reads.push(m);
     }
-    super::rules::record(e, sim, i, saved, &reads, &[&out]);
+    record(e, sim, i, saved, &reads, &[&out]);
     Engine::release(sim, lse);
     for r in [q, k, v] {
         Engine::release(sim, r.t);
