@@ -113,6 +113,85 @@ async fn doubling_search(p: &mut Prober, budget: u64, divs: &[u64]) -> anyhow::R
     Ok(Some(divs[lo]))
 }
 
+/// The line `peak = fixed + per_sample × micro_batch` through the two largest measured
+/// points, and those points (`NaN` and `None` until two exist).
+struct Line {
+    fixed: f64,
+    per_sample: f64,
+    fitted: Option<(u64, u64)>,
+}
+
+/// After the first two probes, like a secant search: fit the line through the two largest
+/// measured points, probe the largest divisor it says fits between the best fitting and
+/// the smallest failing micro-batch so far, and repeat until the line allows nothing new.
+async fn secant(p: &mut Prober, divs: &[u64], budget: u64) -> anyhow::Result<Line> {
+    let fits = |q: &Probe| q.peak.is_some_and(|m| m <= budget);
+    let (mut fixed, mut per_sample) = (f64::NAN, f64::NAN);
+    let mut fitted: Option<(u64, u64)> = None;
+    loop {
+        let best = p.probes.iter().filter(|q| fits(q)).map(|q| q.micro_batch).max();
+        let failing = p.probes.iter().filter(|q| !fits(q)).map(|q| q.micro_batch).min();
+        let mut measured: Vec<(u64, u64)> = p.probes.iter().filter_map(|q| Some((q.micro_batch, q.peak?))).collect();
+        measured.sort_unstable();
+        let line = match measured.as_slice() {
+            [.., (b1, m1), (b2, m2)] => {
+                let slope = ((*m2 as f64 - *m1 as f64) / (b2 - b1) as f64).max(0.0);
+                fitted = Some((*b1, *b2));
+                Some((*m1 as f64 - slope * *b1 as f64, slope))
+            }
+            _ => None,
+        };
+        let next = match (best, line) {
+            (None, _) => {
+                // Nothing fits yet: the next smaller divisor below the smallest failure.
+                let below = failing.unwrap_or(divs[0]);
+                divs.iter().rev().find(|&&d| d < below).copied()
+            }
+            (Some(best), Some((f, s))) => {
+                (fixed, per_sample) = (f, s);
+                divs.iter()
+                    .rev()
+                    .find(|&&d| d > best && failing.is_none_or(|x| d < x) && f + s * d as f64 <= budget as f64)
+                    .copied()
+            }
+            (Some(_), None) => None,
+        };
+        match next {
+            Some(b) => {
+                p.run(b).await?;
+            }
+            None => break,
+        }
+    }
+    Ok(Line { fixed, per_sample, fitted })
+}
+
+/// Stores the fitted line as a calibration for this plan on this device, when both points
+/// accumulate alike (the line holds for one side of that boundary only).
+fn store_line(
+    path: &std::path::Path,
+    plan: &Plan,
+    device_name: &str,
+    effective: u64,
+    (b1, b2): (u64, u64),
+    fixed: f64,
+    per_sample: f64,
+) -> anyhow::Result<Option<String>> {
+    if !(fixed.is_finite() && per_sample.is_finite() && (effective / b1 > 1) == (effective / b2 > 1)) {
+        return Ok(None);
+    }
+    let entry = crate::calibration::Entry {
+        key: crate::calibration::key(plan),
+        device: device_name.to_owned(),
+        accumulating: effective / b2 > 1,
+        fixed_bytes: fixed.round(),
+        per_sample_bytes: per_sample.round(),
+        micro_batches: vec![b1, b2],
+    };
+    crate::calibration::store(path, entry)?;
+    Ok(Some(path.display().to_string()))
+}
+
 pub async fn find(req: Request, json_out: bool, exe: PathBuf) -> anyhow::Result<()> {
     if !(req.margin.is_finite() && (0.0..=0.9).contains(&req.margin)) {
         return Err(bad_input(format!("--margin: must be in [0, 0.9], got {}", req.margin)));
@@ -174,47 +253,8 @@ pub async fn find(req: Request, json_out: bool, exe: PathBuf) -> anyhow::Result<
     let other = if at > 0 { divs[at - 1] } else { divs.get(1).copied().unwrap_or(divs[0]) };
     p.run(proposal.min(other)).await?;
     p.run(proposal.max(other)).await?;
-    // Then, like a secant search: fit the line through the two largest measured points,
-    // probe the largest divisor it says fits between the best fitting and the smallest
-    // failing micro-batch so far, and repeat until the line allows nothing new.
+    let Line { fixed, per_sample, fitted } = secant(&mut p, &divs, budget).await?;
     let fits = |q: &Probe| q.peak.is_some_and(|m| m <= budget);
-    let (mut fixed, mut per_sample) = (f64::NAN, f64::NAN);
-    let mut fitted: Option<(u64, u64)> = None;
-    loop {
-        let best = p.probes.iter().filter(|q| fits(q)).map(|q| q.micro_batch).max();
-        let failing = p.probes.iter().filter(|q| !fits(q)).map(|q| q.micro_batch).min();
-        let mut measured: Vec<(u64, u64)> = p.probes.iter().filter_map(|q| Some((q.micro_batch, q.peak?))).collect();
-        measured.sort_unstable();
-        let line = match measured.as_slice() {
-            [.., (b1, m1), (b2, m2)] => {
-                let slope = ((*m2 as f64 - *m1 as f64) / (b2 - b1) as f64).max(0.0);
-                fitted = Some((*b1, *b2));
-                Some((*m1 as f64 - slope * *b1 as f64, slope))
-            }
-            _ => None,
-        };
-        let next = match (best, line) {
-            (None, _) => {
-                // Nothing fits yet: the next smaller divisor below the smallest failure.
-                let below = failing.unwrap_or(divs[0]);
-                divs.iter().rev().find(|&&d| d < below).copied()
-            }
-            (Some(best), Some((f, s))) => {
-                (fixed, per_sample) = (f, s);
-                divs.iter()
-                    .rev()
-                    .find(|&&d| d > best && failing.is_none_or(|x| d < x) && f + s * d as f64 <= budget as f64)
-                    .copied()
-            }
-            (Some(_), None) => None,
-        };
-        match next {
-            Some(b) => {
-                p.run(b).await?;
-            }
-            None => break,
-        }
-    }
     let chosen = p.probes.iter().filter(|q| fits(q)).map(|q| q.micro_batch).max();
     let predict = |b: u64| fixed + per_sample * b as f64;
     let probes_used = p.probes.len();
@@ -237,23 +277,10 @@ pub async fn find(req: Request, json_out: bool, exe: PathBuf) -> anyhow::Result<
         Target::Cuda(g) => g.name.to_owned(),
         Target::Cpu => "cpu".to_owned(),
     };
-    let mut stored = None;
-    if let (Some(path), Some((b1, b2))) = (&req.calibration, fitted)
-        && fixed.is_finite()
-        && per_sample.is_finite()
-        && (effective / b1 > 1) == (effective / b2 > 1)
-    {
-        let entry = crate::calibration::Entry {
-            key: crate::calibration::key(&plan),
-            device: device_name.clone(),
-            accumulating: effective / b2 > 1,
-            fixed_bytes: fixed.round(),
-            per_sample_bytes: per_sample.round(),
-            micro_batches: vec![b1, b2],
-        };
-        crate::calibration::store(path, entry)?;
-        stored = Some(path.display().to_string());
-    }
+    let stored = match (&req.calibration, fitted) {
+        (Some(path), Some(points)) => store_line(path, &plan, &device_name, effective, points, fixed, per_sample)?,
+        _ => None,
+    };
     let comparison = if req.compare {
         let mut base = Prober {
             plan: plan.clone(),

@@ -89,6 +89,26 @@ impl JobRunner {
         files: &system::job::JobFiles,
     ) -> Result<RunningJob, StartError> {
         let permit = Arc::clone(&self.slots).try_acquire_owned().map_err(|_| StartError::Busy { limit: self.limit })?;
+        let mut child = self.command(id, &plan, files).spawn().map_err(StartError::Spawn)?;
+        let (Some(stdin), Some(stdout), Some(stderr)) = (child.stdin.take(), child.stdout.take(), child.stderr.take())
+        else {
+            return Err(StartError::Spawn(std::io::Error::other("worker pipes missing")));
+        };
+        let (control_tx, control_rx) = mpsc::channel::<Message>(8);
+        let kill = Arc::new(tokio::sync::Notify::new());
+        let (events_tx, events_rx) = mpsc::channel::<Message>(EVENT_BUFFER);
+        tokio::spawn(feed(stdin, plan, control_rx));
+        let stderr_tail = tokio::spawn(stderr_tail(id, stderr));
+        let watch = Watch { id, estimated_peak_bytes, child, kill: Arc::clone(&kill), events: events_tx };
+        tokio::spawn(watch.run(stdout, stderr_tail, permit));
+        Ok(RunningJob { id, events: events_rx, control: control_tx, kill })
+    }
+}
+impl JobRunner {
+    /// `headroom worker --job N` with the job's files, its pipes, the allocator settings
+    /// in its environment (before CUDA initialises) and `PR_SET_PDEATHSIG`, so that it
+    /// dies with the agent.
+    fn command(&self, id: JobId, plan: &Plan, files: &system::job::JobFiles) -> Command {
         let mut cmd = Command::new(&self.exe);
         cmd.arg("worker")
             .arg("--job")
@@ -100,7 +120,6 @@ impl JobRunner {
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .kill_on_drop(true);
-        // Allocator settings must be in the environment before CUDA initialises.
         if plan.expandable_segments {
             cmd.env("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True");
         }
@@ -115,128 +134,140 @@ impl JobRunner {
                 Ok(())
             });
         }
-        let mut child = cmd.spawn().map_err(StartError::Spawn)?;
-        let (Some(mut stdin), Some(mut stdout), Some(stderr)) =
-            (child.stdin.take(), child.stdout.take(), child.stderr.take())
-        else {
-            return Err(StartError::Spawn(std::io::Error::other("worker pipes missing")));
-        };
+        cmd
+    }
+}
 
-        let (control_tx, mut control_rx) = mpsc::channel::<Message>(8);
-        let kill = Arc::new(tokio::sync::Notify::new());
-        let kill_rx = Arc::clone(&kill);
-        let (events_tx, events_rx) = mpsc::channel::<Message>(EVENT_BUFFER);
+/// The worker's stdin: the plan, then control messages; closing it tells the worker to
+/// stop.
+async fn feed(mut stdin: tokio::process::ChildStdin, plan: Plan, mut control: mpsc::Receiver<Message>) {
+    if pipe::write(&mut stdin, &Message::Submit { plan, force: false, key: None }).await.is_err() {
+        return;
+    }
+    while let Some(message) = control.recv().await {
+        if pipe::write(&mut stdin, &message).await.is_err() {
+            break;
+        }
+    }
+}
 
-        // stdin: the plan, then control messages; closing it tells the worker to stop.
-        tokio::spawn(async move {
-            if pipe::write(&mut stdin, &Message::Submit { plan, force: false, key: None }).await.is_err() {
-                return;
+/// The worker's stderr, logged line by line; its last lines (each cut to a record's
+/// room) explain a crash.
+async fn stderr_tail(id: JobId, stderr: tokio::process::ChildStderr) -> String {
+    let mut tail = VecDeque::with_capacity(STDERR_TAIL_LINES);
+    let mut lines = BufReader::new(stderr).lines();
+    while let Ok(Some(mut line)) = lines.next_line().await {
+        tracing::debug!(job = id, "worker: {line}");
+        if line.len() > STDERR_LINE_CHARS {
+            let mut end = STDERR_LINE_CHARS;
+            while !line.is_char_boundary(end) {
+                end -= 1;
             }
-            while let Some(message) = control_rx.recv().await {
-                if pipe::write(&mut stdin, &message).await.is_err() {
-                    break;
-                }
-            }
-        });
+            line.truncate(end);
+            line.push('…');
+        }
+        if tail.len() == STDERR_TAIL_LINES {
+            tail.pop_front();
+        }
+        tail.push_back(line);
+    }
+    tail.into_iter().collect::<Vec<_>>().join("\n")
+}
 
-        let stderr_task = tokio::spawn(async move {
-            let mut tail = VecDeque::with_capacity(STDERR_TAIL_LINES);
-            let mut lines = BufReader::new(stderr).lines();
-            while let Ok(Some(mut line)) = lines.next_line().await {
-                tracing::debug!(job = id, "worker: {line}");
-                // A crash report must fit a record: long lines are cut.
-                if line.len() > STDERR_LINE_CHARS {
-                    let mut end = STDERR_LINE_CHARS;
-                    while !line.is_char_boundary(end) {
-                        end -= 1;
-                    }
-                    line.truncate(end);
-                    line.push('…');
-                }
-                if tail.len() == STDERR_TAIL_LINES {
-                    tail.pop_front();
-                }
-                tail.push_back(line);
-            }
-            tail.into_iter().collect::<Vec<_>>().join("\n")
-        });
+/// A running worker, watched from its stdout: records and events passed on, the end held
+/// back until it has exited and its slot is free.
+struct Watch {
+    id: JobId,
+    estimated_peak_bytes: u64,
+    child: tokio::process::Child,
+    kill: Arc<tokio::sync::Notify>,
+    events: mpsc::Sender<Message>,
+}
 
-        tokio::spawn(async move {
-            let mut dropped = 0u64;
-            // Held back until the worker has exited and its slot is free, so that a
-            // client may submit again as soon as it sees the end of its job.
-            let mut terminal: Option<Message> = None;
-            // Set once: a worker that keeps talking after its end cannot stretch it.
-            let mut abandon_at: Option<tokio::time::Instant> = None;
-            loop {
-                let read = if events_tx.is_closed() || terminal.is_some() {
-                    // Nobody listens any more, or the worker has said its last word: give
-                    // it one grace period, from now, to stop or exit.
-                    let deadline = *abandon_at.get_or_insert_with(|| tokio::time::Instant::now() + ABANDON_GRACE);
-                    match tokio::time::timeout_at(deadline, pipe::read(&mut stdout)).await {
-                        Ok(r) => r,
-                        Err(_) => {
-                            tracing::warn!(job = id, "worker did not stop or exit in time; killing it");
-                            let _ = child.start_kill();
-                            break;
-                        }
-                    }
-                } else {
-                    tokio::select! {
-                        r = pipe::read(&mut stdout) => r,
-                        () = kill_rx.notified() => {
-                            tracing::warn!(job = id, "killing the worker");
-                            let _ = child.start_kill();
-                            break;
-                        }
-                    }
-                };
-                match read {
-                    Ok(Some(Message::Batch(record))) => {
-                        if let Err(mpsc::error::TrySendError::Full(_)) = events_tx.try_send(Message::Batch(record)) {
-                            dropped += 1;
-                        }
-                    }
-                    Ok(Some(Message::Finished { job, mut summary })) => {
-                        summary.dropped_records = dropped;
-                        summary.estimated_peak_bytes = estimated_peak_bytes;
-                        terminal = Some(Message::Finished { job, summary });
-                    }
-                    Ok(Some(failed @ Message::Failed { .. })) => terminal = Some(failed),
-                    // Events are rare and matter: they wait for room rather than drop.
-                    Ok(Some(event @ Message::Event { .. })) => {
-                        let _ = events_tx.send(event).await;
-                    }
-                    Ok(Some(other)) => {
-                        tracing::warn!(job = id, "unexpected message from worker: {other:?}")
-                    }
-                    Ok(None) => break,
-                    Err(e) => {
-                        tracing::warn!(job = id, "worker pipe: {e}");
-                        let _ = child.start_kill();
+impl Watch {
+    async fn run(
+        mut self,
+        mut stdout: tokio::process::ChildStdout,
+        stderr_tail: tokio::task::JoinHandle<String>,
+        permit: tokio::sync::OwnedSemaphorePermit,
+    ) {
+        let id = self.id;
+        let mut dropped = 0u64;
+        // Held back until the worker has exited and its slot is free, so that a client
+        // may submit again as soon as it sees the end of its job.
+        let mut terminal: Option<Message> = None;
+        // Set once: a worker that keeps talking after its end cannot stretch it.
+        let mut abandon_at: Option<tokio::time::Instant> = None;
+        loop {
+            let read = if self.events.is_closed() || terminal.is_some() {
+                // Nobody listens any more, or the worker has said its last word: give it
+                // one grace period, from now, to stop or exit.
+                let deadline = *abandon_at.get_or_insert_with(|| tokio::time::Instant::now() + ABANDON_GRACE);
+                match tokio::time::timeout_at(deadline, pipe::read(&mut stdout)).await {
+                    Ok(r) => r,
+                    Err(_) => {
+                        tracing::warn!(job = id, "worker did not stop or exit in time; killing it");
+                        let _ = self.child.start_kill();
                         break;
                     }
                 }
-            }
-            let status = match tokio::time::timeout(ABANDON_GRACE, child.wait()).await {
-                Ok(Ok(status)) => status.to_string(),
-                Ok(Err(e)) => format!("could not be waited for ({e})"),
-                Err(_) => {
-                    let _ = child.start_kill();
-                    let _ = child.wait().await;
-                    "did not exit and was killed".to_owned()
+            } else {
+                tokio::select! {
+                    r = pipe::read(&mut stdout) => r,
+                    () = self.kill.notified() => {
+                        tracing::warn!(job = id, "killing the worker");
+                        let _ = self.child.start_kill();
+                        break;
+                    }
                 }
             };
-            drop(permit);
-            let tail = stderr_task.await.unwrap_or_default();
-            tracing::info!(job = id, %status, "worker ended");
-            let last = terminal.unwrap_or_else(|| crashed(id, &status, &tail));
-            let _ = events_tx.send(last).await;
-        });
+            match read {
+                Ok(Some(Message::Batch(record))) => {
+                    if let Err(mpsc::error::TrySendError::Full(_)) = self.events.try_send(Message::Batch(record)) {
+                        dropped += 1;
+                    }
+                }
+                Ok(Some(Message::Finished { job, mut summary })) => {
+                    summary.dropped_records = dropped;
+                    summary.estimated_peak_bytes = self.estimated_peak_bytes;
+                    terminal = Some(Message::Finished { job, summary });
+                }
+                Ok(Some(failed @ Message::Failed { .. })) => terminal = Some(failed),
+                // Events are rare and matter: they wait for room rather than drop.
+                Ok(Some(event @ Message::Event { .. })) => {
+                    let _ = self.events.send(event).await;
+                }
+                Ok(Some(other)) => tracing::warn!(job = id, "unexpected message from worker: {other:?}"),
+                Ok(None) => break,
+                Err(e) => {
+                    tracing::warn!(job = id, "worker pipe: {e}");
+                    let _ = self.child.start_kill();
+                    break;
+                }
+            }
+        }
+        let status = self.exit_status().await;
+        drop(permit);
+        let tail = stderr_tail.await.unwrap_or_default();
+        tracing::info!(job = id, %status, "worker ended");
+        let last = terminal.unwrap_or_else(|| crashed(id, &status, &tail));
+        let _ = self.events.send(last).await;
+    }
 
-        Ok(RunningJob { id, events: events_rx, control: control_tx, kill })
+    /// How the worker ended, waiting one grace period before killing it.
+    async fn exit_status(&mut self) -> String {
+        match tokio::time::timeout(ABANDON_GRACE, self.child.wait()).await {
+            Ok(Ok(status)) => status.to_string(),
+            Ok(Err(e)) => format!("could not be waited for ({e})"),
+            Err(_) => {
+                let _ = self.child.start_kill();
+                let _ = self.child.wait().await;
+                "did not exit and was killed".to_owned()
+            }
+        }
     }
 }
+
 /// The failure reported for a worker that died without saying why.
 fn crashed(job: JobId, status: &str, stderr_tail: &str) -> Message {
     let detail = if stderr_tail.trim().is_empty() { String::new() } else { format!(": {}", stderr_tail.trim()) };

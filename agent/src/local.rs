@@ -66,66 +66,7 @@ pub async fn run(mut plan: Plan, files: system::job::JobFiles, exe: PathBuf) -> 
                 }
             }
             Message::Event { step, event, .. } => {
-                let event = match event {
-                    shared::protocol::JobEvent::LeakSuspected(w) => serde_json::json!({
-                        "kind": "leak_suspected", "bytes_per_step": w.bytes_per_step,
-                        "bytes_per_epoch": w.bytes_per_epoch, "steps_to_capacity": w.steps_to_capacity,
-                        "allocated_bytes": w.allocated_bytes,
-                    }),
-                    shared::protocol::JobEvent::LossScaleSkip { scale } => {
-                        serde_json::json!({ "kind": "loss_scale_skip", "scale": scale })
-                    }
-                    shared::protocol::JobEvent::CacheEmptied { released_bytes, micro_seconds } => serde_json::json!({
-                        "kind": "cache_emptied", "released_bytes": released_bytes, "micro_seconds": micro_seconds,
-                    }),
-                    shared::protocol::JobEvent::OomRecovered {
-                        micro_batch,
-                        accumulation,
-                        allocated_bytes,
-                        message,
-                    } => {
-                        serde_json::json!({
-                            "kind": "oom_recovered", "micro_batch": micro_batch, "accumulation": accumulation,
-                            "allocated_bytes": allocated_bytes, "message": message,
-                        })
-                    }
-                    shared::protocol::JobEvent::Validation {
-                        batches,
-                        micro_batch,
-                        loss,
-                        peak_bytes,
-                        micro_seconds,
-                    } => {
-                        serde_json::json!({
-                            "kind": "validation", "batches": batches, "micro_batch": micro_batch, "loss": loss,
-                            "peak_bytes": peak_bytes, "micro_seconds": micro_seconds,
-                        })
-                    }
-                    shared::protocol::JobEvent::CheckpointSaved { path, bytes, micro_seconds } => serde_json::json!({
-                        "kind": "checkpoint_saved", "path": path, "bytes": bytes, "micro_seconds": micro_seconds,
-                    }),
-                    shared::protocol::JobEvent::Resumed { path } => {
-                        serde_json::json!({ "kind": "resumed", "path": path })
-                    }
-                    shared::protocol::JobEvent::SurfaceTerm { value, host_bytes, micro_seconds } => {
-                        serde_json::json!({
-                            "kind": "surface_term", "value": value, "host_bytes": host_bytes,
-                            "micro_seconds": micro_seconds,
-                        })
-                    }
-                    shared::protocol::JobEvent::HostMemoryLow {
-                        workers,
-                        prefetch,
-                        rss_bytes,
-                        headroom_bytes,
-                        bound,
-                    } => {
-                        serde_json::json!({
-                            "kind": "host_memory_low", "workers": workers, "prefetch": prefetch,
-                            "rss_bytes": rss_bytes, "headroom_bytes": headroom_bytes, "bound": bound,
-                        })
-                    }
-                };
+                let event = event_json(event);
                 if let Some(bar) = &bar {
                     bar.println(format!("step {step}: {event}"));
                 }
@@ -163,4 +104,51 @@ pub async fn run(mut plan: Plan, files: system::job::JobFiles, exe: PathBuf) -> 
         }
     }
     anyhow::bail!("the worker ended without a result")
+}
+
+/// A job event as `headroom run` prints it: a `kind` and the event's fields.
+fn event_json(event: shared::protocol::JobEvent) -> serde_json::Value {
+    match event {
+        shared::protocol::JobEvent::LeakSuspected(w) => serde_json::json!({
+            "kind": "leak_suspected", "bytes_per_step": w.bytes_per_step,
+            "bytes_per_epoch": w.bytes_per_epoch, "steps_to_capacity": w.steps_to_capacity,
+            "allocated_bytes": w.allocated_bytes,
+        }),
+        shared::protocol::JobEvent::LossScaleSkip { scale } => {
+            serde_json::json!({ "kind": "loss_scale_skip", "scale": scale })
+        }
+        shared::protocol::JobEvent::CacheEmptied { released_bytes, micro_seconds } => serde_json::json!({
+            "kind": "cache_emptied", "released_bytes": released_bytes, "micro_seconds": micro_seconds,
+        }),
+        shared::protocol::JobEvent::OomRecovered { micro_batch, accumulation, allocated_bytes, message } => {
+            serde_json::json!({
+                "kind": "oom_recovered", "micro_batch": micro_batch, "accumulation": accumulation,
+                "allocated_bytes": allocated_bytes, "message": message,
+            })
+        }
+        shared::protocol::JobEvent::Validation { batches, micro_batch, loss, peak_bytes, micro_seconds } => {
+            serde_json::json!({
+                "kind": "validation", "batches": batches, "micro_batch": micro_batch, "loss": loss,
+                "peak_bytes": peak_bytes, "micro_seconds": micro_seconds,
+            })
+        }
+        shared::protocol::JobEvent::CheckpointSaved { path, bytes, micro_seconds } => serde_json::json!({
+            "kind": "checkpoint_saved", "path": path, "bytes": bytes, "micro_seconds": micro_seconds,
+        }),
+        shared::protocol::JobEvent::Resumed { path } => {
+            serde_json::json!({ "kind": "resumed", "path": path })
+        }
+        shared::protocol::JobEvent::SurfaceTerm { value, host_bytes, micro_seconds } => {
+            serde_json::json!({
+                "kind": "surface_term", "value": value, "host_bytes": host_bytes,
+                "micro_seconds": micro_seconds,
+            })
+        }
+        shared::protocol::JobEvent::HostMemoryLow { workers, prefetch, rss_bytes, headroom_bytes, bound } => {
+            serde_json::json!({
+                "kind": "host_memory_low", "workers": workers, "prefetch": prefetch,
+                "rss_bytes": rss_bytes, "headroom_bytes": headroom_bytes, "bound": bound,
+            })
+        }
+    }
 }

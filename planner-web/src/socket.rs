@@ -24,10 +24,29 @@ use crate::state::{AgentState, Connection, HISTORY_PAGE, JobState, MAX_RECORDS, 
 /// answered stops waiting: the page says it may have been queued, and Run is free again.
 const MAX_SUBMIT_RECONNECTS: u32 = 3;
 
+/// An open (or closing) WebSocket with the handlers it calls. Dropped, it detaches
+/// them and lets them go, so that a page reconnecting all day keeps no dead handlers.
+struct Live {
+    ws: WebSocket,
+    _on_open: Closure<dyn FnMut()>,
+    _on_message: Closure<dyn FnMut(MessageEvent)>,
+    _on_close: Closure<dyn FnMut(CloseEvent)>,
+}
+
+impl Drop for Live {
+    fn drop(&mut self) {
+        self.ws.set_onopen(None);
+        self.ws.set_onmessage(None);
+        self.ws.set_onclose(None);
+    }
+}
+
 /// Sends messages to one agent; cheap to copy into event handlers.
 #[derive(Clone, Copy)]
 pub struct AgentSocket {
-    socket: StoredValue<Option<WebSocket>, LocalStorage>,
+    /// The current socket; replaced (the old one dropped) by the next reconnect, which
+    /// runs from a timer, never from one of the old socket's own handlers.
+    socket: StoredValue<Option<Live>, LocalStorage>,
     /// Set when the agent is removed from the page: no more reconnects.
     closed: StoredValue<bool>,
 }
@@ -35,7 +54,7 @@ pub struct AgentSocket {
 impl AgentSocket {
     pub fn send(&self, message: &Message) -> Result<(), String> {
         let bytes = codec::encode(message).map_err(|e| e.to_string())?;
-        self.socket.with_value(|ws| match ws {
+        self.socket.with_value(|live| match live.as_ref().map(|l| &l.ws) {
             Some(ws) if ws.ready_state() == WebSocket::OPEN => {
                 ws.send_with_u8_array(&bytes).map_err(|_| "the agent connection refused the message".to_owned())
             }
@@ -46,9 +65,11 @@ impl AgentSocket {
     /// Closes the socket for good.
     pub fn close(&self) {
         self.closed.set_value(true);
-        self.socket.update_value(|ws| {
-            if let Some(ws) = ws.take() {
-                ws.set_onclose(None);
+        self.socket.update_value(|live| {
+            if let Some(live) = live.take() {
+                // Detached first (as `live` drops), so no reconnect follows.
+                let ws = live.ws.clone();
+                drop(live);
                 let _ = ws.close();
             }
         });
@@ -429,7 +450,6 @@ fn open(target: std::rc::Rc<(AgentAddress, String)>, state: AgentState, agent: A
         state.connection.set(Connection::Open)
     });
     ws.set_onopen(Some(on_open.as_ref().unchecked_ref()));
-    on_open.forget();
 
     let label = target.0.label.clone();
     let on_message = Closure::<dyn FnMut(MessageEvent)>::new(move |event: MessageEvent| {
@@ -443,7 +463,6 @@ fn open(target: std::rc::Rc<(AgentAddress, String)>, state: AgentState, agent: A
         }
     });
     ws.set_onmessage(Some(on_message.as_ref().unchecked_ref()));
-    on_message.forget();
 
     let on_close = Closure::<dyn FnMut(CloseEvent)>::new(move |event: CloseEvent| {
         let reason = if !event.reason().is_empty() {
@@ -485,6 +504,5 @@ fn open(target: std::rc::Rc<(AgentAddress, String)>, state: AgentState, agent: A
         }
     });
     ws.set_onclose(Some(on_close.as_ref().unchecked_ref()));
-    on_close.forget();
-    agent.socket.set_value(Some(ws));
+    agent.socket.set_value(Some(Live { ws, _on_open: on_open, _on_message: on_message, _on_close: on_close }));
 }

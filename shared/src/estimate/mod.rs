@@ -324,20 +324,10 @@ fn walk(
     events: Option<&mut Vec<sim::Event>>,
     returned: Option<&[u64]>,
     val_graph: Option<&Graph>,
-    mut observe: Option<&mut Vec<u64>>,
+    observe: Option<&mut Vec<u64>>,
 ) -> Result<Option<Estimate>, PlanError> {
+    check_precision(plan, target)?;
     let amp = plan.precision != Precision::Fp32;
-    if let (Target::Cuda(gpu), Precision::Bf16) = (target, plan.precision)
-        && !gpu.supports_bf16()
-    {
-        return Err(PlanError::Invalid {
-            field: "precision",
-            reason: format!(
-                "{} has no native bf16 (compute capability {}.{}); use fp16",
-                gpu.name, gpu.compute_capability.0, gpu.compute_capability.1
-            ),
-        });
-    }
     let cuda = matches!(target, Target::Cuda(_));
     let mut sim = match target {
         Target::Cpu => Sim::new(),
@@ -353,88 +343,14 @@ fn walk(
         Target::Cpu => Kernels::Cpu { onednn: plan.onednn, threads: plan.cpu_threads.unwrap_or(DEFAULT_CPU_THREADS) },
         Target::Cuda(_) => Kernels::Cuda,
     };
-    let overheads = match target {
-        Target::Cuda(gpu) => {
-            let libs = cuda::Libraries {
-                cudnn: graph
-                    .nodes
-                    .iter()
-                    .any(|n| matches!(n.op, crate::graph::Op::Conv { .. } | crate::graph::Op::ConvTranspose { .. })),
-            };
-            Some(cuda::DeviceOverheads::for_compute_capability(gpu.compute_capability, libs))
-        }
-        Target::Cpu => None,
-    };
+    let overheads = device_overheads(graph, target);
     let update = Update::resolve(plan.runtime, plan.optimizer_impl, cuda);
+    let kept = between_steps(&mut sim, plan, graph, update, overheads, returned);
 
-    // Between steps: weights and buffers, the optimizer's state and (CUDA) cuBLAS's
-    // workspace, created by the first step and kept.
-    sim.set_label("weights", None);
-    let param_store: Vec<sim::Tensor> =
-        graph.params.iter().map(|p| sim.alloc(graph.param_bytes(p), Category::Weights)).collect();
-    let trainable: Vec<u64> = graph.params.iter().filter(|p| p.trainable).map(|p| numel(&p.shape) * F32).collect();
-    sim.set_label("optimizer state", None);
-    optimizer::persistent_state(&mut sim, &plan.optimizer, update, cuda, &trainable);
-    if let Some(o) = overheads {
-        sim.set_label("cublas workspace", None);
-        sim.alloc(o.cublas_workspace_bytes, Category::Temporaries);
-    }
-    // What the previous step left bound: its batch, outputs and loss.
-    sim.set_label("previous step", None);
-    let mut held = batch::previous_step(&mut sim, graph, returned);
-    let steady_bytes = sim.live().total();
-
-    let mut engine = Engine::new(graph, kernels, amp, param_store.clone());
-    let regions = graph.regions(plan.checkpoint());
-    let style = match plan.runtime {
-        Runtime::Pytorch => Recompute::NonReentrant,
-        Runtime::Headroom => Recompute::Reentrant,
+    let mut engine = Engine::new(graph, kernels, amp, kept.param_store.clone());
+    let Some(held) = micro_batches(&mut sim, &mut engine, plan, graph, kept.held, observe)? else {
+        return Ok(None);
     };
-    if regions.iter().any(|r| r.checkpointed) {
-        engine.checkpoint(regions.clone(), style);
-    }
-    let region_inputs = graph.region_inputs(&regions);
-    let micro_batches_to_walk = plan.accumulation.min(2);
-    for micro in 0..micro_batches_to_walk {
-        engine.first_micro_batch = micro == 0;
-        sim.set_phase(Phase::Forward);
-        sim.set_label("batch", None);
-        held = batch::next_batch(&mut sim, &mut engine, graph, held);
-        for (r, region) in regions.iter().enumerate() {
-            run_region(&mut sim, &mut engine, graph, r, region, &region_inputs[r], style, &mut held);
-        }
-        engine.clear_casts(&mut sim);
-        sim.set_label("loss", None);
-        held = batch::bind_loss(&mut sim, &mut engine, graph, held, plan.accumulation);
-        if micro == 0
-            && let Some(out) = observe.as_deref_mut()
-        {
-            *out =
-                graph.returned.iter().map(|&v| engine.vals[v].as_ref().map_or(graph.bytes(v), |t| t.bytes())).collect();
-            return Ok(None);
-        }
-        sim.set_phase(Phase::Backward);
-        // fp16 trains through GradScaler: `scaler.scale(loss).backward()`, whose product
-        // (a scalar) lives through the backward.
-        let scaled_loss = (plan.precision == Precision::Fp16).then(|| {
-            sim.set_label("scaler.scale(loss)", None);
-            sim.alloc(F32, Category::Activations)
-        });
-        sim.set_label("backward", None);
-        backward(&mut sim, &mut engine, graph);
-        if let Some(t) = scaled_loss {
-            sim.release(t);
-        }
-        sim.set_label("end of backward", None);
-        engine.finish_backward(&mut sim);
-        sim.set_label("end of micro-batch", None);
-        for v in 0..graph.values.len() {
-            if !graph.returned.contains(&v) && v != graph.loss {
-                engine.drop_value(&mut sim, v);
-            }
-        }
-    }
-
     if let Some(v) = engine.lost.get() {
         let node = graph.producer().get(v).copied().flatten();
         return Err(PlanError::Invalid {
@@ -445,26 +361,13 @@ fn walk(
             ),
         });
     }
-    sim.set_phase(Phase::OptimizerStep);
-    if plan.precision == Precision::Fp16 {
-        // scaler.unscale_: the inverse scale and the found-inf flag.
-        sim.set_label("scaler.unscale_", None);
-        let (inv, found) = (sim.alloc(F32, Category::Temporaries), sim.alloc(F32, Category::Temporaries));
-        sim.release(inv);
-        sim.release(found);
-    }
-    if plan.clip_grad_norm.is_some() {
-        sim.set_label("clip_grad_norm", None);
-        optimizer::clip_grad_norm(&mut sim, trainable.len(), plan.runtime == Runtime::Pytorch);
-    }
-    sim.set_label("optimizer", None);
-    optimizer::step(&mut sim, &plan.optimizer, update, &trainable);
+    optimizer_phase(&mut sim, plan, update, &kept.trainable);
     if let Some(vg) = val_graph {
         // After the step, with its gradients, the loop's batch and outputs still live.
         sim.set_phase(Phase::Validation);
         // PyTorch runs `nn.MultiheadAttention` fused here unless autocast is on.
         let fused = plan.runtime == Runtime::Pytorch && !amp;
-        validation(&mut sim, vg, kernels, amp, fused, &param_store, plan.val_batches);
+        validation(&mut sim, vg, kernels, amp, fused, &kept.param_store, plan.val_batches);
     }
     let peak_bytes = sim.peak;
     let (low, high) = (sim.peak_low.min(peak_bytes.get()), sim.peak_high.max(peak_bytes.get()));
@@ -475,36 +378,11 @@ fn walk(
         // up to this far above the point (docs/estimator.md): the high end covers them.
         peak_bytes_high = peak_bytes_high.max(Bytes((peak_bytes.get() as f64 * (1.0 + CUDA_UNMEASURED)).ceil() as u64));
     }
-    let _ = held;
+    drop(held);
 
     let device = match (target, overheads) {
         (Target::Cuda(gpu), Some(o)) => {
-            let reserved = Bytes(sim.pool.as_ref().map_or(peak_bytes.get(), |p| p.peak_reserved).max(peak_bytes.get()));
-            let device_peak = reserved + Bytes(o.context_bytes);
-            // Uncertain workspaces come from the allocator: at their bound they are
-            // reserved on top, in 2 MiB-rounded segments.
-            let extra = (peak_bytes_high - peak_bytes).get().div_ceil(2 << 20) * (2 << 20);
-            let device_high = reserved + Bytes(extra) + Bytes(o.context_high);
-            let device_low =
-                Bytes(reserved.get().saturating_sub((peak_bytes - peak_bytes_low).get())) + Bytes(o.context_low);
-            let capacity =
-                Bytes(plan.memory_cap(gpu.memory_bytes).map_or(gpu.memory_bytes, |l| l.min(gpu.memory_bytes)));
-            Some(DeviceEstimate {
-                gpu: gpu.name.to_owned(),
-                reserved_peak_bytes: reserved,
-                reserved_peak_toggled_bytes: sim
-                    .toggled_pool
-                    .as_ref()
-                    .map(|p| Bytes(p.peak_reserved.max(peak_bytes.get()))),
-                device_peak_bytes: device_peak,
-                device_peak_bytes_low: device_low,
-                device_peak_bytes_high: device_high,
-                context_bytes: Bytes(o.context_bytes),
-                cublas_workspace_bytes: Bytes(o.cublas_workspace_bytes),
-                capacity_bytes: capacity,
-                fits: device_high <= capacity,
-                headroom_bytes: crate::units::signed_difference(capacity.get(), device_peak.get()),
-            })
+            Some(device_estimate(&sim, plan, gpu, o, (peak_bytes_low, peak_bytes, peak_bytes_high)))
         }
         _ => None,
     };
@@ -526,7 +404,7 @@ fn walk(
         peak_phase: sim.peak_phase.unwrap_or(Phase::Forward),
         breakdown: sim.peak_breakdown.clone(),
         category_peaks: sim.category_peaks.clone(),
-        steady_bytes,
+        steady_bytes: kept.steady_bytes,
         phase_peaks: Phase::ALL
             .iter()
             .filter(|&&p| p != Phase::Validation || val_graph.is_some())
@@ -537,6 +415,186 @@ fn walk(
         device,
         timeline,
     }))
+}
+
+/// bf16 needs a GPU that has it.
+fn check_precision(plan: &Plan, target: Target) -> Result<(), PlanError> {
+    if let (Target::Cuda(gpu), Precision::Bf16) = (target, plan.precision)
+        && !gpu.supports_bf16()
+    {
+        return Err(PlanError::Invalid {
+            field: "precision",
+            reason: format!(
+                "{} has no native bf16 (compute capability {}.{}); use fp16",
+                gpu.name, gpu.compute_capability.0, gpu.compute_capability.1
+            ),
+        });
+    }
+    Ok(())
+}
+
+/// A GPU's context and library workspaces (cuDNN's when the graph convolves).
+fn device_overheads(graph: &Graph, target: Target) -> Option<cuda::DeviceOverheads> {
+    let Target::Cuda(gpu) = target else {
+        return None;
+    };
+    let libs = cuda::Libraries {
+        cudnn: graph
+            .nodes
+            .iter()
+            .any(|n| matches!(n.op, crate::graph::Op::Conv { .. } | crate::graph::Op::ConvTranspose { .. })),
+    };
+    Some(cuda::DeviceOverheads::for_compute_capability(gpu.compute_capability, libs))
+}
+
+/// What lives between steps.
+struct BetweenSteps {
+    /// Each parameter's storage.
+    param_store: Vec<sim::Tensor>,
+    /// The fp32 bytes of each trainable parameter.
+    trainable: Vec<u64>,
+    /// What the previous step left bound: its batch, outputs and loss.
+    held: batch::Held,
+    /// Live bytes between steps.
+    steady_bytes: Bytes,
+}
+
+/// Between steps: weights and buffers, the optimizer's state and (CUDA) cuBLAS's
+/// workspace, created by the first step and kept; and what the previous step left bound.
+fn between_steps(
+    sim: &mut Sim,
+    plan: &Plan,
+    graph: &Graph,
+    update: Update,
+    overheads: Option<cuda::DeviceOverheads>,
+    returned: Option<&[u64]>,
+) -> BetweenSteps {
+    sim.set_label("weights", None);
+    let param_store: Vec<sim::Tensor> =
+        graph.params.iter().map(|p| sim.alloc(graph.param_bytes(p), Category::Weights)).collect();
+    let trainable: Vec<u64> = graph.params.iter().filter(|p| p.trainable).map(|p| numel(&p.shape) * F32).collect();
+    sim.set_label("optimizer state", None);
+    optimizer::persistent_state(sim, &plan.optimizer, update, overheads.is_some(), &trainable);
+    if let Some(o) = overheads {
+        sim.set_label("cublas workspace", None);
+        sim.alloc(o.cublas_workspace_bytes, Category::Temporaries);
+    }
+    sim.set_label("previous step", None);
+    let held = batch::previous_step(sim, graph, returned);
+    let steady_bytes = sim.live().total();
+    BetweenSteps { param_store, trainable, held, steady_bytes }
+}
+
+/// The step's micro-batches (two stand for any accumulation: the second shows what the
+/// first leaves): the batch, the model by checkpointing region, the loss, backward.
+/// `None` when `observe` asked only for the first forward's returned bytes.
+fn micro_batches(
+    sim: &mut Sim,
+    engine: &mut Engine,
+    plan: &Plan,
+    graph: &Graph,
+    mut held: batch::Held,
+    mut observe: Option<&mut Vec<u64>>,
+) -> Result<Option<batch::Held>, PlanError> {
+    let regions = graph.regions(plan.checkpoint());
+    let style = match plan.runtime {
+        Runtime::Pytorch => Recompute::NonReentrant,
+        Runtime::Headroom => Recompute::Reentrant,
+    };
+    if regions.iter().any(|r| r.checkpointed) {
+        engine.checkpoint(regions.clone(), style);
+    }
+    let region_inputs = graph.region_inputs(&regions);
+    for micro in 0..plan.accumulation.min(2) {
+        engine.first_micro_batch = micro == 0;
+        sim.set_phase(Phase::Forward);
+        sim.set_label("batch", None);
+        held = batch::next_batch(sim, engine, graph, held);
+        for (r, region) in regions.iter().enumerate() {
+            run_region(sim, engine, graph, r, region, &region_inputs[r], style, &mut held);
+        }
+        engine.clear_casts(sim);
+        sim.set_label("loss", None);
+        held = batch::bind_loss(sim, engine, graph, held, plan.accumulation);
+        if micro == 0
+            && let Some(out) = observe.as_deref_mut()
+        {
+            *out =
+                graph.returned.iter().map(|&v| engine.vals[v].as_ref().map_or(graph.bytes(v), |t| t.bytes())).collect();
+            return Ok(None);
+        }
+        sim.set_phase(Phase::Backward);
+        // fp16 trains through GradScaler: `scaler.scale(loss).backward()`, whose product
+        // (a scalar) lives through the backward.
+        let scaled_loss = (plan.precision == Precision::Fp16).then(|| {
+            sim.set_label("scaler.scale(loss)", None);
+            sim.alloc(F32, Category::Activations)
+        });
+        sim.set_label("backward", None);
+        backward(sim, engine, graph);
+        if let Some(t) = scaled_loss {
+            sim.release(t);
+        }
+        sim.set_label("end of backward", None);
+        engine.finish_backward(sim);
+        sim.set_label("end of micro-batch", None);
+        for v in 0..graph.values.len() {
+            if !graph.returned.contains(&v) && v != graph.loss {
+                engine.drop_value(sim, v);
+            }
+        }
+    }
+    Ok(Some(held))
+}
+
+/// The optimizer step: fp16's unscale, gradient clipping, then the update.
+fn optimizer_phase(sim: &mut Sim, plan: &Plan, update: Update, trainable: &[u64]) {
+    sim.set_phase(Phase::OptimizerStep);
+    if plan.precision == Precision::Fp16 {
+        // scaler.unscale_: the inverse scale and the found-inf flag.
+        sim.set_label("scaler.unscale_", None);
+        let (inv, found) = (sim.alloc(F32, Category::Temporaries), sim.alloc(F32, Category::Temporaries));
+        sim.release(inv);
+        sim.release(found);
+    }
+    if plan.clip_grad_norm.is_some() {
+        sim.set_label("clip_grad_norm", None);
+        optimizer::clip_grad_norm(sim, trainable.len(), plan.runtime == Runtime::Pytorch);
+    }
+    sim.set_label("optimizer", None);
+    optimizer::step(sim, &plan.optimizer, update, trainable);
+}
+
+/// The device's figures on a GPU: the allocator's reserved peak, the context, the
+/// interval's ends, the capacity under the plan's caps and whether it fits.
+fn device_estimate(
+    sim: &Sim,
+    plan: &Plan,
+    gpu: Gpu,
+    o: cuda::DeviceOverheads,
+    (peak_bytes_low, peak_bytes, peak_bytes_high): (Bytes, Bytes, Bytes),
+) -> DeviceEstimate {
+    let reserved = Bytes(sim.pool.as_ref().map_or(peak_bytes.get(), |p| p.peak_reserved).max(peak_bytes.get()));
+    let device_peak = reserved + Bytes(o.context_bytes);
+    // Uncertain workspaces come from the allocator: at their bound they are reserved on
+    // top, in 2 MiB-rounded segments.
+    let extra = (peak_bytes_high - peak_bytes).get().div_ceil(2 << 20) * (2 << 20);
+    let device_high = reserved + Bytes(extra) + Bytes(o.context_high);
+    let device_low = Bytes(reserved.get().saturating_sub((peak_bytes - peak_bytes_low).get())) + Bytes(o.context_low);
+    let capacity = Bytes(plan.memory_cap(gpu.memory_bytes).map_or(gpu.memory_bytes, |l| l.min(gpu.memory_bytes)));
+    DeviceEstimate {
+        gpu: gpu.name.to_owned(),
+        reserved_peak_bytes: reserved,
+        reserved_peak_toggled_bytes: sim.toggled_pool.as_ref().map(|p| Bytes(p.peak_reserved.max(peak_bytes.get()))),
+        device_peak_bytes: device_peak,
+        device_peak_bytes_low: device_low,
+        device_peak_bytes_high: device_high,
+        context_bytes: Bytes(o.context_bytes),
+        cublas_workspace_bytes: Bytes(o.cublas_workspace_bytes),
+        capacity_bytes: capacity,
+        fits: device_high <= capacity,
+        headroom_bytes: crate::units::signed_difference(capacity.get(), device_peak.get()),
+    }
 }
 
 /// The validation pass: `model.eval()`, then under `torch.no_grad()` per batch `vb =

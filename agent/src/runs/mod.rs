@@ -25,8 +25,13 @@ use shared::protocol::{
 };
 use tokio::sync::{Notify, broadcast};
 
-use crate::jobs::{JobRunner, RunningJob, StartError};
+use crate::jobs::JobRunner;
 use crate::runlog;
+
+mod pump;
+mod store;
+
+use store::{Stored, recover, write_stored};
 
 /// Limits on what clients may run (`serve --max-job-steps`, `--max-job-seconds`,
 /// `--max-queued`).
@@ -73,19 +78,6 @@ impl LiveRecord {
         let terminal = record.is_terminal();
         let frame = shared::codec::encode(&Message::Logged { job, seq, record }).ok()?;
         Some(LiveRecord { seq, terminal, frame: frame.into() })
-    }
-}
-
-/// Gives a `Failed` record among `batch` whose code is one of `from` the code `to` and
-/// the message `why`.
-fn relabel_end(batch: &mut [Message], from: &[ErrorCode], to: ErrorCode, why: &str) {
-    for m in batch {
-        if let Message::Failed { error, .. } = m
-            && from.contains(&error.code)
-        {
-            error.code = to;
-            error.message = why.to_owned();
-        }
     }
 }
 
@@ -143,19 +135,6 @@ fn short_error(mut info: RunInfo) -> RunInfo {
         e.message.push('…');
     }
     info
-}
-
-/// What `run.json` holds.
-#[derive(Clone, serde::Serialize, serde::Deserialize)]
-struct Stored {
-    info: RunInfo,
-    plan: Plan,
-    /// The estimate the run was accepted with (runs stored before it was kept have none).
-    #[serde(default)]
-    estimate: Option<Estimate>,
-    /// The client's key for its submission (`Submit::key`), if it gave one.
-    #[serde(default)]
-    submission: Option<Submission>,
 }
 
 /// A client's key for a submission, with a hash of the plan as the client sent it (the
@@ -260,62 +239,6 @@ impl std::fmt::Debug for Runs {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Runs").field("dir", &self.dir).finish()
     }
-}
-
-fn write_stored(dir: &Path, stored: &Stored) -> std::io::Result<()> {
-    let text = serde_json::to_vec_pretty(stored).map_err(std::io::Error::other)?;
-    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let tmp = dir.join(format!("run.json.{}.{n}.tmp", std::process::id()));
-    std::fs::write(&tmp, text)?;
-    std::fs::File::open(&tmp)?.sync_all()?;
-    std::fs::rename(&tmp, dir.join("run.json"))
-}
-
-/// A run's entry rebuilt from its folder at start: its stored state, corrected by its
-/// log (a run that was running is interrupted; one whose last record is its end ended).
-fn recover(id: JobId, path: &Path) -> anyhow::Result<Entry> {
-    use anyhow::Context;
-    let mut stored: Stored =
-        serde_json::from_slice(&std::fs::read(path.join("run.json")).context("run.json")?).context("run.json")?;
-    let (mut writer, found) = runlog::Writer::open(&path.join("records.log"))?;
-    stored.info.records = found.count;
-    // The agent died between writing a run's last record and storing its state: the
-    // record says how it ended.
-    if let Some((_, last)) = &found.last
-        && matches!(stored.info.state, RunState::Running | RunState::Queued)
-        && let Some(record) = shared::protocol::Record::from_message(last.clone())
-        && record.is_terminal()
-    {
-        let (state, error) = match record {
-            shared::protocol::Record::Failed { error } => (failed_state(error.code), Some(error)),
-            _ => (RunState::Finished, None),
-        };
-        stored.info.state = state;
-        stored.info.error = error;
-        stored.info.ended_unix_ms.get_or_insert_with(now_ms);
-        write_stored(path, &stored)?;
-    }
-    if stored.info.state == RunState::Running {
-        let error =
-            JobError { code: ErrorCode::Interrupted, message: "the agent stopped while this run was running".into() };
-        writer.append(&[Message::Failed { job: id, error: error.clone() }])?;
-        stored.info.records += 1;
-        stored.info.state = RunState::Interrupted;
-        stored.info.error = Some(error);
-        stored.info.ended_unix_ms = Some(now_ms());
-        write_stored(path, &stored)?;
-        tracing::info!(run = id, "marked interrupted");
-    }
-    let live = (stored.info.state == RunState::Queued).then(|| broadcast::channel(LIVE_BUFFER).0);
-    Ok(Entry {
-        info: stored.info,
-        plan: stored.plan,
-        estimate: stored.estimate,
-        submission: stored.submission,
-        live,
-        cancel: None,
-    })
 }
 
 impl Runs {
@@ -559,288 +482,6 @@ impl Runs {
         Ok(())
     }
 
-    /// Ends a run that never started with one `Failed` record.
-    async fn end_unstarted(self: &Arc<Self>, job: JobId, state: RunState, error: JobError) {
-        let log = self.run_dir(job).join("records.log");
-        let message = Message::Failed { job, error: error.clone() };
-        let m = message.clone();
-        let written = tokio::task::spawn_blocking(move || -> Result<u64, runlog::LogError> {
-            let (mut w, _) = runlog::Writer::open(&log)?;
-            Ok(*w.append(&[m])?.end())
-        })
-        .await;
-        let seq = match written {
-            Ok(Ok(seq)) => Some(seq),
-            other => {
-                tracing::error!(run = job, "could not record the end of a run: {other:?}");
-                None
-            }
-        };
-        self.finish(job, state, Some(error), None, seq, message).await;
-    }
-
-    /// Marks a run ended, tells its subscribers and stores its state.
-    async fn finish(
-        self: &Arc<Self>,
-        job: JobId,
-        state: RunState,
-        error: Option<JobError>,
-        peak: Option<u64>,
-        seq: Option<u64>,
-        last: Message,
-    ) {
-        {
-            let mut inner = self.lock();
-            let Some(e) = inner.runs.get_mut(&job) else { return };
-            e.info.state = state;
-            e.info.error = error;
-            e.info.measured_peak_bytes = peak;
-            e.info.ended_unix_ms = Some(now_ms());
-            if let Some(seq) = seq {
-                e.info.records = seq;
-            }
-            e.cancel = None;
-            if let (Some(tx), Some(seq)) = (e.live.take(), seq)
-                && let Some(r) = LiveRecord::new(job, seq, last)
-            {
-                let _ = tx.send(r);
-            }
-        }
-        self.store(job).await;
-    }
-
-    /// Starts queued runs while slots are free; runs until the agent shuts down.
-    pub async fn dispatch(self: Arc<Self>) {
-        loop {
-            // Taken off the queue and marked running in one step, so that a cancel from
-            // now on reaches the job (its notification waits for the pump).
-            let next = {
-                let mut inner = self.lock();
-                if inner.shutting_down {
-                    return;
-                }
-                let job = if self.runner.free_slots() > 0 { inner.queue.pop_front() } else { None };
-                job.and_then(|job| {
-                    let e = inner.runs.get_mut(&job)?;
-                    // A run put back after a lost race keeps its notification: a cancel
-                    // sent meanwhile stops it as soon as it starts.
-                    let cancel = Arc::clone(e.cancel.get_or_insert_with(|| Arc::new(Notify::new())));
-                    e.info.state = RunState::Running;
-                    Some((job, e.plan.clone(), e.info.estimated_peak_bytes, cancel))
-                })
-            };
-            let Some((job, plan, estimate, cancel)) = next else {
-                self.wake.notified().await;
-                continue;
-            };
-            // A run's checkpoints go beside its records; its data comes from the agent's
-            // data root. Neither path comes from the plan.
-            let files = system::job::JobFiles {
-                checkpoint_dir: Some(self.run_dir(job).join("checkpoints")),
-                resume: None,
-                data_root: self.data_root.clone(),
-            };
-            match self.runner.start(job, plan, estimate, &files) {
-                Ok(running) => {
-                    self.store(job).await;
-                    tracing::info!(run = job, "run started");
-                    self.active.send_modify(|n| *n += 1);
-                    tokio::spawn(Arc::clone(&self).pump(job, running, cancel));
-                }
-                Err(StartError::Busy { .. }) => {
-                    // Raced a slot: back to the front of the queue.
-                    {
-                        let mut inner = self.lock();
-                        if let Some(e) = inner.runs.get_mut(&job) {
-                            e.info.state = RunState::Queued;
-                        }
-                        inner.queue.push_front(job);
-                    }
-                    self.wake.notified().await;
-                }
-                Err(e) => {
-                    let error = JobError { code: ErrorCode::Internal, message: e.to_string() };
-                    self.end_unstarted(job, RunState::Failed, error).await;
-                }
-            }
-        }
-    }
-
-    /// Writes run `job`'s `run.json` as it stands, on the blocking pool (it syncs).
-    async fn store(self: &Arc<Self>, job: JobId) {
-        let this = Arc::clone(self);
-        if let Err(e) = tokio::task::spawn_blocking(move || this.store_now(job)).await {
-            tracing::error!(run = job, "storing the run's state failed: {e}");
-        }
-    }
-
-    fn store_now(&self, job: JobId) {
-        let _gate = self.store_gate.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        let stored = {
-            let inner = self.lock();
-            inner.runs.get(&job).map(Entry::stored)
-        };
-        if let Some(stored) = stored
-            && let Err(e) = write_stored(&self.run_dir(job), &stored)
-        {
-            tracing::error!(run = job, "could not store the run's state: {e}");
-        }
-    }
-
-    /// Writes a running job's messages to its log, then hands them to subscribers.
-    async fn pump(self: Arc<Self>, job: JobId, mut running: RunningJob, cancel: Arc<Notify>) {
-        let log = self.run_dir(job).join("records.log");
-        let opened = tokio::task::spawn_blocking(move || runlog::Writer::open(&log)).await;
-        let mut writer = match opened {
-            Ok(Ok((w, _))) => Some(w),
-            other => {
-                tracing::error!(run = job, "cannot open the run's log: {other:?}");
-                None
-            }
-        };
-        let mut cancel_deadline: Option<tokio::time::Instant> = None;
-        let mut killed = false;
-        // Past `--max-job-seconds` the job is stopped as a cancel would stop it.
-        let time_limit = tokio::time::sleep(Duration::from_secs(self.limits.max_job_seconds));
-        tokio::pin!(time_limit);
-        let mut over_time = false;
-        let mut ended: Option<Ending> = None;
-        while ended.is_none() {
-            let first = tokio::select! {
-                m = running.events.recv() => m,
-                () = cancel.notified(), if cancel_deadline.is_none() => {
-                    running.cancel();
-                    cancel_deadline = Some(tokio::time::Instant::now() + CANCEL_GRACE);
-                    continue;
-                }
-                () = &mut time_limit, if cancel_deadline.is_none() => {
-                    tracing::warn!(run = job, "ran past --max-job-seconds; stopping it");
-                    over_time = true;
-                    running.cancel();
-                    cancel_deadline = Some(tokio::time::Instant::now() + CANCEL_GRACE);
-                    continue;
-                }
-                () = async {
-                    match cancel_deadline {
-                        Some(d) => tokio::time::sleep_until(d).await,
-                        None => std::future::pending().await,
-                    }
-                }, if !killed => {
-                    tracing::warn!(run = job, "did not stop within {CANCEL_GRACE:?} of cancel; killing its worker");
-                    running.kill();
-                    killed = true;
-                    continue;
-                }
-            };
-            let Some(first) = first else { break };
-            let mut batch = vec![first];
-            while batch.len() < MAX_BATCH_RECORDS {
-                match running.events.try_recv() {
-                    Ok(m) => batch.push(m),
-                    Err(_) => break,
-                }
-            }
-            // Why the agent stopped the job decides how it ended: a shutdown interrupts it,
-            // its time limit fails it, and a worker killed after a cancel was cancelled.
-            let stopped = [ErrorCode::Cancelled, ErrorCode::WorkerCrashed];
-            if self.lock().shutting_down {
-                relabel_end(
-                    &mut batch,
-                    &stopped,
-                    ErrorCode::Interrupted,
-                    "the agent shut down while this run was running",
-                );
-            }
-            if over_time {
-                let why = format!("stopped after {} s (--max-job-seconds)", self.limits.max_job_seconds);
-                relabel_end(&mut batch, &stopped, ErrorCode::Limit, &why);
-            }
-            if killed && !over_time {
-                let why = format!("did not stop within {CANCEL_GRACE:?} of cancel and was killed");
-                relabel_end(&mut batch, &[ErrorCode::WorkerCrashed], ErrorCode::Cancelled, &why);
-            }
-            let Some(w) = writer.take() else { break };
-            let (w, written, batch) = match tokio::task::spawn_blocking(move || {
-                let mut w = w;
-                let r = w.append(&batch);
-                (w, r, batch)
-            })
-            .await
-            {
-                Ok(x) => x,
-                Err(e) => {
-                    tracing::error!(run = job, "log writer: {e}");
-                    break;
-                }
-            };
-            writer = Some(w);
-            let range = match written {
-                Ok(r) => r,
-                Err(e) => {
-                    tracing::error!(run = job, "could not write the run's records: {e}");
-                    break;
-                }
-            };
-            let live = {
-                let mut inner = self.lock();
-                inner.runs.get_mut(&job).map(|e| {
-                    e.info.records = *range.end();
-                    e.live.clone()
-                })
-            };
-            for (seq, m) in range.zip(batch) {
-                let end = match &m {
-                    Message::Finished { summary, .. } => Some((RunState::Finished, None, Some(summary.peak_bytes))),
-                    Message::Failed { error, .. } => {
-                        let state = failed_state(error.code);
-                        Some((state, Some(error.clone()), None))
-                    }
-                    _ => None,
-                };
-                if let Some((state, error, peak)) = end {
-                    ended = Some((state, error, peak, seq, m));
-                    break;
-                }
-                if let Some(Some(tx)) = &live
-                    && tx.receiver_count() > 0
-                    && let Some(r) = LiveRecord::new(job, seq, m)
-                {
-                    let _ = tx.send(r);
-                }
-            }
-        }
-        let (state, error, peak, seq, last) = match ended {
-            Some((state, error, peak, seq, last)) => (state, error, peak, Some(seq), last),
-            None => {
-                // The log failed (or the worker's channel closed early): stop the worker,
-                // wait until it has exited and freed its slot, and end the run for its
-                // clients with a last record, written if the log takes it.
-                running.kill();
-                while running.events.recv().await.is_some() {}
-                let error =
-                    JobError { code: ErrorCode::Internal, message: "the run's records could not be kept".into() };
-                let last = Message::Failed { job, error: error.clone() };
-                let next = self.lock().runs.get(&job).map_or(1, |e| e.info.records + 1);
-                let seq = match writer.take() {
-                    Some(mut w) => {
-                        let m = last.clone();
-                        match tokio::task::spawn_blocking(move || w.append(&[m])).await {
-                            Ok(Ok(r)) => *r.end(),
-                            _ => next,
-                        }
-                    }
-                    None => next,
-                };
-                (RunState::Failed, Some(error), None, Some(seq), last)
-            }
-        };
-        self.finish(job, state, error, peak, seq, last).await;
-        drop(running);
-        self.active.send_modify(|n| *n = n.saturating_sub(1));
-        self.wake.notify_one();
-        self.prune();
-    }
-
     /// Stops dispatching, cancels running jobs and waits up to `grace` for their last
     /// records to be written; queued runs stay queued for the next start.
     pub async fn shutdown(&self, grace: Duration) {
@@ -855,43 +496,6 @@ impl Runs {
         }
         let mut active = self.active.subscribe();
         let _ = tokio::time::timeout(grace, active.wait_for(|&n| n == 0)).await;
-    }
-
-    /// Deletes the oldest ended runs beyond [`Limits::max_runs_kept`].
-    fn prune(&self) {
-        let doomed: Vec<JobId> = {
-            let mut inner = self.lock();
-            let excess = inner.runs.len().saturating_sub(self.limits.max_runs_kept);
-            let ended: Vec<JobId> = inner
-                .runs
-                .iter()
-                .filter(|(_, e)| !matches!(e.info.state, RunState::Queued | RunState::Running))
-                .map(|(&j, _)| j)
-                .take(excess)
-                .collect();
-            for j in &ended {
-                inner.runs.remove(j);
-            }
-            ended
-        };
-        let dirs: Vec<(JobId, PathBuf)> = doomed.into_iter().map(|j| (j, self.run_dir(j))).collect();
-        let gate = Arc::clone(&self.store_gate);
-        let delete = move || {
-            // A store that read the run before it left the index finishes first; one
-            // after finds it gone and writes nothing.
-            let _gate = gate.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-            for (j, dir) in dirs {
-                if let Err(e) = std::fs::remove_dir_all(&dir) {
-                    tracing::warn!(run = j, "could not delete an old run: {e}");
-                }
-            }
-        };
-        // A run's folder may hold large checkpoints: deleted off the runtime's threads
-        // when there is one (they are out of the index already).
-        match tokio::runtime::Handle::try_current() {
-            Ok(rt) => drop(rt.spawn_blocking(delete)),
-            Err(_) => delete(),
-        }
     }
 }
 
