@@ -143,11 +143,13 @@ fn RunView(plan: Signal<Result<Plan, String>>, agent: Agent) -> impl IntoView {
     };
 
     let compare = state.compare;
-    let count = Signal::derive(move || {
+    // Memos: each chart reads its series several times per draw (scale, lines,
+    // legend), and a record arriving rebuilds them once.
+    let count = Memo::new(move |_| {
         let own = state.records.with(Vec::len);
         compare.with(|c| c.as_ref().map_or(own, |c| own.max(c.records.len())))
     });
-    let loss = Signal::derive(move || {
+    let loss = Memo::new(move |_| {
         let mut out = state.records.with(|r| vec![series("loss", "s-loss", r.len(), |i| r[i].loss)]);
         compare.with(|c| {
             if let Some(c) = c {
@@ -157,7 +159,7 @@ fn RunView(plan: Signal<Result<Plan, String>>, agent: Agent) -> impl IntoView {
         });
         out
     });
-    let memory = Signal::derive(move || {
+    let memory = Memo::new(move |_| {
         let mut out = state.records.with(|r| {
             let mut out = vec![
                 series("peak (allocator)", "s-peak", r.len(), |i| r[i].peak_bytes as f64),
@@ -189,7 +191,7 @@ fn RunView(plan: Signal<Result<Plan, String>>, agent: Agent) -> impl IntoView {
             (!d.is_empty()).then_some(d)
         }
     };
-    let references = Signal::derive(move || {
+    let references = Memo::new(move |_| {
         let mut out = Vec::new();
         if let Some(e) = state.estimated_peak_bytes.get() {
             out.push(Reference { name: "estimate", class: "estimate", value: e as f64, sets_scale: true });

@@ -20,15 +20,17 @@ use tch::{Device, Kind, Tensor};
 use crate::error::TrainError;
 use crate::ffi;
 
-fn i(v: u64) -> i64 {
+mod ops;
+
+pub(super) fn i(v: u64) -> i64 {
     i64::try_from(v).unwrap_or(i64::MAX)
 }
 
-fn dims(shape: &[u64]) -> Vec<i64> {
+pub(super) fn dims(shape: &[u64]) -> Vec<i64> {
     shape.iter().map(|&d| i(d)).collect()
 }
 
-fn dims_usize(d: &[usize]) -> Vec<i64> {
+pub(super) fn dims_usize(d: &[usize]) -> Vec<i64> {
     d.iter().map(|&v| v as i64).collect()
 }
 
@@ -79,7 +81,12 @@ fn py_slice(len: i64, start: Option<i64>, stop: Option<i64>) -> (i64, i64) {
 /// MONAI's `compute_mask` for a padded volume, window and shift: region ids written into
 /// a zero image slice by slice, the image's window partition, the pairwise difference,
 /// then -100 where it is non-zero and 0 where it is zero. `[nW, N, N]`.
-fn compute_mask(padded: [u64; 3], window: [u64; 3], shift: [u64; 3], device: Device) -> Result<Tensor, tch::TchError> {
+pub(super) fn compute_mask(
+    padded: [u64; 3],
+    window: [u64; 3],
+    shift: [u64; 3],
+    device: Device,
+) -> Result<Tensor, tch::TchError> {
     let p = padded.map(i);
     let w = window.map(i);
     let s = shift.map(i);
@@ -286,231 +293,12 @@ impl Net {
 
     fn run(&self, index: usize, vals: &[Option<Tensor>]) -> Result<Vec<Tensor>, tch::TchError> {
         let node = &self.graph.nodes[index];
-        let arg = |k: usize| -> Result<&Tensor, tch::TchError> {
-            node.inputs
-                .get(k)
-                .and_then(|&v| vals[v].as_ref())
-                .ok_or_else(|| tch::TchError::Shape(format!("node {index} ({}) has no input {k}", node.op.name())))
-        };
-        let opt = |k: usize| -> Result<Option<&Tensor>, tch::TchError> {
-            if k < node.inputs.len() { arg(k).map(Some) } else { Ok(None) }
-        };
         if let Op::Release = node.op {
             // The values it holds go through the caller's last-use rule.
             return Ok(Vec::new());
         }
-        let out_shape = dims(&self.graph.values[node.output()].shape);
-        let one = |t: Tensor| Ok(vec![t]);
-        match &node.op {
-            Op::Param => one(self.params[node.params[0]].shallow_clone()),
-            Op::Release => Ok(Vec::new()),
-            Op::Script => {
-                let script = self
-                    .script
-                    .as_ref()
-                    .ok_or_else(|| tch::TchError::Torch("a TorchScript node without its module".to_owned()))?;
-                let mut m = script.module.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-                if self.training {
-                    m.set_train();
-                } else {
-                    m.set_eval();
-                }
-                let out = m.forward_ts(&[arg(0)?])?;
-                if out.size() != out_shape {
-                    return Err(tch::TchError::Shape(format!(
-                        "the TorchScript module returned {:?}; the plan says [batch, num_classes] = {:?}",
-                        out.size(),
-                        out_shape
-                    )));
-                }
-                one(out)
-            }
-            Op::Linear { bias } => {
-                let b = if *bias { Some(arg(2)?) } else { None };
-                one(arg(0)?.f_linear(arg(1)?, b)?)
-            }
-            // Hugging Face's Conv1D: addmm(bias, x.view(-1, in), W) viewed back.
-            Op::Conv1dHf => {
-                let x = arg(0)?;
-                let d = x.size().last().copied().unwrap_or(1);
-                one(arg(2)?.f_addmm(&x.f_view([-1, d])?, arg(1)?)?.f_view(out_shape.as_slice())?)
-            }
-            // The per-dimension ops (conv2d, conv_transpose3d...), not the generic
-            // `convolution`: autocast has rules for these, as for PyTorch's modules.
-            Op::Conv { nd, stride, padding, groups, bias, .. } => {
-                let b = if *bias { Some(arg(2)?) } else { None };
-                let (s, pd, gr) = (i(*stride), i(*padding), i(*groups));
-                let (x, w) = (arg(0)?, arg(1)?);
-                one(match nd {
-                    1 => x.f_conv1d(w, b, [s], [pd], [1], gr)?,
-                    2 => x.f_conv2d(w, b, [s; 2], [pd; 2], [1; 2], gr)?,
-                    _ => x.f_conv3d(w, b, [s; 3], [pd; 3], [1; 3], gr)?,
-                })
-            }
-            Op::ConvTranspose { nd, stride, padding, output_padding, bias, .. } => {
-                let b = if *bias { Some(arg(2)?) } else { None };
-                let (s, pd, op) = (i(*stride), i(*padding), i(*output_padding));
-                let (x, w) = (arg(0)?, arg(1)?);
-                one(match nd {
-                    1 => x.f_conv_transpose1d(w, b, [s], [pd], [op], 1, [1])?,
-                    2 => x.f_conv_transpose2d(w, b, [s; 2], [pd; 2], [op; 2], 1, [1; 2])?,
-                    _ => x.f_conv_transpose3d(w, b, [s; 3], [pd; 3], [op; 3], 1, [1; 3])?,
-                })
-            }
-            Op::BatchNorm { eps } => {
-                // nn.BatchNorm counts its batches, then calls F.batch_norm (momentum 0.1).
-                if self.training {
-                    tch::no_grad(|| arg(5)?.shallow_clone().f_add_scalar_(1).map(drop))?;
-                }
-                one(Tensor::f_batch_norm(
-                    arg(0)?,
-                    Some(arg(1)?),
-                    Some(arg(2)?),
-                    Some(arg(3)?),
-                    Some(arg(4)?),
-                    self.training,
-                    0.1,
-                    *eps,
-                    true,
-                )?)
-            }
-            Op::InstanceNorm { eps } => one(Tensor::f_instance_norm(
-                arg(0)?,
-                None::<&Tensor>,
-                None::<&Tensor>,
-                None::<&Tensor>,
-                None::<&Tensor>,
-                true,
-                0.1,
-                *eps,
-                true,
-            )?),
-            Op::LayerNorm { eps, affine } => {
-                let x = arg(0)?;
-                let d = x.size().last().copied().unwrap_or(1);
-                one(if *affine {
-                    x.f_layer_norm([d], Some(arg(1)?), Some(arg(2)?), *eps, true)?
-                } else {
-                    x.f_layer_norm([d], None::<&Tensor>, None::<&Tensor>, *eps, true)?
-                })
-            }
-            Op::Prelu => one(arg(0)?.f_prelu(arg(1)?)?),
-            Op::Embedding => one(Tensor::f_embedding(arg(0)?, arg(1)?, -1, false, false)?),
-            Op::MaxPool { nd, kernel, stride, padding } => {
-                let (k, s, pd) = (i(*kernel), i(*stride), i(*padding));
-                let x = arg(0)?;
-                one(match nd {
-                    3 => x.f_max_pool3d([k; 3], [s; 3], [pd; 3], [1; 3], false)?,
-                    1 => x.f_max_pool1d([k], [s], [pd], [1], false)?,
-                    _ => x.f_max_pool2d([k; 2], [s; 2], [pd; 2], [1; 2], false)?,
-                })
-            }
-            Op::Relu { inplace: false } => one(arg(0)?.f_relu()?),
-            Op::Relu { inplace: true } => one(arg(0)?.shallow_clone().f_relu_()?),
-            // Slope 0.01: PyTorch's default and MONAI's choice.
-            Op::LeakyRelu { inplace: false } => one(arg(0)?.f_leaky_relu()?),
-            Op::LeakyRelu { inplace: true } => one(arg(0)?.shallow_clone().f_leaky_relu_()?),
-            Op::Gelu { tanh } => one(arg(0)?.f_gelu(if *tanh { "tanh" } else { "none" })?),
-            Op::Sigmoid => one(arg(0)?.f_sigmoid()?),
-            Op::Tanh => one(arg(0)?.f_tanh()?),
-            Op::Exp => one(arg(0)?.f_exp()?),
-            Op::Add => one(arg(0)?.f_add(arg(1)?)?),
-            Op::Sub => one(arg(0)?.f_sub(arg(1)?)?),
-            Op::Mul => one(arg(0)?.f_mul(arg(1)?)?),
-            Op::Div => one(arg(0)?.f_div(arg(1)?)?),
-            Op::AddInplace => one(arg(0)?.shallow_clone().f_add_(arg(1)?)?),
-            Op::MulScalar { s } => one(arg(0)?.f_mul_scalar(*s)?),
-            Op::AddScalar { s } => one(arg(0)?.f_add_scalar(*s)?),
-            Op::RsubScalar { s } => one(arg(0)?.f_rsub_scalar(*s)?),
-            Op::PowScalar { e } => one(arg(0)?.f_pow_tensor_scalar(*e)?),
-            Op::Mean { dims: d, keepdim } => {
-                let d = dims_usize(d);
-                one(arg(0)?.f_mean_dim(Some(d.as_slice()), *keepdim, None::<Kind>)?)
-            }
-            Op::Sum { dims: d, keepdim } => {
-                let d = dims_usize(d);
-                one(arg(0)?.f_sum_dim_intlist(Some(d.as_slice()), *keepdim, None::<Kind>)?)
-            }
-            Op::VectorNorm => one(arg(0)?.f_norm_scalaropt_dim(2.0, [-1i64].as_slice(), true)?),
-            Op::ClampMin { min } => one(arg(0)?.f_clamp_min(*min)?),
-            Op::Softmax { dim } => one(arg(0)?.f_softmax(*dim as i64, None::<Kind>)?),
-            Op::LogSoftmax { dim } => one(arg(0)?.f_log_softmax(*dim as i64, None::<Kind>)?),
-            Op::Argmax => one(arg(0)?.f_argmax(-1, false)?),
-            Op::View { shape } => one(arg(0)?.f_view(dims(shape).as_slice())?),
-            Op::Reshape { shape } => one(arg(0)?.f_reshape(dims(shape).as_slice())?),
-            Op::Permute { dims: d } => one(arg(0)?.f_permute(dims_usize(d))?),
-            Op::Transpose { d0, d1 } => one(arg(0)?.f_transpose(*d0 as i64, *d1 as i64)?),
-            Op::Unsqueeze { dim } => one(arg(0)?.f_unsqueeze(*dim as i64)?),
-            Op::Squeeze { dim } => one(arg(0)?.f_squeeze_dim(*dim as i64)?),
-            Op::Expand { shape } => one(arg(0)?.f_expand(dims(shape).as_slice(), false)?),
-            Op::Contiguous => one(arg(0)?.f_contiguous()?),
-            // `x.clone()`: a copy laid out like `x`.
-            Op::Clone => {
-                let x = arg(0)?;
-                one(x.f_to_dtype(x.kind(), false, true)?)
-            }
-            Op::Select { dim, index } => one(arg(0)?.f_select(*dim as i64, i(*index))?),
-            Op::Slice { dim, start, len, step } => {
-                let end = start + len.saturating_sub(1) * step + 1;
-                one(arg(0)?.f_slice(*dim as i64, i(*start), i(end), i(*step))?)
-            }
-            Op::Split { dim, size } => Ok(arg(0)?.f_split(i(*size), *dim as i64)?),
-            Op::Cat { dim } => {
-                let xs = (0..node.inputs.len()).map(arg).collect::<Result<Vec<_>, _>>()?;
-                one(Tensor::f_cat(&xs, *dim as i64)?)
-            }
-            Op::Pad { pads } => {
-                // F.pad's list: (before, after) from the last dimension back, up to the
-                // first padded one.
-                let first = pads.iter().position(|&(a, b)| a > 0 || b > 0).unwrap_or(pads.len());
-                let list: Vec<i64> = pads[first..].iter().rev().flat_map(|&(a, b)| [i(a), i(b)]).collect();
-                one(arg(0)?.f_constant_pad_nd(list)?)
-            }
-            Op::Roll { shifts, dims: d } => one(arg(0)?.f_roll(shifts.clone(), dims_usize(d))?),
-            Op::IndexRows => {
-                let x = arg(0)?;
-                let b = x.size()[0];
-                let rows = Tensor::f_arange(b, (Kind::Int64, x.device()))?;
-                one(x.f_index(&[Some(&rows), Some(arg(1)?)])?)
-            }
-            Op::Index => one(arg(0)?.f_index(&[Some(arg(1)?)])?),
-            Op::MatMul => one(arg(0)?.f_matmul(arg(1)?)?),
-            Op::Attention { causal, dropout, scale } => one(Tensor::f_scaled_dot_product_attention(
-                arg(0)?,
-                arg(1)?,
-                arg(2)?,
-                opt(3)?,
-                *dropout,
-                *causal,
-                *scale,
-                false,
-            )?),
-            // F.dropout in training: at::dropout, whose CPU path keeps a float noise tensor.
-            Op::Dropout { p } => one(arg(0)?.f_dropout(*p, self.training)?),
-            Op::ShiftedWindowMask { padded, window, shift } => {
-                one(compute_mask(*padded, *window, *shift, self.device)?.f_view(out_shape.as_slice())?)
-            }
-            Op::ToF32 => one(arg(0)?.f_to_kind(Kind::Float)?),
-            Op::CastLike => one(arg(0)?.f_to_kind(arg(1)?.kind())?),
-            Op::ToI64 => one(arg(0)?.f_to_kind(Kind::Int64)?),
-            Op::NllLoss { ignore_index } => {
-                one(arg(0)?.f_nll_loss_nd(arg(1)?, None::<Tensor>, tch::Reduction::Mean, *ignore_index)?)
-            }
-            Op::BceWithLogits => one(arg(0)?.f_binary_cross_entropy_with_logits(
-                arg(1)?,
-                None::<Tensor>,
-                None::<Tensor>,
-                tch::Reduction::Mean,
-            )?),
-            // MONAI's one_hot: zeros, then scatter_ of ones at labels.long().
-            Op::OneHot { .. } => {
-                let labels = arg(0)?;
-                let mut o = Tensor::f_zeros(out_shape.as_slice(), (Kind::Float, labels.device()))?;
-                let idx = labels.f_to_kind(Kind::Int64)?;
-                let _ = o.f_scatter_value_(1, &idx, 1.0)?;
-                one(o)
-            }
-        }
+        let c = ops::Call { net: self, node, vals, index, out_shape: dims(&self.graph.values[node.output()].shape) };
+        ops::run(&c)
     }
 
     /// Runs nodes `range` into `vals`, dropping each value after its last use (unless

@@ -1,0 +1,38 @@
+//! Element-wise ops, in place where the reference is: activations, scalar arithmetic, casts, dropout, binary ops. One tch call per op, the call its reference makes.
+
+use shared::graph::Op;
+use tch::{Kind, Tensor};
+
+use super::{Call, one};
+
+/// This family's ops (`ops::run` sends no other op here).
+pub(super) fn run(c: &Call<'_>, op: &Op) -> Result<Vec<Tensor>, tch::TchError> {
+    match op {
+        Op::Prelu => one(c.arg(0)?.f_prelu(c.arg(1)?)?),
+        Op::Relu { inplace: false } => one(c.arg(0)?.f_relu()?),
+        Op::Relu { inplace: true } => one(c.arg(0)?.shallow_clone().f_relu_()?),
+        // Slope 0.01: PyTorch's default and MONAI's choice.
+        Op::LeakyRelu { inplace: false } => one(c.arg(0)?.f_leaky_relu()?),
+        Op::LeakyRelu { inplace: true } => one(c.arg(0)?.shallow_clone().f_leaky_relu_()?),
+        Op::Gelu { tanh } => one(c.arg(0)?.f_gelu(if *tanh { "tanh" } else { "none" })?),
+        Op::Sigmoid => one(c.arg(0)?.f_sigmoid()?),
+        Op::Tanh => one(c.arg(0)?.f_tanh()?),
+        Op::Exp => one(c.arg(0)?.f_exp()?),
+        Op::Add => one(c.arg(0)?.f_add(c.arg(1)?)?),
+        Op::Sub => one(c.arg(0)?.f_sub(c.arg(1)?)?),
+        Op::Mul => one(c.arg(0)?.f_mul(c.arg(1)?)?),
+        Op::Div => one(c.arg(0)?.f_div(c.arg(1)?)?),
+        Op::AddInplace => one(c.arg(0)?.shallow_clone().f_add_(c.arg(1)?)?),
+        Op::MulScalar { s } => one(c.arg(0)?.f_mul_scalar(*s)?),
+        Op::AddScalar { s } => one(c.arg(0)?.f_add_scalar(*s)?),
+        Op::RsubScalar { s } => one(c.arg(0)?.f_rsub_scalar(*s)?),
+        Op::PowScalar { e } => one(c.arg(0)?.f_pow_tensor_scalar(*e)?),
+        Op::ClampMin { min } => one(c.arg(0)?.f_clamp_min(*min)?),
+        // F.dropout in training: at::dropout, whose CPU path keeps a float noise tensor.
+        Op::Dropout { p } => one(c.arg(0)?.f_dropout(*p, c.net.training)?),
+        Op::ToF32 => one(c.arg(0)?.f_to_kind(Kind::Float)?),
+        Op::CastLike => one(c.arg(0)?.f_to_kind(c.arg(1)?.kind())?),
+        Op::ToI64 => one(c.arg(0)?.f_to_kind(Kind::Int64)?),
+        _ => Ok(Vec::new()),
+    }
+}
