@@ -43,29 +43,61 @@ pub fn free_memory_bytes(device: &DeviceInfo) -> Option<u64> {
     Some(device.total_memory_bytes.saturating_sub(used))
 }
 
+/// How long a worker probe may take (libtorch loads and asks the CUDA driver).
+const PROBE_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// What this process learned from its first probe: the machine does not change while it
+/// runs, so later commands (a find-batch's every probe run) ask no worker again.
+static PROBED: std::sync::OnceLock<Machine> = std::sync::OnceLock::new();
+
 /// What this machine's trainer can use, asked of a worker process (`headroom worker
-/// --probe`), so that this process never initialises CUDA or libtorch's threads. A probe
-/// that fails leaves the CPU with the threads the operating system reports.
+/// --probe`) once per process, so that this process never initialises CUDA or libtorch's
+/// threads. A probe that fails leaves the CPU with the threads the operating system
+/// reports.
 pub async fn probe_machine(exe: &Path) -> Machine {
+    if let Some(m) = PROBED.get() {
+        return *m;
+    }
     let probe = tokio::process::Command::new(exe).args(["worker", "--probe"]).kill_on_drop(true).output();
-    let report = match tokio::time::timeout(Duration::from_secs(120), probe).await {
+    let report = match tokio::time::timeout(PROBE_TIMEOUT, probe).await {
         Ok(Ok(out)) if out.status.success() => system::job::parse_probe(&String::from_utf8_lossy(&out.stdout)),
         other => {
             tracing::warn!("could not probe this machine ({other:?}); jobs will run on the CPU");
             None
         }
     };
-    report.unwrap_or_else(cpu_only)
+    *PROBED.get_or_init(|| report.unwrap_or_else(cpu_only))
 }
 
-/// [`probe_machine`] for the commands that run without the async runtime.
+/// [`probe_machine`] for the commands that run without the async runtime, under the same
+/// time limit.
 pub fn probe_machine_blocking(exe: &Path) -> Machine {
-    let out = std::process::Command::new(exe).args(["worker", "--probe"]).output();
-    match out {
-        Ok(out) if out.status.success() => system::job::parse_probe(&String::from_utf8_lossy(&out.stdout)),
-        _ => None,
+    if let Some(m) = PROBED.get() {
+        return *m;
     }
-    .unwrap_or_else(cpu_only)
+    let report = (|| {
+        let mut child = std::process::Command::new(exe)
+            .args(["worker", "--probe"])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .ok()?;
+        let deadline = std::time::Instant::now() + PROBE_TIMEOUT;
+        while child.try_wait().ok()?.is_none() {
+            if std::time::Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let out = child.wait_with_output().ok()?;
+        if !out.status.success() {
+            return None;
+        }
+        system::job::parse_probe(&String::from_utf8_lossy(&out.stdout))
+    })();
+    *PROBED.get_or_init(|| report.unwrap_or_else(cpu_only))
 }
 
 fn cpu_only() -> Machine {
@@ -135,6 +167,29 @@ mod tests {
         assert!(free > 0 && free <= cpu.total_memory_bytes, "{free} of {}", cpu.total_memory_bytes);
         let unknown = DeviceInfo { id: "cuda:x".into(), name: "?".into(), total_memory_bytes: 1 };
         assert_eq!(free_memory_bytes(&unknown), None);
+    }
+
+    #[test]
+    fn a_plans_device_resolves_by_the_machines_rule_to_its_estimate_target() {
+        let a100 =
+            DeviceInfo { id: "cuda:0".into(), name: "NVIDIA A100-SXM4-40GB".into(), total_memory_bytes: 40 << 30 };
+        let gpu_box = Machine { cuda_devices: 1, cpu_threads: 8 };
+        let mut plan = Plan::example_cnn();
+        let target = target_for(&mut plan, &gpu_box, std::slice::from_ref(&a100)).expect("auto on a GPU box");
+        assert!(matches!(target, Target::Cuda(g) if g.key == "a100-40gb"), "{target:?}");
+        assert_eq!(plan.device, shared::plan::DeviceChoice::Cuda(0));
+        // A driver libtorch cannot use: NVML lists the GPU, auto is still the CPU.
+        let mut plan = Plan::example_cnn();
+        let no_cuda = Machine { cuda_devices: 0, cpu_threads: 8 };
+        assert!(matches!(target_for(&mut plan, &no_cuda, std::slice::from_ref(&a100)), Ok(Target::Cpu)));
+        assert_eq!(plan.device, shared::plan::DeviceChoice::Cpu);
+        let mut plan = Plan { device: shared::plan::DeviceChoice::Cuda(1), ..Plan::example_cnn() };
+        let e = target_for(&mut plan, &gpu_box, &[a100]).expect_err("one GPU");
+        assert!(e.to_string().contains("cuda:1 requested but 1 CUDA devices are visible"), "{e}");
+        // libtorch sees a GPU that NVML does not list: its memory is unknown.
+        let mut plan = Plan::example_cnn();
+        let e = target_for(&mut plan, &gpu_box, &[]).expect_err("no NVML");
+        assert!(e.to_string().contains("NVML does not list"), "{e}");
     }
 
     #[test]

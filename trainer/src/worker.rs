@@ -70,7 +70,7 @@ pub fn run(job: JobId, files: JobFiles) -> anyhow::Result<()> {
     };
     drop(stdin);
     // Count every CPU tensor from here on, and enforce the plan's limit on the CPU.
-    let on_cpu = matches!(training::machine().runs_on(plan.device), Ok(shared::machine::RunsOn::Cpu));
+    let on_cpu = matches!(training::runs_on(plan.device), Ok(shared::machine::RunsOn::Cpu));
     let cpu_budget = if on_cpu { plan.memory_limit_bytes } else { None };
     memory::install_cpu_counter(cpu_budget);
 

@@ -42,18 +42,30 @@ pub trait Report {
 }
 
 /// This machine as libtorch sees it from this process: what `worker --probe` reports to
-/// the agent, so that the agent and the worker resolve a plan alike.
+/// the agent, so that the agent and the worker resolve a plan alike. It asks the CUDA
+/// driver: a job bound for the CPU never calls it (see [`runs_on`]).
 pub fn machine() -> Machine {
     let cuda_devices = if tch::Cuda::is_available() { tch::Cuda::device_count() } else { 0 };
-    Machine {
-        cuda_devices: u32::try_from(cuda_devices).unwrap_or(0),
-        cpu_threads: u64::try_from(tch::get_num_threads()).unwrap_or(1).max(1),
+    Machine { cuda_devices: u32::try_from(cuda_devices).unwrap_or(0), cpu_threads: cpu_threads() }
+}
+
+/// libtorch's CPU thread count in this process (`torch.get_num_threads()`).
+fn cpu_threads() -> u64 {
+    u64::try_from(tch::get_num_threads()).unwrap_or(1).max(1)
+}
+
+/// Where `choice` runs, by the one rule; `cpu` without touching CUDA, so that a CPU job
+/// never loads the driver (its host memory is measured).
+pub fn runs_on(choice: DeviceChoice) -> Result<RunsOn, shared::machine::NoSuchDevice> {
+    match choice {
+        DeviceChoice::Cpu => Ok(RunsOn::Cpu),
+        other => machine().runs_on(other),
     }
 }
 
-/// Resolves the plan's device choice to what this process can use, by the one rule.
+/// Resolves the plan's device choice to what this process can use.
 fn resolve_device(choice: DeviceChoice) -> Result<(Device, Meter), TrainError> {
-    match machine().runs_on(choice).map_err(|e| TrainError::Device(e.to_string()))? {
+    match runs_on(choice).map_err(|e| TrainError::Device(e.to_string()))? {
         RunsOn::Cpu => Ok((Device::Cpu, Meter::Cpu)),
         RunsOn::Cuda(i) => Ok((Device::Cuda(i as usize), Meter::Cuda(i32::try_from(i).unwrap_or(i32::MAX)))),
     }
@@ -163,11 +175,11 @@ pub struct Trainer<'a> {
     /// The leak demonstration's keepsakes (`retain_bytes_per_step`).
     retained: Vec<Tensor>,
     loader: Option<data::Loader>,
+    opt: ffi::Optim,
     /// The validation model: the same weights, in eval mode, at its own micro-batch.
     val_net: Option<Box<Net>>,
     /// Boxed: a checkpointed region's autograd Function holds its address.
     net: Box<Net>,
-    opt: ffi::Optim,
     /// A TorchScript model's module, shared by every `Net` of the job.
     script: Option<model::Script>,
 
@@ -261,9 +273,9 @@ impl<'a> Trainer<'a> {
             Meter::Cuda(i) => u32::try_from(i).ok(),
             Meter::Cpu => None,
         };
-        let capacity = plan
-            .memory_limit_bytes
-            .or_else(|| nvml_index.and_then(|i| system::nvml::devices().get(i as usize).map(|d| d.1)));
+        // The caps against the GPU's own memory, or the plan's limit (on the CPU).
+        let gpu_bytes = nvml_index.and_then(|i| system::nvml::devices().get(i as usize).map(|d| d.1));
+        let capacity = gpu_bytes.map(|t| plan.memory_cap(t).unwrap_or(t)).or(plan.memory_limit_bytes);
         let mut scaler = (plan.precision == Precision::Fp16)
             .then(|| LossScaler::new(plan.loss_scale, plan.loss_scale_growth_interval));
         let mut counters = Counters::default();
@@ -376,8 +388,10 @@ impl<'a> Trainer<'a> {
         if device != Device::Cpu || !(has_files || plan.host.workers > 0) {
             return 0;
         }
+        // Only the threads matter here; the machine's CUDA devices are not asked.
+        let here = Machine { cuda_devices: 0, cpu_threads: cpu_threads() };
         shared::estimate::estimate_graph(
-            &machine().as_run_here(plan),
+            &here.as_run_here(plan),
             graph,
             shared::estimate::Target::Cpu,
             shared::estimate::Options::default(),

@@ -3,7 +3,7 @@
 use shared::graph::Op;
 use tch::Tensor;
 
-use super::{Call, compute_mask, one};
+use super::{Call, compute_mask, not_in_family, one};
 
 /// This family's ops (`ops::run` sends no other op here).
 pub(super) fn run(c: &Call<'_>, op: &Op) -> Result<Vec<Tensor>, tch::TchError> {
@@ -21,6 +21,6 @@ pub(super) fn run(c: &Call<'_>, op: &Op) -> Result<Vec<Tensor>, tch::TchError> {
         Op::ShiftedWindowMask { padded, window, shift } => {
             one(compute_mask(*padded, *window, *shift, c.net.device)?.f_view(c.out_shape.as_slice())?)
         }
-        _ => Ok(Vec::new()),
+        other => Err(not_in_family(other)),
     }
 }

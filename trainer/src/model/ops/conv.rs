@@ -3,7 +3,7 @@
 use shared::graph::Op;
 use tch::Tensor;
 
-use super::{Call, i, one};
+use super::{Call, i, not_in_family, one};
 
 /// This family's ops (`ops::run` sends no other op here).
 pub(super) fn run(c: &Call<'_>, op: &Op) -> Result<Vec<Tensor>, tch::TchError> {
@@ -30,6 +30,6 @@ pub(super) fn run(c: &Call<'_>, op: &Op) -> Result<Vec<Tensor>, tch::TchError> {
                 _ => x.f_conv_transpose3d(w, b, [s; 3], [pd; 3], [op; 3], 1, [1; 3])?,
             })
         }
-        _ => Ok(Vec::new()),
+        other => Err(not_in_family(other)),
     }
 }

@@ -3,7 +3,7 @@
 use shared::graph::Op;
 use tch::{Kind, Tensor};
 
-use super::{Call, i, one};
+use super::{Call, i, not_in_family, one};
 
 /// This family's ops (`ops::run` sends no other op here).
 pub(super) fn run(c: &Call<'_>, op: &Op) -> Result<Vec<Tensor>, tch::TchError> {
@@ -33,6 +33,6 @@ pub(super) fn run(c: &Call<'_>, op: &Op) -> Result<Vec<Tensor>, tch::TchError> {
             let _ = o.f_scatter_value_(1, &idx, 1.0)?;
             one(o)
         }
-        _ => Ok(Vec::new()),
+        other => Err(not_in_family(other)),
     }
 }

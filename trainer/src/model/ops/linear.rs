@@ -3,7 +3,7 @@
 use shared::graph::Op;
 use tch::Tensor;
 
-use super::{Call, one};
+use super::{Call, not_in_family, one};
 
 /// This family's ops (`ops::run` sends no other op here).
 pub(super) fn run(c: &Call<'_>, op: &Op) -> Result<Vec<Tensor>, tch::TchError> {
@@ -19,6 +19,6 @@ pub(super) fn run(c: &Call<'_>, op: &Op) -> Result<Vec<Tensor>, tch::TchError> {
             one(c.arg(2)?.f_addmm(&x.f_view([-1, d])?, c.arg(1)?)?.f_view(c.out_shape.as_slice())?)
         }
         Op::MatMul => one(c.arg(0)?.f_matmul(c.arg(1)?)?),
-        _ => Ok(Vec::new()),
+        other => Err(not_in_family(other)),
     }
 }

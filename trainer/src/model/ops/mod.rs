@@ -42,6 +42,12 @@ impl Call<'_> {
     }
 }
 
+/// An op sent to a family that has no call for it: `Op::family` and the family's match
+/// disagree, a mistake reported rather than run as nothing.
+pub(super) fn not_in_family(op: &shared::graph::Op) -> tch::TchError {
+    tch::TchError::Torch(format!("internal: {} is not in its family's module (Op::family)", op.name()))
+}
+
 /// A node's one output.
 pub(super) fn one(t: Tensor) -> Result<Vec<Tensor>, tch::TchError> {
     Ok(vec![t])

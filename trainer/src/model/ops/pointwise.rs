@@ -3,7 +3,7 @@
 use shared::graph::Op;
 use tch::{Kind, Tensor};
 
-use super::{Call, one};
+use super::{Call, not_in_family, one};
 
 /// This family's ops (`ops::run` sends no other op here).
 pub(super) fn run(c: &Call<'_>, op: &Op) -> Result<Vec<Tensor>, tch::TchError> {
@@ -33,6 +33,6 @@ pub(super) fn run(c: &Call<'_>, op: &Op) -> Result<Vec<Tensor>, tch::TchError> {
         Op::ToF32 => one(c.arg(0)?.f_to_kind(Kind::Float)?),
         Op::CastLike => one(c.arg(0)?.f_to_kind(c.arg(1)?.kind())?),
         Op::ToI64 => one(c.arg(0)?.f_to_kind(Kind::Int64)?),
-        _ => Ok(Vec::new()),
+        other => Err(not_in_family(other)),
     }
 }

@@ -3,7 +3,7 @@
 use shared::graph::Op;
 use tch::{Kind, Tensor};
 
-use super::{Call, dims_usize, one};
+use super::{Call, dims_usize, not_in_family, one};
 
 /// This family's ops (`ops::run` sends no other op here).
 pub(super) fn run(c: &Call<'_>, op: &Op) -> Result<Vec<Tensor>, tch::TchError> {
@@ -20,6 +20,6 @@ pub(super) fn run(c: &Call<'_>, op: &Op) -> Result<Vec<Tensor>, tch::TchError> {
         Op::Softmax { dim } => one(c.arg(0)?.f_softmax(*dim as i64, None::<Kind>)?),
         Op::LogSoftmax { dim } => one(c.arg(0)?.f_log_softmax(*dim as i64, None::<Kind>)?),
         Op::Argmax => one(c.arg(0)?.f_argmax(-1, false)?),
-        _ => Ok(Vec::new()),
+        other => Err(not_in_family(other)),
     }
 }

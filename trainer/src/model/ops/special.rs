@@ -3,7 +3,7 @@
 use shared::graph::Op;
 use tch::Tensor;
 
-use super::{Call, one};
+use super::{Call, not_in_family, one};
 
 /// This family's ops (`ops::run` sends no other op here).
 pub(super) fn run(c: &Call<'_>, op: &Op) -> Result<Vec<Tensor>, tch::TchError> {
@@ -32,6 +32,6 @@ pub(super) fn run(c: &Call<'_>, op: &Op) -> Result<Vec<Tensor>, tch::TchError> {
             }
             one(out)
         }
-        _ => Ok(Vec::new()),
+        other => Err(not_in_family(other)),
     }
 }

@@ -3,7 +3,7 @@
 use shared::graph::Op;
 use tch::Tensor;
 
-use super::{Call, dims, dims_usize, i, one};
+use super::{Call, dims, dims_usize, i, not_in_family, one};
 
 /// This family's ops (`ops::run` sends no other op here).
 pub(super) fn run(c: &Call<'_>, op: &Op) -> Result<Vec<Tensor>, tch::TchError> {
@@ -39,6 +39,6 @@ pub(super) fn run(c: &Call<'_>, op: &Op) -> Result<Vec<Tensor>, tch::TchError> {
             one(c.arg(0)?.f_constant_pad_nd(list)?)
         }
         Op::Roll { shifts, dims: d } => one(c.arg(0)?.f_roll(shifts.clone(), dims_usize(d))?),
-        _ => Ok(Vec::new()),
+        other => Err(not_in_family(other)),
     }
 }
