@@ -12,13 +12,14 @@
 
 use leptos::prelude::*;
 use shared::codec;
+use shared::plan::Plan;
 use shared::protocol::{ErrorCode, JobError, JobEvent, JobId, Message, Record};
 use wasm_bindgen::JsCast;
 use wasm_bindgen::closure::Closure;
 use web_sys::{BinaryType, CloseEvent, MessageEvent, WebSocket};
 
 use crate::fleet::AgentAddress;
-use crate::state::{AgentState, Connection, HISTORY_PAGE, JobState, MAX_RECORDS, RunWant};
+use crate::state::{AgentState, Compared, Connection, HISTORY_PAGE, JobState, MAX_RECORDS, RunWant};
 
 /// Failed reconnects (1 + 2 + 4 s of waiting) after which a submission the agent has not
 /// answered stops waiting: the page says it may have been queued, and Run is free again.
@@ -75,6 +76,67 @@ impl AgentSocket {
         });
     }
 
+    /// Submits `plan` as a new run with a fresh key, kept (in local storage too) until
+    /// the agent answers; the session will follow the new run, so a comparison still
+    /// being fetched ends.
+    pub fn submit(&self, label: &str, state: AgentState, plan: Plan) -> Result<(), String> {
+        state.planned_steps.set(plan.total_steps());
+        if state.compare.with_untracked(|c| c.as_ref().is_some_and(|c| !c.done)) {
+            state.compare.set(None);
+        }
+        let key = submission_key()?;
+        self.send(&Message::Submit { plan: plan.clone(), force: false, key: Some(key) })?;
+        remember_submission(label, Some((&plan, key)));
+        state.job.set(JobState::Submitted { plan: Box::new(plan), key });
+        Ok(())
+    }
+
+    /// Asks the agent to cancel the watched run, if one is live.
+    pub fn cancel(&self, state: AgentState) -> Result<(), String> {
+        match state.live_job() {
+            Some(job) => self.send(&Message::Cancel { job }),
+            None => Ok(()),
+        }
+    }
+
+    /// Watches run `job` (its plan and estimate first, then its records).
+    pub fn watch(&self, state: AgentState, job: JobId) {
+        state.pending.set(Some(RunWant::Watch(job)));
+        let _ = self.send(&Message::GetRun { job });
+    }
+
+    /// Opens run `job`'s plan in the form.
+    pub fn open_plan(&self, state: AgentState, job: JobId) {
+        state.pending.set(Some(RunWant::OpenPlan(job)));
+        let _ = self.send(&Message::GetRun { job });
+    }
+
+    /// Compares the watched run with ended run `job` (`name`, `records_total` records):
+    /// its records are read from the start.
+    pub fn compare(&self, state: AgentState, job: JobId, name: String, records_total: u64) {
+        state.compare.set(Some(Compared {
+            job,
+            name,
+            records: Vec::new(),
+            last_seq: 0,
+            records_total,
+            summary: None,
+            error: None,
+            done: false,
+        }));
+        let _ = self.send(&Message::Attach { job, after: 0 });
+    }
+
+    /// Stops comparing; one stopped before its records were all in leaves the session on
+    /// that run, so the watched one is followed again.
+    pub fn stop_comparing(&self, state: AgentState) {
+        let unfinished = state.compare.with_untracked(|c| c.as_ref().is_some_and(|c| !c.done));
+        state.compare.set(None);
+        if unfinished {
+            reattach(state, *self);
+        }
+    }
+
     /// Asks for the agent's devices and queue and the newest page of its runs (as many
     /// as the history already shows).
     pub fn poll(&self, state: AgentState) {
@@ -85,6 +147,18 @@ impl AgentSocket {
             let _ = self.send(&Message::ListRuns { before: None, limit: shown.max(HISTORY_PAGE) });
         }
     }
+}
+
+/// A fresh key for one submission (`Submit::key`): 64 random bits from the browser's
+/// CSPRNG, so two submissions, from this page or any other, never share one.
+fn submission_key() -> Result<u64, String> {
+    let crypto = web_sys::window()
+        .ok_or("no window")?
+        .crypto()
+        .map_err(|e| format!("this browser has no crypto.getRandomValues: {e:?}"))?;
+    let mut bytes = [0u8; 8];
+    crypto.get_random_values_with_u8_array(&mut bytes).map_err(|e| format!("crypto.getRandomValues: {e:?}"))?;
+    Ok(u64::from_le_bytes(bytes))
 }
 
 /// The token the agent printed in the page's URL (`?token=...`).

@@ -6,7 +6,7 @@ use shared::Bytes;
 use shared::protocol::{Message, RunInfo, RunState};
 
 use crate::agents::{Agent, Fleet};
-use crate::state::{AgentState, Compared, HISTORY_PAGE, JobState, RunWant};
+use crate::state::{AgentState, HISTORY_PAGE, JobState};
 
 fn when(unix_ms: u64) -> String {
     let date = js_sys::Date::new(&wasm_bindgen::JsValue::from_f64(unix_ms as f64));
@@ -36,27 +36,9 @@ fn row(agent: Agent, run: RunInfo) -> impl IntoView {
     };
     let can_compare = ended(run.state);
     let records_total = run.records;
-    let watch = move |_| {
-        state.pending.set(Some(RunWant::Watch(job)));
-        let _ = socket.send(&Message::GetRun { job });
-    };
-    let compare = move |_| {
-        state.compare.set(Some(Compared {
-            job,
-            name: name.clone(),
-            records: Vec::new(),
-            last_seq: 0,
-            records_total,
-            summary: None,
-            error: None,
-            done: false,
-        }));
-        let _ = socket.send(&Message::Attach { job, after: 0 });
-    };
-    let open = move |_| {
-        state.pending.set(Some(RunWant::OpenPlan(job)));
-        let _ = socket.send(&Message::GetRun { job });
-    };
+    let watch = move |_| socket.watch(state, job);
+    let compare = move |_| socket.compare(state, job, name.clone(), records_total);
+    let open = move |_| socket.open_plan(state, job);
     view! {
         <tr data-testid=format!("run-{job}") class:watched=move || watched(state) == Some(job)>
             <td class="num">{job}</td>

@@ -6,7 +6,7 @@
 use leptos::prelude::*;
 use shared::Bytes;
 use shared::plan::Plan;
-use shared::protocol::{BatchRecord, Message, Summary};
+use shared::protocol::{BatchRecord, Summary};
 
 use super::chart::{LineChart, Reference, series};
 use crate::agents::{Agent, Fleet};
@@ -14,18 +14,6 @@ use crate::state::{Compared, Connection, JobState};
 
 /// Events the list shows (the newest).
 const EVENTS_SHOWN: usize = 20;
-
-/// A fresh key for one submission (`Submit::key`): 64 random bits from the browser's
-/// CSPRNG, so two submissions, from this page or any other, never share one.
-fn submission_key() -> Result<u64, String> {
-    let crypto = web_sys::window()
-        .ok_or("no window")?
-        .crypto()
-        .map_err(|e| format!("this browser has no crypto.getRandomValues: {e:?}"))?;
-    let mut bytes = [0u8; 8];
-    crypto.get_random_values_with_u8_array(&mut bytes).map_err(|e| format!("crypto.getRandomValues: {e:?}"))?;
-    Ok(u64::from_le_bytes(bytes))
-}
 
 fn fmt_bytes(v: f64) -> String {
     Bytes(v.max(0.0) as u64).to_string()
@@ -113,31 +101,10 @@ fn RunView(plan: Signal<Result<Plan, String>>, agent: Agent) -> impl IntoView {
             send_error.set(Some(e.to_string()));
             return;
         }
-        state.planned_steps.set(plan.total_steps());
-        // The session will follow the new run: a comparison still being fetched ends.
-        if state.compare.with_untracked(|c| c.as_ref().is_some_and(|c| !c.done)) {
-            state.compare.set(None);
-        }
-        let key = match submission_key() {
-            Ok(k) => k,
-            Err(e) => {
-                send_error.set(Some(e));
-                return;
-            }
-        };
-        match socket.send(&Message::Submit { plan: plan.clone(), force: false, key: Some(key) }) {
-            Ok(()) => {
-                send_error.set(None);
-                crate::socket::remember_submission(&submit_label, Some((&plan, key)));
-                state.job.set(JobState::Submitted { plan: Box::new(plan), key });
-            }
-            Err(e) => send_error.set(Some(e)),
-        }
+        send_error.set(socket.submit(&submit_label, state, plan).err());
     };
     let cancel = move |_| {
-        if let Some(job) = state.live_job()
-            && let Err(e) = socket.send(&Message::Cancel { job })
-        {
+        if let Err(e) = socket.cancel(state) {
             send_error.set(Some(e));
         }
     };
@@ -296,15 +263,7 @@ fn RunView(plan: Signal<Result<Plan, String>>, agent: Agent) -> impl IntoView {
             </table>
         })
     };
-    // A comparison stopped before its records are all in leaves the session on that
-    // run: follow the watched one again.
-    let stop_compare = move |_| {
-        let unfinished = compare.with_untracked(|c| c.as_ref().is_some_and(|c| !c.done));
-        compare.set(None);
-        if unfinished {
-            crate::socket::reattach(state, socket);
-        }
-    };
+    let stop_compare = move |_| socket.stop_comparing(state);
     let comparison = move || {
         let c: Compared = compare.get()?;
         let own_name =
