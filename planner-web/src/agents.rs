@@ -5,9 +5,9 @@
 use leptos::prelude::*;
 use shared::plan::Plan;
 
-use crate::fleet::{self, AgentAddress};
 use crate::socket::{self, AgentSocket};
 use crate::state::AgentState;
+use shared::fleet::{self, AgentAddress};
 
 /// How often the page asks each agent for its devices, queue and newest runs.
 pub const POLL_MS: i32 = 5_000;

@@ -5,7 +5,6 @@
 
 pub mod agents;
 pub mod components;
-pub mod fleet;
 pub mod socket;
 pub mod state;
 pub mod util;

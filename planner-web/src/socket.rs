@@ -18,8 +18,8 @@ use wasm_bindgen::JsCast;
 use wasm_bindgen::closure::Closure;
 use web_sys::{BinaryType, CloseEvent, MessageEvent, WebSocket};
 
-use crate::fleet::AgentAddress;
 use crate::state::{AgentState, Compared, Connection, HISTORY_PAGE, JobState, MAX_RECORDS, RunWant};
+use shared::fleet::AgentAddress;
 
 /// Failed reconnects (1 + 2 + 4 s of waiting) after which a submission the agent has not
 /// answered stops waiting: the page says it may have been queued, and Run is free again.

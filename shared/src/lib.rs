@@ -5,9 +5,12 @@
 //! web-sys, so that the planner computes exactly what the agent computes.
 
 pub mod advise;
+pub mod chart;
 pub mod codec;
 pub mod estimate;
 pub mod export;
+pub mod fleet;
+pub mod form;
 pub mod gpus;
 pub mod graph;
 pub mod leak;

@@ -2,6 +2,7 @@
 //! dashed reference lines (the estimate, the device's capacity).
 
 use leptos::prelude::*;
+use shared::chart::thin;
 
 /// Points drawn per series; longer series are thinned evenly (the data stays whole).
 pub const MAX_CHART_POINTS: usize = 1_000;
@@ -38,17 +39,6 @@ pub struct Reference {
 /// update costs O(MAX_CHART_POINTS) however long the run.
 pub fn series(name: &'static str, class: &'static str, n: usize, value: impl Fn(usize) -> f64) -> Series {
     Series { name, class, points: thin(n, MAX_CHART_POINTS).into_iter().map(|i| (i, value(i))).collect() }
-}
-
-/// Indices of at most `max` points spread evenly over `n`, always keeping the last.
-pub fn thin(n: usize, max: usize) -> Vec<usize> {
-    if n <= max {
-        return (0..n).collect();
-    }
-    if max < 2 {
-        return vec![n - 1];
-    }
-    (0..max).map(|k| k * (n - 1) / (max - 1)).collect()
 }
 
 fn polyline(points: &[(usize, f64)], n: usize, y_max: f64) -> String {
@@ -130,20 +120,5 @@ pub fn LineChart(
                 {move || series.get().into_iter().map(|s| view! { <span class=format!("key {}", s.class)>{s.name}</span> }).collect_view()}
             </div>
         </figure>
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn thinning_keeps_the_ends_and_the_limit() {
-        assert_eq!(thin(3, 10), vec![0, 1, 2]);
-        let t = thin(100_000, MAX_CHART_POINTS);
-        assert_eq!(t.len(), MAX_CHART_POINTS);
-        assert_eq!((t[0], t[t.len() - 1]), (0, 99_999));
-        assert!(t.windows(2).all(|w| w[0] < w[1]));
-        assert_eq!(thin(5, 1), vec![4]);
     }
 }

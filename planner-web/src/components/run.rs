@@ -218,7 +218,7 @@ fn RunView(plan: Signal<Result<Plan, String>>, agent: Agent) -> impl IntoView {
             return Some(format!("step {step}"));
         }
         let pct = 100.0 * step as f64 / planned as f64;
-        let eta = crate::fleet::eta_seconds(&pace, planned)
+        let eta = shared::fleet::eta_seconds(&pace, planned)
             .map(|s| format!(" · about {} left", fmt_duration(s)))
             .unwrap_or_default();
         Some(format!("step {step} of {planned} ({pct:.0} %){eta}"))

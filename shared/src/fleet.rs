@@ -1,7 +1,7 @@
-//! The agents a page talks to: the one that served it (its token is in the page's
-//! address) and the ones the user adds by address and token. Added agents are
-//! remembered in the browser's local storage, never in share links. Pure functions, so
-//! the rules are tested natively.
+//! The planner's rules for the agents a page talks to: the one that served it (its token
+//! is in the page's address) and the ones the user adds by address and token, remembered
+//! in the browser's local storage, never in share links. Pure, so they are tested here
+//! without a browser or Leptos.
 
 /// The most agents one page keeps (each holds a WebSocket open).
 pub const MAX_AGENTS: usize = 16;
