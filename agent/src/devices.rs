@@ -58,19 +58,18 @@ pub async fn probe_machine(exe: &Path) -> Machine {
     if let Some(m) = PROBED.get() {
         return *m;
     }
-    let probe = tokio::process::Command::new(exe).args(["worker", "--probe"]).kill_on_drop(true).output();
-    let report = match tokio::time::timeout(PROBE_TIMEOUT, probe).await {
-        Ok(Ok(out)) if out.status.success() => system::job::parse_probe(&String::from_utf8_lossy(&out.stdout)),
-        other => {
-            tracing::warn!("could not probe this machine ({other:?}); jobs will run on the CPU");
-            None
+    let exe = exe.to_owned();
+    match tokio::task::spawn_blocking(move || probe_machine_blocking(&exe)).await {
+        Ok(m) => m,
+        Err(e) => {
+            tracing::warn!("could not probe this machine ({e}); jobs will run on the CPU");
+            *PROBED.get_or_init(cpu_only)
         }
-    };
-    *PROBED.get_or_init(|| report.unwrap_or_else(cpu_only))
+    }
 }
 
-/// [`probe_machine`] for the commands that run without the async runtime, under the same
-/// time limit.
+/// [`probe_machine`] for the commands that run without the async runtime (and its one
+/// implementation): the probe's report within [`PROBE_TIMEOUT`], else the CPU.
 pub fn probe_machine_blocking(exe: &Path) -> Machine {
     if let Some(m) = PROBED.get() {
         return *m;
@@ -81,23 +80,28 @@ pub fn probe_machine_blocking(exe: &Path) -> Machine {
             .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::null())
             .spawn()
-            .ok()?;
+            .map_err(|e| format!("could not start it: {e}"))?;
         let deadline = std::time::Instant::now() + PROBE_TIMEOUT;
-        while child.try_wait().ok()?.is_none() {
+        while child.try_wait().map_err(|e| e.to_string())?.is_none() {
             if std::time::Instant::now() > deadline {
                 let _ = child.kill();
                 let _ = child.wait();
-                return None;
+                return Err(format!("no answer in {PROBE_TIMEOUT:?}"));
             }
             std::thread::sleep(Duration::from_millis(10));
         }
-        let out = child.wait_with_output().ok()?;
+        let out = child.wait_with_output().map_err(|e| e.to_string())?;
         if !out.status.success() {
-            return None;
+            return Err(format!("it ended with {}", out.status));
         }
-        system::job::parse_probe(&String::from_utf8_lossy(&out.stdout))
+        let text = String::from_utf8_lossy(&out.stdout);
+        system::job::parse_probe(&text).ok_or_else(|| format!("it said {:?}", text.trim()))
     })();
-    *PROBED.get_or_init(|| report.unwrap_or_else(cpu_only))
+    let machine = report.unwrap_or_else(|e| {
+        tracing::warn!("could not probe this machine ({e}); jobs will run on the CPU");
+        cpu_only()
+    });
+    *PROBED.get_or_init(|| machine)
 }
 
 fn cpu_only() -> Machine {
