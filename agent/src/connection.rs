@@ -4,7 +4,7 @@ use crate::stream::BoxIo;
 use futures_util::stream::{SplitSink, SplitStream};
 use futures_util::{SinkExt, StreamExt};
 use shared::codec::{self, CodecError};
-use shared::protocol::Message;
+use shared::protocol::{ToAgent, ToClient};
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::{self, protocol::CloseFrame, protocol::frame::coding::CloseCode};
 
@@ -27,6 +27,7 @@ impl ReadError {
             ReadError::Codec(CodecError::TooLarge { .. }) => CloseCode::Size,
             ReadError::Codec(CodecError::UnsupportedVersion { .. }) => CloseCode::Protocol,
             ReadError::Codec(CodecError::Malformed { .. }) => CloseCode::Invalid,
+            ReadError::Codec(CodecError::WrongDirection { .. }) => CloseCode::Protocol,
             ReadError::Text => CloseCode::Unsupported,
             ReadError::Transport(tungstenite::Error::Capacity(_)) => CloseCode::Size,
             ReadError::Transport(_) => CloseCode::Protocol,
@@ -60,7 +61,7 @@ impl Connection {
     }
 
     /// The next message; `Ok(None)` when the peer closed cleanly. Cancel-safe.
-    pub async fn read(&mut self) -> Result<Option<Message>, ReadError> {
+    pub async fn read(&mut self) -> Result<Option<ToAgent>, ReadError> {
         loop {
             let Some(frame) = self.stream.next().await else {
                 return Ok(None);
@@ -82,13 +83,13 @@ impl Connection {
         }
     }
 
-    pub async fn write(&mut self, message: &Message) -> Result<(), tungstenite::Error> {
+    pub async fn write(&mut self, message: &ToClient) -> Result<(), tungstenite::Error> {
         self.feed(message).await?;
         self.flush().await
     }
 
     /// Queues a message; [`Connection::flush`] sends what is queued.
-    pub async fn feed(&mut self, message: &Message) -> Result<(), tungstenite::Error> {
+    pub async fn feed(&mut self, message: &ToClient) -> Result<(), tungstenite::Error> {
         let bytes = codec::encode(message).map_err(|e| tungstenite::Error::Io(std::io::Error::other(e)))?;
         self.sink.feed(tungstenite::Message::Binary(bytes.into())).await
     }

@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use shared::plan::Plan;
-use shared::protocol::{ErrorCode, JobError, JobId, Message};
+use shared::protocol::{ErrorCode, JobError, JobId, Record, ToWorker};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::Command;
 use tokio::sync::{Semaphore, mpsc};
@@ -48,10 +48,9 @@ pub struct JobRunner {
 /// A job in flight, as its owner sees it.
 #[derive(Debug)]
 pub struct RunningJob {
-    pub id: JobId,
     /// `Batch` records, then exactly one `Finished` or `Failed`.
-    pub events: mpsc::Receiver<Message>,
-    control: mpsc::Sender<Message>,
+    pub events: mpsc::Receiver<Record>,
+    control: mpsc::Sender<ToWorker>,
     kill: Arc<tokio::sync::Notify>,
 }
 
@@ -59,7 +58,7 @@ impl RunningJob {
     /// Asks the worker to stop at its next micro-batch; it answers with `Failed{Cancelled}`.
     /// Never waits: repeated requests beyond the pipe's small buffer are redundant.
     pub fn cancel(&self) {
-        let _ = self.control.try_send(Message::Cancel { job: self.id });
+        let _ = self.control.try_send(ToWorker::Cancel);
     }
 
     /// Kills the worker; the job ends as a crash.
@@ -94,14 +93,14 @@ impl JobRunner {
         else {
             return Err(StartError::Spawn(std::io::Error::other("worker pipes missing")));
         };
-        let (control_tx, control_rx) = mpsc::channel::<Message>(8);
+        let (control_tx, control_rx) = mpsc::channel::<ToWorker>(8);
         let kill = Arc::new(tokio::sync::Notify::new());
-        let (events_tx, events_rx) = mpsc::channel::<Message>(EVENT_BUFFER);
+        let (events_tx, events_rx) = mpsc::channel::<Record>(EVENT_BUFFER);
         tokio::spawn(feed(stdin, plan, control_rx));
         let stderr_tail = tokio::spawn(stderr_tail(id, stderr));
         let watch = Watch { id, estimated_peak_bytes, child, kill: Arc::clone(&kill), events: events_tx };
         tokio::spawn(watch.run(stdout, stderr_tail, permit));
-        Ok(RunningJob { id, events: events_rx, control: control_tx, kill })
+        Ok(RunningJob { events: events_rx, control: control_tx, kill })
     }
 }
 impl JobRunner {
@@ -140,8 +139,8 @@ impl JobRunner {
 
 /// The worker's stdin: the plan, then control messages; closing it tells the worker to
 /// stop.
-async fn feed(mut stdin: tokio::process::ChildStdin, plan: Plan, mut control: mpsc::Receiver<Message>) {
-    if pipe::write(&mut stdin, &Message::Submit { plan, force: false, key: None }).await.is_err() {
+async fn feed(mut stdin: tokio::process::ChildStdin, plan: Plan, mut control: mpsc::Receiver<ToWorker>) {
+    if pipe::write(&mut stdin, &ToWorker::Start { plan }).await.is_err() {
         return;
     }
     while let Some(message) = control.recv().await {
@@ -181,7 +180,7 @@ struct Watch {
     estimated_peak_bytes: u64,
     child: tokio::process::Child,
     kill: Arc<tokio::sync::Notify>,
-    events: mpsc::Sender<Message>,
+    events: mpsc::Sender<Record>,
 }
 
 impl Watch {
@@ -195,7 +194,7 @@ impl Watch {
         let mut dropped = 0u64;
         // Held back until the worker has exited and its slot is free, so that a client
         // may submit again as soon as it sees the end of its job.
-        let mut terminal: Option<Message> = None;
+        let mut terminal: Option<Record> = None;
         // Set once: a worker that keeps talking after its end cannot stretch it.
         let mut abandon_at: Option<tokio::time::Instant> = None;
         loop {
@@ -203,7 +202,7 @@ impl Watch {
                 // Nobody listens any more, or the worker has said its last word: give it
                 // one grace period, from now, to stop or exit.
                 let deadline = *abandon_at.get_or_insert_with(|| tokio::time::Instant::now() + ABANDON_GRACE);
-                match tokio::time::timeout_at(deadline, pipe::read(&mut stdout)).await {
+                match tokio::time::timeout_at(deadline, pipe::read::<Record>(&mut stdout)).await {
                     Ok(r) => r,
                     Err(_) => {
                         tracing::warn!(job = id, "worker did not stop or exit in time; killing it");
@@ -213,7 +212,7 @@ impl Watch {
                 }
             } else {
                 tokio::select! {
-                    r = pipe::read(&mut stdout) => r,
+                    r = pipe::read::<Record>(&mut stdout) => r,
                     () = self.kill.notified() => {
                         tracing::warn!(job = id, "killing the worker");
                         let _ = self.child.start_kill();
@@ -222,22 +221,21 @@ impl Watch {
                 }
             };
             match read {
-                Ok(Some(Message::Batch(record))) => {
-                    if let Err(mpsc::error::TrySendError::Full(_)) = self.events.try_send(Message::Batch(record)) {
+                Ok(Some(batch @ Record::Batch(_))) => {
+                    if let Err(mpsc::error::TrySendError::Full(_)) = self.events.try_send(batch) {
                         dropped += 1;
                     }
                 }
-                Ok(Some(Message::Finished { job, mut summary })) => {
+                Ok(Some(Record::Finished { mut summary })) => {
                     summary.dropped_records = dropped;
                     summary.estimated_peak_bytes = self.estimated_peak_bytes;
-                    terminal = Some(Message::Finished { job, summary });
+                    terminal = Some(Record::Finished { summary });
                 }
-                Ok(Some(failed @ Message::Failed { .. })) => terminal = Some(failed),
+                Ok(Some(failed @ Record::Failed { .. })) => terminal = Some(failed),
                 // Events are rare and matter: they wait for room rather than drop.
-                Ok(Some(event @ Message::Event { .. })) => {
+                Ok(Some(event @ Record::Event { .. })) => {
                     let _ = self.events.send(event).await;
                 }
-                Ok(Some(other)) => tracing::warn!(job = id, "unexpected message from worker: {other:?}"),
                 Ok(None) => break,
                 Err(e) => {
                     tracing::warn!(job = id, "worker pipe: {e}");
@@ -250,7 +248,7 @@ impl Watch {
         drop(permit);
         let tail = stderr_tail.await.unwrap_or_default();
         tracing::info!(job = id, %status, "worker ended");
-        let last = terminal.unwrap_or_else(|| crashed(id, &status, &tail));
+        let last = terminal.unwrap_or_else(|| crashed(&status, &tail));
         let _ = self.events.send(last).await;
     }
 
@@ -269,10 +267,9 @@ impl Watch {
 }
 
 /// The failure reported for a worker that died without saying why.
-fn crashed(job: JobId, status: &str, stderr_tail: &str) -> Message {
+fn crashed(status: &str, stderr_tail: &str) -> Record {
     let detail = if stderr_tail.trim().is_empty() { String::new() } else { format!(": {}", stderr_tail.trim()) };
-    Message::Failed {
-        job,
+    Record::Failed {
         error: JobError { code: ErrorCode::WorkerCrashed, message: format!("worker process {status}{detail}") },
     }
 }

@@ -6,7 +6,7 @@ use std::io::IsTerminal;
 use std::path::PathBuf;
 
 use shared::plan::Plan;
-use shared::protocol::Message;
+use shared::protocol::Record;
 
 use crate::input::BadInput;
 use crate::jobs::JobRunner;
@@ -48,7 +48,7 @@ pub async fn run(mut plan: Plan, files: system::job::JobFiles, exe: PathBuf) -> 
     use std::io::Write;
     while let Some(event) = job.events.recv().await {
         match event {
-            Message::Batch(r) => {
+            Record::Batch(r) => {
                 writeln!(
                     stdout,
                     "{}",
@@ -65,14 +65,14 @@ pub async fn run(mut plan: Plan, files: system::job::JobFiles, exe: PathBuf) -> 
                     bar.set_message(format!("loss {:.4}  peak {}", r.loss, shared::Bytes(r.peak_bytes)));
                 }
             }
-            Message::Event { step, event, .. } => {
+            Record::Event { step, event } => {
                 let event = event_json(event);
                 if let Some(bar) = &bar {
                     bar.println(format!("step {step}: {event}"));
                 }
                 writeln!(stdout, "{}", serde_json::json!({ "event": event, "step": step }))?;
             }
-            Message::Finished { summary, .. } => {
+            Record::Finished { summary } => {
                 if let Some(bar) = &bar {
                     bar.finish_and_clear();
                 }
@@ -94,13 +94,12 @@ pub async fn run(mut plan: Plan, files: system::job::JobFiles, exe: PathBuf) -> 
                 )?;
                 return Ok(());
             }
-            Message::Failed { error, .. } => {
+            Record::Failed { error } => {
                 if let Some(bar) = &bar {
                     bar.abandon();
                 }
                 anyhow::bail!("job failed ({:?}): {}", error.code, error.message);
             }
-            _ => {}
         }
     }
     anyhow::bail!("the worker ended without a result")

@@ -7,7 +7,7 @@ use std::path::PathBuf;
 
 use shared::estimate::estimate_for;
 use shared::plan::{Plan, Schedule};
-use shared::protocol::Message;
+use shared::protocol::Record;
 
 use crate::jobs::JobRunner;
 
@@ -62,7 +62,7 @@ pub async fn try_measure(
     let mut step_ms: Vec<f64> = Vec::new();
     let summary = loop {
         match job.events.recv().await {
-            Some(Message::Batch(r)) => {
+            Some(Record::Batch(r)) => {
                 if let Some(u) = r.device_used_bytes {
                     device_used_peak = Some(device_used_peak.unwrap_or(0).max(u));
                 }
@@ -73,9 +73,9 @@ pub async fn try_measure(
                 }
                 step_ms[step] += r.step_time_ms;
             }
-            Some(Message::Finished { summary, .. }) => break summary,
-            Some(Message::Failed { error, .. }) => return Ok(Err(error)),
-            Some(_) => {}
+            Some(Record::Finished { summary }) => break summary,
+            Some(Record::Failed { error }) => return Ok(Err(error)),
+            Some(Record::Event { .. }) => {}
             None => anyhow::bail!("the worker ended without a result"),
         }
     };

@@ -2,7 +2,10 @@
 //!
 //! Each frame is `len: u32 LE | crc: u32 LE | payload`, where `crc` is the CRC-32C
 //! (Castagnoli) of the payload and the payload is the record's sequence number
-//! (`u64 LE`) followed by the message in the wire codec (`shared::codec`). Frames are
+//! (`u64 LE`) followed by the record as the worker sent it, a `protocol::Record` frame
+//! of the wire codec (`shared::codec`). Logs written by protocol version 16, whose frames
+//! held the same records as messages of the one enum that then went every way, are read
+//! as they are (`codec::decode_stored`); appending to one adds today's frames after them. Frames are
 //! written in batches, each batch followed by one `fdatasync`; a record is handed to
 //! clients only after the batch holding it is on disk, so whatever any client has seen
 //! survives a crash of the agent or the machine.
@@ -17,7 +20,7 @@ use std::io::{BufReader, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 
 use shared::codec;
-use shared::protocol::Message;
+use shared::protocol::Record;
 
 /// A record larger than this is refused on write and ends the readable part on read.
 pub const MAX_RECORD_BYTES: usize = codec::MAX_FRAME_BYTES + 8;
@@ -55,7 +58,7 @@ impl Cursor {
 /// Records read from a cursor on.
 #[derive(Debug)]
 pub struct Page {
-    pub records: Vec<(u64, Message)>,
+    pub records: Vec<(u64, Record)>,
     /// After the last frame read.
     pub cursor: Cursor,
     /// The page stopped at its limits: more good frames may follow.
@@ -67,7 +70,7 @@ pub struct Page {
 pub struct Contents {
     /// Good records, and the last of them.
     pub count: u64,
-    pub last: Option<(u64, Message)>,
+    pub last: Option<(u64, Record)>,
     /// Bytes of the good frames: where the next frame goes.
     pub good_bytes: u64,
     /// Bytes after them that are not a good frame (a torn or damaged tail).
@@ -87,7 +90,7 @@ fn walk<R: Read + Seek>(
     mut cursor: Cursor,
     skip_through: u64,
     through: u64,
-    mut each: impl FnMut(u64, Message, usize) -> bool,
+    mut each: impl FnMut(u64, Record, usize) -> bool,
 ) -> (Cursor, bool) {
     let mut header = [0u8; HEADER + 8];
     let mut payload = Vec::new();
@@ -118,7 +121,7 @@ fn walk<R: Read + Seek>(
             if reader.read_exact(&mut payload[8..]).is_err() || crc32c(&payload) != crc {
                 return (cursor, false);
             }
-            let Ok(message) = codec::decode(&payload[8..]) else { return (cursor, false) };
+            let Ok(message) = codec::decode_stored(&payload[8..]) else { return (cursor, false) };
             cursor = Cursor { offset: end, next_seq: seq + 1 };
             if !each(seq, message, size) {
                 return (cursor, true);
@@ -161,7 +164,7 @@ pub fn read_page(path: &Path, cursor: Cursor, after: u64, through: u64) -> Resul
 
 /// Every good record of the log at `path` (none if it does not exist), all in memory.
 #[cfg(test)]
-pub fn read_all(path: &Path) -> Result<Vec<(u64, Message)>, LogError> {
+pub fn read_all(path: &Path) -> Result<Vec<(u64, Record)>, LogError> {
     let mut out = Vec::new();
     let mut cursor = Cursor::START;
     loop {
@@ -192,7 +195,7 @@ pub fn check(path: &Path) -> Result<Contents, LogError> {
 
 /// The good records at the start of `bytes`, and their length.
 #[cfg(test)]
-pub fn parse(bytes: &[u8]) -> (Vec<(u64, Message)>, u64) {
+pub fn parse(bytes: &[u8]) -> (Vec<(u64, Record)>, u64) {
     let mut reader = BufReader::new(std::io::Cursor::new(bytes));
     let mut out = Vec::new();
     let (end, _) = walk(&mut reader, bytes.len() as u64, Cursor::START, 0, u64::MAX, |seq, m, _| {
@@ -217,11 +220,16 @@ pub fn repair(path: &Path) -> Result<Contents, LogError> {
 }
 
 /// One frame's bytes.
-pub fn frame(seq: u64, message: &Message) -> Result<Vec<u8>, LogError> {
-    let body = codec::encode(message).map_err(|e| LogError::Record { seq, reason: e.to_string() })?;
+pub fn frame(seq: u64, record: &Record) -> Result<Vec<u8>, LogError> {
+    let body = codec::encode(record).map_err(|e| LogError::Record { seq, reason: e.to_string() })?;
+    framed_body(seq, &body)
+}
+
+/// A frame around an encoded record.
+fn framed_body(seq: u64, body: &[u8]) -> Result<Vec<u8>, LogError> {
     let mut payload = Vec::with_capacity(8 + body.len());
     payload.extend_from_slice(&seq.to_le_bytes());
-    payload.extend_from_slice(&body);
+    payload.extend_from_slice(body);
     if payload.len() > MAX_RECORD_BYTES {
         return Err(LogError::Record { seq, reason: format!("larger than {MAX_RECORD_BYTES} bytes") });
     }
@@ -254,18 +262,18 @@ impl Writer {
         Ok((Writer { path: path.to_owned(), file, last_seq }, found))
     }
 
-    /// Appends `messages` as the next records and syncs them to disk (one `fdatasync`
+    /// Appends `records` as the next records and syncs them to disk (one `fdatasync`
     /// for the lot). Returns their sequence numbers' range.
-    pub fn append(&mut self, messages: &[Message]) -> Result<std::ops::RangeInclusive<u64>, LogError> {
+    pub fn append(&mut self, records: &[Record]) -> Result<std::ops::RangeInclusive<u64>, LogError> {
         let first = self.last_seq + 1;
         let mut bytes = Vec::new();
-        for (i, m) in messages.iter().enumerate() {
+        for (i, m) in records.iter().enumerate() {
             bytes.extend(frame(first + i as u64, m)?);
         }
         let io = |source| LogError::Io { path: self.path.clone(), source };
         self.file.write_all(&bytes).map_err(io)?;
         self.file.sync_data().map_err(io)?;
-        self.last_seq += messages.len() as u64;
+        self.last_seq += records.len() as u64;
         Ok(first..=self.last_seq)
     }
 }
@@ -275,8 +283,8 @@ mod tests {
     use super::*;
     use shared::protocol::{BatchRecord, ErrorCode, JobError};
 
-    fn batch(step: u64) -> Message {
-        Message::Batch(BatchRecord {
+    fn batch(step: u64) -> Record {
+        Record::Batch(BatchRecord {
             job: 1,
             step,
             micro_batch: 1,
@@ -340,7 +348,7 @@ mod tests {
         std::fs::write(&path, &whole[..whole.len() - 3]).expect("tear");
         let (mut w, found) = Writer::open(&path).expect("repair");
         assert_eq!((found.count, found.bad_tail_bytes as usize), (2, one - 3));
-        let failed = Message::Failed { job: 1, error: JobError { code: ErrorCode::Cancelled, message: "x".into() } };
+        let failed = Record::Failed { error: JobError { code: ErrorCode::Cancelled, message: "x".into() } };
         assert_eq!(w.append(std::slice::from_ref(&failed)).expect("append"), 3..=3);
         let all = read_all(&path).expect("read");
         assert_eq!(all.len(), 3);
@@ -355,7 +363,7 @@ mod tests {
         let (mut w, _) = Writer::open(&dir.path().join("records.log")).expect("open");
         let mut line = Vec::new();
         for batch_size in [1usize, 16, 256] {
-            let batch: Vec<Message> = (0..batch_size as u64).map(|i| batch(i + 1)).collect();
+            let batch: Vec<Record> = (0..batch_size as u64).map(|i| batch(i + 1)).collect();
             let rounds = 64;
             let t = std::time::Instant::now();
             for _ in 0..rounds {
@@ -374,7 +382,7 @@ mod tests {
         let path = dir.path().join("records.log");
         let (mut w, _) = Writer::open(&path).expect("open");
         let n = PAGE_RECORDS as u64 * 2 + 10;
-        let all: Vec<Message> = (1..=n).map(batch).collect();
+        let all: Vec<Record> = (1..=n).map(batch).collect();
         w.append(&all).expect("append");
         // From the start: whole pages, each going on where the last stopped.
         let first = read_page(&path, Cursor::START, 0, u64::MAX).expect("page");
@@ -408,6 +416,33 @@ mod tests {
         assert!(
             read_page(&dir.path().join("absent.log"), Cursor::START, 0, u64::MAX).expect("absent").records.is_empty()
         );
+    }
+
+    #[test]
+    fn a_log_written_by_version_16_is_read_and_appended_to() {
+        // Two records as version 16 stored them (a batch and a cancel of job 3, in that
+        // version's one enum), then a record appended today.
+        let hex = |s: &str| {
+            (0..s.len()).step_by(2).map(|i| u8::from_str_radix(&s[i..i + 2], 16).expect("hex")).collect::<Vec<u8>>()
+        };
+        let old_batch = hex(
+            "100003030201010000000000000440fbe803fbd00701fb001000fb611e00000000000029400000000000005440fca9f1d24d62503f",
+        );
+        let old_failed = hex("10000503080773746f70706564");
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("records.log");
+        let mut bytes = framed_body(1, &old_batch).expect("frame");
+        bytes.extend(framed_body(2, &old_failed).expect("frame"));
+        std::fs::write(&path, &bytes).expect("write");
+        let (mut w, found) = Writer::open(&path).expect("open");
+        assert_eq!((found.count, found.bad_tail_bytes), (2, 0));
+        let cancelled = Record::Failed { error: JobError { code: ErrorCode::Cancelled, message: "stopped".into() } };
+        assert_eq!(found.last, Some((2, cancelled.clone())));
+        w.append(&[batch(9)]).expect("append");
+        let all = read_all(&path).expect("read");
+        assert!(matches!(&all[0], (1, Record::Batch(b)) if b.job == 3 && b.step == 2 && b.peak_bytes == 2000));
+        assert_eq!(all[1], (2, cancelled));
+        assert_eq!(all[2], (3, batch(9)));
     }
 
     #[test]

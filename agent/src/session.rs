@@ -15,7 +15,8 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use shared::protocol::{AgentStatus, DeviceStatus, ErrorCode, Hello, JobId, Message};
+use shared::codec::CodecError;
+use shared::protocol::{AgentStatus, DeviceStatus, ErrorCode, Hello, JobId, ToAgent, ToClient};
 use tokio::sync::{broadcast, watch};
 use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
@@ -88,9 +89,9 @@ pub struct State {
 /// input is cut where it is made, and this bounds whatever else an error may carry.
 const MAX_ERROR_BYTES: usize = 4_096;
 
-fn error(code: ErrorCode, message: impl Into<String>) -> Message {
+fn error(code: ErrorCode, message: impl Into<String>) -> ToClient {
     let message = message.into();
-    Message::Error { code, message: shared::units::clip(&message, MAX_ERROR_BYTES).into_owned() }
+    ToClient::Error { code, message: shared::units::clip(&message, MAX_ERROR_BYTES).into_owned() }
 }
 
 /// The run a session is attached to.
@@ -155,20 +156,19 @@ impl Rate {
 }
 
 /// Writes within [`WRITE_TIMEOUT`]; `false` ends the session.
-async fn send(conn: &mut Connection, message: &Message) -> bool {
+async fn send(conn: &mut Connection, message: &ToClient) -> bool {
     matches!(tokio::time::timeout(WRITE_TIMEOUT, conn.write(message)).await, Ok(Ok(())))
 }
 
 /// Sends `records` the watch has not sent yet, in one write; `false` ends the session.
 async fn deliver(conn: &mut Connection, w: &mut Watch, records: Vec<Logged>) -> bool {
     let written = tokio::time::timeout(WRITE_TIMEOUT, async {
-        for (seq, message) in records {
+        for (seq, record) in records {
             if seq <= w.last {
                 continue;
             }
-            let Some(record) = shared::protocol::Record::from_message(message) else { continue };
             let terminal = record.is_terminal();
-            conn.feed(&Message::Logged { job: w.job, seq, record }).await?;
+            conn.feed(&ToClient::Logged { job: w.job, seq, record }).await?;
             w.last = seq;
             if terminal {
                 w.live = None;
@@ -276,7 +276,7 @@ async fn attach(conn: &mut Connection, state: &State, watch: &mut Option<Watch>,
 }
 
 pub async fn run(mut conn: Connection, state: Arc<State>, mut shutdown: watch::Receiver<bool>) {
-    if !send(&mut conn, &Message::Hello(state.hello.clone())).await {
+    if !send(&mut conn, &ToClient::Hello(state.hello.clone())).await {
         return;
     }
     let mut watch: Option<Watch> = None;
@@ -285,9 +285,12 @@ pub async fn run(mut conn: Connection, state: Arc<State>, mut shutdown: watch::R
     loop {
         tokio::select! {
             inbound = conn.read() => {
+                // A message going another way (a reply sent back, say) is answered and
+                // the session goes on, as with any other request it cannot serve.
                 let message = match inbound {
-                    Ok(Some(m)) => m,
+                    Ok(Some(m)) => Ok(m),
                     Ok(None) => break,
+                    Err(ReadError::Codec(wrong @ CodecError::WrongDirection { .. })) => Err(wrong),
                     Err(ReadError::Transport(e)) if !matches!(e, tokio_tungstenite::tungstenite::Error::Capacity(_)) => {
                         tracing::debug!("connection ended: {e}");
                         break;
@@ -314,33 +317,30 @@ pub async fn run(mut conn: Connection, state: Arc<State>, mut shutdown: watch::R
                     break;
                 }
                 let ok = match message {
-                    Message::Submit { plan, force, key } => match submit(&state, plan, force, key).await {
+                    Err(wrong) => send(&mut conn, &error(wrong.code(), wrong.to_string())).await,
+                    Ok(ToAgent::Submit { plan, force, key }) => match submit(&state, plan, force, key).await {
                         Ok((job, accepted)) => {
                             send(&mut conn, &accepted).await && attach(&mut conn, &state, &mut watch, job, 0).await
                         }
                         Err(refusal) => send(&mut conn, &refusal).await,
                     },
-                    Message::Attach { job, after } => attach(&mut conn, &state, &mut watch, job, after).await,
-                    Message::Cancel { job } => match state.runs.cancel(job).await {
+                    Ok(ToAgent::Attach { job, after }) => attach(&mut conn, &state, &mut watch, job, after).await,
+                    Ok(ToAgent::Cancel { job }) => match state.runs.cancel(job).await {
                         Ok(()) => true,
                         Err(e) => send(&mut conn, &error(e.code(), e.to_string())).await,
                     },
-                    Message::ListRuns { before, limit } => {
+                    Ok(ToAgent::ListRuns { before, limit }) => {
                         let (runs, more) = state.runs.page(before, limit);
-                        send(&mut conn, &Message::Runs { runs, more }).await
+                        send(&mut conn, &ToClient::Runs { runs, more }).await
                     }
-                    Message::GetRun { job } => match state.runs.get(job) {
+                    Ok(ToAgent::GetRun { job }) => match state.runs.get(job) {
                         Ok((info, plan, estimate)) => {
-                            let run = Message::Run { info, plan: Box::new(plan), estimate: estimate.map(Box::new) };
+                            let run = ToClient::Run { info, plan: Box::new(plan), estimate: estimate.map(Box::new) };
                             send(&mut conn, &run).await
                         }
                         Err(e) => send(&mut conn, &error(e.code(), e.to_string())).await,
                     },
-                    Message::Status => send(&mut conn, &Message::AgentStatus(agent_status(&state))).await,
-                    other => {
-                        let msg = format!("an agent does not accept {} messages", variant_name(&other));
-                        send(&mut conn, &error(ErrorCode::Unexpected, msg)).await
-                    }
+                    Ok(ToAgent::Status) => send(&mut conn, &ToClient::AgentStatus(agent_status(&state))).await,
                 };
                 if !ok {
                     break;
@@ -403,7 +403,7 @@ async fn submit(
     plan: shared::Plan,
     force: bool,
     key: Option<u64>,
-) -> Result<(JobId, Message), Box<Message>> {
+) -> Result<(JobId, ToClient), Box<ToClient>> {
     let steps = plan.total_steps();
     if steps > state.limits.max_job_steps {
         let max = state.limits.max_job_steps;
@@ -457,7 +457,7 @@ async fn submit(
             } else {
                 tracing::info!(job = s.job, device = %s.device, "run accepted");
             }
-            Ok((s.job, Message::Accepted { job: s.job, estimate: s.estimate, device: s.device }))
+            Ok((s.job, ToClient::Accepted { job: s.job, estimate: s.estimate, device: s.device }))
         }
         Err(e) => Err(Box::new(error(e.code(), e.to_string()))),
     }
@@ -479,26 +479,4 @@ fn agent_status(state: &State) -> AgentStatus {
         })
         .collect();
     AgentStatus { devices, queued, max_queued: u32::try_from(state.limits.max_queued).unwrap_or(u32::MAX) }
-}
-
-fn variant_name(m: &Message) -> &'static str {
-    match m {
-        Message::Hello(_) => "Hello",
-        Message::Submit { .. } => "Submit",
-        Message::Accepted { .. } => "Accepted",
-        Message::Batch(_) => "Batch",
-        Message::Finished { .. } => "Finished",
-        Message::Failed { .. } => "Failed",
-        Message::Cancel { .. } => "Cancel",
-        Message::Error { .. } => "Error",
-        Message::Event { .. } => "Event",
-        Message::Logged { .. } => "Logged",
-        Message::Attach { .. } => "Attach",
-        Message::ListRuns { .. } => "ListRuns",
-        Message::Runs { .. } => "Runs",
-        Message::GetRun { .. } => "GetRun",
-        Message::Run { .. } => "Run",
-        Message::Status => "Status",
-        Message::AgentStatus(_) => "AgentStatus",
-    }
 }

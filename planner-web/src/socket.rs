@@ -12,13 +12,14 @@
 
 use leptos::prelude::*;
 use shared::codec;
+use shared::estimate::Estimate;
 use shared::plan::Plan;
-use shared::protocol::{ErrorCode, JobError, JobEvent, JobId, Message, Record};
+use shared::protocol::{ErrorCode, Hello, JobError, JobId, Record, RunInfo, ToAgent, ToClient};
 use wasm_bindgen::JsCast;
 use wasm_bindgen::closure::Closure;
 use web_sys::{BinaryType, CloseEvent, MessageEvent, WebSocket};
 
-use crate::state::{AgentState, Compared, Connection, HISTORY_PAGE, JobState, MAX_RECORDS, RunWant};
+use crate::state::{AgentState, Compared, Connection, HISTORY_PAGE, JobState, RunWant};
 use shared::fleet::AgentAddress;
 
 /// Failed reconnects (1 + 2 + 4 s of waiting) after which a submission the agent has not
@@ -53,7 +54,7 @@ pub struct AgentSocket {
 }
 
 impl AgentSocket {
-    pub fn send(&self, message: &Message) -> Result<(), String> {
+    pub fn send(&self, message: &ToAgent) -> Result<(), String> {
         let bytes = codec::encode(message).map_err(|e| e.to_string())?;
         self.socket.with_value(|live| match live.as_ref().map(|l| &l.ws) {
             Some(ws) if ws.ready_state() == WebSocket::OPEN => {
@@ -80,21 +81,20 @@ impl AgentSocket {
     /// the agent answers; the session will follow the new run, so a comparison still
     /// being fetched ends.
     pub fn submit(&self, label: &str, state: AgentState, plan: Plan) -> Result<(), String> {
-        state.planned_steps.set(plan.total_steps());
         if state.compare.with_untracked(|c| c.as_ref().is_some_and(|c| !c.done)) {
             state.compare.set(None);
         }
         let key = submission_key()?;
-        self.send(&Message::Submit { plan: plan.clone(), force: false, key: Some(key) })?;
+        self.send(&ToAgent::Submit { plan: plan.clone(), force: false, key: Some(key) })?;
         remember_submission(label, Some((&plan, key)));
-        state.job.set(JobState::Submitted { plan: Box::new(plan), key });
+        state.watched.update(|w| w.submitted(plan, key));
         Ok(())
     }
 
     /// Asks the agent to cancel the watched run, if one is live.
     pub fn cancel(&self, state: AgentState) -> Result<(), String> {
         match state.live_job() {
-            Some(job) => self.send(&Message::Cancel { job }),
+            Some(job) => self.send(&ToAgent::Cancel { job }),
             None => Ok(()),
         }
     }
@@ -102,29 +102,20 @@ impl AgentSocket {
     /// Watches run `job` (its plan and estimate first, then its records).
     pub fn watch(&self, state: AgentState, job: JobId) {
         state.pending.set(Some(RunWant::Watch(job)));
-        let _ = self.send(&Message::GetRun { job });
+        let _ = self.send(&ToAgent::GetRun { job });
     }
 
     /// Opens run `job`'s plan in the form.
     pub fn open_plan(&self, state: AgentState, job: JobId) {
         state.pending.set(Some(RunWant::OpenPlan(job)));
-        let _ = self.send(&Message::GetRun { job });
+        let _ = self.send(&ToAgent::GetRun { job });
     }
 
     /// Compares the watched run with ended run `job` (`name`, `records_total` records):
     /// its records are read from the start.
     pub fn compare(&self, state: AgentState, job: JobId, name: String, records_total: u64) {
-        state.compare.set(Some(Compared {
-            job,
-            name,
-            records: Vec::new(),
-            last_seq: 0,
-            records_total,
-            summary: None,
-            error: None,
-            done: false,
-        }));
-        let _ = self.send(&Message::Attach { job, after: 0 });
+        state.compare.set(Some(Compared::new(job, name, records_total)));
+        let _ = self.send(&ToAgent::Attach { job, after: 0 });
     }
 
     /// Stops comparing; one stopped before its records were all in leaves the session on
@@ -140,11 +131,11 @@ impl AgentSocket {
     /// Asks for the agent's devices and queue and the newest page of its runs (as many
     /// as the history already shows).
     pub fn poll(&self, state: AgentState) {
-        let _ = self.send(&Message::Status);
+        let _ = self.send(&ToAgent::Status);
         if state.runs_asked.get_untracked().is_none() {
             let shown = u32::try_from(state.runs.with_untracked(Vec::len)).unwrap_or(u32::MAX);
             state.runs_asked.set(Some(None));
-            let _ = self.send(&Message::ListRuns { before: None, limit: shown.max(HISTORY_PAGE) });
+            let _ = self.send(&ToAgent::ListRuns { before: None, limit: shown.max(HISTORY_PAGE) });
         }
     }
 }
@@ -227,7 +218,7 @@ pub fn remember_submission(label: &str, submission: Option<(&shared::plan::Plan,
 /// Ends an unanswered submission with `error`, forgetting the kept copy.
 fn submission_failed(label: &str, state: AgentState, error: JobError) {
     remember_submission(label, None);
-    state.job.set(JobState::Failed { job: None, error });
+    state.watched.update(|w| w.job = JobState::Failed { job: None, error });
 }
 
 /// The submission kept by [`remember_submission`], if it is recent; an old or damaged one
@@ -248,235 +239,151 @@ fn remembered_submission(label: &str) -> Option<(shared::plan::Plan, u64)> {
     found
 }
 
-/// What an event of the watched run says, for its list; `None` for routine ones (their
-/// effect is in the records).
-fn describe(event: JobEvent) -> Option<String> {
-    Some(match event {
-        JobEvent::LeakSuspected(w) => format!(
-            "allocated memory keeps rising, {} a step ({} an epoch){}",
-            shared::Bytes(w.bytes_per_step),
-            shared::Bytes(w.bytes_per_epoch),
-            w.steps_to_capacity.map(|s| format!("; at this rate it reaches capacity in {s} steps")).unwrap_or_default()
-        ),
-        JobEvent::CacheEmptied { .. } | JobEvent::SurfaceTerm { .. } => return None,
-        JobEvent::Validation { loss, peak_bytes, micro_batch, .. } => {
-            format!("validation loss {loss:.4} (micro-batch {micro_batch}, peak {})", shared::Bytes(peak_bytes))
+fn apply(label: &str, state: AgentState, socket: AgentSocket, message: ToClient) {
+    match message {
+        ToClient::Hello(hello) => on_hello(label, state, socket, hello),
+        ToClient::Accepted { job, estimate, device } => {
+            remember_submission(label, None);
+            remember_run(label, Some(job));
+            state.notice.set(None);
+            state.watched.update(|w| w.accepted(job, device, estimate));
+            socket.poll(state);
         }
-        JobEvent::CheckpointSaved { path, bytes, .. } => {
-            format!("checkpoint saved to {path} ({})", shared::Bytes(bytes))
-        }
-        JobEvent::HostMemoryLow { workers, prefetch, bound, .. } => format!(
-            "host memory is short ({bound}); the loader now runs {workers} workers with {prefetch} batches each"
-        ),
-        JobEvent::Resumed { path } => format!("resumed from {path}"),
-        JobEvent::LossScaleSkip { scale } => {
-            format!("fp16 gradients overflowed; the step was skipped and the loss scale lowered to {scale}")
-        }
-        JobEvent::OomRecovered { micro_batch, accumulation, .. } => format!(
-            "ran out of memory: redone as micro-batch {micro_batch} x {accumulation} accumulation (the same effective batch)"
-        ),
-    })
-}
-
-/// A record of the watched run.
-fn apply_record(state: AgentState, job: JobId, record: Record) {
-    match record {
-        Record::Batch(b) => state.records.update(|r| {
-            if r.len() < MAX_RECORDS {
-                r.push(b);
-            }
-        }),
-        Record::Event { step, event } => {
-            if let Some(text) = describe(event) {
-                state.event(step, text);
-            }
-        }
-        Record::Finished { summary } => state.job.set(JobState::Finished { job, summary }),
-        Record::Failed { error } => state.job.set(JobState::Failed { job: Some(job), error }),
+        ToClient::Error { code, message } => on_error(label, state, socket, JobError { code, message }),
+        ToClient::Logged { job, seq, record } => on_logged(state, socket, job, seq, record),
+        ToClient::Run { info, plan, estimate } => on_run(label, state, socket, info, *plan, estimate.map(|e| *e)),
+        ToClient::Runs { runs, more } => on_runs(state, runs, more),
+        ToClient::AgentStatus(status) => state.status.set(Some(status)),
     }
 }
 
-/// A record of the compared run; `true` when it was its last.
-fn apply_compared(state: AgentState, seq: u64, record: Record) -> bool {
-    let mut ended = false;
-    state.compare.update(|c| {
-        let Some(c) = c.as_mut() else { return };
-        if seq <= c.last_seq || c.done {
-            return;
+/// A (re)opened connection: carry on where the page was. A submission whose answer a
+/// lost connection (or a reload) took is sent again with its key (the agent answers with
+/// the run it became, or queues it now); a comparison being fetched (the watched run
+/// follows it); the watched run; a run asked for; or the one a reloaded page watched.
+fn on_hello(label: &str, state: AgentState, socket: AgentSocket, hello: Hello) {
+    state.hello.set(Some(hello));
+    let submitted = match state.job_untracked() {
+        JobState::Submitted { plan, key } => Some((plan, key)),
+        _ => None,
+    };
+    let comparing = state.compare.with_untracked(|c| c.as_ref().filter(|c| !c.done).map(|c| (c.job, c.last_seq)));
+    if let Some((plan, key)) = submitted {
+        if let Err(e) = socket.send(&ToAgent::Submit { plan: *plan, force: false, key: Some(key) }) {
+            let message = format!("sending the plan again: {e}");
+            submission_failed(label, state, JobError { code: ErrorCode::Internal, message });
         }
-        c.last_seq = seq;
-        match record {
-            Record::Batch(b) if c.records.len() < MAX_RECORDS => c.records.push(b),
-            Record::Batch(_) | Record::Event { .. } => {}
-            Record::Finished { summary } => c.summary = Some(summary),
-            Record::Failed { error } => c.error = Some(error),
-        }
-        c.done |= c.summary.is_some() || c.error.is_some() || (c.records_total > 0 && seq >= c.records_total);
-        ended = c.done;
-    });
-    ended
+    } else if let Some((job, after)) = comparing {
+        let _ = socket.send(&ToAgent::Attach { job, after });
+    } else if let Some(job) = state.live_job() {
+        let _ = socket.send(&ToAgent::Attach { job, after: state.watched.with_untracked(|w| w.last_seq) });
+    }
+    if let Some(RunWant::Watch(job) | RunWant::OpenPlan(job)) = state.pending.get_untracked() {
+        let _ = socket.send(&ToAgent::GetRun { job });
+    } else if comparing.is_none()
+        && state.live_job().is_none()
+        && !matches!(state.job_untracked(), JobState::Submitted { .. })
+        && let Some(job) = state.resume.get_untracked()
+    {
+        state.resume.set(None);
+        state.pending.set(Some(RunWant::Watch(job)));
+        let _ = socket.send(&ToAgent::GetRun { job });
+    }
+    state.runs_asked.set(None);
+    socket.poll(state);
 }
 
-fn apply(label: &str, state: AgentState, socket: AgentSocket, message: Message) {
-    match message {
-        Message::Hello(hello) => {
-            state.hello.set(Some(hello));
-            // Carry on where the page was: a submission whose answer a lost connection
-            // (or a reload) took, sent again with its key (the agent answers with the run
-            // it became, or queues it now); a comparison being fetched (the watched run
-            // follows it); the watched run; a run asked for; or the one a reloaded page
-            // watched.
-            let submitted = match state.job.get_untracked() {
-                JobState::Submitted { plan, key } => Some((plan, key)),
-                _ => None,
-            };
-            let comparing =
-                state.compare.with_untracked(|c| c.as_ref().filter(|c| !c.done).map(|c| (c.job, c.last_seq)));
-            if let Some((plan, key)) = submitted {
-                if let Err(e) = socket.send(&Message::Submit { plan: *plan, force: false, key: Some(key) }) {
-                    let message = format!("sending the plan again: {e}");
-                    submission_failed(label, state, JobError { code: ErrorCode::Internal, message });
-                }
-            } else if let Some((job, after)) = comparing {
-                let _ = socket.send(&Message::Attach { job, after });
-            } else if let Some(job) = state.live_job() {
-                let _ = socket.send(&Message::Attach { job, after: state.last_seq.get_untracked() });
-            }
-            if let Some(RunWant::Watch(job) | RunWant::OpenPlan(job)) = state.pending.get_untracked() {
-                let _ = socket.send(&Message::GetRun { job });
-            } else if comparing.is_none()
-                && state.live_job().is_none()
-                && !matches!(state.job.get_untracked(), JobState::Submitted { .. })
-                && let Some(job) = state.resume.get_untracked()
-            {
-                state.resume.set(None);
-                state.pending.set(Some(RunWant::Watch(job)));
-                let _ = socket.send(&Message::GetRun { job });
-            }
-            state.runs_asked.set(None);
-            socket.poll(state);
+/// A refused submission ends the "submitted" state; a compared run that is gone ends
+/// the comparison; anything else (a cancel that raced the end) is a notice beside the
+/// job's own state.
+fn on_error(label: &str, state: AgentState, socket: AgentSocket, error: JobError) {
+    let code = error.code;
+    if matches!(state.job_untracked(), JobState::Submitted { .. }) {
+        submission_failed(label, state, error);
+    } else if code == ErrorCode::UnknownJob && state.pending.get_untracked().is_some() {
+        if matches!(state.pending.get_untracked(), Some(RunWant::Watch(_))) {
+            remember_run(label, None);
         }
-        Message::Accepted { job, estimate, device } => {
-            remember_submission(label, None);
+        state.pending.set(None);
+        state.notice.set(Some(format!("the agent no longer has that run: {}", error.message)));
+    } else if code == ErrorCode::UnknownJob && state.compare.with_untracked(|c| c.as_ref().is_some_and(|c| !c.done)) {
+        state.compare.update(|c| {
+            if let Some(c) = c.as_mut() {
+                c.gone(error.clone());
+            }
+        });
+        reattach(state, socket);
+    } else if let (ErrorCode::UnknownJob, Some(job)) = (code, state.live_job()) {
+        // The run the page followed is gone from the agent (pruned): it will not report
+        // its end.
+        state.watched.update(|w| w.job = JobState::Failed { job: Some(job), error });
+    } else {
+        state.notice.set(Some(format!("the agent said ({:?}): {}", error.code, error.message)));
+    }
+}
+
+/// A run's stored record: each shown once, in order, in the comparison or the watched
+/// run.
+fn on_logged(state: AgentState, socket: AgentSocket, job: JobId, seq: u64, record: Record) {
+    if state.compare.with_untracked(|c| c.as_ref().is_some_and(|c| c.job == job)) {
+        let mut ended = false;
+        state.compare.update(|c| ended = c.as_mut().is_some_and(|c| c.apply(seq, record)));
+        if ended {
+            reattach(state, socket);
+        }
+    } else if state.watched.with_untracked(|w| w.takes(job, seq))
+        && state.watched.try_update(|w| w.apply(job, seq, record)).flatten() == Some(true)
+    {
+        socket.poll(state);
+    }
+}
+
+/// A run asked for with `GetRun`: watched from its first record, or its plan opened.
+fn on_run(label: &str, state: AgentState, socket: AgentSocket, info: RunInfo, plan: Plan, estimate: Option<Estimate>) {
+    match state.pending.get_untracked() {
+        Some(RunWant::Watch(job)) if job == info.job => {
+            state.pending.set(None);
             remember_run(label, Some(job));
-            state.clear_run();
-            state.estimated_peak_bytes.set(Some(estimate.peak_bytes.get()));
-            state.estimate.set(Some(estimate.clone()));
-            state.job.set(JobState::Running { job, device, estimated_peak_bytes: estimate.peak_bytes.get() });
-            socket.poll(state);
+            state.notice.set(None);
+            state.watched.update(|w| w.watch(&info, estimate));
+            // The session now follows this run: a comparison still being fetched (or of
+            // this very run) is dropped.
+            if state.compare.with_untracked(|c| c.as_ref().is_some_and(|c| c.job == job || !c.done)) {
+                state.compare.set(None);
+            }
+            let _ = socket.send(&ToAgent::Attach { job, after: 0 });
         }
-        Message::Error { code, message } => {
-            let error = JobError { code, message };
-            // A refused submission ends the "submitted" state; a compared run that is
-            // gone ends the comparison; anything else (a cancel that raced the end) is a
-            // notice beside the job's own state.
-            if matches!(state.job.get_untracked(), JobState::Submitted { .. }) {
-                submission_failed(label, state, error);
-            } else if code == ErrorCode::UnknownJob && state.pending.get_untracked().is_some() {
-                if matches!(state.pending.get_untracked(), Some(RunWant::Watch(_))) {
-                    remember_run(label, None);
-                }
-                state.pending.set(None);
-                state.notice.set(Some(format!("the agent no longer has that run: {}", error.message)));
-            } else if code == ErrorCode::UnknownJob
-                && state.compare.with_untracked(|c| c.as_ref().is_some_and(|c| !c.done))
-            {
-                state.compare.update(|c| {
-                    if let Some(c) = c.as_mut() {
-                        c.error = Some(error.clone());
-                        c.done = true;
-                    }
-                });
-                reattach(state, socket);
-            } else if let (ErrorCode::UnknownJob, Some(job)) = (code, state.live_job()) {
-                // The run the page followed is gone from the agent (pruned): it will not
-                // report its end.
-                state.job.set(JobState::Failed { job: Some(job), error });
-            } else {
-                state.notice.set(Some(format!("the agent said ({:?}): {}", error.code, error.message)));
-            }
+        Some(RunWant::OpenPlan(job)) if job == info.job => {
+            state.pending.set(None);
+            state.open_plan.set(Some(plan));
         }
-        // The run's stored records: each shown once, in order.
-        Message::Logged { job, seq, record } => {
-            if state.compare.with_untracked(|c| c.as_ref().is_some_and(|c| c.job == job)) {
-                if apply_compared(state, seq, record) {
-                    reattach(state, socket);
-                }
-            } else if matches!(state.job.get_untracked(), JobState::Running { job: j, .. } | JobState::Finished { job: j, .. } if j == job)
-                && seq > state.last_seq.get_untracked()
-            {
-                state.last_seq.set(seq);
-                let terminal = record.is_terminal();
-                apply_record(state, job, record);
-                if terminal {
-                    socket.poll(state);
-                }
-            }
-        }
-        Message::Run { info, plan, estimate } => match state.pending.get_untracked() {
-            Some(RunWant::Watch(job)) if job == info.job => {
-                state.pending.set(None);
-                remember_run(label, Some(job));
-                state.clear_run();
-                state.estimated_peak_bytes.set(Some(info.estimated_peak_bytes));
-                state.estimate.set(estimate.map(|e| *e));
-                state.planned_steps.set(info.steps);
-                // The session now follows this run: a comparison still being fetched
-                // (or of this very run) is dropped.
-                if state.compare.with_untracked(|c| c.as_ref().is_some_and(|c| c.job == job || !c.done)) {
-                    state.compare.set(None);
-                }
-                state.job.set(JobState::Running {
-                    job,
-                    device: info.device,
-                    estimated_peak_bytes: info.estimated_peak_bytes,
-                });
-                let _ = socket.send(&Message::Attach { job, after: 0 });
-            }
-            Some(RunWant::OpenPlan(job)) if job == info.job => {
-                state.pending.set(None);
-                state.open_plan.set(Some(*plan));
-            }
-            _ => {}
-        },
-        Message::Runs { runs, more } => {
-            let asked = state.runs_asked.get_untracked();
-            state.runs_asked.set(None);
-            match asked {
-                // An older page: after what is shown.
-                Some(Some(_)) => {
-                    state.runs.update(|r| r.extend(runs));
-                    state.runs_more.set(more);
-                }
-                // The newest page: it replaces what it covers; older rows paged in
-                // before stay below it.
-                _ => {
-                    let oldest_new = runs.last().map(|r| r.job);
-                    let mut kept_older = false;
-                    state.runs.update(|r| {
-                        let older: Vec<_> = match oldest_new {
-                            Some(o) if more => r.iter().filter(|x| x.job < o).cloned().collect(),
-                            _ => Vec::new(),
-                        };
-                        kept_older = !older.is_empty();
-                        *r = runs;
-                        r.extend(older);
-                    });
-                    if !kept_older {
-                        state.runs_more.set(more);
-                    }
-                }
-            }
-        }
-        Message::AgentStatus(status) => state.status.set(Some(status)),
-        // Agents send their records as `Logged`; these come only from a worker.
-        Message::Batch(_) | Message::Event { .. } | Message::Finished { .. } | Message::Failed { .. } => {}
-        Message::Submit { .. }
-        | Message::Cancel { .. }
-        | Message::Attach { .. }
-        | Message::ListRuns { .. }
-        | Message::GetRun { .. }
-        | Message::Status => {}
+        _ => {}
+    }
+}
+
+/// A page of the agent's runs: an older page goes after what is shown; the newest
+/// replaces what it covers, and older rows paged in before stay below it.
+fn on_runs(state: AgentState, runs: Vec<RunInfo>, more: bool) {
+    let asked = state.runs_asked.get_untracked();
+    state.runs_asked.set(None);
+    if let Some(Some(_)) = asked {
+        state.runs.update(|r| r.extend(runs));
+        state.runs_more.set(more);
+        return;
+    }
+    let oldest_new = runs.last().map(|r| r.job);
+    let mut kept_older = false;
+    state.runs.update(|r| {
+        let older: Vec<_> = match oldest_new {
+            Some(o) if more => r.iter().filter(|x| x.job < o).cloned().collect(),
+            _ => Vec::new(),
+        };
+        kept_older = !older.is_empty();
+        *r = runs;
+        r.extend(older);
+    });
+    if !kept_older {
+        state.runs_more.set(more);
     }
 }
 
@@ -484,7 +391,7 @@ fn apply(label: &str, state: AgentState, socket: AgentSocket, message: Message) 
 /// watched run again from its last record.
 pub fn reattach(state: AgentState, socket: AgentSocket) {
     if let Some(job) = state.live_job() {
-        let _ = socket.send(&Message::Attach { job, after: state.last_seq.get_untracked() });
+        let _ = socket.send(&ToAgent::Attach { job, after: state.watched.with_untracked(|w| w.last_seq) });
     }
 }
 
@@ -494,7 +401,7 @@ pub fn connect(address: AgentAddress, token: String, state: AgentState) -> Agent
     let agent = AgentSocket { socket: StoredValue::new_local(None), closed: StoredValue::new(false) };
     state.resume.set(remembered_run(&address.label));
     if let Some((plan, key)) = remembered_submission(&address.label) {
-        state.job.set(JobState::Submitted { plan: Box::new(plan), key });
+        state.watched.update(|w| w.submitted(plan, key));
     }
     open(std::rc::Rc::new((address, token)), state, agent, 0);
     agent
@@ -531,7 +438,7 @@ fn open(target: std::rc::Rc<(AgentAddress, String)>, state: AgentState, agent: A
             return;
         };
         let bytes = js_sys::Uint8Array::new(&buffer).to_vec();
-        match codec::decode(&bytes) {
+        match codec::decode::<ToClient>(&bytes) {
             Ok(message) => apply(&label, state, agent, message),
             Err(e) => state.notice.set(Some(format!("the agent sent something this page cannot read: {e}"))),
         }
@@ -553,7 +460,7 @@ fn open(target: std::rc::Rc<(AgentAddress, String)>, state: AgentState, agent: A
         // the connection is back (see `Hello`). Past a few failed reconnects the page
         // stops waiting, so that Run is free again.
         let attempt = if opened.get() { 0 } else { attempt + 1 };
-        if matches!(state.job.get_untracked(), JobState::Submitted { .. }) {
+        if matches!(state.job_untracked(), JobState::Submitted { .. }) {
             if attempt >= MAX_SUBMIT_RECONNECTS {
                 let message = format!(
                     "lost the agent before it answered the submission ({reason}); it may have queued it: its \

@@ -16,7 +16,7 @@ use proptest::strategy::ValueTree;
 use proptest::test_runner::{Config, TestRunner};
 
 use crate::plan::Plan;
-use crate::protocol::Message;
+use crate::protocol::{ToAgent, ToClient};
 
 fn budget() -> Duration {
     let secs = std::env::var("HEADROOM_FUZZ_SECONDS").ok().and_then(|s| s.parse::<f64>().ok()).unwrap_or(2.0);
@@ -75,18 +75,20 @@ fn mutated(seed: Vec<u8>) -> impl Strategy<Value = Vec<u8>> {
 fn valid_frames() -> Vec<Vec<u8>> {
     let plan = Plan::example_cnn();
     let estimate = crate::estimate::estimate(&plan).expect("estimate");
-    [
-        Message::Submit { plan: plan.clone(), force: false, key: Some(7) },
-        Message::Accepted { job: 1, estimate, device: "cpu".into() },
-        Message::Attach { job: 3, after: 9 },
-        Message::ListRuns { before: None, limit: 100 },
-        Message::GetRun { job: 1 },
-        Message::Status,
-        Message::Cancel { job: 2 },
+    let mut frames: Vec<Vec<u8>> = [
+        ToAgent::Submit { plan: plan.clone(), force: false, key: Some(7) },
+        ToAgent::Attach { job: 3, after: 9 },
+        ToAgent::ListRuns { before: None, limit: 100 },
+        ToAgent::GetRun { job: 1 },
+        ToAgent::Status,
+        ToAgent::Cancel { job: 2 },
     ]
     .iter()
     .map(|m| crate::codec::encode(m).expect("encode"))
-    .collect()
+    .collect();
+    // A reply sent the wrong way, mutated.
+    frames.push(crate::codec::encode(&ToClient::Accepted { job: 1, estimate, device: "cpu".into() }).expect("encode"));
+    frames
 }
 
 #[test]
@@ -96,10 +98,12 @@ fn the_codec_never_panics_on_random_or_mutated_frames() {
         prop::collection::vec(any::<u8>(), 0..4096),
         (0..frames.len()).prop_flat_map(move |i| mutated(frames[i].clone())),
     ];
-    let (n, _, panics) = fuzz("codec", strategy, |bytes| match crate::codec::decode(bytes) {
-        // Whatever decodes must encode again.
-        Ok(m) => crate::codec::encode(&m).is_ok(),
-        Err(_) => false,
+    // What an agent, a client and a run's log read; whatever decodes must encode again.
+    let (n, _, panics) = fuzz("codec", strategy, |bytes| {
+        let request = crate::codec::decode::<ToAgent>(bytes).map(|m| crate::codec::encode(&m).is_ok());
+        let reply = crate::codec::decode::<ToClient>(bytes).map(|m| crate::codec::encode(&m).is_ok());
+        let stored = crate::codec::decode_stored(bytes).map(|m| crate::codec::encode(&m).is_ok());
+        request.or(reply).or(stored).unwrap_or(false)
     });
     assert!(n > 0);
     assert_eq!(panics, 0);

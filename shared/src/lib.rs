@@ -23,6 +23,7 @@ pub mod protocol;
 pub mod schema;
 pub mod synthetic;
 pub mod units;
+pub mod watch;
 pub mod whatif;
 pub mod zoo;
 

@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 use crate::estimate::{Estimate, Phase};
 use crate::plan::Plan;
 
-pub const PROTOCOL_VERSION: u16 = 16;
+pub const PROTOCOL_VERSION: u16 = 17;
 
 pub type JobId = u64;
 
@@ -19,16 +19,15 @@ pub const MAX_RUNS_PER_PAGE: u32 = 100;
 /// message); with [`MAX_RUNS_PER_PAGE`] this keeps a page far below the codec's limit.
 pub const MAX_RUN_ERROR_CHARS: usize = 1000;
 
-/// Every message, in either direction. Agents send `Hello`, `Accepted`, `Logged`,
-/// `Runs`, `Run`, `AgentStatus` and `Error`; clients send `Submit`, `Cancel`, `Attach`,
-/// `ListRuns`, `GetRun` and `Status`. The worker process speaks `Batch`, `Event`,
-/// `Finished` and `Failed` to its agent over a pipe.
+/// What a client asks of an agent (client → agent, over the WebSocket).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub enum Message {
-    Hello(Hello),
-    /// Client → agent: queue a run of `plan`. The agent answers `Accepted` (or an
-    /// `Error`), then sends the run's records as `Logged`: the session is attached to the
-    /// new run (a session follows one run at a time: the last it submitted or attached to).
+// One message is built, sent and dropped at a time: boxing the large variants would add
+// an indirection at every call site for no memory saved.
+#[allow(clippy::large_enum_variant)]
+pub enum ToAgent {
+    /// Queue a run of `plan`. The agent answers `Accepted` (or an `Error`), then sends
+    /// the run's records as `Logged`: the session is attached to the new run (a session
+    /// follows one run at a time: the last it submitted or attached to).
     Submit {
         plan: Plan,
         /// Run it even when its estimate exceeds the device's memory (or the plan's own
@@ -41,75 +40,133 @@ pub enum Message {
         /// submission; the same key with another plan is refused.
         key: Option<u64>,
     },
+    /// Stop run `job` (queued or running); its last record says `Cancelled`.
+    Cancel { job: JobId },
+    /// Send run `job`'s records after `after` (0: from the start), then its live ones;
+    /// what a client that reconnects, or a second one, sends.
+    Attach { job: JobId, after: u64 },
+    /// A page of the runs this agent keeps, newest first: those numbered below `before`
+    /// (`None`: from the newest), at most `limit` of them (and never more than
+    /// [`MAX_RUNS_PER_PAGE`]).
+    ListRuns { before: Option<JobId>, limit: u32 },
+    /// One run's plan and where it stands (answered with `Run`).
+    GetRun { job: JobId },
+    /// The agent's devices, their free memory and its queue now (answered with
+    /// `AgentStatus`).
+    Status,
+}
+
+/// What an agent tells a client (agent → client, over the WebSocket). `Hello` comes
+/// first on every connection.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+// One message is built, sent and dropped at a time: boxing the large variants would add
+// an indirection at every call site for no memory saved.
+#[allow(clippy::large_enum_variant)]
+pub enum ToClient {
+    Hello(Hello),
+    /// A submitted run was queued as `job` on `device`, with this estimate.
     Accepted {
         job: JobId,
         estimate: Estimate,
         device: String,
     },
-    Batch(BatchRecord),
-    Finished {
-        job: JobId,
-        summary: Summary,
-    },
-    Failed {
-        job: JobId,
-        error: JobError,
-    },
-    Cancel {
-        job: JobId,
-    },
-    /// A protocol-level problem with the last message the peer sent.
-    Error {
-        code: ErrorCode,
-        message: String,
-    },
-    /// Something that happened in a running job, after optimizer step `step`.
-    Event {
-        job: JobId,
-        step: u64,
-        event: JobEvent,
-    },
-    /// Agent → client: record `seq` of run `job` (numbered from 1 with no gaps), as the
-    /// agent stored it.
+    /// Record `seq` of run `job` (numbered from 1 with no gaps), as the agent stored it.
     Logged {
         job: JobId,
         seq: u64,
         record: Record,
     },
-    /// Client → agent: send run `job`'s records after `after` (0: from the start), then
-    /// its live ones; what a client that reconnects, or a second one, sends.
-    Attach {
-        job: JobId,
-        after: u64,
-    },
-    /// Client → agent: a page of the runs this agent keeps, newest first: those numbered
-    /// below `before` (`None`: from the newest), at most `limit` of them (and never more
-    /// than [`MAX_RUNS_PER_PAGE`]).
-    ListRuns {
-        before: Option<JobId>,
-        limit: u32,
-    },
-    /// Agent → client: the page `ListRuns` asked for, newest first; `more` when older runs
-    /// are left (ask again with `before` the last one's number).
+    /// The page `ListRuns` asked for, newest first; `more` when older runs are left (ask
+    /// again with `before` the last one's number).
     Runs {
         runs: Vec<RunInfo>,
         more: bool,
     },
-    /// Client → agent: one run's plan and where it stands (answered with `Run`).
-    GetRun {
-        job: JobId,
-    },
-    /// Agent → client: run `info.job`, the plan it runs as the agent resolved it, and the
-    /// estimate it was accepted with (for its device and this agent's trainer).
+    /// Run `info.job`, the plan it runs as the agent resolved it, and the estimate it was
+    /// accepted with (for its device and this agent's trainer).
     Run {
         info: RunInfo,
         plan: Box<Plan>,
         estimate: Option<Box<Estimate>>,
     },
-    /// Client → agent: the agent's devices, their free memory and its queue now
-    /// (answered with `AgentStatus`).
-    Status,
     AgentStatus(AgentStatus),
+    /// A problem with the last message the client sent, or with what it asked.
+    Error {
+        code: ErrorCode,
+        message: String,
+    },
+}
+
+/// What an agent tells its worker process (agent → worker, over the worker's stdin).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+// One message is built, sent and dropped at a time: boxing the large variants would add
+// an indirection at every call site for no memory saved.
+#[allow(clippy::large_enum_variant)]
+pub enum ToWorker {
+    /// Train `plan` (validated and resolved by the agent); sent once, first. The job's
+    /// number and files are on the worker's command line.
+    Start { plan: Plan },
+    /// Stop at the next micro-batch and end with `Failed{Cancelled}`.
+    Cancel,
+}
+
+/// Which way a message goes: a frame says it (see `codec`), so that a message sent the
+/// wrong way is refused by name instead of being misread as another.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Direction {
+    ToAgent,
+    ToClient,
+    ToWorker,
+    /// A worker's records to its agent, and a run's records as the agent stores them.
+    FromWorker,
+}
+
+impl Direction {
+    /// The byte a frame carries for it.
+    pub const fn tag(self) -> u8 {
+        match self {
+            Direction::ToAgent => 1,
+            Direction::ToClient => 2,
+            Direction::ToWorker => 3,
+            Direction::FromWorker => 4,
+        }
+    }
+
+    pub fn from_tag(tag: u8) -> Option<Direction> {
+        [Direction::ToAgent, Direction::ToClient, Direction::ToWorker, Direction::FromWorker]
+            .into_iter()
+            .find(|d| d.tag() == tag)
+    }
+
+    pub fn describe(self) -> &'static str {
+        match self {
+            Direction::ToAgent => "client-to-agent",
+            Direction::ToClient => "agent-to-client",
+            Direction::ToWorker => "agent-to-worker",
+            Direction::FromWorker => "worker-to-agent",
+        }
+    }
+}
+
+/// A type that crosses an edge as a frame: the four message types, one per direction.
+pub trait Wire: Serialize + serde::de::DeserializeOwned {
+    const DIRECTION: Direction;
+}
+
+impl Wire for ToAgent {
+    const DIRECTION: Direction = Direction::ToAgent;
+}
+
+impl Wire for ToClient {
+    const DIRECTION: Direction = Direction::ToClient;
+}
+
+impl Wire for ToWorker {
+    const DIRECTION: Direction = Direction::ToWorker;
+}
+
+impl Wire for Record {
+    const DIRECTION: Direction = Direction::FromWorker;
 }
 
 /// An agent's devices and queue at one moment: what a fleet view polls.
@@ -135,39 +192,26 @@ pub struct DeviceStatus {
     pub running: Vec<JobId>,
 }
 
-/// What a run's stored records hold: the stream messages of a job, without their job
-/// id (the `Logged` around them has it). Not a `Message` itself, so that nothing on the
-/// wire nests.
+/// What a worker reports, and what a run's stored records hold: a job's measurements,
+/// events and end (worker → agent over the pipe; agent → client inside `Logged`, which
+/// says the job and the record's number).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub enum Record {
     Batch(BatchRecord),
-    Event { step: u64, event: JobEvent },
-    Finished { summary: Summary },
-    Failed { error: JobError },
+    /// Something that happened in a running job, after optimizer step `step`.
+    Event {
+        step: u64,
+        event: JobEvent,
+    },
+    Finished {
+        summary: Summary,
+    },
+    Failed {
+        error: JobError,
+    },
 }
 
 impl Record {
-    /// The record a stream message is, if it is one.
-    pub fn from_message(m: Message) -> Option<Record> {
-        Some(match m {
-            Message::Batch(b) => Record::Batch(b),
-            Message::Event { step, event, .. } => Record::Event { step, event },
-            Message::Finished { summary, .. } => Record::Finished { summary },
-            Message::Failed { error, .. } => Record::Failed { error },
-            _ => return None,
-        })
-    }
-
-    /// The stream message of job `job` this record is.
-    pub fn into_message(self, job: JobId) -> Message {
-        match self {
-            Record::Batch(b) => Message::Batch(b),
-            Record::Event { step, event } => Message::Event { job, step, event },
-            Record::Finished { summary } => Message::Finished { job, summary },
-            Record::Failed { error } => Message::Failed { job, error },
-        }
-    }
-
     /// Whether it ends the run.
     pub fn is_terminal(&self) -> bool {
         matches!(self, Record::Finished { .. } | Record::Failed { .. })
@@ -343,7 +387,8 @@ pub enum ErrorCode {
     Malformed,
     /// A message larger than the codec's limit.
     TooLarge,
-    /// A message that is valid but not expected here (a `Batch` sent to an agent, say).
+    /// A message that is valid but not expected here: one going another way (a reply
+    /// sent to an agent), a text frame, a cancel of a run that has ended.
     Unexpected,
     InvalidPlan,
     /// The agent already runs as many jobs as it allows.

@@ -1,8 +1,9 @@
 //! Framing for the agent <-> worker pipe: a little-endian u32 length, then a codec
-//! frame. The same codec and limit as the WebSocket, so one format crosses every edge.
+//! frame. The same codec and limit as the WebSocket, so one format crosses every edge:
+//! `ToWorker` down the worker's stdin, `Record` up its stdout.
 
 use shared::codec::{self, CodecError, MAX_FRAME_BYTES};
-use shared::protocol::Message;
+use shared::protocol::Wire;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 #[derive(Debug, thiserror::Error)]
@@ -14,7 +15,7 @@ pub enum PipeError {
 }
 
 /// The length prefix and the frame, ready to write.
-fn framed(message: &Message) -> Result<Vec<u8>, PipeError> {
+fn framed<M: Wire>(message: &M) -> Result<Vec<u8>, PipeError> {
     let frame = codec::encode(message)?;
     // encode() never returns more than MAX_FRAME_BYTES, which fits a u32.
     let len =
@@ -39,14 +40,14 @@ fn end_of_stream<T>(e: std::io::Error) -> Result<Option<T>, PipeError> {
 }
 
 /// Blocking write, for the worker's training thread.
-pub fn write_blocking(out: &mut impl std::io::Write, message: &Message) -> Result<(), PipeError> {
+pub fn write_blocking<M: Wire>(out: &mut impl std::io::Write, message: &M) -> Result<(), PipeError> {
     out.write_all(&framed(message)?)?;
     out.flush()?;
     Ok(())
 }
 
 /// Blocking read; `Ok(None)` at a clean end of stream.
-pub fn read_blocking(input: &mut impl std::io::Read) -> Result<Option<Message>, PipeError> {
+pub fn read_blocking<M: Wire>(input: &mut impl std::io::Read) -> Result<Option<M>, PipeError> {
     let mut prefix = [0u8; 4];
     if let Err(e) = input.read_exact(&mut prefix) {
         return end_of_stream(e);
@@ -56,14 +57,14 @@ pub fn read_blocking(input: &mut impl std::io::Read) -> Result<Option<Message>, 
     Ok(Some(codec::decode(&frame)?))
 }
 
-pub async fn write(out: &mut (impl AsyncWrite + Unpin), message: &Message) -> Result<(), PipeError> {
+pub async fn write<M: Wire>(out: &mut (impl AsyncWrite + Unpin), message: &M) -> Result<(), PipeError> {
     out.write_all(&framed(message)?).await?;
     out.flush().await?;
     Ok(())
 }
 
 /// `Ok(None)` at a clean end of stream.
-pub async fn read(input: &mut (impl AsyncRead + Unpin)) -> Result<Option<Message>, PipeError> {
+pub async fn read<M: Wire>(input: &mut (impl AsyncRead + Unpin)) -> Result<Option<M>, PipeError> {
     let mut prefix = [0u8; 4];
     if let Err(e) = input.read_exact(&mut prefix).await {
         return end_of_stream(e);
@@ -75,18 +76,27 @@ pub async fn read(input: &mut (impl AsyncRead + Unpin)) -> Result<Option<Message
 
 #[cfg(test)]
 mod tests {
+    use shared::protocol::{JobEvent, Record, ToWorker};
+
     use super::*;
 
     #[test]
     fn frames_round_trip_and_oversized_prefixes_are_refused() {
         let mut buf = Vec::new();
-        write_blocking(&mut buf, &Message::Cancel { job: 3 }).expect("write");
-        write_blocking(&mut buf, &Message::Cancel { job: 4 }).expect("write");
+        let step = |step| Record::Event { step, event: JobEvent::Resumed { path: "p".into() } };
+        write_blocking(&mut buf, &step(3)).expect("write");
+        write_blocking(&mut buf, &step(4)).expect("write");
+        write_blocking(&mut buf, &ToWorker::Cancel).expect("write");
         let mut input = &buf[..];
-        assert_eq!(read_blocking(&mut input).expect("read"), Some(Message::Cancel { job: 3 }));
-        assert_eq!(read_blocking(&mut input).expect("read"), Some(Message::Cancel { job: 4 }));
-        assert_eq!(read_blocking(&mut input).expect("end"), None);
+        assert_eq!(read_blocking::<Record>(&mut input).expect("read"), Some(step(3)));
+        assert_eq!(read_blocking::<Record>(&mut input).expect("read"), Some(step(4)));
+        // A message going the other way is refused, not misread.
+        assert!(matches!(
+            read_blocking::<Record>(&mut input),
+            Err(PipeError::Codec(CodecError::WrongDirection { .. }))
+        ));
+        assert_eq!(read_blocking::<Record>(&mut input).expect("end"), None);
         let huge = u32::try_from(MAX_FRAME_BYTES + 1).expect("fits").to_le_bytes();
-        assert!(matches!(read_blocking(&mut &huge[..]), Err(PipeError::Codec(CodecError::TooLarge { .. }))));
+        assert!(matches!(read_blocking::<Record>(&mut &huge[..]), Err(PipeError::Codec(CodecError::TooLarge { .. }))));
     }
 }

@@ -9,7 +9,7 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use futures_util::{SinkExt, StreamExt};
 use shared::codec;
-use shared::protocol::Message;
+use shared::protocol::{JobId, Record, ToClient, Wire};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
@@ -169,7 +169,7 @@ impl AgentHandle {
 async fn expect_hello(mut ws: Ws) -> anyhow::Result<Ws> {
     {
         match recv(&mut ws).await? {
-            Message::Hello(h) => {
+            ToClient::Hello(h) => {
                 anyhow::ensure!(h.protocol_version == shared::protocol::PROTOCOL_VERSION)
             }
             other => bail!("expected Hello first, got {other:?}"),
@@ -204,9 +204,11 @@ fn rand_u128() -> u128 {
     u128::from_le_bytes(bytes) ^ u128::from(std::process::id())
 }
 
-pub async fn send<S: AsyncRead + AsyncWrite + Unpin>(
+/// Sends `message` as a frame of its direction: `ToAgent` as a client does, or another
+/// direction's to see it refused.
+pub async fn send<S: AsyncRead + AsyncWrite + Unpin, M: Wire>(
     ws: &mut WebSocketStream<S>,
-    message: &Message,
+    message: &M,
 ) -> anyhow::Result<()> {
     ws.send(tungstenite::Message::Binary(codec::encode(message)?.into())).await?;
     Ok(())
@@ -217,44 +219,42 @@ pub async fn send<S: AsyncRead + AsyncWrite + Unpin>(
 // One value at a time in tests, matched on at once: boxing would only add noise.
 #[allow(clippy::large_enum_variant)]
 pub enum Inbound {
-    Message(Message),
+    Message(ToClient),
     Closed(Option<tungstenite::protocol::CloseFrame>),
 }
 
 pub async fn next<S: AsyncRead + AsyncWrite + Unpin>(ws: &mut WebSocketStream<S>) -> anyhow::Result<Inbound> {
-    Ok(next_numbered(ws).await?.1)
-}
-
-/// What arrived next, with its record number when it is a run's stored record
-/// (`Logged`, unwrapped to the message it holds: most tests want the message).
-pub async fn next_numbered<S: AsyncRead + AsyncWrite + Unpin>(
-    ws: &mut WebSocketStream<S>,
-) -> anyhow::Result<(Option<u64>, Inbound)> {
     loop {
         let frame =
             tokio::time::timeout(MESSAGE_TIMEOUT, ws.next()).await.context("timed out waiting for the agent")?;
         match frame {
-            None => return Ok((None, Inbound::Closed(None))),
+            None => return Ok(Inbound::Closed(None)),
             Some(Err(tungstenite::Error::ConnectionClosed | tungstenite::Error::AlreadyClosed)) => {
-                return Ok((None, Inbound::Closed(None)));
+                return Ok(Inbound::Closed(None));
             }
             Some(Err(e)) => bail!("websocket: {e}"),
-            Some(Ok(tungstenite::Message::Binary(b))) => {
-                return Ok(match codec::decode(&b)? {
-                    Message::Logged { job, seq, record } => (Some(seq), Inbound::Message(record.into_message(job))),
-                    other => (None, Inbound::Message(other)),
-                });
-            }
-            Some(Ok(tungstenite::Message::Close(frame))) => return Ok((None, Inbound::Closed(frame))),
+            Some(Ok(tungstenite::Message::Binary(b))) => return Ok(Inbound::Message(codec::decode(&b)?)),
+            Some(Ok(tungstenite::Message::Close(frame))) => return Ok(Inbound::Closed(frame)),
             Some(Ok(_)) => continue,
         }
     }
 }
 
-pub async fn recv<S: AsyncRead + AsyncWrite + Unpin>(ws: &mut WebSocketStream<S>) -> anyhow::Result<Message> {
+pub async fn recv<S: AsyncRead + AsyncWrite + Unpin>(ws: &mut WebSocketStream<S>) -> anyhow::Result<ToClient> {
     match next(ws).await? {
         Inbound::Message(m) => Ok(m),
         Inbound::Closed(frame) => bail!("the agent closed the connection: {frame:?}"),
+    }
+}
+
+/// The next message, which must be a run's stored record (`Logged`): its number, its
+/// run and the record.
+pub async fn recv_record<S: AsyncRead + AsyncWrite + Unpin>(
+    ws: &mut WebSocketStream<S>,
+) -> anyhow::Result<(u64, JobId, Record)> {
+    match recv(ws).await? {
+        ToClient::Logged { job, seq, record } => Ok((seq, job, record)),
+        other => bail!("expected a run's record, got {other:?}"),
     }
 }
 
@@ -277,16 +277,6 @@ pub fn json_lines(out: &str) -> Vec<serde_json::Value> {
 /// A free loopback port (for chromedriver).
 pub fn free_port() -> anyhow::Result<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
-}
-
-/// The next message with its record number, for a run's stored records (`Logged`).
-pub async fn recv_numbered<S: AsyncRead + AsyncWrite + Unpin>(
-    ws: &mut WebSocketStream<S>,
-) -> anyhow::Result<(Option<u64>, Message)> {
-    match next_numbered(ws).await? {
-        (seq, Inbound::Message(m)) => Ok((seq, m)),
-        (_, Inbound::Closed(frame)) => bail!("the agent closed the connection: {frame:?}"),
-    }
 }
 
 /// Tests whose figures depend on having the CPU to themselves (the loader racing the

@@ -1,7 +1,7 @@
 //! The worker: `headroom worker --job N`, a child process that runs one job.
 //!
-//! It reads `Submit { plan }` from stdin, then any `Cancel`; it writes `Batch` records
-//! and one `Finished` or `Failed` to its private copy of stdout. Running the job in its
+//! It reads `ToWorker::Start { plan }` from stdin, then any `Cancel`; it writes `Batch`
+//! and `Event` records and one `Finished` or `Failed` to its private copy of stdout. Running the job in its
 //! own process means allocator settings in the environment apply before CUDA starts,
 //! and a crash inside libtorch takes the job, not the agent.
 
@@ -10,7 +10,7 @@ use std::os::fd::FromRawFd;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use shared::protocol::{BatchRecord, JobEvent, JobId, Message};
+use shared::protocol::{BatchRecord, JobEvent, JobId, Record, ToWorker};
 
 use system::job::JobFiles;
 use system::pipe;
@@ -34,7 +34,6 @@ fn private_stdout() -> std::io::Result<std::fs::File> {
 
 /// The job's records and events, framed onto the worker's private stdout.
 struct PipeReport<'a, W: Write> {
-    job: JobId,
     out: W,
     /// The agent is gone: nothing more is written.
     failed: bool,
@@ -42,7 +41,7 @@ struct PipeReport<'a, W: Write> {
 }
 
 impl<W: Write> PipeReport<'_, W> {
-    fn send(&mut self, message: &Message) {
+    fn send(&mut self, message: &Record) {
         if !self.failed && pipe::write_blocking(&mut self.out, message).is_err() {
             // The agent is gone: stop training at the next micro-batch.
             self.failed = true;
@@ -53,19 +52,19 @@ impl<W: Write> PipeReport<'_, W> {
 
 impl<W: Write> Report for PipeReport<'_, W> {
     fn record(&mut self, record: BatchRecord) {
-        self.send(&Message::Batch(record));
+        self.send(&Record::Batch(record));
     }
 
     fn event(&mut self, step: u64, event: JobEvent) {
-        self.send(&Message::Event { job: self.job, step, event });
+        self.send(&Record::Event { step, event });
     }
 }
 
 pub fn run(job: JobId, files: JobFiles) -> anyhow::Result<()> {
     let out = std::io::BufWriter::new(private_stdout()?);
     let mut stdin = std::io::stdin().lock();
-    let plan = match pipe::read_blocking(&mut stdin)? {
-        Some(Message::Submit { plan, .. }) => plan,
+    let plan = match pipe::read_blocking::<ToWorker>(&mut stdin)? {
+        Some(ToWorker::Start { plan }) => plan,
         other => anyhow::bail!("worker expected a plan first, got {other:?}"),
     };
     drop(stdin);
@@ -80,20 +79,20 @@ pub fn run(job: JobId, files: JobFiles) -> anyhow::Result<()> {
         let mut stdin = std::io::stdin().lock();
         // Cancel on request, and also when the agent goes away (end of stream).
         loop {
-            match pipe::read_blocking(&mut stdin) {
-                Ok(Some(Message::Cancel { .. })) | Ok(None) | Err(_) => break,
-                Ok(Some(_)) => continue,
+            match pipe::read_blocking::<ToWorker>(&mut stdin) {
+                Ok(Some(ToWorker::Cancel)) | Ok(None) | Err(_) => break,
+                Ok(Some(ToWorker::Start { .. })) => continue,
             }
         }
         watcher_stop.store(true, Ordering::Relaxed);
     });
 
-    let mut pipe_out = PipeReport { job, out, failed: false, stop: &stop };
+    let mut pipe_out = PipeReport { out, failed: false, stop: &stop };
     let result = Trainer::new(&plan, job, &files, &stop, &mut pipe_out).and_then(Trainer::run);
     let mut out = pipe_out.out;
     let last = match result {
-        Ok(summary) => Message::Finished { job, summary },
-        Err(e) => Message::Failed { job, error: e.to_wire() },
+        Ok(summary) => Record::Finished { summary },
+        Err(e) => Record::Failed { error: e.to_wire() },
     };
     pipe::write_blocking(&mut out, &last)?;
     out.flush()?;

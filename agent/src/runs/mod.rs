@@ -20,9 +20,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use shared::estimate::Estimate;
 use shared::plan::Plan;
-use shared::protocol::{
-    ErrorCode, JobError, JobId, MAX_RUN_ERROR_CHARS, MAX_RUNS_PER_PAGE, Message, RunInfo, RunState,
-};
+use shared::protocol::{ErrorCode, JobError, JobId, MAX_RUN_ERROR_CHARS, MAX_RUNS_PER_PAGE, Record, RunInfo, RunState};
 use tokio::sync::{Notify, broadcast};
 
 use crate::jobs::JobRunner;
@@ -56,13 +54,13 @@ pub const CANCEL_GRACE: Duration = Duration::from_secs(10);
 
 /// How a run ended: its state, error, measured peak, the last record's number and the
 /// last record.
-type Ending = (RunState, Option<JobError>, Option<u64>, u64, Message);
+type Ending = (RunState, Option<JobError>, Option<u64>, u64, Record);
 
 /// A record of a run with its number, as stored.
-pub type Logged = (u64, Message);
+pub type Logged = (u64, Record);
 
 /// A live record as every attached client receives it: encoded once, as its
-/// `Message::Logged` frame, for all of them (a hundred watchers cost one encoding).
+/// `ToClient::Logged` frame, for all of them (a hundred watchers cost one encoding).
 #[derive(Clone, Debug)]
 pub struct LiveRecord {
     pub seq: u64,
@@ -71,12 +69,11 @@ pub struct LiveRecord {
 }
 
 impl LiveRecord {
-    /// `None` for a message that is not a record, or one too large to send (a client
-    /// then finds the gap and reads on from the file, where the error is its own).
-    fn new(job: JobId, seq: u64, m: Message) -> Option<LiveRecord> {
-        let record = shared::protocol::Record::from_message(m)?;
+    /// `None` for a record too large to send (a client then finds the gap and reads on
+    /// from the file, where the error is its own).
+    fn new(job: JobId, seq: u64, record: Record) -> Option<LiveRecord> {
         let terminal = record.is_terminal();
-        let frame = shared::codec::encode(&Message::Logged { job, seq, record }).ok()?;
+        let frame = shared::codec::encode(&shared::protocol::ToClient::Logged { job, seq, record }).ok()?;
         Some(LiveRecord { seq, terminal, frame: frame.into() })
     }
 }
@@ -507,7 +504,7 @@ mod tests {
         Limits { max_job_steps: 10, max_job_seconds: 10, max_queued: 4, max_runs_kept: MAX_RUNS_KEPT }
     }
 
-    fn stored(dir: &Path, job: JobId, state: RunState, records: &[Message]) {
+    fn stored(dir: &Path, job: JobId, state: RunState, records: &[Record]) {
         let run = dir.join("runs").join(job.to_string());
         std::fs::create_dir_all(&run).expect("dir");
         let info = RunInfo {
@@ -535,8 +532,8 @@ mod tests {
     fn a_restart_interrupts_running_runs_requeues_queued_ones_and_trusts_a_last_record() {
         let dir = tempfile::tempdir().expect("tempdir");
         let batch =
-            |job| Message::Event { job, step: 1, event: shared::protocol::JobEvent::Resumed { path: "x".into() } };
-        let failed = |job, code| Message::Failed { job, error: JobError { code, message: "m".into() } };
+            |_job: JobId| Record::Event { step: 1, event: shared::protocol::JobEvent::Resumed { path: "x".into() } };
+        let failed = |_job: JobId, code| Record::Failed { error: JobError { code, message: "m".into() } };
         stored(dir.path(), 1, RunState::Running, &[batch(1)]);
         stored(dir.path(), 2, RunState::Queued, &[]);
         // Died after writing its end, before storing it.
@@ -559,7 +556,7 @@ mod tests {
         assert_eq!(runs.lock().queue.iter().copied().collect::<Vec<_>>(), vec![2]);
         assert_eq!(runs.lock().next_id, 6);
         let log1 = runlog::read_all(&dir.path().join("runs/1/records.log")).expect("read");
-        assert!(matches!(&log1[1].1, Message::Failed { error, .. } if error.code == ErrorCode::Interrupted));
+        assert!(matches!(&log1[1].1, Record::Failed { error } if error.code == ErrorCode::Interrupted));
         // Reopening changes nothing more.
         drop(runs);
         let again =

@@ -5,7 +5,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use shared::protocol::{ErrorCode, JobError, JobId, Message, RunState};
+use shared::protocol::{ErrorCode, JobError, JobId, Record, RunState};
 use tokio::sync::Notify;
 
 use super::*;
@@ -69,7 +69,7 @@ impl Runs {
         }
     }
 
-    /// Writes a running job's messages to its log, then hands them to subscribers.
+    /// Writes a running job's records to its log, then hands them to subscribers.
     async fn pump(self: Arc<Self>, job: JobId, mut running: RunningJob, cancel: Arc<Notify>) {
         let log = self.run_dir(job).join("records.log");
         let opened = tokio::task::spawn_blocking(move || runlog::Writer::open(&log)).await;
@@ -148,7 +148,7 @@ impl Runs {
 
     /// Why the agent stopped the job decides how it ended: a shutdown interrupts it, its
     /// time limit fails it, and a worker killed after a cancel was cancelled.
-    fn relabel(&self, batch: &mut [Message], over_time: bool, killed: bool) {
+    fn relabel(&self, batch: &mut [Record], over_time: bool, killed: bool) {
         let stopped = [ErrorCode::Cancelled, ErrorCode::WorkerCrashed];
         if self.lock().shutting_down {
             relabel_end(batch, &stopped, ErrorCode::Interrupted, "the agent shut down while this run was running");
@@ -165,7 +165,7 @@ impl Runs {
 
     /// Hands records now on disk to the run's subscribers, up to its end, which is
     /// returned.
-    fn publish(&self, job: JobId, range: std::ops::RangeInclusive<u64>, batch: Vec<Message>) -> Option<Ending> {
+    fn publish(&self, job: JobId, range: std::ops::RangeInclusive<u64>, batch: Vec<Record>) -> Option<Ending> {
         let live = {
             let mut inner = self.lock();
             inner.runs.get_mut(&job).map(|e| {
@@ -175,9 +175,9 @@ impl Runs {
         };
         for (seq, m) in range.zip(batch) {
             let end = match &m {
-                Message::Finished { summary, .. } => Some((RunState::Finished, None, Some(summary.peak_bytes))),
-                Message::Failed { error, .. } => Some((failed_state(error.code), Some(error.clone()), None)),
-                _ => None,
+                Record::Finished { summary } => Some((RunState::Finished, None, Some(summary.peak_bytes))),
+                Record::Failed { error } => Some((failed_state(error.code), Some(error.clone()), None)),
+                Record::Batch(_) | Record::Event { .. } => None,
             };
             if let Some((state, error, peak)) = end {
                 return Some((state, error, peak, seq, m));
@@ -200,11 +200,11 @@ impl Runs {
         job: JobId,
         running: &mut RunningJob,
         writer: Option<runlog::Writer>,
-    ) -> (RunState, Option<JobError>, Option<u64>, Option<u64>, Message) {
+    ) -> (RunState, Option<JobError>, Option<u64>, Option<u64>, Record) {
         running.kill();
         while running.events.recv().await.is_some() {}
         let error = JobError { code: ErrorCode::Internal, message: "the run's records could not be kept".into() };
-        let last = Message::Failed { job, error: error.clone() };
+        let last = Record::Failed { error: error.clone() };
         let next = self.lock().runs.get(&job).map_or(1, |e| e.info.records + 1);
         let seq = match writer {
             Some(mut w) => {
@@ -222,7 +222,7 @@ impl Runs {
     /// Ends a run that never started with one `Failed` record.
     pub(super) async fn end_unstarted(self: &Arc<Self>, job: JobId, state: RunState, error: JobError) {
         let log = self.run_dir(job).join("records.log");
-        let message = Message::Failed { job, error: error.clone() };
+        let message = Record::Failed { error: error.clone() };
         let m = message.clone();
         let written = tokio::task::spawn_blocking(move || -> Result<u64, runlog::LogError> {
             let (mut w, _) = runlog::Writer::open(&log)?;
@@ -247,7 +247,7 @@ impl Runs {
         error: Option<JobError>,
         peak: Option<u64>,
         seq: Option<u64>,
-        last: Message,
+        last: Record,
     ) {
         {
             let mut inner = self.lock();
@@ -272,9 +272,9 @@ impl Runs {
 
 /// Gives a `Failed` record among `batch` whose code is one of `from` the code `to` and
 /// the message `why`.
-fn relabel_end(batch: &mut [Message], from: &[ErrorCode], to: ErrorCode, why: &str) {
+fn relabel_end(batch: &mut [Record], from: &[ErrorCode], to: ErrorCode, why: &str) {
     for m in batch {
-        if let Message::Failed { error, .. } = m
+        if let Record::Failed { error } = m
             && from.contains(&error.code)
         {
             error.code = to;
@@ -285,10 +285,10 @@ fn relabel_end(batch: &mut [Message], from: &[ErrorCode], to: ErrorCode, why: &s
 
 /// What appending a batch gave: the writer, the records' numbers and the batch; or, when
 /// the log failed, the writer if it survived (the run's last record may still go in).
-type Written = Result<(runlog::Writer, std::ops::RangeInclusive<u64>, Vec<Message>), Option<runlog::Writer>>;
+type Written = Result<(runlog::Writer, std::ops::RangeInclusive<u64>, Vec<Record>), Option<runlog::Writer>>;
 
 /// Appends `batch` to the run's log (synced) on the blocking pool.
-async fn write_batch(job: JobId, mut w: runlog::Writer, batch: Vec<Message>) -> Written {
+async fn write_batch(job: JobId, mut w: runlog::Writer, batch: Vec<Record>) -> Written {
     match tokio::task::spawn_blocking(move || {
         let r = w.append(&batch);
         (w, r, batch)

@@ -4,7 +4,7 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use shared::protocol::{ErrorCode, JobError, JobId, Message, RunState};
+use shared::protocol::{ErrorCode, JobError, JobId, Record, RunState};
 use tokio::sync::broadcast;
 
 use super::*;
@@ -44,11 +44,10 @@ pub(super) fn recover(id: JobId, path: &Path) -> anyhow::Result<Entry> {
     // record says how it ended.
     if let Some((_, last)) = &found.last
         && matches!(stored.info.state, RunState::Running | RunState::Queued)
-        && let Some(record) = shared::protocol::Record::from_message(last.clone())
-        && record.is_terminal()
+        && last.is_terminal()
     {
-        let (state, error) = match record {
-            shared::protocol::Record::Failed { error } => (failed_state(error.code), Some(error)),
+        let (state, error) = match last {
+            Record::Failed { error } => (failed_state(error.code), Some(error.clone())),
             _ => (RunState::Finished, None),
         };
         stored.info.state = state;
@@ -59,7 +58,7 @@ pub(super) fn recover(id: JobId, path: &Path) -> anyhow::Result<Entry> {
     if stored.info.state == RunState::Running {
         let error =
             JobError { code: ErrorCode::Interrupted, message: "the agent stopped while this run was running".into() };
-        writer.append(&[Message::Failed { job: id, error: error.clone() }])?;
+        writer.append(&[Record::Failed { error: error.clone() }])?;
         stored.info.records += 1;
         stored.info.state = RunState::Interrupted;
         stored.info.error = Some(error);

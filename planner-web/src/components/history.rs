@@ -3,10 +3,10 @@
 
 use leptos::prelude::*;
 use shared::Bytes;
-use shared::protocol::{Message, RunInfo, RunState};
+use shared::protocol::{RunInfo, RunState, ToAgent};
 
 use crate::agents::{Agent, Fleet};
-use crate::state::{AgentState, HISTORY_PAGE, JobState};
+use crate::state::HISTORY_PAGE;
 
 fn when(unix_ms: u64) -> String {
     let date = js_sys::Date::new(&wasm_bindgen::JsValue::from_f64(unix_ms as f64));
@@ -15,10 +15,6 @@ fn when(unix_ms: u64) -> String {
 
 fn ended(state: RunState) -> bool {
     !matches!(state, RunState::Queued | RunState::Running)
-}
-
-fn watched(state: AgentState) -> Option<u64> {
-    state.job.with(JobState::job)
 }
 
 fn row(agent: Agent, run: RunInfo) -> impl IntoView {
@@ -39,8 +35,11 @@ fn row(agent: Agent, run: RunInfo) -> impl IntoView {
     let watch = move |_| socket.watch(state, job);
     let compare = move |_| socket.compare(state, job, name.clone(), records_total);
     let open = move |_| socket.open_plan(state, job);
+    // A memo: the watched run changes with every record, this row only when it starts
+    // or stops being the one watched.
+    let is_watched = Memo::new(move |_| state.watched.with(|w| w.job.job()) == Some(job));
     view! {
-        <tr data-testid=format!("run-{job}") class:watched=move || watched(state) == Some(job)>
+        <tr data-testid=format!("run-{job}") class:watched=move || is_watched.get()>
             <td class="num">{job}</td>
             <td>{run.name.clone()}</td>
             <td data-testid=format!("run-{job}-state")>{how}</td>
@@ -53,7 +52,7 @@ fn row(agent: Agent, run: RunInfo) -> impl IntoView {
             <td>
                 <button class="small" data-testid=format!("watch-{job}") on:click=watch>"Watch"</button>
                 <button class="small" data-testid=format!("compare-{job}")
-                    disabled=move || !can_compare || watched(state) == Some(job) on:click=compare>"Compare"</button>
+                    disabled=move || !can_compare || is_watched.get() on:click=compare>"Compare"</button>
                 <button class="small" data-testid=format!("open-{job}") on:click=open>"Open plan"</button>
             </td>
         </tr>
@@ -74,7 +73,7 @@ pub fn HistoryPanel(fleet: Fleet) -> impl IntoView {
                 let older = move |_| {
                     if let Some(last) = state.runs.with_untracked(|r| r.last().map(|r| r.job)) {
                         state.runs_asked.set(Some(Some(last)));
-                        let _ = socket.send(&Message::ListRuns { before: Some(last), limit: HISTORY_PAGE });
+                        let _ = socket.send(&ToAgent::ListRuns { before: Some(last), limit: HISTORY_PAGE });
                     }
                 };
                 view! {

@@ -10,7 +10,7 @@ use shared::protocol::{BatchRecord, Summary};
 
 use super::chart::{LineChart, Reference, series};
 use crate::agents::{Agent, Fleet};
-use crate::state::{Compared, Connection, JobState};
+use crate::state::{AgentState, Compared, Connection, JobState};
 
 /// Events the list shows (the newest).
 const EVENTS_SHOWN: usize = 20;
@@ -86,7 +86,9 @@ fn RunView(plan: Signal<Result<Plan, String>>, agent: Agent) -> impl IntoView {
     let send_error = RwSignal::new(None::<String>);
     // The device to run on: "" for what the plan says.
     let device = RwSignal::new(String::new());
-    let running = move || matches!(state.job.get(), JobState::Submitted { .. } | JobState::Running { .. });
+    // Where the watched run stands changes far less often than its records arrive.
+    let job = Memo::new(move |_| state.watched.with(|w| w.job.clone()));
+    let running = move || matches!(job.get(), JobState::Submitted { .. } | JobState::Running { .. });
     let can_run = move || plan.with(|p| p.is_ok()) && state.connection.get() == Connection::Open && !running();
 
     let submit_label = label.clone();
@@ -108,16 +110,109 @@ fn RunView(plan: Signal<Result<Plan, String>>, agent: Agent) -> impl IntoView {
             send_error.set(Some(e));
         }
     };
+    let devices = move || state.hello.with(|h| h.as_ref().map(|h| h.devices.clone()).unwrap_or_default());
 
+    view! {
+        <h2>"Run on " {label}</h2>
+        <div class="buttons row">
+            <label>"device "
+                <select data-testid="run-device" on:change=move |ev| device.set(event_target_value(&ev))>
+                    <option value="" selected=move || device.get().is_empty()>"as the plan says"</option>
+                    {move || devices().into_iter().map(|d| {
+                        let id = d.id.clone();
+                        let text = format!("{} · {} ({})", d.id, d.name, Bytes(d.total_memory_bytes));
+                        view! { <option value=id.clone() selected=move || device.get() == id>{text}</option> }
+                    }).collect_view()}
+                </select>
+            </label>
+            <button data-testid="run" disabled=move || !can_run() on:click=run>"Run on agent"</button>
+            <button data-testid="cancel" disabled=move || !running() on:click=cancel>"Cancel"</button>
+        </div>
+        <RunStatus state=state job=job />
+        {move || send_error.get().map(|e| view! { <p class="error">{e}</p> })}
+        {move || state.notice.get().map(|n| view! { <p class="error" data-testid="run-notice">{n}</p> })}
+        <RunCharts state=state job=job chosen_device=device />
+        <RunEvents state=state />
+        <PhaseTable state=state job=job />
+        <Comparison agent=agent job=job />
+    }
+}
+
+/// The watched run's status line, and its progress with an ETA while it runs.
+#[component]
+fn RunStatus(state: AgentState, job: Memo<JobState>) -> impl IntoView {
+    let status = move || match job.get() {
+        JobState::Idle => "No job yet: press Run.".to_owned(),
+        JobState::Submitted { .. } => "Submitted…".to_owned(),
+        JobState::Running { job, device, .. } => {
+            match state.watched.with(|w| w.records.last().map(|b| (b.step, b.loss, w.records.len()))) {
+                Some((step, loss, n)) => {
+                    format!("Job {job} running on {device}: step {step}, loss {loss:.4} ({n} micro-batches)")
+                }
+                None => format!("Job {job} queued or starting on {device}…"),
+            }
+        }
+        JobState::Finished { job, summary } => {
+            let err = summary.estimate_error_pct();
+            format!(
+                "Job {job} finished: {} steps in {:.1} s, loss {:.4} → {:.4}; measured peak {} vs estimate {} ({err:+.2} %)",
+                summary.steps,
+                summary.wall_time_ms / 1e3,
+                summary.first_loss,
+                summary.final_loss,
+                Bytes(summary.peak_bytes),
+                Bytes(summary.estimated_peak_bytes),
+            )
+        }
+        JobState::Failed { job, error } => match job {
+            Some(job) => format!("Job {job} failed ({:?}): {}", error.code, error.message),
+            None => format!("The agent refused ({:?}): {}", error.code, error.message),
+        },
+    };
+    let status_class = move || match job.get() {
+        JobState::Finished { .. } => "status finished",
+        JobState::Failed { .. } => "status failed",
+        _ => "status",
+    };
+    let progress = move || {
+        let JobState::Running { .. } = job.get() else { return None };
+        let (planned, pace) = state.watched.with(|w| {
+            let from = w.records.len().saturating_sub(2_000);
+            let pace: Vec<(u64, f64)> = w.records[from..].iter().map(|b| (b.step, b.step_time_ms)).collect();
+            (w.planned_steps, pace)
+        });
+        let step = pace.last()?.0;
+        if planned == 0 {
+            return Some(format!("step {step}"));
+        }
+        let pct = 100.0 * step as f64 / planned as f64;
+        let eta = shared::fleet::eta_seconds(&pace, planned)
+            .map(|s| format!(" · about {} left", fmt_duration(s)))
+            .unwrap_or_default();
+        Some(format!("step {step} of {planned} ({pct:.0} %){eta}"))
+    };
+    view! {
+        <p class=status_class data-testid="job-status">{status}</p>
+        {move || progress().map(|p| view! { <p class="progress" data-testid="job-progress">{p}</p> })}
+    }
+}
+
+/// The loss and memory charts of the watched run (and of a compared one), with the
+/// estimate and the device's capacity as reference lines.
+#[component]
+fn RunCharts(state: AgentState, job: Memo<JobState>, chosen_device: RwSignal<String>) -> impl IntoView {
     let compare = state.compare;
     // Memos: each chart reads its series several times per draw (scale, lines,
     // legend), and a record arriving rebuilds them once.
     let count = Memo::new(move |_| {
-        let own = state.records.with(Vec::len);
+        let own = state.watched.with(|w| w.records.len());
         compare.with(|c| c.as_ref().map_or(own, |c| own.max(c.records.len())))
     });
     let loss = Memo::new(move |_| {
-        let mut out = state.records.with(|r| vec![series("loss", "s-loss", r.len(), |i| r[i].loss)]);
+        let mut out = state.watched.with(|w| {
+            let r = &w.records;
+            vec![series("loss", "s-loss", r.len(), |i| r[i].loss)]
+        });
         compare.with(|c| {
             if let Some(c) = c {
                 let r = &c.records;
@@ -127,7 +222,8 @@ fn RunView(plan: Signal<Result<Plan, String>>, agent: Agent) -> impl IntoView {
         out
     });
     let memory = Memo::new(move |_| {
-        let mut out = state.records.with(|r| {
+        let mut out = state.watched.with(|w| {
+            let r = &w.records;
             let mut out = vec![
                 series("peak (allocator)", "s-peak", r.len(), |i| r[i].peak_bytes as f64),
                 series("allocated", "s-allocated", r.len(), |i| r[i].allocated_bytes as f64),
@@ -151,16 +247,17 @@ fn RunView(plan: Signal<Result<Plan, String>>, agent: Agent) -> impl IntoView {
         out
     });
     // The device the watched run is on (or the one chosen), for the capacity line.
-    let run_device = move || match state.job.get() {
+    let run_device = move || match job.get() {
         JobState::Running { device, .. } => Some(device),
         _ => {
-            let d = device.get();
+            let d = chosen_device.get();
             (!d.is_empty()).then_some(d)
         }
     };
+    let estimated = Memo::new(move |_| state.watched.with(|w| w.estimated_peak_bytes));
     let references = Memo::new(move |_| {
         let mut out = Vec::new();
-        if let Some(e) = state.estimated_peak_bytes.get() {
+        if let Some(e) = estimated.get() {
             out.push(Reference { name: "estimate", class: "estimate", value: e as f64, sets_scale: true });
         }
         let capacity = run_device().and_then(|id| {
@@ -171,72 +268,39 @@ fn RunView(plan: Signal<Result<Plan, String>>, agent: Agent) -> impl IntoView {
         }
         out
     });
+    view! {
+        <LineChart title="Loss per micro-batch" testid="loss-chart" series=loss count=count references=Signal::derive(Vec::new) format=fmt_loss />
+        <LineChart title="Memory per micro-batch" testid="memory-chart" series=memory count=count references=references format=fmt_bytes />
+    }
+}
 
-    let status = move || match state.job.get() {
-        JobState::Idle => "No job yet: press Run.".to_owned(),
-        JobState::Submitted { .. } => "Submitted…".to_owned(),
-        JobState::Running { job, device, .. } => {
-            let n = state.records.with(Vec::len);
-            match state.records.with(|r| r.last().map(|b| (b.step, b.loss))) {
-                Some((step, loss)) => {
-                    format!("Job {job} running on {device}: step {step}, loss {loss:.4} ({n} micro-batches)")
-                }
-                None => format!("Job {job} queued or starting on {device}…"),
-            }
-        }
-        JobState::Finished { job, summary } => {
-            let err = summary.estimate_error_pct();
-            format!(
-                "Job {job} finished: {} steps in {:.1} s, loss {:.4} → {:.4}; measured peak {} vs estimate {} ({err:+.2} %)",
-                summary.steps,
-                summary.wall_time_ms / 1e3,
-                summary.first_loss,
-                summary.final_loss,
-                Bytes(summary.peak_bytes),
-                Bytes(summary.estimated_peak_bytes),
-            )
-        }
-        JobState::Failed { job, error } => match job {
-            Some(job) => format!("Job {job} failed ({:?}): {}", error.code, error.message),
-            None => format!("The agent refused ({:?}): {}", error.code, error.message),
-        },
-    };
-    let status_class = move || match state.job.get() {
-        JobState::Finished { .. } => "status finished",
-        JobState::Failed { .. } => "status failed",
-        _ => "status",
-    };
-    let progress = move || {
-        let JobState::Running { .. } = state.job.get() else { return None };
-        let planned = state.planned_steps.get();
-        let pace: Vec<(u64, f64)> = state.records.with(|r| {
-            let from = r.len().saturating_sub(2_000);
-            r[from..].iter().map(|b| (b.step, b.step_time_ms)).collect()
-        });
-        let step = pace.last()?.0;
-        if planned == 0 {
-            return Some(format!("step {step}"));
-        }
-        let pct = 100.0 * step as f64 / planned as f64;
-        let eta = shared::fleet::eta_seconds(&pace, planned)
-            .map(|s| format!(" · about {} left", fmt_duration(s)))
-            .unwrap_or_default();
-        Some(format!("step {step} of {planned} ({pct:.0} %){eta}"))
-    };
-
-    let devices = move || state.hello.with(|h| h.as_ref().map(|h| h.devices.clone()).unwrap_or_default());
-    let events = move || {
-        state.events.with(|e| {
-            e.iter()
-                .rev()
-                .take(EVENTS_SHOWN)
+/// The watched run's events, newest first.
+#[component]
+fn RunEvents(state: AgentState) -> impl IntoView {
+    let events = Memo::new(move |_| {
+        state.watched.with(|w| w.events.iter().rev().take(EVENTS_SHOWN).cloned().collect::<Vec<_>>())
+    });
+    move || {
+        let shown = events.get();
+        (!shown.is_empty()).then(|| {
+            let items = shown
+                .into_iter()
                 .map(|(step, text)| view! { <li>{format!("step {step}: {text}")}</li> })
-                .collect_view()
+                .collect_view();
+            view! {
+                <h3>"Events"</h3>
+                <ol class="events" data-testid="events" reversed>{items}</ol>
+            }
         })
-    };
-    let phases = move || {
-        let JobState::Finished { summary, .. } = state.job.get() else { return None };
-        let estimate = state.estimate.get()?;
+    }
+}
+
+/// A finished run's measured peak per phase of its last step against the estimate's.
+#[component]
+fn PhaseTable(state: AgentState, job: Memo<JobState>) -> impl IntoView {
+    move || {
+        let JobState::Finished { summary, .. } = job.get() else { return None };
+        let estimate = state.watched.with(|w| w.estimate.clone())?;
         let rows = summary
             .phase_peaks
             .iter()
@@ -262,19 +326,26 @@ fn RunView(plan: Signal<Result<Plan, String>>, agent: Agent) -> impl IntoView {
                 {rows}
             </table>
         })
-    };
+    }
+}
+
+/// The watched run beside a compared one, figure by figure.
+#[component]
+fn Comparison(agent: Agent, job: Memo<JobState>) -> impl IntoView {
+    let state = agent.state;
+    let socket = agent.socket;
     let stop_compare = move |_| socket.stop_comparing(state);
-    let comparison = move || {
-        let c: Compared = compare.get()?;
-        let own_name =
-            state.job.with(JobState::job).map_or("watched run".to_owned(), |job| format!("run {job} (watched)"));
-        let own_summary = match state.job.get() {
+    move || {
+        let c: Compared = state.compare.get()?;
+        let own = job.get();
+        let own_name = own.job().map_or("watched run".to_owned(), |job| format!("run {job} (watched)"));
+        let own_summary = match own {
             JobState::Finished { summary, .. } => Some(summary),
             _ => None,
         };
         let own = state
-            .records
-            .with(|r| figures(own_name, r, own_summary.as_ref(), state.estimated_peak_bytes.get()).into_any());
+            .watched
+            .with(|w| figures(own_name, &w.records, own_summary.as_ref(), w.estimated_peak_bytes).into_any());
         let status = if !c.done {
             "fetching its records…".to_owned()
         } else if let Some(e) = &c.error {
@@ -293,35 +364,5 @@ fn RunView(plan: Signal<Result<Plan, String>>, agent: Agent) -> impl IntoView {
             </table>
             <button data-testid="stop-compare" on:click=stop_compare>"Stop comparing"</button>
         })
-    };
-
-    view! {
-        <h2>"Run on " {label}</h2>
-        <div class="buttons row">
-            <label>"device "
-                <select data-testid="run-device" on:change=move |ev| device.set(event_target_value(&ev))>
-                    <option value="" selected=move || device.get().is_empty()>"as the plan says"</option>
-                    {move || devices().into_iter().map(|d| {
-                        let id = d.id.clone();
-                        let text = format!("{} · {} ({})", d.id, d.name, Bytes(d.total_memory_bytes));
-                        view! { <option value=id.clone() selected=move || device.get() == id>{text}</option> }
-                    }).collect_view()}
-                </select>
-            </label>
-            <button data-testid="run" disabled=move || !can_run() on:click=run>"Run on agent"</button>
-            <button data-testid="cancel" disabled=move || !running() on:click=cancel>"Cancel"</button>
-        </div>
-        <p class=status_class data-testid="job-status">{status}</p>
-        {move || progress().map(|p| view! { <p class="progress" data-testid="job-progress">{p}</p> })}
-        {move || send_error.get().map(|e| view! { <p class="error">{e}</p> })}
-        {move || state.notice.get().map(|n| view! { <p class="error" data-testid="run-notice">{n}</p> })}
-        <LineChart title="Loss per micro-batch" testid="loss-chart" series=loss count=count references=Signal::derive(Vec::new) format=fmt_loss />
-        <LineChart title="Memory per micro-batch" testid="memory-chart" series=memory count=count references=references format=fmt_bytes />
-        {move || (!state.events.with(Vec::is_empty)).then(|| view! {
-            <h3>"Events"</h3>
-            <ol class="events" data-testid="events" reversed>{events}</ol>
-        })}
-        {phases}
-        {comparison}
     }
 }

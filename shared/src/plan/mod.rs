@@ -1,6 +1,6 @@
 //! A training plan: everything needed to estimate a job's memory and to run it.
 //!
-//! A plan crosses the wire inside `protocol::Message::Submit`, so its types avoid serde
+//! A plan crosses the wire inside `protocol::ToAgent::Submit`, so its types avoid serde
 //! features that bincode cannot decode (internally tagged or untagged enums, flatten).
 //! In JSON and YAML, enums are externally tagged: `"optimizer": {"adamw": {...}}`.
 

@@ -4,10 +4,10 @@
 use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
-use headroom_tests::{AgentHandle, Inbound, Ws, find_child, next, recv, recv_numbered, send};
+use headroom_tests::{AgentHandle, Inbound, Ws, find_child, next, recv, recv_record, send};
 use shared::codec::MAX_FRAME_BYTES;
 use shared::plan::{DeviceChoice, ModelSpec, Optimizer, Plan, Schedule};
-use shared::protocol::{BatchRecord, ErrorCode, Message, RunState, Summary};
+use shared::protocol::{BatchRecord, ErrorCode, Record, RunState, Summary, ToAgent, ToClient};
 use tokio_tungstenite::tungstenite;
 
 fn cpu_plan(mut plan: Plan, steps: u64) -> Plan {
@@ -17,7 +17,7 @@ fn cpu_plan(mut plan: Plan, steps: u64) -> Plan {
 }
 
 /// Submits `plan` and collects its records until it ends.
-async fn run_job(ws: &mut Ws, plan: Plan) -> anyhow::Result<(u64, Vec<BatchRecord>, Result<Summary, Message>)> {
+async fn run_job(ws: &mut Ws, plan: Plan) -> anyhow::Result<(u64, Vec<BatchRecord>, Result<Summary, ToClient>)> {
     run_job_with(ws, plan, false).await
 }
 
@@ -25,10 +25,10 @@ async fn run_job_with(
     ws: &mut Ws,
     plan: Plan,
     force: bool,
-) -> anyhow::Result<(u64, Vec<BatchRecord>, Result<Summary, Message>)> {
-    send(ws, &Message::Submit { plan, force, key: None }).await?;
+) -> anyhow::Result<(u64, Vec<BatchRecord>, Result<Summary, ToClient>)> {
+    send(ws, &ToAgent::Submit { plan, force, key: None }).await?;
     let estimate = match recv(ws).await? {
-        Message::Accepted { estimate, device, .. } => {
+        ToClient::Accepted { estimate, device, .. } => {
             assert_eq!(device, "cpu");
             estimate.peak_bytes.get()
         }
@@ -37,8 +37,10 @@ async fn run_job_with(
     let mut records = Vec::new();
     loop {
         match recv(ws).await? {
-            Message::Batch(r) => records.push(r),
-            Message::Finished { summary, .. } => return Ok((estimate, records, Ok(summary))),
+            ToClient::Logged { record: Record::Batch(r), .. } => records.push(r),
+            ToClient::Logged { record: Record::Finished { summary }, .. } => {
+                return Ok((estimate, records, Ok(summary)));
+            }
             other => return Ok((estimate, records, Err(other))),
         }
     }
@@ -122,7 +124,7 @@ async fn handshakes_without_the_right_token_or_origin_are_refused() -> anyhow::R
     // The agent's own origin is fine.
     let own = format!("http://localhost:{}", agent.port);
     let mut ws = agent.connect_with(Some(&agent.token), Some(&own)).await?;
-    assert!(matches!(recv(&mut ws).await?, Message::Hello(_)));
+    assert!(matches!(recv(&mut ws).await?, ToClient::Hello(_)));
     still_serves(&agent).await
 }
 
@@ -136,7 +138,7 @@ async fn expect_rejected(
     let mut ws = agent.connect().await?;
     ws.send(frame).await?;
     match next(&mut ws).await? {
-        Inbound::Message(Message::Error { code: got, message }) => {
+        Inbound::Message(ToClient::Error { code: got, message }) => {
             assert_eq!(got, code, "{message}");
             assert!(!message.is_empty());
         }
@@ -155,7 +157,7 @@ async fn bad_frames_get_an_error_and_a_close_and_others_keep_working() -> anyhow
     // A client that stays connected throughout must not notice anything.
     let mut bystander = agent.connect().await?;
 
-    let mut other_version = shared::codec::encode(&Message::Cancel { job: 1 })?;
+    let mut other_version = shared::codec::encode(&ToAgent::Cancel { job: 1 })?;
     other_version[..2].copy_from_slice(&(shared::protocol::PROTOCOL_VERSION + 1).to_le_bytes());
     expect_rejected(&agent, tungstenite::Message::Binary(other_version.into()), ErrorCode::UnsupportedVersion, 1002)
         .await?;
@@ -183,7 +185,7 @@ async fn bad_frames_get_an_error_and_a_close_and_others_keep_working() -> anyhow
             match ws.next().await {
                 None | Some(Err(_)) | Some(Ok(tungstenite::Message::Close(_))) => return "closed",
                 Some(Ok(tungstenite::Message::Binary(b))) => {
-                    if let Ok(Message::Error { code: ErrorCode::TooLarge, .. }) = shared::codec::decode(&b) {
+                    if let Ok(ToClient::Error { code: ErrorCode::TooLarge, .. }) = shared::codec::decode(&b) {
                         return "refused as too large";
                     }
                 }
@@ -210,7 +212,7 @@ async fn a_submit_just_under_the_message_limit_is_refused_for_its_plan_not_its_s
         if let ModelSpec::Zoo { settings, .. } = &mut plan.model {
             settings.insert("k".repeat(len), "1".into());
         }
-        Message::Submit { plan, force: false, key: None }
+        ToAgent::Submit { plan, force: false, key: None }
     };
     let base = shared::codec::encode(&submit(0))?.len();
     let frame = shared::codec::encode(&submit(MAX_FRAME_BYTES - base - 8))?;
@@ -218,7 +220,7 @@ async fn a_submit_just_under_the_message_limit_is_refused_for_its_plan_not_its_s
     let mut ws = agent.connect().await?;
     ws.send(tungstenite::Message::Binary(frame.into())).await?;
     match recv(&mut ws).await? {
-        Message::Error { code: ErrorCode::InvalidPlan, message } => {
+        ToClient::Error { code: ErrorCode::InvalidPlan, message } => {
             assert!(
                 message.contains("unknown key 'kkkk") && message.len() < 2_000,
                 "{} bytes: {}",
@@ -241,17 +243,17 @@ async fn the_configured_message_size_and_rate_limits_hold() -> anyhow::Result<()
     let flags = ["--max-message-bytes", "4096", "--max-messages-per-second", "1"];
     let agent = AgentHandle::start_flags(&flags, None)?;
     // Over the configured 4 KiB, far below the protocol's 1 MiB.
-    let big = shared::codec::encode(&Message::Error { code: ErrorCode::Internal, message: "x".repeat(5000) })?;
+    let big = shared::codec::encode(&ToClient::Error { code: ErrorCode::Internal, message: "x".repeat(5000) })?;
     expect_rejected(&agent, tungstenite::Message::Binary(big.into()), ErrorCode::TooLarge, 1009).await?;
     // 1 a second with bursts of 2: a client asking as fast as it is answered gets 2
     // answers, and what refills meanwhile, then is told why and closed.
     let mut ws = agent.connect().await?;
     let mut answered = 0;
     for _ in 0..14 {
-        send(&mut ws, &Message::ListRuns { before: None, limit: 1 }).await?;
+        send(&mut ws, &ToAgent::ListRuns { before: None, limit: 1 }).await?;
         match next(&mut ws).await? {
-            Inbound::Message(Message::Runs { .. }) => answered += 1,
-            Inbound::Message(Message::Error { code: ErrorCode::RateLimited, message }) => {
+            Inbound::Message(ToClient::Runs { .. }) => answered += 1,
+            Inbound::Message(ToClient::Error { code: ErrorCode::RateLimited, message }) => {
                 assert!(message.contains("--max-messages-per-second"), "{message}");
                 break;
             }
@@ -278,33 +280,33 @@ async fn invalid_plans_busy_agents_and_unknown_jobs_get_clear_errors() -> anyhow
     let mut ws = agent.connect().await?;
     let mut bad = Plan::example_mlp();
     bad.micro_batch = 0;
-    send(&mut ws, &Message::Submit { plan: bad, force: false, key: None }).await?;
+    send(&mut ws, &ToAgent::Submit { plan: bad, force: false, key: None }).await?;
     match recv(&mut ws).await? {
-        Message::Error { code: ErrorCode::InvalidPlan, message } => {
+        ToClient::Error { code: ErrorCode::InvalidPlan, message } => {
             assert!(message.starts_with("micro_batch:"), "{message}")
         }
         other => panic!("expected InvalidPlan, got {other:?}"),
     }
-    send(&mut ws, &Message::Cancel { job: 99 }).await?;
-    assert!(matches!(recv(&mut ws).await?, Message::Error { code: ErrorCode::UnknownJob, .. }));
+    send(&mut ws, &ToAgent::Cancel { job: 99 }).await?;
+    assert!(matches!(recv(&mut ws).await?, ToClient::Error { code: ErrorCode::UnknownJob, .. }));
 
     // One job at a time: a second client's run waits in the queue.
-    send(&mut ws, &Message::Submit { plan: cpu_plan(Plan::example_mlp(), 100_000), force: false, key: None }).await?;
+    send(&mut ws, &ToAgent::Submit { plan: cpu_plan(Plan::example_mlp(), 100_000), force: false, key: None }).await?;
     let job = match recv(&mut ws).await? {
-        Message::Accepted { job, .. } => job,
+        ToClient::Accepted { job, .. } => job,
         other => panic!("expected Accepted, got {other:?}"),
     };
     // It runs once its first record arrives.
-    assert!(matches!(recv(&mut ws).await?, Message::Batch(_)));
+    assert!(matches!(recv(&mut ws).await?, ToClient::Logged { record: Record::Batch(_), .. }));
     let mut second = agent.connect().await?;
-    send(&mut second, &Message::Submit { plan: cpu_plan(Plan::example_mlp(), 2), force: false, key: None }).await?;
+    send(&mut second, &ToAgent::Submit { plan: cpu_plan(Plan::example_mlp(), 2), force: false, key: None }).await?;
     let queued = match recv(&mut second).await? {
-        Message::Accepted { job, .. } => job,
+        ToClient::Accepted { job, .. } => job,
         other => panic!("expected Accepted (queued), got {other:?}"),
     };
-    send(&mut second, &Message::ListRuns { before: None, limit: 100 }).await?;
+    send(&mut second, &ToAgent::ListRuns { before: None, limit: 100 }).await?;
     match recv(&mut second).await? {
-        Message::Runs { runs, .. } => {
+        ToClient::Runs { runs, .. } => {
             let state = |j| runs.iter().find(|r| r.job == j).map(|r| r.state);
             assert_eq!(state(job), Some(RunState::Running), "{runs:?}");
             assert_eq!(state(queued), Some(RunState::Queued), "{runs:?}");
@@ -312,9 +314,9 @@ async fn invalid_plans_busy_agents_and_unknown_jobs_get_clear_errors() -> anyhow
         other => panic!("expected Runs, got {other:?}"),
     }
     // What a fleet view polls: the devices' free memory and the queue.
-    send(&mut second, &Message::Status).await?;
+    send(&mut second, &ToAgent::Status).await?;
     match recv(&mut second).await? {
-        Message::AgentStatus(status) => {
+        ToClient::AgentStatus(status) => {
             let cpu = status.devices.iter().find(|d| d.id == "cpu").expect("cpu");
             assert_eq!(cpu.running, vec![job], "{status:?}");
             assert!(cpu.free_memory_bytes.is_some_and(|f| f > 0 && f <= cpu.total_memory_bytes), "{status:?}");
@@ -324,26 +326,26 @@ async fn invalid_plans_busy_agents_and_unknown_jobs_get_clear_errors() -> anyhow
         other => panic!("expected AgentStatus, got {other:?}"),
     }
     // One run's plan, as the agent resolved it, and its planned steps.
-    send(&mut second, &Message::GetRun { job: queued }).await?;
+    send(&mut second, &ToAgent::GetRun { job: queued }).await?;
     match recv(&mut second).await? {
-        Message::Run { info, plan, estimate } => {
+        ToClient::Run { info, plan, estimate } => {
             assert_eq!((info.job, info.state, info.steps), (queued, RunState::Queued, 2));
             assert_eq!(estimate.map(|e| e.peak_bytes.get()), Some(info.estimated_peak_bytes));
             assert_eq!(plan.device, DeviceChoice::Cpu);
         }
         other => panic!("expected Run, got {other:?}"),
     }
-    send(&mut second, &Message::GetRun { job: 9999 }).await?;
-    assert!(matches!(recv(&mut second).await?, Message::Error { code: ErrorCode::UnknownJob, .. }));
+    send(&mut second, &ToAgent::GetRun { job: 9999 }).await?;
+    assert!(matches!(recv(&mut second).await?, ToClient::Error { code: ErrorCode::UnknownJob, .. }));
     // A third run is cancelled while it waits.
-    send(&mut second, &Message::Submit { plan: cpu_plan(Plan::example_mlp(), 2), force: false, key: None }).await?;
+    send(&mut second, &ToAgent::Submit { plan: cpu_plan(Plan::example_mlp(), 2), force: false, key: None }).await?;
     let third = match recv(&mut second).await? {
-        Message::Accepted { job, .. } => job,
+        ToClient::Accepted { job, .. } => job,
         other => panic!("expected Accepted, got {other:?}"),
     };
-    send(&mut second, &Message::Cancel { job: third }).await?;
+    send(&mut second, &ToAgent::Cancel { job: third }).await?;
     match recv(&mut second).await? {
-        Message::Failed { job, error } => {
+        ToClient::Logged { job, record: Record::Failed { error }, .. } => {
             assert_eq!((job, error.code), (third, ErrorCode::Cancelled), "{}", error.message);
             assert!(error.message.contains("queued"), "{}", error.message);
         }
@@ -351,11 +353,11 @@ async fn invalid_plans_busy_agents_and_unknown_jobs_get_clear_errors() -> anyhow
     }
 
     // Cancelling ends the long job with Cancelled (from any connection).
-    send(&mut second, &Message::Cancel { job }).await?;
+    send(&mut second, &ToAgent::Cancel { job }).await?;
     loop {
         match recv(&mut ws).await? {
-            Message::Batch(_) => continue,
-            Message::Failed { error, .. } => {
+            ToClient::Logged { record: Record::Batch(_), .. } => continue,
+            ToClient::Logged { record: Record::Failed { error }, .. } => {
                 assert_eq!(error.code, ErrorCode::Cancelled, "{}", error.message);
                 break;
             }
@@ -364,11 +366,11 @@ async fn invalid_plans_busy_agents_and_unknown_jobs_get_clear_errors() -> anyhow
     }
     // Then the queued run runs. A session watches one run at a time (the last it
     // submitted or attached to): back to the queued one, from its start.
-    send(&mut second, &Message::Attach { job: queued, after: 0 }).await?;
+    send(&mut second, &ToAgent::Attach { job: queued, after: 0 }).await?;
     loop {
         match recv(&mut second).await? {
-            Message::Batch(b) => assert_eq!(b.job, queued),
-            Message::Finished { job, .. } => {
+            ToClient::Logged { record: Record::Batch(b), .. } => assert_eq!(b.job, queued),
+            ToClient::Logged { job, record: Record::Finished { .. }, .. } => {
                 assert_eq!(job, queued);
                 break;
             }
@@ -376,9 +378,9 @@ async fn invalid_plans_busy_agents_and_unknown_jobs_get_clear_errors() -> anyhow
         }
     }
     // Cancelling a run that has ended: known, nothing to cancel; not an unknown run.
-    send(&mut ws, &Message::Cancel { job }).await?;
+    send(&mut ws, &ToAgent::Cancel { job }).await?;
     match recv(&mut ws).await? {
-        Message::Error { code: ErrorCode::Unexpected, message } => assert!(message.contains("has ended"), "{message}"),
+        ToClient::Error { code: ErrorCode::Unexpected, message } => assert!(message.contains("has ended"), "{message}"),
         other => panic!("expected an error for an ended run, got {other:?}"),
     }
     Ok(())
@@ -394,7 +396,7 @@ async fn running_out_of_memory_fails_the_job_not_the_agent() -> anyhow::Result<(
     // Its estimate exceeds that, so the agent runs it only when told to.
     let (_, _, result) = run_job_with(&mut ws, plan, true).await?;
     match result {
-        Err(Message::Failed { error, .. }) => {
+        Err(ToClient::Logged { record: Record::Failed { error }, .. }) => {
             assert_eq!(error.code, ErrorCode::OutOfMemory, "{}", error.message);
             assert!(error.message.contains("limit of 1572864 bytes"), "{}", error.message);
         }
@@ -407,9 +409,9 @@ async fn running_out_of_memory_fails_the_job_not_the_agent() -> anyhow::Result<(
 async fn a_crashed_worker_is_reported_and_the_agent_lives_on() -> anyhow::Result<()> {
     let agent = AgentHandle::start(None)?;
     let mut ws = agent.connect().await?;
-    send(&mut ws, &Message::Submit { plan: cpu_plan(Plan::example_mlp(), 100_000), force: false, key: None }).await?;
-    assert!(matches!(recv(&mut ws).await?, Message::Accepted { .. }));
-    assert!(matches!(recv(&mut ws).await?, Message::Batch(_)));
+    send(&mut ws, &ToAgent::Submit { plan: cpu_plan(Plan::example_mlp(), 100_000), force: false, key: None }).await?;
+    assert!(matches!(recv(&mut ws).await?, ToClient::Accepted { .. }));
+    assert!(matches!(recv(&mut ws).await?, ToClient::Logged { record: Record::Batch(_), .. }));
     // Kill the worker as a segfault inside libtorch would.
     let worker = find_child(agent.pid(), "worker").expect("a worker process");
     // SAFETY: sending a signal to a process this test started (through the agent).
@@ -417,8 +419,8 @@ async fn a_crashed_worker_is_reported_and_the_agent_lives_on() -> anyhow::Result
     let killed = std::time::Instant::now();
     loop {
         match recv(&mut ws).await? {
-            Message::Batch(_) => continue,
-            Message::Failed { error, .. } => {
+            ToClient::Logged { record: Record::Batch(_), .. } => continue,
+            ToClient::Logged { record: Record::Failed { error }, .. } => {
                 assert_eq!(error.code, ErrorCode::WorkerCrashed, "{}", error.message);
                 assert!(error.message.contains("signal: 9"), "{}", error.message);
                 let after = killed.elapsed();
@@ -448,9 +450,9 @@ async fn a_client_that_stops_reading_never_holds_training_back() -> anyhow::Resu
         learning_rate: 0.01,
         ..cpu_plan(Plan::example_mlp(), STEPS)
     };
-    send(&mut ws, &Message::Submit { plan, force: false, key: None }).await?;
+    send(&mut ws, &ToAgent::Submit { plan, force: false, key: None }).await?;
     let job = match recv(&mut ws).await? {
-        Message::Accepted { job, .. } => job,
+        ToClient::Accepted { job, .. } => job,
         other => panic!("expected Accepted, got {other:?}"),
     };
     // Read nothing: if a full socket held the worker back, the run would never finish.
@@ -458,10 +460,10 @@ async fn a_client_that_stops_reading_never_holds_training_back() -> anyhow::Resu
     let mut probe = agent.connect().await?;
     loop {
         anyhow::ensure!(started.elapsed().as_secs() < 240, "training stalled while the client was not reading");
-        send(&mut probe, &Message::ListRuns { before: None, limit: 100 }).await?;
+        send(&mut probe, &ToAgent::ListRuns { before: None, limit: 100 }).await?;
         match recv(&mut probe).await? {
-            Message::Runs { runs, .. } if runs.iter().any(|r| r.job == job && r.state == RunState::Finished) => break,
-            Message::Runs { .. } => tokio::time::sleep(std::time::Duration::from_millis(100)).await,
+            ToClient::Runs { runs, .. } if runs.iter().any(|r| r.job == job && r.state == RunState::Finished) => break,
+            ToClient::Runs { .. } => tokio::time::sleep(std::time::Duration::from_millis(100)).await,
             other => panic!("expected Runs, got {other:?}"),
         }
     }
@@ -469,12 +471,12 @@ async fn a_client_that_stops_reading_never_holds_training_back() -> anyhow::Resu
     // The stalled client is dropped once a write has waited 10 s; the run's records are
     // all on disk, and attaching again delivers every one, in order, once.
     let mut fresh = agent.connect().await?;
-    send(&mut fresh, &Message::Attach { job, after: 0 }).await?;
+    send(&mut fresh, &ToAgent::Attach { job, after: 0 }).await?;
     let mut seqs = Vec::new();
     let summary = loop {
-        match recv_numbered(&mut fresh).await? {
-            (Some(seq), Message::Batch(_)) => seqs.push(seq),
-            (Some(seq), Message::Finished { summary, .. }) => {
+        match recv_record(&mut fresh).await? {
+            (seq, _, Record::Batch(_)) => seqs.push(seq),
+            (seq, _, Record::Finished { summary }) => {
                 seqs.push(seq);
                 break summary;
             }

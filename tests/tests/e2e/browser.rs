@@ -383,7 +383,7 @@ async fn drive(client: &fantoccini::Client, agent: &AgentHandle) -> anyhow::Resu
     // answer (the page's socket is closed just after the frame goes): on reconnecting
     // the page sends the same submission again with its key, and the agent answers
     // with the run the first one became. One run, not two, and it is watched to its end.
-    client.execute(CUT_AFTER_SUBMIT, vec![]).await?;
+    client.execute(&cut_after_submit()?, vec![]).await?;
     client.find(Locator::Css("[data-testid=run]")).await?.click().await?;
     // The status still shows job 1's end for a moment: wait for job 2's.
     let status = wait_job_end(client, 2, 25).await?;
@@ -407,7 +407,7 @@ async fn drive(client: &fantoccini::Client, agent: &AgentHandle) -> anyhow::Resu
 
     // Cut again, and the page reloaded before it reconnects: the reloaded page finds the
     // unanswered submission in its storage and sends it again.
-    client.execute(CUT_AFTER_SUBMIT, vec![]).await?;
+    client.execute(&cut_after_submit()?, vec![]).await?;
     client.find(Locator::Css("[data-testid=run]")).await?.click().await?;
     client.refresh().await?;
     let status = wait_job_end(client, 3, 25).await?;
@@ -437,20 +437,33 @@ async fn drive(client: &fantoccini::Client, agent: &AgentHandle) -> anyhow::Resu
 
 /// Closes the page's socket just after the next Submit frame goes, once; counts the cuts
 /// and notes when each Submit was sent.
-const CUT_AFTER_SUBMIT: &str = r#"const send = WebSocket.prototype.send;
+/// A script that closes the page's socket right after its first `Submit` goes, and counts
+/// the `Submit`s sent. A frame's first bytes are the version (2), the direction and the
+/// variant: taken from a `Submit` this codec encodes, so the script follows the format.
+fn cut_after_submit() -> anyhow::Result<String> {
+    let submit = shared::codec::encode(&shared::protocol::ToAgent::Submit {
+        plan: Plan::example_mlp(),
+        force: false,
+        key: None,
+    })?;
+    let (direction, variant) = (submit[2], submit[3]);
+    Ok(format!(
+        r#"const send = WebSocket.prototype.send;
    window.__cuts = 0;
    window.__submits = [];
-   WebSocket.prototype.send = function (data) {
+   WebSocket.prototype.send = function (data) {{
      send.call(this, data);
      const b = data instanceof ArrayBuffer ? new Uint8Array(data)
                                            : new Uint8Array(data.buffer, data.byteOffset, data.byteLength);
-     // [version (2 bytes), variant]: variant 1 is Submit.
-     if (b[2] === 1) window.__submits.push(Date.now());
-     if (b[2] === 1 && window.__cuts === 0) {
+     const submit = b[2] === {direction} && b[3] === {variant};
+     if (submit) window.__submits.push(Date.now());
+     if (submit && window.__cuts === 0) {{
        window.__cuts = 1;
        this.close(4000, "test: cut after Submit");
-     }
-   };"#;
+     }}
+   }};"#
+    ))
+}
 
 /// Waits for run `job` to finish after `steps` steps in the run view; its status line.
 async fn wait_job_end(client: &fantoccini::Client, job: u64, steps: u64) -> anyhow::Result<String> {

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use futures_util::SinkExt;
 use headroom_tests::{AgentHandle, Inbound, next, recv, send};
 use shared::plan::{DeviceChoice, Plan, Schedule};
-use shared::protocol::{ErrorCode, Message};
+use shared::protocol::{Direction, ErrorCode, JobError, Record, ToAgent, ToClient};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_tungstenite::tungstenite;
 
@@ -115,9 +115,17 @@ async fn hostile_http_handshakes_frames_and_plans_never_get_through_or_crash_the
         (
             "a truncated message",
             {
-                let mut b = shared::codec::encode(&Message::Attach { job: 1, after: 2 })?;
+                let mut b = shared::codec::encode(&ToAgent::Attach { job: 1, after: 2 })?;
                 b.pop();
                 tungstenite::Message::Binary(b.into())
+            },
+            ErrorCode::Malformed,
+        ),
+        (
+            "an unknown direction",
+            {
+                let v = shared::protocol::PROTOCOL_VERSION.to_le_bytes();
+                tungstenite::Message::Binary(vec![v[0], v[1], 250, 0].into())
             },
             ErrorCode::Malformed,
         ),
@@ -125,17 +133,29 @@ async fn hostile_http_handshakes_frames_and_plans_never_get_through_or_crash_the
             "an unknown variant",
             {
                 let v = shared::protocol::PROTOCOL_VERSION.to_le_bytes();
-                tungstenite::Message::Binary(vec![v[0], v[1], 250].into())
+                tungstenite::Message::Binary(vec![v[0], v[1], Direction::ToAgent.tag(), 250].into())
             },
             ErrorCode::Malformed,
         ),
         (
             "a length that lies",
             {
+                // A `Submit` whose plan's name claims 2^63 bytes.
                 let v = shared::protocol::PROTOCOL_VERSION.to_le_bytes();
-                tungstenite::Message::Binary(vec![v[0], v[1], 7, 5, 253, 255, 255, 255, 255, 255, 255, 255, 127].into())
+                let (to_agent, submit) = (Direction::ToAgent.tag(), 0);
+                tungstenite::Message::Binary(
+                    vec![v[0], v[1], to_agent, submit, 253, 255, 255, 255, 255, 255, 255, 255, 127].into(),
+                )
             },
             ErrorCode::Malformed,
+        ),
+        (
+            "a worker's record",
+            {
+                let cancelled = JobError { code: ErrorCode::Cancelled, message: "x".into() };
+                tungstenite::Message::Binary(shared::codec::encode(&Record::Failed { error: cancelled })?.into())
+            },
+            ErrorCode::Unexpected,
         ),
         ("a text frame", tungstenite::Message::Text("{\"submit\": {}}".into()), ErrorCode::Unexpected),
         (
@@ -149,7 +169,7 @@ async fn hostile_http_handshakes_frames_and_plans_never_get_through_or_crash_the
         let mut ws = agent.connect().await?;
         ws.send(frame).await?;
         match next(&mut ws).await? {
-            Inbound::Message(Message::Error { code, .. }) => assert_eq!(code, want, "{name}"),
+            Inbound::Message(ToClient::Error { code, .. }) => assert_eq!(code, want, "{name}"),
             other => panic!("{name}: expected an Error, got {other:?}"),
         }
         answers.push(format!("frame {name}: {want:?}"));
@@ -165,34 +185,37 @@ async fn hostile_http_handshakes_frames_and_plans_never_get_through_or_crash_the
         ("zero classes", with("num_classes", "0")?),
         ("a batch past its limit", with("batch", "65537")?),
     ] {
-        send(&mut ws, &Message::Submit { plan, force: false, key: None }).await?;
+        send(&mut ws, &ToAgent::Submit { plan, force: false, key: None }).await?;
         match recv(&mut ws).await? {
-            Message::Error { code: ErrorCode::InvalidPlan, message } => answers.push(format!("plan {name}: {message}")),
+            ToClient::Error { code: ErrorCode::InvalidPlan, message } => {
+                answers.push(format!("plan {name}: {message}"))
+            }
             other => panic!("{name}: expected InvalidPlan, got {other:?}"),
         }
     }
-    send(&mut ws, &Message::Runs { runs: Vec::new(), more: false }).await?;
-    assert!(matches!(recv(&mut ws).await?, Message::Error { code: ErrorCode::Unexpected, .. }));
+    send(&mut ws, &ToClient::Runs { runs: Vec::new(), more: false }).await?;
+    assert!(matches!(recv(&mut ws).await?, ToClient::Error { code: ErrorCode::Unexpected, .. }));
     let tried = n_http + 1 + n_frames + 4;
     println!("hostile inputs: {tried} tried, 0 got through, agent alive\n  {}", answers.join("\n  "));
     // Still serving, and nothing panicked.
     let mut ws = agent.connect().await?;
-    send(&mut ws, &Message::ListRuns { before: None, limit: 100 }).await?;
-    assert!(matches!(recv(&mut ws).await?, Message::Runs { .. }));
+    send(&mut ws, &ToAgent::ListRuns { before: None, limit: 100 }).await?;
+    assert!(matches!(recv(&mut ws).await?, ToClient::Runs { .. }));
     Ok(())
 }
 
 /// Runs `plan` with this one client; its training wall time.
 async fn run_alone(ws: &mut headroom_tests::Ws, plan: Plan) -> anyhow::Result<f64> {
-    send(ws, &Message::Submit { plan, force: false, key: None }).await?;
+    send(ws, &ToAgent::Submit { plan, force: false, key: None }).await?;
     match recv(ws).await? {
-        Message::Accepted { .. } => {}
+        ToClient::Accepted { .. } => {}
         other => anyhow::bail!("expected Accepted, got {other:?}"),
     }
     loop {
         match recv(ws).await? {
-            Message::Finished { summary, .. } => return Ok(summary.wall_time_ms),
-            Message::Batch(_) | Message::Event { .. } => {}
+            ToClient::Logged { record: Record::Finished { summary }, .. } => return Ok(summary.wall_time_ms),
+            ToClient::Logged { record: Record::Batch(_), .. }
+            | ToClient::Logged { record: Record::Event { .. }, .. } => {}
             other => anyhow::bail!("unexpected {other:?}"),
         }
     }
@@ -224,16 +247,16 @@ async fn a_hundred_watchers_and_a_thousand_reconnects_leave_memory_flat_and_trai
         watchers.push(agent.connect().await?);
     }
     let stalled = agent.connect_slow(4096).await?;
-    send(&mut ws, &Message::Submit { plan: plan.clone(), force: false, key: None }).await?;
+    send(&mut ws, &ToAgent::Submit { plan: plan.clone(), force: false, key: None }).await?;
     let job = match recv(&mut ws).await? {
-        Message::Accepted { job, .. } => job,
+        ToClient::Accepted { job, .. } => job,
         other => anyhow::bail!("expected Accepted, got {other:?}"),
     };
     let cpu_before = agent_cpu_s(agent.pid());
     let mut stalled = stalled;
-    send(&mut stalled, &Message::Attach { job, after: 0 }).await?;
+    send(&mut stalled, &ToAgent::Attach { job, after: 0 }).await?;
     for w in &mut watchers {
-        send(w, &Message::Attach { job, after: 0 }).await?;
+        send(w, &ToAgent::Attach { job, after: 0 }).await?;
     }
     let mut tasks = Vec::new();
     for mut w in watchers {
@@ -241,15 +264,15 @@ async fn a_hundred_watchers_and_a_thousand_reconnects_leave_memory_flat_and_trai
             let mut n = 0u64;
             loop {
                 match recv(&mut w).await? {
-                    Message::Batch(_) => n += 1,
-                    Message::Finished { .. } => return Ok::<u64, anyhow::Error>(n),
+                    ToClient::Logged { record: Record::Batch(_), .. } => n += 1,
+                    ToClient::Logged { record: Record::Finished { .. }, .. } => return Ok::<u64, anyhow::Error>(n),
                     _ => {}
                 }
             }
         }));
     }
     let wall_ms = loop {
-        if let Message::Finished { summary, .. } = recv(&mut ws).await? {
+        if let ToClient::Logged { record: Record::Finished { summary }, .. } = recv(&mut ws).await? {
             break summary.wall_time_ms;
         }
     };

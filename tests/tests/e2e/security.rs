@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use headroom_tests::{AgentHandle, cli, recv};
-use shared::protocol::Message;
+use shared::protocol::ToClient;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_tungstenite::tungstenite::{self, client::IntoClientRequest, http::HeaderValue};
 
@@ -17,7 +17,7 @@ fn token_add(file: &std::path::Path, name: &str) -> anyhow::Result<String> {
 
 /// Opens `/ws` on plain TCP with the token as a query parameter or a bearer header;
 /// the HTTP status of a refusal, or 101 and the first message.
-async fn open(port: u16, token: &str, bearer: bool) -> anyhow::Result<(u16, Option<Message>)> {
+async fn open(port: u16, token: &str, bearer: bool) -> anyhow::Result<(u16, Option<ToClient>)> {
     let url =
         if bearer { format!("ws://127.0.0.1:{port}/ws") } else { format!("ws://127.0.0.1:{port}/ws?token={token}") };
     let mut req = url.into_client_request()?;
@@ -43,9 +43,9 @@ async fn named_tokens_from_a_file_work_as_query_or_bearer_and_revocation_needs_n
     let path = file.display().to_string();
     let agent = AgentHandle::start_with(&["--listen", "127.0.0.1:0", "--token-file", &path], laptop.clone(), None)?;
     let (status, hello) = open(agent.port, &laptop, false).await?;
-    assert!(status == 101 && matches!(hello, Some(Message::Hello(_))), "{status} {hello:?}");
+    assert!(status == 101 && matches!(hello, Some(ToClient::Hello(_))), "{status} {hello:?}");
     let (status, hello) = open(agent.port, &ci, true).await?;
-    assert!(status == 101 && matches!(hello, Some(Message::Hello(_))), "bearer: {status} {hello:?}");
+    assert!(status == 101 && matches!(hello, Some(ToClient::Hello(_))), "bearer: {status} {hello:?}");
     assert_eq!(open(agent.port, &"0".repeat(64), false).await?.0, 401, "an unknown token");
     assert_eq!(open(agent.port, &"0".repeat(64), true).await?.0, 401, "an unknown bearer token");
     let (code, _, err) = cli(&["token", "revoke", "laptop", "--token-file", &path])?;
@@ -138,7 +138,7 @@ async fn tls_serves_the_planner_and_the_websocket_and_refuses_clear_text() -> an
     let mut req = format!("wss://{host}/ws?token={token}").into_client_request()?;
     req.headers_mut().insert("origin", HeaderValue::from_str(&format!("https://{host}"))?);
     let (mut ws, _) = tokio_tungstenite::client_async(req, tls).await?;
-    assert!(matches!(recv(&mut ws).await?, Message::Hello(_)));
+    assert!(matches!(recv(&mut ws).await?, ToClient::Hello(_)));
     // Clear text on the TLS port gets no page.
     let mut plain = tokio::net::TcpStream::connect(("127.0.0.1", agent.port)).await?;
     plain.write_all(format!("GET / HTTP/1.1\r\nHost: {host}\r\n\r\n").as_bytes()).await?;
@@ -185,7 +185,7 @@ async fn idle_strangers_cannot_crowd_out_a_real_client() -> anyhow::Result<()> {
     let stream = socket.connect(([127, 0, 0, 1], agent.port).into()).await?;
     let req = format!("ws://127.0.0.1:{}/ws?token={token}", agent.port).into_client_request()?;
     let (mut ws, _) = tokio_tungstenite::client_async(req, stream).await?;
-    assert!(matches!(recv(&mut ws).await?, Message::Hello(_)));
+    assert!(matches!(recv(&mut ws).await?, ToClient::Hello(_)));
     // The idle ones are dropped at the handshake deadline (10 s).
     let t0 = Instant::now();
     for s in &mut idle {
