@@ -68,6 +68,64 @@ pub struct Param {
     pub trainable: bool,
 }
 
+/// A value of a graph (one tensor a node makes or the data provides), named by its place
+/// in `Graph::values`. Values, parameters and nodes are told apart by type: a node is a
+/// position in execution order (`usize`, so that stages, blocks and checkpointed
+/// regions are ranges of them), a value a [`ValueId`], a parameter a [`ParamId`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ValueId(pub usize);
+
+/// A parameter or buffer of a graph, named by its place in `Graph::params`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ParamId(pub usize);
+
+/// Tables kept per value or per parameter (the graph's own, and the estimator's and the
+/// trainer's working ones) are indexed by the id itself.
+macro_rules! id_indexes {
+    ($id:ident) => {
+        impl $id {
+            pub fn index(self) -> usize {
+                self.0
+            }
+        }
+
+        impl std::fmt::Display for $id {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                self.0.fmt(f)
+            }
+        }
+
+        impl<T> std::ops::Index<$id> for Vec<T> {
+            type Output = T;
+            fn index(&self, id: $id) -> &T {
+                &self[id.0]
+            }
+        }
+
+        impl<T> std::ops::IndexMut<$id> for Vec<T> {
+            fn index_mut(&mut self, id: $id) -> &mut T {
+                &mut self[id.0]
+            }
+        }
+
+        impl<T> std::ops::Index<$id> for [T] {
+            type Output = T;
+            fn index(&self, id: $id) -> &T {
+                &self[id.0]
+            }
+        }
+
+        impl<T> std::ops::IndexMut<$id> for [T] {
+            fn index_mut(&mut self, id: $id) -> &mut T {
+                &mut self[id.0]
+            }
+        }
+    };
+}
+
+id_indexes!(ValueId);
+id_indexes!(ParamId);
+
 /// One tensor flowing through the graph.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Value {
@@ -455,14 +513,14 @@ pub enum OpFamily {
 #[derive(Clone, Debug, PartialEq)]
 pub struct Node {
     pub op: Op,
-    pub inputs: Vec<usize>,
-    pub params: Vec<usize>,
+    pub inputs: Vec<ValueId>,
+    pub params: Vec<ParamId>,
     /// Usually one value; `Split` has one per piece.
-    pub outputs: Vec<usize>,
+    pub outputs: Vec<ValueId>,
 }
 
 impl Node {
-    pub fn output(&self) -> usize {
+    pub fn output(&self) -> ValueId {
         self.outputs[0]
     }
 }
@@ -523,12 +581,12 @@ pub struct Graph {
     pub params: Vec<Param>,
     pub nodes: Vec<Node>,
     /// The values the data provides, with what they hold.
-    pub inputs: Vec<(usize, InputKind)>,
+    pub inputs: Vec<(ValueId, InputKind)>,
     /// What the model returns to the training loop, which keeps it bound through the
     /// step (logits; Hugging Face's key/value cache; CLIP's features).
-    pub returned: Vec<usize>,
+    pub returned: Vec<ValueId>,
     /// The scalar loss.
-    pub loss: usize,
+    pub loss: ValueId,
     /// The first node of the loss computation (when the reference computes the loss
     /// inside the model, the first node after the logits).
     pub loss_start: usize,
@@ -555,13 +613,13 @@ pub struct Graph {
 /// the term stops at `start` and trains on `base_loss`.
 #[derive(Clone, Debug, PartialEq)]
 pub struct SurfaceTerm {
-    pub map: usize,
+    pub map: ValueId,
     pub start: usize,
-    pub base_loss: usize,
+    pub base_loss: ValueId,
     /// The weighted term, as added to the loss.
-    pub term: usize,
+    pub term: ValueId,
     /// The logits the map is laid out like.
-    pub logits: usize,
+    pub logits: ValueId,
 }
 
 /// An `nn.MultiheadAttention` self-attention block (batch first, no mask, an even
@@ -574,9 +632,9 @@ pub struct FusedAttention {
     /// The nodes of the spelled-out block, parameter reads included.
     pub nodes: Range<usize>,
     /// The `[B, N, D]` value attended over (query, key and value at once).
-    pub input: usize,
+    pub input: ValueId,
     /// The block's `[B, N, D]` result.
-    pub output: usize,
+    pub output: ValueId,
     pub heads: u64,
 }
 
@@ -604,14 +662,14 @@ impl Graph {
         self.inputs.first().and_then(|&(v, _)| self.values[v].shape.first().copied()).unwrap_or(1)
     }
 
-    pub fn bytes(&self, value: usize) -> u64 {
+    pub fn bytes(&self, value: ValueId) -> u64 {
         let v = &self.values[value];
         numel(&v.shape).saturating_mul(v.dtype.size())
     }
 
     /// The largest single tensor (value or parameter) in bytes: what the plan's limits check.
     pub fn largest_tensor_bytes(&self) -> u64 {
-        let values = (0..self.values.len()).map(|v| self.bytes(v));
+        let values = (0..self.values.len()).map(|v| self.bytes(ValueId(v)));
         let params = self.params.iter().map(|p| self.param_bytes(p));
         values.chain(params).max().unwrap_or(0)
     }
@@ -667,7 +725,7 @@ impl Graph {
 
     /// For each region, the values its nodes read from outside it (earlier regions or the
     /// graph's inputs), in first-read order.
-    pub fn region_inputs(&self, regions: &[Region]) -> Vec<Vec<usize>> {
+    pub fn region_inputs(&self, regions: &[Region]) -> Vec<Vec<ValueId>> {
         let producer = self.producer();
         regions
             .iter()
@@ -688,7 +746,7 @@ impl Graph {
 
     /// The values a region's nodes produce that are read after it or kept by the loop
     /// (returned, the loss), in production order: what a checkpointed region hands on.
-    pub fn region_outputs(&self, region: &Region) -> Vec<usize> {
+    pub fn region_outputs(&self, region: &Region) -> Vec<ValueId> {
         let last = self.last_use();
         let range = region.nodes.clone();
         range
@@ -789,7 +847,7 @@ impl Builder {
                 nodes: Vec::new(),
                 inputs: Vec::new(),
                 returned: Vec::new(),
-                loss: 0,
+                loss: ValueId(0),
                 loss_start: 0,
                 returns_after: 0,
                 task,
@@ -804,7 +862,7 @@ impl Builder {
 
     /// Ends the graph: `returned` is what the model hands the training loop, `loss` the
     /// scalar, `loss_start` the first node that computes it.
-    pub fn finish(mut self, returned: Vec<usize>, loss: usize, loss_start: usize) -> Graph {
+    pub fn finish(mut self, returned: Vec<ValueId>, loss: ValueId, loss_start: usize) -> Graph {
         self.g.returned = returned;
         self.g.loss = loss;
         self.g.loss_start = loss_start;
@@ -814,7 +872,7 @@ impl Builder {
 
     /// Like `finish`, for a model that computes its loss itself and returns it with its
     /// outputs (the loop's previous outputs stay alive until then).
-    pub fn finish_with_loss_inside(self, returned: Vec<usize>, loss: usize, loss_start: usize) -> Graph {
+    pub fn finish_with_loss_inside(self, returned: Vec<ValueId>, loss: ValueId, loss_start: usize) -> Graph {
         let mut g = self.finish(returned, loss, loss_start);
         g.returns_after = g.nodes.len();
         g
@@ -826,7 +884,7 @@ impl Builder {
     }
 
     /// A float32 value no node makes and no batch holds: the surface term's map.
-    pub fn side_input(&mut self, shape: Shape) -> usize {
+    pub fn side_input(&mut self, shape: Shape) -> ValueId {
         self.value(shape, DType::F32, false)
     }
 
@@ -835,7 +893,7 @@ impl Builder {
     }
 
     /// Records nodes `nodes` as a self-attention block PyTorch may fuse (`FusedAttention`).
-    pub fn fused_attention(&mut self, nodes: Range<usize>, input: usize, output: usize, heads: u64) {
+    pub fn fused_attention(&mut self, nodes: Range<usize>, input: ValueId, output: ValueId, heads: u64) {
         self.g.fused_attention.push(FusedAttention { nodes, input, output, heads });
     }
 
@@ -882,15 +940,15 @@ impl Builder {
         GraphError { op, name: self.path(""), reason: reason.into() }
     }
 
-    pub fn shape(&self, v: usize) -> &[u64] {
+    pub fn shape(&self, v: ValueId) -> &[u64] {
         &self.g.values[v].shape
     }
 
-    pub fn dtype(&self, v: usize) -> DType {
+    pub fn dtype(&self, v: ValueId) -> DType {
         self.g.values[v].dtype
     }
 
-    pub fn input(&mut self, shape: Shape, kind: InputKind) -> usize {
+    pub fn input(&mut self, shape: Shape, kind: InputKind) -> ValueId {
         let dtype = match kind {
             InputKind::Real | InputKind::ClassMap { .. } | InputKind::Mask => DType::F32,
             InputKind::Tokens { .. } | InputKind::ClassIndex { .. } => DType::I64,
@@ -900,22 +958,22 @@ impl Builder {
         v
     }
 
-    fn new_param(&mut self, name: &str, shape: Shape, dtype: DType, init: Init, trainable: bool) -> usize {
+    fn new_param(&mut self, name: &str, shape: Shape, dtype: DType, init: Init, trainable: bool) -> ParamId {
         self.g.params.push(Param { name: self.path(name), shape, dtype, init, trainable });
-        self.g.params.len() - 1
+        ParamId(self.g.params.len() - 1)
     }
 
     /// A trainable fp32 parameter (declared; use [`Builder::param_value`] to read it).
-    pub fn param(&mut self, name: &str, shape: Shape, init: Init) -> usize {
+    pub fn param(&mut self, name: &str, shape: Shape, init: Init) -> ParamId {
         self.new_param(name, shape, DType::F32, init, true)
     }
 
-    pub fn buffer(&mut self, name: &str, shape: Shape, dtype: DType, init: Init) -> usize {
+    pub fn buffer(&mut self, name: &str, shape: Shape, dtype: DType, init: Init) -> ParamId {
         self.new_param(name, shape, dtype, init, false)
     }
 
     /// Reads parameter `p` as a value.
-    pub fn param_value(&mut self, p: usize) -> usize {
+    pub fn param_value(&mut self, p: ParamId) -> ValueId {
         let (shape, dtype, grad) = {
             let p = &self.g.params[p];
             (p.shape.clone(), p.dtype, p.trainable)
@@ -926,22 +984,29 @@ impl Builder {
     }
 
     /// A new parameter, read as a value at once.
-    pub fn param_in(&mut self, name: &str, shape: Shape, init: Init) -> usize {
+    pub fn param_in(&mut self, name: &str, shape: Shape, init: Init) -> ValueId {
         let p = self.param(name, shape, init);
         self.param_value(p)
     }
 
-    fn value(&mut self, shape: Shape, dtype: DType, grad: bool) -> usize {
+    fn value(&mut self, shape: Shape, dtype: DType, grad: bool) -> ValueId {
         self.g.values.push(Value { shape, dtype, requires_grad: grad });
-        self.g.values.len() - 1
+        ValueId(self.g.values.len() - 1)
     }
 
-    fn grad_of(&self, inputs: &[usize], params: &[usize]) -> bool {
+    fn grad_of(&self, inputs: &[ValueId], params: &[ParamId]) -> bool {
         inputs.iter().any(|&v| self.g.values[v].requires_grad) || params.iter().any(|&p| self.g.params[p].trainable)
     }
 
     /// Appends a node with one output of `shape` and `dtype`.
-    fn push_typed(&mut self, op: Op, inputs: Vec<usize>, params: Vec<usize>, shape: Shape, dtype: DType) -> usize {
+    fn push_typed(
+        &mut self,
+        op: Op,
+        inputs: Vec<ValueId>,
+        params: Vec<ParamId>,
+        shape: Shape,
+        dtype: DType,
+    ) -> ValueId {
         let grad = dtype == DType::F32 && self.grad_of(&inputs, &params) && !matches!(op, Op::Argmax);
         let out = self.value(shape, dtype, grad);
         self.g.nodes.push(Node { op, inputs, params, outputs: vec![out] });
@@ -949,7 +1014,7 @@ impl Builder {
     }
 
     /// Appends a node whose output has its first input's dtype.
-    fn push(&mut self, op: Op, inputs: Vec<usize>, params: Vec<usize>, shape: Shape) -> usize {
+    fn push(&mut self, op: Op, inputs: Vec<ValueId>, params: Vec<ParamId>, shape: Shape) -> ValueId {
         let dtype = inputs.first().map_or(DType::F32, |&v| self.g.values[v].dtype);
         self.push_typed(op, inputs, params, shape, dtype)
     }
@@ -960,7 +1025,7 @@ impl Builder {
 
     /// A weight and (optionally) a bias of `out` entries, both with PyTorch's default
     /// init for this fan-in, in the current scope.
-    fn weight_and_bias(&mut self, weight: Shape, out: u64, fan_in: u64, bias: bool) -> Vec<usize> {
+    fn weight_and_bias(&mut self, weight: Shape, out: u64, fan_in: u64, bias: bool) -> Vec<ParamId> {
         let mut params = vec![self.param("weight", weight, Builder::init_bound(fan_in))];
         if bias {
             params.push(self.param("bias", vec![out], Builder::init_bound(fan_in)));
@@ -969,7 +1034,7 @@ impl Builder {
     }
 
     /// Params as values, in order.
-    fn values_of(&mut self, params: &[usize]) -> Vec<usize> {
+    fn values_of(&mut self, params: &[ParamId]) -> Vec<ValueId> {
         params.iter().map(|&p| self.param_value(p)).collect()
     }
 
@@ -983,7 +1048,7 @@ impl Builder {
     }
 
     /// `nn.Linear(in, out)` over the last dimension (weight `[out, in]`).
-    pub fn linear(&mut self, name: &str, x: usize, out: u64, bias: bool) -> R<usize> {
+    pub fn linear(&mut self, name: &str, x: ValueId, out: u64, bias: bool) -> R<ValueId> {
         let shape = self.shape(x).to_vec();
         let Some(&inf) = shape.last() else {
             return Err(self.err("linear", "needs at least one dimension"));
@@ -994,7 +1059,7 @@ impl Builder {
 
     /// `F.linear` with existing parameters `[weight, bias?]` (tied weights, MHA's packed
     /// projections).
-    pub fn linear_with(&mut self, x: usize, params: Vec<usize>, bias: bool) -> R<usize> {
+    pub fn linear_with(&mut self, x: ValueId, params: Vec<ParamId>, bias: bool) -> R<ValueId> {
         let mut shape = self.shape(x).to_vec();
         let w = self.g.params[params[0]].shape.clone();
         if w.len() != 2 || shape.last() != Some(&w[1]) {
@@ -1009,7 +1074,7 @@ impl Builder {
     }
 
     /// Hugging Face's `Conv1D(out, in)`: weight `[in, out]`, bias.
-    pub fn conv1d_hf(&mut self, name: &str, x: usize, out: u64) -> R<usize> {
+    pub fn conv1d_hf(&mut self, name: &str, x: ValueId, out: u64) -> R<ValueId> {
         let mut shape = self.shape(x).to_vec();
         let Some(&inf) = shape.last() else {
             return Err(self.err("conv1d", "needs at least one dimension"));
@@ -1037,18 +1102,18 @@ impl Builder {
     pub fn conv(
         &mut self,
         name: &str,
-        x: usize,
+        x: ValueId,
         out: u64,
         kernel: u64,
         stride: u64,
         padding: u64,
         groups: u64,
         bias: bool,
-    ) -> R<usize> {
+    ) -> R<ValueId> {
         let shape = self.shape(x).to_vec();
         let nd = self.spatial_dims("conv", &shape)?;
         let cin = shape[1];
-        let (o, params) = self.scope(name, |b| -> R<(Shape, Vec<usize>)> {
+        let (o, params) = self.scope(name, |b| -> R<(Shape, Vec<ParamId>)> {
             if groups == 0 || !cin.is_multiple_of(groups) || !out.is_multiple_of(groups) {
                 return Err(b.err("conv", format!("{groups} groups must divide {cin} input and {out} output channels")));
             }
@@ -1070,14 +1135,14 @@ impl Builder {
     pub fn conv_transpose(
         &mut self,
         name: &str,
-        x: usize,
+        x: ValueId,
         out: u64,
         kernel: u64,
         stride: u64,
         padding: u64,
         output_padding: u64,
         bias: bool,
-    ) -> R<usize> {
+    ) -> R<ValueId> {
         let shape = self.shape(x).to_vec();
         let nd = self.spatial_dims("conv_transpose", &shape)?;
         let cin = shape[1];
@@ -1103,7 +1168,7 @@ impl Builder {
         Ok(self.push(op, inputs, vec![], o))
     }
 
-    pub fn batch_norm(&mut self, name: &str, x: usize) -> R<usize> {
+    pub fn batch_norm(&mut self, name: &str, x: ValueId) -> R<ValueId> {
         let shape = self.shape(x).to_vec();
         let c = shape.get(1).copied().ok_or_else(|| self.err("batch_norm", "needs [B, C, ...]"))?;
         if numel(&shape) / c.max(1) < 2 {
@@ -1125,7 +1190,7 @@ impl Builder {
         Ok(self.push(Op::BatchNorm { eps: 1e-5 }, inputs, vec![], shape))
     }
 
-    pub fn instance_norm(&mut self, x: usize) -> R<usize> {
+    pub fn instance_norm(&mut self, x: ValueId) -> R<ValueId> {
         let shape = self.shape(x).to_vec();
         if shape.len() < 3 {
             return Err(self.err("instance_norm", format!("needs [B, C, ...spatial], got {shape:?}")));
@@ -1140,7 +1205,7 @@ impl Builder {
         Ok(self.push(Op::InstanceNorm { eps: 1e-5 }, vec![x], vec![], shape))
     }
 
-    pub fn layer_norm(&mut self, name: &str, x: usize, eps: f64) -> R<usize> {
+    pub fn layer_norm(&mut self, name: &str, x: ValueId, eps: f64) -> R<ValueId> {
         let shape = self.shape(x).to_vec();
         let d = *shape.last().ok_or_else(|| self.err("layer_norm", "needs a dimension"))?;
         let params = self.scope(name, |b| {
@@ -1152,59 +1217,59 @@ impl Builder {
     }
 
     /// Layer norm without parameters (`F.layer_norm(x, [C])`).
-    pub fn layer_norm_plain(&mut self, x: usize) -> usize {
+    pub fn layer_norm_plain(&mut self, x: ValueId) -> ValueId {
         let shape = self.shape(x).to_vec();
         self.push(Op::LayerNorm { eps: 1e-5, affine: false }, vec![x], vec![], shape)
     }
 
     /// A TorchScript module applied to `x`, returning a tensor of `shape`.
-    pub fn script(&mut self, x: usize, shape: Shape) -> usize {
+    pub fn script(&mut self, x: ValueId, shape: Shape) -> ValueId {
         self.push(Op::Script, vec![x], vec![], shape)
     }
 
     /// `Op::Release` of `held`: values a Python frame kept bound while later ops ran,
     /// going when it returns.
-    pub fn release(&mut self, held: Vec<usize>) {
+    pub fn release(&mut self, held: Vec<ValueId>) {
         self.g.nodes.push(Node { op: Op::Release, inputs: held, params: vec![], outputs: vec![] });
     }
 
-    pub fn unary(&mut self, op: Op, x: usize) -> usize {
+    pub fn unary(&mut self, op: Op, x: ValueId) -> ValueId {
         let shape = self.shape(x).to_vec();
         self.push(op, vec![x], vec![], shape)
     }
 
-    pub fn prelu(&mut self, name: &str, x: usize) -> usize {
+    pub fn prelu(&mut self, name: &str, x: ValueId) -> ValueId {
         let shape = self.shape(x).to_vec();
         let p = self.scope(name, |b| b.param("weight", vec![1], Init::Const(0.25)));
         let w = self.param_value(p);
         self.push(Op::Prelu, vec![x, w], vec![], shape)
     }
 
-    fn binary(&mut self, op: Op, a: usize, b: usize) -> R<usize> {
+    fn binary(&mut self, op: Op, a: ValueId, b: ValueId) -> R<ValueId> {
         let name = op.name();
         let shape = broadcast(self.shape(a), self.shape(b))
             .ok_or_else(|| self.err(name, format!("cannot broadcast {:?} with {:?}", self.shape(a), self.shape(b))))?;
         Ok(self.push(op, vec![a, b], vec![], shape))
     }
 
-    pub fn add(&mut self, a: usize, b: usize) -> R<usize> {
+    pub fn add(&mut self, a: ValueId, b: ValueId) -> R<ValueId> {
         self.binary(Op::Add, a, b)
     }
 
-    pub fn sub(&mut self, a: usize, b: usize) -> R<usize> {
+    pub fn sub(&mut self, a: ValueId, b: ValueId) -> R<ValueId> {
         self.binary(Op::Sub, a, b)
     }
 
-    pub fn mul(&mut self, a: usize, b: usize) -> R<usize> {
+    pub fn mul(&mut self, a: ValueId, b: ValueId) -> R<ValueId> {
         self.binary(Op::Mul, a, b)
     }
 
-    pub fn div(&mut self, a: usize, b: usize) -> R<usize> {
+    pub fn div(&mut self, a: ValueId, b: ValueId) -> R<ValueId> {
         self.binary(Op::Div, a, b)
     }
 
     /// `a += b`: `b` broadcasts onto `a`'s shape.
-    pub fn add_inplace(&mut self, a: usize, b: usize) -> R<usize> {
+    pub fn add_inplace(&mut self, a: ValueId, b: ValueId) -> R<ValueId> {
         let shape = self.shape(a).to_vec();
         if broadcast(&shape, self.shape(b)).as_deref() != Some(shape.as_slice()) {
             return Err(self.err("add_", format!("cannot add {:?} into {shape:?}", self.shape(b))));
@@ -1212,23 +1277,23 @@ impl Builder {
         Ok(self.push(Op::AddInplace, vec![a, b], vec![], shape))
     }
 
-    pub fn mul_scalar(&mut self, x: usize, s: f64) -> usize {
+    pub fn mul_scalar(&mut self, x: ValueId, s: f64) -> ValueId {
         self.unary(Op::MulScalar { s }, x)
     }
 
-    pub fn add_scalar(&mut self, x: usize, s: f64) -> usize {
+    pub fn add_scalar(&mut self, x: ValueId, s: f64) -> ValueId {
         self.unary(Op::AddScalar { s }, x)
     }
 
-    pub fn rsub_scalar(&mut self, x: usize, s: f64) -> usize {
+    pub fn rsub_scalar(&mut self, x: ValueId, s: f64) -> ValueId {
         self.unary(Op::RsubScalar { s }, x)
     }
 
-    pub fn pow_scalar(&mut self, x: usize, e: f64) -> usize {
+    pub fn pow_scalar(&mut self, x: ValueId, e: f64) -> ValueId {
         self.unary(Op::PowScalar { e }, x)
     }
 
-    pub fn cat(&mut self, xs: Vec<usize>, dim: usize) -> R<usize> {
+    pub fn cat(&mut self, xs: Vec<ValueId>, dim: usize) -> R<ValueId> {
         let mut shape = self.shape(xs[0]).to_vec();
         if dim >= shape.len() {
             return Err(self.err("cat", format!("no dimension {dim} in {shape:?}")));
@@ -1245,7 +1310,7 @@ impl Builder {
         Ok(self.push(Op::Cat { dim }, xs, vec![], shape))
     }
 
-    pub fn max_pool(&mut self, x: usize, kernel: u64, stride: u64, padding: u64) -> R<usize> {
+    pub fn max_pool(&mut self, x: ValueId, kernel: u64, stride: u64, padding: u64) -> R<ValueId> {
         let shape = self.shape(x).to_vec();
         let nd = self.spatial_dims("max_pool", &shape)?;
         let mut o = shape[..2].to_vec();
@@ -1263,23 +1328,23 @@ impl Builder {
             .collect()
     }
 
-    pub fn mean(&mut self, x: usize, dims: Vec<usize>, keepdim: bool) -> usize {
+    pub fn mean(&mut self, x: ValueId, dims: Vec<usize>, keepdim: bool) -> ValueId {
         let o = Builder::reduced(self.shape(x), &dims, keepdim);
         self.push(Op::Mean { dims, keepdim }, vec![x], vec![], o)
     }
 
-    pub fn sum(&mut self, x: usize, dims: Vec<usize>, keepdim: bool) -> usize {
+    pub fn sum(&mut self, x: ValueId, dims: Vec<usize>, keepdim: bool) -> ValueId {
         let o = Builder::reduced(self.shape(x), &dims, keepdim);
         self.push(Op::Sum { dims, keepdim }, vec![x], vec![], o)
     }
 
     /// All dimensions of a value, for full reductions.
-    pub fn all_dims(&self, x: usize) -> Vec<usize> {
+    pub fn all_dims(&self, x: ValueId) -> Vec<usize> {
         (0..self.shape(x).len()).collect()
     }
 
     /// `F.normalize(x, dim=-1)`: `x / max(||x||, 1e-12)`.
-    pub fn normalize(&mut self, x: usize) -> R<usize> {
+    pub fn normalize(&mut self, x: ValueId) -> R<ValueId> {
         let mut s = self.shape(x).to_vec();
         if let Some(last) = s.last_mut() {
             *last = 1;
@@ -1291,35 +1356,35 @@ impl Builder {
         self.div(x, n)
     }
 
-    pub fn softmax(&mut self, x: usize, dim: usize) -> usize {
+    pub fn softmax(&mut self, x: ValueId, dim: usize) -> ValueId {
         self.unary(Op::Softmax { dim }, x)
     }
 
-    pub fn log_softmax(&mut self, x: usize, dim: usize) -> usize {
+    pub fn log_softmax(&mut self, x: ValueId, dim: usize) -> ValueId {
         self.unary(Op::LogSoftmax { dim }, x)
     }
 
-    pub fn argmax(&mut self, x: usize) -> usize {
+    pub fn argmax(&mut self, x: ValueId) -> ValueId {
         let mut s = self.shape(x).to_vec();
         s.pop();
         self.push_typed(Op::Argmax, vec![x], vec![], s, DType::I64)
     }
 
-    pub fn view(&mut self, x: usize, shape: Shape) -> R<usize> {
+    pub fn view(&mut self, x: ValueId, shape: Shape) -> R<ValueId> {
         if numel(&shape) != numel(self.shape(x)) {
             return Err(self.err("view", format!("cannot view {:?} as {shape:?}", self.shape(x))));
         }
         Ok(self.push(Op::View { shape: shape.clone() }, vec![x], vec![], shape))
     }
 
-    pub fn reshape(&mut self, x: usize, shape: Shape) -> R<usize> {
+    pub fn reshape(&mut self, x: ValueId, shape: Shape) -> R<ValueId> {
         if numel(&shape) != numel(self.shape(x)) {
             return Err(self.err("reshape", format!("cannot reshape {:?} to {shape:?}", self.shape(x))));
         }
         Ok(self.push(Op::Reshape { shape: shape.clone() }, vec![x], vec![], shape))
     }
 
-    pub fn permute(&mut self, x: usize, dims: Vec<usize>) -> R<usize> {
+    pub fn permute(&mut self, x: ValueId, dims: Vec<usize>) -> R<ValueId> {
         let shape = self.shape(x).to_vec();
         let mut sorted = dims.clone();
         sorted.sort_unstable();
@@ -1330,19 +1395,19 @@ impl Builder {
         Ok(self.push(Op::Permute { dims }, vec![x], vec![], o))
     }
 
-    pub fn transpose(&mut self, x: usize, d0: usize, d1: usize) -> usize {
+    pub fn transpose(&mut self, x: ValueId, d0: usize, d1: usize) -> ValueId {
         let mut shape = self.shape(x).to_vec();
         shape.swap(d0, d1);
         self.push(Op::Transpose { d0, d1 }, vec![x], vec![], shape)
     }
 
-    pub fn unsqueeze(&mut self, x: usize, dim: usize) -> usize {
+    pub fn unsqueeze(&mut self, x: ValueId, dim: usize) -> ValueId {
         let mut shape = self.shape(x).to_vec();
         shape.insert(dim, 1);
         self.push(Op::Unsqueeze { dim }, vec![x], vec![], shape)
     }
 
-    pub fn squeeze(&mut self, x: usize, dim: usize) -> usize {
+    pub fn squeeze(&mut self, x: ValueId, dim: usize) -> ValueId {
         let mut shape = self.shape(x).to_vec();
         if shape.get(dim) == Some(&1) {
             shape.remove(dim);
@@ -1350,41 +1415,41 @@ impl Builder {
         self.push(Op::Squeeze { dim }, vec![x], vec![], shape)
     }
 
-    pub fn expand(&mut self, x: usize, shape: Shape) -> R<usize> {
+    pub fn expand(&mut self, x: ValueId, shape: Shape) -> R<ValueId> {
         if broadcast(self.shape(x), &shape).as_deref() != Some(shape.as_slice()) {
             return Err(self.err("expand", format!("cannot expand {:?} to {shape:?}", self.shape(x))));
         }
         Ok(self.push(Op::Expand { shape: shape.clone() }, vec![x], vec![], shape))
     }
 
-    pub fn contiguous(&mut self, x: usize) -> usize {
+    pub fn contiguous(&mut self, x: ValueId) -> ValueId {
         self.unary(Op::Contiguous, x)
     }
 
-    pub fn clone_value(&mut self, x: usize) -> usize {
+    pub fn clone_value(&mut self, x: ValueId) -> ValueId {
         self.unary(Op::Clone, x)
     }
 
     /// A permute followed by `.contiguous()`.
-    pub fn permute_copy(&mut self, x: usize, dims: Vec<usize>) -> R<usize> {
+    pub fn permute_copy(&mut self, x: ValueId, dims: Vec<usize>) -> R<ValueId> {
         let p = self.permute(x, dims)?;
         Ok(self.contiguous(p))
     }
 
-    pub fn select(&mut self, x: usize, dim: usize, index: u64) -> usize {
+    pub fn select(&mut self, x: ValueId, dim: usize, index: u64) -> ValueId {
         let mut shape = self.shape(x).to_vec();
         shape.remove(dim);
         self.push(Op::Select { dim, index }, vec![x], vec![], shape)
     }
 
-    pub fn slice(&mut self, x: usize, dim: usize, start: u64, len: u64, step: u64) -> usize {
+    pub fn slice(&mut self, x: ValueId, dim: usize, start: u64, len: u64, step: u64) -> ValueId {
         let mut shape = self.shape(x).to_vec();
         shape[dim] = len;
         self.push(Op::Slice { dim, start, len, step }, vec![x], vec![], shape)
     }
 
     /// `x.split(size, dim)`: equal pieces (the last may be shorter).
-    pub fn split(&mut self, x: usize, dim: usize, size: u64) -> R<Vec<usize>> {
+    pub fn split(&mut self, x: ValueId, dim: usize, size: u64) -> R<Vec<ValueId>> {
         let shape = self.shape(x).to_vec();
         if size == 0 || dim >= shape.len() {
             return Err(self.err("split", format!("cannot split {shape:?} into pieces of {size} along {dim}")));
@@ -1404,7 +1469,7 @@ impl Builder {
     }
 
     /// `F.pad(x, ...)` with zeros, `(before, after)` for each of the last dimensions.
-    pub fn pad(&mut self, x: usize, pads: Vec<(u64, u64)>) -> usize {
+    pub fn pad(&mut self, x: ValueId, pads: Vec<(u64, u64)>) -> ValueId {
         let mut shape = self.shape(x).to_vec();
         let mut full = vec![(0, 0); shape.len()];
         let off = shape.len().saturating_sub(pads.len());
@@ -1415,27 +1480,27 @@ impl Builder {
         self.push(Op::Pad { pads: full }, vec![x], vec![], shape)
     }
 
-    pub fn roll(&mut self, x: usize, shifts: Vec<i64>, dims: Vec<usize>) -> usize {
+    pub fn roll(&mut self, x: ValueId, shifts: Vec<i64>, dims: Vec<usize>) -> ValueId {
         let shape = self.shape(x).to_vec();
         self.push(Op::Roll { shifts, dims }, vec![x], vec![], shape)
     }
 
     /// `table[ids]` with an embedding table parameter.
-    pub fn embedding(&mut self, name: &str, ids: usize, rows: u64, dim: u64) -> usize {
+    pub fn embedding(&mut self, name: &str, ids: ValueId, rows: u64, dim: u64) -> ValueId {
         let p = self.scope(name, |b| b.param("weight", vec![rows, dim], Init::Normal(1.0)));
         let t = self.param_value(p);
         self.embedding_with(ids, t)
     }
 
     /// An embedding lookup into a table value (`[rows, dim]`).
-    pub fn embedding_with(&mut self, ids: usize, table: usize) -> usize {
+    pub fn embedding_with(&mut self, ids: ValueId, table: ValueId) -> ValueId {
         let mut shape = self.shape(ids).to_vec();
         shape.push(self.shape(table)[1]);
         self.push_typed(Op::Embedding, vec![table, ids], vec![], shape, DType::F32)
     }
 
     /// `x[arange(B), idx]`.
-    pub fn index_rows(&mut self, x: usize, idx: usize) -> R<usize> {
+    pub fn index_rows(&mut self, x: ValueId, idx: ValueId) -> R<ValueId> {
         let s = self.shape(x).to_vec();
         if s.len() != 3 || self.shape(idx) != [s[0]] {
             return Err(self.err("index", format!("needs [B, T, D] and [B] indices, got {s:?}")));
@@ -1444,7 +1509,7 @@ impl Builder {
     }
 
     /// `x[idx]` for a 1-D int64 index.
-    pub fn index(&mut self, x: usize, idx: usize) -> usize {
+    pub fn index(&mut self, x: ValueId, idx: ValueId) -> ValueId {
         let mut s = self.shape(x).to_vec();
         s[0] = self.shape(idx)[0];
         let dtype = self.dtype(x);
@@ -1452,7 +1517,7 @@ impl Builder {
     }
 
     /// `torch.matmul(a, b)` for 2-D or batched operands.
-    pub fn matmul(&mut self, a: usize, b: usize) -> R<usize> {
+    pub fn matmul(&mut self, a: ValueId, b: ValueId) -> R<ValueId> {
         let (sa, sb) = (self.shape(a).to_vec(), self.shape(b).to_vec());
         if sa.len() < 2 || sb.len() < 2 || sa[sa.len() - 1] != sb[sb.len() - 2] {
             return Err(self.err("matmul", format!("cannot multiply {sa:?} by {sb:?}")));
@@ -1469,14 +1534,14 @@ impl Builder {
     #[allow(clippy::too_many_arguments)]
     pub fn attention(
         &mut self,
-        q: usize,
-        k: usize,
-        v: usize,
-        mask: Option<usize>,
+        q: ValueId,
+        k: ValueId,
+        v: ValueId,
+        mask: Option<ValueId>,
         causal: bool,
         dropout: f64,
         scale: Option<f64>,
-    ) -> R<usize> {
+    ) -> R<ValueId> {
         let (sq, sk, sv) = (self.shape(q).to_vec(), self.shape(k).to_vec(), self.shape(v).to_vec());
         if sq.len() != 4 || sk.len() != 4 || sk != sv || sq[..2] != sk[..2] || sq[3] != sk[3] {
             return Err(self.err("attention", format!("q {sq:?}, k {sk:?}, v {sv:?} are not [B, H, N, hd]")));
@@ -1493,7 +1558,7 @@ impl Builder {
     }
 
     /// `nn.Dropout(p)`; a no-op for `p = 0`, as in PyTorch.
-    pub fn dropout(&mut self, x: usize, p: f64) -> usize {
+    pub fn dropout(&mut self, x: ValueId, p: f64) -> ValueId {
         if p <= 0.0 {
             return x;
         }
@@ -1501,7 +1566,7 @@ impl Builder {
     }
 
     /// Swin's attention mask for shifted windows, made by this forward pass.
-    pub fn shifted_window_mask(&mut self, padded: [u64; 3], window: [u64; 3], shift: [u64; 3]) -> usize {
+    pub fn shifted_window_mask(&mut self, padded: [u64; 3], window: [u64; 3], shift: [u64; 3]) -> ValueId {
         let windows = (0..3).map(|i| padded[i] / window[i].max(1)).product::<u64>();
         let n = window.iter().product::<u64>();
         let v = self.value(vec![windows, n, n], DType::F32, false);
@@ -1515,23 +1580,23 @@ impl Builder {
     }
 
     /// `x.to(like.dtype)`.
-    pub fn cast_like(&mut self, x: usize, like: usize) -> usize {
+    pub fn cast_like(&mut self, x: ValueId, like: ValueId) -> ValueId {
         let shape = self.shape(x).to_vec();
         let dtype = self.dtype(x);
         self.push_typed(Op::CastLike, vec![x, like], vec![], shape, dtype)
     }
 
-    pub fn to_f32(&mut self, x: usize) -> usize {
+    pub fn to_f32(&mut self, x: ValueId) -> ValueId {
         self.unary(Op::ToF32, x)
     }
 
-    pub fn to_i64(&mut self, x: usize) -> usize {
+    pub fn to_i64(&mut self, x: ValueId) -> ValueId {
         let shape = self.shape(x).to_vec();
         self.push_typed(Op::ToI64, vec![x], vec![], shape, DType::I64)
     }
 
     /// `nll_loss` (mean) of log-probabilities `[N, C, ...]` against int64 targets `[N, ...]`.
-    pub fn nll_loss(&mut self, log_probs: usize, target: usize, ignore_index: i64) -> R<usize> {
+    pub fn nll_loss(&mut self, log_probs: ValueId, target: ValueId, ignore_index: i64) -> R<ValueId> {
         let (s, t) = (self.shape(log_probs).to_vec(), self.shape(target).to_vec());
         let mut want = s.clone();
         if want.len() > 1 {
@@ -1543,7 +1608,7 @@ impl Builder {
         Ok(self.push_typed(Op::NllLoss { ignore_index }, vec![log_probs, target], vec![], vec![], DType::F32))
     }
 
-    pub fn bce_with_logits(&mut self, logits: usize, target: usize) -> R<usize> {
+    pub fn bce_with_logits(&mut self, logits: ValueId, target: ValueId) -> R<ValueId> {
         if self.shape(logits) != self.shape(target) {
             return Err(self.err(
                 "bce_with_logits",
@@ -1553,7 +1618,7 @@ impl Builder {
         Ok(self.push_typed(Op::BceWithLogits, vec![logits, target], vec![], vec![], DType::F32))
     }
 
-    pub fn one_hot(&mut self, labels: usize, classes: u64) -> usize {
+    pub fn one_hot(&mut self, labels: ValueId, classes: u64) -> ValueId {
         let mut s = self.shape(labels).to_vec();
         if s.len() > 1 {
             s[1] = classes;
@@ -1566,7 +1631,7 @@ impl Builder {
 mod tests {
     use super::*;
 
-    fn tiny() -> (Builder, usize) {
+    fn tiny() -> (Builder, ValueId) {
         let mut b = Builder::new(Task::Classify { classes: 10 });
         let x = b.input(vec![2, 1024], InputKind::Real);
         (b, x)

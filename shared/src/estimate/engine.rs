@@ -23,7 +23,7 @@ use std::collections::BTreeMap;
 use super::layout;
 use super::sim::{Sim, Tensor};
 use super::{Category, Kernels};
-use crate::graph::{DType, Graph, Op, Region, numel};
+use crate::graph::{DType, Graph, Op, ParamId, Region, ValueId, numel};
 
 /// Bytes of a half-precision element.
 pub(crate) const HALF: u64 = 2;
@@ -98,7 +98,7 @@ pub(crate) enum Bwd {
     /// An autocast cast: the half-precision gradient becomes one of this element size.
     Cast { esize: u64 },
     /// A parameter's `AccumulateGrad`.
-    Accumulate { param: usize },
+    Accumulate { param: ParamId },
     /// A reentrant checkpoint of this region (`torch.utils.checkpoint(use_reentrant=True)`,
     /// as Headroom's trainer runs it): its backward recomputes the region and runs a
     /// backward of its own.
@@ -160,7 +160,7 @@ pub(crate) struct Engine<'g> {
     pub(super) next_slot: usize,
     /// Under autocast: each parameter's half-precision copy and its cast's slot, cached
     /// until autocast ends.
-    pub(super) casts: BTreeMap<usize, Read>,
+    pub(super) casts: BTreeMap<ParamId, Read>,
     /// Each parameter's storage (weights and buffers).
     pub param_store: Vec<Tensor>,
     /// `.grad` of each trainable parameter.
@@ -175,9 +175,9 @@ pub(crate) struct Engine<'g> {
     pub region_of: Vec<usize>,
     pub recompute: Option<Recompute>,
     /// Inputs a checkpointed region keeps for its recompute.
-    pub kept: Vec<Vec<(usize, Ten)>>,
+    pub kept: Vec<Vec<(ValueId, Ten)>>,
     /// What each region hands on (`Graph::region_outputs`), computed once.
-    pub(super) region_outs: Vec<Vec<usize>>,
+    pub(super) region_outs: Vec<Vec<ValueId>>,
     /// Whether the forward records autograd nodes (off in a reentrant region's forward).
     pub grad_mode: bool,
     /// `model.train()` (true) or `model.eval()`: dropout passes its input through and
@@ -200,10 +200,10 @@ pub(crate) struct Engine<'g> {
     /// kept inputs go when none is left (PyTorch saves them on the region's first node).
     pub(super) left: Vec<usize>,
     /// While a reentrant checkpoint recomputes: the slots its detached inputs give.
-    pub(super) redirect: BTreeMap<usize, usize>,
+    pub(super) redirect: BTreeMap<ValueId, usize>,
     /// The first value an op read that the walk no longer held: an inconsistency in the
     /// graph or the rules, reported as an error instead of a smaller figure.
-    pub lost: std::cell::Cell<Option<usize>>,
+    pub lost: std::cell::Cell<Option<ValueId>>,
 }
 
 impl<'g> Engine<'g> {
@@ -268,16 +268,16 @@ impl<'g> Engine<'g> {
     }
 
     /// The parameter a value reads, when an `Op::Param` node made it.
-    pub fn param_of(&self, v: usize) -> Option<usize> {
+    pub fn param_of(&self, v: ValueId) -> Option<ParamId> {
         let n = &self.g.nodes[self.producer[v]?];
         matches!(n.op, Op::Param).then(|| n.params[0])
     }
 
     /// The gradient slot of a value: one slot per parameter, however often it is read.
-    pub fn slot(&self, v: usize) -> usize {
+    pub fn slot(&self, v: ValueId) -> usize {
         match self.param_of(v) {
-            Some(p) => self.g.values.len() + p,
-            None => v,
+            Some(p) => self.param_slot(p),
+            None => v.index(),
         }
     }
 
@@ -289,13 +289,13 @@ impl<'g> Engine<'g> {
     }
 
     /// The slot of a trainable parameter.
-    pub(super) fn param_slot(&self, p: usize) -> usize {
-        self.g.values.len() + p
+    pub(super) fn param_slot(&self, p: ParamId) -> usize {
+        self.g.values.len() + p.index()
     }
 
-    pub(super) fn slot_param(&self, slot: usize) -> Option<usize> {
+    pub(super) fn slot_param(&self, slot: usize) -> Option<ParamId> {
         let n = self.g.values.len();
-        (slot >= n && slot < n + self.g.params.len()).then(|| slot - n)
+        (slot >= n && slot < n + self.g.params.len()).then(|| ParamId(slot - n))
     }
 
     /// Gradients of parameters count as gradients from the moment they are made on the
@@ -355,20 +355,20 @@ impl<'g> Engine<'g> {
     }
 
     /// Hands the walk a tensor for value `v` (the walk takes its own reference).
-    pub fn set_value(&mut self, sim: &mut Sim, v: usize, t: &Ten) {
+    pub fn set_value(&mut self, sim: &mut Sim, v: ValueId, t: &Ten) {
         if let Some(old) = self.vals[v].replace(Engine::share(sim, t)) {
             Engine::release(sim, old);
         }
     }
 
-    pub fn drop_value(&mut self, sim: &mut Sim, v: usize) {
+    pub fn drop_value(&mut self, sim: &mut Sim, v: ValueId) {
         if let Some(t) = self.vals[v].take() {
             Engine::release(sim, t);
         }
     }
 
     /// What an op reads for value `v` as it is.
-    pub fn read(&self, sim: &mut Sim, v: usize) -> Read {
+    pub fn read(&self, sim: &mut Sim, v: ValueId) -> Read {
         let t = match self.vals[v].as_ref() {
             Some(t) => Engine::share(sim, t),
             // A value the walk lost: recorded (the estimate then fails), and a zero-byte
@@ -393,7 +393,7 @@ impl<'g> Engine<'g> {
 
     /// What an op autocast runs in lower precision reads: a half-precision copy of a
     /// fp32 input (parameters' copies cached until autocast ends).
-    pub fn read_low(&mut self, sim: &mut Sim, v: usize) -> Read {
+    pub fn read_low(&mut self, sim: &mut Sim, v: ValueId) -> Read {
         let r = self.read(sim, v);
         if !self.amp || r.t.esize != F32 || self.g.values[v].dtype != DType::F32 {
             return r;
@@ -412,7 +412,7 @@ impl<'g> Engine<'g> {
     }
 
     /// What an op autocast runs in fp32 (CUDA's list) reads: fp32 copies of half inputs.
-    pub fn read_f32(&mut self, sim: &mut Sim, v: usize) -> Read {
+    pub fn read_f32(&mut self, sim: &mut Sim, v: ValueId) -> Read {
         let r = self.read(sim, v);
         if !self.amp || self.cpu() || r.t.esize != HALF {
             return r;

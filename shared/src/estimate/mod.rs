@@ -26,7 +26,7 @@ mod walk;
 use serde::{Deserialize, Serialize};
 
 use crate::gpus::Gpu;
-use crate::graph::{Graph, numel};
+use crate::graph::{Graph, ValueId, numel};
 use crate::plan::{DEFAULT_CPU_THREADS, Plan, PlanError, Precision, Runtime};
 use crate::units::Bytes;
 use engine::{Engine, Recompute};
@@ -352,7 +352,7 @@ fn walk(
         return Ok(None);
     };
     if let Some(v) = engine.lost.get() {
-        let node = graph.producer().get(v).copied().flatten();
+        let node = graph.producer().get(v.index()).copied().flatten();
         return Err(PlanError::Invalid {
             field: "model",
             reason: format!(
@@ -538,7 +538,7 @@ fn micro_batches(
         sim.set_label("end of backward", None);
         engine.finish_backward(sim);
         sim.set_label("end of micro-batch", None);
-        for v in 0..graph.values.len() {
+        for v in (0..graph.values.len()).map(ValueId) {
             if !graph.returned.contains(&v) && v != graph.loss {
                 engine.drop_value(sim, v);
             }
@@ -626,14 +626,14 @@ fn validation(
         e.clear_casts(sim);
         sim.set_label("validation loss", None);
         held = batch::bind_loss(sim, &mut e, g, held, 1);
-        for v in 0..g.values.len() {
+        for v in (0..g.values.len()).map(ValueId) {
             if !g.returned.contains(&v) && v != g.loss {
                 e.drop_value(sim, v);
             }
         }
     }
     sim.set_label("end of validation", None);
-    for v in 0..g.values.len() {
+    for v in (0..g.values.len()).map(ValueId) {
         e.drop_value(sim, v);
     }
     batch::release(sim, held);
@@ -647,7 +647,7 @@ fn run_region(
     graph: &Graph,
     r: usize,
     region: &crate::graph::Region,
-    inputs: &[usize],
+    inputs: &[ValueId],
     style: Recompute,
     held: &mut batch::Held,
 ) {

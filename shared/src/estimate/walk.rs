@@ -10,7 +10,7 @@ use super::Category;
 use super::engine::{Bwd, Engine, F32, Read, Recompute, TapeNode, Ten};
 use super::layout;
 use super::sim::Sim;
-use crate::graph::{Graph, Op};
+use crate::graph::{Graph, Op, ParamId, ValueId};
 
 impl Engine<'_> {
     /// Runs nodes `range` forward, dropping each value after its last use.
@@ -143,7 +143,7 @@ impl Engine<'_> {
     /// A parameter's `AccumulateGrad`: on the first micro-batch the gradient becomes
     /// `.grad` (copied when its layout is not the parameter's, or another tensor holds
     /// it); later ones are added into `.grad` in place.
-    fn accumulate(&mut self, sim: &mut Sim, p: usize, g: Ten) {
+    fn accumulate(&mut self, sim: &mut Sim, p: ParamId, g: Ten) {
         match self.param_grads[p].take() {
             None => {
                 let stealable = g.contiguous() && sim.owners(g.st) == 1 && g.esize == F32;
@@ -261,7 +261,7 @@ impl Engine<'_> {
     }
 
     /// `loss.backward()`: the seed gradient of the scalar loss.
-    pub fn seed(&mut self, sim: &mut Sim, loss: usize) {
+    pub fn seed(&mut self, sim: &mut Sim, loss: ValueId) {
         if self.g.values[loss].requires_grad {
             let g = self.alloc_contig(sim, &[], F32, Category::Temporaries);
             let slot = self.slot(loss);
@@ -272,7 +272,7 @@ impl Engine<'_> {
     /// Gradients that reached a parameter's slot after its `AccumulateGrad` ran (the
     /// trainer's separate backward calls each accumulate on their own).
     pub fn flush_param_grads(&mut self, sim: &mut Sim) {
-        for p in 0..self.g.params.len() {
+        for p in (0..self.g.params.len()).map(ParamId) {
             let slot = self.param_slot(p);
             if let Some(g) = self.grads.remove(&slot) {
                 self.accumulate(sim, p, g);
@@ -281,13 +281,13 @@ impl Engine<'_> {
     }
 
     /// The values region `r` produces that later nodes (or the loop) read.
-    pub fn region_outputs(&self, r: usize) -> Vec<usize> {
+    pub fn region_outputs(&self, r: usize) -> Vec<ValueId> {
         self.region_outs[r].clone()
     }
 
     /// A reentrant checkpoint's forward: the region runs without autograd, keeping its
     /// inputs; one node stands for it on the tape.
-    pub fn checkpoint_forward(&mut self, sim: &mut Sim, r: usize, inputs: &[usize], range: std::ops::Range<usize>) {
+    pub fn checkpoint_forward(&mut self, sim: &mut Sim, r: usize, inputs: &[ValueId], range: std::ops::Range<usize>) {
         self.keep_region_inputs(sim, r, inputs);
         self.grad_mode = false;
         self.forward(sim, range);
@@ -321,7 +321,7 @@ impl Engine<'_> {
     /// gradients come back through their leaves.
     fn checkpoint_backward(&mut self, sim: &mut Sim, r: usize, gouts: &[Option<Ten>]) -> Vec<Option<Ten>> {
         let range = self.regions[r].nodes.clone();
-        let kept: Vec<(usize, Ten)> = self.kept[r].iter().map(|(v, t)| (*v, Engine::share(sim, t))).collect();
+        let kept: Vec<(ValueId, Ten)> = self.kept[r].iter().map(|(v, t)| (*v, Engine::share(sim, t))).collect();
         let mut leaves = Vec::new();
         for (v, t) in &kept {
             if let Some(old) = self.vals[*v].replace(Engine::share(sim, t)) {
@@ -382,7 +382,7 @@ impl Engine<'_> {
     }
 
     /// `forward`, keeping the values in `keep` alive after their last use.
-    fn forward_keeping(&mut self, sim: &mut Sim, range: std::ops::Range<usize>, keep: &[usize]) {
+    fn forward_keeping(&mut self, sim: &mut Sim, range: std::ops::Range<usize>, keep: &[ValueId]) {
         let saved: Vec<Option<usize>> = keep.iter().map(|&v| self.last_use[v]).collect();
         for &v in keep {
             self.last_use[v] = Some(usize::MAX);
@@ -396,7 +396,7 @@ impl Engine<'_> {
     // --- checkpointing ----------------------------------------------------------------
 
     /// Keeps the values region `r` reads from outside for its recompute.
-    pub fn keep_region_inputs(&mut self, sim: &mut Sim, r: usize, inputs: &[usize]) {
+    pub fn keep_region_inputs(&mut self, sim: &mut Sim, r: usize, inputs: &[ValueId]) {
         for &v in inputs {
             if let Some(t) = self.vals[v].as_ref() {
                 let t = Engine::share(sim, t);

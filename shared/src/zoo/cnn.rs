@@ -3,7 +3,7 @@
 
 use super::losses;
 use super::{BuildOptions, Settings, ZooError, limits, value_err};
-use crate::graph::{Builder, Graph, GraphError, InputKind, Op, Task, numel};
+use crate::graph::{Builder, Graph, GraphError, InputKind, Op, Task, ValueId, numel};
 
 /// `nn.Sequential(Linear, ReLU, ..., Linear)` on flattened inputs; each module is one
 /// stage (what `checkpoint_sequential` splits).
@@ -91,19 +91,19 @@ pub enum ResNet {
 
 fn conv_bn(
     b: &mut Builder,
-    x: usize,
+    x: ValueId,
     i: u32,
     out: u64,
     kernel: u64,
     stride: u64,
     groups: u64,
-) -> Result<usize, GraphError> {
+) -> Result<ValueId, GraphError> {
     let c = b.conv(&format!("conv{i}"), x, out, kernel, stride, kernel / 2, groups, false)?;
     b.batch_norm(&format!("bn{i}"), c)
 }
 
 /// timm's SEModule: `x * sigmoid(fc2(relu(fc1(x.mean((2, 3), keepdim=True)))))`.
-fn squeeze_excite(b: &mut Builder, x: usize, channels: u64) -> Result<usize, GraphError> {
+fn squeeze_excite(b: &mut Builder, x: ValueId, channels: u64) -> Result<ValueId, GraphError> {
     // make_divisible(channels / 16, 8) with round_limit 0.
     let rd = ((channels as f64 / 16.0 + 4.0) as u64 / 8 * 8).max(8);
     b.scope("se", |b| {
@@ -128,7 +128,7 @@ pub fn resnet(s: &Settings, batch: u64, kind: ResNet, opts: &BuildOptions) -> Re
     }
     let mut b = Builder::new(Task::Classify { classes });
     let x = b.input(vec![batch, in_channels, image[0], image[1]], InputKind::Real);
-    let mut h = b.stage(|b| -> Result<usize, GraphError> {
+    let mut h = b.stage(|b| -> Result<ValueId, GraphError> {
         let h = b.conv("conv1", x, 64, 7, 2, 3, 1, false)?;
         let h = b.batch_norm("bn1", h)?;
         let h = b.unary(Op::Relu { inplace: true }, h);
@@ -140,7 +140,7 @@ pub fn resnet(s: &Settings, batch: u64, kind: ResNet, opts: &BuildOptions) -> Re
     };
     let mut inplanes = 64;
     for (stage, (&n, planes)) in layers.iter().zip([64u64, 128, 256, 512]).enumerate() {
-        h = b.stage(|b| -> Result<usize, GraphError> {
+        h = b.stage(|b| -> Result<ValueId, GraphError> {
             let stage_in = h;
             let mut h = h;
             for j in 0..n {
@@ -148,7 +148,7 @@ pub fn resnet(s: &Settings, batch: u64, kind: ResNet, opts: &BuildOptions) -> Re
                 let x_in = h;
                 h = b.block(|b| {
                     b.scope(format!("layer{}", stage + 1), |b| {
-                        b.scope(j.to_string(), |b| -> Result<usize, GraphError> {
+                        b.scope(j.to_string(), |b| -> Result<ValueId, GraphError> {
                             let out_ch = planes * expansion;
                             let out = match kind {
                                 ResNet::Basic(_) => {
@@ -191,7 +191,7 @@ pub fn resnet(s: &Settings, batch: u64, kind: ResNet, opts: &BuildOptions) -> Re
             Ok(h)
         })?;
     }
-    let out = b.stage(|b| -> Result<usize, GraphError> {
+    let out = b.stage(|b| -> Result<ValueId, GraphError> {
         // adaptive_avg_pool2d to 1x1 is a mean; flatten is a view.
         let pooled = b.mean(h, vec![2, 3], true);
         let c = b.shape(pooled)[1];

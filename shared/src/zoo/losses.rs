@@ -5,7 +5,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::graph::{Builder, GraphError, InputKind};
+use crate::graph::{Builder, GraphError, InputKind, ValueId};
 
 /// The loss a segmentation or classification plan trains with (`--set loss=...`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -60,7 +60,7 @@ type R<T> = Result<T, GraphError>;
 
 /// `F.cross_entropy(logits, target, label_smoothing=s)` with classes on dimension 1.
 /// Returns the loss value.
-pub fn cross_entropy(b: &mut Builder, logits: usize, target: usize, smoothing: f64) -> R<usize> {
+pub fn cross_entropy(b: &mut Builder, logits: ValueId, target: ValueId, smoothing: f64) -> R<ValueId> {
     let lp = b.log_softmax(logits, 1);
     let nll = b.nll_loss(lp, target, -100)?;
     if smoothing <= 0.0 {
@@ -80,7 +80,7 @@ pub fn cross_entropy(b: &mut Builder, logits: usize, target: usize, smoothing: f
 
 /// A classification loss on `[B, C]` logits: labels `[B]` become a graph input.
 /// Returns `(loss, first node of the loss)`.
-pub fn classify(b: &mut Builder, logits: usize, smoothing: f64) -> R<(usize, usize)> {
+pub fn classify(b: &mut Builder, logits: ValueId, smoothing: f64) -> R<(ValueId, usize)> {
     let s = b.shape(logits).to_vec();
     let labels = b.input(vec![s[0]], InputKind::ClassIndex { classes: s[1] });
     let start = b.next_node();
@@ -89,7 +89,7 @@ pub fn classify(b: &mut Builder, logits: usize, smoothing: f64) -> R<(usize, usi
 
 /// MONAI's soft Dice of probabilities against a one-hot target, mean over batch and
 /// classes: `1 - (2 tp + 1e-5) / (2 (tp + fp + fn) + 1e-5)` with `fp, fn` halved.
-fn dice(b: &mut Builder, probs: usize, target: usize) -> R<usize> {
+fn dice(b: &mut Builder, probs: ValueId, target: ValueId) -> R<ValueId> {
     let rank = b.shape(probs).len();
     let spatial: Vec<usize> = (2..rank).collect();
     let prod = b.mul(probs, target)?;
@@ -115,7 +115,7 @@ fn dice(b: &mut Builder, probs: usize, target: usize) -> R<usize> {
 /// A segmentation loss on `[B, C, ...]` logits; the labels it needs become a graph input
 /// in the layout the reference expects. With `surface`, the surface term of that weight
 /// is added (`surface_term`). Returns `(loss, first node of the loss)`.
-pub fn segment(b: &mut Builder, logits: usize, spec: LossSpec, surface: Option<f64>) -> R<(usize, usize)> {
+pub fn segment(b: &mut Builder, logits: ValueId, spec: LossSpec, surface: Option<f64>) -> R<(ValueId, usize)> {
     let (base, start) = segment_base(b, logits, spec)?;
     match surface {
         Some(weight) => Ok((surface_term(b, logits, base, weight)?, start)),
@@ -129,7 +129,7 @@ pub fn segment(b: &mut Builder, logits: usize, spec: LossSpec, surface: Option<f
 /// class, the signed Euclidean distance to the labelled region's surface (positive
 /// outside, negative inside) — computed from the labels on the CPU and copied to the
 /// device as the term begins (`graph::SurfaceTerm`). Returns `base + term`.
-pub fn surface_term(b: &mut Builder, logits: usize, base: usize, weight: f64) -> R<usize> {
+pub fn surface_term(b: &mut Builder, logits: ValueId, base: ValueId, weight: f64) -> R<ValueId> {
     let s = b.shape(logits).to_vec();
     let classes = s[1];
     let start = b.next_node();
@@ -151,7 +151,7 @@ pub fn surface_term(b: &mut Builder, logits: usize, base: usize, weight: f64) ->
     Ok(total)
 }
 
-fn segment_base(b: &mut Builder, logits: usize, spec: LossSpec) -> R<(usize, usize)> {
+fn segment_base(b: &mut Builder, logits: ValueId, spec: LossSpec) -> R<(ValueId, usize)> {
     let s = b.shape(logits).to_vec();
     let (batch, classes, spatial) = (s[0], s[1], s[2..].to_vec());
     let channel_map = |c: u64| {
@@ -212,7 +212,7 @@ fn segment_base(b: &mut Builder, logits: usize, spec: LossSpec) -> R<(usize, usi
 
 /// Hugging Face's `ForCausalLMLoss`: fp32 logits, labels padded with -100 and shifted
 /// left, then cross-entropy over the flattened logits. `ids` are the input tokens.
-pub fn causal_lm(b: &mut Builder, logits: usize, ids: usize) -> R<(usize, usize)> {
+pub fn causal_lm(b: &mut Builder, logits: ValueId, ids: ValueId) -> R<(ValueId, usize)> {
     let s = b.shape(logits).to_vec();
     let (batch, seq, vocab) = (s[0], s[1], s[2]);
     let start = b.next_node();
@@ -228,7 +228,7 @@ pub fn causal_lm(b: &mut Builder, logits: usize, ids: usize) -> R<(usize, usize)
 
 /// open_clip's `ClipLoss`: `logit_scale * image @ text.T` and `logit_scale * text @
 /// image.T`, each against `arange(B)`, averaged.
-pub fn clip(b: &mut Builder, image: usize, text: usize, scale: usize) -> R<(usize, usize)> {
+pub fn clip(b: &mut Builder, image: ValueId, text: ValueId, scale: ValueId) -> R<(ValueId, usize)> {
     let batch = b.shape(image)[0];
     let labels = b.input(vec![batch], InputKind::ClassIndex { classes: batch });
     let start = b.next_node();

@@ -5,7 +5,7 @@
 
 use super::losses;
 use super::{BuildOptions, Settings, ZooError, limits, value_err};
-use crate::graph::{Builder, Checkpoint, DType, Graph, GraphError, Init, InputKind, Op, Task};
+use crate::graph::{Builder, Checkpoint, DType, Graph, GraphError, Init, InputKind, Op, ParamId, Task, ValueId};
 
 type R<T> = Result<T, GraphError>;
 
@@ -29,7 +29,7 @@ fn patches(image: &[u64], patch: u64) -> Result<u64, ZooError> {
 /// view, then the bias), the unflatten/transpose/`.contiguous()` that splits q, k and v,
 /// scaled dot-product attention on `[B, H, N, hd]` views, and the output projection on
 /// the attention output viewed as `[N*B, D]`. Returns `[B, N, D]` (a transposed view).
-fn multi_head_attention(b: &mut Builder, x: usize, heads: u64, mask: Option<usize>, dropout: f64) -> R<usize> {
+fn multi_head_attention(b: &mut Builder, x: ValueId, heads: u64, mask: Option<ValueId>, dropout: f64) -> R<ValueId> {
     let s = b.shape(x).to_vec();
     let (batch, n, d) = (s[0], s[1], s[2]);
     let hd = d / heads;
@@ -81,7 +81,7 @@ fn multi_head_attention(b: &mut Builder, x: usize, heads: u64, mask: Option<usiz
 }
 
 /// A patch embedding: `[B, C, H, W]` -> `[B, N, D]` (conv, reshape, permute).
-fn patchify(b: &mut Builder, x: usize, name: &str, dim: u64, patch: u64, bias: bool) -> R<usize> {
+fn patchify(b: &mut Builder, x: ValueId, name: &str, dim: u64, patch: u64, bias: bool) -> R<ValueId> {
     let p = b.conv(name, x, dim, patch, patch, 0, 1, bias)?;
     let s = b.shape(p).to_vec();
     let flat = b.reshape(p, vec![s[0], s[1], s[2] * s[3]])?;
@@ -89,7 +89,7 @@ fn patchify(b: &mut Builder, x: usize, name: &str, dim: u64, patch: u64, bias: b
 }
 
 /// `cat([token.expand(B, 1, D), x], dim=1)` for a class token value of `D` elements.
-fn prepend_token(b: &mut Builder, x: usize, token: usize) -> R<usize> {
+fn prepend_token(b: &mut Builder, x: ValueId, token: ValueId) -> R<ValueId> {
     let s = b.shape(x).to_vec();
     let t = b.reshape(token, vec![1, 1, s[2]])?;
     let t = b.expand(t, vec![s[0], 1, s[2]])?;
@@ -110,11 +110,11 @@ pub fn vit(s: &Settings, batch: u64, opts: &BuildOptions) -> Result<Graph, ZooEr
     let n = patches(&image, patch)?;
     let mut b = Builder::new(Task::Classify { classes });
     let x = b.input(vec![batch, 3, image[0], image[1]], InputKind::Real);
-    let h = b.stage(|b| -> R<[usize; 3]> {
+    let h = b.stage(|b| -> R<[ValueId; 3]> {
         let tokens = patchify(b, x, "conv_proj", dim, patch, true)?;
         let cls = b.param_in("class_token", vec![1, 1, dim], Init::Const(0.0));
         let h = prepend_token(b, tokens, cls)?;
-        b.scope("encoder", |b| -> R<[usize; 3]> {
+        b.scope("encoder", |b| -> R<[ValueId; 3]> {
             let pos = b.param_in("pos_embedding", vec![1, n + 1, dim], Init::Normal(0.02));
             let p = b.add(h, pos)?;
             Ok([h, p, b.dropout(p, dropout)])
@@ -127,7 +127,7 @@ pub fn vit(s: &Settings, batch: u64, opts: &BuildOptions) -> Result<Graph, ZooEr
     for i in 0..layers {
         h = b.stage(|b| {
             b.block(|b| {
-                b.scope(format!("encoder.layers.encoder_layer_{i}"), |b| -> R<usize> {
+                b.scope(format!("encoder.layers.encoder_layer_{i}"), |b| -> R<ValueId> {
                     // torchvision's EncoderBlock.
                     let y = b.layer_norm("ln_1", h, 1e-6)?;
                     let y =
@@ -145,7 +145,7 @@ pub fn vit(s: &Settings, batch: u64, opts: &BuildOptions) -> Result<Graph, ZooEr
             })
         })?;
     }
-    let out = b.stage(|b| -> R<usize> {
+    let out = b.stage(|b| -> R<ValueId> {
         let h = b.scope("encoder", |b| b.layer_norm("ln", h, 1e-6))?;
         b.release(held.to_vec());
         let first = b.select(h, 1, 0);
@@ -156,7 +156,7 @@ pub fn vit(s: &Settings, batch: u64, opts: &BuildOptions) -> Result<Graph, ZooEr
 }
 
 /// open_clip's `ResidualAttentionBlock`: `x + attn(ln_1(x))`, then `x + mlp(ln_2(x))`.
-fn clip_block(b: &mut Builder, x: usize, heads: u64, mask: Option<usize>) -> R<usize> {
+fn clip_block(b: &mut Builder, x: ValueId, heads: u64, mask: Option<ValueId>) -> R<ValueId> {
     let d = b.shape(x)[2];
     let y = b.layer_norm("ln_1", x, 1e-5)?;
     let y = b.scope("attn", |b| multi_head_attention(b, y, heads, mask, 0.0))?;
@@ -189,7 +189,7 @@ pub fn clip(s: &Settings, batch: u64, opts: &BuildOptions) -> Result<Graph, ZooE
     let mut b = Builder::new(Task::Contrastive);
     let img = b.input(vec![batch, 3, image[0], image[1]], InputKind::Real);
     let text = b.input(vec![batch, seq], InputKind::Tokens { vocab });
-    let image_features = b.scope("visual", |b| -> R<usize> {
+    let image_features = b.scope("visual", |b| -> R<ValueId> {
         let tokens = patchify(b, img, "conv1", v_width, patch, false)?;
         // `cat([_expand_token(class_embedding, B).to(x.dtype), x])`, then
         // `x + positional_embedding.to(x.dtype)`: under autocast the residual stream
@@ -243,7 +243,7 @@ pub fn clip(s: &Settings, batch: u64, opts: &BuildOptions) -> Result<Graph, ZooE
 
 /// Hugging Face's `NewGELUActivation` ("gelu_new"), spelled out in Python:
 /// `0.5 * x * (1 + tanh(sqrt(2 / pi) * (x + 0.044715 * x^3)))`.
-fn gelu_new(b: &mut Builder, x: usize) -> R<usize> {
+fn gelu_new(b: &mut Builder, x: ValueId) -> R<ValueId> {
     let half = b.mul_scalar(x, 0.5);
     let cube = b.pow_scalar(x, 3.0);
     let cube = b.mul_scalar(cube, 0.044715);
@@ -265,15 +265,15 @@ struct Gpt2Cfg {
 /// views, k and v copied into the key/value cache when it is on (and attention then
 /// reads the cached copies), causal attention with dropout, `gelu_new`.
 /// Returns the block output and the cache's tensors.
-fn gpt2_block(b: &mut Builder, x: usize, cfg: &Gpt2Cfg) -> R<(usize, Vec<usize>)> {
+fn gpt2_block(b: &mut Builder, x: ValueId, cfg: &Gpt2Cfg) -> R<(ValueId, Vec<ValueId>)> {
     let s = b.shape(x).to_vec();
     let (batch, seq, d) = (s[0], s[1], s[2]);
     let hd = d / cfg.heads;
     let h = b.layer_norm("ln_1", x, 1e-5)?;
-    let (a, cache) = b.scope("attn", |b| -> R<(usize, Vec<usize>)> {
+    let (a, cache) = b.scope("attn", |b| -> R<(ValueId, Vec<ValueId>)> {
         let qkv = b.conv1d_hf("c_attn", h, 3 * d)?;
         let parts = b.split(qkv, 2, d)?;
-        let heads = |b: &mut Builder, t: usize| -> R<usize> {
+        let heads = |b: &mut Builder, t: ValueId| -> R<ValueId> {
             let t = b.view(t, vec![batch, seq, cfg.heads, hd])?;
             Ok(b.transpose(t, 1, 2))
         };
@@ -298,7 +298,7 @@ fn gpt2_block(b: &mut Builder, x: usize, cfg: &Gpt2Cfg) -> R<(usize, Vec<usize>)
     })?;
     let x = b.add(a, x)?;
     let m = b.layer_norm("ln_2", x, 1e-5)?;
-    let m = b.scope("mlp", |b| -> R<usize> {
+    let m = b.scope("mlp", |b| -> R<ValueId> {
         let m = b.conv1d_hf("c_fc", m, 4 * d)?;
         let m = gelu_new(b, m)?;
         let m = b.conv1d_hf("c_proj", m, d)?;
@@ -327,9 +327,9 @@ pub fn gpt2(s: &Settings, batch: u64, opts: &BuildOptions) -> Result<Graph, ZooE
     let ids = b.input(vec![batch, seq], InputKind::Tokens { vocab });
     let cfg = Gpt2Cfg { heads: n_head, attn_drop: attn, resid_drop: resid, use_cache };
     let mut cache = Vec::new();
-    let (h, wte) = b.scope("transformer", |b| -> R<(usize, usize)> {
+    let (h, wte) = b.scope("transformer", |b| -> R<(ValueId, ParamId)> {
         let wte = b.scope("wte", |b| b.param("weight", vec![vocab, n_embd], Init::Normal(0.02)));
-        let mut h = b.stage(|b| -> R<usize> {
+        let mut h = b.stage(|b| -> R<ValueId> {
             let ids = b.view(ids, vec![batch, seq])?;
             let table = b.param_value(wte);
             let tok = b.embedding_with(ids, table);

@@ -4,7 +4,7 @@
 
 use super::losses;
 use super::{BuildOptions, Settings, ZooError, limits, value_err};
-use crate::graph::{Builder, DType, Graph, GraphError, Init, InputKind, Op, Task};
+use crate::graph::{Builder, DType, Graph, GraphError, Init, InputKind, Op, Task, ValueId};
 
 type R<T> = Result<T, GraphError>;
 
@@ -14,14 +14,14 @@ type R<T> = Result<T, GraphError>;
 #[allow(clippy::too_many_arguments)]
 fn convolution(
     b: &mut Builder,
-    x: usize,
+    x: ValueId,
     out: u64,
     kernel: u64,
     stride: u64,
     transposed: bool,
     conv_only: bool,
     batch_norm: bool,
-) -> R<usize> {
+) -> R<ValueId> {
     let padding = (kernel - 1) / 2;
     let h = if transposed {
         // stride_minus_kernel_padding: the output padding that doubles the size exactly.
@@ -42,14 +42,14 @@ fn convolution(
 #[allow(clippy::too_many_arguments)]
 fn residual_unit(
     b: &mut Builder,
-    x: usize,
+    x: ValueId,
     out: u64,
     stride: u64,
     kernel: u64,
     subunits: u64,
     last_conv_only: bool,
     batch_norm: bool,
-) -> R<usize> {
+) -> R<ValueId> {
     let inc = b.shape(x)[1];
     let res = if stride != 1 || inc != out {
         let (k, p) = if stride == 1 { (1, 0) } else { (kernel, (kernel - 1) / 2) };
@@ -72,7 +72,7 @@ struct UNetCfg {
     batch_norm: bool,
 }
 
-fn down(b: &mut Builder, x: usize, out: u64, stride: u64, cfg: &UNetCfg) -> R<usize> {
+fn down(b: &mut Builder, x: ValueId, out: u64, stride: u64, cfg: &UNetCfg) -> R<ValueId> {
     if cfg.res_units > 0 {
         residual_unit(b, x, out, stride, 3, cfg.res_units, false, cfg.batch_norm)
     } else {
@@ -80,7 +80,7 @@ fn down(b: &mut Builder, x: usize, out: u64, stride: u64, cfg: &UNetCfg) -> R<us
     }
 }
 
-fn up(b: &mut Builder, x: usize, out: u64, stride: u64, top: bool, cfg: &UNetCfg) -> R<usize> {
+fn up(b: &mut Builder, x: ValueId, out: u64, stride: u64, top: bool, cfg: &UNetCfg) -> R<ValueId> {
     let conv_only = top && cfg.res_units == 0;
     let h = b.scope("0", |b| convolution(b, x, out, 3, stride, true, conv_only, cfg.batch_norm))?;
     if cfg.res_units > 0 { b.scope("1", |b| residual_unit(b, h, out, 1, 3, 1, top, cfg.batch_norm)) } else { Ok(h) }
@@ -88,10 +88,18 @@ fn up(b: &mut Builder, x: usize, out: u64, stride: u64, top: bool, cfg: &UNetCfg
 
 /// `_create_block`: down, a skip connection around the deeper levels, up. At the top the
 /// three are the model's stages.
-fn level(b: &mut Builder, x: usize, out: u64, channels: &[u64], strides: &[u64], top: bool, cfg: &UNetCfg) -> R<usize> {
+fn level(
+    b: &mut Builder,
+    x: ValueId,
+    out: u64,
+    channels: &[u64],
+    strides: &[u64],
+    top: bool,
+    cfg: &UNetCfg,
+) -> R<ValueId> {
     let c = channels[0];
     let s = strides[0];
-    let stage = |b: &mut Builder, f: &mut dyn FnMut(&mut Builder) -> R<usize>| if top { b.stage(f) } else { f(b) };
+    let stage = |b: &mut Builder, f: &mut dyn FnMut(&mut Builder) -> R<ValueId>| if top { b.stage(f) } else { f(b) };
     let d = stage(b, &mut |b| b.scope("0", |b| down(b, x, c, s, cfg)))?;
     let cat = stage(b, &mut |b| {
         let sub = b.scope("1.submodule", |b| {
@@ -162,7 +170,7 @@ fn check_loss_channels(out_ch: u64, opts: &BuildOptions) -> Result<(), ZooError>
 
 /// MONAI's `UnetResBlock`: conv-norm-lrelu-conv-norm plus a 1x1 conv-norm residual when
 /// the channels change, then a leaky ReLU (in place, as MONAI's is).
-fn res_block(b: &mut Builder, x: usize, out: u64) -> R<usize> {
+fn res_block(b: &mut Builder, x: ValueId, out: u64) -> R<ValueId> {
     let lrelu = Op::LeakyRelu { inplace: true };
     let inc = b.shape(x)[1];
     let h = b.conv("conv1.conv", x, out, 3, 1, 1, 1, false)?;
@@ -181,24 +189,24 @@ fn res_block(b: &mut Builder, x: usize, out: u64) -> R<usize> {
 }
 
 /// MONAI's `UnetrUpBlock`: a 2x transposed conv, concatenation with the skip, a res block.
-fn up_block(b: &mut Builder, x: usize, skip: usize, out: u64) -> R<usize> {
+fn up_block(b: &mut Builder, x: ValueId, skip: ValueId, out: u64) -> R<ValueId> {
     let h = b.conv_transpose("transp_conv.conv", x, out, 2, 2, 0, 0, false)?;
     let h = b.cat(vec![h, skip], 1)?;
     b.scope("conv_block", |b| res_block(b, h, out))
 }
 
 /// `rearrange(x, "b c d h w -> b d h w c")`: a permuted view, no copy.
-fn channels_last(b: &mut Builder, x: usize) -> R<usize> {
+fn channels_last(b: &mut Builder, x: ValueId) -> R<ValueId> {
     b.permute(x, vec![0, 2, 3, 4, 1])
 }
 
-fn channels_first(b: &mut Builder, x: usize) -> R<usize> {
+fn channels_first(b: &mut Builder, x: ValueId) -> R<ValueId> {
     b.permute(x, vec![0, 4, 1, 2, 3])
 }
 
 /// `proj_out`: `F.layer_norm` over the channels of a channels-last view, back to a
 /// channels-first view.
-fn proj_out(b: &mut Builder, x: usize) -> R<usize> {
+fn proj_out(b: &mut Builder, x: ValueId) -> R<ValueId> {
     let v = channels_last(b, x)?;
     let n = b.layer_norm_plain(v);
     channels_first(b, n)
@@ -208,7 +216,7 @@ const WINDOW: u64 = 7;
 
 /// MONAI's `WindowAttention` on windows `[B*nW, N, C]`: qkv as views of one projection,
 /// explicit scores with the relative position bias (and the shift mask), softmax, values.
-fn window_attention(b: &mut Builder, x: usize, heads: u64, mask: Option<usize>) -> R<usize> {
+fn window_attention(b: &mut Builder, x: ValueId, heads: u64, mask: Option<ValueId>) -> R<ValueId> {
     let s = b.shape(x).to_vec();
     let (bw, n, c) = (s[0], s[1], s[2]);
     let hd = c / heads;
@@ -258,12 +266,12 @@ fn window_attention(b: &mut Builder, x: usize, heads: u64, mask: Option<usize>) 
 /// pad (always a copy), shift, window partition, attention, window reverse, unshift, crop.
 fn swin_part1(
     b: &mut Builder,
-    x: usize,
+    x: ValueId,
     heads: u64,
     window: [u64; 3],
     shift: [u64; 3],
-    mask: Option<usize>,
-) -> R<usize> {
+    mask: Option<ValueId>,
+) -> R<ValueId> {
     let s = b.shape(x).to_vec();
     let (batch, c) = (s[0], s[4]);
     let sizes = [s[1], s[2], s[3]];
@@ -322,7 +330,7 @@ fn swin_part1(
 }
 
 /// `forward_part2`: the MLP on the normed input.
-fn swin_part2(b: &mut Builder, x: usize) -> R<usize> {
+fn swin_part2(b: &mut Builder, x: ValueId) -> R<ValueId> {
     let c = b.shape(x)[4];
     let m = b.layer_norm("norm2", x, 1e-5)?;
     let m = b.linear("mlp.linear1", m, 4 * c, true)?;
@@ -332,7 +340,7 @@ fn swin_part2(b: &mut Builder, x: usize) -> R<usize> {
 
 /// MONAI's `PatchMerging` (3-D): eight strided sub-volumes — in MONAI's own order, which
 /// repeats two of them — concatenated on channels, layer norm, a linear reduction.
-fn patch_merging(b: &mut Builder, x: usize) -> R<usize> {
+fn patch_merging(b: &mut Builder, x: ValueId) -> R<ValueId> {
     let s = b.shape(x).to_vec();
     let c = s[4];
     let mut parts = Vec::with_capacity(8);
@@ -375,7 +383,7 @@ pub fn swin_unetr(s: &Settings, batch: u64, opts: &BuildOptions) -> Result<Graph
     let mut h = b.conv("swinViT.patch_embed.proj", x, fs, 2, 2, 0, 1, true)?;
     hidden.push(proj_out(&mut b, h)?);
     for (layer, (&depth, &nh)) in depths.iter().zip(&heads).enumerate() {
-        h = b.scope(format!("swinViT.layers{}.0", layer + 1), |b| -> R<usize> {
+        h = b.scope(format!("swinViT.layers{}.0", layer + 1), |b| -> R<ValueId> {
             let h = b.contiguous(h);
             let sizes = {
                 let s = b.shape(h);
@@ -391,7 +399,7 @@ pub fn swin_unetr(s: &Settings, batch: u64, opts: &BuildOptions) -> Result<Graph
             let mask = b.shifted_window_mask(padded, window, [WINDOW / 2; 3]);
             for j in 0..depth {
                 let block_shift = if j % 2 == 1 { shift } else { [0; 3] };
-                h = b.scope(format!("blocks.{j}"), |b| -> R<usize> {
+                h = b.scope(format!("blocks.{j}"), |b| -> R<ValueId> {
                     let a = b.block(|b| swin_part1(b, h, nh, window, block_shift, Some(mask)))?;
                     let x = b.add(h, a)?;
                     let m = b.block(|b| swin_part2(b, x))?;

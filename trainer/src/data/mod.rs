@@ -36,7 +36,7 @@ mod tests;
 
 use std::path::{Path, PathBuf};
 
-use shared::graph::{Graph, InputKind, Task};
+use shared::graph::{Graph, InputKind, Task, ValueId};
 use thiserror::Error;
 
 pub use loader::{Loader, Room};
@@ -126,7 +126,7 @@ impl Want {
         if matches!(graph.task, Task::Contrastive) {
             return Err(DataError("data: image-text (contrastive) models train on synthetic data only".to_owned()));
         }
-        let shape = |v: usize| -> Vec<usize> { graph.values[v].shape.iter().map(|&d| d as usize).collect() };
+        let shape = |v: ValueId| -> Vec<usize> { graph.values[v].shape.iter().map(|&d| d as usize).collect() };
         match graph.inputs.as_slice() {
             [(v, InputKind::Tokens { vocab })] => {
                 let s = shape(*v);

@@ -14,7 +14,7 @@ use std::ffi::c_void;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use shared::graph::{Graph, Init, Op, Param, Region};
+use shared::graph::{Graph, Init, Op, Param, Region, ValueId};
 use tch::{Device, Kind, Tensor};
 
 use crate::error::TrainError;
@@ -179,8 +179,8 @@ pub struct Net {
     pub params: Vec<Tensor>,
     autocast: Option<Autocast>,
     regions: Vec<Region>,
-    region_inputs: Vec<Vec<usize>>,
-    region_outputs: Vec<Vec<usize>>,
+    region_inputs: Vec<Vec<ValueId>>,
+    region_outputs: Vec<Vec<ValueId>>,
     last_use: Vec<Option<usize>>,
     /// Values the loop keeps past their last use: the returned outputs and the loss.
     kept: Vec<bool>,

@@ -20,10 +20,10 @@ use crate::estimate::Kernels;
 use crate::estimate::engine::{Bwd, Engine, F32, Meta, Part, Read, Ten};
 use crate::estimate::layout;
 use crate::estimate::sim::Sim;
-use crate::graph::{Op, numel};
+use crate::graph::{Op, ValueId, numel};
 
 /// The forward rule of this family's ops (`ops::forward` sends no other op here).
-pub(super) fn fwd(e: &mut Engine, sim: &mut Sim, i: usize, op: Op, inputs: Vec<usize>, shape: Vec<u64>) -> Vec<Ten> {
+pub(super) fn fwd(e: &mut Engine, sim: &mut Sim, i: usize, op: Op, inputs: Vec<ValueId>, shape: Vec<u64>) -> Vec<Ten> {
     match op {
         Op::Attention { causal, dropout, .. } => forward(e, sim, i, &inputs, causal, dropout),
         Op::ShiftedWindowMask { padded, .. } => {
@@ -95,7 +95,7 @@ pub(crate) fn forward(
     e: &mut Engine,
     sim: &mut Sim,
     i: usize,
-    inputs: &[usize],
+    inputs: &[ValueId],
     causal: bool,
     dropout: f64,
 ) -> Vec<Ten> {
@@ -175,7 +175,7 @@ fn math_forward(
     mask: Option<Read>,
     causal: bool,
 ) -> Vec<Ten> {
-    let out_slot = e.g.nodes[i].output();
+    let out_slot = e.g.nodes[i].output().index();
     let origin = q.t.esize;
     // Half inputs are computed in fp32.
     let up = |e: &mut Engine, sim: &mut Sim, r: Read| if r.t.esize < F32 { e.cast(sim, r, F32, ACT) } else { r };

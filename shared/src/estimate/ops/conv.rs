@@ -18,10 +18,10 @@ use crate::estimate::Kernels;
 use crate::estimate::engine::{Engine, HALF, Meta, Ten};
 use crate::estimate::layout;
 use crate::estimate::sim::Sim;
-use crate::graph::{Op, numel};
+use crate::graph::{Op, ValueId, numel};
 
 /// The forward rule of this family's ops (`ops::forward` sends no other op here).
-pub(super) fn fwd(e: &mut Engine, sim: &mut Sim, i: usize, op: Op, inputs: Vec<usize>, _shape: Vec<u64>) -> Vec<Ten> {
+pub(super) fn fwd(e: &mut Engine, sim: &mut Sim, i: usize, op: Op, inputs: Vec<ValueId>, _shape: Vec<u64>) -> Vec<Ten> {
     match op {
         Op::Conv { .. } | Op::ConvTranspose { .. } => conv(e, sim, i, &inputs),
         _ => Vec::new(),
@@ -44,7 +44,7 @@ pub(super) fn bwd(
     }
 }
 
-fn conv(e: &mut Engine, sim: &mut Sim, i: usize, inputs: &[usize]) -> Vec<Ten> {
+fn conv(e: &mut Engine, sim: &mut Sim, i: usize, inputs: &[ValueId]) -> Vec<Ten> {
     let x = e.read_low(sim, inputs[0]);
     let w = e.read_low(sim, inputs[1]);
     let b = (inputs.len() > 2).then(|| e.read_low(sim, inputs[2]));

@@ -4,10 +4,10 @@ use super::*;
 use crate::estimate::Category::{Activations as ACT, Temporaries as TMP};
 use crate::estimate::engine::{Engine, F32, Ten};
 use crate::estimate::sim::Sim;
-use crate::graph::Op;
+use crate::graph::{Op, ValueId};
 
 /// The forward rule of this family's ops (`ops::forward` sends no other op here).
-pub(super) fn fwd(e: &mut Engine, sim: &mut Sim, i: usize, op: Op, inputs: Vec<usize>, shape: Vec<u64>) -> Vec<Ten> {
+pub(super) fn fwd(e: &mut Engine, sim: &mut Sim, i: usize, op: Op, inputs: Vec<ValueId>, shape: Vec<u64>) -> Vec<Ten> {
     match op {
         Op::Embedding => {
             let table = e.read(sim, inputs[0]);

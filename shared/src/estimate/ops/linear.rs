@@ -6,10 +6,10 @@ use crate::estimate::Kernels;
 use crate::estimate::engine::{Engine, F32, HALF, Ten};
 use crate::estimate::layout;
 use crate::estimate::sim::Sim;
-use crate::graph::{Op, numel};
+use crate::graph::{Op, ValueId, numel};
 
 /// The forward rule of this family's ops (`ops::forward` sends no other op here).
-pub(super) fn fwd(e: &mut Engine, sim: &mut Sim, i: usize, op: Op, inputs: Vec<usize>, _shape: Vec<u64>) -> Vec<Ten> {
+pub(super) fn fwd(e: &mut Engine, sim: &mut Sim, i: usize, op: Op, inputs: Vec<ValueId>, _shape: Vec<u64>) -> Vec<Ten> {
     match op {
         Op::Linear { bias } => linear(e, sim, i, &inputs, bias),
         Op::Conv1dHf => conv1d_hf(e, sim, i, &inputs),
@@ -102,7 +102,7 @@ fn onednn_half_product(e: &Engine, sim: &mut Sim, out_elems: u64, esize: u64) {
 }
 
 /// `F.linear(x, W, b)` as ATen runs it (see the module docs of `Op::Linear`).
-fn linear(e: &mut Engine, sim: &mut Sim, i: usize, inputs: &[usize], bias: bool) -> Vec<Ten> {
+fn linear(e: &mut Engine, sim: &mut Sim, i: usize, inputs: &[ValueId], bias: bool) -> Vec<Ten> {
     let x = e.read_low(sim, inputs[0]);
     let w = e.read_low(sim, inputs[1]);
     let b = bias.then(|| e.read_low(sim, inputs[2]));
@@ -138,7 +138,7 @@ fn linear(e: &mut Engine, sim: &mut Sim, i: usize, inputs: &[usize], bias: bool)
     vec![o]
 }
 
-fn conv1d_hf(e: &mut Engine, sim: &mut Sim, i: usize, inputs: &[usize]) -> Vec<Ten> {
+fn conv1d_hf(e: &mut Engine, sim: &mut Sim, i: usize, inputs: &[ValueId]) -> Vec<Ten> {
     let x = e.read_low(sim, inputs[0]);
     let w = e.read_low(sim, inputs[1]);
     let b = e.read_low(sim, inputs[2]);
@@ -161,7 +161,7 @@ fn conv1d_hf(e: &mut Engine, sim: &mut Sim, i: usize, inputs: &[usize]) -> Vec<T
 
 /// `torch.matmul`: 2-D operands go to mm; batched ones are expanded and reshaped to 3-D
 /// (copies where the layout does not allow a view), multiplied with bmm, viewed back.
-fn matmul(e: &mut Engine, sim: &mut Sim, i: usize, inputs: &[usize]) -> Vec<Ten> {
+fn matmul(e: &mut Engine, sim: &mut Sim, i: usize, inputs: &[ValueId]) -> Vec<Ten> {
     let a = e.read_low(sim, inputs[0]);
     let b = e.read_low(sim, inputs[1]);
     let shape = out_shape(e, i);

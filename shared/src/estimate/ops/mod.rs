@@ -88,8 +88,9 @@ pub(super) fn out_shape(e: &Engine, i: usize) -> Vec<u64> {
     e.g.values[e.g.nodes[i].output()].shape.clone()
 }
 
+/// A node's outputs' gradient slots: a value's slot is its own index.
 pub(super) fn out_slots(e: &Engine, i: usize) -> Vec<usize> {
-    e.g.nodes[i].outputs.clone()
+    e.g.nodes[i].outputs.iter().map(|v| v.index()).collect()
 }
 
 /// Records node `i`'s autograd node with these saved tensors and reads. The saved
@@ -126,7 +127,7 @@ pub(super) fn alias_slot(e: &mut Engine, i: usize, slot: Option<usize>) {
     if let Some(s) = slot {
         let v = e.g.nodes[i].output();
         let m = Meta::default();
-        e.push(Bwd::Part(Part::View), Vec::new(), vec![v], vec![Some(s)], vec![m.clone()], vec![m]);
+        e.push(Bwd::Part(Part::View), Vec::new(), vec![v.index()], vec![Some(s)], vec![m.clone()], vec![m]);
     }
 }
 

@@ -5,10 +5,10 @@ use crate::estimate::Category::{Activations as ACT, Temporaries as TMP};
 use crate::estimate::Kernels;
 use crate::estimate::engine::{Engine, F32, Ten};
 use crate::estimate::sim::Sim;
-use crate::graph::Op;
+use crate::graph::{Op, ValueId};
 
 /// The forward rule of this family's ops (`ops::forward` sends no other op here).
-pub(super) fn fwd(e: &mut Engine, sim: &mut Sim, i: usize, op: Op, inputs: Vec<usize>, _shape: Vec<u64>) -> Vec<Ten> {
+pub(super) fn fwd(e: &mut Engine, sim: &mut Sim, i: usize, op: Op, inputs: Vec<ValueId>, _shape: Vec<u64>) -> Vec<Ten> {
     match op {
         Op::BatchNorm { .. } => batch_norm(e, sim, i, &inputs),
         Op::InstanceNorm { .. } => instance_norm(e, sim, i, &inputs),
@@ -79,7 +79,7 @@ pub(super) fn bwd(
     }
 }
 
-fn batch_norm(e: &mut Engine, sim: &mut Sim, i: usize, inputs: &[usize]) -> Vec<Ten> {
+fn batch_norm(e: &mut Engine, sim: &mut Sim, i: usize, inputs: &[ValueId]) -> Vec<Ten> {
     let x = e.read(sim, inputs[0]);
     let w = e.read(sim, inputs[1]);
     let b = e.read(sim, inputs[2]);
@@ -111,7 +111,7 @@ fn batch_norm(e: &mut Engine, sim: &mut Sim, i: usize, inputs: &[usize]) -> Vec<
     vec![o]
 }
 
-fn instance_norm(e: &mut Engine, sim: &mut Sim, i: usize, inputs: &[usize]) -> Vec<Ten> {
+fn instance_norm(e: &mut Engine, sim: &mut Sim, i: usize, inputs: &[ValueId]) -> Vec<Ten> {
     let x = e.read(sim, inputs[0]);
     let bc = x.t.shape[0] * x.t.shape[1];
     // input.contiguous().view(1, B*C, ...), batch norm, the result viewed back.
@@ -133,7 +133,7 @@ fn instance_norm(e: &mut Engine, sim: &mut Sim, i: usize, inputs: &[usize]) -> V
     vec![o]
 }
 
-fn layer_norm(e: &mut Engine, sim: &mut Sim, i: usize, inputs: &[usize], affine: bool) -> Vec<Ten> {
+fn layer_norm(e: &mut Engine, sim: &mut Sim, i: usize, inputs: &[ValueId], affine: bool) -> Vec<Ten> {
     let x = e.read_f32(sim, inputs[0]);
     let w = affine.then(|| e.read(sim, inputs[1]));
     let b = affine.then(|| e.read(sim, inputs[2]));

@@ -5,10 +5,10 @@ use crate::estimate::Category::{Activations as ACT, Temporaries as TMP};
 use crate::estimate::engine::{Engine, F32, Ten};
 use crate::estimate::layout;
 use crate::estimate::sim::Sim;
-use crate::graph::Op;
+use crate::graph::{Op, ValueId};
 
 /// The forward rule of this family's ops (`ops::forward` sends no other op here).
-pub(super) fn fwd(e: &mut Engine, sim: &mut Sim, i: usize, op: Op, inputs: Vec<usize>, shape: Vec<u64>) -> Vec<Ten> {
+pub(super) fn fwd(e: &mut Engine, sim: &mut Sim, i: usize, op: Op, inputs: Vec<ValueId>, shape: Vec<u64>) -> Vec<Ten> {
     match op {
         Op::Prelu => {
             let x = e.read_low(sim, inputs[0]);
@@ -199,7 +199,7 @@ pub(super) fn bwd(
     }
 }
 
-fn binary(e: &mut Engine, sim: &mut Sim, i: usize, inputs: &[usize], op: &Op) -> Vec<Ten> {
+fn binary(e: &mut Engine, sim: &mut Sim, i: usize, inputs: &[ValueId], op: &Op) -> Vec<Ten> {
     let a = e.read(sim, inputs[0]);
     let b = e.read(sim, inputs[1]);
     let shape = out_shape(e, i);
@@ -223,7 +223,7 @@ fn binary(e: &mut Engine, sim: &mut Sim, i: usize, inputs: &[usize], op: &Op) ->
     vec![o]
 }
 
-fn dropout(e: &mut Engine, sim: &mut Sim, i: usize, inputs: &[usize]) -> Vec<Ten> {
+fn dropout(e: &mut Engine, sim: &mut Sim, i: usize, inputs: &[ValueId]) -> Vec<Ten> {
     let x = e.read(sim, inputs[0]);
     if !e.training {
         // `F.dropout(x, training=False)` returns `x` itself.

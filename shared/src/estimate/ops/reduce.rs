@@ -4,10 +4,10 @@ use super::*;
 use crate::estimate::Category::{Activations as ACT, Temporaries as TMP};
 use crate::estimate::engine::{Engine, Ten};
 use crate::estimate::sim::Sim;
-use crate::graph::Op;
+use crate::graph::{Op, ValueId};
 
 /// The forward rule of this family's ops (`ops::forward` sends no other op here).
-pub(super) fn fwd(e: &mut Engine, sim: &mut Sim, i: usize, op: Op, inputs: Vec<usize>, shape: Vec<u64>) -> Vec<Ten> {
+pub(super) fn fwd(e: &mut Engine, sim: &mut Sim, i: usize, op: Op, inputs: Vec<ValueId>, shape: Vec<u64>) -> Vec<Ten> {
     match op {
         Op::Mean { .. } | Op::Sum { .. } => {
             let x = if matches!(op, Op::Sum { .. }) { e.read_f32(sim, inputs[0]) } else { e.read(sim, inputs[0]) };

@@ -7,10 +7,10 @@ use super::*;
 use crate::estimate::Category::Activations as ACT;
 use crate::estimate::engine::{Engine, Ten};
 use crate::estimate::sim::Sim;
-use crate::graph::Op;
+use crate::graph::{Op, ValueId};
 
 /// The forward rule of this family's ops (`ops::forward` sends no other op here).
-pub(super) fn fwd(e: &mut Engine, sim: &mut Sim, _i: usize, op: Op, inputs: Vec<usize>, shape: Vec<u64>) -> Vec<Ten> {
+pub(super) fn fwd(e: &mut Engine, sim: &mut Sim, _i: usize, op: Op, inputs: Vec<ValueId>, shape: Vec<u64>) -> Vec<Ten> {
     match op {
         Op::Script => {
             let x = e.read(sim, inputs[0]);

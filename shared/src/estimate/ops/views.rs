@@ -5,10 +5,10 @@ use crate::estimate::Category::{Activations as ACT, Temporaries as TMP};
 use crate::estimate::engine::{Engine, F32, Read, Ten};
 use crate::estimate::layout;
 use crate::estimate::sim::Sim;
-use crate::graph::Op;
+use crate::graph::{Op, ValueId};
 
 /// The forward rule of this family's ops (`ops::forward` sends no other op here).
-pub(super) fn fwd(e: &mut Engine, sim: &mut Sim, i: usize, op: Op, inputs: Vec<usize>, shape: Vec<u64>) -> Vec<Ten> {
+pub(super) fn fwd(e: &mut Engine, sim: &mut Sim, i: usize, op: Op, inputs: Vec<ValueId>, shape: Vec<u64>) -> Vec<Ten> {
     match op {
         // Listed, not `op.is_view()`: the match stays exhaustive, so a new op needs a rule.
         Op::View { .. }
@@ -131,7 +131,7 @@ pub(super) fn bwd(
     }
 }
 
-fn views(e: &mut Engine, sim: &mut Sim, i: usize, inputs: &[usize], op: &Op) -> Vec<Ten> {
+fn views(e: &mut Engine, sim: &mut Sim, i: usize, inputs: &[ValueId], op: &Op) -> Vec<Ten> {
     let x = e.read(sim, inputs[0]);
     let shape = out_shape(e, i);
     let mut outs = Vec::new();
