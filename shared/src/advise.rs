@@ -584,10 +584,7 @@ pub fn scaled(d: u64, scale: f64) -> u64 {
 /// The plan's input-size keys (image, volume) with their current values.
 pub fn input_sizes(plan: &Plan) -> Vec<(String, Vec<u64>)> {
     let Ok(schema) = crate::zoo::schema(plan.model_name()) else { return Vec::new() };
-    let settings = match &plan.model {
-        crate::plan::ModelSpec::Zoo { settings, .. } => settings.clone(),
-        _ => Default::default(),
-    };
+    let settings = plan.model.settings.clone();
     schema
         .into_iter()
         .filter_map(|p| {

@@ -272,9 +272,7 @@ mod tests {
         // A plan with one huge unknown model key, its frame a few bytes under the limit.
         let submit = |len: usize| {
             let mut plan = Plan::example_cnn();
-            if let crate::plan::ModelSpec::Zoo { settings, .. } = &mut plan.model {
-                settings.insert("k".repeat(len), "1".into());
-            }
+            plan.model.settings.insert("k".repeat(len), "1".into());
             ToAgent::Submit { plan, force: false, key: Some(7) }
         };
         let base = encode(&submit(0)).expect("small").len();

@@ -11,9 +11,7 @@
 use serde::Serialize;
 
 use super::limits;
-use super::{
-    DeviceChoice, LrSchedule, ModelSpec, Optimizer, OptimizerImpl, Plan, PlanError, Precision, Runtime, Schedule,
-};
+use super::{DeviceChoice, LrSchedule, Optimizer, OptimizerImpl, Plan, PlanError, Precision, Runtime, Schedule};
 use crate::units::{QUOTED_BYTES, clip};
 use crate::zoo::{Kind, LossKind};
 
@@ -956,9 +954,7 @@ impl Plan {
                 Some(k) => (k.set)(&mut staged, value.trim())
                     .map_err(|reason| PlanError::Setting { key: key.clone(), reason })?,
                 None => {
-                    if let ModelSpec::Zoo { settings, .. } = &mut staged.plan.model {
-                        settings.insert(key.clone(), value.clone());
-                    }
+                    staged.plan.model.settings.insert(key.clone(), value.clone());
                 }
             }
         }
@@ -979,10 +975,8 @@ impl Plan {
             if let Some(v) = (k.get)(&plan, &base) {
                 out.push((k.key.to_owned(), v));
             }
-            if k.key == "name"
-                && let ModelSpec::Zoo { settings, .. } = &plan.model
-            {
-                out.extend(settings.iter().map(|(k, v)| (k.clone(), v.clone())));
+            if k.key == "name" {
+                out.extend(plan.model.settings.iter().map(|(k, v)| (k.clone(), v.clone())));
             }
         }
         out

@@ -20,6 +20,7 @@ mod validate;
 use validate::invalid;
 
 pub use knobs::{Group, KNOBS, Knob, knob, plan_keys};
+pub use legacy::Earlier;
 
 /// A plan that passed validation with the graph it describes, built once and shared by
 /// whoever needs them together (the CLI's commands, the planner's memos, a link). Cheap
@@ -52,19 +53,25 @@ impl Validated {
 /// per thread).
 pub const DEFAULT_CPU_THREADS: u64 = 4;
 
-/// The architecture: a zoo model with its settings. `mlp` and `small_cnn` with
-/// `input_shape` and `classes` are the format of earlier plan files; they load as the zoo
-/// models of the same name (see [`Plan::normalize`]).
+/// The architecture: a zoo model (`crate::zoo::MODELS`) and its `key=value` settings;
+/// its input shape and outputs come from the settings. Plan files write it
+/// `{"zoo": {"name": ..., "settings": {...}}}`; the earlier format's `mlp` and
+/// `small_cnn` (with the plan's `input_shape` and `classes`) read as the zoo model of the
+/// same name (see [`Plan::normalize`]).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum ModelSpec {
-    /// Earlier format of the zoo's `mlp`: `Linear -> ReLU` per hidden width.
-    Mlp { hidden: Vec<u64> },
-    /// Earlier format of the zoo's `small_cnn`: `Conv3x3 -> ReLU -> MaxPool2x2` per entry.
-    SmallCnn { channels: Vec<u64> },
-    /// A zoo model (`crate::zoo::MODELS`) with its `key=value` settings; its input shape
-    /// and outputs come from the settings, not from `input_shape` and `classes`.
-    Zoo { name: String, settings: BTreeMap<String, String> },
+#[serde(from = "legacy::ModelFile", into = "legacy::ModelFile")]
+pub struct ModelSpec {
+    pub name: String,
+    pub settings: BTreeMap<String, String>,
+    /// The model as an earlier plan file gave it, until [`Plan::normalize`] turns it
+    /// into `settings`; `None` for every plan of today's format.
+    pub earlier: Option<Earlier>,
+}
+
+impl ModelSpec {
+    pub fn new(name: impl Into<String>, settings: BTreeMap<String, String>) -> ModelSpec {
+        ModelSpec { name: name.into(), settings, earlier: None }
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -611,7 +618,7 @@ impl Plan {
     pub fn zoo(name: &str) -> Plan {
         Plan {
             name: name.to_owned(),
-            model: ModelSpec::Zoo { name: name.to_owned(), settings: BTreeMap::new() },
+            model: ModelSpec::new(name, BTreeMap::new()),
             input_shape: Vec::new(),
             classes: 0,
             micro_batch: 1,
@@ -658,10 +665,7 @@ impl Plan {
         let settings = [("in_features", "64"), ("hidden", "256,256"), ("num_classes", "10")];
         Plan {
             name: "mlp-example".to_owned(),
-            model: ModelSpec::Zoo {
-                name: "mlp".to_owned(),
-                settings: settings.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect(),
-            },
+            model: ModelSpec::new("mlp", settings.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect()),
             input_shape: Vec::new(),
             classes: 0,
             seed: 7,
@@ -706,10 +710,10 @@ impl Plan {
         let settings = [("in_channels", "3"), ("image", "32"), ("channels", "16,32"), ("num_classes", "10")];
         Plan {
             name: "cnn-example".to_owned(),
-            model: ModelSpec::Zoo {
-                name: "small_cnn".to_owned(),
-                settings: settings.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect(),
-            },
+            model: ModelSpec::new(
+                "small_cnn",
+                settings.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect(),
+            ),
             micro_batch: 16,
             accumulation: 2,
             schedule: Schedule::Steps(30),
@@ -738,7 +742,7 @@ mod tests {
     /// The earlier plan format: `mlp`/`small_cnn` with `input_shape` and `classes`.
     fn legacy_mlp() -> Plan {
         Plan {
-            model: ModelSpec::Mlp { hidden: vec![256, 256] },
+            model: Earlier::Mlp { hidden: vec![256, 256] }.into(),
             input_shape: vec![64],
             classes: 10,
             ..Plan::example_mlp()
@@ -752,8 +756,7 @@ mod tests {
             match plan.apply_settings(&[(key.to_owned(), "%%".to_owned())]) {
                 Err(e) => assert!(e.to_string().contains(key), "{key}: {e}"),
                 Ok(()) => {
-                    let ModelSpec::Zoo { settings, .. } = &plan.model else { panic!("zoo") };
-                    assert!(!settings.contains_key(key), "{key} went to the model");
+                    assert!(!plan.model.settings.contains_key(key), "{key} went to the model");
                 }
             }
         }
@@ -804,7 +807,7 @@ mod tests {
                 "model",
                 Box::new(|p| {
                     // One sample's first conv output alone: 2^20 x 2^28 values.
-                    p.model = ModelSpec::SmallCnn { channels: vec![1 << 16, 1] };
+                    p.model = Earlier::SmallCnn { channels: vec![1 << 16, 1] }.into();
                     p.input_shape = vec![1, 1 << 14, 1 << 14];
                     p.classes = 2;
                     p.micro_batch = 1;
@@ -814,7 +817,7 @@ mod tests {
                 "micro_batch",
                 Box::new(|p| {
                     // 2^34 values a sample are allowed; 2^14 samples of them are not.
-                    p.model = ModelSpec::SmallCnn { channels: vec![1 << 10] };
+                    p.model = Earlier::SmallCnn { channels: vec![1 << 10] }.into();
                     p.input_shape = vec![1, 1 << 12, 1 << 12];
                     p.classes = 2;
                     p.micro_batch = 1 << 14;
@@ -834,17 +837,19 @@ mod tests {
             ("input_shape", Box::new(|p| p.input_shape = vec![1, 2, 3, 4])),
             ("input_shape", Box::new(|p| p.input_shape = vec![limits::MAX_INPUT_DIM + 1])),
             ("input_shape", Box::new(|p| p.input_shape = vec![3, 8, 8])),
-            ("hidden", Box::new(|p| p.model = ModelSpec::Mlp { hidden: vec![0] })),
+            ("hidden", Box::new(|p| p.model = Earlier::Mlp { hidden: vec![0] }.into())),
             (
                 "hidden",
-                Box::new(|p| p.model = ModelSpec::Mlp { hidden: vec![8; crate::zoo::limits::MAX_DEPTH as usize + 1] }),
+                Box::new(|p| {
+                    p.model = Earlier::Mlp { hidden: vec![8; crate::zoo::limits::MAX_DEPTH as usize + 1] }.into()
+                }),
             ),
             (
                 "model",
                 Box::new(|p| {
                     // 2^16 x 2^16 x 2^16 weights: past the parameter limit.
                     p.input_shape = vec![1 << 14];
-                    p.model = ModelSpec::Mlp { hidden: vec![1 << 16; 5] };
+                    p.model = Earlier::Mlp { hidden: vec![1 << 16; 5] }.into();
                 }),
             ),
         ];
@@ -898,13 +903,13 @@ mod tests {
     #[test]
     fn cnn_needs_an_image_and_enough_pixels() {
         let mut plan =
-            Plan { model: ModelSpec::SmallCnn { channels: vec![16, 32] }, classes: 10, ..Plan::example_cnn() };
+            Plan { model: Earlier::SmallCnn { channels: vec![16, 32] }.into(), classes: 10, ..Plan::example_cnn() };
         plan.input_shape = vec![64];
         let err = plan.validate().expect_err("flat input");
         assert_eq!(field_of(err.clone()), "input_shape");
         assert!(err.to_string().contains("[channels, height, width]"), "{err}");
         plan.input_shape = vec![3, 4, 4];
-        plan.model = ModelSpec::SmallCnn { channels: vec![8, 8, 8] };
+        plan.model = Earlier::SmallCnn { channels: vec![8, 8, 8] }.into();
         let err = plan.validate().expect_err("too small");
         assert!(err.to_string().contains("pooling stages shrink"), "{err}");
         // Zoo plans take their sizes from settings, and say so.

@@ -2,7 +2,7 @@
 //! limits only a built graph can tell (parameters, checkpointing, the largest tensor).
 
 use super::limits;
-use super::{DeviceChoice, ModelSpec, Optimizer, OptimizerImpl, Plan, PlanError, Runtime, Schedule};
+use super::{DeviceChoice, Optimizer, OptimizerImpl, Plan, PlanError, Runtime, Schedule};
 use crate::graph::{Checkpoint, Graph, Task};
 use crate::zoo::{self, LossKind};
 
@@ -279,10 +279,8 @@ impl Plan {
     fn graph(&self) -> Result<Graph, PlanError> {
         let mut plan = self.clone();
         plan.normalize()?;
-        let ModelSpec::Zoo { name, settings } = &plan.model else {
-            return Err(invalid("model", "internal: the plan did not normalize to a zoo model"));
-        };
-        zoo::build(name, settings, self.micro_batch, &self.build_options()).map_err(|e| match e {
+        zoo::build(&plan.model.name, &plan.model.settings, self.micro_batch, &self.build_options()).map_err(|e| match e
+        {
             zoo::ZooError::Value { key, reason } => PlanError::Setting { key, reason },
             // The graph error already names the op and module; the field is the model.
             zoo::ZooError::Graph(g) => invalid("model", g.to_string()),

@@ -6,7 +6,7 @@ use std::time::Duration;
 use futures_util::{SinkExt, StreamExt};
 use headroom_tests::{AgentHandle, Inbound, Ws, find_child, next, recv, recv_record, send};
 use shared::codec::MAX_FRAME_BYTES;
-use shared::plan::{DeviceChoice, ModelSpec, Optimizer, Plan, Schedule};
+use shared::plan::{DeviceChoice, Earlier, Optimizer, Plan, Schedule};
 use shared::protocol::{BatchRecord, ErrorCode, Record, RunState, Summary, ToAgent, ToClient};
 use tokio_tungstenite::tungstenite;
 
@@ -209,9 +209,7 @@ async fn a_submit_just_under_the_message_limit_is_refused_for_its_plan_not_its_s
     let agent = AgentHandle::start(None)?;
     let submit = |len: usize| {
         let mut plan = cpu_plan(Plan::example_mlp(), 3);
-        if let ModelSpec::Zoo { settings, .. } = &mut plan.model {
-            settings.insert("k".repeat(len), "1".into());
-        }
+        plan.model.settings.insert("k".repeat(len), "1".into());
         ToAgent::Submit { plan, force: false, key: None }
     };
     let base = shared::codec::encode(&submit(0))?.len();
@@ -442,7 +440,7 @@ async fn a_client_that_stops_reading_never_holds_training_back() -> anyhow::Resu
     let agent = AgentHandle::start(None)?;
     let mut ws = agent.connect_slow(4096).await?;
     let plan = Plan {
-        model: ModelSpec::Mlp { hidden: vec![4] },
+        model: Earlier::Mlp { hidden: vec![4] }.into(),
         input_shape: vec![4],
         classes: 2,
         micro_batch: 1,

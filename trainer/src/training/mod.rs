@@ -365,10 +365,8 @@ impl<'a> Trainer<'a> {
         device: Device,
         net: &mut Net,
     ) -> Result<Option<model::Script>, TrainError> {
-        let shared::plan::ModelSpec::Zoo { name, settings } = &plan.model else {
-            return Ok(None);
-        };
-        if name != shared::zoo::SCRIPT {
+        let settings = &plan.model.settings;
+        if plan.model.name != shared::zoo::SCRIPT {
             return Ok(None);
         }
         let file = settings.get("file").map(|f| f.trim()).unwrap_or_default();
