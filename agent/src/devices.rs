@@ -140,13 +140,14 @@ pub fn gpu_for(name: &str, total: u64) -> &'static Gpu {
     g
 }
 
-/// What a plan's job runs on here, for its estimate: `device` resolved by the machine's
-/// rule (`auto` is the first GPU libtorch can use, else the CPU) and written back into
-/// the plan; for `cuda:N`, the catalog card of the GPU `devices` lists under that id.
-pub fn target_for(plan: &mut Plan, machine: &Machine, devices: &[DeviceInfo]) -> anyhow::Result<Target> {
+/// What a plan's job runs on here, and the target of its estimate: `device` resolved by
+/// the machine's rule (`auto` is the first GPU libtorch can use, else the CPU) and
+/// written back into the plan; for `cuda:N`, the catalog card of the GPU `devices` lists
+/// under that id.
+pub fn target_for(plan: &mut Plan, machine: &Machine, devices: &[DeviceInfo]) -> anyhow::Result<(RunsOn, Target)> {
     let runs_on = machine.runs_on(plan.device)?;
     plan.device = runs_on.choice();
-    Ok(match runs_on {
+    let target = match runs_on {
         RunsOn::Cuda(_) => {
             let id = runs_on.id();
             let d = devices
@@ -156,7 +157,8 @@ pub fn target_for(plan: &mut Plan, machine: &Machine, devices: &[DeviceInfo]) ->
             Target::Cuda(*gpu_for(&d.name, d.total_memory_bytes))
         }
         RunsOn::Cpu => Target::Cpu,
-    })
+    };
+    Ok((runs_on, target))
 }
 
 #[cfg(test)]
@@ -179,13 +181,15 @@ mod tests {
             DeviceInfo { id: "cuda:0".into(), name: "NVIDIA A100-SXM4-40GB".into(), total_memory_bytes: 40 << 30 };
         let gpu_box = Machine { cuda_devices: 1, cpu_threads: 8 };
         let mut plan = Plan::example_cnn();
-        let target = target_for(&mut plan, &gpu_box, std::slice::from_ref(&a100)).expect("auto on a GPU box");
+        let (runs_on, target) =
+            target_for(&mut plan, &gpu_box, std::slice::from_ref(&a100)).expect("auto on a GPU box");
         assert!(matches!(target, Target::Cuda(g) if g.key == "a100-40gb"), "{target:?}");
+        assert_eq!(runs_on.id(), "cuda:0");
         assert_eq!(plan.device, shared::plan::DeviceChoice::Cuda(0));
         // A driver libtorch cannot use: NVML lists the GPU, auto is still the CPU.
         let mut plan = Plan::example_cnn();
         let no_cuda = Machine { cuda_devices: 0, cpu_threads: 8 };
-        assert!(matches!(target_for(&mut plan, &no_cuda, std::slice::from_ref(&a100)), Ok(Target::Cpu)));
+        assert!(matches!(target_for(&mut plan, &no_cuda, std::slice::from_ref(&a100)), Ok((RunsOn::Cpu, Target::Cpu))));
         assert_eq!(plan.device, shared::plan::DeviceChoice::Cpu);
         let mut plan = Plan { device: shared::plan::DeviceChoice::Cuda(1), ..Plan::example_cnn() };
         let e = target_for(&mut plan, &gpu_box, &[a100]).expect_err("one GPU");

@@ -199,7 +199,7 @@ pub async fn find(req: Request, json_out: bool, exe: PathBuf) -> anyhow::Result<
     let mut plan = req.plan.clone();
     plan.device = crate::input::parse_device_arg(&req.device)?;
     let machine = crate::devices::probe_machine(&exe).await;
-    let target = target_for(&mut plan, &machine, &crate::devices::discover())?;
+    let (_, target) = target_for(&mut plan, &machine, &crate::devices::discover())?;
     let capacity = match (req.capacity, target) {
         (Some(c), _) => c,
         (None, Target::Cuda(g)) => plan.memory_cap(g.memory_bytes).unwrap_or(g.memory_bytes),

@@ -13,7 +13,7 @@ use crate::jobs::JobRunner;
 
 pub async fn run(mut plan: Plan, files: system::job::JobFiles, exe: PathBuf) -> anyhow::Result<()> {
     let machine = crate::devices::probe_machine(&exe).await;
-    let target = crate::devices::target_for(&mut plan, &machine, &crate::devices::discover())?;
+    let (_, target) = crate::devices::target_for(&mut plan, &machine, &crate::devices::discover())?;
     // Calibrations are stored under the plan as given (find-batch's key).
     let given = plan.clone();
     let plan = machine.as_run_here(&plan);

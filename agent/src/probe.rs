@@ -48,7 +48,7 @@ pub async fn try_measure(
     plan.device = crate::input::parse_device_arg(device)?;
     plan.schedule = Schedule::Steps(steps);
     let machine = crate::devices::probe_machine(&exe).await;
-    let target = crate::devices::target_for(&mut plan, &machine, &crate::devices::discover())?;
+    let (_, target) = crate::devices::target_for(&mut plan, &machine, &crate::devices::discover())?;
     let plan = machine.as_run_here(&plan);
     let estimate = match estimate_for(&plan, target) {
         Ok(e) => Some(e),

@@ -421,14 +421,11 @@ async fn submit(
     // Resolve `auto` here, by the worker's rule, so the client learns the device before
     // the first batch; estimate for it: a GPU's allocator and context, or the CPU's
     // kernels.
-    let target = match crate::devices::target_for(&mut plan, &state.machine, &state.hello.devices) {
+    let (runs_on, target) = match crate::devices::target_for(&mut plan, &state.machine, &state.hello.devices) {
         Ok(t) => t,
         Err(e) => return Err(Box::new(error(ErrorCode::InvalidPlan, format!("{e:#}")))),
     };
-    let device = match plan.device {
-        shared::plan::DeviceChoice::Cuda(i) => format!("cuda:{i}"),
-        _ => "cpu".to_owned(),
-    };
+    let device = runs_on.id();
     // The job runs in this agent's trainer: the estimate streamed next to it is the
     // trainer's.
     let plan = state.machine.as_run_here(&plan);

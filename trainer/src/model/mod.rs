@@ -232,6 +232,28 @@ impl Net {
         seed: u64,
     ) -> Result<Net, TrainError> {
         let params = graph.params.iter().map(|p| make_param(p, device)).collect::<Result<Vec<_>, _>>()?;
+        Ok(Net::with_params(graph, device, autocast, checkpoint, seed, params))
+    }
+
+    /// The same model for another graph of it (another micro-batch, or the validation
+    /// pass's) around this one's weights: the parameters are shared, not copied, so the
+    /// optimizer's state stays theirs and nothing is allocated for them, which matters
+    /// most right after running out of memory. `checkpoint` is the new graph's mode.
+    pub fn sharing(&self, graph: Graph, checkpoint: shared::graph::Checkpoint) -> Net {
+        let params = self.params.iter().map(Tensor::shallow_clone).collect();
+        let mut net = Net::with_params(graph, self.device, self.autocast, checkpoint, self.seed, params);
+        net.script = self.script.clone();
+        net
+    }
+
+    fn with_params(
+        graph: Graph,
+        device: Device,
+        autocast: Option<Autocast>,
+        checkpoint: shared::graph::Checkpoint,
+        seed: u64,
+        params: Vec<Tensor>,
+    ) -> Net {
         let regions = graph.regions(checkpoint);
         let region_inputs = graph.region_inputs(&regions);
         let region_outputs = regions.iter().map(|r| graph.region_outputs(r)).collect();
@@ -240,7 +262,7 @@ impl Net {
         for &v in graph.returned.iter().chain([&graph.loss]) {
             kept[v] = true;
         }
-        Ok(Net {
+        Net {
             graph,
             device,
             params,
@@ -255,7 +277,7 @@ impl Net {
             training: true,
             script: None,
             surface_value: Mutex::new(None),
-        })
+        }
     }
 
     /// Forward passes so far, and setting it when a run resumes: checkpointed regions'

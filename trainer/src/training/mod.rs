@@ -180,8 +180,6 @@ pub struct Trainer<'a> {
     val_net: Option<Box<Net>>,
     /// Boxed: a checkpointed region's autograd Function holds its address.
     net: Box<Net>,
-    /// A TorchScript model's module, shared by every `Net` of the job.
-    script: Option<model::Script>,
 
     plan: &'a Plan,
     job: JobId,
@@ -196,7 +194,6 @@ pub struct Trainer<'a> {
     train_data: Option<Arc<data::Dataset>>,
     val_data: Option<Arc<data::Dataset>>,
     device: Device,
-    autocast: Option<model::Autocast>,
     nvml_index: Option<u32>,
     phases: PhaseMeter,
     counters: Counters,
@@ -257,18 +254,13 @@ impl<'a> Trainer<'a> {
         }
         let cur_graph = cur.validate().map_err(TrainError::plan)?;
         let mut net = Box::new(Net::new(cur_graph.clone(), device, autocast, plan.checkpoint(), plan.seed)?);
-        let script = Self::load_script(plan, files, device, &mut net)?;
+        Self::load_script(plan, files, device, &mut net)?;
         let mut opt = make_optimizer(plan, &net)?;
-        let val_net = match val_graph {
-            Some(g) => {
-                let mut v = Box::new(Net::new(g, device, autocast, shared::graph::Checkpoint::Off, plan.seed)?);
-                v.training = false;
-                v.params = net.params.iter().map(Tensor::shallow_clone).collect();
-                v.script = script.clone();
-                Some(v)
-            }
-            None => None,
-        };
+        let val_net = val_graph.map(|g| {
+            let mut v = Box::new(net.sharing(g, shared::graph::Checkpoint::Off));
+            v.training = false;
+            v
+        });
         let nvml_index = match meter {
             Meter::Cuda(i) => u32::try_from(i).ok(),
             Meter::Cpu => None,
@@ -305,7 +297,6 @@ impl<'a> Trainer<'a> {
             val_net,
             net,
             opt,
-            script,
             plan,
             job,
             files,
@@ -316,7 +307,6 @@ impl<'a> Trainer<'a> {
             train_data,
             val_data,
             device,
-            autocast,
             nvml_index,
             phases: PhaseMeter::new(meter),
             counters,
@@ -358,16 +348,12 @@ impl<'a> Trainer<'a> {
     }
 
     /// A TorchScript model: its module, from under the data root, runs the graph's
-    /// `Op::Script` node; its parameters are the ones trained.
-    fn load_script(
-        plan: &Plan,
-        files: &JobFiles,
-        device: Device,
-        net: &mut Net,
-    ) -> Result<Option<model::Script>, TrainError> {
+    /// `Op::Script` node; its parameters are the ones trained. Every `Net` made from
+    /// this one with `Net::sharing` shares it.
+    fn load_script(plan: &Plan, files: &JobFiles, device: Device, net: &mut Net) -> Result<(), TrainError> {
         let settings = &plan.model.settings;
         if plan.model.name != shared::zoo::SCRIPT {
-            return Ok(None);
+            return Ok(());
         }
         let file = settings.get("file").map(|f| f.trim()).unwrap_or_default();
         let root = files.data_root.as_deref().ok_or_else(|| {
@@ -376,8 +362,8 @@ impl<'a> Trainer<'a> {
         let path = data::confine(root, file)?;
         let (s, params) = model::Script::load(&path, device)?;
         net.params = params;
-        net.script = Some(s.clone());
-        Ok(Some(s))
+        net.script = Some(s);
+        Ok(())
     }
 
     /// Before the first step has been measured, the estimate says how far a CPU step's
@@ -640,16 +626,8 @@ impl<'a> Trainer<'a> {
         self.cur.micro_batch /= 2;
         self.cur.accumulation *= 2;
         self.cur_graph = self.cur.validate().map_err(TrainError::plan)?;
-        let mut smaller = Box::new(Net::new(
-            self.cur_graph.clone(),
-            self.device,
-            self.autocast,
-            self.plan.checkpoint(),
-            self.plan.seed,
-        )?);
-        smaller.params = self.net.params.iter().map(Tensor::shallow_clone).collect();
+        let smaller = Box::new(self.net.sharing(self.cur_graph.clone(), self.plan.checkpoint()));
         smaller.set_passes(self.net.passes());
-        smaller.script = self.script.clone();
         drop(self.loader.take());
         self.loader = self.start_loader(step);
         self.net = smaller;
