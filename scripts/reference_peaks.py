@@ -76,6 +76,12 @@ VIT_SETTINGS = [("image", "128"), ("patch_size", "16"), ("num_layers", "6"), ("n
 GPT2_SMALL = "GPT2Config(n_layer=6, n_embd=384, n_head=6, n_positions=256, vocab_size=8000)"
 GPT2_SETTINGS = [("n_layer", "6"), ("n_embd", "384"), ("n_head", "6"), ("n_positions", "256"), ("seq", "256"),
                  ("vocab_size", "8000")]
+GPT2_V50K = "GPT2Config(n_layer=6, n_embd=384, n_head=6, n_positions=256, vocab_size=50257)"
+GPT2_V50K_SETTINGS = [("n_layer", "6"), ("n_embd", "384"), ("n_head", "6"), ("n_positions", "256"), ("seq", "256"),
+                      ("vocab_size", "50257")]
+GPT2_4X256 = "GPT2Config(n_layer=4, n_embd=256, n_head=4, n_positions=128, vocab_size=8000)"
+GPT2_4X256_SETTINGS = [("n_layer", "4"), ("n_embd", "256"), ("n_head", "4"), ("n_positions", "128"), ("seq", "128"),
+                       ("vocab_size", "8000")]
 CLIP_SMALL = ("open_clip.model.CLIP(embed_dim=256, vision_cfg=open_clip.model.CLIPVisionCfg(layers=4, width=256, "
               "patch_size=16, image_size=128), text_cfg=open_clip.model.CLIPTextCfg(context_length=64, "
               "vocab_size=8000, width=256, heads=4, layers=4))")
@@ -98,8 +104,13 @@ CE = "torch.nn.CrossEntropyLoss()"
 
 
 def entry(id, model, settings, build, task, batch, optimizer, loss=CE, accumulation=1, precision="fp32",
-          checkpointing=None, checkpoint_setting=None):
+          checkpointing=None, checkpoint_setting=None, outputs=None):
+    """`outputs`: "kept" (`out = model(x)`, the loop's default here) or "dropped" (only the
+    loss is kept, as `loss = model(**batch).loss` and Hugging Face's Trainer do); given,
+    it is also Headroom's `outputs` setting."""
     settings = list(settings) + [("batch", str(batch))] + OPTIMIZER_WORDS[optimizer]
+    if outputs:
+        settings.append(("outputs", outputs))
     if accumulation > 1:
         settings.append(("accum", str(accumulation)))
     if precision != "fp32":
@@ -108,7 +119,7 @@ def entry(id, model, settings, build, task, batch, optimizer, loss=CE, accumulat
         settings.append(checkpoint_setting)
     return dict(id=id, model=model, settings=settings, build=build, task=task, batch=batch,
                 optimizer=optimizer, loss=loss, accumulation=accumulation, precision=precision,
-                checkpointing=checkpointing)
+                checkpointing=checkpointing, outputs=outputs or "kept")
 
 
 def mlp_build(in_features, hidden, classes):
@@ -211,12 +222,20 @@ CONFIGS = [
           MOMENTUM, loss="open_clip.ClipLoss()", precision="bf16",
           checkpointing="model.set_grad_checkpointing(True)", checkpoint_setting=("checkpoint", "blocks")),
     entry("gpt2-adamw", "gpt2", GPT2_SETTINGS, f"transformers.GPT2LMHeadModel(transformers.{GPT2_SMALL})",
-          ("lm", 256, 8000), 8, ADAMW, loss=None),
+          ("lm", 256, 8000), 8, ADAMW, loss=None, outputs="kept"),
     entry("gpt2-adamw-ckpt", "gpt2", GPT2_SETTINGS, f"transformers.GPT2LMHeadModel(transformers.{GPT2_SMALL})",
           ("lm", 256, 8000), 8, ADAMW, loss=None, checkpointing="model.gradient_checkpointing_enable()",
-          checkpoint_setting=("checkpoint", "blocks")),
+          checkpoint_setting=("checkpoint", "blocks"), outputs="kept"),
     entry("gpt2-sgd-bf16-accum2", "gpt2", GPT2_SETTINGS, f"transformers.GPT2LMHeadModel(transformers.{GPT2_SMALL})",
-          ("lm", 256, 8000), 4, SGD, loss=None, precision="bf16", accumulation=2),
+          ("lm", 256, 8000), 4, SGD, loss=None, precision="bf16", accumulation=2, outputs="kept"),
+    # Hugging Face Trainer's loop (`loss = model(**batch).loss`: the logits go before
+    # backward), at GPT-2's real vocabulary and at a smaller shape with SGD momentum.
+    entry("gpt2-v50257-adamw-trainer-loop", "gpt2", GPT2_V50K_SETTINGS,
+          f"transformers.GPT2LMHeadModel(transformers.{GPT2_V50K})", ("lm", 256, 50257), 4, ADAMW, loss=None,
+          outputs="dropped"),
+    entry("gpt2-4x256-momentum-trainer-loop", "gpt2", GPT2_4X256_SETTINGS,
+          f"transformers.GPT2LMHeadModel(transformers.{GPT2_4X256})", ("lm", 128, 8000), 8, MOMENTUM, loss=None,
+          outputs="dropped"),
 ]
 BY_ID = {c["id"]: c for c in CONFIGS}
 
@@ -368,6 +387,8 @@ def run_job(cfg, onednn, measure, keep=None):
                         out = forward(inputs)
                     with phase("loss", last):
                         loss = compute_loss(out, labels)
+                        if cfg.get("outputs", "kept") == "dropped":
+                            out = None
                 with phase("loss", last):
                     if accumulation > 1:
                         loss = loss / accumulation
@@ -542,7 +563,7 @@ def main():
                   f"({m['peak_phase']}), rss check {m.get('rss_vs_profiler_pct', '-')} %, "
                   f"{m['step_seconds']:.1f} s/step", file=sys.stderr)
         e = {k: cfg[k] for k in ("id", "model", "build", "optimizer", "loss", "batch", "accumulation",
-                                 "precision", "checkpointing")}
+                                 "precision", "checkpointing", "outputs")}
         e["settings"] = [list(p) for p in cfg["settings"]]
         e["task"] = cfg["task"][0]
         e["measured"] = measured
@@ -559,7 +580,8 @@ def main():
         "cpu": cpu_model(),
         "threads": THREADS,
         "steps": STEPS,
-        "loop": "canonical PyTorch loop: batch, out and loss stay bound until reassigned (see the script)",
+        "loop": "canonical PyTorch loop: batch, out and loss stay bound until reassigned, or only the loss for "
+                "entries whose outputs are \"dropped\" (Hugging Face Trainer's loop; see the script)",
         "seconds": round(time.time() - started),
         "entries": merged,
     }

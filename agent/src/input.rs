@@ -18,9 +18,10 @@ pub struct PlanSource {
     model: Option<String>,
     /// KEY=VALUE: batch, accum, precision, optimizer, optimizer_impl, lr, weight_decay,
     /// nesterov, checkpoint (blocks|off), checkpoint_segments, loss (ce|bce|dice|dice_ce),
-    /// label_smoothing, runtime (pytorch|headroom), onednn, threads, steps, seed,
-    /// expandable_segments, memory_fraction, workers, prefetch, pin_memory,
-    /// distance_loss_every, or a model key (feature_size, volume, n_layer, ...). Repeatable.
+    /// label_smoothing, runtime (pytorch|headroom), outputs (auto|kept|dropped), onednn,
+    /// threads, steps, seed, expandable_segments, memory_fraction, workers, prefetch,
+    /// pin_memory, distance_loss_every, or a model key (feature_size, volume, n_layer,
+    /// ...); `headroom schema` lists them all. Repeatable.
     #[arg(long = "set", value_name = "KEY=VALUE")]
     set: Vec<String>,
 }

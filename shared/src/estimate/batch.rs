@@ -1,7 +1,8 @@
 //! The training loop's own references: the batch the loader handed over, the model's
 //! outputs and the loss, each alive until the loop rebinds its variable — through the
 //! backward pass and the optimizer step, and the previous step's until the next batch
-//! arrives, the model returns and the next loss is computed.
+//! arrives, the model returns and the next loss is computed. A loop that keeps only the
+//! loss (`Plan::keeps_outputs` false) lets the outputs go once the loss is computed.
 
 use super::Category;
 use super::engine::{Engine, F32, Ten};
@@ -17,14 +18,15 @@ pub struct Held {
     loss: Option<Tensor>,
 }
 
-/// The previous step's batch, outputs and loss, alive when a step begins; `returned`
-/// gives the outputs' sizes as the step makes them (half precision under autocast), else
-/// their fp32 sizes are taken.
-pub fn previous_step(sim: &mut Sim, g: &Graph, returned: Option<&[u64]>) -> Held {
+/// The previous step's batch, outputs (when the loop keeps them) and loss, alive when a
+/// step begins; `returned` gives the outputs' sizes as the step makes them (half
+/// precision under autocast), else their fp32 sizes are taken.
+pub fn previous_step(sim: &mut Sim, g: &Graph, returned: Option<&[u64]>, keep_outputs: bool) -> Held {
     let batch = g.inputs.iter().map(|&(v, _)| sim.alloc(g.bytes(v), Category::Batch)).collect();
     let returned: Vec<Tensor> = g
         .returned
         .iter()
+        .filter(|_| keep_outputs)
         .enumerate()
         .map(|(k, &v)| sim.alloc(returned.and_then(|r| r.get(k).copied()).unwrap_or(g.bytes(v)), Category::Activations))
         .collect();
@@ -59,8 +61,16 @@ pub fn release_previous_outputs(sim: &mut Sim, held: &mut Held) {
 }
 
 /// `loss = loss_fn(...)` (and `loss = loss / accumulation`): the previous loss goes; the
-/// new outputs and loss are now the loop's.
-pub fn bind_loss(sim: &mut Sim, e: &mut Engine, g: &Graph, mut held: Held, accumulation: u64) -> Held {
+/// new loss is now the loop's, and the new outputs too when it keeps them; otherwise
+/// they go here, before the backward pass (what autograd saved of them stays).
+pub fn bind_loss(
+    sim: &mut Sim,
+    e: &mut Engine,
+    g: &Graph,
+    mut held: Held,
+    accumulation: u64,
+    keep_outputs: bool,
+) -> Held {
     if let Some(t) = held.loss.take() {
         sim.release(t);
     }
@@ -79,6 +89,12 @@ pub fn bind_loss(sim: &mut Sim, e: &mut Engine, g: &Graph, mut held: Held, accum
     held.loss = e.vals[g.loss].as_ref().map(|t| sim.retain(t.st));
     let mut returned = Vec::new();
     for &v in &g.returned {
+        if !keep_outputs {
+            if v != g.loss {
+                e.drop_value(sim, v);
+            }
+            continue;
+        }
         if let Some(t) = e.vals[v].as_ref() {
             let r = sim.retain(t.st);
             sim.set_optional(r);

@@ -480,7 +480,7 @@ fn between_steps(
         sim.alloc(o.cublas_workspace_bytes, Category::Temporaries);
     }
     sim.set_label("previous step", None);
-    let held = batch::previous_step(sim, graph, returned);
+    let held = batch::previous_step(sim, graph, returned, plan.keeps_outputs(graph));
     let steady_bytes = sim.live().total();
     BetweenSteps { param_store, trainable, held, steady_bytes }
 }
@@ -515,7 +515,7 @@ fn micro_batches(
         }
         engine.clear_casts(sim);
         sim.set_label("loss", None);
-        held = batch::bind_loss(sim, engine, graph, held, plan.accumulation);
+        held = batch::bind_loss(sim, engine, graph, held, plan.accumulation, plan.keeps_outputs(graph));
         if micro == 0
             && let Some(out) = observe.as_deref_mut()
         {
@@ -625,7 +625,8 @@ fn validation(
         e.forward(sim, cut..n);
         e.clear_casts(sim);
         sim.set_label("validation loss", None);
-        held = batch::bind_loss(sim, &mut e, g, held, 1);
+        // Evaluation loops keep the outputs (to score them).
+        held = batch::bind_loss(sim, &mut e, g, held, 1, true);
         for v in (0..g.values.len()).map(ValueId) {
             if !g.returned.contains(&v) && v != g.loss {
                 e.drop_value(sim, v);

@@ -373,3 +373,28 @@ fn host_memory_counts_workers_prefetch_pinning_and_the_distance_loss() {
     let v = 72 * 136 * 136;
     assert_eq!(h.distance_loss.get(), 2 * v * 4 + 2 * v * 4 + v * (2 + 16 + 12));
 }
+
+/// What the loop holds of the outputs: Hugging Face's Trainer keeps only the loss, so a
+/// model that computes its own loss drops its logits before backward (`auto`); the
+/// canonical loop, and Headroom's trainer, keep them.
+#[test]
+fn a_loop_that_keeps_only_the_loss_lets_the_logits_go_before_backward() {
+    let peak = |extra: &[(&str, &str)]| {
+        let plan = zoo("gpt2", &[GPT2_TINY.as_slice(), extra].concat());
+        estimate(&plan).expect("estimate").peak_bytes.get()
+    };
+    // The [batch 2, seq 64, vocab 1000] fp32 logits go, and of the key/value cache
+    // (`presents`, [2, 4 heads, 64, 32] per tensor, 2 layers) what autograd did not save.
+    let (logits, cache_tensor) = (2 * 64 * 1000 * 4, 2 * 4 * 64 * 32 * 4);
+    let freed = peak(&[("outputs", "kept")]) - peak(&[("outputs", "dropped")]);
+    assert!(freed >= logits, "{freed}");
+    assert!((freed - logits).is_multiple_of(cache_tensor) && freed - logits <= 4 * cache_tensor, "{freed}");
+    assert_eq!(peak(&[]), peak(&[("outputs", "dropped")]), "auto: Hugging Face's loop");
+    let trainer = |o| peak(&[("runtime", "headroom"), ("outputs", o)]);
+    assert_eq!(trainer("dropped"), trainer("kept"), "Headroom's trainer keeps them");
+    // A model whose loss is computed outside it keeps its outputs by default.
+    let cnn = |extra: &[(&str, &str)]| {
+        estimate(&zoo("resnet18", &[&[("image", "64"), ("batch", "4")], extra].concat())).expect("estimate").peak_bytes
+    };
+    assert_eq!(cnn(&[]), cnn(&[("outputs", "kept")]));
+}

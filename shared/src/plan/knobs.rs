@@ -11,7 +11,9 @@
 use serde::Serialize;
 
 use super::limits;
-use super::{DeviceChoice, LrSchedule, Optimizer, OptimizerImpl, Plan, PlanError, Precision, Runtime, Schedule};
+use super::{
+    DeviceChoice, LrSchedule, Optimizer, OptimizerImpl, Outputs, Plan, PlanError, Precision, Runtime, Schedule,
+};
 use crate::units::{QUOTED_BYTES, clip};
 use crate::zoo::{Kind, LossKind};
 
@@ -617,6 +619,20 @@ pub static KNOBS: &[Knob] = &[
         get: |p, base| (p.runtime != base.runtime).then(|| p.runtime.word().to_owned()),
         set: |s, v| {
             s.plan.runtime = word(v, Runtime::from_word, "pytorch or headroom")?;
+            Ok(())
+        },
+    },
+    Knob {
+        key: "outputs",
+        alias: None,
+        group: Group::Run,
+        unit: "",
+        help: "What your training loop holds of the model's outputs through backward: kept (out = model(x)), dropped (loss = model(**batch).loss, as Hugging Face's Trainer), or auto (dropped for a model that computes its own loss). Headroom's trainer keeps them.",
+        kind: || choice(&["auto", "kept", "dropped"]),
+        default: |base| base.outputs.word().to_owned(),
+        get: |p, base| (p.outputs != base.outputs).then(|| p.outputs.word().to_owned()),
+        set: |s, v| {
+            s.plan.outputs = word(v, Outputs::from_word, "auto, kept or dropped")?;
             Ok(())
         },
     },

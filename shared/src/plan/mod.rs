@@ -198,6 +198,41 @@ impl Runtime {
     }
 }
 
+/// What the training loop holds of the model's outputs while the loss goes backward.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Outputs {
+    /// As the model is usually trained: `dropped` for a model that computes its own loss
+    /// (Hugging Face's, trained by its `Trainer`), `kept` for the others.
+    Auto,
+    /// `out = model(x)` (or `outputs = model(**batch)`): the outputs stay bound through
+    /// the backward pass and the optimizer step, until the next forward returns.
+    Kept,
+    /// `loss = model(**batch).loss` (Hugging Face `Trainer`'s `compute_loss`), or
+    /// `loss = loss_fn(model(x), y)`: only the loss is kept, and the outputs go (unless
+    /// autograd saved them) before the backward pass.
+    Dropped,
+}
+
+impl Outputs {
+    pub fn from_word(word: &str) -> Option<Outputs> {
+        match word {
+            "auto" => Some(Outputs::Auto),
+            "kept" => Some(Outputs::Kept),
+            "dropped" => Some(Outputs::Dropped),
+            _ => None,
+        }
+    }
+
+    pub fn word(self) -> &'static str {
+        match self {
+            Outputs::Auto => "auto",
+            Outputs::Kept => "kept",
+            Outputs::Dropped => "dropped",
+        }
+    }
+}
+
 /// How PyTorch's optimizers apply the update (`foreach=` / `fused=`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -378,6 +413,9 @@ pub struct Plan {
     /// Which training program the estimate answers for.
     #[serde(default = "pytorch")]
     pub runtime: Runtime,
+    /// What the loop holds of the model's outputs through the backward pass.
+    #[serde(default = "auto_outputs")]
+    pub outputs: Outputs,
     /// How the optimizer's update runs.
     #[serde(default = "auto_impl")]
     pub optimizer_impl: OptimizerImpl,
@@ -468,6 +506,10 @@ fn fp32() -> Precision {
 fn auto() -> DeviceChoice {
     DeviceChoice::Auto
 }
+fn auto_outputs() -> Outputs {
+    Outputs::Auto
+}
+
 fn pytorch() -> Runtime {
     Runtime::Pytorch
 }
@@ -526,6 +568,21 @@ impl Plan {
 
     pub fn to_json(&self) -> String {
         serde_json::to_string_pretty(self).unwrap_or_default()
+    }
+
+    /// Whether the loop keeps the model's outputs through the backward pass, for a model
+    /// whose graph is `graph` (`auto` asks whether it computes its own loss). Headroom's
+    /// trainer runs the canonical loop, which keeps them: `outputs` describes a user's
+    /// own PyTorch loop.
+    pub fn keeps_outputs(&self, graph: &Graph) -> bool {
+        if self.runtime == Runtime::Headroom {
+            return true;
+        }
+        match self.outputs {
+            Outputs::Kept => true,
+            Outputs::Dropped => false,
+            Outputs::Auto => graph.returns_after < graph.nodes.len(),
+        }
     }
 
     /// The gradient checkpointing mode.
@@ -682,6 +739,7 @@ impl Plan {
             checkpoint_blocks: false,
             loss: LossSpec::default(),
             runtime: Runtime::Pytorch,
+            outputs: Outputs::Auto,
             optimizer_impl: OptimizerImpl::Auto,
             onednn: true,
             cpu_threads: None,
