@@ -627,7 +627,7 @@ pub static KNOBS: &[Knob] = &[
         alias: None,
         group: Group::Run,
         unit: "",
-        help: "What your training loop holds of the model's outputs through backward: kept (out = model(x)), dropped (loss = model(**batch).loss, as Hugging Face's Trainer), or auto (dropped for a model that computes its own loss). Headroom's trainer keeps them.",
+        help: "What your training loop holds of the model's outputs through backward: kept (out = model(x)), dropped (loss = model(**batch).loss, as Hugging Face's Trainer), or auto (dropped for a model that computes its own loss). Headroom's trainer does the same.",
         kind: || choice(&["auto", "kept", "dropped"]),
         default: |base| base.outputs.word().to_owned(),
         get: |p, base| (p.outputs != base.outputs).then(|| p.outputs.word().to_owned()),

@@ -572,12 +572,8 @@ impl Plan {
 
     /// Whether the loop keeps the model's outputs through the backward pass, for a model
     /// whose graph is `graph` (`auto` asks whether it computes its own loss). Headroom's
-    /// trainer runs the canonical loop, which keeps them: `outputs` describes a user's
-    /// own PyTorch loop.
+    /// trainer runs its loop the same way.
     pub fn keeps_outputs(&self, graph: &Graph) -> bool {
-        if self.runtime == Runtime::Headroom {
-            return true;
-        }
         match self.outputs {
             Outputs::Kept => true,
             Outputs::Dropped => false,

@@ -506,8 +506,9 @@ impl<'a> Trainer<'a> {
         Ok(())
     }
 
-    /// `batch = next(loader)`, `out = model(x)`, `loss = loss_fn(out, y) / accumulation`,
-    /// `loss.backward()` (scaled with fp16), each phase in its own peak window. Returns
+    /// `batch = next(loader)`, `out = model(x)`, `loss = loss_fn(out, y) / accumulation`
+    /// (or only the loss kept, as the plan's `outputs` says), `loss.backward()` (scaled
+    /// with fp16), each phase in its own peak window. Returns
     /// the micro-batch's loss (undivided) and its peak so far.
     fn forward_backward(&mut self, step: u64) -> Result<(f64, u64), TrainError> {
         let Trainer { held, loader, net, phases, cur, cur_graph, plan, device, report, scaler, .. } = self;
@@ -560,9 +561,14 @@ impl<'a> Trainer<'a> {
         drop(returned_prev);
         // `loss = loss_fn(out, y) / accumulation`: the quotient is what the loop keeps.
         let loss = if cur.accumulation > 1 { loss.f_div_scalar(cur.accumulation as f64)? } else { loss };
-        // loss = ...: the previous loss goes, the new one is bound.
+        // loss = ...: the previous loss goes, the new one is bound; the outputs too, or,
+        // as `loss = model(**batch).loss` does, they go here, before backward.
         held.loss = Some(loss);
-        held.returned = returned;
+        if plan.keeps_outputs(graph) {
+            held.returned = returned;
+        } else {
+            drop(returned);
+        }
         batch_peak = batch_peak.max(phases.end(Phase::Loss));
         phases.begin(Phase::Backward);
         if let Some(loss) = &held.loss {
