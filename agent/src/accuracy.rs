@@ -138,7 +138,8 @@ fn reference_section() -> anyhow::Result<String> {
     let _ = writeln!(
         doc,
         "Measured by `scripts/reference_peaks.py` on {} ({} threads, {}) on {}: the absolute peak of live tensor \
-         memory in the last of {} steps of the canonical training loop, from the profiler's memory events, with oneDNN \
+         memory in the last of {} steps of the canonical training loop (or, for the entries named `trainer-loop`, \
+         measured later, Hugging Face Trainer's loop, which keeps only the loss), from the profiler's memory events, with oneDNN \
          on (PyTorch's CPU default) and off (libtorch's native kernels). A second process cross-checks it: the `RSS` \
          column is how far the step's rise in resident memory (glibc's mmap threshold lowered, so that freed blocks go \
          back to the system) differs from the profiler's rise; native bf16 kernels allocate outside PyTorch's \
