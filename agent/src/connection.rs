@@ -27,6 +27,8 @@ impl ReadError {
             ReadError::Codec(CodecError::TooLarge { .. }) => CloseCode::Size,
             ReadError::Codec(CodecError::UnsupportedVersion { .. }) => CloseCode::Protocol,
             ReadError::Codec(CodecError::Malformed { .. }) => CloseCode::Invalid,
+            // The session answers a message sent the wrong way and goes on; a peer that
+            // closes over one would say so.
             ReadError::Codec(CodecError::WrongDirection { .. }) => CloseCode::Protocol,
             ReadError::Text => CloseCode::Unsupported,
             ReadError::Transport(tungstenite::Error::Capacity(_)) => CloseCode::Size,

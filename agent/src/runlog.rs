@@ -420,8 +420,8 @@ mod tests {
 
     #[test]
     fn a_log_written_by_version_16_is_read_and_appended_to() {
-        // Two records as version 16 stored them (a batch and a cancel of job 3, in that
-        // version's one enum), then a record appended today.
+        // Two records as version 16 stored them (a batch of job 3 and its end, `Failed`
+        // with `Cancelled`, in that version's one enum), then a record appended today.
         let hex = |s: &str| {
             (0..s.len()).step_by(2).map(|i| u8::from_str_radix(&s[i..i + 2], 16).expect("hex")).collect::<Vec<u8>>()
         };

@@ -7,7 +7,7 @@
 
 use serde_json::{Value, json};
 
-use crate::plan::{DeviceChoice, LrSchedule, Optimizer, OptimizerImpl, Plan, Precision, Schedule};
+use crate::plan::{DeviceChoice, LrSchedule, Optimizer, OptimizerImpl, Outputs, Plan, Precision, Schedule};
 use crate::zoo::LossKind;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -171,6 +171,11 @@ fn hf(plan: &Plan) -> Export {
     if plan.device == DeviceChoice::Cpu {
         set("use_cpu", json!(true));
     }
+    if plan.outputs == Outputs::Kept {
+        notes.push(
+            "outputs=kept: the Trainer keeps only the loss (compute_loss returns outputs.loss), so the model's outputs go before backward; estimate with outputs=dropped to match it".into(),
+        );
+    }
     common_notes(plan, &mut notes, true);
     Export { text: serde_json::to_string_pretty(&Value::Object(args)).unwrap_or_default(), notes }
 }
@@ -296,6 +301,11 @@ fn lightning(plan: &Plan) -> Export {
     ));
     if plan.checkpoint_blocks {
         notes.push("per-block checkpointing: enable it in the model (timm/open_clip set_grad_checkpointing, MONAI use_checkpoint, HF gradient_checkpointing_enable)".into());
+    }
+    if plan.outputs != Outputs::Dropped {
+        notes.push(
+            "outputs: training_step returns the loss, so the model's outputs (its locals) go before backward; estimate with outputs=dropped to match it".into(),
+        );
     }
     common_notes(plan, &mut notes, true);
     let text = format!("{}{text}", comment_block(&notes));
@@ -445,5 +455,18 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn a_target_whose_loop_keeps_only_the_loss_says_so_when_the_plan_keeps_the_outputs() {
+        let note = |plan: &Plan, format| export(plan, format).notes.iter().any(|n| n.starts_with("outputs"));
+        let mut plan = Plan::zoo("gpt2");
+        assert!(!note(&plan, Format::Hf), "auto: the Trainer's own loop");
+        plan.outputs = Outputs::Kept;
+        assert!(note(&plan, Format::Hf));
+        let mut cnn = Plan::zoo("resnet18");
+        assert!(note(&cnn, Format::Lightning), "auto keeps a classifier's outputs; training_step does not");
+        cnn.outputs = Outputs::Dropped;
+        assert!(!note(&cnn, Format::Lightning));
     }
 }

@@ -363,7 +363,8 @@ fn walk(
     }
     optimizer_phase(&mut sim, plan, update, &kept.trainable);
     if let Some(vg) = val_graph {
-        // After the step, with its gradients, the loop's batch and outputs still live.
+        // After the step, with its gradients, the loop's batch (and outputs, when it keeps
+        // them) still live.
         sim.set_phase(Phase::Validation);
         // PyTorch runs `nn.MultiheadAttention` fused here unless autocast is on.
         let fused = plan.runtime == Runtime::Pytorch && !amp;

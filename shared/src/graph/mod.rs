@@ -214,7 +214,8 @@ pub struct Graph {
     /// The values the data provides, with what they hold.
     pub inputs: Vec<(ValueId, InputKind)>,
     /// What the model returns to the training loop, which keeps it bound through the
-    /// step (logits; Hugging Face's key/value cache; CLIP's features).
+    /// step unless it keeps only the loss (`Plan::keeps_outputs`): logits, Hugging
+    /// Face's key/value cache, CLIP's features.
     pub returned: Vec<ValueId>,
     /// The scalar loss.
     pub loss: ValueId,

@@ -435,8 +435,6 @@ async fn drive(client: &fantoccini::Client, agent: &AgentHandle) -> anyhow::Resu
     Ok(())
 }
 
-/// Closes the page's socket just after the next Submit frame goes, once; counts the cuts
-/// and notes when each Submit was sent.
 /// A script that closes the page's socket right after its first `Submit` goes, and counts
 /// the `Submit`s sent. A frame's first bytes are the version (2), the direction and the
 /// variant: taken from a `Submit` this codec encodes, so the script follows the format.

@@ -193,8 +193,11 @@ async fn hostile_http_handshakes_frames_and_plans_never_get_through_or_crash_the
             other => panic!("{name}: expected InvalidPlan, got {other:?}"),
         }
     }
+    // A message going the other way is refused by name, and the session goes on.
     send(&mut ws, &ToClient::Runs { runs: Vec::new(), more: false }).await?;
     assert!(matches!(recv(&mut ws).await?, ToClient::Error { code: ErrorCode::Unexpected, .. }));
+    send(&mut ws, &ToAgent::Status).await?;
+    assert!(matches!(recv(&mut ws).await?, ToClient::AgentStatus(_)), "the session survives a wrong-way message");
     let tried = n_http + 1 + n_frames + 4;
     println!("hostile inputs: {tried} tried, 0 got through, agent alive\n  {}", answers.join("\n  "));
     // Still serving, and nothing panicked.
