@@ -525,6 +525,27 @@ def cpu_model():
     return platform.processor()
 
 
+def cpu_isa():
+    """The instruction set oneDNN dispatches on here, by the rule of Headroom's
+    `shared::machine::CpuIsa::from_flags`."""
+    flags = set()
+    with open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+                break
+    core = {"avx512f", "avx512bw", "avx512vl", "avx512dq"} <= flags
+    if core and {"avx512_bf16", "amx_tile", "amx_bf16", "amx_int8"} <= flags:
+        return "avx512_core_amx"
+    if core and "avx512_bf16" in flags:
+        return "avx512_core_bf16"
+    if core:
+        return "avx512_core"
+    if {"avx2", "fma"} <= flags:
+        return "avx2"
+    return "sse41" if "sse4_1" in flags else None
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default="shared/fixtures/reference_peaks.json")
@@ -578,6 +599,7 @@ def main():
         "date": datetime.date.today().isoformat(),
         "versions": versions(),
         "cpu": cpu_model(),
+        "cpu_isa": cpu_isa(),
         "threads": THREADS,
         "steps": STEPS,
         "loop": "canonical PyTorch loop: batch, out and loss stay bound until reassigned, or only the loss for "

@@ -197,7 +197,12 @@ mod tests {
                 protocol_version: PROTOCOL_VERSION,
                 agent_version: "0.1.0".into(),
                 devices: vec![DeviceInfo { id: "cpu".into(), name: "x86_64".into(), total_memory_bytes: 1 << 34 }],
-                capabilities: Capabilities { cuda: false, nvml: false, max_concurrent_jobs: 1 },
+                capabilities: Capabilities {
+                    cuda: false,
+                    nvml: false,
+                    cpu_isa: Some(crate::machine::CpuIsa::Avx2),
+                    max_concurrent_jobs: 1,
+                },
             }),
             ToClient::Accepted { job: 1, estimate, device: "cpu".into() },
             ToClient::Logged {

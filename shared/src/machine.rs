@@ -8,6 +8,56 @@ use thiserror::Error;
 
 use crate::plan::{DeviceChoice, OptimizerImpl, Plan, Runtime};
 
+/// The best instruction set of a CPU among those oneDNN dispatches its kernels on
+/// (oneDNN's `cpu_isa` names): kernels, weight reorders, blocking and scratch buffers
+/// change with it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CpuIsa {
+    Sse41,
+    Avx2,
+    /// AVX-512 F, BW, VL and DQ.
+    Avx512Core,
+    /// And AVX-512 BF16.
+    Avx512CoreBf16,
+    /// And AMX tiles with BF16 and INT8.
+    Avx512CoreAmx,
+}
+
+impl CpuIsa {
+    /// The ISA a CPU with these `/proc/cpuinfo` flags (space-separated) gives oneDNN;
+    /// `None` for a CPU with none of them (not x86-64).
+    pub fn from_flags(flags: &str) -> Option<CpuIsa> {
+        let has: std::collections::BTreeSet<&str> = flags.split_whitespace().collect();
+        let all = |names: &[&str]| names.iter().all(|n| has.contains(n));
+        let core = all(&["avx512f", "avx512bw", "avx512vl", "avx512dq"]);
+        Some(if core && all(&["avx512_bf16", "amx_tile", "amx_bf16", "amx_int8"]) {
+            CpuIsa::Avx512CoreAmx
+        } else if core && has.contains("avx512_bf16") {
+            CpuIsa::Avx512CoreBf16
+        } else if core {
+            CpuIsa::Avx512Core
+        } else if all(&["avx2", "fma"]) {
+            CpuIsa::Avx2
+        } else if has.contains("sse4_1") {
+            CpuIsa::Sse41
+        } else {
+            return None;
+        })
+    }
+
+    /// oneDNN's name for it.
+    pub fn word(self) -> &'static str {
+        match self {
+            CpuIsa::Sse41 => "sse41",
+            CpuIsa::Avx2 => "avx2",
+            CpuIsa::Avx512Core => "avx512_core",
+            CpuIsa::Avx512CoreBf16 => "avx512_core_bf16",
+            CpuIsa::Avx512CoreAmx => "avx512_core_amx",
+        }
+    }
+}
+
 /// What libtorch can use on one machine, as `headroom worker --probe` reports it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Machine {
@@ -78,6 +128,20 @@ impl Machine {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_cpus_flags_give_the_isa_onednn_dispatches_on() {
+        let zen4 = "fpu sse4_1 avx2 fma avx512f avx512dq avx512bw avx512vl avx512_bf16 avx512_vnni";
+        assert_eq!(CpuIsa::from_flags(zen4), Some(CpuIsa::Avx512CoreBf16));
+        let spr = format!("{zen4} amx_bf16 amx_tile amx_int8");
+        assert_eq!(CpuIsa::from_flags(&spr), Some(CpuIsa::Avx512CoreAmx));
+        assert_eq!(CpuIsa::from_flags("sse4_1 avx2 fma avx512f avx512bw avx512vl avx512dq"), Some(CpuIsa::Avx512Core));
+        // AVX-512 F alone (Knights Landing) is not oneDNN's avx512_core.
+        assert_eq!(CpuIsa::from_flags("sse4_1 avx2 fma avx512f"), Some(CpuIsa::Avx2));
+        assert_eq!(CpuIsa::from_flags("sse4_1 avx"), Some(CpuIsa::Sse41));
+        assert_eq!(CpuIsa::from_flags("fp asimd"), None);
+        assert_eq!(CpuIsa::Avx512CoreAmx.word(), "avx512_core_amx");
+    }
 
     #[test]
     fn auto_is_the_first_gpu_libtorch_can_use_else_the_cpu() {

@@ -314,6 +314,8 @@ pub struct DeviceInfo {
 pub struct Capabilities {
     pub cuda: bool,
     pub nvml: bool,
+    /// The instruction set oneDNN dispatches its CPU kernels on here (`None`: unknown).
+    pub cpu_isa: Option<crate::machine::CpuIsa>,
     /// Jobs this agent runs at once; more are refused with `ErrorCode::Busy`.
     pub max_concurrent_jobs: u32,
 }

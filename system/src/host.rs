@@ -35,6 +35,14 @@ pub fn cpu_name() -> String {
         .unwrap_or_else(|| std::env::consts::ARCH.to_owned())
 }
 
+/// The instruction set oneDNN dispatches on here, from the first processor's flags in
+/// `/proc/cpuinfo`; `None` where they cannot be read or hold none of its ISAs.
+pub fn cpu_isa() -> Option<shared::machine::CpuIsa> {
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").ok()?;
+    let flags = cpuinfo.lines().find_map(|l| l.strip_prefix("flags").and_then(|v| v.split_once(':')))?.1;
+    shared::machine::CpuIsa::from_flags(flags)
+}
+
 /// Resident set size of this process, from /proc/self/statm.
 pub fn rss_bytes() -> u64 {
     let Ok(statm) = std::fs::read_to_string("/proc/self/statm") else {

@@ -170,7 +170,11 @@ async fn expect_hello(mut ws: Ws) -> anyhow::Result<Ws> {
     {
         match recv(&mut ws).await? {
             ToClient::Hello(h) => {
-                anyhow::ensure!(h.protocol_version == shared::protocol::PROTOCOL_VERSION)
+                anyhow::ensure!(h.protocol_version == shared::protocol::PROTOCOL_VERSION);
+                // The CPU's instruction set, as oneDNN sees it, on every x86-64 Linux host.
+                if cfg!(all(target_arch = "x86_64", target_os = "linux")) {
+                    anyhow::ensure!(h.capabilities.cpu_isa.is_some(), "Hello without the CPU's ISA: {h:?}");
+                }
             }
             other => bail!("expected Hello first, got {other:?}"),
         }
