@@ -41,11 +41,15 @@ Not part of the normal test run: it needs the reference packages and about an ho
     echo "$HOME/.cache/headroom/torch-2.11.0/lib/python3.11/site-packages" \\
         > /tmp/ref/lib/python3.11/site-packages/torch-venv.pth
     /tmp/ref/bin/pip install torchvision==0.26.0 timm==1.0.31 monai==1.6.1 \\
-        transformers==5.23.0 open_clip_torch==3.3.0 numpy scipy
+        transformers==5.23.0 open_clip_torch==3.3.0 einops==0.8.2 numpy scipy
     /tmp/ref/bin/python scripts/reference_peaks.py --out shared/fixtures/reference_peaks.json
 
 `--only ID[,ID]` runs a subset, `--trace ID` prints one entry's allocation timeline op by
-op (to compare with `headroom estimate --trace`), `--no-rss` skips the cross-check.
+op (to compare with `headroom estimate --trace`), `--no-rss` skips the cross-check,
+`--isa avx2,avx512_core` adds measurements with oneDNN (and ATen) limited to those
+instruction sets (`ONEDNN_MAX_CPU_ISA`, `ATEN_CPU_CAPABILITY`): what a CPU with only that
+ISA runs. `--configs FILE` measures another set of configurations (the random ones of
+`scripts/random_configs.py`). SwinUNETR needs `einops` in the venv.
 """
 
 import argparse
@@ -204,6 +208,13 @@ CONFIGS = [
           "monai.networks.nets.UNet(spatial_dims=3, in_channels=1, out_channels=2, channels=(16, 32, 64, 128, 256), "
           "strides=(2, 2, 2, 2), num_res_units=2)", ("segment", (1, 64, 64, 64), 2), 2, ADAM, accumulation=2,
           loss="monai.losses.DiceCELoss(to_onehot_y=True, softmax=True)"),
+    # Reviewers' two CPU cases: a larger 3-D volume in bf16 and a 2-D step at 512² in fp32.
+    entry("unet3d-80-momentum-bf16", "unet3d", [("volume", "80")],
+          "monai.networks.nets.UNet(spatial_dims=3, in_channels=1, out_channels=2, channels=(16, 32, 64, 128, 256), "
+          "strides=(2, 2, 2, 2), num_res_units=2)", ("segment", (1, 80, 80, 80), 2), 1, MOMENTUM, precision="bf16"),
+    entry("unet2d-512-momentum", "unet2d", [("image", "512")],
+          "monai.networks.nets.UNet(spatial_dims=2, in_channels=1, out_channels=2, channels=(16, 32, 64, 128, 256), "
+          "strides=(2, 2, 2, 2), num_res_units=2)", ("segment", (1, 512, 512), 2), 2, MOMENTUM),
     entry("swin_unetr-64-adamw", "swin_unetr", [("volume", "64"), ("feature_size", "24")],
           "monai.networks.nets.SwinUNETR(in_channels=1, out_channels=2, feature_size=24)",
           ("segment", (1, 64, 64, 64), 2), 1, ADAMW),
@@ -495,11 +506,31 @@ def trace(cfg, onednn):
 
 # --- the parent: every entry, each measurement in its own process -------------------
 
-def child(cfg_id, onednn, measure):
+# oneDNN's names for the instruction sets it dispatches on, as `ONEDNN_MAX_CPU_ISA` takes
+# them, and the matching ATen CPU capability (`ATEN_CPU_CAPABILITY`): a CPU limited this
+# way runs the kernels, blockings and scratchpads a CPU with only that ISA runs.
+ISA_LIMITS = {"sse41": ("SSE41", "default"), "avx2": ("AVX2", "avx2"), "avx512_core": ("AVX512_CORE", "avx512"),
+              "avx512_core_bf16": ("AVX512_CORE_BF16", "avx512"), "avx512_core_amx": ("AVX512_CORE_AMX", "avx512")}
+
+
+def load_configs(path):
+    """The configurations to measure: this script's own, or those of a file written by
+    `scripts/random_configs.py` (the same fields, in JSON)."""
+    if not path:
+        return CONFIGS
+    with open(path) as f:
+        return json.load(f)["configs"]
+
+
+def child(cfg_id, onednn, measure, isa=None, configs=""):
     env = dict(os.environ, OMP_NUM_THREADS=str(THREADS), MKL_NUM_THREADS=str(THREADS))
+    if isa:
+        env.update(ONEDNN_MAX_CPU_ISA=ISA_LIMITS[isa][0], ATEN_CPU_CAPABILITY=ISA_LIMITS[isa][1])
     if measure == "rss":
         env.update(MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0")
     cmd = [sys.executable, __file__, "--child", cfg_id, "--onednn", "1" if onednn else "0", "--measure", measure]
+    if configs:
+        cmd += ["--configs", configs]
     out = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if out.returncode != 0:
         raise RuntimeError(f"{cfg_id} ({measure}, onednn={onednn}) failed:\n{out.stderr[-3000:]}")
@@ -525,15 +556,24 @@ def cpu_model():
     return platform.processor()
 
 
-def cpu_isa():
-    """The instruction set oneDNN dispatches on here, by the rule of Headroom's
-    `shared::machine::CpuIsa::from_flags`."""
-    flags = set()
+ONEDNN_FLAGS = ("sse4_1", "avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16", "amx_tile",
+                "amx_bf16", "amx_int8")
+
+
+def cpu_flags():
+    """The CPU's flags that oneDNN's dispatch reads."""
     with open("/proc/cpuinfo") as f:
         for line in f:
             if line.startswith("flags"):
-                flags = set(line.split(":", 1)[1].split())
-                break
+                have = set(line.split(":", 1)[1].split())
+                return [f for f in ONEDNN_FLAGS if f in have]
+    return []
+
+
+def cpu_isa():
+    """The instruction set oneDNN dispatches on here, by the rule of Headroom's
+    `shared::machine::CpuIsa::from_flags`."""
+    flags = set(cpu_flags())
     core = {"avx512f", "avx512bw", "avx512vl", "avx512dq"} <= flags
     if core and {"avx512_bf16", "amx_tile", "amx_bf16", "amx_int8"} <= flags:
         return "avx512_core_amx"
@@ -546,36 +586,85 @@ def cpu_isa():
     return "sse41" if "sse4_1" in flags else None
 
 
+def where(isa):
+    """What each measurement records of where it ran: the CPU, the ISA oneDNN dispatched
+    on (the CPU's own, or the limit it ran under) and the day."""
+    return {"cpu": cpu_model(), "isa": isa or cpu_isa(), "date": datetime.date.today().isoformat()}
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default="shared/fixtures/reference_peaks.json")
     ap.add_argument("--only", default="")
     ap.add_argument("--no-rss", action="store_true")
+    ap.add_argument("--isa", default="",
+                    help="also measure oneDNN with the CPU limited to these ISAs (comma-separated, at most the "
+                         "machine's own): stored as measured['onednn:ISA'], nothing else is rerun")
     ap.add_argument("--trace", default="")
     ap.add_argument("--onednn", default="1")
     ap.add_argument("--child", default="")
     ap.add_argument("--measure", default="profiler")
+    ap.add_argument("--configs", default="", help="measure the configurations of this file instead")
     args = ap.parse_args()
+    measure(args)
+
+
+def measure(args):
+    configs = load_configs(args.configs)
+    by_id = {c["id"]: c for c in configs}
     if args.child:
-        print(json.dumps(run_job(BY_ID[args.child], args.onednn == "1", args.measure)))
+        print(json.dumps(run_job(by_id[args.child], args.onednn == "1", args.measure)))
         return
     if args.trace:
-        trace(BY_ID[args.trace], args.onednn == "1")
+        trace(by_id[args.trace], args.onednn == "1")
         return
-    chosen = [c for c in CONFIGS if not args.only or c["id"] in args.only.split(",")]
-    previous = {}
+    chosen = [c for c in configs if not args.only or c["id"] in args.only.split(",")]
+    previous, old = {}, {}
     if os.path.exists(args.out):
         with open(args.out) as f:
-            previous = {e["id"]: e for e in json.load(f).get("entries", [])}
+            old = json.load(f)
+            previous = {e["id"]: e for e in old.get("entries", [])}
+    # A partial run keeps the whole run's date and duration; each measurement has its own.
+    partial = bool(args.only or args.isa)
     entries = []
+    failed = []
     started = time.time()
+    limits = [i for i in args.isa.split(",") if i]
+    order = list(ISA_LIMITS)
+    for isa in limits:
+        if isa not in ISA_LIMITS or order.index(isa) > order.index(cpu_isa() or "sse41"):
+            sys.exit(f"--isa: {isa} is not one of {order} up to this CPU's {cpu_isa()}")
     for i, cfg in enumerate(chosen):
+        if limits:
+            e = previous.get(cfg["id"])
+            if e is None:
+                if args.configs:
+                    print(f"--isa: {cfg['id']} has no full measurement; skipped", file=sys.stderr)
+                    continue
+                sys.exit(f"--isa: {cfg['id']} has no full measurement yet; measure it first")
+            for isa in limits:
+                m = dict(child(cfg["id"], True, "profiler", isa, args.configs), **where(isa))
+                e["measured"]["onednn:" + isa] = m
+                print(f"[{i + 1}/{len(chosen)}] {cfg['id']} onednn:{isa}: peak {m['peak_bytes'] / 2**20:.2f} MiB "
+                      f"({m['peak_phase']}), {m['step_seconds']:.1f} s/step", file=sys.stderr)
+            entries.append(e)
+            write(args, configs, previous, old, entries, partial, started, failed)
+            continue
         measured = {}
         for onednn in (True, False):
             key = "onednn" if onednn else "native"
-            m = child(cfg["id"], onednn, "profiler")
+            try:
+                m = dict(child(cfg["id"], onednn, "profiler", None, args.configs), **where(None))
+            except RuntimeError as err:
+                # A drawn configuration PyTorch refuses is reported and left out; a
+                # curated one must run.
+                if not args.configs:
+                    raise
+                print(f"[{i + 1}/{len(chosen)}] {cfg['id']} {key}: left out: {str(err)[-400:]}", file=sys.stderr)
+                failed.append(cfg["id"])
+                break
             if not args.no_rss:
-                r = child(cfg["id"], onednn, "rss")
+                r = child(cfg["id"], onednn, "rss", None, args.configs)
                 m["rss_rise_bytes"] = r["rss_rise_bytes"]
                 m["rss_vs_profiler_pct"] = round(100.0 * (r["rss_rise_bytes"] - m["profiler_rise_bytes"]) /
                                                  max(m["profiler_rise_bytes"], 1), 2)
@@ -587,26 +676,51 @@ def main():
                                  "precision", "checkpointing", "outputs")}
         e["settings"] = [list(p) for p in cfg["settings"]]
         e["task"] = cfg["task"][0]
+        if args.configs:
+            e["task_spec"] = cfg["task"]
+        if cfg["id"] in failed:
+            continue
         e["measured"] = measured
         entries.append(e)
+        write(args, configs, previous, old, entries, partial, started, failed)
+    write(args, configs, previous, old, entries, partial, started, failed)
+
+
+def write(args, configs, previous, old, entries, partial, started, failed):
+    """The fixture with `entries` merged in (written after every configuration, so that
+    a stopped run keeps what it measured)."""
     # Keep entries that were not rerun.
     ids = {e["id"] for e in entries}
     merged = [previous[c["id"]] if c["id"] not in ids and c["id"] in previous else
-              next(e for e in entries if e["id"] == c["id"]) for c in CONFIGS
+              next(e for e in entries if e["id"] == c["id"]) for c in configs
               if c["id"] in ids or c["id"] in previous]
+    if args.configs:
+        # Another draw's entries in the same file stay.
+        drawn_now = {c["id"] for c in configs}
+        merged = [e for e in previous.values() if e["id"] not in drawn_now] + merged
     doc = {
         "generated_by": "scripts/reference_peaks.py",
-        "date": datetime.date.today().isoformat(),
+        "date": old.get("date") if partial else datetime.date.today().isoformat(),
         "versions": versions(),
         "cpu": cpu_model(),
         "cpu_isa": cpu_isa(),
+        "cpu_flags": cpu_flags(),
+        "isa_limits": "measured['onednn:ISA'] ran with ONEDNN_MAX_CPU_ISA and ATEN_CPU_CAPABILITY limiting this "
+                      "CPU to that ISA",
         "threads": THREADS,
         "steps": STEPS,
         "loop": "canonical PyTorch loop: batch, out and loss stay bound until reassigned, or only the loss for "
                 "entries whose outputs are \"dropped\" (Hugging Face Trainer's loop; see the script)",
-        "seconds": round(time.time() - started),
+        "seconds": old.get("seconds") if partial else round(time.time() - started),
         "entries": merged,
     }
+    if partial or args.configs:
+        # The file keeps what drew its sets (random_configs.py adds a new draw at the end).
+        doc["generated_by"] = old.get("generated_by", doc["generated_by"])
+        if "drawn" in old:
+            doc["drawn"] = old["drawn"]
+    if failed:
+        doc["left_out"] = failed
     with open(args.out, "w") as f:
         json.dump(doc, f, indent=1)
         f.write("\n")

@@ -37,9 +37,23 @@ pub fn default_path(explicit: Option<&Path>) -> Option<PathBuf> {
     std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/headroom/calibration.json"))
 }
 
-/// The key of a plan: its model and the settings that change a step's memory per sample.
+/// The key of a plan: its model and the settings that change a step's memory per sample
+/// (threads and instruction set, which the CLI fills from the machine, are left out, as
+/// for a machine's own settings).
 pub fn key(plan: &Plan) -> String {
-    let skip = ["batch", "accum", "steps", "epochs", "samples_per_epoch", "name", "seed", "lr", "device", "threads"];
+    let skip = [
+        "batch",
+        "accum",
+        "steps",
+        "epochs",
+        "samples_per_epoch",
+        "name",
+        "seed",
+        "lr",
+        "device",
+        "threads",
+        "cpu_isa",
+    ];
     let mut parts = vec![plan.model_name().to_owned()];
     parts.extend(
         plan.to_settings().into_iter().filter(|(k, _)| !skip.contains(&k.as_str())).map(|(k, v)| format!("{k}={v}")),

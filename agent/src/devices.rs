@@ -105,7 +105,11 @@ pub fn probe_machine_blocking(exe: &Path) -> Machine {
 }
 
 fn cpu_only() -> Machine {
-    Machine { cuda_devices: 0, cpu_threads: std::thread::available_parallelism().map_or(1, |p| p.get() as u64) }
+    Machine {
+        cuda_devices: 0,
+        cpu_threads: std::thread::available_parallelism().map_or(1, |p| p.get() as u64),
+        cpu_isa: system::host::cpu_isa(),
+    }
 }
 
 /// The catalog entry for a GPU NVML names (its key without the memory suffix appears in
@@ -179,7 +183,7 @@ mod tests {
     fn a_plans_device_resolves_by_the_machines_rule_to_its_estimate_target() {
         let a100 =
             DeviceInfo { id: "cuda:0".into(), name: "NVIDIA A100-SXM4-40GB".into(), total_memory_bytes: 40 << 30 };
-        let gpu_box = Machine { cuda_devices: 1, cpu_threads: 8 };
+        let gpu_box = Machine { cuda_devices: 1, cpu_threads: 8, cpu_isa: None };
         let mut plan = Plan::example_cnn();
         let (runs_on, target) =
             target_for(&mut plan, &gpu_box, std::slice::from_ref(&a100)).expect("auto on a GPU box");
@@ -188,7 +192,7 @@ mod tests {
         assert_eq!(plan.device, shared::plan::DeviceChoice::Cuda(0));
         // A driver libtorch cannot use: NVML lists the GPU, auto is still the CPU.
         let mut plan = Plan::example_cnn();
-        let no_cuda = Machine { cuda_devices: 0, cpu_threads: 8 };
+        let no_cuda = Machine { cuda_devices: 0, cpu_threads: 8, cpu_isa: None };
         assert!(matches!(target_for(&mut plan, &no_cuda, std::slice::from_ref(&a100)), Ok((RunsOn::Cpu, Target::Cpu))));
         assert_eq!(plan.device, shared::plan::DeviceChoice::Cpu);
         let mut plan = Plan { device: shared::plan::DeviceChoice::Cuda(1), ..Plan::example_cnn() };

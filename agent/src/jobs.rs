@@ -105,8 +105,8 @@ impl JobRunner {
 }
 impl JobRunner {
     /// `headroom worker --job N` with the job's files, its pipes, the allocator settings
-    /// in its environment (before CUDA initialises) and `PR_SET_PDEATHSIG`, so that it
-    /// dies with the agent.
+    /// and any oneDNN ISA limit in its environment (before CUDA and oneDNN initialise) and
+    /// `PR_SET_PDEATHSIG`, so that it dies with the agent.
     fn command(&self, id: JobId, plan: &Plan, files: &system::job::JobFiles) -> Command {
         let mut cmd = Command::new(&self.exe);
         cmd.arg("worker")
@@ -121,6 +121,13 @@ impl JobRunner {
             .kill_on_drop(true);
         if plan.expandable_segments {
             cmd.env("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True");
+        }
+        // A plan that names an older instruction set than this CPU's runs oneDNN limited
+        // to it, as its estimate assumes.
+        if let (Some(named), Some(here)) = (plan.cpu_isa, system::host::cpu_isa())
+            && named < here
+        {
+            cmd.env("ONEDNN_MAX_CPU_ISA", named.word().to_ascii_uppercase());
         }
         // SAFETY: between fork and exec only `prctl`, which is async-signal-safe, runs.
         // The signal follows the thread that forked: a tokio worker thread, which lives

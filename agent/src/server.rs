@@ -141,7 +141,7 @@ impl Server {
                 // libtorch shows GPUs in NVML that jobs cannot run on.
                 cuda: machine.cuda_devices > 0,
                 nvml: system::nvml::available(),
-                cpu_isa: system::host::cpu_isa(),
+                cpu_isa: machine.cpu_isa.or_else(system::host::cpu_isa),
                 max_concurrent_jobs: u32::try_from(config.max_jobs).unwrap_or(u32::MAX),
             },
         };

@@ -198,10 +198,14 @@ pub fn estimate(
             shared::estimate::Target::Cuda(g)
         }
         None => {
-            // A CPU job here uses this machine's threads unless the plan says otherwise.
+            // A CPU job here uses this machine's threads and instruction set unless the
+            // plan says otherwise.
             if plan.cpu_threads.is_none() {
                 let exe = std::env::current_exe().map_err(|e| anyhow::anyhow!("locating this executable: {e}"))?;
                 plan.cpu_threads = Some(crate::devices::probe_machine_blocking(&exe).cpu_threads);
+            }
+            if plan.cpu_isa.is_none() {
+                plan.cpu_isa = system::host::cpu_isa();
             }
             shared::estimate::Target::Cpu
         }

@@ -22,6 +22,11 @@ const VERSION_BYTES: usize = 2;
 /// A run's log written by it is still read (see [`decode_stored`]).
 pub const UNDIRECTED_VERSION: u16 = 16;
 
+/// The versions since [`UNDIRECTED_VERSION`] whose run records are today's: what changed
+/// after them (the plan's `cpu_isa`, version 18) is not in a record, so a run log
+/// written by them reads as if written now.
+pub const SAME_RECORDS_SINCE: u16 = 17;
+
 /// What one frame may make the decoder allocate: bincode counts a collection's
 /// in-memory size (`len × size_of` of its items, more than their encoded bytes), so this
 /// sits well above the frame limit, so that every frame under that limit decodes, while a
@@ -113,6 +118,11 @@ pub fn decode<M: Wire>(frame: &[u8]) -> Result<M, CodecError> {
 /// each with the job's number, which the run's own record drops).
 pub fn decode_stored(frame: &[u8]) -> Result<Record, CodecError> {
     let (got, rest) = versioned(frame)?;
+    if (SAME_RECORDS_SINCE..PROTOCOL_VERSION).contains(&got) {
+        let mut today = PROTOCOL_VERSION.to_le_bytes().to_vec();
+        today.extend_from_slice(rest);
+        return decode(&today);
+    }
     if got != UNDIRECTED_VERSION {
         return decode(frame);
     }
@@ -164,10 +174,10 @@ mod tests {
     fn fixed_bytes_notice_format_changes() {
         // If this fails, the wire format changed: bump PROTOCOL_VERSION and update it.
         let bytes = encode(&ToAgent::Cancel { job: 5 }).expect("encode");
-        assert_eq!(bytes, vec![17, 0, 1, 1, 5]);
+        assert_eq!(bytes, vec![18, 0, 1, 1, 5]);
         let bytes = encode(&ToClient::Error { code: ErrorCode::Busy, message: "busy".into() }).expect("encode");
-        assert_eq!(bytes, vec![17, 0, 2, 6, 5, 4, b'b', b'u', b's', b'y']);
-        assert_eq!(encode(&ToWorker::Cancel).expect("encode"), vec![17, 0, 3, 1]);
+        assert_eq!(bytes, vec![18, 0, 2, 6, 5, 4, b'b', b'u', b's', b'y']);
+        assert_eq!(encode(&ToWorker::Cancel).expect("encode"), vec![18, 0, 3, 1]);
         // Accepted carries the whole Estimate: a field added to it or to Plan changes this
         // length. The value is this encoding's own; change it together with the version.
         let estimate = crate::estimate(&Plan::example_cnn()).expect("estimate");
@@ -200,7 +210,7 @@ mod tests {
                 capabilities: Capabilities {
                     cuda: false,
                     nvml: false,
-                    cpu_isa: Some(crate::machine::CpuIsa::Avx2),
+                    cpu_isa: Some(crate::isa::CpuIsa::Avx2),
                     max_concurrent_jobs: 1,
                 },
             }),
@@ -374,6 +384,23 @@ mod tests {
         assert_eq!(decode_stored(&encode(&now).expect("encode")).expect("today's"), now);
         assert!(matches!(decode_stored(&hex("10000601")), Err(CodecError::Malformed { .. })));
         assert!(matches!(decode_stored(&hex("0f000601")), Err(CodecError::UnsupportedVersion { got: 15, .. })));
+    }
+
+    #[test]
+    fn records_stored_by_version_17_are_read_as_todays() {
+        // Version 17's failure record (its records are today's; only the plan changed).
+        let failed = hex("11000403080773746f70706564");
+        assert_eq!(
+            decode_stored(&failed).expect("version 17"),
+            Record::Failed { error: JobError { code: ErrorCode::Cancelled, message: "stopped".into() } }
+        );
+        // Not on the wire: a live peer on version 17 is refused.
+        assert!(matches!(decode::<Record>(&failed), Err(CodecError::UnsupportedVersion { got: 17, .. })));
+        let mut today =
+            encode(&Record::Failed { error: JobError { code: ErrorCode::Cancelled, message: "stopped".into() } })
+                .expect("encode");
+        today[..2].copy_from_slice(&17u16.to_le_bytes());
+        assert_eq!(today, failed, "the fixed bytes are today's record under version 17");
     }
 
     proptest! {

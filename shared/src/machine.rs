@@ -6,57 +6,8 @@
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
+pub use crate::isa::CpuIsa;
 use crate::plan::{DeviceChoice, OptimizerImpl, Plan, Runtime};
-
-/// The best instruction set of a CPU among those oneDNN dispatches its kernels on
-/// (oneDNN's `cpu_isa` names): kernels, weight reorders, blocking and scratch buffers
-/// change with it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum CpuIsa {
-    Sse41,
-    Avx2,
-    /// AVX-512 F, BW, VL and DQ.
-    Avx512Core,
-    /// And AVX-512 BF16.
-    Avx512CoreBf16,
-    /// And AMX tiles with BF16 and INT8.
-    Avx512CoreAmx,
-}
-
-impl CpuIsa {
-    /// The ISA a CPU with these `/proc/cpuinfo` flags (space-separated) gives oneDNN;
-    /// `None` for a CPU with none of them (not x86-64).
-    pub fn from_flags(flags: &str) -> Option<CpuIsa> {
-        let has: std::collections::BTreeSet<&str> = flags.split_whitespace().collect();
-        let all = |names: &[&str]| names.iter().all(|n| has.contains(n));
-        let core = all(&["avx512f", "avx512bw", "avx512vl", "avx512dq"]);
-        Some(if core && all(&["avx512_bf16", "amx_tile", "amx_bf16", "amx_int8"]) {
-            CpuIsa::Avx512CoreAmx
-        } else if core && has.contains("avx512_bf16") {
-            CpuIsa::Avx512CoreBf16
-        } else if core {
-            CpuIsa::Avx512Core
-        } else if all(&["avx2", "fma"]) {
-            CpuIsa::Avx2
-        } else if has.contains("sse4_1") {
-            CpuIsa::Sse41
-        } else {
-            return None;
-        })
-    }
-
-    /// oneDNN's name for it.
-    pub fn word(self) -> &'static str {
-        match self {
-            CpuIsa::Sse41 => "sse41",
-            CpuIsa::Avx2 => "avx2",
-            CpuIsa::Avx512Core => "avx512_core",
-            CpuIsa::Avx512CoreBf16 => "avx512_core_bf16",
-            CpuIsa::Avx512CoreAmx => "avx512_core_amx",
-        }
-    }
-}
 
 /// What libtorch can use on one machine, as `headroom worker --probe` reports it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -66,6 +17,10 @@ pub struct Machine {
     pub cuda_devices: u32,
     /// libtorch's default CPU thread count (`torch.get_num_threads()`).
     pub cpu_threads: u64,
+    /// The CPU's instruction set as oneDNN dispatches on it (`None`: not x86-64, or not
+    /// reported by an older worker).
+    #[serde(default)]
+    pub cpu_isa: Option<CpuIsa>,
 }
 
 /// Where a job runs, once `auto` is resolved.
@@ -114,13 +69,20 @@ impl Machine {
 
     /// The plan as this machine's trainer runs it, which is what its measurements are
     /// compared with: the trainer's runtime (libtorch's optimizers, reentrant
-    /// checkpoints) and this machine's CPU threads where the plan names none.
+    /// checkpoints) and this machine's CPU threads and instruction set where the plan
+    /// names none.
     pub fn as_run_here(&self, plan: &Plan) -> Plan {
         let mut p = plan.clone();
         p.runtime = Runtime::Headroom;
         // libtorch updates one parameter at a time; there is no foreach or fused path.
         p.optimizer_impl = OptimizerImpl::Auto;
         p.cpu_threads.get_or_insert(self.cpu_threads.max(1));
+        // A plan may name an older instruction set than the machine's (the worker then
+        // limits oneDNN to it), never a newer one: the machine runs what it has.
+        p.cpu_isa = match (p.cpu_isa, self.cpu_isa) {
+            (Some(named), Some(here)) => Some(named.min(here)),
+            (named, here) => named.or(here),
+        };
         p
     }
 }
@@ -130,23 +92,9 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_cpus_flags_give_the_isa_onednn_dispatches_on() {
-        let zen4 = "fpu sse4_1 avx2 fma avx512f avx512dq avx512bw avx512vl avx512_bf16 avx512_vnni";
-        assert_eq!(CpuIsa::from_flags(zen4), Some(CpuIsa::Avx512CoreBf16));
-        let spr = format!("{zen4} amx_bf16 amx_tile amx_int8");
-        assert_eq!(CpuIsa::from_flags(&spr), Some(CpuIsa::Avx512CoreAmx));
-        assert_eq!(CpuIsa::from_flags("sse4_1 avx2 fma avx512f avx512bw avx512vl avx512dq"), Some(CpuIsa::Avx512Core));
-        // AVX-512 F alone (Knights Landing) is not oneDNN's avx512_core.
-        assert_eq!(CpuIsa::from_flags("sse4_1 avx2 fma avx512f"), Some(CpuIsa::Avx2));
-        assert_eq!(CpuIsa::from_flags("sse4_1 avx"), Some(CpuIsa::Sse41));
-        assert_eq!(CpuIsa::from_flags("fp asimd"), None);
-        assert_eq!(CpuIsa::Avx512CoreAmx.word(), "avx512_core_amx");
-    }
-
-    #[test]
     fn auto_is_the_first_gpu_libtorch_can_use_else_the_cpu() {
-        let gpu = Machine { cuda_devices: 2, cpu_threads: 8 };
-        let cpu = Machine { cuda_devices: 0, cpu_threads: 8 };
+        let gpu = Machine { cuda_devices: 2, cpu_threads: 8, cpu_isa: None };
+        let cpu = Machine { cuda_devices: 0, cpu_threads: 8, cpu_isa: None };
         assert_eq!(gpu.runs_on(DeviceChoice::Auto), Ok(RunsOn::Cuda(0)));
         assert_eq!(cpu.runs_on(DeviceChoice::Auto), Ok(RunsOn::Cpu));
         assert_eq!(gpu.runs_on(DeviceChoice::Cpu), Ok(RunsOn::Cpu));
@@ -157,8 +105,8 @@ mod tests {
     }
 
     #[test]
-    fn the_trainer_runs_its_own_runtime_with_the_machine_threads_unless_the_plan_names_some() {
-        let machine = Machine { cuda_devices: 0, cpu_threads: 6 };
+    fn the_trainer_runs_its_own_runtime_with_the_machine_threads_and_isa_unless_the_plan_names_them() {
+        let machine = Machine { cuda_devices: 0, cpu_threads: 6, cpu_isa: Some(CpuIsa::Avx2) };
         let mut plan = Plan::example_cnn();
         plan.optimizer_impl = OptimizerImpl::Foreach;
         let here = machine.as_run_here(&plan);
@@ -166,7 +114,12 @@ mod tests {
             (here.runtime, here.optimizer_impl, here.cpu_threads),
             (Runtime::Headroom, OptimizerImpl::Auto, Some(6))
         );
+        assert_eq!(here.cpu_isa, Some(CpuIsa::Avx2), "the machine's instruction set");
         plan.cpu_threads = Some(2);
-        assert_eq!(machine.as_run_here(&plan).cpu_threads, Some(2));
+        plan.cpu_isa = Some(CpuIsa::Sse41);
+        let named = machine.as_run_here(&plan);
+        assert_eq!((named.cpu_threads, named.cpu_isa), (Some(2), Some(CpuIsa::Sse41)));
+        plan.cpu_isa = Some(CpuIsa::Avx512Core);
+        assert_eq!(machine.as_run_here(&plan).cpu_isa, Some(CpuIsa::Avx2), "no newer ISA than the machine's");
     }
 }

@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 use crate::estimate::{Estimate, Phase};
 use crate::plan::Plan;
 
-pub const PROTOCOL_VERSION: u16 = 17;
+pub const PROTOCOL_VERSION: u16 = 18;
 
 pub type JobId = u64;
 
@@ -315,7 +315,7 @@ pub struct Capabilities {
     pub cuda: bool,
     pub nvml: bool,
     /// The instruction set oneDNN dispatches its CPU kernels on here (`None`: unknown).
-    pub cpu_isa: Option<crate::machine::CpuIsa>,
+    pub cpu_isa: Option<crate::isa::CpuIsa>,
     /// Jobs this agent runs at once; more are refused with `ErrorCode::Busy`.
     pub max_concurrent_jobs: u32,
 }

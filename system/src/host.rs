@@ -35,12 +35,14 @@ pub fn cpu_name() -> String {
         .unwrap_or_else(|| std::env::consts::ARCH.to_owned())
 }
 
-/// The instruction set oneDNN dispatches on here, from the first processor's flags in
-/// `/proc/cpuinfo`; `None` where they cannot be read or hold none of its ISAs.
+/// The instruction set oneDNN dispatches on here: the first processor's flags in
+/// `/proc/cpuinfo`, lowered by oneDNN's `ONEDNN_MAX_CPU_ISA` (or `DNNL_MAX_CPU_ISA`) when
+/// this process has it; `None` where the flags cannot be read or hold none of its ISAs.
 pub fn cpu_isa() -> Option<shared::machine::CpuIsa> {
     let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").ok()?;
     let flags = cpuinfo.lines().find_map(|l| l.strip_prefix("flags").and_then(|v| v.split_once(':')))?.1;
-    shared::machine::CpuIsa::from_flags(flags)
+    let limit = std::env::var("ONEDNN_MAX_CPU_ISA").or_else(|_| std::env::var("DNNL_MAX_CPU_ISA")).ok();
+    Some(shared::machine::CpuIsa::from_flags(flags)?.limited_by(limit.as_deref()))
 }
 
 /// Resident set size of this process, from /proc/self/statm.

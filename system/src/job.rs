@@ -35,7 +35,7 @@ mod tests {
 
     #[test]
     fn a_probe_report_reads_back_and_anything_else_is_refused() {
-        let m = Machine { cuda_devices: 2, cpu_threads: 16 };
+        let m = Machine { cuda_devices: 2, cpu_threads: 16, cpu_isa: Some(shared::machine::CpuIsa::Avx512CoreAmx) };
         assert_eq!(parse_probe(&format!("{}\n", probe_line(&m))), Some(m));
         assert_eq!(parse_probe("2\n"), None);
         assert_eq!(parse_probe(""), None);

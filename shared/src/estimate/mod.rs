@@ -27,6 +27,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::gpus::Gpu;
 use crate::graph::{Graph, ValueId, numel};
+use crate::isa::CpuIsa;
 use crate::plan::{DEFAULT_CPU_THREADS, Plan, PlanError, Precision, Runtime};
 use crate::units::Bytes;
 use engine::{Engine, Recompute};
@@ -45,6 +46,8 @@ pub enum Kernels {
     Cpu {
         onednn: bool,
         threads: u64,
+        /// What oneDNN dispatches on: its blocking, and whether it runs bf16 at all.
+        isa: CpuIsa,
     },
     Cuda,
 }
@@ -285,7 +288,9 @@ pub fn trace(plan: &Plan, target: Target) -> Result<(Estimate, Vec<sim::Event>),
     Ok((e, events))
 }
 
-/// Estimates a plan whose graph is already built (and validated).
+/// Estimates a plan whose graph is already built (and validated). On the CPU with oneDNN
+/// and no instruction set named, the point is at [`CpuIsa::DEFAULT`] and the interval
+/// covers every ISA's estimate.
 pub fn estimate_graph(
     plan: &Plan,
     graph: &Graph,
@@ -296,6 +301,32 @@ pub fn estimate_graph(
     if graph.nodes.iter().any(|n| matches!(n.op, crate::graph::Op::Script)) {
         return Err(PlanError::Invalid { field: "model", reason: SCRIPT_NOT_WALKED.to_owned() });
     }
+    let mut estimate = estimate_at(plan, graph, target, options, events)?;
+    // The ISA changes oneDNN's convolutions and its bf16 products, nothing else.
+    let isa_matters = plan.precision != Precision::Fp32
+        || graph
+            .nodes
+            .iter()
+            .any(|n| matches!(n.op, crate::graph::Op::Conv { .. } | crate::graph::Op::ConvTranspose { .. }));
+    if matches!(target, Target::Cpu) && plan.onednn && plan.cpu_isa.is_none() && isa_matters {
+        for isa in CpuIsa::ALL.into_iter().filter(|&i| i != CpuIsa::DEFAULT) {
+            let named = Plan { cpu_isa: Some(isa), ..plan.clone() };
+            let other = estimate_at(&named, graph, target, Options::default(), None)?;
+            estimate.peak_bytes_low = estimate.peak_bytes_low.min(other.peak_bytes_low);
+            estimate.peak_bytes_high = estimate.peak_bytes_high.max(other.peak_bytes_high);
+        }
+    }
+    Ok(estimate)
+}
+
+/// The estimate at the plan's instruction set (the default one where it names none).
+fn estimate_at(
+    plan: &Plan,
+    graph: &Graph,
+    target: Target,
+    options: Options,
+    events: Option<&mut Vec<sim::Event>>,
+) -> Result<Estimate, PlanError> {
     // Under autocast the previous step's outputs (what the loop still holds when a step
     // begins) have the dtypes the step gives them: a first walk learns their sizes.
     let returned = if plan.precision != Precision::Fp32 {
@@ -340,7 +371,11 @@ fn walk(
         sim.record();
     }
     let kernels = match target {
-        Target::Cpu => Kernels::Cpu { onednn: plan.onednn, threads: plan.cpu_threads.unwrap_or(DEFAULT_CPU_THREADS) },
+        Target::Cpu => Kernels::Cpu {
+            onednn: plan.onednn,
+            threads: plan.cpu_threads.unwrap_or(DEFAULT_CPU_THREADS),
+            isa: plan.cpu_isa.unwrap_or(CpuIsa::DEFAULT),
+        },
         Target::Cuda(_) => Kernels::Cuda,
     };
     let overheads = device_overheads(graph, target);

@@ -677,6 +677,27 @@ pub static KNOBS: &[Knob] = &[
         },
     },
     Knob {
+        key: "cpu_isa",
+        alias: None,
+        group: Group::Run,
+        unit: "",
+        help: "The CPU's instruction set as oneDNN dispatches on it (its kernels, blocking and bf16 support): auto (the machine's own for the CLI and the agent; where none is known the interval covers every ISA), sse41, avx2, avx512_core, avx512_core_bf16 or avx512_core_amx.",
+        kind: || choice(&["auto", "sse41", "avx2", "avx512_core", "avx512_core_bf16", "avx512_core_amx"]),
+        default: |_| "auto".to_owned(),
+        get: |p, _| p.cpu_isa.map(|i| i.word().to_owned()),
+        set: |s, v| {
+            s.plan.cpu_isa = match v {
+                "auto" => None,
+                _ => Some(word(
+                    v,
+                    crate::isa::CpuIsa::from_word,
+                    "auto, sse41, avx2, avx512_core, avx512_core_bf16 or avx512_core_amx",
+                )?),
+            };
+            Ok(())
+        },
+    },
+    Knob {
         key: "onednn",
         alias: None,
         group: Group::Run,

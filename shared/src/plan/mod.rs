@@ -426,6 +426,11 @@ pub struct Plan {
     /// `DEFAULT_CPU_THREADS` and the CLI uses this machine's cores.
     #[serde(default)]
     pub cpu_threads: Option<u64>,
+    /// The CPU's instruction set as oneDNN dispatches on it; unset (`auto`), the
+    /// machine's own where one is known (the CLI, the agent), else every ISA within the
+    /// estimate's interval (the point at [`crate::isa::CpuIsa::DEFAULT`]).
+    #[serde(default)]
+    pub cpu_isa: Option<crate::isa::CpuIsa>,
     /// Caps the job at this fraction of the GPU's memory (`torch.cuda.set_per_process_memory_fraction`).
     #[serde(default)]
     pub memory_fraction: Option<f64>,
@@ -739,6 +744,7 @@ impl Plan {
             optimizer_impl: OptimizerImpl::Auto,
             onednn: true,
             cpu_threads: None,
+            cpu_isa: None,
             memory_fraction: None,
             host: HostSpec::default(),
             retain_bytes_per_step: 0,

@@ -59,8 +59,13 @@ impl Default for LossSpec {
 type R<T> = Result<T, GraphError>;
 
 /// `F.cross_entropy(logits, target, label_smoothing=s)` with classes on dimension 1.
-/// Returns the loss value.
+/// Autocast runs the whole loss in fp32 (`cross_entropy_loss` is on its fp32 list on the
+/// CPU): half-precision logits are copied to fp32 first, and the log-probabilities, the
+/// smoothing term and their gradients are fp32. On CUDA `log_softmax` computes in fp32
+/// (the estimate counts the same copy there; not measured on a GPU yet). Returns the
+/// loss value.
 pub fn cross_entropy(b: &mut Builder, logits: ValueId, target: ValueId, smoothing: f64) -> R<ValueId> {
+    let logits = b.to_f32(logits);
     let lp = b.log_softmax(logits, 1);
     let nll = b.nll_loss(lp, target, -100)?;
     if smoothing <= 0.0 {

@@ -46,7 +46,11 @@ pub trait Report {
 /// driver: a job bound for the CPU never calls it (see [`runs_on`]).
 pub fn machine() -> Machine {
     let cuda_devices = if tch::Cuda::is_available() { tch::Cuda::device_count() } else { 0 };
-    Machine { cuda_devices: u32::try_from(cuda_devices).unwrap_or(0), cpu_threads: cpu_threads() }
+    Machine {
+        cuda_devices: u32::try_from(cuda_devices).unwrap_or(0),
+        cpu_threads: cpu_threads(),
+        cpu_isa: system::host::cpu_isa(),
+    }
 }
 
 /// libtorch's CPU thread count in this process (`torch.get_num_threads()`).
@@ -373,7 +377,7 @@ impl<'a> Trainer<'a> {
             return 0;
         }
         // Only the threads matter here; the machine's CUDA devices are not asked.
-        let here = Machine { cuda_devices: 0, cpu_threads: cpu_threads() };
+        let here = Machine { cuda_devices: 0, cpu_threads: cpu_threads(), cpu_isa: system::host::cpu_isa() };
         shared::estimate::estimate_graph(
             &here.as_run_here(plan),
             graph,

@@ -7,6 +7,7 @@ use crate::estimate::engine::{Engine, F32, HALF, Ten};
 use crate::estimate::layout;
 use crate::estimate::sim::Sim;
 use crate::graph::{Op, ValueId, numel};
+use crate::isa::CpuIsa;
 
 /// The forward rule of this family's ops (`ops::forward` sends no other op here).
 pub(super) fn fwd(e: &mut Engine, sim: &mut Sim, i: usize, op: Op, inputs: Vec<ValueId>, _shape: Vec<u64>) -> Vec<Ten> {
@@ -40,12 +41,18 @@ pub(super) fn bwd(
                 None
             };
             let gx = e.tape[k].ins[0].map(|s| e.alloc_contig(sim, &x.shape, g.esize, e.grad_category(Some(s))));
+            if gx.is_some() {
+                emulated_half_product(e, sim, numel(&x.shape), g.esize);
+            }
             let gw = e.tape[k].ins[1].map(|s| {
                 let mut t = e.alloc_contig(sim, &w.shape, g.esize, e.grad_category(Some(s)));
                 // mm_mat2_backward's transposed product comes back as a view.
                 t.view = true;
                 t
             });
+            if gw.is_some() {
+                emulated_half_product(e, sim, numel(&w.shape), g.esize);
+            }
             onednn_half_product(e, sim, numel(&x.shape).max(numel(&w.shape)), g.esize);
             let gb = if bias {
                 e.tape[k].ins[2].map(|s| e.alloc_contig(sim, &[w.shape[0]], g.esize, e.grad_category(Some(s))))
@@ -65,7 +72,13 @@ pub(super) fn bwd(
             let t = &e.tape[k];
             let (x, w) = (t.in_meta[0].clone(), t.in_meta[1].clone());
             let gx = e.tape[k].ins[0].map(|s| e.alloc_contig(sim, &x.shape, g.esize, e.grad_category(Some(s))));
+            if gx.is_some() {
+                emulated_half_product(e, sim, numel(&x.shape), g.esize);
+            }
             let gw = e.tape[k].ins[1].map(|s| e.alloc_contig(sim, &w.shape, g.esize, e.grad_category(Some(s))));
+            if gw.is_some() {
+                emulated_half_product(e, sim, numel(&w.shape), g.esize);
+            }
             onednn_half_product(e, sim, numel(&x.shape).max(numel(&w.shape)), g.esize);
             let gb = e.tape[k].ins[2].map(|s| e.alloc_contig(sim, &[w.shape[1]], g.esize, e.grad_category(Some(s))));
             vec![gx, gw, gb]
@@ -74,6 +87,9 @@ pub(super) fn bwd(
             let t = &e.tape[k];
             let (a, b) = (t.in_meta[0].clone(), t.in_meta[1].clone());
             let ga = e.tape[k].ins[0].map(|s| e.alloc_contig(sim, &a.shape, g.esize, e.grad_category(Some(s))));
+            if ga.is_some() {
+                emulated_half_product(e, sim, numel(&a.shape), g.esize);
+            }
             let gb = e.tape[k].ins[1].map(|s| {
                 let mut t = e.alloc_contig(sim, &b.shape, g.esize, e.grad_category(Some(s)));
                 // A transposed-contiguous 2-D operand gets its gradient as a transposed view.
@@ -83,6 +99,9 @@ pub(super) fn bwd(
                 }
                 t
             });
+            if gb.is_some() {
+                emulated_half_product(e, sim, numel(&b.shape), g.esize);
+            }
             onednn_half_product(e, sim, numel(&a.shape).max(numel(&b.shape)), g.esize);
             vec![ga, gb]
         }
@@ -96,8 +115,18 @@ pub(super) fn bwd(
 /// its size is not modelled, so the interval's high end takes the fp32 output size and
 /// 256 KiB.
 fn onednn_half_product(e: &Engine, sim: &mut Sim, out_elems: u64, esize: u64) {
-    if esize == HALF && matches!(e.kernels, Kernels::Cpu { onednn: true, .. }) {
+    if esize == HALF && matches!(e.kernels, Kernels::Cpu { onednn: true, isa, .. } if isa >= CpuIsa::Avx512CoreBf16) {
         sim.uncertain(out_elems * F32 + (256 << 10));
+    }
+}
+
+/// On AVX-512 without BF16 instructions oneDNN runs half-precision products by
+/// converting to fp32: each call keeps an fp32 accumulator of its whole output and 128
+/// bytes (measured with `ONEDNN_MAX_CPU_ISA=AVX512_CORE`: `[M, N]` products of 512 x 10
+/// to 1024 x 1024, each exactly `4 M N + 128`), made and freed within the call.
+fn emulated_half_product(e: &Engine, sim: &mut Sim, out_elems: u64, esize: u64) {
+    if esize == HALF && matches!(e.kernels, Kernels::Cpu { onednn: true, isa: CpuIsa::Avx512Core, .. }) {
+        sim.transient(out_elems * F32 + 128, TMP);
     }
 }
 
@@ -115,6 +144,7 @@ fn linear(e: &mut Engine, sim: &mut Sim, i: usize, inputs: &[ValueId], bias: boo
     let (x2, copied) =
         if x.t.shape.len() == 2 { (share(sim, &x.t), false) } else { e.reshape(sim, &x.t, &[rows, inf], ACT) };
     let o = e.alloc_contig(sim, &shape, esize, ACT);
+    emulated_half_product(e, sim, numel(&shape), esize);
     onednn_half_product(e, sim, numel(&shape), esize);
     let mut saved = keep(sim, &x2, needs(&w));
     saved.extend(keep(sim, &w.t, needs(&x)));
@@ -148,6 +178,7 @@ fn conv1d_hf(e: &mut Engine, sim: &mut Sim, i: usize, inputs: &[ValueId]) -> Vec
     let inf = *x.t.shape.last().unwrap_or(&1);
     let (x2, _) = e.reshape(sim, &x.t, &[rows, inf], ACT);
     let o = e.alloc_contig(sim, &shape, esize, ACT);
+    emulated_half_product(e, sim, numel(&shape), esize);
     onednn_half_product(e, sim, numel(&shape), esize);
     let mut saved = keep(sim, &x2, needs(&w));
     saved.extend(keep(sim, &w.t, needs(&x)));
@@ -186,6 +217,7 @@ fn matmul(e: &mut Engine, sim: &mut Sim, i: usize, inputs: &[ValueId]) -> Vec<Te
         (a3, b3)
     };
     let o = e.alloc_contig(sim, &shape, esize, ACT);
+    emulated_half_product(e, sim, numel(&shape), esize);
     onednn_half_product(e, sim, numel(&shape), esize);
     let mut saved = keep(sim, &b3, needs(&a));
     saved.extend(keep(sim, &a3, needs(&b)));

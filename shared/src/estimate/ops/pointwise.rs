@@ -204,7 +204,17 @@ fn binary(e: &mut Engine, sim: &mut Sim, i: usize, inputs: &[ValueId], op: &Op) 
     let b = e.read(sim, inputs[1]);
     let shape = out_shape(e, i);
     let esize = a.t.esize.max(b.t.esize);
+    // On the CPU TensorIterator promotes mixed dtypes by copying the narrower operand to
+    // the common dtype first (a bf16 softmax times an fp32 one-hot target), freed after
+    // the op; CUDA's kernels cast as they load.
+    let copy = (e.cpu() && a.t.esize != b.t.esize).then(|| {
+        let narrow = if a.t.esize < b.t.esize { &a.t } else { &b.t };
+        sim.alloc(narrow.numel() * esize, TMP)
+    });
     let o = elementwise_out(e, sim, &shape, &[&a.t, &b.t], esize);
+    if let Some(c) = copy {
+        sim.release(c);
+    }
     let mut saved = Vec::new();
     match op {
         Op::Mul => {
