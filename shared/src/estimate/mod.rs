@@ -52,6 +52,24 @@ pub enum Kernels {
     Cuda,
 }
 
+impl Kernels {
+    /// The CPU threads the per-thread buffers are counted for (1 on CUDA).
+    pub(crate) fn threads(self) -> u64 {
+        match self {
+            Kernels::Cpu { threads, .. } => threads.max(1),
+            Kernels::Cuda => 1,
+        }
+    }
+
+    /// The CPU's instruction set (the default one on CUDA, where no rule reads it).
+    pub(crate) fn isa(self) -> CpuIsa {
+        match self {
+            Kernels::Cpu { isa, .. } => isa,
+            Kernels::Cuda => CpuIsa::DEFAULT,
+        }
+    }
+}
+
 /// The moments of a training step.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -301,32 +319,6 @@ pub fn estimate_graph(
     if graph.nodes.iter().any(|n| matches!(n.op, crate::graph::Op::Script)) {
         return Err(PlanError::Invalid { field: "model", reason: SCRIPT_NOT_WALKED.to_owned() });
     }
-    let mut estimate = estimate_at(plan, graph, target, options, events)?;
-    // The ISA changes oneDNN's convolutions and its bf16 products, nothing else.
-    let isa_matters = plan.precision != Precision::Fp32
-        || graph
-            .nodes
-            .iter()
-            .any(|n| matches!(n.op, crate::graph::Op::Conv { .. } | crate::graph::Op::ConvTranspose { .. }));
-    if matches!(target, Target::Cpu) && plan.onednn && plan.cpu_isa.is_none() && isa_matters {
-        for isa in CpuIsa::ALL.into_iter().filter(|&i| i != CpuIsa::DEFAULT) {
-            let named = Plan { cpu_isa: Some(isa), ..plan.clone() };
-            let other = estimate_at(&named, graph, target, Options::default(), None)?;
-            estimate.peak_bytes_low = estimate.peak_bytes_low.min(other.peak_bytes_low);
-            estimate.peak_bytes_high = estimate.peak_bytes_high.max(other.peak_bytes_high);
-        }
-    }
-    Ok(estimate)
-}
-
-/// The estimate at the plan's instruction set (the default one where it names none).
-fn estimate_at(
-    plan: &Plan,
-    graph: &Graph,
-    target: Target,
-    options: Options,
-    events: Option<&mut Vec<sim::Event>>,
-) -> Result<Estimate, PlanError> {
     // Under autocast the previous step's outputs (what the loop still holds when a step
     // begins) have the dtypes the step gives them: a first walk learns their sizes.
     let returned = if plan.precision != Precision::Fp32 {
@@ -338,8 +330,39 @@ fn estimate_at(
     };
     // The validation pass runs the model at its own micro-batch: a graph of its own.
     let val_graph = plan.validation_plan().map(|p| p.validate()).transpose()?;
-    walk(plan, graph, target, options, events, returned.as_deref(), val_graph.as_ref(), None)?.ok_or_else(|| {
-        PlanError::Invalid { field: "model", reason: "internal: the walk observed instead of estimating".into() }
+    let (returned, val_graph) = (returned.as_deref(), val_graph.as_ref());
+    let mut estimate = estimate_at(plan, graph, target, options, events, returned, val_graph)?;
+    // The ISA changes oneDNN's convolutions and its bf16 products, nothing else.
+    let isa_matters = plan.precision != Precision::Fp32
+        || graph
+            .nodes
+            .iter()
+            .any(|n| matches!(n.op, crate::graph::Op::Conv { .. } | crate::graph::Op::ConvTranspose { .. }));
+    if matches!(target, Target::Cpu) && plan.onednn && plan.cpu_isa.is_none() && isa_matters {
+        for isa in CpuIsa::ALL.into_iter().filter(|&i| i != CpuIsa::DEFAULT) {
+            let named = Plan { cpu_isa: Some(isa), ..plan.clone() };
+            let other = estimate_at(&named, graph, target, Options::default(), None, returned, val_graph)?;
+            estimate.peak_bytes_low = estimate.peak_bytes_low.min(other.peak_bytes_low);
+            estimate.peak_bytes_high = estimate.peak_bytes_high.max(other.peak_bytes_high);
+        }
+    }
+    Ok(estimate)
+}
+
+/// The estimate at the plan's instruction set (the default one where it names none),
+/// given the previous step's output sizes and the validation graph, which no ISA changes.
+fn estimate_at(
+    plan: &Plan,
+    graph: &Graph,
+    target: Target,
+    options: Options,
+    events: Option<&mut Vec<sim::Event>>,
+    returned: Option<&[u64]>,
+    val_graph: Option<&Graph>,
+) -> Result<Estimate, PlanError> {
+    walk(plan, graph, target, options, events, returned, val_graph, None)?.ok_or_else(|| PlanError::Invalid {
+        field: "model",
+        reason: "internal: the walk observed instead of estimating".into(),
     })
 }
 

@@ -16,7 +16,6 @@
 
 use super::*;
 use crate::estimate::Category::{Activations as ACT, Temporaries as TMP};
-use crate::estimate::Kernels;
 use crate::estimate::engine::{Bwd, Engine, F32, Meta, Part, Read, Ten};
 use crate::estimate::layout;
 use crate::estimate::sim::Sim;
@@ -62,13 +61,6 @@ pub(super) fn bwd(
         Op::ShiftedWindowMask { .. } => none,
         Op::Attention { .. } => backward(e, sim, k, g),
         _ => none,
-    }
-}
-
-fn threads(e: &Engine) -> u64 {
-    match e.kernels {
-        Kernels::Cpu { threads, .. } => threads.max(1),
-        Kernels::Cuda => 1,
     }
 }
 
@@ -119,7 +111,7 @@ pub(crate) fn forward(
     let lse = e.alloc_contig(sim, &[b, h, n], F32, ACT);
     if e.cpu() {
         let (qs, kvs) = splits(n, s_len);
-        e.transient(sim, threads(e) * (qs * kvs + 2 * qs + qs * hd) * F32);
+        e.transient(sim, e.kernels.threads() * (qs * kvs + 2 * qs + qs * hd) * F32);
     } else if dropout > 0.0 {
         // The philox seed and offset.
         e.transient(sim, 16);
@@ -298,7 +290,7 @@ pub(crate) fn backward(e: &mut Engine, sim: &mut Sim, k: usize, g: &Ten) -> Vec<
     }
     if cpu {
         let (qs, kvs) = splits(n, s_len);
-        e.transient(sim, threads(e) * 2 * qs * kvs * F32 + qs * F32);
+        e.transient(sim, e.kernels.threads() * 2 * qs * kvs * F32 + qs * F32);
     } else if q.esize < F32 {
         // Flash attention's backward (`mha_bwd`): after dq, dk and dv, an fp32
         // `softmax_d` of `[B, H, round128(N)]` and an fp32 `dq_accum` of

@@ -267,10 +267,7 @@ pub(crate) fn forward(e: &mut Engine, sim: &mut Sim, plan: &Plan, x: &Ten, w: &T
 /// An upper bound for oneDNN's scratchpad: per thread, a weight-sized reduction buffer
 /// and a copy of the larger activation.
 fn scratch_bound(x: &[u64], y: &[u64], w: &[u64], esize: u64, e: &Engine) -> u64 {
-    let threads = match e.kernels {
-        Kernels::Cpu { threads, .. } => threads.max(1),
-        Kernels::Cuda => 1,
-    };
+    let threads = e.kernels.threads();
     threads * numel(w) * esize * 4 + numel(x).max(numel(y)) * esize
 }
 
@@ -318,10 +315,7 @@ fn onednn_bf16_backward(
 ) -> (Option<Ten>, Option<Ten>) {
     const FIXED: u64 = 8580;
     let esize = plan.esize;
-    let threads = match e.kernels {
-        Kernels::Cpu { threads, .. } => threads.max(1),
-        Kernels::Cuda => 1,
-    };
+    let threads = e.kernels.threads();
     let (b, ic, oc) = (xm.shape[0].max(1), xm.shape[1], y[1]);
     let (icp, ocp) = (pad16(ic), pad16(oc));
     let k = plan.kernel_size.pow(plan.nd as u32);
@@ -610,10 +604,7 @@ pub(crate) fn backward(e: &mut Engine, sim: &mut Sim, k: usize, g: &Ten) -> Vec<
             // gradient as their input, and oneDNN's AVX-512 kernels read fewer than 16
             // input channels in the plain layout (as a forward stem does; measured for a
             // MONAI UNet's last up-sampling, fp32 and bf16; AVX2's reorder them).
-            let isa = match e.kernels {
-                Kernels::Cpu { isa, .. } => isa,
-                Kernels::Cuda => CpuIsa::DEFAULT,
-            };
+            let isa = e.kernels.isa();
             let g_plain = cl || (plan.transposed && y[1] < 16 && (esize == HALF || isa >= CpuIsa::Avx512Core));
             if ins[0].is_some() {
                 let gr = (!g_plain).then(|| sim.alloc(blocked(&y, esize, plan.block), TMP));
@@ -630,10 +621,7 @@ pub(crate) fn backward(e: &mut Engine, sim: &mut Sim, k: usize, g: &Ten) -> Vec<
                     sim.release(t);
                 }
             }
-            let threads = match e.kernels {
-                Kernels::Cpu { threads, .. } => threads.max(1),
-                Kernels::Cuda => 1,
-            };
+            let threads = e.kernels.threads();
             // A transposed convolution's weight gradient is a convolution's from its output
             // gradient to its input: the GEMM rules apply with the two swapped, and the
             // deconvolution books one more (empty) buffer for its bias.
