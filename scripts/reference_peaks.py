@@ -253,10 +253,14 @@ BY_ID = {c["id"]: c for c in CONFIGS}
 
 # --- one job ------------------------------------------------------------------------
 
-def namespace():
+def namespace(build=None):
+    """The packages a build expression may name (only those it names, when given: each
+    import costs seconds per measurement)."""
     import torch
     ns = {"torch": torch}
     for name in ("torchvision", "timm", "monai", "transformers", "open_clip"):
+        if build is not None and name not in build:
+            continue
         try:
             ns[name] = __import__(name)
             if name == "monai":
@@ -281,6 +285,13 @@ def make_batch(torch, task, b):
     if kind == "lm":
         _, seq, vocab = task
         return torch.randint(0, vocab, (b, seq)), None
+    if kind == "tokens":
+        # Feature sequences [B, T, D], a class per position.
+        _, shape, classes = task
+        return torch.randn(b, *shape), torch.randint(0, classes, (b, shape[0]))
+    if kind == "regress":
+        _, shape, out_shape = task
+        return torch.randn(b, *shape), torch.randn(b, *out_shape)
     if kind == "clip":
         _, shape, (seq, vocab) = task
         return (torch.randn(b, *shape), torch.randint(0, vocab, (b, seq))), None
@@ -344,7 +355,10 @@ def run_job(cfg, onednn, measure, keep=None):
         prof.__enter__()
     from torch.profiler import record_function
 
-    ns = namespace()
+    ns = namespace(cfg["build"] if cfg.get("modules") else None)
+    if cfg.get("modules"):
+        # An exported model's own source (scripts/own_models.py).
+        exec(cfg["modules"], ns)
     model = eval(cfg["build"], ns)
     model.train()
     ns["model"] = model

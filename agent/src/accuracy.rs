@@ -203,7 +203,51 @@ fn reference_sections() -> anyhow::Result<String> {
         }
     }
     table(&mut doc, &random);
+    doc.push_str(&own_section()?);
     Ok(doc)
+}
+
+/// The exported models outside the zoo (`docs/own-models.md` holds the same section).
+fn own_section() -> anyhow::Result<String> {
+    use shared::estimate::reference;
+    let rows =
+        reference::compare_cases(reference::own_cases().map_err(anyhow::Error::msg)?).map_err(anyhow::Error::msg)?;
+    let fixture: serde_json::Value = serde_json::from_str(reference::OWN_FIXTURE)?;
+    let mut doc = String::new();
+    let _ = writeln!(
+        doc,
+        "## Exported models outside the zoo (CPU)
+"
+    );
+    let _ = writeln!(
+        doc,
+        "Models `scripts/own_models.py` exports with `torch.export` (hand-written 1-D, 2-D and 3-D networks, \
+         `nn.TransformerEncoder`, torchvision and timm classifiers), imported from their `.pt2` files \
+         (`shared/fixtures/own/`, graphs only) and estimated with the plan's loss; measured as above, the eager model \
+         trained with that loss and optimizer, on {cpu} ({threads} threads, {versions}) on {date}. With oneDNN a worst \
+         case past 5 % is allowed inside the interval, as for the zoo.\n",
+        cpu = fixture["cpu"].as_str().unwrap_or("?"),
+        threads = fixture["threads"],
+        versions = versions(&fixture),
+        date = fixture["date"].as_str().unwrap_or("?"),
+    );
+    summaries(&mut doc, &rows, &fixture, "");
+    table(&mut doc, &rows);
+    Ok(doc)
+}
+
+/// Replaces the text between the own-model markers of `docs/own-models.md` with the
+/// accuracy section.
+pub fn write_own_models_doc(path: &Path) -> anyhow::Result<()> {
+    const START: &str = "<!-- accuracy: written by `headroom accuracy` -->";
+    const END: &str = "<!-- end of accuracy -->";
+    let text = std::fs::read_to_string(path).map_err(|e| anyhow::anyhow!("reading {}: {e}", path.display()))?;
+    let (Some(a), Some(b)) = (text.find(START), text.find(END)) else {
+        anyhow::bail!("{}: no accuracy markers", path.display());
+    };
+    let section = own_section()?.replacen("## Exported models outside the zoo (CPU)\n\n", "", 1);
+    let out = format!("{}{START}\n\n{section}{}", &text[..a], &text[b..]);
+    std::fs::write(path, out).map_err(|e| anyhow::anyhow!("writing {}: {e}", path.display()))
 }
 
 fn versions(fixture: &serde_json::Value) -> String {
@@ -428,6 +472,10 @@ pub async fn run(device: &str, steps: u64, out: &Path, exe: PathBuf) -> anyhow::
     }
     doc.push_str(&rows);
     std::fs::write(out, &doc).map_err(|e| anyhow::anyhow!("writing {}: {e}", out.display()))?;
+    let own = out.with_file_name("own-models.md");
+    if own.exists() {
+        write_own_models_doc(&own)?;
+    }
     print!("{doc}");
     Ok(())
 }

@@ -156,6 +156,9 @@ enum Command {
     Schema {
         #[arg(long)]
         model: Option<String>,
+        /// An exported model (`.pt2`): its keys (dynamic sizes), then the plan's.
+        #[arg(long, conflicts_with = "model", value_name = "PATH")]
+        model_file: Option<PathBuf>,
         #[arg(long)]
         json: bool,
     },
@@ -252,7 +255,9 @@ pub fn main() -> ExitCode {
         }
         Command::Link { action: LinkAction::Decode { link, json } } => crate::tools::link_decode(&link, json),
         Command::Export { source, format } => crate::tools::export_plan(&source, &format),
-        Command::Schema { model, json } => crate::tools::schema(model.as_deref(), json),
+        Command::Schema { model, model_file, json } => {
+            crate::tools::schema(model.as_deref(), model_file.as_deref(), json)
+        }
         Command::Gpus => {
             for g in &shared::gpus::CATALOG {
                 println!(

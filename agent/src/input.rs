@@ -10,8 +10,13 @@ use shared::plan::{DeviceChoice, Plan, Validated};
 #[derive(clap::Args, Debug)]
 pub struct PlanSource {
     /// A plan file (JSON or YAML).
-    #[arg(long, conflicts_with = "model", required_unless_present = "model")]
+    #[arg(long, conflicts_with_all = ["model", "model_file"], required_unless_present_any = ["model", "model_file"])]
     plan: Option<PathBuf>,
+    /// Your own model, exported with torch.export (`torch.export.save(ep, "model.pt2")`):
+    /// the same keys as a zoo model; its dynamic sizes other than the batch are model
+    /// keys (`<input>_<dim>`).
+    #[arg(long, conflicts_with = "model", value_name = "PATH")]
+    model_file: Option<PathBuf>,
     /// A zoo model: mlp, small_cnn, resnet18, resnet34, resnet50, seresnext50_32x4d, vit,
     /// unet2d, unet3d, swin_unetr, clip, gpt2.
     #[arg(long)]
@@ -31,9 +36,37 @@ pub struct PlanSource {
 #[error("{0}")]
 pub struct BadInput(pub String);
 
+/// The largest model file read (a `.pt2` holds its weights; only its graph is used
+/// here, but the file is read whole).
+pub const MAX_MODEL_FILE: u64 = 8 << 30;
+
+/// An exported model read from `path`.
+pub(crate) fn read_model_file(path: &std::path::Path) -> anyhow::Result<shared::import::Imported> {
+    let meta = std::fs::metadata(path).map_err(|e| BadInput(format!("--model-file {}: {e}", path.display())))?;
+    if meta.len() > MAX_MODEL_FILE {
+        return Err(BadInput(format!(
+            "--model-file {}: {} bytes is over the limit of {MAX_MODEL_FILE}",
+            path.display(),
+            meta.len()
+        ))
+        .into());
+    }
+    let bytes = std::fs::read(path).map_err(|e| BadInput(format!("--model-file {}: {e}", path.display())))?;
+    let name = path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+    shared::import::open(&bytes, &name).map_err(|e| BadInput(format!("{}: {e}", path.display())).into())
+}
+
 fn read_plan_text(path: &PathBuf) -> anyhow::Result<Plan> {
     let text = std::fs::read_to_string(path).map_err(|e| BadInput(format!("reading {}: {e}", path.display())))?;
-    Plan::parse(&text).map_err(|e| BadInput(format!("{}: {e}", path.display())).into())
+    let mut plan = Plan::parse(&text).map_err(|e| BadInput(format!("{}: {e}", path.display())))?;
+    // A model file named by the plan is read relative to the plan's folder.
+    if let Some(file) = &mut plan.model.file
+        && file.graph.is_none()
+    {
+        let at = path.parent().unwrap_or(std::path::Path::new(".")).join(&file.path);
+        file.graph = Some(std::sync::Arc::new(read_model_file(&at)?));
+    }
+    Ok(plan)
 }
 
 pub(crate) fn bad_input(text: String) -> anyhow::Error {
@@ -72,6 +105,10 @@ pub(crate) fn build_plan(source: &PlanSource) -> anyhow::Result<Validated> {
         pairs.push((k.trim().to_owned(), v.trim().to_owned()));
     }
     let bad = |e: shared::PlanError| BadInput(e.to_string());
+    if let Some(path) = &source.model_file {
+        let graph = read_model_file(path)?;
+        return Plan::from_file(&path.display().to_string(), graph, &pairs).map_err(|e| bad(e).into());
+    }
     match (&source.plan, &source.model) {
         (Some(path), _) => {
             let mut plan = read_plan_text(path)?;
@@ -84,7 +121,7 @@ pub(crate) fn build_plan(source: &PlanSource) -> anyhow::Result<Validated> {
             }
             e => bad(e).into(),
         }),
-        (None, None) => Err(BadInput("give --plan FILE or --model NAME".into()).into()),
+        (None, None) => Err(BadInput("give --plan FILE, --model NAME or --model-file PATH".into()).into()),
     }
 }
 

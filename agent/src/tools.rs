@@ -166,10 +166,11 @@ fn field_json(f: &Field) -> serde_json::Value {
     serde_json::to_value(f).unwrap_or_default()
 }
 
-pub fn schema(model: Option<&str>, json: bool) -> anyhow::Result<()> {
-    let fields = match model {
-        Some(m) => schema::fields(m).map_err(|e| bad_input(format!("--model: {e}")))?,
-        None => schema::plan_fields(),
+pub fn schema(model: Option<&str>, model_file: Option<&std::path::Path>, json: bool) -> anyhow::Result<()> {
+    let fields = match (model, model_file) {
+        (_, Some(path)) => schema::file_fields(&crate::input::read_model_file(path)?),
+        (Some(m), None) => schema::fields(m).map_err(|e| bad_input(format!("--model: {e}")))?,
+        (None, None) => schema::plan_fields(),
     };
     if json {
         println!("{}", serde_json::Value::Array(fields.iter().map(field_json).collect()));

@@ -13,6 +13,7 @@ pub mod fleet;
 pub mod form;
 pub mod gpus;
 pub mod graph;
+pub mod import;
 pub mod isa;
 pub mod leak;
 pub mod link;

@@ -44,6 +44,14 @@ pub fn fields(name: &str) -> Result<Vec<Field>, ZooError> {
     Ok(out)
 }
 
+/// An exported model's keys (its dynamic sizes), then the plan's.
+pub fn file_fields(model: &crate::import::Imported) -> Vec<Field> {
+    let mut out: Vec<Field> =
+        crate::import::lower::schema(model).into_iter().map(|param| Field { param, group: Group::Model }).collect();
+    out.extend(plan_fields());
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -204,6 +204,11 @@ pub(crate) struct Engine<'g> {
     /// The first value an op read that the walk no longer held: an inconsistency in the
     /// graph or the rules, reported as an error instead of a smaller figure.
     pub lost: std::cell::Cell<Option<ValueId>>,
+    /// Per value, the bytes its drop freed while a module call that took it as an
+    /// argument (`Graph::frames`) was still running (empty without frames).
+    pub(super) frame_freed: Vec<u64>,
+    /// Whether each value is an argument of some module call (empty without frames).
+    pub(super) frame_input: Vec<bool>,
 }
 
 impl<'g> Engine<'g> {
@@ -245,6 +250,18 @@ impl<'g> Engine<'g> {
             left: vec![0],
             redirect: BTreeMap::new(),
             lost: std::cell::Cell::new(None),
+            frame_freed: if g.frames.is_empty() { Vec::new() } else { vec![0; g.values.len()] },
+            frame_input: if g.frames.is_empty() {
+                Vec::new()
+            } else {
+                let mut f = vec![false; g.values.len()];
+                for fr in &g.frames {
+                    for &v in &fr.inputs {
+                        f[v] = true;
+                    }
+                }
+                f
+            },
         }
     }
 
@@ -415,6 +432,17 @@ impl<'g> Engine<'g> {
     pub fn read_f32(&mut self, sim: &mut Sim, v: ValueId) -> Read {
         let r = self.read(sim, v);
         if !self.amp || self.cpu() || r.t.esize != HALF {
+            return r;
+        }
+        self.cast(sim, r, F32, Category::Activations)
+    }
+
+    /// Reads `v` for an op on autocast's CPU fp32 list only (3-D pooling: `max_pool3d`,
+    /// `avg_pool3d`): a half-precision input is copied to fp32 on the CPU, read as it is
+    /// on CUDA.
+    pub fn read_f32_on_cpu(&mut self, sim: &mut Sim, v: ValueId) -> Read {
+        let r = self.read(sim, v);
+        if !self.amp || !self.cpu() || r.t.esize != HALF {
             return r;
         }
         self.cast(sim, r, F32, Category::Activations)

@@ -16,6 +16,43 @@ pub const FIXTURE: &str = include_str!("../../fixtures/reference_peaks.json");
 /// The random fixture.
 pub const RANDOM_FIXTURE: &str = include_str!("../../fixtures/random_peaks.json");
 
+/// Models outside the zoo, exported with torch.export and measured as the references
+/// are (`scripts/own_models.py`, then `scripts/reference_peaks.py --configs`).
+pub const OWN_FIXTURE: &str = include_str!("../../fixtures/own_peaks.json");
+
+macro_rules! own_files {
+    ($($id:literal),* $(,)?) => {
+        /// The graph-only `.pt2` files of the own-model fixture (`shared/fixtures/own`).
+        pub const OWN_FILES: &[(&str, &[u8])] = &[$(($id, include_bytes!(concat!("../../fixtures/own/", $id, ".pt2")))),*];
+    };
+}
+
+own_files!(
+    "small_convnet",
+    "signal1d",
+    "seg3d",
+    "tagger",
+    "regressor",
+    "mobilenet_v3_small",
+    "regnet_y_400mf",
+    "densenet121",
+    "shufflenet_v2",
+    "convnext_atto",
+    "efficientnet_b0",
+    "vit_tiny",
+);
+
+/// An own-model fixture file, imported.
+pub fn own_model(id: &str) -> Result<crate::import::Imported, String> {
+    let (_, bytes) = OWN_FILES.iter().find(|(n, _)| *n == id).ok_or_else(|| format!("no fixture file {id}.pt2"))?;
+    crate::import::open(bytes, id).map_err(|e| format!("{id}: {e}"))
+}
+
+/// Every case of the own-model fixture, every mode.
+pub fn own_cases() -> Result<Vec<Case>, String> {
+    cases_in(OWN_FIXTURE)
+}
+
 /// Validation passes measured by PyTorch (`scripts/reference_validation.py`).
 pub const VALIDATION_FIXTURE: &str = include_str!("../../fixtures/reference_validation.json");
 
@@ -148,6 +185,12 @@ pub fn cases_in(fixture: &str) -> Result<Vec<Case>, String> {
 
 /// The plan a case describes.
 pub fn plan(case: &Case) -> Result<Plan, String> {
+    if let Some(id) = case.model.strip_prefix("file:") {
+        let graph = own_model(id)?;
+        let validated =
+            Plan::from_file(&format!("{id}.pt2"), graph, &case.settings).map_err(|e| format!("{}: {e}", case.id))?;
+        return Ok(validated.into_parts().0);
+    }
     let mut plan = Plan::zoo(&case.model);
     plan.apply_settings(&case.settings).map_err(|e| format!("{}: {e}", case.id))?;
     plan.validate().map_err(|e| format!("{}: {e}", case.id))?;
@@ -256,6 +299,13 @@ mod tests {
 
     /// Each mode's median (and, natively, worst) error within its target, and every
     /// measured peak inside its interval.
+    #[test]
+    fn every_own_model_entry_against_its_estimate() {
+        let rows = compare_cases(own_cases().expect("own fixture")).expect("every own model estimates");
+        assert!(rows.len() >= 2 * 16, "{} own-model cases", rows.len());
+        check(&rows);
+    }
+
     fn check(rows: &[Row]) {
         let mut lines = Vec::new();
         let mut outside = Vec::new();
@@ -276,6 +326,7 @@ mod tests {
                 if r.inside { "" } else { "OUTSIDE" }
             ));
         }
+        eprintln!("{}", lines.join("\n"));
         let mut verdicts = Vec::new();
         for mode in modes_of(rows) {
             let (med_target, worst_target) = targets(&mode);
@@ -286,7 +337,7 @@ mod tests {
             // which the assertion below checks for every entry.
             assert!(mode != "native" || worst <= worst_target, "{mode}: worst {worst:.2} % over {worst_target} %");
         }
-        eprintln!("{}\n{}", lines.join("\n"), verdicts.join("; "));
+        eprintln!("{}", verdicts.join("; "));
         assert!(outside.is_empty(), "measured peaks outside the interval: {outside:?}\n{}", verdicts.join("; "));
     }
 }

@@ -68,6 +68,10 @@ pub struct Sim {
     pub peak_low: u64,
     /// The peak with every uncertain kernel buffer at its bound.
     pub peak_high: u64,
+    /// Bytes a program may still hold that the estimate has freed (an exported model's
+    /// module arguments after their last use, until the call returns): added to the
+    /// interval's high end wherever live memory is observed.
+    pub held_high: u64,
 }
 
 impl Sim {
@@ -228,7 +232,7 @@ impl Sim {
         self.category_peaks.max_assign(&self.live);
         let total = self.live.total();
         self.peak_low = self.peak_low.max(total.get().saturating_sub(self.optional_live));
-        self.peak_high = self.peak_high.max(total.get());
+        self.peak_high = self.peak_high.max(total.get().saturating_add(self.held_high));
         if let Some(phase) = self.phase {
             let i = phase.index();
             self.phase_peaks[i] = self.phase_peaks[i].max(total);

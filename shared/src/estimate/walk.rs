@@ -15,6 +15,11 @@ use crate::graph::{Graph, Op, ParamId, ValueId};
 impl Engine<'_> {
     /// Runs nodes `range` forward, dropping each value after its last use.
     pub fn forward(&mut self, sim: &mut Sim, range: std::ops::Range<usize>) {
+        self.forward_nodes(sim, range);
+        sim.held_high = 0;
+    }
+
+    fn forward_nodes(&mut self, sim: &mut Sim, range: std::ops::Range<usize>) {
         let mut next = range.start;
         while next < range.end {
             let i = next;
@@ -46,6 +51,9 @@ impl Engine<'_> {
                 continue;
             }
             self.current = i;
+            if !self.frame_freed.is_empty() {
+                sim.held_high = self.frame_held(i);
+            }
             // The surface term begins: `torch.from_numpy(dist).to(device)`, the host's map.
             if let Some(t) = &self.g.surface
                 && i == t.start
@@ -70,6 +78,11 @@ impl Engine<'_> {
             for k in 0..self.g.nodes[i].inputs.len() {
                 let v = self.g.nodes[i].inputs[k];
                 if self.last_use[v] == Some(i) && !self.g.returned.contains(&v) {
+                    if self.frame_input.get(v.index()).copied().unwrap_or(false) {
+                        // What dropping it frees (nothing while autograd or a view holds it).
+                        self.frame_freed[v] =
+                            self.vals[v].as_ref().filter(|t| sim.owners(t.st) == 1).map_or(0, Ten::bytes);
+                    }
                     self.drop_value(sim, v);
                 }
             }
@@ -80,6 +93,19 @@ impl Engine<'_> {
                 }
             }
         }
+    }
+
+    /// What the module calls running at node `i` may still hold of their arguments that
+    /// the estimate has freed (`Graph::frames`).
+    fn frame_held(&self, i: usize) -> u64 {
+        self.g
+            .frames
+            .iter()
+            .filter(|f| f.nodes.contains(&i))
+            .flat_map(|f| f.inputs.iter())
+            .filter(|&&v| self.last_use[v].is_some_and(|u| u < i))
+            .map(|&v| self.frame_freed[v])
+            .sum()
     }
 
     /// A parameter read as a value: its storage, and at its first read its

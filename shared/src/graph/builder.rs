@@ -31,6 +31,7 @@ impl Builder {
                 blocks: Vec::new(),
                 fused_attention: Vec::new(),
                 surface: None,
+                frames: Vec::new(),
             },
             prefix: Vec::new(),
         }
@@ -344,6 +345,107 @@ impl Builder {
         Ok(self.push(op, inputs, vec![], o))
     }
 
+    /// A convolution with existing parameters `[weight, bias?]` (an imported model's):
+    /// the weight `[out, in / groups, k...]` decides the output channels and the kernel.
+    pub fn conv_with(
+        &mut self,
+        x: ValueId,
+        params: Vec<ParamId>,
+        stride: u64,
+        padding: u64,
+        groups: u64,
+    ) -> R<ValueId> {
+        let shape = self.shape(x).to_vec();
+        let nd = self.spatial_dims("conv", &shape)?;
+        let w = self.g.params[params[0]].shape.clone();
+        let bias = params.len() > 1;
+        if w.len() != nd + 2 || w[2..].iter().any(|&k| k != w[2]) {
+            return Err(self.err("conv", format!("weight {w:?} is not a square kernel for {nd} spatial dims")));
+        }
+        if groups == 0 || w[1].saturating_mul(groups) != shape[1] || !w[0].is_multiple_of(groups) {
+            return Err(
+                self.err("conv", format!("input {shape:?} does not match the weight {w:?} with {groups} groups"))
+            );
+        }
+        let kernel = w[2];
+        let mut o = vec![shape[0], w[0]];
+        for &s in &shape[2..] {
+            o.push(self.conv_out("conv", s, kernel, stride, padding)?);
+        }
+        let mut inputs = vec![x];
+        inputs.extend(self.values_of(&params));
+        Ok(self.push(Op::Conv { nd: nd as u8, kernel, stride, padding, groups, bias }, inputs, vec![], o))
+    }
+
+    /// A transposed convolution with existing parameters `[weight, bias?]`, weight
+    /// `[in, out, k...]`.
+    pub fn conv_transpose_with(
+        &mut self,
+        x: ValueId,
+        params: Vec<ParamId>,
+        stride: u64,
+        padding: u64,
+        output_padding: u64,
+    ) -> R<ValueId> {
+        let shape = self.shape(x).to_vec();
+        let nd = self.spatial_dims("conv_transpose", &shape)?;
+        let w = self.g.params[params[0]].shape.clone();
+        let bias = params.len() > 1;
+        if w.len() != nd + 2 || w[2..].iter().any(|&k| k != w[2]) || w[0] != shape[1] {
+            return Err(self.err("conv_transpose", format!("input {shape:?} does not match the weight {w:?}")));
+        }
+        let (out, kernel) = (w[1], w[2]);
+        let mut o = vec![shape[0], out];
+        for &s in &shape[2..] {
+            let full =
+                (s.saturating_sub(1)).saturating_mul(stride).saturating_add(kernel).saturating_add(output_padding);
+            if full < 2 * padding + 1 {
+                return Err(self.err("conv_transpose", format!("padding {padding} leaves nothing of size {s}")));
+            }
+            o.push(full - 2 * padding);
+        }
+        let mut inputs = vec![x];
+        inputs.extend(self.values_of(&params));
+        let op = Op::ConvTranspose { nd: nd as u8, kernel, stride, padding, output_padding, bias };
+        Ok(self.push(op, inputs, vec![], o))
+    }
+
+    /// Training-mode batch norm with existing `[weight, bias, running_mean, running_var,
+    /// num_batches_tracked]`.
+    pub fn batch_norm_with(&mut self, x: ValueId, params: Vec<ParamId>, eps: f64) -> R<ValueId> {
+        let shape = self.shape(x).to_vec();
+        let c = shape.get(1).copied().ok_or_else(|| self.err("batch_norm", "needs [B, C, ...]"))?;
+        if numel(&shape) / c.max(1) < 2 {
+            return Err(
+                self.err("batch_norm", format!("expected more than 1 value per channel when training, got {shape:?}"))
+            );
+        }
+        if params.iter().take(4).any(|&p| self.g.params[p].shape != [c]) {
+            return Err(self.err("batch_norm", format!("parameters do not have {c} channels")));
+        }
+        let mut inputs = vec![x];
+        inputs.extend(self.values_of(&params));
+        Ok(self.push(Op::BatchNorm { eps }, inputs, vec![], shape))
+    }
+
+    /// Layer norm over the last dimension with existing `[weight, bias]` (or none).
+    pub fn layer_norm_with(&mut self, x: ValueId, params: Vec<ParamId>, eps: f64) -> R<ValueId> {
+        let shape = self.shape(x).to_vec();
+        let d = *shape.last().ok_or_else(|| self.err("layer_norm", "needs a dimension"))?;
+        if params.iter().any(|&p| self.g.params[p].shape != [d]) {
+            return Err(self.err("layer_norm", format!("parameters do not have {d} entries")));
+        }
+        let affine = !params.is_empty();
+        let mut inputs = vec![x];
+        inputs.extend(self.values_of(&params));
+        Ok(self.push(Op::LayerNorm { eps, affine }, inputs, vec![], shape))
+    }
+
+    /// The graph's parameter `p`.
+    pub fn param_spec(&self, p: ParamId) -> &Param {
+        &self.g.params[p]
+    }
+
     pub fn batch_norm(&mut self, name: &str, x: ValueId) -> R<ValueId> {
         let shape = self.shape(x).to_vec();
         let c = shape.get(1).copied().ok_or_else(|| self.err("batch_norm", "needs [B, C, ...]"))?;
@@ -494,6 +596,27 @@ impl Builder {
             o.push(self.conv_out("max_pool", s, kernel, stride, padding)?);
         }
         Ok(self.push(Op::MaxPool { nd: nd as u8, kernel, stride, padding }, vec![x], vec![], o))
+    }
+
+    /// Average pooling (`count_include_pad=True`).
+    pub fn avg_pool(&mut self, x: ValueId, kernel: u64, stride: u64, padding: u64) -> R<ValueId> {
+        let shape = self.shape(x).to_vec();
+        let nd = self.spatial_dims("avg_pool", &shape)?;
+        let mut o = shape[..2].to_vec();
+        for &s in &shape[2..] {
+            o.push(self.conv_out("avg_pool", s, kernel, stride, padding)?);
+        }
+        Ok(self.push(Op::AvgPool { nd: nd as u8, kernel, stride, padding }, vec![x], vec![], o))
+    }
+
+    /// `F.mse_loss(x, target)`, mean over every element.
+    pub fn mse_loss(&mut self, x: ValueId, target: ValueId) -> R<ValueId> {
+        if self.shape(x) != self.shape(target) {
+            return Err(
+                self.err("mse_loss", format!("target {:?} is not shaped like {:?}", self.shape(target), self.shape(x)))
+            );
+        }
+        Ok(self.push(Op::MseLoss, vec![x, target], vec![], vec![]))
     }
 
     fn reduced(shape: &[u64], dims: &[usize], keepdim: bool) -> Shape {
@@ -738,7 +861,7 @@ impl Builder {
         if p <= 0.0 {
             return x;
         }
-        self.unary(Op::Dropout { p }, x)
+        self.unary(Op::Dropout { p, inplace: false }, x)
     }
 
     /// Swin's attention mask for shifted windows, made by this forward pass.

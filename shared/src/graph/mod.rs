@@ -236,6 +236,21 @@ pub struct Graph {
     pub fused_attention: Vec<FusedAttention>,
     /// The loss's surface term (`distance_loss_every`), when it has one.
     pub surface: Option<SurfaceTerm>,
+    /// The module calls of an exported model (its `nn_module_stack`), with the values
+    /// each read from outside: a Python frame may keep its arguments bound until it
+    /// returns, which an exported graph does not say (`Frame`). The zoo spells its
+    /// frames out with `Op::Release` instead and leaves this empty.
+    pub frames: Vec<Frame>,
+}
+
+/// One module call of an exported model: its nodes and the values it read from outside
+/// (its arguments). The estimate frees a value after its last use; the interval's high
+/// end keeps the arguments until the call returns, as a `forward` that binds them to
+/// names it does not rebind does (`src` in `nn.TransformerEncoderLayer.forward`).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Frame {
+    pub nodes: Range<usize>,
+    pub inputs: Vec<ValueId>,
 }
 
 /// The surface term at the end of a segmentation loss (`zoo::losses::surface_term`),

@@ -57,6 +57,13 @@ pub enum Op {
         stride: u64,
         padding: u64,
     },
+    /// Average pooling with `count_include_pad`, equal kernel, stride and padding.
+    AvgPool {
+        nd: u8,
+        kernel: u64,
+        stride: u64,
+        padding: u64,
+    },
     Relu {
         inplace: bool,
     },
@@ -66,6 +73,18 @@ pub enum Op {
     },
     Gelu {
         tanh: bool,
+    },
+    /// `x * sigmoid(x)`; in place, autograd saves a copy of the input first.
+    Silu {
+        inplace: bool,
+    },
+    /// MobileNetV3's `x * relu6(x + 3) / 6`; in place, a copy of the input is saved.
+    Hardswish {
+        inplace: bool,
+    },
+    /// `relu6(x + 3) / 6`; in place, a copy of the input is saved.
+    Hardsigmoid {
+        inplace: bool,
     },
     Sigmoid,
     Tanh,
@@ -179,9 +198,13 @@ pub enum Op {
         dropout: f64,
         scale: Option<f64>,
     },
+    /// `F.dropout(x, p, training, inplace)`.
     Dropout {
         p: f64,
+        inplace: bool,
     },
+    /// `F.mse_loss(x, target)` with mean reduction.
+    MseLoss,
     /// A Python frame returns (or rebinds its variables): the values it still held,
     /// its inputs, may go. No output, no memory of its own. Without it a value goes after
     /// the last op that reads it, which is what autograd's saved tensors do but not what
@@ -238,6 +261,14 @@ impl Op {
             Op::LeakyRelu { inplace: true } => "leaky_relu_",
             Op::Gelu { .. } => "gelu",
             Op::Sigmoid => "sigmoid",
+            Op::Silu { inplace: false } => "silu",
+            Op::Silu { inplace: true } => "silu_",
+            Op::Hardswish { inplace: false } => "hardswish",
+            Op::Hardswish { inplace: true } => "hardswish_",
+            Op::Hardsigmoid { inplace: false } => "hardsigmoid",
+            Op::Hardsigmoid { inplace: true } => "hardsigmoid_",
+            Op::AvgPool { .. } => "avg_pool",
+            Op::MseLoss => "mse_loss",
             Op::Script => "torchscript",
             Op::Release => "release",
             Op::Tanh => "tanh",
@@ -277,7 +308,8 @@ impl Op {
             Op::Index => "index",
             Op::MatMul => "matmul",
             Op::Attention { .. } => "attention",
-            Op::Dropout { .. } => "dropout",
+            Op::Dropout { inplace: false, .. } => "dropout",
+            Op::Dropout { inplace: true, .. } => "dropout_",
             Op::ShiftedWindowMask { .. } => "shifted_window_mask",
             Op::ToF32 => "float",
             Op::CastLike => "to_dtype_of",
@@ -303,6 +335,9 @@ impl Op {
             | Op::ClampMin { .. }
             | Op::PowScalar { .. }
             | Op::Sigmoid
+            | Op::Silu { .. }
+            | Op::Hardswish { .. }
+            | Op::Hardsigmoid { .. }
             | Op::Tanh
             | Op::Exp
             | Op::MulScalar { .. }
@@ -338,9 +373,11 @@ impl Op {
             | Op::Cat { .. }
             | Op::Pad { .. }
             | Op::Roll { .. } => Views,
-            Op::Embedding | Op::IndexRows | Op::Index | Op::OneHot { .. } | Op::MaxPool { .. } => Index,
+            Op::Embedding | Op::IndexRows | Op::Index | Op::OneHot { .. } | Op::MaxPool { .. } | Op::AvgPool { .. } => {
+                Index
+            }
             Op::Attention { .. } | Op::ShiftedWindowMask { .. } => Attention,
-            Op::NllLoss { .. } | Op::BceWithLogits => Loss,
+            Op::NllLoss { .. } | Op::BceWithLogits | Op::MseLoss => Loss,
             Op::Param | Op::Release | Op::Script => Special,
         }
     }

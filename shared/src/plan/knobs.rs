@@ -464,12 +464,12 @@ pub static KNOBS: &[Knob] = &[
         alias: Some("ls"),
         group: Group::Optimizer,
         unit: "",
-        help: "The loss: cross-entropy, binary cross-entropy, Dice or Dice + cross-entropy.",
-        kind: || choice(&["ce", "bce", "dice", "dice_ce"]),
+        help: "The loss: cross-entropy, binary cross-entropy, Dice or Dice + cross-entropy; for an exported model also token_ce (a class per position), causal_lm (the next token) or mse.",
+        kind: || choice(&["ce", "bce", "dice", "dice_ce", "token_ce", "causal_lm", "mse"]),
         default: |base| base.loss.kind.word().to_owned(),
         get: |p, base| (p.loss.kind != base.loss.kind).then(|| p.loss.kind.word().to_owned()),
         set: |s, v| {
-            s.plan.loss.kind = word(v, LossKind::from_word, "ce, bce, dice or dice_ce")?;
+            s.plan.loss.kind = word(v, LossKind::from_word, "ce, bce, dice, dice_ce, token_ce, causal_lm or mse")?;
             Ok(())
         },
     },

@@ -26,7 +26,7 @@ impl From<Earlier> for ModelSpec {
             Earlier::Mlp { .. } => "mlp",
             Earlier::SmallCnn { .. } => "small_cnn",
         };
-        ModelSpec { name: name.to_owned(), settings: BTreeMap::new(), earlier: Some(earlier) }
+        ModelSpec { name: name.to_owned(), settings: BTreeMap::new(), earlier: Some(earlier), file: None }
     }
 }
 
@@ -35,15 +35,35 @@ impl From<Earlier> for ModelSpec {
 #[derive(Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub(super) enum ModelFile {
-    Mlp { hidden: Vec<u64> },
-    SmallCnn { channels: Vec<u64> },
-    Zoo { name: String, settings: BTreeMap<String, String> },
+    Mlp {
+        hidden: Vec<u64>,
+    },
+    SmallCnn {
+        channels: Vec<u64>,
+    },
+    Zoo {
+        name: String,
+        settings: BTreeMap<String, String>,
+    },
+    /// A model the user exported (`torch.export`): the file's path as the plan gives it
+    /// and, once read, its graph (structure and sizes, no weights).
+    File {
+        path: String,
+        #[serde(default)]
+        settings: BTreeMap<String, String>,
+        #[serde(default)]
+        graph: Option<crate::import::Imported>,
+    },
 }
 
 impl From<ModelFile> for ModelSpec {
     fn from(file: ModelFile) -> ModelSpec {
         match file {
             ModelFile::Zoo { name, settings } => ModelSpec::new(name, settings),
+            ModelFile::File { path, settings, graph } => ModelSpec {
+                file: Some(super::FileModel { path, graph: graph.map(std::sync::Arc::new) }),
+                ..ModelSpec::new(crate::zoo::IMPORTED, settings)
+            },
             ModelFile::Mlp { hidden } => Earlier::Mlp { hidden }.into(),
             ModelFile::SmallCnn { channels } => Earlier::SmallCnn { channels }.into(),
         }
@@ -52,6 +72,13 @@ impl From<ModelFile> for ModelSpec {
 
 impl From<ModelSpec> for ModelFile {
     fn from(spec: ModelSpec) -> ModelFile {
+        if let Some(file) = spec.file {
+            return ModelFile::File {
+                path: file.path,
+                settings: spec.settings,
+                graph: file.graph.map(|g| (*g).clone()),
+            };
+        }
         match spec.earlier {
             Some(Earlier::Mlp { hidden }) => ModelFile::Mlp { hidden },
             Some(Earlier::SmallCnn { channels }) => ModelFile::SmallCnn { channels },

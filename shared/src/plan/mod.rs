@@ -66,11 +66,29 @@ pub struct ModelSpec {
     /// The model as an earlier plan file gave it, until [`Plan::normalize`] turns it
     /// into `settings`; `None` for every plan of today's format.
     pub earlier: Option<Earlier>,
+    /// An exported model (`name` is [`zoo::IMPORTED`]).
+    pub file: Option<FileModel>,
+}
+
+/// A model the user exported with `torch.export`: where the plan says it is and, once
+/// read (the CLI reads it; the planner parses it in the page), its graph.
+#[derive(Clone, Debug, PartialEq)]
+pub struct FileModel {
+    pub path: String,
+    pub graph: Option<std::sync::Arc<crate::import::Imported>>,
 }
 
 impl ModelSpec {
     pub fn new(name: impl Into<String>, settings: BTreeMap<String, String>) -> ModelSpec {
-        ModelSpec { name: name.into(), settings, earlier: None }
+        ModelSpec { name: name.into(), settings, earlier: None, file: None }
+    }
+
+    /// An exported model read from `path`.
+    pub fn imported(path: impl Into<String>, graph: crate::import::Imported) -> ModelSpec {
+        ModelSpec {
+            file: Some(FileModel { path: path.into(), graph: Some(std::sync::Arc::new(graph)) }),
+            ..ModelSpec::new(zoo::IMPORTED, BTreeMap::new())
+        }
     }
 }
 
@@ -696,6 +714,19 @@ impl Plan {
             ));
         }
         let mut plan = Plan::zoo(model);
+        plan.apply_settings(pairs)?;
+        plan.validated()
+    }
+
+    /// An exported model's plan (the CLI's `--model-file`), with these pairs, validated.
+    pub fn from_file(
+        path: &str,
+        graph: crate::import::Imported,
+        pairs: &[(String, String)],
+    ) -> Result<Validated, PlanError> {
+        let mut plan = Plan::zoo(zoo::IMPORTED);
+        plan.name = crate::units::clip(&graph.name, limits::MAX_NAME_LEN).into_owned();
+        plan.model = ModelSpec::imported(path, graph);
         plan.apply_settings(pairs)?;
         plan.validated()
     }

@@ -128,8 +128,13 @@ impl Plan {
         if !(ls.is_finite() && (0.0..1.0).contains(&ls)) {
             return Err(invalid("loss.label_smoothing", format!("must be in [0, 1), got {ls}")));
         }
-        if ls > 0.0 && !matches!(self.loss.kind, LossKind::Ce | LossKind::DiceCe) {
-            return Err(invalid("loss.label_smoothing", "applies to cross-entropy only (loss=ce or dice_ce)"));
+        if ls > 0.0
+            && !matches!(self.loss.kind, LossKind::Ce | LossKind::DiceCe | LossKind::TokenCe | LossKind::CausalLm)
+        {
+            return Err(invalid(
+                "loss.label_smoothing",
+                "applies to cross-entropy only (loss=ce, dice_ce, token_ce or causal_lm)",
+            ));
         }
         if let Some(f) = self.memory_fraction
             && !(f.is_finite() && f > 0.0 && f <= 1.0)
@@ -219,6 +224,7 @@ impl Plan {
             Task::Contrastive => Some("contrastive: it trains with CLIP's image-text cross-entropy"),
         };
         if let Some(what) = own
+            && self.model.file.is_none()
             && self.loss.kind != LossKind::Ce
         {
             return Err(invalid(
@@ -279,8 +285,27 @@ impl Plan {
     fn graph(&self) -> Result<Graph, PlanError> {
         let mut plan = self.clone();
         plan.normalize()?;
-        zoo::build(&plan.model.name, &plan.model.settings, self.micro_batch, &self.build_options()).map_err(|e| match e
-        {
+        let built = match &plan.model.file {
+            Some(file) => {
+                let Some(graph) = &file.graph else {
+                    return Err(invalid(
+                        "model.file",
+                        format!(
+                            "{} has not been read: a plan naming a model file is estimated where the file is (the CLI reads it)",
+                            crate::units::clip(&file.path, 200)
+                        ),
+                    ));
+                };
+                crate::import::lower::build_checked(
+                    graph,
+                    &plan.model.settings,
+                    self.micro_batch,
+                    &self.build_options(),
+                )
+            }
+            None => zoo::build(&plan.model.name, &plan.model.settings, self.micro_batch, &self.build_options()),
+        };
+        built.map_err(|e| match e {
             zoo::ZooError::Value { key, reason } => PlanError::Setting { key, reason },
             // The graph error already names the op and module; the field is the model.
             zoo::ZooError::Graph(g) => invalid("model", g.to_string()),

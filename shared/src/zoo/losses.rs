@@ -19,6 +19,12 @@ pub enum LossKind {
     Dice,
     /// MONAI `DiceCELoss(to_onehot_y=True, softmax=True)` (sigmoid and BCE for one channel).
     DiceCe,
+    /// `F.cross_entropy(out.reshape(-1, V), y.reshape(-1))`: a class per position.
+    TokenCe,
+    /// `F.cross_entropy(out[:, :-1].reshape(-1, V), ids[:, 1:].reshape(-1))`: the next token.
+    CausalLm,
+    /// `F.mse_loss(out, y)` against a float target of the output's shape.
+    Mse,
 }
 
 impl LossKind {
@@ -28,6 +34,9 @@ impl LossKind {
             "bce" => LossKind::Bce,
             "dice" => LossKind::Dice,
             "dice_ce" => LossKind::DiceCe,
+            "token_ce" => LossKind::TokenCe,
+            "causal_lm" => LossKind::CausalLm,
+            "mse" => LossKind::Mse,
             _ => return None,
         })
     }
@@ -38,6 +47,9 @@ impl LossKind {
             LossKind::Bce => "bce",
             LossKind::Dice => "dice",
             LossKind::DiceCe => "dice_ce",
+            LossKind::TokenCe => "token_ce",
+            LossKind::CausalLm => "causal_lm",
+            LossKind::Mse => "mse",
         }
     }
 }
@@ -165,6 +177,13 @@ fn segment_base(b: &mut Builder, logits: ValueId, spec: LossSpec) -> R<(ValueId,
         shape
     };
     match spec.kind {
+        LossKind::TokenCe | LossKind::CausalLm | LossKind::Mse => Err(b.err(
+            "loss",
+            format!(
+                "loss={} applies to exported models; a zoo model trains with ce, bce, dice or dice_ce",
+                spec.kind.word()
+            ),
+        )),
         LossKind::Ce => {
             if classes < 2 {
                 return Err(b.err("cross_entropy", "needs 2 or more output channels; use loss=bce for one"));

@@ -44,6 +44,9 @@ impl Default for BuildOptions {
 /// rather than estimated, so not among the described [`MODELS`].
 pub const SCRIPT: &str = "torchscript";
 
+/// The model name of a plan whose model is a file the user exported (`torch.export`).
+pub const IMPORTED: &str = "file";
+
 /// Every model the zoo can build.
 pub const MODELS: [&str; 12] = [
     "mlp",
@@ -234,7 +237,7 @@ impl<'a> Settings<'a> {
         }
     }
 
-    fn unknown(&self, model: &str) -> Option<ZooError> {
+    pub(crate) fn unknown(&self, model: &str) -> Option<ZooError> {
         let read = self.read.borrow();
         let key = self.map.keys().find(|k| !read.contains(*k))?;
         let known: Vec<&str> = read.iter().map(String::as_str).collect();

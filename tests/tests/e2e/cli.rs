@@ -601,3 +601,59 @@ fn the_workloads_scaled_for_a_cpu_train_with_their_knobs_and_match_their_estimat
     }
     Ok(())
 }
+
+/// An exported model goes wherever a zoo model does: estimated with the same keys,
+/// probed with the real trainer, named in a plan file; a file that is not one is refused
+/// with exit code 2, naming what is wrong.
+#[test]
+fn an_exported_model_estimates_trains_and_bad_files_exit_with_code_2() -> anyhow::Result<()> {
+    let file = "shared/fixtures/own/small_convnet.pt2";
+    let (code, out, err) =
+        cli(&["estimate", "--model-file", file, "--set", "batch=8", "--set", "precision=bf16", "--json"])?;
+    assert_eq!(code, 0, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&out)?;
+    assert_eq!(v["params"], 5354, "the parameters counted as PyTorch does");
+    assert!(v["peak_bytes"].as_u64().is_some_and(|p| p > 0), "{v}");
+    let (code, out, err) = cli(&[
+        "probe",
+        "--model-file",
+        file,
+        "--set",
+        "batch=4",
+        "--set",
+        "runtime=headroom",
+        "--device",
+        "cpu",
+        "--json",
+    ])?;
+    assert_eq!(code, 0, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&out)?;
+    let (est, meas) =
+        (v["estimated_peak_bytes"].as_f64().unwrap_or(0.0), v["measured_peak_bytes"].as_f64().unwrap_or(1.0));
+    assert!((est - meas).abs() / meas < 0.05, "the trainer's peak is its estimate's: {v}");
+    // A plan file naming the model file relative to itself.
+    let dir = std::env::temp_dir().join(format!("headroom-pt2-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    std::fs::copy(headroom_tests::repo_root().join(file), dir.join("mine.pt2"))?;
+    let plan = dir.join("plan.yaml");
+    std::fs::write(
+        &plan,
+        "model: {file: {path: mine.pt2}}\nmicro_batch: 8\nschedule: {steps: 10}\noptimizer: {sgd: {momentum: 0.9, weight_decay: 0, nesterov: false}}\nlearning_rate: 0.01\n",
+    )?;
+    let (code, out, err) = cli(&["estimate", "--plan", plan.to_str().unwrap_or_default(), "--json"])?;
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("peak_bytes"), "{out}");
+    // Not a zip; a zip cut in half.
+    let bad = dir.join("bad.pt2");
+    std::fs::write(&bad, b"this is not a torch.export file")?;
+    let (code, _, err) = cli(&["estimate", "--model-file", bad.to_str().unwrap_or_default()])?;
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("bad.pt2") && err.contains("not a zip archive"), "{err}");
+    let whole = std::fs::read(headroom_tests::repo_root().join(file))?;
+    std::fs::write(&bad, &whole[..whole.len() / 2])?;
+    let (code, _, err) = cli(&["estimate", "--model-file", bad.to_str().unwrap_or_default()])?;
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("model file:"), "{err}");
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
+}

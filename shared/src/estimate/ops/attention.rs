@@ -217,7 +217,8 @@ fn math_forward(
     }
     // The mask is added in place; _safe_softmax then keeps its output.
     let probs = e.alloc_contig(sim, &[b, h, l, s], F32, ACT);
-    sim.transient(bh * l * s, TMP);
+    // `_safe_softmax`: `isneginf` of the scores (bool) and its `all` over each row.
+    sim.transient(bh * l * s + bh * l, TMP);
     let tp = ta.map(|_| e.temp_slot());
     if let (Some(t), Some(from)) = (tp, ta) {
         let saved = vec![Engine::share(sim, &probs)];
@@ -234,6 +235,9 @@ fn math_forward(
     }
     Engine::release(sim, noise);
     Engine::release(sim, probs);
+    // The math function also returns the attention weights cast back to the inputs'
+    // dtype (`attn.to(origin_dtype)`, made first), which SDPA drops as it returns.
+    let weights_low = (origin < F32).then(|| sim.alloc(bh * l * s * origin, TMP));
     // out = dropped @ v.
     let (d3, _) = e.reshape(sim, &dropped, &[bh, l, s], ACT);
     let (v3, _) = e.reshape(sim, &v.t, &[bh, s, hd], ACT);
@@ -250,6 +254,9 @@ fn math_forward(
         Engine::release(sim, out32);
         for t in [d3, v3, dropped] {
             Engine::release(sim, t);
+        }
+        if let Some(t) = weights_low {
+            sim.release(t);
         }
         finish(sim, q, k, v, mask, causal_mask);
         return vec![low];

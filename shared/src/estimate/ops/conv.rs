@@ -170,6 +170,36 @@ fn blocked_weight(shape: &[u64], esize: u64, block: u64) -> u64 {
     numel(&s) * esize
 }
 
+/// Whether oneDNN runs a grouped convolution's weight gradient with its generic JIT
+/// kernel (`jit_avx512_common_convolution_bwd_weights_t`, bf16's
+/// `jit_avx512_core_bf16_convolution_bwd_weights_t`) on channels-last data: its depthwise
+/// kernel declines kernels wider than 3 (oneDNN 3.10's `jit_uni_dw_conv_kernel_utils`).
+fn grouped_jit_bwd_w(plan: &Plan) -> bool {
+    plan.groups > 1 && plan.kernel_size > 3 && !plan.transposed
+}
+
+/// The bf16 generic JIT weight-gradient kernel's scratchpad for a grouped 2-D
+/// convolution (`jit_avx512_core_bf16_conv_bwd_weights_kernel_f32_t::init_scratchpad`,
+/// one thread share of the batch): an fp32 copy of the padded weight gradient, the input
+/// transposed per group (rows widened by the padding, `tr_iw`), the output gradient
+/// transposed (widths even), 128 bytes per booking and a barrier context (4096 bytes,
+/// 4096-aligned). Measured to the byte for 5x5 and 7x7 depthwise kernels, 8² and 16².
+fn grouped_bf16_bwd_w_scratch(plan: &Plan, x: &[u64], y: &[u64], padded_weight: u64) -> u64 {
+    let g = plan.groups;
+    let (h, w) = (x[x.len() - 2], x[x.len() - 1]);
+    let (oh, ow) = (y[y.len() - 2], y[y.len() - 1]);
+    let tr_pad = pad(plan.padding.max(plan.padding + 1), 2);
+    let tr_iw = pad(w + tr_pad, 2);
+    let block = plan.block;
+    4 * padded_weight + 2 * (g * block * h * tr_iw + tr_pad) + 2 * g * block * oh * pad(ow, 2) + 3 * 128 + 8192
+}
+
+/// Whether libtorch's native 2-D convolution runs channels-last: a plain (not
+/// transposed, not grouped) 2-D convolution on a channels-last input.
+fn native_channels_last(plan: &Plan) -> bool {
+    plan.channels_last && plan.nd == 2 && !plan.transposed && plan.groups == 1
+}
+
 /// The native kernels' im2col columns (see `docs/estimator.md`): a convolution's whole
 /// batch `[B, C_in k^d, out_spatial]`; a transposed convolution one sample's
 /// `[C_out k^d, in_spatial]`, in 2-D its forward for the whole batch, in 3-D plus a row of
@@ -178,6 +208,11 @@ fn columns(plan: &Plan, x: &[u64], y: &[u64], forward: bool) -> u64 {
     let k = plan.kernel_size.pow(plan.nd as u32);
     let e = plan.esize;
     if !plan.transposed {
+        // A 1x1 kernel with stride 1 and no padding reads its input as the columns
+        // (`compute_columns2d`'s view), with no buffer.
+        if plan.kernel_size == 1 && plan.stride == 1 && plan.padding == 0 {
+            return 0;
+        }
         return x[0] * x[1] * k * numel(&y[2..]) * e;
     }
     let per_sample = y[1] * k * numel(&x[2..]) * e;
@@ -191,6 +226,29 @@ fn columns(plan: &Plan, x: &[u64], y: &[u64], forward: bool) -> u64 {
 pub(crate) fn forward(e: &mut Engine, sim: &mut Sim, plan: &Plan, x: &Ten, w: &Ten, shape: &[u64]) -> Ten {
     let esize = plan.esize;
     match plan.kernel {
+        Kernel::Native if plan.groups > 1 => {
+            // The native kernels take no groups: ATen's `_convolution` runs one call per
+            // group on `input.narrow(1, …).contiguous()` (a copy unless the batch is 1),
+            // keeps each group's output, then concatenates them (profiler: a depthwise
+            // 7x7 convolution, 64 groups).
+            let g = plan.groups;
+            let outs = sim.alloc(numel(shape) * esize, TMP);
+            let xg = (x.shape[0] > 1 || !x.contiguous()).then(|| sim.alloc(x.bytes() / g, TMP));
+            sim.transient(columns(plan, &x.shape, shape, true) / g, TMP);
+            if let Some(t) = xg {
+                sim.release(t);
+            }
+            let o = e.alloc_contig(sim, shape, esize, ACT);
+            sim.release(outs);
+            o
+        }
+        Kernel::Native if native_channels_last(plan) => {
+            // `slow_conv2d` keeps a channels-last input's layout (ConvNeXt's 1x1
+            // convolutions after a permuted layer norm): no copy, a channels-last output.
+            let o = e.alloc(sim, shape, layout::channels_last(shape), esize, ACT);
+            sim.transient(columns(plan, &x.shape, shape, true), TMP);
+            o
+        }
         Kernel::Native => {
             // The native kernels need a contiguous input.
             let xc = (!x.contiguous()).then(|| sim.alloc(x.bytes(), TMP));
@@ -576,6 +634,51 @@ pub(crate) fn backward(e: &mut Engine, sim: &mut Sim, k: usize, g: &Ten) -> Vec<
     let mut gx = None;
     let mut gw = None;
     match plan.kernel {
+        Kernel::Native if plan.groups > 1 => {
+            // Group by group (`convolution_backward` for kernels without groups): the
+            // group's output gradient and input copied contiguous, its input and weight
+            // gradients kept until each set is concatenated.
+            let gr = plan.groups;
+            let per = |b: u64| b / gr;
+            let gis = ins[0].map(|_| sim.alloc(xm.numel() * esize, TMP));
+            let gws = ins[1].map(|_| sim.alloc(wm.numel() * esize, TMP));
+            let copies = xm.shape[0] > 1 || !x.contiguous() || !g.contiguous();
+            let gg = copies.then(|| sim.alloc(per(g.bytes()), TMP));
+            let xg = copies.then(|| sim.alloc(per(x.bytes()), TMP));
+            sim.transient(columns(&plan, &xm.shape, &y, false) / gr, TMP);
+            for t in [xg, gg].into_iter().flatten() {
+                sim.release(t);
+            }
+            if ins[0].is_some() {
+                gx = Some(e.alloc_contig(sim, &xm.shape, esize, e.grad_category(ins[0])));
+            }
+            if ins[1].is_some() {
+                gw = Some(e.alloc_contig(sim, &wm.shape, esize, e.grad_category(ins[1])));
+            }
+            for t in [gis, gws].into_iter().flatten() {
+                sim.release(t);
+            }
+        }
+        Kernel::Native if native_channels_last(&plan) => {
+            // The output gradient made channels-last for the input's gradient, then again
+            // for the weight's (profiler: two copies when it arrives plain).
+            let plain = !layout::is_channels_last(&g.shape, &g.strides);
+            if ins[0].is_some() {
+                let gc = plain.then(|| sim.alloc(g.bytes(), TMP));
+                let strides = layout::channels_last(&xm.shape);
+                gx = Some(e.alloc(sim, &xm.shape, strides, esize, e.grad_category(ins[0])));
+                sim.transient(columns(&plan, &xm.shape, &y, false), TMP);
+                if let Some(t) = gc {
+                    sim.release(t);
+                }
+            }
+            if ins[1].is_some() {
+                gw = Some(e.alloc_contig(sim, &wm.shape, esize, e.grad_category(ins[1])));
+                if plain {
+                    sim.transient(g.bytes(), TMP);
+                }
+            }
+        }
         Kernel::Native => {
             let xc = (!x.contiguous()).then(|| sim.alloc(x.bytes(), TMP));
             let gc = (!g.contiguous()).then(|| sim.alloc(g.bytes(), TMP));
@@ -606,6 +709,10 @@ pub(crate) fn backward(e: &mut Engine, sim: &mut Sim, k: usize, g: &Ten) -> Vec<
             // MONAI UNet's last up-sampling, fp32 and bf16; AVX2's reorder them).
             let isa = e.kernels.isa();
             let g_plain = cl || (plan.transposed && y[1] < 16 && (esize == HALF || isa >= CpuIsa::Avx512Core));
+            // A channels-last convolution takes its output gradient channels-last
+            // (`grad_output.contiguous(ChannelsLast)`): a copy when it arrives plain (a
+            // ConvNeXt block's 1x1 convolutions after its layer scale).
+            let g_copy = (cl && !layout::is_channels_last(&g.shape, &g.strides)).then(|| sim.alloc(g.bytes(), TMP));
             if ins[0].is_some() {
                 let gr = (!g_plain).then(|| sim.alloc(blocked(&y, esize, plan.block), TMP));
                 let wr = sim.alloc(blocked_weight(&wm.shape, esize, plan.block), TMP);
@@ -616,8 +723,13 @@ pub(crate) fn backward(e: &mut Engine, sim: &mut Sim, k: usize, g: &Ten) -> Vec<
                     sim.release(t);
                 }
                 let strides = if cl { layout::channels_last(&xm.shape) } else { layout::contiguous(&xm.shape) };
+                // A strided convolution's plain input gradient is copied once more
+                // (`contiguous()`) before the blocked one goes (profiler: 1-D and 2-D,
+                // 3x3 and 7x7, stride 2, fp32).
+                let first =
+                    (!cl && !plan.transposed && plan.stride > 1).then(|| sim.alloc(numel(&xm.shape) * esize, TMP));
                 gx = Some(e.alloc(sim, &xm.shape, strides, esize, e.grad_category(ins[0])));
-                if let Some(t) = gxb {
+                for t in [gxb, first].into_iter().flatten() {
                     sim.release(t);
                 }
             }
@@ -630,6 +742,29 @@ pub(crate) fn backward(e: &mut Engine, sim: &mut Sim, k: usize, g: &Ten) -> Vec<
                 gw = Some(e.alloc_contig(sim, &wm.shape, esize, e.grad_category(ins[1])));
                 let extra = if plan.transposed { 128 } else { 0 };
                 sim.transient(gemm_bwd_w_scratch(&plan, src, &wm.shape, dst, threads, has_bias) + extra, TMP);
+            } else if ins[1].is_some() && cl && grouped_jit_bwd_w(&plan) {
+                // Grouped, channels-last, kernels wider than oneDNN's depthwise kernel
+                // takes (3): the generic JIT weight-gradient kernel, whose weight
+                // gradient (allocated by ideep) pads each group's input and output
+                // channels to the block; bf16 adds its scratchpad.
+                let g = plan.groups;
+                let padded = g
+                    * pad(wm.shape[0] / g, plan.block)
+                    * pad(wm.shape[1], plan.block)
+                    * plan.kernel_size.pow(plan.nd as u32);
+                let gwb = sim.alloc(padded * esize, TMP);
+                if esize == HALF {
+                    sim.transient(grouped_bf16_bwd_w_scratch(&plan, &xm.shape, &y, padded), TMP);
+                } else if has_bias {
+                    // The bias gradient padded to the block per group, 128 bytes booked.
+                    sim.transient(g * plan.block * 4 + 128, TMP);
+                }
+                // With as many threads as groups the batch is split too, each share with
+                // its own copy to reduce: not measured here (2 threads).
+                let mb_threads = (threads / g).min(xm.shape[0]).max(1);
+                sim.uncertain((mb_threads - 1) * padded * 4);
+                gw = Some(e.alloc_contig(sim, &wm.shape, esize, e.grad_category(ins[1])));
+                sim.release(gwb);
             } else if ins[1].is_some() {
                 let gr = (!g_plain).then(|| sim.alloc(blocked(&y, esize, plan.block), TMP));
                 let xr = (!cl && xm.shape[1] >= 16).then(|| sim.alloc(blocked(&xm.shape, esize, plan.block), TMP));
@@ -663,6 +798,9 @@ pub(crate) fn backward(e: &mut Engine, sim: &mut Sim, k: usize, g: &Ten) -> Vec<
                 }
                 gw = Some(e.alloc_contig(sim, &wm.shape, esize, e.grad_category(ins[1])));
                 sim.release(gwb);
+            }
+            if let Some(t) = g_copy {
+                sim.release(t);
             }
         }
         Kernel::Cudnn => {

@@ -19,14 +19,23 @@ pub(super) fn fwd(e: &mut Engine, sim: &mut Sim, i: usize, op: Op, inputs: Vec<V
             release(sim, ids);
             vec![o]
         }
-        Op::MaxPool { .. } => {
-            let x = e.read(sim, inputs[0]);
+        Op::MaxPool { nd, .. } => {
+            let x = if nd == 3 { e.read_f32_on_cpu(sim, inputs[0]) } else { e.read(sim, inputs[0]) };
             let o = e.alloc_contig(sim, &shape, x.t.esize, ACT);
             let idx = e.alloc_contig(sim, &shape, 8, ACT);
             let mut saved = keep(sim, &x.t, needs(&x));
             saved.extend(keep(sim, &idx, needs(&x)));
             record(e, sim, i, saved, &[&x], &[&o]);
             Engine::release(sim, idx);
+            release(sim, x);
+            vec![o]
+        }
+        Op::AvgPool { nd, .. } => {
+            // avg_pool's backward reads only the input's sizes, but autograd saves it.
+            let x = if nd == 3 { e.read_f32_on_cpu(sim, inputs[0]) } else { e.read(sim, inputs[0]) };
+            let o = e.alloc_contig(sim, &shape, x.t.esize, ACT);
+            let saved = keep(sim, &x.t, needs(&x));
+            record(e, sim, i, saved, &[&x], &[&o]);
             release(sim, x);
             vec![o]
         }
@@ -73,7 +82,7 @@ pub(super) fn bwd(
             let gt = slot.map(|s| e.alloc_contig(sim, &table.shape, F32, e.grad_category(Some(s))));
             vec![gt, None]
         }
-        Op::MaxPool { .. } => vec![grad_contig(e, sim, k, 0)],
+        Op::MaxPool { .. } | Op::AvgPool { .. } => vec![grad_contig(e, sim, k, 0)],
         Op::OneHot { .. } => none,
         Op::IndexRows | Op::Index => {
             let mut out = vec![grad_contig(e, sim, k, 0)];

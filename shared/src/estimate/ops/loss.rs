@@ -46,6 +46,22 @@ pub(super) fn fwd(e: &mut Engine, sim: &mut Sim, i: usize, op: Op, inputs: Vec<V
             release(sim, t);
             vec![o]
         }
+        Op::MseLoss => {
+            // An fp32 op under autocast. ATen squares the differences into a buffer of
+            // the input's size, then takes its mean.
+            let x = e.read(sim, inputs[0]);
+            let x = if e.amp && x.t.esize == HALF { e.cast(sim, x, F32, ACT) } else { x };
+            let t = e.read(sim, inputs[1]);
+            sim.transient(x.t.numel() * x.t.esize, TMP);
+            let o = e.alloc_contig(sim, &[], F32, ACT);
+            let any = needs(&x);
+            let mut saved = keep(sim, &x.t, any);
+            saved.extend(keep(sim, &t.t, any));
+            record(e, sim, i, saved, &[&x, &t], &[&o]);
+            release(sim, x);
+            release(sim, t);
+            vec![o]
+        }
         _ => Vec::new(),
     }
 }
@@ -66,7 +82,7 @@ pub(super) fn bwd(
                 .map(|s| e.alloc_contig(sim, &e.tape[k].in_meta[0].shape, F32, e.grad_category(Some(s))));
             vec![gx, None]
         }
-        Op::BceWithLogits => {
+        Op::BceWithLogits | Op::MseLoss => {
             let gx = e.tape[k].ins[0]
                 .map(|s| e.alloc_contig(sim, &e.tape[k].in_meta[0].shape, F32, e.grad_category(Some(s))));
             vec![gx, None]

@@ -32,6 +32,23 @@ pub(super) fn fwd(e: &mut Engine, sim: &mut Sim, i: usize, op: Op, inputs: Vec<V
             release(sim, x);
             vec![o]
         }
+        Op::Silu { inplace } | Op::Hardswish { inplace } | Op::Hardsigmoid { inplace } => {
+            let x = e.read(sim, inputs[0]);
+            // The backward formula reads the input, so in place autograd saves a copy of
+            // it first (`self.clone()`), then overwrites the input.
+            let (saved, o) = if inplace {
+                let copy = e.alloc_like(sim, &x.t.meta(), x.t.esize, ACT);
+                let saved = keep(sim, &copy, needs(&x));
+                Engine::release(sim, copy);
+                (saved, share(sim, &x.t))
+            } else {
+                let o = elementwise_out(e, sim, &shape, &[&x.t], x.t.esize);
+                (keep(sim, &x.t, needs(&x)), o)
+            };
+            record(e, sim, i, saved, &[&x], &[&o]);
+            release(sim, x);
+            vec![o]
+        }
         Op::Gelu { .. } | Op::ClampMin { .. } | Op::PowScalar { .. } => {
             let x =
                 if matches!(op, Op::PowScalar { .. }) { e.read_f32(sim, inputs[0]) } else { e.read(sim, inputs[0]) };
@@ -85,7 +102,7 @@ pub(super) fn fwd(e: &mut Engine, sim: &mut Sim, i: usize, op: Op, inputs: Vec<V
             release(sim, x);
             vec![o]
         }
-        Op::Dropout { .. } => dropout(e, sim, i, &inputs),
+        Op::Dropout { inplace, .. } => dropout(e, sim, i, &inputs, inplace),
         // `estimate_graph` refuses graphs with a TorchScript module before any rule runs;
         // its output alone keeps this total.
         Op::Add | Op::Sub | Op::Mul | Op::Div => binary(e, sim, i, &inputs, &op),
@@ -123,7 +140,15 @@ pub(super) fn bwd(
             Engine::release(sim, full);
             vec![gx, gw]
         }
-        Op::Relu { .. } | Op::LeakyRelu { .. } | Op::Gelu { .. } | Op::Sigmoid | Op::Tanh | Op::Exp => {
+        Op::Relu { .. }
+        | Op::LeakyRelu { .. }
+        | Op::Gelu { .. }
+        | Op::Silu { .. }
+        | Op::Hardswish { .. }
+        | Op::Hardsigmoid { .. }
+        | Op::Sigmoid
+        | Op::Tanh
+        | Op::Exp => {
             vec![grad_elementwise(e, sim, k, 0, g)]
         }
         Op::ClampMin { .. } => {
@@ -233,7 +258,7 @@ fn binary(e: &mut Engine, sim: &mut Sim, i: usize, inputs: &[ValueId], op: &Op) 
     vec![o]
 }
 
-fn dropout(e: &mut Engine, sim: &mut Sim, i: usize, inputs: &[ValueId]) -> Vec<Ten> {
+fn dropout(e: &mut Engine, sim: &mut Sim, i: usize, inputs: &[ValueId], inplace: bool) -> Vec<Ten> {
     let x = e.read(sim, inputs[0]);
     if !e.training {
         // `F.dropout(x, training=False)` returns `x` itself.
@@ -242,7 +267,11 @@ fn dropout(e: &mut Engine, sim: &mut Sim, i: usize, inputs: &[ValueId]) -> Vec<T
         return vec![o];
     }
     let shape = out_shape(e, i);
-    let (mask, o) = if e.cpu() {
+    let (mask, o) = if inplace {
+        // `dropout_` on both devices: a noise tensor like the input, then `input.mul_(noise)`.
+        let noise = e.alloc_like(sim, &x.t.meta(), x.t.esize, ACT);
+        (noise, share(sim, &x.t))
+    } else if e.cpu() {
         // `_dropout_impl`: noise = empty_like(x).bernoulli_(1 - p).div_(1 - p); x * noise.
         let noise = e.alloc_like(sim, &x.t.meta(), x.t.esize, ACT);
         let o = elementwise_out(e, sim, &shape, &[&x.t, &noise], x.t.esize);

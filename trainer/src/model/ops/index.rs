@@ -18,6 +18,15 @@ pub(super) fn run(c: &Call<'_>, op: &Op) -> Result<Vec<Tensor>, tch::TchError> {
                 _ => x.f_max_pool2d([k; 2], [s; 2], [pd; 2], [1; 2], false)?,
             })
         }
+        Op::AvgPool { nd, kernel, stride, padding } => {
+            let (k, s, pd) = (i(*kernel), i(*stride), i(*padding));
+            let x = c.arg(0)?;
+            one(match nd {
+                3 => x.f_avg_pool3d([k; 3], [s; 3], [pd; 3], false, true, None)?,
+                1 => x.f_avg_pool1d([k], [s], [pd], false, true)?,
+                _ => x.f_avg_pool2d([k; 2], [s; 2], [pd; 2], false, true, None)?,
+            })
+        }
         Op::IndexRows => {
             let x = c.arg(0)?;
             let b = x.size()[0];

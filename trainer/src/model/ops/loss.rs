@@ -1,4 +1,4 @@
-//! `nll_loss_nd` (cross-entropy's second half) and `binary_cross_entropy_with_logits`. One tch call per op, the call its reference makes.
+//! `nll_loss_nd` (cross-entropy's second half) `binary_cross_entropy_with_logits` and `mse_loss`. One tch call per op, the call its reference makes.
 
 use shared::graph::Op;
 use tch::Tensor;
@@ -17,6 +17,7 @@ pub(super) fn run(c: &Call<'_>, op: &Op) -> Result<Vec<Tensor>, tch::TchError> {
             None::<Tensor>,
             tch::Reduction::Mean,
         )?),
+        Op::MseLoss => one(c.arg(0)?.f_mse_loss(c.arg(1)?, tch::Reduction::Mean)?),
         other => Err(not_in_family(other)),
     }
 }

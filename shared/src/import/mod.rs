@@ -1,0 +1,200 @@
+//! Models the user brings: a `torch.export` program (`.pt2`), read without its weights
+//! and without running anything, turned into the same [`crate::graph::Graph`] the zoo
+//! builds, so that the estimator, the advisor and the trainer take it as they take a zoo
+//! model.
+//!
+//! Reading is pure and in two steps ([`zip`]): the end of the file names the entries,
+//! then only `models/model.json` is read ([`program`]). The file is untrusted: sizes,
+//! counts, nesting and names are checked against explicit limits, nothing is unpickled
+//! (`data/sample_inputs/*.pt` is never opened). [`lower`] turns each ATen node into the
+//! graph's primitives for any micro-batch (the batch stays symbolic; other dynamic
+//! dimensions become model keys), checking every shape against the file's own.
+
+pub mod expr;
+pub mod lower;
+pub mod program;
+pub mod zip;
+
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+
+use expr::Expr;
+
+/// The largest `models/model.json` read.
+pub const MAX_GRAPH_JSON: u64 = 256 << 20;
+/// Nodes in one exported graph.
+pub const MAX_NODES: usize = 100_000;
+
+/// A model read from a `.pt2` file: its graph's structure and sizes, no weights.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Imported {
+    /// The file's name, for messages and the plan's title.
+    pub name: String,
+    /// The export schema's (major, minor) version.
+    pub schema: (u32, u32),
+    /// The dynamic dimensions: the batch, and any other the export made dynamic.
+    pub symbols: Vec<Symbol>,
+    /// Every tensor of the graph with its dtype and sizes.
+    pub tensors: Vec<TensorMeta>,
+    pub params: Vec<ParamSpec>,
+    /// The user's tensor inputs (indexes into `tensors`), in order.
+    pub inputs: Vec<u32>,
+    /// The tensor the loss reads.
+    pub output: u32,
+    pub nodes: Vec<ImportedNode>,
+    /// Module paths; entry 0 is the root.
+    pub modules: Vec<Module>,
+}
+
+/// A dynamic dimension.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Symbol {
+    /// The export's own name (`s77`).
+    pub name: String,
+    /// `batch`, or the model key that sets it (`input_ids_1`: input `input_ids`'s
+    /// dimension 1); empty for a symbol no input dimension names.
+    pub key: String,
+    /// The size the model was exported with.
+    pub hint: i64,
+    pub min: i64,
+    pub max: i64,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TensorMeta {
+    pub name: String,
+    /// torch.export's `ScalarType` code (7: float32, 5: int64, 12: bool).
+    pub dtype: u32,
+    pub shape: Vec<Expr>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ParamKind {
+    Parameter,
+    Buffer,
+    Constant,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ParamSpec {
+    /// The module path (`layer1.0.conv1.weight`).
+    pub fqn: String,
+    pub tensor: u32,
+    pub kind: ParamKind,
+}
+
+/// One ATen call.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ImportedNode {
+    /// `aten.conv2d.default`.
+    pub op: String,
+    /// Arguments by their schema names.
+    pub args: Vec<(String, Arg)>,
+    /// The tensors it makes (`None` for an output that is not a tensor).
+    pub outputs: Vec<Option<u32>>,
+    /// Its innermost module (index into `modules`).
+    pub module: u32,
+    /// The user's source line (`model.py:42`).
+    pub source: String,
+    /// The node's name in the export.
+    pub name: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum Arg {
+    None,
+    Tensor(u32),
+    Tensors(Vec<u32>),
+    OptTensors(Vec<Option<u32>>),
+    Int(Expr),
+    Ints(Vec<Expr>),
+    Float(f64),
+    Floats(Vec<f64>),
+    Bool(bool),
+    Bools(Vec<bool>),
+    Str(String),
+    Dtype(u32),
+    /// An argument kind the importer does not read (named in errors).
+    Other(String),
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Module {
+    pub path: String,
+    /// The module's Python class (`torch.nn.modules.conv.Conv2d`).
+    pub class: String,
+    pub parent: Option<u32>,
+}
+
+/// An op the importer does not take: where it first occurs and how often.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Unknown {
+    pub op: String,
+    pub node: String,
+    pub module: String,
+    pub source: String,
+    pub count: usize,
+}
+
+impl std::fmt::Display for Unknown {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let module = if self.module.is_empty() { "the top-level module" } else { &self.module };
+        write!(f, "{} ({}x; first at node {}, module {module}", self.op, self.count, self.node)?;
+        if !self.source.is_empty() {
+            write!(f, ", {}", self.source)?;
+        }
+        write!(f, ")")
+    }
+}
+
+/// Why a file cannot be imported. Each names what is wrong.
+#[derive(Debug, Error, Clone, PartialEq)]
+pub enum ImportError {
+    #[error("model file: {0}")]
+    Zip(String),
+    #[error("model file: {what} of {size} bytes is over the limit of {limit}")]
+    TooLarge { what: String, size: u64, limit: u64 },
+    #[error("model file: {0}")]
+    Format(String),
+    #[error(
+        "model file: torch.export schema version {major}.{minor}; Headroom reads version {}.x (PyTorch 2.6 to 2.11): export it again with a supported PyTorch",
+        program::SCHEMA_MAJOR
+    )]
+    Version { major: u32, minor: u32 },
+    #[error("model file: {0}")]
+    Unsupported(String),
+    #[error("model file: {} operator(s) Headroom does not model yet, so no estimate would be whole: {}", .0.len(), .0.iter().map(ToString::to_string).collect::<Vec<_>>().join("; "))]
+    UnknownOps(Vec<Unknown>),
+}
+
+/// The entry of a `.pt2` archive that holds the graph.
+pub const GRAPH_ENTRY: &str = "models/model.json";
+
+/// Imports a whole `.pt2` file held in memory; `name` is the file's name.
+pub fn open(bytes: &[u8], name: &str) -> Result<Imported, ImportError> {
+    let dir = zip::Directory::of(bytes)?;
+    let entry = graph_entry(&dir)?;
+    let (at, len) = entry.span(bytes.len() as u64);
+    let json = entry.read(&bytes[at as usize..(at + len) as usize], MAX_GRAPH_JSON)?;
+    from_graph(&json, name)
+}
+
+/// The graph's entry in an archive's directory (read the file's bytes `entry.span()`
+/// and hand them to `entry.read`, then [`from_graph`]).
+pub fn graph_entry(dir: &zip::Directory) -> Result<&zip::Entry, ImportError> {
+    dir.find(GRAPH_ENTRY)?.ok_or_else(|| {
+        ImportError::Format(format!(
+            "no {GRAPH_ENTRY} in the archive: not a torch.export file (torch.export.save writes one; TorchScript and state_dict files are not exported programs)"
+        ))
+    })
+}
+
+/// An import from the graph entry's text.
+pub fn from_graph(json: &[u8], name: &str) -> Result<Imported, ImportError> {
+    let mut imported = program::read(json, name, lower::known)?;
+    lower::name_symbols(&mut imported)?;
+    Ok(imported)
+}
+
+#[cfg(test)]
+mod tests;
