@@ -21,7 +21,11 @@ for f in planner-web/dist/*.wasm planner-web/dist/*.js planner-web/dist/*.css pl
 done
 echo "| all | $total | $total_gz |"
 echo
-cargo run --release -q -p headroom-shared --example bench
+# A 100 MB exported model with its weights, from the cached torch (hand-written: torch alone).
+pt2_dir=$(mktemp -d)
+"$HEADROOM_TORCH_VENV/bin/python" scripts/own_models.py --export "$pt2_dir" --weights --only big_mlp 2>/dev/null
+HEADROOM_BENCH_PT2="$pt2_dir/big_mlp.pt2" cargo run --release -q -p headroom-shared --example bench
+rm -rf "$pt2_dir"
 echo
 cargo build -q
 cargo test -q -p headroom-tests --test e2e the_planner_explains >/dev/null 2>&1

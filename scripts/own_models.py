@@ -135,6 +135,9 @@ MODELS = [
      ("classify", [3, 64, 64], 10), "timm"),
     ("vit_tiny", "timm.create_model('vit_tiny_patch16_224', img_size=64, num_classes=10)", (3, 64, 64),
      ("classify", [3, 64, 64], 10), "timm"),
+    # 25 M parameters: a 100 MB file with its weights, for the import benchmark.
+    ("big_mlp", "Regressor(features=1024, hidden=4096, out=1000)", (1024,), ("regress", [1024], [1000]),
+     "hand-written MLP"),
 ]
 
 # (model id, batch, optimizer, loss, precision)

@@ -193,11 +193,20 @@ struct FilesArgs {
     /// paths are relative to; nothing outside it is read.
     #[arg(long)]
     data_root: Option<PathBuf>,
+    /// An exported model's file, to read its weights from (set by `run` itself from
+    /// --model-file; a worker gets it from its parent).
+    #[arg(long, hide = true)]
+    weights_file: Option<PathBuf>,
 }
 
 impl From<FilesArgs> for system::job::JobFiles {
     fn from(a: FilesArgs) -> system::job::JobFiles {
-        system::job::JobFiles { checkpoint_dir: a.checkpoint_dir, resume: a.resume, data_root: a.data_root }
+        system::job::JobFiles {
+            checkpoint_dir: a.checkpoint_dir,
+            resume: a.resume,
+            data_root: a.data_root,
+            weights: a.weights_file,
+        }
     }
 }
 
@@ -296,11 +305,14 @@ async fn async_main(command: Command) -> anyhow::Result<()> {
             if let Some(d) = device {
                 plan.device = parse_device(&d)?;
             }
-            crate::local::run(plan, files.into(), exe).await
+            let mut files: system::job::JobFiles = files.into();
+            files.weights = files.weights.or_else(|| local_weights(&plan));
+            crate::local::run(plan, files, exe).await
         }
         Command::Probe { source, device, steps, json, data_root } => {
-            let files = system::job::JobFiles { data_root, ..Default::default() };
-            crate::probe::probe(build_plan(&source)?.into_parts().0, &device, steps, json, &files, exe).await
+            let plan = build_plan(&source)?.into_parts().0;
+            let files = system::job::JobFiles { data_root, weights: local_weights(&plan), ..Default::default() };
+            crate::probe::probe(plan, &device, steps, json, &files, exe).await
         }
         Command::Accuracy { device, steps, out } => crate::accuracy::run(&device, steps, &out, exe).await,
         Command::FindBatch {
@@ -319,7 +331,7 @@ async fn async_main(command: Command) -> anyhow::Result<()> {
                 .transpose()?;
             let plan = build_plan(&source)?.into_parts().0;
             let calibration = crate::calibration::default_path(calibration.as_deref());
-            let files = system::job::JobFiles { data_root, ..Default::default() };
+            let files = system::job::JobFiles { data_root, weights: local_weights(&plan), ..Default::default() };
             let req =
                 crate::finder::Request { plan, device, capacity, margin, effective_batch, compare, calibration, files };
             crate::finder::find(req, json, exe).await
@@ -333,4 +345,10 @@ async fn async_main(command: Command) -> anyhow::Result<()> {
         | Command::Worker { .. }
         | Command::Gpus => Err(anyhow::anyhow!("internal: this command runs without the async runtime")),
     }
+}
+
+/// The file a locally run exported model's weights come from: the one the command line
+/// named (read by the CLI itself, so the user's own path, not the agent's data root).
+fn local_weights(plan: &shared::plan::Plan) -> Option<PathBuf> {
+    plan.model.file.as_ref().map(|f| PathBuf::from(&f.path))
 }

@@ -36,24 +36,12 @@ pub struct PlanSource {
 #[error("{0}")]
 pub struct BadInput(pub String);
 
-/// The largest model file read (a `.pt2` holds its weights; only its graph is used
-/// here, but the file is read whole).
-pub const MAX_MODEL_FILE: u64 = 8 << 30;
-
-/// An exported model read from `path`.
+/// An exported model read from `path`: only the end of the file (its zip directory) and
+/// the graph entry are read, never the weights, however large the file.
 pub(crate) fn read_model_file(path: &std::path::Path) -> anyhow::Result<shared::import::Imported> {
-    let meta = std::fs::metadata(path).map_err(|e| BadInput(format!("--model-file {}: {e}", path.display())))?;
-    if meta.len() > MAX_MODEL_FILE {
-        return Err(BadInput(format!(
-            "--model-file {}: {} bytes is over the limit of {MAX_MODEL_FILE}",
-            path.display(),
-            meta.len()
-        ))
-        .into());
-    }
-    let bytes = std::fs::read(path).map_err(|e| BadInput(format!("--model-file {}: {e}", path.display())))?;
-    let name = path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
-    shared::import::open(&bytes, &name).map_err(|e| BadInput(format!("{}: {e}", path.display())).into())
+    system::pt2::Archive::open(path)
+        .and_then(|mut a| a.model())
+        .map_err(|e| BadInput(format!("--model-file {e}")).into())
 }
 
 fn read_plan_text(path: &PathBuf) -> anyhow::Result<Plan> {
@@ -65,6 +53,8 @@ fn read_plan_text(path: &PathBuf) -> anyhow::Result<Plan> {
     {
         let at = path.parent().unwrap_or(std::path::Path::new(".")).join(&file.path);
         file.graph = Some(std::sync::Arc::new(read_model_file(&at)?));
+        // Where the trainer finds its weights, from here.
+        file.path = at.display().to_string();
     }
     Ok(plan)
 }

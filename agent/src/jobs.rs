@@ -115,6 +115,7 @@ impl JobRunner {
             .args(files.checkpoint_dir.iter().flat_map(|d| [std::ffi::OsStr::new("--checkpoint-dir"), d.as_os_str()]))
             .args(files.resume.iter().flat_map(|d| [std::ffi::OsStr::new("--resume"), d.as_os_str()]))
             .args(files.data_root.iter().flat_map(|d| [std::ffi::OsStr::new("--data-root"), d.as_os_str()]))
+            .args(files.weights.iter().flat_map(|d| [std::ffi::OsStr::new("--weights-file"), d.as_os_str()]))
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())

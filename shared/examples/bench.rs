@@ -81,6 +81,39 @@ fn main() {
             "| {label} | {gpu_key} | {combos} | {exact} | {structures:.1} | {search:.1} | {verify:.1} | {total:.1} |"
         );
     }
+    println!("\n## Exported models (`shared/fixtures/own`, graphs only): import and first estimate (best of 5, ms)\n");
+    println!(
+        "| model | file bytes | nodes | import | CPU fp32 | CUDA fp32 | CUDA bf16 |\n|---|---:|---:|---:|---:|---:|---:|"
+    );
+    for (id, bytes) in shared::estimate::reference::OWN_FILES {
+        let (import, m) = best_of(5, || shared::import::open(bytes, id).expect("imports"));
+        let loss = match *id {
+            "tagger" => "token_ce",
+            "regressor" => "mse",
+            _ => "ce",
+        };
+        let v =
+            Plan::from_file("m.pt2", m, &[("batch".into(), "8".into()), ("loss".into(), loss.into())]).expect("builds");
+        let (plan, graph) = (v.plan(), v.graph());
+        let bf16 = Plan { precision: shared::plan::Precision::Bf16, ..plan.clone() };
+        let (cpu, _) = best_of(5, || estimate_graph(plan, graph, Target::Cpu, Options::default(), None));
+        let (cuda, _) = best_of(5, || estimate_graph(plan, graph, Target::Cuda(gpu), Options::default(), None));
+        let (half, _) = best_of(5, || estimate_graph(&bf16, graph, Target::Cuda(gpu), Options::default(), None));
+        println!("| {id} | {} | {} | {import:.2} | {cpu:.2} | {cuda:.2} | {half:.2} |", bytes.len(), graph.nodes.len());
+    }
+    // A whole file with its weights (`HEADROOM_BENCH_PT2`, which scripts/bench.sh
+    // exports): the directory from the file's end and the graph entry are all that is
+    // read, as the CLI and the page read it.
+    if let Ok(path) = std::env::var("HEADROOM_BENCH_PT2") {
+        let len = std::fs::metadata(&path).expect("file").len();
+        let (ms, (m, read)) = best_of(5, || read_two_steps(&path, len));
+        let v =
+            Plan::from_file(&path, m, &[("batch".into(), "8".into()), ("loss".into(), "mse".into())]).expect("builds");
+        let (est, _) = best_of(5, || estimate_graph(v.plan(), v.graph(), Target::Cpu, Options::default(), None));
+        println!(
+            "\nA whole `.pt2` with its weights ({len} bytes): import {ms:.2} ms reading {read} bytes of it, first CPU estimate {est:.2} ms."
+        );
+    }
     println!("\n## Share links\n");
     println!("| preset | characters |\n|---|---:|");
     for p in &PRESETS {
@@ -88,4 +121,31 @@ fn main() {
         let link = encode(&plan, &Extras { gpu: Some(p.gpu.to_owned()), host_ram_bytes: None });
         println!("| {} | {} |", p.id, link.len());
     }
+}
+
+/// Reads an exported model as the CLI does: the end of the file, then the graph entry.
+fn read_two_steps(path: &str, len: u64) -> (shared::import::Imported, u64) {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut f = std::fs::File::open(path).expect("open");
+    let mut read_at = |at: u64, n: u64| {
+        f.seek(SeekFrom::Start(at)).expect("seek");
+        let mut buf = vec![0u8; n as usize];
+        f.read_exact(&mut buf).expect("read");
+        buf
+    };
+    let mut n = (64 << 10) + shared::import::zip::TAIL_OVERHEAD;
+    let mut read = 0;
+    let dir = loop {
+        let m = n.min(len);
+        read += m;
+        match shared::import::zip::Directory::read(&read_at(len - m, m), len).expect("zip") {
+            Ok(d) => break d,
+            Err(shared::import::zip::NeedTail(more)) => n = more,
+        }
+    };
+    let e = shared::import::graph_entry(&dir).expect("entry").clone();
+    let (at, span) = e.span(len);
+    read += span;
+    let json = e.read(&read_at(at, span), shared::import::MAX_GRAPH_JSON).expect("graph");
+    (shared::import::from_graph(&json, "big").expect("imports"), read)
 }

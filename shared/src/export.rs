@@ -343,7 +343,12 @@ fn shell_word(text: &str) -> String {
 }
 
 fn command(plan: &Plan) -> Export {
-    let mut words = vec!["headroom".to_owned(), "run".to_owned(), "--model".to_owned(), shell_word(plan.model_name())];
+    let model = match &plan.model.file {
+        Some(file) => ["--model-file".to_owned(), shell_word(&file.path)],
+        None => ["--model".to_owned(), shell_word(plan.model_name())],
+    };
+    let mut words = vec!["headroom".to_owned(), "run".to_owned()];
+    words.extend(model);
     for (k, v) in plan.to_settings() {
         words.push("--set".to_owned());
         words.push(shell_word(&format!("{k}={v}")));
@@ -361,11 +366,26 @@ fn yaml(plan: &Plan) -> Export {
     Export { text, notes: Vec::new() }
 }
 
+/// A plan as a file holds it: an exported model by its path alone (the file is read
+/// again where the plan is used), not its graph.
+fn as_file(plan: &Plan) -> std::borrow::Cow<'_, Plan> {
+    match &plan.model.file {
+        Some(file) if file.graph.is_some() => {
+            let mut p = plan.clone();
+            if let Some(f) = p.model.file.as_mut() {
+                f.graph = None;
+            }
+            std::borrow::Cow::Owned(p)
+        }
+        _ => std::borrow::Cow::Borrowed(plan),
+    }
+}
+
 /// `plan` in `format`.
 pub fn export(plan: &Plan, format: Format) -> Export {
     match format {
-        Format::Yaml => yaml(plan),
-        Format::Json => Export { text: plan.to_json(), notes: Vec::new() },
+        Format::Yaml => yaml(&as_file(plan)),
+        Format::Json => Export { text: as_file(plan).to_json(), notes: Vec::new() },
         Format::Hf => hf(plan),
         Format::Lightning => lightning(plan),
         Format::Deepspeed => deepspeed(plan),
@@ -378,6 +398,21 @@ pub fn export(plan: &Plan, format: Format) -> Export {
 mod tests {
     use super::*;
     use crate::presets::PRESETS;
+
+    #[test]
+    fn an_exported_model_is_exported_by_its_path() {
+        let graph = crate::estimate::reference::own_model("small_convnet").expect("fixture");
+        let v = Plan::from_file("models/mine.pt2", graph, &[("batch".into(), "4".into())]).expect("plan");
+        let cmd = export(v.plan(), Format::Command).text;
+        assert!(cmd.starts_with("headroom run --model-file models/mine.pt2 --set"), "{cmd}");
+        for format in [Format::Yaml, Format::Json] {
+            let text = export(v.plan(), format).text;
+            assert!(text.contains("models/mine.pt2") && !text.contains("symbols"), "{text}");
+            let back = Plan::parse(&text).expect("parses");
+            assert_eq!(back.model.file.as_ref().map(|f| f.path.as_str()), Some("models/mine.pt2"));
+            assert_eq!(back.micro_batch, 4);
+        }
+    }
 
     #[test]
     fn every_export_of_every_preset_parses_back() {

@@ -16,6 +16,10 @@ pub struct JobFiles {
     /// The folder a plan's `data` and `data_labels` paths are relative to; nothing
     /// outside it is read.
     pub data_root: Option<PathBuf>,
+    /// An exported model's file as its local user named it (`headroom run --model-file`);
+    /// an agent leaves it unset, and its workers read a plan's model file under the data
+    /// root instead.
+    pub weights: Option<PathBuf>,
 }
 
 /// The worker probe's report, one JSON line on its standard output.

@@ -10,3 +10,4 @@ pub mod host;
 pub mod job;
 pub mod nvml;
 pub mod pipe;
+pub mod pt2;

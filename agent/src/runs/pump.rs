@@ -42,6 +42,7 @@ impl Runs {
                 checkpoint_dir: Some(self.run_dir(job).join("checkpoints")),
                 resume: None,
                 data_root: self.data_root.clone(),
+                weights: None,
             };
             match self.runner.start(job, plan, estimate, &files) {
                 Ok(running) => {

@@ -204,11 +204,81 @@ pub(crate) struct Engine<'g> {
     /// The first value an op read that the walk no longer held: an inconsistency in the
     /// graph or the rules, reported as an error instead of a smaller figure.
     pub lost: std::cell::Cell<Option<ValueId>>,
-    /// Per value, the bytes its drop freed while a module call that took it as an
-    /// argument (`Graph::frames`) was still running (empty without frames).
-    pub(super) frame_freed: Vec<u64>,
-    /// Whether each value is an argument of some module call (empty without frames).
-    pub(super) frame_input: Vec<bool>,
+    /// Module calls' arguments the estimate freed while the call still runs
+    /// (`Graph::frames`); `None` for a graph without frames.
+    pub(super) frames: Option<FrameState>,
+}
+
+/// What the module calls running at a node may still hold of their arguments that the
+/// estimate has freed, kept as a running sum: a value counts while any open call took
+/// it as an argument.
+#[derive(Clone, Debug)]
+pub(crate) struct FrameState {
+    /// Per node, the calls that begin and end there.
+    opens: Vec<Vec<usize>>,
+    closes: Vec<Vec<usize>>,
+    /// Per value, how many open calls took it.
+    open_in: Vec<u32>,
+    /// Per value, the bytes its drop freed (0: not freed, or nothing freed).
+    freed: Vec<u64>,
+    /// The sum of `freed` over values some open call took.
+    pub held: u64,
+    /// The first node `enter` has not seen.
+    next: usize,
+}
+
+impl FrameState {
+    fn new(g: &Graph) -> FrameState {
+        let n = g.nodes.len() + 1;
+        let (mut opens, mut closes) = (vec![Vec::new(); n], vec![Vec::new(); n]);
+        for (k, f) in g.frames.iter().enumerate() {
+            opens[f.nodes.start.min(n - 1)].push(k);
+            closes[f.nodes.end.min(n - 1)].push(k);
+        }
+        FrameState { opens, closes, open_in: vec![0; g.values.len()], freed: vec![0; g.values.len()], held: 0, next: 0 }
+    }
+
+    /// Starts a forward pass over nodes from `start`: calls already running are open.
+    pub fn reset(&mut self, g: &Graph, start: usize) {
+        self.open_in.iter_mut().for_each(|c| *c = 0);
+        self.freed.iter_mut().for_each(|b| *b = 0);
+        self.held = 0;
+        self.next = start;
+        for f in g.frames.iter().filter(|f| f.nodes.start < start && start < f.nodes.end) {
+            for &v in &f.inputs {
+                self.open_in[v] += 1;
+            }
+        }
+    }
+
+    /// Node `i` is next: the calls ending up to it close, those starting up to it open
+    /// (nodes a fused block skipped included).
+    pub fn enter(&mut self, g: &Graph, i: usize) {
+        for j in self.next..=i.min(self.closes.len() - 1) {
+            for &k in &self.closes[j] {
+                for &v in &g.frames[k].inputs {
+                    self.open_in[v] = self.open_in[v].saturating_sub(1);
+                    if self.open_in[v] == 0 {
+                        self.held -= std::mem::take(&mut self.freed[v]);
+                    }
+                }
+            }
+            for &k in &self.opens[j] {
+                for &v in &g.frames[k].inputs {
+                    self.open_in[v] += 1;
+                }
+            }
+        }
+        self.next = self.next.max(i + 1);
+    }
+
+    /// Value `v` was dropped after its last use, freeing `bytes`.
+    pub fn dropped(&mut self, v: crate::graph::ValueId, bytes: u64) {
+        if self.open_in[v] > 0 && self.freed[v] == 0 {
+            self.freed[v] = bytes;
+            self.held += bytes;
+        }
+    }
 }
 
 impl<'g> Engine<'g> {
@@ -250,18 +320,7 @@ impl<'g> Engine<'g> {
             left: vec![0],
             redirect: BTreeMap::new(),
             lost: std::cell::Cell::new(None),
-            frame_freed: if g.frames.is_empty() { Vec::new() } else { vec![0; g.values.len()] },
-            frame_input: if g.frames.is_empty() {
-                Vec::new()
-            } else {
-                let mut f = vec![false; g.values.len()];
-                for fr in &g.frames {
-                    for &v in &fr.inputs {
-                        f[v] = true;
-                    }
-                }
-                f
-            },
+            frames: (!g.frames.is_empty()).then(|| FrameState::new(g)),
         }
     }
 

@@ -20,6 +20,9 @@ impl Engine<'_> {
     }
 
     fn forward_nodes(&mut self, sim: &mut Sim, range: std::ops::Range<usize>) {
+        if let Some(f) = self.frames.as_mut() {
+            f.reset(self.g, range.start);
+        }
         let mut next = range.start;
         while next < range.end {
             let i = next;
@@ -51,8 +54,9 @@ impl Engine<'_> {
                 continue;
             }
             self.current = i;
-            if !self.frame_freed.is_empty() {
-                sim.held_high = self.frame_held(i);
+            if let Some(f) = self.frames.as_mut() {
+                f.enter(self.g, i);
+                sim.held_high = f.held;
             }
             // The surface term begins: `torch.from_numpy(dist).to(device)`, the host's map.
             if let Some(t) = &self.g.surface
@@ -78,10 +82,10 @@ impl Engine<'_> {
             for k in 0..self.g.nodes[i].inputs.len() {
                 let v = self.g.nodes[i].inputs[k];
                 if self.last_use[v] == Some(i) && !self.g.returned.contains(&v) {
-                    if self.frame_input.get(v.index()).copied().unwrap_or(false) {
+                    if let Some(f) = self.frames.as_mut() {
                         // What dropping it frees (nothing while autograd or a view holds it).
-                        self.frame_freed[v] =
-                            self.vals[v].as_ref().filter(|t| sim.owners(t.st) == 1).map_or(0, Ten::bytes);
+                        let bytes = self.vals[v].as_ref().filter(|t| sim.owners(t.st) == 1).map_or(0, Ten::bytes);
+                        f.dropped(v, bytes);
                     }
                     self.drop_value(sim, v);
                 }
@@ -93,19 +97,6 @@ impl Engine<'_> {
                 }
             }
         }
-    }
-
-    /// What the module calls running at node `i` may still hold of their arguments that
-    /// the estimate has freed (`Graph::frames`).
-    fn frame_held(&self, i: usize) -> u64 {
-        self.g
-            .frames
-            .iter()
-            .filter(|f| f.nodes.contains(&i))
-            .flat_map(|f| f.inputs.iter())
-            .filter(|&&v| self.last_use[v].is_some_and(|u| u < i))
-            .map(|&v| self.frame_freed[v])
-            .sum()
     }
 
     /// A parameter read as a value: its storage, and at its first read its

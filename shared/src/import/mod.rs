@@ -13,6 +13,7 @@
 pub mod expr;
 pub mod lower;
 pub mod program;
+pub mod weights;
 pub mod zip;
 
 use serde::{Deserialize, Serialize};

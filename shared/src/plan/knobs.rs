@@ -13,6 +13,7 @@ use serde::Serialize;
 use super::limits;
 use super::{
     DeviceChoice, LrSchedule, Optimizer, OptimizerImpl, Outputs, Plan, PlanError, Precision, Runtime, Schedule,
+    WeightsInit,
 };
 use crate::units::{QUOTED_BYTES, clip};
 use crate::zoo::{Kind, LossKind};
@@ -633,6 +634,20 @@ pub static KNOBS: &[Knob] = &[
         get: |p, base| (p.outputs != base.outputs).then(|| p.outputs.word().to_owned()),
         set: |s, v| {
             s.plan.outputs = word(v, Outputs::from_word, "auto, kept or dropped")?;
+            Ok(())
+        },
+    },
+    Knob {
+        key: "init",
+        alias: None,
+        group: Group::Run,
+        unit: "",
+        help: "An exported model's starting weights: the file's (file) or fresh ones by PyTorch's default rules for each layer (random). Memory is the same either way.",
+        kind: || choice(&["file", "random"]),
+        default: |base| base.init.word().to_owned(),
+        get: |p, base| (p.init != base.init).then(|| p.init.word().to_owned()),
+        set: |s, v| {
+            s.plan.init = word(v, WeightsInit::from_word, "file or random")?;
             Ok(())
         },
     },

@@ -92,6 +92,33 @@ impl ModelSpec {
     }
 }
 
+/// Where an exported model's weights come from when the trainer starts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum WeightsInit {
+    /// The file's own weights (`data/weights/…` in the `.pt2`).
+    File,
+    /// Fresh weights, PyTorch's default rules per layer kind.
+    Random,
+}
+
+impl WeightsInit {
+    pub fn from_word(word: &str) -> Option<WeightsInit> {
+        match word {
+            "file" => Some(WeightsInit::File),
+            "random" => Some(WeightsInit::Random),
+            _ => None,
+        }
+    }
+
+    pub fn word(self) -> &'static str {
+        match self {
+            WeightsInit::File => "file",
+            WeightsInit::Random => "random",
+        }
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Optimizer {
@@ -510,11 +537,18 @@ pub struct Plan {
     /// Validation data, as `data` (empty: the validation pass samples `data`).
     #[serde(default)]
     pub val_data: String,
+    /// An exported model's starting weights (a zoo model's are always fresh).
+    #[serde(default = "file_init")]
+    pub init: WeightsInit,
     /// The host memory the job may use (its worker process's resident set); the guard
     /// also watches the machine's available memory and the cgroup's limit. `None`: those
     /// alone.
     #[serde(default)]
     pub host_memory_limit_bytes: Option<u64>,
+}
+
+fn file_init() -> WeightsInit {
+    WeightsInit::File
 }
 
 fn default_name() -> String {
@@ -793,6 +827,7 @@ impl Plan {
             data: String::new(),
             data_labels: String::new(),
             val_data: String::new(),
+            init: WeightsInit::File,
             host_memory_limit_bytes: None,
         }
     }

@@ -614,12 +614,18 @@ fn an_exported_model_estimates_trains_and_bad_files_exit_with_code_2() -> anyhow
     let v: serde_json::Value = serde_json::from_str(&out)?;
     assert_eq!(v["params"], 5354, "the parameters counted as PyTorch does");
     assert!(v["peak_bytes"].as_u64().is_some_and(|p| p > 0), "{v}");
+    // The fixture holds the graph alone: its own weights cannot be used, fresh ones can.
+    let (code, _, err) = cli(&["probe", "--model-file", file, "--set", "batch=4", "--device", "cpu"])?;
+    assert_ne!(code, 0);
+    assert!(err.contains("init=file") && err.contains("no entry"), "{err}");
     let (code, out, err) = cli(&[
         "probe",
         "--model-file",
         file,
         "--set",
         "batch=4",
+        "--set",
+        "init=random",
         "--set",
         "runtime=headroom",
         "--device",

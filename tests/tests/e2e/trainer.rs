@@ -650,3 +650,94 @@ fn loader_threads_make_synthetic_batches_too_without_adding_device_memory() -> a
     assert!(last < 0.5 * first, "learnable from the host too: {first} -> {last}");
     Ok(())
 }
+
+/// Exports a small 1-D classifier with torch.export (weights included) and eight fixed
+/// samples as `.npy` files with their labels, with the torch venv's python; prints
+/// PyTorch's cross-entropy of the whole set with the exported weights.
+fn export_with_data(root: &std::path::Path) -> anyhow::Result<f64> {
+    let script = root.join("export.py");
+    std::fs::write(
+        &script,
+        r#"import os, sys, torch, torch.nn as nn, torch.nn.functional as F
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv1d(2, 16, 7, stride=2, padding=3)
+        self.bn = nn.BatchNorm1d(16)
+        self.act = nn.SiLU(inplace=True)
+        self.head = nn.Linear(16, 5)
+
+    def forward(self, x):
+        return self.head(self.act(self.bn(self.conv(x))).mean(2))
+
+root = sys.argv[1]
+torch.manual_seed(3)
+model = Net().train()
+batch = torch.export.Dim("batch", min=1, max=4096)
+ep = torch.export.export(model, (torch.randn(2, 2, 64),), dynamic_shapes=({0: batch},))
+torch.export.save(ep, os.path.join(root, "net.pt2"))
+x = torch.randn(8, 2, 64)
+y = torch.randint(0, 5, (8,))
+os.makedirs(os.path.join(root, "set"), exist_ok=True)
+rows = ["input,label"]
+for i in range(8):
+    header = "{'descr': '<f4', 'fortran_order': False, 'shape': (2, 64), }"
+    header += " " * (128 - 10 - len(header) - 1) + "\n"
+    with open(os.path.join(root, "set", f"s{i}.npy"), "wb") as f:
+        f.write(b"\x93NUMPY\x01\x00" + len(header).to_bytes(2, "little") + header.encode())
+        f.write(bytes(x[i].clone().untyped_storage()))
+    rows.append(f"s{i}.npy,{int(y[i])}")
+open(os.path.join(root, "labels.csv"), "w").write("\n".join(rows) + "\n")
+with torch.no_grad():
+    print(F.cross_entropy(model(x), y).item())
+"#,
+    )?;
+    let python =
+        std::env::var("HEADROOM_TORCH_VENV").map_or_else(|_| "python3".to_owned(), |v| format!("{v}/bin/python"));
+    let out = std::process::Command::new(python).arg(&script).arg(root).output()?;
+    anyhow::ensure!(out.status.success(), "exporting: {}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8_lossy(&out.stdout);
+    Ok(text.lines().last().unwrap_or_default().trim().parse()?)
+}
+
+/// `init=file` trains an exported model from its own weights: on the same data, its first
+/// loss is PyTorch's with those weights, to float precision; `init=random` starts
+/// elsewhere.
+#[test]
+fn an_exported_model_trains_from_the_files_weights() -> anyhow::Result<()> {
+    let root = tempfile::tempdir()?;
+    let pytorch = export_with_data(root.path())?;
+    let file = root.path().join("net.pt2");
+    let data_root = root.path().to_str().expect("utf-8");
+    let args = |init: &str| -> Vec<String> {
+        [
+            "--model-file",
+            file.to_str().expect("utf-8"),
+            "--data-root",
+            data_root,
+            "--set",
+            "data=set",
+            "--set",
+            "data_labels=labels.csv",
+            "--set",
+            "batch=8",
+            "--set",
+            "steps=1",
+            "--set",
+            "optimizer=sgd",
+            "--set",
+        ]
+        .iter()
+        .map(|s| (*s).to_owned())
+        .chain([format!("init={init}")])
+        .collect()
+    };
+    let lines = run(&as_strs(&args("file")))?;
+    let first = lines.last().and_then(|v| v["summary"]["first_loss"].as_f64()).expect("summary");
+    assert!((first - pytorch).abs() < 1e-5 * pytorch.abs().max(1.0), "headroom {first} vs pytorch {pytorch}");
+    let lines = run(&as_strs(&args("random")))?;
+    let random = lines.last().and_then(|v| v["summary"]["first_loss"].as_f64()).expect("summary");
+    assert!((random - pytorch).abs() > 1e-3, "fresh weights start elsewhere: {random} vs {pytorch}");
+    Ok(())
+}

@@ -259,6 +259,7 @@ impl<'a> Trainer<'a> {
         let cur_graph = cur.validate().map_err(TrainError::plan)?;
         let mut net = Box::new(Net::new(cur_graph.clone(), device, autocast, plan.checkpoint(), plan.seed)?);
         Self::load_script(plan, files, device, &mut net)?;
+        Self::load_file_weights(plan, files, &net)?;
         let mut opt = make_optimizer(plan, &net)?;
         let val_net = val_graph.map(|g| {
             let mut v = Box::new(net.sharing(g, shared::graph::Checkpoint::Off));
@@ -367,6 +368,113 @@ impl<'a> Trainer<'a> {
         let (s, params) = model::Script::load(&path, device)?;
         net.params = params;
         net.script = Some(s);
+        Ok(())
+    }
+
+    /// An exported model's own weights (`init=file`): each parameter, buffer and constant
+    /// read from its entry of the `.pt2` (raw little-endian storage, viewed as the file's
+    /// configuration says) and copied into the net's tensor of the same name. The file is
+    /// the one the local user named, or the plan's path under the agent's data root.
+    fn load_file_weights(plan: &Plan, files: &JobFiles, net: &Net) -> Result<(), TrainError> {
+        use shared::import::weights;
+        let Some(file) = &plan.model.file else { return Ok(()) };
+        if plan.init == shared::plan::WeightsInit::Random {
+            return Ok(());
+        }
+        let path = match (&files.weights, &files.data_root) {
+            (Some(p), _) => p.clone(),
+            (None, Some(root)) => data::confine(root, &file.path)?,
+            (None, None) => {
+                return Err(TrainError::Data(format!(
+                    "init=file needs {}: an agent reads model files under its --data-root (or set init=random)",
+                    file.path
+                )));
+            }
+        };
+        let bad = |e: system::pt2::Pt2Error| TrainError::Data(format!("init=file: {e}"));
+        let mut archive = system::pt2::Archive::open(&path).map_err(bad)?;
+        if let Some(order) = archive.find("byteorder").map_err(bad)? {
+            let text = archive.read(&order, 16).map_err(bad)?;
+            if text.trim_ascii() != b"little" {
+                return Err(TrainError::Data(format!("init=file: {} stores big-endian weights", path.display())));
+            }
+        }
+        let mut stored = Vec::new();
+        for (config, folder) in
+            [(weights::WEIGHTS_CONFIG, "data/weights"), (weights::CONSTANTS_CONFIG, "data/constants")]
+        {
+            if let Some(entry) = archive.find(config).map_err(bad)? {
+                let text = archive.read(&entry, weights::MAX_CONFIG_BYTES).map_err(bad)?;
+                stored.extend(
+                    weights::read(&text, folder)
+                        .map_err(|e| TrainError::Data(format!("init=file: {}: {e}", path.display())))?,
+                );
+            }
+        }
+        let names = net.param_names();
+        let mut loaded = vec![false; names.len()];
+        for s in &stored {
+            let Some(i) = names.iter().position(|n| *n == s.fqn) else { continue };
+            let (kind, esize) = match s.dtype {
+                7 => (Kind::Float, 4),
+                5 => (Kind::Int64, 8),
+                12 => (Kind::Bool, 1),
+                other => {
+                    return Err(TrainError::Data(format!(
+                        "init=file: {} is {}",
+                        s.fqn,
+                        shared::import::program::dtype_name(other)
+                    )));
+                }
+            };
+            let entry = archive
+                .find(&s.entry)
+                .map_err(bad)?
+                .ok_or_else(|| TrainError::Data(format!("init=file: {} has no entry {}", s.fqn, s.entry)))?;
+            let need =
+                s.reach(esize).ok_or_else(|| TrainError::Data(format!("init=file: {}: sizes overflow", s.fqn)))?;
+            if entry.size < need {
+                return Err(TrainError::Data(format!(
+                    "init=file: {} needs {need} bytes of storage, its entry holds {}",
+                    s.fqn, entry.size
+                )));
+            }
+            let bytes = archive.read(&entry, entry.size).map_err(bad)?;
+            let dims = |v: &[u64]| v.iter().map(|&d| i64::try_from(d).unwrap_or(i64::MAX)).collect::<Vec<_>>();
+            let target = &net.params[i];
+            if target.size() != dims(&s.sizes) || target.kind() != kind {
+                return Err(TrainError::Data(format!(
+                    "init=file: {} is {:?} {:?} in the file, {:?} {:?} in the graph",
+                    s.fqn,
+                    s.sizes,
+                    kind,
+                    target.size(),
+                    target.kind()
+                )));
+            }
+            let storage = Tensor::f_from_data_size(&bytes, &[(bytes.len() / esize as usize) as i64], kind)?;
+            let view = storage.f_as_strided(dims(&s.sizes), dims(&s.strides), i64::try_from(s.offset).ok())?;
+            tch::no_grad(|| target.shallow_clone().f_copy_(&view))?;
+            loaded[i] = true;
+        }
+        // Every trainable parameter must come from the file; a buffer it lacks (a
+        // non-persistent one) keeps its fresh value.
+        let missing: Vec<&str> = net
+            .graph
+            .params
+            .iter()
+            .zip(&loaded)
+            .filter(|(p, l)| p.trainable && !**l)
+            .map(|(p, _)| p.name.as_str())
+            .collect();
+        if !missing.is_empty() {
+            return Err(TrainError::Data(format!(
+                "init=file: {} has no weights for {} parameter(s): {} (set init=random to train from fresh weights)",
+                path.display(),
+                missing.len(),
+                missing.iter().take(5).copied().collect::<Vec<_>>().join(", ")
+            )));
+        }
         Ok(())
     }
 
