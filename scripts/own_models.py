@@ -110,9 +110,17 @@ ADAMW = "torch.optim.AdamW(model.parameters(), lr=1e-3)"
 OPTIMIZER_WORDS = {SGD: [("optimizer", "sgd")], MOMENTUM: [("optimizer", "momentum")],
                    ADAM: [("optimizer", "adam")], ADAMW: [("optimizer", "adamw")]}
 CE = "torch.nn.CrossEntropyLoss()"
+# A Hugging Face output's logits, as the loop of a user's own script reads them.
+HF_CE = "(lambda out, y: torch.nn.functional.cross_entropy(out.logits, y))"
+HF_TOKEN_CE = "(lambda out, y: torch.nn.functional.cross_entropy(out.logits.reshape(-1, out.logits.shape[-1]), y.reshape(-1)))"
 TOKEN_CE = "(lambda out, y: torch.nn.functional.cross_entropy(out.reshape(-1, out.shape[-1]), y.reshape(-1)))"
 MSE = "torch.nn.MSELoss()"
-LOSS_WORDS = {CE: "ce", TOKEN_CE: "token_ce", MSE: "mse"}
+LOSS_WORDS = {CE: "ce", TOKEN_CE: "token_ce", MSE: "mse", HF_CE: "ce", HF_TOKEN_CE: "token_ce"}
+
+# Small Hugging Face configurations (the architecture is the reference's; sizes keep the
+# measurement quick).
+BERT = ("transformers.{cls}(transformers.BertConfig(vocab_size=2000, hidden_size=128, num_hidden_layers=2, "
+        "num_attention_heads=4, intermediate_size=256, max_position_embeddings=128{extra}))")
 
 # (id, build, example input shape without the batch, task, source)
 MODELS = [
@@ -135,6 +143,10 @@ MODELS = [
      ("classify", [3, 64, 64], 10), "timm"),
     ("vit_tiny", "timm.create_model('vit_tiny_patch16_224', img_size=64, num_classes=10)", (3, 64, 64),
      ("classify", [3, 64, 64], 10), "timm"),
+    ("bert_mlm", BERT.format(cls="BertForMaskedLM", extra=""), (32,), ("token_ids", 32, 2000, 2000),
+     "Hugging Face BERT"),
+    ("bert_cls", BERT.format(cls="BertForSequenceClassification", extra=", num_labels=3"), (32,),
+     ("seq_ids", 32, 2000, 3), "Hugging Face BERT"),
     # 25 M parameters: a 100 MB file with its weights, for the import benchmark.
     ("big_mlp", "Regressor(features=1024, hidden=4096, out=1000)", (1024,), ("regress", [1024], [1000]),
      "hand-written MLP"),
@@ -160,6 +172,9 @@ RUNS = [
     ("efficientnet_b0", 4, ADAMW, CE, "fp32"),
     ("vit_tiny", 4, ADAMW, CE, "fp32"),
     ("vit_tiny", 4, MOMENTUM, CE, "bf16"),
+    ("bert_mlm", 4, ADAMW, HF_TOKEN_CE, "fp32"),
+    ("bert_mlm", 4, ADAMW, HF_TOKEN_CE, "bf16"),
+    ("bert_cls", 8, ADAM, HF_CE, "fp32"),
 ]
 
 
@@ -174,12 +189,16 @@ def namespace():
     return ns
 
 
-def export(model_id, build, shape, out_dir, weights):
+def export(model_id, build, shape, task, out_dir, weights):
     import torch
     ns = namespace()
     torch.manual_seed(0)
     model = eval(build, ns).train()
-    x = torch.randn(2, *shape)
+    if task[0] in ("token_ids", "seq_ids"):
+        model.config.use_cache = False
+        x = torch.randint(0, task[2], (2, *shape))
+    else:
+        x = torch.randn(2, *shape)
     batch = torch.export.Dim("batch", min=1, max=4096)
     ep = torch.export.export(model, (x,), dynamic_shapes=({0: batch},))
     buf = io.BytesIO()
@@ -226,10 +245,10 @@ def main():
     only = set(filter(None, args.only.split(",")))
     if args.export:
         os.makedirs(args.export, exist_ok=True)
-        for model_id, build, shape, _, _ in MODELS:
+        for model_id, build, shape, task, _ in MODELS:
             if only and model_id not in only:
                 continue
-            path = export(model_id, build, shape, args.export, args.weights)
+            path = export(model_id, build, shape, task, args.export, args.weights)
             print(f"{path}: {os.path.getsize(path)} bytes", file=sys.stderr)
     if args.configs:
         with open(args.configs, "w") as f:

@@ -289,6 +289,14 @@ def make_batch(torch, task, b):
         # Feature sequences [B, T, D], a class per position.
         _, shape, classes = task
         return torch.randn(b, *shape), torch.randint(0, classes, (b, shape[0]))
+    if kind == "token_ids":
+        # Token ids [B, T] (a Hugging Face encoder's input_ids), a class per position.
+        _, seq, vocab, classes = task
+        return torch.randint(0, vocab, (b, seq)), torch.randint(0, classes, (b, seq))
+    if kind == "seq_ids":
+        # Token ids [B, T], a class per sequence.
+        _, seq, vocab, classes = task
+        return torch.randint(0, vocab, (b, seq)), torch.randint(0, classes, (b,))
     if kind == "regress":
         _, shape, out_shape = task
         return torch.randn(b, *shape), torch.randn(b, *out_shape)

@@ -88,7 +88,7 @@ fn main() {
     for (id, bytes) in shared::estimate::reference::OWN_FILES {
         let (import, m) = best_of(5, || shared::import::open(bytes, id).expect("imports"));
         let loss = match *id {
-            "tagger" => "token_ce",
+            "tagger" | "bert_mlm" => "token_ce",
             "regressor" => "mse",
             _ => "ce",
         };

@@ -71,9 +71,15 @@ impl Archive {
 
     /// The exported model's graph (`models/model.json`), imported.
     pub fn model(&mut self) -> Result<shared::import::Imported, Pt2Error> {
+        use shared::import::weights;
         let entry = shared::import::graph_entry(&self.dir).map_err(|e| self.import(e))?.clone();
         let json = self.read(&entry, shared::import::MAX_GRAPH_JSON)?;
+        // The weights' configuration (not the weights) says which parameters are tied.
+        let config = match self.find(weights::WEIGHTS_CONFIG)? {
+            Some(e) => Some(self.read(&e, weights::MAX_CONFIG_BYTES)?),
+            None => None,
+        };
         let name = self.path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
-        shared::import::from_graph(&json, &name).map_err(|e| self.import(e))
+        shared::import::from_parts(&json, config.as_deref(), &name).map_err(|e| self.import(e))
     }
 }

@@ -40,6 +40,8 @@ own_files!(
     "convnext_atto",
     "efficientnet_b0",
     "vit_tiny",
+    "bert_mlm",
+    "bert_cls",
 );
 
 /// An own-model fixture file, imported.

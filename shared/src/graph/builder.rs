@@ -609,6 +609,29 @@ impl Builder {
         Ok(self.push(Op::AvgPool { nd: nd as u8, kernel, stride, padding }, vec![x], vec![], o))
     }
 
+    /// `torch.arange(end)` (int64).
+    pub fn arange(&mut self, end: u64) -> ValueId {
+        self.push_typed(Op::Arange { end }, vec![], vec![], vec![end], DType::I64)
+    }
+
+    /// `x.gather(dim, index)`: shaped like the int64 `index`.
+    pub fn gather(&mut self, x: ValueId, dim: usize, index: ValueId) -> R<ValueId> {
+        let (xs, is) = (self.shape(x).to_vec(), self.shape(index).to_vec());
+        if self.dtype(index) != DType::I64 || xs.len() != is.len() || dim >= xs.len() {
+            return Err(self.err("gather", format!("index {is:?} does not gather from {xs:?} along {dim}")));
+        }
+        if xs.iter().zip(&is).enumerate().any(|(d, (a, b))| d != dim && b > a) {
+            return Err(self.err("gather", format!("index {is:?} is larger than {xs:?} off dimension {dim}")));
+        }
+        Ok(self.push(Op::Gather { dim }, vec![x, index], vec![], is))
+    }
+
+    /// `x <cmp> s`: a boolean tensor.
+    pub fn compare_scalar(&mut self, x: ValueId, cmp: crate::graph::Cmp, s: f64) -> ValueId {
+        let shape = self.shape(x).to_vec();
+        self.push_typed(Op::CompareScalar { cmp, s }, vec![x], vec![], shape, DType::Bool)
+    }
+
     /// `F.mse_loss(x, target)`, mean over every element.
     pub fn mse_loss(&mut self, x: ValueId, target: ValueId) -> R<ValueId> {
         if self.shape(x) != self.shape(target) {

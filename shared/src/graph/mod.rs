@@ -22,7 +22,7 @@ mod builder;
 mod op;
 
 pub use builder::Builder;
-pub use op::{Op, OpFamily};
+pub use op::{Cmp, Op, OpFamily};
 
 /// A tensor shape, batch dimension first.
 pub type Shape = Vec<u64>;

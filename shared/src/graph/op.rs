@@ -239,6 +239,56 @@ pub enum Op {
     },
     /// `x.long()` of a float tensor.
     ToI64,
+    /// `torch.arange(end)`: int64 `[end]`, made by the forward pass.
+    Arange {
+        end: u64,
+    },
+    /// `x.gather(dim, index)`: the entries of `x` at int64 `index` along `dim`, shaped
+    /// like `index`.
+    Gather {
+        dim: usize,
+    },
+    /// `x <op> s` element-wise: a boolean tensor, no gradient.
+    CompareScalar {
+        cmp: Cmp,
+        s: f64,
+    },
+}
+
+/// The comparison of `Op::CompareScalar`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Cmp {
+    Eq,
+    Ne,
+    Lt,
+    Le,
+    Gt,
+    Ge,
+}
+
+impl Cmp {
+    pub fn from_word(word: &str) -> Option<Cmp> {
+        Some(match word {
+            "eq" => Cmp::Eq,
+            "ne" => Cmp::Ne,
+            "lt" => Cmp::Lt,
+            "le" => Cmp::Le,
+            "gt" => Cmp::Gt,
+            "ge" => Cmp::Ge,
+            _ => return None,
+        })
+    }
+
+    pub fn word(self) -> &'static str {
+        match self {
+            Cmp::Eq => "eq",
+            Cmp::Ne => "ne",
+            Cmp::Lt => "lt",
+            Cmp::Le => "le",
+            Cmp::Gt => "gt",
+            Cmp::Ge => "ge",
+        }
+    }
 }
 
 impl Op {
@@ -317,6 +367,9 @@ impl Op {
             Op::BceWithLogits => "bce_with_logits",
             Op::OneHot { .. } => "one_hot",
             Op::ToI64 => "long",
+            Op::Arange { .. } => "arange",
+            Op::Gather { .. } => "gather",
+            Op::CompareScalar { cmp, .. } => cmp.word(),
         }
     }
 
@@ -346,6 +399,7 @@ impl Op {
             | Op::ToF32
             | Op::CastLike
             | Op::ToI64
+            | Op::CompareScalar { .. }
             | Op::Dropout { .. }
             | Op::Add
             | Op::Sub
@@ -373,9 +427,14 @@ impl Op {
             | Op::Cat { .. }
             | Op::Pad { .. }
             | Op::Roll { .. } => Views,
-            Op::Embedding | Op::IndexRows | Op::Index | Op::OneHot { .. } | Op::MaxPool { .. } | Op::AvgPool { .. } => {
-                Index
-            }
+            Op::Embedding
+            | Op::IndexRows
+            | Op::Index
+            | Op::OneHot { .. }
+            | Op::MaxPool { .. }
+            | Op::AvgPool { .. }
+            | Op::Arange { .. }
+            | Op::Gather { .. } => Index,
             Op::Attention { .. } | Op::ShiftedWindowMask { .. } => Attention,
             Op::NllLoss { .. } | Op::BceWithLogits | Op::MseLoss => Loss,
             Op::Param | Op::Release | Op::Script => Special,

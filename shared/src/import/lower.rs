@@ -85,6 +85,14 @@ const OPS: &[(&str, &str, Lower)] = &[
     ("aten.adaptive_avg_pool2d.default", "mean (output size 1)", pool),
     ("aten.adaptive_avg_pool3d.default", "mean (output size 1)", pool),
     ("aten.scaled_dot_product_attention.default", "attention", attention),
+    ("aten.arange.default", "arange", arange),
+    ("aten.gather.default", "gather", gather),
+    ("aten.eq.Scalar", "eq", compare),
+    ("aten.ne.Scalar", "ne", compare),
+    ("aten.lt.Scalar", "lt", compare),
+    ("aten.le.Scalar", "le", compare),
+    ("aten.gt.Scalar", "gt", compare),
+    ("aten.ge.Scalar", "ge", compare),
 ];
 
 /// The op coverage table: each ATen op the importer takes and the graph primitive it
@@ -692,8 +700,8 @@ fn attention(l: &mut L<'_>, n: &ImportedNode) -> Result<Vec<ValueId>, String> {
         None | Some(Arg::None) => None,
         Some(_) => Some(l.t(n, "attn_mask")?),
     };
-    if mask.is_some_and(|m| l.b.dtype(m) != DType::F32) {
-        return Err("a boolean attention mask (only additive float masks are modelled yet)".into());
+    if mask.is_some_and(|m| l.b.dtype(m) == DType::I64) {
+        return Err("an integer attention mask (SDPA takes boolean or float masks)".into());
     }
     if l.flag(n, "enable_gqa", false)? {
         return Err("grouped-query attention inside SDPA (enable_gqa) is not modelled yet".into());
@@ -705,6 +713,33 @@ fn attention(l: &mut L<'_>, n: &ImportedNode) -> Result<Vec<ValueId>, String> {
         _ => Some(l.float(n, "scale", 1.0)?),
     };
     l.b.attention(q, k, v, mask, causal, dropout, scale).map(|v| vec![v]).map_err(gerr)
+}
+
+fn arange(l: &mut L<'_>, n: &ImportedNode) -> Result<Vec<ValueId>, String> {
+    if !matches!(l.arg(n, "dtype"), None | Some(Arg::None) | Some(Arg::Dtype(5))) {
+        return Err("arange of a dtype other than int64 (not modelled yet)".into());
+    }
+    let end = l.int(n, "end", 0)?;
+    let end = u64::try_from(end).map_err(|_| format!("arange to {end}"))?;
+    Ok(vec![l.b.arange(end)])
+}
+
+fn gather(l: &mut L<'_>, n: &ImportedNode) -> Result<Vec<ValueId>, String> {
+    let x = l.t(n, "self")?;
+    let idx = l.t(n, "index")?;
+    if l.flag(n, "sparse_grad", false)? {
+        return Err("gather with sparse_grad (not modelled yet)".into());
+    }
+    let d = l.dim(x, l.int(n, "dim", 0)?, 0)?;
+    l.b.gather(x, d, idx).map(|v| vec![v]).map_err(gerr)
+}
+
+fn compare(l: &mut L<'_>, n: &ImportedNode) -> Result<Vec<ValueId>, String> {
+    let x = l.t(n, "self")?;
+    let s = l.float(n, "other", 0.0)?;
+    let word = n.op.split('.').nth(1).unwrap_or("");
+    let cmp = crate::graph::Cmp::from_word(word).ok_or_else(|| format!("comparison {word}"))?;
+    Ok(vec![l.b.compare_scalar(x, cmp, s)])
 }
 
 fn graph_dtype(code: u32) -> Option<DType> {
@@ -775,6 +810,14 @@ pub fn build(m: &Imported, s: &Settings<'_>, batch: u64, opts: &BuildOptions) ->
         value_err(format!("{} at node {} (module {module}{at}): {why}", n.op, n.name))
     };
     for p in &m.params {
+        if let Some(first) = p.alias_of {
+            // Tied weights: one tensor under two names.
+            let target = m.params.get(first as usize).map(|f| f.tensor as usize);
+            l.params[p.tensor as usize] = target.and_then(|t| l.params[t]);
+            if l.params[p.tensor as usize].is_some() {
+                continue;
+            }
+        }
         let meta = &m.tensors[p.tensor as usize];
         let shape = shape_at(&l, p.tensor).map_err(value_err)?;
         let dtype = graph_dtype(meta.dtype).ok_or_else(|| {

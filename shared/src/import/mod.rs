@@ -82,6 +82,9 @@ pub struct ParamSpec {
     pub fqn: String,
     pub tensor: u32,
     pub kind: ParamKind,
+    /// Another name of an earlier parameter's tensor (tied weights: a language model's
+    /// output projection and its token embedding), as the file's weights share storage.
+    pub alias_of: Option<u32>,
 }
 
 /// One ATen call.
@@ -174,10 +177,16 @@ pub const GRAPH_ENTRY: &str = "models/model.json";
 /// Imports a whole `.pt2` file held in memory; `name` is the file's name.
 pub fn open(bytes: &[u8], name: &str) -> Result<Imported, ImportError> {
     let dir = zip::Directory::of(bytes)?;
-    let entry = graph_entry(&dir)?;
-    let (at, len) = entry.span(bytes.len() as u64);
-    let json = entry.read(&bytes[at as usize..(at + len) as usize], MAX_GRAPH_JSON)?;
-    from_graph(&json, name)
+    let read = |e: &zip::Entry, limit: u64| -> Result<Vec<u8>, ImportError> {
+        let (at, len) = e.span(bytes.len() as u64);
+        e.read(&bytes[at as usize..(at + len) as usize], limit)
+    };
+    let json = read(graph_entry(&dir)?, MAX_GRAPH_JSON)?;
+    let weights = match dir.find(weights::WEIGHTS_CONFIG)? {
+        Some(e) => Some(read(e, weights::MAX_CONFIG_BYTES)?),
+        None => None,
+    };
+    from_parts(&json, weights.as_deref(), name)
 }
 
 /// The graph's entry in an archive's directory (read the file's bytes `entry.span()`
@@ -192,7 +201,30 @@ pub fn graph_entry(dir: &zip::Directory) -> Result<&zip::Entry, ImportError> {
 
 /// An import from the graph entry's text.
 pub fn from_graph(json: &[u8], name: &str) -> Result<Imported, ImportError> {
+    from_parts(json, None, name)
+}
+
+/// An import from the graph entry's text and, when the file has one, its weights
+/// configuration (`weights::WEIGHTS_CONFIG`, a small entry): parameters whose weights
+/// share one storage are one tensor (tied weights), as PyTorch holds them.
+pub fn from_parts(json: &[u8], weights_config: Option<&[u8]>, name: &str) -> Result<Imported, ImportError> {
     let mut imported = program::read(json, name, lower::known)?;
+    if let Some(text) = weights_config {
+        let stored = weights::read(text, "data/weights")?;
+        let entry_of: std::collections::HashMap<&str, &str> =
+            stored.iter().map(|s| (s.fqn.as_str(), s.entry.as_str())).collect();
+        let mut first: std::collections::HashMap<&str, u32> = std::collections::HashMap::new();
+        for (i, p) in imported.params.iter_mut().enumerate() {
+            if let Some(&entry) = entry_of.get(p.fqn.as_str()) {
+                match first.get(entry) {
+                    Some(&j) => p.alias_of = Some(j),
+                    None => {
+                        first.insert(entry, i as u32);
+                    }
+                }
+            }
+        }
+    }
     lower::name_symbols(&mut imported)?;
     Ok(imported)
 }

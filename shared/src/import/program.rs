@@ -356,7 +356,7 @@ pub fn read(text: &[u8], name: &str, known: fn(&str) -> bool) -> Result<Imported
                     "buffer" => ParamKind::Buffer,
                     _ => ParamKind::Constant,
                 };
-                params.push(ParamSpec { fqn, tensor, kind });
+                params.push(ParamSpec { fqn, tensor, kind, alias_of: None });
             }
             "user_input" => match body.get("arg").and_then(tensor_of) {
                 Some(t) => inputs.push(t),

@@ -19,7 +19,7 @@ fn every_fixture_model_imports_and_builds_at_several_batches() {
         let m = own_model(id).expect("imports");
         assert_eq!(m.symbols.iter().filter(|s| s.key == "batch").count(), 1, "{id}: one batch symbol");
         let loss = match *id {
-            "tagger" => "token_ce",
+            "tagger" | "bert_mlm" => "token_ce",
             "regressor" => "mse",
             _ => "ce",
         };
@@ -156,9 +156,32 @@ fn the_whole_file_and_the_graph_entry_alone_import_the_same() {
                 zip::Directory::read(&bytes[(len - n) as usize..], len).expect("reads").expect("enough")
             }
         };
-        let e = graph_entry(&dir).expect("entry");
-        let (at, n) = e.span(len);
-        let json = e.read(&bytes[at as usize..(at + n) as usize], MAX_GRAPH_JSON).expect("reads");
-        assert_eq!(from_graph(&json, id).expect("imports"), whole);
+        let read = |e: &zip::Entry, limit: u64| {
+            let (at, n) = e.span(len);
+            e.read(&bytes[at as usize..(at + n) as usize], limit).expect("reads")
+        };
+        let json = read(graph_entry(&dir).expect("entry"), MAX_GRAPH_JSON);
+        let config = dir.find(weights::WEIGHTS_CONFIG).expect("one").map(|e| read(e, weights::MAX_CONFIG_BYTES));
+        assert_eq!(from_parts(&json, config.as_deref(), id).expect("imports"), whole);
+    }
+}
+
+#[test]
+fn tied_weights_are_one_tensor_as_pytorch_holds_them() {
+    // BertForMaskedLM ties its decoder to the word embeddings: the export lists both
+    // names, the weights' configuration stores one storage.
+    let m = own_model("bert_mlm").expect("imports");
+    let tied: Vec<&str> = m.params.iter().filter(|p| p.alias_of.is_some()).map(|p| p.fqn.as_str()).collect();
+    assert!(tied.contains(&"cls.predictions.decoder.weight"), "{tied:?}");
+    let v = Plan::from_file("x.pt2", m, &[("loss".into(), "token_ce".into())]).expect("builds");
+    // sum(p.numel() for p in model.parameters()) of the same configuration.
+    assert_eq!(v.graph().n_params(), 556_624);
+}
+
+#[test]
+fn the_documented_coverage_table_is_the_importers() {
+    let doc = include_str!("../../../docs/own-models.md");
+    for (op, primitive) in crate::import::lower::coverage() {
+        assert!(doc.contains(&format!("| `{op}` | `{primitive}` |")), "docs/own-models.md lacks {op}");
     }
 }

@@ -94,7 +94,16 @@ pub(crate) fn forward(
     let q = e.read_low(sim, inputs[0]);
     let k = e.read_low(sim, inputs[1]);
     let v = e.read_low(sim, inputs[2]);
-    let mask = inputs.get(3).map(|&m| e.read_low(sim, m));
+    let mask = inputs.get(3).map(|&m| e.read_low(sim, m)).map(|m| {
+        if m.t.esize != 1 {
+            return m;
+        }
+        // A boolean mask becomes an additive one in q's dtype first
+        // (`convert_boolean_attn_mask`: `where(mask, 0, -inf)`), shaped like the mask.
+        let add = e.alloc_contig(sim, &m.t.shape, q.t.esize, ACT);
+        Engine::release(sim, m.t);
+        Read { t: add, slot: None }
+    });
     let math = e.cpu() && dropout > 0.0;
     if math {
         return math_forward(e, sim, i, q, k, v, mask, causal);

@@ -96,6 +96,12 @@ pub(super) fn fwd(e: &mut Engine, sim: &mut Sim, i: usize, op: Op, inputs: Vec<V
             alias_slot(e, i, c.slot);
             vec![c.t]
         }
+        Op::CompareScalar { .. } => {
+            let x = e.read(sim, inputs[0]);
+            let o = elementwise_out(e, sim, &shape, &[&x.t], 1);
+            release(sim, x);
+            vec![o]
+        }
         Op::ToI64 => {
             let x = e.read(sim, inputs[0]);
             let o = e.alloc(sim, &shape, layout::like(&x.t.shape, &x.t.strides), 8, ACT);
@@ -170,7 +176,7 @@ pub(super) fn bwd(
         }
         Op::MulScalar { .. } | Op::RsubScalar { .. } => vec![grad_elementwise(e, sim, k, 0, g)],
         Op::AddScalar { .. } | Op::ToF32 | Op::CastLike => vec![pass(e, sim, k, 0, g)],
-        Op::ToI64 => none,
+        Op::ToI64 | Op::CompareScalar { .. } => none,
         Op::Dropout { .. } => vec![grad_elementwise(e, sim, k, 0, g)],
         Op::Add | Op::AddInplace => {
             let ga = pass(e, sim, k, 0, g);

@@ -27,6 +27,8 @@ pub(super) fn run(c: &Call<'_>, op: &Op) -> Result<Vec<Tensor>, tch::TchError> {
                 _ => x.f_avg_pool2d([k; 2], [s; 2], [pd; 2], false, true, None)?,
             })
         }
+        Op::Arange { end } => one(Tensor::f_arange(i(*end), (Kind::Int64, c.net.device))?),
+        Op::Gather { dim } => one(c.arg(0)?.f_gather(i(*dim as u64), c.arg(1)?, false)?),
         Op::IndexRows => {
             let x = c.arg(0)?;
             let b = x.size()[0];

@@ -1,6 +1,6 @@
 //! Element-wise ops, in place where the reference is: activations, scalar arithmetic, casts, dropout, binary ops. One tch call per op, the call its reference makes.
 
-use shared::graph::Op;
+use shared::graph::{Cmp, Op};
 use tch::{Kind, Tensor};
 
 use super::{Call, not_in_family, one};
@@ -40,6 +40,17 @@ pub(super) fn run(c: &Call<'_>, op: &Op) -> Result<Vec<Tensor>, tch::TchError> {
         Op::ToF32 => one(c.arg(0)?.f_to_kind(Kind::Float)?),
         Op::CastLike => one(c.arg(0)?.f_to_kind(c.arg(1)?.kind())?),
         Op::ToI64 => one(c.arg(0)?.f_to_kind(Kind::Int64)?),
+        Op::CompareScalar { cmp, s } => {
+            let x = c.arg(0)?;
+            one(match cmp {
+                Cmp::Eq => x.f_eq(*s)?,
+                Cmp::Ne => x.f_ne(*s)?,
+                Cmp::Lt => x.f_lt(*s)?,
+                Cmp::Le => x.f_le(*s)?,
+                Cmp::Gt => x.f_gt(*s)?,
+                Cmp::Ge => x.f_ge(*s)?,
+            })
+        }
         other => Err(not_in_family(other)),
     }
 }
