@@ -147,6 +147,18 @@ MODELS = [
      "Hugging Face BERT"),
     ("bert_cls", BERT.format(cls="BertForSequenceClassification", extra=", num_labels=3"), (32,),
      ("seq_ids", 32, 2000, 3), "Hugging Face BERT"),
+    ("mobilenet_v2", "torchvision.models.mobilenet_v2(num_classes=10)", (3, 64, 64), ("classify", [3, 64, 64], 10),
+     "torchvision"),
+    ("mnasnet", "torchvision.models.mnasnet0_5(num_classes=10)", (3, 64, 64), ("classify", [3, 64, 64], 10),
+     "torchvision"),
+    ("mixer", "timm.create_model('mixer_s16_224', img_size=64, num_classes=10)", (3, 64, 64),
+     ("classify", [3, 64, 64], 10), "timm"),
+    ("regnetx", "timm.create_model('regnetx_002', num_classes=10)", (3, 64, 64), ("classify", [3, 64, 64], 10),
+     "timm"),
+    ("ghostnet", "timm.create_model('ghostnet_050', num_classes=10)", (3, 64, 64), ("classify", [3, 64, 64], 10),
+     "timm"),
+    ("smp_unet", "segmentation_models_pytorch.Unet('resnet18', encoder_weights=None, classes=3)", (3, 64, 64),
+     ("segment", [3, 64, 64], 3), "segmentation_models_pytorch"),
     # 25 M parameters: a 100 MB file with its weights, for the import benchmark.
     ("big_mlp", "Regressor(features=1024, hidden=4096, out=1000)", (1024,), ("regress", [1024], [1000]),
      "hand-written MLP"),
@@ -175,13 +187,20 @@ RUNS = [
     ("bert_mlm", 4, ADAMW, HF_TOKEN_CE, "fp32"),
     ("bert_mlm", 4, ADAMW, HF_TOKEN_CE, "bf16"),
     ("bert_cls", 8, ADAM, HF_CE, "fp32"),
+    ("mobilenet_v2", 4, MOMENTUM, CE, "fp32"),
+    ("mnasnet", 4, ADAMW, CE, "bf16"),
+    ("mixer", 4, ADAMW, CE, "fp32"),
+    ("regnetx", 8, SGD, CE, "fp32"),
+    ("ghostnet", 4, ADAMW, CE, "fp32"),
+    ("smp_unet", 2, ADAMW, CE, "fp32"),
+    ("smp_unet", 2, ADAMW, CE, "bf16"),
 ]
 
 
 def namespace():
     ns = {}
     exec(MODULES, ns)
-    for name in ("torchvision", "timm", "transformers"):
+    for name in ("torchvision", "timm", "transformers", "segmentation_models_pytorch"):
         try:
             ns[name] = __import__(name)
         except ImportError:

@@ -258,7 +258,7 @@ def namespace(build=None):
     import costs seconds per measurement)."""
     import torch
     ns = {"torch": torch}
-    for name in ("torchvision", "timm", "monai", "transformers", "open_clip"):
+    for name in ("torchvision", "timm", "monai", "transformers", "open_clip", "segmentation_models_pytorch"):
         if build is not None and name not in build:
             continue
         try:

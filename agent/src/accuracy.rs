@@ -222,7 +222,8 @@ fn own_section() -> anyhow::Result<String> {
     let _ = writeln!(
         doc,
         "Models `scripts/own_models.py` exports with `torch.export` (hand-written 1-D, 2-D and 3-D networks, \
-         `nn.TransformerEncoder`, torchvision and timm classifiers, Hugging Face BERT), imported from their `.pt2` files \
+         `nn.TransformerEncoder`, torchvision and timm classifiers, Hugging Face BERT, a segmentation_models_pytorch \
+         U-Net), imported from their `.pt2` files \
          (`shared/fixtures/own/`, graphs only) and estimated with the plan's loss; measured as above, the eager model \
          trained with that loss and optimizer, on {cpu} ({threads} threads, {versions}) on {date}. With oneDNN a worst \
          case past 5 % is allowed inside the interval, as for the zoo.\n",

@@ -42,6 +42,12 @@ own_files!(
     "vit_tiny",
     "bert_mlm",
     "bert_cls",
+    "mobilenet_v2",
+    "mnasnet",
+    "mixer",
+    "regnetx",
+    "ghostnet",
+    "smp_unet",
 );
 
 /// An own-model fixture file, imported.

@@ -609,6 +609,24 @@ impl Builder {
         Ok(self.push(Op::AvgPool { nd: nd as u8, kernel, stride, padding }, vec![x], vec![], o))
     }
 
+    /// `F.interpolate(x, size)` over the spatial dimensions.
+    pub fn upsample(
+        &mut self,
+        x: ValueId,
+        linear: bool,
+        align_corners: bool,
+        size: Vec<u64>,
+        scales: Vec<f64>,
+    ) -> R<ValueId> {
+        let shape = self.shape(x).to_vec();
+        if shape.len() != size.len() + 2 || !(1..=3).contains(&size.len()) || size.contains(&0) {
+            return Err(self.err("upsample", format!("cannot resize {shape:?} to {size:?}")));
+        }
+        let mut o = shape[..2].to_vec();
+        o.extend(&size);
+        Ok(self.push(Op::Upsample { linear, align_corners, size, scales }, vec![x], vec![], o))
+    }
+
     /// `torch.arange(end)` (int64).
     pub fn arange(&mut self, end: u64) -> ValueId {
         self.push_typed(Op::Arange { end }, vec![], vec![], vec![end], DType::I64)

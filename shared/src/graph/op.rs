@@ -86,6 +86,21 @@ pub enum Op {
     Hardsigmoid {
         inplace: bool,
     },
+    /// `F.hardtanh(x, min, max)` (ReLU6 is `0, 6`); in place, a copy of the input is
+    /// saved.
+    Hardtanh {
+        min: f64,
+        max: f64,
+        inplace: bool,
+    },
+    /// `F.interpolate` to `size` (the spatial sizes): nearest, or (bi/tri)linear with
+    /// `align_corners`; `scales` as the call gave them (empty: from the sizes).
+    Upsample {
+        linear: bool,
+        align_corners: bool,
+        size: Vec<u64>,
+        scales: Vec<f64>,
+    },
     Sigmoid,
     Tanh,
     Exp,
@@ -318,6 +333,10 @@ impl Op {
             Op::Hardsigmoid { inplace: false } => "hardsigmoid",
             Op::Hardsigmoid { inplace: true } => "hardsigmoid_",
             Op::AvgPool { .. } => "avg_pool",
+            Op::Hardtanh { inplace: false, .. } => "hardtanh",
+            Op::Hardtanh { inplace: true, .. } => "hardtanh_",
+            Op::Upsample { linear: false, .. } => "upsample_nearest",
+            Op::Upsample { linear: true, .. } => "upsample_linear",
             Op::MseLoss => "mse_loss",
             Op::Script => "torchscript",
             Op::Release => "release",
@@ -391,6 +410,7 @@ impl Op {
             | Op::Silu { .. }
             | Op::Hardswish { .. }
             | Op::Hardsigmoid { .. }
+            | Op::Hardtanh { .. }
             | Op::Tanh
             | Op::Exp
             | Op::MulScalar { .. }
@@ -434,7 +454,8 @@ impl Op {
             | Op::MaxPool { .. }
             | Op::AvgPool { .. }
             | Op::Arange { .. }
-            | Op::Gather { .. } => Index,
+            | Op::Gather { .. }
+            | Op::Upsample { .. } => Index,
             Op::Attention { .. } | Op::ShiftedWindowMask { .. } => Attention,
             Op::NllLoss { .. } | Op::BceWithLogits | Op::MseLoss => Loss,
             Op::Param | Op::Release | Op::Script => Special,

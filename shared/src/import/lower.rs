@@ -86,6 +86,15 @@ const OPS: &[(&str, &str, Lower)] = &[
     ("aten.adaptive_avg_pool3d.default", "mean (output size 1)", pool),
     ("aten.scaled_dot_product_attention.default", "attention", attention),
     ("aten.arange.default", "arange", arange),
+    ("aten.hardtanh.default", "hardtanh", act),
+    ("aten.hardtanh_.default", "hardtanh_", act),
+    ("aten.upsample_nearest1d.vec", "upsample_nearest", upsample),
+    ("aten.upsample_nearest2d.vec", "upsample_nearest", upsample),
+    ("aten.upsample_nearest3d.vec", "upsample_nearest", upsample),
+    ("aten.upsample_linear1d.vec", "upsample_linear", upsample),
+    ("aten.upsample_bilinear2d.vec", "upsample_linear", upsample),
+    ("aten.upsample_trilinear3d.vec", "upsample_linear", upsample),
+    ("aten.alias.default", "(the input itself)", alias),
     ("aten.gather.default", "gather", gather),
     ("aten.eq.Scalar", "eq", compare),
     ("aten.ne.Scalar", "ne", compare),
@@ -273,6 +282,10 @@ impl L<'_> {
         }
     }
 
+    fn sizes_of(&self, v: &[i64]) -> Result<Vec<u64>, String> {
+        v.iter().map(|&d| u64::try_from(d).map_err(|_| format!("a negative size {d}"))).collect()
+    }
+
     fn rank(&self, v: ValueId) -> usize {
         self.b.shape(v).len()
     }
@@ -419,6 +432,13 @@ fn act(l: &mut L<'_>, n: &ImportedNode) -> Result<Vec<ValueId>, String> {
         "silu" => Op::Silu { inplace },
         "hardswish" => Op::Hardswish { inplace },
         "hardsigmoid" => Op::Hardsigmoid { inplace },
+        "hardtanh" => {
+            let (min, max) = (l.float(n, "min_val", -1.0)?, l.float(n, "max_val", 1.0)?);
+            if !matches!((min, max), (0.0, 6.0) | (-1.0, 1.0)) {
+                return Err(format!("hardtanh between {min} and {max} (ReLU6's 0 and 6, or -1 and 1, are modelled)"));
+            }
+            Op::Hardtanh { min, max, inplace }
+        }
         "sigmoid" => Op::Sigmoid,
         "tanh" => Op::Tanh,
         other => return Err(format!("activation {other}")),
@@ -713,6 +733,33 @@ fn attention(l: &mut L<'_>, n: &ImportedNode) -> Result<Vec<ValueId>, String> {
         _ => Some(l.float(n, "scale", 1.0)?),
     };
     l.b.attention(q, k, v, mask, causal, dropout, scale).map(|v| vec![v]).map_err(gerr)
+}
+
+fn upsample(l: &mut L<'_>, n: &ImportedNode) -> Result<Vec<ValueId>, String> {
+    let x = l.t(n, "input")?;
+    let s = l.b.shape(x).to_vec();
+    let nd = s.len().saturating_sub(2);
+    let linear = !n.op.contains("nearest");
+    let align = l.flag(n, "align_corners", false)?;
+    let scales: Vec<f64> = match l.arg(n, "scale_factors") {
+        Some(Arg::Floats(v)) => v.clone(),
+        _ => Vec::new(),
+    };
+    let given = l.ints(n, "output_size")?;
+    let size: Vec<u64> = if !given.is_empty() {
+        l.sizes_of(&given)?
+    } else if scales.len() == nd {
+        // ATen's `compute_output_size`: floor(size * scale).
+        s[2..].iter().zip(&scales).map(|(&d, &f)| (d as f64 * f).floor() as u64).collect()
+    } else {
+        return Err("an interpolation with neither sizes nor a scale per dimension".into());
+    };
+    l.b.upsample(x, linear, align, size, scales).map(|v| vec![v]).map_err(gerr)
+}
+
+/// `aten.alias`: the same tensor under another name (no copy, no node).
+fn alias(l: &mut L<'_>, n: &ImportedNode) -> Result<Vec<ValueId>, String> {
+    Ok(vec![l.t(n, "self")?])
 }
 
 fn arange(l: &mut L<'_>, n: &ImportedNode) -> Result<Vec<ValueId>, String> {

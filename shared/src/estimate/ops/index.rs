@@ -40,6 +40,14 @@ pub(super) fn fwd(e: &mut Engine, sim: &mut Sim, i: usize, op: Op, inputs: Vec<V
             vec![o]
         }
         Op::Arange { .. } => vec![e.alloc_contig(sim, &shape, 8, ACT)],
+        Op::Upsample { .. } => {
+            // Only the sizes are kept for the backward.
+            let x = e.read(sim, inputs[0]);
+            let o = e.alloc_contig(sim, &shape, x.t.esize, ACT);
+            record(e, sim, i, Vec::new(), &[&x], &[&o]);
+            release(sim, x);
+            vec![o]
+        }
         Op::Gather { .. } => {
             let x = e.read(sim, inputs[0]);
             let idx = e.read(sim, inputs[1]);
@@ -94,7 +102,7 @@ pub(super) fn bwd(
             let gt = slot.map(|s| e.alloc_contig(sim, &table.shape, F32, e.grad_category(Some(s))));
             vec![gt, None]
         }
-        Op::MaxPool { .. } | Op::AvgPool { .. } => vec![grad_contig(e, sim, k, 0)],
+        Op::MaxPool { .. } | Op::AvgPool { .. } | Op::Upsample { .. } => vec![grad_contig(e, sim, k, 0)],
         Op::Gather { .. } => vec![grad_contig(e, sim, k, 0), None],
         Op::Arange { .. } => none,
         Op::OneHot { .. } => none,

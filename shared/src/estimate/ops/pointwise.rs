@@ -32,7 +32,10 @@ pub(super) fn fwd(e: &mut Engine, sim: &mut Sim, i: usize, op: Op, inputs: Vec<V
             release(sim, x);
             vec![o]
         }
-        Op::Silu { inplace } | Op::Hardswish { inplace } | Op::Hardsigmoid { inplace } => {
+        Op::Silu { inplace }
+        | Op::Hardswish { inplace }
+        | Op::Hardsigmoid { inplace }
+        | Op::Hardtanh { inplace, .. } => {
             let x = e.read(sim, inputs[0]);
             // The backward formula reads the input, so in place autograd saves a copy of
             // it first (`self.clone()`), then overwrites the input.
@@ -152,6 +155,7 @@ pub(super) fn bwd(
         | Op::Silu { .. }
         | Op::Hardswish { .. }
         | Op::Hardsigmoid { .. }
+        | Op::Hardtanh { .. }
         | Op::Sigmoid
         | Op::Tanh
         | Op::Exp => {

@@ -27,6 +27,19 @@ pub(super) fn run(c: &Call<'_>, op: &Op) -> Result<Vec<Tensor>, tch::TchError> {
                 _ => x.f_avg_pool2d([k; 2], [s; 2], [pd; 2], false, true, None)?,
             })
         }
+        Op::Upsample { linear, align_corners, size, scales } => {
+            let x = c.arg(0)?;
+            let out: Vec<i64> = size.iter().map(|&s| i(s)).collect();
+            let sc = |k: usize| scales.get(k).copied();
+            one(match (size.len(), linear) {
+                (1, false) => x.f_upsample_nearest1d(&out, sc(0))?,
+                (2, false) => x.f_upsample_nearest2d(&out, sc(0), sc(1))?,
+                (3, false) => x.f_upsample_nearest3d(&out, sc(0), sc(1), sc(2))?,
+                (1, true) => x.f_upsample_linear1d(&out, *align_corners, sc(0))?,
+                (2, true) => x.f_upsample_bilinear2d(&out, *align_corners, sc(0), sc(1))?,
+                _ => x.f_upsample_trilinear3d(&out, *align_corners, sc(0), sc(1), sc(2))?,
+            })
+        }
         Op::Arange { end } => one(Tensor::f_arange(i(*end), (Kind::Int64, c.net.device))?),
         Op::Gather { dim } => one(c.arg(0)?.f_gather(i(*dim as u64), c.arg(1)?, false)?),
         Op::IndexRows => {

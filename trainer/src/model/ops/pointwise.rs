@@ -16,6 +16,12 @@ pub(super) fn run(c: &Call<'_>, op: &Op) -> Result<Vec<Tensor>, tch::TchError> {
         Op::LeakyRelu { inplace: true } => one(c.arg(0)?.shallow_clone().f_leaky_relu_()?),
         Op::Gelu { tanh } => one(c.arg(0)?.f_gelu(if *tanh { "tanh" } else { "none" })?),
         Op::Sigmoid => one(c.arg(0)?.f_sigmoid()?),
+        // The graph holds ReLU6's (0, 6) or the default (-1, 1), the two libtorch's C API
+        // offers: `relu6` is ATen's `hardtanh(x, 0, 6)`, the same autograd node.
+        Op::Hardtanh { min, inplace: false, .. } if *min == 0.0 => one(c.arg(0)?.f_relu6()?),
+        Op::Hardtanh { min, inplace: true, .. } if *min == 0.0 => one(c.arg(0)?.shallow_clone().f_relu6_()?),
+        Op::Hardtanh { inplace: false, .. } => one(c.arg(0)?.f_hardtanh()?),
+        Op::Hardtanh { inplace: true, .. } => one(c.arg(0)?.shallow_clone().f_hardtanh_()?),
         Op::Silu { inplace: false } => one(c.arg(0)?.f_silu()?),
         Op::Silu { inplace: true } => one(c.arg(0)?.shallow_clone().f_silu_()?),
         Op::Hardswish { inplace: false } => one(c.arg(0)?.f_hardswish()?),
