@@ -110,7 +110,8 @@ pub fn link_encode(
     let host_ram_bytes = host_ram
         .map(|r| shared::units::parse_bytes(r).map_err(|e| bad_input(format!("--host-ram: {e}"))))
         .transpose()?;
-    let body = link::encode(&plan, &Extras { gpu: gpu.map(str::to_owned), host_ram_bytes });
+    let body = link::encode_checked(&plan, &Extras { gpu: gpu.map(str::to_owned), host_ram_bytes })
+        .map_err(|e| bad_input(format!("link: {e}")))?;
     match base {
         Some(base) => {
             let url = url::Url::parse(base).map_err(|e| bad_input(format!("--base: {e}")))?;

@@ -17,6 +17,11 @@ use crate::plan::{Plan, PlanError};
 pub const VERSION: u32 = 1;
 /// Longest link accepted: a plan with every key set is well under 1 KiB.
 pub const MAX_LINK_CHARS: usize = 4_096;
+/// Longest link of an exported model, which carries its graph (structure and sizes, no
+/// weights): a URL fragment stays in the browser, but a link must survive being pasted.
+pub const MAX_GRAPH_LINK_CHARS: usize = 64 * 1024;
+/// The most a link's graph may inflate to.
+const MAX_GRAPH_BYTES: usize = 16 << 20;
 
 /// What a link carries besides the plan.
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -31,8 +36,12 @@ pub struct Extras {
 pub enum LinkError {
     #[error("the link holds no plan")]
     Empty,
-    #[error("the link is {len} characters long, over the limit of {MAX_LINK_CHARS}")]
-    TooLong { len: usize },
+    #[error("the link is {len} characters long, over the limit of {limit}")]
+    TooLong { len: usize, limit: usize },
+    #[error(
+        "a link to {model} would be {len} characters, over the limit of {MAX_GRAPH_LINK_CHARS}: share the .pt2 file and the plan instead"
+    )]
+    GraphTooLarge { model: String, len: usize },
     #[error("this is not a Headroom plan link (it should start with h{VERSION}-)")]
     NotALink,
     #[error(
@@ -107,6 +116,53 @@ fn unescape(text: &str) -> Result<String, LinkError> {
     String::from_utf8(out).map_err(|_| LinkError::Malformed("an escape that is not UTF-8".to_owned()))
 }
 
+/// An exported model's graph as a link value: its structure without names or source
+/// lines, bincode, deflated, base64url.
+fn pack(m: &crate::import::Imported) -> String {
+    use base64::Engine as _;
+    let mut c = m.clone();
+    for n in &mut c.nodes {
+        n.name.clear();
+        n.source.clear();
+    }
+    for (i, t) in c.tensors.iter_mut().enumerate() {
+        if !m.inputs.contains(&(i as u32)) {
+            t.name.clear();
+        }
+    }
+    let bytes = bincode::serde::encode_to_vec(&c, bincode::config::standard()).unwrap_or_default();
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(miniz_oxide::deflate::compress_to_vec(&bytes, 9))
+}
+
+fn unpack(text: &str) -> Result<crate::import::Imported, LinkError> {
+    use base64::Engine as _;
+    let bad = |why: String| LinkError::Malformed(format!("its model: {why}"));
+    let packed = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(text).map_err(|e| bad(e.to_string()))?;
+    let bytes = miniz_oxide::inflate::decompress_to_vec_with_limit(&packed, MAX_GRAPH_BYTES)
+        .map_err(|_| bad(format!("does not inflate within {MAX_GRAPH_BYTES} bytes")))?;
+    let config = bincode::config::standard().with_limit::<{ 4 * MAX_GRAPH_BYTES }>();
+    let (m, _): (crate::import::Imported, usize) =
+        bincode::serde::decode_from_slice(&bytes, config).map_err(|e| bad(e.to_string()))?;
+    m.check().map_err(|e| bad(e.to_string()))?;
+    Ok(m)
+}
+
+/// The link body for a plan, refused where it cannot carry it: an exported model whose
+/// graph was not read, or is too large for a link.
+pub fn encode_checked(plan: &Plan, extras: &Extras) -> Result<String, LinkError> {
+    if let Some(file) = &plan.model.file {
+        if file.graph.is_none() {
+            return Err(LinkError::Malformed(format!("{} has not been read", file.path)));
+        }
+        let link = encode(plan, extras);
+        if link.len() > MAX_GRAPH_LINK_CHARS {
+            return Err(LinkError::GraphTooLarge { model: plan.name.clone(), len: link.len() });
+        }
+        return Ok(link);
+    }
+    Ok(encode(plan, extras))
+}
+
 /// The link body (no `#`) for a plan and its extras.
 pub fn encode(plan: &Plan, extras: &Extras) -> String {
     let mut body = String::new();
@@ -117,6 +173,9 @@ pub fn encode(plan: &Plan, extras: &Extras) -> String {
     }
     if let Some(ram) = extras.host_ram_bytes {
         pairs.push(("host_ram".to_owned(), ram.to_string()));
+    }
+    if let Some(graph) = plan.model.file.as_ref().and_then(|f| f.graph.as_ref()) {
+        pairs.push(("graph".to_owned(), pack(graph)));
     }
     for (k, v) in &pairs {
         body.push(';');
@@ -138,8 +197,12 @@ pub fn decode(link: &str) -> Result<(Plan, Graph, Extras), LinkError> {
     if link.is_empty() {
         return Err(LinkError::Empty);
     }
-    if link.len() > MAX_LINK_CHARS {
-        return Err(LinkError::TooLong { len: link.len() });
+    // Only an exported model's link (its body starts with that model) may be long.
+    let carries_graph =
+        link.splitn(3, '-').nth(2).is_some_and(|b| b.starts_with(&format!("{};", crate::zoo::IMPORTED)));
+    let limit = if carries_graph { MAX_GRAPH_LINK_CHARS } else { MAX_LINK_CHARS };
+    if link.len() > limit {
+        return Err(LinkError::TooLong { len: link.len(), limit });
     }
     let rest = link.strip_prefix('h').ok_or(LinkError::NotALink)?;
     let (version, rest) = rest.split_once('-').ok_or(LinkError::NotALink)?;
@@ -156,6 +219,8 @@ pub fn decode(link: &str) -> Result<(Plan, Graph, Extras), LinkError> {
     }
     let mut parts = body.split(';');
     let model = unescape(parts.next().unwrap_or_default())?;
+    let imported = model == crate::zoo::IMPORTED;
+    let mut graph = None;
     let mut pairs = Vec::new();
     let mut extras = Extras::default();
     for part in parts {
@@ -166,6 +231,7 @@ pub fn decode(link: &str) -> Result<(Plan, Graph, Extras), LinkError> {
                 crate::gpus::resolve(&v).map_err(|reason| PlanError::Setting { key: k.clone(), reason })?;
                 extras.gpu = Some(v);
             }
+            "graph" if imported => graph = Some(unpack(&v)?),
             "host_ram" => {
                 let b =
                     crate::units::parse_bytes(&v).map_err(|reason| PlanError::Setting { key: k.clone(), reason })?;
@@ -174,7 +240,15 @@ pub fn decode(link: &str) -> Result<(Plan, Graph, Extras), LinkError> {
             _ => pairs.push((k, v)),
         }
     }
-    let (plan, graph) = Plan::from_settings(&model, &pairs)?.into_parts();
+    let validated = match graph {
+        Some(g) if imported => {
+            let path = format!("{}.pt2", g.name);
+            Plan::from_file(&path, g, &pairs)?
+        }
+        _ if imported => return Err(LinkError::Malformed("an exported model's link without its graph".into())),
+        _ => Plan::from_settings(&model, &pairs)?,
+    };
+    let (plan, graph) = validated.into_parts();
     Ok((plan, graph, extras))
 }
 
@@ -183,6 +257,47 @@ mod tests {
     use super::*;
     use crate::presets::PRESETS;
     use proptest::prelude::*;
+
+    #[test]
+    fn exported_models_round_trip_with_their_graph_and_say_how_long() {
+        let mut lengths = Vec::new();
+        for (id, _) in crate::estimate::reference::OWN_FILES {
+            let m = crate::estimate::reference::own_model(id).expect("fixture");
+            let loss = if ["tagger", "bert_mlm"].contains(id) {
+                "token_ce"
+            } else if *id == "regressor" {
+                "mse"
+            } else {
+                "ce"
+            };
+            let v =
+                Plan::from_file(&format!("{id}.pt2"), m, &[("batch".into(), "4".into()), ("loss".into(), loss.into())])
+                    .expect("plan");
+            let link = encode_checked(v.plan(), &Extras::default()).expect("fits a link");
+            lengths.push(format!("{id} {}", link.len()));
+            let (back, graph, _) = decode(&link).expect(id);
+            assert_eq!(back.micro_batch, 4, "{id}");
+            assert_eq!(graph, *v.graph(), "{id}: the same graph");
+            assert_eq!(
+                crate::estimate::estimate(&back).expect("estimates").peak_bytes,
+                crate::estimate::estimate(v.plan()).expect("estimates").peak_bytes,
+                "{id}"
+            );
+        }
+        eprintln!("link characters: {}", lengths.join(", "));
+        // A damaged graph is refused by name, never read out of bounds.
+        let m = crate::estimate::reference::own_model("regressor").expect("fixture");
+        let v = Plan::from_file("r.pt2", m, &[("loss".into(), "mse".into())]).expect("plan");
+        let link = encode(v.plan(), &Extras::default());
+        let (head, value) = link.rsplit_once("graph=").expect("graph pair");
+        let body = format!(
+            "{}graph={}",
+            head.split_once('-').and_then(|(_, r)| r.split_once('-')).map(|(_, b)| b).unwrap_or(""),
+            &value[..value.len() / 2]
+        );
+        let cut = format!("h1-{:08x}-{body}", crc32fast::hash(body.as_bytes()));
+        assert!(decode(&cut).expect_err("damaged").to_string().contains("its model"));
+    }
 
     #[test]
     fn presets_round_trip_in_under_200_characters() {

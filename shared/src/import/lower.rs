@@ -123,6 +123,7 @@ pub fn build_checked(
     batch: u64,
     opts: &BuildOptions,
 ) -> Result<Graph, ZooError> {
+    model.check().map_err(|e| ZooError::Value { key: "model".into(), reason: e.to_string() })?;
     let s = Settings::new(settings);
     let graph = build(model, &s, batch, opts)?;
     if let Some(err) = s.unknown(&model.name) {
@@ -1041,7 +1042,7 @@ fn repeated_modules(m: &Imported) -> Vec<bool> {
 /// The outermost repeated module a node runs in.
 fn outer_block(m: &Imported, repeated: &[bool], mut i: u32) -> Option<u32> {
     let mut best = None;
-    loop {
+    for _ in 0..=m.modules.len() {
         if repeated[i as usize] {
             best = Some(i);
         }
@@ -1050,6 +1051,7 @@ fn outer_block(m: &Imported, repeated: &[bool], mut i: u32) -> Option<u32> {
             _ => return best,
         }
     }
+    best
 }
 
 /// The graph node ranges of every module call below the root: each maximal run of

@@ -171,6 +171,48 @@ pub enum ImportError {
     UnknownOps(Vec<Unknown>),
 }
 
+impl Imported {
+    /// Checks that every index the model holds points inside it: an import made here
+    /// always does, but one that arrives in a plan or a share link is untrusted.
+    pub fn check(&self) -> Result<(), ImportError> {
+        let bad = |why: &str| Err(ImportError::Format(format!("the model's description is damaged: {why}")));
+        let t = self.tensors.len() as u32;
+        if self.nodes.len() > MAX_NODES
+            || self.symbols.len() > program::MAX_SYMBOLS
+            || self.tensors.len() > 4 * MAX_NODES
+        {
+            return bad("too many nodes, sizes or tensors");
+        }
+        if self.inputs.is_empty() || self.inputs.iter().any(|&i| i >= t) || self.output >= t {
+            return bad("an input or the output is not one of its tensors");
+        }
+        if self.tensors.iter().any(|m| m.shape.len() > 8) {
+            return bad("a tensor of more than 8 dimensions");
+        }
+        for (i, p) in self.params.iter().enumerate() {
+            if p.tensor >= t || p.alias_of.is_some_and(|a| a as usize >= i) {
+                return bad("a parameter that is not one of its tensors");
+            }
+        }
+        let modules = self.modules.len() as u32;
+        if modules == 0 || self.modules.iter().any(|m| m.parent.is_some_and(|p| p >= modules)) {
+            return bad("a module outside the module table");
+        }
+        for n in &self.nodes {
+            let args_ok = n.args.iter().all(|(_, a)| match a {
+                Arg::Tensor(x) => *x < t,
+                Arg::Tensors(xs) => xs.iter().all(|&x| x < t),
+                Arg::OptTensors(xs) => xs.iter().flatten().all(|&x| x < t),
+                _ => true,
+            });
+            if !args_ok || n.module >= modules || n.outputs.iter().flatten().any(|&o| o >= t) {
+                return bad("a node refers to a tensor or module it does not have");
+            }
+        }
+        Ok(())
+    }
+}
+
 /// The entry of a `.pt2` archive that holds the graph.
 pub const GRAPH_ENTRY: &str = "models/model.json";
 
