@@ -64,6 +64,12 @@ impl Archive {
 
     /// One entry's contents, at most `limit` bytes.
     pub fn read(&mut self, entry: &Entry, limit: u64) -> Result<Vec<u8>, Pt2Error> {
+        // Refused before anything is read: a declared size over the limit, or stored
+        // bytes more than deflate could need for it.
+        if entry.size > limit || entry.compressed > limit.saturating_add(limit / 1000).saturating_add(1024) {
+            let size = entry.size.max(entry.compressed);
+            return Err(self.import(ImportError::TooLarge { what: entry.name.clone(), size, limit }));
+        }
         let (at, n) = entry.span(self.dir.file_len);
         let bytes = self.read_at(at, n)?;
         entry.read(&bytes, limit).map_err(|e| self.import(e))

@@ -244,7 +244,8 @@ impl FrameState {
         self.freed.iter_mut().for_each(|b| *b = 0);
         self.held = 0;
         self.next = start;
-        for f in g.frames.iter().filter(|f| f.nodes.start < start && start < f.nodes.end) {
+        // Calls running at `start`, and those ending there, which `enter(start)` closes.
+        for f in g.frames.iter().filter(|f| f.nodes.start < start && start <= f.nodes.end) {
             for &v in &f.inputs {
                 self.open_in[v] += 1;
             }

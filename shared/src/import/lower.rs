@@ -155,6 +155,9 @@ pub fn schema(model: &Imported) -> Vec<crate::zoo::Param> {
 
 /// Limits on an imported model's dynamic sizes.
 pub const MAX_DYNAMIC: i64 = 1 << 20;
+/// The largest dimension and element count of any tensor of an imported graph.
+pub const MAX_DIM: u64 = 1 << 31;
+pub const MAX_ELEMENTS: u64 = 1 << 40;
 
 /// Names the dynamic dimensions: the first input's first dimension is the batch; any
 /// other input dimension that is a bare symbol becomes the key `<input>_<dim>`.
@@ -196,7 +199,11 @@ pub fn keys(m: &Imported) -> Vec<(&str, i64, i64, i64)> {
     m.symbols
         .iter()
         .filter(|s| s.key != "batch")
-        .map(|s| (s.key.as_str(), s.hint.max(s.min).max(1), s.min.max(1), s.max.min(MAX_DYNAMIC)))
+        .map(|s| {
+            let min = s.min.clamp(1, MAX_DYNAMIC);
+            let max = s.max.clamp(min, MAX_DYNAMIC);
+            (s.key.as_str(), s.hint.clamp(min, max), min, max)
+        })
         .collect()
 }
 
@@ -295,7 +302,7 @@ impl L<'_> {
     fn dim(&self, v: ValueId, d: i64, extra: usize) -> Result<usize, String> {
         let r = (self.rank(v) + extra) as i64;
         let d = if d < 0 { d + r } else { d };
-        if d < 0 || d >= r.max(1) {
+        if d < 0 || d >= r {
             return Err(format!("dimension {d} is out of range for {:?}", self.b.shape(v)));
         }
         Ok(d as usize)
@@ -413,6 +420,9 @@ fn embedding(l: &mut L<'_>, n: &ImportedNode) -> Result<Vec<ValueId>, String> {
     let ids = l.t(n, "indices")?;
     if l.b.dtype(ids) != DType::I64 {
         return Err("embedding indices that are not int64".into());
+    }
+    if l.b.shape(table).len() != 2 {
+        return Err(format!("an embedding table of shape {:?} (expects [rows, dim])", l.b.shape(table)));
     }
     Ok(vec![l.b.embedding_with(ids, table)])
 }
@@ -535,7 +545,11 @@ fn dropout(l: &mut L<'_>, n: &ImportedNode) -> Result<Vec<ValueId>, String> {
 
 /// A target shape with at most one `-1`, resolved against `numel`.
 fn infer(shape: &[i64], numel: u64) -> Result<Vec<u64>, String> {
-    let known: i64 = shape.iter().filter(|&&d| d != -1).product();
+    let known = shape
+        .iter()
+        .filter(|&&d| d != -1)
+        .try_fold(1i64, |acc, &d| acc.checked_mul(d))
+        .ok_or_else(|| format!("the shape {shape:?} overflows"))?;
     shape
         .iter()
         .map(|&d| match d {
@@ -642,7 +656,7 @@ fn views(l: &mut L<'_>, n: &ImportedNode) -> Result<Vec<ValueId>, String> {
             if step < 1 {
                 return Err("a slice step below 1".into());
             }
-            let len = if end > start { (end - start + step - 1) / step } else { 0 };
+            let len = if end > start { (end - start - 1) / step + 1 } else { 0 };
             if start == 0 && len == size && step == 1 {
                 return Ok(vec![x]);
             }
@@ -658,7 +672,11 @@ fn split(l: &mut L<'_>, n: &ImportedNode) -> Result<Vec<ValueId>, String> {
     let x = l.t(n, "self")?;
     let d = l.dim(x, l.int(n, "dim", 0)?, 0)?;
     let size = l.b.shape(x)[d];
+    let made = n.outputs.len() as u64;
     if n.op == "aten.unbind.int" {
+        if size != made {
+            return Err(format!("unbinds {size} pieces, the file lists {made}"));
+        }
         // One autograd node whose backward stacks the gradients, as split's concatenates
         // them: pieces of one, each with the dimension squeezed away (a view).
         let pieces = l.b.split(x, d, 1).map_err(gerr)?;
@@ -670,6 +688,9 @@ fn split(l: &mut L<'_>, n: &ImportedNode) -> Result<Vec<ValueId>, String> {
     } else {
         l.int(n, "split_size", 1)?.max(1) as u64
     };
+    if size.div_ceil(piece) != made {
+        return Err(format!("splits into {} pieces, the file lists {made}", size.div_ceil(piece)));
+    }
     l.b.split(x, d, piece).map_err(gerr)
 }
 
@@ -678,7 +699,8 @@ fn cat(l: &mut L<'_>, n: &ImportedNode) -> Result<Vec<ValueId>, String> {
         return Err("cat of something that is not a list of tensors".into());
     };
     let xs = ts.iter().map(|&t| l.tensor_of(t)).collect::<Result<Vec<_>, _>>()?;
-    let d = l.dim(xs[0], l.int(n, "dim", 0)?, 0)?;
+    let first = *xs.first().ok_or("cat of no tensors")?;
+    let d = l.dim(first, l.int(n, "dim", 0)?, 0)?;
     l.b.cat(xs, d).map(|v| vec![v]).map_err(gerr)
 }
 
@@ -739,7 +761,10 @@ fn attention(l: &mut L<'_>, n: &ImportedNode) -> Result<Vec<ValueId>, String> {
 fn upsample(l: &mut L<'_>, n: &ImportedNode) -> Result<Vec<ValueId>, String> {
     let x = l.t(n, "input")?;
     let s = l.b.shape(x).to_vec();
-    let nd = s.len().saturating_sub(2);
+    if !(3..=5).contains(&s.len()) {
+        return Err(format!("interpolating {s:?} (expects [B, C, ...] with 1 to 3 spatial dims)"));
+    }
+    let nd = s.len() - 2;
     let linear = !n.op.contains("nearest");
     let align = l.flag(n, "align_corners", false)?;
     let scales: Vec<f64> = match l.arg(n, "scale_factors") {
@@ -846,10 +871,19 @@ pub fn build(m: &Imported, s: &Settings<'_>, batch: u64, opts: &BuildOptions) ->
         L { m, b: Builder::new(task), syms, vals: vec![None; m.tensors.len()], params: vec![None; m.tensors.len()] };
     let shape_at = |l: &L<'_>, t: u32| -> Result<Vec<u64>, String> {
         let meta = &m.tensors[t as usize];
-        meta.shape
+        let shape: Vec<u64> = meta
+            .shape
             .iter()
             .map(|e| int_of(e, &l.syms).and_then(|d| u64::try_from(d).map_err(|_| format!("a negative size {d}"))))
-            .collect()
+            .collect::<Result<_, _>>()?;
+        let elements = shape.iter().try_fold(1u64, |acc, &d| acc.checked_mul(d));
+        if shape.iter().any(|&d| d > MAX_DIM) || elements.is_none_or(|e| e > MAX_ELEMENTS) {
+            return Err(format!(
+                "tensor {} of shape {shape:?} is over the limits ({MAX_DIM} per dimension, {MAX_ELEMENTS} elements)",
+                crate::units::clip(&meta.name, 80)
+            ));
+        }
+        Ok(shape)
     };
     let ctx = |n: &ImportedNode, m: &Imported, why: String| {
         let module = &m.modules[n.module as usize].path;

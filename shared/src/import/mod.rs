@@ -195,8 +195,23 @@ impl Imported {
             }
         }
         let modules = self.modules.len() as u32;
-        if modules == 0 || self.modules.iter().any(|m| m.parent.is_some_and(|p| p >= modules)) {
+        // A module's parent comes before it (so the table has no cycles), as a file
+        // import builds it.
+        if modules == 0
+            || self.modules.len() > 4 * MAX_NODES
+            || self.modules.iter().enumerate().any(|(i, m)| m.parent.is_some_and(|p| p as usize >= i))
+        {
             return bad("a module outside the module table");
+        }
+        if self.params.len() > 4 * MAX_NODES {
+            return bad("too many parameters");
+        }
+        let syms = self.symbols.len() as u32;
+        if self.tensors.iter().any(|m| !m.shape.iter().all(|e| expr_symbols_below(e, syms))) {
+            return bad("a size names a dynamic dimension it does not have");
+        }
+        if self.symbols.iter().any(|s| s.min > s.max) {
+            return bad("a dynamic size whose range is empty");
         }
         for n in &self.nodes {
             let args_ok = n.args.iter().all(|(_, a)| match a {
@@ -210,6 +225,19 @@ impl Imported {
             }
         }
         Ok(())
+    }
+}
+
+/// Whether every symbol `e` reads is below `n`.
+fn expr_symbols_below(e: &Expr, n: u32) -> bool {
+    match e {
+        Expr::Int(_) => true,
+        Expr::Sym(s) => *s < n,
+        Expr::Add(xs) | Expr::Mul(xs) | Expr::Min(xs) | Expr::Max(xs) => xs.iter().all(|x| expr_symbols_below(x, n)),
+        Expr::FloorDiv(a, b) | Expr::CeilDiv(a, b) | Expr::Mod(a, b) => {
+            expr_symbols_below(a, n) && expr_symbols_below(b, n)
+        }
+        Expr::Pow(a, _) => expr_symbols_below(a, n),
     }
 }
 
@@ -251,19 +279,25 @@ pub fn from_graph(json: &[u8], name: &str) -> Result<Imported, ImportError> {
 /// share one storage are one tensor (tied weights), as PyTorch holds them.
 pub fn from_parts(json: &[u8], weights_config: Option<&[u8]>, name: &str) -> Result<Imported, ImportError> {
     let mut imported = program::read(json, name, lower::known)?;
-    if let Some(text) = weights_config {
-        let stored = weights::read(text, "data/weights")?;
-        let entry_of: std::collections::HashMap<&str, &str> =
-            stored.iter().map(|s| (s.fqn.as_str(), s.entry.as_str())).collect();
-        let mut first: std::collections::HashMap<&str, u32> = std::collections::HashMap::new();
+    // Estimating needs no weight, so a configuration this importer would not load (a
+    // pickled weight, say) only leaves tied weights undetected.
+    if let Some(stored) = weights_config.and_then(|text| weights::read(text, "data/weights").ok()) {
+        // One tensor: the same storage viewed the same way.
+        let view_of: std::collections::HashMap<&str, &weights::Stored> =
+            stored.iter().map(|s| (s.fqn.as_str(), s)).collect();
+        let mut first: Vec<(&weights::Stored, u32)> = Vec::new();
         for (i, p) in imported.params.iter_mut().enumerate() {
-            if let Some(&entry) = entry_of.get(p.fqn.as_str()) {
-                match first.get(entry) {
-                    Some(&j) => p.alias_of = Some(j),
-                    None => {
-                        first.insert(entry, i as u32);
-                    }
-                }
+            let Some(&view) = view_of.get(p.fqn.as_str()) else { continue };
+            let same = |k: &weights::Stored| {
+                k.entry == view.entry
+                    && k.sizes == view.sizes
+                    && k.strides == view.strides
+                    && k.offset == view.offset
+                    && k.dtype == view.dtype
+            };
+            match first.iter().find(|(k, _)| same(k)) {
+                Some(&(_, j)) => p.alias_of = Some(j),
+                None => first.push((view, i as u32)),
             }
         }
     }

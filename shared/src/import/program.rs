@@ -207,9 +207,11 @@ fn source_line(trace: &str) -> String {
 
 /// The output to train: the model's one tensor output, or the `logits` field of a
 /// Hugging Face output.
-fn pick_output(outs: &[String], out_spec: &str) -> Result<String, ImportError> {
-    if outs.len() == 1 {
-        return Ok(outs[0].clone());
+/// `outs` holds every user output in order, `None` where it is not a tensor.
+fn pick_output(outs: &[Option<String>], out_spec: &str) -> Result<String, ImportError> {
+    let tensors: Vec<&String> = outs.iter().flatten().collect();
+    if let [one] = tensors.as_slice() {
+        return Ok((*one).clone());
     }
     let spec: Json = serde_json::from_str(out_spec).unwrap_or(Json::Null);
     let keys: Vec<String> = spec
@@ -218,14 +220,12 @@ fn pick_output(outs: &[String], out_spec: &str) -> Result<String, ImportError> {
         .and_then(Json::as_str)
         .and_then(|c| serde_json::from_str::<Vec<String>>(c).ok())
         .unwrap_or_default();
-    if let Some(i) = keys.iter().position(|k| k == "logits")
-        && i < outs.len()
-    {
-        return Ok(outs[i].clone());
+    if let Some(Some(name)) = keys.iter().position(|k| k == "logits").and_then(|i| outs.get(i)) {
+        return Ok(name.clone());
     }
     Err(ImportError::Unsupported(format!(
         "the model returns {} tensors{}; the loss needs one: export a module whose forward returns the tensor the loss reads (or a Hugging Face output with `logits`)",
-        outs.len(),
+        tensors.len(),
         if keys.is_empty() { String::new() } else { format!(" ({})", keys.join(", ")) }
     )))
 }
@@ -257,9 +257,13 @@ fn arg(r: &mut Reader, tensors: &HashMap<String, u32>, j: &Json) -> Result<Arg, 
             None => Arg::None,
         },
         "as_int" => Arg::Int(Expr::Int(v.as_i64().ok_or_else(|| ImportError::Format("an int argument".into()))?)),
-        "as_ints" => {
-            Arg::Ints(v.as_array().into_iter().flatten().map(|x| Expr::Int(x.as_i64().unwrap_or(0))).collect())
-        }
+        "as_ints" => Arg::Ints(
+            v.as_array()
+                .into_iter()
+                .flatten()
+                .map(|x| x.as_i64().map(Expr::Int).ok_or_else(|| ImportError::Format("an int list argument".into())))
+                .collect::<Result<_, _>>()?,
+        ),
         "as_sym_int" => {
             let s: SymIntJ = serde_json::from_value(v.clone()).map_err(|e| ImportError::Format(e.to_string()))?;
             Arg::Int(r.sym_int(&s)?)
@@ -328,6 +332,12 @@ pub fn read(text: &[u8], name: &str, known: fn(&str) -> bool) -> Result<Imported
             let sym = &mut r.symbols[s as usize];
             sym.min = range.min_val.unwrap_or(1).max(1);
             sym.max = range.max_val.unwrap_or(i64::MAX);
+            if sym.max < sym.min {
+                return Err(ImportError::Format(format!(
+                    "the dynamic size {n} ranges from {} to {}",
+                    sym.min, sym.max
+                )));
+            }
         }
     }
     let tensor_of = |j: &Json| -> Option<u32> {
@@ -380,11 +390,7 @@ pub fn read(text: &[u8], name: &str, known: fn(&str) -> bool) -> Result<Imported
     for spec in &gm.signature.output_specs {
         let Some((kind, body)) = spec.as_object().and_then(|o| o.iter().next()) else { continue };
         match kind.as_str() {
-            "user_output" => {
-                if let Some(t) = body.get("arg").and_then(tensor_of) {
-                    outs.push(metas[t as usize].name.clone());
-                }
-            }
+            "user_output" => outs.push(body.get("arg").and_then(tensor_of).map(|t| metas[t as usize].name.clone())),
             // Batch norm's running statistics: updated in place, as in eager mode.
             "buffer_mutation" => {}
             other => return Err(ImportError::Unsupported(format!("an output of kind {other:?}"))),

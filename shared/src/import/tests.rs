@@ -185,3 +185,28 @@ fn the_documented_coverage_table_is_the_importers() {
         assert!(doc.contains(&format!("| `{op}` | `{primitive}` |")), "docs/own-models.md lacks {op}");
     }
 }
+
+#[test]
+fn a_damaged_description_from_a_plan_or_link_is_refused_not_followed() {
+    let good = own_model("small_convnet").expect("imports");
+    let build = |m: Imported| Plan::from_file("x.pt2", m, &[("batch".into(), "2".into())]).map(|_| ());
+    // A module that is its own ancestor.
+    let mut m = good.clone();
+    let last = m.modules.len() as u32 - 1;
+    m.modules[1].parent = Some(last);
+    assert!(build(m).expect_err("refused").to_string().contains("damaged"));
+    // A size naming a dynamic dimension the model does not have.
+    let mut m = good.clone();
+    m.tensors[0].shape[0] = expr::Expr::Sym(99);
+    assert!(build(m).expect_err("refused").to_string().contains("damaged"));
+    // A tensor index past the table.
+    let mut m = good.clone();
+    m.output = m.tensors.len() as u32;
+    assert!(build(m).expect_err("refused").to_string().contains("damaged"));
+    // An absurd size is refused by name, before anything is sized by it.
+    let mut m = good;
+    let x = m.inputs[0] as usize;
+    m.tensors[x].shape[2] = expr::Expr::Int(1 << 40);
+    let err = build(m).expect_err("refused").to_string();
+    assert!(err.contains("over the limits"), "{err}");
+}

@@ -155,11 +155,11 @@ impl Directory {
                 return Err(bad("a zip64 archive without its locator"));
             }
             let rec = u64le(tail, eocd - 20 + 8);
-            if rec < base || rec.saturating_add(56) > file_len {
-                if rec < file_len && base > 0 {
-                    return Ok(Err(NeedTail(file_len - rec)));
-                }
-                return Err(bad("the zip64 end record lies outside the file"));
+            if rec.saturating_add(56) > file_len || file_len - rec > TAIL_OVERHEAD {
+                return Err(bad("the zip64 end record lies outside the file's end"));
+            }
+            if rec < base {
+                return Ok(Err(NeedTail(file_len - rec)));
             }
             let r = (rec - base) as usize;
             if u32le(tail, r) != SIG_ZIP64_EOCD {
@@ -184,10 +184,16 @@ impl Directory {
             .filter(|&e| e <= file_len)
             .ok_or_else(|| bad("the central directory lies outside the file: the file is truncated or damaged"))?;
         if dir_start < base {
-            return Ok(Err(NeedTail(file_len - dir_start)));
+            // The directory must end where the end records begin: a reader is never
+            // asked for more than the directory's limit and the end records.
+            let need = file_len - dir_start;
+            if need > MAX_DIRECTORY_BYTES + TAIL_OVERHEAD {
+                return Err(bad("the central directory does not end where the end records begin: the file is damaged"));
+            }
+            return Ok(Err(NeedTail(need)));
         }
         let dir = &tail[(dir_start - base) as usize..(dir_end - base) as usize];
-        let mut entries = Vec::with_capacity(count as usize);
+        let mut entries = Vec::with_capacity((count as usize).min(dir.len() / 46));
         let mut at = 0usize;
         for _ in 0..count {
             if dir.len() < at + 46 || u32le(dir, at) != SIG_CENTRAL {

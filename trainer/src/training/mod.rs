@@ -433,13 +433,16 @@ impl<'a> Trainer<'a> {
                 .ok_or_else(|| TrainError::Data(format!("init=file: {} has no entry {}", s.fqn, s.entry)))?;
             let need =
                 s.reach(esize).ok_or_else(|| TrainError::Data(format!("init=file: {}: sizes overflow", s.fqn)))?;
-            if entry.size < need {
+            // The storage holds at least what the view reaches, and (a view of a larger
+            // buffer aside) not more: at most `STORAGE_SLACK` times it, checked before a
+            // byte is read, so a weight cannot make the trainer inflate more than that.
+            const STORAGE_SLACK: u64 = 4;
+            if entry.size < need || entry.size > need.max(esize).saturating_mul(STORAGE_SLACK) {
                 return Err(TrainError::Data(format!(
-                    "init=file: {} needs {need} bytes of storage, its entry holds {}",
+                    "init=file: {} reaches {need} bytes of storage, its entry holds {} (at most {STORAGE_SLACK} times that is read)",
                     s.fqn, entry.size
                 )));
             }
-            let bytes = archive.read(&entry, entry.size).map_err(bad)?;
             let dims = |v: &[u64]| v.iter().map(|&d| i64::try_from(d).unwrap_or(i64::MAX)).collect::<Vec<_>>();
             let target = &net.params[i];
             if target.size() != dims(&s.sizes) || target.kind() != kind {
@@ -452,6 +455,7 @@ impl<'a> Trainer<'a> {
                     target.kind()
                 )));
             }
+            let bytes = archive.read(&entry, entry.size).map_err(bad)?;
             let storage = Tensor::f_from_data_size(&bytes, &[(bytes.len() / esize as usize) as i64], kind)?;
             let view = storage.f_as_strided(dims(&s.sizes), dims(&s.strides), i64::try_from(s.offset).ok())?;
             tch::no_grad(|| target.shallow_clone().f_copy_(&view))?;

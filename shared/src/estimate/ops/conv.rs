@@ -753,8 +753,13 @@ pub(crate) fn backward(e: &mut Engine, sim: &mut Sim, k: usize, g: &Ten) -> Vec<
                     * pad(wm.shape[1], plan.block)
                     * plan.kernel_size.pow(plan.nd as u32);
                 let gwb = sim.alloc(padded * esize, TMP);
-                if esize == HALF {
+                if esize == HALF && plan.nd == 2 {
                     sim.transient(grouped_bf16_bwd_w_scratch(&plan, &xm.shape, &y, padded), TMP);
+                } else if esize == HALF {
+                    // Measured in 2-D only: the fp32 copy is certain, the transposed
+                    // buffers are bounded by the input and output gradient, fp32.
+                    sim.transient(4 * padded, TMP);
+                    sim.uncertain((numel(&xm.shape) + numel(&y)) * 4);
                 } else if has_bias {
                     // The bias gradient padded to the block per group, 128 bytes booked.
                     sim.transient(g * plan.block * 4 + 128, TMP);
