@@ -275,6 +275,15 @@ impl Builder {
         Ok((padded - kernel) / stride + 1)
     }
 
+    /// A transposed convolution's output size along one dimension.
+    fn conv_transpose_out(&self, size: u64, kernel: u64, stride: u64, padding: u64, output_padding: u64) -> R<u64> {
+        let full = size.saturating_sub(1).saturating_mul(stride).saturating_add(kernel).saturating_add(output_padding);
+        if full < padding.saturating_mul(2).saturating_add(1) {
+            return Err(self.err("conv_transpose", format!("padding {padding} leaves nothing of size {size}")));
+        }
+        Ok(full - 2 * padding)
+    }
+
     #[allow(clippy::too_many_arguments)]
     pub fn conv(
         &mut self,
@@ -325,12 +334,7 @@ impl Builder {
         let cin = shape[1];
         let mut o = vec![shape[0], out];
         for &s in &shape[2..] {
-            let full =
-                (s.saturating_sub(1)).saturating_mul(stride).saturating_add(kernel).saturating_add(output_padding);
-            if full < 2 * padding + 1 {
-                return Err(self.err("conv_transpose", format!("padding {padding} leaves nothing of size {s}")));
-            }
-            o.push(full - 2 * padding);
+            o.push(self.conv_transpose_out(s, kernel, stride, padding, output_padding)?);
         }
         let params = self.scope(name, |b| {
             // ConvTranspose's weight is [in, out, k...] and its fan-in is out * k^nd.
@@ -397,12 +401,7 @@ impl Builder {
         let (out, kernel) = (w[1], w[2]);
         let mut o = vec![shape[0], out];
         for &s in &shape[2..] {
-            let full =
-                (s.saturating_sub(1)).saturating_mul(stride).saturating_add(kernel).saturating_add(output_padding);
-            if full < 2 * padding + 1 {
-                return Err(self.err("conv_transpose", format!("padding {padding} leaves nothing of size {s}")));
-            }
-            o.push(full - 2 * padding);
+            o.push(self.conv_transpose_out(s, kernel, stride, padding, output_padding)?);
         }
         let mut inputs = vec![x];
         inputs.extend(self.values_of(&params));

@@ -48,18 +48,8 @@ pub(super) fn fwd(e: &mut Engine, sim: &mut Sim, i: usize, op: Op, inputs: Vec<V
             release(sim, x);
             vec![o]
         }
-        Op::Gather { .. } => {
-            let x = e.read(sim, inputs[0]);
-            let idx = e.read(sim, inputs[1]);
-            let o = e.alloc_contig(sim, &shape, x.t.esize, ACT);
-            // Its backward scatters into zeros shaped like `x`: the index is kept.
-            let saved = keep(sim, &idx.t, needs(&x));
-            record(e, sim, i, saved, &[&x, &idx], &[&o]);
-            release(sim, x);
-            release(sim, idx);
-            vec![o]
-        }
-        Op::IndexRows | Op::Index => {
+        // Each backward scatters into zeros shaped like `x`: the index is kept.
+        Op::Gather { .. } | Op::IndexRows | Op::Index => {
             let x = e.read(sim, inputs[0]);
             let idx = e.read(sim, inputs[1]);
             let o = e.alloc_contig(sim, &shape, x.t.esize, ACT);
@@ -103,10 +93,9 @@ pub(super) fn bwd(
             vec![gt, None]
         }
         Op::MaxPool { .. } | Op::AvgPool { .. } | Op::Upsample { .. } => vec![grad_contig(e, sim, k, 0)],
-        Op::Gather { .. } => vec![grad_contig(e, sim, k, 0), None],
         Op::Arange { .. } => none,
         Op::OneHot { .. } => none,
-        Op::IndexRows | Op::Index => {
+        Op::Gather { .. } | Op::IndexRows | Op::Index => {
             let mut out = vec![grad_contig(e, sim, k, 0)];
             out.resize(none.len(), None);
             out
